@@ -1,0 +1,234 @@
+"""Model configuration: one frozen dataclass for every supported decoder architecture.
+
+A `ModelConfig` is hashable and registered as static, so it can ride inside the parameter
+pytree (see `params.py`) and be used as a compile-time constant under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+class ConfigError(ValueError):
+  """A config that this library cannot run (unknown architecture, missing field, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling, as in the `rope_scaling` field of HF configs.
+
+  kind: "linear", "llama3" or "yarn".
+  """
+
+  kind: str
+  factor: float = 1.0
+  # llama3
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+  # yarn
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  attention_factor: float | None = None
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and behaviour of a decoder-only transformer.
+
+  Fields are the union of what Llama, Mistral, Qwen2, Qwen3 and Gemma 3 need; the flags
+  (`qkv_bias`, `qk_norm`, `norm_plus_one`, ...) switch the per-architecture details.
+  """
+
+  arch: str
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_position: int = 8192
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  qk_norm: bool = False
+  activation: str = "silu"  # "silu" or "gelu_tanh"
+  norm_plus_one: bool = False  # Gemma: RMSNorm scale is (1 + w)
+  embed_scale: bool = False  # Gemma: embeddings are multiplied by sqrt(d_model)
+  sandwich_norm: bool = False  # Gemma: extra norms after attention and after the MLP
+  query_pre_attn_scalar: float | None = None  # Gemma: scale is this ** -0.5, not head_dim ** -0.5
+  sliding_window: int | None = None
+  # Per layer: True where the layer uses the sliding window (Gemma 3 local layers, Mistral).
+  layer_sliding: tuple[bool, ...] = ()
+  local_rope_theta: float | None = None  # RoPE base of sliding layers, when it differs
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.arch not in ARCHITECTURES:
+      raise ConfigError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.layer_sliding and len(self.layer_sliding) != self.n_layers:
+      raise ConfigError(f"layer_sliding has {len(self.layer_sliding)} entries for {self.n_layers} layers")
+    if any(self.layer_sliding) and not self.sliding_window:
+      raise ConfigError("layer_sliding marks sliding layers but sliding_window is not set")
+    if self.activation not in ("silu", "gelu_tanh"):
+      raise ConfigError(f"unknown activation {self.activation!r}")
+
+  @property
+  def q_per_kv(self) -> int:
+    return self.n_heads // self.n_kv_heads
+
+  @property
+  def attn_scale(self) -> float:
+    base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+    return float(base) ** -0.5
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    return self.layer_sliding or (False,) * self.n_layers
+
+  @property
+  def full_attention_layers(self) -> tuple[int, ...]:
+    """Layers that attend over the whole context: the ones ChunkLLM can make sparse."""
+    return tuple(i for i, s in enumerate(self.sliding_layers) if not s)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# From a Hugging Face config.json
+
+
+def _rope_scaling_from_hf(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+  if not rs:
+    return None
+  kind = rs.get("rope_type", rs.get("type", "default"))
+  if kind == "default":
+    return None
+  if kind == "linear":
+    return RopeScaling("linear", factor=float(rs["factor"]))
+  if kind == "llama3":
+    return RopeScaling(
+        "llama3",
+        factor=float(rs["factor"]),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position=int(rs["original_max_position_embeddings"]),
+    )
+  if kind == "yarn":
+    return RopeScaling(
+        "yarn",
+        factor=float(rs["factor"]),
+        original_max_position=int(rs.get("original_max_position_embeddings", 0)),
+        beta_fast=float(rs.get("beta_fast", 32.0)),
+        beta_slow=float(rs.get("beta_slow", 1.0)),
+        attention_factor=rs.get("attention_factor"),
+    )
+  raise ConfigError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, yarn)")
+
+
+_HF_ARCH = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
+
+
+def _eos_tuple(eos) -> tuple[int, ...]:
+  if eos is None:
+    return ()
+  if isinstance(eos, int):
+    return (eos,)
+  return tuple(int(e) for e in eos)
+
+
+def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
+  """Builds a `ModelConfig` from the dict of an HF `config.json`."""
+  model_type = hf.get("model_type")
+  if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper: take the text tower
+    hf = {**hf["text_config"], "model_type": "gemma3_text"}
+    model_type = "gemma3_text"
+  arch = _HF_ARCH.get(model_type)
+  if arch is None:
+    raise ConfigError(
+        f"unknown architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
+        f"supported model types: {', '.join(sorted(_HF_ARCH))}")
+  try:
+    n_heads = int(hf["num_attention_heads"])
+    d_model = int(hf["hidden_size"])
+    n_layers = int(hf["num_hidden_layers"])
+    common = dict(
+        arch=arch,
+        vocab_size=int(hf["vocab_size"]),
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or d_model // n_heads),
+        d_ff=int(hf["intermediate_size"]),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling")),
+        max_position=int(hf.get("max_position_embeddings", 8192)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
+        bos_id=hf.get("bos_token_id"),
+        eos_ids=_eos_tuple(hf.get("eos_token_id")),
+        pad_id=int(hf.get("pad_token_id") or 0),
+    )
+  except KeyError as e:
+    raise ConfigError(f"config.json of model_type={model_type!r} lacks the field {e.args[0]!r}") from None
+
+  if arch in ("llama", "mistral"):
+    bias = bool(hf.get("attention_bias", False))
+    window = hf.get("sliding_window") if arch == "mistral" else None
+    return ModelConfig(
+        **common, qkv_bias=bias, o_bias=bias, sliding_window=window,
+        layer_sliding=(True,) * n_layers if window else ())
+  if arch == "qwen2":
+    if hf.get("use_sliding_window"):
+      raise ConfigError("Qwen2 with use_sliding_window=true is not supported")
+    return ModelConfig(**common, qkv_bias=True)
+  if arch == "qwen3":
+    if hf.get("use_sliding_window"):
+      raise ConfigError("Qwen3 with use_sliding_window=true is not supported")
+    return ModelConfig(**common, qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=True)
+  # gemma3
+  layer_types = hf.get("layer_types")
+  if layer_types:
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+  else:
+    pattern = int(hf.get("sliding_window_pattern", 6))
+    sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
+  return ModelConfig(
+      **common,
+      qk_norm=True,
+      activation="gelu_tanh",
+      norm_plus_one=True,
+      embed_scale=True,
+      sandwich_norm=True,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or common["head_dim"]),
+      sliding_window=int(hf.get("sliding_window") or 4096),
+      layer_sliding=sliding,
+      local_rope_theta=float(hf.get("rope_local_base_freq", 10000.0)),
+      attn_softcap=hf.get("attn_logit_softcapping"),
+      final_softcap=hf.get("final_logit_softcapping"),
+  )

@@ -1,0 +1,136 @@
+"""The decoder forward pass: embeddings, a `lax.scan` over stacked layers, and the LM head.
+
+The layer body is shared by every mode (full forward, prefill into the KV buffer, one decode
+step, ChunkLLM's sparse paths). What differs is only how attention reads keys, so each mode
+passes an `attend_fn(state, layer, q, k, v, h) -> (out, state, ys)`; `state` rides in the scan
+carry (the KV buffer, updated in place), `ys` are per-layer outputs stacked by the scan.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chunkllm_jax import attention as attn
+from chunkllm_jax.config import ModelConfig
+from chunkllm_jax.params import ModelParams
+from chunkllm_jax.rope import apply_rope, layer_rope_tables
+
+AttendFn = Callable[..., tuple[jnp.ndarray, Any, Any]]
+
+
+def rms_norm(x, w, cfg: ModelConfig):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+  if cfg.norm_plus_one:  # Gemma scales in float32, then casts
+    return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+  return w * y.astype(x.dtype)  # Llama casts first, then scales
+
+
+def layer_constants(cfg: ModelConfig) -> dict[str, jnp.ndarray]:
+  """Per-layer values the scan iterates over beside the weights."""
+  inv_freq, mscale = layer_rope_tables(cfg)
+  window = np.where(cfg.sliding_layers, cfg.sliding_window or attn.NO_WINDOW, attn.NO_WINDOW)
+  return dict(index=jnp.arange(cfg.n_layers, dtype=jnp.int32), inv_freq=jnp.asarray(inv_freq),
+              mscale=jnp.asarray(mscale), window=jnp.asarray(window, jnp.int32))
+
+
+def embed(params: ModelParams, tokens_BT):
+  cfg = params.config
+  table = params.backbone["embed"]
+  x = jnp.take(table, tokens_BT, axis=0)
+  if cfg.embed_scale:
+    x = x * jnp.asarray(cfg.d_model**0.5, dtype=table.dtype)
+  return x
+
+
+def unembed(params: ModelParams, x_BTD):
+  """Final norm and LM head; logits in float32."""
+  cfg, bb = params.config, params.backbone
+  h = rms_norm(x_BTD, bb["final_norm"], cfg)
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("btd,vd->btv", h, bb["embed"], preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", h, bb["lm_head"], preferred_element_type=jnp.float32)
+  if cfg.final_softcap is not None:
+    logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+  return logits
+
+
+def project_qkv(cfg: ModelConfig, lp, h_BTD, positions_BT, layer):
+  q = jnp.einsum("btd,dhk->bthk", h_BTD, lp["wq"])
+  k = jnp.einsum("btd,dhk->bthk", h_BTD, lp["wk"])
+  v = jnp.einsum("btd,dhk->bthk", h_BTD, lp["wv"])
+  if cfg.qkv_bias:
+    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  if cfg.qk_norm:
+    q, k = rms_norm(q, lp["q_norm"], cfg), rms_norm(k, lp["k_norm"], cfg)
+  q = apply_rope(q, positions_BT, layer["inv_freq"], layer["mscale"])
+  k = apply_rope(k, positions_BT, layer["inv_freq"], layer["mscale"])
+  return q, k, v
+
+
+def _mlp(cfg: ModelConfig, lp, h_BTD):
+  gate = jnp.einsum("btd,df->btf", h_BTD, lp["w_gate"])
+  up = jnp.einsum("btd,df->btf", h_BTD, lp["w_up"])
+  act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+  return jnp.einsum("btf,fd->btd", act * up, lp["w_down"])
+
+
+def finish_layer(cfg: ModelConfig, lp, x_BTD, attn_BTHD):
+  """Output projection, residual, MLP: everything after attention."""
+  o = jnp.einsum("bthk,hkd->btd", attn_BTHD, lp["wo"])
+  if cfg.o_bias:
+    o = o + lp["bo"]
+  if cfg.sandwich_norm:
+    o = rms_norm(o, lp["post_attn_norm"], cfg)
+  x = x_BTD + o
+  m = _mlp(cfg, lp, rms_norm(x, lp["mlp_norm"], cfg))
+  if cfg.sandwich_norm:
+    m = rms_norm(m, lp["post_mlp_norm"], cfg)
+  return x + m
+
+
+def run_layers(params: ModelParams, x_BTD, positions_BT, attend_fn: AttendFn, state=None):
+  """Runs every layer under `lax.scan`. Returns (hidden, final state, stacked per-layer ys)."""
+  cfg = params.config
+
+  def body(carry, xs):
+    x, st = carry
+    lp, layer = xs
+    with jax.named_scope("attention"):
+      h = rms_norm(x, lp["attn_norm"], cfg)
+      q, k, v = project_qkv(cfg, lp, h, positions_BT, layer)
+      o, st, ys = attend_fn(st, layer, q, k, v, h)
+    with jax.named_scope("mlp"):
+      x = finish_layer(cfg, lp, x, o)
+    return (x, st), ys
+
+  (x, state), ys = jax.lax.scan(body, (x_BTD, state), (params.backbone["layers"], layer_constants(cfg)))
+  return x, state, ys
+
+
+def self_attend_fn(cfg: ModelConfig, positions_BT, valid_BT) -> AttendFn:
+  """Full causal attention over the tokens of this call (no KV buffer)."""
+
+  def attend_fn(state, layer, q, k, v, h):
+    del h
+    o = attn.causal_attention(q, k, v, positions_BT, valid_BT, layer["window"],
+                              scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    return o, state, None
+
+  return attend_fn
+
+
+def forward(params: ModelParams, tokens_BT, lengths_B=None):
+  """Logits [B, T, V] of full causal attention. `lengths_B` marks right padding (optional)."""
+  cfg = params.config
+  B, T = tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  valid = positions < (jnp.full((B,), T) if lengths_B is None else lengths_B)[:, None]
+  x = embed(params, tokens_BT)
+  x, _, _ = run_layers(params, x, positions, self_attend_fn(cfg, positions, valid))
+  return unembed(params, x)

@@ -1,0 +1,29 @@
+"""Test setup: offline, CPU, and 8 fake devices for the sharding tests.
+
+The environment must be set before jax is imported anywhere, hence module level here.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["JAX_PLATFORMS"] = "cpu"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices; was jax imported before conftest?"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The real default model, loaded once per session (float32)."""
+  import chunkllm_jax as cj
+
+  return cj.load("smollm2-135m", dtype="float32")

@@ -1,0 +1,146 @@
+"""generate / stream on tiny random models: greedy equals step-by-step forward, padding is inert,
+sampling is seeded, bad input is refused before compilation, and sharding changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax.sampling import Sampling, sample
+
+TINY = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+            max_position=512)
+ARCH_FLAGS = {
+    "llama": dict(),
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+    "gemma3": dict(qk_norm=True, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,
+                   sandwich_norm=True, sliding_window=6, layer_sliding=(True, False),
+                   local_rope_theta=10000.0, tie_embeddings=True, query_pre_attn_scalar=16.0),
+}
+
+
+def tiny_params(arch="llama", seed=0, dtype=jnp.float32, **kw):
+  cfg = cj.ModelConfig(arch=arch, **{**TINY, **ARCH_FLAGS[arch], **kw})
+  return cj.init_backbone(jax.random.key(seed), cfg, dtype=dtype)
+
+
+def prompts(lengths, vocab=96, seed=0):
+  rng = np.random.RandomState(seed)
+  return [rng.randint(0, vocab, n) for n in lengths]
+
+
+def greedy_by_forward(params, prompt, n):
+  """The slow obvious decoder: a full forward per token (right padding is causal-inert)."""
+  seq = list(prompt)
+  fwd = jax.jit(cj.forward)
+  for _ in range(n):
+    padded = jnp.asarray([seq + [0] * (len(prompt) + n - len(seq))])
+    seq.append(int(jnp.argmax(fwd(params, padded)[0, len(seq) - 1])))
+  return seq
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_FLAGS))
+def test_greedy_generate_equals_repeated_forward(arch):
+  params = tiny_params(arch)
+  rows = prompts([9, 23])
+  out = cj.generate(params, rows, max_new_tokens=12, eos_ids=())
+  for b, row in enumerate(rows):
+    assert out.tokens[b, : out.lengths[b]].tolist() == greedy_by_forward(params, row, 12)
+
+
+def test_padding_never_changes_a_row():
+  params = tiny_params("gemma3")
+  rows = prompts([3, 30, 17], seed=1)
+  batched = cj.generate(params, rows, max_new_tokens=10, eos_ids=())
+  for b, row in enumerate(rows):
+    alone = cj.generate(params, [row], max_new_tokens=10, eos_ids=())
+    assert batched.tokens[b, : batched.lengths[b]].tolist() == alone.tokens[0, : alone.lengths[0]].tolist()
+
+
+def test_eos_stops_a_row_and_pads_after_it():
+  params = tiny_params()
+  rows = prompts([5, 8], seed=2)
+  free = cj.generate(params, rows, max_new_tokens=8, eos_ids=())
+  eos = int(free.new_tokens(0)[2])  # make row 0's third new token the end-of-sequence token
+  first = free.new_tokens(0).tolist().index(eos)
+  out = cj.generate(params, rows, max_new_tokens=8, eos_ids=(eos,), pad_id=95)
+  assert out.lengths[0] == out.prompt_lengths[0] + first + 1
+  assert (out.tokens[0, out.lengths[0]:] == 95).all()
+  n1 = out.lengths[1] - out.prompt_lengths[1]
+  assert out.new_tokens(1).tolist() == free.new_tokens(1)[:n1].tolist()
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+  params = tiny_params("qwen3")
+  rows = prompts([7, 12], seed=3)
+  out = cj.generate(params, rows, max_new_tokens=6, eos_ids=())
+  steps = np.stack(list(cj.stream(params, rows, max_new_tokens=6, eos_ids=())), axis=1)
+  for b in range(2):
+    assert steps[b].tolist() == out.new_tokens(b).tolist()
+
+
+def test_bfloat16_runs_and_mostly_agrees_with_float32():
+  p32 = tiny_params()
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+  toks = jnp.asarray(prompts([40])[0])[None]
+  l32, l16 = cj.forward(p32, toks), cj.forward(p16, toks)
+  assert l16.dtype == jnp.float32  # logits are always float32
+  assert float(jnp.mean(jnp.argmax(l32, -1) == jnp.argmax(l16, -1))) > 0.8
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)])
+def test_sampling_with_one_candidate_is_greedy(kw):
+  logits = jax.random.normal(jax.random.key(0), (4, 50))
+  got = sample(logits, jax.random.key(1), Sampling(temperature=0.7, **kw))
+  assert got.tolist() == jnp.argmax(logits, -1).tolist()
+
+
+def test_top_k_and_top_p_only_draw_allowed_tokens():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.key(3)
+  draws = sample(logits, keys, Sampling(temperature=1.0, top_k=2))
+  assert set(np.unique(draws)) == {0, 1}
+  draws = sample(logits, keys, Sampling(temperature=1.0, top_p=0.9))  # 0.5 + 0.3 + 0.15 reaches 0.9
+  assert set(np.unique(draws)) == {0, 1, 2}
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+  params = tiny_params()
+  rows = prompts([6, 6], seed=4)
+  a = cj.generate(params, rows, max_new_tokens=10, temperature=1.0, seed=7, eos_ids=())
+  b = cj.generate(params, rows, max_new_tokens=10, temperature=1.0, seed=7, eos_ids=())
+  c = cj.generate(params, rows, max_new_tokens=10, temperature=1.0, seed=8, eos_ids=())
+  assert (a.tokens == b.tokens).all()
+  assert (a.tokens != c.tokens).any()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(tokens=[[1, 2, 96]]), r"outside the vocabulary \[0, 96\): \[96\]"),
+    (dict(tokens=[[1, -3]]), r"outside the vocabulary"),
+    (dict(tokens=[[]]), r"at least one token"),
+    (dict(tokens=[[1, 2, 3]], max_len=8, max_new_tokens=6), r"needs 9 positions, more than the buffer's max_len=8"),
+    (dict(tokens=[[1, 2]], max_new_tokens=0), r"max_new_tokens must be >= 1"),
+    (dict(tokens=np.ones((2, 3, 4), int)), r"must be \[B, T\]"),
+    (dict(tokens=[[1, 2]], temperature=-1.0), r"temperature must be >= 0"),
+])
+def test_bad_input_is_refused_with_a_clear_error(bad, match):
+  params = tiny_params()
+  kw = {"max_new_tokens": 4, **bad}
+  with pytest.raises(ValueError, match=match):
+    cj.generate(params, kw.pop("tokens"), **kw)
+
+
+@pytest.mark.parametrize("data, model", [(8, 1), (2, 4), (4, 2)])
+def test_sharded_forward_and_generate_equal_unsharded(data, model):
+  params = tiny_params("qwen2", n_heads=8, n_kv_heads=4, head_dim=4)
+  mesh = cj.make_mesh(data=data, model=model)
+  rows = prompts([5, 11, 9, 3, 14, 2, 8, 16], seed=5)
+  toks = jnp.asarray(np.stack([np.resize(r, 16) for r in rows]))
+  sharded = cj.shard_params(params, mesh)
+  assert sharded.backbone["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
+  np.testing.assert_allclose(cj.forward(sharded, toks), cj.forward(params, toks), rtol=1e-5, atol=1e-5)
+  a = cj.generate(params, rows, max_new_tokens=8, eos_ids=())
+  b = cj.generate(params, rows, max_new_tokens=8, eos_ids=(), mesh=mesh)
+  assert (a.tokens == b.tokens).all()
