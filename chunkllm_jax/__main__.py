@@ -1,0 +1,3 @@
+from chunkllm_jax.cli import main
+
+main()
