@@ -161,8 +161,31 @@ def _eos_tuple(eos) -> tuple[int, ...]:
   return tuple(int(e) for e in eos)
 
 
+def _lift_rope_parameters(hf: dict) -> dict:
+  """Lifts transformers 5's `rope_parameters` into the older `rope_theta`/`rope_scaling` fields,
+  so configs written by either generation of transformers read the same."""
+  hf = dict(hf)
+  if isinstance(hf.get("text_config"), dict):
+    hf["text_config"] = _lift_rope_parameters(hf["text_config"])
+  rp = hf.get("rope_parameters")
+  if not isinstance(rp, dict) or "rope_theta" in hf:
+    return hf
+  if "full_attention" in rp:  # Gemma 3: one entry per layer type
+    local = rp.get("sliding_attention", {}).get("rope_theta")
+    if local is not None:
+      hf.setdefault("rope_local_base_freq", local)
+    rp = rp["full_attention"]
+  if "rope_theta" in rp:
+    hf["rope_theta"] = rp["rope_theta"]
+  scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+  if scaling.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
+    hf["rope_scaling"] = scaling
+  return hf
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   """Builds a `ModelConfig` from the dict of an HF `config.json`."""
+  hf = _lift_rope_parameters(dict(hf))
   model_type = hf.get("model_type")
   if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper: take the text tower
     hf = {**hf["text_config"], "model_type": "gemma3_text"}
