@@ -76,8 +76,11 @@ def run_generate(args) -> None:
 
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
-  if args.command == "generate":
-    run_generate(args)
+  try:
+    if args.command == "generate":
+      run_generate(args)
+  except (FileNotFoundError, ValueError) as e:  # bad input: say what is wrong, no traceback
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
