@@ -1,0 +1,228 @@
+"""The distillation teacher: the frozen model's attention, aggregated into chunks, blockwise.
+
+`P[t, j]` is layer l's softmax attention of query t, averaged over heads, summed over the tokens of
+chunk j, and renormalised over t's candidate chunks (j < chunk_id[t], see `boundaries`): sinks and
+t's own open chunk are excluded. Rows with no candidate are all zero.
+
+No `T x T` array is ever built. Per query block, two passes over the key blocks it can see:
+1. flash attention: running max and sum per query and head, giving the attention output (which the
+   next layer needs) and the logsumexp;
+2. probabilities `exp(s - lse)`, summed over heads and scattered into chunk bins by a one-hot
+   `[S_block, C]` matmul.
+Key blocks past the causal diagonal (and before a sliding window) are skipped by a loop with
+dynamic bounds, which reverse-mode autodiff cannot cross: the teacher is a constant, and its
+inputs are wrapped in `stop_gradient` so that differentiating a loss around it stays legal.
+This is the plain-jnp reference for the Pallas distillation-attention kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chunkllm_jax import boundaries
+from chunkllm_jax import model
+from chunkllm_jax.attention import NEG_INF, visible
+from chunkllm_jax.config import ModelConfig
+from chunkllm_jax.params import ModelParams
+
+
+class TeacherOutputs(NamedTuple):
+  P_LBTC: jnp.ndarray  # [n_qk, B, T, C] float32: teacher distribution over candidate chunks
+  h_LBTD: jnp.ndarray  # [n_qk, B, T, D]: attention inputs of the QK-adapter layers
+  h0_BTD: jnp.ndarray  # [B, T, D]: layer 0's output hidden state (the Chunk Adapter's input)
+  hidden_BTD: jnp.ndarray  # [B, T, D]: the last layer's output, before the final norm
+
+
+def _logits(cfg: ModelConfig, q_BQKGD, k_BSKD, q_pos_BQ, k_pos_BS, k_valid_BS, window):
+  """Masked scores of one (query block, key block) pair, float32 [B, K, G, Q, S], and the mask."""
+  s = jnp.einsum("bqkgd,bskd->bkgqs", q_BQKGD, k_BSKD, preferred_element_type=jnp.float32) * cfg.attn_scale
+  if cfg.attn_softcap is not None:
+    s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+  mask_BQS = visible(q_pos_BQ, k_pos_BS, k_valid_BS, window)
+  return jnp.where(mask_BQS[:, None, None], s, NEG_INF), mask_BQS
+
+
+def _block_range(q_start, block_q, block_k, window):
+  """Key blocks [lo, hi) that hold any key visible to queries [q_start, q_start + block_q)."""
+  lo = jnp.maximum(q_start - window + 1, 0) // block_k
+  hi = (q_start + block_q + block_k - 1) // block_k
+  return lo, hi
+
+
+def _pad_to(x, T_pad, value):
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, T_pad - x.shape[1])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _split_heads(cfg: ModelConfig, q_BTHD):
+  B, T, H, D = q_BTHD.shape
+  return q_BTHD.reshape(B, T, cfg.n_kv_heads, H // cfg.n_kv_heads, D)
+
+
+def flash_attention(cfg: ModelConfig, q_BTHD, k_BTKD, v_BTKD, valid_BT, window, *, block_q: int, block_k: int):
+  """Causal attention (positions = indices) and its logsumexp. Returns (out [B, T, H, D], lse [B, K, G, T]).
+
+  T must be a multiple of both block sizes.
+  """
+  B, T, H, D = q_BTHD.shape
+  K, G = cfg.n_kv_heads, H // cfg.n_kv_heads
+  q_BTKGD = _split_heads(cfg, q_BTHD)
+  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+  def query_block(i):
+    qs = i * block_q
+    q_blk = jax.lax.dynamic_slice_in_dim(q_BTKGD, qs, block_q, axis=1)
+    q_pos = jax.lax.dynamic_slice_in_dim(pos_BT, qs, block_q, axis=1)
+
+    def key_block(j, carry):
+      m, l, acc = carry  # [B, K, G, Q], [B, K, G, Q], [B, K, G, Q, D]
+      ks = j * block_k
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, ks, block_k, axis=1)
+      s, _ = _logits(cfg, q_blk, sl(k_BTKD), q_pos, sl(pos_BT), sl(valid_BT), window)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      corr = jnp.exp(m - m_new)
+      acc = acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, sl(v_BTKD).astype(jnp.float32))
+      return m_new, l * corr + p.sum(-1), acc
+
+    init = (jnp.full((B, K, G, block_q), NEG_INF, jnp.float32), jnp.zeros((B, K, G, block_q), jnp.float32),
+            jnp.zeros((B, K, G, block_q, D), jnp.float32))
+    lo, hi = _block_range(qs, block_q, block_k, window)
+    m, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
+    out_BQHD = jnp.einsum("bkgqd->bqkgd", acc / l[..., None]).reshape(B, block_q, H, D)
+    return out_BQHD.astype(q_BTHD.dtype), m + jnp.log(l)
+
+  out_NBQHD, lse_NBKGQ = jax.lax.map(query_block, jnp.arange(T // block_q))
+  out_BTHD = jnp.moveaxis(out_NBQHD, 0, 1).reshape(B, T, H, D)
+  lse_BKGT = jnp.moveaxis(lse_NBKGQ, 0, 3).reshape(B, K, G, T)
+  return out_BTHD, lse_BKGT
+
+
+def chunk_mass(cfg: ModelConfig, q_BTHD, k_BTKD, lse_BKGT, valid_BT, window, chunk_id_BT, max_chunks: int, *,
+               block_q: int, block_k: int):
+  """Attention probability summed over heads and over each chunk's keys: float32 [B, T, C].
+
+  Keys that are sinks or padding (chunk id < 0), or in chunks >= max_chunks, fall in no bin.
+  """
+  B, T, H, D = q_BTHD.shape
+  q_BTKGD = _split_heads(cfg, q_BTHD)
+  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  onehot_BTC = jax.nn.one_hot(chunk_id_BT, max_chunks, dtype=jnp.float32)  # id -1 -> all zeros
+
+  def query_block(i):
+    qs = i * block_q
+    q_blk = jax.lax.dynamic_slice_in_dim(q_BTKGD, qs, block_q, axis=1)
+    q_pos = jax.lax.dynamic_slice_in_dim(pos_BT, qs, block_q, axis=1)
+    lse = jax.lax.dynamic_slice_in_dim(lse_BKGT, qs, block_q, axis=3)
+
+    def key_block(j, mass_BQC):
+      ks = j * block_k
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, ks, block_k, axis=1)
+      s, mask_BQS = _logits(cfg, q_blk, sl(k_BTKD), q_pos, sl(pos_BT), sl(valid_BT), window)
+      p_BQS = jnp.where(mask_BQS, jnp.exp(s - lse[..., None]).sum((1, 2)), 0.0)
+      return mass_BQC + jnp.einsum("bqs,bsc->bqc", p_BQS, sl(onehot_BTC))
+
+    lo, hi = _block_range(qs, block_q, block_k, window)
+    return jax.lax.fori_loop(lo, hi, key_block, jnp.zeros((B, block_q, max_chunks), jnp.float32))
+
+  mass_NBQC = jax.lax.map(query_block, jnp.arange(T // block_q))
+  return jnp.moveaxis(mass_NBQC, 0, 1).reshape(B, T, max_chunks)
+
+
+def renormalise(mass_BTC, candidate_BTC):
+  """Restricts each row to its candidates and makes it sum to 1 (all-zero rows stay zero)."""
+  mass_BTC = jnp.where(candidate_BTC, mass_BTC, 0.0)
+  total_BT1 = mass_BTC.sum(-1, keepdims=True)
+  return jnp.where(total_BT1 > 0, mass_BTC / jnp.where(total_BT1 > 0, total_BT1, 1.0), 0.0)
+
+
+def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[int, ...], max_chunks: int, *,
+                      block_q: int, block_k: int):
+  """An `attend_fn` for `model.run_layers` (inputs padded to a multiple of both block sizes).
+
+  The state is a dict: `P` [n_qk, B, T, C] and `h` [n_qk, B, T, D], written at the QK layers'
+  slots, and `o0` [B, T, H, D], layer 0's attention output. Returns (attend_fn, initial state).
+  """
+  B, T = valid_BT.shape
+  slot_of_layer = np.full((cfg.n_layers,), -1, np.int32)
+  slot_of_layer[list(qk_layers)] = np.arange(len(qk_layers))
+  slot_of_layer = jnp.asarray(slot_of_layer)
+  candidate_BTC = boundaries.candidate_mask(chunk_id_BT, max_chunks) & valid_BT[..., None]
+  kw = dict(block_q=block_q, block_k=block_k)
+
+  def attend_fn(state, layer, q, k, v, h):
+    out, lse = flash_attention(cfg, q, k, v, valid_BT, layer["window"], **kw)
+    slot = slot_of_layer[layer["index"]]
+
+    def record(st):
+      mass = chunk_mass(cfg, q, k, lse, valid_BT, layer["window"], chunk_id_BT, max_chunks, **kw)
+      P = renormalise(mass, candidate_BTC)
+      return dict(st, P=st["P"].at[slot].set(P), h=st["h"].at[slot].set(h))
+
+    state = jax.lax.cond(slot >= 0, record, lambda st: st, state)
+    state = dict(state, o0=jnp.where(layer["index"] == 0, out, state["o0"]))
+    return out, state, None
+
+  n = len(qk_layers)
+
+  def init_state(h_dtype):
+    return dict(P=jnp.zeros((n, B, T, max_chunks), jnp.float32), h=jnp.zeros((n, B, T, cfg.d_model), h_dtype),
+                o0=jnp.zeros((B, T, cfg.n_heads, cfg.head_dim), h_dtype))
+
+  return attend_fn, init_state
+
+
+def teacher_chunk_attention(params: ModelParams, tokens_BT, chunk_id_BT, *, max_chunks: int,
+                            qk_layers: tuple[int, ...] | None = None, lengths_B=None,
+                            block_q: int = 256, block_k: int = 512) -> TeacherOutputs:
+  """Runs the frozen model once and returns the teacher P of every QK-adapter layer (see module doc).
+
+  Args:
+    params: the model; only its backbone is read (and not differentiated).
+    tokens_BT: int tokens, right-padded when `lengths_B` is given.
+    chunk_id_BT: from `boundaries.chunks_from_labels`; sinks and padding are -1.
+    max_chunks: C, the number of chunk bins; chunks with larger ids are ignored.
+    qk_layers: the layers to compute P for; default: the adapters' layers if `params` carries
+      adapters, else the model's full-attention layers.
+    lengths_B: valid tokens per row (default: all).
+    block_q, block_k: query and key block sizes (memory: one [B, H, block_q, block_k] tile).
+  """
+  cfg = params.config
+  if qk_layers is None:
+    qk_layers = params.adapters.config.qk_layers if params.adapters is not None else cfg.full_attention_layers
+  qk_layers = tuple(qk_layers)
+  if not qk_layers:
+    raise ValueError(f"{cfg.arch} model has no full-attention layer to distil (qk_layers is empty)")
+  if any(cfg.sliding_layers[i] for i in qk_layers):
+    raise ValueError(f"qk_layers {qk_layers} include sliding-window layers; full-attention layers are "
+                     f"{cfg.full_attention_layers}")
+  B, T = tokens_BT.shape
+  chex.assert_shape(chunk_id_BT, (B, T))
+  params = params.replace(backbone=jax.lax.stop_gradient(params.backbone), adapters=None)
+  valid_BT = jnp.arange(T)[None, :] < (jnp.full((B,), T) if lengths_B is None else jnp.asarray(lengths_B))[:, None]
+
+  # Pad to whole blocks; padded keys are invalid and padded queries are cropped away.
+  step = math.lcm(block_q, block_k)
+  T_pad = -(-T // step) * step
+  tokens = _pad_to(jnp.asarray(tokens_BT), T_pad, 0)
+  valid = _pad_to(valid_BT, T_pad, False)
+  chunk_id = _pad_to(jnp.asarray(chunk_id_BT, jnp.int32), T_pad, boundaries.NO_CHUNK)
+  chunk_id = jnp.where(valid, chunk_id, boundaries.NO_CHUNK)
+
+  positions = jnp.broadcast_to(jnp.arange(T_pad, dtype=jnp.int32), (B, T_pad))
+  attend_fn, init_state = teacher_attend_fn(cfg, valid, chunk_id, qk_layers, max_chunks,
+                                            block_q=block_q, block_k=block_k)
+  x0 = model.embed(params, tokens)
+  hidden, state, _ = model.run_layers(params, x0, positions, attend_fn, init_state(x0.dtype))
+  layer0 = jax.tree.map(lambda w: w[0], params.backbone["layers"])
+  h0 = model.finish_layer(cfg, layer0, x0, state["o0"])
+  out = TeacherOutputs(P_LBTC=state["P"][:, :, :T], h_LBTD=state["h"][:, :, :T], h0_BTD=h0[:, :T],
+                       hidden_BTD=hidden[:, :T])
+  return jax.tree.map(jax.lax.stop_gradient, out)

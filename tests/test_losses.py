@@ -1,0 +1,100 @@
+"""The ChunkLLM loss: gradients reach the adapters only, training lowers it, the terms are right."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from chunkllm_jax import adapters as ad
+from chunkllm_jax import boundaries
+from chunkllm_jax.teacher import TeacherOutputs
+from tests.chunk_fixtures import random_batch, tiny_params
+from train import losses
+
+CFG = losses.LossConfig(n_sink=2, max_chunk_len=5, max_chunks=16, recall_k=2, block_q=8, block_k=16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gradients_reach_the_adapters_only(arch):
+  params = tiny_params(arch)
+  adapters = ad.init_adapters(jax.random.key(1), params.config, ad.AdapterConfig(d_c=16))
+  batch = random_batch(2, 30, lengths=[30, 22], seed=3)
+  loss_fn = functools.partial(losses.chunkllm_loss, config=CFG)
+
+  grads, metrics = jax.jit(jax.grad(loss_fn, has_aux=True))(adapters, params, batch)
+  assert isinstance(grads, ad.Adapters) and grads.config == adapters.config
+  for path, g in jax.tree_util.tree_flatten_with_path(grads.params)[0]:
+    name = jax.tree_util.keystr(path)
+    assert np.isfinite(g).all(), name
+    if name != "['qk']['k']['outer']['bias']":  # adds q~ . b to a whole row: softmax ignores it
+      assert np.abs(g).max() > 1e-6, name
+  assert metrics["n_kl_queries"] > 0 and np.isfinite(metrics["loss"])
+  # Differentiating in the backbone instead gives exactly nothing: the teacher is a constant.
+  backbone_grads = jax.jit(jax.grad(lambda p: loss_fn(adapters, p, batch)[0]))(params)
+  assert all((g == 0).all() for g in jax.tree.leaves(backbone_grads))
+
+
+def test_training_lowers_the_loss():
+  params = tiny_params("llama")
+  adapters = ad.init_adapters(jax.random.key(2), params.config, ad.AdapterConfig(d_c=16))
+  batch = random_batch(2, 32, seed=4)
+  opt = optax.adamw(1e-2)
+
+  @jax.jit
+  def step(adapters, opt_state):
+    (loss, metrics), grads = jax.value_and_grad(losses.chunkllm_loss, has_aux=True)(adapters, params, batch, CFG)
+    updates, opt_state = opt.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, metrics
+
+  opt_state = opt.init(adapters)
+  history = []
+  for _ in range(20):
+    adapters, opt_state, metrics = step(adapters, opt_state)
+    history.append(metrics)
+  first, last = history[0], history[-1]
+  assert last["loss"] < 0.7 * first["loss"]
+  assert last["bce"] < first["bce"] and last["kl"] < first["kl"]
+
+
+def test_kl_vanishes_when_the_student_is_the_teacher():
+  """A teacher made from the student's own scores: KL = 0, recall = 1; the BCE is its formula."""
+  rng = np.random.RandomState(5)
+  B, T, D, C = 2, 24, 32, 8
+  a = ad.init_adapters(jax.random.key(3), tiny_params().config, ad.AdapterConfig(d_c=16))
+  h_LBTD = jnp.asarray(rng.randn(2, B, T, D), jnp.float32)
+  h0_BTD = jnp.asarray(rng.randn(B, T, D), jnp.float32)
+  labels = jnp.asarray(rng.rand(B, T) < 0.3, jnp.int8)
+  valid = jnp.arange(T)[None] < jnp.asarray([[T], [15]])
+  chunk_id = boundaries.chunks_from_labels(labels, 1, 4, valid)
+  cand = boundaries.candidate_mask(chunk_id, C) & valid[..., None]
+  ends = boundaries.chunk_ends(chunk_id, C)
+
+  def student_P(p_layer, h):
+    q, k = ad.qk_adapter_apply(p_layer, h)
+    S = jax.nn.softmax(ad.chunk_scores(q, ad.chunk_keys(k, ends), cand), -1)
+    return jnp.where(cand.any(-1, keepdims=True), S, 0.0)
+
+  P = jax.vmap(student_P)(a.params["qk"], h_LBTD)
+  teacher = TeacherOutputs(P_LBTC=P, h_LBTD=h_LBTD, h0_BTD=h0_BTD, hidden_BTD=h0_BTD)
+  config = losses.LossConfig(max_chunks=C, recall_k=2)
+  loss, m = jax.jit(losses.student_loss)(a, teacher, chunk_id, labels, valid, config)
+  assert abs(float(m["kl"])) < 1e-5 and float(m["chunk_recall"]) == pytest.approx(1.0)
+  assert m["n_kl_queries"] == int(cand.any(-1).sum()) and m["n_recall_queries"] > 0
+  p = jax.nn.sigmoid(ad.chunk_adapter_logits(a.params["chunk"], h0_BTD))
+  y = np.asarray(labels, np.float64)
+  bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+  assert float(m["bce"]) == pytest.approx(bce[np.asarray(valid)].mean(), rel=1e-5)
+  assert float(loss) == pytest.approx(float(m["bce"] + m["kl"]), rel=1e-6)
+
+
+def test_boundary_metrics_by_hand():
+  logit = jnp.asarray([[3.0, -3.0, 3.0, 3.0, -3.0, 3.0]])  # predicted: 0, 2, 3, (5 is padding)
+  labels = jnp.asarray([[1, 1, 0, 1, 0, 1]])  # true: 0, 1, 3
+  valid = jnp.asarray([[True] * 5 + [False]])
+  m = losses.boundary_metrics(logit, labels, valid, 0.5)
+  assert float(m["boundary_precision"]) == pytest.approx(2 / 3)
+  assert float(m["boundary_recall"]) == pytest.approx(2 / 3)
+  assert float(m["boundary_f1"]) == pytest.approx(2 / 3)

@@ -1,0 +1,1 @@
+"""Training ChunkLLM's adapters on a frozen backbone: data, losses, the train step, checkpoints."""

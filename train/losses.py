@@ -1,0 +1,128 @@
+"""ChunkLLM's training loss: `L = BCE(p, y) + lambda * KL(P || S)`, differentiable in the adapters only.
+
+- BCE: the Chunk Adapter's p_t against the sentence-end labels y, over valid (non-pad) tokens.
+- KL: per QK-adapter layer, the teacher P (frozen attention aggregated into chunks, see
+  `chunkllm_jax.teacher`) against the student S = softmax over the same candidate chunks of
+  s[t, j] = q~_t . k~_{e_j} / sqrt(d_c). Averaged over queries with at least one candidate, and
+  over layers.
+- Chunks come from the labels (teacher forcing), see `chunkllm_jax.boundaries`.
+
+The backbone is an ordinary argument, but the teacher wraps it in `stop_gradient`, so
+`jax.grad(chunkllm_loss)` (argument 0: the adapters) is the only gradient there is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from chunkllm_jax import boundaries
+from chunkllm_jax.adapters import Adapters, chunk_adapter_logits, chunk_keys, chunk_scores, qk_adapter_apply
+from chunkllm_jax.params import ModelParams
+from chunkllm_jax.teacher import TeacherOutputs, teacher_chunk_attention
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """kl_weight: lambda. n_sink, max_chunk_len, max_chunks: how labels become chunks (boundaries).
+  alpha: boundary threshold of the metrics. recall_k: k of the chunk recall@k metric.
+  block_q, block_k: the teacher's block sizes."""
+
+  kl_weight: float = 1.0
+  n_sink: int = 4
+  max_chunk_len: int | None = 64  # as ChunkConfig.max_chunk_len: train on the chunks inference makes
+  max_chunks: int = 512
+  alpha: float = 0.5
+  recall_k: int = 16
+  block_q: int = 256
+  block_k: int = 512
+
+
+def _masked_mean(x, mask):
+  return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def boundary_metrics(logit_BT, labels_BT, valid_BT, alpha: float) -> dict[str, jnp.ndarray]:
+  """Precision, recall and F1 of `p > alpha` against the labels, over valid tokens."""
+  pred = (jax.nn.sigmoid(logit_BT) > alpha) & valid_BT
+  gold = (labels_BT > 0) & valid_BT
+  tp = jnp.sum(pred & gold)
+  n_pred, n_gold = jnp.sum(pred), jnp.sum(gold)
+  return dict(boundary_precision=tp / jnp.maximum(n_pred, 1), boundary_recall=tp / jnp.maximum(n_gold, 1),
+              boundary_f1=2 * tp / jnp.maximum(n_pred + n_gold, 1))
+
+
+def _layer_terms(p_layer, h_BTD, P_BTC, chunk_end_BC, candidate_BTC, recall_k: int):
+  """One QK layer: summed KL over queries, and recall@k hits summed over eligible queries."""
+  q_BTd, k_BTd = qk_adapter_apply(p_layer, h_BTD)
+  s_BTC = chunk_scores(q_BTd, chunk_keys(k_BTd, chunk_end_BC), candidate_BTC)
+  log_S_BTC = jax.nn.log_softmax(s_BTC, axis=-1)
+  kl_BT = jnp.sum(jnp.where(candidate_BTC, jax.scipy.special.xlogy(P_BTC, P_BTC) - P_BTC * log_S_BTC, 0.0), -1)
+  # recall@k: how many of the teacher's top-k chunks are among the student's top-k
+  _, top_P = jax.lax.top_k(jnp.where(candidate_BTC, P_BTC, -1.0), recall_k)
+  _, top_S = jax.lax.top_k(jax.lax.stop_gradient(s_BTC), recall_k)
+  hits_BT = (top_P[..., :, None] == top_S[..., None, :]).any(-1).sum(-1) / recall_k
+  eligible_BT = candidate_BTC.sum(-1) > recall_k
+  return jnp.sum(kl_BT), jnp.sum(jnp.where(eligible_BT, hits_BT, 0.0))
+
+
+def student_loss(adapters: Adapters, teacher: TeacherOutputs, chunk_id_BT, labels_BT, valid_BT,
+                 config: LossConfig = LossConfig()) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """The loss given the teacher's outputs (so a training loop may compute or cache them apart)."""
+  C = config.max_chunks
+  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+
+  logit_BT = chunk_adapter_logits(adapters.params["chunk"], teacher.h0_BTD)
+  y_BT = (labels_BT > 0).astype(jnp.float32)
+  bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logit_BT, y_BT), valid_BT)
+
+  candidate_BTC = boundaries.candidate_mask(chunk_id_BT, C) & valid_BT[..., None]
+  chunk_end_BC = boundaries.chunk_ends(chunk_id_BT, C)
+  k = min(config.recall_k, C)
+  # One layer at a time, rematerialised: only one [B, T, C] score array is alive.
+  terms = jax.checkpoint(lambda xs: _layer_terms(*xs, chunk_end_BC, candidate_BTC, k))
+  kl_L, hits_L = jax.lax.map(terms, (adapters.params["qk"], teacher.h_LBTD, teacher.P_LBTC))
+  n_layers = kl_L.shape[0]
+  n_queries = jnp.sum(candidate_BTC.any(-1))
+  n_eligible = jnp.sum(candidate_BTC.sum(-1) > k)
+  kl = jnp.sum(kl_L) / jnp.maximum(n_layers * n_queries, 1)
+
+  loss = bce + config.kl_weight * kl
+  metrics = dict(loss=loss, bce=bce, kl=kl,
+                 chunk_recall=jnp.sum(hits_L) / jnp.maximum(n_layers * n_eligible, 1),
+                 n_kl_queries=n_queries, n_recall_queries=n_eligible,
+                 **boundary_metrics(logit_BT, labels_BT, valid_BT, config.alpha))
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def batch_chunks(batch: dict[str, Any], config: LossConfig):
+  """(chunk_id [B, T], valid [B, T]) of a batch: its own `chunk_id`, or one from its labels."""
+  B, T = batch["tokens"].shape
+  lengths = batch.get("lengths")
+  valid_BT = jnp.ones((B, T), bool) if lengths is None else jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None]
+  chunk_id_BT = batch.get("chunk_id")
+  if chunk_id_BT is None:
+    chunk_id_BT = boundaries.chunks_from_labels(batch["labels"], config.n_sink, config.max_chunk_len, valid_BT)
+  return jnp.where(valid_BT, chunk_id_BT, boundaries.NO_CHUNK), valid_BT
+
+
+def chunkllm_loss(adapters: Adapters, params: ModelParams, batch: dict[str, Any],
+                  config: LossConfig = LossConfig()) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """`L = BCE(p, y) + lambda * KL(P || S)` and metrics; differentiate in `adapters` (argument 0).
+
+  batch: `tokens` [B, T] int, `labels` [B, T] (1 at sentence ends), optional `lengths` [B] (right
+  padding) and `chunk_id` [B, T] (default: from the labels).
+  metrics: loss, bce, kl, chunk_recall (recall@k of the teacher's top-k chunks in the student's,
+  over queries with more than k candidates, averaged over layers), boundary precision/recall/F1
+  at `alpha`, and the query counts behind the averages.
+  """
+  chunk_id_BT, valid_BT = batch_chunks(batch, config)
+  teacher = teacher_chunk_attention(params, batch["tokens"], chunk_id_BT, max_chunks=config.max_chunks,
+                                    qk_layers=adapters.config.qk_layers, lengths_B=batch.get("lengths"),
+                                    block_q=config.block_q, block_k=config.block_k)
+  return student_loss(adapters, teacher, chunk_id_BT, batch["labels"], valid_BT, config)
