@@ -4,7 +4,7 @@
 
 Both sides load the same GGUF (dequantised to float32), run greedy decoding on the same prompt,
 and are timed after a warm-up (JAX compile excluded). Prints the ratios and writes
-bench/RESULTS_generate.md and bench/results_generate.json.
+bench/RESULTS_generate.md and bench/RESULTS_generate.json.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """chunkllm-jax: ChunkLLM (arXiv 2510.02361) in JAX: chunk-selective long-context generation."""
 
+from chunkllm_jax.adapters import AdapterConfig, Adapters, init_adapters, with_adapters
+from chunkllm_jax.chunk_generate import chunk_generate
 from chunkllm_jax.config import ConfigError, ModelConfig, RopeScaling, from_hf_config
 from chunkllm_jax.generate import GenerateOutput, generate, stream
 from chunkllm_jax.kv_cache import KVCache, init_cache
 from chunkllm_jax.loader import Model, load
 from chunkllm_jax.model import forward
 from chunkllm_jax.params import ModelParams, init_backbone
+from chunkllm_jax.selection import ChunkConfig
 from chunkllm_jax.sharding import make_mesh, shard_params
 
 __all__ = [
+    "AdapterConfig", "Adapters", "ChunkConfig", "chunk_generate", "init_adapters", "with_adapters",
     "ConfigError", "GenerateOutput", "KVCache", "Model", "ModelConfig", "ModelParams", "RopeScaling",
     "forward", "from_hf_config", "generate", "init_backbone", "init_cache", "load", "make_mesh",
     "shard_params", "stream",

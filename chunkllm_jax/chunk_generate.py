@@ -1,0 +1,278 @@
+"""ChunkLLM decoding: boundary-triggered chunk selection over the static KV buffer.
+
+Prefill runs the prompt with full attention (chunk-sparse prefill is still to come), lets the
+Chunk Adapter segment it, fills the chunk table with each chunk's k~, and runs the first vote.
+Each decode step then:
+  1. runs every layer: dense layers read the whole buffer, sliding layers their window, and the
+     other layers read only the compacted working buffer (sinks, selected and local chunks) plus
+     the open chunk;
+  2. runs the Chunk Adapter on layer 0's output; where the token closes a chunk (p > alpha, or the
+     chunk reached `max_chunk_len`), a `lax.cond` appends it, re-selects and re-compacts.
+The new selection applies from the next token; between boundaries nothing is re-scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chunkllm_jax import adapters as adp
+from chunkllm_jax import attention as attn
+from chunkllm_jax import model
+from chunkllm_jax.chunk_cache import ChunkState, append_chunks, compact, init_chunk_state, working_positions
+from chunkllm_jax.generate import Compiled, assemble_output, is_eos, prepare_prompts, resolve_max_len
+from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
+from chunkllm_jax.params import ModelParams
+from chunkllm_jax.sampling import Sampling, sample
+from chunkllm_jax.selection import ChunkConfig, select
+
+
+def _layer_kinds(params: ModelParams, ccfg: ChunkConfig):
+  """Per layer: QK-adapter slot (or 0) and whether attention is chunk-sparse."""
+  cfg, acfg = params.config, params.adapters.config
+  slot = np.zeros(cfg.n_layers, np.int32)
+  sparse = np.zeros(cfg.n_layers, bool)
+  for i, layer in enumerate(acfg.qk_layers):
+    slot[layer] = i
+    sparse[layer] = layer not in ccfg.dense_layers and not cfg.sliding_layers[layer]
+  work_slot = slot if ccfg.vote == "per_layer" else np.zeros_like(slot)
+  return jnp.asarray(slot), jnp.asarray(sparse), jnp.asarray(work_slot), np.asarray(acfg.qk_layers)
+
+
+def _qk(params: ModelParams, slot, h_BTD):
+  p = jax.tree.map(lambda a: a[slot], params.adapters.params["qk"])
+  return adp.qk_adapter_apply(p, h_BTD)
+
+
+def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
+  """The Chunk Adapter on layer 0's output (rebuilt from its attention output)."""
+  layer0 = jax.tree.map(lambda w: w[0], params.backbone["layers"])
+  h0 = model.finish_layer(params.config, layer0, x0_BTD, o0_BTHD)
+  return adp.chunk_adapter_logits(params.adapters.params["chunk"], h0)
+
+
+def _refresh_working_buffer(st: ChunkState, cache: KVCache, work_slot_L, ccfg: ChunkConfig) -> ChunkState:
+  sel = st.selected if ccfg.vote == "per_layer" else st.selected[None]
+  pos, valid = working_positions(st, sel, ccfg)
+  wk, wv = compact(cache.k, cache.v, pos, work_slot_L)
+  return st.replace(work_pos=pos, work_valid=valid, work_k=wk, work_v=wv)
+
+
+def _reselect(st: ChunkState, closes_B, q_LBd, ccfg: ChunkConfig) -> ChunkState:
+  new = select(q_LBd, st.chunk_key, st.n_chunks, ccfg)
+  keep = closes_B if ccfg.vote == "sum" else closes_B[None]
+  return st.replace(selected=jnp.where(keep[..., None], new, st.selected),
+                    n_selections=st.n_selections + closes_B)
+
+
+def segment(p_BT, valid_BT, ccfg: ChunkConfig):
+  """Boundaries of a prompt from the Chunk Adapter's probabilities: a scan over positions."""
+  B, T = p_BT.shape
+  M = ccfg.max_chunk_len
+
+  def step(carry, t):
+    open_start = carry
+    closes = valid_BT[:, t] & ((p_BT[:, t] > ccfg.alpha) | (t - open_start + 1 >= M))
+    return jnp.where(closes, t + 1, open_start), closes
+
+  _, closes_TB = jax.lax.scan(step, jnp.zeros((B,), jnp.int32), jnp.arange(T))
+  return closes_TB.T
+
+
+def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
+  """Dense prefill that also fills the chunk table and makes the first selection."""
+  cfg = params.config
+  B, T = tokens_BT.shape
+  slot_L, _, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  valid = positions < lengths_B[:, None]
+  self_attend = model.self_attend_fn(cfg, positions, valid)
+  last = (lengths_B - 1)[:, None, None]
+
+  def attend_fn(state, layer, q, k, v, h):
+    kb, vb, o0 = state
+    idx = layer["index"]
+    kb, vb = write_prefix(kb, idx, k), write_prefix(vb, idx, v)
+    o, _, _ = self_attend(None, layer, q, k, v, h)
+    o0 = jnp.where(idx == 0, o, o0)
+    qt, kt = _qk(params, slot_L[idx], h)
+    return o, (kb, vb, o0), (jnp.take_along_axis(qt, last, axis=1)[:, 0], kt)
+
+  cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
+  x0 = model.embed(params, tokens_BT)
+  o0 = jnp.zeros((B, T, cfg.n_heads, cfg.head_dim), x0.dtype)
+  x, (k, v, o0), (q_last_LBd, k_LBTd) = model.run_layers(params, x0, positions, attend_fn, (cache.k, cache.v, o0))
+  logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
+  cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
+
+  closes_BT = segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, ccfg)
+  acfg = params.adapters.config
+  st = init_chunk_state(cfg.n_layers, len(acfg.qk_layers), B, acfg.d_c, cfg.n_kv_heads, cfg.head_dim,
+                        cache.k.dtype, ccfg)
+  k_qk = k_LBTd[qk_layers]
+
+  def add(st, t):
+    return append_chunks(st, closes_BT[:, t], jnp.full((B,), t, jnp.int32), k_qk[:, :, t]), None
+
+  st, _ = jax.lax.scan(add, st, jnp.arange(T))
+  st = _reselect(st, jnp.ones((B,), bool), q_last_LBd[qk_layers], ccfg)
+  return logits, cache, _refresh_working_buffer(st, cache, work_slot_L, ccfg)
+
+
+def _recent(buf_BSKD, start_B, size: int):
+  """Per-row window [start, start + size) of one layer's buffer (start clamped to fit)."""
+  start = jnp.clip(start_B, 0, buf_BSKD.shape[1] - size)
+  win = jax.vmap(lambda b, s: jax.lax.dynamic_slice_in_dim(b, s, size, axis=0))(buf_BSKD, start)
+  return win, start[:, None] + jnp.arange(size)
+
+
+def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
+  cfg = params.config
+  slot_L, sparse_L, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
+  pos_B = cache.length
+  B, S, M = tokens_B.shape[0], cache.max_len, min(ccfg.max_chunk_len, cache.max_len)
+  key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+  def attend_fn(state, layer, q, k, v, h):
+    kb, vb, o0 = state
+    idx = layer["index"]
+    kb, vb = write_token(kb, idx, pos_B, k[:, 0]), write_token(vb, idx, pos_B, v[:, 0])
+    k_l, v_l = kb[idx], vb[idx]
+
+    def dense():
+      mask = attn.visible(pos_B[:, None], key_pos_BS, key_pos_BS <= pos_B[:, None], layer["window"])
+      return attn.attend(q, k_l, v_l, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+
+    def sparse():
+      w = work_slot_L[idx]
+      k_open, open_pos = _recent(k_l, st.open_start, M)
+      v_open, _ = _recent(v_l, st.open_start, M)
+      open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None]) & (open_pos >= ccfg.n_sink)
+      work_ok = st.work_valid[w] & (st.work_pos[w] <= pos_B[:, None])
+      keys = jnp.concatenate([st.work_k[idx], k_open], axis=1)
+      vals = jnp.concatenate([st.work_v[idx], v_open], axis=1)
+      mask = jnp.concatenate([work_ok, open_ok], axis=1)[:, None]
+      return attn.attend(q, keys, vals, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+
+    o = jax.lax.cond(sparse_L[idx], sparse, dense)
+    o0 = jnp.where(idx == 0, o, o0)
+    qt, kt = _qk(params, slot_L[idx], h)
+    return o, (kb, vb, o0), (qt[:, 0], kt[:, 0])
+
+  x0 = model.embed(params, tokens_B[:, None])
+  o0 = jnp.zeros((B, 1, cfg.n_heads, cfg.head_dim), x0.dtype)
+  x, (k, v, o0), (q_LBd, k_LBd) = model.run_layers(params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, o0))
+  logits = model.unembed(params, x)[:, 0]
+  cache = KVCache(k=k, v=v, length=pos_B + 1)
+
+  # Retention (SepLLM): tokens a sparse layer read / tokens seen, before this step's boundary.
+  w0 = st.work_valid[0] & (st.work_pos[0] <= pos_B[:, None])
+  seen = pos_B + 1
+  visible = jnp.sum(w0, -1) + jnp.clip(seen - jnp.maximum(st.open_start, ccfg.n_sink), 0, None)
+  st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen)
+
+  p = jax.nn.sigmoid(_boundary_logits(params, x0, o0)[:, 0])
+  closes = (p > ccfg.alpha) | (pos_B - st.open_start + 1 >= ccfg.max_chunk_len)
+
+  def on_boundary(st):
+    st = append_chunks(st, closes, pos_B, k_LBd[qk_layers])
+    st = _reselect(st, closes, q_LBd[qk_layers], ccfg)
+    return _refresh_working_buffer(st, cache, work_slot_L, ccfg)
+
+  st = jax.lax.cond(jnp.any(closes), on_boundary, lambda s: s, st)
+  return logits, cache, st
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop and the public API
+
+
+def _prefill_sample(params, tokens_BT, lengths_B, key, *, max_len, sampling, ccfg):
+  logits, cache, st = chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg)
+  return sample(logits, jax.random.fold_in(key, 0), sampling), cache, st
+
+
+def _decode_loop(params, first_B, cache, st, key, *, max_new, sampling, eos_ids, pad_id, ccfg):
+  B = first_B.shape[0]
+  out = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(first_B)
+
+  def cond(s):
+    return (s[0] < max_new) & ~jnp.all(s[-1])
+
+  def body(s):
+    step, tok, cache, st, out, done = s
+    logits, cache, st = chunk_decode_step(params, tok, cache, st, ccfg)
+    nxt = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(key, step), sampling))
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+    return step + 1, nxt, cache, st, out, done | is_eos(nxt, eos_ids)
+
+  step, _, _, st, out, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), first_B, cache, st, out, is_eos(first_B, eos_ids)))
+  return out, step, st
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(max_len, max_new, sampling, eos_ids, pad_id, ccfg):
+  pre = functools.partial(_prefill_sample, max_len=max_len, sampling=sampling, ccfg=ccfg)
+  loop = functools.partial(_decode_loop, max_new=max_new, sampling=sampling, eos_ids=eos_ids,
+                           pad_id=pad_id, ccfg=ccfg)
+  return Compiled(jax.jit(pre)), Compiled(jax.jit(loop))
+
+
+def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, max_len: int, itemsize: int) -> dict[str, int]:
+  """K/V bytes one decode step reads: this design against dense attention over the same buffer."""
+  cfg = params.config
+  _, sparse_L, _, _ = _layer_kinds(params, ccfg)
+  n_sparse = int(np.sum(np.asarray(sparse_L)))
+  per_token = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
+  sparse_tokens = ccfg.budget + min(ccfg.max_chunk_len, max_len)
+  return dict(chunk=per_token * (n_sparse * sparse_tokens + (cfg.n_layers - n_sparse) * max_len),
+              dense=per_token * cfg.n_layers * max_len)
+
+
+def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
+                   temperature: float = 0.0, top_k_tokens: int = 0, top_p: float = 1.0, seed: int = 0,
+                   eos_ids=None, pad_id=None, max_len: int | None = None, chunk_config: ChunkConfig | None = None,
+                   **chunk_fields):
+  """ChunkLLM generation. `params` must carry adapters (`with_adapters`).
+
+  Any `ChunkConfig` field can be given by keyword (`top_k=32, n_local=4, ...`); `top_k` is the
+  number of selected chunks (the sampling top-k is `top_k_tokens`). Returns a `GenerateOutput`
+  whose stats add per row: kv_retention, n_chunks, n_selections, chunk_overflow, and the K/V
+  bytes read per decode step by this design and by dense attention.
+  """
+  if params.adapters is None:
+    raise ValueError("chunk_generate needs adapters: params = cj.with_adapters(params, cj.load_adapters(...))")
+  cfg = params.config
+  params = adp.with_adapters(params.replace(adapters=None), params.adapters)  # fits this backbone?
+  ccfg = dataclasses_replace(chunk_config or ChunkConfig(), chunk_fields)
+  pad_id = cfg.pad_id if pad_id is None else pad_id
+  eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
+  prompts, lens = prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
+  max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len)
+  ccfg = ccfg.validate(max_len, cfg.n_layers)
+  sampling = Sampling(float(temperature), int(top_k_tokens or 0), float(top_p))
+  pre, loop = _programs(max_len, max_new_tokens, sampling, eos_ids, pad_id, ccfg)
+  key = jax.random.key(seed)
+  (first, cache, st), prefill_s = pre.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
+  (new, steps, st), decode_s = loop.timed(params, first, cache, st, key)
+  steps = int(steps) - 1
+  nbytes = bytes_per_decode_step(params, ccfg, max_len, cache.k.dtype.itemsize)
+  B = len(lens)
+  extra = dict(kv_retention=np.asarray(st.retained) / max(steps, 1), n_chunks=np.asarray(st.n_chunks),
+               n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
+               bytes_per_step=np.full(B, nbytes["chunk"]), dense_bytes_per_step=np.full(B, nbytes["dense"]))
+  return assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,
+                         decode_s=decode_s, decode_steps=steps, extra_stats=extra)
+
+
+def dataclasses_replace(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:
+  known = {f.name for f in dataclasses.fields(ChunkConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise TypeError(f"unknown chunk-config fields {unknown}; known: {sorted(known)}")
+  return dataclasses.replace(ccfg, **fields)

@@ -1,0 +1,104 @@
+"""chunk_generate on tiny random models: full coverage equals `generate` exactly, selection changes
+only at boundaries, retention falls with top_k, and bad settings fail before compiling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import adapters as adp
+from chunkllm_jax.chunk_generate import chunk_decode_step, chunk_generate, chunk_prefill
+from chunkllm_jax.selection import ChunkConfig
+from tests.test_generate import prompts, tiny_params
+
+FULL = dict(top_k=128, max_chunks=128, max_chunk_len=8, n_local=2)  # every chunk fits the selection
+
+
+def chunk_params(arch="llama", seed=0, **kw):
+  if arch == "gemma3":
+    kw.setdefault("layer_sliding", (False, True, False))
+  p = tiny_params(arch, seed=seed, n_layers=3, **kw)
+  # Larger embeddings make the random model's next token depend on its context (not constant).
+  p = p.replace(backbone={**p.backbone, "embed": p.backbone["embed"] * 8})
+  return adp.with_adapters(p, adp.init_adapters(jax.random.key(seed + 1), p.config, adp.AdapterConfig(d_c=8)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=3)], ids=["greedy", "sampled"])
+def test_full_coverage_equals_generate(arch, sampling):
+  params = chunk_params(arch)
+  rows = prompts([40, 23, 1], seed=3)
+  ref = cj.generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=128, **sampling)
+  out = chunk_generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=128, **FULL, **sampling)
+  assert (out.tokens == ref.tokens).all()
+  assert np.allclose(out.stats["kv_retention"], 1.0)
+  assert not out.stats["chunk_overflow"].any()
+
+
+def test_retention_and_bytes_fall_with_top_k():
+  params = chunk_params()
+  rows = prompts([100], seed=4)
+  kw = dict(max_new_tokens=20, eos_ids=(), max_len=128, max_chunks=64, max_chunk_len=8, n_local=1, alpha=0.9)
+  wide = chunk_generate(params, rows, top_k=8, **kw)
+  narrow = chunk_generate(params, rows, top_k=2, **kw)
+  assert narrow.stats["kv_retention"][0] < wide.stats["kv_retention"][0] < 1.0
+  assert narrow.stats["bytes_per_step"][0] < wide.stats["bytes_per_step"][0]
+
+
+def test_selection_changes_only_at_boundaries():
+  params = chunk_params()
+  ccfg = ChunkConfig(top_k=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9).validate(128, 3)
+  toks, lens = np.asarray([prompts([30], seed=5)[0]], np.int32), jnp.asarray([30])
+  _, cache, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(toks), lens, 128, ccfg)
+  step = jax.jit(chunk_decode_step, static_argnums=(4,))
+  tok, boundaries, changes = jnp.asarray([7]), 0, 0
+  for i in range(40):
+    before_n, before_sel, before_sels = int(st.n_chunks[0]), np.asarray(st.selected), int(st.n_selections[0])
+    logits, cache, st = step(params, tok, cache, st, ccfg)
+    closed = int(st.n_chunks[0]) > before_n
+    boundaries += closed
+    changed = not np.array_equal(before_sel, np.asarray(st.selected))
+    changes += changed
+    assert closed or not changed, f"selection changed at step {i} without a boundary"
+    assert int(st.n_selections[0]) - before_sels == int(closed)
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+  assert boundaries >= 40 // 6  # forced closes at max_chunk_len at least
+  assert changes >= 1
+
+
+def test_prompts_of_one_token_and_with_no_boundary_work():
+  params = chunk_params()
+  one = chunk_generate(params, [[5]], max_new_tokens=5, eos_ids=(), max_len=64)
+  assert one.lengths[0] == 6
+  never = chunk_generate(params, prompts([50])[:1], max_new_tokens=5, eos_ids=(), max_len=128,
+                         alpha=0.999999, max_chunk_len=128, max_chunks=16)
+  assert never.stats["n_chunks"][0] == 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(top_k=-1), "top_k and n_local must be >= 0"),
+    (dict(n_local=-2), "top_k and n_local must be >= 0"),
+    (dict(n_sink=-1), "n_sink must be >= 0"),
+    (dict(n_sink=64), "n_sink=64 must be smaller than the buffer"),
+    (dict(max_chunks=2, max_chunk_len=8), "max_chunks=2 cannot hold 64 tokens"),
+    (dict(vote="max"), "vote must be"),
+    (dict(alpha=1.5), "alpha must be in"),
+    (dict(bogus=1), "unknown chunk-config fields"),
+])
+def test_bad_settings_fail_before_compiling(kw, match):
+  params = chunk_params()
+  with pytest.raises((ValueError, TypeError), match=match):
+    chunk_generate(params, [[1, 2, 3]], max_new_tokens=4, max_len=64, **kw)
+
+
+def test_missing_or_foreign_adapters_are_refused():
+  params = chunk_params()
+  with pytest.raises(ValueError, match="needs adapters"):
+    chunk_generate(params.replace(adapters=None), [[1, 2]], max_new_tokens=2)
+  other = tiny_params(d_model=48, n_layers=3)
+  foreign = adp.init_adapters(jax.random.key(0), other.config)
+  with pytest.raises(ValueError, match="do not fit this backbone"):
+    chunk_generate(params.replace(adapters=foreign), [[1, 2]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="buffer's max_len=8"):
+    chunk_generate(params, [[1] * 6], max_new_tokens=4, max_len=8)
