@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from chunkllm_jax.attention import NEG_INF
 from chunkllm_jax.config import ModelConfig
-from chunkllm_jax.params import ModelParams
+from chunkllm_jax.params import ModelParams, leaf_shapes, shape_problems
 
 
 @jax.tree_util.register_static
@@ -161,18 +161,9 @@ def with_adapters(params: ModelParams, adapters: Adapters) -> ModelParams:
     raise TypeError(f"expected an Adapters, got {type(adapters).__name__}")
   acfg = adapters.config
   _check_layers(acfg, cfg)
-  want = {jax.tree_util.keystr(p): s for p, s in
-          jax.tree_util.tree_flatten_with_path(expected_shapes(acfg, cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
-  have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(adapters.params)[0]}
-  problems = []
-  for name in sorted(want.keys() | have.keys()):
-    if name not in have:
-      problems.append(f"{name}: missing (expected shape {want[name]})")
-    elif name not in want:
-      problems.append(f"{name}: unexpected tensor of shape {have[name]}")
-    elif have[name] != want[name]:
-      problems.append(f"{name}: shape {have[name]}, but the backbone (d_model={cfg.d_model}) and "
-                      f"adapter config imply {want[name]}")
+  want = leaf_shapes(expected_shapes(acfg, cfg), is_leaf=lambda x: isinstance(x, tuple))
+  problems = shape_problems(want, leaf_shapes(adapters.params),
+                            f"the backbone (d_model={cfg.d_model}) and adapter config")
   if problems:
     raise ValueError("adapters do not fit this backbone:\n  " + "\n  ".join(problems))
   return params.replace(adapters=adapters)

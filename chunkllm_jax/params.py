@@ -104,11 +104,8 @@ def init_backbone(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> ModelP
                      config=cfg)
 
 
-def check_backbone_shapes(backbone: dict, cfg: ModelConfig, source: str) -> None:
-  """Raises a ValueError naming every leaf whose shape disagrees with the config."""
-  spec = backbone_spec(cfg)
-  want = {jax.tree_util.keystr(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_spec)[0]}
-  have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(backbone)[0]}
+def shape_problems(want: dict[str, tuple], have: dict[str, tuple], implied_by: str) -> list[str]:
+  """One line per leaf that is missing, unexpected, or of the wrong shape (leaves keyed by path)."""
   problems = []
   for name in sorted(want.keys() | have.keys()):
     if name not in have:
@@ -116,6 +113,18 @@ def check_backbone_shapes(backbone: dict, cfg: ModelConfig, source: str) -> None
     elif name not in want:
       problems.append(f"{name}: unexpected tensor of shape {have[name]}")
     elif have[name] != want[name]:
-      problems.append(f"{name}: shape {have[name]}, but the config implies {want[name]}")
+      problems.append(f"{name}: shape {have[name]}, but {implied_by} implies {want[name]}")
+  return problems
+
+
+def leaf_shapes(tree, is_leaf=None) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {jax.tree_util.keystr(p): tuple(getattr(x, "shape", x)) for p, x in flat}
+
+
+def check_backbone_shapes(backbone: dict, cfg: ModelConfig, source: str) -> None:
+  """Raises a ValueError naming every leaf whose shape disagrees with the config."""
+  want = leaf_shapes(backbone_spec(cfg), is_leaf=is_spec)
+  problems = shape_problems(want, leaf_shapes(backbone), "the config")
   if problems:
     raise ValueError(f"weights in {source} do not match their config:\n  " + "\n  ".join(problems))
