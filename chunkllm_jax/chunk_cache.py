@@ -6,8 +6,12 @@ only at boundaries (ICAC), so there the selected chunks' K/V are gathered once i
 contiguous buffer `[L, B, budget, H_kv, D]`; every decode step until the next boundary reads
 that buffer densely, plus the open chunk's tokens in the main buffer.
 
-Working-buffer layout per row: `n_sink` sink slots, then `top_k` selected-chunk slots, then
-`n_local` local-chunk slots, each `max_chunk_len` tokens, in ascending position order.
+Working-buffer layout per row: the `n_sink` sinks, then the selected and the local chunks packed
+back to back in ascending position order, then unused slots. Decode reads only the blocks up to
+the last used slot, so the bytes read follow the retained tokens, not the worst case.
+
+Sinks are the first `n_sink` positions and belong to no chunk; chunk 0 starts at `n_sink`
+(the convention of `boundaries.chunks_from_labels`, which training uses).
 """
 
 from __future__ import annotations
@@ -31,26 +35,34 @@ class ChunkState:
   selected: jnp.ndarray  # [B, top_k] or [Lq, B, top_k] int32, -1 where empty
   work_pos: jnp.ndarray  # [Lw, B, W] int32: main-buffer position of each working slot
   work_valid: jnp.ndarray  # [Lw, B, W] bool
+  work_used: jnp.ndarray  # [Lw, B] int32: slots in use (sinks + packed chunks)
   work_k: jnp.ndarray  # [L, B, W, H_kv, D]
   work_v: jnp.ndarray  # [L, B, W, H_kv, D]
   n_selections: jnp.ndarray  # [B] int32: boundaries that re-selected
   retained: jnp.ndarray  # [B] float32: sum over decode steps of (visible / seen)
+  read_slots: jnp.ndarray  # [B] float32: sum over decode steps of K/V slots a sparse layer read
   overflow: jnp.ndarray  # [B] bool: a chunk was dropped because the table was full
 
   def replace(self, **kw) -> "ChunkState":
     return dataclasses.replace(self, **kw)
 
 
+def working_size(cfg: ChunkConfig, max_len: int, block: int) -> int:
+  """Static slots of the working buffer: the worst case, capped by the buffer, in whole blocks."""
+  return -(-min(cfg.budget, max_len) // block) * block
+
+
 def init_chunk_state(n_layers: int, n_qk: int, batch: int, d_c: int, n_kv: int, head_dim: int, dtype,
-                     cfg: ChunkConfig) -> ChunkState:
-  C, W = cfg.max_chunks, cfg.budget
+                     cfg: ChunkConfig, W: int) -> ChunkState:
+  C = cfg.max_chunks
   n_sel = 1 if cfg.vote == "sum" else n_qk
   sel_shape = (batch, cfg.top_k) if cfg.vote == "sum" else (n_qk, batch, cfg.top_k)
   return ChunkState(
       chunk_start=jnp.zeros((batch, C), jnp.int32), chunk_end=jnp.full((batch, C), -1, jnp.int32),
       chunk_key=jnp.zeros((n_qk, batch, C, d_c), jnp.float32), n_chunks=jnp.zeros((batch,), jnp.int32),
-      open_start=jnp.zeros((batch,), jnp.int32), selected=jnp.full(sel_shape, -1, jnp.int32),
+      open_start=jnp.full((batch,), cfg.n_sink, jnp.int32), selected=jnp.full(sel_shape, -1, jnp.int32),
       work_pos=jnp.zeros((n_sel, batch, W), jnp.int32), work_valid=jnp.zeros((n_sel, batch, W), bool),
+      work_used=jnp.zeros((n_sel, batch), jnp.int32), read_slots=jnp.zeros((batch,), jnp.float32),
       work_k=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       work_v=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       n_selections=jnp.zeros((batch,), jnp.int32), retained=jnp.zeros((batch,), jnp.float32),
@@ -73,24 +85,28 @@ def append_chunks(st: ChunkState, closes_B, pos_B, key_LBd) -> ChunkState:
       overflow=st.overflow | (closes_B & full))
 
 
-def working_positions(st: ChunkState, selected_SBk, cfg: ChunkConfig):
-  """Main-buffer positions [S, B, W] and validity of the working slots for a selection."""
-  M = cfg.max_chunk_len
-  n_sel = selected_SBk.shape[0]
-  B = st.n_chunks.shape[0]
+def working_positions(st: ChunkState, selected_SBk, cfg: ChunkConfig, W: int):
+  """Packed working slots for a selection: positions [S, B, W], validity, and slots used [S, B]."""
+  n_sel, B = selected_SBk.shape[0], st.n_chunks.shape[0]
   local = st.n_chunks[:, None] - cfg.n_local + jnp.arange(cfg.n_local)[None]  # [B, n_local]
   local = jnp.where(local >= 0, local, -1)
   chunks = jnp.concatenate([selected_SBk, jnp.broadcast_to(local, (n_sel, B, cfg.n_local))], axis=-1)
   safe = jnp.maximum(chunks, 0)
-  start = jnp.take_along_axis(st.chunk_start[None].repeat(n_sel, 0), safe, axis=-1)
-  end = jnp.take_along_axis(st.chunk_end[None].repeat(n_sel, 0), safe, axis=-1)
-  start = jnp.maximum(start, cfg.n_sink)  # sinks are read from their own slots, never twice
-  pos = start[..., None] + jnp.arange(M)  # [S, B, slots, M]
-  valid = (chunks[..., None] >= 0) & (pos <= end[..., None])
-  pos = pos.reshape(n_sel, B, -1)
-  valid = valid.reshape(n_sel, B, -1)
+  start = jnp.take_along_axis(jnp.broadcast_to(st.chunk_start, (n_sel, B, st.chunk_start.shape[1])), safe, -1)
+  end = jnp.take_along_axis(jnp.broadcast_to(st.chunk_end, (n_sel, B, st.chunk_end.shape[1])), safe, -1)
+  length = jnp.where(chunks >= 0, end - start + 1, 0)
+  offs_end = jnp.cumsum(length, axis=-1)  # [S, B, n]
+  w = jnp.arange(W - cfg.n_sink)
+  which = jnp.sum(offs_end[..., None, :] <= w[:, None], axis=-1)  # chunk holding packed slot w
+  which_c = jnp.minimum(which, chunks.shape[-1] - 1)
+  first = jnp.take_along_axis(start, which_c, -1)
+  offset = jnp.take_along_axis(offs_end - length, which_c, -1)
+  pos = first + w - offset
+  valid = w < offs_end[..., -1:]
   sink_pos = jnp.broadcast_to(jnp.arange(cfg.n_sink, dtype=jnp.int32), (n_sel, B, cfg.n_sink))
-  return jnp.concatenate([sink_pos, pos], -1), jnp.concatenate([jnp.ones_like(sink_pos, bool), valid], -1)
+  pos = jnp.concatenate([sink_pos, jnp.where(valid, pos, 0)], -1)
+  valid = jnp.concatenate([jnp.ones_like(sink_pos, bool), valid], -1)
+  return pos, valid, cfg.n_sink + offs_end[..., -1]
 
 
 def compact(k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L):

@@ -23,12 +23,16 @@ import numpy as np
 from chunkllm_jax import adapters as adp
 from chunkllm_jax import attention as attn
 from chunkllm_jax import model
-from chunkllm_jax.chunk_cache import ChunkState, append_chunks, compact, init_chunk_state, working_positions
+from chunkllm_jax.chunk_attention import packed_decode_attention
+from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact, init_chunk_state, working_positions,
+                                      working_size)
 from chunkllm_jax.generate import Compiled, assemble_output, is_eos, prepare_prompts, resolve_max_len
 from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling, sample
 from chunkllm_jax.selection import ChunkConfig, select
+
+WORK_BLOCK = 128  # decode reads the working buffer in blocks of this many slots
 
 
 def _layer_kinds(params: ModelParams, ccfg: ChunkConfig):
@@ -57,9 +61,9 @@ def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
 
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, work_slot_L, ccfg: ChunkConfig) -> ChunkState:
   sel = st.selected if ccfg.vote == "per_layer" else st.selected[None]
-  pos, valid = working_positions(st, sel, ccfg)
+  pos, valid, used = working_positions(st, sel, ccfg, st.work_pos.shape[-1])
   wk, wv = compact(cache.k, cache.v, pos, work_slot_L)
-  return st.replace(work_pos=pos, work_valid=valid, work_k=wk, work_v=wv)
+  return st.replace(work_pos=pos, work_valid=valid, work_used=used, work_k=wk, work_v=wv)
 
 
 def _reselect(st: ChunkState, closes_B, q_LBd, ccfg: ChunkConfig) -> ChunkState:
@@ -76,10 +80,10 @@ def segment(p_BT, valid_BT, ccfg: ChunkConfig):
 
   def step(carry, t):
     open_start = carry
-    closes = valid_BT[:, t] & ((p_BT[:, t] > ccfg.alpha) | (t - open_start + 1 >= M))
+    closes = valid_BT[:, t] & (t >= ccfg.n_sink) & ((p_BT[:, t] > ccfg.alpha) | (t - open_start + 1 >= M))
     return jnp.where(closes, t + 1, open_start), closes
 
-  _, closes_TB = jax.lax.scan(step, jnp.zeros((B,), jnp.int32), jnp.arange(T))
+  _, closes_TB = jax.lax.scan(step, jnp.full((B,), ccfg.n_sink, jnp.int32), jnp.arange(T))
   return closes_TB.T
 
 
@@ -112,7 +116,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   closes_BT = segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, ccfg)
   acfg = params.adapters.config
   st = init_chunk_state(cfg.n_layers, len(acfg.qk_layers), B, acfg.d_c, cfg.n_kv_heads, cfg.head_dim,
-                        cache.k.dtype, ccfg)
+                        cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
   k_qk = k_LBTd[qk_layers]
 
   def add(st, t):
@@ -136,6 +140,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   pos_B = cache.length
   B, S, M = tokens_B.shape[0], cache.max_len, min(ccfg.max_chunk_len, cache.max_len)
   key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  n_blocks = -(-jnp.max(st.work_used, axis=-1) // WORK_BLOCK)  # per selection slot, batch-wide
 
   def attend_fn(state, layer, q, k, v, h):
     kb, vb, o0 = state
@@ -151,12 +156,10 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       w = work_slot_L[idx]
       k_open, open_pos = _recent(k_l, st.open_start, M)
       v_open, _ = _recent(v_l, st.open_start, M)
-      open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None]) & (open_pos >= ccfg.n_sink)
+      open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
       work_ok = st.work_valid[w] & (st.work_pos[w] <= pos_B[:, None])
-      keys = jnp.concatenate([st.work_k[idx], k_open], axis=1)
-      vals = jnp.concatenate([st.work_v[idx], v_open], axis=1)
-      mask = jnp.concatenate([work_ok, open_ok], axis=1)[:, None]
-      return attn.attend(q, keys, vals, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+      return packed_decode_attention(q, st.work_k[idx], st.work_v[idx], work_ok, n_blocks[w], k_open, v_open,
+                                     open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap, block=WORK_BLOCK)
 
     o = jax.lax.cond(sparse_L[idx], sparse, dense)
     o0 = jnp.where(idx == 0, o, o0)
@@ -172,11 +175,12 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   # Retention (SepLLM): tokens a sparse layer read / tokens seen, before this step's boundary.
   w0 = st.work_valid[0] & (st.work_pos[0] <= pos_B[:, None])
   seen = pos_B + 1
-  visible = jnp.sum(w0, -1) + jnp.clip(seen - jnp.maximum(st.open_start, ccfg.n_sink), 0, None)
-  st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen)
+  visible = jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
+  st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
+                  read_slots=st.read_slots + n_blocks[0] * WORK_BLOCK + M)
 
   p = jax.nn.sigmoid(_boundary_logits(params, x0, o0)[:, 0])
-  closes = (p > ccfg.alpha) | (pos_B - st.open_start + 1 >= ccfg.max_chunk_len)
+  closes = (pos_B >= ccfg.n_sink) & ((p > ccfg.alpha) | (pos_B - st.open_start + 1 >= ccfg.max_chunk_len))
 
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, k_LBd[qk_layers])
@@ -223,15 +227,16 @@ def _programs(max_len, max_new, sampling, eos_ids, pad_id, ccfg):
   return Compiled(jax.jit(pre)), Compiled(jax.jit(loop))
 
 
-def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, max_len: int, itemsize: int) -> dict[str, int]:
-  """K/V bytes one decode step reads: this design against dense attention over the same buffer."""
+def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, max_len: int, itemsize: int,
+                          sparse_slots: np.ndarray) -> dict[str, np.ndarray]:
+  """K/V bytes one decode step reads: this design (sparse layers read `sparse_slots`, the mean per
+  step, other layers the whole buffer) against dense attention over the same buffer."""
   cfg = params.config
   _, sparse_L, _, _ = _layer_kinds(params, ccfg)
   n_sparse = int(np.sum(np.asarray(sparse_L)))
   per_token = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
-  sparse_tokens = ccfg.budget + min(ccfg.max_chunk_len, max_len)
-  return dict(chunk=per_token * (n_sparse * sparse_tokens + (cfg.n_layers - n_sparse) * max_len),
-              dense=per_token * cfg.n_layers * max_len)
+  return dict(chunk=per_token * (n_sparse * sparse_slots + (cfg.n_layers - n_sparse) * max_len),
+              dense=np.full_like(sparse_slots, per_token * cfg.n_layers * max_len))
 
 
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
@@ -261,11 +266,11 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   (first, cache, st), prefill_s = pre.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   (new, steps, st), decode_s = loop.timed(params, first, cache, st, key)
   steps = int(steps) - 1
-  nbytes = bytes_per_decode_step(params, ccfg, max_len, cache.k.dtype.itemsize)
-  B = len(lens)
+  nbytes = bytes_per_decode_step(params, ccfg, max_len, cache.k.dtype.itemsize,
+                                 np.asarray(st.read_slots) / max(steps, 1))
   extra = dict(kv_retention=np.asarray(st.retained) / max(steps, 1), n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
-               bytes_per_step=np.full(B, nbytes["chunk"]), dense_bytes_per_step=np.full(B, nbytes["dense"]))
+               bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
   return assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,
                          decode_s=decode_s, decode_steps=steps, extra_stats=extra)
 

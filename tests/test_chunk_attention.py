@@ -1,0 +1,91 @@
+"""Chunk-sparse decode attention against a dense masked reference, with forced selections.
+
+The reference builds the visible set the slow obvious way (a Python loop over the chunk table),
+then runs dense attention with that mask; the fast path packs the working buffer and reads it
+block by block. They must agree for any selection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chunkllm_jax import attention as attn
+from chunkllm_jax.chunk_attention import packed_decode_attention
+from chunkllm_jax.chunk_cache import append_chunks, compact, init_chunk_state, working_positions, working_size
+from chunkllm_jax.selection import ChunkConfig
+
+BLOCK = 16
+
+
+def make_table(rng, B, S, ccfg, lengths):
+  """Random chunk boundaries per row, appended the way decode appends them."""
+  st = init_chunk_state(1, 1, B, 4, 1, 8, jnp.float32, ccfg, working_size(ccfg, S, BLOCK))
+  ends = []
+  for b in range(B):
+    e, t = [], ccfg.n_sink - 1
+    while True:
+      t += int(rng.randint(1, ccfg.max_chunk_len + 1))
+      if t >= lengths[b] - 3:  # leave an open chunk at the end
+        break
+      e.append(t)
+    ends.append(e)
+  for step in range(max(len(e) for e in ends)):
+    closes = np.array([step < len(e) for e in ends])
+    pos = np.array([e[step] if step < len(e) else 0 for e in ends])
+    st = append_chunks(st, jnp.asarray(closes), jnp.asarray(pos, jnp.int32), jnp.zeros((1, B, 4)))
+  return st
+
+
+def reference_visible(st, selected, ccfg, pos):
+  """The visible positions of row b, from the definition: sinks, chosen, local, open chunk."""
+  B = len(pos)
+  mask = np.zeros((B, int(pos.max()) + 1), bool)
+  for b in range(B):
+    n = int(st.n_chunks[b])
+    mask[b, : ccfg.n_sink] = True
+    chosen = {int(c) for c in selected[b] if c >= 0} | set(range(max(n - ccfg.n_local, 0), n))
+    for c in chosen:
+      mask[b, int(st.chunk_start[b, c]): int(st.chunk_end[b, c]) + 1] = True
+    mask[b, int(st.open_start[b]): int(pos[b]) + 1] = True
+    mask[b, int(pos[b]) + 1:] = False
+  return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top_k, n_local, H, K", [(3, 1, 4, 2), (0, 2, 4, 4), (6, 0, 8, 2), (40, 2, 2, 1)])
+def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_k, n_local, H, K):
+  rng = np.random.RandomState(seed)
+  B, S, D = 3, 160, 8
+  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunk_len=12, max_chunks=40).validate(S, 1)
+  lengths = np.array([150, 90, 20])
+  st = make_table(rng, B, S, ccfg, lengths)
+  pos = lengths - 1
+  # A forced selection: random candidates (all but the local chunks), -1 padded.
+  sel = np.full((B, top_k), -1, np.int32)
+  for b in range(B):
+    cands = np.arange(max(int(st.n_chunks[b]) - n_local, 0))
+    pick = np.sort(rng.permutation(cands)[: rng.randint(0, min(top_k, len(cands)) + 1)])
+    sel[b, : len(pick)] = pick
+  k = jax.random.normal(jax.random.key(seed), (1, B, S, K, D))
+  v = jax.random.normal(jax.random.key(seed + 1), (1, B, S, K, D))
+  q = jax.random.normal(jax.random.key(seed + 2), (B, 1, H, D))
+  wpos, wvalid, used = working_positions(st, jnp.asarray(sel)[None], ccfg, st.work_pos.shape[-1])
+  wk, wv = compact(k, v, wpos, jnp.zeros((1,), jnp.int32))
+  M = ccfg.max_chunk_len
+  start = jnp.clip(st.open_start, 0, S - M)
+  open_pos = start[:, None] + jnp.arange(M)
+  take = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, M, 0))(x[0], start)
+  open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= jnp.asarray(pos)[:, None])
+  work_ok = wvalid[0] & (wpos[0] <= jnp.asarray(pos)[:, None])
+  n_blocks = -(-int(used.max()) // BLOCK)
+  got = packed_decode_attention(q, wk[0], wv[0], work_ok, n_blocks, take(k), take(v), open_ok,
+                                scale=D**-0.5, softcap=None, block=BLOCK)
+  vis = reference_visible(st, sel, ccfg, pos)
+  # Every visible token is in exactly one working or open slot.
+  for b in range(B):
+    slots = np.concatenate([np.asarray(wpos[0, b])[np.asarray(work_ok[b])], np.asarray(open_pos[b])[np.asarray(open_ok[b])]])
+    assert sorted(slots.tolist()) == np.flatnonzero(vis[b]).tolist()
+  mask = np.zeros((B, 1, S), bool)
+  mask[:, 0, : vis.shape[1]] = vis
+  want = attn.attend(q, k[0], v[0], jnp.asarray(mask), scale=D**-0.5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
