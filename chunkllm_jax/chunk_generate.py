@@ -23,6 +23,7 @@ import numpy as np
 from chunkllm_jax import adapters as adp
 from chunkllm_jax import attention as attn
 from chunkllm_jax import model
+from chunkllm_jax import chunk_kernels
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact, init_chunk_state, working_positions,
                                       working_size)
@@ -62,8 +63,15 @@ def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, work_slot_L, ccfg: ChunkConfig) -> ChunkState:
   sel = st.selected if ccfg.vote == "per_layer" else st.selected[None]
   pos, valid, used = working_positions(st, sel, ccfg, st.work_pos.shape[-1])
-  wk, wv = compact(cache.k, cache.v, pos, work_slot_L)
+  if _use_kernels(ccfg):
+    wk, wv = chunk_kernels.compact_kernel(cache.k, cache.v, pos, valid, work_slot_L, interpret=ccfg.interpret)
+  else:
+    wk, wv = compact(cache.k, cache.v, pos, work_slot_L)
   return st.replace(work_pos=pos, work_valid=valid, work_used=used, work_k=wk, work_v=wv)
+
+
+def _use_kernels(ccfg: ChunkConfig) -> bool:
+  return ccfg.attention == "pallas" and chunk_kernels.kernels_active(ccfg.interpret)
 
 
 def _reselect(st: ChunkState, closes_B, q_LBd, ccfg: ChunkConfig) -> ChunkState:
@@ -158,6 +166,10 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       v_open, _ = _recent(v_l, st.open_start, M)
       open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
       work_ok = st.work_valid[w] & (st.work_pos[w] <= pos_B[:, None])
+      if _use_kernels(ccfg):
+        return chunk_kernels.decode_attention_kernel(
+            q, st.work_k[idx], st.work_v[idx], work_ok, st.work_used[w], k_open, v_open, open_ok,
+            scale=cfg.attn_scale, block=WORK_BLOCK, interpret=ccfg.interpret)
       return packed_decode_attention(q, st.work_k[idx], st.work_v[idx], work_ok, n_blocks[w], k_open, v_open,
                                      open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap, block=WORK_BLOCK)
 
@@ -260,6 +272,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   prompts, lens = prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
   max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len)
   ccfg = ccfg.validate(max_len, cfg.n_layers)
+  if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
+    raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
   sampling = Sampling(float(temperature), int(top_k_tokens or 0), float(top_p))
   pre, loop = _programs(max_len, max_new_tokens, sampling, eos_ids, pad_id, ccfg)
   key = jax.random.key(seed)

@@ -29,6 +29,8 @@ class ChunkConfig:
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   vote: str = "sum"  # "sum": one selection for all layers; "per_layer": each layer its own
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
+  attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
+  interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
@@ -46,6 +48,8 @@ class ChunkConfig:
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
     if self.vote not in ("sum", "per_layer"):
       raise ValueError(f"vote must be 'sum' or 'per_layer', got {self.vote!r}")
+    if self.attention not in ("xla", "pallas"):
+      raise ValueError(f"attention must be 'xla' or 'pallas', got {self.attention!r}")
     if not 0.0 < self.alpha < 1.0:
       raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
     if any(not 0 <= i < n_layers for i in self.dense_layers):

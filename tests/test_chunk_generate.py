@@ -108,3 +108,16 @@ def test_missing_or_foreign_adapters_are_refused():
     chunk_generate(params.replace(adapters=foreign), [[1, 2]], max_new_tokens=2)
   with pytest.raises(ValueError, match="buffer's max_len=8"):
     chunk_generate(params, [[1] * 6], max_new_tokens=4, max_len=8)
+
+
+def test_pallas_path_gives_the_tokens_of_the_xla_path():
+  """The kernels (interpret mode) inside chunk_generate: compaction gather and decode attention."""
+  params = chunk_params()
+  rows = prompts([45, 20], seed=7)
+  kw = dict(max_new_tokens=8, eos_ids=(), max_len=128, top_k=2, n_local=1, max_chunk_len=8, max_chunks=64,
+            alpha=0.9, temperature=1.0, seed=5)  # sampled: tokens follow the logits closely
+  xla = chunk_generate(params, rows, **kw)
+  kernel = chunk_generate(params, rows, attention="pallas", interpret=True, **kw)
+  assert (xla.tokens == kernel.tokens).all()
+  np.testing.assert_allclose(xla.stats["kv_retention"], kernel.stats["kv_retention"])
+  assert xla.stats["kv_retention"][0] < 1.0  # the selection really was sparse

@@ -1,0 +1,48 @@
+"""The `pallas` attention path of chunk_generate: the same computation as the XLA path, through
+`pallas_kernels` (Mosaic on TPU; interpret mode in tests; their dispatchers pick XLA elsewhere).
+
+- Compaction: `gather_rows` copies each layer's working slots out of the KV buffer (one DMA per
+  token row on TPU).
+- Decode: `decode_partials` reads the working buffer's blocks up to each row's last used slot
+  (scalar-prefetched block ids, split-K), and the open chunk as one more block; the partial
+  results merge by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.chunk_decode_attention import combine_splits, decode_partials
+from pallas_kernels.dispatch import use_kernel
+from pallas_kernels.gather_chunks import gather_rows
+
+
+def kernels_active(interpret: bool) -> bool:
+  return use_kernel(interpret)
+
+
+def compact_kernel(k_LBSKD, v_LBSKD, work_pos_SBW, work_valid_SBW, layer_slot, *, interpret: bool):
+  """As `chunk_cache.compact`, one gather kernel call per layer. Unused slots come out as zeros."""
+  ks, vs = [], []
+  for layer, slot in enumerate(layer_slot):
+    src = jnp.where(work_valid_SBW[slot], work_pos_SBW[slot], -1)
+    k, v = gather_rows(k_LBSKD[layer], v_LBSKD[layer], src, interpret=interpret)
+    ks.append(k)
+    vs.append(v)
+  return jnp.stack(ks), jnp.stack(vs)
+
+
+def decode_attention_kernel(q_B1HD, work_k_BWKD, work_v_BWKD, work_ok_BW, used_B, open_k_BMKD, open_v_BMKD,
+                            open_ok_BM, *, scale: float, block: int, interpret: bool):
+  """As `chunk_attention.packed_decode_attention`, through the decode kernel. Returns [B, 1, H, D]."""
+  B, _, H, D = q_B1HD.shape
+  W, M = work_k_BWKD.shape[1], open_k_BMKD.shape[1]
+  q = q_B1HD[:, 0]
+  n_ids = W // block
+  ids = jnp.broadcast_to(jnp.arange(n_ids, dtype=jnp.int32), (B, n_ids))
+  work = decode_partials(q, work_k_BWKD, work_v_BWKD, ids, -(-used_B // block), work_ok_BW, scale=scale,
+                         block_size=block, n_splits=2, interpret=interpret)
+  opened = decode_partials(q, open_k_BMKD, open_v_BMKD, jnp.zeros((B, 1), jnp.int32), jnp.ones((B,), jnp.int32),
+                           open_ok_BM, scale=scale, block_size=M, n_splits=1, interpret=interpret)
+  parts = [jnp.concatenate([a, b], axis=1) for a, b in zip(work, opened)]
+  return combine_splits(*parts).astype(q_B1HD.dtype)[:, None]
