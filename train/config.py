@@ -1,0 +1,110 @@
+"""`TrainConfig`: every knob of `python -m train.run`, one frozen dataclass, with presets per model.
+
+Every field is a command-line flag of the same name (`--seq_len 2048`); a preset (`--preset
+smollm2-135m`) only changes the defaults the flags start from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  # Backbone: a registered name, an HF dir or a .gguf file, or "random-tiny" (tests: a tiny random
+  # Llama whose vocabulary is the tokenizer's).
+  model: str = "smollm2-135m"
+  tokenizer: str = ""  # where the tokenizer comes from; "" -> the model's own
+  dtype: str = "float32"  # of the frozen backbone; adapters and optimizer state are float32
+  # Data: text files (documents are blank-line separated), or a TFDS text dataset by name.
+  data: tuple[str, ...] = ()
+  tfds_name: str = ""  # e.g. "pg19": any TFDS dataset with a text feature (needs network)
+  tfds_text_key: str = "text"
+  data_dir: str = ""  # where the packed dataset is built; "" -> <workdir>/data
+  eval_fraction: float = 0.05  # documents held out for eval (text files)
+  seq_len: int = 2048
+  batch_size: int = 2  # global, over all processes
+  # Optimisation: AdamW on the adapters only, warmup then cosine decay, global-norm clipping.
+  steps: int = 200
+  lr: float = 1e-3
+  warmup_steps: int = 20
+  end_lr_ratio: float = 0.1
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  seed: int = 0
+  # Adapters and loss (see AdapterConfig and train.losses.LossConfig).
+  d_c: int = 64
+  kl_weight: float = 1.0
+  n_sink: int = 4
+  max_chunk_len: int = 64
+  max_chunks: int = 512
+  recall_k: int = 16
+  block_q: int = 256
+  block_k: int = 512
+  # Mesh: data x model; mesh_data 0 -> every device left after mesh_model.
+  mesh_data: int = 0
+  mesh_model: int = 1
+  # Bookkeeping.
+  workdir: str = "runs/chunkllm"
+  log_every: int = 1
+  eval_every: int = 50  # 0: no eval
+  eval_batches: int = 4
+  checkpoint_every: int = 50  # 0: no checkpoints
+  max_to_keep: int = 3
+  export: str = ""  # after training, write an adapters-only export here
+  progress: bool = True  # tqdm bar
+
+  def replace(self, **kw) -> "TrainConfig":
+    return dataclasses.replace(self, **kw)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # ~40 minutes on 2 CPU cores; seq_len 2048 gives ~80 sentence chunks per sequence.
+    "smollm2-135m": TrainConfig(model="smollm2-135m", seq_len=2048, batch_size=1, steps=200, lr=1e-3,
+                                warmup_steps=20, max_chunks=256, eval_every=50, eval_batches=4),
+    "gemma3-270m": TrainConfig(model="gemma3-270m", seq_len=4096, batch_size=8, steps=2000, lr=1e-3,
+                               warmup_steps=100, max_chunks=512),
+    # Tests: seconds per run.
+    "tiny": TrainConfig(model="random-tiny", tokenizer="smollm2-135m", seq_len=64, batch_size=4, steps=6,
+                        lr=1e-2, warmup_steps=2, max_chunks=16, max_chunk_len=16, recall_k=2, block_q=32,
+                        block_k=32, d_c=8, eval_every=3, eval_batches=1, checkpoint_every=2,
+                        log_every=1, progress=False),
+}
+
+
+def _field_type(f: dataclasses.Field):
+  hints = typing.get_type_hints(TrainConfig)
+  return hints[f.name]
+
+
+def _bool(s: str) -> bool:
+  if s.lower() in ("1", "true", "yes", "on"):
+    return True
+  if s.lower() in ("0", "false", "no", "off"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """One flag per TrainConfig field, defaults left unset so a preset can fill them."""
+  for f in dataclasses.fields(TrainConfig):
+    t = _field_type(f)
+    if t == tuple[str, ...]:
+      parser.add_argument(f"--{f.name}", nargs="+", default=None, metavar="PATH")
+    elif t is bool:
+      parser.add_argument(f"--{f.name}", type=_bool, default=None, metavar="BOOL")
+    else:
+      parser.add_argument(f"--{f.name}", type=t, default=None)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+  if args.preset not in PRESETS:
+    raise SystemExit(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
+  base = PRESETS[args.preset]
+  given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+           if getattr(args, f.name, None) is not None}
+  if "data" in given:
+    given["data"] = tuple(given["data"])
+  return base.replace(**given)
