@@ -1,0 +1,42 @@
+"""The frozen model a run trains adapters for: a real one by name or path, or a tiny random one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+import chunkllm_jax as cj
+from chunkllm_jax import registry, weights
+
+RANDOM_TINY = "random-tiny"
+# A 2-layer Llama: seconds per train step, for tests and smoke runs.
+TINY_SIZES = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+
+
+class Backbone(NamedTuple):
+  name: str  # what exports record: a registered name, a path, or "random-tiny"
+  config: cj.ModelConfig
+  params: cj.ModelParams
+  tokenizer: Any
+
+
+def load_tokenizer(name_or_path: str):
+  """Only the tokenizer of a model (no weights read)."""
+  path = registry.resolve(name_or_path) if name_or_path in registry.REGISTRY else Path(name_or_path)
+  if path.suffix == ".gguf":
+    return weights.load_tokenizer((str(path.parent), path.name))
+  return weights.load_tokenizer((str(path), None))
+
+
+def load(model: str, tokenizer: str = "", dtype: str = "float32", seed: int = 0) -> Backbone:
+  if model == RANDOM_TINY:
+    if not tokenizer:
+      raise ValueError(f"--model {RANDOM_TINY} needs --tokenizer (e.g. smollm2-135m)")
+    tok = load_tokenizer(tokenizer)
+    cfg = cj.ModelConfig(arch="llama", vocab_size=len(tok), eos_ids=(tok.eos_token_id or 0,), **TINY_SIZES)
+    params = cj.init_backbone(jax.random.key(seed), cfg, dtype=dtype)
+    return Backbone(RANDOM_TINY, cfg, params, tok)
+  m = cj.load(model, dtype=dtype, tokenizer=not tokenizer)
+  return Backbone(model, m.config, m.params, load_tokenizer(tokenizer) if tokenizer else m.tokenizer)
