@@ -30,6 +30,7 @@ from chunkllm_jax import model
 from chunkllm_jax.attention import NEG_INF, visible
 from chunkllm_jax.config import ModelConfig
 from chunkllm_jax.params import ModelParams
+from pallas_kernels.distill_attention import distill_attention
 
 
 class TeacherOutputs(NamedTuple):
@@ -144,7 +145,7 @@ def renormalise(mass_BTC, candidate_BTC):
 
 
 def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[int, ...], max_chunks: int, *,
-                      block_q: int, block_k: int):
+                      block_q: int, block_k: int, attention: str = "xla", n_sink: int = 0, interpret=False):
   """An `attend_fn` for `model.run_layers` (inputs padded to a multiple of both block sizes).
 
   The state is a dict: `P` [n_qk, B, T, C] and `h` [n_qk, B, T, D], written at the QK layers'
@@ -157,16 +158,28 @@ def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[
   candidate_BTC = boundaries.candidate_mask(chunk_id_BT, max_chunks) & valid_BT[..., None]
   kw = dict(block_q=block_q, block_k=block_k)
 
+  # The distillation kernel's convention: sinks join chunk 0 (it drops positions < n_sink itself).
+  kernel_chunk_id = jnp.where(valid_BT, jnp.maximum(chunk_id_BT, 0), boundaries.NO_CHUNK)
+
   def attend_fn(state, layer, q, k, v, h):
-    out, lse = flash_attention(cfg, q, k, v, valid_BT, layer["window"], **kw)
     slot = slot_of_layer[layer["index"]]
 
-    def record(st):
-      mass = chunk_mass(cfg, q, k, lse, valid_BT, layer["window"], chunk_id_BT, max_chunks, **kw)
-      P = renormalise(mass, candidate_BTC)
-      return dict(st, P=st["P"].at[slot].set(P), h=st["h"].at[slot].set(h))
+    def plain(st):
+      out, _ = flash_attention(cfg, q, k, v, valid_BT, layer["window"], **kw)
+      return out, st
 
-    state = jax.lax.cond(slot >= 0, record, lambda st: st, state)
+    def record(st):
+      if attention == "pallas":  # QK layers are full-attention layers: no window to apply
+        out, P = distill_attention(q, k, v, kernel_chunk_id, scale=cfg.attn_scale, max_chunks=max_chunks,
+                                   n_sink=n_sink, softcap=cfg.attn_softcap, interpret=interpret, **kw)
+        P = renormalise(P, candidate_BTC)
+      else:
+        out, lse = flash_attention(cfg, q, k, v, valid_BT, layer["window"], **kw)
+        P = renormalise(chunk_mass(cfg, q, k, lse, valid_BT, layer["window"], chunk_id_BT, max_chunks, **kw),
+                        candidate_BTC)
+      return out, dict(st, P=st["P"].at[slot].set(P), h=st["h"].at[slot].set(h))
+
+    out, state = jax.lax.cond(slot >= 0, record, plain, state)
     state = dict(state, o0=jnp.where(layer["index"] == 0, out, state["o0"]))
     return out, state, None
 
@@ -181,7 +194,8 @@ def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[
 
 def teacher_chunk_attention(params: ModelParams, tokens_BT, chunk_id_BT, *, max_chunks: int,
                             qk_layers: tuple[int, ...] | None = None, lengths_B=None,
-                            block_q: int = 256, block_k: int = 512) -> TeacherOutputs:
+                            block_q: int = 256, block_k: int = 512, attention: str = "xla",
+                            n_sink: int | None = None, interpret=False) -> TeacherOutputs:
   """Runs the frozen model once and returns the teacher P of every QK-adapter layer (see module doc).
 
   Args:
@@ -193,7 +207,12 @@ def teacher_chunk_attention(params: ModelParams, tokens_BT, chunk_id_BT, *, max_
       adapters, else the model's full-attention layers.
     lengths_B: valid tokens per row (default: all).
     block_q, block_k: query and key block sizes (memory: one [B, H, block_q, block_k] tile).
+    attention: "xla", or "pallas" for the distillation kernel on the QK layers (Mosaic on TPU;
+      `interpret=True` runs it in interpret mode; elsewhere its dispatcher runs the jnp reference).
+    n_sink: sinks at the start of every row (chunk id -1), for the kernel; derived when not traced.
   """
+  if attention not in ("xla", "pallas"):
+    raise ValueError(f"attention must be 'xla' or 'pallas', got {attention!r}")
   cfg = params.config
   if qk_layers is None:
     qk_layers = params.adapters.config.qk_layers if params.adapters is not None else cfg.full_attention_layers
@@ -217,8 +236,13 @@ def teacher_chunk_attention(params: ModelParams, tokens_BT, chunk_id_BT, *, max_
   chunk_id = jnp.where(valid, chunk_id, boundaries.NO_CHUNK)
 
   positions = jnp.broadcast_to(jnp.arange(T_pad, dtype=jnp.int32), (B, T_pad))
-  attend_fn, init_state = teacher_attend_fn(cfg, valid, chunk_id, qk_layers, max_chunks,
-                                            block_q=block_q, block_k=block_k)
+  if attention == "pallas" and n_sink is None:
+    if isinstance(chunk_id_BT, jax.core.Tracer):
+      raise ValueError("attention='pallas' under jit needs n_sink (the leading tokens with no chunk)")
+    n_sink = int(np.argmax(np.asarray(chunk_id_BT)[0] >= 0))
+  attend_fn, init_state = teacher_attend_fn(cfg, valid, chunk_id, qk_layers, max_chunks, block_q=block_q,
+                                            block_k=block_k, attention=attention, n_sink=n_sink,
+                                            interpret=interpret)
   x0 = model.embed(params, tokens)
   hidden, state, _ = model.run_layers(params, x0, positions, attend_fn, init_state(x0.dtype))
   layer0 = jax.tree.map(lambda w: w[0], params.backbone["layers"])

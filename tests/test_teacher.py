@@ -125,3 +125,25 @@ def test_teacher_refuses_sliding_layers():
   with pytest.raises(ValueError, match="sliding"):
     teacher.teacher_chunk_attention(params, jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32),
                                     max_chunks=4, qk_layers=(0, 1))
+
+
+def test_pallas_teacher_equals_xla_teacher():
+  """The distillation kernel (interpret mode) in place of the XLA teacher on the QK layers."""
+  import chunkllm_jax as cj
+  from chunkllm_jax import boundaries, teacher
+
+  cfg = cj.ModelConfig(arch="gemma3", vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
+                       d_ff=64, qk_norm=True, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,
+                       sandwich_norm=True, sliding_window=16, layer_sliding=(True, False, False),
+                       local_rope_theta=10000.0, tie_embeddings=True)
+  params = cj.init_backbone(jax.random.key(0), cfg)
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(0, 96, (2, 256))
+  labels = (rng.rand(2, 256) < 0.1).astype(np.int8)
+  chunk_id = boundaries.chunks_from_labels(labels, n_sink=4, max_chunk_len=32)
+  kw = dict(max_chunks=48, lengths_B=np.array([256, 200]), block_q=128, block_k=128)
+  ref = teacher.teacher_chunk_attention(params, tokens, chunk_id, **kw)
+  got = teacher.teacher_chunk_attention(params, tokens, chunk_id, attention="pallas", interpret=True, **kw)
+  np.testing.assert_allclose(got.P_LBTC, ref.P_LBTC, atol=1e-5)
+  np.testing.assert_allclose(got.hidden_BTD[0], ref.hidden_BTD[0], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(ref.P_LBTC).sum()) > 0
