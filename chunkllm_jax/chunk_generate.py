@@ -23,6 +23,7 @@ import numpy as np
 from chunkllm_jax import adapters as adp
 from chunkllm_jax import attention as attn
 from chunkllm_jax import model
+from chunkllm_jax import sharding as shd
 from chunkllm_jax import chunk_kernels
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact, init_chunk_state, working_positions,
@@ -254,13 +255,15 @@ def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, max_len: int, 
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
                    temperature: float = 0.0, top_k_tokens: int = 0, top_p: float = 1.0, seed: int = 0,
                    eos_ids=None, pad_id=None, max_len: int | None = None, chunk_config: ChunkConfig | None = None,
-                   **chunk_fields):
+                   mesh=None, **chunk_fields):
   """ChunkLLM generation. `params` must carry adapters (`with_adapters`).
 
   Any `ChunkConfig` field can be given by keyword (`top_k=32, n_local=4, ...`); `top_k` is the
   number of selected chunks (the sampling top-k is `top_k_tokens`). Returns a `GenerateOutput`
   whose stats add per row: kv_retention, n_chunks, n_selections, chunk_overflow, and the K/V
-  bytes read per decode step by this design and by dense attention.
+  bytes read per decode step by this design and by dense attention. With `mesh`, the backbone
+  and the batch are placed by `sharding.LOGICAL_TO_MESH` (adapters replicated), and the compiled
+  programs follow those placements.
   """
   if params.adapters is None:
     raise ValueError("chunk_generate needs adapters: params = cj.with_adapters(params, cj.load_adapters(...))")
@@ -277,7 +280,13 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   sampling = Sampling(float(temperature), int(top_k_tokens or 0), float(top_p))
   pre, loop = _programs(max_len, max_new_tokens, sampling, eos_ids, pad_id, ccfg)
   key = jax.random.key(seed)
-  (first, cache, st), prefill_s = pre.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
+  prompts_dev, lens_dev = jnp.asarray(prompts), jnp.asarray(lens)
+  if mesh is not None:
+    params = jax.device_put(params, shd.params_sharding(params, mesh))
+    prompts_dev = jax.device_put(prompts_dev, shd.batch_sharding(mesh, prompts.shape))
+    lens_dev = jax.device_put(lens_dev, shd.batch_sharding(mesh, lens.shape))
+    key = jax.device_put(key, shd.replicated(mesh))
+  (first, cache, st), prefill_s = pre.timed(params, prompts_dev, lens_dev, key)
   (new, steps, st), decode_s = loop.timed(params, first, cache, st, key)
   steps = int(steps) - 1
   nbytes = bytes_per_decode_step(params, ccfg, max_len, cache.k.dtype.itemsize,

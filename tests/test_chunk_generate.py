@@ -121,3 +121,15 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
   assert (xla.tokens == kernel.tokens).all()
   np.testing.assert_allclose(xla.stats["kv_retention"], kernel.stats["kv_retention"])
   assert xla.stats["kv_retention"][0] < 1.0  # the selection really was sparse
+
+
+@pytest.mark.parametrize("data, model", [(8, 1), (2, 4)])
+def test_sharded_equals_unsharded(data, model):
+  params = chunk_params(n_heads=8, n_kv_heads=4, head_dim=4)
+  rows = prompts([30, 12, 25, 7, 19, 3, 28, 16], seed=8)
+  kw = dict(max_new_tokens=10, eos_ids=(), max_len=128, top_k=3, n_local=1, max_chunk_len=8, max_chunks=64,
+            temperature=1.0, seed=2)
+  a = chunk_generate(params, rows, **kw)
+  b = chunk_generate(params, rows, mesh=cj.make_mesh(data=data, model=model), **kw)
+  assert (a.tokens == b.tokens).all()
+  np.testing.assert_allclose(a.stats["kv_retention"], b.stats["kv_retention"], rtol=1e-6)
