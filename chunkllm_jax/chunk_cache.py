@@ -38,7 +38,7 @@ class ChunkState:
   work_used: jnp.ndarray  # [Lw, B] int32: slots in use (sinks + packed chunks)
   work_k: jnp.ndarray  # [L, B, W, H_kv, D]
   work_v: jnp.ndarray  # [L, B, W, H_kv, D]
-  n_selections: jnp.ndarray  # [B] int32: boundaries that re-selected
+  n_selections: jnp.ndarray  # [B] int32: re-selections (boundaries, and refreshes if enabled)
   retained: jnp.ndarray  # [B] float32: sum over decode steps of (visible / seen)
   read_slots: jnp.ndarray  # [B] float32: sum over decode steps of K/V slots a sparse layer read
   overflow: jnp.ndarray  # [B] bool: a chunk was dropped because the table was full

@@ -195,12 +195,18 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   p = jax.nn.sigmoid(_boundary_logits(params, x0, o0)[:, 0])
   closes = (pos_B >= ccfg.n_sink) & ((p > ccfg.alpha) | (pos_B - st.open_start + 1 >= ccfg.max_chunk_len))
 
+  # Optional refresh inside a long chunk: every `refresh_every` tokens of the open chunk.
+  into_chunk = pos_B - st.open_start + 1
+  refresh = ~closes & (pos_B >= ccfg.n_sink) & (ccfg.refresh_every > 0) & (
+      into_chunk % max(ccfg.refresh_every, 1) == 0)
+  reselect = closes | refresh
+
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, k_LBd[qk_layers])
-    st = _reselect(st, closes, q_LBd[qk_layers], ccfg)
+    st = _reselect(st, reselect, q_LBd[qk_layers], ccfg)
     return _refresh_working_buffer(st, cache, work_slot_L, ccfg)
 
-  st = jax.lax.cond(jnp.any(closes), on_boundary, lambda s: s, st)
+  st = jax.lax.cond(jnp.any(reselect), on_boundary, lambda s: s, st)
   return logits, cache, st
 
 

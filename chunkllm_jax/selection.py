@@ -29,6 +29,7 @@ class ChunkConfig:
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   vote: str = "sum"  # "sum": one selection for all layers; "per_layer": each layer its own
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
+  refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
 
@@ -48,6 +49,8 @@ class ChunkConfig:
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
     if self.vote not in ("sum", "per_layer"):
       raise ValueError(f"vote must be 'sum' or 'per_layer', got {self.vote!r}")
+    if self.refresh_every < 0:
+      raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
       raise ValueError(f"attention must be 'xla' or 'pallas', got {self.attention!r}")
     if not 0.0 < self.alpha < 1.0:

@@ -133,3 +133,14 @@ def test_sharded_equals_unsharded(data, model):
   b = chunk_generate(params, rows, mesh=cj.make_mesh(data=data, model=model), **kw)
   assert (a.tokens == b.tokens).all()
   np.testing.assert_allclose(a.stats["kv_retention"], b.stats["kv_retention"], rtol=1e-6)
+
+
+def test_refresh_every_reselects_inside_long_chunks():
+  params = chunk_params()
+  rows = prompts([40], seed=9)
+  kw = dict(max_new_tokens=24, eos_ids=(), max_len=128, top_k=2, n_local=1, max_chunk_len=64, max_chunks=64,
+            alpha=0.999999)  # no boundary at all: only refreshes can re-select
+  plain = chunk_generate(params, rows, **kw)
+  refreshed = chunk_generate(params, rows, refresh_every=5, **kw)
+  assert plain.stats["n_selections"][0] == 1  # the prompt's last token only
+  assert refreshed.stats["n_selections"][0] > 1 + 24 // 5 - 2
