@@ -1,24 +1,25 @@
 """The `pallas` attention path of chunk_generate: the same computation as the XLA path, through
-`pallas_kernels` (Mosaic on TPU; interpret mode in tests; their dispatchers pick XLA elsewhere).
+`pallas_kernels` (Mosaic on TPU; interpret mode in tests; their dispatchers pick XLA elsewhere,
+except the decode kernel, which has a Triton version for GPU).
 
 - Compaction: `gather_rows` copies each layer's working slots out of the KV buffer (one DMA per
   token row on TPU).
-- Decode: `decode_partials` reads the working buffer's blocks up to each row's last used slot
-  (scalar-prefetched block ids, split-K), and the open chunk as one more block; the partial
-  results merge by log-sum-exp.
+- Decode: `partials` (`decode_partials`, or its Triton version on GPU) reads the working buffer's
+  blocks up to each row's last used slot (block ids, split-K), and the open chunk as one more
+  block; the partial results merge by log-sum-exp.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_decode_attention import combine_splits, decode_partials
-from pallas_kernels.dispatch import use_kernel
+from pallas_kernels.chunk_decode_attention import combine_splits, partials
+from pallas_kernels.dispatch import use_gpu_kernel, use_kernel
 from pallas_kernels.gather_chunks import gather_rows
 
 
 def kernels_active(interpret: bool) -> bool:
-  return use_kernel(interpret)
+  return use_kernel(interpret) or use_gpu_kernel()
 
 
 def compact_kernel(k_LBSKD, v_LBSKD, work_pos_SBW, work_valid_SBW, layer_slot, *, interpret: bool):
@@ -40,9 +41,9 @@ def decode_attention_kernel(q_B1HD, work_k_BWKD, work_v_BWKD, work_ok_BW, used_B
   q = q_B1HD[:, 0]
   n_ids = W // block
   ids = jnp.broadcast_to(jnp.arange(n_ids, dtype=jnp.int32), (B, n_ids))
-  work = decode_partials(q, work_k_BWKD, work_v_BWKD, ids, -(-used_B // block), work_ok_BW, scale=scale,
-                         block_size=block, n_splits=2, interpret=interpret)
-  opened = decode_partials(q, open_k_BMKD, open_v_BMKD, jnp.zeros((B, 1), jnp.int32), jnp.ones((B,), jnp.int32),
-                           open_ok_BM, scale=scale, block_size=M, n_splits=1, interpret=interpret)
+  work = partials(q, work_k_BWKD, work_v_BWKD, ids, -(-used_B // block), work_ok_BW, scale=scale,
+                  block_size=block, n_splits=2, interpret=interpret)
+  opened = partials(q, open_k_BMKD, open_v_BMKD, jnp.zeros((B, 1), jnp.int32), jnp.ones((B,), jnp.int32),
+                    open_ok_BM, scale=scale, block_size=M, n_splits=1, interpret=interpret)
   parts = [jnp.concatenate([a, b], axis=1) for a, b in zip(work, opened)]
   return combine_splits(*parts).astype(q_B1HD.dtype)[:, None]

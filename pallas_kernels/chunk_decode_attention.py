@@ -11,6 +11,9 @@ part gives a partial (acc, max, sum); `combine_splits` merges them by log-sum-ex
 visible token returns zeros.
 
 GQA: head h reads kv head h // (H / K). A KV block is fetched once for all of its heads.
+
+On GPU the dispatchers (`chunk_decode_attention`, `partials`) run the Triton version,
+`chunk_decode_attention_gpu`, which gives the same partials.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, use_kernel
+from pallas_kernels.dispatch import NEG_INF, use_gpu_kernel, use_kernel
 
 
 def decode_block_list(token_mask_BS, *, block_size: int, max_blocks: int | None = None):
@@ -177,9 +180,30 @@ def chunk_decode_attention_kernel(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_
   return combine_splits(*parts).astype(q_BHD.dtype)
 
 
+def partials(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, *, scale: float,
+             block_size: int, n_splits: int = 2, interpret=False, backend: str | None = None):
+  """Dispatcher for the partials: the GPU kernel on GPU (or `backend="gpu"`), else
+  `decode_partials`."""
+  if use_gpu_kernel(backend):
+    # imported here: the GPU module imports this one
+    from pallas_kernels.chunk_decode_attention_gpu import decode_partials_gpu
+    return decode_partials_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS,
+                               scale=scale, block_size=block_size, n_splits=n_splits,
+                               interpret=interpret)
+  return decode_partials(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS,
+                         scale=scale, block_size=block_size, n_splits=n_splits, interpret=interpret)
+
+
 def chunk_decode_attention(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, *,
-                           scale: float, block_size: int, n_splits: int = 2, interpret=False):
-  """Dispatcher: the Pallas kernel on TPU or in interpret mode, else the jnp reference."""
+                           scale: float, block_size: int, n_splits: int = 2, interpret=False,
+                           backend: str | None = None):
+  """Dispatcher: the GPU kernel on GPU (or `backend="gpu"`), the Pallas kernel on TPU or in
+  interpret mode, else the jnp reference."""
+  if use_gpu_kernel(backend):
+    from pallas_kernels.chunk_decode_attention_gpu import chunk_decode_attention_gpu
+    return chunk_decode_attention_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B,
+                                      token_mask_BS, scale=scale, block_size=block_size,
+                                      n_splits=n_splits, interpret=interpret)
   if use_kernel(interpret):
     return chunk_decode_attention_kernel(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B,
                                          token_mask_BS, scale=scale, block_size=block_size,

@@ -1,21 +1,25 @@
 """Which implementation of a kernel runs where, and the masking constant the kernels share.
 
+- GPU backend, or `backend="gpu"` (with `interpret` set, to test it on CPU): the kernel's GPU
+  version where it has one (`chunk_decode_attention_gpu`), lowered through Triton.
 - `interpret` set (True, or a `pltpu.InterpretParams` for the TPU simulator): the Pallas kernel
   in interpret mode. Tests only.
 - TPU: the Pallas kernel, compiled by Mosaic.
-- CPU and GPU: the jnp reference, compiled by XLA.
+- CPU, and GPU for the kernels without a GPU version: the jnp reference, compiled by XLA.
 
-Why GPU takes the XLA path for now (read from jax 0.10.2's source):
-- `pl.pallas_call` on GPU lowers to Mosaic GPU by default (`jax_pallas_use_mosaic_gpu` defaults
-  to True), and that path warns "Using pl.pallas_call for Mosaic GPU kernels is deprecated ...
-  migrate to plgpu.kernel". Mosaic GPU kernels (`plgpu.kernel`, as in
-  `ops/gpu/attention_mgpu.py`) are written per warpgroup with TMA copies and barriers: a
-  separate program from these TPU-style kernels, not a port of them.
-- The Triton path still exists (`compiler_params=pltriton.CompilerParams()`, used by
-  `ops/gpu/decode_attention.py`), but it has no scalar prefetch, so the block lists could not
-  drive the BlockSpecs.
-- No GPU was available to compile or check such a kernel, and an unchecked kernel would be
-  fake support.
+Why the GPU kernels are Triton-lowered `pl.pallas_call`s (read from jax 0.10.2's source):
+- `pl.pallas_call` with `compiler_params=pltriton.CompilerParams()` picks the Triton backend, is
+  current, and warns nothing (`ops/gpu/decode_attention.py` is written so). Without compiler
+  params it lowers to Mosaic GPU (`jax_pallas_use_mosaic_gpu` defaults to True) and warns
+  "Using ``pl.pallas_call`` for Mosaic GPU kernels is deprecated ... Please migrate to
+  ``plgpu.kernel``".
+- `interpret=True` runs a Triton-style `pallas_call` on CPU, so the GPU kernels are tested
+  without a GPU. `plgpu.kernel` needs the Mosaic GPU simulator (`InterpretGPUParams`), which jax
+  exports from `_src` only. Its kernels are warpgroup programs ("warpgroups on Hopper and
+  Blackwell GPUs"; TMA copies, barriers, WGMMA in `ops/gpu/attention_mgpu.py`), and Mosaic GPU
+  refuses ROCm ("Use ``compiler_params=pltriton.CompilerParams()`` for ROCm").
+- Triton has no scalar prefetch, so a GPU kernel reads its block lists as ordinary int32 inputs
+  and slices K/V with `pl.ds` inside the kernel instead of through BlockSpec index maps.
 """
 
 from __future__ import annotations
@@ -28,3 +32,8 @@ NEG_INF = -1e30  # as chunkllm_jax.attention: finite, so exp(NEG_INF - NEG_INF) 
 def use_kernel(interpret) -> bool:
   """True where the Pallas kernel runs: interpret mode asked for, or a TPU backend."""
   return bool(interpret) or jax.default_backend() == "tpu"
+
+
+def use_gpu_kernel(backend: str | None = None) -> bool:
+  """True where a kernel's GPU version runs: `backend="gpu"`, or no backend named on a GPU."""
+  return (backend or jax.default_backend()) == "gpu"
