@@ -20,14 +20,15 @@ def _scores(q_BKGD, k_BSKD, ok_BS, scale, softcap):
   return jnp.where(ok_BS[:, None, None], s, NEG_INF)
 
 
-def packed_decode_attention(q_B1HD, work_k_BWKD, work_v_BWKD, work_ok_BW, n_blocks, open_k_BMKD, open_v_BMKD,
-                            open_ok_BM, *, scale: float, softcap: float | None, block: int):
-  """One query per row over (open chunk) + (working buffer blocks [0, n_blocks)). Returns [B, 1, H, D].
+def packed_decode_attention(q_B1HD, work_k_LBWKD, work_v_LBWKD, layer, work_ok_BW, n_blocks, open_k_BMKD,
+                            open_v_BMKD, open_ok_BM, *, scale: float, softcap: float | None, block: int):
+  """One query per row over (open chunk) + (layer `layer`'s working blocks [0, n_blocks)). [B, 1, H, D].
 
+  Blocks are sliced straight out of the stacked working buffer, so unused slots are never read.
   The open chunk always holds the query's own token, so the softmax is never empty.
   """
   B, _, H, D = q_B1HD.shape
-  K = work_k_BWKD.shape[2]
+  K = work_k_LBWKD.shape[3]
   q = q_B1HD.reshape(B, K, H // K, D)
   s = _scores(q, open_k_BMKD, open_ok_BM, scale, softcap)
   m = jnp.max(s, axis=-1)
@@ -38,8 +39,8 @@ def packed_decode_attention(q_B1HD, work_k_BWKD, work_v_BWKD, work_ok_BW, n_bloc
   def body(i, carry):
     m, l, acc = carry
     start = i * block
-    kb = jax.lax.dynamic_slice_in_dim(work_k_BWKD, start, block, axis=1)
-    vb = jax.lax.dynamic_slice_in_dim(work_v_BWKD, start, block, axis=1)
+    kb = jax.lax.dynamic_slice(work_k_LBWKD, (layer, 0, start, 0, 0), (1, B, block, K, D))[0]
+    vb = jax.lax.dynamic_slice(work_v_LBWKD, (layer, 0, start, 0, 0), (1, B, block, K, D))[0]
     ok = jax.lax.dynamic_slice_in_dim(work_ok_BW, start, block, axis=1)
     s = _scores(q, kb, ok, scale, softcap)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))

@@ -136,10 +136,14 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   return logits, cache, _refresh_working_buffer(st, cache, work_slot_L, ccfg)
 
 
-def _recent(buf_BSKD, start_B, size: int):
-  """Per-row window [start, start + size) of one layer's buffer (start clamped to fit)."""
-  start = jnp.clip(start_B, 0, buf_BSKD.shape[1] - size)
-  win = jax.vmap(lambda b, s: jax.lax.dynamic_slice_in_dim(b, s, size, axis=0))(buf_BSKD, start)
+def _recent(buf_LBSKD, layer, start_B, size: int):
+  """Per-row window [start, start + size) of one layer (start clamped to fit): [B, size, K, D].
+
+  Sliced straight out of the stacked buffer, so nothing but the window is read."""
+  _, B, S, K, D = buf_LBSKD.shape
+  start = jnp.clip(start_B, 0, S - size)
+  win = jax.vmap(lambda b, s: jax.lax.dynamic_slice(buf_LBSKD, (layer, b, s, 0, 0), (1, 1, size, K, D))[0, 0])(
+      jnp.arange(B), start)
   return win, start[:, None] + jnp.arange(size)
 
 
@@ -155,23 +159,22 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     kb, vb, o0 = state
     idx = layer["index"]
     kb, vb = write_token(kb, idx, pos_B, k[:, 0]), write_token(vb, idx, pos_B, v[:, 0])
-    k_l, v_l = kb[idx], vb[idx]
 
     def dense():
       mask = attn.visible(pos_B[:, None], key_pos_BS, key_pos_BS <= pos_B[:, None], layer["window"])
-      return attn.attend(q, k_l, v_l, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+      return attn.attend(q, kb[idx], vb[idx], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
 
     def sparse():
       w = work_slot_L[idx]
-      k_open, open_pos = _recent(k_l, st.open_start, M)
-      v_open, _ = _recent(v_l, st.open_start, M)
+      k_open, open_pos = _recent(kb, idx, st.open_start, M)
+      v_open, _ = _recent(vb, idx, st.open_start, M)
       open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
       work_ok = st.work_valid[w] & (st.work_pos[w] <= pos_B[:, None])
       if _use_kernels(ccfg):
         return chunk_kernels.decode_attention_kernel(
             q, st.work_k[idx], st.work_v[idx], work_ok, st.work_used[w], k_open, v_open, open_ok,
             scale=cfg.attn_scale, block=WORK_BLOCK, interpret=ccfg.interpret)
-      return packed_decode_attention(q, st.work_k[idx], st.work_v[idx], work_ok, n_blocks[w], k_open, v_open,
+      return packed_decode_attention(q, st.work_k, st.work_v, idx, work_ok, n_blocks[w], k_open, v_open,
                                      open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap, block=WORK_BLOCK)
 
     o = jax.lax.cond(sparse_L[idx], sparse, dense)

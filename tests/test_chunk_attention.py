@@ -78,7 +78,7 @@ def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_k,
   open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= jnp.asarray(pos)[:, None])
   work_ok = wvalid[0] & (wpos[0] <= jnp.asarray(pos)[:, None])
   n_blocks = -(-int(used.max()) // BLOCK)
-  got = packed_decode_attention(q, wk[0], wv[0], work_ok, n_blocks, take(k), take(v), open_ok,
+  got = packed_decode_attention(q, wk, wv, 0, work_ok, n_blocks, take(k), take(v), open_ok,
                                 scale=D**-0.5, softcap=None, block=BLOCK)
   vis = reference_visible(st, sel, ccfg, pos)
   # Every visible token is in exactly one working or open slot.
