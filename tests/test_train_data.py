@@ -85,6 +85,17 @@ def test_grain_order_is_seeded_resumable_and_split_by_process(corpus):
     np.testing.assert_array_equal(np.concatenate(got), want)
 
 
+def test_eval_batches_are_the_held_out_split_in_order(corpus):
+  tmp, files, _ = corpus
+  val = _splits(tmp, files)["validation"]
+  rows = np.stack([val[i % len(val)]["tokens"] for i in range(4)])
+  batches = data.eval_batches(val, global_batch=2, n_batches=10)
+  assert len(batches) == max(1, len(val) // 2)  # a split shorter than one batch wraps around
+  np.testing.assert_array_equal(batches[0]["tokens"], rows[:2])
+  halves = [data.eval_batches(val, global_batch=2, n_batches=1, process_index=p, process_count=2) for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate([h[0]["tokens"] for h in halves]), rows[:2])
+
+
 @pytest.mark.parametrize("content,message", [
     (b"", "empty"),
     (b"\n \n\n", "empty"),

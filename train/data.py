@@ -47,7 +47,7 @@ def _local_batches(source, global_batch: int, process_index: int, process_count:
   ds = grain.MapDataset.source(source)
   if seed is not None:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat() if seed is not None else ds
+  ds = ds.repeat()
   local = global_batch // process_count
   return ProcessRows(ds, global_batch, process_index, process_count).batch(local, drop_remainder=True)
 
@@ -65,9 +65,10 @@ def train_iterator(source, *, global_batch: int, seed: int, process_index: int =
 
 def eval_batches(source, *, global_batch: int, n_batches: int, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first `n_batches` full batches of the held-out split, in order (fewer if it is short)."""
+  """The first `n_batches` batches of the held-out split, in order: fewer if it is short, but at least
+  one (a split smaller than a batch wraps around)."""
   ds = _local_batches(source, global_batch, process_index, process_count, seed=None)
-  return [ds[i] for i in range(min(n_batches, len(ds)))]
+  return [ds[i] for i in range(max(1, min(n_batches, len(source) // global_batch)))]
 
 
 def load_splits(*, files: Sequence[str] = (), tfds_name: str = "", text_key: str = "text", tokenizer,
