@@ -1,5 +1,6 @@
 """chunkllm-jax: ChunkLLM (arXiv 2510.02361) in JAX: chunk-selective long-context generation."""
 
+from chunkllm_jax.adapter_io import load_adapters, save_adapters
 from chunkllm_jax.adapters import AdapterConfig, Adapters, init_adapters, with_adapters
 from chunkllm_jax.chunk_generate import chunk_generate
 from chunkllm_jax.config import ConfigError, ModelConfig, RopeScaling, from_hf_config
@@ -13,6 +14,7 @@ from chunkllm_jax.sharding import make_mesh, shard_params
 
 __all__ = [
     "AdapterConfig", "Adapters", "ChunkConfig", "chunk_generate", "init_adapters", "with_adapters",
+    "load_adapters", "save_adapters",
     "ConfigError", "GenerateOutput", "KVCache", "Model", "ModelConfig", "ModelParams", "RopeScaling",
     "forward", "from_hf_config", "generate", "init_backbone", "init_cache", "load", "make_mesh",
     "shard_params", "stream",

@@ -54,6 +54,7 @@ class TrainConfig:
   checkpoint_every: int = 50  # 0: no checkpoints
   max_to_keep: int = 3
   export: str = ""  # after training, write an adapters-only export here
+  export_dtype: str = "float32"  # of the exported weights: float32 or bfloat16 (half the size)
   progress: bool = True  # tqdm bar
 
   def replace(self, **kw) -> "TrainConfig":
@@ -68,6 +69,7 @@ PRESETS: dict[str, TrainConfig] = {
                                warmup_steps=100, max_chunks=512),
     # Tests: seconds per run.
     "tiny": TrainConfig(model="random-tiny", tokenizer="smollm2-135m", seq_len=64, batch_size=4, steps=6,
+                        eval_fraction=0.2,
                         lr=1e-2, warmup_steps=2, max_chunks=16, max_chunk_len=16, recall_k=2, block_q=32,
                         block_k=32, d_c=8, eval_every=3, eval_batches=1, checkpoint_every=2,
                         log_every=1, progress=False),

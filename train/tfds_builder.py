@@ -140,7 +140,7 @@ class PackedText(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _tfds_splits(self, cfg: PackedTextConfig):
-    builder = tfds.builder(cfg.tfds_name)
+    builder = tfds.builder(cfg.tfds_name, file_format="array_record")  # random access, no TensorFlow
     builder.download_and_prepare()
 
     def texts(split):

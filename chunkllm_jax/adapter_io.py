@@ -1,0 +1,169 @@
+"""Adapter exports: trained adapters alone, as an Orbax checkpoint plus a `config.json`.
+
+An export directory holds:
+- `params/`: the adapter weights (Orbax `StandardCheckpointer`), float32;
+- `config.json`: the `AdapterConfig`, the backbone it was trained on (a registered name or a path)
+  and that backbone's `ModelConfig` with its fingerprint, so adapters are never silently attached
+  to a model they were not trained for.
+
+`load_adapters("smollm2-135m")` reads the export shipped in `chunkllm_jax/adapters_data/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from chunkllm_jax.adapters import AdapterConfig, Adapters, expected_shapes
+from chunkllm_jax.config import ModelConfig, RopeScaling
+from chunkllm_jax.params import ModelParams, leaf_shapes, shape_problems
+
+FORMAT = "chunkllm-adapters/1"
+PACKAGED = Path(__file__).parent / "adapters_data"
+# Token ids do not change what the adapters compute, and differ between a model's GGUF and HF copies.
+_NOT_FINGERPRINTED = ("bos_id", "eos_ids", "pad_id")
+
+
+class AdapterLoadError(ValueError):
+  """An export that cannot be read, or that was made for another backbone."""
+
+
+def _dtype(name: str):
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"adapter weights are stored as float32 or bfloat16, not {name!r}")
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
+
+
+def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_json(d: dict[str, Any]) -> ModelConfig:
+  d = dict(d)
+  if d.get("rope_scaling"):
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+  for k in ("layer_sliding", "eos_ids"):
+    d[k] = tuple(d.get(k) or ())
+  return ModelConfig(**d)
+
+
+def fingerprint(cfg: ModelConfig) -> str:
+  """A short hash of the fields that make two backbones the same model."""
+  fields = {k: v for k, v in config_to_json(cfg).items() if k not in _NOT_FINGERPRINTED}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, backbone: str,
+                  dtype: str = "float32", overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+  """Writes an export. An existing export is only replaced with `overwrite`, and only once the new
+  one is complete (it is written beside it, then swapped in).
+
+  dtype: of the stored weights; "bfloat16" halves the size (loading gives float32 either way).
+  """
+  import orbax.checkpoint as ocp
+
+  directory = Path(directory).absolute()
+  if directory.exists() and any(directory.iterdir()) and not overwrite:
+    raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace the export there")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  acfg = adapters.config
+  meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
+              model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),
+              adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers)),
+              **(extra or {}))
+  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32).astype(_dtype(dtype)), adapters.params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp / "params", params)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+  if directory.exists():
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old)
+  else:
+    tmp.rename(directory)
+  return directory
+
+
+def _export_dir(name_or_dir) -> Path:
+  p = Path(name_or_dir)
+  if isinstance(name_or_dir, str) and not p.exists() and (PACKAGED / name_or_dir).is_dir():
+    return PACKAGED / name_or_dir
+  if not p.is_dir():
+    shipped = sorted(d.name for d in PACKAGED.iterdir() if d.is_dir()) if PACKAGED.is_dir() else []
+    raise FileNotFoundError(f"no adapter export at {str(name_or_dir)!r}: give an export directory or "
+                            f"a shipped name ({', '.join(shipped) or 'none installed'})")
+  return p
+
+
+def read_export_config(name_or_dir) -> dict[str, Any]:
+  d = _export_dir(name_or_dir)
+  try:
+    meta = json.loads((d / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise AdapterLoadError(f"{d}: not a readable adapter export (config.json: {e})") from None
+  if meta.get("format") != FORMAT:
+    raise AdapterLoadError(f"{d}: config.json has format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta
+
+
+def check_backbone(meta: dict[str, Any], model_config: ModelConfig, source: str) -> None:
+  want = fingerprint(model_config)
+  if meta["backbone_fingerprint"] != want:
+    theirs = config_from_json(meta["model_config"])
+    diff = [f"{k}: export {getattr(theirs, k)!r} vs model {getattr(model_config, k)!r}"
+            for k in config_to_json(model_config) if k not in _NOT_FINGERPRINTED
+            and getattr(theirs, k) != getattr(model_config, k)]
+    raise AdapterLoadError(
+        f"{source}: these adapters were trained for backbone {meta['backbone']!r} (fingerprint "
+        f"{meta['backbone_fingerprint']}), not for this model (fingerprint {want}):\n  " + "\n  ".join(diff))
+
+
+def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None = None) -> Adapters:
+  """Reads an export (a directory, or a shipped name such as "smollm2-135m").
+
+  expected_config: the backbone's ModelConfig (or its ModelParams); an export made for another
+  backbone is refused with an AdapterLoadError. Without it, `cj.with_adapters` still refuses
+  adapters whose shapes do not fit.
+  """
+  import orbax.checkpoint as ocp
+
+  d = _export_dir(name_or_dir)
+  meta = read_export_config(d)
+  model_config = config_from_json(meta["model_config"])
+  if isinstance(expected_config, ModelParams):
+    expected_config = expected_config.config
+  if expected_config is not None:
+    check_backbone(meta, expected_config, str(d))
+  a = meta["adapter_config"]
+  acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]))
+  shapes = expected_shapes(acfg, model_config)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  stored = _dtype(meta.get("weights_dtype", "float32"))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, stored, sharding=sharding), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore((d / "params").absolute(), abstract)
+  except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+    raise AdapterLoadError(f"{d}: the adapter weights cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); the export is damaged or "
+                           "incomplete") from e
+  problems = shape_problems(leaf_shapes(shapes, is_leaf=lambda x: isinstance(x, tuple)), leaf_shapes(params),
+                            "config.json")
+  if problems:
+    raise AdapterLoadError(f"{d}: weights do not match config.json:\n  " + "\n  ".join(problems))
+  return Adapters(params=jax.tree.map(lambda x: x.astype(np.float32), params), config=acfg)

@@ -1,0 +1,129 @@
+"""`python -m train.run` end to end on the tiny preset: resume after SIGKILL, export, bad checkpoints."""
+
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import adapter_io
+from tests import train_run_fixtures as fx
+from train import run
+
+STEPS = ["--steps", "24", "--checkpoint_every", "4", "--eval_every", "8", "--max_to_keep", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run (it also exports its adapters)."""
+  tmp = tmp_path_factory.mktemp("train_run")
+  corpus = fx.write_corpus(tmp / "corpus.txt")
+  workdir = tmp / "ref"
+  r = fx.run(fx.command(workdir, corpus, tmp / "data", *STEPS, "--export", str(tmp / "export")))
+  assert r.returncode == 0, r.stderr[-3000:]
+  return tmp, corpus, workdir
+
+
+@pytest.mark.slow  # three short runs in subprocesses
+def test_killed_run_resumes_with_the_same_losses(reference):
+  tmp, corpus, ref = reference
+  workdir = tmp / "killed"
+  cmd = fx.command(workdir, corpus, tmp / "data", *STEPS)
+  proc = fx.start(cmd)
+  fx.wait_for_checkpoint(proc, workdir)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(fx.logged(workdir))
+  assert killed_at < 24
+  r = fx.run(cmd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stderr
+  want, got = fx.logged(ref), fx.logged(workdir)
+  assert sorted(got) == list(range(1, 25))
+  assert got == want  # bitwise: floats are logged as exact reprs
+  assert sorted(fx.logged(ref, "eval")) == [8, 16, 24]
+  assert fx.logged(workdir, "eval") == fx.logged(ref, "eval")
+  assert want[24]["loss"] < want[1]["loss"]
+
+
+def test_export_round_trips_and_checks_the_backbone(reference):
+  tmp, _, _ = reference
+  meta = adapter_io.read_export_config(tmp / "export")
+  assert meta["backbone"] == "random-tiny" and meta["trained_steps"] == 24
+  model_config = adapter_io.config_from_json(meta["model_config"])
+  adapters = cj.load_adapters(str(tmp / "export"), expected_config=model_config)
+  # Saving what was loaded and loading it again gives the same bits.
+  cj.save_adapters(adapters, tmp / "export2", model_config=model_config, backbone="random-tiny")
+  again = cj.load_adapters(str(tmp / "export2"), model_config)
+  assert again.config == adapters.config
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters.params), jax.device_get(again.params))
+  # bfloat16 storage (the shipped adapters): half the bytes, loaded back as float32.
+  cj.save_adapters(adapters, tmp / "export_bf16", model_config=model_config, backbone="random-tiny",
+                   dtype="bfloat16")
+  half = cj.load_adapters(str(tmp / "export_bf16"), model_config)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).astype(jnp.bfloat16).astype(np.float32), b),
+               adapters.params, half.params)
+  with pytest.raises(FileExistsError):
+    cj.save_adapters(adapters, tmp / "export2", model_config=model_config, backbone="random-tiny")
+  with pytest.raises(adapter_io.AdapterLoadError, match="trained for backbone 'random-tiny'.*\n.*n_layers"):
+    cj.load_adapters(str(tmp / "export"), model_config.replace(n_layers=3))
+  params = cj.init_backbone(jax.random.key(0), model_config)
+  assert cj.with_adapters(params, adapters).adapters is adapters
+
+
+def _copy_run(reference, name):
+  tmp, corpus, ref = reference
+  workdir = tmp / name
+  shutil.copytree(ref / "checkpoints", workdir / "checkpoints")
+  return tmp, corpus, workdir
+
+
+def _main(capsys, argv) -> str:
+  """Runs train.run in this process (it fails before compiling anything); its last stderr line."""
+  capsys.readouterr()
+  assert run.main([a for a in argv if a != "--cpu"] + ["--mesh_data", "1"]) == 2
+  return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _snapshot(d):
+  return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_corrupt_checkpoint_is_an_error_and_is_kept(reference, capsys):
+  tmp, corpus, workdir = _copy_run(reference, "corrupt")
+  latest = max(fx.finished_checkpoints(workdir))
+  victim = max((p for p in (workdir / "checkpoints" / str(latest) / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  before = _snapshot(workdir / "checkpoints")
+  err = _main(capsys, fx.command(workdir, corpus, tmp / "data", *STEPS, "--steps", "40")[3:])
+  assert err.startswith(f"error: checkpoint {workdir / 'checkpoints' / str(latest)} cannot be read")
+  assert _snapshot(workdir / "checkpoints") == before
+
+
+def test_checkpoint_of_another_model_is_refused(reference, capsys):
+  tmp, corpus, workdir = _copy_run(reference, "other_model")
+  before = _snapshot(workdir / "checkpoints")
+  err = _main(capsys, fx.command(workdir, corpus, tmp / "data", *STEPS, "--d_c", "4")[3:])
+  assert err.startswith("error: checkpoint") and "written for another model or adapter config" in err
+  assert _snapshot(workdir / "checkpoints") == before
+
+
+def test_corrupt_export_is_an_error_and_is_kept(reference):
+  tmp, _, _ = reference
+  d = tmp / "export_corrupt"
+  shutil.copytree(tmp / "export", d)
+  victim = max((p for p in (d / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:10])
+  with pytest.raises(adapter_io.AdapterLoadError, match="cannot be read"):
+    cj.load_adapters(str(d))
+  assert victim.stat().st_size == 10
+  (d / "config.json").write_text("{not json")
+  with pytest.raises(adapter_io.AdapterLoadError, match="config.json"):
+    cj.load_adapters(str(d))
+  with pytest.raises(FileNotFoundError, match="no adapter export"):
+    cj.load_adapters(str(tmp / "nowhere"))

@@ -1,0 +1,182 @@
+"""`python -m train.run`: train ChunkLLM's adapters on a frozen backbone.
+
+    python -m train.run --cpu --preset smollm2-135m --data corpus.txt --workdir runs/smollm2 \
+        --export runs/smollm2/export
+
+Every `TrainConfig` field is a flag. Started again with the same command, a run resumes from its
+last checkpoint in `<workdir>/checkpoints` (same later losses as a run never stopped). Multi-host:
+`--tpu` initialises `jax.distributed` itself; elsewhere give `--coordinator HOST:PORT
+--num_processes N --process_id I` to each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  platform = p.add_mutually_exclusive_group()
+  platform.add_argument("--cpu", action="store_true", help="run on the CPU")
+  platform.add_argument("--gpu", action="store_true", help="run on GPUs")
+  platform.add_argument("--tpu", action="store_true", help="run on TPUs (multi-host: jax.distributed)")
+  p.add_argument("--preset", default="smollm2-135m", help="defaults to start from (train/config.py PRESETS)")
+  p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
+  p.add_argument("--num_processes", type=int)
+  p.add_argument("--process_id", type=int)
+  from train import config  # no jax backend touched yet
+
+  config.add_flags(p)
+  return p.parse_args(argv)
+
+
+def setup_platform(args: argparse.Namespace) -> None:
+  """Selects the platform and joins the process group; must run before any computation."""
+  platform = "tpu" if args.tpu else "cuda" if args.gpu else "cpu" if args.cpu else None
+  if platform:
+    jax.config.update("jax_platforms", platform)
+  if args.coordinator or args.num_processes:
+    if platform in (None, "cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  elif args.tpu:
+    jax.distributed.initialize()  # finds the other hosts of a TPU slice by itself
+
+
+def train(cfg) -> dict[str, float]:
+  """Runs (or resumes) training; returns the last train metrics."""
+  from jax.experimental import multihost_utils
+  from tqdm.auto import tqdm
+
+  import chunkllm_jax as cj
+  from chunkllm_jax import adapter_io
+  from chunkllm_jax.sharding import params_sharding, replicated
+  from train import backbone, checkpoint, data, metrics as metrics_lib, step as step_lib
+  from train.losses import LossConfig
+
+  pi, pc = jax.process_index(), jax.process_count()
+  workdir = Path(cfg.workdir)
+  bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
+  acfg = cj.AdapterConfig(d_c=cfg.d_c).resolve(bb.config)
+  loss_config = LossConfig(kl_weight=cfg.kl_weight, n_sink=cfg.n_sink, max_chunk_len=cfg.max_chunk_len or None,
+                           max_chunks=cfg.max_chunks, recall_k=cfg.recall_k, block_q=cfg.block_q,
+                           block_k=cfg.block_k)
+  mesh = cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
+
+  # Data: process 0 builds the packed dataset, the others then open it.
+  def open_splits():
+    return data.load_splits(files=cfg.data, tfds_name=cfg.tfds_name, text_key=cfg.tfds_text_key,
+                            tokenizer=bb.tokenizer, tokenizer_name=cfg.tokenizer or cfg.model,
+                            seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
+                            data_dir=cfg.data_dir or str(workdir / "data"))
+
+  splits = open_splits() if pi == 0 else None
+  if pc > 1:
+    multihost_utils.sync_global_devices("packed dataset built")
+    splits = splits or open_splits()
+  train_it = data.train_iterator(splits["train"], global_batch=cfg.batch_size, seed=cfg.seed,
+                                 process_index=pi, process_count=pc)
+  eval_set = []
+  if cfg.eval_every and splits["validation"] is not None:
+    eval_set = data.eval_batches(splits["validation"], global_batch=cfg.batch_size, n_batches=cfg.eval_batches,
+                                 process_index=pi, process_count=pc)
+
+  # State: adapters and optimizer replicated, backbone sharded over `model`.
+  schedule = step_lib.make_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.end_lr_ratio)
+  optimizer = step_lib.make_optimizer(schedule, cfg.weight_decay, cfg.clip_norm)
+  rep = replicated(mesh)
+  state = step_lib.init_state(cj.init_adapters(jax.random.key(cfg.seed), bb.config, acfg), optimizer)
+  state = jax.device_put(state, rep)
+  params = jax.device_put(bb.params, params_sharding(bb.params, mesh))
+
+  meta = dict(backbone=bb.name, backbone_fingerprint=adapter_io.fingerprint(bb.config),
+              adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers)))
+  ckpt = None
+  start = 0
+  if cfg.checkpoint_every:
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.max_to_keep,
+                                   save_every=cfg.checkpoint_every, meta=meta)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state, data_state = ckpt.restore(latest, checkpoint.abstract_like(state, rep))
+      train_it.set_state(data_state)
+      start = latest
+      if pi == 0:
+        print(f"resumed from {ckpt.directory / str(latest)}", file=sys.stderr)
+
+  local_B = cfg.batch_size // pc
+  shapes = {"tokens": (cfg.batch_size, cfg.seq_len), "labels": (cfg.batch_size, cfg.seq_len)}
+  train_fn, eval_fn = step_lib.compile_steps(mesh, state, params, shapes, optimizer=optimizer,
+                                             schedule=schedule, loss_config=loss_config)
+  shardings = step_lib.batch_shardings(mesh, shapes)
+
+  def to_global(local):
+    assert local["tokens"].shape == (local_B, cfg.seq_len), local["tokens"].shape
+    return {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
+
+  writer = metrics_lib.MetricWriter(str(workdir), enabled=pi == 0)
+  bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or pi != 0,
+             desc="train", dynamic_ncols=True)
+  last = {}
+  try:
+    for i in bar:
+      batch = to_global(next(train_it))
+      t0 = time.perf_counter()
+      state, m = train_fn(state, params, batch)
+      last = metrics_lib.to_floats(m)  # waits for the step
+      dt = time.perf_counter() - t0
+      step = i + 1
+      last["tokens_per_s"] = cfg.batch_size * cfg.seq_len / dt
+      last["step_s"] = dt
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        writer.write(step, "train", last)
+      bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}", bce=f"{last['bce']:.4f}",
+                      tok_s=f"{last['tokens_per_s']:.0f}")
+      if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
+        ev = [metrics_lib.to_floats(eval_fn(state.adapters, params, to_global(b))) for b in eval_set]
+        writer.write(step, "eval", metrics_lib.mean_metrics(ev))
+      if ckpt is not None:
+        ckpt.save(step, state, train_it.get_state(), force=step == cfg.steps)
+  finally:
+    bar.close()
+    writer.close()
+    if ckpt is not None:
+      ckpt.wait()
+      ckpt.close()
+
+  if cfg.export:
+    adapters = jax.tree.map(lambda x: x.addressable_data(0), state.adapters)  # replicated: any copy
+    if pi == 0:
+      adapter_io.save_adapters(adapters, cfg.export, model_config=bb.config, backbone=bb.name,
+                               dtype=cfg.export_dtype, overwrite=True,
+                               extra=dict(trained_steps=int(state.step.addressable_data(0))))
+      print(f"exported adapters to {cfg.export}", file=sys.stderr)
+  return last
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  setup_platform(args)
+  from chunkllm_jax.adapter_io import AdapterLoadError
+  from train import config
+  from train.checkpoint import CheckpointError
+  from train.tfds_builder import DataError
+
+  cfg = config.from_args(args)
+  try:
+    train(cfg)
+  except (DataError, CheckpointError, AdapterLoadError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
