@@ -19,8 +19,8 @@ def _free_port() -> int:
 @pytest.mark.slow  # four short runs in subprocesses
 def test_two_processes_match_one(tmp_path):
   corpus = fx.write_corpus(tmp_path / "corpus.txt")
-  fx.run(fx.command(tmp_path / "build", corpus, tmp_path / "data", "--steps", "0"))  # build the data once
-  one = fx.start(fx.command(tmp_path / "one", corpus, tmp_path / "data", *FLAGS), n_devices=4)
+  # Each run builds its own copy of the data (process 0 of the pair builds, the other waits).
+  one = fx.start(fx.command(tmp_path / "one", corpus, tmp_path / "data_one", *FLAGS), n_devices=4)
   port = _free_port()
   procs = [fx.start(fx.command(tmp_path / "two", corpus, tmp_path / "data", *FLAGS,
                                "--coordinator", f"localhost:{port}", "--num_processes", "2",
