@@ -24,6 +24,19 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+  g.add_argument("--chunk", action="store_true", help="ChunkLLM decoding (needs adapters); prints the stats")
+  g.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
+  g.add_argument("--top-k-chunks", type=int, default=16, help="chunks selected at each boundary (--chunk)")
+  g.add_argument("--n-local", type=int, default=4, help="recent chunks always visible (--chunk)")
+  g.add_argument("--n-sink", type=int, default=4, help="first tokens always visible (--chunk)")
+
+  d = sub.add_parser("demo", help="a hidden fact in a long document: vanilla vs ChunkLLM, side by side")
+  d.add_argument("--model", default="smollm2-135m")
+  d.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
+  d.add_argument("--context", type=int, default=4096, help="document length in tokens")
+  d.add_argument("--depth", type=float, default=0.5, help="where the fact sits, 0 (start) to 1 (end)")
+  d.add_argument("--top-k-chunks", type=int, default=16)
+  d.add_argument("--seed", type=int, default=0)
   return p
 
 
@@ -46,6 +59,57 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
   return list(tokenizer(text)["input_ids"])
 
 
+def _with_adapters(model, name: str):
+  """The backbone with adapters from an export dir or a shipped name (refused if made for another model)."""
+  import chunkllm_jax as cj
+
+  return cj.with_adapters(model.params, cj.load_adapters(name, model.config))
+
+
+def _print_stats(stats, row: int = 0) -> None:
+  s = {k: float(v[row]) for k, v in stats.items()}
+  print(f"[kv retention {s['kv_retention']:.1%}, {int(s['n_chunks'])} chunks, {int(s['n_selections'])} selections, "
+        f"K/V bytes per step {s['bytes_per_step'] / 2**20:.1f} MiB vs dense {s['dense_bytes_per_step'] / 2**20:.1f} MiB, "
+        f"prefill {s['prefill_s']:.2f}s, decode {s['decode_tok_s']:.1f} tok/s]", file=sys.stderr)
+
+
+def run_chunk_generate(args, model, ids) -> None:
+  import chunkllm_jax as cj
+
+  params = _with_adapters(model, args.adapters or args.model)
+  out = cj.chunk_generate(params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k_tokens=args.top_k, top_p=args.top_p, seed=args.seed, top_k=args.top_k_chunks,
+                          n_local=args.n_local, n_sink=args.n_sink)
+  print(model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
+  _print_stats(out.stats)
+
+
+def run_demo(args) -> None:
+  import chunkllm_jax as cj
+  from chunkllm_jax import haystack
+
+  model = cj.load(args.model)
+  params = _with_adapters(model, args.adapters or args.model)
+  key = haystack.passkey(args.seed)
+  doc = haystack.needle_document(model.tokenizer, args.context, args.depth,
+                                 f"The secret passkey is {key}. Remember it, it is important.", args.seed)
+  question = "What is the secret passkey? Answer with the number only."
+  ids = encode_prompt(model.tokenizer, f"{doc}\n\n{question}", chat=model.tokenizer.chat_template is not None)
+  print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
+  runs = {
+      "vanilla": cj.generate(params, [ids], max_new_tokens=12),
+      "ChunkLLM": cj.chunk_generate(params, [ids], max_new_tokens=12, top_k=args.top_k_chunks),
+  }
+  for name, out in runs.items():
+    answer = model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True).strip()
+    print(f"{name:>9}: {answer!r} ({'correct' if key in answer else 'wrong'})")
+  van, chk = runs["vanilla"].stats, runs["ChunkLLM"].stats
+  print(f"ChunkLLM read {float(chk['kv_retention'][0]):.1%} of the KV cache "
+        f"({float(chk['bytes_per_step'][0] / chk['dense_bytes_per_step'][0]):.1%} of dense bytes per step); "
+        f"decode {float(chk['decode_tok_s'][0] / van['decode_tok_s'][0]):.2f}x, "
+        f"prefill {float(van['prefill_s'][0] / chk['prefill_s'][0]):.2f}x the speed of vanilla")
+
+
 def run_generate(args) -> None:
   import chunkllm_jax as cj
 
@@ -55,6 +119,8 @@ def run_generate(args) -> None:
   print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
   ids = encode_prompt(model.tokenizer, text, args.chat)
   print(f"[prompt: {len(ids)} tokens]", file=sys.stderr)
+  if args.chunk:
+    return run_chunk_generate(args, model, ids)
   new: list[int] = []
   shown = ""
   t0 = time.perf_counter()
@@ -79,6 +145,8 @@ def main(argv=None) -> None:
   try:
     if args.command == "generate":
       run_generate(args)
+    elif args.command == "demo":
+      run_demo(args)
   except (FileNotFoundError, ValueError) as e:  # bad input: say what is wrong, no traceback
     sys.exit(f"error: {e}")
 

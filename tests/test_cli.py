@@ -35,3 +35,44 @@ def test_non_utf8_prompt_file_is_a_clear_error(tmp_path):
   bad.write_bytes(b"\xff\xfe\x00bad")
   res = run_cli("generate", "--prompt-file", str(bad))
   assert res.returncode != 0 and "is not UTF-8 text" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory):
+  """Untrained adapters for smollm2-135m, exported: enough to drive the command line."""
+  import jax
+
+  import chunkllm_jax as cj
+  from chunkllm_jax import weights
+
+  cfg, _, _ = weights.load_backbone("smollm2-135m")
+  out = tmp_path_factory.mktemp("adapters") / "export"
+  cj.save_adapters(cj.init_adapters(jax.random.key(0), cfg), out, model_config=cfg, backbone="smollm2-135m")
+  return out
+
+
+@pytest.mark.real_model
+def test_generate_chunk_prints_text_and_stats(random_export):
+  res = run_cli("generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--chunk",
+                "--adapters", str(random_export))
+  assert res.returncode == 0, res.stderr
+  assert "kv retention" in res.stderr and "selections" in res.stderr
+
+
+@pytest.mark.real_model
+def test_demo_answers_with_both_methods(random_export):
+  res = run_cli("demo", "--context", "512", "--adapters", str(random_export))
+  assert res.returncode == 0, res.stderr
+  assert "vanilla:" in res.stdout and "ChunkLLM:" in res.stdout and "of the KV cache" in res.stdout
+
+
+def test_adapters_for_another_model_are_refused(tmp_path):
+  import jax
+
+  import chunkllm_jax as cj
+
+  other = cj.ModelConfig(arch="llama", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                         d_ff=64)
+  cj.save_adapters(cj.init_adapters(jax.random.key(0), other), tmp_path / "x", model_config=other, backbone="tiny")
+  res = run_cli("generate", "--prompt", "hi", "--chunk", "--adapters", str(tmp_path / "x"))
+  assert res.returncode != 0 and "\nerror: " in res.stderr and "vs model" in res.stderr
