@@ -1,0 +1,26 @@
+"""The adapters shipped for smollm2-135m: small, readable, and for that backbone only."""
+
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import adapter_io
+from tests.chunk_fixtures import tiny_config
+
+
+def test_shipped_smollm2_adapters_load_and_refuse_other_backbones():
+  d = adapter_io.PACKAGED / "smollm2-135m"
+  assert sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) < 5_000_000
+  meta = adapter_io.read_export_config("smollm2-135m")
+  assert meta["backbone"] == "smollm2-135m"
+  model_config = adapter_io.config_from_json(meta["model_config"])
+  assert (model_config.n_layers, model_config.d_model, model_config.n_heads) == (30, 576, 9)
+  adapters = cj.load_adapters("smollm2-135m", expected_config=model_config)
+  assert adapters.config.d_c == 64 and adapters.config.qk_layers == tuple(range(30))
+  with pytest.raises(adapter_io.AdapterLoadError, match="trained for backbone 'smollm2-135m'"):
+    cj.load_adapters("smollm2-135m", expected_config=tiny_config())
+
+
+@pytest.mark.real_model
+def test_shipped_adapters_fit_the_real_model(smollm2):
+  params = cj.with_adapters(smollm2.params, cj.load_adapters("smollm2-135m", expected_config=smollm2.params))
+  assert params.adapters.config.d_c == 64
