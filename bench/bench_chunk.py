@@ -147,7 +147,7 @@ def bench_decode(params, L: int, ratios, rounds: int):
     plain, bound, d = statistics.median(t_plain), statistics.median(t_bound), statistics.median(t_dense)
     amort = plain * (CHUNK - 1) / CHUNK + bound / CHUNK
     retention = np.mean(ret_plain) * (CHUNK - 1) / CHUNK + np.mean(ret_bound) / CHUNK
-    nbytes = cg.bytes_per_decode_step(params, ccfg, max_len, 4, np.array([np.mean(slots)]))
+    nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
     row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_k, retention=float(retention),
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,

@@ -109,8 +109,27 @@ def working_positions(st: ChunkState, selected_SBk, cfg: ChunkConfig, W: int):
   return pos, valid, cfg.n_sink + offs_end[..., -1]
 
 
+def compact_into(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L):
+  """Gathers each layer's working slots from the main buffer into the working buffers, in place.
+
+  Layer by layer with `dynamic_update_slice`, so the working buffers keep their memory: a
+  `lax.cond` whose other branch leaves them unchanged then needs no copy of them.
+  """
+  B, S = k_LBSKD.shape[1:3]
+  rows_B1 = jnp.arange(B)[:, None]
+
+  def layer(l, wkv):
+    wk, wv = wkv
+    idx_BW = jnp.minimum(work_pos_SBW[layer_slot_L[l]], S - 1)
+    gk, gv = k_LBSKD[l, rows_B1, idx_BW], v_LBSKD[l, rows_B1, idx_BW]  # reads the slots only
+    return (jax.lax.dynamic_update_slice(wk, gk[None].astype(wk.dtype), (l, 0, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(wv, gv[None].astype(wv.dtype), (l, 0, 0, 0, 0)))
+
+  return jax.lax.fori_loop(0, k_LBSKD.shape[0], layer, (work_k_LBWKD, work_v_LBWKD))
+
+
 def compact(k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L):
-  """Gathers each layer's working slots from the main buffer: [L, B, W, H_kv, D] x 2."""
-  pos_LBW = work_pos_SBW[layer_slot_L]
-  idx = jnp.minimum(pos_LBW, k_LBSKD.shape[2] - 1)[..., None, None]
-  return jnp.take_along_axis(k_LBSKD, idx, axis=2), jnp.take_along_axis(v_LBSKD, idx, axis=2)
+  """Each layer's working slots gathered into new buffers: [L, B, W, H_kv, D] x 2."""
+  L, B, _, K, D = k_LBSKD.shape
+  zeros = jnp.zeros((L, B, work_pos_SBW.shape[-1], K, D), k_LBSKD.dtype)
+  return compact_into(zeros, zeros, k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L)

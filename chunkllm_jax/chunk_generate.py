@@ -26,9 +26,9 @@ from chunkllm_jax import model
 from chunkllm_jax import sharding as shd
 from chunkllm_jax import chunk_kernels
 from chunkllm_jax.chunk_attention import packed_decode_attention
-from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact, init_chunk_state, working_positions,
-                                      working_size)
-from chunkllm_jax.generate import Compiled, assemble_output, is_eos, prepare_prompts, resolve_max_len
+from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, init_chunk_state,
+                                      working_positions, working_size)
+from chunkllm_jax.generate import Compiled, assemble_output, buffer_len, is_eos, prepare_prompts, resolve_max_len
 from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling, sample
@@ -65,9 +65,10 @@ def _refresh_working_buffer(st: ChunkState, cache: KVCache, work_slot_L, ccfg: C
   sel = st.selected if ccfg.vote == "per_layer" else st.selected[None]
   pos, valid, used = working_positions(st, sel, ccfg, st.work_pos.shape[-1])
   if _use_kernels(ccfg):
-    wk, wv = chunk_kernels.compact_kernel(cache.k, cache.v, pos, valid, work_slot_L, interpret=ccfg.interpret)
+    wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid, work_slot_L,
+                                          interpret=ccfg.interpret)
   else:
-    wk, wv = compact(cache.k, cache.v, pos, work_slot_L)
+    wk, wv = compact_into(st.work_k, st.work_v, cache.k, cache.v, pos, work_slot_L)
   return st.replace(work_pos=pos, work_valid=valid, work_used=used, work_k=wk, work_v=wv)
 
 
@@ -152,7 +153,6 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   slot_L, sparse_L, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
   pos_B = cache.length
   B, S, M = tokens_B.shape[0], cache.max_len, min(ccfg.max_chunk_len, cache.max_len)
-  key_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   n_blocks = -(-jnp.max(st.work_used, axis=-1) // WORK_BLOCK)  # per selection slot, batch-wide
 
   def attend_fn(state, layer, q, k, v, h):
@@ -161,8 +161,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     kb, vb = write_token(kb, idx, pos_B, k[:, 0]), write_token(vb, idx, pos_B, v[:, 0])
 
     def dense():
-      mask = attn.visible(pos_B[:, None], key_pos_BS, key_pos_BS <= pos_B[:, None], layer["window"])
-      return attn.attend(q, kb[idx], vb[idx], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+      return attn.decode_attention(q, kb, vb, idx, pos_B, layer["window"], scale=cfg.attn_scale,
+                                   softcap=cfg.attn_softcap)
 
     def sparse():
       w = work_slot_L[idx]
@@ -249,16 +249,16 @@ def _programs(max_len, max_new, sampling, eos_ids, pad_id, ccfg):
   return Compiled(jax.jit(pre)), Compiled(jax.jit(loop))
 
 
-def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, max_len: int, itemsize: int,
-                          sparse_slots: np.ndarray) -> dict[str, np.ndarray]:
-  """K/V bytes one decode step reads: this design (sparse layers read `sparse_slots`, the mean per
-  step, other layers the whole buffer) against dense attention over the same buffer."""
+def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int, sparse_slots: np.ndarray,
+                          seen_tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """K/V bytes one decode step reads (means over the steps): sparse layers read `sparse_slots`,
+  every other layer, like dense attention, the `seen_tokens` so far."""
   cfg = params.config
   _, sparse_L, _, _ = _layer_kinds(params, ccfg)
   n_sparse = int(np.sum(np.asarray(sparse_L)))
   per_token = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
-  return dict(chunk=per_token * (n_sparse * sparse_slots + (cfg.n_layers - n_sparse) * max_len),
-              dense=np.full_like(sparse_slots, per_token * cfg.n_layers * max_len))
+  return dict(chunk=per_token * (n_sparse * sparse_slots + (cfg.n_layers - n_sparse) * seen_tokens),
+              dense=per_token * cfg.n_layers * seen_tokens)
 
 
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
@@ -287,7 +287,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
     raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
   sampling = Sampling(float(temperature), int(top_k_tokens or 0), float(top_p))
-  pre, loop = _programs(max_len, max_new_tokens, sampling, eos_ids, pad_id, ccfg)
+  pre, loop = _programs(buffer_len(max_len), max_new_tokens, sampling, eos_ids, pad_id, ccfg)
   key = jax.random.key(seed)
   prompts_dev, lens_dev = jnp.asarray(prompts), jnp.asarray(lens)
   if mesh is not None:
@@ -298,8 +298,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   (first, cache, st), prefill_s = pre.timed(params, prompts_dev, lens_dev, key)
   (new, steps, st), decode_s = loop.timed(params, first, cache, st, key)
   steps = int(steps) - 1
-  nbytes = bytes_per_decode_step(params, ccfg, max_len, cache.k.dtype.itemsize,
-                                 np.asarray(st.read_slots) / max(steps, 1))
+  nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, np.asarray(st.read_slots) / max(steps, 1),
+                                 lens + 1 + (steps - 1) / 2)
   extra = dict(kv_retention=np.asarray(st.retained) / max(steps, 1), n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])

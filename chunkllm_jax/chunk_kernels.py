@@ -22,15 +22,16 @@ def kernels_active(interpret: bool) -> bool:
   return use_kernel(interpret) or use_gpu_kernel()
 
 
-def compact_kernel(k_LBSKD, v_LBSKD, work_pos_SBW, work_valid_SBW, layer_slot, *, interpret: bool):
-  """As `chunk_cache.compact`, one gather kernel call per layer. Unused slots come out as zeros."""
-  ks, vs = [], []
+def compact_kernel(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_SBW, work_valid_SBW, layer_slot, *,
+                   interpret: bool):
+  """As `chunk_cache.compact_into`, one gather kernel call per layer, written into the working
+  buffers in place. Unused slots come out as zeros."""
   for layer, slot in enumerate(layer_slot):
     src = jnp.where(work_valid_SBW[slot], work_pos_SBW[slot], -1)
     k, v = gather_rows(k_LBSKD[layer], v_LBSKD[layer], src, interpret=interpret)
-    ks.append(k)
-    vs.append(v)
-  return jnp.stack(ks), jnp.stack(vs)
+    work_k_LBWKD = work_k_LBWKD.at[layer].set(k.astype(work_k_LBWKD.dtype))
+    work_v_LBWKD = work_v_LBWKD.at[layer].set(v.astype(work_v_LBWKD.dtype))
+  return work_k_LBWKD, work_v_LBWKD
 
 
 def decode_attention_kernel(q_B1HD, work_k_BWKD, work_v_BWKD, work_ok_BW, used_B, open_k_BMKD, open_v_BMKD,

@@ -95,6 +95,12 @@ def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int 
   return max_len
 
 
+def buffer_len(max_len: int) -> int:
+  """The KV buffer's allocated length: whole 128-slot blocks, for the blockwise decode attention.
+  Slots past `max_len` are never written."""
+  return -(-max_len // 128) * 128
+
+
 def is_eos(tok_B, eos_ids: tuple[int, ...]):
   if not eos_ids:
     return jnp.zeros(tok_B.shape, bool)
@@ -207,7 +213,7 @@ def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temper
   params = params.replace(adapters=None)  # vanilla decoding never reads them
   if mesh is not None:
     params = jax.device_put(params, shd.params_sharding(params, mesh))
-  progs = _programs(cfg, mesh, max_len, max_new_tokens, sampling, eos_ids, pad_id, prompts.shape)
+  progs = _programs(cfg, mesh, buffer_len(max_len), max_new_tokens, sampling, eos_ids, pad_id, prompts.shape)
   return params, prompts, lens, eos_ids, pad_id, progs
 
 

@@ -75,16 +75,13 @@ def decode_step(params: ModelParams, tokens_B, cache: KVCache):
   """One token per row at position `cache.length`. Returns logits [B, V] and the cache."""
   cfg = params.config
   pos_B = cache.length
-  key_pos_S = jnp.arange(cache.max_len, dtype=jnp.int32)
-  B = tokens_B.shape[0]
-  key_pos_BS = jnp.broadcast_to(key_pos_S, (B, cache.max_len))
 
   def attend_fn(kv, layer, q, k, v, h):
     del h
     idx = layer["index"]
     kbuf, vbuf = write_token(kv[0], idx, pos_B, k[:, 0]), write_token(kv[1], idx, pos_B, v[:, 0])
-    mask = attn.visible(pos_B[:, None], key_pos_BS, key_pos_BS <= pos_B[:, None], layer["window"])
-    o = attn.attend(q, kbuf[idx], vbuf[idx], mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    o = attn.decode_attention(q, kbuf, vbuf, idx, pos_B, layer["window"], scale=cfg.attn_scale,
+                              softcap=cfg.attn_softcap)
     return o, (kbuf, vbuf), None
 
   x, (k, v), _ = model.run_layers(params, model.embed(params, tokens_BT=tokens_B[:, None]),
