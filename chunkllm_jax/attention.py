@@ -58,7 +58,7 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   return jnp.concatenate(outs, axis=1)
 
 
-DECODE_BLOCK = 512  # keys per step of the decode loop; buffers are allocated in multiples of 128
+DECODE_BLOCK = 512  # keys per step of the decode loop; `generate.buffer_len` allocates whole blocks
 
 
 def decode_block_size(buffer_len: int) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from chunkllm_jax import sharding as shd
+from chunkllm_jax.attention import DECODE_BLOCK
 from chunkllm_jax.kv_cache import KVCache, decode_step, init_cache, prefill
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling, sample
@@ -96,9 +97,10 @@ def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int 
 
 
 def buffer_len(max_len: int) -> int:
-  """The KV buffer's allocated length: whole 128-slot blocks, for the blockwise decode attention.
-  Slots past `max_len` are never written."""
-  return -(-max_len // 128) * 128
+  """The KV buffer's allocated length: whole decode blocks (`attention.DECODE_BLOCK`), so the
+  blockwise decode attention steps through it in full-size blocks. Slots past `max_len` are never
+  written or read."""
+  return -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
 
 
 def is_eos(tok_B, eos_ids: tuple[int, ...]):
