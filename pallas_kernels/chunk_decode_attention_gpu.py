@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.chunk_decode_attention import combine_splits
+from pallas_kernels.chunk_decode_attention import check_decode_inputs, combine_splits
 from pallas_kernels.dispatch import NEG_INF
 
 MIN_DOT = 16  # dots at least this wide, as ops/gpu/decode_attention.py keeps them
@@ -103,12 +102,7 @@ def decode_partials_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_m
                         num_warps: int = 4, num_stages: int = 2):
   """As `decode_partials`: per split, unnormalised acc [B, P, H, D], max and sum [B, P, H, 1]
   (f32). `num_warps`, `num_stages`: Triton's launch and pipelining knobs."""
-  B, H, D = q_BHD.shape
-  S, K = k_BSKD.shape[1:3]
-  N = block_ids_BN.shape[1]
-  chex.assert_shape([k_BSKD, v_BSKD], (B, S, K, D))
-  chex.assert_shape(token_mask_BS, (B, S))
-  assert H % K == 0 and S % block_size == 0, (H, K, S, block_size)
+  B, H, D, S, K, N = check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, token_mask_BS, block_size)
   G = H // K
   n_all = S // block_size
   bs, Dp, Gp = _tile(block_size), _tile(D), _tile(G)
