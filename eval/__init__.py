@@ -1,0 +1,1 @@
+"""Evaluation: LongBench-format tasks, their metrics, and a small offline task set."""
