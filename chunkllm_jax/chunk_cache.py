@@ -94,6 +94,9 @@ def working_positions(st: ChunkState, selected_SBk, cfg: ChunkConfig, W: int):
   safe = jnp.maximum(chunks, 0)
   start = jnp.take_along_axis(jnp.broadcast_to(st.chunk_start, (n_sel, B, st.chunk_start.shape[1])), safe, -1)
   end = jnp.take_along_axis(jnp.broadcast_to(st.chunk_end, (n_sel, B, st.chunk_end.shape[1])), safe, -1)
+  if cfg.keep == "boundary":  # a selected chunk contributes its boundary token only (SepLLM)
+    is_sel = jnp.arange(chunks.shape[-1]) < selected_SBk.shape[-1]
+    start = jnp.where(is_sel, end, start)
   length = jnp.where(chunks >= 0, end - start + 1, 0)
   offs_end = jnp.cumsum(length, axis=-1)  # [S, B, n]
   w = jnp.arange(W - cfg.n_sink)

@@ -1,7 +1,8 @@
 """ChunkLLM decoding: boundary-triggered chunk selection over the static KV buffer.
 
-Prefill runs the prompt with full attention (chunk-sparse prefill is still to come), lets the
-Chunk Adapter segment it, fills the chunk table with each chunk's k~, and runs the first vote.
+Prefill lets the Chunk Adapter segment the prompt at layer 0, attends chunk-sparsely
+(`chunk_prefill.py`: each layer its own top-k at every boundary; dense prefill is an option),
+fills the chunk table with each chunk's k~, and runs the first vote at the last prompt token.
 Each decode step then:
   1. runs every layer: dense layers read the whole buffer, sliding layers their window, and the
      other layers read only the compacted working buffer (sinks, selected and local chunks) plus
@@ -25,6 +26,7 @@ from chunkllm_jax import attention as attn
 from chunkllm_jax import model
 from chunkllm_jax import sharding as shd
 from chunkllm_jax import chunk_kernels
+from chunkllm_jax import chunk_prefill as chunk_prefill_lib
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, init_chunk_state,
                                       working_positions, working_size)
@@ -83,14 +85,12 @@ def _reselect(st: ChunkState, closes_B, q_LBd, ccfg: ChunkConfig) -> ChunkState:
                     n_selections=st.n_selections + closes_B)
 
 
-def segment(p_BT, valid_BT, ccfg: ChunkConfig):
-  """Boundaries of a prompt from the Chunk Adapter's probabilities: a scan over positions."""
+def segment(p_BT, valid_BT, tokens_BT, ccfg: ChunkConfig):
+  """Boundaries of a prompt by the config's rule (the Chunk Adapter's p by default): a scan over positions."""
   B, T = p_BT.shape
-  M = ccfg.max_chunk_len
 
-  def step(carry, t):
-    open_start = carry
-    closes = valid_BT[:, t] & (t >= ccfg.n_sink) & ((p_BT[:, t] > ccfg.alpha) | (t - open_start + 1 >= M))
+  def step(open_start, t):
+    closes = valid_BT[:, t] & ccfg.closes(t, open_start, tokens_BT[:, t], p_BT[:, t])
     return jnp.where(closes, t + 1, open_start), closes
 
   _, closes_TB = jax.lax.scan(step, jnp.full((B,), ccfg.n_sink, jnp.int32), jnp.arange(T))
@@ -98,32 +98,50 @@ def segment(p_BT, valid_BT, ccfg: ChunkConfig):
 
 
 def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
-  """Dense prefill that also fills the chunk table and makes the first selection."""
+  """Prefill that segments the prompt (at layer 0), attends chunk-sparsely (or densely, by
+  `ccfg.prefill`), fills the chunk table and makes the first selection by the full vote."""
   cfg = params.config
   B, T = tokens_BT.shape
-  slot_L, _, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
+  C = ccfg.max_chunks
+  slot_L, sparse_L, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
+  sparse_L = sparse_L.at[0].set(False) & (ccfg.prefill == "sparse")  # layer 0 segments: it stays dense
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   valid = positions < lengths_B[:, None]
   self_attend = model.self_attend_fn(cfg, positions, valid)
   last = (lengths_B - 1)[:, None, None]
+  x0 = model.embed(params, tokens_BT)
+
+  def segmentation(o0):
+    closes = segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, tokens_BT, ccfg)
+    ends, n = chunk_prefill_lib.chunk_ends(closes, C)
+    ids = chunk_prefill_lib.chunk_ids(closes, valid, ccfg.n_sink, C)
+    return closes, ids, ends, n
 
   def attend_fn(state, layer, q, k, v, h):
-    kb, vb, o0 = state
+    kb, vb, seg = state
     idx = layer["index"]
     kb, vb = write_prefix(kb, idx, k), write_prefix(vb, idx, v)
-    o, _, _ = self_attend(None, layer, q, k, v, h)
-    o0 = jnp.where(idx == 0, o, o0)
     qt, kt = _qk(params, slot_L[idx], h)
-    return o, (kb, vb, o0), (jnp.take_along_axis(qt, last, axis=1)[:, 0], kt)
+
+    def sparse():
+      closes, ids, ends, n = seg
+      sel = chunk_prefill_lib.layer_selections(qt, kt, ends, n, ccfg)
+      end_ok = closes if ccfg.keep == "boundary" else jnp.ones_like(closes)
+      return chunk_prefill_lib.prefill_attention(q, k, v, ids, sel, end_ok, ccfg, scale=cfg.attn_scale,
+                                                 softcap=cfg.attn_softcap, use_kernel=_use_kernels(ccfg))
+
+    o = jax.lax.cond(sparse_L[idx], sparse, lambda: self_attend(None, layer, q, k, v, h)[0])
+    seg = jax.lax.cond(idx == 0, lambda: segmentation(o), lambda: seg)
+    return o, (kb, vb, seg), (jnp.take_along_axis(qt, last, axis=1)[:, 0], kt)
 
   cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
-  x0 = model.embed(params, tokens_BT)
-  o0 = jnp.zeros((B, T, cfg.n_heads, cfg.head_dim), x0.dtype)
-  x, (k, v, o0), (q_last_LBd, k_LBTd) = model.run_layers(params, x0, positions, attend_fn, (cache.k, cache.v, o0))
+  seg0 = (jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, C), jnp.int32),
+          jnp.zeros((B,), jnp.int32))
+  x, (k, v, seg), (q_last_LBd, k_LBTd) = model.run_layers(params, x0, positions, attend_fn, (cache.k, cache.v, seg0))
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
 
-  closes_BT = segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, ccfg)
+  closes_BT = seg[0]
   acfg = params.adapters.config
   st = init_chunk_state(cfg.n_layers, len(acfg.qk_layers), B, acfg.d_c, cfg.n_kv_heads, cfg.head_dim,
                         cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
@@ -196,7 +214,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                   read_slots=st.read_slots + n_blocks[0] * WORK_BLOCK + M)
 
   p = jax.nn.sigmoid(_boundary_logits(params, x0, o0)[:, 0])
-  closes = (pos_B >= ccfg.n_sink) & ((p > ccfg.alpha) | (pos_B - st.open_start + 1 >= ccfg.max_chunk_len))
+  closes = ccfg.closes(pos_B, st.open_start, tokens_B, p)
 
   # Optional refresh inside a long chunk: every `refresh_every` tokens of the open chunk.
   into_chunk = pos_B - st.open_start + 1

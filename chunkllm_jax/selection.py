@@ -32,6 +32,12 @@ class ChunkConfig:
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
+  prefill: str = "sparse"  # "sparse": chunk-sparse prefill (per-layer top-k); "dense": full attention
+  # The rules below make the eval baselines selections over the same buffer (eval/methods.py):
+  boundaries: str = "adapter"  # "adapter": p > alpha; "fixed": every max_chunk_len tokens;
+  #                              "separators": at the tokens in `separator_ids` (SepLLM)
+  separator_ids: tuple[int, ...] = ()
+  keep: str = "chunk"  # "chunk": a selected chunk is read whole; "boundary": only its last token (SepLLM)
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
@@ -53,6 +59,16 @@ class ChunkConfig:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
       raise ValueError(f"attention must be 'xla' or 'pallas', got {self.attention!r}")
+    if self.prefill not in ("sparse", "dense"):
+      raise ValueError(f"prefill must be 'sparse' or 'dense', got {self.prefill!r}")
+    if self.boundaries not in ("adapter", "fixed", "separators"):
+      raise ValueError(f"boundaries must be 'adapter', 'fixed' or 'separators', got {self.boundaries!r}")
+    if self.boundaries == "separators" and not self.separator_ids:
+      raise ValueError("boundaries='separators' needs separator_ids (the token ids that close a chunk)")
+    if self.keep not in ("chunk", "boundary"):
+      raise ValueError(f"keep must be 'chunk' or 'boundary', got {self.keep!r}")
+    if self.attention == "pallas" and self.keep != "chunk":
+      raise ValueError("attention='pallas' reads selected chunks whole; use keep='chunk' or attention='xla'")
     if not 0.0 < self.alpha < 1.0:
       raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
     if any(not 0 <= i < n_layers for i in self.dense_layers):
@@ -62,7 +78,19 @@ class ChunkConfig:
   @property
   def budget(self) -> int:
     """Tokens in the compacted working buffer: sinks, then top_k + n_local chunk slots."""
-    return self.n_sink + (self.top_k + self.n_local) * self.max_chunk_len
+    per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
+    return self.n_sink + self.top_k * per_selected + self.n_local * self.max_chunk_len
+
+  def closes(self, t_B, open_start_B, token_B, p_B):
+    """Whether the token at position t closes the open chunk, by this config's boundary rule."""
+    forced = t_B - open_start_B + 1 >= self.max_chunk_len
+    if self.boundaries == "adapter":
+      rule = p_B > self.alpha
+    elif self.boundaries == "separators":
+      rule = jnp.isin(token_B, jnp.asarray(self.separator_ids, jnp.int32))
+    else:
+      rule = jnp.zeros_like(forced)
+    return (t_B >= self.n_sink) & (rule | forced)
 
 
 def candidates(n_chunks_B, max_chunks: int, n_local: int):

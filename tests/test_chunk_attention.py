@@ -37,15 +37,17 @@ def make_table(rng, B, S, ccfg, lengths):
 
 
 def reference_visible(st, selected, ccfg, pos):
+  """(keep="boundary": a selected, non-local chunk shows its last token only.)"""
   """The visible positions of row b, from the definition: sinks, chosen, local, open chunk."""
   B = len(pos)
   mask = np.zeros((B, int(pos.max()) + 1), bool)
   for b in range(B):
     n = int(st.n_chunks[b])
     mask[b, : ccfg.n_sink] = True
-    chosen = {int(c) for c in selected[b] if c >= 0} | set(range(max(n - ccfg.n_local, 0), n))
-    for c in chosen:
-      mask[b, int(st.chunk_start[b, c]): int(st.chunk_end[b, c]) + 1] = True
+    local = set(range(max(n - ccfg.n_local, 0), n))
+    for c in {int(c) for c in selected[b] if c >= 0} | local:
+      first = int(st.chunk_end[b, c]) if ccfg.keep == "boundary" and c not in local else int(st.chunk_start[b, c])
+      mask[b, first: int(st.chunk_end[b, c]) + 1] = True
     mask[b, int(st.open_start[b]): int(pos[b]) + 1] = True
     mask[b, int(pos[b]) + 1:] = False
   return mask
@@ -53,10 +55,12 @@ def reference_visible(st, selected, ccfg, pos):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("top_k, n_local, H, K", [(3, 1, 4, 2), (0, 2, 4, 4), (6, 0, 8, 2), (40, 2, 2, 1)])
-def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_k, n_local, H, K):
+@pytest.mark.parametrize("keep", ["chunk", "boundary"])
+def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_k, n_local, H, K, keep):
   rng = np.random.RandomState(seed)
   B, S, D = 3, 160, 8
-  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunk_len=12, max_chunks=40).validate(S, 1)
+  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunk_len=12, max_chunks=40,
+                     keep=keep).validate(S, 1)
   lengths = np.array([150, 90, 20])
   st = make_table(rng, B, S, ccfg, lengths)
   pos = lengths - 1

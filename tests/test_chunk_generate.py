@@ -1,6 +1,8 @@
 """chunk_generate on tiny random models: full coverage equals `generate` exactly, selection changes
 only at boundaries, retention falls with top_k, and bad settings fail before compiling."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,14 +28,58 @@ def chunk_params(arch="llama", seed=0, **kw):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, seed=3)], ids=["greedy", "sampled"])
-def test_full_coverage_equals_generate(arch, sampling):
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_full_coverage_equals_generate(arch, sampling, prefill):
   params = chunk_params(arch)
   rows = prompts([40, 23, 1], seed=3)
   ref = cj.generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=128, **sampling)
-  out = chunk_generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=128, **FULL, **sampling)
+  out = chunk_generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=128, prefill=prefill, **FULL,
+                       **sampling)
   assert (out.tokens == ref.tokens).all()
   assert np.allclose(out.stats["kv_retention"], 1.0)
   assert not out.stats["chunk_overflow"].any()
+
+
+def test_sparse_prefill_really_drops_chunks():
+  """With a small selection, sparse prefill changes the prompt's last logits; dense does not."""
+  params = chunk_params()
+  rows = prompts([120], seed=9)
+  ccfg = ChunkConfig(top_k=1, n_local=1, max_chunk_len=8, max_chunks=64).validate(128, 3)
+  run = lambda c: jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(rows, jnp.int32),
+                                                                  jnp.asarray([120]), 128, c)[0]
+  dense = run(dataclasses.replace(ccfg, prefill="dense"))
+  np.testing.assert_allclose(dense, cj.forward(params, jnp.asarray(rows, jnp.int32))[:, -1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(run(ccfg), dense, atol=1e-3)
+
+
+@pytest.mark.parametrize("rule, extra", [("fixed", dict()), ("separators", dict(separator_ids=(7, 11, 13)))])
+def test_fixed_and_separator_boundary_rules(rule, extra):
+  """The baselines' boundary rules: every max_chunk_len tokens, or at separator tokens."""
+  params = chunk_params()
+  rows = np.asarray(prompts([100], seed=10), np.int32)
+  ccfg = ChunkConfig(boundaries=rule, max_chunk_len=8, max_chunks=64, **extra).validate(128, 3)
+  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(rows), jnp.asarray([100]), 128, ccfg)
+  n = int(st.n_chunks[0])
+  ends = np.asarray(st.chunk_end[0, :n])
+  starts = np.asarray(st.chunk_start[0, :n])
+  if rule == "fixed":
+    assert (ends - starts + 1 == 8).all() and n == (100 - 4) // 8
+  else:  # a chunk ends at a separator, or at its length limit
+    sep = np.isin(rows[0, ends], (7, 11, 13))
+    assert ((ends - starts + 1 == 8) | sep).all() and sep.sum() >= 1
+    inner = [t for a, e in zip(starts, ends) for t in range(a, e)]
+    assert not np.isin(rows[0, inner], (7, 11, 13)).any()
+
+
+def test_keep_boundary_reads_one_token_per_selected_chunk():
+  params = chunk_params()
+  rows = prompts([400], seed=4)
+  kw = dict(max_new_tokens=12, eos_ids=(), max_len=512, max_chunks=64, max_chunk_len=16, n_local=1,
+            boundaries="fixed", top_k=64)
+  whole = chunk_generate(params, rows, **kw)
+  ends = chunk_generate(params, rows, keep="boundary", **kw)
+  # 400 tokens in chunks of 16: about 24 chunks -> 24 slots instead of 24 * 16
+  assert ends.stats["kv_retention"][0] < 0.2 < 0.95 < whole.stats["kv_retention"][0]
 
 
 def test_retention_and_bytes_fall_with_top_k():
@@ -91,6 +137,9 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(max_chunks=2, max_chunk_len=8), "max_chunks=2 cannot hold 64 tokens"),
     (dict(vote="max"), "vote must be"),
     (dict(alpha=1.5), "alpha must be in"),
+    (dict(prefill="none"), "prefill must be"),
+    (dict(boundaries="separators"), "needs separator_ids"),
+    (dict(keep="boundary", attention="pallas"), "reads selected chunks whole"),
     (dict(bogus=1), "unknown chunk-config fields"),
 ])
 def test_bad_settings_fail_before_compiling(kw, match):

@@ -1,0 +1,208 @@
+"""Chunk-sparse prefill: each chunk's queries read the sinks, the chunks chosen at the boundary
+before it, the local chunks and (causally) their own chunk.
+
+Prefill runs layer by layer over all tokens, so the cross-layer vote is not available (it would
+need the later layers before the earlier ones could attend): each sparse layer selects with its
+own QK Adapter (DESIGN.md, "Prefill"). The segmentation comes from layer 0, which therefore
+always prefills densely.
+
+Chunk ids here follow the kernel convention (`pallas_kernels/chunk_prefill_attention.py`): the
+sinks are id 0, table chunk j is id j + 1, the open chunk after the last boundary is
+id n_chunks + 1, padding is -1. Ids are monotone along a row, so a block of positions holds a
+contiguous range of ids, and "which key blocks does this query block read" is two prefix sums
+over a [C, C] chunk-visibility table: no T x T array anywhere.
+
+The XLA path folds only the listed key blocks into an online softmax (a loop with a dynamic trip
+count), so the work follows the visible chunks; `attention="pallas"` runs the block-sparse
+Pallas kernel on the same lists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from chunkllm_jax.attention import NEG_INF
+from chunkllm_jax.selection import ChunkConfig
+
+PREFILL_BLOCK = 256  # query and key block of the sparse prefill loop
+
+
+def chunk_ids(closes_BT, valid_BT, n_sink: int, max_chunks: int):
+  """Per position: 0 for sinks, 1 + table index for chunk tokens, -1 for padding. [B, T] int32.
+
+  Chunks past the table's end (overflow) share the last id, so they stay visible as one chunk."""
+  T = closes_BT.shape[1]
+  before = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - closes_BT  # boundaries before t
+  ids = jnp.minimum(before + 1, max_chunks + 1)
+  ids = jnp.where(jnp.arange(T) < n_sink, 0, ids)
+  return jnp.where(valid_BT, ids, -1).astype(jnp.int32)
+
+
+def chunk_ends(closes_BT, max_chunks: int):
+  """Table chunk j's boundary position, -1 where empty: [B, C]; and completed chunks [B]."""
+  B, T = closes_BT.shape
+  slot = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - 1
+  slot = jnp.where(closes_BT & (slot < max_chunks), slot, max_chunks)  # the extra column soaks up the rest
+  ends = jnp.full((B, max_chunks + 1), -1, jnp.int32)
+  ends = ends.at[jnp.arange(B)[:, None], slot].set(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+  n = jnp.minimum(jnp.sum(closes_BT, axis=1), max_chunks).astype(jnp.int32)
+  return ends[:, :max_chunks], n
+
+
+def layer_selections(q_BTd, k_BTd, ends_BC, n_chunks_B, ccfg: ChunkConfig):
+  """One layer's own top-k at every boundary: row j is chosen with q~ at chunk j's last token,
+  among the chunks completed by then minus the `n_local` most recent. [B, C, top_k] table ids, -1 empty."""
+  C = ends_BC.shape[1]
+  at = jnp.maximum(ends_BC, 0)[..., None]
+  q_BCd = jnp.take_along_axis(q_BTd, at, axis=1)
+  k_BCd = jnp.take_along_axis(k_BTd, at, axis=1)
+  s_BCC = jnp.einsum("bqd,bkd->bqk", q_BCd, k_BCd, preferred_element_type=jnp.float32)
+  j = jnp.arange(C)
+  cand = (j[None, :] < j[:, None] + 1 - ccfg.n_local)[None] & (j < n_chunks_B[:, None])[:, None]
+  k = min(ccfg.top_k, C)
+  if k == 0:
+    return jnp.full(s_BCC.shape[:2] + (0,), -1, jnp.int32)
+  val, idx = jax.lax.top_k(jnp.where(cand, s_BCC, -jnp.inf), k)
+  return jnp.where(val > -jnp.inf, idx, -1).astype(jnp.int32)
+
+
+def selection_table(sel_BCN, n_ids: int):
+  """vis[b, c_q, c_k]: chunk id c_k was selected for the queries of chunk id c_q. [B, n_ids, n_ids] bool.
+
+  The selection made at table chunk j's boundary serves the next chunk, id j + 2."""
+  B, C, N = sel_BCN.shape
+  rows = jnp.broadcast_to((jnp.arange(C) + 2)[None, :, None], (B, C, N))
+  cols = jnp.where(sel_BCN >= 0, sel_BCN + 1, n_ids)
+  rows = jnp.where(rows < n_ids, rows, n_ids)
+  vis = jnp.zeros((B, n_ids + 1, n_ids + 1), bool)
+  vis = vis.at[jnp.arange(B)[:, None, None], rows, cols].set(True)
+  return vis[:, :n_ids, :n_ids]
+
+
+def token_mask(cq_BT, ck_BS, q_pos_BT, k_pos_BS, vis_BCC, end_BS, n_local: int):
+  """The visibility rule on a tile: [B, T, S] bool. `end_BS` marks keys that may be read from a
+  selected chunk (all of them, or only its boundary token for `keep="boundary"`)."""
+  structural = (ck_BS[:, None, :] == 0) | (ck_BS[:, None, :] >= cq_BT[:, :, None] - n_local)
+  picked = jax.vmap(lambda v, cq, ck: v[jnp.maximum(cq, 0)[:, None], jnp.maximum(ck, 0)[None]])(vis_BCC, cq_BT, ck_BS)
+  reads = structural | (picked & end_BS[:, None, :])
+  causal = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]  # positions [B or 1, T / S]
+  return reads & causal & (cq_BT >= 0)[:, :, None] & (ck_BS >= 0)[:, None, :]
+
+
+def block_lists(chunk_id_BT, vis_BCC, n_local: int, block: int):
+  """The key blocks each query block reads, ascending: ids [B, nq, nk] (0-padded) and counts [B, nq].
+
+  A query block holds ids [lo, hi]; it reads id c if c is a sink, local to some query (c >= lo -
+  n_local), or selected by some query chunk (a prefix sum over the table's rows). A key block holds
+  ids [klo, khi] and is read if any of them is (a prefix sum over the table's columns)."""
+  B, T = chunk_id_BT.shape
+  n_ids = vis_BCC.shape[-1]
+  nb = T // block
+  c_t = chunk_id_BT.reshape(B, nb, block)
+  live = (c_t >= 0).any(-1)
+  lo = jnp.where(c_t >= 0, c_t, n_ids).min(-1)
+  hi = jnp.maximum(c_t.max(-1), 0)
+  rows_cum = jnp.pad(jnp.cumsum(vis_BCC.astype(jnp.int32), axis=1), ((0, 0), (1, 0), (0, 0)))  # [B, n+1, n]
+  take = lambda r: jnp.take_along_axis(rows_cum, jnp.clip(r, 0, n_ids)[..., None], axis=1)
+  selected_BQC = (take(hi + 1) - take(lo)) > 0
+  c = jnp.arange(n_ids)
+  reads_BQC = selected_BQC | (c == 0) | (c >= (lo - n_local)[..., None])
+  reads_cum = jnp.pad(jnp.cumsum(reads_BQC.astype(jnp.int32), axis=-1), ((0, 0), (0, 0), (1, 0)))
+  k_lo, k_hi = lo, hi  # key blocks are the same blocks of positions
+  hit = (jnp.take_along_axis(reads_cum, jnp.clip(k_hi + 1, 0, n_ids)[:, None, :].repeat(nb, 1), -1)
+         - jnp.take_along_axis(reads_cum, jnp.clip(k_lo, 0, n_ids)[:, None, :].repeat(nb, 1), -1)) > 0
+  causal = jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None]
+  active = hit & causal & live[:, :, None] & live[:, None, :]
+  order = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
+  n = jnp.sum(active, axis=-1).astype(jnp.int32)
+  return jnp.where(jnp.arange(nb) < n[..., None], order, 0), n
+
+
+def sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BCC, end_BT, *, n_local: int,
+                             scale: float, softcap: float | None = None, block: int = PREFILL_BLOCK):
+  """Block-sparse causal attention (XLA): each query block folds in only its listed key blocks."""
+  B, T0, H, D = q_BTHD.shape
+  K = k_BTKD.shape[2]
+  G = H // K
+  pad = -T0 % block
+  if pad:
+    padT = lambda x, c=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=c)
+    q_BTHD, k_BTKD, v_BTKD, end_BT = padT(q_BTHD), padT(k_BTKD), padT(v_BTKD), padT(end_BT, False)
+    chunk_id_BT = padT(chunk_id_BT, -1)
+  T = T0 + pad
+  ids_BQN, n_BQ = block_lists(chunk_id_BT, vis_BCC, n_local, block)
+  kpos_in = jnp.arange(block)
+
+  def one_query_block(qi):
+    q_pos = (qi * block + kpos_in)[None]
+    rows_of = lambda x: jax.lax.dynamic_slice_in_dim(x, qi * block, block, axis=1)
+    q = rows_of(q_BTHD).reshape(B, block, K, G, D)
+    cq = rows_of(chunk_id_BT)
+    ids_BN, n_B = ids_BQN[:, qi], n_BQ[:, qi]
+
+    def body(i, carry):
+      m, l, acc = carry
+      kb_B = ids_BN[:, i]
+      take = lambda x: jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, block, axis=0))(x, kb_B * block)
+      kk, vv, ck, ek = take(k_BTKD), take(v_BTKD), take(chunk_id_BT), take(end_BT)
+      ok = token_mask(cq, ck, q_pos, kb_B[:, None] * block + kpos_in, vis_BCC, ek, n_local)
+      ok = ok & (i < n_B)[:, None, None]
+      s = jnp.einsum("btkgd,bskd->bkgts", q, kk, preferred_element_type=jnp.float32) * scale
+      if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+      s = jnp.where(ok[:, None, None], s, NEG_INF)
+      m_new = jnp.maximum(m, s.max(-1))
+      corr = jnp.exp(m - m_new)
+      p = jnp.where(ok[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(vv.dtype), vv,
+                                               preferred_element_type=jnp.float32)
+      return m_new, l * corr + p.sum(-1), acc
+
+    init = (jnp.full((B, K, G, block), NEG_INF, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
+            jnp.zeros((B, K, G, block, D), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, jnp.max(n_B), body, init)
+    o = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a padding query sees nothing: zeros
+    return jnp.einsum("bkgtd->btkgd", o).reshape(B, block, H, D)
+
+  o_QBTHD = jax.lax.map(one_query_block, jnp.arange(T // block))
+  o = jnp.moveaxis(o_QBTHD, 0, 1).reshape(B, T, H, D)
+  return o[:, :T0].astype(q_BTHD.dtype)
+
+
+def masked_prefill_reference(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BCC, end_BT, *, n_local: int, scale: float):
+  """The same rule as one dense masked softmax (T x T): the slow, obvious version, for tests."""
+  B, T, H, D = q_BTHD.shape
+  K = k_BTKD.shape[2]
+  pos = jnp.arange(T)[None]
+  ok = token_mask(chunk_id_BT, chunk_id_BT, pos, pos, vis_BCC, end_BT, n_local)
+  s = jnp.einsum("btkgd,bskd->bkgts", q_BTHD.reshape(B, T, K, H // K, D), k_BTKD,
+                 preferred_element_type=jnp.float32) * scale
+  s = jnp.where(ok[:, None, None], s, NEG_INF)
+  p = jnp.where(ok[:, None, None], jax.nn.softmax(s, axis=-1), 0.0)
+  o = jnp.einsum("bkgts,bskd->btkgd", p, v_BTKD, preferred_element_type=jnp.float32)
+  return o.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, sel_BCN, end_BT, ccfg: ChunkConfig, *, scale: float,
+                      softcap: float | None, use_kernel: bool, block: int = PREFILL_BLOCK):
+  """One sparse layer's prefill attention, by the XLA loop or the Pallas kernel (same rule, same lists)."""
+  n_ids = ccfg.max_chunks + 2
+  vis = selection_table(sel_BCN, n_ids)
+  if not use_kernel:
+    return sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis, end_BT, n_local=ccfg.n_local,
+                                    scale=scale, softcap=softcap, block=block)
+  from pallas_kernels.chunk_prefill_attention import chunk_prefill_attention
+
+  B, T0 = chunk_id_BT.shape
+  pad = -T0 % block
+  padT = lambda x, c=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=c)
+  q, k, v, ids = padT(q_BTHD), padT(k_BTKD), padT(v_BTKD), padT(chunk_id_BT, -1)
+  blocks_BQN, n_BQ = block_lists(ids, vis, ccfg.n_local, block)
+  # the kernel takes each token's selection in kernel ids: chunk id c reads sel_BCN[c - 2] + 1
+  sel_ids = jnp.concatenate([jnp.full((B, 2, sel_BCN.shape[-1]), -1, jnp.int32),
+                             jnp.where(sel_BCN >= 0, sel_BCN + 1, -1)], axis=1)
+  sel_BTN = jnp.take_along_axis(sel_ids, jnp.maximum(ids, 0)[..., None], axis=1)
+  o = chunk_prefill_attention(q, k, v, blocks_BQN, n_BQ, ids, sel_BTN, scale=scale, block_q=block, block_k=block,
+                              n_sink=ccfg.n_sink, n_local=ccfg.n_local, interpret=ccfg.interpret)
+  return o[:, :T0]

@@ -1,0 +1,144 @@
+"""Chunk-sparse prefill against the rule written the slow obvious way (Python loops over tokens).
+
+Random segmentations, ragged rows, per-layer selections from random q~/k~, GQA, both `keep`
+rules; the block-sparse XLA loop, the block lists and the Pallas kernel (interpret mode) must all
+agree with the definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chunkllm_jax import attention as attn
+from chunkllm_jax import chunk_prefill as cp
+from chunkllm_jax.selection import ChunkConfig
+
+
+def random_segmentation(rng, B, T, lengths, n_sink, p=0.15):
+  closes = (rng.rand(B, T) < p) & (np.arange(T) >= n_sink) & (np.arange(T) < np.asarray(lengths)[:, None])
+  valid = np.arange(T) < np.asarray(lengths)[:, None]
+  return closes, valid
+
+
+def reference_mask(closes, valid, sel, ccfg, keep):
+  """visible[b, t, s] from the definition: table chunks from the boundaries, then the rule."""
+  B, T = closes.shape
+  vis = np.zeros((B, T, T), bool)
+  for b in range(B):
+    ends = list(np.flatnonzero(closes[b]))
+    chunk_of = np.full(T, -1)  # table chunk of each token; -1 sinks; len(ends) for the open tail
+    start = ccfg.n_sink
+    for j, e in enumerate(ends):
+      chunk_of[start: e + 1] = j
+      start = e + 1
+    chunk_of[start:] = len(ends)
+    for t in range(T):
+      if not valid[b, t]:
+        continue
+      c = chunk_of[t]
+      if t < ccfg.n_sink:
+        vis[b, t, : t + 1] = True
+        continue
+      chosen = set(int(x) for x in sel[b, c - 1] if x >= 0) if c >= 1 else set()
+      for s in range(t + 1):
+        if s < ccfg.n_sink or chunk_of[s] >= c - ccfg.n_local:
+          vis[b, t, s] = True
+        elif chunk_of[s] in chosen and (keep == "chunk" or s == ends[chunk_of[s]]):
+          vis[b, t, s] = True
+  return vis
+
+
+def selections_loop(q, k, closes, ccfg):
+  """Per boundary j: top_k of q~[end_j] . k~[end_i] over i < j + 1 - n_local (a loop)."""
+  B = q.shape[0]
+  C = ccfg.max_chunks
+  sel = np.full((B, C, ccfg.top_k), -1)
+  for b in range(B):
+    ends = list(np.flatnonzero(closes[b]))[:C]
+    for j, e in enumerate(ends):
+      cands = list(range(max(j + 1 - ccfg.n_local, 0)))
+      scores = [float(q[b, e] @ k[b, ends[i]]) for i in cands]
+      best = [cands[i] for i in np.argsort(scores)[::-1][: ccfg.top_k]]
+      sel[b, j, : len(best)] = best
+  return sel
+
+
+def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96, 61)):
+  rng = np.random.RandomState(seed)
+  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunks=40, max_chunk_len=64).validate(T, 2)
+  closes, valid = random_segmentation(rng, B, T, lengths, ccfg.n_sink)
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q, k, v = (jax.random.normal(ks[i], (B, T, n, D)) for i, n in enumerate((H, K, K)))
+  qt, kt = jax.random.normal(ks[3], (B, T, d_c)), jax.random.normal(ks[4], (B, T, d_c))
+  return ccfg, jnp.asarray(closes), jnp.asarray(valid), q, k, v, qt, kt
+
+
+def test_chunk_ids_and_ends_by_hand():
+  closes = jnp.asarray([[0, 0, 0, 0, 0, 1, 0, 1, 0, 0]], bool)
+  valid = jnp.asarray([[1] * 9 + [0]], bool)
+  assert cp.chunk_ids(closes, valid, 2, 8).tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 3, -1]]
+  ends, n = cp.chunk_ends(closes, 8)
+  assert ends.tolist() == [[5, 7, -1, -1, -1, -1, -1, -1]] and n.tolist() == [2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_layer_selections_match_a_loop(seed):
+  ccfg, closes, _, _, _, _, qt, kt = case(seed)
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  got = np.asarray(cp.layer_selections(qt, kt, ends, n, ccfg))
+  want = selections_loop(np.asarray(qt), np.asarray(kt), np.asarray(closes), ccfg)
+  for b in range(got.shape[0]):
+    for j in range(int(n[b])):
+      assert set(got[b, j][got[b, j] >= 0]) == set(want[b, j][want[b, j] >= 0]), (b, j)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("keep", ["chunk", "boundary"])
+@pytest.mark.parametrize("H, K, top_k, n_local, block", [(4, 2, 3, 1, 16), (2, 2, 0, 2, 32), (8, 2, 40, 0, 16)])
+def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_k, n_local, block):
+  ccfg, closes, valid, q, k, v, qt, kt = case(seed, H=H, K=K, top_k=top_k, n_local=n_local)
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  sel = cp.layer_selections(qt, kt, ends, n, ccfg)
+  vis = cp.selection_table(sel, ccfg.max_chunks + 2)
+  end_ok = closes if keep == "boundary" else jnp.ones_like(closes)
+  want_mask = reference_mask(np.asarray(closes), np.asarray(valid), np.asarray(sel), ccfg, keep)
+  got_mask = cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis, end_ok, n_local)
+  np.testing.assert_array_equal(got_mask, want_mask)
+  got = cp.sparse_prefill_attention(q, k, v, ids, vis, end_ok, n_local=n_local, scale=0.3, block=block)
+  want = attn.attend(q, k, v, jnp.asarray(want_mask), scale=0.3)
+  live = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[~live] == 0)  # padding queries see nothing
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_lists_cover_every_visible_pair_and_no_future(seed):
+  ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  vis = cp.selection_table(cp.layer_selections(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
+  mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
+                                  jnp.ones_like(closes), ccfg.n_local))
+  blocks, counts = map(np.asarray, cp.block_lists(ids, vis, ccfg.n_local, 16))
+  needed = mask.reshape(2, 6, 16, 6, 16).any(axis=(2, 4))
+  for b in range(2):
+    for qb in range(6):
+      listed = blocks[b, qb, : counts[b, qb]]
+      assert set(np.flatnonzero(needed[b, qb])) <= set(listed.tolist())
+      assert list(listed) == sorted(listed) and all(listed <= qb)
+  assert counts.sum() < 2 * 21  # sparser than all causal block pairs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pallas_prefill_kernel_path_matches_the_xla_path(seed):
+  ccfg, closes, valid, q, k, v, qt, kt = case(seed, T=128, lengths=(128, 77))
+  ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True})
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  sel = cp.layer_selections(qt, kt, ends, n, ccfg)
+  kw = dict(scale=0.3, softcap=None, block=32)
+  xla = cp.prefill_attention(q, k, v, ids, sel, jnp.ones_like(closes), ccfg, use_kernel=False, **kw)
+  ker = cp.prefill_attention(q, k, v, ids, sel, jnp.ones_like(closes), ccfg, use_kernel=True, **kw)
+  live = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(ker)[live], np.asarray(xla)[live], rtol=1e-5, atol=1e-5)
