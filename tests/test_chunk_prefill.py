@@ -142,3 +142,21 @@ def test_pallas_prefill_kernel_path_matches_the_xla_path(seed):
   ker = cp.prefill_attention(q, k, v, ids, sel, jnp.ones_like(closes), ccfg, use_kernel=True, **kw)
   live = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(ker)[live], np.asarray(xla)[live], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_positions_hold_every_visible_key_once_in_order(seed):
+  ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  vis = cp.selection_table(cp.layer_selections(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
+  mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
+                                  jnp.ones_like(closes), ccfg.n_local))
+  pos, used = map(np.asarray, cp.packed_key_positions(ids, vis, ccfg.n_local, 16))
+  for b in range(2):
+    for qb in range(6):
+      packed = pos[b, qb, : used[b, qb]].tolist()
+      needed = set(np.flatnonzero(mask[b, qb * 16:(qb + 1) * 16].any(0)))
+      assert packed == sorted(set(packed)) and needed <= set(packed)
+      assert all(p < (qb + 1) * 16 for p in packed)  # nothing from the future
+  assert used.sum() < 2 * sum(16 * (qb + 1) for qb in range(6))  # fewer slots than causal reads
