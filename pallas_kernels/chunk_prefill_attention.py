@@ -14,6 +14,9 @@ and each kernel block reads its own rows of it with a plain BlockSpec. A per-chu
 Sparsity: per query block, `kv_blocks_BQN[b, q, :n_kv_BQ[b, q]]` lists the KV blocks to read
 (scalar-prefetched, they drive the K/V index maps); `prefill_block_lists` builds them from the
 chunk ids. The token mask applies inside each block. A query that sees nothing gets zeros.
+
+On GPU the dispatcher runs the Triton version, `chunk_prefill_attention_gpu` (same arguments,
+same result).
 """
 
 from __future__ import annotations
@@ -26,14 +29,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, use_kernel
+from pallas_kernels.dispatch import NEG_INF, use_gpu_kernel, use_kernel
 
 
 def token_visible(q_pos_T1, k_pos_1S, cq_T1, ck_1S, sel_TN, *, n_sink: int, n_local: int):
   """The rule above on one tile: [T, 1] query side, [1, S] key side. Returns [T, S] bool."""
+  return visible_given_selections(q_pos_T1, k_pos_1S, cq_T1, ck_1S,
+                                  [sel_TN[:, n:n + 1] for n in range(sel_TN.shape[-1])],
+                                  n_sink=n_sink, n_local=n_local)
+
+
+def visible_given_selections(q_pos_T1, k_pos_1S, cq_T1, ck_1S, sel_cols_T1, *, n_sink: int,
+                             n_local: int):
+  """`token_visible` with the selections as a list of [T, 1] columns: the GPU kernel loads them
+  one by one (Triton lowers no value slicing), the TPU kernel slices them from its tile."""
   in_sel = jnp.zeros(jnp.broadcast_shapes(cq_T1.shape, ck_1S.shape), bool)
-  for n in range(sel_TN.shape[-1]):  # static: N compares, no gather
-    in_sel |= sel_TN[:, n:n + 1] == ck_1S
+  for sel_T1 in sel_cols_T1:  # static: N compares, no gather
+    in_sel |= sel_T1 == ck_1S
   reads = (k_pos_1S < n_sink) | (ck_1S >= cq_T1 - n_local) | in_sel
   return (k_pos_1S <= q_pos_T1) & (cq_T1 >= 0) & (ck_1S >= 0) & reads
 
@@ -210,10 +222,15 @@ def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_B
 
 def chunk_prefill_attention(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT, sel_BTN,
                             *, scale: float, block_q: int, block_k: int, n_sink: int,
-                            n_local: int, interpret=False):
-  """Dispatcher: the Pallas kernel on TPU or in interpret mode, else the jnp reference."""
+                            n_local: int, interpret=False, backend: str | None = None):
+  """Dispatcher: the GPU kernel on GPU (or `backend="gpu"`), the Pallas kernel on TPU or in
+  interpret mode, else the jnp reference."""
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, n_sink=n_sink, n_local=n_local)
   args = (q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT, sel_BTN)
+  if use_gpu_kernel(backend):
+    # imported here: the GPU module imports this one
+    from pallas_kernels.chunk_prefill_attention_gpu import chunk_prefill_attention_gpu
+    return chunk_prefill_attention_gpu(*args, **kw, interpret=interpret)
   if use_kernel(interpret):
     return chunk_prefill_attention_kernel(*args, **kw, interpret=interpret)
   return chunk_prefill_attention_reference(*args, **kw)
