@@ -14,6 +14,9 @@ O(T * max_chunks). Forward only: use P under `stop_gradient`.
 
 Keys with chunk id -1 are padding; rows are left-aligned (position = index). Chunk ids must be
 < max_chunks (a larger id has no bin).
+
+On GPU the dispatcher runs the Triton version, `distill_attention_gpu` (same arguments, same
+result; a different split of the work, explained there).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, use_kernel
+from pallas_kernels.dispatch import NEG_INF, use_gpu_kernel, use_kernel
 
 
 def renormalise(p_raw_BTC, chunk_id_BT):
@@ -217,13 +220,18 @@ def distill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: floa
 
 def distill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: float, max_chunks: int,
                       n_sink: int, block_q: int, block_k: int, softcap: float | None = None,
-                      interpret=False):
-  """Dispatcher: the Pallas kernel on TPU or in interpret mode, else the jnp reference.
+                      interpret=False, backend: str | None = None):
+  """Dispatcher: the GPU kernel on GPU (or `backend="gpu"`), the Pallas kernel on TPU or in
+  interpret mode, else the jnp reference.
 
   Returns (o_BTHD, p_BTC): the attention output, and the teacher (float32).
   """
   kw = dict(scale=scale, max_chunks=max_chunks, n_sink=n_sink, block_q=block_q,
             block_k=block_k, softcap=softcap)
+  if use_gpu_kernel(backend):
+    # imported here: the GPU module imports this one
+    from pallas_kernels.distill_attention_gpu import distill_attention_gpu
+    return distill_attention_gpu(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, **kw, interpret=interpret)
   if use_kernel(interpret):
     return distill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, **kw,
                                     interpret=interpret)
