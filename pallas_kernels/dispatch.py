@@ -1,7 +1,10 @@
 """Which implementation of a kernel runs where, and the masking constant the kernels share.
 
 - GPU backend, or `backend="gpu"` (with `interpret` set, to test it on CPU): the kernel's GPU
-  version where it has one (`chunk_decode_attention_gpu`), lowered through Triton.
+  version where it has one, lowered through Triton. The attention kernels have one, each in a
+  `*_gpu` module beside its TPU kernel: `chunk_decode_attention_gpu`,
+  `chunk_prefill_attention_gpu`, `distill_attention_gpu`. `gather_chunks` has none (it is a DMA
+  copy; on GPU its jnp reference, a gather, runs).
 - `interpret` set (True, or a `pltpu.InterpretParams` for the TPU simulator): the Pallas kernel
   in interpret mode. Tests only.
 - TPU: the Pallas kernel, compiled by Mosaic.
