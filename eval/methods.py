@@ -1,0 +1,362 @@
+"""The evaluated methods, each a selection over the same static KV buffer, at matched KV budgets.
+
+Vanilla decoding runs through `cj.generate`; ChunkLLM and the paper's three baselines run through
+`chunk_generate`, each with the `ChunkConfig` that makes it what it is, so that a score difference
+comes from what attention reads, never from a second implementation:
+
+- `chunkllm`: the Chunk Adapter's boundaries, the QK Adapters' vote picks the top-k chunks.
+- `streamingllm`: sinks + a recent window: fixed 16-token chunks, no selection (`top_k=0`), the
+  window is `n_local` chunks.
+- `sepllm`: sinks + the KV of every separator token + a recent window: chunks end at separator
+  tokens (any token whose text holds one of `.,;:!?` or a newline), every chunk is selected but
+  contributes its last token only (`keep="boundary"`), the window is `n_local` whole chunks.
+- `fixllm`: fixed-length chunks (about ChunkLLM's mean chunk length) with the same QK-adapter
+  selection, no Chunk Adapter.
+
+Budgets are matched by *expected* retention: for a target r, each method's knob (top_k for chunkllm
+and fixllm, the window for streamingllm and sepllm) is the one whose expected visible tokens over
+the decode steps come closest to r of the tokens seen. The expectation needs each method's mean
+chunk length on the prompts at hand: ChunkLLM's comes from running the Chunk Adapter on layer 0
+alone (the same segmentation chunk_prefill makes), SepLLM's from the separators in the token ids.
+What gets reported is always the retention `chunk_generate` measured, never this estimate:
+SepLLM's separators alone can exceed a low budget, and then its real (higher) retention shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import chunkllm_jax as cj
+from chunkllm_jax import adapters as adp
+from chunkllm_jax import model as model_lib
+from chunkllm_jax.chunk_generate import chunk_generate, segment
+from chunkllm_jax.selection import ChunkConfig
+
+METHODS = ("vanilla", "chunkllm", "streamingllm", "sepllm", "fixllm")
+SEPARATOR_CHARS = ".,;:!?\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+  """What the methods share, and the knobs that no retention target sets."""
+
+  separator_ids: tuple[int, ...] = ()  # SepLLM's separators (`separator_ids(tokenizer)`)
+  n_sink: int = 4
+  window: int = 256  # streamingllm / sepllm window in tokens when no retention is targeted
+  stream_chunk_len: int = 16  # streamingllm's window moves in steps of this many tokens
+  sep_max_chunk_len: int = 64  # a run this long without a separator is closed by force
+  fix_chunk_len: int | None = None  # fixllm's chunk length; None: ChunkLLM's measured mean, rounded
+  chunk_len: float | None = None  # ChunkLLM's mean chunk length; None: measured on the prompts (layer 0)
+  max_n_local: int = 4  # recent chunks always visible for chunkllm / fixllm (DESIGN default)
+  batch_size: int = 4  # prompts per batch, taken in order of length
+
+
+@functools.lru_cache(maxsize=4)
+def separator_ids(tokenizer, vocab_size: int | None = None, chars: str = SEPARATOR_CHARS) -> tuple[int, ...]:
+  """Ids of the tokens whose decoded text contains any of `chars` (computed once per tokenizer)."""
+  n = vocab_size or len(tokenizer)
+  texts = tokenizer.batch_decode([[i] for i in range(n)])
+  return tuple(i for i, t in enumerate(texts) if any(c in t for c in chars))
+
+
+def settings_for(model, **overrides) -> MethodSettings:
+  """The settings for a loaded model: its separators, and any field given by keyword."""
+  seps = separator_ids(model.tokenizer, model.config.vocab_size) if model.tokenizer is not None else ()
+  return MethodSettings(**{"separator_ids": seps, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation of the rows, for the budget estimate and the chunk-table size
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+  """Where a boundary rule ends its chunks in each row (of prompts, or of whole texts)."""
+
+  ends: tuple[tuple[int, ...], ...]  # per row: the completed chunks' last positions, ascending
+  lengths: tuple[int, ...]  # per row: tokens segmented
+  n_sink: int
+
+  @property
+  def mean_len(self) -> float:
+    """Tokens per completed chunk over the rows (the sinks are in no chunk); 0 with no chunk."""
+    covered = sum(e[-1] + 1 - self.n_sink for e in self.ends if e)
+    return covered / max(sum(len(e) for e in self.ends), 1)
+
+  @property
+  def max_chunks(self) -> int:
+    return max((len(e) for e in self.ends), default=0)
+
+
+@functools.partial(jax.jit, static_argnames=("ccfg",))
+def _adapter_closes(params, tokens_BT, lengths_B, ccfg: ChunkConfig):
+  # Layer 0 alone decides the boundaries (chunk_prefill keeps it dense, and decode runs the Chunk
+  # Adapter on its output too), so one layer gives the whole segmentation.
+  cfg = params.config
+  one = params.replace(
+      backbone={**params.backbone, "layers": jax.tree.map(lambda w: w[:1], params.backbone["layers"])},
+      config=cfg.replace(n_layers=1, layer_sliding=cfg.layer_sliding[:1]))
+  B, T = tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  valid = positions < lengths_B[:, None]
+  h0, _, _ = model_lib.run_layers(one, model_lib.embed(one, tokens_BT), positions,
+                                  model_lib.self_attend_fn(one.config, positions, valid))
+  p = jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0))
+  return segment(p, valid, tokens_BT, ccfg)
+
+
+def adapter_segmentation(params, rows: Sequence[Sequence[int]], ccfg: ChunkConfig = ChunkConfig()) -> Segmentation:
+  """ChunkLLM's chunks in these token rows: the Chunk Adapter on layer 0's output, as chunk_prefill does."""
+  lens = [len(r) for r in rows]
+  width = -(-max(lens) // 64) * 64  # few shapes, few compiles
+  tokens = np.zeros((len(rows), width), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, : len(r)] = r
+  closes = np.asarray(_adapter_closes(params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), ccfg))
+  return Segmentation(tuple(tuple(np.flatnonzero(c).tolist()) for c in closes), tuple(lens), ccfg.n_sink)
+
+
+def separator_chunk_ends(row: Sequence[int], seps, n_sink: int, max_chunk_len: int) -> list[int]:
+  """SepLLM's chunk ends in one row (ChunkConfig.closes with boundaries='separators'), on the host."""
+  seps, ends, start = set(seps), [], n_sink
+  for t in range(n_sink, len(row)):
+    if int(row[t]) in seps or t - start + 1 >= max_chunk_len:
+      ends.append(t)
+      start = t + 1
+  return ends
+
+
+def separator_segmentation(rows, settings: MethodSettings) -> Segmentation:
+  ends = [separator_chunk_ends(r, settings.separator_ids, settings.n_sink, settings.sep_max_chunk_len) for r in rows]
+  return Segmentation(tuple(map(tuple, ends)), tuple(len(r) for r in rows), settings.n_sink)
+
+
+def fixed_segmentation(lengths: Sequence[int], chunk_len: int, n_sink: int) -> Segmentation:
+  ends = [tuple(range(n_sink + chunk_len - 1, n, chunk_len)) for n in lengths]
+  return Segmentation(tuple(ends), tuple(lengths), n_sink)
+
+
+def segmentation_for(method: str, params, rows, settings: MethodSettings) -> Segmentation | None:
+  """The measured segmentation a method's budget needs (None where it needs none)."""
+  if method == "sepllm":
+    return separator_segmentation(rows, settings)
+  if method == "chunkllm" or (method == "fixllm" and settings.fix_chunk_len is None):
+    if settings.chunk_len is not None:
+      return None
+    return adapter_segmentation(params, rows, ChunkConfig(n_sink=settings.n_sink))
+  return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets: expected retention of a configuration, and the knob that meets a target
+
+
+def _row_visible(ends: Sequence[int], n_segmented: int, prompt_len: int, n_new: int, mean_len: float,
+                 top_k: int, n_local: int, keep_boundary: bool, n_sink: int):
+  """Visible tokens and tokens seen at each decode step of one row, as chunk_generate counts them.
+
+  Decode step i feeds position p = prompt_len + i (i = 0 .. n_new - 2): `p + 1` tokens are seen; the
+  sinks, the selected and the local chunks completed before p, and the open chunk up to p are
+  visible. Chunk ends past the segmented tokens (text not generated yet) are taken every
+  `mean_len` tokens. Which chunks the selection picks is unknown: each counts the mean length of
+  the candidates (1 token with keep='boundary')."""
+  p = prompt_len + np.arange(max(n_new - 1, 1))
+  ends = np.asarray([e for e in ends if e < p[-1]], np.int64)
+  if n_segmented < p[-1] and mean_len > 0:  # extrapolate the boundaries of the text still to come
+    step = max(int(round(mean_len)), 1)
+    last = max(ends[-1] if len(ends) else n_sink - 1, n_segmented - 1)
+    ends = np.concatenate([ends, np.arange(last + step, p[-1], step)])
+  cum = np.concatenate([[0], np.cumsum(np.diff(np.concatenate([[n_sink - 1], ends])))])
+  n = np.searchsorted(ends, p, side="left")  # chunks completed before p
+  open_start = np.where(n > 0, ends[np.maximum(n - 1, 0)] + 1, n_sink) if len(ends) else np.full_like(p, n_sink)
+  local = np.minimum(n_local, n)
+  cand = n - local
+  n_sel = np.minimum(top_k, cand)
+  sel_tok = n_sel if keep_boundary else n_sel * cum[cand] / np.maximum(cand, 1)
+  visible = n_sink + (cum[n] - cum[cand]) + sel_tok + np.maximum(p + 1 - open_start, 0)
+  return np.minimum(visible, p + 1), p + 1
+
+
+def expected_retention(ccfg: ChunkConfig, seg: Segmentation, prompt_lens: Sequence[int], n_new: int) -> float:
+  """The kv_retention chunk_generate should measure with `ccfg` (visible / seen, averaged over the
+  decode steps, then over the rows) on rows segmented as `seg`."""
+  out = []
+  for ends, n_seg, T in zip(seg.ends, seg.lengths, prompt_lens):
+    vis, seen = _row_visible(ends, n_seg, T, n_new, seg.mean_len, ccfg.top_k, ccfg.n_local,
+                             ccfg.keep == "boundary", ccfg.n_sink)
+    out.append(np.mean(vis / seen))
+  return float(np.mean(out))
+
+
+def local_chunks(total: int, settings: MethodSettings) -> int:
+  """chunkllm / fixllm: how many of `total` visible chunks are the recent ones (4 once there are 16+)."""
+  return min(settings.max_n_local, max(1, total // 4)) if total > 0 else 0
+
+
+def with_knob(method: str, base: ChunkConfig, knob: int, settings: MethodSettings) -> ChunkConfig:
+  """chunkllm / fixllm: knob = visible chunks (top_k + n_local); streamingllm / sepllm: the window in chunks."""
+  if method in ("chunkllm", "fixllm"):
+    n_local = local_chunks(knob, settings)
+    return dataclasses.replace(base, top_k=knob - n_local, n_local=n_local)
+  return dataclasses.replace(base, n_local=knob)
+
+
+def fit_knob(method: str, base: ChunkConfig, retention: float, seg: Segmentation, prompt_lens: Sequence[int],
+             n_new: int, settings: MethodSettings) -> ChunkConfig:
+  """The configuration whose expected retention is closest to `retention` (the smaller knob on a tie)."""
+  least = 1  # no visible chunk at all is not a method (and top_k = n_local = 0 fails in chunk_prefill)
+  most = seg.max_chunks + n_new // max(int(seg.mean_len), 1) + 2
+  best = None
+  for knob in range(least, max(most, least) + 1):
+    ccfg = with_knob(method, base, knob, settings)
+    err = abs(expected_retention(ccfg, seg, prompt_lens, n_new) - retention)
+    if best is None or err < best[0] - 1e-12:
+      best = (err, ccfg)
+  return best[1]
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def base_config(method: str, settings: MethodSettings, seg: Segmentation | None = None) -> ChunkConfig | None:
+  """A method's ChunkConfig before the budget (vanilla: None). fixllm's chunk length, when not
+  given, is ChunkLLM's mean on `seg` (its adapter segmentation)."""
+  S = settings.n_sink
+  if method == "vanilla":
+    return None
+  if method == "chunkllm":
+    return ChunkConfig(n_sink=S)
+  if method == "fixllm":
+    L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L)
+  if method == "streamingllm":
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_k=0)
+  if method == "sepllm":
+    if not settings.separator_ids:
+      raise ValueError("sepllm needs separator_ids (settings_for(model) computes them from the tokenizer)")
+    return ChunkConfig(n_sink=S, boundaries="separators", separator_ids=settings.separator_ids, keep="boundary",
+                       max_chunk_len=settings.sep_max_chunk_len)
+  raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def budget_segmentation(base: ChunkConfig, settings: MethodSettings, seg: Segmentation | None,
+                        lengths: Sequence[int]) -> Segmentation:
+  """The segmentation the budget counts with: the fixed grid, the measured one, or an assumed mean length."""
+  if base.boundaries == "fixed":
+    return fixed_segmentation(lengths, base.max_chunk_len, base.n_sink)
+  if seg is not None:
+    return seg
+  # An assumed ChunkLLM chunk length (`settings.chunk_len`): boundaries every that many tokens.
+  return fixed_segmentation(lengths, max(int(round(settings.chunk_len or 25)), 1), base.n_sink)
+
+
+def method_config(method: str, retention: float | None, prompt_lens: Sequence[int], n_new: int, max_len: int,
+                  settings: MethodSettings, seg: Segmentation | None = None) -> tuple[ChunkConfig | None, dict]:
+  """A method's ChunkConfig at a retention target, and what its budget assumed.
+
+  retention None: the method's defaults (chunkllm / fixllm: top-16 + 4 local chunks; windows of
+  `settings.window` tokens); 1.0: every chunk visible; otherwise the knob whose expected retention
+  is closest to the target. `seg`: the method's measured segmentation of the rows
+  (`segmentation_for`); its rows may run past the prompts (perplexity segments the whole text).
+  Vanilla: (None, {})."""
+  base = base_config(method, settings, seg)
+  if base is None:
+    return None, {}
+  bseg = budget_segmentation(base, settings, seg, seg.lengths if seg else prompt_lens)
+  L = bseg.mean_len or float(base.max_chunk_len)
+  # The chunk table holds every chunk the rows and the new tokens can make (no overflow), in
+  # multiples of 64 so that nearby batches share a compiled program.
+  need = bseg.max_chunks + n_new + 1 if base.boundaries != "fixed" else 0
+  max_chunks = _round_up(max(-(-(max_len - base.n_sink) // base.max_chunk_len), need, 1), 64)
+  base = dataclasses.replace(base, max_chunks=max_chunks)
+  if method == "sepllm":
+    base = dataclasses.replace(base, top_k=max_chunks)  # every separator
+  if retention is None:
+    if method in ("streamingllm", "sepllm"):
+      ccfg = dataclasses.replace(base, n_local=max(1, int(round(settings.window / L))))
+    else:
+      ccfg = base  # the DESIGN defaults: top_k 16, n_local 4
+  elif retention >= 1.0:
+    ccfg = dataclasses.replace(base, n_local=max_chunks if method in ("streamingllm", "sepllm") else base.n_local,
+                               top_k=0 if method == "streamingllm" else max_chunks)
+  else:
+    ccfg = fit_knob(method, base, retention, bseg, prompt_lens, n_new, settings)
+  info = dict(target_retention=retention, mean_chunk_len=L)
+  if retention is not None:
+    info["expected_retention"] = expected_retention(ccfg, bseg, prompt_lens, n_new)
+  return ccfg, info
+
+
+def config_summary(ccfg: ChunkConfig | None) -> dict:
+  """The knobs of a configuration, for the results file (separator ids are summarised by count)."""
+  if ccfg is None:
+    return {}
+  return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, top_k=ccfg.top_k, n_local=ccfg.n_local,
+              n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
+              n_separator_ids=len(ccfg.separator_ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a method
+
+
+def _row_stats(out, b: int, extra: dict) -> dict:
+  stats = {k: (v[b].item() if hasattr(v[b], "item") else v[b]) for k, v in out.stats.items()}
+  return {**stats, **extra}
+
+
+def run_batch(method: str, params, rows, max_new_tokens: int, retention: float | None,
+              settings: MethodSettings, *, eos_ids=None) -> list[tuple[list[int], dict]]:
+  """One batch: (new token ids, stats) per row."""
+  lens = [len(r) for r in rows]
+  max_len = _round_up(max(lens) + max_new_tokens, 128)
+  kw = dict(max_new_tokens=max_new_tokens, max_len=max_len, eos_ids=eos_ids)
+  if method == "vanilla":
+    out = cj.generate(params, [list(r) for r in rows], **kw)
+    extra = dict(kv_retention=1.0, batch_size=len(rows))
+  else:
+    seg = segmentation_for(method, params, rows, settings)
+    ccfg, info = method_config(method, retention, lens, max_new_tokens, max_len, settings, seg)
+    out = chunk_generate(params, [list(r) for r in rows], chunk_config=ccfg, **kw)
+    extra = dict(batch_size=len(rows), **config_summary(ccfg), **info)
+  return [(out.new_tokens(b).tolist(), _row_stats(out, b, extra)) for b in range(len(rows))]
+
+
+def iter_method(method: str, model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                retention: float | None, settings: MethodSettings | None = None, *,
+                eos_ids=None) -> Iterator[tuple[int, list[int], dict]]:
+  """(prompt index, new token ids, stats) as each batch finishes; prompts go in batches of similar
+  length (sorted), so little of a batch is padding."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+  settings = settings or settings_for(model)
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  for start in range(0, len(order), settings.batch_size):
+    batch = order[start: start + settings.batch_size]
+    results = run_batch(method, params, [prompts[i] for i in batch], max_new_tokens, retention, settings,
+                        eos_ids=eos_ids)
+    for i, (new, stats) in zip(batch, results):
+      yield i, new, stats
+
+
+def run_method(method: str, model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               retention: float | None, settings: MethodSettings | None = None, *,
+               eos_ids=None) -> list[tuple[list[int], dict]]:
+  """Every prompt's (new token ids, stats dict), in the prompts' order.
+
+  method: one of METHODS. model: a `cj.Model` (its tokenizer gives SepLLM's separators; with
+  `settings` given it may be None). params: the backbone with adapters. retention: the KV budget
+  as a fraction of the tokens seen (None: each method's defaults; 1.0: every chunk visible).
+  The stats hold the measured `kv_retention`, speed, and the knobs the budget chose."""
+  out: list = [None] * len(prompts)
+  for i, new, stats in iter_method(method, model, params, prompts, max_new_tokens, retention, settings,
+                                   eos_ids=eos_ids):
+    out[i] = (new, stats)
+  return out

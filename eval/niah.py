@@ -1,0 +1,167 @@
+"""Needle in a haystack: facts hidden at a depth of a long document, asked for at its end.
+
+Three kinds, after RULER's:
+- `single`: one passkey ("The pass key is 48213. Remember it."), asked for;
+- `multikey`: several "The secret number of the <name> is <n>." facts, asked for one of them;
+- `multivalue`: one name with several numbers, asked for all of them.
+The target fact sits at the cell's depth (0: start, 1: end); the other facts of the kind at seeded
+random depths. The haystack is Brown-corpus prose (running sentences from a seeded document) or
+`chunkllm_jax.haystack`'s generated sentences. A cell scores 1 when the answer holds the number
+(single, multikey) or every number (multivalue; `recall` keeps the fraction found).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from chunkllm_jax import haystack
+
+KINDS = ("single", "multikey", "multivalue")
+_NAMES = ["crimson lantern", "silver harbour", "quiet orchard", "amber tower", "northern gate", "painted drum",
+          "copper river", "velvet meadow", "broken compass", "hidden garden", "winter bell", "golden anchor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleCase:
+  kind: str
+  length: int  # haystack tokens asked for
+  depth: float
+  seed: int
+  document: str
+  question: str
+  answers: tuple[str, ...]  # every one must appear in the prediction
+
+  @property
+  def example_id(self) -> str:
+    return f"{self.kind}-L{self.length}-d{self.depth:g}-s{self.seed}"
+
+
+def _number(rng) -> str:
+  return str(int(rng.integers(10000, 99999)))
+
+
+def _needles(kind: str, rng) -> tuple[str, list[str], str, tuple[str, ...]]:
+  """(the target fact, the other facts, the question, the answers)."""
+  if kind == "single":
+    key = _number(rng)
+    return (f"The pass key is {key}. Remember it.", [], "What is the pass key? Answer with the number only.",
+            (key,))
+  names = [_NAMES[i] for i in rng.permutation(len(_NAMES))]
+  if kind == "multikey":
+    values = [_number(rng) for _ in range(4)]
+    facts = [f"The secret number of the {n} is {v}." for n, v in zip(names, values)]
+    return (facts[0], facts[1:], f"What is the secret number of the {names[0]}? Answer with the number only.",
+            (values[0],))
+  if kind == "multivalue":
+    values = [_number(rng) for _ in range(3)]
+    facts = [f"One of the special numbers for the {names[0]} is {v}." for v in values]
+    return (facts[0], facts[1:], f"What are all the special numbers for the {names[0]}? "
+            "List every one of them, separated by commas.", tuple(values))
+  raise ValueError(f"unknown needle kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def read_sentences(path: str | Path) -> list[list[str]]:
+  """The documents of a one-sentence-a-line text file (blank lines between them), as sentence lists."""
+  docs, cur = [], []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        cur.append(line.strip())
+      elif cur:
+        docs.append(cur)
+        cur = []
+  if cur:
+    docs.append(cur)
+  if not docs:
+    raise ValueError(f"{path} holds no sentences")
+  return docs
+
+
+def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] | None) -> list[str]:
+  """Running sentences of about `n_tokens` tokens, from a seeded Brown document onwards, or generated."""
+  if brown is None:
+    per = max(len(tokenizer(" ".join(haystack.filler_sentences(20, seed)))["input_ids"]) // 20, 1)
+    return haystack.filler_sentences(max(n_tokens // per, 1), seed)
+  out, total, d = [], 0, int(np.random.default_rng(seed).integers(len(brown)))
+  while total < n_tokens:
+    sentences = list(brown[d % len(brown)])
+    counts = [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]
+    for s, c in zip(sentences, counts):
+      if total >= n_tokens:
+        break
+      out.append(s)
+      total += c
+    d += 1
+  return out
+
+
+def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
+              brown: Sequence[Sequence[str]] | None = None) -> NeedleCase:
+  rng = np.random.default_rng([seed, KINDS.index(kind) if kind in KINDS else 99, length])
+  target, others, question, answers = _needles(kind, rng)
+  sentences = _filler(tokenizer, length, seed, brown)
+  # The other facts first (at random places), then the target at its depth, so no fact moves it.
+  for fact in others:
+    sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
+  sentences.insert(int(round(depth * len(sentences))), target)
+  return NeedleCase(kind, length, depth, seed, " ".join(sentences), question, answers)
+
+
+def prompt_text(case: NeedleCase) -> str:
+  return f"{case.document}\n\n{case.question}"
+
+
+def score(case: NeedleCase, prediction: str) -> tuple[float, float]:
+  """(1 if every answer appears in the prediction else 0, the fraction that appears)."""
+  found = sum(a in prediction for a in case.answers)
+  return float(found == len(case.answers)), found / len(case.answers)
+
+
+def grid(tokenizer, kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int = 1,
+         brown: Sequence[Sequence[str]] | None = None) -> list[NeedleCase]:
+  return [make_case(tokenizer, k, n, d, s, brown) for k in kinds for n in lengths for d in depths
+          for s in range(samples)]
+
+
+def heatmap(cells: dict[tuple[str, str], dict[tuple[int, float], float]], lengths: Sequence[int],
+            depths: Sequence[float], path: str | Path, title: str) -> None:
+  """One panel per (row label, kind): accuracy by depth (rows) and context length (columns).
+
+  cells maps (row label, kind) -> {(length, depth): accuracy}; a missing cell is blank."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = list(cells)
+  rows = sorted({r for r, _ in panels}, key=[r for r, _ in panels].index)
+  kinds = sorted({k for _, k in panels}, key=[k for _, k in panels].index)
+  fig, axes = plt.subplots(len(rows), len(kinds), squeeze=False,
+                           figsize=(1.2 + 0.9 * len(lengths) * len(kinds), 0.6 + 0.5 * len(depths) * len(rows) + 0.6))
+  for i, r in enumerate(rows):
+    for j, k in enumerate(kinds):
+      ax = axes[i][j]
+      acc = np.full((len(depths), len(lengths)), np.nan)
+      for (n, d), a in cells.get((r, k), {}).items():
+        if n in lengths and d in depths:
+          acc[list(depths).index(d), list(lengths).index(n)] = a
+      ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+      for y in range(len(depths)):
+        for x in range(len(lengths)):
+          if not np.isnan(acc[y, x]):
+            ax.text(x, y, f"{acc[y, x]:.2g}", ha="center", va="center", fontsize=7)
+      ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+      ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+      ax.set_title(f"{k}: {r}", fontsize=8)
+      if i == len(rows) - 1:
+        ax.set_xlabel("context (tokens)", fontsize=7)
+      if j == 0:
+        ax.set_ylabel("depth", fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

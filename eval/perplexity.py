@@ -1,0 +1,159 @@
+"""Perplexity on long text as a function of position: ChunkLLM and the baselines against vanilla.
+
+A short prefix is prefilled, then the rest of the text is teacher-forced one token at a time, and
+the log-probability of each true next token is kept. The steps are the very ones generation runs
+(`chunk_prefill` + `chunk_decode_step` for every chunk method, `kv_cache.prefill` + `decode_step`
+for vanilla), inside one jitted `lax.scan`, so a method's perplexity is what its decoding sees:
+the selection changes only at boundaries and the KV it reads is its budget. Under a selection that
+covers every chunk the log-probs are vanilla's (tests/test_eval_perplexity.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chunkllm_jax import haystack
+from chunkllm_jax.chunk_generate import chunk_decode_step, chunk_prefill
+from chunkllm_jax.generate import Compiled, buffer_len
+from chunkllm_jax.kv_cache import decode_step, init_cache, prefill
+from chunkllm_jax.selection import ChunkConfig
+from eval import methods as M
+from eval import niah
+
+
+def _true_logprob(logits_BV, target_B):
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), -1), target_B[:, None], -1)[:, 0]
+
+
+def _vanilla_logprobs(params, tokens_BN, *, prefix: int, max_len: int):
+  B, N = tokens_BN.shape
+  cache = init_cache(params.config, B, max_len, params.backbone["embed"].dtype)
+  logits, cache = prefill(params, tokens_BN[:, :prefix], jnp.full((B,), prefix, jnp.int32), cache)
+  first = _true_logprob(logits, tokens_BN[:, prefix])
+
+  def step(cache, io):
+    logits, cache = decode_step(params, io[0], cache)
+    return cache, _true_logprob(logits, io[1])
+
+  _, rest = jax.lax.scan(step, cache, (tokens_BN[:, prefix:N - 1].T, tokens_BN[:, prefix + 1:].T))
+  return jnp.concatenate([first[:, None], rest.T], axis=1), {}
+
+
+def _chunk_logprobs(params, tokens_BN, *, prefix: int, max_len: int, ccfg: ChunkConfig):
+  B, N = tokens_BN.shape
+  logits, cache, st = chunk_prefill(params, tokens_BN[:, :prefix], jnp.full((B,), prefix, jnp.int32), max_len, ccfg)
+  first = _true_logprob(logits, tokens_BN[:, prefix])
+
+  def step(carry, io):
+    cache, st = carry
+    logits, cache, st = chunk_decode_step(params, io[0], cache, st, ccfg)
+    return (cache, st), _true_logprob(logits, io[1])
+
+  (_, st), rest = jax.lax.scan(step, (cache, st), (tokens_BN[:, prefix:N - 1].T, tokens_BN[:, prefix + 1:].T))
+  steps = max(N - prefix - 1, 1)
+  stats = dict(kv_retention=st.retained / steps, n_chunks=st.n_chunks, n_selections=st.n_selections,
+               chunk_overflow=st.overflow)
+  return jnp.concatenate([first[:, None], rest.T], axis=1), stats
+
+
+@functools.lru_cache(maxsize=16)
+def _program(prefix: int, max_len: int, ccfg: ChunkConfig | None) -> Compiled:
+  if ccfg is None:
+    return Compiled(jax.jit(functools.partial(_vanilla_logprobs, prefix=prefix, max_len=max_len)))
+  return Compiled(jax.jit(functools.partial(_chunk_logprobs, prefix=prefix, max_len=max_len, ccfg=ccfg)))
+
+
+def token_logprobs(method: str, params, docs: Sequence[Sequence[int]], prefix: int, retention: float | None,
+                   settings: M.MethodSettings) -> tuple[np.ndarray, list[dict]]:
+  """log p of every true next token after the prefix: [B, N - prefix] (column i is position prefix + i),
+  and per row the stats (measured kv_retention, the knobs, seconds per token). Docs share one length N."""
+  lengths = {len(d) for d in docs}
+  if len(lengths) != 1:
+    raise ValueError(f"docs must share one length, got {sorted(lengths)}")
+  N = lengths.pop()
+  if not 0 < prefix < N:
+    raise ValueError(f"prefix must be in (0, {N}), got {prefix}")
+  max_len = M._round_up(N, 128)
+  tokens = jnp.asarray(np.asarray(docs, np.int32))
+  extra: dict = dict(batch_size=len(docs))
+  ccfg = None
+  if method != "vanilla":
+    seg = M.segmentation_for(method, params, docs, settings)  # the whole text: every chunk it will make
+    ccfg, info = M.method_config(method, retention, [prefix] * len(docs), N - prefix, max_len, settings, seg)
+    ccfg = ccfg.validate(max_len, params.config.n_layers)
+    extra.update(M.config_summary(ccfg), **info)
+  (logp, stats), seconds = _program(prefix, buffer_len(max_len), ccfg).timed(params, tokens)
+  rows = []
+  for b in range(len(docs)):
+    row = {k: np.asarray(v)[b].item() for k, v in stats.items()}
+    row.setdefault("kv_retention", 1.0)
+    rows.append({**row, **extra, "seconds": seconds, "tok_s": len(docs) * (N - prefix) / max(seconds, 1e-9)})
+  return np.asarray(logp), rows
+
+
+def position_bins(prefix: int, n_tokens: int, n_bins: int) -> np.ndarray:
+  """Bin edges over the scored positions [prefix, n_tokens): n_bins + 1 ints."""
+  return np.unique(np.linspace(prefix, n_tokens, n_bins + 1).round().astype(int))
+
+
+def binned_nll(logp_N: np.ndarray, prefix: int, edges: np.ndarray) -> tuple[list[float], list[int]]:
+  """Sums of -log p and token counts per position bin (column i of logp_N is position prefix + i)."""
+  pos = prefix + np.arange(len(logp_N))
+  sums, counts = [], []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    sel = (pos >= lo) & (pos < hi)
+    sums.append(float(-logp_N[sel].sum()))
+    counts.append(int(sel.sum()))
+  return sums, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# The text
+
+
+def text_windows(tokenizer, n_docs: int, n_tokens: int, text_path: str | Path | None = None,
+                 seed: int = 0) -> list[list[int]]:
+  """`n_docs` windows of exactly `n_tokens` tokens of running text: from the documents of
+  `text_path` in order (each window starts at a document's start and runs on into the next ones),
+  or from generated filler when no path is given."""
+  if text_path is None:
+    docs = [" ".join(haystack.filler_sentences(400, seed + i)) for i in range(n_docs * (1 + n_tokens // 4000))]
+  else:
+    docs = [" ".join(sentences) for sentences in niah.read_sentences(text_path)]
+  windows, stream, i = [], [], 0
+  while len(windows) < n_docs:
+    if i >= len(docs):
+      raise ValueError(f"not enough text for {n_docs} windows of {n_tokens} tokens")
+    stream += tokenizer(docs[i] + "\n\n")["input_ids"]
+    i += 1
+    if len(stream) >= n_tokens:
+      windows.append(stream[:n_tokens])
+      stream = []
+  return windows
+
+
+def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str) -> None:
+  """NLL per position bin: curves maps a label to (bin centres, mean NLL per token)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, (x, y) in curves.items():
+    style = dict(color="black", linewidth=2.2) if label.startswith("vanilla") else {}
+    ax.plot(x, y, marker="o", markersize=3, label=label, **style)
+  ax.set_xlabel("position (tokens)")
+  ax.set_ylabel("NLL per token (nats)")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,151 @@
+"""The eval harness's methods on tiny random models: full coverage is vanilla exactly, each baseline
+reads what it says it reads (measured retention = a slow count of its visible tokens), the budget
+model counts like chunk_generate, and teacher-forced perplexity is exact under full coverage."""
+
+import numpy as np
+import pytest
+
+from eval import methods as M
+from eval import perplexity as P
+from tests.test_chunk_generate import chunk_params
+from tests.test_generate import prompts
+
+SEPS = tuple(range(0, 96, 7))  # the tiny vocabulary's "separator tokens"
+SETTINGS = M.MethodSettings(separator_ids=SEPS, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = chunk_params()
+  chunk = p.adapters.params["chunk"]
+  # A closing bias, so that the random Chunk Adapter makes chunks of about 8 tokens (not of 1).
+  chunk = {**chunk, "outer": {**chunk["outer"], "bias": chunk["outer"]["bias"] - 2.0}}
+  return p.replace(adapters=p.adapters.replace(params={**p.adapters.params, "chunk": chunk}))
+
+
+def rows(lengths, seed):
+  return [r.tolist() for r in prompts(lengths, seed=seed)]
+
+
+def slow_retention(seq, prompt_len, n_steps, ends, n_sink, n_local, keep_boundary):
+  """chunk_generate's kv_retention by enumerating the visible positions of each decode step, for
+  selections that take every candidate (keep_boundary) or none (streaming)."""
+  total = 0.0
+  for p in range(prompt_len, prompt_len + n_steps):
+    done = [e for e in ends if e < p]
+    chunks = list(zip([n_sink] + [e + 1 for e in done[:-1]], done))
+    local = chunks[len(chunks) - min(n_local, len(chunks)):]
+    visible = set(range(n_sink))
+    for a, b in local:
+      visible |= set(range(a, b + 1))
+    if keep_boundary:
+      visible |= {b for _, b in chunks[: len(chunks) - len(local)]}
+    visible |= set(range(done[-1] + 1 if done else n_sink, p + 1))
+    total += len(visible) / (p + 1)
+  return total / n_steps
+
+
+def test_full_coverage_chunkllm_is_vanilla_and_the_quick_segmentation_is_chunk_prefills(params):
+  prompts_ = rows([150, 131, 97], seed=3)
+  van = M.run_method("vanilla", None, params, prompts_, 24, None, SETTINGS, eos_ids=())
+  chk = M.run_method("chunkllm", None, params, prompts_, 24, 1.0, SETTINGS, eos_ids=())
+  for (vt, vs), (ct, cs) in zip(van, chk):
+    assert ct == vt and len(ct) == 24
+    assert vs["kv_retention"] == 1.0 and cs["kv_retention"] == pytest.approx(1.0)
+    assert cs["top_k"] >= cs["max_chunks"] and not cs["chunk_overflow"]
+  # The layer-0 segmentation the budgets use makes the chunks chunk_generate made (decode feeds
+  # every new token but the last).
+  seg = M.adapter_segmentation(params, [p + ct[:-1] for p, (ct, _) in zip(prompts_, chk)])
+  assert [len(e) for e in seg.ends] == [cs["n_chunks"] for _, cs in chk]
+  assert min(len(e) for e in seg.ends) > 5 and 3 < seg.mean_len < 20
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "sepllm"])
+def test_baselines_read_what_they_say(params, method):
+  """streamingllm: sinks + a window of fixed 16-token chunks; sepllm: sinks + every separator + a
+  window, chunks ending at separators. The measured retention is a slow count of exactly that."""
+  prompts_ = rows([300, 280], seed=5)
+  n_new = 40
+  out = M.run_method(method, None, params, prompts_, n_new, 0.5, SETTINGS, eos_ids=())
+  for prompt, (new, st) in zip(prompts_, out):
+    seq = prompt + new[:-1]
+    if method == "streamingllm":
+      ends = list(range(4 + 16 - 1, len(seq), 16))
+      assert (st["boundaries"], st["top_k"], st["max_chunk_len"]) == ("fixed", 0, 16)
+      # the window is about half of what is seen
+      assert abs(4 + 16 * st["n_local"] + 8 - 0.5 * (len(prompt) + n_new / 2)) <= 16
+    else:
+      ends = M.separator_chunk_ends(seq, SEPS, 4, 64)
+      assert (st["boundaries"], st["keep"]) == ("separators", "boundary") and st["top_k"] >= st["max_chunks"]
+      assert all(seq[e] in SEPS or e - s + 1 == 64 for s, e in zip([4] + [e + 1 for e in ends[:-1]], ends))
+    assert st["n_chunks"] == len(ends)
+    slow = slow_retention(seq, len(prompt), n_new - 1, ends, 4, st["n_local"], method == "sepllm")
+    assert st["kv_retention"] == pytest.approx(slow, abs=1e-5)
+  measured = np.mean([st["kv_retention"] for _, st in out])
+  assert abs(measured - 0.5) < 0.08  # matched budget (the estimate cannot know the new tokens' separators)
+
+
+def test_budget_model_counts_like_the_slow_count():
+  rng = np.random.RandomState(0)
+  for _ in range(20):
+    T, n_new, n_local = int(rng.randint(40, 120)), int(rng.randint(2, 30)), int(rng.randint(0, 5))
+    ends = sorted(set(rng.choice(np.arange(4, T + n_new), size=rng.randint(1, 20), replace=False).tolist()))
+    seg = M.Segmentation((tuple(ends),), (T + n_new,), 4)
+    for top_k, keep in [(0, "chunk"), (10**4, "boundary")]:
+      ccfg = M.ChunkConfig(top_k=top_k, n_local=n_local, keep=keep)
+      slow = slow_retention(None, T, n_new - 1, ends, 4, n_local, keep == "boundary")
+      assert M.expected_retention(ccfg, seg, [T], n_new) == pytest.approx(slow, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["chunkllm", "fixllm", "streamingllm", "sepllm"])
+@pytest.mark.parametrize("retention", [0.5, 0.25])
+def test_knobs_meet_the_budget(method, retention):
+  """On a 4K-token prompt with 24-token chunks (3 separators each), each method's knob gives an
+  expected retention within half a chunk's share of the target."""
+  T, n_new = 4096, 32
+  seps = tuple(range(4 + 7, T, 8))  # a separator every 8 tokens: sepllm's chunks
+  seg = M.Segmentation((tuple(range(4 + 23, T, 24)),), (T,), 4) if method != "sepllm" else \
+      M.Segmentation((seps,), (T,), 4)
+  settings = M.MethodSettings(separator_ids=(1,), fix_chunk_len=24)
+  ccfg, info = M.method_config(method, retention, [T], n_new, T + 128, settings, seg)
+  step = 16 if method == "streamingllm" else (8 if method == "sepllm" else 24)
+  assert abs(info["expected_retention"] - retention) <= step / T
+  if method == "sepllm":
+    assert ccfg.top_k == ccfg.max_chunks >= len(seps) + n_new  # every separator, and no overflow
+    # sinks + 1 token per separator + whole 8-token chunks in the window fill the budget
+    assert abs(4 + len(seps) + 7 * ccfg.n_local - retention * T) < 16
+
+
+def test_sepllm_over_budget_says_so():
+  """At a budget below its separators' share (1/8 here), sepllm keeps the smallest window, and its
+  expected retention is the real, higher one."""
+  T, seps = 4096, tuple(range(11, 4096, 8))
+  seg = M.Segmentation((seps,), (T,), 4)
+  ccfg, info = M.method_config("sepllm", 0.05, [T], 32, T + 128, M.MethodSettings(separator_ids=(1,)), seg)
+  assert ccfg.n_local == 1 and info["expected_retention"] > 0.12
+
+
+def test_separator_ids_from_the_vocabulary():
+  class Tok:
+    texts = ["a", ".", " the", ",\n", "x:", "?!", "\n", "b"]
+
+    def batch_decode(self, ids):
+      return [self.texts[i[0]] for i in ids]
+
+    def __len__(self):
+      return len(self.texts)
+
+  assert M.separator_ids(Tok()) == (1, 3, 4, 5, 6)
+
+
+def test_perplexity_is_exact_under_full_coverage(params):
+  """Teacher-forced log-probs: ChunkLLM covering every chunk equals vanilla within 1e-4 (float32)."""
+  docs = rows([200, 200], seed=7)
+  van, vs = P.token_logprobs("vanilla", params, docs, 48, None, SETTINGS)
+  full, fs = P.token_logprobs("chunkllm", params, docs, 48, 1.0, SETTINGS)
+  assert van.shape == (2, 152) and np.isfinite(van).all()
+  np.testing.assert_allclose(full, van, atol=1e-4)
+  assert all(s["kv_retention"] == pytest.approx(1.0) for s in fs)
+  edges = P.position_bins(48, 200, 4)
+  sums, counts = P.binned_nll(van[0], 48, edges)
+  assert counts == [38, 38, 38, 38] and sum(sums) == pytest.approx(-van[0].sum(), rel=1e-6)
