@@ -1,0 +1,236 @@
+"""From the results file to summary.json, results.md and the plots.
+
+Every score is shown beside the KV retention its run measured (the mean over examples of
+chunk_generate's `kv_retention`), and each method's score as a percent of vanilla's on the same
+examples, the paper's form ("98.64% of vanilla at 48.58% KV"). Speed (prefill seconds and decode
+tokens/s, compilation excluded) sits beside the quality. Perplexity is lower-is-better, so it is
+shown with its change against vanilla instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from eval import niah
+from eval import perplexity as ppl
+
+FULL = "full"
+METHOD_ORDER = ("vanilla", "chunkllm", "streamingllm", "sepllm", "fixllm")
+
+
+def _mean(xs) -> float | None:
+  xs = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+  return sum(xs) / len(xs) if xs else None
+
+
+def _order(key):
+  """Tasks: NIAH, then LongBench-format, perplexity, short text; methods as METHOD_ORDER; budgets large to small."""
+  task, method, label = key
+  kind = 0 if task.startswith("niah_") else {"perplexity": 2, "short_text": 3}.get(task, 1)
+  m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+  r = -1.0 if label == FULL else (-0.5 if label == "default" else -float(label))
+  return kind, task, m, r
+
+
+def _is_long(task: str) -> bool:
+  return task not in ("perplexity", "short_text")
+
+
+def summarize(records: Sequence[dict]) -> dict:
+  """Per task, one row per (method, retention): score, measured retention, speed, and against vanilla."""
+  groups: dict[tuple, list[dict]] = defaultdict(list)
+  for r in records:
+    groups[(r["task"], r["method"], str(r["retention"]))].append(r)
+  tasks: dict[str, list[dict]] = defaultdict(list)
+  for key in sorted(groups, key=_order):
+    task, method, label = key
+    rs = groups[key]
+    row = dict(method=method, retention=label, n=len(rs), kv_retention=_mean(r.get("kv_retention") for r in rs),
+               expected_retention=_mean(r.get("expected_retention") for r in rs),
+               prefill_s=_mean(r.get("prefill_s") for r in rs), decode_tok_s=_mean(r.get("decode_tok_s") for r in rs),
+               chunk_overflow=any(bool(r.get("chunk_overflow")) for r in rs))
+    if task == "perplexity":
+      nll, n = sum(r["nll"] for r in rs), sum(r["n_scored"] for r in rs)
+      row.update(score=math.exp(nll / max(n, 1)), nll=nll / max(n, 1), tok_s=_mean(r.get("tok_s") for r in rs))
+      sums = np.sum([r["nll_bins"] for r in rs], axis=0)
+      counts = np.sum([r["token_bins"] for r in rs], axis=0)
+      row.update(bin_edges=rs[0]["bin_edges"], bin_nll=(sums / np.maximum(counts, 1)).tolist())
+    else:
+      row["score"] = 100.0 * _mean(r["score"] for r in rs)
+      if "recall" in rs[0]:
+        row["recall"] = 100.0 * _mean(r["recall"] for r in rs)
+    tasks[task].append(row)
+
+  # Against vanilla, on the examples both have.
+  by_example = {(r["task"], r["method"], str(r["retention"]), str(r["example"])): r for r in records}
+  for task, rows in tasks.items():
+    for row in rows:
+      if row["method"] == "vanilla":
+        continue
+      pairs = [(by_example[(task, "vanilla", FULL, str(r["example"]))], r)
+               for r in groups[(task, row["method"], row["retention"])]
+               if (task, "vanilla", FULL, str(r["example"])) in by_example]
+      if not pairs:
+        continue
+      if task == "perplexity":
+        v = math.exp(sum(a["nll"] for a, _ in pairs) / max(sum(a["n_scored"] for a, _ in pairs), 1))
+        row["ppl_change_pct"] = 100.0 * (row["score"] / v - 1.0)
+      else:
+        v = _mean(a["score"] for a, _ in pairs)
+        m = _mean(b["score"] for _, b in pairs)
+        row["pct_of_vanilla"] = 100.0 * m / v if v else None
+        row["identical_to_vanilla"] = _mean(float(a.get("new_tokens") == b.get("new_tokens")) for a, b in pairs)
+  return dict(tasks=dict(tasks), long_context=long_context_average(tasks))
+
+
+def long_context_average(tasks: dict[str, list[dict]]) -> list[dict]:
+  """The mean over the long-context tasks (NIAH kinds and LongBench tasks) of each (method, retention),
+  over the tasks that vanilla and it both ran; with its percent of vanilla's mean on those tasks."""
+  rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+  for task, task_rows in tasks.items():
+    if _is_long(task):
+      for row in task_rows:
+        rows[(row["method"], row["retention"])][task] = row
+  vanilla = rows.get(("vanilla", FULL), {})
+  out = []
+  for (method, label), by_task in sorted(rows.items(), key=lambda kv: _order(("", *kv[0]))):
+    common = [t for t in by_task if t in vanilla]
+    if not common:
+      continue
+    score = _mean(by_task[t]["score"] for t in common)
+    v = _mean(vanilla[t]["score"] for t in common)
+    out.append(dict(method=method, retention=label, n_tasks=len(common), score=score,
+                    kv_retention=_mean(by_task[t]["kv_retention"] for t in common),
+                    pct_of_vanilla=100.0 * score / v if v and method != "vanilla" else None,
+                    decode_tok_s=_mean(by_task[t]["decode_tok_s"] for t in common),
+                    prefill_s=_mean(by_task[t]["prefill_s"] for t in common)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _f(x, fmt="{:.1f}", none="-") -> str:
+  return none if x is None else fmt.format(x)
+
+
+def _pct(x) -> str:
+  return _f(None if x is None else 100 * x, "{:.1f}%")
+
+
+def headline(summary: dict) -> list[str]:
+  out = []
+  for row in summary["long_context"]:
+    if row["method"] == "chunkllm" and row["pct_of_vanilla"] is not None:
+      out.append(f"ChunkLLM (target {row['retention']}): {row['pct_of_vanilla']:.2f}% of vanilla's long-context "
+                 f"average at {100 * row['kv_retention']:.2f}% KV (measured; {row['n_tasks']} tasks)")
+  return out
+
+
+def markdown(summary: dict, settings: dict, bad_lines: Sequence) -> str:
+  lines = ["# Evaluation results", "",
+           f"Model `{settings.get('model')}` ({settings.get('dtype')}), methods {', '.join(settings.get('methods', []))}. "
+           "KV = the retention each run measured (mean over examples); `% vanilla` = the score as a percent of "
+           "vanilla's on the same examples; speed excludes compilation.", ""]
+  lines += [f"- {h}" for h in headline(summary)] + [""]
+  if bad_lines:
+    lines += [f"- {len(bad_lines)} malformed line(s) in results.jsonl were skipped: lines "
+              + ", ".join(str(b.line) for b in bad_lines), ""]
+  if summary["long_context"]:
+    lines += ["## Long-context average (NIAH kinds and LongBench-format tasks)", "",
+              "| method | target | score | KV | % vanilla | tasks | prefill s | decode tok/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in summary["long_context"]:
+      lines.append(f"| {r['method']} | {r['retention']} | {_f(r['score'], '{:.2f}')} | {_pct(r['kv_retention'])} | "
+                   f"{_f(r['pct_of_vanilla'], '{:.2f}%')} | {r['n_tasks']} | {_f(r['prefill_s'], '{:.2f}')} | "
+                   f"{_f(r['decode_tok_s'])} |")
+    lines.append("")
+  for task, rows in summary["tasks"].items():
+    if task == "perplexity":
+      lines += ["## perplexity (lower is better)", "",
+                "| method | target | perplexity | vs vanilla | KV | expected KV | tokens/s | n |",
+                "|---|---|---|---|---|---|---|---|"]
+      for r in rows:
+        lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.3f} | {_f(r.get('ppl_change_pct'), '{:+.2f}%')} "
+                     f"| {_pct(r['kv_retention'])} | {_pct(r.get('expected_retention'))} | {_f(r.get('tok_s'))} | {r['n']} |")
+    else:
+      extra = "identical to vanilla" if task == "short_text" else "expected KV"
+      lines += [f"## {task}", "",
+                f"| method | target | score | KV | {extra} | % vanilla | prefill s | decode tok/s | n |",
+                "|---|---|---|---|---|---|---|---|---|"]
+      for r in rows:
+        mid = _pct(r.get("identical_to_vanilla")) if task == "short_text" else _pct(r.get("expected_retention"))
+        flag = " (chunk table overflowed)" if r.get("chunk_overflow") else ""
+        lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f}{flag} | {_pct(r['kv_retention'])} | {mid} | "
+                     f"{_f(r.get('pct_of_vanilla'), '{:.2f}%')} | {_f(r['prefill_s'], '{:.2f}')} | "
+                     f"{_f(r['decode_tok_s'])} | {r['n']} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def niah_plots(records: Sequence[dict], out: Path) -> list[Path]:
+  """One heatmap figure per method: a row of panels per retention target, a column per kind."""
+  recs = [r for r in records if r["task"].startswith("niah_")]
+  paths = []
+  for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in recs)]:
+    mine = [r for r in recs if r["method"] == method]
+    labels = sorted({str(r["retention"]) for r in mine}, key=lambda l: _order(("", method, l)))
+    kv = {l: _mean(r["kv_retention"] for r in mine if str(r["retention"]) == l) for l in labels}
+    acc: dict = defaultdict(lambda: defaultdict(list))
+    for r in mine:
+      row = f"r={r['retention']} (KV {100 * kv[str(r['retention'])]:.1f}%)"
+      acc[(row, r["kind"])][(r["length"], r["depth"])].append(r["score"])
+    cells = {k: {c: float(np.mean(v)) for c, v in cell.items()} for k, cell in acc.items()}
+    lengths = sorted({r["length"] for r in mine})
+    depths = sorted({r["depth"] for r in mine})
+    title = f"NIAH, {method}: KV retention measured (target: measured) " + ", ".join(
+        f"{l}: {100 * kv[l]:.1f}%" for l in labels)
+    path = out / f"niah_{method}.png"
+    niah.heatmap(cells, lengths, depths, path, title)
+    paths.append(path)
+  return paths
+
+
+def perplexity_plot(summary: dict, out: Path) -> list[Path]:
+  rows = summary["tasks"].get("perplexity")
+  if not rows:
+    return []
+  curves = {}
+  for r in rows:
+    edges = np.asarray(r["bin_edges"], float)
+    label = f"{r['method']} r={r['retention']} (KV {100 * r['kv_retention']:.1f}%, ppl {r['score']:.2f})"
+    curves[label] = ((edges[:-1] + edges[1:]) / 2, np.asarray(r["bin_nll"]))
+  path = out / "perplexity.png"
+  ppl.plot(curves, path, "NLL by position (teacher forced after the prefix)")
+  return [path]
+
+
+def write_all(out: Path, records: Sequence[dict], settings: dict, bad_lines: Sequence = ()) -> list[Path]:
+  """summary.json, results.md and the plots under `out`; returns their paths."""
+  out.mkdir(parents=True, exist_ok=True)
+  summary = summarize(records)
+  summary.update(settings={k: v for k, v in settings.items() if _jsonable(v)}, headline=headline(summary),
+                 bad_lines=[dict(line=b.line, reason=b.reason) for b in bad_lines])
+  paths = [out / "summary.json", out / "results.md"]
+  paths[0].write_text(json.dumps(summary, indent=1) + "\n")
+  paths[1].write_text(markdown(summary, settings, bad_lines) + "\n")
+  return paths + niah_plots(records, out) + perplexity_plot(summary, out)
+
+
+def _jsonable(v) -> bool:
+  try:
+    json.dumps(v)
+    return True
+  except TypeError:
+    return False

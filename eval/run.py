@@ -1,0 +1,325 @@
+"""python -m eval.run: ChunkLLM and the baselines against vanilla, at matched KV budgets.
+
+Suites: needle in a haystack (a grid of context lengths x depths, three kinds), LongBench-format
+tasks (the shipped mini set, or the real LongBench with --longbench_dir), perplexity by position
+on long text, and short-text prompts. Every method is a selection over the same KV buffer
+(eval/methods.py), and every score is reported beside the KV retention the run measured.
+
+Results go to <out>/results.jsonl, one line per (task, method, retention, example), written as
+they come; a rerun with the same --out skips what is there (an interrupted run resumes). Then
+<out>/summary.json, <out>/results.md (tables) and the plots (<out>/niah_<method>.png,
+<out>/perplexity.png).
+
+  python -m eval.run --model smollm2-135m --methods all
+  python -m eval.run --quick --out /tmp/eval_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+from chunkllm_jax.cli import encode_prompt
+from eval import longbench
+from eval import methods as M
+from eval import niah
+from eval import perplexity as ppl
+from eval import short_text
+from eval import report
+from eval.report import FULL  # vanilla's retention label: it reads everything
+from eval.results_io import ResultsFile, result_key, retention_label
+
+REPO = Path(__file__).resolve().parents[1]
+BROWN = REPO.parent / "shared" / "data" / "brown.txt"
+MINI_DIR = REPO / "eval" / "data" / "longbench_mini"
+SUITES = ("niah", "longbench", "ppl", "short")
+
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="smollm2-135m", help="registered name, HF dir or .gguf file")
+  p.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {' '.join(M.METHODS)}")
+  p.add_argument("--retention", nargs="+", type=float, default=None,
+                 help="KV budgets as fractions of the tokens seen (default 0.5 0.25)")
+  p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
+  p.add_argument("--niah_kinds", nargs="*", default=None, choices=niah.KINDS, help="default: all three")
+  p.add_argument("--niah_lengths", nargs="+", type=int, default=None, help="haystack tokens (default 1024 2048 4096)")
+  p.add_argument("--niah_depths", nargs="+", type=float, default=None, help="default 0 0.25 0.5 0.75 1")
+  p.add_argument("--niah_samples", type=int, default=1, help="needles per grid cell")
+  p.add_argument("--niah_max_new", type=int, default=32)
+  p.add_argument("--filler", choices=["brown", "generated"], default=None,
+                 help="haystack and perplexity text (default: brown when --brown exists)")
+  p.add_argument("--brown", default=str(BROWN), help="one-sentence-a-line text, blank lines between documents")
+  p.add_argument("--tasks", nargs="*", default=None,
+                 help="LongBench-format tasks (default: the mini set: " + " ".join(longbench.MINI_TASKS) + ")")
+  p.add_argument("--longbench_dir", default=None, help="folder of the real LongBench's <dataset>.jsonl files")
+  p.add_argument("--max_examples", type=int, default=None, help="per LongBench task, and short-text items")
+  p.add_argument("--max_prompt_tokens", type=int, default=None,
+                 help="LongBench prompts are cut in the middle to this (default: the model's context - 64)")
+  p.add_argument("--ppl_tokens", type=int, default=2048, help="tokens per perplexity text")
+  p.add_argument("--ppl_prefix", type=int, default=256, help="prefilled tokens before scoring starts")
+  p.add_argument("--ppl_docs", type=int, default=4)
+  p.add_argument("--ppl_bins", type=int, default=8)
+  p.add_argument("--batch_size", type=int, default=4, help="prompts per batch, taken in order of length")
+  p.add_argument("--chunk_len", type=float, default=None,
+                 help="assume this ChunkLLM mean chunk length for the budgets (default: measured on each batch)")
+  p.add_argument("--fix_chunk_len", type=int, default=None,
+                 help="fixllm's chunk length (default: ChunkLLM's measured mean, rounded)")
+  p.add_argument("--window", type=int, default=256, help="streamingllm/sepllm window where no budget is set")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="eval_results")
+  p.add_argument("--quick", action="store_true",
+                 help="a tiny smoke run: vanilla and chunkllm (unless --methods), retention 0.5, one 192-token "
+                      "needle, a 96-token perplexity text, two short-text items; LongBench only with --tasks "
+                      "(then one example cut to 256 tokens)")
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  prompt: list[int]
+  score: Callable[[str], dict]  # prediction text -> score fields (`score` in [0, 1], and more)
+  meta: dict
+
+
+def _resolve(args) -> argparse.Namespace:
+  """Fills the defaults that depend on --quick, and checks the flags."""
+  q = args.quick
+  if args.methods == ["all"]:
+    args.methods = ["vanilla", "chunkllm"] if q else list(M.METHODS)
+  bad = sorted(set(args.methods) - set(M.METHODS))
+  if bad:
+    raise SystemExit(f"error: unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")
+  args.methods = [m for m in M.METHODS if m in args.methods]  # vanilla first
+  args.retention = args.retention or ([0.5] if q else [0.5, 0.25])
+  if any(not 0 < r <= 1 for r in args.retention):
+    raise SystemExit(f"error: retention targets must be in (0, 1], got {args.retention}")
+  args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
+  args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
+  args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
+  if q:
+    args.niah_max_new = min(args.niah_max_new, 12)  # a 5-digit key is 5 tokens, after 'The pass key is'
+  if args.tasks is None:
+    args.tasks = [] if q else list(longbench.MINI_TASKS)  # each task costs --quick a compile or two
+  for t in args.tasks:
+    longbench.get_task(t)  # unknown names fail here
+    if t not in longbench.MINI_TASKS and args.longbench_dir is None:
+      raise SystemExit(f"error: task {t!r} is a LongBench dataset: give --longbench_dir DIR")
+  args.max_examples = args.max_examples or (1 if q else None)
+  if q:
+    args.max_prompt_tokens = args.max_prompt_tokens or 256
+    args.ppl_tokens, args.ppl_prefix, args.ppl_docs = min(args.ppl_tokens, 96), min(args.ppl_prefix, 64), 1
+    args.ppl_bins = min(args.ppl_bins, 4)
+  if args.filler is None:
+    args.filler = "brown" if Path(args.brown).exists() else "generated"
+  if args.filler == "brown" and not Path(args.brown).exists():
+    raise SystemExit(f"error: --filler brown needs the text file --brown {args.brown}")
+  return args
+
+
+def _fingerprint(args) -> dict:
+  """The settings that change what a result is: a resumed run must share them."""
+  keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
+          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir"]
+  fp = {k: getattr(args, k) for k in keys}
+  fp["brown"] = args.brown if args.filler == "brown" else None
+  return fp
+
+
+def _check_fingerprint(out: Path, fp: dict) -> None:
+  path = out / "run_config.json"
+  if path.exists():
+    old = json.loads(path.read_text())
+    diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
+    if diff:
+      raise SystemExit(f"error: {out} holds results made with other settings {diff} (old, new); "
+                       "use another --out, or delete its results.jsonl")
+  else:
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fp, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The examples of each suite
+
+
+def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
+  brown = niah.read_sentences(args.brown) if args.filler == "brown" else None
+  cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown)
+  out: dict[str, list[Example]] = defaultdict(list)
+  for case in cases:
+    def score(text, case=case):
+      s, recall = niah.score(case, text)
+      return dict(score=s, recall=recall)
+    ids = encode_prompt(tokenizer, niah.prompt_text(case), chat=bool(getattr(tokenizer, "chat_template", None)))
+    out[f"niah_{case.kind}"].append(Example(case.example_id, ids, score, dict(
+        kind=case.kind, length=case.length, depth=case.depth, answers=list(case.answers))))
+  return dict(out)
+
+
+def longbench_examples(args, tokenizer, max_position: int) -> dict[str, list[Example]]:
+  out = {}
+  for name in args.tasks:
+    task = longbench.get_task(name)
+    directory = MINI_DIR if name in longbench.MINI_TASKS and args.longbench_dir is None else args.longbench_dir
+    path = longbench.task_file(directory, name)
+    records = list(longbench.read_jsonl(path))[: args.max_examples]
+    budget = args.max_prompt_tokens or max_position - task.max_new_tokens
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    examples = []
+    for r in records:
+      ids = longbench.build_prompt(tokenizer, r, task, budget, chat_template=chat)
+      examples.append(Example(r.id, ids, lambda text, r=r, task=task: dict(score=longbench.score_record(task, r, text)),
+                              dict(answers=r.answers)))
+    out[name] = examples
+  return out
+
+
+def short_examples(args, tokenizer) -> list[Example]:
+  items = short_text.read_items()
+  if args.quick:  # one of each kind
+    items = [next(i for i in items if i.kind == k) for k in ("choice", "completion")]
+  elif args.max_examples:
+    items = items[: args.max_examples]
+  return [Example(i.id, short_text.encode(tokenizer, i), lambda text, i=i: dict(score=short_text.score(i, text)),
+                  dict(kind=i.kind, answers=list(i.answers))) for i in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+class Runner:
+  def __init__(self, args, model, params, settings, results: ResultsFile):
+    self.args, self.model, self.params, self.settings, self.results = args, model, params, settings, results
+    self.planned: set[tuple] = set()  # every key this run asks for (the summary covers these)
+
+  def jobs(self, task: str, methods: Sequence[str], retentions: Sequence[float | None], example_ids):
+    """(method, retention, label, pending ids) for each method and budget; vanilla runs once."""
+    out = []
+    for m in methods:
+      for r in ([1.0] if m == "vanilla" else retentions):
+        label = FULL if m == "vanilla" else retention_label(r)
+        keys = [(task, m, label, e) for e in example_ids]
+        self.planned.update(keys)
+        out.append((m, r, label, [k[3] for k in self.results.missing(keys)]))
+    return out
+
+  def generation(self, task: str, examples: list[Example], max_new: int, retentions, bar) -> None:
+    by_id = {e.id: e for e in examples}
+    for method, r, label, pending in self.jobs(task, self.args.methods, retentions, list(by_id)):
+      if not pending:
+        continue
+      bar.set_postfix_str(f"{task} {method} r={label}")
+      todo = [by_id[i] for i in pending]
+      for i, new, stats in M.iter_method(method, self.model, self.params, [e.prompt for e in todo], max_new, r,
+                                         self.settings):
+        e = todo[i]
+        text = self.model.tokenizer.decode(new, skip_special_tokens=True)
+        self.results.append(dict(task=task, method=method, retention=label, example=e.id, prediction=text,
+                                 new_tokens=new, prompt_tokens=len(e.prompt), **e.score(text), **e.meta,
+                                 **stats))
+        bar.update()
+
+  def perplexity(self, docs: list[list[int]], bar) -> None:
+    a = self.args
+    ids = [f"doc{i}-N{a.ppl_tokens}" for i in range(len(docs))]
+    edges = ppl.position_bins(a.ppl_prefix, a.ppl_tokens, a.ppl_bins)
+    for method, r, label, pending in self.jobs("perplexity", self.args.methods, self.args.retention, ids):
+      bar.set_postfix_str(f"perplexity {method} r={label}")
+      todo = [ids.index(i) for i in pending]
+      for start in range(0, len(todo), self.settings.batch_size):
+        batch = todo[start: start + self.settings.batch_size]
+        logp, stats = ppl.token_logprobs(method, self.params, [docs[i] for i in batch], a.ppl_prefix,
+                                         None if method == "vanilla" else r, self.settings)
+        for row, (i, st) in enumerate(zip(batch, stats)):
+          sums, counts = ppl.binned_nll(logp[row], a.ppl_prefix, edges)
+          self.results.append(dict(task="perplexity", method=method, retention=label, example=ids[i],
+                                   nll_bins=sums, token_bins=counts, bin_edges=edges.tolist(),
+                                   nll=float(-logp[row].sum()), n_scored=int(logp.shape[1]), **st))
+          bar.update()
+
+
+def _count_pending(runner: Runner, task: str, ids, retentions, methods) -> int:
+  n = 0
+  for m in methods:
+    for r in ([1.0] if m == "vanilla" else retentions):
+      label = FULL if m == "vanilla" else retention_label(r)
+      n += len(runner.results.missing([(task, m, label, e) for e in ids]))
+  return n
+
+
+def run(args, model=None, params=None) -> Path:
+  """The whole evaluation; `model` (a cj.Model) and `params` (with adapters) may be given already loaded."""
+  import chunkllm_jax as cj
+  from tqdm import tqdm
+
+  args = _resolve(args)
+  out = Path(args.out)
+  _check_fingerprint(out, _fingerprint(args))
+  results = ResultsFile(out / "results.jsonl")
+  for bad in results.bad_lines:
+    print(f"warning: {results.path}:{bad.line}: malformed result line skipped ({bad.reason}); "
+          "its example runs again", file=sys.stderr)
+
+  t0 = time.perf_counter()
+  model = model or cj.load(args.model, dtype=args.dtype)
+  if params is None:
+    params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
+  settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
+                            fix_chunk_len=args.fix_chunk_len, window=args.window)
+  print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
+        f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
+        file=sys.stderr)
+  tok = model.tokenizer
+  gen: list[tuple[str, list[Example], int, list]] = []  # (task, examples, max_new, retentions)
+  if "niah" in args.suites:
+    for task, ex in niah_examples(args, tok).items():
+      gen.append((task, ex, args.niah_max_new, args.retention))
+  if "longbench" in args.suites:
+    for task, ex in longbench_examples(args, tok, model.config.max_position).items():
+      max_new = longbench.get_task(task).max_new_tokens
+      gen.append((task, ex, min(max_new, 8) if args.quick else max_new, args.retention))
+  if "short" in args.suites:
+    gen.append(("short_text", short_examples(args, tok), 6 if args.quick else 16, [None]))
+  docs = []
+  if "ppl" in args.suites:
+    docs = ppl.text_windows(tok, args.ppl_docs, args.ppl_tokens, args.brown if args.filler == "brown" else None,
+                            args.seed)
+
+  runner = Runner(args, model, params, settings, results)
+  ppl_ids = [f"doc{i}-N{args.ppl_tokens}" for i in range(len(docs))]
+  total = sum(_count_pending(runner, t, [e.id for e in ex], rs, args.methods) for t, ex, _, rs in gen)
+  total += _count_pending(runner, "perplexity", ppl_ids, args.retention, args.methods)
+  with tqdm(total=total, desc="eval", unit="run", file=sys.stderr) as bar:
+    for task, examples, max_new, retentions in gen:
+      runner.generation(task, examples, max_new, retentions, bar)
+    if docs:
+      runner.perplexity(docs, bar)
+
+  planned = {tuple(map(str, k)) for k in runner.planned}
+  records = [r for r in results.records if result_key(r) in planned]  # this run's plan, not older extras
+  paths = report.write_all(out, records, vars(args), results.bad_lines)
+  print(f"[{time.perf_counter() - t0:.0f}s] results: {results.path}", file=sys.stderr)
+  for p in paths:
+    print(f"  {p}", file=sys.stderr)
+  return out
+
+
+def main(argv=None, model=None, params=None) -> Path:
+  return run(_parser().parse_args(argv), model=model, params=params)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,185 @@
+"""python -m eval.run: resumable results (an interrupted run recomputes nothing it wrote and loses
+nothing; a malformed line is reported by number and skipped), the whole run with the model calls
+stubbed out, and one --quick run on the real smollm2-135m."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from eval import methods as M
+from eval import perplexity as P
+from eval import run as eval_run
+from eval.results_io import ResultsFile
+
+
+class WordTokenizer:
+  """One token a word; no chat template; ids are given in order of first sight."""
+
+  chat_template = None
+
+  def __init__(self):
+    self.ids, self.words = {}, []
+
+  def _id(self, w):
+    if w not in self.ids:
+      self.ids[w] = len(self.words)
+      self.words.append(w)
+    return self.ids[w]
+
+  def __call__(self, text, add_special_tokens=True):
+    if isinstance(text, list):
+      return {"input_ids": [self(t)["input_ids"] for t in text]}
+    return {"input_ids": [self._id(w) for w in text.split()]}
+
+  def decode(self, ids, skip_special_tokens=True):
+    return " ".join(self.words[i] if i < len(self.words) else "?" for i in ids)
+
+  def batch_decode(self, rows):
+    return [self.decode(r) for r in rows]
+
+  def __len__(self):
+    return 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The results file
+
+
+def rec(i, **kw):
+  return {"task": "t", "method": "vanilla", "retention": "full", "example": f"e{i}", "score": i, **kw}
+
+
+def test_results_append_reload_and_refuse_duplicates(tmp_path):
+  path = tmp_path / "r.jsonl"
+  f = ResultsFile(path)
+  for i in range(3):
+    f.append(rec(i))
+  again = ResultsFile(path)
+  assert [r["score"] for r in again.records] == [0, 1, 2] and not again.bad_lines
+  assert ("t", "vanilla", "full", "e1") in again and ("t", "vanilla", "full", "e9") not in again
+  with pytest.raises(ValueError, match="already in"):
+    again.append(rec(1))
+
+
+def test_malformed_lines_are_reported_by_number_and_skipped(tmp_path):
+  path = tmp_path / "results.jsonl"
+  lines = [json.dumps(rec(0)), '{"task": "t", "meth', json.dumps([1, 2]), "", json.dumps({"task": "t"}),
+           json.dumps(rec(4))]
+  path.write_text("\n".join(lines) + "\n" + json.dumps(rec(5))[:20])  # the last line cut by a kill
+  with pytest.warns(UserWarning) as caught:
+    f = ResultsFile(path)
+  assert [b.line for b in f.bad_lines] == [2, 3, 5, 7]
+  assert all(f"results.jsonl:{n}:" in str(w.message) for n, w in zip([2, 3, 5, 7], caught))
+  assert "bad JSON" in f.bad_lines[0].reason and "missing key fields" in f.bad_lines[2].reason
+  assert [r["score"] for r in f.records] == [0, 4]
+  f.append(rec(5))  # after a cut line: on a line of its own, nothing else touched
+  with pytest.warns(UserWarning):
+    g = ResultsFile(path)
+  assert [r["score"] for r in g.records] == [0, 4, 5] and [b.line for b in g.bad_lines] == [2, 3, 5, 7]
+  assert path.read_text().splitlines()[:6] == lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run, with the model calls stubbed out
+
+
+class Stubs:
+  """Stands in for iter_method / token_logprobs: counts what is computed, can stop after n results."""
+
+  def __init__(self, stop_after=None):
+    self.computed, self.stop_after = [], stop_after
+
+  def _tick(self, what):
+    if self.stop_after is not None and len(self.computed) >= self.stop_after:
+      raise KeyboardInterrupt  # the run is killed here
+    self.computed.append(what)
+
+  def iter_method(self, method, model, params, prompts, max_new_tokens, retention, settings=None, eos_ids=None):
+    words = model.tokenizer.words
+    for i, p in enumerate(prompts):
+      self._tick((method, retention, tuple(p)))
+      number = [t for t in p if words[t].strip(".").isdigit()][:1]  # "answers" with the first number
+      yield i, number, dict(kv_retention=1.0 if retention in (None, 1.0) else retention, prefill_s=0.5,
+                            decode_tok_s=20.0)
+
+  def token_logprobs(self, method, params, docs, prefix, retention, settings):
+    for d in docs:
+      self._tick((method, retention, tuple(d)))
+    lp = np.full((len(docs), len(docs[0]) - prefix), -2.0 if method == "vanilla" else -2.2)
+    return lp, [dict(kv_retention=retention or 1.0, tok_s=100.0) for _ in docs]
+
+
+FLAGS = ["--methods", "vanilla", "chunkllm", "sepllm", "--retention", "0.5", "0.25", "--niah_kinds", "single",
+         "multivalue", "--niah_lengths", "64", "128", "--niah_depths", "0", "1", "--tasks", "mini_kv_qa",
+         "--max_examples", "2", "--max_prompt_tokens", "200", "--ppl_tokens", "96", "--ppl_prefix", "32",
+         "--ppl_docs", "2", "--filler", "generated"]
+# niah: 8 cases x 5 (vanilla, 2 methods x 2 budgets); LongBench: 2 x 5; short text: 2 x 3; perplexity: 2 x 5
+N_RESULTS = 8 * 5 + 2 * 5 + 2 * 3 + 2 * 5
+
+
+def run_stubbed(monkeypatch, out, stubs, extra=()):
+  monkeypatch.setattr(M, "iter_method", stubs.iter_method)
+  monkeypatch.setattr(P, "token_logprobs", stubs.token_logprobs)
+  cfg = types.SimpleNamespace(vocab_size=64, max_position=512)
+  model = types.SimpleNamespace(config=cfg, tokenizer=WordTokenizer(), params=None)
+  return eval_run.main([*FLAGS, "--out", str(out), *extra], model=model, params="params")
+
+
+def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_path, capsys):
+  out = tmp_path / "ev"
+  with pytest.raises(KeyboardInterrupt):
+    run_stubbed(monkeypatch, out, Stubs(stop_after=23))
+  assert len((out / "results.jsonl").read_text().splitlines()) == 23
+
+  rest = Stubs()
+  run_stubbed(monkeypatch, out, rest)
+  assert len(rest.computed) == N_RESULTS - 23
+  lines = (out / "results.jsonl").read_text().splitlines()
+  assert len(lines) == len({tuple(json.loads(l)[k] for k in ("task", "method", "retention", "example"))
+                            for l in lines}) == N_RESULTS
+
+  summary = json.loads((out / "summary.json").read_text())
+  assert set(summary["tasks"]) == {"niah_single", "niah_multivalue", "mini_kv_qa", "short_text", "perplexity"}
+  short = {r["method"]: r for r in summary["tasks"]["short_text"]}
+  assert short["chunkllm"]["identical_to_vanilla"] == 1.0 and short["chunkllm"]["retention"] == "default"
+  avg = {(r["method"], r["retention"]): r for r in summary["long_context"]}
+  assert avg[("chunkllm", "0.5")]["pct_of_vanilla"] == pytest.approx(100.0)
+  assert avg[("chunkllm", "0.25")]["kv_retention"] == pytest.approx(0.25)
+  ppl = {(r["method"], r["retention"]): r for r in summary["tasks"]["perplexity"]}
+  assert ppl[("sepllm", "0.5")]["ppl_change_pct"] == pytest.approx(100 * (np.exp(0.2) - 1))
+  md = (out / "results.md").read_text()
+  assert "ChunkLLM (target 0.5): 100.00% of vanilla's long-context average at 50.00% KV" in md
+  for name in ["niah_vanilla.png", "niah_chunkllm.png", "niah_sepllm.png", "perplexity.png"]:
+    assert (out / name).stat().st_size > 1000
+
+  # A damaged line: reported with its number, its example alone runs again, nothing else is lost.
+  lines[4] = lines[4][:30]
+  (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+  again = Stubs()
+  capsys.readouterr()
+  with pytest.warns(UserWarning, match="results.jsonl:5:"):
+    run_stubbed(monkeypatch, out, again)
+  assert len(again.computed) == 1
+  assert "results.jsonl:5: malformed result line skipped" in capsys.readouterr().err
+  with pytest.warns(UserWarning, match="results.jsonl:5:"):  # still there: the file is only appended to
+    assert len(ResultsFile(out / "results.jsonl").records) == N_RESULTS
+  assert "lines 5" in (out / "results.md").read_text()
+
+  with pytest.raises(SystemExit, match="other settings"):
+    run_stubbed(monkeypatch, out, Stubs(), extra=["--window", "128"])
+
+
+@pytest.mark.real_model
+def test_quick_run_on_the_real_model(smollm2, tmp_path):
+  out = eval_run.main(["--quick", "--out", str(tmp_path / "q")], model=smollm2)
+  summary = json.loads((out / "summary.json").read_text())
+  assert set(summary["tasks"]) == {"niah_single", "short_text", "perplexity"}
+  short = {r["method"]: r for r in summary["tasks"]["short_text"]}
+  assert short["chunkllm"]["identical_to_vanilla"] == 1.0  # short prompts fit the budget: nothing dropped
+  for task, rows in summary["tasks"].items():
+    if task != "short_text":
+      (chunk,) = [r for r in rows if r["method"] == "chunkllm"]
+      assert 0.3 < chunk["kv_retention"] < 0.9
+  assert (out / "niah_chunkllm.png").exists() and (out / "perplexity.png").exists()

@@ -1,0 +1,78 @@
+"""The eval tasks without a model: needle cases (placement, kinds, scoring), the short-text items,
+and the summary's arithmetic (percent of vanilla, identical outputs, the long-context average)."""
+
+import json
+
+import pytest
+
+from eval import niah, report, short_text
+from tests.test_eval_run import WordTokenizer
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_single_needle_sits_at_its_depth(depth):
+  case = niah.make_case(WordTokenizer(), "single", 300, depth, seed=1)
+  (key,) = case.answers
+  sentences = case.document.split(". ")
+  at = next(i for i, s in enumerate(sentences) if key in s) / (len(sentences) - 1)
+  assert abs(at - depth) < 0.05 and case.example_id == f"single-L300-d{depth:g}-s1"
+  assert 250 < len(case.document.split()) < 360 and "pass key" in case.question
+  assert niah.score(case, f"The pass key is {key}.") == (1.0, 1.0) and niah.score(case, "12345") == (0.0, 0.0)
+
+
+def test_multikey_and_multivalue_needles():
+  tok = WordTokenizer()
+  mk = niah.make_case(tok, "multikey", 400, 0.5, seed=2)
+  assert mk.document.count("The secret number of the") == 4 and len(mk.answers) == 1
+  target = mk.question.split("secret number of the ")[1].split("?")[0]
+  assert f"The secret number of the {target} is {mk.answers[0]}." in mk.document
+  mv = niah.make_case(tok, "multivalue", 400, 0.5, seed=2)
+  assert len(mv.answers) == 3 and all(a in mv.document for a in mv.answers)
+  assert niah.score(mv, ", ".join(mv.answers[:2])) == (0.0, pytest.approx(2 / 3))
+  assert niah.score(mv, " and ".join(mv.answers)) == (1.0, 1.0)
+  # the same cell at another depth moves the target only
+  other = niah.make_case(tok, "multikey", 400, 0.0, seed=2)
+  assert other.answers == mk.answers and other.question == mk.question
+
+
+def test_brown_filler_runs_on_from_a_document(tmp_path):
+  path = tmp_path / "brown.txt"
+  path.write_text("First doc one.\nFirst doc two.\n\nSecond doc one.\nSecond doc two.\n")
+  docs = niah.read_sentences(path)
+  assert docs == [["First doc one.", "First doc two."], ["Second doc one.", "Second doc two."]]
+  case = niah.make_case(WordTokenizer(), "single", 20, 1.0, seed=0, brown=docs)
+  assert case.document.endswith("Remember it.") and "doc" in case.document
+
+
+def test_short_text_items_and_scores(tmp_path):
+  items = short_text.read_items()
+  assert len(items) == 24 and {i.kind for i in items} == {"choice", "completion"}
+  choice = next(i for i in items if i.kind == "choice")
+  assert short_text.score(choice, f" {choice.answers[0]}. Mars") == 1.0
+  assert short_text.score(choice, "The answer is D") == float(choice.answers[0] == "D")
+  paris = next(i for i in items if "France" in i.prompt)
+  assert short_text.score(paris, " Paris, of course.\nBerlin") == 1.0
+  assert short_text.score(paris, " Lyon.\nParis") == 0.0  # only the first line counts
+  bad = tmp_path / "s.jsonl"
+  bad.write_text(json.dumps({"id": "a", "kind": "choice", "prompt": "q", "answers": ["A"]}) + "\n{oops\n")
+  with pytest.warns(UserWarning, match="s.jsonl:2:"):
+    assert [i.id for i in short_text.read_items(bad)] == ["a"]
+
+
+def test_summary_percent_of_vanilla_and_identical_outputs():
+  def r(task, method, retention, example, score, tokens, kv):
+    return dict(task=task, method=method, retention=retention, example=example, score=score, new_tokens=tokens,
+                kv_retention=kv, prefill_s=1.0, decode_tok_s=10.0)
+
+  records = [r("niah_single", "vanilla", "full", "a", 1.0, [1], 1.0), r("niah_single", "vanilla", "full", "b", 1.0, [2], 1.0),
+             r("niah_single", "chunkllm", "0.5", "a", 1.0, [1], 0.48), r("niah_single", "chunkllm", "0.5", "b", 0.0, [3], 0.52),
+             r("qa", "vanilla", "full", "a", 0.5, [1], 1.0), r("qa", "chunkllm", "0.5", "a", 0.5, [1], 0.49)]
+  s = report.summarize(records)
+  (chunk,) = [x for x in s["tasks"]["niah_single"] if x["method"] == "chunkllm"]
+  assert chunk["score"] == 50.0 and chunk["pct_of_vanilla"] == 50.0 and chunk["identical_to_vanilla"] == 0.5
+  assert chunk["kv_retention"] == pytest.approx(0.5)
+  avg = {x["method"]: x for x in s["long_context"]}
+  assert avg["chunkllm"]["score"] == pytest.approx(50.0) and avg["vanilla"]["score"] == pytest.approx(75.0)
+  assert avg["chunkllm"]["pct_of_vanilla"] == pytest.approx(100 * 50 / 75) and avg["chunkllm"]["n_tasks"] == 2
+  assert report.headline(s) == ["ChunkLLM (target 0.5): 66.67% of vanilla's long-context average at 49.50% KV "
+                                "(measured; 2 tasks)"]
