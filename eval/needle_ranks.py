@@ -1,0 +1,152 @@
+"""Why a needle is lost: where the needle's chunk ranks, per layer, for the frozen model's own
+attention (the teacher) and for the QK Adapters (the student), at the prompt's last token.
+
+  python -m eval.needle_ranks --tokens 2048 4096 --depths 0.25 0.5 0.75 [--adapters DIR]
+
+For each passkey prompt, the Chunk Adapter segments it as inference does; then, at the last prompt
+token (the query that makes the first decode selection):
+- teacher rank: the needle chunk's rank in the layer's head-averaged attention mass per chunk
+  (`teacher.teacher_chunk_attention`), and in that mass summed over layers;
+- student rank: its rank in the layer's QK-Adapter softmax, and in the vote (softmaxes summed).
+Rank 1 is the top; a chunk is selected when its rank is at most top_k. The gap between the two
+tells whether selection fails because the adapters mimic the teacher badly (student ranks far below
+the teacher's) or because the teacher's own attention does not single the needle out. Writes a
+JSON and a PNG (rank per layer) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import chunkllm_jax as cj  # noqa: E402
+from chunkllm_jax import adapters as adp  # noqa: E402
+from chunkllm_jax import haystack  # noqa: E402
+from chunkllm_jax.chunk_generate import chunk_prefill  # noqa: E402
+from chunkllm_jax.selection import ChunkConfig  # noqa: E402
+from chunkllm_jax.teacher import teacher_chunk_attention  # noqa: E402
+
+
+def rank_of(scores_C, target: int, n_cand: int) -> int:
+  """1-based rank of `target` among the first `n_cand` entries (ties counted against it)."""
+  s = np.asarray(scores_C[:n_cand])
+  return int(np.sum(s >= s[target]))
+
+
+def needle_prompt(tok, n_tokens: int, depth: float, seed: int):
+  key = haystack.passkey(seed)
+  fact = f"The secret passkey is {key}. Remember it, it is important."
+  doc = haystack.needle_document(tok, n_tokens, depth, fact, seed)
+  msgs = [{"role": "user", "content": doc + "\n\nWhat is the secret passkey? Answer with the number only."}]
+  ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+  # the needle's position: the token where the key's digits start
+  text = tok.decode(ids)
+  char = text.index(key)
+  pos = len(tok(text[:char], add_special_tokens=False)["input_ids"])
+  return ids, key, pos
+
+
+def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
+  T = len(ids)
+  max_len = -(-T // 128) * 128
+  ccfg = ccfg.validate(max_len, params.config.n_layers)
+  toks = jnp.asarray([ids + [0] * (max_len - T)], jnp.int32)
+  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, toks, jnp.asarray([T]), max_len, ccfg)
+  n = int(st.n_chunks[0])
+  ends = np.asarray(st.chunk_end[0, :n])
+  starts = np.asarray(st.chunk_start[0, :n])
+  needle = int(np.searchsorted(ends, needle_pos))  # chunk holding the needle's first digit
+  chunk_id = np.full(max_len, -1, np.int32)
+  for j in range(n):
+    chunk_id[starts[j]: ends[j] + 1] = j
+  chunk_id[int(st.open_start[0]):T] = n  # the open chunk: not a candidate
+  qk_layers = params.adapters.config.qk_layers
+  teach = teacher_chunk_attention(params, toks, jnp.asarray(chunk_id)[None], max_chunks=n + 1,
+                                  qk_layers=qk_layers, lengths_B=jnp.asarray([T]), block_q=128, block_k=128)
+  n_cand = n - ccfg.n_local  # the local chunks are always visible, so they are not ranked
+  P_LC = np.asarray(teach.P_LBTC[:, 0, T - 1, :n])
+  h_L1D = teach.h_LBTD[:, :, T - 1:T]
+  k_all = []
+  s_LC = []
+  for i in range(len(qk_layers)):
+    p = jax.tree.map(lambda a: a[i], params.adapters.params["qk"])
+    q, _ = adp.qk_adapter_apply(p, h_L1D[i])
+    _, k = adp.qk_adapter_apply(p, teach.h_LBTD[i])
+    k_all.append(k)
+    kc = np.asarray(k[0, ends])
+    s = kc @ np.asarray(q[0, 0]) / np.sqrt(kc.shape[-1])
+    s = np.where(np.arange(n) < n_cand, s, -np.inf)
+    e = np.exp(s - s.max())
+    s_LC.append(e / e.sum())
+  s_LC = np.stack(s_LC)
+  if needle >= n_cand:
+    return None  # the needle is local: always visible
+  return dict(n_chunks=n, needle_chunk=needle, n_candidates=n_cand,
+              teacher_rank=[rank_of(P_LC[i], needle, n_cand) for i in range(len(qk_layers))],
+              student_rank=[rank_of(s_LC[i], needle, n_cand) for i in range(len(qk_layers))],
+              teacher_sum_rank=rank_of(P_LC.sum(0), needle, n_cand),
+              student_vote_rank=rank_of(s_LC.sum(0), needle, n_cand), layers=list(map(int, qk_layers)))
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 4))
+  layers = rows[0]["layers"]
+  t = np.median([r["teacher_rank"] for r in rows], axis=0)
+  s = np.median([r["student_rank"] for r in rows], axis=0)
+  ax.plot(layers, t, "o-", label="teacher (frozen attention)")
+  ax.plot(layers, s, "s-", label="student (QK Adapter)")
+  ax.axhline(np.median([r["teacher_sum_rank"] for r in rows]), color="tab:blue", ls=":", label="teacher, summed over layers")
+  ax.axhline(np.median([r["student_vote_rank"] for r in rows]), color="tab:orange", ls=":", label="student vote")
+  ax.set_yscale("log")
+  ax.invert_yaxis()
+  ax.set_xlabel("layer")
+  ax.set_ylabel("rank of the needle chunk (median; 1 = top)")
+  ax.set_title(f"needle chunk rank at the last prompt token ({len(rows)} prompts)")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="smollm2-135m")
+  ap.add_argument("--adapters", default=None, help="an export directory (default: the shipped adapters)")
+  ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
+  ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+  ap.add_argument("--out", default="eval_results/needle_ranks")
+  args = ap.parse_args(argv)
+  model = cj.load(args.model, dtype="float32")
+  params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
+  rows = []
+  for n in args.tokens:
+    for i, d in enumerate(args.depths):
+      ids, key, pos = needle_prompt(model.tokenizer, n, d, seed=i)
+      r = ranks_for_prompt(params, ids, pos, ChunkConfig())
+      if r is None:
+        continue
+      r.update(tokens=len(ids), depth=d)
+      rows.append(r)
+      print(f"{len(ids)} tokens, depth {d}: needle chunk {r['needle_chunk']}/{r['n_chunks']}; teacher ranks "
+            f"{r['teacher_rank']} (summed {r['teacher_sum_rank']}); student ranks {r['student_rank']} "
+            f"(vote {r['student_vote_rank']})", flush=True)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "needle_ranks.json").write_text(json.dumps(rows, indent=1))
+  plot(rows, out / "needle_ranks.png")
+  print(f"wrote {out / 'needle_ranks.json'} and {out / 'needle_ranks.png'}")
+
+
+if __name__ == "__main__":
+  main()
