@@ -14,10 +14,12 @@ comes from what attention reads, never from a second implementation:
   selection, no Chunk Adapter.
 
 Budgets are matched by *expected* retention: for a target r, each method's knob (top_k for chunkllm
-and fixllm, the window for streamingllm and sepllm) is the one whose expected visible tokens over
-the decode steps come closest to r of the tokens seen. The expectation needs each method's mean
-chunk length on the prompts at hand: ChunkLLM's comes from running the Chunk Adapter on layer 0
-alone (the same segmentation chunk_prefill makes), SepLLM's from the separators in the token ids.
+and fixllm, the window for streamingllm and sepllm) is the one whose expected retention, counted
+step by step the way chunk_generate counts it (visible / seen, averaged over the decode steps),
+comes closest to r. The count uses where each method's chunks really end in the prompts:
+ChunkLLM's from the Chunk Adapter run on layer 0 alone (the segmentation chunk_prefill makes),
+SepLLM's from the separator tokens, the fixed grid for the others. Only which chunks a selection
+will pick, and the boundaries in text not generated yet, are estimated (from mean lengths).
 What gets reported is always the retention `chunk_generate` measured, never this estimate:
 SepLLM's separators alone can exceed a low budget, and then its real (higher) retention shows.
 """
@@ -333,17 +335,28 @@ def iter_method(method: str, model, params, prompts: Sequence[Sequence[int]], ma
                 retention: float | None, settings: MethodSettings | None = None, *,
                 eos_ids=None) -> Iterator[tuple[int, list[int], dict]]:
   """(prompt index, new token ids, stats) as each batch finishes; prompts go in batches of similar
-  length (sorted), so little of a batch is padding."""
+  length (`length_batches`), so little of a batch is padding."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
   settings = settings or settings_for(model)
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  for start in range(0, len(order), settings.batch_size):
-    batch = order[start: start + settings.batch_size]
+  for batch in length_batches([len(p) for p in prompts], settings.batch_size):
     results = run_batch(method, params, [prompts[i] for i in batch], max_new_tokens, retention, settings,
                         eos_ids=eos_ids)
     for i, (new, stats) in zip(batch, results):
       yield i, new, stats
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, spread: float = 1.2) -> list[list[int]]:
+  """Indices in batches of at most `batch_size`, by length, a batch's longest at most `spread` x its
+  shortest (+ 32 tokens): a batch is padded to its longest prompt, so mixed lengths would waste work."""
+  batches: list[list[int]] = []
+  for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+    b = batches[-1] if batches else None
+    if b and len(b) < batch_size and lengths[i] <= spread * lengths[b[0]] + 32:
+      b.append(i)
+    else:
+      batches.append([i])
+  return batches
 
 
 def run_method(method: str, model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -122,8 +122,9 @@ def score(case: NeedleCase, prediction: str) -> tuple[float, float]:
 
 
 def grid(tokenizer, kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int = 1,
-         brown: Sequence[Sequence[str]] | None = None) -> list[NeedleCase]:
-  return [make_case(tokenizer, k, n, d, s, brown) for k in kinds for n in lengths for d in depths
+         brown: Sequence[Sequence[str]] | None = None, seed: int = 0) -> list[NeedleCase]:
+  """Every (kind, length, depth) cell, `samples` cases each (seeds seed, seed + 1, ...)."""
+  return [make_case(tokenizer, k, n, d, seed + s, brown) for k in kinds for n in lengths for d in depths
           for s in range(samples)]
 
 

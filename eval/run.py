@@ -65,18 +65,19 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--longbench_dir", default=None, help="folder of the real LongBench's <dataset>.jsonl files")
   p.add_argument("--max_examples", type=int, default=None, help="per LongBench task, and short-text items")
   p.add_argument("--max_prompt_tokens", type=int, default=None,
-                 help="LongBench prompts are cut in the middle to this (default: the model's context - 64)")
+                 help="LongBench prompts are cut in the middle to this (default: the model's context minus the "
+                      "task's generation length)")
   p.add_argument("--ppl_tokens", type=int, default=2048, help="tokens per perplexity text")
   p.add_argument("--ppl_prefix", type=int, default=256, help="prefilled tokens before scoring starts")
   p.add_argument("--ppl_docs", type=int, default=4)
   p.add_argument("--ppl_bins", type=int, default=8)
-  p.add_argument("--batch_size", type=int, default=4, help="prompts per batch, taken in order of length")
+  p.add_argument("--batch_size", type=int, default=4, help="prompts per batch (of similar lengths)")
   p.add_argument("--chunk_len", type=float, default=None,
                  help="assume this ChunkLLM mean chunk length for the budgets (default: measured on each batch)")
   p.add_argument("--fix_chunk_len", type=int, default=None,
                  help="fixllm's chunk length (default: ChunkLLM's measured mean, rounded)")
   p.add_argument("--window", type=int, default=256, help="streamingllm/sepllm window where no budget is set")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
                  help="a tiny smoke run: vanilla and chunkllm (unless --methods), retention 0.5, one 192-token "
@@ -156,7 +157,8 @@ def _check_fingerprint(out: Path, fp: dict) -> None:
 
 def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
   brown = niah.read_sentences(args.brown) if args.filler == "brown" else None
-  cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown)
+  cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
+                    seed=args.seed)
   out: dict[str, list[Example]] = defaultdict(list)
   for case in cases:
     def score(text, case=case):

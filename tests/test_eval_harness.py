@@ -46,7 +46,7 @@ def slow_retention(seq, prompt_len, n_steps, ends, n_sink, n_local, keep_boundar
 
 
 def test_full_coverage_chunkllm_is_vanilla_and_the_quick_segmentation_is_chunk_prefills(params):
-  prompts_ = rows([150, 131, 97], seed=3)
+  prompts_ = rows([150, 131, 110], seed=3)  # one batch (lengths within length_batches' spread)
   van = M.run_method("vanilla", None, params, prompts_, 24, None, SETTINGS, eos_ids=())
   chk = M.run_method("chunkllm", None, params, prompts_, 24, 1.0, SETTINGS, eos_ids=())
   for (vt, vs), (ct, cs) in zip(van, chk):
@@ -123,6 +123,13 @@ def test_sepllm_over_budget_says_so():
   seg = M.Segmentation((seps,), (T,), 4)
   ccfg, info = M.method_config("sepllm", 0.05, [T], 32, T + 128, M.MethodSettings(separator_ids=(1,)), seg)
   assert ccfg.n_local == 1 and info["expected_retention"] > 0.12
+
+
+def test_batches_hold_similar_lengths():
+  lengths = [1030, 4100, 1040, 2050, 1020, 4090, 2060, 1035, 1025]
+  batches = M.length_batches(lengths, 4)
+  assert sorted(i for b in batches for i in b) == list(range(9))
+  assert [[lengths[i] for i in b] for b in batches] == [[1020, 1025, 1030, 1035], [1040], [2050, 2060], [4090, 4100]]
 
 
 def test_separator_ids_from_the_vocabulary():
