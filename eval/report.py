@@ -130,7 +130,7 @@ def headline(summary: dict) -> list[str]:
   for row in summary["long_context"]:
     if row["method"] == "chunkllm" and row["pct_of_vanilla"] is not None:
       out.append(f"ChunkLLM (target {row['retention']}): {row['pct_of_vanilla']:.2f}% of vanilla's long-context "
-                 f"average at {100 * row['kv_retention']:.2f}% KV (measured; {row['n_tasks']} tasks)")
+                 f"average at {100 * row['kv_retention']:.2f}% KV (measured; {row['n_tasks']} task{'s' * (row['n_tasks'] != 1)})")
   return out
 
 
