@@ -129,14 +129,16 @@ def headline(summary: dict) -> list[str]:
   out = []
   for row in summary["long_context"]:
     if row["method"] == "chunkllm" and row["pct_of_vanilla"] is not None:
+      n = row["n_tasks"]
       out.append(f"ChunkLLM (target {row['retention']}): {row['pct_of_vanilla']:.2f}% of vanilla's long-context "
-                 f"average at {100 * row['kv_retention']:.2f}% KV (measured; {row['n_tasks']} task{'s' * (row['n_tasks'] != 1)})")
+                 f"average at {100 * row['kv_retention']:.2f}% KV (measured; {n} task{'s' * (n != 1)})")
   return out
 
 
 def markdown(summary: dict, settings: dict, bad_lines: Sequence) -> str:
   lines = ["# Evaluation results", "",
-           f"Model `{settings.get('model')}` ({settings.get('dtype')}), methods {', '.join(settings.get('methods', []))}. "
+           f"Model `{settings.get('model')}` ({settings.get('dtype')}), "
+           f"methods {', '.join(settings.get('methods', []))}. "
            "KV = the retention each run measured (mean over examples); `% vanilla` = the score as a percent of "
            "vanilla's on the same examples; speed excludes compilation.", ""]
   lines += [f"- {h}" for h in headline(summary)] + [""]
@@ -158,8 +160,9 @@ def markdown(summary: dict, settings: dict, bad_lines: Sequence) -> str:
                 "| method | target | perplexity | vs vanilla | KV | expected KV | tokens/s | n |",
                 "|---|---|---|---|---|---|---|---|"]
       for r in rows:
-        lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.3f} | {_f(r.get('ppl_change_pct'), '{:+.2f}%')} "
-                     f"| {_pct(r['kv_retention'])} | {_pct(r.get('expected_retention'))} | {_f(r.get('tok_s'))} | {r['n']} |")
+        lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.3f} | "
+                     f"{_f(r.get('ppl_change_pct'), '{:+.2f}%')} | {_pct(r['kv_retention'])} | "
+                     f"{_pct(r.get('expected_retention'))} | {_f(r.get('tok_s'))} | {r['n']} |")
     else:
       extra = "identical to vanilla" if task == "short_text" else "expected KV"
       lines += [f"## {task}", "",
@@ -168,8 +171,8 @@ def markdown(summary: dict, settings: dict, bad_lines: Sequence) -> str:
       for r in rows:
         mid = _pct(r.get("identical_to_vanilla")) if task == "short_text" else _pct(r.get("expected_retention"))
         flag = " (chunk table overflowed)" if r.get("chunk_overflow") else ""
-        lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f}{flag} | {_pct(r['kv_retention'])} | {mid} | "
-                     f"{_f(r.get('pct_of_vanilla'), '{:.2f}%')} | {_f(r['prefill_s'], '{:.2f}')} | "
+        lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f}{flag} | {_pct(r['kv_retention'])} | "
+                     f"{mid} | {_f(r.get('pct_of_vanilla'), '{:.2f}%')} | {_f(r['prefill_s'], '{:.2f}')} | "
                      f"{_f(r['decode_tok_s'])} | {r['n']} |")
     lines.append("")
   return "\n".join(lines)

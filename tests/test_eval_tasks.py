@@ -64,8 +64,10 @@ def test_summary_percent_of_vanilla_and_identical_outputs():
     return dict(task=task, method=method, retention=retention, example=example, score=score, new_tokens=tokens,
                 kv_retention=kv, prefill_s=1.0, decode_tok_s=10.0)
 
-  records = [r("niah_single", "vanilla", "full", "a", 1.0, [1], 1.0), r("niah_single", "vanilla", "full", "b", 1.0, [2], 1.0),
-             r("niah_single", "chunkllm", "0.5", "a", 1.0, [1], 0.48), r("niah_single", "chunkllm", "0.5", "b", 0.0, [3], 0.52),
+  records = [r("niah_single", "vanilla", "full", "a", 1.0, [1], 1.0),
+             r("niah_single", "vanilla", "full", "b", 1.0, [2], 1.0),
+             r("niah_single", "chunkllm", "0.5", "a", 1.0, [1], 0.48),
+             r("niah_single", "chunkllm", "0.5", "b", 0.0, [3], 0.52),  # a different answer
              r("qa", "vanilla", "full", "a", 0.5, [1], 1.0), r("qa", "chunkllm", "0.5", "a", 0.5, [1], 0.49)]
   s = report.summarize(records)
   (chunk,) = [x for x in s["tasks"]["niah_single"] if x["method"] == "chunkllm"]
