@@ -98,10 +98,13 @@ def working_positions(st: ChunkState, selected_SBk, cfg: ChunkConfig, W: int):
     is_sel = jnp.arange(chunks.shape[-1]) < selected_SBk.shape[-1]
     start = jnp.where(is_sel, end, start)
   length = jnp.where(chunks >= 0, end - start + 1, 0)
+  if chunks.shape[-1] == 0:  # top_k = n_local = 0: the sinks (and the open chunk) only
+    length = jnp.zeros(chunks.shape[:-1] + (1,), jnp.int32)
+    start = jnp.zeros_like(length)
   offs_end = jnp.cumsum(length, axis=-1)  # [S, B, n]
   w = jnp.arange(W - cfg.n_sink)
   which = jnp.sum(offs_end[..., None, :] <= w[:, None], axis=-1)  # chunk holding packed slot w
-  which_c = jnp.minimum(which, chunks.shape[-1] - 1)
+  which_c = jnp.minimum(which, length.shape[-1] - 1)
   first = jnp.take_along_axis(start, which_c, -1)
   offset = jnp.take_along_axis(offs_end - length, which_c, -1)
   pos = first + w - offset

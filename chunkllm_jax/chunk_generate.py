@@ -245,18 +245,21 @@ def _decode_loop(params, first_B, cache, st, key, *, max_new, sampling, eos_ids,
   out = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(first_B)
 
   def cond(s):
-    return (s[0] < max_new) & ~jnp.all(s[-1])
+    return (s[0] < max_new) & ~jnp.all(s[5])  # s[5]: done
 
   def body(s):
-    step, tok, cache, st, out, done = s
-    logits, cache, st = chunk_decode_step(params, tok, cache, st, ccfg)
+    step, tok, cache, st, out, done, live = s
+    logits, cache, new = chunk_decode_step(params, tok, cache, st, ccfg)
+    # A finished row still runs with its batch; its steps must not count in its own stats.
+    new = new.replace(retained=jnp.where(done, st.retained, new.retained),
+                      read_slots=jnp.where(done, st.read_slots, new.read_slots))
     nxt = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(key, step), sampling))
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-    return step + 1, nxt, cache, st, out, done | is_eos(nxt, eos_ids)
+    return step + 1, nxt, cache, new, out, done | is_eos(nxt, eos_ids), live + ~done
 
-  step, _, _, st, out, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), first_B, cache, st, out, is_eos(first_B, eos_ids)))
-  return out, step, st
+  step, _, _, st, out, _, live = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), first_B, cache, st, out, is_eos(first_B, eos_ids), jnp.zeros((B,), jnp.int32)))
+  return out, step, st, live
 
 
 @functools.lru_cache(maxsize=32)
@@ -288,7 +291,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   Any `ChunkConfig` field can be given by keyword (`top_k=32, n_local=4, ...`); `top_k` is the
   number of selected chunks (the sampling top-k is `top_k_tokens`). Returns a `GenerateOutput`
   whose stats add per row: kv_retention, n_chunks, n_selections, chunk_overflow, and the K/V
-  bytes read per decode step by this design and by dense attention. With `mesh`, the backbone
+  bytes read per decode step by this design and by dense attention (means over the row's own
+  decode steps, up to its end-of-sequence token; NaN when it had none). With `mesh`, the backbone
   and the batch are placed by `sharding.LOGICAL_TO_MESH` (adapters replicated), and the compiled
   programs follow those placements.
   """
@@ -314,11 +318,14 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
     lens_dev = jax.device_put(lens_dev, shd.batch_sharding(mesh, lens.shape))
     key = jax.device_put(key, shd.replicated(mesh))
   (first, cache, st), prefill_s = pre.timed(params, prompts_dev, lens_dev, key)
-  (new, steps, st), decode_s = loop.timed(params, first, cache, st, key)
+  (new, steps, st, live), decode_s = loop.timed(params, first, cache, st, key)
   steps = int(steps) - 1
-  nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, np.asarray(st.read_slots) / max(steps, 1),
-                                 lens + 1 + (steps - 1) / 2)
-  extra = dict(kv_retention=np.asarray(st.retained) / max(steps, 1), n_chunks=np.asarray(st.n_chunks),
+  live = np.asarray(live)  # decode steps each row ran before its end-of-sequence token
+  with np.errstate(invalid="ignore", divide="ignore"):  # NaN for a row with no decode step
+    per_step = lambda x: np.where(live > 0, np.asarray(x) / np.maximum(live, 1), np.nan)
+    nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, per_step(st.read_slots),
+                                   lens + 1 + (live - 1) / 2)
+  extra = dict(kv_retention=per_step(st.retained), n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
   return assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,

@@ -82,6 +82,23 @@ def test_keep_boundary_reads_one_token_per_selected_chunk():
   assert ends.stats["kv_retention"][0] < 0.2 < 0.95 < whole.stats["kv_retention"][0]
 
 
+def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
+  """top_k = n_local = 0 reads the sinks and the open chunk only; a row that ends early (EOS)
+  averages its stats over its own decode steps, not its batch-mates'."""
+  params = chunk_params()
+  rows = prompts([60], seed=11)
+  kw = dict(max_new_tokens=10, max_len=128, max_chunk_len=8, max_chunks=64, boundaries="fixed")
+  none = chunk_generate(params, rows, top_k=0, n_local=0, eos_ids=(), **kw)
+  assert 0 < none.stats["kv_retention"][0] < 0.3
+  free = chunk_generate(params, rows, eos_ids=(), **kw)
+  eos = int(free.new_tokens(0)[3])  # the 4th new token ends the row when it is the EOS id
+  both = chunk_generate(params, [rows[0], rows[0][:50]], eos_ids=(eos,), **kw)
+  alone = chunk_generate(params, rows, eos_ids=(eos,), **kw)
+  np.testing.assert_allclose(both.stats["kv_retention"][0], alone.stats["kv_retention"][0], rtol=1e-6)
+  one = chunk_generate(params, rows, max_new_tokens=1, eos_ids=(), max_len=128)
+  assert np.isnan(one.stats["kv_retention"][0])  # no decode step ran
+
+
 def test_retention_and_bytes_fall_with_top_k():
   params = chunk_params()
   rows = prompts([400], seed=4)
