@@ -35,9 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import chunkllm_jax as cj
-from chunkllm_jax import adapters as adp
-from chunkllm_jax import model as model_lib
-from chunkllm_jax.chunk_generate import chunk_generate, segment
+from chunkllm_jax.chunk_generate import chunk_generate, segment_prompts
 from chunkllm_jax.selection import ChunkConfig
 
 METHODS = ("vanilla", "chunkllm", "streamingllm", "sepllm", "fixllm")
@@ -96,21 +94,7 @@ class Segmentation:
     return max((len(e) for e in self.ends), default=0)
 
 
-@functools.partial(jax.jit, static_argnames=("ccfg",))
-def _adapter_closes(params, tokens_BT, lengths_B, ccfg: ChunkConfig):
-  # Layer 0 alone decides the boundaries (chunk_prefill keeps it dense, and decode runs the Chunk
-  # Adapter on its output too), so one layer gives the whole segmentation.
-  cfg = params.config
-  one = params.replace(
-      backbone={**params.backbone, "layers": jax.tree.map(lambda w: w[:1], params.backbone["layers"])},
-      config=cfg.replace(n_layers=1, layer_sliding=cfg.layer_sliding[:1]))
-  B, T = tokens_BT.shape
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  valid = positions < lengths_B[:, None]
-  h0, _, _ = model_lib.run_layers(one, model_lib.embed(one, tokens_BT), positions,
-                                  model_lib.self_attend_fn(one.config, positions, valid))
-  p = jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0))
-  return segment(p, valid, tokens_BT, ccfg)
+_adapter_closes = jax.jit(segment_prompts, static_argnames=("ccfg",))
 
 
 def adapter_segmentation(params, rows: Sequence[Sequence[int]], ccfg: ChunkConfig = ChunkConfig()) -> Segmentation:
