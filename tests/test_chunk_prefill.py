@@ -73,6 +73,17 @@ def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96,
   return ccfg, jnp.asarray(closes), jnp.asarray(valid), q, k, v, qt, kt
 
 
+def tables(seed):
+  """A random case's chunk ids, selection table and [B, T, T] token mask (keep="chunk")."""
+  ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  vis = cp.selection_table(cp.layer_selections(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
+  mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
+                                  jnp.ones_like(closes), ccfg.n_local))
+  return ccfg, ids, vis, mask
+
+
 def test_chunk_ids_and_ends_by_hand():
   closes = jnp.asarray([[0, 0, 0, 0, 0, 1, 0, 1, 0, 0]], bool)
   valid = jnp.asarray([[1] * 9 + [0]], bool)
@@ -114,12 +125,7 @@ def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_k, n_local,
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_block_lists_cover_every_visible_pair_and_no_future(seed):
-  ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
-  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
-  vis = cp.selection_table(cp.layer_selections(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
-  mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
-                                  jnp.ones_like(closes), ccfg.n_local))
+  ccfg, ids, vis, mask = tables(seed)
   blocks, counts = map(np.asarray, cp.block_lists(ids, vis, ccfg.n_local, 16))
   needed = mask.reshape(2, 6, 16, 6, 16).any(axis=(2, 4))
   for b in range(2):
@@ -146,12 +152,7 @@ def test_pallas_prefill_kernel_path_matches_the_xla_path(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_packed_positions_hold_every_visible_key_once_in_order(seed):
-  ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
-  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
-  vis = cp.selection_table(cp.layer_selections(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
-  mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
-                                  jnp.ones_like(closes), ccfg.n_local))
+  ccfg, ids, vis, mask = tables(seed)
   pos, used = map(np.asarray, cp.packed_key_positions(ids, vis, ccfg.n_local, 16))
   for b in range(2):
     for qb in range(6):
