@@ -9,14 +9,13 @@ are checked, and that nothing was written beside the notebooks.
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from ipykernel.kernelspec import write_kernel_spec
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
@@ -26,6 +25,26 @@ def _files(directory: Path) -> set[Path]:
   return {p for p in directory.rglob("*") if ".ipynb_checkpoints" not in p.parts}
 
 
+# The client runs in a child process: its ZMQ / asyncio threads then never share a process with the
+# rest of the suite's XLA compiles (a full run once died of a segfault in a later test's compile
+# while those threads were still alive).
+_RUNNER = """
+import sys, nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+src, dst, kernels, conn, path, timeout = sys.argv[1:]
+nb = nbformat.read(src, as_version=4)
+km = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels]),
+                   connection_file=conn)
+try:
+  NotebookClient(nb, km=km, timeout=int(timeout), kernel_name="python3",
+                 resources={"metadata": {"path": path}}).execute()
+finally:
+  nbformat.write(nb, dst)
+"""
+
+
 def execute(name: str, tmp_path: Path, **env_extra: str) -> nbformat.NotebookNode:
   """Runs every cell of notebooks/<name>; returns the executed notebook (the file is not touched)."""
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -33,19 +52,20 @@ def execute(name: str, tmp_path: Path, **env_extra: str) -> nbformat.NotebookNod
       f"{name} is committed with outputs: strip them"
   kernels = tmp_path / "kernels"
   write_kernel_spec(kernels / "python3")  # argv: this sys.executable -m ipykernel_launcher
-  km = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]),
-                     connection_file=str(tmp_path / "kernel-connection.json"))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
          "IPYTHONDIR": str(tmp_path / "ipython"), **env_extra}
   for k in ("XLA_FLAGS", "MPLBACKEND", "CHUNKLLM_NOTEBOOK_INSTALL"):  # one device and inline plots, as a user has
     env.pop(k, None)
   before = _files(NOTEBOOKS)
-  client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                          resources={"metadata": {"path": str(NOTEBOOKS)}})
-  client.execute(env=env)  # raises CellExecutionError at the first cell that fails
+  executed = tmp_path / f"executed-{name}"
+  run = subprocess.run([sys.executable, "-c", _RUNNER, str(NOTEBOOKS / name), str(executed), str(kernels),
+                        str(tmp_path / "kernel-connection.json"), str(NOTEBOOKS), str(CELL_TIMEOUT_S)],
+                       env=env, capture_output=True, text=True, timeout=4 * CELL_TIMEOUT_S)
+  assert executed.is_file(), f"{name} did not run:\n{run.stderr[-3000:]}"
+  nb = nbformat.read(executed, as_version=4)
   assert _files(NOTEBOOKS) == before, f"{name} wrote files into notebooks/"
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-  assert not errors, errors
+  assert not errors and run.returncode == 0, (errors, run.stderr[-3000:])  # a failing cell stops the run
   return nb
 
 
