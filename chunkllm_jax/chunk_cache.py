@@ -55,8 +55,8 @@ def working_size(cfg: ChunkConfig, max_len: int, block: int) -> int:
 def init_chunk_state(n_layers: int, n_qk: int, batch: int, d_c: int, n_kv: int, head_dim: int, dtype,
                      cfg: ChunkConfig, W: int) -> ChunkState:
   C = cfg.max_chunks
-  n_sel = 1 if cfg.vote == "sum" else n_qk
-  sel_shape = (batch, cfg.top_k) if cfg.vote == "sum" else (n_qk, batch, cfg.top_k)
+  n_sel = 1 if cfg.shared else n_qk
+  sel_shape = (batch, cfg.top_k) if cfg.shared else (n_qk, batch, cfg.top_k)
   return ChunkState(
       chunk_start=jnp.zeros((batch, C), jnp.int32), chunk_end=jnp.full((batch, C), -1, jnp.int32),
       chunk_key=jnp.zeros((n_qk, batch, C, d_c), jnp.float32), n_chunks=jnp.zeros((batch,), jnp.int32),

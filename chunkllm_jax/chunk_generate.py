@@ -47,7 +47,7 @@ def _layer_kinds(params: ModelParams, ccfg: ChunkConfig):
   for i, layer in enumerate(acfg.qk_layers):
     slot[layer] = i
     sparse[layer] = layer not in ccfg.dense_layers and not cfg.sliding_layers[layer]
-  work_slot = slot if ccfg.vote == "per_layer" else np.zeros_like(slot)
+  work_slot = np.zeros_like(slot) if ccfg.shared else slot
   return jnp.asarray(slot), jnp.asarray(sparse), jnp.asarray(work_slot), np.asarray(acfg.qk_layers)
 
 
@@ -64,7 +64,7 @@ def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
 
 
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, work_slot_L, ccfg: ChunkConfig) -> ChunkState:
-  sel = st.selected if ccfg.vote == "per_layer" else st.selected[None]
+  sel = st.selected[None] if ccfg.shared else st.selected
   pos, valid, used = working_positions(st, sel, ccfg, st.work_pos.shape[-1])
   if _use_kernels(ccfg):
     wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid, work_slot_L,
@@ -80,7 +80,7 @@ def _use_kernels(ccfg: ChunkConfig) -> bool:
 
 def _reselect(st: ChunkState, closes_B, q_LBd, ccfg: ChunkConfig) -> ChunkState:
   new = select(q_LBd, st.chunk_key, st.n_chunks, ccfg)
-  keep = closes_B if ccfg.vote == "sum" else closes_B[None]
+  keep = closes_B if ccfg.shared else closes_B[None]
   return st.replace(selected=jnp.where(keep[..., None], new, st.selected),
                     n_selections=st.n_selections + closes_B)
 

@@ -2,7 +2,9 @@
 
 At a boundary every QK-adapter layer scores the completed chunks with its q~ (the boundary token's
 query), the scores are softmaxed per layer, and by default the layers *vote*: the softmaxes are
-summed and the global top-k is shared by all layers. The `n_local` most recent chunks are always
+summed and the global top-k is shared by all layers. `vote="max"` scores a chunk by its highest
+probability in any layer instead, so a few sharply retrieving layers are not outvoted by many
+diffuse ones (eval/needle_ranks.py measures both). The `n_local` most recent chunks are always
 visible, so they are not candidates.
 """
 
@@ -27,7 +29,7 @@ class ChunkConfig:
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
   max_chunk_len: int = 64  # a chunk this long is closed by force
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
-  vote: str = "sum"  # "sum": one selection for all layers; "per_layer": each layer its own
+  vote: str = "sum"  # "sum" or "max" over layers: one selection for all; "per_layer": each its own
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
@@ -53,8 +55,8 @@ class ChunkConfig:
     if -(-(max_len - self.n_sink) // self.max_chunk_len) > max_chunks and self.max_chunks:
       raise ValueError(f"max_chunks={max_chunks} cannot hold {max_len} tokens in chunks of at most "
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
-    if self.vote not in ("sum", "per_layer"):
-      raise ValueError(f"vote must be 'sum' or 'per_layer', got {self.vote!r}")
+    if self.vote not in ("sum", "max", "per_layer"):
+      raise ValueError(f"vote must be 'sum', 'max' or 'per_layer', got {self.vote!r}")
     if self.refresh_every < 0:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
@@ -74,6 +76,11 @@ class ChunkConfig:
     if any(not 0 <= i < n_layers for i in self.dense_layers):
       raise ValueError(f"dense_layers {self.dense_layers} out of range for {n_layers} layers")
     return dataclasses.replace(self, max_chunks=max_chunks)
+
+  @property
+  def shared(self) -> bool:
+    """Whether one selection serves every layer (a vote), rather than one per layer."""
+    return self.vote != "per_layer"
 
   @property
   def budget(self) -> int:
@@ -113,8 +120,10 @@ def select(q_LBd, chunk_key_LBCd, n_chunks_B, cfg: ChunkConfig):
   probs = layer_chunk_probs(q_LBd, chunk_key_LBCd, cand)
   if cfg.vote == "sum":
     probs = jnp.sum(probs, axis=0)
+  elif cfg.vote == "max":
+    probs = jnp.max(probs, axis=0)
   k = min(cfg.top_k, cfg.max_chunks)
-  score = jnp.where(cand if cfg.vote == "sum" else cand[None], probs, -1.0)
+  score = jnp.where(cand if cfg.shared else cand[None], probs, -1.0)
   top_val, top_idx = jax.lax.top_k(score, k)
   chosen = jnp.where(top_val >= 0.0, top_idx, cfg.max_chunks)  # empty slots sort last
   chosen = jnp.sort(chosen, axis=-1)  # in position order, so compacted keys stay in order

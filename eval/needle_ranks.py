@@ -6,8 +6,9 @@ attention (the teacher) and for the QK Adapters (the student), at the prompt's l
 For each passkey prompt, the Chunk Adapter segments it as inference does; then, at the last prompt
 token (the query that makes the first decode selection):
 - teacher rank: the needle chunk's rank in the layer's head-averaged attention mass per chunk
-  (`teacher.teacher_chunk_attention`), and in that mass summed over layers;
-- student rank: its rank in the layer's QK-Adapter softmax, and in the vote (softmaxes summed).
+  (`teacher.teacher_chunk_attention`, renormalised over the candidates as training sees it);
+- student rank: its rank in the layer's QK-Adapter softmax;
+- and for both, its rank under each cross-layer vote rule of `ChunkConfig.vote` ("sum", "max").
 Rank 1 is the top; a chunk is selected when its rank is at most top_k. The gap between the two
 tells whether selection fails because the adapters mimic the teacher badly (student ranks far below
 the teacher's) or because the teacher's own attention does not single the needle out. Writes a
@@ -33,6 +34,9 @@ from chunkllm_jax import haystack  # noqa: E402
 from chunkllm_jax.chunk_generate import chunk_prefill  # noqa: E402
 from chunkllm_jax.selection import ChunkConfig  # noqa: E402
 from chunkllm_jax.teacher import teacher_chunk_attention  # noqa: E402
+
+
+VOTES = {"sum": lambda p_LC: p_LC.sum(0), "max": lambda p_LC: p_LC.max(0)}  # as selection.select
 
 
 def rank_of(scores_C, target: int, n_cand: int) -> int:
@@ -72,7 +76,8 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   teach = teacher_chunk_attention(params, toks, jnp.asarray(chunk_id)[None], max_chunks=n + 1,
                                   qk_layers=qk_layers, lengths_B=jnp.asarray([T]), block_q=128, block_k=128)
   n_cand = n - ccfg.n_local  # the local chunks are always visible, so they are not ranked
-  P_LC = np.asarray(teach.P_LBTC[:, 0, T - 1, :n])
+  P_LC = np.asarray(teach.P_LBTC[:, 0, T - 1, :n]) * (np.arange(n) < n_cand)
+  P_LC = P_LC / np.maximum(P_LC.sum(-1, keepdims=True), 1e-30)
   h_L1D = teach.h_LBTD[:, :, T - 1:T]
   k_all = []
   s_LC = []
@@ -92,8 +97,9 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   return dict(n_chunks=n, needle_chunk=needle, n_candidates=n_cand,
               teacher_rank=[rank_of(P_LC[i], needle, n_cand) for i in range(len(qk_layers))],
               student_rank=[rank_of(s_LC[i], needle, n_cand) for i in range(len(qk_layers))],
-              teacher_sum_rank=rank_of(P_LC.sum(0), needle, n_cand),
-              student_vote_rank=rank_of(s_LC.sum(0), needle, n_cand), layers=list(map(int, qk_layers)))
+              teacher_vote_rank={v: rank_of(VOTES[v](P_LC), needle, n_cand) for v in VOTES},
+              student_vote_rank={v: rank_of(VOTES[v](s_LC), needle, n_cand) for v in VOTES},
+              layers=list(map(int, qk_layers)))
 
 
 def plot(rows, path):
@@ -106,8 +112,9 @@ def plot(rows, path):
   s = np.median([r["student_rank"] for r in rows], axis=0)
   ax.plot(layers, t, "o-", label="teacher (frozen attention)")
   ax.plot(layers, s, "s-", label="student (QK Adapter)")
-  ax.axhline(np.median([r["teacher_sum_rank"] for r in rows]), color="tab:blue", ls=":", label="teacher, summed over layers")
-  ax.axhline(np.median([r["student_vote_rank"] for r in rows]), color="tab:orange", ls=":", label="student vote")
+  for v, ls in zip(VOTES, (":", "--")):
+    ax.axhline(np.median([r["teacher_vote_rank"][v] for r in rows]), color="tab:blue", ls=ls, label=f"teacher, vote {v}")
+    ax.axhline(np.median([r["student_vote_rank"][v] for r in rows]), color="tab:orange", ls=ls, label=f"student, vote {v}")
   ax.set_yscale("log")
   ax.invert_yaxis()
   ax.set_xlabel("layer")
@@ -139,8 +146,8 @@ def main(argv=None):
       r.update(tokens=len(ids), depth=d)
       rows.append(r)
       print(f"{len(ids)} tokens, depth {d}: needle chunk {r['needle_chunk']}/{r['n_chunks']}; teacher ranks "
-            f"{r['teacher_rank']} (summed {r['teacher_sum_rank']}); student ranks {r['student_rank']} "
-            f"(vote {r['student_vote_rank']})", flush=True)
+            f"{r['teacher_rank']} (votes {r['teacher_vote_rank']}); student ranks {r['student_rank']} "
+            f"(votes {r['student_vote_rank']})", flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "needle_ranks.json").write_text(json.dumps(rows, indent=1))

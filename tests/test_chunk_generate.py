@@ -40,6 +40,15 @@ def test_full_coverage_equals_generate(arch, sampling, prefill):
   assert not out.stats["chunk_overflow"].any()
 
 
+@pytest.mark.parametrize("vote", ["max", "per_layer"])
+def test_full_coverage_equals_generate_for_every_vote_rule(vote):
+  params = chunk_params()
+  rows = prompts([40, 23], seed=4)
+  ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
+  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote, **FULL)
+  assert (out.tokens == ref.tokens).all()
+
+
 def test_sparse_prefill_really_drops_chunks():
   """With a small selection, sparse prefill changes the prompt's last logits; dense does not."""
   params = chunk_params()
@@ -112,12 +121,13 @@ def test_retention_and_bytes_fall_with_top_k():
   assert narrow.stats["bytes_per_step"][0] < narrow.stats["dense_bytes_per_step"][0]
 
 
-def test_selection_changes_only_at_boundaries():
+@pytest.mark.parametrize("vote", ["sum", "max", "per_layer"])
+def test_selection_changes_only_at_boundaries(vote):
   params = chunk_params()
   # Sharper random QK Adapters, so that chunk rankings depend on the query (and change).
   qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
-  ccfg = ChunkConfig(top_k=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9).validate(128, 3)
+  ccfg = ChunkConfig(top_k=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote).validate(128, 3)
   toks, lens = np.asarray([prompts([30], seed=5)[0]], np.int32), jnp.asarray([30])
   _, cache, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(toks), lens, 128, ccfg)
   step = jax.jit(chunk_decode_step, static_argnums=(4,))
@@ -152,7 +162,7 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(n_sink=-1), "n_sink must be >= 0"),
     (dict(n_sink=64), "n_sink=64 must be smaller than the buffer"),
     (dict(max_chunks=2, max_chunk_len=8), "max_chunks=2 cannot hold 64 tokens"),
-    (dict(vote="max"), "vote must be"),
+    (dict(vote="mean"), "vote must be"),
     (dict(alpha=1.5), "alpha must be in"),
     (dict(prefill="none"), "prefill must be"),
     (dict(boundaries="separators"), "needs separator_ids"),

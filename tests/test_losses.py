@@ -59,8 +59,12 @@ def test_training_lowers_the_loss():
   assert last["bce"] < first["bce"] and last["kl"] < first["kl"]
 
 
-def test_kl_vanishes_when_the_student_is_the_teacher():
-  """A teacher made from the student's own scores: KL = 0, recall = 1; the BCE is its formula."""
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_kl_vanishes_when_the_student_is_the_teacher(n_local):
+  """A teacher made from the student's own scores: KL = 0, recall = 1; the BCE is its formula.
+
+  The teacher is normalised over every completed chunk; with n_local > 0 the loss renormalises it
+  over the older ones, which is again the student's softmax over those."""
   rng = np.random.RandomState(5)
   B, T, D, C = 2, 24, 32, 8
   a = ad.init_adapters(jax.random.key(3), tiny_params().config, ad.AdapterConfig(d_c=16))
@@ -79,15 +83,56 @@ def test_kl_vanishes_when_the_student_is_the_teacher():
 
   P = jax.vmap(student_P)(a.params["qk"], h_LBTD)
   teacher = TeacherOutputs(P_LBTC=P, h_LBTD=h_LBTD, h0_BTD=h0_BTD, hidden_BTD=h0_BTD)
-  config = losses.LossConfig(max_chunks=C, recall_k=2)
+  config = losses.LossConfig(max_chunks=C, recall_k=2, n_local=n_local)
   loss, m = jax.jit(losses.student_loss)(a, teacher, chunk_id, labels, valid, config)
   assert abs(float(m["kl"])) < 1e-5 and float(m["chunk_recall"]) == pytest.approx(1.0)
-  assert m["n_kl_queries"] == int(cand.any(-1).sum()) and m["n_recall_queries"] > 0
+  far = boundaries.candidate_mask(chunk_id - n_local, C) & valid[..., None]
+  assert m["n_kl_queries"] == int(far.any(-1).sum()) > 0 and m["n_recall_queries"] > 0
+  if n_local == 0:
+    assert float(m["teacher_far_mass"]) == pytest.approx(1.0, abs=1e-6)
+  else:
+    assert 0.0 < float(m["teacher_far_mass"]) < 0.99
   p = jax.nn.sigmoid(ad.chunk_adapter_logits(a.params["chunk"], h0_BTD))
   y = np.asarray(labels, np.float64)
   bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
   assert float(m["bce"]) == pytest.approx(bce[np.asarray(valid)].mean(), rel=1e-5)
   assert float(loss) == pytest.approx(float(m["bce"] + m["kl"]), rel=1e-6)
+
+
+def test_kl_over_older_chunks_equals_a_loop():
+  """The KL with the `n_local` most recent chunks left out, against a loop over queries in numpy."""
+  rng = np.random.RandomState(7)
+  B, T, D, C, n_local = 2, 28, 32, 10, 2
+  a = ad.init_adapters(jax.random.key(4), tiny_params().config, ad.AdapterConfig(d_c=16))
+  h_LBTD = jnp.asarray(rng.randn(2, B, T, D), jnp.float32)
+  labels = jnp.asarray(rng.rand(B, T) < 0.3, jnp.int8)
+  valid = jnp.arange(T)[None] < jnp.asarray([[T], [19]])
+  chunk_id = boundaries.chunks_from_labels(labels, 1, 4, valid)
+  completed = np.asarray(boundaries.candidate_mask(chunk_id, C) & valid[..., None])
+  P = rng.rand(2, B, T, C) * completed  # any teacher over the completed chunks
+  P = P / np.maximum(P.sum(-1, keepdims=True), 1e-30)
+  teacher = TeacherOutputs(P_LBTC=jnp.asarray(P, jnp.float32), h_LBTD=h_LBTD, h0_BTD=h_LBTD[0], hidden_BTD=h_LBTD[0])
+  config = losses.LossConfig(max_chunks=C, recall_k=2, n_local=n_local)
+  _, m = jax.jit(losses.student_loss)(a, teacher, chunk_id, labels, valid, config)
+
+  cid, ends = np.asarray(chunk_id), np.asarray(boundaries.chunk_ends(chunk_id, C))
+  kls, far = [], []
+  for l in range(2):
+    q, k = (np.asarray(x, np.float64) for x in ad.qk_adapter_apply(jax.tree.map(lambda x: x[l], a.params["qk"]), h_LBTD[l]))
+    for b in range(B):
+      for t in range(T):
+        n_cand = cid[b, t] - n_local if valid[b, t] else 0
+        if n_cand <= 0:
+          continue
+        js = np.arange(n_cand)
+        p = P[l, b, t, js] / P[l, b, t, js].sum()
+        s = q[b, t] @ k[b, ends[b, js]].T / np.sqrt(16)
+        log_s = s - s.max() - np.log(np.exp(s - s.max()).sum())
+        kls.append(np.sum(p * (np.log(p) - log_s)))
+        far.append(P[l, b, t, js].sum())
+  assert m["n_kl_queries"] * 2 == len(kls) > 10
+  assert float(m["kl"]) == pytest.approx(np.mean(kls), rel=1e-4)
+  assert float(m["teacher_far_mass"]) == pytest.approx(np.mean(far), rel=1e-4)
 
 
 def test_boundary_metrics_by_hand():

@@ -38,6 +38,7 @@ class TrainConfig:
   d_c: int = 64
   kl_weight: float = 1.0
   n_sink: int = 4
+  n_local: int = 4  # recent chunks inference always reads: not candidates in the KL (0: all are)
   max_chunk_len: int = 64
   max_chunks: int = 512
   recall_k: int = 16
@@ -70,7 +71,7 @@ PRESETS: dict[str, TrainConfig] = {
     # Tests: seconds per run.
     "tiny": TrainConfig(model="random-tiny", tokenizer="smollm2-135m", seq_len=64, batch_size=4, steps=6,
                         eval_fraction=0.2,
-                        lr=1e-2, warmup_steps=2, max_chunks=16, max_chunk_len=16, recall_k=2, block_q=32,
+                        lr=1e-2, warmup_steps=2, max_chunks=16, max_chunk_len=16, n_local=1, recall_k=2, block_q=32,
                         block_k=32, d_c=8, eval_every=3, eval_batches=1, checkpoint_every=2,
                         log_every=1, progress=False),
 }

@@ -5,6 +5,10 @@
   `chunkllm_jax.teacher`) against the student S = softmax over the same candidate chunks of
   s[t, j] = q~_t . k~_{e_j} / sqrt(d_c). Averaged over queries with at least one candidate, and
   over layers.
+- Candidates are the chunks inference can choose between: completed, and older than the `n_local`
+  most recent (those are always read, so ranking them teaches the student nothing it uses). P is
+  renormalised over them. With `n_local=0` every completed chunk is a candidate (DESIGN.md's
+  literal rule); see train/RESULTS.md for why the default follows inference instead.
 - Chunks come from the labels (teacher forcing), see `chunkllm_jax.boundaries`.
 
 The backbone is an ordinary argument, but the teacher wraps it in `stop_gradient`, so
@@ -30,10 +34,12 @@ from chunkllm_jax.teacher import TeacherOutputs, teacher_chunk_attention
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """kl_weight: lambda. n_sink, max_chunk_len, max_chunks: how labels become chunks (boundaries).
+  n_local: recent completed chunks left out of the candidates (as ChunkConfig.n_local).
   alpha: boundary threshold of the metrics. recall_k: k of the chunk recall@k metric.
   block_q, block_k: the teacher's block sizes."""
 
   kl_weight: float = 1.0
+  n_local: int = 4
   n_sink: int = 4
   max_chunk_len: int | None = 64  # as ChunkConfig.max_chunk_len: train on the chunks inference makes
   max_chunks: int = 512
@@ -81,21 +87,27 @@ def student_loss(adapters: Adapters, teacher: TeacherOutputs, chunk_id_BT, label
   y_BT = (labels_BT > 0).astype(jnp.float32)
   bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logit_BT, y_BT), valid_BT)
 
-  candidate_BTC = boundaries.candidate_mask(chunk_id_BT, C) & valid_BT[..., None]
+  candidate_BTC = boundaries.candidate_mask(chunk_id_BT - config.n_local, C) & valid_BT[..., None]
+  # The teacher is normalised over every completed chunk; renormalise over the candidates. The
+  # mass kept is how much of the teacher's non-sink, non-current attention selection decides.
+  far_mass_LBT = jnp.sum(jnp.where(candidate_BTC, teacher.P_LBTC, 0.0), -1)
+  P_LBTC = jnp.where(candidate_BTC, teacher.P_LBTC, 0.0) / jnp.maximum(far_mass_LBT, 1e-30)[..., None]
   chunk_end_BC = boundaries.chunk_ends(chunk_id_BT, C)
   k = min(config.recall_k, C)
   # One layer at a time, rematerialised: only one [B, T, C] score array is alive.
   terms = jax.checkpoint(lambda xs: _layer_terms(*xs, chunk_end_BC, candidate_BTC, k))
-  kl_L, hits_L = jax.lax.map(terms, (adapters.params["qk"], teacher.h_LBTD, teacher.P_LBTC))
+  kl_L, hits_L = jax.lax.map(terms, (adapters.params["qk"], teacher.h_LBTD, P_LBTC))
   n_layers = kl_L.shape[0]
-  n_queries = jnp.sum(candidate_BTC.any(-1))
+  has_candidate_BT = candidate_BTC.any(-1)
+  n_queries = jnp.sum(has_candidate_BT)
   n_eligible = jnp.sum(candidate_BTC.sum(-1) > k)
   kl = jnp.sum(kl_L) / jnp.maximum(n_layers * n_queries, 1)
+  far_mass = jnp.sum(jnp.where(has_candidate_BT, far_mass_LBT, 0.0)) / jnp.maximum(n_layers * n_queries, 1)
 
   loss = bce + config.kl_weight * kl
   metrics = dict(loss=loss, bce=bce, kl=kl,
                  chunk_recall=jnp.sum(hits_L) / jnp.maximum(n_layers * n_eligible, 1),
-                 n_kl_queries=n_queries, n_recall_queries=n_eligible,
+                 teacher_far_mass=far_mass, n_kl_queries=n_queries, n_recall_queries=n_eligible,
                  **boundary_metrics(logit_BT, labels_BT, valid_BT, config.alpha))
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
@@ -118,7 +130,8 @@ def chunkllm_loss(adapters: Adapters, params: ModelParams, batch: dict[str, Any]
   batch: `tokens` [B, T] int, `labels` [B, T] (1 at sentence ends), optional `lengths` [B] (right
   padding) and `chunk_id` [B, T] (default: from the labels).
   metrics: loss, bce, kl, chunk_recall (recall@k of the teacher's top-k chunks in the student's,
-  over queries with more than k candidates, averaged over layers), boundary precision/recall/F1
+  over queries with more than k candidates, averaged over layers), teacher_far_mass (the share of
+  the teacher's chunk attention on candidates, not on the local chunks), boundary precision/recall/F1
   at `alpha`, and the query counts behind the averages.
   """
   chunk_id_BT, valid_BT = batch_chunks(batch, config)

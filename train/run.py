@@ -65,7 +65,7 @@ def train(cfg) -> dict[str, float]:
   workdir = Path(cfg.workdir)
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
   acfg = cj.AdapterConfig(d_c=cfg.d_c).resolve(bb.config)
-  loss_config = LossConfig(kl_weight=cfg.kl_weight, n_sink=cfg.n_sink, max_chunk_len=cfg.max_chunk_len or None,
+  loss_config = LossConfig(kl_weight=cfg.kl_weight, n_sink=cfg.n_sink, n_local=cfg.n_local, max_chunk_len=cfg.max_chunk_len or None,
                            max_chunks=cfg.max_chunks, recall_k=cfg.recall_k, block_q=cfg.block_q,
                            block_k=cfg.block_k)
   mesh = cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)

@@ -1,0 +1,41 @@
+"""eval.needle_ranks ranks a chunk exactly as inference selects: on a tiny random model, a chunk's
+vote rank is within top_k iff `chunk_prefill`'s first selection (made by that vote) holds it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chunkllm_jax.chunk_generate import chunk_prefill
+from chunkllm_jax.selection import ChunkConfig
+from eval.needle_ranks import rank_of, ranks_for_prompt
+from tests.test_chunk_generate import chunk_params
+from tests.test_generate import prompts
+
+
+def test_rank_of_counts_ties_against_the_target():
+  assert rank_of(np.asarray([0.1, 0.5, 0.5, 0.2, 9.0]), 1, 4) == 2  # the 9.0 is not a candidate
+  assert rank_of(np.asarray([0.3, 0.1]), 0, 2) == 1
+
+
+@pytest.mark.parametrize("vote", ["sum", "max"])
+def test_vote_rank_agrees_with_the_selection(vote):
+  params = chunk_params(seed=2)
+  qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])  # sharper scores, clearer ranks
+  params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
+  ids = list(prompts([100], seed=9)[0])
+  ccfg = ChunkConfig(top_k=3, n_local=1, max_chunk_len=6, alpha=0.9, vote=vote, prefill="dense")
+  T = len(ids)
+  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(
+      params, jnp.asarray([ids + [0] * (128 - T)], jnp.int32), jnp.asarray([T]), 128, ccfg.validate(128, 3))
+  selected = set(np.asarray(st.selected[0]).tolist()) - {-1}
+  ends = np.asarray(st.chunk_end[0, :int(st.n_chunks[0])])
+  seen_in, seen_out = 0, 0
+  for needle in range(len(ends) - ccfg.n_local):
+    r = ranks_for_prompt(params, ids, int(ends[needle]), ccfg)
+    assert r["needle_chunk"] == needle and 1 <= min(r["teacher_rank"]) <= r["n_candidates"]
+    inside = r["student_vote_rank"][vote] <= ccfg.top_k
+    assert inside == (needle in selected), (needle, r["student_vote_rank"], selected)
+    seen_in += inside
+    seen_out += not inside
+  assert seen_in == len(selected) == ccfg.top_k and seen_out > 0
