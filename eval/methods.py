@@ -54,6 +54,7 @@ class MethodSettings:
   fix_chunk_len: int | None = None  # fixllm's chunk length; None: ChunkLLM's measured mean, rounded
   chunk_len: float | None = None  # ChunkLLM's mean chunk length; None: measured on the prompts (layer 0)
   max_n_local: int = 4  # recent chunks always visible for chunkllm / fixllm (DESIGN default)
+  vote: str = "sum"  # chunkllm / fixllm: how the QK-adapter layers' scores make one selection
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -218,10 +219,10 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "vanilla":
     return None
   if method == "chunkllm":
-    return ChunkConfig(n_sink=S)
+    return ChunkConfig(n_sink=S, vote=settings.vote)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
-    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L)
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, vote=settings.vote)
   if method == "streamingllm":
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_k=0)
   if method == "sepllm":
@@ -284,7 +285,7 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
   """The knobs of a configuration, for the results file (separator ids are summarised by count)."""
   if ccfg is None:
     return {}
-  return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, top_k=ccfg.top_k, n_local=ccfg.n_local,
+  return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, vote=ccfg.vote, top_k=ccfg.top_k, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               n_separator_ids=len(ccfg.separator_ids))
 

@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--fix_chunk_len", type=int, default=None,
                  help="fixllm's chunk length (default: ChunkLLM's measured mean, rounded)")
   p.add_argument("--window", type=int, default=256, help="streamingllm/sepllm window where no budget is set")
+  p.add_argument("--vote", default="sum", choices=["sum", "max", "per_layer"],
+                 help="chunkllm / fixllm: how the QK-adapter layers make one selection (ChunkConfig.vote)")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -132,17 +134,20 @@ def _resolve(args) -> argparse.Namespace:
 def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
-          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir"]
+          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = args.brown if args.filler == "brown" else None
   return fp
+
+
+_ADDED_LATER = {"vote": "sum"}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
   path = out / "run_config.json"
   if path.exists():
     old = json.loads(path.read_text())
-    diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
+    diff = {k: (old.get(k, _ADDED_LATER.get(k)), v) for k, v in fp.items() if old.get(k, _ADDED_LATER.get(k)) != v}
     if diff:
       raise SystemExit(f"error: {out} holds results made with other settings {diff} (old, new); "
                        "use another --out, or delete its results.jsonl")
@@ -280,7 +285,7 @@ def run(args, model=None, params=None) -> Path:
   if params is None:
     params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
-                            fix_chunk_len=args.fix_chunk_len, window=args.window)
+                            fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote)
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
         file=sys.stderr)

@@ -125,6 +125,12 @@ def test_sepllm_over_budget_says_so():
   assert ccfg.n_local == 1 and info["expected_retention"] > 0.12
 
 
+def test_the_vote_rule_reaches_the_adapter_methods():
+  s = M.MethodSettings(separator_ids=SEPS, vote="max")
+  assert M.base_config("chunkllm", s).vote == M.base_config("fixllm", s).vote == "max"
+  assert M.config_summary(M.base_config("chunkllm", s))["vote"] == "max"
+
+
 def test_batches_hold_similar_lengths():
   lengths = [1030, 4100, 1040, 2050, 1020, 4090, 2060, 1035, 1025]
   batches = M.length_batches(lengths, 4)

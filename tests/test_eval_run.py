@@ -170,6 +170,17 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   with pytest.raises(SystemExit, match="other settings"):
     run_stubbed(monkeypatch, out, Stubs(), extra=["--window", "128"])
 
+  # A folder from before --vote existed holds results of the default vote: it resumes as such.
+  cfg = json.loads((out / "run_config.json").read_text())
+  del cfg["vote"]
+  (out / "run_config.json").write_text(json.dumps(cfg))
+  old = Stubs()
+  with pytest.warns(UserWarning, match="results.jsonl:5:"):
+    run_stubbed(monkeypatch, out, old)
+  assert not old.computed
+  with pytest.raises(SystemExit, match="other settings.*vote"):
+    run_stubbed(monkeypatch, out, Stubs(), extra=["--vote", "max"])
+
 
 @pytest.mark.real_model
 def test_quick_run_on_the_real_model(smollm2, tmp_path):
