@@ -1,5 +1,6 @@
 """`python -m train.run` end to end on the tiny preset: resume after SIGKILL, export, bad checkpoints."""
 
+import json
 import shutil
 import signal
 
@@ -11,7 +12,7 @@ import pytest
 import chunkllm_jax as cj
 from chunkllm_jax import adapter_io
 from tests import train_run_fixtures as fx
-from train import run
+from train import evaluate, run
 
 STEPS = ["--steps", "24", "--checkpoint_every", "4", "--eval_every", "8", "--max_to_keep", "2"]
 
@@ -73,6 +74,22 @@ def test_export_round_trips_and_checks_the_backbone(reference):
     cj.load_adapters(str(tmp / "export"), model_config.replace(n_layers=3))
   params = cj.init_backbone(jax.random.key(0), model_config)
   assert cj.with_adapters(params, adapters).adapters is adapters
+
+
+def test_evaluate_reproduces_the_runs_last_eval(reference, capsys):
+  """train.evaluate on the export scores the held-out batches as the run's own last eval did."""
+  tmp, corpus, ref = reference
+  last = fx.logged(ref, "eval")[24]
+  argv = ["--preset", "tiny", "--data", corpus, "--data_dir", str(tmp / "data"), "--adapters", str(tmp / "export"),
+          "--compare_n_local", "1", "0", "--out", str(tmp / "evaluate.json")]
+  assert evaluate.main(argv) == 0
+  rows = json.loads((tmp / "evaluate.json").read_text())
+  assert [r["n_local"] for r in rows] == [1, 0]
+  for k in evaluate.COLUMNS:
+    assert rows[0][k] == pytest.approx(last[k], rel=1e-4, abs=1e-6), k
+  assert rows[1]["teacher_far_mass"] == pytest.approx(1.0)
+  assert rows[0]["teacher_far_mass"] < 0.99
+  assert "| " + str(tmp / "export") + " | 1 |" in capsys.readouterr().out
 
 
 def _copy_run(reference, name):

@@ -49,6 +49,13 @@ class LossConfig:
   block_k: int = 512
 
 
+def loss_config_of(cfg) -> LossConfig:
+  """The LossConfig of a `train.config.TrainConfig`."""
+  return LossConfig(kl_weight=cfg.kl_weight, n_sink=cfg.n_sink, n_local=cfg.n_local,
+                    max_chunk_len=cfg.max_chunk_len or None, max_chunks=cfg.max_chunks, recall_k=cfg.recall_k,
+                    block_q=cfg.block_q, block_k=cfg.block_k)
+
+
 def _masked_mean(x, mask):
   return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 

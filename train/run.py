@@ -59,15 +59,13 @@ def train(cfg) -> dict[str, float]:
   from chunkllm_jax import adapter_io
   from chunkllm_jax.sharding import params_sharding, replicated
   from train import backbone, checkpoint, data, metrics as metrics_lib, step as step_lib
-  from train.losses import LossConfig
+  from train.losses import loss_config_of
 
   pi, pc = jax.process_index(), jax.process_count()
   workdir = Path(cfg.workdir)
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
   acfg = cj.AdapterConfig(d_c=cfg.d_c).resolve(bb.config)
-  loss_config = LossConfig(kl_weight=cfg.kl_weight, n_sink=cfg.n_sink, n_local=cfg.n_local, max_chunk_len=cfg.max_chunk_len or None,
-                           max_chunks=cfg.max_chunks, recall_k=cfg.recall_k, block_q=cfg.block_q,
-                           block_k=cfg.block_k)
+  loss_config = loss_config_of(cfg)
   mesh = cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
 
   # Data: process 0 builds the packed dataset, the others then open it.

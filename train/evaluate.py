@@ -1,0 +1,83 @@
+"""`python -m train.evaluate`: held-out metrics of adapter exports, side by side, on one packed dataset.
+
+  python -m train.evaluate --preset smollm2-135m --data brown.txt --data_dir runs/smollm2/data \\
+      --adapters smollm2-135m runs/smollm2/export --compare_n_local 0 4
+
+The flags are train.run's (the preset, the data and the loss settings mean the same), so the
+held-out batches are the ones training evaluated on. Every export is scored by the training loss's
+metrics (KL, chunk recall@k, the teacher's mass on candidates, boundary F1) once per
+`--compare_n_local` value, so adapters trained under different candidate rules are compared under
+the same one. Prints a markdown table; `--out` also writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from train import config as config_lib  # noqa: E402
+
+COLUMNS = ("kl", "chunk_recall", "teacher_far_mass", "bce", "boundary_f1")
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", default="smollm2-135m", help=f"one of {', '.join(config_lib.PRESETS)}")
+  config_lib.add_flags(ap)
+  ap.add_argument("--adapters", nargs="+", required=True, help="export dirs or registered names")
+  ap.add_argument("--compare_n_local", type=int, nargs="+", default=None,
+                  help="score under each of these candidate rules (default: --n_local)")
+  ap.add_argument("--out", default="", help="also write the rows as JSON here")
+  args = ap.parse_args(argv)
+  return config_lib.from_args(args), args
+
+
+def evaluate(cfg, names, n_locals) -> list[dict]:
+  import jax
+
+  import chunkllm_jax as cj
+  from train import backbone, data
+  from train.losses import chunkllm_loss, loss_config_of
+  from train.metrics import mean_metrics, to_floats
+
+  bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
+  splits = data.load_splits(files=cfg.data, tfds_name=cfg.tfds_name, text_key=cfg.tfds_text_key,
+                            tokenizer=bb.tokenizer, tokenizer_name=cfg.tokenizer or cfg.model, seq_len=cfg.seq_len,
+                            eval_fraction=cfg.eval_fraction, data_dir=cfg.data_dir or f"{cfg.workdir}/data")
+  if splits["validation"] is None:
+    raise SystemExit("error: the dataset has no held-out split (raise --eval_fraction)")
+  batches = data.eval_batches(splits["validation"], global_batch=cfg.batch_size, n_batches=cfg.eval_batches)
+  rows = []
+  for name in names:
+    params = cj.with_adapters(bb.params, cj.load_adapters(name, bb.config))
+    for n_local in n_locals:
+      loss_config = loss_config_of(dataclasses.replace(cfg, n_local=n_local))
+      fn = jax.jit(lambda p, b, lc=loss_config: chunkllm_loss(p.adapters, p, b, lc)[1])
+      m = mean_metrics([to_floats(fn(params, b)) for b in batches])
+      rows.append(dict(adapters=name, n_local=n_local, **{k: m[k] for k in COLUMNS}))
+      print(f"{name}, n_local {n_local}: " + ", ".join(f"{k} {m[k]:.4f}" for k in COLUMNS), file=sys.stderr,
+            flush=True)
+  return rows
+
+
+def main(argv=None) -> int:
+  cfg, args = parse_args(argv)
+  rows = evaluate(cfg, args.adapters, args.compare_n_local or [cfg.n_local])
+  print("| adapters | n_local | " + " | ".join(COLUMNS) + " |")
+  print("|---|---|" + "---|" * len(COLUMNS))
+  for r in rows:
+    print(f"| {r['adapters']} | {r['n_local']} | " + " | ".join(f"{r[k]:.3f}" for k in COLUMNS) + " |")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
