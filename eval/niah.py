@@ -34,6 +34,7 @@ class NeedleCase:
   document: str
   question: str
   answers: tuple[str, ...]  # every one must appear in the prediction
+  lead: str = ""  # the answer's opening words, which a base (non-chat) model is prompted to continue
 
   @property
   def example_id(self) -> str:
@@ -44,23 +45,24 @@ def _number(rng) -> str:
   return str(int(rng.integers(10000, 99999)))
 
 
-def _needles(kind: str, rng) -> tuple[str, list[str], str, tuple[str, ...]]:
-  """(the target fact, the other facts, the question, the answers)."""
+def _needles(kind: str, rng) -> tuple[str, list[str], str, tuple[str, ...], str]:
+  """(the target fact, the other facts, the question, the answers, the answer's lead)."""
   if kind == "single":
     key = _number(rng)
     return (f"The pass key is {key}. Remember it.", [], "What is the pass key? Answer with the number only.",
-            (key,))
+            (key,), "The pass key is")
   names = [_NAMES[i] for i in rng.permutation(len(_NAMES))]
   if kind == "multikey":
     values = [_number(rng) for _ in range(4)]
     facts = [f"The secret number of the {n} is {v}." for n, v in zip(names, values)]
     return (facts[0], facts[1:], f"What is the secret number of the {names[0]}? Answer with the number only.",
-            (values[0],))
+            (values[0],), f"The secret number of the {names[0]} is")
   if kind == "multivalue":
     values = [_number(rng) for _ in range(3)]
     facts = [f"One of the special numbers for the {names[0]} is {v}." for v in values]
     return (facts[0], facts[1:], f"What are all the special numbers for the {names[0]}? "
-            "List every one of them, separated by commas.", tuple(values))
+            "List every one of them, separated by commas.", tuple(values),
+            f"The special numbers for the {names[0]} are")
   raise ValueError(f"unknown needle kind {kind!r}; known: {', '.join(KINDS)}")
 
 
@@ -102,17 +104,22 @@ def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] 
 def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
               brown: Sequence[Sequence[str]] | None = None) -> NeedleCase:
   rng = np.random.default_rng([seed, KINDS.index(kind) if kind in KINDS else 99, length])
-  target, others, question, answers = _needles(kind, rng)
+  target, others, question, answers, lead = _needles(kind, rng)
   sentences = _filler(tokenizer, length, seed, brown)
   # The other facts first (at random places), then the target at its depth, so no fact moves it.
   for fact in others:
     sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
   sentences.insert(int(round(depth * len(sentences))), target)
-  return NeedleCase(kind, length, depth, seed, " ".join(sentences), question, answers)
+  return NeedleCase(kind, length, depth, seed, " ".join(sentences), question, answers, lead)
 
 
-def prompt_text(case: NeedleCase) -> str:
-  return f"{case.document}\n\n{case.question}"
+def prompt_text(case: NeedleCase, chat: bool = True) -> str:
+  """The document, then the question; for a base model (no chat template, so nothing marks where
+  the answer starts) also the answer's lead to continue, as in the passkey test of Mohtashami &
+  Jaggi (2023)."""
+  if chat:
+    return f"{case.document}\n\n{case.question}"
+  return f"{case.document}\n\n{case.question}\n{case.lead}"
 
 
 def score(case: NeedleCase, prediction: str) -> tuple[float, float]:

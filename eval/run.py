@@ -169,7 +169,8 @@ def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
     def score(text, case=case):
       s, recall = niah.score(case, text)
       return dict(score=s, recall=recall)
-    ids = encode_prompt(tokenizer, niah.prompt_text(case), chat=bool(getattr(tokenizer, "chat_template", None)))
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    ids = encode_prompt(tokenizer, niah.prompt_text(case, chat), chat=chat)
     out[f"niah_{case.kind}"].append(Example(case.example_id, ids, score, dict(
         kind=case.kind, length=case.length, depth=case.depth, answers=list(case.answers))))
   return dict(out)

@@ -35,6 +35,18 @@ def test_multikey_and_multivalue_needles():
   assert other.answers == mk.answers and other.question == mk.question
 
 
+@pytest.mark.parametrize("kind", niah.KINDS)
+def test_base_model_prompts_end_with_the_answer_lead(kind):
+  """A chat model is asked the question; a base model also gets the answer's first words, naming
+  the same thing the question asks for."""
+  case = niah.make_case(WordTokenizer(), kind, 200, 0.5, seed=3)
+  chat, base = niah.prompt_text(case), niah.prompt_text(case, chat=False)
+  assert chat.endswith(case.question) and base == f"{chat}\n{case.lead}"
+  subject = {"single": "pass key", "multikey": case.question.split("number of the ")[-1].split("?")[0],
+             "multivalue": case.question.split("numbers for the ")[-1].split("?")[0]}[kind]
+  assert subject in case.lead and not any(a in case.lead for a in case.answers)
+
+
 def test_brown_filler_runs_on_from_a_document(tmp_path):
   path = tmp_path / "brown.txt"
   path.write_text("First doc one.\nFirst doc two.\n\nSecond doc one.\nSecond doc two.\n")
