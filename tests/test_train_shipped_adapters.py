@@ -1,4 +1,4 @@
-"""The adapters shipped for smollm2-135m: small, readable, and for that backbone only."""
+"""The adapters shipped for smollm2-135m and gemma3-270m: small, readable, and for that backbone only."""
 
 import pytest
 
@@ -18,6 +18,16 @@ def test_shipped_smollm2_adapters_load_and_refuse_other_backbones():
   assert adapters.config.d_c == 64 and adapters.config.qk_layers == tuple(range(30))
   with pytest.raises(adapter_io.AdapterLoadError, match="trained for backbone 'smollm2-135m'"):
     cj.load_adapters("smollm2-135m", expected_config=tiny_config())
+
+
+def test_shipped_gemma3_adapters_sit_on_its_full_attention_layers():
+  meta = adapter_io.read_export_config("gemma3-270m")
+  model_config = adapter_io.config_from_json(meta["model_config"])
+  assert meta["backbone"] == "gemma3-270m" and meta["weights_dtype"] == "bfloat16"
+  adapters = cj.load_adapters("gemma3-270m", expected_config=model_config)
+  assert adapters.config.qk_layers == model_config.full_attention_layers == (5, 11, 17)
+  with pytest.raises(adapter_io.AdapterLoadError, match="trained for backbone 'gemma3-270m'"):
+    cj.load_adapters("gemma3-270m", expected_config=tiny_config("gemma3"))
 
 
 @pytest.mark.real_model
