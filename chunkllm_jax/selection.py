@@ -114,14 +114,17 @@ def layer_chunk_probs(q_LBd, chunk_key_LBCd, cand_BC):
   return jnp.where(cand_BC[None], jax.nn.softmax(s, axis=-1), 0.0)
 
 
+def vote_scores(probs_L, vote: str):
+  """One score per chunk from the layers' probabilities (leading axis): "sum" or "max" over layers."""
+  return {"sum": jnp.sum, "max": jnp.max}[vote](probs_L, axis=0)
+
+
 def select(q_LBd, chunk_key_LBCd, n_chunks_B, cfg: ChunkConfig):
   """The new selection: [B, top_k] (vote) or [L, B, top_k] (per layer), ascending chunk ids, -1 empty."""
   cand = candidates(n_chunks_B, cfg.max_chunks, cfg.n_local)
   probs = layer_chunk_probs(q_LBd, chunk_key_LBCd, cand)
-  if cfg.vote == "sum":
-    probs = jnp.sum(probs, axis=0)
-  elif cfg.vote == "max":
-    probs = jnp.max(probs, axis=0)
+  if cfg.shared:
+    probs = vote_scores(probs, cfg.vote)
   k = min(cfg.top_k, cfg.max_chunks)
   score = jnp.where(cand if cfg.shared else cand[None], probs, -1.0)
   top_val, top_idx = jax.lax.top_k(score, k)

@@ -32,11 +32,11 @@ import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapters as adp  # noqa: E402
 from chunkllm_jax import haystack  # noqa: E402
 from chunkllm_jax.chunk_generate import chunk_prefill  # noqa: E402
-from chunkllm_jax.selection import ChunkConfig  # noqa: E402
+from chunkllm_jax.selection import ChunkConfig, vote_scores  # noqa: E402
 from chunkllm_jax.teacher import teacher_chunk_attention  # noqa: E402
 
 
-VOTES = {"sum": lambda p_LC: p_LC.sum(0), "max": lambda p_LC: p_LC.max(0)}  # as selection.select
+VOTES = ("sum", "max")  # the shared-selection rules of ChunkConfig.vote
 
 
 def rank_of(scores_C, target: int, n_cand: int) -> int:
@@ -97,8 +97,8 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   return dict(n_chunks=n, needle_chunk=needle, n_candidates=n_cand,
               teacher_rank=[rank_of(P_LC[i], needle, n_cand) for i in range(len(qk_layers))],
               student_rank=[rank_of(s_LC[i], needle, n_cand) for i in range(len(qk_layers))],
-              teacher_vote_rank={v: rank_of(VOTES[v](P_LC), needle, n_cand) for v in VOTES},
-              student_vote_rank={v: rank_of(VOTES[v](s_LC), needle, n_cand) for v in VOTES},
+              teacher_vote_rank={v: rank_of(vote_scores(P_LC, v), needle, n_cand) for v in VOTES},
+              student_vote_rank={v: rank_of(vote_scores(s_LC, v), needle, n_cand) for v in VOTES},
               layers=list(map(int, qk_layers)))
 
 

@@ -146,8 +146,8 @@ _ADDED_LATER = {"vote": "sum"}  # settings newer than some result folders: what 
 def _check_fingerprint(out: Path, fp: dict) -> None:
   path = out / "run_config.json"
   if path.exists():
-    old = json.loads(path.read_text())
-    diff = {k: (old.get(k, _ADDED_LATER.get(k)), v) for k, v in fp.items() if old.get(k, _ADDED_LATER.get(k)) != v}
+    old = {**_ADDED_LATER, **json.loads(path.read_text())}
+    diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
     if diff:
       raise SystemExit(f"error: {out} holds results made with other settings {diff} (old, new); "
                        "use another --out, or delete its results.jsonl")
@@ -165,11 +165,11 @@ def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
                     seed=args.seed)
   out: dict[str, list[Example]] = defaultdict(list)
+  chat = bool(getattr(tokenizer, "chat_template", None))
   for case in cases:
     def score(text, case=case):
       s, recall = niah.score(case, text)
       return dict(score=s, recall=recall)
-    chat = bool(getattr(tokenizer, "chat_template", None))
     ids = encode_prompt(tokenizer, niah.prompt_text(case, chat), chat=chat)
     out[f"niah_{case.kind}"].append(Example(case.example_id, ids, score, dict(
         kind=case.kind, length=case.length, depth=case.depth, answers=list(case.answers))))

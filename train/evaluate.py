@@ -42,9 +42,12 @@ def evaluate(cfg, names, n_locals) -> list[dict]:
   import jax
 
   import chunkllm_jax as cj
-  from train import backbone, data
-  from train.losses import chunkllm_loss, loss_config_of
+  from train import backbone, data, step
+  from train.losses import loss_config_of
   from train.metrics import mean_metrics, to_floats
+
+  # LossConfig is a static pytree: one compiled program per candidate rule, shared by every export.
+  eval_step = jax.jit(step.eval_step, static_argnames="loss_config")
 
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
   splits = data.load_splits(files=cfg.data, tfds_name=cfg.tfds_name, text_key=cfg.tfds_text_key,
@@ -58,8 +61,7 @@ def evaluate(cfg, names, n_locals) -> list[dict]:
     params = cj.with_adapters(bb.params, cj.load_adapters(name, bb.config))
     for n_local in n_locals:
       loss_config = loss_config_of(dataclasses.replace(cfg, n_local=n_local))
-      fn = jax.jit(lambda p, b, lc=loss_config: chunkllm_loss(p.adapters, p, b, lc)[1])
-      m = mean_metrics([to_floats(fn(params, b)) for b in batches])
+      m = mean_metrics([to_floats(eval_step(params.adapters, params, b, loss_config=loss_config)) for b in batches])
       rows.append(dict(adapters=name, n_local=n_local, **{k: m[k] for k in COLUMNS}))
       print(f"{name}, n_local {n_local}: " + ", ".join(f"{k} {m[k]:.4f}" for k in COLUMNS), file=sys.stderr,
             flush=True)

@@ -97,8 +97,9 @@ def student_loss(adapters: Adapters, teacher: TeacherOutputs, chunk_id_BT, label
   candidate_BTC = boundaries.candidate_mask(chunk_id_BT - config.n_local, C) & valid_BT[..., None]
   # The teacher is normalised over every completed chunk; renormalise over the candidates. The
   # mass kept is how much of the teacher's non-sink, non-current attention selection decides.
-  far_mass_LBT = jnp.sum(jnp.where(candidate_BTC, teacher.P_LBTC, 0.0), -1)
-  P_LBTC = jnp.where(candidate_BTC, teacher.P_LBTC, 0.0) / jnp.maximum(far_mass_LBT, 1e-30)[..., None]
+  P_LBTC = jnp.where(candidate_BTC, teacher.P_LBTC, 0.0)
+  far_mass_LBT = jnp.sum(P_LBTC, -1)
+  P_LBTC = P_LBTC / jnp.maximum(far_mass_LBT, 1e-30)[..., None]
   chunk_end_BC = boundaries.chunk_ends(chunk_id_BT, C)
   k = min(config.recall_k, C)
   # One layer at a time, rematerialised: only one [B, T, C] score array is alive.
