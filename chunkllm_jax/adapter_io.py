@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -62,39 +63,95 @@ def fingerprint(cfg: ModelConfig) -> str:
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class ExportTargetError(ValueError):
+  """A folder an export would replace that is not an earlier export: it is refused, never emptied."""
+
+
+EXPORT_ENTRIES = ("config.json", "params")  # all that an export folder holds
+
+
+def _is_export(directory: Path) -> bool:
+  """Whether `directory` holds an export and nothing else (so replacing it loses nothing else)."""
+  if not {p.name for p in directory.iterdir()} <= set(EXPORT_ENTRIES):
+    return False
+  try:
+    return json.loads((directory / "config.json").read_text()).get("format") == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def check_export_target(directory, *, overwrite: bool = False) -> Path:
+  """The absolute path an export may be written to: a new or empty folder, or (with `overwrite`)
+  an earlier export. Anything else is refused with an ExportTargetError."""
+  directory = Path(directory).absolute()
+  if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+    raise ExportTargetError(f"cannot export to {directory}: it is not a folder (a file or a link); "
+                            "give a new folder for the export")
+  if not directory.exists() or not any(directory.iterdir()):
+    return directory
+  if not _is_export(directory):
+    held = sorted(p.name for p in directory.iterdir())
+    raise ExportTargetError(
+        f"cannot export to {directory}: it holds files that are not an adapter export "
+        f"({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}), and an export only ever replaces an "
+        "earlier export; give a new or empty folder for the export")
+  if not overwrite:
+    raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace the export there")
+  return directory
+
+
+def _sibling(directory: Path, tag: str) -> Path:
+  """A fresh hidden name beside `directory` (not created)."""
+  return directory.with_name(f".{directory.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _swap_in(new: Path, directory: Path) -> None:
+  """Puts the complete folder `new` at `directory`; the old content stays until the new is in place."""
+  if not directory.exists() or not any(directory.iterdir()):
+    new.replace(directory)  # an empty folder is replaced in one step
+    return
+  old = _sibling(directory, "old")
+  directory.rename(old)
+  try:
+    new.rename(directory)
+  except BaseException:
+    old.rename(directory)
+    raise
+  shutil.rmtree(old)
+
+
 def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, backbone: str,
                   dtype: str = "float32", overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
   """Writes an export. An existing export is only replaced with `overwrite`, and only once the new
-  one is complete (it is written beside it, then swapped in).
+  one is complete (it is written beside it, then swapped in). A folder that holds anything but an
+  earlier export is never replaced (ExportTargetError).
 
   dtype: of the stored weights; "bfloat16" halves the size (loading gives float32 either way).
   """
   import orbax.checkpoint as ocp
 
-  directory = Path(directory).absolute()
-  if directory.exists() and any(directory.iterdir()) and not overwrite:
-    raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace the export there")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
   acfg = adapters.config
   meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
               model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),
               adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers)),
               **(extra or {}))
-  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32).astype(_dtype(dtype)), adapters.params)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(tmp / "params", params)
-  ckptr.wait_until_finished()
-  ckptr.close()
-  (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-  if directory.exists():
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old)
-  else:
-    tmp.rename(directory)
+  directory = check_export_target(directory, overwrite=overwrite)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _sibling(directory, "tmp")
+  tmp.mkdir()  # not mkdtemp: the export gets the umask's permissions, not 0700
+  try:
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32).astype(_dtype(dtype)),
+                          adapters.params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / "params", params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    check_export_target(directory, overwrite=overwrite)  # it may have changed while we wrote
+    _swap_in(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)  # ours alone; the old export is untouched
+    raise
   return directory
 
 

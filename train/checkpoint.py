@@ -8,10 +8,16 @@ Each checkpoint holds three items:
 
 A checkpoint that fails to load stops the run with an error naming it; nothing is deleted or
 written over (a fresh run there would start saving and rotating old checkpoints away).
+
+Beside the checkpoints, `<workdir>/run_settings.json` records the settings they depend on (data,
+sequence length, batch, schedule, backbone...). A run whose settings differ is refused at start-up,
+before a `Checkpointer` exists, so it never resumes the other run nor rotates its checkpoints away.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,64 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be resumed from: damaged, or written for another model."""
+
+
+class SettingsMismatchError(CheckpointError):
+  """A workdir whose checkpoints were written with other settings than this run's."""
+
+
+SETTINGS_FILE = "run_settings.json"
+
+
+def has_checkpoints(directory) -> bool:
+  """Whether `directory` holds any step folder, finished or not (what resuming and rotation touch)."""
+  d = Path(directory)
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def check_settings(workdir, settings: dict[str, Any], *, describe: dict[str, str] | None = None) -> str:
+  """Refuses (SettingsMismatchError) a run whose `settings` differ from those recorded with the
+  checkpoints in `workdir`. Returns "same"; or "new" (no checkpoints: nothing depends on the file, so
+  this run's settings may replace it) or "unrecorded" (checkpoints from before the file existed): in
+  both, write the file once the run is under way.
+
+  describe: {key: other key} shown beside a differing key (the data hash -> the file names).
+  """
+  workdir = Path(workdir)
+  path = workdir / SETTINGS_FILE
+  if not has_checkpoints(workdir / "checkpoints"):
+    return "new"
+  if not path.exists():
+    return "unrecorded"
+  try:
+    old = json.loads(path.read_text())["settings"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)}); it records the "
+                          "settings of the checkpoints beside it: restore it, or use another --workdir") from None
+  describe = describe or {}
+  diff = [_difference(k, old, settings, describe) for k in sorted(old)
+          if k not in describe.values() and old.get(k) != settings.get(k)]
+  if diff:
+    raise SettingsMismatchError(
+        f"{workdir} holds checkpoints of a run with other settings ({'; '.join(diff)}): use another "
+        "--workdir, or restore these flags to resume that run")
+  return "same"
+
+
+def _difference(key: str, old: dict, new: dict, describe: dict[str, str]) -> str:
+  def show(d):
+    return f"{d.get(key)!r}" + (f" ({d.get(describe[key])})" if key in describe else "")
+
+  return f"{key}: {show(old)} there, {show(new)} now"
+
+
+def write_settings(workdir, settings: dict[str, Any]) -> None:
+  """Writes the settings file whole or not at all (a reader never sees half of it)."""
+  path = Path(workdir) / SETTINGS_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(dict(settings=settings), indent=2, sort_keys=True) + "\n")
+  tmp.replace(path)
 
 
 class Checkpointer:

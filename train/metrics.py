@@ -6,6 +6,7 @@ Only process 0 writes. JSONL floats are Python reprs, so two runs can be compare
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,7 +31,12 @@ class MetricWriter:
     if not enabled:
       return
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+    path = Path(workdir) / "metrics.jsonl"
+    cut = _ends_mid_line(path)
+    self._jsonl = open(path, "a", encoding="utf-8")
+    if cut:  # a kill cut the last row short: keep it on its own line, so the next row stays whole
+      self._jsonl.write("\n")
+      self._jsonl.flush()
     if tensorboard:
       from tensorboardX import SummaryWriter  # light: no TensorFlow
 
@@ -52,5 +58,32 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_jsonl(path) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _ends_mid_line(path: Path) -> bool:
+  if not path.is_file() or path.stat().st_size == 0:
+    return False
+  with open(path, "rb") as f:
+    f.seek(-1, 2)
+    return f.read(1) != b"\n"
+
+
+def read_jsonl(path, skipped: list[tuple[int, str]] | None = None) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl. A malformed line (a row cut short by a kill) is warned about with
+  the file and line number, appended to `skipped` as (line number, reason) when a list is passed,
+  and passed over."""
+  rows = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+          raise ValueError(f"a {type(row).__name__}, not an object")
+      except ValueError as e:  # json.JSONDecodeError is a ValueError
+        reason = f"bad JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+        warnings.warn(f"{path}:{line_no}: skipped a malformed line: {reason}", stacklevel=2)
+        if skipped is not None:
+          skipped.append((line_no, reason))
+        continue
+      rows.append(row)
+  return rows

@@ -4,7 +4,9 @@
         --export runs/smollm2/export
 
 Every `TrainConfig` field is a flag. Started again with the same command, a run resumes from its
-last checkpoint in `<workdir>/checkpoints` (same later losses as a run never stopped). Multi-host:
+last checkpoint in `<workdir>/checkpoints` (same later losses as a run never stopped); started with
+other settings than its checkpoints' (`<workdir>/run_settings.json`), it is refused. `--export`
+replaces only an earlier export, never the workdir or what it holds. Multi-host:
 `--tpu` initialises `jax.distributed` itself; elsewhere give `--coordinator HOST:PORT
 --num_processes N --process_id I` to each process.
 """
@@ -12,6 +14,8 @@ last checkpoint in `<workdir>/checkpoints` (same later losses as a run never sto
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,6 +54,60 @@ def setup_platform(args: argparse.Namespace) -> None:
     jax.distributed.initialize()  # finds the other hosts of a TPU slice by itself
 
 
+class FlagError(ValueError):
+  """A flag that cannot work, refused before any work starts."""
+
+
+# What a run's checkpoints depend on, besides the data and the backbone: resuming with another value
+# would not continue the same run (train/checkpoint.py SETTINGS_FILE).
+SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "seed", "steps", "lr",
+            "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm", "d_c", "kl_weight", "n_sink",
+            "n_local", "max_chunk_len", "max_chunks", "recall_k")
+DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
+
+
+def check_flags(cfg) -> None:
+  """Refuses flags that would destroy files (FlagError, ExportTargetError): before any work."""
+  if cfg.max_to_keep < 1:
+    raise FlagError(f"--max_to_keep {cfg.max_to_keep} would delete each checkpoint as soon as it is written; "
+                    "give 1 or more")
+  if cfg.export:
+    check_export_path(cfg)
+
+
+def check_export_path(cfg) -> None:
+  """An export replaces its folder: never the workdir, a folder above it, or what the run keeps."""
+  from chunkllm_jax import adapter_io
+  from train.checkpoint import SETTINGS_FILE
+
+  export, workdir = Path(cfg.export).resolve(), Path(cfg.workdir).resolve()
+  fix = f"give the export a folder of its own, e.g. --export {workdir / 'export'}"
+  if export == workdir or export in workdir.parents:
+    raise adapter_io.ExportTargetError(f"--export {cfg.export} is the workdir or a folder above it: {fix}")
+  kept = [workdir / n for n in ("checkpoints", "tensorboard", "metrics.jsonl", SETTINGS_FILE)]
+  for p in kept + [Path(cfg.data_dir or workdir / "data").resolve()]:
+    if export == p or p in export.parents or export in p.parents:
+      raise adapter_io.ExportTargetError(f"--export {cfg.export} would replace {p}, which the run keeps: {fix}")
+  adapter_io.check_export_target(export, overwrite=True)
+
+
+def run_settings(cfg, backbone_fingerprint: str) -> dict:
+  """The settings recorded with the checkpoints (the data by content, so it may move)."""
+  h = hashlib.sha256(json.dumps([cfg.tfds_name, cfg.tfds_text_key]).encode())
+  for f in cfg.data:
+    if not Path(f).is_file():  # load_splits names it later
+      h.update(f"missing {f}".encode())
+      continue
+    one = hashlib.sha256()
+    with open(f, "rb") as fh:
+      for block in iter(lambda: fh.read(1 << 20), b""):
+        one.update(block)
+    h.update(one.digest())
+  return dict({k: getattr(cfg, k) for k in SETTINGS}, data_sha256=h.hexdigest()[:16],
+              data=list(cfg.data) or f"tfds:{cfg.tfds_name}", backbone_fingerprint=backbone_fingerprint,
+              model=cfg.model)
+
+
 def train(cfg) -> dict[str, float]:
   """Runs (or resumes) training; returns the last train metrics."""
   from jax.experimental import multihost_utils
@@ -61,9 +119,16 @@ def train(cfg) -> dict[str, float]:
   from train import backbone, checkpoint, data, metrics as metrics_lib, step as step_lib
   from train.losses import loss_config_of
 
+  check_flags(cfg)
   pi, pc = jax.process_index(), jax.process_count()
   workdir = Path(cfg.workdir)
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
+  # Before the data is built and before any Checkpointer exists (rotation deletes old checkpoints).
+  settings = run_settings(cfg, adapter_io.fingerprint(bb.config))
+  recorded = checkpoint.check_settings(workdir, settings, describe=DESCRIBE)
+  if recorded == "unrecorded" and pi == 0:
+    print(f"{workdir} has checkpoints but no {checkpoint.SETTINGS_FILE} (they predate it): recording this "
+          "run's settings there once it has resumed", file=sys.stderr)
   acfg = cj.AdapterConfig(d_c=cfg.d_c).resolve(bb.config)
   loss_config = loss_config_of(cfg)
   mesh = cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
@@ -119,6 +184,8 @@ def train(cfg) -> dict[str, float]:
     assert local["tokens"].shape == (local_B, cfg.seq_len), local["tokens"].shape
     return {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
 
+  if recorded != "same" and pi == 0:
+    checkpoint.write_settings(workdir, settings)  # only now: a refused or failed start records nothing
   writer = metrics_lib.MetricWriter(str(workdir), enabled=pi == 0)
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or pi != 0,
              desc="train", dynamic_ncols=True)
@@ -162,7 +229,7 @@ def train(cfg) -> dict[str, float]:
 def main(argv=None) -> int:
   args = parse_args(argv)
   setup_platform(args)
-  from chunkllm_jax.adapter_io import AdapterLoadError
+  from chunkllm_jax.adapter_io import AdapterLoadError, ExportTargetError
   from train import config
   from train.checkpoint import CheckpointError
   from train.tfds_builder import DataError
@@ -170,7 +237,8 @@ def main(argv=None) -> int:
   cfg = config.from_args(args)
   try:
     train(cfg)
-  except (DataError, CheckpointError, AdapterLoadError, FileNotFoundError, FileExistsError) as e:
+  except (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, FileNotFoundError,
+          FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

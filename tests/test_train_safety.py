@@ -1,0 +1,256 @@
+"""train.run never destroys what a user owns: exports replace only exports, a workdir refuses another
+run's settings, --max_to_keep 0 is refused, and a metrics.jsonl cut by a kill stays readable.
+
+Each refusal is checked three ways: the error (type and message), exit code 2 with one `error:` line
+from the CLI, and every file that was there before still there, byte for byte."""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import jax
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import adapter_io
+from tests import train_run_fixtures as fx
+from train import backbone, checkpoint, config, metrics, run
+
+
+def _tree(d: Path) -> dict[str, str]:
+  """Every file under `d` (or `d` itself) with the hash of its bytes."""
+  d = Path(d)
+  files = [d] if d.is_file() else sorted(p for p in d.rglob("*") if p.is_file())
+  return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _refused(capsys, argv) -> str:
+  """Runs train.run in this process, expecting a user error; returns its one stderr line."""
+  capsys.readouterr()
+  assert run.main(argv + ["--mesh_data", "1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+@pytest.fixture
+def user_files(tmp_path):
+  """A corpus, and a folder of the user's own files beside it."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  mine = tmp_path / "mine"
+  (mine / "sub").mkdir(parents=True)
+  (mine / "notes.txt").write_text("keep me\n")
+  (mine / "sub" / "config.json").write_text('{"format": "chunkllm-adapters/1"}\n')
+  return tmp_path, corpus, mine
+
+
+def _argv(tmp: Path, corpus: str, *extra: str) -> list[str]:
+  return fx.command(tmp / "work", corpus, tmp / "data", *extra)[4:]  # without python -m train.run --cpu
+
+
+def _cfg(argv):
+  return config.from_args(run.parse_args(argv))
+
+
+def _tiny_adapters():
+  model_config = cj.ModelConfig(arch="llama", vocab_size=64, eos_ids=(0,), **backbone.TINY_SIZES)
+  acfg = cj.AdapterConfig(d_c=8).resolve(model_config)
+  return cj.init_adapters(jax.random.key(0), model_config, acfg), model_config
+
+
+# 1. --export replaces only an earlier export.
+
+WHY = {"mine": "holds files that are not an adapter export", "work": "is the workdir or a folder above it",
+       "tmp": "is the workdir or a folder above it", "work/checkpoints": "would replace .*, which the run keeps",
+       "data": "would replace .*, which the run keeps", "file": "it is not a folder",
+       "mixed": "holds files that are not an adapter export \\(config.json, notes.txt, params\\)"}
+
+
+@pytest.mark.parametrize("where", list(WHY))
+def test_export_refuses_what_is_not_an_export(user_files, capsys, where):
+  tmp, corpus, mine = user_files
+  (tmp / "work" / "checkpoints" / "2").mkdir(parents=True)
+  (tmp / "work" / "checkpoints" / "2" / "state").write_bytes(b"weights")
+  (tmp / "work" / "metrics.jsonl").write_text('{"step": 1}\n')
+  (tmp / "file").write_text("a file\n")
+  (tmp / "mixed" / "params").mkdir(parents=True)  # an export, and the user's notes beside it
+  (tmp / "mixed" / "config.json").write_text('{"format": "chunkllm-adapters/1"}\n')
+  (tmp / "mixed" / "notes.txt").write_text("keep me\n")
+  target = tmp if where == "tmp" else tmp / where
+  before = _tree(tmp)
+  err = _refused(capsys, _argv(tmp, corpus, "--export", str(target)))
+  assert str(target) in err and "give" in err  # names the path, says how to fix it
+  assert _tree(tmp) == before
+  assert not (tmp / "data").exists()  # refused before the data was built
+  with pytest.raises(adapter_io.ExportTargetError, match=WHY[where]):
+    run.check_flags(_cfg(_argv(tmp, corpus, "--export", str(target))))
+
+
+def test_save_adapters_refuses_a_folder_of_user_files(user_files):
+  tmp, _, mine = user_files
+  adapters, model_config = _tiny_adapters()
+  before = _tree(tmp)
+  with pytest.raises(adapter_io.ExportTargetError, match=f"cannot export to {mine}: .*notes.txt.*new or empty"):
+    cj.save_adapters(adapters, mine, model_config=model_config, backbone="random-tiny", overwrite=True)
+  assert _tree(tmp) == before and sorted(p.name for p in tmp.iterdir()) == ["corpus.txt", "mine"]
+
+
+def test_export_replaces_an_earlier_export_with_normal_permissions(tmp_path):
+  adapters, model_config = _tiny_adapters()
+  old_umask = os.umask(0o022)
+  (tmp_path / "export").mkdir()  # an empty folder made for it
+  try:
+    cj.save_adapters(adapters, tmp_path / "export", model_config=model_config, backbone="random-tiny")
+    run.check_export_path(config.PRESETS["tiny"].replace(workdir=str(tmp_path / "work"),
+                                                         export=str(tmp_path / "export")))
+    cj.save_adapters(adapters, tmp_path / "export", model_config=model_config, backbone="random-tiny",
+                     overwrite=True, extra=dict(trained_steps=2))
+  finally:
+    os.umask(old_umask)
+  assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp or old sibling left
+  assert adapter_io.read_export_config(tmp_path / "export")["trained_steps"] == 2
+  modes = {stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "export", *(tmp_path / "export").rglob("*")]
+           if p.is_dir()}
+  assert modes == {0o755}
+  modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "export").rglob("*") if p.is_file()}
+  assert modes == {0o644}
+
+
+def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
+  adapters, model_config = _tiny_adapters()
+  export = tmp_path / "export"
+  cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny")
+  before = _tree(tmp_path)
+  real_rename = Path.rename
+
+  def failing_rename(self, target):  # the new export cannot be moved into place
+    if ".tmp-" in self.name:
+      raise OSError("disk gone")
+    return real_rename(self, target)
+
+  monkeypatch.setattr(Path, "rename", failing_rename)
+  with pytest.raises(OSError, match="disk gone"):
+    cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny", overwrite=True)
+  assert _tree(tmp_path) == before
+  assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# 2. A workdir remembers the settings its checkpoints depend on.
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir after a 2-step run with one checkpoint (and its settings file)."""
+  tmp = tmp_path_factory.mktemp("trained")
+  corpus = fx.write_corpus(tmp / "corpus.txt")
+  r = fx.run(fx.command(tmp / "work", corpus, tmp / "data", "--steps", "2", "--eval_every", "0"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert max(fx.finished_checkpoints(tmp / "work")) == 2
+  return tmp, corpus
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--seq_len", "32"], "seq_len: 64 there, 32 now"),
+    (["--batch_size", "2", "--lr", "0.5"], "batch_size: 4 there, 2 now; lr: 0.01 there, 0.5 now"),
+    (["--steps", "9"], "steps: 2 there, 9 now"),
+    (["--seed", "1", "--dtype", "bfloat16"], "dtype: 'float32' there, 'bfloat16' now; seed: 0 there, 1 now"),
+    (["--data", "OTHER"], "data_sha256: "),
+])
+def test_workdir_refuses_another_runs_settings(trained, capsys, flags, named):
+  tmp, corpus = trained
+  if flags[0] == "--data":
+    other = tmp / "other.txt"
+    other.write_text(Path(corpus).read_text().replace("today", "tomorrow"))
+    flags = ["--data", str(other)]
+  argv = _argv(tmp, corpus, "--steps", "2", "--eval_every", "0") + flags
+  before = _tree(tmp)
+  err = _refused(capsys, argv)
+  assert err.startswith(f"error: {tmp / 'work'} holds checkpoints of a run with other settings (")
+  assert named in err and err.endswith("): use another --workdir, or restore these flags to resume that run")
+  if flags[0] == "--data":
+    assert f"['{corpus}']" in err and f"['{flags[1]}']" in err  # the files, beside their hashes
+  assert _tree(tmp) == before  # the other run's checkpoints, data and settings all kept
+  with pytest.raises(checkpoint.SettingsMismatchError, match="seq_len|lr|steps|seed|data"):
+    run.train(_cfg(argv))
+  assert _tree(tmp) == before
+
+
+def _recorded(workdir: Path) -> dict:
+  return json.loads((workdir / checkpoint.SETTINGS_FILE).read_text())["settings"]
+
+
+def test_the_same_data_elsewhere_and_another_backbone(trained, tmp_path):
+  """The data is compared by content (a moved corpus is the same data); the backbone by fingerprint."""
+  tmp, corpus = trained
+  moved = tmp_path / "moved.txt"
+  moved.write_bytes(Path(corpus).read_bytes())
+  old = _recorded(tmp / "work")
+  same = run.run_settings(_cfg(_argv(tmp, str(moved), "--steps", "2")), old["backbone_fingerprint"])
+  assert same["data"] == [str(moved)] and checkpoint.check_settings(tmp / "work", same, describe=run.DESCRIBE) == "same"
+  other = dict(same, backbone_fingerprint="0123456789abcdef", model="smollm2-135m")
+  with pytest.raises(checkpoint.SettingsMismatchError,
+                     match=f"backbone_fingerprint: '{old['backbone_fingerprint']}' \\(random-tiny\\) there, "
+                     "'0123456789abcdef' \\(smollm2-135m\\) now"):
+    checkpoint.check_settings(tmp / "work", other, describe=run.DESCRIBE)
+
+
+def test_workdir_without_settings_file_is_accepted_and_recorded(trained, tmp_path):
+  """A workdir from before the settings file: resumed, and its settings recorded (said in a log line)."""
+  tmp, corpus = trained
+  work = tmp_path / "old"
+  shutil.copytree(tmp / "work" / "checkpoints", work / "checkpoints")
+  before = _tree(work)
+  r = fx.run(fx.command(work, corpus, tmp / "data", "--steps", "2", "--eval_every", "0"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"{work} has checkpoints but no run_settings.json" in r.stderr and "resumed from" in r.stderr
+  after = _tree(work)
+  assert {k: after[k] for k in before} == before
+  assert _recorded(work) == _recorded(tmp / "work")
+
+
+def test_a_workdir_without_checkpoints_takes_new_settings(tmp_path):
+  """Nothing depends on the settings of a run that wrote no checkpoint (say it ran out of memory)."""
+  checkpoint.write_settings(tmp_path, {"seq_len": 64})
+  assert checkpoint.check_settings(tmp_path, {"seq_len": 32}) == "new"
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  with pytest.raises(checkpoint.SettingsMismatchError, match="seq_len: 64 there, 32 now"):
+    checkpoint.check_settings(tmp_path, {"seq_len": 32})
+  assert checkpoint.check_settings(tmp_path, {"seq_len": 64}) == "same"
+
+
+# 3. --max_to_keep below 1.
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_max_to_keep_below_one_is_refused(user_files, capsys, n):
+  tmp, corpus, _ = user_files
+  before = _tree(tmp)
+  err = _refused(capsys, _argv(tmp, corpus, "--max_to_keep", n))
+  assert err == (f"error: --max_to_keep {n} would delete each checkpoint as soon as it is written; "
+                 "give 1 or more")
+  assert _tree(tmp) == before and not (tmp / "work").exists()
+
+
+# 4. metrics.jsonl cut by a kill.
+
+def test_metrics_after_a_cut_line_stay_readable(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  whole = '{"step": 1, "split": "train", "loss": 2.5}\n'
+  cut = '{"step": 2, "split": "train", "lo'
+  path.write_text(whole + cut)
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+  w.write(2, "train", {"loss": 2.25})
+  w.close()
+  text = path.read_text()
+  assert text.startswith(whole + cut + "\n")  # the damaged line kept as it was, on its own line
+  skipped = []
+  with pytest.warns(UserWarning, match=f"{path}:2: skipped a malformed line: bad JSON"):
+    rows = metrics.read_jsonl(path, skipped)
+  assert rows == [{"step": 1, "split": "train", "loss": 2.5}, {"step": 2, "split": "train", "loss": 2.25}]
+  assert [n for n, _ in skipped] == [2]
+  # A file that ends whole gets no blank line.
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+  w.write(3, "train", {"loss": 2.0})
+  w.close()
+  assert path.read_text() == text + '{"step": 3, "split": "train", "loss": 2.0}\n'
