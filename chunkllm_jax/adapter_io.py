@@ -133,7 +133,9 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
   acfg = adapters.config
   meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
               model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),
-              adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers)),
+              adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers),
+                                  selection_layers=None if acfg.selection_layers is None
+                                  else list(acfg.selection_layers)),
               **(extra or {}))
   directory = check_export_target(directory, overwrite=overwrite)
   directory.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +208,9 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
   if expected_config is not None:
     check_backbone(meta, expected_config, str(d))
   a = meta["adapter_config"]
-  acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]))
+  sel = a.get("selection_layers")  # absent in exports made before selection layers existed
+  acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]),
+                       selection_layers=None if sel is None else tuple(sel))
   shapes = expected_shapes(acfg, model_config)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   stored = _dtype(meta.get("weights_dtype", "float32"))

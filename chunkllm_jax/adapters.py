@@ -31,11 +31,15 @@ class AdapterConfig:
   d_c: width of the chunk-scoring space (the QK Adapters' output).
   chunk_hidden: hidden width of the Chunk Adapter's FFN; None -> d_model // 4.
   qk_layers: layers with a QK Adapter; None -> the model's full-attention layers.
+  selection_layers: the layers whose scores choose the shared selection at inference, as picked
+    for this backbone by `python -m train.pick_layers` and stored with the adapters; None -> every
+    QK layer (`ChunkConfig.selection_layers` overrides it).
   """
 
   d_c: int = 64
   chunk_hidden: int | None = None
   qk_layers: tuple[int, ...] | None = None
+  selection_layers: tuple[int, ...] | None = None
 
   def resolve(self, cfg: ModelConfig) -> "AdapterConfig":
     qk = cfg.full_attention_layers if self.qk_layers is None else tuple(self.qk_layers)

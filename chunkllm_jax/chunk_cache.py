@@ -29,13 +29,14 @@ from chunkllm_jax.selection import ChunkConfig
 class ChunkState:
   chunk_start: jnp.ndarray  # [B, C] int32: first token of each completed chunk
   chunk_end: jnp.ndarray  # [B, C] int32: its boundary (last) token; -1 where empty
-  chunk_key: jnp.ndarray  # [Lq, B, C, d_c] float32: k~ at the boundary token, per QK layer
+  chunk_key: jnp.ndarray  # [S, B, C, d_c] float32: k~ at the boundary token, per selection layer
+  #                         (d_c = 0 for scorer="attention", which reads the layers' K instead)
   n_chunks: jnp.ndarray  # [B] int32: completed chunks
   open_start: jnp.ndarray  # [B] int32: first token of the open chunk
-  selected: jnp.ndarray  # [B, top_k] or [Lq, B, top_k] int32, -1 where empty
-  work_pos: jnp.ndarray  # [Lw, B, W] int32: main-buffer position of each working slot
-  work_valid: jnp.ndarray  # [Lw, B, W] bool
-  work_used: jnp.ndarray  # [Lw, B] int32: slots in use (sinks + packed chunks)
+  selected: jnp.ndarray  # [B, C] bool: the chunks the last selection kept (local chunks not included)
+  work_pos: jnp.ndarray  # [B, W] int32: main-buffer position of each working slot
+  work_valid: jnp.ndarray  # [B, W] bool
+  work_used: jnp.ndarray  # [B] int32: slots in use (sinks + packed chunks)
   work_k: jnp.ndarray  # [L, B, W, H_kv, D]
   work_v: jnp.ndarray  # [L, B, W, H_kv, D]
   n_selections: jnp.ndarray  # [B] int32: re-selections (boundaries, and refreshes if enabled)
@@ -48,28 +49,26 @@ class ChunkState:
 
 
 def working_size(cfg: ChunkConfig, max_len: int, block: int) -> int:
-  """Static slots of the working buffer: the worst case, capped by the buffer, in whole blocks."""
-  return -(-min(cfg.budget, max_len) // block) * block
+  """Static slots of the working buffer: the most a selection keeps, in whole blocks."""
+  return -(-cfg.work_slots(max_len) // block) * block
 
 
-def init_chunk_state(n_layers: int, n_qk: int, batch: int, d_c: int, n_kv: int, head_dim: int, dtype,
+def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_kv: int, head_dim: int, dtype,
                      cfg: ChunkConfig, W: int) -> ChunkState:
   C = cfg.max_chunks
-  n_sel = 1 if cfg.shared else n_qk
-  sel_shape = (batch, cfg.top_k) if cfg.shared else (n_qk, batch, cfg.top_k)
   return ChunkState(
       chunk_start=jnp.zeros((batch, C), jnp.int32), chunk_end=jnp.full((batch, C), -1, jnp.int32),
-      chunk_key=jnp.zeros((n_qk, batch, C, d_c), jnp.float32), n_chunks=jnp.zeros((batch,), jnp.int32),
-      open_start=jnp.full((batch,), cfg.n_sink, jnp.int32), selected=jnp.full(sel_shape, -1, jnp.int32),
-      work_pos=jnp.zeros((n_sel, batch, W), jnp.int32), work_valid=jnp.zeros((n_sel, batch, W), bool),
-      work_used=jnp.zeros((n_sel, batch), jnp.int32), read_slots=jnp.zeros((batch,), jnp.float32),
+      chunk_key=jnp.zeros((n_select, batch, C, d_c), jnp.float32), n_chunks=jnp.zeros((batch,), jnp.int32),
+      open_start=jnp.full((batch,), cfg.n_sink, jnp.int32), selected=jnp.zeros((batch, C), bool),
+      work_pos=jnp.zeros((batch, W), jnp.int32), work_valid=jnp.zeros((batch, W), bool),
+      work_used=jnp.zeros((batch,), jnp.int32), read_slots=jnp.zeros((batch,), jnp.float32),
       work_k=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       work_v=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       n_selections=jnp.zeros((batch,), jnp.int32), retained=jnp.zeros((batch,), jnp.float32),
       overflow=jnp.zeros((batch,), bool))
 
 
-def append_chunks(st: ChunkState, closes_B, pos_B, key_LBd) -> ChunkState:
+def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:
   """Rows where `closes_B` close the open chunk at `pos_B`: it joins the table with its k~."""
   C = st.chunk_end.shape[1]
   full = st.n_chunks >= C
@@ -78,55 +77,49 @@ def append_chunks(st: ChunkState, closes_B, pos_B, key_LBd) -> ChunkState:
   rows = jnp.arange(pos_B.shape[0])
   upd = lambda a, v: a.at[rows, slot].set(jnp.where(write, v, a[rows, slot]))
   key = st.chunk_key.at[:, rows, slot].set(
-      jnp.where(write[None, :, None], key_LBd, st.chunk_key[:, rows, slot]))
+      jnp.where(write[None, :, None], key_SBd, st.chunk_key[:, rows, slot]))
   return st.replace(
       chunk_start=upd(st.chunk_start, st.open_start), chunk_end=upd(st.chunk_end, pos_B), chunk_key=key,
       n_chunks=st.n_chunks + write, open_start=jnp.where(closes_B, pos_B + 1, st.open_start),
       overflow=st.overflow | (closes_B & full))
 
 
-def working_positions(st: ChunkState, selected_SBk, cfg: ChunkConfig, W: int):
-  """Packed working slots for a selection: positions [S, B, W], validity, and slots used [S, B]."""
-  n_sel, B = selected_SBk.shape[0], st.n_chunks.shape[0]
-  local = st.n_chunks[:, None] - cfg.n_local + jnp.arange(cfg.n_local)[None]  # [B, n_local]
-  local = jnp.where(local >= 0, local, -1)
-  chunks = jnp.concatenate([selected_SBk, jnp.broadcast_to(local, (n_sel, B, cfg.n_local))], axis=-1)
-  safe = jnp.maximum(chunks, 0)
-  start = jnp.take_along_axis(jnp.broadcast_to(st.chunk_start, (n_sel, B, st.chunk_start.shape[1])), safe, -1)
-  end = jnp.take_along_axis(jnp.broadcast_to(st.chunk_end, (n_sel, B, st.chunk_end.shape[1])), safe, -1)
+def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int):
+  """Packed working slots for a selection: positions [B, W], validity [B, W], and slots used [B].
+
+  The sinks first, then the selected and the local chunks back to back in position order."""
+  C = selected_BC.shape[-1]
+  c = jnp.arange(C)
+  local = (c >= (st.n_chunks - cfg.n_local)[:, None]) & (c < st.n_chunks[:, None])
+  start, end = st.chunk_start, st.chunk_end
   if cfg.keep == "boundary":  # a selected chunk contributes its boundary token only (SepLLM)
-    is_sel = jnp.arange(chunks.shape[-1]) < selected_SBk.shape[-1]
-    start = jnp.where(is_sel, end, start)
-  length = jnp.where(chunks >= 0, end - start + 1, 0)
-  if chunks.shape[-1] == 0:  # top_k = n_local = 0: the sinks (and the open chunk) only
-    length = jnp.zeros(chunks.shape[:-1] + (1,), jnp.int32)
-    start = jnp.zeros_like(length)
-  offs_end = jnp.cumsum(length, axis=-1)  # [S, B, n]
+    start = jnp.where(selected_BC & ~local, end, start)
+  length = jnp.where(selected_BC | local, end - start + 1, 0)
+  offs_end = jnp.cumsum(length, axis=-1)  # [B, C]
   w = jnp.arange(W - cfg.n_sink)
-  which = jnp.sum(offs_end[..., None, :] <= w[:, None], axis=-1)  # chunk holding packed slot w
-  which_c = jnp.minimum(which, length.shape[-1] - 1)
-  first = jnp.take_along_axis(start, which_c, -1)
-  offset = jnp.take_along_axis(offs_end - length, which_c, -1)
-  pos = first + w - offset
-  valid = w < offs_end[..., -1:]
-  sink_pos = jnp.broadcast_to(jnp.arange(cfg.n_sink, dtype=jnp.int32), (n_sel, B, cfg.n_sink))
-  pos = jnp.concatenate([sink_pos, jnp.where(valid, pos, 0)], -1)
+  which = jax.vmap(lambda e: jnp.searchsorted(e, w, side="right"))(offs_end)  # chunk of packed slot w
+  which = jnp.minimum(which, C - 1)
+  pos = jnp.take_along_axis(start, which, -1) + w - jnp.take_along_axis(offs_end - length, which, -1)
+  valid = w < offs_end[:, -1:]
+  B = selected_BC.shape[0]
+  sink_pos = jnp.broadcast_to(jnp.arange(cfg.n_sink, dtype=jnp.int32), (B, cfg.n_sink))
+  pos = jnp.concatenate([sink_pos, jnp.where(valid, pos, 0)], -1).astype(jnp.int32)
   valid = jnp.concatenate([jnp.ones_like(sink_pos, bool), valid], -1)
-  return pos, valid, cfg.n_sink + offs_end[..., -1]
+  return pos, valid, jnp.minimum(cfg.n_sink + offs_end[:, -1], W).astype(jnp.int32)
 
 
-def compact_into(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L):
-  """Gathers each layer's working slots from the main buffer into the working buffers, in place.
+def compact_into(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_BW):
+  """Gathers the working slots of every layer from the main buffer into the working buffers, in place.
 
   Layer by layer with `dynamic_update_slice`, so the working buffers keep their memory: a
   `lax.cond` whose other branch leaves them unchanged then needs no copy of them.
   """
   B, S = k_LBSKD.shape[1:3]
   rows_B1 = jnp.arange(B)[:, None]
+  idx_BW = jnp.minimum(work_pos_BW, S - 1)
 
   def layer(l, wkv):
     wk, wv = wkv
-    idx_BW = jnp.minimum(work_pos_SBW[layer_slot_L[l]], S - 1)
     gk, gv = k_LBSKD[l, rows_B1, idx_BW], v_LBSKD[l, rows_B1, idx_BW]  # reads the slots only
     return (jax.lax.dynamic_update_slice(wk, gk[None].astype(wk.dtype), (l, 0, 0, 0, 0)),
             jax.lax.dynamic_update_slice(wv, gv[None].astype(wv.dtype), (l, 0, 0, 0, 0)))
@@ -134,8 +127,8 @@ def compact_into(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_SBW, lay
   return jax.lax.fori_loop(0, k_LBSKD.shape[0], layer, (work_k_LBWKD, work_v_LBWKD))
 
 
-def compact(k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L):
-  """Each layer's working slots gathered into new buffers: [L, B, W, H_kv, D] x 2."""
+def compact(k_LBSKD, v_LBSKD, work_pos_BW):
+  """The working slots of every layer gathered into new buffers: [L, B, W, H_kv, D] x 2."""
   L, B, _, K, D = k_LBSKD.shape
-  zeros = jnp.zeros((L, B, work_pos_SBW.shape[-1], K, D), k_LBSKD.dtype)
-  return compact_into(zeros, zeros, k_LBSKD, v_LBSKD, work_pos_SBW, layer_slot_L)
+  zeros = jnp.zeros((L, B, work_pos_BW.shape[-1], K, D), k_LBSKD.dtype)
+  return compact_into(zeros, zeros, k_LBSKD, v_LBSKD, work_pos_BW)

@@ -34,26 +34,45 @@ from chunkllm_jax.generate import Compiled, assemble_output, buffer_len, is_eos,
 from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling, sample
-from chunkllm_jax.selection import ChunkConfig, select
+from chunkllm_jax.selection import (ChunkConfig, adapter_probs, attention_probs, choose, chunk_lengths, local_tokens,
+                                    vote_scores)
 
 WORK_BLOCK = 128  # decode reads the working buffer in blocks of this many slots
 
 
-def _layer_kinds(params: ModelParams, ccfg: ChunkConfig):
-  """Per layer: QK-adapter slot (or 0) and whether attention is chunk-sparse."""
+@dataclasses.dataclass(frozen=True)
+class _LayerPlan:
+  """What each layer does under a ChunkConfig (static; built on the host from the configs)."""
+
+  sparse: np.ndarray  # [L] bool: decode reads the working buffer (not dense, not sliding)
+  prefill_sparse: np.ndarray  # [L] bool: sparse in prefill too (after the first selection layer)
+  selects: np.ndarray  # [L] bool: a selection layer
+  qk_slot: np.ndarray  # [L] int32: its QK Adapter's index in the stacked adapters (0 where none)
+  selection_layers: tuple[int, ...]
+
+
+def _layer_plan(params: ModelParams, ccfg: ChunkConfig) -> _LayerPlan:
   cfg, acfg = params.config, params.adapters.config
-  slot = np.zeros(cfg.n_layers, np.int32)
-  sparse = np.zeros(cfg.n_layers, bool)
+  L = cfg.n_layers
+  layers = np.arange(L)
+  sparse = np.array([i not in ccfg.dense_layers and not cfg.sliding_layers[i] for i in range(L)])
+  sel = ccfg.resolve_layers(cfg.full_attention_layers, acfg.qk_layers, acfg.selection_layers).selection_layers
+  qk_slot = np.zeros(L, np.int32)
   for i, layer in enumerate(acfg.qk_layers):
-    slot[layer] = i
-    sparse[layer] = layer not in ccfg.dense_layers and not cfg.sliding_layers[layer]
-  work_slot = np.zeros_like(slot) if ccfg.shared else slot
-  return jnp.asarray(slot), jnp.asarray(sparse), jnp.asarray(work_slot), np.asarray(acfg.qk_layers)
+    qk_slot[layer] = i
+  # Layer 0 segments the prompt, and a prefill layer can only use a selection already made.
+  prefill_sparse = sparse & (layers > min(sel)) & (layers > 0) & (ccfg.prefill == "sparse")
+  return _LayerPlan(sparse, prefill_sparse, np.isin(layers, sel), qk_slot, sel)
 
 
 def _qk(params: ModelParams, slot, h_BTD):
   p = jax.tree.map(lambda a: a[slot], params.adapters.params["qk"])
   return adp.qk_adapter_apply(p, h_BTD)
+
+
+def _d_c(params: ModelParams, ccfg: ChunkConfig) -> int:
+  """Width of the chunk keys the state keeps: the adapters' d_c, or 0 for scorer="attention"."""
+  return params.adapters.config.d_c if ccfg.scorer == "adapter" else 0
 
 
 def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
@@ -63,14 +82,13 @@ def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
   return adp.chunk_adapter_logits(params.adapters.params["chunk"], h0)
 
 
-def _refresh_working_buffer(st: ChunkState, cache: KVCache, work_slot_L, ccfg: ChunkConfig) -> ChunkState:
-  sel = st.selected[None] if ccfg.shared else st.selected
-  pos, valid, used = working_positions(st, sel, ccfg, st.work_pos.shape[-1])
+def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> ChunkState:
+  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1])
   if _use_kernels(ccfg):
-    wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid, work_slot_L,
+    wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid,
                                           interpret=ccfg.interpret)
   else:
-    wk, wv = compact_into(st.work_k, st.work_v, cache.k, cache.v, pos, work_slot_L)
+    wk, wv = compact_into(st.work_k, st.work_v, cache.k, cache.v, pos)
   return st.replace(work_pos=pos, work_valid=valid, work_used=used, work_k=wk, work_v=wv)
 
 
@@ -78,11 +96,27 @@ def _use_kernels(ccfg: ChunkConfig) -> bool:
   return ccfg.attention == "pallas" and chunk_kernels.kernels_active(ccfg.interpret)
 
 
-def _reselect(st: ChunkState, closes_B, q_LBd, ccfg: ChunkConfig) -> ChunkState:
-  new = select(q_LBd, st.chunk_key, st.n_chunks, ccfg)
-  keep = closes_B if ccfg.shared else closes_B[None]
-  return st.replace(selected=jnp.where(keep[..., None], new, st.selected),
-                    n_selections=st.n_selections + closes_B)
+def _vote_now(params: ModelParams, st: ChunkState, q_SBHD, qt_SBd, k_LBSKD, plan: _LayerPlan, ccfg: ChunkConfig):
+  """The selection layers' vote for each row's current query over its candidates: [B, C]."""
+  cfg = params.config
+  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)[:, None]
+  if ccfg.scorer == "adapter":
+    probs = [adapter_probs(qt_SBd[i][:, None], st.chunk_key[i], n_cand) for i in range(len(plan.selection_layers))]
+  else:
+    probs = [attention_probs(q_SBHD[i][:, None], k_LBSKD[layer], st.chunk_end, n_cand, n_sink=ccfg.n_sink,
+                             scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+             for i, layer in enumerate(plan.selection_layers)]
+  return vote_scores(jnp.stack(probs), ccfg.vote)[:, 0]
+
+
+def _reselect(st: ChunkState, rows_B, score_BC, pos_B, ccfg: ChunkConfig) -> ChunkState:
+  """Rows in `rows_B` take a new selection, made at position `pos_B` from `score_BC`."""
+  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
+  local = local_tokens(st.chunk_end, st.n_chunks[:, None], ccfg.n_local, ccfg.n_sink)[:, 0]
+  fixed = ccfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
+  lengths = chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks)
+  new = choose(score_BC[:, None], n_cand[:, None], lengths, fixed[:, None], (pos_B + 1)[:, None], ccfg)[:, 0]
+  return st.replace(selected=jnp.where(rows_B[:, None], new, st.selected), n_selections=st.n_selections + rows_B)
 
 
 def segment(p_BT, valid_BT, tokens_BT, ccfg: ChunkConfig):
@@ -115,18 +149,21 @@ def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig
 
 
 def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
-  """Prefill that segments the prompt (at layer 0), attends chunk-sparsely (or densely, by
-  `ccfg.prefill`), fills the chunk table and makes the first selection by the full vote."""
+  """Prefill that segments the prompt (at layer 0), attends chunk-sparsely after the first
+  selection layer (or densely, by `ccfg.prefill`), fills the chunk table and makes the first
+  selection at the last prompt token."""
   cfg = params.config
   B, T = tokens_BT.shape
   C = ccfg.max_chunks
-  slot_L, sparse_L, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
-  sparse_L = sparse_L.at[0].set(False) & (ccfg.prefill == "sparse")  # layer 0 segments: it stays dense
+  plan = _layer_plan(params, ccfg)
+  sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.prefill_sparse, plan.selects, plan.qk_slot))
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   valid = positions < lengths_B[:, None]
   self_attend = model.self_attend_fn(cfg, positions, valid)
   last = (lengths_B - 1)[:, None, None]
   x0 = model.embed(params, tokens_BT)
+  d_c = _d_c(params, ccfg)
+  n_ids = C + 2
 
   def segmentation(o0):
     closes = segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, tokens_BT, ccfg)
@@ -134,42 +171,66 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
     ids = chunk_prefill_lib.chunk_ids(closes, valid, ccfg.n_sink, C)
     return closes, ids, ends, n
 
+  def layer_scores(idx, q, k, h, seg):
+    """This selection layer's distributions at every prompt boundary [B, C, C], and at the last
+    token: q~ [B, d_c], the chunks' k~ [B, C, d_c]."""
+    _, _, ends, n = seg
+    n_cand, _, _ = chunk_prefill_lib.boundary_rows(ends, n, ccfg)
+    if ccfg.scorer == "adapter":
+      qt, kt = _qk(params, slot_L[idx], h)
+      probs = chunk_prefill_lib.adapter_rows(qt, kt, ends, n_cand)
+      return probs, jnp.take_along_axis(qt, last, axis=1)[:, 0], adp.chunk_keys(kt, ends)
+    probs = chunk_prefill_lib.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
+                                             softcap=cfg.attn_softcap)
+    return probs, jnp.zeros((B, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32)
+
   def attend_fn(state, layer, q, k, v, h):
-    kb, vb, seg = state
+    kb, vb, seg, vote, vis = state
     idx = layer["index"]
     kb, vb = write_prefix(kb, idx, k), write_prefix(vb, idx, v)
-    qt, kt = _qk(params, slot_L[idx], h)
 
     def sparse():
-      closes, ids, ends, n = seg
-      sel = chunk_prefill_lib.layer_selections(qt, kt, ends, n, ccfg)
-      end_ok = closes if ccfg.keep == "boundary" else jnp.ones_like(closes)
-      return chunk_prefill_lib.prefill_attention(q, k, v, ids, sel, end_ok, ccfg, scale=cfg.attn_scale,
+      _, ids, _, _ = seg
+      end_ok = seg[0] if ccfg.keep == "boundary" else jnp.ones_like(seg[0])
+      return chunk_prefill_lib.prefill_attention(q, k, v, ids, vis, end_ok, ccfg, scale=cfg.attn_scale,
                                                  softcap=cfg.attn_softcap, use_kernel=_use_kernels(ccfg))
 
     o = jax.lax.cond(sparse_L[idx], sparse, lambda: self_attend(None, layer, q, k, v, h)[0])
     seg = jax.lax.cond(idx == 0, lambda: segmentation(o), lambda: seg)
-    return o, (kb, vb, seg), (jnp.take_along_axis(qt, last, axis=1)[:, 0], kt)
+    nothing = (jnp.zeros((B, C, C), jnp.float32), jnp.zeros((B, d_c), jnp.float32),
+               jnp.zeros((B, C, d_c), jnp.float32))
+    probs, qt_last, chunk_key = jax.lax.cond(selects_L[idx], lambda: layer_scores(idx, q, k, h, seg), lambda: nothing)
+    vote = vote + probs if ccfg.vote == "sum" else jnp.maximum(vote, probs)  # probs >= 0: max with 0 is a no-op
+    if ccfg.prefill == "sparse":
+      vis = jax.lax.cond(selects_L[idx], lambda: chunk_prefill_lib.selection_table(
+          chunk_prefill_lib.prompt_selection(vote, seg[2], seg[3], ccfg), n_ids), lambda: vis)
+    q_last = jnp.take_along_axis(q, last[..., None], axis=1)[:, 0]
+    return o, (kb, vb, seg, vote, vis), (q_last, qt_last, chunk_key)
 
   cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
   seg0 = (jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, C), jnp.int32),
           jnp.zeros((B,), jnp.int32))
-  x, (k, v, seg), (q_last_LBd, k_LBTd) = model.run_layers(params, x0, positions, attend_fn, (cache.k, cache.v, seg0))
+  state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C, C), jnp.float32), jnp.zeros((B, n_ids, n_ids), bool))
+  x, (k, v, seg, _, _), (q_last_L, qt_last_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn, state0)
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
 
-  closes_BT = seg[0]
-  acfg = params.adapters.config
-  st = init_chunk_state(cfg.n_layers, len(acfg.qk_layers), B, acfg.d_c, cfg.n_kv_heads, cfg.head_dim,
-                        cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
-  k_qk = k_LBTd[qk_layers]
-
-  def add(st, t):
-    return append_chunks(st, closes_BT[:, t], jnp.full((B,), t, jnp.int32), k_qk[:, :, t]), None
-
-  st, _ = jax.lax.scan(add, st, jnp.arange(T))
-  st = _reselect(st, jnp.ones((B,), bool), q_last_LBd[qk_layers], ccfg)
-  return logits, cache, _refresh_working_buffer(st, cache, work_slot_L, ccfg)
+  # The chunk table, straight from the prompt's chunk ends.
+  closes, _, ends, n = seg
+  sel_layers = np.asarray(plan.selection_layers)
+  st = init_chunk_state(cfg.n_layers, len(sel_layers), B, d_c, cfg.n_kv_heads, cfg.head_dim, cache.k.dtype,
+                        ccfg, working_size(ccfg, max_len, WORK_BLOCK))
+  starts = jnp.pad(ends[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
+  has = jnp.arange(C) < n[:, None]
+  n_closes = jnp.sum(closes, axis=1)
+  last_end = jnp.take_along_axis(ends, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+  st = st.replace(chunk_start=jnp.where(has, starts, 0), chunk_end=jnp.where(has, ends, -1),
+                  chunk_key=jnp.where(has[None, ..., None], chunk_key_L[sel_layers], 0.0), n_chunks=n,
+                  open_start=jnp.where(n > 0, last_end + 1, ccfg.n_sink).astype(jnp.int32),
+                  overflow=n_closes > C)
+  score = _vote_now(params, st, q_last_L[sel_layers], qt_last_L[sel_layers], cache.k, plan, ccfg)
+  st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
+  return logits, cache, _refresh_working_buffer(st, cache, ccfg)
 
 
 def _recent(buf_LBSKD, layer, start_B, size: int):
@@ -185,10 +246,12 @@ def _recent(buf_LBSKD, layer, start_B, size: int):
 
 def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
   cfg = params.config
-  slot_L, sparse_L, work_slot_L, qk_layers = _layer_kinds(params, ccfg)
+  plan = _layer_plan(params, ccfg)
+  sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.sparse, plan.selects, plan.qk_slot))
   pos_B = cache.length
   B, S, M = tokens_B.shape[0], cache.max_len, min(ccfg.max_chunk_len, cache.max_len)
-  n_blocks = -(-jnp.max(st.work_used, axis=-1) // WORK_BLOCK)  # per selection slot, batch-wide
+  n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
+  d_c = _d_c(params, ccfg)
 
   def attend_fn(state, layer, q, k, v, h):
     kb, vb, o0 = state
@@ -200,35 +263,39 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                                    softcap=cfg.attn_softcap)
 
     def sparse():
-      w = work_slot_L[idx]
       k_open, open_pos = _recent(kb, idx, st.open_start, M)
       v_open, _ = _recent(vb, idx, st.open_start, M)
       open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
-      work_ok = st.work_valid[w] & (st.work_pos[w] <= pos_B[:, None])
+      work_ok = st.work_valid & (st.work_pos <= pos_B[:, None])
       if _use_kernels(ccfg):
         return chunk_kernels.decode_attention_kernel(
-            q, st.work_k[idx], st.work_v[idx], work_ok, st.work_used[w], k_open, v_open, open_ok,
+            q, st.work_k[idx], st.work_v[idx], work_ok, st.work_used, k_open, v_open, open_ok,
             scale=cfg.attn_scale, block=WORK_BLOCK, interpret=ccfg.interpret)
-      return packed_decode_attention(q, st.work_k, st.work_v, idx, work_ok, n_blocks[w], k_open, v_open,
+      return packed_decode_attention(q, st.work_k, st.work_v, idx, work_ok, n_blocks, k_open, v_open,
                                      open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap, block=WORK_BLOCK)
 
     o = jax.lax.cond(sparse_L[idx], sparse, dense)
     o0 = jnp.where(idx == 0, o, o0)
-    qt, kt = _qk(params, slot_L[idx], h)
-    return o, (kb, vb, o0), (qt[:, 0], kt[:, 0])
+    if d_c:  # the QK Adapters run on the selection layers only
+      qt, kt = jax.lax.cond(selects_L[idx], lambda: tuple(x[:, 0] for x in _qk(params, slot_L[idx], h)),
+                            lambda: (jnp.zeros((B, d_c), jnp.float32),) * 2)
+    else:
+      qt = kt = jnp.zeros((B, 0), jnp.float32)
+    return o, (kb, vb, o0), (q[:, 0], qt, kt)
 
   x0 = model.embed(params, tokens_B[:, None])
   o0 = jnp.zeros((B, 1, cfg.n_heads, cfg.head_dim), x0.dtype)
-  x, (k, v, o0), (q_LBd, k_LBd) = model.run_layers(params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, o0))
+  x, (k, v, o0), (q_LBHD, qt_LBd, kt_LBd) = model.run_layers(params, x0, pos_B[:, None], attend_fn,
+                                                             (cache.k, cache.v, o0))
   logits = model.unembed(params, x)[:, 0]
   cache = KVCache(k=k, v=v, length=pos_B + 1)
 
   # Retention (SepLLM): tokens a sparse layer read / tokens seen, before this step's boundary.
-  w0 = st.work_valid[0] & (st.work_pos[0] <= pos_B[:, None])
+  w0 = st.work_valid & (st.work_pos <= pos_B[:, None])
   seen = pos_B + 1
   visible = jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
   st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
-                  read_slots=st.read_slots + n_blocks[0] * WORK_BLOCK + M)
+                  read_slots=st.read_slots + n_blocks * WORK_BLOCK + M)
 
   p = jax.nn.sigmoid(_boundary_logits(params, x0, o0)[:, 0])
   closes = ccfg.closes(pos_B, st.open_start, tokens_B, p)
@@ -238,11 +305,13 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   refresh = ~closes & (pos_B >= ccfg.n_sink) & (ccfg.refresh_every > 0) & (
       into_chunk % max(ccfg.refresh_every, 1) == 0)
   reselect = closes | refresh
+  sel = np.asarray(plan.selection_layers)
 
   def on_boundary(st):
-    st = append_chunks(st, closes, pos_B, k_LBd[qk_layers])
-    st = _reselect(st, reselect, q_LBd[qk_layers], ccfg)
-    return _refresh_working_buffer(st, cache, work_slot_L, ccfg)
+    st = append_chunks(st, closes, pos_B, kt_LBd[sel])
+    score = _vote_now(params, st, q_LBHD[sel], qt_LBd[sel], cache.k, plan, ccfg)
+    st = _reselect(st, reselect, score, pos_B, ccfg)
+    return _refresh_working_buffer(st, cache, ccfg)
 
   st = jax.lax.cond(jnp.any(reselect), on_boundary, lambda s: s, st)
   return logits, cache, st
@@ -292,8 +361,7 @@ def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int,
   """K/V bytes one decode step reads (means over the steps): sparse layers read `sparse_slots`,
   every other layer, like dense attention, the `seen_tokens` so far."""
   cfg = params.config
-  _, sparse_L, _, _ = _layer_kinds(params, ccfg)
-  n_sparse = int(np.sum(np.asarray(sparse_L)))
+  n_sparse = int(np.sum(_layer_plan(params, ccfg).sparse))
   per_token = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
   return dict(chunk=per_token * (n_sparse * sparse_slots + (cfg.n_layers - n_sparse) * seen_tokens),
               dense=per_token * cfg.n_layers * seen_tokens)
@@ -322,7 +390,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
   prompts, lens = prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
   max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len)
-  ccfg = ccfg.validate(max_len, cfg.n_layers)
+  ccfg = ccfg.validate(max_len, cfg.n_layers).resolve_layers(
+      cfg.full_attention_layers, params.adapters.config.qk_layers, params.adapters.config.selection_layers)
   if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
     raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
   sampling = Sampling(float(temperature), int(top_k_tokens or 0), float(top_p))

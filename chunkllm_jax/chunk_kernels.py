@@ -22,12 +22,11 @@ def kernels_active(interpret: bool) -> bool:
   return use_kernel(interpret) or use_gpu_kernel()
 
 
-def compact_kernel(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_SBW, work_valid_SBW, layer_slot, *,
-                   interpret: bool):
+def compact_kernel(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_BW, work_valid_BW, *, interpret: bool):
   """As `chunk_cache.compact_into`, one gather kernel call per layer, written into the working
   buffers in place. Unused slots come out as zeros."""
-  for layer, slot in enumerate(layer_slot):
-    src = jnp.where(work_valid_SBW[slot], work_pos_SBW[slot], -1)
+  src = jnp.where(work_valid_BW, work_pos_BW, -1)
+  for layer in range(k_LBSKD.shape[0]):
     k, v = gather_rows(k_LBSKD[layer], v_LBSKD[layer], src, interpret=interpret)
     work_k_LBWKD = work_k_LBWKD.at[layer].set(k.astype(work_k_LBWKD.dtype))
     work_v_LBWKD = work_v_LBWKD.at[layer].set(v.astype(work_v_LBWKD.dtype))

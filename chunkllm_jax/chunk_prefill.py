@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from chunkllm_jax.attention import NEG_INF
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.selection import (ChunkConfig, adapter_probs, attention_probs, choose, chunk_lengths,
+                                    local_tokens)
 
 PREFILL_BLOCK = 256  # query and key block of the sparse prefill loop
 
@@ -53,34 +54,60 @@ def chunk_ends(closes_BT, max_chunks: int):
   return ends[:, :max_chunks], n
 
 
-def layer_selections(q_BTd, k_BTd, ends_BC, n_chunks_B, ccfg: ChunkConfig):
-  """One layer's own top-k at every boundary: row j is chosen with q~ at chunk j's last token,
-  among the chunks completed by then minus the `n_local` most recent. [B, C, top_k] table ids, -1 empty."""
+def boundary_rows(ends_BC, n_chunks_B, ccfg: ChunkConfig):
+  """What the selection made at each prompt boundary (table chunk j's last token) may use: the
+  candidate count (chunks completed then, minus the local ones), the tokens the budget must also
+  cover (sinks and local chunks), and the tokens seen. Each [B, C] int32; rows past the last
+  boundary have no candidate."""
   C = ends_BC.shape[1]
+  j = jnp.arange(C)[None]
+  done = j < n_chunks_B[:, None]
+  n_cand = jnp.where(done, jnp.maximum(j + 1 - ccfg.n_local, 0), 0)
+  fixed = ccfg.n_sink + local_tokens(ends_BC, jnp.broadcast_to(j + 1, ends_BC.shape), ccfg.n_local, ccfg.n_sink)
+  return n_cand.astype(jnp.int32), fixed.astype(jnp.int32), jnp.maximum(ends_BC, 0) + 1
+
+
+def adapter_rows(q_BTd, k_BTd, ends_BC, n_cand_BC):
+  """QK-Adapter distributions of every boundary row: [B, C, C]."""
   at = jnp.maximum(ends_BC, 0)[..., None]
-  q_BCd = jnp.take_along_axis(q_BTd, at, axis=1)
-  k_BCd = jnp.take_along_axis(k_BTd, at, axis=1)
-  s_BCC = jnp.einsum("bqd,bkd->bqk", q_BCd, k_BCd, preferred_element_type=jnp.float32)
-  j = jnp.arange(C)
-  cand = (j[None, :] < j[:, None] + 1 - ccfg.n_local)[None] & (j < n_chunks_B[:, None])[:, None]
-  k = min(ccfg.top_k, C)
-  if k == 0:
-    return jnp.full(s_BCC.shape[:2] + (0,), -1, jnp.int32)
-  val, idx = jax.lax.top_k(jnp.where(cand, s_BCC, -jnp.inf), k)
-  return jnp.where(val > -jnp.inf, idx, -1).astype(jnp.int32)
+  return adapter_probs(jnp.take_along_axis(q_BTd, at, axis=1), jnp.take_along_axis(k_BTd, at, axis=1), n_cand_BC)
 
 
-def selection_table(sel_BCN, n_ids: int):
+def attention_rows(q_BTHD, k_BTKD, ends_BC, n_cand_BC, *, n_sink: int, scale: float, softcap=None,
+                   rows: int = 64):
+  """Frozen-attention distributions of every boundary row: [B, C, C], `rows` boundaries at a time,
+  so the scores held at once are [B, rows, H, T]."""
+  B, C = ends_BC.shape
+  pad = -C % rows
+  q_BCHD = jnp.take_along_axis(q_BTHD, jnp.maximum(ends_BC, 0)[..., None, None], axis=1)
+  q_BCHD = jnp.pad(q_BCHD, [(0, 0), (0, pad), (0, 0), (0, 0)])
+  n_cand = jnp.pad(n_cand_BC, [(0, 0), (0, pad)])
+
+  def block(i):
+    q = jax.lax.dynamic_slice_in_dim(q_BCHD, i * rows, rows, axis=1)
+    n = jax.lax.dynamic_slice_in_dim(n_cand, i * rows, rows, axis=1)
+    return attention_probs(q, k_BTKD, ends_BC, n, n_sink=n_sink, scale=scale, softcap=softcap)
+
+  out = jax.lax.map(block, jnp.arange((C + pad) // rows))  # [nb, B, rows, C]
+  return jnp.moveaxis(out, 0, 1).reshape(B, C + pad, C)[:, :C]
+
+
+def prompt_selection(vote_BCC, ends_BC, n_chunks_B, ccfg: ChunkConfig):
+  """The chunks kept at each prompt boundary, from the selection layers' vote: [B, C, C] bool."""
+  n_cand, fixed, seen = boundary_rows(ends_BC, n_chunks_B, ccfg)
+  start = jnp.pad(ends_BC[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
+  lengths = chunk_lengths(start, ends_BC, n_chunks_B)
+  return choose(vote_BCC, n_cand, lengths, fixed, seen, ccfg)
+
+
+def selection_table(chosen_BCC, n_ids: int):
   """vis[b, c_q, c_k]: chunk id c_k was selected for the queries of chunk id c_q. [B, n_ids, n_ids] bool.
 
-  The selection made at table chunk j's boundary serves the next chunk, id j + 2."""
-  B, C, N = sel_BCN.shape
-  rows = jnp.broadcast_to((jnp.arange(C) + 2)[None, :, None], (B, C, N))
-  cols = jnp.where(sel_BCN >= 0, sel_BCN + 1, n_ids)
-  rows = jnp.where(rows < n_ids, rows, n_ids)
-  vis = jnp.zeros((B, n_ids + 1, n_ids + 1), bool)
-  vis = vis.at[jnp.arange(B)[:, None, None], rows, cols].set(True)
-  return vis[:, :n_ids, :n_ids]
+  The selection made at table chunk j's boundary serves the next chunk, id j + 2; table chunk i is id i + 1."""
+  B, C, _ = chosen_BCC.shape
+  vis = jnp.zeros((B, n_ids, n_ids), bool)
+  rows = min(C, n_ids - 2)
+  return vis.at[:, 2:2 + rows, 1:1 + C].set(chosen_BCC[:, :rows, : n_ids - 1])
 
 
 def token_mask(cq_BT, ck_BS, q_pos_BT, k_pos_BS, vis_BCC, end_BS, n_local: int):
@@ -207,27 +234,11 @@ def sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BCC, end_B
   return o[:, :T0].astype(q_BTHD.dtype)
 
 
-def masked_prefill_reference(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BCC, end_BT, *, n_local: int, scale: float):
-  """The same rule as one dense masked softmax (T x T): the slow, obvious version, for tests."""
-  B, T, H, D = q_BTHD.shape
-  K = k_BTKD.shape[2]
-  pos = jnp.arange(T)[None]
-  ok = token_mask(chunk_id_BT, chunk_id_BT, pos, pos, vis_BCC, end_BT, n_local)
-  s = jnp.einsum("btkgd,bskd->bkgts", q_BTHD.reshape(B, T, K, H // K, D), k_BTKD,
-                 preferred_element_type=jnp.float32) * scale
-  s = jnp.where(ok[:, None, None], s, NEG_INF)
-  p = jnp.where(ok[:, None, None], jax.nn.softmax(s, axis=-1), 0.0)
-  o = jnp.einsum("bkgts,bskd->btkgd", p, v_BTKD, preferred_element_type=jnp.float32)
-  return o.reshape(B, T, H, D).astype(q_BTHD.dtype)
-
-
-def prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, sel_BCN, end_BT, ccfg: ChunkConfig, *, scale: float,
+def prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BNN, end_BT, ccfg: ChunkConfig, *, scale: float,
                       softcap: float | None, use_kernel: bool, block: int = PREFILL_BLOCK):
   """One sparse layer's prefill attention, by the XLA loop or the Pallas kernel (same rule, same lists)."""
-  n_ids = ccfg.max_chunks + 2
-  vis = selection_table(sel_BCN, n_ids)
   if not use_kernel:
-    return sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis, end_BT, n_local=ccfg.n_local,
+    return sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BNN, end_BT, n_local=ccfg.n_local,
                                     scale=scale, softcap=softcap, block=block)
   from pallas_kernels.chunk_prefill_attention import chunk_prefill_attention
 
@@ -235,11 +246,13 @@ def prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, sel_BCN, end_BT, ccfg
   pad = -T0 % block
   padT = lambda x, c=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=c)
   q, k, v, ids = padT(q_BTHD), padT(k_BTKD), padT(v_BTKD), padT(chunk_id_BT, -1)
-  blocks_BQN, n_BQ = block_lists(ids, vis, ccfg.n_local, block)
-  # the kernel takes each token's selection in kernel ids: chunk id c reads sel_BCN[c - 2] + 1
-  sel_ids = jnp.concatenate([jnp.full((B, 2, sel_BCN.shape[-1]), -1, jnp.int32),
-                             jnp.where(sel_BCN >= 0, sel_BCN + 1, -1)], axis=1)
-  sel_BTN = jnp.take_along_axis(sel_ids, jnp.maximum(ids, 0)[..., None], axis=1)
+  blocks_BQN, n_BQ = block_lists(ids, vis_BNN, ccfg.n_local, block)
+  # the kernel takes each token's selection as a list of kernel ids, -1 padded
+  n_ids = vis_BNN.shape[-1]
+  N = min(ccfg.top_k, n_ids) if not ccfg.budgeted else n_ids
+  order = jnp.argsort(~vis_BNN, axis=-1, stable=True)[..., :N].astype(jnp.int32)  # selected ids first
+  lists = jnp.where(jnp.take_along_axis(vis_BNN, order, -1), order, -1)  # [B, n_ids, N]
+  sel_BTN = jnp.take_along_axis(lists, jnp.maximum(ids, 0)[..., None], axis=1)
   o = chunk_prefill_attention(q, k, v, blocks_BQN, n_BQ, ids, sel_BTN, scale=scale, block_q=block, block_k=block,
                               n_sink=ccfg.n_sink, n_local=ccfg.n_local, interpret=ccfg.interpret)
   return o[:, :T0]

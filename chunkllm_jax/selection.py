@@ -1,40 +1,60 @@
-"""Chunk selection: which completed chunks each layer reads, chosen only at chunk boundaries.
+"""Chunk selection: which completed chunks the sparse layers read, chosen only at chunk boundaries.
 
-At a boundary every QK-adapter layer scores the completed chunks with its q~ (the boundary token's
-query), the scores are softmaxed per layer, and by default the layers *vote*: the softmaxes are
-summed and the global top-k is shared by all layers. `vote="max"` scores a chunk by its highest
-probability in any layer instead, so a few sharply retrieving layers are not outvoted by many
-diffuse ones (eval/needle_ranks.py measures both). The `n_local` most recent chunks are always
-visible, so they are not candidates.
+At a boundary the *selection layers* score the candidate chunks (every completed chunk but the
+`n_local` most recent, which are always read), each layer gives a distribution over the
+candidates, the layers vote (`vote="sum"` or `"max"`), and one selection serves every sparse
+layer. Two scorers give the per-layer distributions:
+
+- `scorer="adapter"`: the QK Adapters, softmax_j(q~ . k~_j / sqrt(d_c)) over the candidates;
+- `scorer="attention"`: the frozen model's own attention of the boundary query, with no training:
+  each head's softmax over the candidates' tokens, summed within each chunk, then the max over
+  heads (a few retrieval heads are not drowned by the many that look at sinks and recent text).
+  It reads the selection layers' K once per boundary.
+
+What is kept is set either by a chunk count (`top_k`, the paper's rule) or by a KV budget
+(`kv_budget`, a fraction of the tokens seen, or `kv_budget_tokens`): chunks are taken in score
+order while the sinks, the local chunks, the open chunk and the taken chunks fit the budget, so the
+measured retention lands within one chunk under the target instead of following chunk lengths.
+
+Rows of scores are "boundary rows": decode has one per sequence (the boundary token's query), the
+prefill one per chunk of the prompt. Both go through the same functions below.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from chunkllm_jax.attention import NEG_INF
 
+SCORERS = ("adapter", "attention")
+VOTES = ("sum", "max")
+
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
-  """ChunkLLM inference settings (DESIGN.md defaults)."""
+  """ChunkLLM inference settings."""
 
   n_sink: int = 4  # first tokens, always visible
-  top_k: int = 16  # selected chunks per layer
+  top_k: int = 16  # selected chunks, when no KV budget is set
   n_local: int = 4  # most recent completed chunks, always visible
+  kv_budget: float | None = None  # fraction of the tokens seen that a sparse layer reads (0, 1]
+  kv_budget_tokens: int | None = None  # or a token count; either one replaces top_k
+  scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
+  selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice, else all QK layers
+  vote: str = "sum"  # how the selection layers' distributions make one score per chunk: "sum" or "max"
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
   max_chunk_len: int = 64  # a chunk this long is closed by force
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
-  vote: str = "sum"  # "sum" or "max" over layers: one selection for all; "per_layer": each its own
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
-  prefill: str = "sparse"  # "sparse": chunk-sparse prefill (per-layer top-k); "dense": full attention
+  prefill: str = "sparse"  # "sparse": chunk-sparse prefill after the first selection layer; "dense"
   # The rules below make the eval baselines selections over the same buffer (eval/methods.py):
   boundaries: str = "adapter"  # "adapter": p > alpha; "fixed": every max_chunk_len tokens;
   #                              "separators": at the tokens in `separator_ids` (SepLLM)
@@ -43,6 +63,10 @@ class ChunkConfig:
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
+    for name in ("n_sink", "top_k", "n_local", "max_chunk_len", "refresh_every"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
     max_chunks = self.max_chunks or max(max_len // 8, 1)
     if self.n_sink < 0:
       raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
@@ -55,8 +79,20 @@ class ChunkConfig:
     if -(-(max_len - self.n_sink) // self.max_chunk_len) > max_chunks and self.max_chunks:
       raise ValueError(f"max_chunks={max_chunks} cannot hold {max_len} tokens in chunks of at most "
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
-    if self.vote not in ("sum", "max", "per_layer"):
-      raise ValueError(f"vote must be 'sum', 'max' or 'per_layer', got {self.vote!r}")
+    if self.kv_budget is not None and self.kv_budget_tokens is not None:
+      raise ValueError("give kv_budget (a fraction) or kv_budget_tokens (a count), not both")
+    if self.kv_budget is not None and not (isinstance(self.kv_budget, (int, float)) and 0.0 < self.kv_budget <= 1.0):
+      raise ValueError(f"kv_budget is a fraction of the tokens seen, in (0, 1]; got {self.kv_budget!r}")
+    if self.kv_budget_tokens is not None:
+      if not isinstance(self.kv_budget_tokens, int) or isinstance(self.kv_budget_tokens, bool):
+        raise TypeError(f"kv_budget_tokens must be an int, got {self.kv_budget_tokens!r}")
+      if not 0 < self.kv_budget_tokens <= max_len:
+        raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be in [1, max_len={max_len}] "
+                         "(the KV buffer cannot hold more)")
+    if self.scorer not in SCORERS:
+      raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+    if self.vote not in VOTES:
+      raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
     if self.refresh_every < 0:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
@@ -77,19 +113,48 @@ class ChunkConfig:
       raise ValueError(f"dense_layers {self.dense_layers} out of range for {n_layers} layers")
     return dataclasses.replace(self, max_chunks=max_chunks)
 
-  @property
-  def shared(self) -> bool:
-    """Whether one selection serves every layer (a vote), rather than one per layer."""
-    return self.vote != "per_layer"
+  def resolve_layers(self, full_attention_layers, qk_layers, stored=None) -> "ChunkConfig":
+    """Fills `selection_layers` (given, else `stored` with the adapters, else every QK layer) and
+    checks them against the model: full-attention layers, with a QK Adapter for `scorer="adapter"`."""
+    layers = self.selection_layers if self.selection_layers is not None else (stored or tuple(qk_layers))
+    layers = tuple(sorted(set(int(i) for i in layers)))
+    if not layers:
+      raise ValueError("selection_layers is empty: name at least one full-attention layer")
+    bad = [i for i in layers if i not in full_attention_layers]
+    if bad:
+      raise ValueError(f"selection_layers {bad} are not full-attention layers of this model; "
+                       f"choose among {tuple(full_attention_layers)}")
+    if self.scorer == "adapter":
+      missing = [i for i in layers if i not in qk_layers]
+      if missing:
+        raise ValueError(f"selection_layers {missing} have no QK Adapter (the adapters cover {tuple(qk_layers)}); "
+                         "train adapters for them, pick other layers, or use scorer='attention'")
+    return dataclasses.replace(self, selection_layers=layers)
 
   @property
-  def budget(self) -> int:
-    """Tokens in the compacted working buffer: sinks, then top_k + n_local chunk slots."""
+  def budgeted(self) -> bool:
+    return self.kv_budget is not None or self.kv_budget_tokens is not None
+
+  def budget_tokens(self, seen):
+    """The KV budget in tokens when `seen` tokens exist (an array or an int)."""
+    if self.kv_budget_tokens is not None:
+      return jnp.minimum(self.kv_budget_tokens, seen)
+    return jnp.ceil(self.kv_budget * seen).astype(jnp.int32)
+
+  def work_slots(self, max_len: int) -> int:
+    """The most tokens a selection can keep (sinks, chosen and local chunks), capped by the buffer."""
+    fixed = self.n_sink + self.n_local * self.max_chunk_len
+    if self.budgeted:
+      most = self.kv_budget_tokens if self.kv_budget_tokens is not None else math.ceil(self.kv_budget * max_len)
+      return min(max(most, fixed), max_len)
     per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
-    return self.n_sink + self.top_k * per_selected + self.n_local * self.max_chunk_len
+    return min(fixed + self.top_k * per_selected, max_len)
 
   def closes(self, t_B, open_start_B, token_B, p_B):
-    """Whether the token at position t closes the open chunk, by this config's boundary rule."""
+    """Whether the token at position t closes the open chunk, by this config's boundary rule.
+
+    The one boundary rule: inference segments prompts and decodes with it, and training labels
+    pass through the same rule (`boundaries.chunk_closes`)."""
     forced = t_B - open_start_B + 1 >= self.max_chunk_len
     if self.boundaries == "adapter":
       rule = p_B > self.alpha
@@ -100,38 +165,89 @@ class ChunkConfig:
     return (t_B >= self.n_sink) & (rule | forced)
 
 
-def candidates(n_chunks_B, max_chunks: int, n_local: int):
-  """Completed chunks that may be selected: all but the `n_local` most recent. [B, C] bool."""
-  c = jnp.arange(max_chunks)
-  return c[None] < (n_chunks_B - n_local)[:, None]
+# ----------------------------------------------------------------------------------------------
+# Per-layer distributions over the candidates, for rows of boundary queries
 
 
-def layer_chunk_probs(q_LBd, chunk_key_LBCd, cand_BC):
-  """Each QK layer's softmax over candidate chunks: S = softmax_j(q~ . k~_j / sqrt(d_c)). [L, B, C]."""
-  d_c = q_LBd.shape[-1]
-  s = jnp.einsum("lbd,lbcd->lbc", q_LBd, chunk_key_LBCd, preferred_element_type=jnp.float32) * d_c**-0.5
-  s = jnp.where(cand_BC[None], s, NEG_INF)
-  return jnp.where(cand_BC[None], jax.nn.softmax(s, axis=-1), 0.0)
+def adapter_probs(q_BRd, chunk_key_BCd, n_cand_BR):
+  """QK-Adapter distribution: softmax_j(q~ . k~_j / sqrt(d_c)) over chunks j < n_cand. [B, R, C]."""
+  d_c = q_BRd.shape[-1]
+  s = jnp.einsum("brd,bcd->brc", q_BRd, chunk_key_BCd, preferred_element_type=jnp.float32) * d_c**-0.5
+  cand = jnp.arange(chunk_key_BCd.shape[1]) < n_cand_BR[..., None]
+  return jnp.where(cand, jax.nn.softmax(jnp.where(cand, s, NEG_INF), axis=-1), 0.0)
 
 
-def vote_scores(probs_L, vote: str):
-  """One score per chunk from the layers' probabilities (leading axis): "sum" or "max" over layers."""
-  return {"sum": jnp.sum, "max": jnp.max}[vote](probs_L, axis=0)
+def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,
+                    softcap: float | None = None):
+  """Frozen-attention distribution: per head, the softmax of the boundary query over the candidate
+  chunks' tokens, summed within each chunk; then the max over heads. [B, R, C] float32.
+
+  Chunks are contiguous from `n_sink` on, so the candidates' tokens are the positions
+  [n_sink, end of chunk n_cand - 1], and a chunk's mass is a difference of a prefix sum."""
+  B, R, H, D = q_BRHD.shape
+  T, K = k_BTKD.shape[1], k_BTKD.shape[2]
+  q = q_BRHD.reshape(B, R, K, H // K, D)
+  s = jnp.einsum("brkgd,btkd->brkgt", q, k_BTKD, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  last = jnp.take_along_axis(chunk_end_BC, jnp.maximum(n_cand_BR - 1, 0), axis=1)  # [B, R]
+  last = jnp.where(n_cand_BR > 0, last, -1)
+  t = jnp.arange(T)
+  ok = (t >= n_sink) & (t <= last[..., None])  # [B, R, T]
+  s = jnp.where(ok[:, :, None, None], s, NEG_INF)
+  p = jnp.where(ok[:, :, None, None], jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+  cum = jnp.cumsum(p, axis=-1)
+  at_end = jnp.take_along_axis(cum, jnp.maximum(chunk_end_BC, 0)[:, None, None, None, :], axis=-1)  # [B,R,K,G,C]
+  mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
+  score = mass.max(axis=(2, 3))
+  cand = jnp.arange(chunk_end_BC.shape[1]) < n_cand_BR[..., None]
+  return jnp.where(cand, score, 0.0)
 
 
-def select(q_LBd, chunk_key_LBCd, n_chunks_B, cfg: ChunkConfig):
-  """The new selection: [B, top_k] (vote) or [L, B, top_k] (per layer), ascending chunk ids, -1 empty."""
-  cand = candidates(n_chunks_B, cfg.max_chunks, cfg.n_local)
-  probs = layer_chunk_probs(q_LBd, chunk_key_LBCd, cand)
-  if cfg.shared:
-    probs = vote_scores(probs, cfg.vote)
-  k = min(cfg.top_k, cfg.max_chunks)
-  score = jnp.where(cand if cfg.shared else cand[None], probs, -1.0)
-  top_val, top_idx = jax.lax.top_k(score, k)
-  chosen = jnp.where(top_val >= 0.0, top_idx, cfg.max_chunks)  # empty slots sort last
-  chosen = jnp.sort(chosen, axis=-1)  # in position order, so compacted keys stay in order
-  chosen = jnp.where(chosen == cfg.max_chunks, -1, chosen).astype(jnp.int32)
-  if k < cfg.top_k:  # more slots than chunks can exist: the rest stay empty
-    pad = [(0, 0)] * (chosen.ndim - 1) + [(0, cfg.top_k - k)]
-    chosen = jnp.pad(chosen, pad, constant_values=-1)
-  return chosen
+def vote_scores(probs_S, vote: str):
+  """One score per chunk from the selection layers' distributions (leading axis): "sum" or "max"."""
+  return {"sum": jnp.sum, "max": jnp.max}[vote](probs_S, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# From scores to a selection
+
+
+def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConfig):
+  """Which candidates each row keeps: [B, R, C] bool.
+
+  With a KV budget, chunks are taken in score order while they fit in what the budget leaves after
+  `fixed` (sinks, local chunks, open chunk); the first that does not fit ends the selection, so the
+  kept tokens are within one chunk under the budget. Without one, the `top_k` best are kept."""
+  C = score_BRC.shape[-1]
+  cand = jnp.arange(C) < n_cand_BR[..., None]
+  score = jnp.where(cand, score_BRC, -1.0)
+  if not cfg.budgeted:
+    k = min(cfg.top_k, C)
+    if k == 0:
+      return jnp.zeros(score.shape, bool)
+    val, idx = jax.lax.top_k(score, k)
+    picked = jnp.zeros(score.shape, bool)
+    put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v >= 0.0)))
+    return put(picked, idx, val)
+  cost = jnp.ones_like(chunk_len_BC) if cfg.keep == "boundary" else chunk_len_BC
+  order = jnp.argsort(-score, axis=-1, stable=True)  # best first; ties by position
+  cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)
+  room = cfg.budget_tokens(seen_BR) - fixed_BR
+  fits = (jnp.cumsum(cost_sorted, -1) <= room[..., None]) & jnp.take_along_axis(cand, order, -1)
+  put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))
+  return put(jnp.zeros(score.shape, bool), order, fits)
+
+
+def local_tokens(chunk_end_BC, n_chunks_BR, n_local: int, n_sink: int):
+  """Tokens in the `n_local` most recent completed chunks, per row: [B, R] int32."""
+  def end_of(i):  # position just after chunk i (n_sink for "before chunk 0")
+    e = jnp.take_along_axis(chunk_end_BC, jnp.maximum(i, 0), axis=1)
+    return jnp.where(i >= 0, e + 1, n_sink)
+  return end_of(n_chunks_BR - 1) - end_of(n_chunks_BR - 1 - n_local)
+
+
+def chunk_lengths(start_BC, end_BC, n_chunks_B):
+  """Tokens in each completed chunk, 0 past the last: [B, C]."""
+  return jnp.where(jnp.arange(end_BC.shape[1]) < n_chunks_B[:, None], end_BC - start_BC + 1, 0)

@@ -4,7 +4,9 @@ Vanilla decoding runs through `cj.generate`; ChunkLLM and the paper's three base
 `chunk_generate`, each with the `ChunkConfig` that makes it what it is, so that a score difference
 comes from what attention reads, never from a second implementation:
 
-- `chunkllm`: the Chunk Adapter's boundaries, the QK Adapters' vote picks the top-k chunks.
+- `chunkllm`: the Chunk Adapter's boundaries, the QK Adapters of the selection layers vote.
+- `oracle`: the same chunks, scored by the frozen model's own attention at the selection layers
+  (`scorer="attention"`, no training): the ceiling the QK Adapters are measured against.
 - `streamingllm`: sinks + a recent window: fixed 16-token chunks, no selection (`top_k=0`), the
   window is `n_local` chunks.
 - `sepllm`: sinks + the KV of every separator token + a recent window: chunks end at separator
@@ -13,8 +15,10 @@ comes from what attention reads, never from a second implementation:
 - `fixllm`: fixed-length chunks (about ChunkLLM's mean chunk length) with the same QK-adapter
   selection, no Chunk Adapter.
 
-Budgets are matched by *expected* retention: for a target r, each method's knob (top_k for chunkllm
-and fixllm, the window for streamingllm and sepllm) is the one whose expected retention, counted
+Methods that select (chunkllm, oracle, fixllm) take the target r as their token budget
+(`ChunkConfig.kv_budget`): the selection itself fills chunks until r of the tokens seen are read.
+The windows of streamingllm and sepllm are matched by *expected* retention: the knob is the one
+whose expected retention, counted
 step by step the way chunk_generate counts it (visible / seen, averaged over the decode steps),
 comes closest to r. The count uses where each method's chunks really end in the prompts:
 ChunkLLM's from the Chunk Adapter run on layer 0 alone (the segmentation chunk_prefill makes),
@@ -38,7 +42,8 @@ import chunkllm_jax as cj
 from chunkllm_jax.chunk_generate import chunk_generate, segment_prompts
 from chunkllm_jax.selection import ChunkConfig
 
-METHODS = ("vanilla", "chunkllm", "streamingllm", "sepllm", "fixllm")
+METHODS = ("vanilla", "oracle", "chunkllm", "streamingllm", "sepllm", "fixllm")
+SELECTING = ("oracle", "chunkllm", "fixllm")  # the methods whose selection meets a token budget
 SEPARATOR_CHARS = ".,;:!?\n"
 
 
@@ -54,7 +59,8 @@ class MethodSettings:
   fix_chunk_len: int | None = None  # fixllm's chunk length; None: ChunkLLM's measured mean, rounded
   chunk_len: float | None = None  # ChunkLLM's mean chunk length; None: measured on the prompts (layer 0)
   max_n_local: int = 4  # recent chunks always visible for chunkllm / fixllm (DESIGN default)
-  vote: str = "sum"  # chunkllm / fixllm: how the QK-adapter layers' scores make one selection
+  vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
+  selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -133,7 +139,7 @@ def segmentation_for(method: str, params, rows, settings: MethodSettings) -> Seg
   """The measured segmentation a method's budget needs (None where it needs none)."""
   if method == "sepllm":
     return separator_segmentation(rows, settings)
-  if method == "chunkllm" or (method == "fixllm" and settings.fix_chunk_len is None):
+  if method in ("chunkllm", "oracle") or (method == "fixllm" and settings.fix_chunk_len is None):
     if settings.chunk_len is not None:
       return None
     return adapter_segmentation(params, rows, ChunkConfig(n_sink=settings.n_sink))
@@ -218,11 +224,14 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   S = settings.n_sink
   if method == "vanilla":
     return None
+  chosen = dict(vote=settings.vote, selection_layers=settings.selection_layers)
   if method == "chunkllm":
-    return ChunkConfig(n_sink=S, vote=settings.vote)
+    return ChunkConfig(n_sink=S, **chosen)
+  if method == "oracle":
+    return ChunkConfig(n_sink=S, scorer="attention", **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
-    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, vote=settings.vote)
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, **chosen)
   if method == "streamingllm":
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_k=0)
   if method == "sepllm":
@@ -248,9 +257,9 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
                   settings: MethodSettings, seg: Segmentation | None = None) -> tuple[ChunkConfig | None, dict]:
   """A method's ChunkConfig at a retention target, and what its budget assumed.
 
-  retention None: the method's defaults (chunkllm / fixllm: top-16 + 4 local chunks; windows of
-  `settings.window` tokens); 1.0: every chunk visible; otherwise the knob whose expected retention
-  is closest to the target. `seg`: the method's measured segmentation of the rows
+  retention None: the method's defaults (oracle / chunkllm / fixllm: top-16 + 4 local chunks;
+  windows of `settings.window` tokens); 1.0: every chunk visible; otherwise the token budget
+  (selecting methods) or the window whose expected retention is closest to the target. `seg`: the method's measured segmentation of the rows
   (`segmentation_for`); its rows may run past the prompts (perplexity segments the whole text).
   Vanilla: (None, {})."""
   base = base_config(method, settings, seg)
@@ -273,6 +282,8 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   elif retention >= 1.0:
     ccfg = dataclasses.replace(base, n_local=max_chunks if method in ("streamingllm", "sepllm") else base.n_local,
                                top_k=0 if method == "streamingllm" else max_chunks)
+  elif method in SELECTING:
+    ccfg = dataclasses.replace(base, kv_budget=float(retention))
   else:
     ccfg = fit_knob(method, base, retention, bseg, prompt_lens, n_new, settings)
   info = dict(target_retention=retention, mean_chunk_len=L)
@@ -285,7 +296,9 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
   """The knobs of a configuration, for the results file (separator ids are summarised by count)."""
   if ccfg is None:
     return {}
-  return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, vote=ccfg.vote, top_k=ccfg.top_k, n_local=ccfg.n_local,
+  layers = None if ccfg.selection_layers is None else list(ccfg.selection_layers)
+  return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, vote=ccfg.vote, scorer=ccfg.scorer, kv_budget=ccfg.kv_budget,
+              selection_layers=layers, top_k=ccfg.top_k, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               n_separator_ids=len(ccfg.separator_ids))
 

@@ -103,7 +103,8 @@ def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] 
 
 def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
               brown: Sequence[Sequence[str]] | None = None) -> NeedleCase:
-  rng = np.random.default_rng([seed, KINDS.index(kind) if kind in KINDS else 99, length])
+  # Keys depend on the whole cell (length, depth, seed), so that no two cells share a needle.
+  rng = np.random.default_rng([seed, KINDS.index(kind) if kind in KINDS else 99, length, int(round(depth * 1000))])
   target, others, question, answers, lead = _needles(kind, rng)
   sentences = _filler(tokenizer, length, seed, brown)
   # The other facts first (at random places), then the target at its depth, so no fact moves it.

@@ -77,8 +77,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--fix_chunk_len", type=int, default=None,
                  help="fixllm's chunk length (default: ChunkLLM's measured mean, rounded)")
   p.add_argument("--window", type=int, default=256, help="streamingllm/sepllm window where no budget is set")
-  p.add_argument("--vote", default="sum", choices=["sum", "max", "per_layer"],
-                 help="chunkllm / fixllm: how the QK-adapter layers make one selection (ChunkConfig.vote)")
+  p.add_argument("--vote", default="sum", choices=["sum", "max"],
+                 help="oracle / chunkllm / fixllm: how the selection layers make one selection (ChunkConfig.vote)")
+  p.add_argument("--selection_layers", type=int, nargs="+", default=None,
+                 help="the layers whose scores choose the selection (default: the adapters' stored choice)")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -134,13 +136,13 @@ def _resolve(args) -> argparse.Namespace:
 def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
-          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote"]
+          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = args.brown if args.filler == "brown" else None
   return fp
 
 
-_ADDED_LATER = {"vote": "sum"}  # settings newer than some result folders: what those folders used
+_ADDED_LATER = {"vote": "sum", "selection_layers": None}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -286,7 +288,8 @@ def run(args, model=None, params=None) -> Path:
   if params is None:
     params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
-                            fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote)
+                            fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
+                            selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
         file=sys.stderr)

@@ -66,28 +66,30 @@ def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_k,
   pos = lengths - 1
   # A forced selection: random candidates (all but the local chunks), -1 padded.
   sel = np.full((B, top_k), -1, np.int32)
+  chosen = np.zeros((B, ccfg.max_chunks), bool)
   for b in range(B):
     cands = np.arange(max(int(st.n_chunks[b]) - n_local, 0))
     pick = np.sort(rng.permutation(cands)[: rng.randint(0, min(top_k, len(cands)) + 1)])
     sel[b, : len(pick)] = pick
+    chosen[b, pick] = True
   k = jax.random.normal(jax.random.key(seed), (1, B, S, K, D))
   v = jax.random.normal(jax.random.key(seed + 1), (1, B, S, K, D))
   q = jax.random.normal(jax.random.key(seed + 2), (B, 1, H, D))
-  wpos, wvalid, used = working_positions(st, jnp.asarray(sel)[None], ccfg, st.work_pos.shape[-1])
-  wk, wv = compact(k, v, wpos, jnp.zeros((1,), jnp.int32))
+  wpos, wvalid, used = working_positions(st, jnp.asarray(chosen), ccfg, st.work_pos.shape[-1])
+  wk, wv = compact(k, v, wpos)
   M = ccfg.max_chunk_len
   start = jnp.clip(st.open_start, 0, S - M)
   open_pos = start[:, None] + jnp.arange(M)
   take = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, M, 0))(x[0], start)
   open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= jnp.asarray(pos)[:, None])
-  work_ok = wvalid[0] & (wpos[0] <= jnp.asarray(pos)[:, None])
+  work_ok = wvalid & (wpos <= jnp.asarray(pos)[:, None])
   n_blocks = -(-int(used.max()) // BLOCK)
   got = packed_decode_attention(q, wk, wv, 0, work_ok, n_blocks, take(k), take(v), open_ok,
                                 scale=D**-0.5, softcap=None, block=BLOCK)
   vis = reference_visible(st, sel, ccfg, pos)
   # Every visible token is in exactly one working or open slot.
   for b in range(B):
-    slots = np.concatenate([np.asarray(wpos[0, b])[np.asarray(work_ok[b])], np.asarray(open_pos[b])[np.asarray(open_ok[b])]])
+    slots = np.concatenate([np.asarray(wpos[b])[np.asarray(work_ok[b])], np.asarray(open_pos[b])[np.asarray(open_ok[b])]])
     assert sorted(slots.tolist()) == np.flatnonzero(vis[b]).tolist()
   mask = np.zeros((B, 1, S), bool)
   mask[:, 0, : vis.shape[1]] = vis

@@ -40,13 +40,30 @@ def test_full_coverage_equals_generate(arch, sampling, prefill):
   assert not out.stats["chunk_overflow"].any()
 
 
-@pytest.mark.parametrize("vote", ["max", "per_layer"])
-def test_full_coverage_equals_generate_for_every_vote_rule(vote):
-  params = chunk_params()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("scorer", ["adapter", "attention"])
+@pytest.mark.parametrize("vote, layers, budget", [("sum", None, None), ("max", (2,), None), ("max", None, 1.0),
+                                                  ("sum", (0, 2), 1.0)])
+def test_full_coverage_equals_generate_for_every_scorer_vote_and_layers(arch, scorer, vote, layers, budget):
+  params = chunk_params(arch)
   rows = prompts([40, 23], seed=4)
   ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
-  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote, **FULL)
+  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote, scorer=scorer,
+                       selection_layers=layers, **{**FULL, "kv_budget": budget})
   assert (out.tokens == ref.tokens).all()
+  assert np.allclose(out.stats["kv_retention"], 1.0)
+
+
+@pytest.mark.parametrize("scorer", ["adapter", "attention"])
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_measured_retention_meets_the_token_budget(scorer, budget):
+  """What decode really reads, averaged over its steps, is within one chunk of the budget."""
+  params = chunk_params()
+  rows = prompts([120, 100, 90], seed=1)
+  out = chunk_generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=256, max_chunks=256, max_chunk_len=8,
+                       n_local=1, kv_budget=budget, scorer=scorer)
+  seen = np.asarray([120, 100, 90]) + 15  # mid-decode
+  assert np.all(np.abs(out.stats["kv_retention"] - budget) <= 8 / seen), out.stats["kv_retention"]
 
 
 def test_sparse_prefill_really_drops_chunks():
@@ -121,13 +138,15 @@ def test_retention_and_bytes_fall_with_top_k():
   assert narrow.stats["bytes_per_step"][0] < narrow.stats["dense_bytes_per_step"][0]
 
 
-@pytest.mark.parametrize("vote", ["sum", "max", "per_layer"])
-def test_selection_changes_only_at_boundaries(vote):
+@pytest.mark.parametrize("vote, scorer, budget", [("sum", "adapter", None), ("max", "adapter", 0.3),
+                                                  ("max", "attention", None), ("sum", "attention", 0.3)])
+def test_selection_changes_only_at_boundaries(vote, scorer, budget):
   params = chunk_params()
   # Sharper random QK Adapters, so that chunk rankings depend on the query (and change).
   qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
-  ccfg = ChunkConfig(top_k=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote).validate(128, 3)
+  ccfg = ChunkConfig(top_k=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote, scorer=scorer,
+                     kv_budget=budget).validate(128, 3)
   toks, lens = np.asarray([prompts([30], seed=5)[0]], np.int32), jnp.asarray([30])
   _, cache, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(toks), lens, 128, ccfg)
   step = jax.jit(chunk_decode_step, static_argnums=(4,))
@@ -168,6 +187,13 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(boundaries="separators"), "needs separator_ids"),
     (dict(keep="boundary", attention="pallas"), "reads selected chunks whole"),
     (dict(bogus=1), "unknown chunk-config fields"),
+    (dict(kv_budget=1.5), "kv_budget is a fraction"),
+    (dict(kv_budget=0.0), "kv_budget is a fraction"),
+    (dict(kv_budget_tokens=65), "cannot hold more"),
+    (dict(scorer="oracle"), "scorer must be"),
+    (dict(selection_layers=(3,)), "not full-attention layers"),
+    (dict(selection_layers=(-1,)), "not full-attention layers"),
+    (dict(top_k=2.5), "top_k must be an int"),
 ])
 def test_bad_settings_fail_before_compiling(kw, match):
   params = chunk_params()
@@ -185,6 +211,9 @@ def test_missing_or_foreign_adapters_are_refused():
     chunk_generate(params.replace(adapters=foreign), [[1, 2]], max_new_tokens=2)
   with pytest.raises(ValueError, match="buffer's max_len=8"):
     chunk_generate(params, [[1] * 6], max_new_tokens=4, max_len=8)
+  partial = adp.init_adapters(jax.random.key(0), params.config, adp.AdapterConfig(d_c=8, qk_layers=(0, 1)))
+  with pytest.raises(ValueError, match="have no QK Adapter"):
+    chunk_generate(params.replace(adapters=partial), [[1, 2]], max_new_tokens=2, selection_layers=(2,))
 
 
 def test_pallas_path_gives_the_tokens_of_the_xla_path():

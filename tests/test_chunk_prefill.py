@@ -63,6 +63,18 @@ def selections_loop(q, k, closes, ccfg):
   return sel
 
 
+def chosen(qt, kt, ends, n, ccfg):
+  """The chunks each prompt boundary keeps by one layer's QK-Adapter scores: [B, C, C] bool."""
+  n_cand, _, _ = cp.boundary_rows(ends, n, ccfg)
+  return cp.prompt_selection(cp.adapter_rows(qt, kt, ends, n_cand), ends, n, ccfg)
+
+
+def as_lists(chosen_BCC):
+  """[B, C, C] ids (or -1), the layout `reference_mask` reads."""
+  chosen_BCC = np.asarray(chosen_BCC)
+  return np.where(chosen_BCC, np.arange(chosen_BCC.shape[-1]), -1)
+
+
 def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96, 61)):
   rng = np.random.RandomState(seed)
   ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunks=40, max_chunk_len=64).validate(T, 2)
@@ -78,7 +90,7 @@ def tables(seed):
   ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
   ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
   ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
-  vis = cp.selection_table(cp.layer_selections(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
+  vis = cp.selection_table(chosen(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
   mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
                                   jnp.ones_like(closes), ccfg.n_local))
   return ccfg, ids, vis, mask
@@ -93,10 +105,10 @@ def test_chunk_ids_and_ends_by_hand():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_layer_selections_match_a_loop(seed):
+def test_prompt_selections_match_a_loop(seed):
   ccfg, closes, _, _, _, _, qt, kt = case(seed)
   ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
-  got = np.asarray(cp.layer_selections(qt, kt, ends, n, ccfg))
+  got = as_lists(chosen(qt, kt, ends, n, ccfg))
   want = selections_loop(np.asarray(qt), np.asarray(kt), np.asarray(closes), ccfg)
   for b in range(got.shape[0]):
     for j in range(int(n[b])):
@@ -110,8 +122,9 @@ def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_k, n_local,
   ccfg, closes, valid, q, k, v, qt, kt = case(seed, H=H, K=K, top_k=top_k, n_local=n_local)
   ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
   ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
-  sel = cp.layer_selections(qt, kt, ends, n, ccfg)
+  sel = chosen(qt, kt, ends, n, ccfg)
   vis = cp.selection_table(sel, ccfg.max_chunks + 2)
+  sel = as_lists(sel)
   end_ok = closes if keep == "boundary" else jnp.ones_like(closes)
   want_mask = reference_mask(np.asarray(closes), np.asarray(valid), np.asarray(sel), ccfg, keep)
   got_mask = cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis, end_ok, n_local)
@@ -137,15 +150,16 @@ def test_block_lists_cover_every_visible_pair_and_no_future(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_pallas_prefill_kernel_path_matches_the_xla_path(seed):
+@pytest.mark.parametrize("budget", [None, 0.4])
+def test_pallas_prefill_kernel_path_matches_the_xla_path(seed, budget):
   ccfg, closes, valid, q, k, v, qt, kt = case(seed, T=128, lengths=(128, 77))
-  ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True})
+  ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True, "kv_budget": budget})
   ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
   ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
-  sel = cp.layer_selections(qt, kt, ends, n, ccfg)
+  vis = cp.selection_table(chosen(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
   kw = dict(scale=0.3, softcap=None, block=32)
-  xla = cp.prefill_attention(q, k, v, ids, sel, jnp.ones_like(closes), ccfg, use_kernel=False, **kw)
-  ker = cp.prefill_attention(q, k, v, ids, sel, jnp.ones_like(closes), ccfg, use_kernel=True, **kw)
+  xla = cp.prefill_attention(q, k, v, ids, vis, jnp.ones_like(closes), ccfg, use_kernel=False, **kw)
+  ker = cp.prefill_attention(q, k, v, ids, vis, jnp.ones_like(closes), ccfg, use_kernel=True, **kw)
   live = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(ker)[live], np.asarray(xla)[live], rtol=1e-5, atol=1e-5)
 
@@ -161,3 +175,52 @@ def test_packed_positions_hold_every_visible_key_once_in_order(seed):
       assert packed == sorted(set(packed)) and needed <= set(packed)
       assert all(p < (qb + 1) * 16 for p in packed)  # nothing from the future
   assert used.sum() < 2 * sum(16 * (qb + 1) for qb in range(6))  # fewer slots than causal reads
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attention_rows_match_a_dense_loop(seed):
+  """Every boundary row of the frozen-attention scorer against numpy: per head, softmax over the
+  candidates' tokens, summed per chunk, max over heads."""
+  ccfg, closes, _, q, k, _, _, _ = case(seed, H=4, K=2)
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  n_cand, _, _ = cp.boundary_rows(ends, n, ccfg)
+  got = np.asarray(cp.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=0.3, rows=8))
+  q, k, ends, n_cand = map(np.asarray, (q, k, ends, n_cand))
+  for b in range(q.shape[0]):
+    for j in range(int(n[b])):
+      c = int(n_cand[b, j])
+      if c == 0:
+        assert not got[b, j].any()
+        continue
+      lo, hi = ccfg.n_sink, ends[b, c - 1]
+      s = np.einsum("hd,thd->ht", q[b, ends[b, j]], np.repeat(k[b, lo:hi + 1], 2, axis=1)) * 0.3
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      bounds = np.concatenate([[lo - 1], ends[b, :c]]) - lo + 1
+      mass = np.stack([p[:, bounds[i]:bounds[i + 1]].sum(-1) for i in range(c)], -1)
+      np.testing.assert_allclose(got[b, j, :c], mass.max(0), rtol=1e-4, atol=1e-6)
+      assert not got[b, j, c:].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("budget", [0.25, 0.5, 0.8])
+def test_prompt_budget_is_met_within_one_chunk(seed, budget):
+  """At every boundary the kept tokens (sinks, local and chosen chunks) are at most the budget,
+  and within one chunk of it unless every candidate is kept."""
+  ccfg, closes, _, _, _, _, qt, kt = case(seed, n_local=2)
+  ccfg = ccfg.__class__(**{**ccfg.__dict__, "kv_budget": budget})
+  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  kept = np.asarray(chosen(qt, kt, ends, n, ccfg))
+  n_cand, fixed, seen = map(np.asarray, cp.boundary_rows(ends, n, ccfg))
+  ends = np.asarray(ends)
+  lengths = np.diff(np.concatenate([np.full((ends.shape[0], 1), ccfg.n_sink - 1), ends], 1), axis=1)
+  for b in range(ends.shape[0]):
+    for j in range(int(n[b])):
+      c = int(n_cand[b, j])
+      assert not kept[b, j, c:].any()
+      tokens = fixed[b, j] + lengths[b, :c][kept[b, j, :c]].sum()
+      target = np.ceil(budget * seen[b, j])
+      if fixed[b, j] <= target:
+        assert tokens <= target
+      if not kept[b, j, :c].all():
+        assert tokens > target - ccfg.max_chunk_len

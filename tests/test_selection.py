@@ -1,52 +1,121 @@
-"""Chunk selection: every vote rule against the same rule written with numpy, one row at a time."""
+"""Chunk selection: the scorers, the vote and the two keep rules (top-k, token budget) against the
+same rules written with numpy, one row at a time; and the config checks that run before compiling."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.selection import ChunkConfig, select
+from chunkllm_jax.selection import ChunkConfig, adapter_probs, choose, chunk_lengths, vote_scores
 
 
-def _numpy_select(q_LBd, key_LBCd, n_chunks_B, cfg: ChunkConfig):
-  L, B, d = q_LBd.shape
-  out = np.full((L, B, cfg.top_k) if not cfg.shared else (B, cfg.top_k), -1)
-  for b in range(B):
-    n_cand = max(n_chunks_B[b] - cfg.n_local, 0)
-    if n_cand == 0:
-      continue
-    s = np.einsum("ld,lcd->lc", q_LBd[:, b], key_LBCd[:, b, :n_cand]) / np.sqrt(d)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    rows = {"sum": [p.sum(0)], "max": [p.max(0)], "per_layer": list(p)}[cfg.vote]
-    for l, score in enumerate(rows):
-      chosen = np.sort(np.argsort(-score, kind="stable")[:cfg.top_k])
-      (out[b] if cfg.shared else out[l, b])[:len(chosen)] = chosen
-  return out
+def softmax(s):
+  e = np.exp(s - s.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
-@pytest.mark.parametrize("vote", ["sum", "max", "per_layer"])
+def scores(q_SBd, key_SBCd, n_cand_B, vote):
+  """The selection layers' vote for one query per row: [B, C] (jnp)."""
+  probs = jnp.stack([adapter_probs(jnp.asarray(q)[:, None], jnp.asarray(k), jnp.asarray(n_cand_B)[:, None])
+                     for q, k in zip(q_SBd, key_SBCd)])
+  return vote_scores(probs, vote)[:, 0]
+
+
+@pytest.mark.parametrize("vote", ["sum", "max"])
 @pytest.mark.parametrize("top_k, n_local", [(3, 1), (5, 0), (8, 2)])
-def test_select_matches_numpy(vote, top_k, n_local):
+def test_top_k_selection_matches_numpy(vote, top_k, n_local):
   rng = np.random.RandomState(top_k * 10 + n_local)
-  L, B, C, d = 4, 3, 12, 8
-  q = rng.randn(L, B, d).astype(np.float32) * 2
-  keys = rng.randn(L, B, C, d).astype(np.float32) * 2
+  S, B, C, d = 4, 3, 12, 8
+  q = rng.randn(S, B, d).astype(np.float32) * 2
+  keys = rng.randn(S, B, C, d).astype(np.float32) * 2
   n_chunks = np.asarray([C, 7, n_local + 1])  # full table, partly full, one candidate (or none)
+  n_cand = np.maximum(n_chunks - n_local, 0)
   cfg = ChunkConfig(top_k=top_k, n_local=n_local, max_chunks=C, vote=vote)
-  got = np.asarray(select(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(n_chunks), cfg))
-  np.testing.assert_array_equal(got, _numpy_select(q, keys, n_chunks, cfg))
+  score = scores(q, keys, n_cand, vote)
+  got = np.asarray(choose(score[:, None], jnp.asarray(n_cand)[:, None], jnp.ones((B, C), jnp.int32),
+                          jnp.zeros((B, 1), jnp.int32), jnp.ones((B, 1), jnp.int32), cfg))[:, 0]
+  for b in range(B):
+    want = np.zeros(C, bool)
+    if n_cand[b]:
+      p = softmax(np.einsum("sd,scd->sc", q[:, b], keys[:, b, :n_cand[b]]) / np.sqrt(d))
+      want[np.argsort(-(p.sum(0) if vote == "sum" else p.max(0)), kind="stable")[:top_k]] = True
+    np.testing.assert_array_equal(got[b], want)
 
 
 def test_max_vote_keeps_a_chunk_one_sharp_layer_wants():
   """Three layers prefer chunk 0; one layer is sure of chunk 5. The sum keeps 0 (2.2 against 1.1),
   the max keeps 5."""
-  L, C, d = 4, 8, 2
-  q = np.zeros((L, 1, d), np.float32)
-  keys = np.zeros((L, 1, C, d), np.float32)
+  S, C, d = 4, 8, 2
+  q = np.zeros((S, 1, d), np.float32)
+  keys = np.zeros((S, 1, C, d), np.float32)
   q[:, 0, 0] = 1.0
   keys[:3, 0, 0, 0] = 3.0  # three layers: chunk 0 (p = 0.74 each)
   keys[3, 0, 5, 0] = 40.0  # one layer: chunk 5 (p = 1), which the others give 0.04 each
-  n = jnp.asarray([C])
   for vote, want in [("sum", 0), ("max", 5)]:
-    sel = np.asarray(select(jnp.asarray(q), jnp.asarray(keys), n, ChunkConfig(top_k=1, n_local=0, max_chunks=C, vote=vote)))
-    assert sel.tolist() == [[want]], vote
+    best = int(jnp.argmax(scores(q, keys, np.asarray([C]), vote)[0]))
+    assert best == want, vote
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("keep", ["chunk", "boundary"])
+def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep):
+  """On random segmentations: chunks are kept in score order while they fit; the kept tokens never
+  pass the budget and fall short of it by less than the first chunk that did not fit."""
+  rng = np.random.RandomState(seed)
+  B, C, n_sink = 4, 40, 4
+  lengths = rng.randint(1, 40, (B, C))
+  n_chunks = rng.randint(1, C + 1, B)
+  ends = n_sink - 1 + np.cumsum(lengths, 1)
+  starts = ends - lengths + 1
+  lens = np.asarray(chunk_lengths(jnp.asarray(starts), jnp.asarray(ends), jnp.asarray(n_chunks)))
+  n_local = 2
+  n_cand = np.maximum(n_chunks - n_local, 0)
+  seen = ends[np.arange(B), n_chunks - 1] + 1
+  fixed = n_sink + np.asarray([lens[b, max(n_chunks[b] - n_local, 0):n_chunks[b]].sum() for b in range(B)])
+  score = rng.rand(B, C).astype(np.float32)
+  cfg = ChunkConfig(n_sink=n_sink, n_local=n_local, max_chunks=C, kv_budget=budget, keep=keep)
+  got = np.asarray(choose(jnp.asarray(score)[:, None], jnp.asarray(n_cand)[:, None], jnp.asarray(lens),
+                          jnp.asarray(fixed)[:, None], jnp.asarray(seen)[:, None], cfg))[:, 0]
+  for b in range(B):
+    cost = np.ones(C, int) if keep == "boundary" else lens[b]
+    room = int(np.ceil(budget * seen[b])) - fixed[b]
+    want, used = np.zeros(C, bool), 0
+    for c in np.argsort(-np.where(np.arange(C) < n_cand[b], score[b], -1.0), kind="stable")[:n_cand[b]]:
+      if used + cost[c] > room:
+        assert room - used < cost[c]  # short of the budget by less than this chunk
+        break
+      want[c], used = True, used + cost[c]
+    np.testing.assert_array_equal(got[b], want)
+    assert fixed[b] + cost[got[b]].sum() <= max(np.ceil(budget * seen[b]), fixed[b])
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(kv_budget=0.0), ValueError, r"kv_budget is a fraction"),
+    (dict(kv_budget=1.5), ValueError, r"kv_budget is a fraction"),
+    (dict(kv_budget=0.5, kv_budget_tokens=10), ValueError, "not both"),
+    (dict(kv_budget_tokens=1000), ValueError, "cannot hold more"),
+    (dict(kv_budget_tokens=2.5), TypeError, "must be an int"),
+    (dict(scorer="oracle"), ValueError, "scorer must be"),
+    (dict(vote="per_layer"), ValueError, "vote must be"),
+    (dict(top_k="16"), TypeError, "top_k must be an int"),
+])
+def test_bad_settings_are_named(kw, err, match):
+  with pytest.raises(err, match=match):
+    ChunkConfig(**kw).validate(128, 3)
+
+
+@pytest.mark.parametrize("layers, scorer, match", [
+    ((7,), "adapter", "not full-attention layers"),
+    ((1,), "adapter", "not full-attention layers"),  # layer 1 slides
+    ((2,), "adapter", "have no QK Adapter"),
+    ((), "attention", "is empty"),
+])
+def test_bad_selection_layers_are_named(layers, scorer, match):
+  with pytest.raises(ValueError, match=match):
+    ChunkConfig(selection_layers=layers, scorer=scorer).resolve_layers((0, 2, 3), qk_layers=(0, 3))
+
+
+def test_selection_layers_default_to_the_stored_choice_then_every_qk_layer():
+  assert ChunkConfig().resolve_layers((0, 1, 2), (0, 1, 2), stored=(2,)).selection_layers == (2,)
+  assert ChunkConfig().resolve_layers((0, 1, 2), (0, 1, 2)).selection_layers == (0, 1, 2)
+  assert ChunkConfig(selection_layers=(1,), scorer="attention").resolve_layers((0, 1), (0,)).selection_layers == (1,)
