@@ -1,0 +1,309 @@
+"""Picks the selection layers: the full-attention layers whose frozen attention best finds a fact
+hidden in calibration prompts made from the training text.
+
+  python -m train.pick_layers --model smollm2-135m --data ../shared/data/brown.txt --tokens 2048 4096 \
+      --n_prompts 12 [--adapters DIR] [--write DIR] [--out DIR]
+
+A prompt is running text of the --data files with a fact ("Maria's locker number is 77310.") at a
+random depth and its question at the end. The Chunk Adapter segments it as inference does; at the
+last prompt token (the query of the first decode selection) each layer ranks the candidate chunks
+by `selection.attention_probs`, and we keep the rank of the chunk holding the fact's value. Layers
+are scored by mean reciprocal rank (MRR); the pick takes the best layer and adds up to two while
+the set's vote (sum or max) raises the MRR. --write stores the choice in an adapter export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import chunkllm_jax as cj  # noqa: E402
+from chunkllm_jax import adapter_io, model  # noqa: E402
+from chunkllm_jax.chunk_generate import segment_prompts  # noqa: E402
+from chunkllm_jax.selection import VOTES, ChunkConfig, attention_probs, vote_scores  # noqa: E402
+from train.tfds_builder import read_documents  # noqa: E402
+
+TOP = 8  # "found": the fact's chunk among the 8 best
+MAX_LAYERS = 3
+# (fact, question): our own wording, never the evaluation's needles, so the layers are not picked on
+# the test. {place}, {name}, {id}: a random key; {v}: the value. The answer's lead is the fact up to {v}.
+FACTS = (("The access code for the {place} gate is {v}.", "What is the access code for the {place} gate?"),
+         ("{name}'s locker number is {v}.", "What is {name}'s locker number?"),
+         ("id {id}: value {v}", "Which value is listed for id {id}?"),
+         ("The parcel for {name} left with tracking number {v}.", "Which tracking number did {name}'s parcel get?"),
+         ("The {place} depot stores {v} crates.", "How many crates does the {place} depot store?"),
+         ("Dr. {name} answers the phone at extension {v}.", "At which extension does Dr. {name} answer?"))
+PLACES = ("north", "south", "east", "west", "mill", "quarry", "station", "dock", "market", "chapel")
+NAMES = ("Maria", "Tomas", "Aiko", "Farid", "Olga", "Kwame", "Lucia", "Henrik", "Priya", "Mateo")
+ASK = " Reply with the number alone."
+
+
+def read_lines(files) -> list[str]:
+  """The files' non-blank lines. Documents are split at blank lines as training reads them, and a
+  document's first line starts with a newline, so running text keeps a blank line between documents."""
+  return ["\n" * (j == 0) + line for f in files for doc in read_documents(f)
+          for j, line in enumerate(l for l in doc.splitlines() if l.strip())]
+
+
+def encode(tok, body: str, question: str, lead: str):
+  """(encoding with offsets, text): the chat template where the tokenizer has one; else plain text that
+  ends with the answer's lead, so a base model answers instead of continuing the text."""
+  if getattr(tok, "chat_template", None):
+    text = tok.apply_chat_template([{"role": "user", "content": f"{body}\n\n{question}{ASK}"}], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(text, add_special_tokens=False, return_offsets_mapping=True), text
+  text = f"{body}\n\n{question}{ASK}\n{lead}"
+  return tok(text, return_offsets_mapping=True), text
+
+
+def calibration_prompt(tok, lines, n_tokens: int, rng) -> dict:
+  """Running text from a random line on (up to about `n_tokens` tokens in all), a fact at a random
+  depth, its question at the end; `needle_pos` is the token where the fact's value starts."""
+  template = int(rng.integers(len(FACTS)))
+  fact, question = FACTS[template]
+  keys = dict(place=rng.choice(PLACES), name=rng.choice(NAMES), id=rng.integers(1000, 10000))
+  value = str(rng.integers(10000, 100000))
+  lead = fact[:fact.index("{v}")].rstrip().format(**keys)
+  fact, question = fact.format(v=value, **keys), question.format(**keys)
+  room = n_tokens - len(encode(tok, fact, question, lead)[0]["input_ids"])
+  body, i = [], int(rng.integers(len(lines)))
+  while True:  # whole lines while they fit (at least one); wraps around a short text
+    line = lines[i % len(lines)]
+    room -= len(tok(line.strip(), add_special_tokens=False)["input_ids"]) + 1
+    if body and room < 0:
+      break
+    body.append(line if body else line.lstrip("\n"))
+    i += 1
+  at = int(round(rng.uniform(0.05, 0.9) * len(body)))
+  enc, text = encode(tok, "\n".join(body[:at] + [fact] + body[at:]), question, lead)
+  char = text.index(fact) + fact.index(value)
+  pos = next(t for t, (_, end) in enumerate(enc["offset_mapping"]) if end > char)
+  return dict(ids=list(enc["input_ids"]), needle_pos=pos, depth=at / len(body), fact=fact, template=template,
+              text=text)
+
+
+def capture_qk(params, tokens_BT, lengths_B):
+  """The dense forward pass, keeping per layer the last token's q [L, B, H, D] and the keys [L, B, T, K, D]."""
+  B, T = tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  dense = model.self_attend_fn(params.config, positions, positions < lengths_B[:, None])
+  last = (lengths_B - 1)[:, None, None, None]
+
+  def attend_fn(state, layer, q, k, v, h):
+    o, state, _ = dense(state, layer, q, k, v, h)
+    return o, state, (jnp.take_along_axis(q, last, axis=1)[:, 0], k)
+
+  _, _, (q_LBHD, k_LBTKD) = model.run_layers(params, model.embed(params, tokens_BT), positions, attend_fn)
+  return q_LBHD, k_LBTKD
+
+
+@functools.partial(jax.jit, static_argnames="n_sink")
+def layer_probs(params, tokens_BT, lengths_B, chunk_end_BC, n_cand_B, *, n_sink: int):
+  """Each full-attention layer's distribution over the candidate chunks at the last token: [L_full, B, C]."""
+  cfg = params.config
+  q, k = capture_qk(params, tokens_BT, lengths_B)
+  full = np.asarray(cfg.full_attention_layers)
+  one = lambda q, k: attention_probs(q[:, None], k, chunk_end_BC, n_cand_B[:, None], n_sink=n_sink,
+                                     scale=cfg.attn_scale, softcap=cfg.attn_softcap)[:, 0]
+  return jax.vmap(one)(q[full], k[full])
+
+
+_segment = jax.jit(segment_prompts, static_argnums=3)
+
+
+def rank_of(scores, target: int) -> int:
+  """1-based rank of `target` among the candidates' `scores`; ties count against it."""
+  return int(np.sum(np.asarray(scores) >= scores[target]))
+
+
+def prompt_ranks(params, ids, needle_pos: int, ccfg: ChunkConfig):
+  """Segments a prompt as inference does; the needle chunk's rank per full-attention layer at the last
+  token, over the candidates (all completed chunks but the `n_local` newest). None if the needle is local."""
+  T = len(ids)
+  max_len = -(-T // 128) * 128  # few shapes, few compilations
+  toks, lens = jnp.asarray([ids + [0] * (max_len - T)], jnp.int32), jnp.asarray([T], jnp.int32)
+  ends = np.flatnonzero(np.asarray(_segment(params, toks, lens, ccfg)[0]))
+  needle, n_cand = int(np.searchsorted(ends, needle_pos)), len(ends) - ccfg.n_local
+  if needle >= n_cand:
+    return None  # always read, nothing to select
+  chunk_end = np.full((1, max_len), -1, np.int32)
+  chunk_end[0, :len(ends)] = ends
+  probs = np.asarray(layer_probs(params, toks, lens, jnp.asarray(chunk_end), jnp.asarray([n_cand]),
+                                 n_sink=ccfg.n_sink))[:, 0, :n_cand]
+  return dict(n_chunks=len(ends), needle_chunk=needle, n_candidates=n_cand, probs=probs,
+              ranks=[rank_of(p, needle) for p in probs])
+
+
+def mrr(ranks) -> float:
+  return float(np.mean(1.0 / np.asarray(ranks, float)))
+
+
+def pick(probs, needles, layers, max_layers: int = MAX_LAYERS):
+  """Greedy, for each vote: the best layer (by MRR, then top-8; the lowest on ties), then, while that
+  raises the MRR, the layer that raises it most. Returns ({vote: choice}, the vote with the best MRR).
+
+  probs: per prompt, [len(layers), candidates]; needles: per prompt, the fact's chunk."""
+  def ranks(subset, vote):
+    return [rank_of(np.asarray(vote_scores(p[subset], vote)), n) for p, n in zip(probs, needles)]
+
+  def score(subset, vote):
+    r = np.asarray(ranks(subset, vote))
+    return mrr(r), float(np.mean(r <= TOP))
+
+  first = max(range(len(layers)), key=lambda i: score([i], "sum"))  # one layer: both votes agree
+  out = {}
+  for vote in VOTES:
+    chosen, best = [first], score([first], vote)
+    while len(chosen) < min(max_layers, len(layers)):
+      tries = {i: score(chosen + [i], vote) for i in range(len(layers)) if i not in chosen}
+      i = max(tries, key=tries.get)
+      if tries[i][0] <= best[0]:
+        break
+      chosen, best = chosen + [i], tries[i]
+    out[vote] = dict(layers=sorted(int(layers[i]) for i in chosen), mrr=best[0], top8=best[1],
+                     ranks=ranks(chosen, vote))
+  return out, max(VOTES, key=lambda v: (out[v]["mrr"], -len(out[v]["layers"]), v == "sum"))
+
+
+def export_meta(directory) -> dict:
+  """DIR/config.json of an adapter export, or a ValueError saying why DIR is not one."""
+  try:
+    meta = json.loads((Path(directory) / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--write {directory}: not an adapter export (no readable config.json: {e})") from None
+  if not (isinstance(meta, dict) and meta.get("format") == adapter_io.FORMAT
+          and isinstance(meta.get("adapter_config"), dict)):
+    raise ValueError(f"--write {directory}: its config.json is not an adapter export's "
+                     f"(format {adapter_io.FORMAT!r} with an adapter_config)")
+  return meta
+
+
+def write_choice(directory, layers) -> None:
+  """Sets adapter_config.selection_layers in DIR/config.json and nothing else; the file is replaced whole
+  (never left half-written), and refused untouched where a layer has no QK Adapter."""
+  meta, path = export_meta(directory), Path(directory) / "config.json"
+  qk = meta["adapter_config"].get("qk_layers") or []
+  missing = [i for i in layers if i not in qk]
+  if missing:
+    raise ValueError(f"--write {directory}: layers {missing} have no QK Adapter there (qk_layers {qk}); "
+                     "train adapters for them or store the choice with other adapters")
+  meta["adapter_config"]["selection_layers"] = [int(i) for i in layers]
+  tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(meta, indent=2) + "\n")  # save_adapters' layout, so only the field differs
+  shutil.copymode(path, tmp)
+  os.replace(tmp, path)
+
+
+def plot(layers, ranks_PL, chosen, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  q25, med, q75 = np.percentile(ranks_PL, [25, 50, 75], axis=0)
+  fig, ax = plt.subplots(figsize=(8, 4))
+  ax.fill_between(layers, q25, q75, alpha=0.3, label="quartiles")
+  ax.plot(layers, med, "o-", label="median")
+  ax.plot(chosen["layers"], [med[layers.index(i)] for i in chosen["layers"]], "r*", ms=14,
+          label=f"chosen (vote {chosen['vote']}: MRR {chosen['mrr']:.2f})")
+  ax.axhline(np.median(chosen["ranks"]), color="tab:red", ls="--",
+             label=f"vote {chosen['vote']} of the chosen layers: median")
+  ax.axhline(TOP, color="gray", ls=":", label=f"top-{TOP}")
+  ax.set(yscale="log", xlabel="layer", ylabel="rank of the fact's chunk (1 = top)",
+         title=f"frozen attention at the last prompt token ({len(ranks_PL)} calibration prompts)")
+  ticks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= ranks_PL.max() * 2]
+  ax.set_yticks(ticks, [str(t) for t in ticks])
+  ax.invert_yaxis()
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def run(args, argv) -> None:
+  if min(args.tokens) < 256:
+    raise ValueError(f"--tokens must be at least 256 (room for text around the fact), got {min(args.tokens)}")
+  if args.n_prompts < 1:
+    raise ValueError(f"--n_prompts must be at least 1, got {args.n_prompts}")
+  lines = read_lines(args.data)
+  target = export_meta(args.write) if args.write else None  # refuse a bad target now, not after the run
+  m = cj.load(args.model, dtype="float32")
+  if target:
+    adapter_io.check_backbone(target, m.config, args.write)
+  params = cj.with_adapters(m.params, cj.load_adapters(args.adapters or args.model, m.config))
+  ccfg, layers = ChunkConfig(), list(m.config.full_attention_layers)
+  rows = []
+  for n_tokens in args.tokens:
+    for i in range(args.n_prompts):
+      t0 = time.perf_counter()
+      p = calibration_prompt(m.tokenizer, lines, n_tokens, np.random.default_rng([args.seed, n_tokens, i]))
+      r = prompt_ranks(params, p["ids"], p["needle_pos"], ccfg)
+      head = f"[{n_tokens}:{i + 1}/{args.n_prompts}] {len(p['ids'])} tokens, depth {p['depth']:.2f}"
+      if r is None:
+        print(f"{head}: the fact is in a local chunk (always read), skipped", flush=True)
+        continue
+      rows.append(dict(tokens=len(p["ids"]), depth=p["depth"], fact=p["fact"], **r))
+      top = ", ".join(f"{layers[j]} ({r['ranks'][j]})" for j in np.argsort(r["ranks"], kind="stable")[:3])
+      print(f"{head}: fact in chunk {r['needle_chunk']} of {r['n_candidates']} candidates; best layers (rank) "
+            f"{top}; {time.perf_counter() - t0:.1f}s", flush=True)
+  if not rows:
+    raise ValueError("every fact fell in a local chunk: use longer --tokens")
+  ranks = np.asarray([r["ranks"] for r in rows])
+  votes, vote = pick([r["probs"] for r in rows], [r["needle_chunk"] for r in rows], layers)
+  chosen = dict(votes[vote], vote=vote)
+  per_layer = [dict(layer=l, mrr=mrr(ranks[:, j]), top8=float(np.mean(ranks[:, j] <= TOP)),
+                    median=float(np.median(ranks[:, j]))) for j, l in enumerate(layers)]
+  print(f"\nlayer    MRR  top-{TOP}  median rank   ({len(rows)} prompts; * chosen)")
+  for s in per_layer:
+    mark = "  *" * (s["layer"] in chosen["layers"])
+    print(f"{s['layer']:5d}  {s['mrr']:5.3f}  {s['top8']:5.2f}  {s['median']:11.1f}{mark}")
+  for v in VOTES:
+    print(f"vote {v}: layers {votes[v]['layers']}, MRR {votes[v]['mrr']:.3f}, top-{TOP} {votes[v]['top8']:.2f}")
+  print(f"chosen: layers {chosen['layers']}, vote {vote}")
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  result = dict(command="python -m train.pick_layers " + " ".join(argv), adapters=args.adapters or args.model,
+                chunk_config=dict(n_sink=ccfg.n_sink, n_local=ccfg.n_local, alpha=ccfg.alpha,
+                                  max_chunk_len=ccfg.max_chunk_len),
+                layers=layers, per_layer=per_layer, votes=votes, chosen=chosen,
+                prompts=[{k: v for k, v in r.items() if k != "probs"} for r in rows])
+  (out / "pick_layers.json").write_text(json.dumps(result, indent=1) + "\n")
+  plot(layers, ranks, chosen, out / "pick_layers.png")
+  print(f"wrote {out / 'pick_layers.json'} and {out / 'pick_layers.png'}")
+  if args.write:
+    write_choice(args.write, chosen["layers"])
+    print(f"stored selection_layers {chosen['layers']} in {Path(args.write) / 'config.json'}")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="smollm2-135m")
+  ap.add_argument("--data", nargs="+", required=True, help="the training text files (UTF-8)")
+  ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="prompt lengths")
+  ap.add_argument("--n_prompts", type=int, default=12, help="prompts per length")
+  ap.add_argument("--adapters", help="the export whose Chunk Adapter segments the prompts (default: --model's)")
+  ap.add_argument("--write", help="an adapter export: store the chosen layers in its config.json")
+  ap.add_argument("--out", default="runs/pick_layers")
+  ap.add_argument("--seed", type=int, default=0)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = ap.parse_args(argv)
+  try:
+    run(args, argv)
+  except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
