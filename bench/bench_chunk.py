@@ -5,7 +5,7 @@
 Synthetic weights of smollm2-135m's shape (float32) and fresh adapters; speed does not depend on
 the weights. Decode does not run a real prefill (dense prefill at 64K would take about an hour
 here): the KV buffer is filled with random K/V up to the context length, the chunk table holds
-uniform 30-token chunks with random keys, and the first selection is a real `select` with a random
+uniform 30-token chunks with random keys, and the first selection is a real vote (`selection.choose`) of a random
 query, compacted by `_refresh_working_buffer`. The Chunk Adapter's output bias is set very
 negative, so chunks close only by `max_chunk_len = 30`: one boundary every 30 tokens.
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parent))
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import kv_cache  # noqa: E402
 from chunkllm_jax.chunk_cache import init_chunk_state, working_size  # noqa: E402
-from chunkllm_jax.selection import ChunkConfig, select  # noqa: E402
+from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
 
 # The package exports the function chunk_generate under the module's name, so fetch the module.
 cg = importlib.import_module("chunkllm_jax.chunk_generate")
@@ -99,7 +99,8 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   acfg = params.adapters.config
   n_qk, C = len(acfg.qk_layers), ccfg.max_chunks
   W = working_size(ccfg, cache.max_len, cg.WORK_BLOCK)
-  st = init_chunk_state(CFG.n_layers, n_qk, 1, acfg.d_c, CFG.n_kv_heads, CFG.head_dim, cache.k.dtype, ccfg, W)
+  st = init_chunk_state(CFG.n_layers, n_qk, 1, acfg.d_c, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, cache.k.dtype,
+                        ccfg, W)
   n = -(-(L - ccfg.n_sink) // CHUNK)
   ends = L - 1 - CHUNK * np.arange(n)[::-1]
   starts = np.maximum(ends - CHUNK + 1, ccfg.n_sink)
@@ -107,9 +108,10 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(starts), chunk_end=st.chunk_end.at[0, :n].set(ends),
                   chunk_key=jax.random.normal(kk, st.chunk_key.shape), n_chunks=jnp.full((1,), n, jnp.int32),
                   open_start=jnp.full((1,), L, jnp.int32))
-  st = st.replace(selected=select(jax.random.normal(kq, (n_qk, 1, acfg.d_c)), st.chunk_key, st.n_chunks, ccfg))
-  _, _, work_slot_L, _ = cg._layer_kinds(params, ccfg)
-  return cg._refresh_working_buffer(st, cache, work_slot_L, ccfg)
+  probs = jnp.stack([adapter_probs(q[:, None], k, (st.n_chunks - ccfg.n_local)[:, None])[:, 0]
+                     for q, k in zip(jax.random.normal(kq, (n_qk, 1, acfg.d_c)), st.chunk_key)])
+  st = cg._reselect(st, jnp.ones((1,), bool), vote_scores(probs, ccfg.vote), jnp.full((1,), L - 1), ccfg)
+  return cg._refresh_working_buffer(st, cache, ccfg)
 
 
 def timed(fn, *args):

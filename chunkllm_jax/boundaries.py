@@ -1,13 +1,20 @@
-"""Chunk boundaries: sentence-end labels from text (pySBD), and chunk ids from labels.
+"""The chunk vocabulary: one boundary rule and one chunk-id convention for training labels, the
+teacher, inference segmentation, the chunk table, the eval and the kernels.
 
-Conventions, shared by the teacher, the losses and (later) the KV buffer:
-- `labels[t] = 1` where token t is the last token of a sentence: its boundary token.
+- The rule: `ChunkConfig.closes` says whether token t closes the open chunk (the Chunk Adapter's
+  p > alpha, a separator token, or a training label; and always once the chunk holds
+  `max_chunk_len` tokens; never on a sink). `segment` applies it along a sequence.
+- `labels[t] = 1` where token t is the last token of a sentence: its boundary token. Training turns
+  labels into chunks through the same rule (`chunks_from_labels`).
 - `chunk_id[t]`: the first `n_sink` tokens are sinks and padding is no chunk; both get `NO_CHUNK`
-  (-1). The other tokens are numbered 0, 1, 2, ... from the first non-sink token; a chunk ends at
-  a labelled token, or is force-closed once it holds `max_chunk_len` tokens. Ids are contiguous
-  and increase with position, so chunk j is *completed* for query t exactly when j < chunk_id[t].
+  (-1). The other tokens are numbered 0, 1, 2, ... from the first non-sink token: chunk j is the
+  j-th completed chunk, the row of the chunk table that inference keeps, and the open chunk after
+  the last boundary is numbered n_chunks. Ids are contiguous and increase with position, so chunk
+  j is *completed* for query t exactly when j < chunk_id[t].
 - A chunk is represented by its boundary (last) token, `chunk_end[j]`. The last chunk of a
   sequence may be open; it is never a candidate for any query of that sequence.
+- Kernels that need the sinks as a chunk of their own read `chunk_id + 1` (sinks 0, padding -1):
+  `chunk_prefill.kernel_ids`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from chunkllm_jax.selection import ChunkConfig
 
 NO_CHUNK = -1  # chunk id of sink tokens and padding
 
@@ -66,28 +75,49 @@ def sentence_end_labels(text: str, tokenizer, *, add_special_tokens: bool = Fals
   return ids_T, labels_from_offsets(sentence_ends(text), enc["offset_mapping"])
 
 
+def segment(p_BT, valid_BT, tokens_BT, ccfg: ChunkConfig):
+  """Where chunks end along right-padded rows, by the config's rule: [B, T] bool (a scan over t)."""
+  B, T = p_BT.shape
+
+  def step(open_start, t):
+    closes = valid_BT[:, t] & ccfg.closes(t, open_start, tokens_BT[:, t], p_BT[:, t])
+    return jnp.where(closes, t + 1, open_start), closes
+
+  _, closes_TB = jax.lax.scan(step, jnp.full((B,), ccfg.n_sink, jnp.int32), jnp.arange(T))
+  return closes_TB.T
+
+
+def chunk_ids(closes_BT, valid_BT, n_sink: int):
+  """Chunk ids [B, T] int32 from where chunks end (the module docstring's convention)."""
+  T = closes_BT.shape[1]
+  before = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - closes_BT  # chunks closed before t
+  return jnp.where((jnp.arange(T) >= n_sink) & valid_BT, before, NO_CHUNK).astype(jnp.int32)
+
+
+def completed_chunk_ends(closes_BT, max_chunks: int):
+  """Chunk j's boundary position, -1 where it does not exist: [B, C]; and the completed chunks [B]
+  (at most C: a table that is full drops the later chunks)."""
+  B, T = closes_BT.shape
+  slot = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - 1
+  slot = jnp.where(closes_BT & (slot < max_chunks), slot, max_chunks)  # the extra column soaks up the rest
+  ends = jnp.full((B, max_chunks + 1), -1, jnp.int32)
+  ends = ends.at[jnp.arange(B)[:, None], slot].set(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+  n = jnp.minimum(jnp.sum(closes_BT, axis=1), max_chunks).astype(jnp.int32)
+  return ends[:, :max_chunks], n
+
+
 def chunks_from_labels(labels_BT, n_sink: int, max_chunk_len: int | None = None, valid_BT=None):
-  """Chunk ids [B, T] int32 from boundary labels (see the module docstring for the convention).
+  """Chunk ids [B, T] int32 from boundary labels, by the one rule (`ChunkConfig.closes`).
 
   Labels on sink tokens and on padding are ignored. `max_chunk_len=None` never force-closes.
   """
   labels_BT = jnp.asarray(labels_BT)
   B, T = labels_BT.shape
   valid_BT = jnp.ones((B, T), bool) if valid_BT is None else jnp.asarray(valid_BT, bool)
-  limit = T + 1 if max_chunk_len is None else max_chunk_len
-
-  def step(carry, xs):
-    cid_B, length_B = carry  # current chunk, and how many tokens it holds so far
-    y_B, ok_B, t = xs
-    counts_B = ok_B & (t >= n_sink)
-    length_B = length_B + counts_B
-    out_B = jnp.where(counts_B, cid_B, NO_CHUNK)
-    close_B = counts_B & ((y_B > 0) | (length_B >= limit))
-    return (cid_B + close_B, jnp.where(close_B, 0, length_B)), out_B
-
-  zeros = jnp.zeros((B,), jnp.int32)
-  _, ids_TB = jax.lax.scan(step, (zeros, zeros), (labels_BT.T, valid_BT.T, jnp.arange(T)))
-  return ids_TB.T
+  rule = ChunkConfig(n_sink=n_sink, max_chunk_len=T + 1 if max_chunk_len is None else max_chunk_len)
+  p_BT = (labels_BT > 0).astype(jnp.float32)  # 1 > alpha at a label, 0 elsewhere
+  closes = segment(p_BT, valid_BT, jnp.zeros((B, T), jnp.int32), rule)
+  return chunk_ids(closes, valid_BT, n_sink)
 
 
 def chunk_ends(chunk_id_BT, max_chunks: int):

@@ -31,6 +31,8 @@ class ChunkState:
   chunk_end: jnp.ndarray  # [B, C] int32: its boundary (last) token; -1 where empty
   chunk_key: jnp.ndarray  # [S, B, C, d_c] float32: k~ at the boundary token, per selection layer
   #                         (d_c = 0 for scorer="attention", which reads the layers' K instead)
+  recent_q: jnp.ndarray  # [S, B, Q, H, D]: the last Q queries of each selection layer, slot = position % Q
+  #                        (Q = score_queries for scorer="attention", else 0)
   n_chunks: jnp.ndarray  # [B] int32: completed chunks
   open_start: jnp.ndarray  # [B] int32: first token of the open chunk
   selected: jnp.ndarray  # [B, C] bool: the chunks the last selection kept (local chunks not included)
@@ -53,10 +55,12 @@ def working_size(cfg: ChunkConfig, max_len: int, block: int) -> int:
   return -(-cfg.work_slots(max_len) // block) * block
 
 
-def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_kv: int, head_dim: int, dtype,
-                     cfg: ChunkConfig, W: int) -> ChunkState:
+def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads: int, n_kv: int, head_dim: int,
+                     dtype, cfg: ChunkConfig, W: int) -> ChunkState:
   C = cfg.max_chunks
+  Q = cfg.score_queries if cfg.scorer == "attention" else 0
   return ChunkState(
+      recent_q=jnp.zeros((n_select, batch, Q, n_heads, head_dim), dtype),
       chunk_start=jnp.zeros((batch, C), jnp.int32), chunk_end=jnp.full((batch, C), -1, jnp.int32),
       chunk_key=jnp.zeros((n_select, batch, C, d_c), jnp.float32), n_chunks=jnp.zeros((batch,), jnp.int32),
       open_start=jnp.full((batch,), cfg.n_sink, jnp.int32), selected=jnp.zeros((batch, C), bool),

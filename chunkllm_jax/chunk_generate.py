@@ -23,6 +23,7 @@ import numpy as np
 
 from chunkllm_jax import adapters as adp
 from chunkllm_jax import attention as attn
+from chunkllm_jax import boundaries
 from chunkllm_jax import model
 from chunkllm_jax import sharding as shd
 from chunkllm_jax import chunk_kernels
@@ -96,17 +97,30 @@ def _use_kernels(ccfg: ChunkConfig) -> bool:
   return ccfg.attention == "pallas" and chunk_kernels.kernels_active(ccfg.interpret)
 
 
-def _vote_now(params: ModelParams, st: ChunkState, q_SBHD, qt_SBd, k_LBSKD, plan: _LayerPlan, ccfg: ChunkConfig):
-  """The selection layers' vote for each row's current query over its candidates: [B, C]."""
+def _vote_now(params: ModelParams, st: ChunkState, pos_B, qt_SBd, k_LBSKD, plan: _LayerPlan, ccfg: ChunkConfig):
+  """The selection layers' vote at position `pos_B` over each row's candidates: [B, C]."""
   cfg = params.config
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)[:, None]
   if ccfg.scorer == "adapter":
-    probs = [adapter_probs(qt_SBd[i][:, None], st.chunk_key[i], n_cand) for i in range(len(plan.selection_layers))]
+    probs = [adapter_probs(qt_SBd[i][:, None], st.chunk_key[i], n_cand)[:, 0]
+             for i in range(len(plan.selection_layers))]
   else:
-    probs = [attention_probs(q_SBHD[i][:, None], k_LBSKD[layer], st.chunk_end, n_cand, n_sink=ccfg.n_sink,
-                             scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    Q = st.recent_q.shape[2]
+    q_pos = pos_B[:, None] - jnp.mod(pos_B[:, None] - jnp.arange(Q), Q)  # position in each ring slot
+    probs = [attention_probs(st.recent_q[i], k_LBSKD[layer], st.chunk_end, jnp.broadcast_to(n_cand, q_pos.shape),
+                             n_sink=ccfg.n_sink, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                             q_pos_BR=q_pos).max(1)
              for i, layer in enumerate(plan.selection_layers)]
-  return vote_scores(jnp.stack(probs), ccfg.vote)[:, 0]
+  return vote_scores(jnp.stack(probs), ccfg.vote)
+
+
+def _remember_queries(st: ChunkState, q_SBHD, pos_B) -> ChunkState:
+  """Writes the selection layers' queries at `pos_B` into the ring of recent queries."""
+  if st.recent_q.shape[2] == 0:
+    return st
+  rows = jnp.arange(pos_B.shape[0])
+  slot = jnp.mod(pos_B, st.recent_q.shape[2])
+  return st.replace(recent_q=st.recent_q.at[:, rows, slot].set(q_SBHD.astype(st.recent_q.dtype)))
 
 
 def _reselect(st: ChunkState, rows_B, score_BC, pos_B, ccfg: ChunkConfig) -> ChunkState:
@@ -117,18 +131,6 @@ def _reselect(st: ChunkState, rows_B, score_BC, pos_B, ccfg: ChunkConfig) -> Chu
   lengths = chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks)
   new = choose(score_BC[:, None], n_cand[:, None], lengths, fixed[:, None], (pos_B + 1)[:, None], ccfg)[:, 0]
   return st.replace(selected=jnp.where(rows_B[:, None], new, st.selected), n_selections=st.n_selections + rows_B)
-
-
-def segment(p_BT, valid_BT, tokens_BT, ccfg: ChunkConfig):
-  """Boundaries of a prompt by the config's rule (the Chunk Adapter's p by default): a scan over positions."""
-  B, T = p_BT.shape
-
-  def step(open_start, t):
-    closes = valid_BT[:, t] & ccfg.closes(t, open_start, tokens_BT[:, t], p_BT[:, t])
-    return jnp.where(closes, t + 1, open_start), closes
-
-  _, closes_TB = jax.lax.scan(step, jnp.full((B,), ccfg.n_sink, jnp.int32), jnp.arange(T))
-  return closes_TB.T
 
 
 def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig):
@@ -145,7 +147,7 @@ def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig
   valid = positions < lengths_B[:, None]
   h0, _, _ = model.run_layers(one, model.embed(one, tokens_BT), positions, model.self_attend_fn(one.config, positions, valid))
   p = jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0))
-  return segment(p, valid, tokens_BT, ccfg)
+  return boundaries.segment(p, valid, tokens_BT, ccfg)
 
 
 def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
@@ -164,11 +166,13 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   x0 = model.embed(params, tokens_BT)
   d_c = _d_c(params, ccfg)
   n_ids = C + 2
+  Q = ccfg.score_queries if ccfg.scorer == "attention" else 0
+  recent_pos = (lengths_B - Q)[:, None] + jnp.arange(Q)  # the last Q prompt positions (< 0: none)
 
   def segmentation(o0):
-    closes = segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, tokens_BT, ccfg)
-    ends, n = chunk_prefill_lib.chunk_ends(closes, C)
-    ids = chunk_prefill_lib.chunk_ids(closes, valid, ccfg.n_sink, C)
+    closes = boundaries.segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, tokens_BT, ccfg)
+    ends, n = boundaries.completed_chunk_ends(closes, C)
+    ids = chunk_prefill_lib.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, C)
     return closes, ids, ends, n
 
   def layer_scores(idx, q, k, h, seg):
@@ -181,7 +185,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
       probs = chunk_prefill_lib.adapter_rows(qt, kt, ends, n_cand)
       return probs, jnp.take_along_axis(qt, last, axis=1)[:, 0], adp.chunk_keys(kt, ends)
     probs = chunk_prefill_lib.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
-                                             softcap=cfg.attn_softcap)
+                                             softcap=cfg.attn_softcap, n_queries=ccfg.score_queries)
     return probs, jnp.zeros((B, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32)
 
   def attend_fn(state, layer, q, k, v, h):
@@ -204,22 +208,25 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
     if ccfg.prefill == "sparse":
       vis = jax.lax.cond(selects_L[idx], lambda: chunk_prefill_lib.selection_table(
           chunk_prefill_lib.prompt_selection(vote, seg[2], seg[3], ccfg), n_ids), lambda: vis)
-    q_last = jnp.take_along_axis(q, last[..., None], axis=1)[:, 0]
-    return o, (kb, vb, seg, vote, vis), (q_last, qt_last, chunk_key)
+    q_recent = jnp.take_along_axis(q, jnp.maximum(recent_pos, 0)[..., None, None], axis=1)  # [B, Q, H, D]
+    return o, (kb, vb, seg, vote, vis), (q_recent, qt_last, chunk_key)
 
   cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
   seg0 = (jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, C), jnp.int32),
           jnp.zeros((B,), jnp.int32))
   state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C, C), jnp.float32), jnp.zeros((B, n_ids, n_ids), bool))
-  x, (k, v, seg, _, _), (q_last_L, qt_last_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn, state0)
+  x, (k, v, seg, _, _), (q_recent_L, qt_last_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn,
+                                                                                state0)
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
 
   # The chunk table, straight from the prompt's chunk ends.
   closes, _, ends, n = seg
   sel_layers = np.asarray(plan.selection_layers)
-  st = init_chunk_state(cfg.n_layers, len(sel_layers), B, d_c, cfg.n_kv_heads, cfg.head_dim, cache.k.dtype,
-                        ccfg, working_size(ccfg, max_len, WORK_BLOCK))
+  st = init_chunk_state(cfg.n_layers, len(sel_layers), B, d_c, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                        cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
+  for i in range(Q):  # into the ring: position p sits in slot p % Q
+    st = _remember_queries(st, q_recent_L[sel_layers][:, :, i], recent_pos[:, i])
   starts = jnp.pad(ends[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
   has = jnp.arange(C) < n[:, None]
   n_closes = jnp.sum(closes, axis=1)
@@ -228,7 +235,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
                   chunk_key=jnp.where(has[None, ..., None], chunk_key_L[sel_layers], 0.0), n_chunks=n,
                   open_start=jnp.where(n > 0, last_end + 1, ccfg.n_sink).astype(jnp.int32),
                   overflow=n_closes > C)
-  score = _vote_now(params, st, q_last_L[sel_layers], qt_last_L[sel_layers], cache.k, plan, ccfg)
+  score = _vote_now(params, st, lengths_B - 1, qt_last_L[sel_layers], cache.k, plan, ccfg)
   st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
   return logits, cache, _refresh_working_buffer(st, cache, ccfg)
 
@@ -306,10 +313,11 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       into_chunk % max(ccfg.refresh_every, 1) == 0)
   reselect = closes | refresh
   sel = np.asarray(plan.selection_layers)
+  st = _remember_queries(st, q_LBHD[sel], pos_B)
 
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
-    score = _vote_now(params, st, q_LBHD[sel], qt_LBd[sel], cache.k, plan, ccfg)
+    score = _vote_now(params, st, pos_B, qt_LBd[sel], cache.k, plan, ccfg)
     st = _reselect(st, reselect, score, pos_B, ccfg)
     return _refresh_working_buffer(st, cache, ccfg)
 

@@ -6,9 +6,8 @@ need the later layers before the earlier ones could attend): each sparse layer s
 own QK Adapter (DESIGN.md, "Prefill"). The segmentation comes from layer 0, which therefore
 always prefills densely.
 
-Chunk ids here follow the kernel convention (`pallas_kernels/chunk_prefill_attention.py`): the
-sinks are id 0, table chunk j is id j + 1, the open chunk after the last boundary is
-id n_chunks + 1, padding is -1. Ids are monotone along a row, so a block of positions holds a
+Chunk ids here are the kernel view of `boundaries`' convention (`kernel_ids`): the sinks are id 0,
+table chunk j is id j + 1, the open chunk after the last boundary is id n_chunks + 1, padding is -1. Ids are monotone along a row, so a block of positions holds a
 contiguous range of ids, and "which key blocks does this query block read" is two prefix sums
 over a [C, C] chunk-visibility table: no T x T array anywhere.
 
@@ -32,26 +31,10 @@ from chunkllm_jax.selection import (ChunkConfig, adapter_probs, attention_probs,
 PREFILL_BLOCK = 256  # query and key block of the sparse prefill loop
 
 
-def chunk_ids(closes_BT, valid_BT, n_sink: int, max_chunks: int):
-  """Per position: 0 for sinks, 1 + table index for chunk tokens, -1 for padding. [B, T] int32.
-
+def kernel_ids(chunk_id_BT, valid_BT, max_chunks: int):
+  """The prefill's view of the chunk ids: sinks 0, chunk j -> j + 1, padding -1 (`boundaries`).
   Chunks past the table's end (overflow) share the last id, so they stay visible as one chunk."""
-  T = closes_BT.shape[1]
-  before = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - closes_BT  # boundaries before t
-  ids = jnp.minimum(before + 1, max_chunks + 1)
-  ids = jnp.where(jnp.arange(T) < n_sink, 0, ids)
-  return jnp.where(valid_BT, ids, -1).astype(jnp.int32)
-
-
-def chunk_ends(closes_BT, max_chunks: int):
-  """Table chunk j's boundary position, -1 where empty: [B, C]; and completed chunks [B]."""
-  B, T = closes_BT.shape
-  slot = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - 1
-  slot = jnp.where(closes_BT & (slot < max_chunks), slot, max_chunks)  # the extra column soaks up the rest
-  ends = jnp.full((B, max_chunks + 1), -1, jnp.int32)
-  ends = ends.at[jnp.arange(B)[:, None], slot].set(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
-  n = jnp.minimum(jnp.sum(closes_BT, axis=1), max_chunks).astype(jnp.int32)
-  return ends[:, :max_chunks], n
+  return jnp.where(valid_BT, jnp.minimum(chunk_id_BT + 1, max_chunks + 1), -1).astype(jnp.int32)
 
 
 def boundary_rows(ends_BC, n_chunks_B, ccfg: ChunkConfig):
@@ -74,21 +57,27 @@ def adapter_rows(q_BTd, k_BTd, ends_BC, n_cand_BC):
 
 
 def attention_rows(q_BTHD, k_BTKD, ends_BC, n_cand_BC, *, n_sink: int, scale: float, softcap=None,
-                   rows: int = 64):
-  """Frozen-attention distributions of every boundary row: [B, C, C], `rows` boundaries at a time,
-  so the scores held at once are [B, rows, H, T]."""
+                   n_queries: int = 1, rows_at_once: int = 128):
+  """Frozen-attention distributions of every boundary row: [B, C, C]. Row j scores with the queries
+  of the `n_queries` tokens up to chunk j's boundary (the max over them); about `rows_at_once`
+  queries at a time, so the scores held at once are [B, rows_at_once, H, T]."""
   B, C = ends_BC.shape
-  pad = -C % rows
-  q_BCHD = jnp.take_along_axis(q_BTHD, jnp.maximum(ends_BC, 0)[..., None, None], axis=1)
-  q_BCHD = jnp.pad(q_BCHD, [(0, 0), (0, pad), (0, 0), (0, 0)])
+  nb = max(rows_at_once // n_queries, 1)  # boundaries per block
+  pad = -C % nb
+  ends = jnp.pad(ends_BC, [(0, 0), (0, pad)])
+  q_pos = jnp.maximum(ends, 0)[..., None] - jnp.arange(n_queries)  # [B, C', Q]; < 0: no such query
+  q_BCQHD = jnp.take_along_axis(q_BTHD[:, :, None], jnp.maximum(q_pos, 0)[..., None, None], axis=1)
   n_cand = jnp.pad(n_cand_BC, [(0, 0), (0, pad)])
 
   def block(i):
-    q = jax.lax.dynamic_slice_in_dim(q_BCHD, i * rows, rows, axis=1)
-    n = jax.lax.dynamic_slice_in_dim(n_cand, i * rows, rows, axis=1)
-    return attention_probs(q, k_BTKD, ends_BC, n, n_sink=n_sink, scale=scale, softcap=softcap)
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * nb, nb, axis=1)
+    q, pos, n = sl(q_BCQHD), sl(q_pos), sl(n_cand)
+    p = attention_probs(q.reshape(B, nb * n_queries, *q.shape[3:]), k_BTKD, ends_BC,
+                        jnp.repeat(n, n_queries, axis=1), n_sink=n_sink, scale=scale, softcap=softcap,
+                        q_pos_BR=pos.reshape(B, -1))
+    return p.reshape(B, nb, n_queries, C).max(2)
 
-  out = jax.lax.map(block, jnp.arange((C + pad) // rows))  # [nb, B, rows, C]
+  out = jax.lax.map(block, jnp.arange((C + pad) // nb))  # [blocks, B, nb, C]
   return jnp.moveaxis(out, 0, 1).reshape(B, C + pad, C)[:, :C]
 
 

@@ -6,10 +6,13 @@ candidates, the layers vote (`vote="sum"` or `"max"`), and one selection serves 
 layer. Two scorers give the per-layer distributions:
 
 - `scorer="adapter"`: the QK Adapters, softmax_j(q~ . k~_j / sqrt(d_c)) over the candidates;
-- `scorer="attention"`: the frozen model's own attention of the boundary query, with no training:
-  each head's softmax over the candidates' tokens, summed within each chunk, then the max over
-  heads (a few retrieval heads are not drowned by the many that look at sinks and recent text).
-  It reads the selection layers' K once per boundary.
+- `scorer="attention"`: the frozen model's own attention, with no training: for each of the last
+  `score_queries` tokens' queries and each head, the softmax over the candidates' tokens, summed
+  within each chunk; then the max over queries and heads. The max over heads keeps the few
+  retrieval heads from being drowned by the many that look at sinks and recent text; the max over
+  the recent queries lets the tokens that ask (a question, a name) choose, not only the boundary
+  token, whose own attention is mostly local (docs/selection.md has the measurements). It reads
+  the selection layers' K once per boundary.
 
 What is kept is set either by a chunk count (`top_k`, the paper's rule) or by a KV budget
 (`kv_budget`, a fraction of the tokens seen, or `kv_budget_tokens`): chunks are taken in score
@@ -47,6 +50,7 @@ class ChunkConfig:
   scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice, else all QK layers
   vote: str = "sum"  # how the selection layers' distributions make one score per chunk: "sum" or "max"
+  score_queries: int = 16  # scorer="attention": score with the queries of the last this many tokens
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
   max_chunk_len: int = 64  # a chunk this long is closed by force
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
@@ -63,7 +67,7 @@ class ChunkConfig:
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
-    for name in ("n_sink", "top_k", "n_local", "max_chunk_len", "refresh_every"):
+    for name in ("n_sink", "top_k", "n_local", "max_chunk_len", "refresh_every", "score_queries"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
@@ -91,6 +95,8 @@ class ChunkConfig:
                          "(the KV buffer cannot hold more)")
     if self.scorer not in SCORERS:
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+    if self.score_queries < 1:
+      raise ValueError(f"score_queries must be >= 1, got {self.score_queries}")
     if self.vote not in VOTES:
       raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
     if self.refresh_every < 0:
@@ -178,12 +184,14 @@ def adapter_probs(q_BRd, chunk_key_BCd, n_cand_BR):
 
 
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,
-                    softcap: float | None = None):
-  """Frozen-attention distribution: per head, the softmax of the boundary query over the candidate
-  chunks' tokens, summed within each chunk; then the max over heads. [B, R, C] float32.
+                    softcap: float | None = None, q_pos_BR=None):
+  """Frozen-attention distribution: per head, the softmax of one query over the candidate chunks'
+  tokens, summed within each chunk; then the max over heads. [B, R, C] float32.
 
   Chunks are contiguous from `n_sink` on, so the candidates' tokens are the positions
-  [n_sink, end of chunk n_cand - 1], and a chunk's mass is a difference of a prefix sum."""
+  [n_sink, end of chunk n_cand - 1], and a chunk's mass is a difference of a prefix sum. With
+  `q_pos_BR`, a query reads no key after its own position (causality), and a row with a negative
+  position (no such query) scores 0."""
   B, R, H, D = q_BRHD.shape
   T, K = k_BTKD.shape[1], k_BTKD.shape[2]
   q = q_BRHD.reshape(B, R, K, H // K, D)
@@ -194,6 +202,8 @@ def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, sca
   last = jnp.where(n_cand_BR > 0, last, -1)
   t = jnp.arange(T)
   ok = (t >= n_sink) & (t <= last[..., None])  # [B, R, T]
+  if q_pos_BR is not None:
+    ok = ok & (t <= q_pos_BR[..., None])
   s = jnp.where(ok[:, :, None, None], s, NEG_INF)
   p = jnp.where(ok[:, :, None, None], jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
   p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import chunkllm_jax as cj
+from chunkllm_jax import boundaries
 from chunkllm_jax.chunk_generate import chunk_generate, segment_prompts
 from chunkllm_jax.selection import ChunkConfig
 
@@ -115,14 +116,18 @@ def adapter_segmentation(params, rows: Sequence[Sequence[int]], ccfg: ChunkConfi
   return Segmentation(tuple(tuple(np.flatnonzero(c).tolist()) for c in closes), tuple(lens), ccfg.n_sink)
 
 
+_rule_closes = jax.jit(boundaries.segment, static_argnames=("ccfg",))
+
+
 def separator_chunk_ends(row: Sequence[int], seps, n_sink: int, max_chunk_len: int) -> list[int]:
-  """SepLLM's chunk ends in one row (ChunkConfig.closes with boundaries='separators'), on the host."""
-  seps, ends, start = set(seps), [], n_sink
-  for t in range(n_sink, len(row)):
-    if int(row[t]) in seps or t - start + 1 >= max_chunk_len:
-      ends.append(t)
-      start = t + 1
-  return ends
+  """SepLLM's chunk ends in one row, by the one boundary rule (`boundaries.segment`)."""
+  width = _round_up(max(len(row), 1), 64)  # few shapes, few compiles
+  tokens = np.zeros((1, width), np.int32)
+  tokens[0, : len(row)] = row
+  ccfg = ChunkConfig(n_sink=n_sink, max_chunk_len=max_chunk_len, boundaries="separators", separator_ids=tuple(seps))
+  valid = jnp.arange(width)[None] < len(row)
+  closes = _rule_closes(jnp.zeros((1, width), jnp.float32), valid, jnp.asarray(tokens), ccfg=ccfg)
+  return np.flatnonzero(np.asarray(closes[0])).tolist()
 
 
 def separator_segmentation(rows, settings: MethodSettings) -> Segmentation:

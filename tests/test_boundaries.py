@@ -87,3 +87,32 @@ def test_candidate_mask_and_chunk_ends():
   assert cand.sum(-1).tolist() == [0, 0, 0, 1, 2, 2, 2, 3, 0]
   assert not cand[:, 2][:7].any()  # chunk 2 is no candidate for its own tokens
   assert boundaries.chunk_ends(chunk_id, 3).tolist() == [[2, 3, 6]]  # chunk 3 exceeds max_chunks: dropped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_sink, max_chunk_len", [(4, 6), (0, 64), (2, 3)])
+def test_training_chunks_equal_inference_chunks(seed, n_sink, max_chunk_len):
+  """For the same boundaries, training's chunk ids (from labels) and the chunk table chunk_prefill
+  builds (from the same tokens marked as separators) hold the same tokens, chunk for chunk."""
+  import jax
+  from chunkllm_jax.chunk_generate import chunk_prefill
+  from chunkllm_jax.selection import ChunkConfig
+  from tests.test_chunk_generate import chunk_params
+
+  rng = np.random.RandomState(seed)
+  B, T, SEP = 2, 60, 7
+  lengths = np.asarray([T, 41])
+  labels = rng.rand(B, T) < 0.2
+  tokens = np.where(labels, SEP, rng.randint(8, 90, (B, T)))  # a label is a separator token
+  valid = np.arange(T) < lengths[:, None]
+  train_ids = np.asarray(boundaries.chunks_from_labels(jnp.asarray(labels), n_sink, max_chunk_len, jnp.asarray(valid)))
+  ccfg = ChunkConfig(n_sink=n_sink, max_chunk_len=max_chunk_len, max_chunks=64, boundaries="separators",
+                     separator_ids=(SEP,), prefill="dense").validate(64, 3)
+  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(chunk_params(), jnp.asarray(tokens * valid, jnp.int32),
+                                                           jnp.asarray(lengths), 64, ccfg)
+  for b in range(B):
+    inference_ids = np.full(T, -1)
+    for j in range(int(st.n_chunks[b])):
+      inference_ids[int(st.chunk_start[b, j]): int(st.chunk_end[b, j]) + 1] = j
+    inference_ids[int(st.open_start[b]): lengths[b]] = int(st.n_chunks[b])  # the open chunk
+    np.testing.assert_array_equal(inference_ids, train_ids[b])

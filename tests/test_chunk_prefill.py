@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from chunkllm_jax import attention as attn
+from chunkllm_jax import boundaries
 from chunkllm_jax import chunk_prefill as cp
 from chunkllm_jax.selection import ChunkConfig
 
@@ -88,8 +89,8 @@ def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96,
 def tables(seed):
   """A random case's chunk ids, selection table and [B, T, T] token mask (keep="chunk")."""
   ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
-  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
   vis = cp.selection_table(chosen(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
   mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
                                   jnp.ones_like(closes), ccfg.n_local))
@@ -99,15 +100,17 @@ def tables(seed):
 def test_chunk_ids_and_ends_by_hand():
   closes = jnp.asarray([[0, 0, 0, 0, 0, 1, 0, 1, 0, 0]], bool)
   valid = jnp.asarray([[1] * 9 + [0]], bool)
-  assert cp.chunk_ids(closes, valid, 2, 8).tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 3, -1]]
-  ends, n = cp.chunk_ends(closes, 8)
+  ids = boundaries.chunk_ids(closes, valid, 2)
+  assert ids.tolist() == [[-1, -1, 0, 0, 0, 0, 1, 1, 2, -1]]
+  assert cp.kernel_ids(ids, valid, 8).tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 3, -1]]
+  ends, n = boundaries.completed_chunk_ends(closes, 8)
   assert ends.tolist() == [[5, 7, -1, -1, -1, -1, -1, -1]] and n.tolist() == [2]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_prompt_selections_match_a_loop(seed):
   ccfg, closes, _, _, _, _, qt, kt = case(seed)
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   got = as_lists(chosen(qt, kt, ends, n, ccfg))
   want = selections_loop(np.asarray(qt), np.asarray(kt), np.asarray(closes), ccfg)
   for b in range(got.shape[0]):
@@ -120,8 +123,8 @@ def test_prompt_selections_match_a_loop(seed):
 @pytest.mark.parametrize("H, K, top_k, n_local, block", [(4, 2, 3, 1, 16), (2, 2, 0, 2, 32), (8, 2, 40, 0, 16)])
 def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_k, n_local, block):
   ccfg, closes, valid, q, k, v, qt, kt = case(seed, H=H, K=K, top_k=top_k, n_local=n_local)
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
-  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
   sel = chosen(qt, kt, ends, n, ccfg)
   vis = cp.selection_table(sel, ccfg.max_chunks + 2)
   sel = as_lists(sel)
@@ -154,8 +157,8 @@ def test_block_lists_cover_every_visible_pair_and_no_future(seed):
 def test_pallas_prefill_kernel_path_matches_the_xla_path(seed, budget):
   ccfg, closes, valid, q, k, v, qt, kt = case(seed, T=128, lengths=(128, 77))
   ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True, "kv_budget": budget})
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
-  ids = cp.chunk_ids(closes, valid, ccfg.n_sink, ccfg.max_chunks)
+  ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
+  ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
   vis = cp.selection_table(chosen(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
   kw = dict(scale=0.3, softcap=None, block=32)
   xla = cp.prefill_attention(q, k, v, ids, vis, jnp.ones_like(closes), ccfg, use_kernel=False, **kw)
@@ -178,27 +181,32 @@ def test_packed_positions_hold_every_visible_key_once_in_order(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_attention_rows_match_a_dense_loop(seed):
-  """Every boundary row of the frozen-attention scorer against numpy: per head, softmax over the
-  candidates' tokens, summed per chunk, max over heads."""
+@pytest.mark.parametrize("n_queries", [1, 3])
+def test_attention_rows_match_a_dense_loop(seed, n_queries):
+  """Every boundary row of the frozen-attention scorer against numpy: for each of the last
+  `n_queries` queries up to the boundary and each head, the softmax over the candidates' tokens (none
+  after the query), summed per chunk; then the max over queries and heads."""
   ccfg, closes, _, q, k, _, _, _ = case(seed, H=4, K=2)
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   n_cand, _, _ = cp.boundary_rows(ends, n, ccfg)
-  got = np.asarray(cp.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=0.3, rows=8))
+  got = np.asarray(cp.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=0.3, n_queries=n_queries,
+                                     rows_at_once=8))
   q, k, ends, n_cand = map(np.asarray, (q, k, ends, n_cand))
   for b in range(q.shape[0]):
     for j in range(int(n[b])):
       c = int(n_cand[b, j])
-      if c == 0:
-        assert not got[b, j].any()
-        continue
-      lo, hi = ccfg.n_sink, ends[b, c - 1]
-      s = np.einsum("hd,thd->ht", q[b, ends[b, j]], np.repeat(k[b, lo:hi + 1], 2, axis=1)) * 0.3
-      p = np.exp(s - s.max(-1, keepdims=True))
-      p /= p.sum(-1, keepdims=True)
-      bounds = np.concatenate([[lo - 1], ends[b, :c]]) - lo + 1
-      mass = np.stack([p[:, bounds[i]:bounds[i + 1]].sum(-1) for i in range(c)], -1)
-      np.testing.assert_allclose(got[b, j, :c], mass.max(0), rtol=1e-4, atol=1e-6)
+      want = np.zeros(c)
+      for qp in range(ends[b, j], max(ends[b, j] - n_queries, -1), -1):
+        lo, hi = ccfg.n_sink, min(ends[b, c - 1], qp) if c else -1
+        if hi < lo:
+          continue
+        s = np.einsum("hd,thd->ht", q[b, qp], np.repeat(k[b, lo:hi + 1], 2, axis=1)) * 0.3
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        bounds = np.concatenate([[lo - 1], ends[b, :c]]) - lo + 1
+        mass = np.stack([p[:, bounds[i]:bounds[i + 1]].sum(-1) for i in range(c)], -1)
+        want = np.maximum(want, mass.max(0))
+      np.testing.assert_allclose(got[b, j, :c], want, rtol=1e-4, atol=1e-6)
       assert not got[b, j, c:].any()
 
 
@@ -209,7 +217,7 @@ def test_prompt_budget_is_met_within_one_chunk(seed, budget):
   and within one chunk of it unless every candidate is kept."""
   ccfg, closes, _, _, _, _, qt, kt = case(seed, n_local=2)
   ccfg = ccfg.__class__(**{**ccfg.__dict__, "kv_budget": budget})
-  ends, n = cp.chunk_ends(closes, ccfg.max_chunks)
+  ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   kept = np.asarray(chosen(qt, kt, ends, n, ccfg))
   n_cand, fixed, seen = map(np.asarray, cp.boundary_rows(ends, n, ccfg))
   ends = np.asarray(ends)

@@ -53,7 +53,7 @@ def numpy_init(make, seed=0):
 
 @jax.jit
 def qk_by_layer(params, toks, lens):
-  """Each layer's last-token q and all k, rebuilt from the first l layers' output: a path apart from
+  """Each layer's q and k at every position, rebuilt from the first l layers' output: a path apart from
   capture_qk's attend_fn."""
   cfg = params.config
   T = toks.shape[1]
@@ -70,7 +70,7 @@ def qk_by_layer(params, toks, lens):
     lp = jax.tree.map(lambda w: w[l], params.backbone["layers"])
     q, k, _ = model.project_qkv(cfg, lp, model.rms_norm(x, lp["attn_norm"], cfg), pos,
                                 jax.tree.map(lambda c: c[l], consts))
-    out.append((q[0, lens[0] - 1], k[0]))
+    out.append((q[0], k[0]))
   return out
 
 
@@ -86,10 +86,11 @@ def numpy_probs(q_HD, k_TKD, ends, n_cand, n_sink, scale):
   return mass.max(0)
 
 
-def test_ranks_match_a_numpy_reference():
+@pytest.mark.parametrize("score_queries", [1, 3])
+def test_ranks_match_a_numpy_reference(score_queries):
   params = numpy_init(lambda: chunk_params(seed=3), seed=3)
   ids = [int(t) for t in prompts([100], seed=5)[0]]
-  ccfg = ChunkConfig(n_local=2, max_chunk_len=6, alpha=0.9)
+  ccfg = ChunkConfig(n_local=2, max_chunk_len=6, alpha=0.9, score_queries=score_queries)
   toks, lens = jnp.asarray([ids + [0] * 28], jnp.int32), jnp.asarray([100])
   ends = np.flatnonzero(np.asarray(pl._segment(params, toks, lens, ccfg)[0]))  # pylint: disable=protected-access
   n_cand = len(ends) - ccfg.n_local
@@ -98,7 +99,9 @@ def test_ranks_match_a_numpy_reference():
     r = pl.prompt_ranks(params, ids, int(ends[needle]), ccfg)
     assert (r["needle_chunk"], r["n_candidates"], r["n_chunks"]) == (needle, n_cand, len(ends))
     for l, (q, k) in enumerate(ref_qk):
-      ref = numpy_probs(q, k, ends, n_cand, ccfg.n_sink, params.config.attn_scale)
+      # the max over the last `score_queries` queries (the candidates all precede them)
+      ref = np.max([numpy_probs(q[t], k, ends, n_cand, ccfg.n_sink, params.config.attn_scale)
+                    for t in range(100 - score_queries, 100)], axis=0)
       np.testing.assert_allclose(r["probs"][l], ref, rtol=1e-4, atol=1e-6)
       assert r["ranks"][l] == pl.rank_of(ref, needle)
   assert pl.prompt_ranks(params, ids, int(ends[-1]), ccfg) is None  # a local chunk: not ranked

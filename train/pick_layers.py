@@ -94,29 +94,33 @@ def calibration_prompt(tok, lines, n_tokens: int, rng) -> dict:
               text=text)
 
 
-def capture_qk(params, tokens_BT, lengths_B):
-  """The dense forward pass, keeping per layer the last token's q [L, B, H, D] and the keys [L, B, T, K, D]."""
+def capture_qk(params, tokens_BT, lengths_B, n_queries: int):
+  """The dense forward pass, keeping per layer the last `n_queries` tokens' q [L, B, Q, H, D] (their
+  positions [B, Q], < 0 where the prompt is shorter) and the keys [L, B, T, K, D]."""
   B, T = tokens_BT.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   dense = model.self_attend_fn(params.config, positions, positions < lengths_B[:, None])
-  last = (lengths_B - 1)[:, None, None, None]
+  q_pos = (lengths_B - n_queries)[:, None] + jnp.arange(n_queries)
 
   def attend_fn(state, layer, q, k, v, h):
     o, state, _ = dense(state, layer, q, k, v, h)
-    return o, state, (jnp.take_along_axis(q, last, axis=1)[:, 0], k)
+    return o, state, (jnp.take_along_axis(q, jnp.maximum(q_pos, 0)[..., None, None], axis=1), k)
 
-  _, _, (q_LBHD, k_LBTKD) = model.run_layers(params, model.embed(params, tokens_BT), positions, attend_fn)
-  return q_LBHD, k_LBTKD
+  _, _, (q_LBQHD, k_LBTKD) = model.run_layers(params, model.embed(params, tokens_BT), positions, attend_fn)
+  return q_LBQHD, q_pos, k_LBTKD
 
 
-@functools.partial(jax.jit, static_argnames="n_sink")
-def layer_probs(params, tokens_BT, lengths_B, chunk_end_BC, n_cand_B, *, n_sink: int):
-  """Each full-attention layer's distribution over the candidate chunks at the last token: [L_full, B, C]."""
+@functools.partial(jax.jit, static_argnames=("n_sink", "n_queries"))
+def layer_probs(params, tokens_BT, lengths_B, chunk_end_BC, n_cand_B, *, n_sink: int, n_queries: int):
+  """Each full-attention layer's distribution over the candidate chunks at the prompt's end, as
+  `scorer="attention"` makes the first selection (the max over the last `n_queries` queries):
+  [L_full, B, C]."""
   cfg = params.config
-  q, k = capture_qk(params, tokens_BT, lengths_B)
+  q, q_pos, k = capture_qk(params, tokens_BT, lengths_B, n_queries)
   full = np.asarray(cfg.full_attention_layers)
-  one = lambda q, k: attention_probs(q[:, None], k, chunk_end_BC, n_cand_B[:, None], n_sink=n_sink,
-                                     scale=cfg.attn_scale, softcap=cfg.attn_softcap)[:, 0]
+  n_cand = jnp.broadcast_to(n_cand_B[:, None], q_pos.shape)
+  one = lambda q, k: attention_probs(q, k, chunk_end_BC, n_cand, n_sink=n_sink, scale=cfg.attn_scale,
+                                     softcap=cfg.attn_softcap, q_pos_BR=q_pos).max(1)
   return jax.vmap(one)(q[full], k[full])
 
 
@@ -141,7 +145,7 @@ def prompt_ranks(params, ids, needle_pos: int, ccfg: ChunkConfig):
   chunk_end = np.full((1, max_len), -1, np.int32)
   chunk_end[0, :len(ends)] = ends
   probs = np.asarray(layer_probs(params, toks, lens, jnp.asarray(chunk_end), jnp.asarray([n_cand]),
-                                 n_sink=ccfg.n_sink))[:, 0, :n_cand]
+                                 n_sink=ccfg.n_sink, n_queries=ccfg.score_queries))[:, 0, :n_cand]
   return dict(n_chunks=len(ends), needle_chunk=needle, n_candidates=n_cand, probs=probs,
               ranks=[rank_of(p, needle) for p in probs])
 
@@ -233,6 +237,8 @@ def plot(layers, ranks_PL, chosen, path) -> None:
 def run(args, argv) -> None:
   if min(args.tokens) < 256:
     raise ValueError(f"--tokens must be at least 256 (room for text around the fact), got {min(args.tokens)}")
+  if args.score_queries < 1:
+    raise ValueError(f"--score_queries must be at least 1, got {args.score_queries}")
   if args.n_prompts < 1:
     raise ValueError(f"--n_prompts must be at least 1, got {args.n_prompts}")
   lines = read_lines(args.data)
@@ -241,7 +247,7 @@ def run(args, argv) -> None:
   if target:
     adapter_io.check_backbone(target, m.config, args.write)
   params = cj.with_adapters(m.params, cj.load_adapters(args.adapters or args.model, m.config))
-  ccfg, layers = ChunkConfig(), list(m.config.full_attention_layers)
+  ccfg, layers = ChunkConfig(score_queries=args.score_queries), list(m.config.full_attention_layers)
   rows = []
   for n_tokens in args.tokens:
     for i in range(args.n_prompts):
@@ -295,6 +301,8 @@ def main(argv=None) -> int:
   ap.add_argument("--write", help="an adapter export: store the chosen layers in its config.json")
   ap.add_argument("--out", default="runs/pick_layers")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--score_queries", type=int, default=ChunkConfig().score_queries,
+                  help="score with the last this many queries, as scorer='attention' does (ChunkConfig.score_queries)")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)
   try:
