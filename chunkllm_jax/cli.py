@@ -26,18 +26,35 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
   g.add_argument("--chunk", action="store_true", help="ChunkLLM decoding (needs adapters); prints the stats")
   g.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
-  g.add_argument("--top-k-chunks", type=int, default=16, help="chunks selected at each boundary (--chunk)")
-  g.add_argument("--n-local", type=int, default=4, help="recent chunks always visible (--chunk)")
-  g.add_argument("--n-sink", type=int, default=4, help="first tokens always visible (--chunk)")
+  _chunk_flags(g)
 
   d = sub.add_parser("demo", help="a hidden fact in a long document: vanilla vs ChunkLLM, side by side")
   d.add_argument("--model", default="smollm2-135m")
   d.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
   d.add_argument("--context", type=int, default=4096, help="document length in tokens")
   d.add_argument("--depth", type=float, default=0.5, help="where the fact sits, 0 (start) to 1 (end)")
-  d.add_argument("--top-k-chunks", type=int, default=16)
   d.add_argument("--seed", type=int, default=0)
+  _chunk_flags(d)
   return p
+
+
+def _chunk_flags(p) -> None:
+  """ChunkLLM settings; each left out keeps its `ChunkConfig` default."""
+  p.add_argument("--kv-budget", type=float, default=None, help="fraction of the tokens seen that attention reads")
+  p.add_argument("--scorer", choices=["adapter", "attention"], default=None,
+                 help="adapter: the QK Adapters; attention: the frozen model's own attention (no training)")
+  p.add_argument("--top-k-chunks", type=int, default=None, help="a chunk count instead of --kv-budget")
+  p.add_argument("--n-local", type=int, default=None, help="recent chunks always visible")
+  p.add_argument("--n-sink", type=int, default=None, help="first tokens always visible")
+
+
+def _chunk_settings(args) -> dict:
+  given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_k=args.top_k_chunks, n_local=args.n_local,
+               n_sink=args.n_sink)
+  kw = {k: v for k, v in given.items() if v is not None}
+  if args.top_k_chunks is not None and args.kv_budget is None:
+    kw["kv_budget"] = None  # a chunk count was asked for: no token budget
+  return kw
 
 
 def _read_prompt(args) -> str:
@@ -78,8 +95,7 @@ def run_chunk_generate(args, model, ids) -> None:
 
   params = _with_adapters(model, args.adapters or args.model)
   out = cj.chunk_generate(params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k_tokens=args.top_k, top_p=args.top_p, seed=args.seed, top_k=args.top_k_chunks,
-                          n_local=args.n_local, n_sink=args.n_sink)
+                          top_k_tokens=args.top_k, top_p=args.top_p, seed=args.seed, **_chunk_settings(args))
   print(model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
   _print_stats(out.stats)
 
@@ -88,7 +104,14 @@ def run_demo(args) -> None:
   import chunkllm_jax as cj
   from chunkllm_jax import haystack
 
+  if not 0.0 <= args.depth <= 1.0:
+    raise ValueError(f"--depth is where the fact sits, from 0 (start) to 1 (end); got {args.depth}")
+  if args.context < 256:
+    raise ValueError(f"--context must be at least 256 tokens, got {args.context}")
   model = cj.load(args.model)
+  if args.context + 64 > model.config.max_position:
+    raise ValueError(f"--context {args.context} does not fit {args.model}'s {model.config.max_position} positions "
+                     "(with the question and the answer)")
   params = _with_adapters(model, args.adapters or args.model)
   key = haystack.passkey(args.seed)
   doc = haystack.needle_document(model.tokenizer, args.context, args.depth,
@@ -98,7 +121,7 @@ def run_demo(args) -> None:
   print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
   runs = {
       "vanilla": cj.generate(params, [ids], max_new_tokens=12),
-      "ChunkLLM": cj.chunk_generate(params, [ids], max_new_tokens=12, top_k=args.top_k_chunks),
+      "ChunkLLM": cj.chunk_generate(params, [ids], max_new_tokens=12, **_chunk_settings(args)),
   }
   for name, out in runs.items():
     answer = model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True).strip()

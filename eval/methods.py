@@ -231,12 +231,12 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
     return None
   chosen = dict(vote=settings.vote, selection_layers=settings.selection_layers)
   if method == "chunkllm":
-    return ChunkConfig(n_sink=S, **chosen)
+    return ChunkConfig(n_sink=S, scorer="adapter", **chosen)
   if method == "oracle":
     return ChunkConfig(n_sink=S, scorer="attention", **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
-    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, **chosen)
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", **chosen)
   if method == "streamingllm":
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_k=0)
   if method == "sepllm":

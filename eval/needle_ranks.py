@@ -7,8 +7,11 @@ For each passkey prompt, the Chunk Adapter segments it as inference does; then, 
 token (the query that makes the first decode selection):
 - teacher rank: the needle chunk's rank in the layer's head-averaged attention mass per chunk
   (`teacher.teacher_chunk_attention`, renormalised over the candidates as training sees it);
+- oracle rank: its rank under `scorer="attention"` (per head, the last `score_queries` queries'
+  chunk mass over the candidates, the max over heads and queries), every full-attention layer;
 - student rank: its rank in the layer's QK-Adapter softmax;
-- and for both, its rank under each cross-layer vote rule of `ChunkConfig.vote` ("sum", "max").
+- and for all three, its rank under each vote rule of `ChunkConfig.vote` ("sum", "max") over the
+  selection layers (the adapters' stored choice unless --selection_layers).
 Rank 1 is the top; a chunk is selected when its rank is at most top_k. The gap between the two
 tells whether selection fails because the adapters mimic the teacher badly (student ranks far below
 the teacher's) or because the teacher's own attention does not single the needle out. Writes a
@@ -34,6 +37,7 @@ from chunkllm_jax import haystack  # noqa: E402
 from chunkllm_jax.chunk_generate import chunk_prefill  # noqa: E402
 from chunkllm_jax.selection import ChunkConfig, vote_scores  # noqa: E402
 from chunkllm_jax.teacher import teacher_chunk_attention  # noqa: E402
+from train.pick_layers import layer_probs  # noqa: E402
 
 
 VOTES = ("sum", "max")  # the shared-selection rules of ChunkConfig.vote
@@ -94,12 +98,23 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   s_LC = np.stack(s_LC)
   if needle >= n_cand:
     return None  # the needle is local: always visible
+  cfg = params.config
+  chunk_end = np.full((1, max_len), -1, np.int32)
+  chunk_end[0, :n] = ends
+  o_FC = np.asarray(layer_probs(params, toks, jnp.asarray([T]), jnp.asarray(chunk_end), jnp.asarray([n_cand]),
+                                n_sink=ccfg.n_sink, n_queries=ccfg.score_queries))[:, 0, :n]
+  full = list(cfg.full_attention_layers)
+  sel = ccfg.resolve_layers(full, qk_layers, params.adapters.config.selection_layers).selection_layers
+  at_qk = [list(qk_layers).index(i) for i in sel if i in qk_layers]
+  at_full = [full.index(i) for i in sel]
+  votes = lambda X, rows: {v: rank_of(vote_scores(X[rows], v), needle, n_cand) for v in VOTES}
   return dict(n_chunks=n, needle_chunk=needle, n_candidates=n_cand,
               teacher_rank=[rank_of(P_LC[i], needle, n_cand) for i in range(len(qk_layers))],
               student_rank=[rank_of(s_LC[i], needle, n_cand) for i in range(len(qk_layers))],
-              teacher_vote_rank={v: rank_of(vote_scores(P_LC, v), needle, n_cand) for v in VOTES},
-              student_vote_rank={v: rank_of(vote_scores(s_LC, v), needle, n_cand) for v in VOTES},
-              layers=list(map(int, qk_layers)))
+              oracle_rank=[rank_of(o_FC[i], needle, n_cand) for i in range(len(full))],
+              teacher_vote_rank=votes(P_LC, at_qk), student_vote_rank=votes(s_LC, at_qk),
+              oracle_vote_rank=votes(o_FC, at_full), layers=list(map(int, qk_layers)), full_layers=full,
+              selection_layers=list(sel))
 
 
 def plot(rows, path):
@@ -112,9 +127,12 @@ def plot(rows, path):
   s = np.median([r["student_rank"] for r in rows], axis=0)
   ax.plot(layers, t, "o-", label="teacher (frozen attention)")
   ax.plot(layers, s, "s-", label="student (QK Adapter)")
+  ax.plot(rows[0]["full_layers"], np.median([r["oracle_rank"] for r in rows], axis=0), "^-",
+          label="oracle (scorer='attention')")
   for v, ls in zip(VOTES, (":", "--")):
     ax.axhline(np.median([r["teacher_vote_rank"][v] for r in rows]), color="tab:blue", ls=ls, label=f"teacher, vote {v}")
     ax.axhline(np.median([r["student_vote_rank"][v] for r in rows]), color="tab:orange", ls=ls, label=f"student, vote {v}")
+    ax.axhline(np.median([r["oracle_vote_rank"][v] for r in rows]), color="tab:green", ls=ls, label=f"oracle, vote {v}")
   ax.set_yscale("log")
   ax.invert_yaxis()
   ax.set_xlabel("layer")
@@ -133,6 +151,8 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
   ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75])
   ap.add_argument("--out", default="eval_results/needle_ranks")
+  ap.add_argument("--selection_layers", type=int, nargs="+", default=None,
+                  help="the layers the votes are taken over (default: the adapters' stored choice)")
   args = ap.parse_args(argv)
   model = cj.load(args.model, dtype="float32")
   params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
@@ -140,14 +160,16 @@ def main(argv=None):
   for n in args.tokens:
     for i, d in enumerate(args.depths):
       ids, key, pos = needle_prompt(model.tokenizer, n, d, seed=i)
-      r = ranks_for_prompt(params, ids, pos, ChunkConfig())
+      sel = None if args.selection_layers is None else tuple(args.selection_layers)
+      r = ranks_for_prompt(params, ids, pos, ChunkConfig(selection_layers=sel))
       if r is None:
         continue
       r.update(tokens=len(ids), depth=d)
       rows.append(r)
       print(f"{len(ids)} tokens, depth {d}: needle chunk {r['needle_chunk']}/{r['n_chunks']}; teacher ranks "
             f"{r['teacher_rank']} (votes {r['teacher_vote_rank']}); student ranks {r['student_rank']} "
-            f"(votes {r['student_vote_rank']})", flush=True)
+            f"(votes {r['student_vote_rank']}); oracle votes {r['oracle_vote_rank']} over layers "
+            f"{r['selection_layers']}", flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "needle_ranks.json").write_text(json.dumps(rows, indent=1))

@@ -152,8 +152,7 @@ def test_block_lists_cover_every_visible_pair_and_no_future(seed):
   assert counts.sum() < 2 * 21  # sparser than all causal block pairs
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("budget", [None, 0.4])
+@pytest.mark.parametrize("seed, budget", [(0, None), (1, 0.4)])
 def test_pallas_prefill_kernel_path_matches_the_xla_path(seed, budget):
   ccfg, closes, valid, q, k, v, qt, kt = case(seed, T=128, lengths=(128, 77))
   ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True, "kv_budget": budget})
