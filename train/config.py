@@ -36,6 +36,9 @@ class TrainConfig:
   seed: int = 0
   # Adapters and loss (see AdapterConfig and train.losses.LossConfig).
   d_c: int = 64
+  # The layers that get QK Adapters and choose the selection at inference (stored with the export);
+  # empty: every full-attention layer. `python -m train.pick_layers` measures which to use.
+  selection_layers: tuple[int, ...] = ()
   kl_weight: float = 1.0
   n_sink: int = 4
   n_local: int = 4  # recent chunks inference always reads: not candidates in the KL (0: all are)
@@ -96,6 +99,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     t = _field_type(f)
     if t == tuple[str, ...]:
       parser.add_argument(f"--{f.name}", nargs="+", default=None, metavar="PATH")
+    elif t == tuple[int, ...]:
+      parser.add_argument(f"--{f.name}", nargs="+", type=int, default=None, metavar="LAYER")
     elif t is bool:
       parser.add_argument(f"--{f.name}", type=_bool, default=None, metavar="BOOL")
     else:
@@ -108,6 +113,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
   base = PRESETS[args.preset]
   given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
            if getattr(args, f.name, None) is not None}
-  if "data" in given:
-    given["data"] = tuple(given["data"])
+  for name in ("data", "selection_layers"):
+    if name in given:
+      given[name] = tuple(given[name])
   return base.replace(**given)

@@ -129,7 +129,12 @@ def train(cfg) -> dict[str, float]:
   if recorded == "unrecorded" and pi == 0:
     print(f"{workdir} has checkpoints but no {checkpoint.SETTINGS_FILE} (they predate it): recording this "
           "run's settings there once it has resumed", file=sys.stderr)
-  acfg = cj.AdapterConfig(d_c=cfg.d_c).resolve(bb.config)
+  layers = cfg.selection_layers or None  # None: every full-attention layer, chosen at inference
+  bad = [i for i in layers or () if i not in bb.config.full_attention_layers]
+  if bad:  # before the data is built
+    raise FlagError(f"--selection_layers {bad} are out of range or not full-attention layers of {cfg.model}; "
+                    f"choose among {bb.config.full_attention_layers}")
+  acfg = cj.AdapterConfig(d_c=cfg.d_c, qk_layers=layers, selection_layers=layers).resolve(bb.config)
   loss_config = loss_config_of(cfg)
   mesh = cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
 
@@ -160,7 +165,9 @@ def train(cfg) -> dict[str, float]:
   params = jax.device_put(bb.params, params_sharding(bb.params, mesh))
 
   meta = dict(backbone=bb.name, backbone_fingerprint=adapter_io.fingerprint(bb.config),
-              adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers)))
+              adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers),
+                                  # only when set, so checkpoints from before the flag still resume
+                                  **({"selection_layers": list(layers)} if layers else {})))
   ckpt = None
   start = 0
   if cfg.checkpoint_every:

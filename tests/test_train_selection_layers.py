@@ -1,0 +1,30 @@
+"""train.run --selection_layers: QK Adapters on those layers only, stored as the export's selection
+layers, which chunk_generate then uses by default."""
+
+import json
+
+import pytest
+
+import chunkllm_jax as cj
+from tests import train_run_fixtures as fx
+
+
+def test_adapters_trained_for_the_selection_layers_only(tmp_path):
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  export = tmp_path / "export"
+  out = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--steps", "2", "--eval_every", "0",
+                          "--checkpoint_every", "0", "--selection_layers", "1", "--export", str(export)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  acfg = json.loads((export / "config.json").read_text())["adapter_config"]
+  assert acfg["qk_layers"] == [1] and acfg["selection_layers"] == [1]
+  adapters = cj.load_adapters(str(export))
+  assert adapters.config.selection_layers == (1,)
+  assert adapters.params["qk"]["q"]["inner"]["kernel"].shape[0] == 1  # one stacked QK Adapter
+
+
+def test_a_selection_layer_out_of_range_is_refused(tmp_path):
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  out = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--selection_layers", "5"))
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert "out of range or not full-attention layers" in out.stderr
+  assert not (tmp_path / "data").exists()  # refused before the data was built
