@@ -1,14 +1,17 @@
 """ChunkLLM decoding: boundary-triggered chunk selection over the static KV buffer.
 
-Prefill lets the Chunk Adapter segment the prompt at layer 0, attends chunk-sparsely
-(`chunk_prefill.py`: each layer its own top-k at every boundary; dense prefill is an option),
-fills the chunk table with each chunk's k~, and runs the first vote at the last prompt token.
+Prefill lets the Chunk Adapter segment the prompt at layer 0, attends densely up to the first
+selection layer and chunk-sparsely after it (`chunk_prefill.py`: the selection layers' vote at
+every boundary; dense prefill is an option), fills the chunk table from the prompt's chunk ends,
+and makes the first selection at the last prompt token.
 Each decode step then:
   1. runs every layer: dense layers read the whole buffer, sliding layers their window, and the
      other layers read only the compacted working buffer (sinks, selected and local chunks) plus
-     the open chunk;
+     the open chunk; the selection layers also keep their query (and q~ / k~ for the adapter
+     scorer) for the next selection;
   2. runs the Chunk Adapter on layer 0's output; where the token closes a chunk (p > alpha, or the
-     chunk reached `max_chunk_len`), a `lax.cond` appends it, re-selects and re-compacts.
+     chunk reached `max_chunk_len`), a `lax.cond` appends it, lets the selection layers vote,
+     keeps the chunks that fit the budget (or the top-k) and re-compacts.
 The new selection applies from the next token; between boundaries nothing is re-scored.
 """
 

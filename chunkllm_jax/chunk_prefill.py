@@ -1,15 +1,17 @@
 """Chunk-sparse prefill: each chunk's queries read the sinks, the chunks chosen at the boundary
 before it, the local chunks and (causally) their own chunk.
 
-Prefill runs layer by layer over all tokens, so the cross-layer vote is not available (it would
-need the later layers before the earlier ones could attend): each sparse layer selects with its
-own QK Adapter (DESIGN.md, "Prefill"). The segmentation comes from layer 0, which therefore
-always prefills densely.
+Prefill runs layer by layer over all tokens, so a layer can only use a selection that is already
+made: the layers up to the first selection layer prefill densely, and every later sparse layer
+reads what the vote of the selection layers run so far chose at each boundary (`prompt_selection`
+over the boundary rows of `adapter_rows` / `attention_rows`). The segmentation comes from layer 0,
+which therefore always prefills densely.
 
 Chunk ids here are the kernel view of `boundaries`' convention (`kernel_ids`): the sinks are id 0,
-table chunk j is id j + 1, the open chunk after the last boundary is id n_chunks + 1, padding is -1. Ids are monotone along a row, so a block of positions holds a
-contiguous range of ids, and "which key blocks does this query block read" is two prefix sums
-over a [C, C] chunk-visibility table: no T x T array anywhere.
+table chunk j is id j + 1, the open chunk after the last boundary is id n_chunks + 1, padding is -1.
+Ids are monotone along a row, so a block of positions holds a contiguous range of ids, and "which
+key blocks does this query block read" is two prefix sums over a [C, C] chunk-visibility table:
+no T x T array anywhere.
 
 Chunks of 20-40 tokens scattered over a long prompt touch nearly every 128- or 256-token block
 (measured: 90-100% of the causal block pairs at 25% retention), so reading blocks in place saves
