@@ -280,7 +280,7 @@ def run(args, argv) -> None:
   out.mkdir(parents=True, exist_ok=True)
   result = dict(command="python -m train.pick_layers " + " ".join(argv), adapters=args.adapters or args.model,
                 chunk_config=dict(n_sink=ccfg.n_sink, n_local=ccfg.n_local, alpha=ccfg.alpha,
-                                  max_chunk_len=ccfg.max_chunk_len),
+                                  max_chunk_len=ccfg.max_chunk_len, score_queries=ccfg.score_queries),
                 layers=layers, per_layer=per_layer, votes=votes, chosen=chosen,
                 prompts=[{k: v for k, v in r.items() if k != "probs"} for r in rows])
   (out / "pick_layers.json").write_text(json.dumps(result, indent=1) + "\n")
