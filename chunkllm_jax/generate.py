@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from chunkllm_jax import checks
 from chunkllm_jax import sharding as shd
 from chunkllm_jax.attention import DECODE_BLOCK
 from chunkllm_jax.kv_cache import KVCache, decode_step, init_cache, prefill
@@ -48,51 +49,63 @@ class GenerateOutput:
 
 
 def prepare_prompts(tokens, vocab_size: int, pad_id: int, lengths=None) -> tuple[np.ndarray, np.ndarray]:
-  """Accepts a list of token lists, one list, or a [B, T] array (+ lengths). Returns padded [B, T'] and [B]."""
+  """Accepts a list of token lists, one list, or a [B, T] array (+ lengths). Returns padded [B, T'] and [B].
+
+  Float ids are refused (TypeError), never truncated; ids outside [0, vocab_size) are named by row
+  and position (ValueError)."""
   if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]):
-    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in tokens]
+    rows = [checks.token_array(r, vocab_size, f"prompt {b}").reshape(-1) for b, r in enumerate(tokens)]
     if lengths is not None:
       raise ValueError("pass lengths only with a padded [B, T] array")
     lengths = np.array([len(r) for r in rows])
   else:
-    arr = np.asarray(tokens)
+    arr = checks.token_array(tokens, vocab_size)
     if arr.ndim == 1:
       arr = arr[None]
     if arr.ndim != 2:
       raise ValueError(f"tokens must be [B, T] or a list of token lists, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-      raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if lengths is not None and not np.issubdtype(np.asarray(lengths).dtype, np.integer):
+      raise TypeError(f"lengths must be integers, got {np.asarray(lengths).dtype}")
     lengths = np.full(arr.shape[0], arr.shape[1]) if lengths is None else np.asarray(lengths).reshape(-1)
     if lengths.shape[0] != arr.shape[0] or lengths.max(initial=0) > arr.shape[1]:
       raise ValueError(f"lengths {lengths.tolist()} do not fit tokens of shape {arr.shape}")
-    rows = [arr[b, : lengths[b]].astype(np.int64) for b in range(arr.shape[0])]
+    rows = [arr[b, : lengths[b]] for b in range(arr.shape[0])]
   if not rows:
     raise ValueError("no prompts given")
   if lengths.min() < 1:
     raise ValueError(f"every prompt needs at least one token; lengths are {lengths.tolist()}")
-  for b, r in enumerate(rows):
-    bad = r[(r < 0) | (r >= vocab_size)]
-    if bad.size:
-      raise ValueError(f"prompt {b} has token ids outside the vocabulary [0, {vocab_size}): {bad[:8].tolist()}")
   width = -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE
-  out = np.full((len(rows), width), pad_id, dtype=np.int32)
+  out = np.full((len(rows), width), pad_id, dtype=np.int64)  # int64 until checked: no wrap-around
   for b, r in enumerate(rows):
     out[b, : len(r)] = r
-  return out, lengths.astype(np.int32)
+  checks.check_token_range(out, vocab_size, lengths)
+  return out.astype(np.int32), lengths.astype(np.int32)
 
 
-def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int | None) -> int:
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  need = int(lengths.max()) + max_new_tokens
+def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int | None, itemsize: int = 4) -> int:
+  """The KV buffer's length; refuses sizes the model or the memory cannot hold, before any allocation.
+
+  Without `max_len`, prompt + max_new_tokens must fit the model's context (`cfg.max_position`); an
+  explicit `max_len` may go past it on purpose (with a warning)."""
+  max_new_tokens = checks.check_count("max_new_tokens", max_new_tokens)
+  longest = int(lengths.max())
+  need = longest + max_new_tokens
   if max_len is None:
+    if need > cfg.max_position:
+      raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) needs "
+                       f"{need} positions, more than the model's context of {cfg.max_position}: give "
+                       f"max_new_tokens <= {max(cfg.max_position - longest, 0)} (or max_len=... to run past "
+                       "the trained context on purpose)")
     max_len = -(-need // 128) * 128
-  elif need > max_len:
-    raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens "
-                     f"({max_new_tokens}) needs {need} positions, more than the buffer's max_len={max_len}")
-  if need > cfg.max_position:
-    warnings.warn(f"{need} positions exceed the model's trained context ({cfg.max_position}); "
-                  "quality may degrade", stacklevel=3)
+  else:
+    max_len = checks.check_count("max_len", max_len)
+    if need > max_len:
+      raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens "
+                       f"({max_new_tokens}) needs {need} positions, more than the buffer's max_len={max_len}")
+    if need > cfg.max_position:
+      warnings.warn(f"{need} positions exceed the model's trained context ({cfg.max_position}); "
+                    "quality may degrade", stacklevel=3)
+  checks.check_kv_memory(cfg, len(lengths), buffer_len(max_len), itemsize)
   return max_len
 
 
@@ -205,12 +218,17 @@ def _programs(cfg, mesh: Mesh | None, max_len: int, max_new: int, sampling: Samp
 
 
 def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p,
-           eos_ids, pad_id, mesh):
+           eos_ids, pad_id, mesh, where="generate"):
+  checks.check_params(params, where)
+  checks.check_sampling(temperature, top_k, top_p)
   cfg = params.config
-  pad_id = cfg.pad_id if pad_id is None else pad_id
+  pad_id = cfg.pad_id if pad_id is None else checks.check_count("pad_id", pad_id, minimum=0)
   eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
+  for e in eos_ids:
+    checks.check_count("each of eos_ids", e, minimum=0)
   prompts, lens = prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
-  max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len)
+  max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len, params.backbone["embed"].dtype.itemsize)
+  max_new_tokens = int(max_new_tokens)
   sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
   params = params.replace(adapters=None)  # vanilla decoding never reads them
   if mesh is not None:
@@ -232,7 +250,7 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   """
   params, prompts, lens, eos_ids, pad_id, (pre, loop, _) = _setup(
       params, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p, eos_ids, pad_id, mesh)
-  key = jax.random.key(seed)
+  key = jax.random.key(_check_seed(seed))
   (first, cache), prefill_s = pre.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   (new, steps), decode_s = loop.timed(params, first, cache, key)
   return assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id,
@@ -259,17 +277,22 @@ def assemble_output(prompts, lens, new_BN, eos_ids, pad_id, *, prefill_s, decode
 def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Iterator[np.ndarray]:
   """Like `generate`, but yields each step's new tokens [B] as soon as they exist.
 
-  Rows that have ended yield `pad_id`; the iterator stops when every row has ended.
+  Rows that have ended yield `pad_id`; the iterator stops when every row has ended. Arguments are
+  checked at the call, not at the first `next`.
   """
   seed = kw.pop("seed", 0)
   sampling_kw = {k: kw.pop(k) for k in ("temperature", "top_k", "top_p") if k in kw}
+  if kw.keys() - {"lengths", "max_len", "eos_ids", "pad_id", "mesh"}:
+    raise TypeError(f"unexpected arguments: {sorted(kw.keys() - {'lengths', 'max_len', 'eos_ids', 'pad_id', 'mesh'})}")
   params, prompts, lens, eos_ids, pad_id, (pre, _, step) = _setup(
       params, tokens, max_new_tokens, kw.pop("lengths", None), kw.pop("max_len", None),
       sampling_kw.get("temperature", 0.0), sampling_kw.get("top_k", 0), sampling_kw.get("top_p", 1.0),
-      kw.pop("eos_ids", None), kw.pop("pad_id", None), kw.pop("mesh", None))
-  if kw:
-    raise TypeError(f"unexpected arguments: {sorted(kw)}")
-  key = jax.random.key(seed)
+      kw.pop("eos_ids", None), kw.pop("pad_id", None), kw.pop("mesh", None), where="stream")
+  key = jax.random.key(_check_seed(seed))
+  return _stream_steps(params, prompts, lens, eos_ids, pad_id, pre, step, key, int(max_new_tokens))
+
+
+def _stream_steps(params, prompts, lens, eos_ids, pad_id, pre, step, key, max_new_tokens):
   tok, cache = pre(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   done = np.zeros(len(lens), bool)
   for i in range(max_new_tokens):
@@ -280,3 +303,9 @@ def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Itera
     done |= np.isin(host, eos_ids)
     if done.all():
       return
+
+
+def _check_seed(seed) -> int:
+  if not checks.is_int(seed):
+    raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+  return int(seed)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax import attention as attn
+from chunkllm_jax import checks
 from chunkllm_jax.config import ModelConfig
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.rope import apply_rope, layer_rope_tables
@@ -126,11 +127,38 @@ def self_attend_fn(cfg: ModelConfig, positions_BT, valid_BT) -> AttendFn:
 
 
 def forward(params: ModelParams, tokens_BT, lengths_B=None):
-  """Logits [B, T, V] of full causal attention. `lengths_B` marks right padding (optional)."""
+  """Logits [B, T, V] of full causal attention. `lengths_B` marks right padding (optional).
+
+  tokens_BT: a [B, T] array or a list of equal-length token lists. Outside `jit`, ids are checked
+  against the vocabulary first (past it, `take` would give NaN logits or a wrong row, silently)."""
+  checks.check_params(params, "forward")
   cfg = params.config
+  tokens_BT = _token_input(tokens_BT, cfg.vocab_size)
   B, T = tokens_BT.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   valid = positions < (jnp.full((B,), T) if lengths_B is None else lengths_B)[:, None]
   x = embed(params, tokens_BT)
   x, _, _ = run_layers(params, x, positions, self_attend_fn(cfg, positions, valid))
   return unembed(params, x)
+
+
+def _token_input(tokens, vocab_size: int):
+  """Lists become an int32 array; concrete ids are range-checked; traced ones only by dtype and rank."""
+  if isinstance(tokens, jax.core.Tracer):
+    if not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.ndim != 2:
+      raise TypeError(f"tokens must be [B, T] integer ids, got {tokens.dtype}{list(tokens.shape)}")
+    return tokens
+  if not isinstance(tokens, jax.Array):
+    tokens = checks.token_array(tokens, vocab_size)
+  elif not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [B, T] (a list of equal-length token lists), got shape {tuple(tokens.shape)}")
+  if tokens.size == 0:
+    raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
+  if isinstance(tokens, jax.Array):
+    if int(tokens.min()) >= 0 and int(tokens.max()) < vocab_size:  # one small reduction, no copy to host
+      return tokens
+    tokens = np.asarray(tokens)
+  checks.check_token_range(tokens, vocab_size)
+  return jnp.asarray(tokens, jnp.int32)

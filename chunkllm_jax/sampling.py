@@ -17,8 +17,10 @@ class Sampling:
   top_p: float = 1.0  # 1.0: no nucleus cut
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not self.temperature >= 0:  # NaN too: it would sample token 0 every step
+      raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
+    if self.temperature == float("inf"):
+      raise ValueError("temperature must be a finite number >= 0 (0 is greedy), got inf")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:

@@ -123,7 +123,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     (dict(tokens=[[1, 2, 3]], max_len=8, max_new_tokens=6), r"needs 9 positions, more than the buffer's max_len=8"),
     (dict(tokens=[[1, 2]], max_new_tokens=0), r"max_new_tokens must be >= 1"),
     (dict(tokens=np.ones((2, 3, 4), int)), r"must be \[B, T\]"),
-    (dict(tokens=[[1, 2]], temperature=-1.0), r"temperature must be >= 0"),
+    (dict(tokens=[[1, 2]], temperature=-1.0), r"temperature must be a finite number >= 0"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(bad, match):
   params = tiny_params()

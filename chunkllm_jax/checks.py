@@ -1,0 +1,100 @@
+"""Checks of the public API's arguments, shared by `forward`, `generate`, `stream` and `chunk_generate`.
+
+Each runs on the host before anything is allocated or compiled, and names what is wrong and how to
+fix it: a bad argument costs nothing, instead of failing deep inside jax (or, worse, not failing:
+an id past the vocabulary gives NaN logits, a float id would be truncated).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from chunkllm_jax.params import ModelParams
+
+
+def check_params(params, where: str) -> None:
+  """`params` must be a `ModelParams`; a loaded `Model` is the common mix-up."""
+  if isinstance(params, ModelParams):
+    return
+  if isinstance(getattr(params, "params", None), ModelParams):
+    raise TypeError(f"{where} takes the model's parameters, not the Model: pass model.params "
+                    f"(e.g. {where}(model.params, ...))")
+  raise TypeError(f"{where} takes a ModelParams (model.params, or cj.init_backbone(...)), "
+                  f"got {type(params).__name__}")
+
+
+def is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_count(name: str, v, minimum: int = 1) -> int:
+  """A whole number >= minimum: 2.5, "3" and True are refused rather than converted."""
+  if not is_int(v):
+    raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+  if v < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {v}")
+  return int(v)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+  """Types and ranges of the sampling settings (NaN compares false to everything: asked explicitly)."""
+  for name, v in (("temperature", temperature), ("top_p", top_p)):
+    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+  if not (0.0 < top_p <= 1.0):  # also false for NaN
+    raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
+  if top_k is not None:
+    check_count("top_k", top_k, minimum=0)
+
+
+def token_array(tokens, vocab_size: int, where: str = "tokens") -> np.ndarray:
+  """A host array of token ids, its dtype checked: floats are refused, never truncated."""
+  try:
+    arr = np.asarray(tokens)
+  except ValueError:  # numpy refuses ragged nesting
+    raise ValueError(f"{where}: rows of different lengths; pad them to one length (and pass the lengths)") from None
+  if arr.size == 0 and arr.dtype == np.float64:  # np.asarray([]) is float; an empty row is named later
+    arr = arr.astype(np.int64)
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(f"{where} must be integer token ids, got dtype {arr.dtype}: convert them with "
+                    "np.asarray(ids, np.int32) if they are whole numbers")
+  return arr
+
+
+def check_token_range(tokens_BT, vocab_size: int, lengths_B=None) -> None:
+  """Every id (within each row's length) in [0, vocab_size); the first bad one is named."""
+  tokens_BT = np.asarray(tokens_BT)
+  valid = np.ones(tokens_BT.shape, bool)
+  if lengths_B is not None:
+    valid = np.arange(tokens_BT.shape[1])[None] < np.asarray(lengths_B).reshape(-1, 1)
+  bad = valid & ((tokens_BT < 0) | (tokens_BT >= vocab_size))
+  if bad.any():
+    b, t = (int(i) for i in np.argwhere(bad)[0])
+    ids = tokens_BT[b][bad[b]]
+    raise ValueError(f"prompt {b} has token ids outside the vocabulary [0, {vocab_size}): {ids[:8].tolist()} "
+                     f"(first at position {t}); ids must come from this model's tokenizer")
+
+
+def memory_limit() -> tuple[int, str]:
+  """(bytes, what): the memory of the local accelerators, or the host's RAM for the CPU."""
+  devices = jax.local_devices()
+  stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]) * len(devices), f"{len(devices)} {devices[0].platform} device(s)"
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
+
+
+def check_kv_memory(cfg, batch: int, buffer_len: int, itemsize: int) -> None:
+  """The KV buffer's bytes must fit the memory there is, or the allocator fails (or the host swaps)."""
+  need = 2 * cfg.n_layers * batch * buffer_len * cfg.n_kv_heads * cfg.head_dim * itemsize
+  limit, what = memory_limit()
+  if need > limit:
+    raise ValueError(f"the KV buffer for {batch} row(s) x {buffer_len} positions needs {need / 2**30:.1f} GiB, "
+                     f"more than the {limit / 2**30:.1f} GiB of {what}: use fewer rows, shorter prompts or "
+                     "fewer max_new_tokens")

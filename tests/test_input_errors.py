@@ -1,0 +1,142 @@
+"""Every user error is caught at the door (issue 11): the public API, the CLIs, model folders and
+adapter exports each refuse a bad input with a named error that says what is wrong and how to fix it,
+before anything is allocated or compiled, and without touching a file that was there before."""
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import checks
+from tests.test_generate import tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(d: Path) -> dict[str, str]:
+  """Every file under `d` with the hash of its bytes."""
+  return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def _cli(*argv, cwd=REPO) -> subprocess.CompletedProcess:
+  """A CLI in a fresh python (a process per call: used only where the exit code itself is the point)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  return subprocess.run([sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def _one_error_line(proc) -> str:
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("WARNING")]
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def params():
+  return tiny_params()  # vocab 96, max_position 512
+
+
+# 1. The public API.
+
+@pytest.mark.parametrize("call, kind, match", [
+    ("forward", ValueError, r"prompt 1 .* outside the vocabulary \[0, 96\): \[96\] \(first at position 2\)"),
+    ("generate", ValueError, r"prompt 1 .* outside the vocabulary \[0, 96\): \[96\] \(first at position 2\)"),
+    ("stream", ValueError, r"prompt 1 .* outside the vocabulary \[0, 96\)"),
+])
+def test_ids_past_the_vocabulary_are_named_by_row_and_position(params, call, kind, match):
+  with pytest.raises(kind, match=match):
+    getattr(cj, call)(params, [[1, 2, 3], [4, 5, 96]])
+
+
+@pytest.mark.parametrize("tokens", [[[1, -2, 3]], jnp.asarray([[1, -2, 3]])])
+def test_negative_ids_are_refused_by_forward(params, tokens):
+  with pytest.raises(ValueError, match=r"\[-2\] \(first at position 1\)"):
+    cj.forward(params, tokens)
+
+
+@pytest.mark.parametrize("call", ["forward", "generate", "stream"])
+@pytest.mark.parametrize("tokens", [[[1.0, 2.0, 3.7]], [1.0, 2.0], np.array([[1.5, 2.0]])])
+def test_float_ids_are_refused_not_truncated(params, call, tokens):
+  with pytest.raises(TypeError, match="integer token ids, got dtype float64"):
+    getattr(cj, call)(params, tokens)
+
+
+def test_forward_takes_a_list_like_generate_does(params):
+  ids = [3, 1, 4, 1, 5]
+  np.testing.assert_array_equal(cj.forward(params, [ids]), cj.forward(params, jnp.asarray([ids], jnp.int32)))
+  assert jax.jit(cj.forward)(params, jnp.asarray([ids])).shape == (1, 5, 96)  # traced ids still pass
+
+
+@pytest.mark.parametrize("call", ["forward", "generate", "stream"])
+def test_a_model_instead_of_its_params_says_pass_model_params(params, call):
+  model = cj.Model(params.config, params, None)
+  with pytest.raises(TypeError, match="pass model.params"):
+    getattr(cj, call)(model, [[1, 2]])
+
+
+@pytest.mark.parametrize("kw, kind, match", [
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number"),
+    (dict(temperature="0.7"), TypeError, "temperature must be a number"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=float("nan")), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_k="16"), TypeError, "top_k must be an int, got '16'"),
+    (dict(top_k=2.5), TypeError, "top_k must be an int, got 2.5"),
+    (dict(top_k=-1), ValueError, "top_k must be >= 0"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int, got 2.5"),
+    (dict(max_new_tokens="3"), TypeError, "max_new_tokens must be an int, got '3'"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1, got 0"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(pad_id=-1), ValueError, "pad_id must be >= 0"),
+])
+@pytest.mark.parametrize("call", ["generate", "stream"])
+def test_bad_sampling_and_counts_are_refused_at_the_call(params, call, kw, kind, match):
+  with pytest.raises(kind, match=match):
+    getattr(cj, call)(params, [[1, 2, 3]], **kw)  # stream: at the call, not at the first next()
+
+
+def test_temperature_nan_is_refused_by_chunk_generate_too():
+  from chunkllm_jax.sampling import Sampling
+  with pytest.raises(ValueError, match="temperature must be a finite number"):
+    Sampling(float("nan"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=10**9), r"needs 1000000003 positions, more than the model's context of 512: "
+                                 r"give max_new_tokens <= 509"),
+    (dict(max_new_tokens=510), r"needs 513 positions, more than the model's context of 512"),
+    (dict(max_new_tokens=10**9, max_len=10**9 + 3), r"KV buffer for 1 row\(s\) x \d+ positions needs [\d.]+ GiB, "
+                                                   r"more than the [\d.]+ GiB of"),
+])
+def test_sizes_that_cannot_fit_are_refused_before_allocation(params, monkeypatch, kw, match):
+  def no_compile(*a, **k):
+    raise AssertionError("compiled a program for a size that cannot fit")
+  monkeypatch.setattr(importlib.import_module("chunkllm_jax.generate").Compiled, "executable", no_compile)
+  with pytest.raises(ValueError, match=match):
+    cj.generate(params, [[1, 2, 3]], **kw)
+
+
+def test_an_explicit_max_len_may_run_past_the_context_with_a_warning(params):
+  with pytest.warns(UserWarning, match="exceed the model's trained context"):
+    out = cj.generate(params, [[1, 2, 3] * 170], max_new_tokens=3, max_len=640, eos_ids=())
+  assert out.tokens.shape == (1, 513)
+
+
+def test_kv_memory_check_names_size_and_limit(params):
+  with pytest.raises(ValueError, match=r"needs [\d.]+ GiB, more than the [\d.]+ GiB of host RAM"):
+    checks.check_kv_memory(params.config, 1 << 20, 1 << 20, 4)
+  checks.check_kv_memory(params.config, 2, 1024, 4)  # small: no error
