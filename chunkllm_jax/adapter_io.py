@@ -174,8 +174,9 @@ def read_export_config(name_or_dir) -> dict[str, Any]:
     meta = json.loads((d / "config.json").read_text())
   except (OSError, ValueError) as e:
     raise AdapterLoadError(f"{d}: not a readable adapter export (config.json: {e})") from None
-  if meta.get("format") != FORMAT:
-    raise AdapterLoadError(f"{d}: config.json has format {meta.get('format')!r}, expected {FORMAT!r}")
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    raise AdapterLoadError(f"{d}: config.json has format {found!r}, expected {FORMAT!r}")
   return meta
 
 
@@ -202,15 +203,19 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
 
   d = _export_dir(name_or_dir)
   meta = read_export_config(d)
-  model_config = config_from_json(meta["model_config"])
+  try:
+    model_config = config_from_json(meta["model_config"])
+    a = meta["adapter_config"]
+    sel = a.get("selection_layers")  # absent in exports made before selection layers existed
+    acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]),
+                         selection_layers=None if sel is None else tuple(sel))
+  except (KeyError, TypeError, AttributeError, ValueError) as e:  # a config.json edited or cut short
+    raise AdapterLoadError(f"{d}: config.json is damaged ({type(e).__name__}: {e}); export the adapters "
+                           "again") from None
   if isinstance(expected_config, ModelParams):
     expected_config = expected_config.config
   if expected_config is not None:
     check_backbone(meta, expected_config, str(d))
-  a = meta["adapter_config"]
-  sel = a.get("selection_layers")  # absent in exports made before selection layers existed
-  acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]),
-                       selection_layers=None if sel is None else tuple(sel))
   shapes = expected_shapes(acfg, model_config)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   stored = _dtype(meta.get("weights_dtype", "float32"))
@@ -222,7 +227,7 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
   except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
     raise AdapterLoadError(f"{d}: the adapter weights cannot be read ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); the export is damaged or "
-                           "incomplete") from e
+                           "incomplete") from None  # the storage library's chain says no more
   problems = shape_problems(leaf_shapes(shapes, is_leaf=lambda x: isinstance(x, tuple)), leaf_shapes(params),
                             "config.json")
   if problems:

@@ -64,9 +64,11 @@ def _read_prompt(args) -> str:
     with open(args.prompt_file, encoding="utf-8") as f:
       return f.read()
   except FileNotFoundError:
-    sys.exit(f"error: prompt file not found: {args.prompt_file}")
+    raise FileNotFoundError(f"prompt file not found: {args.prompt_file}") from None
+  except IsADirectoryError:
+    raise ValueError(f"--prompt-file {args.prompt_file} is a folder; give a UTF-8 text file") from None
   except UnicodeDecodeError as e:
-    sys.exit(f"error: {args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})")
+    raise ValueError(f"{args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -104,7 +106,7 @@ def run_demo(args) -> None:
   import chunkllm_jax as cj
   from chunkllm_jax import haystack
 
-  if not 0.0 <= args.depth <= 1.0:
+  if not 0.0 <= args.depth <= 1.0:  # also false for nan
     raise ValueError(f"--depth is where the fact sits, from 0 (start) to 1 (end); got {args.depth}")
   if args.context < 256:
     raise ValueError(f"--context must be at least 256 tokens, got {args.context}")
@@ -133,9 +135,23 @@ def run_demo(args) -> None:
         f"prefill {float(van['prefill_s'][0] / chk['prefill_s'][0]):.2f}x the speed of vanilla")
 
 
+def check_generate_flags(args) -> None:
+  """Every flag that can be judged without the weights, then the model's context (its config only):
+  a size that cannot fit is refused before anything is loaded, compiled or allocated."""
+  from chunkllm_jax import checks, weights
+
+  checks.check_count("--max-new-tokens", args.max_new_tokens)
+  checks.check_sampling(args.temperature, args.top_k, args.top_p)
+  cfg = weights.load_config(args.model)
+  if args.max_new_tokens >= cfg.max_position:
+    raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in {args.model}'s "
+                     f"context of {cfg.max_position} positions: give at most {cfg.max_position - 1}")
+
+
 def run_generate(args) -> None:
   import chunkllm_jax as cj
 
+  check_generate_flags(args)
   text = _read_prompt(args)
   t0 = time.perf_counter()
   model = cj.load(args.model, dtype=args.dtype)
@@ -170,8 +186,9 @@ def main(argv=None) -> None:
       run_generate(args)
     elif args.command == "demo":
       run_demo(args)
-  except (FileNotFoundError, ValueError) as e:  # bad input: say what is wrong, no traceback
-    sys.exit(f"error: {e}")
+  except (FileNotFoundError, ValueError, TypeError) as e:  # bad input: say what is wrong, no traceback
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)  # one line
+    sys.exit(2)
 
 
 if __name__ == "__main__":

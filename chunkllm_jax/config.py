@@ -7,6 +7,7 @@ pytree (see `params.py`) and be used as a compile-time constant under `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 import jax
@@ -80,6 +81,10 @@ class ModelConfig:
   def __post_init__(self):
     if self.arch not in ARCHITECTURES:
       raise ConfigError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_position"):
+      v = getattr(self, name)  # checked first: a zero would divide below, a float would reach array shapes
+      if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{name} must be a positive int, got {v!r}")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.layer_sliding and len(self.layer_sliding) != self.n_layers:
@@ -183,6 +188,18 @@ def _lift_rope_parameters(hf: dict) -> dict:
   return hf
 
 
+def _size(hf: Mapping[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+  """An int field of config.json (absent or null: `default`); 2.5, "64", true and 0 are refused by name."""
+  v = hf.get(key)
+  if v is None:
+    if default is None:
+      raise KeyError(key)
+    return default
+  if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < minimum:
+    raise ConfigError(f"config.json field {key!r} must be an int >= {minimum}, got {v!r}")
+  return int(v)
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   """Builds a `ModelConfig` from the dict of an HF `config.json`."""
   hf = _lift_rope_parameters(dict(hf))
@@ -196,29 +213,33 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         f"unknown architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
         f"supported model types: {', '.join(sorted(_HF_ARCH))}")
   try:
-    n_heads = int(hf["num_attention_heads"])
-    d_model = int(hf["hidden_size"])
-    n_layers = int(hf["num_hidden_layers"])
+    n_heads = _size(hf, "num_attention_heads")
+    d_model = _size(hf, "hidden_size")
+    n_layers = _size(hf, "num_hidden_layers")
     common = dict(
         arch=arch,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_size(hf, "vocab_size"),
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        d_ff=int(hf["intermediate_size"]),
+        n_kv_heads=_size(hf, "num_key_value_heads", n_heads),
+        head_dim=_size(hf, "head_dim", d_model // n_heads),
+        d_ff=_size(hf, "intermediate_size"),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling")),
-        max_position=int(hf.get("max_position_embeddings", 8192)),
+        max_position=_size(hf, "max_position_embeddings", 8192),
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
         bos_id=hf.get("bos_token_id"),
         eos_ids=_eos_tuple(hf.get("eos_token_id")),
-        pad_id=int(hf.get("pad_token_id") or 0),
+        pad_id=_size(hf, "pad_token_id", 0, minimum=0),
     )
   except KeyError as e:
     raise ConfigError(f"config.json of model_type={model_type!r} lacks the field {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:  # float("x"), int(None): name the field, not just the value
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"config.json of model_type={model_type!r} has a field of the wrong type: {e}") from None
 
   if arch in ("llama", "mistral"):
     bias = bool(hf.get("attention_bias", False))

@@ -142,6 +142,8 @@ def _gguf_config(reader, path: Path) -> ModelConfig:
     return _meta(reader, f"{arch}.{key}", default)
 
   n_heads = _uniform(m("attention.head_count"), "attention.head_count")
+  if n_heads < 1:  # checked here: head_dim below divides by it
+    raise ConfigError(f"metadata {arch}.attention.head_count must be >= 1, got {n_heads}")
   d_model = int(m("embedding_length"))
   head_dim = m("attention.key_length", None)
   if head_dim is None and "blk.0.attn_q.weight" in tensors:  # rows of Q are heads * head_dim

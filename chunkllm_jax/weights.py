@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chunkllm_jax import registry
-from chunkllm_jax.config import ModelConfig, from_hf_config
+from chunkllm_jax.config import ConfigError, ModelConfig, from_hf_config
 from chunkllm_jax.params import ModelParams, backbone_spec, check_backbone_shapes
 
 # (dir, gguf file name or None): what `transformers.AutoTokenizer.from_pretrained` needs.
@@ -166,13 +166,18 @@ def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
     n = int.from_bytes(f.read(8), "little")
     if size < 8 or n > size - 8:
       raise ValueError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
-    header = json.loads(f.read(n))
+    header = _json(f.read(n), f"the header of {path}", "is not a safetensors file, or is damaged")
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the safetensors header is not a JSON object; the file is damaged")
   start = 8 + n
   mm = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+      raise ValueError(f"{path}: the header entry of tensor {name} lacks dtype, shape or data_offsets; "
+                       "the file is damaged")
     if info["dtype"] not in _ST_DTYPES:
       raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
     lo, hi = info["data_offsets"]
@@ -187,7 +192,9 @@ def _safetensors_tensors(path: Path) -> dict[str, SourceTensor]:
 def _safetensors_files(directory: Path) -> list[Path]:
   index = directory / "model.safetensors.index.json"
   if index.is_file():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = _json(index.read_bytes(), str(index), "is damaged").get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index} has no weight_map object; the index is damaged")
     files = [directory / f for f in sorted(set(weight_map.values()))]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -201,12 +208,33 @@ def _safetensors_files(directory: Path) -> list[Path]:
   return files
 
 
+def _json(raw: bytes, what: str, fix: str):
+  """Parsed JSON, or a ValueError naming the file and where the text stops being JSON."""
+  try:
+    return json.loads(raw)
+  except UnicodeDecodeError:
+    raise ValueError(f"{what} is not UTF-8 JSON: it {fix}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): it {fix}") from None
+
+
+def read_hf_config(config_file: Path) -> ModelConfig:
+  """config.json -> ModelConfig; every error names the file (and the field)."""
+  hf = _json(config_file.read_bytes(), str(config_file), "must be an HF config.json")
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{config_file} holds a JSON {type(hf).__name__}, not an object: it must be an HF config.json")
+  try:
+    return from_hf_config(hf)
+  except ConfigError as e:
+    raise ConfigError(f"{config_file}: {e}") from None
+
+
 def load_hf_dir(directory: Path, dtype="float32") -> tuple[ModelConfig, ModelParams]:
   config_file = directory / "config.json"
   if not config_file.is_file():
     raise FileNotFoundError(f"{directory} has no config.json: expected an HF model directory "
                             "(config.json and *.safetensors) or a .gguf file")
-  cfg = from_hf_config(json.loads(config_file.read_text()))
+  cfg = read_hf_config(config_file)
   tensors: dict[Key, SourceTensor] = {}
   for file in _safetensors_files(directory):
     for name, t in _safetensors_tensors(file).items():
@@ -242,6 +270,16 @@ def load_backbone(path_or_name, dtype="float32") -> tuple[ModelConfig, ModelPara
   """
   from chunkllm_jax import gguf_import  # only GGUF needs the gguf package
 
+  path = _model_path(path_or_name)
+  if path.is_dir():
+    cfg, params = load_hf_dir(path, dtype)
+    return cfg, params, (str(path), None)
+  cfg, params = gguf_import.load_gguf(path, dtype)
+  return cfg, params, (str(path.parent), path.name)
+
+
+def _model_path(path_or_name) -> Path:
+  """An HF directory or a .gguf file, from what `load_backbone` accepts."""
   if isinstance(path_or_name, str) and path_or_name in registry.REGISTRY:
     path = registry.resolve(path_or_name)
   else:
@@ -250,15 +288,31 @@ def load_backbone(path_or_name, dtype="float32") -> tuple[ModelConfig, ModelPara
     raise _not_found(path_or_name)
   if path.is_file() and (path.name == "config.json" or path.suffix == ".safetensors"):
     path = path.parent  # a file inside an HF directory: load the directory
-  if path.is_dir():
+  if path.is_dir() and not (path / "config.json").is_file():
     ggufs = sorted(path.glob("*.gguf"))
-    if not (path / "config.json").is_file() and len(ggufs) == 1:
-      path = ggufs[0]
-    else:
-      cfg, params = load_hf_dir(path, dtype)
-      return cfg, params, (str(path), None)
-  cfg, params = gguf_import.load_gguf(path, dtype)
-  return cfg, params, (str(path.parent), path.name)
+    if len(ggufs) == 1:
+      return ggufs[0]
+    if len(ggufs) > 1:
+      raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}): give the "
+                       f"one to load, e.g. {ggufs[0]}")
+  return path
+
+
+def load_config(path_or_name) -> ModelConfig:
+  """Only the config of what `load_backbone` would load (no weights read): for checks up front."""
+  from chunkllm_jax import gguf_import
+
+  path = _model_path(path_or_name)
+  if path.is_dir():
+    config_file = path / "config.json"
+    if not config_file.is_file():
+      raise FileNotFoundError(f"{path} has no config.json: expected an HF model directory "
+                              "(config.json and *.safetensors) or a .gguf file")
+    return read_hf_config(config_file)
+  return gguf_import.gguf_config(gguf_import.open_gguf(path), path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(source: TokenizerSource):
@@ -271,6 +325,10 @@ def load_tokenizer(source: TokenizerSource):
   directory, gguf_file = source
   if gguf_file is not None:
     return gguf_import.load_gguf_tokenizer(Path(directory) / gguf_file)
+  if not any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+    raise FileNotFoundError(f"{directory} has no tokenizer: expected one of {', '.join(TOKENIZER_FILES)} "
+                            "beside config.json (copy them from the model's repository, or load with "
+                            "tokenizer=False)")
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,124 @@ def test_kv_memory_check_names_size_and_limit(params):
   with pytest.raises(ValueError, match=r"needs [\d.]+ GiB, more than the [\d.]+ GiB of host RAM"):
     checks.check_kv_memory(params.config, 1 << 20, 1 << 20, 4)
   checks.check_kv_memory(params.config, 2, 1024, 4)  # small: no error
+
+
+# 2. Malformed model folders: the file and the field are named, and nothing there is changed.
+
+TINY_HF = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _hf_dir(tmp_path, config=None, raw: bytes | None = None) -> Path:
+  d = tmp_path / "model"
+  d.mkdir()
+  (d / "config.json").write_bytes(raw if raw is not None else json.dumps({**TINY_HF, **(config or {})}).encode())
+  return d
+
+
+@pytest.mark.parametrize("config, raw, kind, match", [
+    (None, b'{"model_type": "llama", "vocab_size": 64,', ValueError,
+     r"model/config.json is not valid JSON \(Expecting .* at line 1, column \d+\)"),
+    (None, b"\xff\xfe", ValueError, r"model/config.json is not (valid|UTF-8) JSON"),
+    (None, b"[1, 2]", cj.ConfigError, r"model/config.json holds a JSON list, not an object"),
+    (dict(num_attention_heads=0), None, cj.ConfigError,
+     r"model/config.json: config.json field 'num_attention_heads' must be an int >= 1, got 0"),
+    (dict(hidden_size="32"), None, cj.ConfigError, r"field 'hidden_size' must be an int >= 1, got '32'"),
+    (dict(num_hidden_layers=2.5), None, cj.ConfigError, r"field 'num_hidden_layers' must be an int >= 1, got 2.5"),
+    (dict(rms_norm_eps="tiny"), None, cj.ConfigError, r"model/config.json: .* wrong type: .*'tiny'"),
+    (dict(vocab_size=None), None, cj.ConfigError, r"lacks the field 'vocab_size'"),
+])
+def test_a_bad_config_json_names_the_file_and_the_field(tmp_path, config, raw, kind, match):
+  from chunkllm_jax import weights
+  d = _hf_dir(tmp_path, config, raw)
+  before = _tree(d)
+  for load in (weights.load_config, weights.load_backbone):
+    with pytest.raises(kind, match=match):
+      load(str(d))
+  assert _tree(d) == before
+
+
+def test_zero_heads_in_code_is_a_config_error_not_a_division_by_zero():
+  with pytest.raises(cj.ConfigError, match="n_kv_heads must be a positive int, got 0"):
+    cj.ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=0, head_dim=8, d_ff=64)
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"not json at all!", r"the header of .*model.safetensors is not valid JSON"),
+    (b'["a list"]', r"model.safetensors: the safetensors header is not a JSON object"),
+    (b'{"model.embed_tokens.weight": {"dtype": "F32"}}', r"tensor model.embed_tokens.weight lacks dtype, shape"),
+])
+def test_a_damaged_safetensors_header_names_the_file(tmp_path, header, match):
+  from chunkllm_jax import weights
+  d = _hf_dir(tmp_path)
+  (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+  before = _tree(d)
+  with pytest.raises(ValueError, match=match):
+    weights.load_backbone(str(d))
+  assert _tree(d) == before
+
+
+def test_two_gguf_files_in_one_folder_ask_which(tmp_path):
+  from chunkllm_jax import weights
+  d = tmp_path / "ggufs"
+  d.mkdir()
+  for name in ("a.gguf", "b.gguf"):
+    (d / name).write_bytes(b"GGUF")
+  with pytest.raises(ValueError, match=r"holds 2 .gguf files \(a.gguf, b.gguf\): give the one to load, e.g. .*a.gguf"):
+    weights.load_backbone(str(d))
+
+
+def test_a_folder_without_tokenizer_files_says_which_files(tmp_path):
+  from chunkllm_jax import weights
+  d = _hf_dir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"has no tokenizer: expected one of tokenizer.json, .* tokenizer=False"):
+    weights.load_tokenizer((str(d), None))
+
+
+# 3. A damaged adapter export: one error, without the storage library's traceback chain.
+
+@pytest.fixture
+def export(tmp_path):
+  from train import backbone
+  cfg = cj.ModelConfig(arch="llama", vocab_size=64, eos_ids=(0,), **backbone.TINY_SIZES)
+  out = tmp_path / "export"
+  cj.save_adapters(cj.init_adapters(jax.random.key(0), cfg), out, model_config=cfg, backbone="tiny")
+  return out, cfg
+
+
+def test_damaged_adapter_weights_are_one_error_without_a_chain(export):
+  out, cfg = export
+  for p in (out / "params").rglob("*"):
+    if p.is_file() and p.stat().st_size > 100:
+      p.write_bytes(b"garbage")
+  before = _tree(out)
+  with pytest.raises(cj.adapter_io.AdapterLoadError, match="cannot be read .* the export is damaged") as e:
+    cj.load_adapters(out, cfg)
+  assert e.value.__cause__ is None and e.value.__suppress_context__
+  assert _tree(out) == before
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("adapter_config"), lambda m: m["adapter_config"].pop("d_c"),
+                                  lambda m: m.update(model_config="oops")])
+def test_a_damaged_export_config_is_named(export, edit):
+  out, cfg = export
+  meta = json.loads((out / "config.json").read_text())
+  edit(meta)
+  (out / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(cj.adapter_io.AdapterLoadError, match=r"config.json is damaged .* export the adapters again"):
+    cj.load_adapters(out)
+
+
+# 4. The CLIs: one `error:` line, exit code 2, before any work.
+
+@pytest.mark.parametrize("flags, match", [
+    (["--max-new-tokens", "1000000000"], r"--max-new-tokens 1000000000 leaves no room for the prompt in .*'s "
+                                         r"context of 256 positions: give at most 255"),
+    (["--temperature", "nan"], r"temperature must be a finite number >= 0"),
+])
+def test_cli_generate_refuses_sizes_and_settings_before_loading(tmp_path, flags, match):
+  d = _hf_dir(tmp_path)  # a config alone: the refusal must come before the weights are read
+  before = _tree(d)
+  line = _one_error_line(_cli("chunkllm_jax", "generate", "--model", str(d), "--prompt", "hi", *flags))
+  assert re.search(match, line), line
+  assert _tree(d) == before
