@@ -262,3 +262,82 @@ def test_cli_generate_refuses_sizes_and_settings_before_loading(tmp_path, flags,
   line = _one_error_line(_cli("chunkllm_jax", "generate", "--model", str(d), "--prompt", "hi", *flags))
   assert re.search(match, line), line
   assert _tree(d) == before
+
+
+# 5. train.run and train.evaluate: every flag is checked before any work (no data build, no model load).
+
+@pytest.fixture
+def run_dir(tmp_path):
+  from tests import train_run_fixtures as fx
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  (tmp_path / "a_file").write_text("mine\n")
+  (tmp_path / "folder").mkdir()
+  return tmp_path, corpus
+
+
+def _train_refused(capsys, module, argv) -> str:
+  capsys.readouterr()
+  assert module.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+TRAIN_BAD = {
+    "export_dtype": (["--export_dtype", "float16"], r"--export_dtype float16 is not supported: give one of float32, bfloat16"),
+    "seq_len": (["--seq_len", "0"], r"--seq_len 0 is too small: give 2 or more"),
+    "batch_size": (["--batch_size", "0"], r"--batch_size 0 is too small: give 1 or more"),
+    "lr": (["--lr", "nan"], r"--lr nan is out of range"),
+    "workdir": (["--workdir", "{tmp}/a_file/run"], r"--workdir .*a_file/run cannot be written .*a_file does not let"),
+    "workdir_file": (["--workdir", "{tmp}/a_file"], r"--workdir .*a_file is a file; give a folder"),
+    "data_folder": (["--data", "{tmp}/folder"], r"--data .*folder is a folder: give the text files in it"),
+    "data_missing": (["--data", "{tmp}/nope.txt"], r"--data .*nope.txt does not exist"),
+    "model": (["--model", "{tmp}/folder", "--tokenizer", ""], r"no config.json"),
+    "untrained": (["--steps", "0", "--export", "{tmp}/export"],
+                  r"--steps 0 --export .* would export untrained \(random\) adapters: .*--allow_untrained_export true"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_BAD))
+def test_train_run_checks_every_flag_before_any_work(run_dir, capsys, monkeypatch, case):
+  from tests import train_run_fixtures as fx
+  from train import backbone, run
+  tmp, corpus = run_dir
+  monkeypatch.setattr(backbone, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
+  flags, match = TRAIN_BAD[case]
+  argv = fx.command(tmp / "work", corpus, tmp / "data", *[f.format(tmp=tmp) for f in flags])[4:]
+  before = _tree(tmp)
+  assert re.search(match, _train_refused(capsys, run, argv))
+  assert _tree(tmp) == before and not (tmp / "work").exists() and not (tmp / "data").exists()
+
+
+def test_untrained_export_is_allowed_when_asked(run_dir):
+  from tests import train_run_fixtures as fx
+  from train import config, run
+  tmp, corpus = run_dir
+  argv = fx.command(tmp / "work", corpus, tmp / "data", "--steps", "0", "--export", str(tmp / "export"),
+                    "--allow_untrained_export", "true")[4:]
+  run.check_flags(config.from_args(run.parse_args(argv)))  # no error
+
+
+def test_unknown_preset_is_one_error_line(capsys):
+  from train import config, run
+  with pytest.raises(SystemExit) as e:
+    config.from_args(run.parse_args(["--preset", "huge"]))
+  assert e.value.code == 2 and capsys.readouterr().err.startswith("error: unknown preset 'huge'")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--adapters", "{tmp}/nowhere"], r"no adapter export at"),
+    (["--adapters", "{tmp}/folder"], r"not a readable adapter export"),
+    (["--adapters", "smollm2-135m", "--out", "{tmp}/folder"], r"--out .*folder is a folder"),
+    (["--adapters", "smollm2-135m", "--seq_len", "0"], r"--seq_len 0 is too small"),
+])
+def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, extra, match):
+  from train import backbone, evaluate
+  tmp, corpus = run_dir
+  monkeypatch.setattr(backbone, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
+  argv = ["--preset", "tiny", "--data", corpus, "--workdir", str(tmp / "work"), *[f.format(tmp=tmp) for f in extra]]
+  before = _tree(tmp)
+  assert re.search(match, _train_refused(capsys, evaluate, argv))
+  assert _tree(tmp) == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 
 
@@ -59,6 +60,7 @@ class TrainConfig:
   max_to_keep: int = 3
   export: str = ""  # after training, write an adapters-only export here
   export_dtype: str = "float32"  # of the exported weights: float32 or bfloat16 (half the size)
+  allow_untrained_export: bool = False  # --steps 0 --export is refused unless this is given
   progress: bool = True  # tqdm bar
 
   def replace(self, **kw) -> "TrainConfig":
@@ -109,7 +111,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
   if args.preset not in PRESETS:
-    raise SystemExit(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
+    print(f"error: unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
+    raise SystemExit(2)  # a user error, as argparse reports one
   base = PRESETS[args.preset]
   given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
            if getattr(args, f.name, None) is not None}

@@ -20,7 +20,11 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pathlib import Path  # noqa: E402
+
 from train import config as config_lib  # noqa: E402
+from train import run  # noqa: E402
+from train.run import FlagError  # noqa: E402
 
 COLUMNS = ("kl", "chunk_recall", "teacher_far_mass", "bce", "boundary_f1")
 
@@ -54,7 +58,7 @@ def evaluate(cfg, names, n_locals) -> list[dict]:
                             tokenizer=bb.tokenizer, tokenizer_name=cfg.tokenizer or cfg.model, seq_len=cfg.seq_len,
                             eval_fraction=cfg.eval_fraction, data_dir=cfg.data_dir or f"{cfg.workdir}/data")
   if splits["validation"] is None:
-    raise SystemExit("error: the dataset has no held-out split (raise --eval_fraction)")
+    raise FlagError("the dataset has no held-out split: raise --eval_fraction")
   batches = data.eval_batches(splits["validation"], global_batch=cfg.batch_size, n_batches=cfg.eval_batches)
   rows = []
   for name in names:
@@ -68,9 +72,31 @@ def evaluate(cfg, names, n_locals) -> list[dict]:
   return rows
 
 
+def check_flags(cfg, args) -> None:
+  """Everything a user gives, before the backbone is loaded or the data built."""
+  from chunkllm_jax import adapter_io
+
+  run.check_common_flags(cfg)
+  for name in args.adapters:
+    adapter_io.read_export_config(name)  # missing, or not an export: named now
+  for n_local in args.compare_n_local or []:
+    if n_local < 0:
+      raise FlagError(f"--compare_n_local {n_local}: give counts of 0 or more")
+  if args.out:
+    out = Path(args.out).expanduser().absolute()
+    if out.is_dir():
+      raise FlagError(f"--out {args.out} is a folder; give a file name for the JSON rows")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+      raise FlagError(f"--out {args.out}: {out.parent} is not a folder this user can write to")
+
+
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
-  rows = evaluate(cfg, args.adapters, args.compare_n_local or [cfg.n_local])
+  try:
+    check_flags(cfg, args)
+    rows = evaluate(cfg, args.adapters, args.compare_n_local or [cfg.n_local])
+  except run.user_errors() as e:
+    return run.report(e)
   print("| adapters | n_local | " + " | ".join(COLUMNS) + " |")
   print("|---|---|" + "---|" * len(COLUMNS))
   for r in rows:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,13 +67,81 @@ SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "see
 DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
 
 
+# Counts and their least sane value: a zero batch or sequence fails only after the data is built.
+MINIMUM = dict(seq_len=2, batch_size=1, steps=0, warmup_steps=0, d_c=1, n_sink=0, n_local=0, max_chunk_len=1,
+               max_chunks=1, recall_k=1, block_q=1, block_k=1, mesh_data=0, mesh_model=1, log_every=1,
+               eval_every=0, eval_batches=1, checkpoint_every=0)
+DTYPES = ("float32", "bfloat16")
+
+
 def check_flags(cfg) -> None:
-  """Refuses flags that would destroy files (FlagError, ExportTargetError): before any work."""
+  """Refuses every flag that cannot work or would destroy files (FlagError, ExportTargetError), before any
+  work: a wrong flag costs nothing, not a data build or a whole training run."""
   if cfg.max_to_keep < 1:
     raise FlagError(f"--max_to_keep {cfg.max_to_keep} would delete each checkpoint as soon as it is written; "
                     "give 1 or more")
+  check_common_flags(cfg)
+  _check_writable("--workdir", Path(cfg.workdir))
   if cfg.export:
+    if cfg.steps == 0 and not cfg.allow_untrained_export:
+      raise FlagError(f"--steps 0 --export {cfg.export} would export untrained (random) adapters: give --steps "
+                      "1 or more, or --allow_untrained_export true if that is what you want")
     check_export_path(cfg)
+
+
+def check_common_flags(cfg) -> None:
+  """The flags train.run and train.evaluate share: ranges, dtypes, the data files, the data folder, the model."""
+  for name, least in MINIMUM.items():
+    if getattr(cfg, name) < least:
+      raise FlagError(f"--{name} {getattr(cfg, name)} is too small: give {least} or more")
+  for name in ("dtype", "export_dtype"):
+    if getattr(cfg, name) not in DTYPES:
+      raise FlagError(f"--{name} {getattr(cfg, name)} is not supported: give one of {', '.join(DTYPES)}")
+  for name, ok in (("lr", 0 < cfg.lr < float("inf")), ("eval_fraction", 0 <= cfg.eval_fraction < 1),
+                   ("end_lr_ratio", 0 <= cfg.end_lr_ratio <= 1), ("weight_decay", cfg.weight_decay >= 0),
+                   ("clip_norm", cfg.clip_norm > 0)):
+    if not ok:  # also refuses nan
+      raise FlagError(f"--{name} {getattr(cfg, name)} is out of range (lr > 0, eval_fraction in [0, 1), "
+                      "end_lr_ratio in [0, 1], weight_decay >= 0, clip_norm > 0)")
+  if cfg.batch_size % jax.process_count():
+    raise FlagError(f"--batch_size {cfg.batch_size} is global: give a multiple of the {jax.process_count()} processes")
+  check_data_flags(cfg)
+  _check_writable("--data_dir", Path(cfg.data_dir or Path(cfg.workdir) / "data"))
+  check_model_flag(cfg)
+
+
+def check_data_flags(cfg) -> None:
+  if not cfg.data and not cfg.tfds_name:
+    raise FlagError("no training text: give --data FILE... (text files) or --tfds_name NAME")
+  for f in cfg.data:
+    p = Path(f)
+    if p.is_dir():
+      raise FlagError(f"--data {f} is a folder: give the text files in it (e.g. --data {p / '*.txt'})")
+    if not p.is_file():
+      raise FlagError(f"--data {f} does not exist (or is not a file): give UTF-8 text files")
+
+
+def _check_writable(flag: str, path: Path) -> None:
+  """The folder, or the nearest existing folder above it, must let us create files (nothing is created now)."""
+  path = path.expanduser().absolute()
+  if path.exists() and not path.is_dir():
+    raise FlagError(f"{flag} {path} is a file; give a folder")
+  existing = next(p for p in [path, *path.parents] if p.exists())
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise FlagError(f"{flag} {path} cannot be written ({existing} does not let this user create files); "
+                    "give a folder you can write to")
+
+
+def check_model_flag(cfg) -> None:
+  """The backbone's config only (weights are loaded later): a missing or malformed model is named now."""
+  from chunkllm_jax import weights
+  from train.backbone import RANDOM_TINY
+
+  if cfg.model == RANDOM_TINY:
+    if not cfg.tokenizer:
+      raise FlagError(f"--model {RANDOM_TINY} needs --tokenizer (e.g. smollm2-135m)")
+    return
+  weights.load_config(cfg.model)
 
 
 def check_export_path(cfg) -> None:
@@ -233,21 +302,32 @@ def train(cfg) -> dict[str, float]:
   return last
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+  """What a user's input can raise: reported as one line and exit code 2, never a traceback."""
+  from chunkllm_jax.adapter_io import AdapterLoadError, ExportTargetError
+  from chunkllm_jax.config import ConfigError
+  from train.checkpoint import CheckpointError
+  from train.tfds_builder import DataError
+
+  return (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, ConfigError,
+          FileNotFoundError, FileExistsError)
+
+
+def report(e: Exception) -> int:
+  print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)  # one line
+  return 2
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   setup_platform(args)
-  from chunkllm_jax.adapter_io import AdapterLoadError, ExportTargetError
   from train import config
-  from train.checkpoint import CheckpointError
-  from train.tfds_builder import DataError
 
   cfg = config.from_args(args)
   try:
     train(cfg)
-  except (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, FileNotFoundError,
-          FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except user_errors() as e:
+    return report(e)
   return 0
 
 
