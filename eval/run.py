@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -90,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+class UsageError(ValueError):
+  """A flag or input that cannot work: one `error:` line and exit code 2 from the command line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   id: str
@@ -105,11 +110,11 @@ def _resolve(args) -> argparse.Namespace:
     args.methods = ["vanilla", "chunkllm"] if q else list(M.METHODS)
   bad = sorted(set(args.methods) - set(M.METHODS))
   if bad:
-    raise SystemExit(f"error: unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")
+    raise UsageError(f"unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")
   args.methods = [m for m in M.METHODS if m in args.methods]  # vanilla first
   args.retention = args.retention or ([0.5] if q else [0.5, 0.25])
   if any(not 0 < r <= 1 for r in args.retention):
-    raise SystemExit(f"error: retention targets must be in (0, 1], got {args.retention}")
+    raise UsageError(f"retention targets must be in (0, 1], got {args.retention}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -117,10 +122,7 @@ def _resolve(args) -> argparse.Namespace:
     args.niah_max_new = min(args.niah_max_new, 12)  # a 5-digit key is 5 tokens, after 'The pass key is'
   if args.tasks is None:
     args.tasks = [] if q else list(longbench.MINI_TASKS)  # each task costs --quick a compile or two
-  for t in args.tasks:
-    longbench.get_task(t)  # unknown names fail here
-    if t not in longbench.MINI_TASKS and args.longbench_dir is None:
-      raise SystemExit(f"error: task {t!r} is a LongBench dataset: give --longbench_dir DIR")
+  _check_tasks(args)
   args.max_examples = args.max_examples or (1 if q else None)
   if q:
     args.max_prompt_tokens = args.max_prompt_tokens or 256
@@ -128,9 +130,50 @@ def _resolve(args) -> argparse.Namespace:
     args.ppl_bins = min(args.ppl_bins, 4)
   if args.filler is None:
     args.filler = "brown" if Path(args.brown).exists() else "generated"
-  if args.filler == "brown" and not Path(args.brown).exists():
-    raise SystemExit(f"error: --filler brown needs the text file --brown {args.brown}")
+  if args.filler == "brown" and not Path(args.brown).is_file():
+    raise UsageError(f"--filler brown needs the text file --brown {args.brown}")
+  _check_counts(args)
+  out = Path(args.out).expanduser().absolute()
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {args.out} is a file; give a folder for the results")
+  existing = next(p for p in [out, *out.parents] if p.exists())
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f"--out {args.out} cannot be written ({existing} does not let this user create files)")
   return args
+
+
+def _check_tasks(args) -> None:
+  """Unknown tasks and missing LongBench files, named before the model is loaded."""
+  if args.longbench_dir is not None and not Path(args.longbench_dir).is_dir():
+    raise UsageError(f"--longbench_dir {args.longbench_dir} is not a folder; give the folder of LongBench's "
+                     "<dataset>.jsonl files")
+  for t in args.tasks:
+    try:
+      longbench.get_task(t)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+    if t not in longbench.MINI_TASKS and args.longbench_dir is None:
+      raise UsageError(f"task {t!r} is a LongBench dataset: give --longbench_dir DIR")
+    directory = MINI_DIR if t in longbench.MINI_TASKS and args.longbench_dir is None else args.longbench_dir
+    if "longbench" in args.suites and not longbench.task_file(directory, t).is_file():
+      raise UsageError(f"task {t!r} has no file {longbench.task_file(directory, t)}; put LongBench's "
+                       f"{t}.jsonl there, or leave the task out")
+
+
+def _check_counts(args) -> None:
+  least = dict(niah_samples=1, niah_max_new=1, ppl_tokens=2, ppl_prefix=1, ppl_docs=1, ppl_bins=1, batch_size=1,
+               window=1)
+  for name, n in least.items():
+    if getattr(args, name) < n:
+      raise UsageError(f"--{name} {getattr(args, name)} is too small: give {n} or more")
+  for name in ("max_examples", "max_prompt_tokens", "fix_chunk_len"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      raise UsageError(f"--{name} {getattr(args, name)} is too small: give 1 or more")
+  if any(n < 1 for n in args.niah_lengths) or any(not 0 <= d <= 1 for d in args.niah_depths):
+    raise UsageError(f"--niah_lengths must be >= 1 and --niah_depths in [0, 1]; got {args.niah_lengths}, "
+                     f"{args.niah_depths}")
+  if args.ppl_prefix >= args.ppl_tokens:
+    raise UsageError(f"--ppl_prefix {args.ppl_prefix} leaves nothing to score in --ppl_tokens {args.ppl_tokens}")
 
 
 def _fingerprint(args) -> dict:
@@ -146,15 +189,27 @@ _ADDED_LATER = {"vote": "sum", "selection_layers": None}  # settings newer than 
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
+  """Refuses to add results of other settings to a folder's results.jsonl. Only results are guarded:
+  without a results.jsonl, an old run_config.json is simply replaced (see `_write_fingerprint`)."""
   path = out / "run_config.json"
-  if path.exists():
-    old = {**_ADDED_LATER, **json.loads(path.read_text())}
+  if path.exists() and (out / "results.jsonl").exists():
+    try:
+      old = {**_ADDED_LATER, **json.loads(path.read_text())}
+    except ValueError:
+      raise UsageError(f"{path} is damaged, so the settings of {out / 'results.jsonl'} are unknown; use another "
+                       "--out, or delete that results.jsonl") from None
     diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
     if diff:
-      raise SystemExit(f"error: {out} holds results made with other settings {diff} (old, new); "
-                       "use another --out, or delete its results.jsonl")
-  else:
-    out.mkdir(parents=True, exist_ok=True)
+      raise UsageError(f"{out} holds results made with other settings {diff} (old, new); "
+                       f"use another --out, or delete {out / 'results.jsonl'} to start over there")
+
+
+def _write_fingerprint(out: Path, fp: dict) -> None:
+  """Written only once the model, the adapters and the examples are checked: a refused run leaves nothing
+  that would refuse its corrected re-run."""
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "run_config.json"
+  if not path.exists() or not (out / "results.jsonl").exists():
     path.write_text(json.dumps(fp, indent=1) + "\n")
 
 
@@ -277,7 +332,7 @@ def run(args, model=None, params=None) -> Path:
 
   args = _resolve(args)
   out = Path(args.out)
-  _check_fingerprint(out, _fingerprint(args))
+  _check_fingerprint(out, _fingerprint(args))  # compared now, written once everything is checked
   results = ResultsFile(out / "results.jsonl")
   for bad in results.bad_lines:
     print(f"warning: {results.path}:{bad.line}: malformed result line skipped ({bad.reason}); "
@@ -309,6 +364,7 @@ def run(args, model=None, params=None) -> Path:
     docs = ppl.text_windows(tok, args.ppl_docs, args.ppl_tokens, args.brown if args.filler == "brown" else None,
                             args.seed)
 
+  _write_fingerprint(out, _fingerprint(args))
   runner = Runner(args, model, params, settings, results)
   ppl_ids = [f"doc{i}-N{args.ppl_tokens}" for i in range(len(docs))]
   total = sum(_count_pending(runner, t, [e.id for e in ex], rs, args.methods) for t, ex, _, rs in gen)
@@ -332,5 +388,17 @@ def main(argv=None, model=None, params=None) -> Path:
   return run(_parser().parse_args(argv), model=model, params=params)
 
 
+def cli(argv=None) -> int:
+  """`main` for a user: a bad input is one `error:` line and exit code 2, never a traceback."""
+  from chunkllm_jax.adapter_io import AdapterLoadError
+
+  try:
+    main(argv)
+  except (UsageError, AdapterLoadError, FileNotFoundError, ValueError) as e:
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
     assert len(ResultsFile(out / "results.jsonl").records) == N_RESULTS
   assert "lines 5" in (out / "results.md").read_text()
 
-  with pytest.raises(SystemExit, match="other settings"):
+  with pytest.raises(eval_run.UsageError, match="other settings"):
     run_stubbed(monkeypatch, out, Stubs(), extra=["--window", "128"])
 
   # A folder from before --vote existed holds results of the default vote: it resumes as such.
@@ -178,7 +178,7 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   with pytest.warns(UserWarning, match="results.jsonl:5:"):
     run_stubbed(monkeypatch, out, old)
   assert not old.computed
-  with pytest.raises(SystemExit, match="other settings.*vote"):
+  with pytest.raises(eval_run.UsageError, match="other settings.*vote"):
     run_stubbed(monkeypatch, out, Stubs(), extra=["--vote", "max"])
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -341,3 +342,49 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
   before = _tree(tmp)
   assert re.search(match, _train_refused(capsys, evaluate, argv))
   assert _tree(tmp) == before
+
+
+# 6. eval.run: flags, tasks and LongBench files first; its run fingerprint only once all is checked.
+
+@pytest.mark.parametrize("extra, match", [
+    (["--tasks", "nope"], r"unknown task 'nope'; known:"),
+    (["--tasks", "narrativeqa", "--longbench_dir", "{tmp}/lb"], r"task 'narrativeqa' has no file .*lb/narrativeqa.jsonl"),
+    (["--tasks", "narrativeqa", "--longbench_dir", "{tmp}/a_file"], r"--longbench_dir .*a_file is not a folder"),
+    (["--out", "{tmp}/a_file"], r"--out .*a_file is a file; give a folder"),
+    (["--methods", "magic"], r"unknown methods \['magic'\]"),
+    (["--ppl_prefix", "96"], r"--ppl_prefix 96 leaves nothing to score in --ppl_tokens 96"),
+    (["--batch_size", "0"], r"--batch_size 0 is too small"),
+])
+def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
+  from eval import run as eval_run
+  from tests.test_eval_run import FLAGS
+  (tmp_path / "a_file").write_text("mine\n")
+  (tmp_path / "lb").mkdir()
+  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
+  before = _tree(tmp_path)
+  with pytest.raises(eval_run.UsageError, match=match):
+    eval_run.main([*FLAGS, "--out", str(tmp_path / "ev"), *[f.format(tmp=tmp_path) for f in extra]])
+  assert _tree(tmp_path) == before and not (tmp_path / "ev").exists()
+
+
+def test_eval_run_records_its_settings_only_after_the_adapters_load(tmp_path, monkeypatch):
+  """A run refused for its adapters leaves no run_config.json, so the corrected run (other settings) starts."""
+  from eval import run as eval_run
+  from tests.test_eval_run import FLAGS, Stubs, WordTokenizer, run_stubbed
+  out = tmp_path / "ev"
+  model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=64, max_position=512),
+                                tokenizer=WordTokenizer(), params=None)
+  with pytest.raises(FileNotFoundError, match="no adapter export"):
+    eval_run.main([*FLAGS, "--out", str(out), "--adapters", str(tmp_path / "nowhere")], model=model)
+  assert not (out / "run_config.json").exists()
+  run_stubbed(monkeypatch, out, Stubs(), extra=["--window", "128"])
+  assert json.loads((out / "run_config.json").read_text())["window"] == 128
+
+
+def test_eval_run_cli_is_one_error_line(tmp_path):
+  (tmp_path / "a_file").write_text("mine\n")
+  line = _one_error_line(_cli("eval.run", "--tasks", "nope", "--out", str(tmp_path / "ev")))
+  assert "unknown task 'nope'" in line
+  line = _one_error_line(_cli("eval.run", "--out", str(tmp_path / "a_file")))
+  assert "is a file; give a folder" in line
+  assert (tmp_path / "a_file").read_text() == "mine\n" and not (tmp_path / "ev").exists()
