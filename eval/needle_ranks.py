@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -154,6 +155,33 @@ def main(argv=None):
   ap.add_argument("--selection_layers", type=int, nargs="+", default=None,
                   help="the layers the votes are taken over (default: the adapters' stored choice)")
   args = ap.parse_args(argv)
+  try:
+    check_flags(args)
+    run(args)
+  except (ValueError, FileNotFoundError) as e:  # a user's input (AdapterLoadError, ConfigError are ValueErrors)
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+    return 2
+  return 0
+
+
+def check_flags(args) -> None:
+  """Everything that needs no weights, before the model is loaded."""
+  from chunkllm_jax import adapter_io, weights
+
+  if any(n < 256 for n in args.tokens):
+    raise ValueError(f"--tokens {args.tokens}: each prompt needs at least 256 tokens")
+  if any(not 0 <= d <= 1 for d in args.depths):  # also refuses nan
+    raise ValueError(f"--depths {args.depths}: each is where the needle sits, from 0 (start) to 1 (end)")
+  cfg = weights.load_config(args.model)
+  if max(args.tokens) + 64 > cfg.max_position:
+    raise ValueError(f"--tokens {max(args.tokens)} does not fit {args.model}'s {cfg.max_position} positions")
+  adapter_io.read_export_config(args.adapters or args.model)
+  out = pathlib.Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {args.out} is a file; give a folder")
+
+
+def run(args) -> None:
   model = cj.load(args.model, dtype="float32")
   params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
   rows = []
@@ -178,4 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

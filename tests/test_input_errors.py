@@ -388,3 +388,22 @@ def test_eval_run_cli_is_one_error_line(tmp_path):
   line = _one_error_line(_cli("eval.run", "--out", str(tmp_path / "a_file")))
   assert "is a file; give a folder" in line
   assert (tmp_path / "a_file").read_text() == "mine\n" and not (tmp_path / "ev").exists()
+
+
+# 7. eval.needle_ranks: one error line, exit 2, before the model is loaded.
+
+@pytest.mark.parametrize("argv, match", [
+    (["--depths", "5"], r"--depths \[5.0\]: each is where the needle sits, from 0 \(start\) to 1 \(end\)"),
+    (["--tokens", "10"], r"--tokens \[10\]: each prompt needs at least 256 tokens"),
+    (["--model", "{tmp}/nowhere"], r"no model at"),
+    (["--model", "{tmp}/model", "--tokens", "1000"], r"--tokens 1000 does not fit .* 256 positions"),
+    (["--model", "{tmp}/model", "--tokens", "256", "--adapters", "{tmp}/nowhere"], r"no adapter export at"),
+])
+def test_needle_ranks_refuses_bad_flags_before_loading(tmp_path, capsys, monkeypatch, argv, match):
+  from eval import needle_ranks
+  _hf_dir(tmp_path)
+  monkeypatch.setattr(needle_ranks.cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
+  before = _tree(tmp_path)
+  line = _train_refused(capsys, needle_ranks, [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o")])
+  assert re.search(match, line), line
+  assert _tree(tmp_path) == before
