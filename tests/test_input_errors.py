@@ -396,12 +396,12 @@ def test_eval_run_cli_is_one_error_line(tmp_path):
     (["--depths", "5"], r"--depths \[5.0\]: each is where the needle sits, from 0 \(start\) to 1 \(end\)"),
     (["--tokens", "10"], r"--tokens \[10\]: each prompt needs at least 256 tokens"),
     (["--model", "{tmp}/nowhere"], r"no model at"),
-    (["--model", "{tmp}/model", "--tokens", "1000"], r"--tokens 1000 does not fit .* 256 positions"),
+    (["--model", "{tmp}/model", "--tokens", "5000"], r"--tokens 5000 does not fit .* 4096 positions"),
     (["--model", "{tmp}/model", "--tokens", "256", "--adapters", "{tmp}/nowhere"], r"no adapter export at"),
 ])
 def test_needle_ranks_refuses_bad_flags_before_loading(tmp_path, capsys, monkeypatch, argv, match):
   from eval import needle_ranks
-  _hf_dir(tmp_path)
+  _hf_dir(tmp_path, dict(max_position_embeddings=4096))
   monkeypatch.setattr(needle_ranks.cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
   before = _tree(tmp_path)
   line = _train_refused(capsys, needle_ranks, [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o")])
