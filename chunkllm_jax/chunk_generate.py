@@ -179,15 +179,15 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
     return closes, ids, ends, n
 
   def layer_scores(idx, q, k, h, seg):
-    """This selection layer's distributions at every prompt boundary [B, C, C], and at the last
-    token: q~ [B, d_c], the chunks' k~ [B, C, d_c]."""
+    """This selection layer's distributions for every prompt chunk's selection [B, C + 1, C], and at
+    the last token: q~ [B, d_c], the chunks' k~ [B, C, d_c]."""
     _, _, ends, n = seg
-    n_cand, _, _ = chunk_prefill_lib.boundary_rows(ends, n, ccfg)
+    row_end, n_cand, _, _ = chunk_prefill_lib.selection_rows(ends, n, lengths_B - 1, ccfg)
     if ccfg.scorer == "adapter":
       qt, kt = _qk(params, slot_L[idx], h)
-      probs = chunk_prefill_lib.adapter_rows(qt, kt, ends, n_cand)
+      probs = chunk_prefill_lib.adapter_rows(qt, kt, row_end, ends, n_cand)
       return probs, jnp.take_along_axis(qt, last, axis=1)[:, 0], adp.chunk_keys(kt, ends)
-    probs = chunk_prefill_lib.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
+    probs = chunk_prefill_lib.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                                              softcap=cfg.attn_softcap, n_queries=ccfg.score_queries)
     return probs, jnp.zeros((B, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32)
 
@@ -204,20 +204,21 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
 
     o = jax.lax.cond(sparse_L[idx], sparse, lambda: self_attend(None, layer, q, k, v, h)[0])
     seg = jax.lax.cond(idx == 0, lambda: segmentation(o), lambda: seg)
-    nothing = (jnp.zeros((B, C, C), jnp.float32), jnp.zeros((B, d_c), jnp.float32),
+    nothing = (jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, d_c), jnp.float32),
                jnp.zeros((B, C, d_c), jnp.float32))
     probs, qt_last, chunk_key = jax.lax.cond(selects_L[idx], lambda: layer_scores(idx, q, k, h, seg), lambda: nothing)
     vote = vote + probs if ccfg.vote == "sum" else jnp.maximum(vote, probs)  # probs >= 0: max with 0 is a no-op
     if ccfg.prefill == "sparse":
+      rows = chunk_prefill_lib.selection_rows(seg[2], seg[3], lengths_B - 1, ccfg)
       vis = jax.lax.cond(selects_L[idx], lambda: chunk_prefill_lib.selection_table(
-          chunk_prefill_lib.prompt_selection(vote, seg[2], seg[3], ccfg), n_ids), lambda: vis)
+          chunk_prefill_lib.prompt_selection(vote, seg[2], seg[3], rows, ccfg), n_ids), lambda: vis)
     q_recent = jnp.take_along_axis(q, jnp.maximum(recent_pos, 0)[..., None, None], axis=1)  # [B, Q, H, D]
     return o, (kb, vb, seg, vote, vis), (q_recent, qt_last, chunk_key)
 
   cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
   seg0 = (jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, C), jnp.int32),
           jnp.zeros((B,), jnp.int32))
-  state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C, C), jnp.float32), jnp.zeros((B, n_ids, n_ids), bool))
+  state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, n_ids, n_ids), bool))
   x, (k, v, seg, _, _), (q_recent_L, qt_last_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn,
                                                                                 state0)
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]

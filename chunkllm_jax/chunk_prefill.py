@@ -39,66 +39,78 @@ def kernel_ids(chunk_id_BT, valid_BT, max_chunks: int):
   return jnp.where(valid_BT, jnp.minimum(chunk_id_BT + 1, max_chunks + 1), -1).astype(jnp.int32)
 
 
-def boundary_rows(ends_BC, n_chunks_B, ccfg: ChunkConfig):
-  """What the selection made at each prompt boundary (table chunk j's last token) may use: the
-  candidate count (chunks completed then, minus the local ones), the tokens the budget must also
-  cover (sinks and local chunks), and the tokens seen. Each [B, C] int32; rows past the last
-  boundary have no candidate."""
-  C = ends_BC.shape[1]
-  j = jnp.arange(C)[None]
-  done = j < n_chunks_B[:, None]
-  n_cand = jnp.where(done, jnp.maximum(j + 1 - ccfg.n_local, 0), 0)
-  fixed = ccfg.n_sink + local_tokens(ends_BC, jnp.broadcast_to(j + 1, ends_BC.shape), ccfg.n_local, ccfg.n_sink)
-  return n_cand.astype(jnp.int32), fixed.astype(jnp.int32), jnp.maximum(ends_BC, 0) + 1
-
-
-def adapter_rows(q_BTd, k_BTd, ends_BC, n_cand_BC):
-  """QK-Adapter distributions of every boundary row: [B, C, C]."""
-  at = jnp.maximum(ends_BC, 0)[..., None]
-  return adapter_probs(jnp.take_along_axis(q_BTd, at, axis=1), jnp.take_along_axis(k_BTd, at, axis=1), n_cand_BC)
-
-
-def attention_rows(q_BTHD, k_BTKD, ends_BC, n_cand_BC, *, n_sink: int, scale: float, softcap=None,
-                   n_queries: int = 1, rows_at_once: int = 128):
-  """Frozen-attention distributions of every boundary row: [B, C, C]. Row j scores with the queries
-  of the `n_queries` tokens up to chunk j's boundary (the max over them); about `rows_at_once`
-  queries at a time, so the scores held at once are [B, rows_at_once, H, T]."""
+def selection_rows(ends_BC, n_chunks_B, last_B, ccfg: ChunkConfig):
+  """The selections of the prompt, one row per chunk it serves (chunk s = 0..C; s = n_chunks is the
+  open chunk after the last boundary). Per row, each [B, C + 1] int32: the position of the last
+  query that chooses, the candidate count (chunks completed before s, minus the local ones), the
+  tokens the budget must also cover (sinks, local chunks, what of chunk s is read), and the tokens
+  seen. `ccfg.prefill_selection` says whose queries choose for chunk s:
+  - "own": chunk s's own last queries (the prompt is known whole, so a question's chunk reads what
+    the question asks for);
+  - "previous": the last queries before chunk s, at the boundary that opened it, as in decode.
+  Rows past the open chunk have no candidate."""
   B, C = ends_BC.shape
-  nb = max(rows_at_once // n_queries, 1)  # boundaries per block
-  pad = -C % nb
-  ends = jnp.pad(ends_BC, [(0, 0), (0, pad)])
-  q_pos = jnp.maximum(ends, 0)[..., None] - jnp.arange(n_queries)  # [B, C', Q]; < 0: no such query
-  q_BCQHD = jnp.take_along_axis(q_BTHD[:, :, None], jnp.maximum(q_pos, 0)[..., None, None], axis=1)
-  n_cand = jnp.pad(n_cand_BC, [(0, 0), (0, pad)])
+  s = jnp.arange(C + 1)[None]
+  start = jnp.concatenate([jnp.full((B, 1), ccfg.n_sink, ends_BC.dtype), ends_BC + 1], axis=1)  # chunk s's first
+  own_end = jnp.where(s < n_chunks_B[:, None], jnp.pad(ends_BC, [(0, 0), (0, 1)]), last_B[:, None])
+  row_end = own_end if ccfg.prefill_selection == "own" else start - 1
+  live = s <= n_chunks_B[:, None]
+  n_cand = jnp.where(live, jnp.maximum(s - ccfg.n_local, 0), 0)
+  s_B = jnp.broadcast_to(s, (B, C + 1))
+  fixed = ccfg.n_sink + local_tokens(ends_BC, s_B, ccfg.n_local, ccfg.n_sink) + jnp.maximum(row_end + 1 - start, 0)
+  return (row_end.astype(jnp.int32), n_cand.astype(jnp.int32), fixed.astype(jnp.int32),
+          (jnp.maximum(row_end, 0) + 1).astype(jnp.int32))
+
+
+def adapter_rows(q_BTd, k_BTd, row_end_BR, ends_BC, n_cand_BR):
+  """QK-Adapter distributions of the selection rows (q~ at each row's last query): [B, R, C]."""
+  q = jnp.take_along_axis(q_BTd, jnp.maximum(row_end_BR, 0)[..., None], axis=1)
+  k = jnp.take_along_axis(k_BTd, jnp.maximum(ends_BC, 0)[..., None], axis=1)
+  return adapter_probs(q, k, n_cand_BR)
+
+
+def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: int, scale: float, softcap=None,
+                   n_queries: int = 1, rows_at_once: int = 128):
+  """Frozen-attention distributions of the selection rows: [B, R, C]. A row scores with the queries
+  of the `n_queries` tokens up to its last query (the max over them); about `rows_at_once` queries
+  at a time, so the scores held at once are [B, rows_at_once, H, T]."""
+  B, R = row_end_BR.shape
+  C = ends_BC.shape[1]
+  nb = max(rows_at_once // n_queries, 1)  # rows per block
+  pad = -R % nb
+  q_pos = jnp.pad(row_end_BR, [(0, 0), (0, pad)], constant_values=-1)[..., None] - jnp.arange(n_queries)
+  q_BRQHD = jnp.take_along_axis(q_BTHD[:, :, None], jnp.maximum(q_pos, 0)[..., None, None], axis=1)
+  n_cand = jnp.pad(n_cand_BR, [(0, 0), (0, pad)])
 
   def block(i):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * nb, nb, axis=1)
-    q, pos, n = sl(q_BCQHD), sl(q_pos), sl(n_cand)
+    q, pos, n = sl(q_BRQHD), sl(q_pos), sl(n_cand)
     p = attention_probs(q.reshape(B, nb * n_queries, *q.shape[3:]), k_BTKD, ends_BC,
                         jnp.repeat(n, n_queries, axis=1), n_sink=n_sink, scale=scale, softcap=softcap,
-                        q_pos_BR=pos.reshape(B, -1))
+                        q_pos_BR=pos.reshape(B, -1))  # a query position < 0 (none) scores 0
     return p.reshape(B, nb, n_queries, C).max(2)
 
-  out = jax.lax.map(block, jnp.arange((C + pad) // nb))  # [blocks, B, nb, C]
-  return jnp.moveaxis(out, 0, 1).reshape(B, C + pad, C)[:, :C]
+  out = jax.lax.map(block, jnp.arange((R + pad) // nb))  # [blocks, B, nb, C]
+  return jnp.moveaxis(out, 0, 1).reshape(B, R + pad, C)[:, :R]
 
 
-def prompt_selection(vote_BCC, ends_BC, n_chunks_B, ccfg: ChunkConfig):
-  """The chunks kept at each prompt boundary, from the selection layers' vote: [B, C, C] bool."""
-  n_cand, fixed, seen = boundary_rows(ends_BC, n_chunks_B, ccfg)
+def prompt_selection(vote_BRC, ends_BC, n_chunks_B, rows, ccfg: ChunkConfig):
+  """The chunks kept for each prompt chunk, from the selection layers' vote on its row: [B, C + 1, C]
+  bool. `rows`: `selection_rows`' output."""
+  _, n_cand, fixed, seen = rows
   start = jnp.pad(ends_BC[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
   lengths = chunk_lengths(start, ends_BC, n_chunks_B)
-  return choose(vote_BCC, n_cand, lengths, fixed, seen, ccfg)
+  return choose(vote_BRC, n_cand, lengths, fixed, seen, ccfg)
 
 
-def selection_table(chosen_BCC, n_ids: int):
+def selection_table(chosen_BRC, n_ids: int):
   """vis[b, c_q, c_k]: chunk id c_k was selected for the queries of chunk id c_q. [B, n_ids, n_ids] bool.
 
-  The selection made at table chunk j's boundary serves the next chunk, id j + 2; table chunk i is id i + 1."""
-  B, C, _ = chosen_BCC.shape
+  Row s of `chosen_BRC` serves table chunk s, id s + 1; table chunk i is id i + 1."""
+  B, R, C = chosen_BRC.shape
   vis = jnp.zeros((B, n_ids, n_ids), bool)
-  rows = min(C, n_ids - 2)
-  return vis.at[:, 2:2 + rows, 1:1 + C].set(chosen_BCC[:, :rows, : n_ids - 1])
+  rows, cols = min(R, n_ids - 1), min(C, n_ids - 1)
+  return vis.at[:, 1:1 + rows, 1:1 + cols].set(chosen_BRC[:, :rows, :cols])
 
 
 def token_mask(cq_BT, ck_BS, q_pos_BT, k_pos_BS, vis_BCC, end_BS, n_local: int):

@@ -59,6 +59,8 @@ class ChunkConfig:
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   prefill: str = "sparse"  # "sparse": chunk-sparse prefill after the first selection layer; "dense"
+  prefill_selection: str = "own"  # whose queries choose what a prompt chunk reads: its "own" last
+  #                                 queries, or the "previous" ones at the boundary that opened it
   # The rules below make the eval baselines selections over the same buffer (eval/methods.py):
   boundaries: str = "adapter"  # "adapter": p > alpha; "fixed": every max_chunk_len tokens;
   #                              "separators": at the tokens in `separator_ids` (SepLLM)
@@ -105,6 +107,8 @@ class ChunkConfig:
       raise ValueError(f"attention must be 'xla' or 'pallas', got {self.attention!r}")
     if self.prefill not in ("sparse", "dense"):
       raise ValueError(f"prefill must be 'sparse' or 'dense', got {self.prefill!r}")
+    if self.prefill_selection not in ("own", "previous"):
+      raise ValueError(f"prefill_selection must be 'own' or 'previous', got {self.prefill_selection!r}")
     if self.boundaries not in ("adapter", "fixed", "separators"):
       raise ValueError(f"boundaries must be 'adapter', 'fixed' or 'separators', got {self.boundaries!r}")
     if self.boundaries == "separators" and not self.separator_ids:

@@ -40,7 +40,7 @@ def reference_mask(closes, valid, sel, ccfg, keep):
       if t < ccfg.n_sink:
         vis[b, t, : t + 1] = True
         continue
-      chosen = set(int(x) for x in sel[b, c - 1] if x >= 0) if c >= 1 else set()
+      chosen = set(int(x) for x in sel[b, c] if x >= 0)  # row c serves table chunk c
       for s in range(t + 1):
         if s < ccfg.n_sink or chunk_of[s] >= c - ccfg.n_local:
           vis[b, t, s] = True
@@ -49,25 +49,33 @@ def reference_mask(closes, valid, sel, ccfg, keep):
   return vis
 
 
-def selections_loop(q, k, closes, ccfg):
-  """Per boundary j: top_k of q~[end_j] . k~[end_i] over i < j + 1 - n_local (a loop)."""
+def selections_loop(q, k, closes, valid, ccfg):
+  """Per prompt chunk s (the open one included): top_k of q~[p] . k~[end_i] over i < s - n_local, where p
+  is chunk s's last token ("own") or the one before chunk s ("previous"). A loop."""
   B = q.shape[0]
   C = ccfg.max_chunks
-  sel = np.full((B, C, ccfg.top_k), -1)
+  sel = np.full((B, C + 1, ccfg.top_k), -1)
   for b in range(B):
     ends = list(np.flatnonzero(closes[b]))[:C]
-    for j, e in enumerate(ends):
-      cands = list(range(max(j + 1 - ccfg.n_local, 0)))
-      scores = [float(q[b, e] @ k[b, ends[i]]) for i in cands]
+    last = int(np.flatnonzero(valid[b])[-1])
+    for s_ in range(len(ends) + 1):
+      own = ends[s_] if s_ < len(ends) else last
+      p = own if ccfg.prefill_selection == "own" else (ends[s_ - 1] if s_ else ccfg.n_sink - 1)
+      cands = list(range(max(s_ - ccfg.n_local, 0)))
+      scores = [float(q[b, p] @ k[b, ends[i]]) for i in cands]
       best = [cands[i] for i in np.argsort(scores)[::-1][: ccfg.top_k]]
-      sel[b, j, : len(best)] = best
+      sel[b, s_, : len(best)] = best
   return sel
 
 
-def chosen(qt, kt, ends, n, ccfg):
-  """The chunks each prompt boundary keeps by one layer's QK-Adapter scores: [B, C, C] bool."""
-  n_cand, _, _ = cp.boundary_rows(ends, n, ccfg)
-  return cp.prompt_selection(cp.adapter_rows(qt, kt, ends, n_cand), ends, n, ccfg)
+def rows_of(ends, n, valid, ccfg):
+  return cp.selection_rows(ends, n, jnp.asarray(valid).sum(1) - 1, ccfg)
+
+
+def chosen(qt, kt, ends, n, valid, ccfg):
+  """The chunks kept for each prompt chunk by one layer's QK-Adapter scores: [B, C + 1, C] bool."""
+  rows = rows_of(ends, n, valid, ccfg)
+  return cp.prompt_selection(cp.adapter_rows(qt, kt, rows[0], ends, rows[1]), ends, n, rows, ccfg)
 
 
 def as_lists(chosen_BCC):
@@ -76,9 +84,10 @@ def as_lists(chosen_BCC):
   return np.where(chosen_BCC, np.arange(chosen_BCC.shape[-1]), -1)
 
 
-def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96, 61)):
+def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96, 61), mode="own"):
   rng = np.random.RandomState(seed)
-  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunks=40, max_chunk_len=64).validate(T, 2)
+  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunks=40, max_chunk_len=64,
+                     prefill_selection=mode).validate(T, 2)
   closes, valid = random_segmentation(rng, B, T, lengths, ccfg.n_sink)
   ks = jax.random.split(jax.random.key(seed), 5)
   q, k, v = (jax.random.normal(ks[i], (B, T, n, D)) for i, n in enumerate((H, K, K)))
@@ -91,7 +100,7 @@ def tables(seed):
   ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
-  vis = cp.selection_table(chosen(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
+  vis = cp.selection_table(chosen(qt, kt, ends, n, valid, ccfg), ccfg.max_chunks + 2)
   mask = np.asarray(cp.token_mask(ids, ids, jnp.arange(96)[None], jnp.arange(96)[None], vis,
                                   jnp.ones_like(closes), ccfg.n_local))
   return ccfg, ids, vis, mask
@@ -108,13 +117,14 @@ def test_chunk_ids_and_ends_by_hand():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_prompt_selections_match_a_loop(seed):
-  ccfg, closes, _, _, _, _, qt, kt = case(seed)
+@pytest.mark.parametrize("mode", ["own", "previous"])
+def test_prompt_selections_match_a_loop(seed, mode):
+  ccfg, closes, valid, _, _, _, qt, kt = case(seed, mode=mode)
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
-  got = as_lists(chosen(qt, kt, ends, n, ccfg))
-  want = selections_loop(np.asarray(qt), np.asarray(kt), np.asarray(closes), ccfg)
+  got = as_lists(chosen(qt, kt, ends, n, valid, ccfg))
+  want = selections_loop(np.asarray(qt), np.asarray(kt), np.asarray(closes), np.asarray(valid), ccfg)
   for b in range(got.shape[0]):
-    for j in range(int(n[b])):
+    for j in range(int(n[b]) + 1):
       assert set(got[b, j][got[b, j] >= 0]) == set(want[b, j][want[b, j] >= 0]), (b, j)
 
 
@@ -125,7 +135,7 @@ def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_k, n_local,
   ccfg, closes, valid, q, k, v, qt, kt = case(seed, H=H, K=K, top_k=top_k, n_local=n_local)
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
-  sel = chosen(qt, kt, ends, n, ccfg)
+  sel = chosen(qt, kt, ends, n, valid, ccfg)
   vis = cp.selection_table(sel, ccfg.max_chunks + 2)
   sel = as_lists(sel)
   end_ok = closes if keep == "boundary" else jnp.ones_like(closes)
@@ -158,7 +168,7 @@ def test_pallas_prefill_kernel_path_matches_the_xla_path(seed, budget):
   ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True, "kv_budget": budget})
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
-  vis = cp.selection_table(chosen(qt, kt, ends, n, ccfg), ccfg.max_chunks + 2)
+  vis = cp.selection_table(chosen(qt, kt, ends, n, valid, ccfg), ccfg.max_chunks + 2)
   kw = dict(scale=0.3, softcap=None, block=32)
   xla = cp.prefill_attention(q, k, v, ids, vis, jnp.ones_like(closes), ccfg, use_kernel=False, **kw)
   ker = cp.prefill_attention(q, k, v, ids, vis, jnp.ones_like(closes), ccfg, use_kernel=True, **kw)
@@ -185,17 +195,17 @@ def test_attention_rows_match_a_dense_loop(seed, n_queries):
   """Every boundary row of the frozen-attention scorer against numpy: for each of the last
   `n_queries` queries up to the boundary and each head, the softmax over the candidates' tokens (none
   after the query), summed per chunk; then the max over queries and heads."""
-  ccfg, closes, _, q, k, _, _, _ = case(seed, H=4, K=2)
+  ccfg, closes, valid, q, k, _, _, _ = case(seed, H=4, K=2)
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
-  n_cand, _, _ = cp.boundary_rows(ends, n, ccfg)
-  got = np.asarray(cp.attention_rows(q, k, ends, n_cand, n_sink=ccfg.n_sink, scale=0.3, n_queries=n_queries,
-                                     rows_at_once=8))
-  q, k, ends, n_cand = map(np.asarray, (q, k, ends, n_cand))
+  row_end, n_cand, _, _ = rows_of(ends, n, valid, ccfg)
+  got = np.asarray(cp.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=0.3,
+                                     n_queries=n_queries, rows_at_once=8))
+  q, k, ends, n_cand, row_end = map(np.asarray, (q, k, ends, n_cand, row_end))
   for b in range(q.shape[0]):
-    for j in range(int(n[b])):
+    for j in range(int(n[b]) + 1):  # every prompt chunk, the open one included
       c = int(n_cand[b, j])
       want = np.zeros(c)
-      for qp in range(ends[b, j], max(ends[b, j] - n_queries, -1), -1):
+      for qp in range(row_end[b, j], max(row_end[b, j] - n_queries, -1), -1):
         lo, hi = ccfg.n_sink, min(ends[b, c - 1], qp) if c else -1
         if hi < lo:
           continue
@@ -214,15 +224,15 @@ def test_attention_rows_match_a_dense_loop(seed, n_queries):
 def test_prompt_budget_is_met_within_one_chunk(seed, budget):
   """At every boundary the kept tokens (sinks, local and chosen chunks) are at most the budget,
   and within one chunk of it unless every candidate is kept."""
-  ccfg, closes, _, _, _, _, qt, kt = case(seed, n_local=2)
+  ccfg, closes, valid, _, _, _, qt, kt = case(seed, n_local=2)
   ccfg = ccfg.__class__(**{**ccfg.__dict__, "kv_budget": budget})
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
-  kept = np.asarray(chosen(qt, kt, ends, n, ccfg))
-  n_cand, fixed, seen = map(np.asarray, cp.boundary_rows(ends, n, ccfg))
+  kept = np.asarray(chosen(qt, kt, ends, n, valid, ccfg))
+  _, n_cand, fixed, seen = map(np.asarray, rows_of(ends, n, valid, ccfg))
   ends = np.asarray(ends)
   lengths = np.diff(np.concatenate([np.full((ends.shape[0], 1), ccfg.n_sink - 1), ends], 1), axis=1)
   for b in range(ends.shape[0]):
-    for j in range(int(n[b])):
+    for j in range(int(n[b]) + 1):
       c = int(n_cand[b, j])
       assert not kept[b, j, c:].any()
       tokens = fixed[b, j] + lengths[b, :c][kept[b, j, :c]].sum()
