@@ -27,6 +27,7 @@ import numpy as np
 from chunkllm_jax import adapters as adp
 from chunkllm_jax import attention as attn
 from chunkllm_jax import boundaries
+from chunkllm_jax import checks
 from chunkllm_jax import model
 from chunkllm_jax import sharding as shd
 from chunkllm_jax import chunk_kernels
@@ -393,6 +394,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   and the batch are placed by `sharding.LOGICAL_TO_MESH` (adapters replicated), and the compiled
   programs follow those placements.
   """
+  checks.check_params(params, "chunk_generate")
+  checks.check_sampling(temperature, top_k_tokens, top_p)
   if params.adapters is None:
     raise ValueError("chunk_generate needs adapters: params = cj.with_adapters(params, cj.load_adapters(...))")
   cfg = params.config
@@ -401,7 +404,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   pad_id = cfg.pad_id if pad_id is None else pad_id
   eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
   prompts, lens = prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
-  max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len)
+  max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len, itemsize=params.backbone["embed"].dtype.itemsize)
   ccfg = ccfg.validate(max_len, cfg.n_layers).resolve_layers(
       cfg.full_attention_layers, params.adapters.config.qk_layers, params.adapters.config.selection_layers)
   if ccfg.attention == "pallas" and cfg.attn_softcap is not None:

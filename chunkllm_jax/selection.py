@@ -85,6 +85,9 @@ class ChunkConfig:
     if -(-(max_len - self.n_sink) // self.max_chunk_len) > max_chunks and self.max_chunks:
       raise ValueError(f"max_chunks={max_chunks} cannot hold {max_len} tokens in chunks of at most "
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
+    if self.n_local > max_chunks or self.top_k > max(max_chunks, 1 << 16):
+      raise ValueError(f"n_local={self.n_local} / top_k={self.top_k} cannot exceed the chunk table "
+                       f"(max_chunks={max_chunks}); there are never more chunks than that")
     if self.kv_budget is not None and self.kv_budget_tokens is not None:
       raise ValueError("give kv_budget (a fraction) or kv_budget_tokens (a count), not both")
     if self.kv_budget is not None and not (isinstance(self.kv_budget, (int, float)) and 0.0 < self.kv_budget <= 1.0):

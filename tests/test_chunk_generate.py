@@ -192,6 +192,7 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(selection_layers=(3,)), "not full-attention layers"),
     (dict(selection_layers=(-1,)), "not full-attention layers"),
     (dict(top_k=2.5), "top_k must be an int"),
+    (dict(n_local=10**9), "cannot exceed the chunk table"),
 ])
 def test_bad_settings_fail_before_compiling(kw, match):
   params = chunk_params()
