@@ -63,7 +63,8 @@ def test_generate_chunk_prints_text_and_stats(random_export):
 def test_demo_answers_with_both_methods(random_export):
   res = run_cli("demo", "--context", "512", "--adapters", str(random_export))
   assert res.returncode == 0, res.stderr
-  assert "vanilla:" in res.stdout and "ChunkLLM:" in res.stdout and "of the KV cache" in res.stdout
+  assert "vanilla:" in res.stdout and "ChunkLLM:" in res.stdout and "no-training:" in res.stdout
+  assert res.stdout.count("of the KV cache") == 2
 
 
 def test_adapters_for_another_model_are_refused(tmp_path):
