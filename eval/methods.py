@@ -292,8 +292,9 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   else:
     ccfg = fit_knob(method, base, retention, bseg, prompt_lens, n_new, settings)
   info = dict(target_retention=retention, mean_chunk_len=L)
-  if retention is not None:
-    info["expected_retention"] = expected_retention(ccfg, bseg, prompt_lens, n_new)
+  if retention is not None:  # a token budget is met by the selection itself
+    info["expected_retention"] = (float(retention) if ccfg.budgeted
+                                  else expected_retention(ccfg, bseg, prompt_lens, n_new))
   return ccfg, info
 
 

@@ -21,7 +21,7 @@ from eval import niah
 from eval import perplexity as ppl
 
 FULL = "full"
-METHOD_ORDER = ("vanilla", "chunkllm", "streamingllm", "sepllm", "fixllm")
+METHOD_ORDER = ("vanilla", "oracle", "chunkllm", "streamingllm", "sepllm", "fixllm")
 
 
 def _mean(xs) -> float | None:
@@ -127,10 +127,12 @@ def _pct(x) -> str:
 
 def headline(summary: dict) -> list[str]:
   out = []
+  names = {"chunkllm": "ChunkLLM", "oracle": "Oracle (scorer='attention', no training)"}
   for row in summary["long_context"]:
-    if row["method"] == "chunkllm" and row["pct_of_vanilla"] is not None:
+    if row["method"] in names and row["pct_of_vanilla"] is not None:
       n = row["n_tasks"]
-      out.append(f"ChunkLLM (target {row['retention']}): {row['pct_of_vanilla']:.2f}% of vanilla's long-context "
+      out.append(f"{names[row['method']]} (target {row['retention']}): {row['pct_of_vanilla']:.2f}% of vanilla's "
+                 "long-context "
                  f"average at {100 * row['kv_retention']:.2f}% KV (measured; {n} task{'s' * (n != 1)})")
   return out
 
