@@ -282,14 +282,14 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes):
         d / (p * (CHUNK - 1) / CHUNK + b / CHUNK)
         for d, p, b in zip(r["dense_steps"], r["chunk_plain_steps"], r["chunk_boundary_steps"]))
   lines = [
-      "# ChunkLLM vs dense: decode and prefill speed on the CPU (issue 4)", "",
+      "# ChunkLLM vs dense: decode and prefill speed on the CPU", "",
       f"Device: {device_line()}. Synthetic smollm2-135m-shaped weights (30 layers, 9 heads / 3 KV heads, "
       "head_dim 64), float32, batch 1; adapters from `init_adapters`; ChunkConfig defaults (n_sink 4, n_local 4, "
       "vote sum, layer 0 dense) with `max_chunk_len=30` and uniform 30-token chunks.", "",
       f"Command: `{command}`", "",
       "Code measured (git): decode " + ", ".join(sorted({r.get("code", "?") for r in decode_rows})) + "; prefill "
       + ", ".join(sorted({r.get("code", "?") for r in prefill_rows})) + ".", "",
-      f"Targets (issue 4): at 32K context and 25% retention, decode >= {TARGET_DECODE:g}x and prefill >= "
+      f"Targets: at 32K context and 25% retention, decode >= {TARGET_DECODE:g}x and prefill >= "
       f"{TARGET_PREFILL:g}x faster than dense on the CPU.", "",
       "## Decode", "",
       "| context | top_k | retention | K/V bytes/step chunk | dense | K/V bytes ratio | ratio with weights "

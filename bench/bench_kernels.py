@@ -1,4 +1,4 @@
-"""Builds, checks and times every Pallas kernel on one accelerator, in one call (issue 5).
+"""Builds, checks and times every Pallas kernel on one accelerator, in one call.
 
 On a lent NVIDIA H100 (or a TPU), from the repository root:
 
@@ -960,7 +960,7 @@ def pct(v) -> str:
 def render_md(doc: dict, md_path: pathlib.Path) -> str:
   a, dev, cases = doc["args"], doc["device"], doc["cases"]
   title = "SMOKE RUN: " if doc["smoke"] else ""
-  L = [f"# {title}Pallas kernels on {dev['kind']}: correctness, speed, bandwidth (issue 5)", ""]
+  L = [f"# {title}Pallas kernels on {dev['kind']}: correctness, speed, bandwidth", ""]
   if doc["smoke"]:
     L += ["**Smoke run: tiny shapes" + (", kernels in interpret mode on a CPU" if doc["interpret"] else "")
           + ". The timings, speedups and verdicts below are meaningless; only the correctness checks and that "
@@ -1094,7 +1094,7 @@ def render_md(doc: dict, md_path: pathlib.Path) -> str:
                  f"({dn.get('implementation', '-')}) | {x(s['speedup'])} ({x(s['speedup_kernel'])}) | "
                  f"{x(s['vs_full'])} |")
   # targets
-  L += ["", "## Targets (issue 5)", ""]
+  L += ["", "## Targets", ""]
   for t in targets(doc):
     verdict = {True: "**met**", False: "**not met**", None: "**not measured**"}[t["met"]]
     val = "-" if t["value"] is None else (f"{t['value']:.0%}" if "bandwidth" in t["name"] else f"{t['value']:.2f}x")

@@ -37,3 +37,15 @@ def _free_compiled_programs():
   inside XLA at about 85% (in whichever test came next), while every module passed on its own."""
   yield
   jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+  """The real default model's tokenizer (no weights read); skips where the model is not installed."""
+  from chunkllm_jax import registry, weights
+
+  try:
+    path = registry.resolve("smollm2-135m")
+  except registry.ModelNotInstalledError as e:
+    pytest.skip(str(e))
+  return weights.load_tokenizer((str(path.parent), path.name))

@@ -7,17 +7,6 @@ import pytest
 from chunkllm_jax import boundaries
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-  from chunkllm_jax import registry, weights
-
-  try:
-    path = registry.resolve("smollm2-135m")
-  except registry.ModelNotInstalledError as e:
-    pytest.skip(str(e))
-  return weights.load_tokenizer((str(path.parent), path.name))
-
-
 def boundary_tokens(text, tokenizer):
   ids, labels = boundaries.sentence_end_labels(text, tokenizer)
   assert ids.dtype == np.int32 and labels.dtype == np.int8 and ids.shape == labels.shape

@@ -23,17 +23,6 @@ from train import pick_layers as pl
 SHIPPED = Path(cj.__file__).parent / "adapters_data" / "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-  from chunkllm_jax import registry, weights
-
-  try:
-    path = registry.resolve("smollm2-135m")
-  except registry.ModelNotInstalledError as e:
-    pytest.skip(str(e))
-  return weights.load_tokenizer((str(path.parent), path.name))
-
-
 @pytest.fixture
 def text_file(tmp_path):
   docs = [" ".join(f"Document {d} sentence {s} tells of the weather and the fields." for s in range(3))
