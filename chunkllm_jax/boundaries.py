@@ -106,8 +106,8 @@ def completed_chunk_ends(closes_BT, max_chunks: int):
   return ends[:, :max_chunks], n
 
 
-def chunks_from_labels(labels_BT, n_sink: int, max_chunk_len: int | None = None, valid_BT=None):
-  """Chunk ids [B, T] int32 from boundary labels, by the one rule (`ChunkConfig.closes`).
+def closes_from_labels(labels_BT, n_sink: int, max_chunk_len: int | None = None, valid_BT=None):
+  """Where chunks end [B, T] bool, from boundary labels by the one rule (`ChunkConfig.closes`).
 
   Labels on sink tokens and on padding are ignored. `max_chunk_len=None` never force-closes.
   """
@@ -116,8 +116,14 @@ def chunks_from_labels(labels_BT, n_sink: int, max_chunk_len: int | None = None,
   valid_BT = jnp.ones((B, T), bool) if valid_BT is None else jnp.asarray(valid_BT, bool)
   rule = ChunkConfig(n_sink=n_sink, max_chunk_len=T + 1 if max_chunk_len is None else max_chunk_len)
   p_BT = (labels_BT > 0).astype(jnp.float32)  # 1 > alpha at a label, 0 elsewhere
-  closes = segment(p_BT, valid_BT, jnp.zeros((B, T), jnp.int32), rule)
-  return chunk_ids(closes, valid_BT, n_sink)
+  return segment(p_BT, valid_BT, jnp.zeros((B, T), jnp.int32), rule)
+
+
+def chunks_from_labels(labels_BT, n_sink: int, max_chunk_len: int | None = None, valid_BT=None):
+  """Chunk ids [B, T] int32 from boundary labels (`closes_from_labels`, then `chunk_ids`)."""
+  labels_BT = jnp.asarray(labels_BT)
+  valid_BT = jnp.ones(labels_BT.shape, bool) if valid_BT is None else jnp.asarray(valid_BT, bool)
+  return chunk_ids(closes_from_labels(labels_BT, n_sink, max_chunk_len, valid_BT), valid_BT, n_sink)
 
 
 def chunk_ends(chunk_id_BT, max_chunks: int):

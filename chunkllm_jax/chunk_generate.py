@@ -137,11 +137,9 @@ def _reselect(st: ChunkState, rows_B, score_BC, pos_B, ccfg: ChunkConfig) -> Chu
   return st.replace(selected=jnp.where(rows_B[:, None], new, st.selected), n_selections=st.n_selections + rows_B)
 
 
-def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig):
-  """Where the chunks of right-padded prompts end, by the config's rule: [B, T] bool.
-
-  The Chunk Adapter reads layer 0's output and layer 0 always prefills densely, so running that
-  one layer gives exactly the segmentation `chunk_prefill` makes, at about 1/L of its cost."""
+def layer0_output(params: ModelParams, tokens_BT, lengths_B):
+  """Layer 0's output hidden state [B, T, D] of right-padded rows: the Chunk Adapter's input.
+  Layer 0 always attends densely, so this one layer (about 1/L of a forward pass) is all it needs."""
   cfg = params.config
   one = params.replace(
       backbone={**params.backbone, "layers": jax.tree.map(lambda w: w[:1], params.backbone["layers"])},
@@ -150,7 +148,15 @@ def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   valid = positions < lengths_B[:, None]
   h0, _, _ = model.run_layers(one, model.embed(one, tokens_BT), positions, model.self_attend_fn(one.config, positions, valid))
+  return h0
+
+
+def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig):
+  """Where the chunks of right-padded prompts end, by the config's rule: [B, T] bool: the
+  segmentation `chunk_prefill` makes."""
+  h0 = layer0_output(params, tokens_BT, lengths_B)
   p = jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0))
+  valid = jnp.arange(tokens_BT.shape[1])[None] < lengths_B[:, None]
   return boundaries.segment(p, valid, tokens_BT, ccfg)
 
 

@@ -70,7 +70,7 @@ def adapter_rows(q_BTd, k_BTd, row_end_BR, ends_BC, n_cand_BR):
 
 
 def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: int, scale: float, softcap=None,
-                   n_queries: int = 1, rows_at_once: int = 128):
+                   n_queries: int = 1, rows_at_once: int = 128, heads: str = "max"):
   """Frozen-attention distributions of the selection rows: [B, R, C]. A row scores with the queries
   of the `n_queries` tokens up to its last query (the max over them); about `rows_at_once` queries
   at a time, so the scores held at once are [B, rows_at_once, H, T]."""
@@ -87,7 +87,7 @@ def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: in
     q, pos, n = sl(q_BRQHD), sl(q_pos), sl(n_cand)
     p = attention_probs(q.reshape(B, nb * n_queries, *q.shape[3:]), k_BTKD, ends_BC,
                         jnp.repeat(n, n_queries, axis=1), n_sink=n_sink, scale=scale, softcap=softcap,
-                        q_pos_BR=pos.reshape(B, -1))  # a query position < 0 (none) scores 0
+                        q_pos_BR=pos.reshape(B, -1), heads=heads)  # a query position < 0 (none) scores 0
     return p.reshape(B, nb, n_queries, C).max(2)
 
   out = jax.lax.map(block, jnp.arange((R + pad) // nb))  # [blocks, B, nb, C]

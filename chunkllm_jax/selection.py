@@ -190,10 +190,14 @@ def adapter_probs(q_BRd, chunk_key_BCd, n_cand_BR):
   return jnp.where(cand, jax.nn.softmax(jnp.where(cand, s, NEG_INF), axis=-1), 0.0)
 
 
+HEAD_REDUCTIONS = ("max", "mean")
+
+
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,
-                    softcap: float | None = None, q_pos_BR=None):
+                    softcap: float | None = None, q_pos_BR=None, heads: str = "max"):
   """Frozen-attention distribution: per head, the softmax of one query over the candidate chunks'
-  tokens, summed within each chunk; then the max over heads. [B, R, C] float32.
+  tokens, summed within each chunk; then the max over heads (`heads="mean"`: the mean, the
+  teacher's other option). [B, R, C] float32.
 
   Chunks are contiguous from `n_sink` on, so the candidates' tokens are the positions
   [n_sink, end of chunk n_cand - 1], and a chunk's mass is a difference of a prefix sum. With
@@ -217,7 +221,7 @@ def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, sca
   cum = jnp.cumsum(p, axis=-1)
   at_end = jnp.take_along_axis(cum, jnp.maximum(chunk_end_BC, 0)[:, None, None, None, :], axis=-1)  # [B,R,K,G,C]
   mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
-  score = mass.max(axis=(2, 3))
+  score = mass.max(axis=(2, 3)) if heads == "max" else mass.mean(axis=(2, 3))
   cand = jnp.arange(chunk_end_BC.shape[1]) < n_cand_BR[..., None]
   return jnp.where(cand, score, 0.0)
 

@@ -292,9 +292,13 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   else:
     ccfg = fit_knob(method, base, retention, bseg, prompt_lens, n_new, settings)
   info = dict(target_retention=retention, mean_chunk_len=L)
-  if retention is not None:  # a token budget is met by the selection itself
-    info["expected_retention"] = (float(retention) if ccfg.budgeted
-                                  else expected_retention(ccfg, bseg, prompt_lens, n_new))
+  if retention is None:
+    pass
+  elif ccfg.budgeted:  # the selection meets the budget itself, above what it always reads (sinks, local, open)
+    floor = expected_retention(dataclasses.replace(ccfg, kv_budget=None, top_k=0), bseg, prompt_lens, n_new)
+    info["expected_retention"] = max(float(retention), floor)
+  else:
+    info["expected_retention"] = expected_retention(ccfg, bseg, prompt_lens, n_new)
   return ccfg, info
 
 

@@ -83,6 +83,21 @@ def read_sentences(path: str | Path) -> list[list[str]]:
   return docs
 
 
+# The evaluation reads every EVAL_SHARE-th document of a filler text (documents 4, 9, 14, ...), and
+# training must use the others: `python -m eval.filler_split` writes them as a training text.
+EVAL_SHARE = 5
+
+
+def eval_documents(docs: Sequence) -> list:
+  """The evaluation's share of a filler text's documents (its needles' haystacks, its perplexity text)."""
+  return list(docs[EVAL_SHARE - 1::EVAL_SHARE])
+
+
+def training_documents(docs: Sequence) -> list:
+  """The documents evaluation never reads: the text to train adapters on when the filler is that text."""
+  return [d for i, d in enumerate(docs) if i % EVAL_SHARE != EVAL_SHARE - 1]
+
+
 def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] | None) -> list[str]:
   """Running sentences of about `n_tokens` tokens, from a seeded Brown document onwards, or generated."""
   if brown is None:

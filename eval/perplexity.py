@@ -125,7 +125,7 @@ def text_windows(tokenizer, n_docs: int, n_tokens: int, text_path: str | Path | 
   if text_path is None:
     docs = [" ".join(haystack.filler_sentences(400, seed + i)) for i in range(n_docs * (1 + n_tokens // 4000))]
   else:
-    docs = [" ".join(sentences) for sentences in niah.read_sentences(text_path)]
+    docs = [" ".join(sentences) for sentences in niah.eval_documents(niah.read_sentences(text_path))]
   windows, stream, i = [], [], 0
   while len(windows) < n_docs:
     if i >= len(docs):

@@ -218,7 +218,7 @@ def _write_fingerprint(out: Path, fp: dict) -> None:
 
 
 def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
-  brown = niah.read_sentences(args.brown) if args.filler == "brown" else None
+  brown = niah.eval_documents(niah.read_sentences(args.brown)) if args.filler == "brown" else None
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
                     seed=args.seed)
   out: dict[str, list[Example]] = defaultdict(list)

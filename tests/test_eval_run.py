@@ -192,5 +192,9 @@ def test_quick_run_on_the_real_model(smollm2, tmp_path):
   for task, rows in summary["tasks"].items():
     if task != "short_text":
       (chunk,) = [r for r in rows if r["method"] == "chunkllm"]
-      assert 0.3 < chunk["kv_retention"] < 0.9
+      # the budget is met unless the sinks, local and open chunks alone exceed it, as on the quick
+      # perplexity text (two chunks); the expected KV says so
+      assert chunk["kv_retention"] == pytest.approx(chunk["expected_retention"], abs=0.1)
+  (niah_chunk,) = [r for r in summary["tasks"]["niah_single"] if r["method"] == "chunkllm"]
+  assert 0.3 < niah_chunk["kv_retention"] < 0.6
   assert (out / "niah_chunkllm.png").exists() and (out / "perplexity.png").exists()

@@ -30,9 +30,10 @@ def test_multikey_and_multivalue_needles():
   assert len(mv.answers) == 3 and all(a in mv.document for a in mv.answers)
   assert niah.score(mv, ", ".join(mv.answers[:2])) == (0.0, pytest.approx(2 / 3))
   assert niah.score(mv, " and ".join(mv.answers)) == (1.0, 1.0)
-  # the same cell at another depth moves the target only
-  other = niah.make_case(tok, "multikey", 400, 0.0, seed=2)
-  assert other.answers == mk.answers and other.question == mk.question
+  # a cell is reproducible; each cell draws its own keys, so no two cells of a grid share a needle
+  assert niah.make_case(tok, "multikey", 400, 0.5, seed=2) == mk
+  cells = [niah.make_case(tok, "single", n, d, seed=s) for n in (300, 400) for d in (0.0, 0.5) for s in (0, 1)]
+  assert len({c.answers for c in cells}) == len(cells)
 
 
 @pytest.mark.parametrize("kind", niah.KINDS)

@@ -294,6 +294,11 @@ TRAIN_BAD = {
     "data_folder": (["--data", "{tmp}/folder"], r"--data .*folder is a folder: give the text files in it"),
     "data_missing": (["--data", "{tmp}/nope.txt"], r"--data .*nope.txt does not exist"),
     "model": (["--model", "{tmp}/folder", "--tokenizer", ""], r"no config.json"),
+    "retrieval_mix": (["--retrieval_mix", "1.5"], r"--retrieval_mix 1.5 is not a fraction: give a value in \[0, 1\]"),
+    "retrieval_mix_nan": (["--retrieval_mix", "nan"], r"--retrieval_mix nan is not a fraction"),
+    "teacher": (["--teacher", "head_sum"], r"--teacher head_sum is not a teacher target: give one of head_max, "),
+    "score_queries": (["--score_queries", "0"], r"--score_queries 0 is too small: give 1 or more"),
+    "cache_dir": (["--cache_dir", "{tmp}/a_file"], r"--cache_dir .*a_file is a file; give a folder"),
     "untrained": (["--steps", "0", "--export", "{tmp}/export"],
                   r"--steps 0 --export .* would export untrained \(random\) adapters: .*--allow_untrained_export true"),
 }

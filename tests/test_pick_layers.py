@@ -50,11 +50,11 @@ def qk_by_layer(params, toks, lens):
   consts = model.layer_constants(cfg)
   out = []
   for l in range(cfg.n_layers):
-    first = jax.tree.map(lambda w: w[:l], params.backbone["layers"])
-    sub = params.replace(backbone={**params.backbone, "layers": first},
-                         config=cfg.replace(n_layers=l, layer_sliding=cfg.layer_sliding[:l]))
     x = model.embed(params, toks)
-    if l:
+    if l:  # a model of the first l layers: a config of zero layers is refused
+      first = jax.tree.map(lambda w: w[:l], params.backbone["layers"])
+      sub = params.replace(backbone={**params.backbone, "layers": first},
+                           config=cfg.replace(n_layers=l, layer_sliding=cfg.layer_sliding[:l]))
       x, _, _ = model.run_layers(sub, x, pos, model.self_attend_fn(sub.config, pos, pos < lens[:, None]))
     lp = jax.tree.map(lambda w: w[l], params.backbone["layers"])
     q, k, _ = model.project_qkv(cfg, lp, model.rms_norm(x, lp["attn_norm"], cfg), pos,

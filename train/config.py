@@ -41,6 +41,16 @@ class TrainConfig:
   # empty: every full-attention layer. `python -m train.pick_layers` measures which to use.
   selection_layers: tuple[int, ...] = ()
   kl_weight: float = 1.0
+  # The distillation target (train.losses.TEACHERS): "head_max" at the selection rows (default),
+  # "head_mean", or the paper's "token_mean" (every token, heads averaged; no cache).
+  teacher: str = "head_max"
+  score_queries: int = 16  # a row's target: the max over the last this many queries (as scorer="attention")
+  # Row targets come from a cache of one frozen pass per sequence (train.teacher_cache), built once
+  # in cache_dir ("" -> <workdir>/teacher_cache); false: the teacher runs inside every step.
+  teacher_cache: bool = True
+  cache_dir: str = ""
+  # Share of the training tokens that are retrieval-mixture documents made from the text (train.mixture).
+  retrieval_mix: float = 0.5
   n_sink: int = 4
   n_local: int = 4  # recent chunks inference always reads: not candidates in the KL (0: all are)
   max_chunk_len: int = 64
@@ -69,15 +79,18 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     # ~40 minutes on 2 CPU cores; seq_len 2048 gives ~80 sentence chunks per sequence.
-    "smollm2-135m": TrainConfig(model="smollm2-135m", seq_len=2048, batch_size=1, steps=200, lr=1e-3,
-                                warmup_steps=20, max_chunks=256, eval_every=50, eval_batches=4),
+    # The teacher cache makes a step cheap: one frozen pass per sequence, then many steps over them.
+    "smollm2-135m": TrainConfig(model="smollm2-135m", seq_len=2048, batch_size=4, steps=1500, lr=1e-3,
+                                warmup_steps=50, max_chunks=256, selection_layers=(7, 15), eval_every=250,
+                                eval_batches=4, checkpoint_every=250),
     "gemma3-270m": TrainConfig(model="gemma3-270m", seq_len=4096, batch_size=8, steps=2000, lr=1e-3,
                                warmup_steps=100, max_chunks=512),
     # Tests: seconds per run.
     "tiny": TrainConfig(model="random-tiny", tokenizer="smollm2-135m", seq_len=64, batch_size=4, steps=6,
                         eval_fraction=0.2,
                         lr=1e-2, warmup_steps=2, max_chunks=16, max_chunk_len=16, n_local=1, recall_k=2, block_q=32,
-                        block_k=32, d_c=8, eval_every=3, eval_batches=1, checkpoint_every=2,
+                        block_k=32, d_c=8, score_queries=4, retrieval_mix=0.0, eval_every=3, eval_batches=1,
+                        checkpoint_every=2,
                         log_every=1, progress=False),
 }
 

@@ -60,7 +60,10 @@ def train_iterator(source, *, global_batch: int, seed: int, process_index: int =
   if len(source) < global_batch:
     raise tfds_builder.DataError(f"the training split has {len(source)} sequences, fewer than one batch "
                                  f"of {global_batch}")
-  return iter(_local_batches(source, global_batch, process_index, process_count, seed).to_iter_dataset())
+  # A small read-ahead: a teacher-cache source computes a missing record when it is read, and should
+  # compute only what the run uses, one at a time (the frozen pass already uses every core).
+  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+  return iter(_local_batches(source, global_batch, process_index, process_count, seed).to_iter_dataset(read))
 
 
 def eval_batches(source, *, global_batch: int, n_batches: int, process_index: int = 0,
@@ -72,16 +75,23 @@ def eval_batches(source, *, global_batch: int, n_batches: int, process_index: in
 
 
 def load_splits(*, files: Sequence[str] = (), tfds_name: str = "", text_key: str = "text", tokenizer,
-                tokenizer_name: str, seq_len: int, eval_fraction: float, data_dir: str) -> dict[str, Any]:
-  """Builds (once) and opens the packed dataset: {"train": source, "validation": source or None}."""
+                tokenizer_name: str, seq_len: int, eval_fraction: float, data_dir: str, retrieval_mix: float = 0.0,
+                mix_seed: int = 0) -> dict[str, Any]:
+  """Builds (once) and opens the packed dataset: {"train": source, "validation": source or None, "name":
+  the dataset's fingerprinted name}. `retrieval_mix`: the share of retrieval-mixture tokens (text files)."""
   if not files and not tfds_name:
     raise tfds_builder.DataError("no training data: give --data FILE [FILE ...] or --tfds_name NAME")
-  for f in files:  # fail on bad input before anything is built
-    tfds_builder.read_documents(f)
+  if retrieval_mix and tfds_name:
+    raise tfds_builder.DataError("--retrieval_mix mixes into text files (--data); give --retrieval_mix 0 with "
+                                 "--tfds_name")
+  docs = [d for f in files for d in tfds_builder.read_documents(f)]  # fail on bad input before anything is built
   config = tfds_builder.make_config(files=files, tfds_name=tfds_name, text_key=text_key,
-                                    tokenizer=tokenizer_name, seq_len=seq_len, eval_fraction=eval_fraction)
+                                    tokenizer=tokenizer_name, seq_len=seq_len, eval_fraction=eval_fraction,
+                                    retrieval_mix=retrieval_mix, mix_seed=mix_seed)
+  if retrieval_mix:
+    tfds_builder.with_mixture(docs, config, tokenizer)  # a text too short for it is named before the build
   path = tfds_builder.build(config, tokenizer, data_dir)
   builder = tfds.builder_from_directory(str(path))
   splits = builder.info.splits
-  return {"train": builder.as_data_source(split="train"),
+  return {"name": config.name, "train": builder.as_data_source(split="train"),
           "validation": builder.as_data_source(split="validation") if "validation" in splits else None}

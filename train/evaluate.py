@@ -5,9 +5,10 @@
 
 The flags are train.run's (the preset, the data and the loss settings mean the same), so the
 held-out batches are the ones training evaluated on. Every export is scored by the training loss's
-metrics (KL, chunk recall@k, the teacher's mass on candidates, boundary F1) once per
+metrics (KL, chunk recall@k, the teacher's mass on candidates for token_mean, boundary F1) once per
 `--compare_n_local` value, so adapters trained under different candidate rules are compared under
-the same one. Prints a markdown table; `--out` also writes it as JSON.
+the same one. With a row target (`--teacher head_max`, the default) every export is scored on its
+selection layers, under that target. Prints a markdown table; `--out` also writes it as JSON.
 """
 
 from __future__ import annotations
@@ -56,20 +57,37 @@ def evaluate(cfg, names, n_locals) -> list[dict]:
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
   splits = data.load_splits(files=cfg.data, tfds_name=cfg.tfds_name, text_key=cfg.tfds_text_key,
                             tokenizer=bb.tokenizer, tokenizer_name=cfg.tokenizer or cfg.model, seq_len=cfg.seq_len,
-                            eval_fraction=cfg.eval_fraction, data_dir=cfg.data_dir or f"{cfg.workdir}/data")
+                            eval_fraction=cfg.eval_fraction, data_dir=cfg.data_dir or f"{cfg.workdir}/data",
+                            retrieval_mix=cfg.retrieval_mix, mix_seed=cfg.seed)
   if splits["validation"] is None:
     raise FlagError("the dataset has no held-out split: raise --eval_fraction")
   batches = data.eval_batches(splits["validation"], global_batch=cfg.batch_size, n_batches=cfg.eval_batches)
   rows = []
   for name in names:
-    params = cj.with_adapters(bb.params, cj.load_adapters(name, bb.config))
+    adapters = cj.load_adapters(name, bb.config)
+    if cfg.teacher != "token_mean":  # row targets score the selection layers, the ones inference reads
+      adapters = selection_layers_only(adapters)
+    params = cj.with_adapters(bb.params, adapters)
     for n_local in n_locals:
       loss_config = loss_config_of(dataclasses.replace(cfg, n_local=n_local))
       m = mean_metrics([to_floats(eval_step(params.adapters, params, b, loss_config=loss_config)) for b in batches])
-      rows.append(dict(adapters=name, n_local=n_local, **{k: m[k] for k in COLUMNS}))
-      print(f"{name}, n_local {n_local}: " + ", ".join(f"{k} {m[k]:.4f}" for k in COLUMNS), file=sys.stderr,
+      rows.append(dict(adapters=name, n_local=n_local, **{k: m.get(k, float("nan")) for k in COLUMNS}))
+      print(f"{name}, n_local {n_local}: " + ", ".join(f"{k} {rows[-1][k]:.4f}" for k in COLUMNS), file=sys.stderr,
             flush=True)
   return rows
+
+
+def selection_layers_only(adapters):
+  """The adapters of the selection layers alone (an export trained on every layer stores its pick)."""
+  acfg = adapters.config
+  layers = acfg.selection_layers or acfg.qk_layers
+  idx = [acfg.qk_layers.index(l) for l in layers]
+  import jax
+  import numpy as np
+
+  qk = jax.tree.map(lambda w: w[np.asarray(idx)], adapters.params["qk"])
+  return adapters.replace(params=dict(adapters.params, qk=qk),
+                          config=dataclasses.replace(acfg, qk_layers=tuple(layers), selection_layers=tuple(layers)))
 
 
 def check_flags(cfg, args) -> None:

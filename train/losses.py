@@ -39,6 +39,8 @@ class LossConfig:
   block_q, block_k: the teacher's block sizes."""
 
   kl_weight: float = 1.0
+  teacher: str = "token_mean"  # TEACHERS: the target the QK Adapters are distilled on
+  score_queries: int = 16  # head_max / head_mean: a row's target is the max over this many last queries
   n_local: int = 4
   n_sink: int = 4
   max_chunk_len: int | None = 64  # as ChunkConfig.max_chunk_len: train on the chunks inference makes
@@ -49,9 +51,17 @@ class LossConfig:
   block_k: int = 512
 
 
+# The distillation targets. "head_max" and "head_mean" are taken at the selection rows (a chunk's
+# boundary token, where inference selects; train.teacher_cache): per head over the candidates, then
+# the max (or mean) over heads and over the last `score_queries` queries. "token_mean" is the
+# paper's: every token's query, the attention averaged over heads before it is summed into chunks.
+TEACHERS = ("head_max", "head_mean", "token_mean")
+
+
 def loss_config_of(cfg) -> LossConfig:
   """The LossConfig of a `train.config.TrainConfig`."""
-  return LossConfig(kl_weight=cfg.kl_weight, n_sink=cfg.n_sink, n_local=cfg.n_local,
+  return LossConfig(kl_weight=cfg.kl_weight, teacher=cfg.teacher, score_queries=cfg.score_queries,
+                    n_sink=cfg.n_sink, n_local=cfg.n_local,
                     max_chunk_len=cfg.max_chunk_len or None, max_chunks=cfg.max_chunks, recall_k=cfg.recall_k,
                     block_q=cfg.block_q, block_k=cfg.block_k)
 
@@ -147,3 +157,61 @@ def chunkllm_loss(adapters: Adapters, params: ModelParams, batch: dict[str, Any]
                                     qk_layers=adapters.config.qk_layers, lengths_B=batch.get("lengths"),
                                     block_q=config.block_q, block_k=config.block_k)
   return student_loss(adapters, teacher, chunk_id_BT, batch["labels"], valid_BT, config)
+
+
+def rows_config_of(config: LossConfig, layers) -> "teacher_cache.RowsConfig":
+  """The teacher's rows settings for a row target (`head_max`, `head_mean`) on these layers."""
+  from train import teacher_cache
+
+  return teacher_cache.RowsConfig(layers=tuple(layers), n_sink=config.n_sink, n_local=config.n_local,
+                                  max_chunk_len=config.max_chunk_len or 1 << 30, max_chunks=config.max_chunks,
+                                  score_queries=config.score_queries, heads=config.teacher.removeprefix("head_"))
+
+
+def rows_loss(adapters: Adapters, rows: dict[str, Any], config: LossConfig = LossConfig()
+              ) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """`L = BCE(p, y) + lambda * KL(P || S)` at the selection rows (`train.teacher_cache.teacher_rows`).
+
+  Row r's student S is what `scorer="adapter"` computes at chunk r's boundary: the softmax over the
+  candidates of q~(end_r) . k~(end_j) / sqrt(d_c); q~ and k~ both read `h` at the chunk ends.
+  KL is averaged over rows with a candidate and over layers; recall@k over rows with more than k."""
+  rows = jax.tree.map(jax.lax.stop_gradient, rows)
+  valid_BT = rows["valid_BT"].astype(bool)
+  logit_BT = chunk_adapter_logits(adapters.params["chunk"], rows["h0_BTD"])
+  labels_BT = rows["labels_BT"]
+  y_BT = (labels_BT > 0).astype(jnp.float32)
+  bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logit_BT, y_BT), valid_BT)
+
+  n_cand_BR = rows["n_cand_BC"]
+  B, R = n_cand_BR.shape
+  candidate_BRC = jnp.arange(R) < n_cand_BR[..., None]
+  key_at_BC = jnp.broadcast_to(jnp.arange(R), (B, R))  # chunk j's key is row j's position (its end)
+  k = min(config.recall_k, R)
+  terms = jax.checkpoint(lambda xs: _layer_terms(*xs, key_at_BC, candidate_BRC, k))
+  kl_L, hits_L = jax.lax.map(terms, (adapters.params["qk"], jnp.moveaxis(rows["h_BLCD"], 1, 0),
+                                     jnp.moveaxis(rows["target_BLCC"], 1, 0)))
+  n_layers = kl_L.shape[0]
+  n_rows = jnp.sum(n_cand_BR > 0)
+  n_eligible = jnp.sum(n_cand_BR > k)
+  kl = jnp.sum(kl_L) / jnp.maximum(n_layers * n_rows, 1)
+  loss = bce + config.kl_weight * kl
+  metrics = dict(loss=loss, bce=bce, kl=kl, chunk_recall=jnp.sum(hits_L) / jnp.maximum(n_layers * n_eligible, 1),
+                 n_kl_queries=n_rows, n_recall_queries=n_eligible,
+                 **boundary_metrics(logit_BT, labels_BT, valid_BT, config.alpha))
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def training_loss(adapters: Adapters, params: ModelParams, batch: dict[str, Any],
+                  config: LossConfig = LossConfig()) -> tuple[jnp.ndarray, dict[str, Any]]:
+  """The loss of `config.teacher` on a batch: token batches (`tokens`, `labels`), or, for a row
+  target, rows already computed by the teacher cache (`h_BLCD`, ...), whose loss is the same."""
+  if config.teacher == "token_mean":
+    return chunkllm_loss(adapters, params, batch, config)
+  if "h_BLCD" not in batch:
+    from train import teacher_cache
+
+    B, T = batch["tokens"].shape
+    lengths = batch.get("lengths", jnp.full((B,), T, jnp.int32))
+    batch = teacher_cache.teacher_rows(params, batch["tokens"], batch["labels"], lengths,
+                                       rows_config_of(config, adapters.config.qk_layers))
+  return rows_loss(adapters, batch, config)

@@ -33,20 +33,13 @@ import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapter_io, model  # noqa: E402
 from chunkllm_jax.chunk_generate import segment_prompts  # noqa: E402
 from chunkllm_jax.selection import VOTES, ChunkConfig, attention_probs, vote_scores  # noqa: E402
+from train.mixture import FACTS, NAMES, PLACES  # noqa: E402
 from train.tfds_builder import read_documents  # noqa: E402
 
 TOP = 8  # "found": the fact's chunk among the 8 best
 MAX_LAYERS = 3
-# (fact, question): our own wording, never the evaluation's needles, so the layers are not picked on
-# the test. {place}, {name}, {id}: a random key; {v}: the value. The answer's lead is the fact up to {v}.
-FACTS = (("The access code for the {place} gate is {v}.", "What is the access code for the {place} gate?"),
-         ("{name}'s locker number is {v}.", "What is {name}'s locker number?"),
-         ("id {id}: value {v}", "Which value is listed for id {id}?"),
-         ("The parcel for {name} left with tracking number {v}.", "Which tracking number did {name}'s parcel get?"),
-         ("The {place} depot stores {v} crates.", "How many crates does the {place} depot store?"),
-         ("Dr. {name} answers the phone at extension {v}.", "At which extension does Dr. {name} answer?"))
-PLACES = ("north", "south", "east", "west", "mill", "quarry", "station", "dock", "market", "chapel")
-NAMES = ("Maria", "Tomas", "Aiko", "Farid", "Olga", "Kwame", "Lucia", "Henrik", "Priya", "Mateo")
+# The facts and keys are training's retrieval-mixture templates (our own wording, never the
+# evaluation's needles), so the layers are not picked on the test.
 ASK = " Reply with the number alone."
 
 

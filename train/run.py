@@ -63,13 +63,13 @@ class FlagError(ValueError):
 # would not continue the same run (train/checkpoint.py SETTINGS_FILE).
 SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "seed", "steps", "lr",
             "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm", "d_c", "kl_weight", "n_sink",
-            "n_local", "max_chunk_len", "max_chunks", "recall_k")
+            "n_local", "max_chunk_len", "max_chunks", "recall_k", "teacher", "score_queries", "retrieval_mix")
 DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
 
 
 # Counts and their least sane value: a zero batch or sequence fails only after the data is built.
 MINIMUM = dict(seq_len=2, batch_size=1, steps=0, warmup_steps=0, d_c=1, n_sink=0, n_local=0, max_chunk_len=1,
-               max_chunks=1, recall_k=1, block_q=1, block_k=1, mesh_data=0, mesh_model=1, log_every=1,
+               max_chunks=1, recall_k=1, score_queries=1, block_q=1, block_k=1, mesh_data=0, mesh_model=1, log_every=1,
                eval_every=0, eval_batches=1, checkpoint_every=0)
 DTYPES = ("float32", "bfloat16")
 
@@ -82,6 +82,8 @@ def check_flags(cfg) -> None:
                     "give 1 or more")
   check_common_flags(cfg)
   _check_writable("--workdir", Path(cfg.workdir))
+  if uses_cache(cfg):
+    _check_writable("--cache_dir", cache_dir(cfg))
   if cfg.export:
     if cfg.steps == 0 and not cfg.allow_untrained_export:
       raise FlagError(f"--steps 0 --export {cfg.export} would export untrained (random) adapters: give --steps "
@@ -97,6 +99,15 @@ def check_common_flags(cfg) -> None:
   for name in ("dtype", "export_dtype"):
     if getattr(cfg, name) not in DTYPES:
       raise FlagError(f"--{name} {getattr(cfg, name)} is not supported: give one of {', '.join(DTYPES)}")
+  from train.losses import TEACHERS
+
+  if cfg.teacher not in TEACHERS:
+    raise FlagError(f"--teacher {cfg.teacher} is not a teacher target: give one of {', '.join(TEACHERS)}")
+  if not 0 <= cfg.retrieval_mix <= 1:  # also refuses nan
+    raise FlagError(f"--retrieval_mix {cfg.retrieval_mix} is not a fraction: give a value in [0, 1] (the share of "
+                    "training tokens in retrieval-mixture documents)")
+  if cfg.retrieval_mix and cfg.tfds_name:
+    raise FlagError("--retrieval_mix mixes into text files (--data): give --retrieval_mix 0 with --tfds_name")
   for name, ok in (("lr", 0 < cfg.lr < float("inf")), ("eval_fraction", 0 <= cfg.eval_fraction < 1),
                    ("end_lr_ratio", 0 <= cfg.end_lr_ratio <= 1), ("weight_decay", cfg.weight_decay >= 0),
                    ("clip_norm", cfg.clip_norm > 0)):
@@ -132,6 +143,15 @@ def _check_writable(flag: str, path: Path) -> None:
                     "give a folder you can write to")
 
 
+def uses_cache(cfg) -> bool:
+  """Row targets are cached unless --teacher_cache false; the paper's token_mean target has no cache."""
+  return cfg.teacher != "token_mean" and cfg.teacher_cache
+
+
+def cache_dir(cfg) -> Path:
+  return Path(cfg.cache_dir or Path(cfg.workdir) / "teacher_cache")
+
+
 def check_model_flag(cfg) -> None:
   """The backbone's config only (weights are loaded later): a missing or malformed model is named now."""
   from chunkllm_jax import weights
@@ -154,7 +174,7 @@ def check_export_path(cfg) -> None:
   if export == workdir or export in workdir.parents:
     raise adapter_io.ExportTargetError(f"--export {cfg.export} is the workdir or a folder above it: {fix}")
   kept = [workdir / n for n in ("checkpoints", "tensorboard", "metrics.jsonl", SETTINGS_FILE)]
-  for p in kept + [Path(cfg.data_dir or workdir / "data").resolve()]:
+  for p in kept + [Path(cfg.data_dir or workdir / "data").resolve(), cache_dir(cfg).resolve()]:
     if export == p or p in export.parents or export in p.parents:
       raise adapter_io.ExportTargetError(f"--export {cfg.export} would replace {p}, which the run keeps: {fix}")
   adapter_io.check_export_target(export, overwrite=True)
@@ -212,12 +232,16 @@ def train(cfg) -> dict[str, float]:
     return data.load_splits(files=cfg.data, tfds_name=cfg.tfds_name, text_key=cfg.tfds_text_key,
                             tokenizer=bb.tokenizer, tokenizer_name=cfg.tokenizer or cfg.model,
                             seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
-                            data_dir=cfg.data_dir or str(workdir / "data"))
+                            data_dir=cfg.data_dir or str(workdir / "data"), retrieval_mix=cfg.retrieval_mix,
+                            mix_seed=cfg.seed)
 
   splits = open_splits() if pi == 0 else None
   if pc > 1:
     multihost_utils.sync_global_devices("packed dataset built")
     splits = splits or open_splits()
+  params = jax.device_put(bb.params, params_sharding(bb.params, mesh))
+  if uses_cache(cfg):  # one frozen pass per sequence, once; training then reads the rows
+    splits = dict(splits, **build_caches(cfg, splits, params, bb, acfg, loss_config))
   train_it = data.train_iterator(splits["train"], global_batch=cfg.batch_size, seed=cfg.seed,
                                  process_index=pi, process_count=pc)
   eval_set = []
@@ -231,7 +255,6 @@ def train(cfg) -> dict[str, float]:
   rep = replicated(mesh)
   state = step_lib.init_state(cj.init_adapters(jax.random.key(cfg.seed), bb.config, acfg), optimizer)
   state = jax.device_put(state, rep)
-  params = jax.device_put(bb.params, params_sharding(bb.params, mesh))
 
   meta = dict(backbone=bb.name, backbone_fingerprint=adapter_io.fingerprint(bb.config),
               adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers),
@@ -251,13 +274,14 @@ def train(cfg) -> dict[str, float]:
         print(f"resumed from {ckpt.directory / str(latest)}", file=sys.stderr)
 
   local_B = cfg.batch_size // pc
-  shapes = {"tokens": (cfg.batch_size, cfg.seq_len), "labels": (cfg.batch_size, cfg.seq_len)}
+  first = splits["train"][0]
+  shapes = {k: (cfg.batch_size, *v.shape) for k, v in first.items()}
   train_fn, eval_fn = step_lib.compile_steps(mesh, state, params, shapes, optimizer=optimizer,
                                              schedule=schedule, loss_config=loss_config)
   shardings = step_lib.batch_shardings(mesh, shapes)
 
   def to_global(local):
-    assert local["tokens"].shape == (local_B, cfg.seq_len), local["tokens"].shape
+    assert all(local[k].shape == (local_B, *shapes[k][1:]) for k in shapes), {k: v.shape for k, v in local.items()}
     return {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
 
   if recorded != "same" and pi == 0:
@@ -302,14 +326,46 @@ def train(cfg) -> dict[str, float]:
   return last
 
 
+def build_caches(cfg, splits, params, bb, acfg, loss_config) -> dict:
+  """The teacher cache of each split: {"train": CachedRows, "validation": ...}. One process computes a
+  sequence's rows when a step first reads it; several build every missing shard first."""
+  from chunkllm_jax import adapter_io
+  from train import teacher_cache
+  from train.losses import rows_config_of
+
+  rc = rows_config_of(loss_config, acfg.qk_layers)
+  out = {}
+  for split, source in splits.items():
+    if split not in ("train", "validation") or source is None:
+      continue
+    path = cache_dir(cfg) / split
+    fp = teacher_cache.cache_fingerprint(rc, backbone=adapter_io.fingerprint(bb.config), data=splits["name"],
+                                         seq_len=cfg.seq_len, split=split)
+    if jax.process_count() == 1:  # each sequence's rows computed the first time a step reads it
+      teacher_cache.open_cache(path, fp)
+      out[split] = teacher_cache.CachedRows(path, len(source), compute=teacher_cache.teacher_of(params, source, rc))
+      continue
+    # Several processes: the frozen pass is one program over all of them, so they build it in lockstep.
+    n = teacher_cache.build_cache(params, source, path, fp, rc, progress=cfg.progress,
+                                  write=jax.process_index() == 0)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"teacher cache {split} built")
+    if n and jax.process_index() == 0:
+      print(f"teacher cache: {n} sequences of {split} added to {path}", file=sys.stderr)
+    out[split] = teacher_cache.CachedRows(path, len(source))
+  return out
+
+
 def user_errors() -> tuple[type[Exception], ...]:
   """What a user's input can raise: reported as one line and exit code 2, never a traceback."""
   from chunkllm_jax.adapter_io import AdapterLoadError, ExportTargetError
   from chunkllm_jax.config import ConfigError
   from train.checkpoint import CheckpointError
+  from train.teacher_cache import CacheError
   from train.tfds_builder import DataError
 
-  return (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, ConfigError,
+  return (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, ConfigError, CacheError,
           FileNotFoundError, FileExistsError)
 
 

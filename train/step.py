@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from chunkllm_jax.adapters import Adapters
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sharding import batch_sharding, params_sharding, replicated
-from train.losses import LossConfig, chunkllm_loss
+from train.losses import LossConfig, training_loss
 
 
 @jax.tree_util.register_dataclass
@@ -46,7 +46,7 @@ def init_state(adapters: Adapters, optimizer) -> TrainState:
 def train_step(state: TrainState, params: ModelParams, batch: dict[str, Any], *, optimizer,
                schedule: optax.Schedule, loss_config: LossConfig):
   """One AdamW update of the adapters. Returns (new state, metrics)."""
-  grad_fn = jax.value_and_grad(chunkllm_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(training_loss, has_aux=True)
   (_, metrics), grads = grad_fn(state.adapters, params, batch, loss_config)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
   adapters = optax.apply_updates(state.adapters, updates)
@@ -55,7 +55,7 @@ def train_step(state: TrainState, params: ModelParams, batch: dict[str, Any], *,
 
 
 def eval_step(adapters: Adapters, params: ModelParams, batch: dict[str, Any], *, loss_config: LossConfig):
-  return chunkllm_loss(adapters, params, batch, loss_config)[1]
+  return training_loss(adapters, params, batch, loss_config)[1]
 
 
 def batch_shardings(mesh: Mesh, batch_shapes: dict[str, tuple[int, ...]]):

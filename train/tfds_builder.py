@@ -42,6 +42,8 @@ class PackedTextConfig(tfds.core.BuilderConfig):
   tokenizer: str = ""  # a name for the tokenizer, part of the fingerprint
   seq_len: int = 2048
   eval_fraction: float = 0.05
+  retrieval_mix: float = 0.0  # share of the tokens that are retrieval-mixture documents (train.mixture)
+  mix_seed: int = 0
 
 
 def read_documents(path: str) -> list[str]:
@@ -61,14 +63,18 @@ def read_documents(path: str) -> list[str]:
 
 
 def make_config(*, files=(), tfds_name="", text_key="text", tokenizer: str, seq_len: int,
-                eval_fraction: float) -> PackedTextConfig:
+                eval_fraction: float, retrieval_mix: float = 0.0, mix_seed: int = 0) -> PackedTextConfig:
   """A config named by the fingerprint of its inputs."""
-  h = hashlib.sha256(json.dumps([tfds_name, text_key, tokenizer, seq_len, eval_fraction]).encode())
+  fields = [tfds_name, text_key, tokenizer, seq_len, eval_fraction]
+  if retrieval_mix:  # (without one, the name of a dataset built before the mixture existed)
+    fields += [retrieval_mix, mix_seed]
+  h = hashlib.sha256(json.dumps(fields).encode())
   for f in files:
     h.update(Path(f).read_bytes() if Path(f).is_file() else f.encode())
   return PackedTextConfig(name=f"seq{seq_len}_{h.hexdigest()[:16]}", files=tuple(str(f) for f in files),
                           tfds_name=tfds_name, text_key=text_key, tokenizer=tokenizer, seq_len=seq_len,
-                          eval_fraction=eval_fraction, version=PackedText.VERSION)
+                          eval_fraction=eval_fraction, retrieval_mix=retrieval_mix, mix_seed=mix_seed,
+                          version=PackedText.VERSION)
 
 
 def pack(labelled_docs: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, eos_id: int
@@ -127,6 +133,8 @@ class PackedText(tfds.core.GeneratorBasedBuilder):
     if cfg.tfds_name:
       return self._tfds_splits(cfg)
     docs = [d for f in cfg.files for d in read_documents(f)]
+    if cfg.retrieval_mix:
+      docs = with_mixture(docs, cfg, self._tokenizer)
     seqs = list(pack(self._label(docs), cfg.seq_len, self._eos()))
     n_eval = math.ceil(cfg.eval_fraction * len(seqs)) if cfg.eval_fraction > 0 else 0
     if len(seqs) < n_eval + 1 or (n_eval and len(seqs) < 2):
@@ -157,6 +165,14 @@ class PackedText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, seqs):
     for i, (ids, labels) in enumerate(seqs):
       yield i, {"tokens": ids, "labels": labels}
+
+
+def with_mixture(docs, cfg: PackedTextConfig, tokenizer) -> list[str]:
+  """The documents with the retrieval mixture spread among them (`train.mixture.mix`)."""
+  from train import mixture
+
+  count = lambda lines: [len(ids) for ids in tokenizer(list(lines), add_special_tokens=False)["input_ids"]]
+  return mixture.mix(docs, cfg.retrieval_mix, doc_tokens=cfg.seq_len, count_tokens=count, seed=cfg.mix_seed)[0]
 
 
 def build(config: PackedTextConfig, tokenizer, data_dir: str) -> Path:

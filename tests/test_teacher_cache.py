@@ -1,0 +1,162 @@
+"""The head-max teacher at the selection rows, its cache, and the loss on it (train.teacher_cache)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import model
+from tests.chunk_fixtures import random_batch, tiny_params
+from train import teacher_cache as tc
+from train.losses import LossConfig, rows_config_of, rows_loss, training_loss
+
+
+def _layers_qkh(params, tokens_T):
+  """Per layer, q [T, H, D], k [T, K, D] and the attention input h [T, D], by a plain forward pass."""
+  out = []
+
+  def attend_fn(state, layer, q, k, v, h):
+    o, state, _ = dense(state, layer, q, k, v, h)
+    return o, state, (q[0], k[0], h[0])
+
+  T = len(tokens_T)
+  pos = jnp.arange(T)[None]
+  dense = model.self_attend_fn(params.config, pos, pos < T)
+  _, _, (q, k, h) = model.run_layers(params, model.embed(params, jnp.asarray(tokens_T)[None]), pos, attend_fn)
+  for l in range(params.config.n_layers):
+    out.append((np.asarray(q[l]), np.asarray(k[l]), np.asarray(h[l])))
+  return out
+
+
+def numpy_rows(params, tokens_T, labels_T, rc: tc.RowsConfig):
+  """A loop: the chunk ends by the rule; row r (chunk r's boundary) ranks chunks 0 .. r - n_local by,
+  per head, each of the last `score_queries` queries' softmax over those chunks' tokens summed per
+  chunk; max over heads, then over the queries; renormalised."""
+  ends, start = [], rc.n_sink
+  for t in range(len(tokens_T)):
+    if t >= rc.n_sink and (labels_T[t] > 0 or t - start + 1 >= rc.max_chunk_len):
+      ends.append(t)
+      start = t + 1
+  qkh = _layers_qkh(params, tokens_T)
+  cfg = params.config
+  C = rc.max_chunks
+  targets = np.zeros((len(rc.layers), C, C))
+  for li, l in enumerate(rc.layers):
+    q, k, _ = qkh[l]
+    G = cfg.n_heads // cfg.n_kv_heads
+    for r, e in enumerate(ends):
+      n_cand = r + 1 - rc.n_local
+      if n_cand <= 0:
+        continue
+      toks = np.arange(rc.n_sink, ends[n_cand - 1] + 1)
+      best = np.zeros(n_cand)
+      starts = [rc.n_sink] + [x + 1 for x in ends[:n_cand - 1]]
+      for t in range(max(e - rc.score_queries + 1, 0), e + 1):
+        seen = toks[toks <= t]  # a query reads no later key
+        if not len(seen):
+          continue
+        s = np.einsum("hd,thd->ht", q[t], np.repeat(k[seen], G, axis=1)) * cfg.attn_scale
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        mass = np.stack([p[:, starts[j] - rc.n_sink:ends[j] + 1 - rc.n_sink].sum(-1) for j in range(n_cand)], -1)
+        head = mass.max(0) if rc.heads == "max" else mass.mean(0)
+        best = np.maximum(best, head)
+      targets[li, r, :n_cand] = best / best.sum()
+  return np.asarray(ends), targets, qkh
+
+
+@pytest.mark.parametrize("heads", ["max", "mean"])
+def test_row_targets_match_a_numpy_loop(heads):
+  params = tiny_params()
+  b = random_batch(1, 48, p_boundary=0.25, seed=4)
+  rc = tc.RowsConfig(layers=(0, 1), n_sink=2, n_local=1, max_chunk_len=6, max_chunks=32, score_queries=3,
+                     heads=heads)
+  rows = jax.jit(tc.teacher_rows, static_argnums=4)(params, b["tokens"], b["labels"], b["lengths"], rc)
+  ends, want, qkh = numpy_rows(params, np.asarray(b["tokens"][0]), np.asarray(b["labels"][0]), rc)
+  assert len(ends) > 4
+  np.testing.assert_allclose(np.asarray(rows["target_BLCC"][0]), want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(rows["n_cand_BC"][0, :len(ends)]),
+                                np.maximum(np.arange(1, len(ends) + 1) - rc.n_local, 0))
+  for li, l in enumerate(rc.layers):  # h at the chunk ends: q~ of row r and k~ of chunk r read it
+    np.testing.assert_allclose(np.asarray(rows["h_BLCD"][0, li, :len(ends)]), qkh[l][2][ends], rtol=1e-5, atol=1e-6)
+
+
+def test_head_max_keeps_a_lone_retrieval_head():
+  """The reason for the target: one head that looks at chunk 0, the others at the newest candidate.
+  The head mean ranks chunk 0 below; the head max puts it first."""
+  from chunkllm_jax.selection import attention_probs
+
+  ends = jnp.asarray([[3, 7, 11, 15]])
+  k = jnp.zeros((1, 16, 4, 2)).at[0, 0:4, 0, 0].set(1.0).at[0, 12:16, 1:, 1].set(1.0)
+  q = jnp.zeros((1, 1, 4, 2)).at[0, 0, 0, 0].set(8.0).at[0, 0, 1:, 1].set(2.0)
+  n = jnp.asarray([[4]])
+  top = lambda heads: int(jnp.argmax(attention_probs(q, k, ends, n, n_sink=0, scale=1.0, heads=heads)[0, 0]))
+  assert top("max") == 0 and top("mean") == 3
+
+
+def _adapters(params, layers):
+  return cj.init_adapters(jax.random.key(1), params.config, cj.AdapterConfig(d_c=8, qk_layers=layers))
+
+
+def test_cached_step_equals_the_computed_step(tmp_path):
+  """Loss and gradients from rows read back from the cache equal those computed inside the step."""
+  params = tiny_params()
+  cfg = LossConfig(teacher="head_max", n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3,
+                   recall_k=2)
+  adapters = _adapters(params, (1,))
+  b = random_batch(2, 40, p_boundary=0.25, seed=6)
+  rc = rows_config_of(cfg, (1,))
+  fp = tc.cache_fingerprint(rc, backbone="tiny", data="d", seq_len=40, split="train")
+  source = [dict(tokens=np.asarray(b["tokens"][i]), labels=np.asarray(b["labels"][i])) for i in range(2)]
+  assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False) == 2
+  assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False) == 0  # resumes: nothing left
+  cached = tc.CachedRows(tmp_path / "c", 2)
+  batch = {k: jnp.stack([cached[i][k] for i in range(2)]) for k in tc.SHARD_KEYS}
+  grad = jax.jit(jax.value_and_grad(training_loss, has_aux=True), static_argnums=3)
+  (l1, m1), g1 = grad(adapters, params, {"tokens": b["tokens"], "labels": b["labels"]}, cfg)
+  (l2, m2), g2 = grad(adapters, params, batch, cfg)
+  assert float(m1["n_kl_queries"]) > 4 and float(m1["kl"]) > 0
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-8), g1, g2)
+
+
+def test_rows_kl_vanishes_when_the_student_is_the_teacher():
+  """With targets made from the student's own scores, KL(P || S) is zero; with others it is not."""
+  params = tiny_params()
+  cfg = LossConfig(teacher="head_max", n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3)
+  adapters = _adapters(params, (1,))
+  b = random_batch(1, 48, p_boundary=0.25, seed=2)
+  rows = tc.teacher_rows(params, b["tokens"], b["labels"], b["lengths"], rows_config_of(cfg, (1,)))
+  from chunkllm_jax.adapters import chunk_keys, chunk_scores, qk_adapter_apply
+
+  p1 = jax.tree.map(lambda w: w[0], adapters.params["qk"])
+  q, k = qk_adapter_apply(p1, rows["h_BLCD"][:, 0])
+  C = q.shape[1]
+  cand = jnp.arange(C) < rows["n_cand_BC"][..., None]
+  own = jnp.where(cand, jax.nn.softmax(chunk_scores(q, chunk_keys(k, jnp.arange(C)[None]), cand), -1), 0.0)
+  _, same = rows_loss(adapters, dict(rows, target_BLCC=own[:, None]), cfg)
+  _, other = rows_loss(adapters, rows, cfg)
+  assert abs(float(same["kl"])) < 1e-5 and float(other["kl"]) > 1e-3
+
+
+def test_a_cache_of_other_settings_is_refused(tmp_path):
+  params = tiny_params()
+  rc = tc.RowsConfig(layers=(1,), n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3)
+  b = random_batch(1, 40, seed=1)
+  source = [dict(tokens=np.asarray(b["tokens"][0]), labels=np.asarray(b["labels"][0]))]
+  fp = tc.cache_fingerprint(rc, backbone="tiny", data="d", seq_len=40, split="train")
+  tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False)
+  before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+  for other, named in [(dict(backbone="other"), "backbone"), (dict(seq_len=80), "seq_len"),
+                       (dict(rows=dict(fp["rows"], heads="mean")), "rows.heads")]:
+    with pytest.raises(tc.CacheError, match=named):
+      tc.build_cache(params, source, tmp_path / "c", dict(fp, **other), rc, progress=False)
+  assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == before  # nothing touched
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("mine")
+  with pytest.raises(tc.CacheError, match="not empty"):
+    tc.build_cache(params, source, tmp_path / "mine", fp, rc, progress=False)
+  assert json.loads((tmp_path / "c" / tc.CACHE_FILE).read_text()) == fp
