@@ -15,7 +15,9 @@ def test_shipped_smollm2_adapters_load_and_refuse_other_backbones():
   model_config = adapter_io.config_from_json(meta["model_config"])
   assert (model_config.n_layers, model_config.d_model, model_config.n_heads) == (30, 576, 9)
   adapters = cj.load_adapters("smollm2-135m", expected_config=model_config)
-  assert adapters.config.d_c == 64 and adapters.config.qk_layers == tuple(range(30))
+  # trained for the layers inference selects with, which the export stores as its default choice
+  assert adapters.config.d_c == 64 and adapters.config.qk_layers == adapters.config.selection_layers == (7, 15)
+  assert meta["trained_steps"] >= 600
   with pytest.raises(adapter_io.AdapterLoadError, match="trained for backbone 'smollm2-135m'"):
     cj.load_adapters("smollm2-135m", expected_config=tiny_config())
 

@@ -25,6 +25,7 @@ class TrainConfig:
   tfds_text_key: str = "text"
   data_dir: str = ""  # where the packed dataset is built; "" -> <workdir>/data
   eval_fraction: float = 0.05  # documents held out for eval (text files)
+  max_sequences: int = 0  # train on the first this many packed sequences only (0: all)
   seq_len: int = 2048
   batch_size: int = 2  # global, over all processes
   # Optimisation: AdamW on the adapters only, warmup then cosine decay, global-norm clipping.

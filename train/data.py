@@ -95,3 +95,20 @@ def load_splits(*, files: Sequence[str] = (), tfds_name: str = "", text_key: str
   splits = builder.info.splits
   return {"name": config.name, "train": builder.as_data_source(split="train"),
           "validation": builder.as_data_source(split="validation") if "validation" in splits else None}
+
+
+class FirstN:
+  """The first `n` records of a random-access source (a training run on part of a dataset)."""
+
+  def __init__(self, source, n: int):
+    if n > len(source):
+      raise tfds_builder.DataError(f"--max_sequences {n} is more than the {len(source)} training sequences")
+    self.source, self.n = source, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]

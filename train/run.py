@@ -63,12 +63,14 @@ class FlagError(ValueError):
 # would not continue the same run (train/checkpoint.py SETTINGS_FILE).
 SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "seed", "steps", "lr",
             "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm", "d_c", "kl_weight", "n_sink",
-            "n_local", "max_chunk_len", "max_chunks", "recall_k", "teacher", "score_queries", "retrieval_mix")
+            "n_local", "max_chunk_len", "max_chunks", "recall_k", "teacher", "score_queries", "retrieval_mix",
+            "max_sequences")
 DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
 
 
 # Counts and their least sane value: a zero batch or sequence fails only after the data is built.
-MINIMUM = dict(seq_len=2, batch_size=1, steps=0, warmup_steps=0, d_c=1, n_sink=0, n_local=0, max_chunk_len=1,
+MINIMUM = dict(seq_len=2, batch_size=1, steps=0, max_sequences=0, warmup_steps=0, d_c=1, n_sink=0, n_local=0,
+               max_chunk_len=1,
                max_chunks=1, recall_k=1, score_queries=1, block_q=1, block_k=1, mesh_data=0, mesh_model=1, log_every=1,
                eval_every=0, eval_batches=1, checkpoint_every=0)
 DTYPES = ("float32", "bfloat16")
@@ -239,6 +241,8 @@ def train(cfg) -> dict[str, float]:
   if pc > 1:
     multihost_utils.sync_global_devices("packed dataset built")
     splits = splits or open_splits()
+  if cfg.max_sequences:
+    splits = dict(splits, train=data.FirstN(splits["train"], cfg.max_sequences))
   params = jax.device_put(bb.params, params_sharding(bb.params, mesh))
   if uses_cache(cfg):  # one frozen pass per sequence, once; training then reads the rows
     splits = dict(splits, **build_caches(cfg, splits, params, bb, acfg, loss_config))
