@@ -239,3 +239,30 @@ def _jsonable(v) -> bool:
     return True
   except TypeError:
     return False
+
+
+def main(argv=None) -> int:
+  """`python -m eval.report --out DIR`: the report of every result in DIR/results.jsonl, for a folder
+  filled by several `eval.run` calls (each call reports only the runs it planned)."""
+  import argparse
+  import sys
+
+  from eval.results_io import ResultsFile
+
+  p = argparse.ArgumentParser(prog="python -m eval.report", description=main.__doc__.split("\n")[0])
+  p.add_argument("--out", required=True, help="a folder holding results.jsonl (and run_config.json)")
+  args = p.parse_args(argv)
+  out = Path(args.out)
+  if not (out / "results.jsonl").is_file():
+    print(f"error: {out / 'results.jsonl'} does not exist", file=sys.stderr)
+    return 2
+  results = ResultsFile(out / "results.jsonl")
+  config = out / "run_config.json"
+  settings = json.loads(config.read_text()) if config.is_file() else {}
+  for p_ in write_all(out, results.records, settings, results.bad_lines):
+    print(p_, file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -141,13 +141,13 @@ def export_copy(tmp_path, **adapter_config):
 def test_write_changes_only_selection_layers(tmp_path):
   d = export_copy(tmp_path)
   before = json.loads((d / "config.json").read_text())
-  pl.write_choice(d, [21, 29])
+  pl.write_choice(d, [15])  # the shipped adapters sit on layers 7 and 15: a choice among those
   after = json.loads((d / "config.json").read_text())
-  assert after == {**before, "adapter_config": {**before["adapter_config"], "selection_layers": [21, 29]}}
+  assert after == {**before, "adapter_config": {**before["adapter_config"], "selection_layers": [15]}}
   assert sorted(p.name for p in d.iterdir()) == ["config.json", "params"]  # no temporary file left
-  assert cj.load_adapters(d).config.selection_layers == (21, 29)
-  pl.write_choice(d, [5])  # a second write replaces the field
-  assert json.loads((d / "config.json").read_text())["adapter_config"]["selection_layers"] == [5]
+  assert cj.load_adapters(d).config.selection_layers == (15,)
+  pl.write_choice(d, [7])  # a second write replaces the field
+  assert json.loads((d / "config.json").read_text())["adapter_config"]["selection_layers"] == [7]
 
 
 @pytest.mark.parametrize("case", ["hf_config", "no_config", "not_json", "no_qk_adapter"])
