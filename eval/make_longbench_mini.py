@@ -8,7 +8,7 @@ The filler is real prose, Brown-corpus sentences (one a line), so the text is no
 predictable; `--synthetic` uses `chunkllm_jax.haystack`'s generated sentences instead and needs no file.
 The same seed and inputs give the same files.
 
-  python -m eval.make_longbench_mini --out eval/data/longbench_mini --brown ../shared/data/brown.txt
+  python -m eval.make_longbench_mini --out eval/data/longbench_mini --brown brown.txt
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def make_records(task: str, filler: Filler, n: int, n_words: int, seed: int) -> 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default="eval/data/longbench_mini", help="directory for the <task>.jsonl files")
-  p.add_argument("--brown", default="../shared/data/brown.txt", help="filler: Brown sentences, one a line")
+  p.add_argument("--brown", required=True, help="filler: Brown sentences, one a line (train.prepare_brown)")
   p.add_argument("--synthetic", action="store_true", help="generated filler sentences instead (no data file)")
   p.add_argument("--n", type=int, default=8, help="examples per task")
   p.add_argument("--context_words", "--context_tokens", dest="context_words", type=int, default=3000,

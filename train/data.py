@@ -81,15 +81,11 @@ def load_splits(*, files: Sequence[str] = (), tfds_name: str = "", text_key: str
   the dataset's fingerprinted name}. `retrieval_mix`: the share of retrieval-mixture tokens (text files)."""
   if not files and not tfds_name:
     raise tfds_builder.DataError("no training data: give --data FILE [FILE ...] or --tfds_name NAME")
-  if retrieval_mix and tfds_name:
-    raise tfds_builder.DataError("--retrieval_mix mixes into text files (--data); give --retrieval_mix 0 with "
-                                 "--tfds_name")
-  docs = [d for f in files for d in tfds_builder.read_documents(f)]  # fail on bad input before anything is built
+  for f in files:  # fail on bad input before anything is built (a text too short for the mixture: at the build)
+    tfds_builder.read_documents(f)
   config = tfds_builder.make_config(files=files, tfds_name=tfds_name, text_key=text_key,
                                     tokenizer=tokenizer_name, seq_len=seq_len, eval_fraction=eval_fraction,
                                     retrieval_mix=retrieval_mix, mix_seed=mix_seed)
-  if retrieval_mix:
-    tfds_builder.with_mixture(docs, config, tokenizer)  # a text too short for it is named before the build
   path = tfds_builder.build(config, tokenizer, data_dir)
   builder = tfds.builder_from_directory(str(path))
   splits = builder.info.splits

@@ -1,7 +1,7 @@
 """Picks the selection layers: the full-attention layers whose frozen attention best finds a fact
 hidden in calibration prompts made from the training text.
 
-  python -m train.pick_layers --model smollm2-135m --data ../shared/data/brown.txt --tokens 2048 4096 \
+  python -m train.pick_layers --model smollm2-135m --data brown.txt --tokens 2048 4096 \
       --n_prompts 12 [--adapters DIR] [--write DIR] [--out DIR]
 
 A prompt is running text of the --data files with a fact ("Maria's locker number is 77310.") at a

@@ -70,9 +70,8 @@ DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown bes
 
 # Counts and their least sane value: a zero batch or sequence fails only after the data is built.
 MINIMUM = dict(seq_len=2, batch_size=1, steps=0, max_sequences=0, warmup_steps=0, d_c=1, n_sink=0, n_local=0,
-               max_chunk_len=1,
-               max_chunks=1, recall_k=1, score_queries=1, block_q=1, block_k=1, mesh_data=0, mesh_model=1, log_every=1,
-               eval_every=0, eval_batches=1, checkpoint_every=0)
+               max_chunk_len=1, max_chunks=1, recall_k=1, score_queries=1, block_q=1, block_k=1, mesh_data=0,
+               mesh_model=1, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=0)
 DTYPES = ("float32", "bfloat16")
 
 
