@@ -105,16 +105,17 @@ def run_chunk_generate(args, model, ids) -> None:
 
 def run_demo(args) -> None:
   import chunkllm_jax as cj
-  from chunkllm_jax import haystack
+  from chunkllm_jax import haystack, weights
 
   if not 0.0 <= args.depth <= 1.0:  # also false for nan
     raise ValueError(f"--depth is where the fact sits, from 0 (start) to 1 (end); got {args.depth}")
   if args.context < 256:
     raise ValueError(f"--context must be at least 256 tokens, got {args.context}")
-  model = cj.load(args.model)
-  if args.context + 64 > model.config.max_position:
-    raise ValueError(f"--context {args.context} does not fit {args.model}'s {model.config.max_position} positions "
+  max_position = weights.load_config(args.model).max_position  # the config alone: refuse before loading
+  if args.context + 64 > max_position:
+    raise ValueError(f"--context {args.context} does not fit {args.model}'s {max_position} positions "
                      "(with the question and the answer)")
+  model = cj.load(args.model)
   params = _with_adapters(model, args.adapters or args.model)
   key = haystack.passkey(args.seed)
   doc = haystack.needle_document(model.tokenizer, args.context, args.depth,

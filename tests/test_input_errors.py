@@ -265,6 +265,20 @@ def test_cli_generate_refuses_sizes_and_settings_before_loading(tmp_path, flags,
   assert _tree(d) == before
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--depth", "5"], r"--depth is where the fact sits, from 0 \(start\) to 1 \(end\); got 5.0"),
+    (["--depth", "nan"], r"--depth is where the fact sits"),
+    (["--context", "-100"], r"--context must be at least 256 tokens, got -100"),
+    (["--context", "100000000"], r"--context 100000000 does not fit .*'s 256 positions"),
+])
+def test_cli_demo_refuses_sizes_before_loading(tmp_path, flags, match):
+  d = _hf_dir(tmp_path)  # a config alone: the refusal must come before the weights are read
+  before = _tree(d)
+  line = _one_error_line(_cli("chunkllm_jax", "demo", "--model", str(d), *flags))
+  assert re.search(match, line), line
+  assert _tree(d) == before
+
+
 # 5. train.run and train.evaluate: every flag is checked before any work (no data build, no model load).
 
 @pytest.fixture
