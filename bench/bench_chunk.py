@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import json
 import os
 import pathlib
@@ -42,12 +41,11 @@ HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
 import chunkllm_jax as cj  # noqa: E402
+from chunkllm_jax import chunk_generation as cg  # noqa: E402
 from chunkllm_jax import kv_cache  # noqa: E402
 from chunkllm_jax.chunk_cache import init_chunk_state, working_size  # noqa: E402
 from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
 
-# The package exports the function chunk_generate under the module's name, so fetch the module.
-cg = importlib.import_module("chunkllm_jax.chunk_generate")
 
 CHUNK = 30  # tokens per chunk (the paper's semantic chunks are 20-40)
 CFG = cj.ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
@@ -77,7 +75,7 @@ def consistent_queries(params):
 
 def chunk_config(top_k: int, max_len: int) -> ChunkConfig:
   extra = {"prefill": "sparse"} if "prefill" in {f.name for f in dataclasses.fields(ChunkConfig)} else {}
-  return ChunkConfig(top_k=top_k, max_chunk_len=CHUNK, **extra).validate(max_len, CFG.n_layers)
+  return ChunkConfig(top_chunks=top_k, max_chunk_len=CHUNK, **extra).validate(max_len, CFG.n_layers)
 
 
 def top_k_for(ratio: float, L: int, c: ChunkConfig) -> int:
@@ -161,14 +159,14 @@ def bench_decode(params, L: int, ratios, rounds: int):
     amort = plain * (CHUNK - 1) / CHUNK + bound / CHUNK
     retention = np.mean(ret_plain) * (CHUNK - 1) / CHUNK + np.mean(ret_bound) / CHUNK
     nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
-    row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_k, retention=float(retention),
+    row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
                decode_tok_s_chunk=1 / amort, decode_tok_s_dense=1 / d, decode_speedup=d / amort,
                dense_steps=t_dense, chunk_plain_steps=t_plain, chunk_boundary_steps=t_bound,
                compile_s=dict(dense=dense_compile_s, chunk=chunk_compile_s), code=code_version())
     row["bytes_ratio"] = row["bytes_dense"] / row["bytes_chunk"]
-    print(f"decode L={L} top_k={ccfg.top_k} retention={retention:.3f} dense {d * 1e3:.0f} ms, chunk plain "
+    print(f"decode L={L} top_k={ccfg.top_chunks} retention={retention:.3f} dense {d * 1e3:.0f} ms, chunk plain "
           f"{plain * 1e3:.0f} ms / boundary {bound * 1e3:.0f} ms -> amortised {amort * 1e3:.0f} ms, speedup "
           f"{row['decode_speedup']:.2f}x (bytes {row['bytes_ratio']:.2f}x)", flush=True)
     rows.append(row)
@@ -190,7 +188,7 @@ def bench_prefill(params, L: int, ratio: float, repeats: int, headroom: int, sel
   chunk_fn = functools.partial(cg.chunk_prefill, max_len=max_len, ccfg=ccfg)
   # The same sparse code with a selection of every chunk: the gain of the method alone, apart from
   # how the dense path (kv_cache.prefill) happens to be implemented.
-  full_fn = functools.partial(cg.chunk_prefill, max_len=max_len, ccfg=dataclasses.replace(ccfg, top_k=ccfg.max_chunks))
+  full_fn = functools.partial(cg.chunk_prefill, max_len=max_len, ccfg=dataclasses.replace(ccfg, top_chunks=ccfg.max_chunks))
   progs = {"dense": (aot(dense_fn, params, tokens, lengths), params),
            "chunk": (aot(chunk_fn, chunk_params, tokens, lengths), chunk_params),
            "full": (aot(full_fn, chunk_params, tokens, lengths), chunk_params)}
@@ -205,9 +203,9 @@ def bench_prefill(params, L: int, ratio: float, repeats: int, headroom: int, sel
   t_dense, t_chunk = times["dense"], times["chunk"]
   d, c, f = (statistics.median(times[w]) for w in ("dense", "chunk", "full"))
   dense_c, chunk_c = progs["dense"][0][1], progs["chunk"][0][1]
-  print(f"prefill L={L} top_k={ccfg.top_k} {selection}: dense {d:.1f} s, chunk {c:.1f} s, speedup {d / c:.2f}x, "
+  print(f"prefill L={L} top_k={ccfg.top_chunks} {selection}: dense {d:.1f} s, chunk {c:.1f} s, speedup {d / c:.2f}x, "
         f"vs full coverage {f:.1f} s: {f / c:.2f}x", flush=True)
-  return dict(context=L, top_k=ccfg.top_k, prefill_s_chunk=c, prefill_s_dense=d, prefill_speedup=d / c,
+  return dict(context=L, top_k=ccfg.top_chunks, prefill_s_chunk=c, prefill_s_dense=d, prefill_speedup=d / c,
               prefill_s_full=f, prefill_speedup_vs_full=f / c,
               prefill_mode=ccfg.prefill, selection=selection,
               dense_runs=t_dense, chunk_runs=t_chunk, compile_s=dict(dense=dense_c, chunk=chunk_c), code=code_version())

@@ -88,7 +88,6 @@ import contextlib
 import datetime
 import functools
 import gc
-import importlib
 import json
 import math
 import os
@@ -109,14 +108,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from chunkllm_jax import attention  # noqa: E402
+from chunkllm_jax.chunk_generation import WORK_BLOCK  # noqa: E402
+from chunkllm_jax.chunk_prefill import PREFILL_BLOCK  # noqa: E402
 from pallas_kernels import chunk_decode_attention as cda  # noqa: E402
 from pallas_kernels import chunk_prefill_attention as cpa  # noqa: E402
 from pallas_kernels import distill_attention as dsa  # noqa: E402
 from pallas_kernels import gather_chunks as gch  # noqa: E402
 
-# chunkllm_jax exports functions named like these modules: fetch the modules themselves
-WORK_BLOCK = importlib.import_module("chunkllm_jax.chunk_generate").WORK_BLOCK
-PREFILL_BLOCK = importlib.import_module("chunkllm_jax.chunk_prefill").PREFILL_BLOCK
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # as the kernel tests
 FLAG_BOUND = 1e-2  # default-precision f32 error up to this on an accelerator: TF32 / bf16-pass dots, flagged

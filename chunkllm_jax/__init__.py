@@ -2,9 +2,10 @@
 
 from chunkllm_jax.adapter_io import load_adapters, save_adapters
 from chunkllm_jax.adapters import AdapterConfig, Adapters, init_adapters, with_adapters
-from chunkllm_jax.chunk_generate import chunk_generate
+from chunkllm_jax.chunk_generation import chunk_generate
 from chunkllm_jax.config import ConfigError, ModelConfig, RopeScaling, from_hf_config
-from chunkllm_jax.generate import GenerateOutput, generate, stream
+from chunkllm_jax.decoding import GenerateOutput
+from chunkllm_jax.dense_generation import generate, stream
 from chunkllm_jax.kv_cache import KVCache, init_cache
 from chunkllm_jax.loader import Model, load
 from chunkllm_jax.model import forward

@@ -252,7 +252,7 @@ def prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BNN, end_BT, ccfg
   blocks_BQN, n_BQ = block_lists(ids, vis_BNN, ccfg.n_local, block)
   # the kernel takes each token's selection as a list of kernel ids, -1 padded
   n_ids = vis_BNN.shape[-1]
-  N = min(ccfg.top_k, n_ids) if not ccfg.budgeted else n_ids
+  N = min(ccfg.top_chunks, n_ids) if not ccfg.budgeted else n_ids
   order = jnp.argsort(~vis_BNN, axis=-1, stable=True)[..., :N].astype(jnp.int32)  # selected ids first
   lists = jnp.where(jnp.take_along_axis(vis_BNN, order, -1), order, -1)  # [B, n_ids, N]
   sel_BTN = jnp.take_along_axis(lists, jnp.maximum(ids, 0)[..., None], axis=1)

@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-import numpy as np
+
+from chunkllm_jax.prompts import encode_prompt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def _chunk_flags(p) -> None:
 
 
 def _chunk_settings(args) -> dict:
-  given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_k=args.top_k_chunks, n_local=args.n_local,
+  given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
                n_sink=args.n_sink)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:
@@ -72,13 +73,6 @@ def _read_prompt(args) -> str:
     raise ValueError(f"{args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-  if chat:
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                              add_generation_prompt=True, tokenize=True, return_dict=False))
-  return list(tokenizer(text)["input_ids"])
-
-
 def _with_adapters(model, name: str):
   """The backbone with adapters from an export dir or a shipped name (refused if made for another model)."""
   import chunkllm_jax as cj
@@ -98,7 +92,7 @@ def run_chunk_generate(args, model, ids) -> None:
 
   params = _with_adapters(model, args.adapters or args.model)
   out = cj.chunk_generate(params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k_tokens=args.top_k, top_p=args.top_p, seed=args.seed, **_chunk_settings(args))
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_chunk_settings(args))
   print(model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
   _print_stats(out.stats)
 
@@ -121,7 +115,7 @@ def run_demo(args) -> None:
   doc = haystack.needle_document(model.tokenizer, args.context, args.depth,
                                  f"The secret passkey is {key}. Remember it, it is important.", args.seed)
   question = "What is the secret passkey? Answer with the number only."
-  ids = encode_prompt(model.tokenizer, f"{doc}\n\n{question}", chat=model.tokenizer.chat_template is not None)
+  ids = encode_prompt(model.tokenizer, f"{doc}\n\n{question}")
   print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
   settings = {"kv_budget": 0.25, **_chunk_settings(args)}  # the demo reads a quarter of the KV by default
   settings.pop("scorer", None)

@@ -11,9 +11,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax import model
+from chunkllm_jax import sharding as shd
 from chunkllm_jax.config import ModelConfig
 from chunkllm_jax.params import ModelParams
 
@@ -33,10 +35,25 @@ class KVCache:
     return dataclasses.replace(self, **kw)
 
 
+# The one description of the buffer's layout: every K/V buffer (the main one, the working buffer
+# of chunk_cache.py) is [layers, batch, positions, kv heads, head dim], placed by these axes.
+KV_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def kv_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
+  return (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
-  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  shape = kv_shape(cfg, batch, max_len)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  length=jnp.zeros((batch,), jnp.int32))
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int) -> KVCache:
+  """A KVCache of NamedShardings: the buffers by `KV_AXES`, the lengths by batch."""
+  kv = shd.logical_to_sharding(mesh, KV_AXES, kv_shape(cfg, batch, max_len))
+  return KVCache(k=kv, v=kv, length=shd.batch_sharding(mesh, (batch,)))
 
 
 def write_prefix(buf_LBSKD, layer_idx, x_BTKD):

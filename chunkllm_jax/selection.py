@@ -14,7 +14,7 @@ layer. Two scorers give the per-layer distributions:
   token, whose own attention is mostly local (docs/selection.md has the measurements). It reads
   the selection layers' K once per boundary.
 
-What is kept is set either by a chunk count (`top_k`, the paper's rule) or by a KV budget
+What is kept is set either by a chunk count (`top_chunks`, the paper's rule) or by a KV budget
 (`kv_budget`, a fraction of the tokens seen, or `kv_budget_tokens`): chunks are taken in score
 order while the sinks, the local chunks, the open chunk and the taken chunks fit the budget, so the
 measured retention lands within one chunk under the target instead of following chunk lengths.
@@ -31,28 +31,36 @@ import math
 import jax
 import jax.numpy as jnp
 
+from chunkllm_jax.adapters import chunk_scores
 from chunkllm_jax.attention import NEG_INF
 
 SCORERS = ("adapter", "attention")
 VOTES = ("sum", "max")
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkRules:
+  """The chunk rules that inference (`ChunkConfig`), training (`LossConfig`, `TrainConfig`) and the
+  evaluation share, defined once so their defaults cannot drift apart."""
+
+  n_sink: int = 4  # first tokens, always visible; they belong to no chunk
+  n_local: int = 4  # most recent completed chunks, always visible (so never selection candidates)
+  max_chunk_len: int = 64  # a chunk this long is closed by force
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class ChunkConfig:
-  """ChunkLLM inference settings."""
+class ChunkConfig(ChunkRules):
+  """ChunkLLM inference settings: the chunk rules, and how the selection is made and read."""
 
-  n_sink: int = 4  # first tokens, always visible
-  top_k: int = 16  # selected chunks, when no KV budget is set
-  n_local: int = 4  # most recent completed chunks, always visible
+  top_chunks: int = 16  # selected chunks, when no KV budget is set
   kv_budget: float | None = None  # fraction of the tokens seen that a sparse layer reads (0, 1]
-  kv_budget_tokens: int | None = None  # or a token count; either one replaces top_k
+  kv_budget_tokens: int | None = None  # or a token count; either one replaces top_chunks
   scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice, else all QK layers
   vote: str = "sum"  # how the selection layers' distributions make one score per chunk: "sum" or "max"
   score_queries: int = 16  # scorer="attention": score with the queries of the last this many tokens
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
-  max_chunk_len: int = 64  # a chunk this long is closed by force
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
@@ -69,15 +77,16 @@ class ChunkConfig:
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
-    for name in ("n_sink", "top_k", "n_local", "max_chunk_len", "refresh_every", "score_queries"):
+    for name in ("n_sink", "top_chunks", "n_local", "max_chunk_len", "refresh_every", "score_queries"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
     max_chunks = self.max_chunks or max(max_len // 8, 1)
     if self.n_sink < 0:
       raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
-    if self.top_k < 0 or self.n_local < 0:
-      raise ValueError(f"top_k and n_local must be >= 0, got top_k={self.top_k}, n_local={self.n_local}")
+    if self.top_chunks < 0 or self.n_local < 0:
+      raise ValueError(f"top_chunks and n_local must be >= 0, got top_chunks={self.top_chunks}, "
+                       f"n_local={self.n_local}")
     if self.n_sink >= max_len:
       raise ValueError(f"n_sink={self.n_sink} must be smaller than the buffer (max_len={max_len})")
     if self.max_chunk_len < 1:
@@ -85,8 +94,8 @@ class ChunkConfig:
     if -(-(max_len - self.n_sink) // self.max_chunk_len) > max_chunks and self.max_chunks:
       raise ValueError(f"max_chunks={max_chunks} cannot hold {max_len} tokens in chunks of at most "
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
-    if self.n_local > max_chunks or self.top_k > max(max_chunks, 1 << 16):
-      raise ValueError(f"n_local={self.n_local} / top_k={self.top_k} cannot exceed the chunk table "
+    if self.n_local > max_chunks or self.top_chunks > max(max_chunks, 1 << 16):
+      raise ValueError(f"n_local={self.n_local} / top_chunks={self.top_chunks} cannot exceed the chunk table "
                        f"(max_chunks={max_chunks}); there are never more chunks than that")
     if self.kv_budget is not None and self.kv_budget_tokens is not None:
       raise ValueError("give kv_budget (a fraction) or kv_budget_tokens (a count), not both")
@@ -161,7 +170,7 @@ class ChunkConfig:
       most = self.kv_budget_tokens if self.kv_budget_tokens is not None else math.ceil(self.kv_budget * max_len)
       return min(max(most, fixed), max_len)
     per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
-    return min(fixed + self.top_k * per_selected, max_len)
+    return min(fixed + self.top_chunks * per_selected, max_len)
 
   def closes(self, t_B, open_start_B, token_B, p_B):
     """Whether the token at position t closes the open chunk, by this config's boundary rule.
@@ -184,10 +193,8 @@ class ChunkConfig:
 
 def adapter_probs(q_BRd, chunk_key_BCd, n_cand_BR):
   """QK-Adapter distribution: softmax_j(q~ . k~_j / sqrt(d_c)) over chunks j < n_cand. [B, R, C]."""
-  d_c = q_BRd.shape[-1]
-  s = jnp.einsum("brd,bcd->brc", q_BRd, chunk_key_BCd, preferred_element_type=jnp.float32) * d_c**-0.5
   cand = jnp.arange(chunk_key_BCd.shape[1]) < n_cand_BR[..., None]
-  return jnp.where(cand, jax.nn.softmax(jnp.where(cand, s, NEG_INF), axis=-1), 0.0)
+  return jnp.where(cand, jax.nn.softmax(chunk_scores(q_BRd, chunk_key_BCd, cand), axis=-1), 0.0)
 
 
 HEAD_REDUCTIONS = ("max", "mean")
@@ -240,12 +247,12 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
 
   With a KV budget, chunks are taken in score order while they fit in what the budget leaves after
   `fixed` (sinks, local chunks, open chunk); the first that does not fit ends the selection, so the
-  kept tokens are within one chunk under the budget. Without one, the `top_k` best are kept."""
+  kept tokens are within one chunk under the budget. Without one, the `top_chunks` best are kept."""
   C = score_BRC.shape[-1]
   cand = jnp.arange(C) < n_cand_BR[..., None]
   score = jnp.where(cand, score_BRC, -1.0)
   if not cfg.budgeted:
-    k = min(cfg.top_k, C)
+    k = min(cfg.top_chunks, C)
     if k == 0:
       return jnp.zeros(score.shape, bool)
     val, idx = jax.lax.top_k(score, k)

@@ -81,11 +81,6 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   return logical_to_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
 
 
-def kv_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """For the KV buffer [L, B, S, H_kv, D]."""
-  return logical_to_sharding(mesh, ("layers", "batch", "cache_seq", "kv_heads", "head_dim"), shape)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

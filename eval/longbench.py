@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
+from chunkllm_jax.prompts import encode_prompt
 from eval import metrics
 
 
@@ -205,13 +206,6 @@ def get_task(name: str) -> Task:
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
 
 
-def _encode(tokenizer, text: str, chat: bool) -> list[int]:
-  if chat:
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
-  return list(tokenizer(text)["input_ids"])
-
-
 def _middle_cut(ids: list[int], keep: int) -> list[int]:
   """The first keep // 2 and the last keep // 2 tokens (LongBench's cut: an odd keep loses one more)."""
   half = keep // 2
@@ -232,15 +226,15 @@ def build_prompt(tokenizer, record: Record, task: Task, max_prompt_tokens: int,
     raise ValueError(f"max_prompt_tokens must be at least 2, got {max_prompt_tokens}")
   text = task.template.format(context=record.context, input=record.input)
   if not (chat_template and task.chat):
-    return _middle_cut(_encode(tokenizer, text, chat=False), max_prompt_tokens)
+    return _middle_cut(encode_prompt(tokenizer, text, chat=False), max_prompt_tokens)
   content = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-  overhead = len(_encode(tokenizer, "", chat=True))
+  overhead = len(encode_prompt(tokenizer, "", chat=True))
   keep = max(max_prompt_tokens - overhead, 2)
   if len(content) > keep:
     # One decode of the spliced ids: LongBench decodes the halves apart and joins the strings, which
     # glues the two words at the seam together with tokenizers that drop a leading space.
     text = tokenizer.decode(_middle_cut(content, keep), skip_special_tokens=True)
-  return _middle_cut(_encode(tokenizer, text, chat=True), max_prompt_tokens)
+  return _middle_cut(encode_prompt(tokenizer, text, chat=True), max_prompt_tokens)
 
 
 def score_record(task: Task, record: Record, prediction: str) -> float:

@@ -7,7 +7,7 @@ comes from what attention reads, never from a second implementation:
 - `chunkllm`: the Chunk Adapter's boundaries, the QK Adapters of the selection layers vote.
 - `oracle`: the same chunks, scored by the frozen model's own attention at the selection layers
   (`scorer="attention"`, no training): the ceiling the QK Adapters are measured against.
-- `streamingllm`: sinks + a recent window: fixed 16-token chunks, no selection (`top_k=0`), the
+- `streamingllm`: sinks + a recent window: fixed 16-token chunks, no selection (`top_chunks=0`), the
   window is `n_local` chunks.
 - `sepllm`: sinks + the KV of every separator token + a recent window: chunks end at separator
   tokens (any token whose text holds one of `.,;:!?` or a newline), every chunk is selected but
@@ -40,8 +40,8 @@ import numpy as np
 
 import chunkllm_jax as cj
 from chunkllm_jax import boundaries
-from chunkllm_jax.chunk_generate import chunk_generate, segment_prompts
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.chunk_generation import chunk_generate, segment_prompts
+from chunkllm_jax.selection import ChunkConfig, ChunkRules
 
 METHODS = ("vanilla", "oracle", "chunkllm", "streamingllm", "sepllm", "fixllm")
 SELECTING = ("oracle", "chunkllm", "fixllm")  # the methods whose selection meets a token budget
@@ -53,13 +53,13 @@ class MethodSettings:
   """What the methods share, and the knobs that no retention target sets."""
 
   separator_ids: tuple[int, ...] = ()  # SepLLM's separators (`separator_ids(tokenizer)`)
-  n_sink: int = 4
+  n_sink: int = ChunkRules.n_sink
   window: int = 256  # streamingllm / sepllm window in tokens when no retention is targeted
   stream_chunk_len: int = 16  # streamingllm's window moves in steps of this many tokens
   sep_max_chunk_len: int = 64  # a run this long without a separator is closed by force
   fix_chunk_len: int | None = None  # fixllm's chunk length; None: ChunkLLM's measured mean, rounded
   chunk_len: float | None = None  # ChunkLLM's mean chunk length; None: measured on the prompts (layer 0)
-  max_n_local: int = 4  # recent chunks always visible for chunkllm / fixllm (DESIGN default)
+  max_n_local: int = ChunkRules.n_local  # recent chunks always visible for chunkllm / fixllm (at most)
   vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
   batch_size: int = 4  # prompts per batch, taken in order of length
@@ -102,9 +102,6 @@ class Segmentation:
     return max((len(e) for e in self.ends), default=0)
 
 
-_adapter_closes = jax.jit(segment_prompts, static_argnames=("ccfg",))
-
-
 def adapter_segmentation(params, rows: Sequence[Sequence[int]], ccfg: ChunkConfig = ChunkConfig()) -> Segmentation:
   """ChunkLLM's chunks in these token rows: the Chunk Adapter on layer 0's output, as chunk_prefill does."""
   lens = [len(r) for r in rows]
@@ -112,7 +109,7 @@ def adapter_segmentation(params, rows: Sequence[Sequence[int]], ccfg: ChunkConfi
   tokens = np.zeros((len(rows), width), np.int32)
   for b, r in enumerate(rows):
     tokens[b, : len(r)] = r
-  closes = np.asarray(_adapter_closes(params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), ccfg))
+  closes = np.asarray(segment_prompts(params, jnp.asarray(tokens), jnp.asarray(lens, jnp.int32), ccfg))
   return Segmentation(tuple(tuple(np.flatnonzero(c).tolist()) for c in closes), tuple(lens), ccfg.n_sink)
 
 
@@ -156,7 +153,7 @@ def segmentation_for(method: str, params, rows, settings: MethodSettings) -> Seg
 
 
 def _row_visible(ends: Sequence[int], n_segmented: int, prompt_len: int, n_new: int, mean_len: float,
-                 top_k: int, n_local: int, keep_boundary: bool, n_sink: int):
+                 top_chunks: int, n_local: int, keep_boundary: bool, n_sink: int):
   """Visible tokens and tokens seen at each decode step of one row, as chunk_generate counts them.
 
   Decode step i feeds position p = prompt_len + i (i = 0 .. n_new - 2): `p + 1` tokens are seen; the
@@ -175,7 +172,7 @@ def _row_visible(ends: Sequence[int], n_segmented: int, prompt_len: int, n_new: 
   open_start = np.where(n > 0, ends[np.maximum(n - 1, 0)] + 1, n_sink) if len(ends) else np.full_like(p, n_sink)
   local = np.minimum(n_local, n)
   cand = n - local
-  n_sel = np.minimum(top_k, cand)
+  n_sel = np.minimum(top_chunks, cand)
   sel_tok = n_sel if keep_boundary else n_sel * cum[cand] / np.maximum(cand, 1)
   visible = n_sink + (cum[n] - cum[cand]) + sel_tok + np.maximum(p + 1 - open_start, 0)
   return np.minimum(visible, p + 1), p + 1
@@ -186,7 +183,7 @@ def expected_retention(ccfg: ChunkConfig, seg: Segmentation, prompt_lens: Sequen
   decode steps, then over the rows) on rows segmented as `seg`."""
   out = []
   for ends, n_seg, T in zip(seg.ends, seg.lengths, prompt_lens):
-    vis, seen = _row_visible(ends, n_seg, T, n_new, seg.mean_len, ccfg.top_k, ccfg.n_local,
+    vis, seen = _row_visible(ends, n_seg, T, n_new, seg.mean_len, ccfg.top_chunks, ccfg.n_local,
                              ccfg.keep == "boundary", ccfg.n_sink)
     out.append(np.mean(vis / seen))
   return float(np.mean(out))
@@ -198,17 +195,17 @@ def local_chunks(total: int, settings: MethodSettings) -> int:
 
 
 def with_knob(method: str, base: ChunkConfig, knob: int, settings: MethodSettings) -> ChunkConfig:
-  """chunkllm / fixllm: knob = visible chunks (top_k + n_local); streamingllm / sepllm: the window in chunks."""
+  """chunkllm / fixllm: knob = visible chunks (top_chunks + n_local); streamingllm / sepllm: the window in chunks."""
   if method in ("chunkllm", "fixllm"):
     n_local = local_chunks(knob, settings)
-    return dataclasses.replace(base, top_k=knob - n_local, n_local=n_local)
+    return dataclasses.replace(base, top_chunks=knob - n_local, n_local=n_local)
   return dataclasses.replace(base, n_local=knob)
 
 
 def fit_knob(method: str, base: ChunkConfig, retention: float, seg: Segmentation, prompt_lens: Sequence[int],
              n_new: int, settings: MethodSettings) -> ChunkConfig:
   """The configuration whose expected retention is closest to `retention` (the smaller knob on a tie)."""
-  least = 1  # no visible chunk at all is not a method (and top_k = n_local = 0 fails in chunk_prefill)
+  least = 1  # no visible chunk at all is not a method (and top_chunks = n_local = 0 fails in chunk_prefill)
   most = seg.max_chunks + n_new // max(int(seg.mean_len), 1) + 2
   best = None
   for knob in range(least, max(most, least) + 1):
@@ -238,7 +235,7 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", **chosen)
   if method == "streamingllm":
-    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_k=0)
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_chunks=0)
   if method == "sepllm":
     if not settings.separator_ids:
       raise ValueError("sepllm needs separator_ids (settings_for(model) computes them from the tokenizer)")
@@ -278,15 +275,15 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   max_chunks = _round_up(max(-(-(max_len - base.n_sink) // base.max_chunk_len), need, 1), 64)
   base = dataclasses.replace(base, max_chunks=max_chunks)
   if method == "sepllm":
-    base = dataclasses.replace(base, top_k=max_chunks)  # every separator
+    base = dataclasses.replace(base, top_chunks=max_chunks)  # every separator
   if retention is None:
     if method in ("streamingllm", "sepllm"):
       ccfg = dataclasses.replace(base, n_local=max(1, int(round(settings.window / L))))
     else:
-      ccfg = base  # the DESIGN defaults: top_k 16, n_local 4
+      ccfg = base  # the DESIGN defaults: top_chunks 16, n_local 4
   elif retention >= 1.0:
     ccfg = dataclasses.replace(base, n_local=max_chunks if method in ("streamingllm", "sepllm") else base.n_local,
-                               top_k=0 if method == "streamingllm" else max_chunks)
+                               top_chunks=0 if method == "streamingllm" else max_chunks)
   elif method in SELECTING:
     ccfg = dataclasses.replace(base, kv_budget=float(retention))
   else:
@@ -295,7 +292,7 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   if retention is None:
     pass
   elif ccfg.budgeted:  # the selection meets the budget itself, above what it always reads (sinks, local, open)
-    floor = expected_retention(dataclasses.replace(ccfg, kv_budget=None, top_k=0), bseg, prompt_lens, n_new)
+    floor = expected_retention(dataclasses.replace(ccfg, kv_budget=None, top_chunks=0), bseg, prompt_lens, n_new)
     info["expected_retention"] = max(float(retention), floor)
   else:
     info["expected_retention"] = expected_retention(ccfg, bseg, prompt_lens, n_new)
@@ -308,7 +305,7 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
     return {}
   layers = None if ccfg.selection_layers is None else list(ccfg.selection_layers)
   return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, vote=ccfg.vote, scorer=ccfg.scorer, kv_budget=ccfg.kv_budget,
-              selection_layers=layers, top_k=ccfg.top_k, n_local=ccfg.n_local,
+              selection_layers=layers, top_chunks=ccfg.top_chunks, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               n_separator_ids=len(ccfg.separator_ids))
 

@@ -12,7 +12,7 @@ token (the query that makes the first decode selection):
 - student rank: its rank in the layer's QK-Adapter softmax;
 - and for all three, its rank under each vote rule of `ChunkConfig.vote` ("sum", "max") over the
   selection layers (the adapters' stored choice unless --selection_layers).
-Rank 1 is the top; a chunk is selected when its rank is at most top_k. The gap between the two
+Rank 1 is the top; a chunk is selected when its rank is at most top_chunks. The gap between the two
 tells whether selection fails because the adapters mimic the teacher badly (student ranks far below
 the teacher's) or because the teacher's own attention does not single the needle out. Writes a
 JSON and a PNG (rank per layer) under --out.
@@ -35,9 +35,10 @@ import numpy as np  # noqa: E402
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapters as adp  # noqa: E402
 from chunkllm_jax import haystack  # noqa: E402
-from chunkllm_jax.chunk_generate import chunk_prefill  # noqa: E402
-from chunkllm_jax.selection import ChunkConfig, vote_scores  # noqa: E402
-from chunkllm_jax.teacher import teacher_chunk_attention  # noqa: E402
+from chunkllm_jax.chunk_generation import chunk_prefill  # noqa: E402
+from chunkllm_jax.prompts import encode_prompt  # noqa: E402
+from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
+from train.teacher import teacher_chunk_attention  # noqa: E402
 from train.pick_layers import layer_probs  # noqa: E402
 
 
@@ -54,8 +55,7 @@ def needle_prompt(tok, n_tokens: int, depth: float, seed: int):
   key = haystack.passkey(seed)
   fact = f"The secret passkey is {key}. Remember it, it is important."
   doc = haystack.needle_document(tok, n_tokens, depth, fact, seed)
-  msgs = [{"role": "user", "content": doc + "\n\nWhat is the secret passkey? Answer with the number only."}]
-  ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+  ids = encode_prompt(tok, doc + "\n\nWhat is the secret passkey? Answer with the number only.", chat=True)
   # the needle's position: the token where the key's digits start
   text = tok.decode(ids)
   char = text.index(key)
@@ -68,7 +68,7 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   max_len = -(-T // 128) * 128
   ccfg = ccfg.validate(max_len, params.config.n_layers)
   toks = jnp.asarray([ids + [0] * (max_len - T)], jnp.int32)
-  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, toks, jnp.asarray([T]), max_len, ccfg)
+  _, _, st = chunk_prefill(params, toks, jnp.asarray([T]), max_len, ccfg)
   n = int(st.n_chunks[0])
   ends = np.asarray(st.chunk_end[0, :n])
   starts = np.asarray(st.chunk_start[0, :n])
@@ -91,11 +91,7 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
     q, _ = adp.qk_adapter_apply(p, h_L1D[i])
     _, k = adp.qk_adapter_apply(p, teach.h_LBTD[i])
     k_all.append(k)
-    kc = np.asarray(k[0, ends])
-    s = kc @ np.asarray(q[0, 0]) / np.sqrt(kc.shape[-1])
-    s = np.where(np.arange(n) < n_cand, s, -np.inf)
-    e = np.exp(s - s.max())
-    s_LC.append(e / e.sum())
+    s_LC.append(np.asarray(adapter_probs(q[:, :1], k[:, ends], jnp.asarray([[n_cand]])))[0, 0])
   s_LC = np.stack(s_LC)
   if needle >= n_cand:
     return None  # the needle is local: always visible

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax import haystack
-from chunkllm_jax.chunk_generate import chunk_decode_step, chunk_prefill
-from chunkllm_jax.generate import Compiled, buffer_len
+from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_prefill
+from chunkllm_jax.decoding import Compiled, buffer_len
 from chunkllm_jax.kv_cache import decode_step, init_cache, prefill
 from chunkllm_jax.selection import ChunkConfig
 from eval import methods as M

@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from chunkllm_jax.cli import encode_prompt
+from chunkllm_jax.prompts import encode_prompt, has_chat_template
 from eval import longbench
 from eval import methods as M
 from eval import niah
@@ -222,7 +222,7 @@ def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
                     seed=args.seed)
   out: dict[str, list[Example]] = defaultdict(list)
-  chat = bool(getattr(tokenizer, "chat_template", None))
+  chat = has_chat_template(tokenizer)
   for case in cases:
     def score(text, case=case):
       s, recall = niah.score(case, text)
@@ -241,7 +241,7 @@ def longbench_examples(args, tokenizer, max_position: int) -> dict[str, list[Exa
     path = longbench.task_file(directory, name)
     records = list(longbench.read_jsonl(path))[: args.max_examples]
     budget = args.max_prompt_tokens or max_position - task.max_new_tokens
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    chat = has_chat_template(tokenizer)
     examples = []
     for r in records:
       ids = longbench.build_prompt(tokenizer, r, task, budget, chat_template=chat)

@@ -15,6 +15,8 @@ import re
 import warnings
 from pathlib import Path
 
+from chunkllm_jax.prompts import encode_prompt, has_chat_template
+
 DATA = Path(__file__).resolve().parent / "data" / "short_text.jsonl"
 
 
@@ -47,10 +49,7 @@ def read_items(path: str | Path = DATA) -> list[Item]:
 
 def encode(tokenizer, item: Item) -> list[int]:
   """Questions through the chat template (when the tokenizer has one), completions as plain text."""
-  if item.kind == "choice" and getattr(tokenizer, "chat_template", None):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": item.prompt}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
-  return list(tokenizer(item.prompt)["input_ids"])
+  return encode_prompt(tokenizer, item.prompt, chat=item.kind == "choice" and has_chat_template(tokenizer))
 
 
 def score(item: Item, prediction: str) -> float:

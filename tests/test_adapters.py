@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chunkllm_jax import adapters as ad
-from tests.chunk_fixtures import tiny_config, tiny_params
+from tests.tiny_models import tiny_config, tiny_params
 
 
 def mlp_by_hand(p, x):

@@ -82,10 +82,9 @@ def test_candidate_mask_and_chunk_ends():
 def test_training_chunks_equal_inference_chunks(seed, n_sink, max_chunk_len):
   """For the same boundaries, training's chunk ids (from labels) and the chunk table chunk_prefill
   builds (from the same tokens marked as separators) hold the same tokens, chunk for chunk."""
-  import jax
-  from chunkllm_jax.chunk_generate import chunk_prefill
+  from chunkllm_jax.chunk_generation import chunk_prefill
   from chunkllm_jax.selection import ChunkConfig
-  from tests.test_chunk_generate import chunk_params
+  from tests.tiny_models import chunk_params
 
   rng = np.random.RandomState(seed)
   B, T, SEP = 2, 60, 7
@@ -96,7 +95,7 @@ def test_training_chunks_equal_inference_chunks(seed, n_sink, max_chunk_len):
   train_ids = np.asarray(boundaries.chunks_from_labels(jnp.asarray(labels), n_sink, max_chunk_len, jnp.asarray(valid)))
   ccfg = ChunkConfig(n_sink=n_sink, max_chunk_len=max_chunk_len, max_chunks=64, boundaries="separators",
                      separator_ids=(SEP,), prefill="dense").validate(64, 3)
-  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(chunk_params(), jnp.asarray(tokens * valid, jnp.int32),
+  _, _, st = chunk_prefill(chunk_params(), jnp.asarray(tokens * valid, jnp.int32),
                                                            jnp.asarray(lengths), 64, ccfg)
   for b in range(B):
     inference_ids = np.full(T, -1)

@@ -54,22 +54,22 @@ def reference_visible(st, selected, ccfg, pos):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("top_k, n_local, H, K", [(3, 1, 4, 2), (0, 2, 4, 4), (6, 0, 8, 2), (40, 2, 2, 1)])
+@pytest.mark.parametrize("top_chunks, n_local, H, K", [(3, 1, 4, 2), (0, 2, 4, 4), (6, 0, 8, 2), (40, 2, 2, 1)])
 @pytest.mark.parametrize("keep", ["chunk", "boundary"])
-def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_k, n_local, H, K, keep):
+def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_chunks, n_local, H, K, keep):
   rng = np.random.RandomState(seed)
   B, S, D = 3, 160, 8
-  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunk_len=12, max_chunks=40,
+  ccfg = ChunkConfig(n_sink=4, top_chunks=top_chunks, n_local=n_local, max_chunk_len=12, max_chunks=40,
                      keep=keep).validate(S, 1)
   lengths = np.array([150, 90, 20])
   st = make_table(rng, B, S, ccfg, lengths)
   pos = lengths - 1
   # A forced selection: random candidates (all but the local chunks), -1 padded.
-  sel = np.full((B, top_k), -1, np.int32)
+  sel = np.full((B, top_chunks), -1, np.int32)
   chosen = np.zeros((B, ccfg.max_chunks), bool)
   for b in range(B):
     cands = np.arange(max(int(st.n_chunks[b]) - n_local, 0))
-    pick = np.sort(rng.permutation(cands)[: rng.randint(0, min(top_k, len(cands)) + 1)])
+    pick = np.sort(rng.permutation(cands)[: rng.randint(0, min(top_chunks, len(cands)) + 1)])
     sel[b, : len(pick)] = pick
     chosen[b, pick] = True
   k = jax.random.normal(jax.random.key(seed), (1, B, S, K, D))

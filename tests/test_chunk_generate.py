@@ -1,5 +1,5 @@
 """chunk_generate on tiny random models: full coverage equals `generate` exactly, selection changes
-only at boundaries, retention falls with top_k, and bad settings fail before compiling."""
+only at boundaries, retention falls with top_chunks, and bad settings fail before compiling."""
 
 import dataclasses
 
@@ -10,20 +10,11 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import adapters as adp
-from chunkllm_jax.chunk_generate import chunk_decode_step, chunk_generate, chunk_prefill
+from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chunk_prefill
 from chunkllm_jax.selection import ChunkConfig
-from tests.test_generate import prompts, tiny_params
+from tests.tiny_models import chunk_params, prompts, tiny_params
 
-FULL = dict(top_k=128, max_chunks=128, max_chunk_len=8, n_local=2)  # every chunk fits the selection
-
-
-def chunk_params(arch="llama", seed=0, **kw):
-  if arch == "gemma3":
-    kw.setdefault("layer_sliding", (False, True, False))
-  p = tiny_params(arch, seed=seed, n_layers=3, **kw)
-  # Larger embeddings make the random model's next token depend on its context (not constant).
-  p = p.replace(backbone={**p.backbone, "embed": p.backbone["embed"] * 8})
-  return adp.with_adapters(p, adp.init_adapters(jax.random.key(seed + 1), p.config, adp.AdapterConfig(d_c=8)))
+FULL = dict(top_chunks=128, max_chunks=128, max_chunk_len=8, n_local=2)  # every chunk fits the selection
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -68,8 +59,8 @@ def test_sparse_prefill_really_drops_chunks():
   """With a small selection, sparse prefill changes the prompt's last logits; dense does not."""
   params = chunk_params()
   rows = prompts([120], seed=9)
-  ccfg = ChunkConfig(top_k=1, n_local=1, max_chunk_len=8, max_chunks=64).validate(128, 3)
-  run = lambda c: jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(rows, jnp.int32),
+  ccfg = ChunkConfig(top_chunks=1, n_local=1, max_chunk_len=8, max_chunks=64).validate(128, 3)
+  run = lambda c: chunk_prefill(params, jnp.asarray(rows, jnp.int32),
                                                                   jnp.asarray([120]), 128, c)[0]
   dense = run(dataclasses.replace(ccfg, prefill="dense"))
   np.testing.assert_allclose(dense, cj.forward(params, jnp.asarray(rows, jnp.int32))[:, -1], rtol=1e-5, atol=1e-5)
@@ -82,7 +73,7 @@ def test_fixed_and_separator_boundary_rules(rule, extra):
   params = chunk_params()
   rows = np.asarray(prompts([100], seed=10), np.int32)
   ccfg = ChunkConfig(boundaries=rule, max_chunk_len=8, max_chunks=64, **extra).validate(128, 3)
-  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(rows), jnp.asarray([100]), 128, ccfg)
+  _, _, st = chunk_prefill(params, jnp.asarray(rows), jnp.asarray([100]), 128, ccfg)
   n = int(st.n_chunks[0])
   ends = np.asarray(st.chunk_end[0, :n])
   starts = np.asarray(st.chunk_start[0, :n])
@@ -99,7 +90,7 @@ def test_keep_boundary_reads_one_token_per_selected_chunk():
   params = chunk_params()
   rows = prompts([400], seed=4)
   kw = dict(max_new_tokens=12, eos_ids=(), max_len=512, max_chunks=64, max_chunk_len=16, n_local=1,
-            boundaries="fixed", top_k=64)
+            boundaries="fixed", top_chunks=64)
   whole = chunk_generate(params, rows, **kw)
   ends = chunk_generate(params, rows, keep="boundary", **kw)
   # 400 tokens in chunks of 16: about 24 chunks -> 24 slots instead of 24 * 16
@@ -107,12 +98,12 @@ def test_keep_boundary_reads_one_token_per_selected_chunk():
 
 
 def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
-  """top_k = n_local = 0 reads the sinks and the open chunk only; a row that ends early (EOS)
+  """top_chunks = n_local = 0 reads the sinks and the open chunk only; a row that ends early (EOS)
   averages its stats over its own decode steps, not its batch-mates'."""
   params = chunk_params()
   rows = prompts([60], seed=11)
   kw = dict(max_new_tokens=10, max_len=128, max_chunk_len=8, max_chunks=64, boundaries="fixed")
-  none = chunk_generate(params, rows, top_k=0, n_local=0, eos_ids=(), **kw)
+  none = chunk_generate(params, rows, top_chunks=0, n_local=0, eos_ids=(), **kw)
   assert 0 < none.stats["kv_retention"][0] < 0.3
   free = chunk_generate(params, rows, eos_ids=(), **kw)
   eos = int(free.new_tokens(0)[3])  # the 4th new token ends the row when it is the EOS id
@@ -123,14 +114,14 @@ def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
   assert np.isnan(one.stats["kv_retention"][0])  # no decode step ran
 
 
-def test_retention_and_bytes_fall_with_top_k():
+def test_retention_and_bytes_fall_with_top_chunks():
   params = chunk_params()
   rows = prompts([400], seed=4)
   # Near-certain forced closes only: chunks of 32 tokens, so the selection size sets the bytes.
   kw = dict(max_new_tokens=12, eos_ids=(), max_len=512, max_chunks=64, max_chunk_len=32, n_local=1,
             alpha=0.999999)
-  wide = chunk_generate(params, rows, top_k=8, **kw)
-  narrow = chunk_generate(params, rows, top_k=2, **kw)
+  wide = chunk_generate(params, rows, top_chunks=8, **kw)
+  narrow = chunk_generate(params, rows, top_chunks=2, **kw)
   assert narrow.stats["kv_retention"][0] < wide.stats["kv_retention"][0] < 1.0
   assert narrow.stats["bytes_per_step"][0] < wide.stats["bytes_per_step"][0]
   assert narrow.stats["bytes_per_step"][0] < narrow.stats["dense_bytes_per_step"][0]
@@ -143,10 +134,10 @@ def test_selection_changes_only_at_boundaries(vote, scorer, budget):
   # Sharper random QK Adapters, so that chunk rankings depend on the query (and change).
   qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
-  ccfg = ChunkConfig(top_k=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote, scorer=scorer,
+  ccfg = ChunkConfig(top_chunks=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote, scorer=scorer,
                      kv_budget=budget).validate(128, 3)
   toks, lens = np.asarray([prompts([30], seed=5)[0]], np.int32), jnp.asarray([30])
-  _, cache, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(params, jnp.asarray(toks), lens, 128, ccfg)
+  _, cache, st = chunk_prefill(params, jnp.asarray(toks), lens, 128, ccfg)
   step = jax.jit(chunk_decode_step, static_argnums=(4,))
   feed = np.random.RandomState(6).randint(0, 96, 40)  # varied input, so chunk keys differ
   boundaries, changes = 0, 0
@@ -174,8 +165,8 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(top_k=-1), "top_k and n_local must be >= 0"),
-    (dict(n_local=-2), "top_k and n_local must be >= 0"),
+    (dict(top_chunks=-1), "top_chunks and n_local must be >= 0"),
+    (dict(n_local=-2), "top_chunks and n_local must be >= 0"),
     (dict(n_sink=-1), "n_sink must be >= 0"),
     (dict(n_sink=64), "n_sink=64 must be smaller than the buffer"),
     (dict(max_chunks=2, max_chunk_len=8), "max_chunks=2 cannot hold 64 tokens"),
@@ -191,7 +182,7 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(scorer="oracle"), "scorer must be"),
     (dict(selection_layers=(3,)), "not full-attention layers"),
     (dict(selection_layers=(-1,)), "not full-attention layers"),
-    (dict(top_k=2.5), "top_k must be an int"),
+    (dict(top_chunks=2.5), "top_chunks must be an int"),
     (dict(n_local=10**9), "cannot exceed the chunk table"),
 ])
 def test_bad_settings_fail_before_compiling(kw, match):
@@ -219,7 +210,7 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
   """The kernels (interpret mode) inside chunk_generate: compaction gather and decode attention."""
   params = chunk_params()
   rows = prompts([45, 20], seed=7)
-  kw = dict(max_new_tokens=8, eos_ids=(), max_len=128, top_k=2, n_local=1, max_chunk_len=8, max_chunks=64,
+  kw = dict(max_new_tokens=8, eos_ids=(), max_len=128, top_chunks=2, n_local=1, max_chunk_len=8, max_chunks=64,
             alpha=0.9, temperature=1.0, seed=5)  # sampled: tokens follow the logits closely
   xla = chunk_generate(params, rows, **kw)
   kernel = chunk_generate(params, rows, attention="pallas", interpret=True, **kw)
@@ -232,7 +223,7 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
 def test_sharded_equals_unsharded(data, model):
   params = chunk_params(n_heads=8, n_kv_heads=4, head_dim=4)
   rows = prompts([30, 12, 25, 7, 19, 3, 28, 16], seed=8)
-  kw = dict(max_new_tokens=10, eos_ids=(), max_len=128, top_k=3, n_local=1, max_chunk_len=8, max_chunks=64,
+  kw = dict(max_new_tokens=10, eos_ids=(), max_len=128, top_chunks=3, n_local=1, max_chunk_len=8, max_chunks=64,
             temperature=1.0, seed=2)
   a = chunk_generate(params, rows, **kw)
   b = chunk_generate(params, rows, mesh=cj.make_mesh(data=data, model=model), **kw)
@@ -243,7 +234,7 @@ def test_sharded_equals_unsharded(data, model):
 def test_refresh_every_reselects_inside_long_chunks():
   params = chunk_params()
   rows = prompts([40], seed=9)
-  kw = dict(max_new_tokens=24, eos_ids=(), max_len=128, top_k=2, n_local=1, max_chunk_len=64, max_chunks=64,
+  kw = dict(max_new_tokens=24, eos_ids=(), max_len=128, top_chunks=2, n_local=1, max_chunk_len=64, max_chunks=64,
             alpha=0.999999)  # no boundary at all: only refreshes can re-select
   plain = chunk_generate(params, rows, **kw)
   refreshed = chunk_generate(params, rows, refresh_every=5, **kw)

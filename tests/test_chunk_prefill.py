@@ -50,11 +50,11 @@ def reference_mask(closes, valid, sel, ccfg, keep):
 
 
 def selections_loop(q, k, closes, valid, ccfg):
-  """Per prompt chunk s (the open one included): top_k of q~[p] . k~[end_i] over i < s - n_local, where p
+  """Per prompt chunk s (the open one included): top_chunks of q~[p] . k~[end_i] over i < s - n_local, where p
   is chunk s's last token ("own") or the one before chunk s ("previous"). A loop."""
   B = q.shape[0]
   C = ccfg.max_chunks
-  sel = np.full((B, C + 1, ccfg.top_k), -1)
+  sel = np.full((B, C + 1, ccfg.top_chunks), -1)
   for b in range(B):
     ends = list(np.flatnonzero(closes[b]))[:C]
     last = int(np.flatnonzero(valid[b])[-1])
@@ -63,7 +63,7 @@ def selections_loop(q, k, closes, valid, ccfg):
       p = own if ccfg.prefill_selection == "own" else (ends[s_ - 1] if s_ else ccfg.n_sink - 1)
       cands = list(range(max(s_ - ccfg.n_local, 0)))
       scores = [float(q[b, p] @ k[b, ends[i]]) for i in cands]
-      best = [cands[i] for i in np.argsort(scores)[::-1][: ccfg.top_k]]
+      best = [cands[i] for i in np.argsort(scores)[::-1][: ccfg.top_chunks]]
       sel[b, s_, : len(best)] = best
   return sel
 
@@ -84,9 +84,9 @@ def as_lists(chosen_BCC):
   return np.where(chosen_BCC, np.arange(chosen_BCC.shape[-1]), -1)
 
 
-def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96, 61), mode="own"):
+def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_chunks=3, n_local=1, lengths=(96, 61), mode="own"):
   rng = np.random.RandomState(seed)
-  ccfg = ChunkConfig(n_sink=4, top_k=top_k, n_local=n_local, max_chunks=40, max_chunk_len=64,
+  ccfg = ChunkConfig(n_sink=4, top_chunks=top_chunks, n_local=n_local, max_chunks=40, max_chunk_len=64,
                      prefill_selection=mode).validate(T, 2)
   closes, valid = random_segmentation(rng, B, T, lengths, ccfg.n_sink)
   ks = jax.random.split(jax.random.key(seed), 5)
@@ -97,7 +97,7 @@ def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_k=3, n_local=1, lengths=(96,
 
 def tables(seed):
   """A random case's chunk ids, selection table and [B, T, T] token mask (keep="chunk")."""
-  ccfg, closes, valid, *_, qt, kt = case(seed, top_k=2)
+  ccfg, closes, valid, *_, qt, kt = case(seed, top_chunks=2)
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
   vis = cp.selection_table(chosen(qt, kt, ends, n, valid, ccfg), ccfg.max_chunks + 2)
@@ -130,9 +130,9 @@ def test_prompt_selections_match_a_loop(seed, mode):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("keep", ["chunk", "boundary"])
-@pytest.mark.parametrize("H, K, top_k, n_local, block", [(4, 2, 3, 1, 16), (2, 2, 0, 2, 32), (8, 2, 40, 0, 16)])
-def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_k, n_local, block):
-  ccfg, closes, valid, q, k, v, qt, kt = case(seed, H=H, K=K, top_k=top_k, n_local=n_local)
+@pytest.mark.parametrize("H, K, top_chunks, n_local, block", [(4, 2, 3, 1, 16), (2, 2, 0, 2, 32), (8, 2, 40, 0, 16)])
+def test_sparse_prefill_reads_exactly_the_rule(seed, keep, H, K, top_chunks, n_local, block):
+  ccfg, closes, valid, q, k, v, qt, kt = case(seed, H=H, K=K, top_chunks=top_chunks, n_local=n_local)
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
   sel = chosen(qt, kt, ends, n, valid, ccfg)

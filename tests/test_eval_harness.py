@@ -7,8 +7,8 @@ import pytest
 
 from eval import methods as M
 from eval import perplexity as P
-from tests.test_chunk_generate import chunk_params
-from tests.test_generate import prompts
+from tests.tiny_models import chunk_params
+from tests.tiny_models import prompts
 
 SEPS = tuple(range(0, 96, 7))  # the tiny vocabulary's "separator tokens"
 SETTINGS = M.MethodSettings(separator_ids=SEPS, batch_size=4)
@@ -52,7 +52,7 @@ def test_full_coverage_chunkllm_is_vanilla_and_the_quick_segmentation_is_chunk_p
   for (vt, vs), (ct, cs) in zip(van, chk):
     assert ct == vt and len(ct) == 24
     assert vs["kv_retention"] == 1.0 and cs["kv_retention"] == pytest.approx(1.0)
-    assert cs["top_k"] >= cs["max_chunks"] and not cs["chunk_overflow"]
+    assert cs["top_chunks"] >= cs["max_chunks"] and not cs["chunk_overflow"]
   # The layer-0 segmentation the budgets use makes the chunks chunk_generate made (decode feeds
   # every new token but the last).
   seg = M.adapter_segmentation(params, [p + ct[:-1] for p, (ct, _) in zip(prompts_, chk)])
@@ -71,12 +71,12 @@ def test_baselines_read_what_they_say(params, method):
     seq = prompt + new[:-1]
     if method == "streamingllm":
       ends = list(range(4 + 16 - 1, len(seq), 16))
-      assert (st["boundaries"], st["top_k"], st["max_chunk_len"]) == ("fixed", 0, 16)
+      assert (st["boundaries"], st["top_chunks"], st["max_chunk_len"]) == ("fixed", 0, 16)
       # the window is about half of what is seen
       assert abs(4 + 16 * st["n_local"] + 8 - 0.5 * (len(prompt) + n_new / 2)) <= 16
     else:
       ends = M.separator_chunk_ends(seq, SEPS, 4, 64)
-      assert (st["boundaries"], st["keep"]) == ("separators", "boundary") and st["top_k"] >= st["max_chunks"]
+      assert (st["boundaries"], st["keep"]) == ("separators", "boundary") and st["top_chunks"] >= st["max_chunks"]
       assert all(seq[e] in SEPS or e - s + 1 == 64 for s, e in zip([4] + [e + 1 for e in ends[:-1]], ends))
     assert st["n_chunks"] == len(ends)
     slow = slow_retention(seq, len(prompt), n_new - 1, ends, 4, st["n_local"], method == "sepllm")
@@ -91,8 +91,8 @@ def test_budget_model_counts_like_the_slow_count():
     T, n_new, n_local = int(rng.randint(40, 120)), int(rng.randint(2, 30)), int(rng.randint(0, 5))
     ends = sorted(set(rng.choice(np.arange(4, T + n_new), size=rng.randint(1, 20), replace=False).tolist()))
     seg = M.Segmentation((tuple(ends),), (T + n_new,), 4)
-    for top_k, keep in [(0, "chunk"), (10**4, "boundary")]:
-      ccfg = M.ChunkConfig(top_k=top_k, n_local=n_local, keep=keep)
+    for top_chunks, keep in [(0, "chunk"), (10**4, "boundary")]:
+      ccfg = M.ChunkConfig(top_chunks=top_chunks, n_local=n_local, keep=keep)
       slow = slow_retention(None, T, n_new - 1, ends, 4, n_local, keep == "boundary")
       assert M.expected_retention(ccfg, seg, [T], n_new) == pytest.approx(slow, abs=1e-9)
 
@@ -111,7 +111,7 @@ def test_knobs_meet_the_budget(method, retention):
   step = 16 if method == "streamingllm" else (8 if method == "sepllm" else 24)
   assert abs(info["expected_retention"] - retention) <= step / T
   if method == "sepllm":
-    assert ccfg.top_k == ccfg.max_chunks >= len(seps) + n_new  # every separator, and no overflow
+    assert ccfg.top_chunks == ccfg.max_chunks >= len(seps) + n_new  # every separator, and no overflow
     # sinks + 1 token per separator + whole 8-token chunks in the window fill the budget
     assert abs(4 + len(seps) + 7 * ccfg.n_local - retention * T) < 16
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from eval import niah, report, short_text
-from tests.test_eval_run import WordTokenizer
+from tests.eval_fixtures import WordTokenizer
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])

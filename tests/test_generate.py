@@ -8,28 +8,7 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax.sampling import Sampling, sample
-
-TINY = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-            max_position=512)
-ARCH_FLAGS = {
-    "llama": dict(),
-    "qwen2": dict(qkv_bias=True),
-    "qwen3": dict(qk_norm=True),
-    "gemma3": dict(qk_norm=True, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,
-                   sandwich_norm=True, sliding_window=6, layer_sliding=(True, False),
-                   local_rope_theta=10000.0, tie_embeddings=True, query_pre_attn_scalar=16.0),
-}
-
-
-def tiny_params(arch="llama", seed=0, dtype=jnp.float32, **kw):
-  cfg = cj.ModelConfig(arch=arch, **{**TINY, **ARCH_FLAGS[arch], **kw})
-  return cj.init_backbone(jax.random.key(seed), cfg, dtype=dtype)
-
-
-def prompts(lengths, vocab=96, seed=0):
-  rng = np.random.RandomState(seed)
-  return [rng.randint(0, vocab, n) for n in lengths]
-
+from tests.tiny_models import ARCH_FLAGS, prompts, tiny_params
 
 def greedy_by_forward(params, prompt, n):
   """The slow obvious decoder: a full forward per token (right padding is causal-inert)."""

@@ -19,7 +19,7 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import checks
-from tests.test_generate import tiny_params
+from tests.tiny_models import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_temperature_nan_is_refused_by_chunk_generate_too():
 def test_sizes_that_cannot_fit_are_refused_before_allocation(params, monkeypatch, kw, match):
   def no_compile(*a, **k):
     raise AssertionError("compiled a program for a size that cannot fit")
-  monkeypatch.setattr(importlib.import_module("chunkllm_jax.generate").Compiled, "executable", no_compile)
+  monkeypatch.setattr(importlib.import_module("chunkllm_jax.decoding").Compiled, "executable", no_compile)
   with pytest.raises(ValueError, match=match):
     cj.generate(params, [[1, 2, 3]], **kw)
 
@@ -376,7 +376,7 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run
-  from tests.test_eval_run import FLAGS
+  from tests.eval_fixtures import FLAGS
   (tmp_path / "a_file").write_text("mine\n")
   (tmp_path / "lb").mkdir()
   monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
@@ -389,7 +389,7 @@ def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra,
 def test_eval_run_records_its_settings_only_after_the_adapters_load(tmp_path, monkeypatch):
   """A run refused for its adapters leaves no run_config.json, so the corrected run (other settings) starts."""
   from eval import run as eval_run
-  from tests.test_eval_run import FLAGS, Stubs, WordTokenizer, run_stubbed
+  from tests.eval_fixtures import FLAGS, Stubs, WordTokenizer, run_stubbed
   out = tmp_path / "ev"
   model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=64, max_position=512),
                                 tokenizer=WordTokenizer(), params=None)

@@ -10,8 +10,8 @@ import pytest
 
 from chunkllm_jax import adapters as ad
 from chunkllm_jax import boundaries
-from chunkllm_jax.teacher import TeacherOutputs
-from tests.chunk_fixtures import random_batch, tiny_params
+from train.teacher import TeacherOutputs
+from tests.tiny_models import SOFTCAP, random_batch, tiny_params
 from train import losses
 
 CFG = losses.LossConfig(n_sink=2, max_chunk_len=5, max_chunks=16, recall_k=2, block_q=8, block_k=16)
@@ -19,7 +19,7 @@ CFG = losses.LossConfig(n_sink=2, max_chunk_len=5, max_chunks=16, recall_k=2, bl
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_gradients_reach_the_adapters_only(arch):
-  params = tiny_params(arch)
+  params = tiny_params(arch, **(SOFTCAP if arch == "gemma3" else {}))
   adapters = ad.init_adapters(jax.random.key(1), params.config, ad.AdapterConfig(d_c=16))
   batch = random_batch(2, 30, lengths=[30, 22], seed=3)
   loss_fn = functools.partial(losses.chunkllm_loss, config=CFG)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eval import niah
-from tests.test_eval_run import WordTokenizer
+from tests.eval_fixtures import WordTokenizer
 from train import mixture
 from train.tfds_builder import DataError
 

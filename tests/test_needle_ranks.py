@@ -1,16 +1,16 @@
 """eval.needle_ranks ranks a chunk exactly as inference selects: on a tiny random model, a chunk's
-vote rank is within top_k iff `chunk_prefill`'s first selection (made by that vote) holds it."""
+vote rank is within top_chunks iff `chunk_prefill`'s first selection (made by that vote) holds it."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.chunk_generate import chunk_prefill
+from chunkllm_jax.chunk_generation import chunk_prefill
 from chunkllm_jax.selection import ChunkConfig
 from eval.needle_ranks import rank_of, ranks_for_prompt
-from tests.test_chunk_generate import chunk_params
-from tests.test_generate import prompts
+from tests.tiny_models import chunk_params
+from tests.tiny_models import prompts
 
 
 def test_rank_of_counts_ties_against_the_target():
@@ -24,9 +24,9 @@ def test_vote_rank_agrees_with_the_selection(vote):
   qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])  # sharper scores, clearer ranks
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
   ids = list(prompts([100], seed=9)[0])
-  ccfg = ChunkConfig(top_k=3, n_local=1, max_chunk_len=6, alpha=0.9, vote=vote, prefill="dense")
+  ccfg = ChunkConfig(top_chunks=3, n_local=1, max_chunk_len=6, alpha=0.9, vote=vote, prefill="dense")
   T = len(ids)
-  _, _, st = jax.jit(chunk_prefill, static_argnums=(3, 4))(
+  _, _, st = chunk_prefill(
       params, jnp.asarray([ids + [0] * (128 - T)], jnp.int32), jnp.asarray([T]), 128, ccfg.validate(128, 3))
   selected = set(np.flatnonzero(np.asarray(st.selected[0])).tolist())
   ends = np.asarray(st.chunk_end[0, :int(st.n_chunks[0])])
@@ -34,8 +34,8 @@ def test_vote_rank_agrees_with_the_selection(vote):
   for needle in range(len(ends) - ccfg.n_local):
     r = ranks_for_prompt(params, ids, int(ends[needle]), ccfg)
     assert r["needle_chunk"] == needle and 1 <= min(r["teacher_rank"]) <= r["n_candidates"]
-    inside = r["student_vote_rank"][vote] <= ccfg.top_k
+    inside = r["student_vote_rank"][vote] <= ccfg.top_chunks
     assert inside == (needle in selected), (needle, r["student_vote_rank"], selected)
     seen_in += inside
     seen_out += not inside
-  assert seen_in == len(selected) == ccfg.top_k and seen_out > 0
+  assert seen_in == len(selected) == ccfg.top_chunks and seen_out > 0

@@ -7,6 +7,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import chunk_decode_attention as cda
+from tests.kernel_fixtures import selection_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # jitted, so the cases that share a shape share one compile
@@ -14,20 +15,6 @@ partials = jax.jit(cda.decode_partials,
                    static_argnames=("scale", "block_size", "n_splits", "interpret"))
 reference = jax.jit(cda.chunk_decode_attention_reference, static_argnames=("scale", "block_size"))
 block_list = jax.jit(cda.decode_block_list, static_argnames=("block_size",))
-
-
-def selection_mask(rng, lengths, S, *, n_sink=4, p_select=0.3):
-  """Per row: sinks, random whole chunks, and the open (last) chunk, below the row's length."""
-  mask = np.zeros((len(lengths), S), bool)
-  for b, L in enumerate(lengths):
-    if L == 0:
-      continue
-    bounds = np.sort(rng.choice(np.arange(1, L), size=min(L - 1, L // 20), replace=False))
-    chunk = np.searchsorted(bounds, np.arange(L), side="right")
-    picked = rng.random(chunk.max() + 1) < p_select
-    picked[-1] = True
-    mask[b, :L] = picked[chunk] | (np.arange(L) < n_sink)
-  return jnp.asarray(mask)
 
 
 def inputs(B, S, K, G, D, dtype, seed=0):

@@ -14,7 +14,7 @@ import pytest
 from chunkllm_jax import chunk_attention, chunk_kernels
 from pallas_kernels import chunk_decode_attention as cda
 from pallas_kernels import chunk_decode_attention_gpu as cdg
-from tests.test_pallas_chunk_decode_attention import selection_mask
+from tests.kernel_fixtures import selection_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # jitted, so the cases that share a shape share one compile

@@ -7,6 +7,7 @@ import pytest
 
 from chunkllm_jax import attention
 from pallas_kernels import chunk_prefill_attention as cpa
+from tests.kernel_fixtures import chunking
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 MASK_ARGS = ("block_q", "block_k", "n_sink", "n_local")
@@ -14,23 +15,6 @@ kernel = jax.jit(cpa.chunk_prefill_attention_kernel,
                  static_argnames=("scale", *MASK_ARGS, "interpret"))
 reference = jax.jit(cpa.chunk_prefill_attention_reference, static_argnames=("scale", *MASK_ARGS))
 block_lists = jax.jit(cpa.prefill_block_lists, static_argnames=(*MASK_ARGS, "max_chunks"))
-
-
-def chunking(rng, lengths, T, *, n_sel, mean_chunk=12):
-  """Random chunk ids (-1 past the row's length) and, per token, its chunk's selected chunks."""
-  B = len(lengths)
-  chunk_id = np.full((B, T), -1, np.int32)
-  for b, L in enumerate(lengths):
-    if L:
-      bounds = np.sort(rng.choice(np.arange(1, L), size=max(L // mean_chunk, 1), replace=False))
-      chunk_id[b, :L] = np.searchsorted(bounds, np.arange(L), side="right")
-  C = T // mean_chunk + 2
-  # chunk c selects up to n_sel earlier chunks; -1 fills empty slots
-  sel_BCN = rng.integers(-1, C, size=(B, C, n_sel)).astype(np.int32)
-  sel_BCN = np.where(sel_BCN < np.arange(C)[None, :, None] - 1, sel_BCN, -1)
-  sel_BTN = np.where(chunk_id[..., None] >= 0,
-                     sel_BCN[np.arange(B)[:, None], np.maximum(chunk_id, 0)], -1)
-  return jnp.asarray(chunk_id), jnp.asarray(sel_BTN), C
 
 
 def slow_visible(chunk_id, sel_BTN, *, n_sink, n_local):

@@ -15,7 +15,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import chunk_prefill_attention as cpa
 from pallas_kernels import chunk_prefill_attention_gpu as cpg
-from tests.test_pallas_chunk_prefill_attention import chunking
+from tests.kernel_fixtures import chunking
 
 # bounds on |out - ref| (relative and absolute): f32 agrees to rounding, bf16 to its mantissa
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}

@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels import distill_attention as da
+from tests.kernel_fixtures import chunk_ids
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 STATIC = ("scale", "max_chunks", "n_sink", "block_q", "block_k", "softcap")
 raw = jax.jit(da.distill_attention_raw, static_argnames=(*STATIC, "interpret"))
 reference = jax.jit(da.distill_attention_reference, static_argnames=STATIC)
-
-
-def chunk_ids(rng, lengths, T, *, mean_chunk=10):
-  out = np.full((len(lengths), T), -1, np.int32)
-  for b, L in enumerate(lengths):
-    if L:
-      bounds = np.sort(rng.choice(np.arange(1, L), size=max(L // mean_chunk, 1), replace=False))
-      out[b, :L] = np.searchsorted(bounds, np.arange(L), side="right")
-  return jnp.asarray(out)
 
 
 def slow_teacher(q, k, chunk_id, *, scale, max_chunks, n_sink):

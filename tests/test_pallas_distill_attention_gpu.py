@@ -15,7 +15,7 @@ import pytest
 
 from pallas_kernels import distill_attention as da
 from pallas_kernels import distill_attention_gpu as dg
-from tests.test_pallas_distill_attention import chunk_ids
+from tests.kernel_fixtures import chunk_ids
 
 # bounds on |got - ref| (relative and absolute), for o and for P: f32 agrees to rounding, bf16
 # to its mantissa

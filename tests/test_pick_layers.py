@@ -16,8 +16,8 @@ import pytest
 import chunkllm_jax as cj
 from chunkllm_jax import adapter_io, adapters as adp, model
 from chunkllm_jax.selection import ChunkConfig
-from tests.test_chunk_generate import chunk_params
-from tests.test_generate import prompts, tiny_params
+from tests.tiny_models import chunk_params
+from tests.tiny_models import prompts, tiny_params
 from train import pick_layers as pl
 
 SHIPPED = Path(cj.__file__).parent / "adapters_data" / "smollm2-135m"
@@ -81,7 +81,7 @@ def test_ranks_match_a_numpy_reference(score_queries):
   ids = [int(t) for t in prompts([100], seed=5)[0]]
   ccfg = ChunkConfig(n_local=2, max_chunk_len=6, alpha=0.9, score_queries=score_queries)
   toks, lens = jnp.asarray([ids + [0] * 28], jnp.int32), jnp.asarray([100])
-  ends = np.flatnonzero(np.asarray(pl._segment(params, toks, lens, ccfg)[0]))  # pylint: disable=protected-access
+  ends = np.flatnonzero(np.asarray(pl.segment_prompts(params, toks, lens, ccfg)[0]))
   n_cand = len(ends) - ccfg.n_local
   ref_qk = jax.tree.map(np.asarray, qk_by_layer(params, toks, lens))
   for needle in (0, n_cand // 2, n_cand - 1):

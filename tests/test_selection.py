@@ -21,15 +21,15 @@ def scores(q_SBd, key_SBCd, n_cand_B, vote):
 
 
 @pytest.mark.parametrize("vote", ["sum", "max"])
-@pytest.mark.parametrize("top_k, n_local", [(3, 1), (5, 0), (8, 2)])
-def test_top_k_selection_matches_numpy(vote, top_k, n_local):
-  rng = np.random.RandomState(top_k * 10 + n_local)
+@pytest.mark.parametrize("top_chunks, n_local", [(3, 1), (5, 0), (8, 2)])
+def test_top_chunks_selection_matches_numpy(vote, top_chunks, n_local):
+  rng = np.random.RandomState(top_chunks * 10 + n_local)
   S, B, C, d = 4, 3, 12, 8
   q = rng.randn(S, B, d).astype(np.float32) * 2
   keys = rng.randn(S, B, C, d).astype(np.float32) * 2
   n_chunks = np.asarray([C, 7, n_local + 1])  # full table, partly full, one candidate (or none)
   n_cand = np.maximum(n_chunks - n_local, 0)
-  cfg = ChunkConfig(top_k=top_k, n_local=n_local, max_chunks=C, vote=vote)
+  cfg = ChunkConfig(top_chunks=top_chunks, n_local=n_local, max_chunks=C, vote=vote)
   score = scores(q, keys, n_cand, vote)
   got = np.asarray(choose(score[:, None], jnp.asarray(n_cand)[:, None], jnp.ones((B, C), jnp.int32),
                           jnp.zeros((B, 1), jnp.int32), jnp.ones((B, 1), jnp.int32), cfg))[:, 0]
@@ -37,7 +37,7 @@ def test_top_k_selection_matches_numpy(vote, top_k, n_local):
     want = np.zeros(C, bool)
     if n_cand[b]:
       p = softmax(np.einsum("sd,scd->sc", q[:, b], keys[:, b, :n_cand[b]]) / np.sqrt(d))
-      want[np.argsort(-(p.sum(0) if vote == "sum" else p.max(0)), kind="stable")[:top_k]] = True
+      want[np.argsort(-(p.sum(0) if vote == "sum" else p.max(0)), kind="stable")[:top_chunks]] = True
     np.testing.assert_array_equal(got[b], want)
 
 
@@ -97,7 +97,7 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep):
     (dict(kv_budget_tokens=2.5), TypeError, "must be an int"),
     (dict(scorer="oracle"), ValueError, "scorer must be"),
     (dict(vote="per_layer"), ValueError, "vote must be"),
-    (dict(top_k="16"), TypeError, "top_k must be an int"),
+    (dict(top_chunks="16"), TypeError, "top_chunks must be an int"),
 ])
 def test_bad_settings_are_named(kw, err, match):
   with pytest.raises(err, match=match):

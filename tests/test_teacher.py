@@ -9,8 +9,9 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import attention as attn
-from chunkllm_jax import boundaries, model, teacher
-from tests.chunk_fixtures import random_batch, tiny_params
+from chunkllm_jax import boundaries, model
+from train import teacher
+from tests.tiny_models import SOFTCAP, random_batch, tiny_params
 
 
 def candidates_ref(chunk_id_T, valid_T, C):
@@ -65,7 +66,7 @@ LENGTHS = (29, 17, 3)  # a full row, a padded row, and a row too short for any c
 @functools.lru_cache(maxsize=None)
 def run_teacher(arch, block_q, block_k, max_chunks):
   """(params, batch, chunk_id, teacher outputs), cached: each case compiles once per session."""
-  params = tiny_params(arch)
+  params = tiny_params(arch, **(SOFTCAP if arch == "gemma3" else {}))  # the reference honours soft-capping
   batch = random_batch(3, 29, lengths=LENGTHS, seed=1)
   chunk_id = boundaries.chunks_from_labels(batch["labels"], 3, 5, jnp.arange(29) < batch["lengths"][:, None])
   fn = jax.jit(teacher.teacher_chunk_attention, static_argnames=("max_chunks", "block_q", "block_k"))
@@ -130,7 +131,8 @@ def test_teacher_refuses_sliding_layers():
 def test_pallas_teacher_equals_xla_teacher():
   """The distillation kernel (interpret mode) in place of the XLA teacher on the QK layers."""
   import chunkllm_jax as cj
-  from chunkllm_jax import boundaries, teacher
+  from chunkllm_jax import boundaries
+  from train import teacher
 
   cfg = cj.ModelConfig(arch="gemma3", vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                        d_ff=64, qk_norm=True, activation="gelu_tanh", norm_plus_one=True, embed_scale=True,

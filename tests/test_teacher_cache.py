@@ -9,7 +9,7 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import model
-from tests.chunk_fixtures import random_batch, tiny_params
+from tests.tiny_models import random_batch, tiny_params
 from train import teacher_cache as tc
 from train.losses import LossConfig, rows_config_of, rows_loss, training_loss
 

@@ -4,7 +4,7 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import adapter_io
-from tests.chunk_fixtures import tiny_config
+from tests.tiny_models import tiny_config
 
 
 def test_shipped_smollm2_adapters_load_and_refuse_other_backbones():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import chunkllm_jax as cj
-from tests.chunk_fixtures import random_batch, tiny_params
+from tests.tiny_models import random_batch, tiny_params
 from train import step as step_lib
 from train.losses import LossConfig
 

@@ -11,9 +11,11 @@ import dataclasses
 import sys
 import typing
 
+from chunkllm_jax.selection import ChunkRules
+
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ChunkRules):
   # Backbone: a registered name, an HF dir or a .gguf file, or "random-tiny" (tests: a tiny random
   # Llama whose vocabulary is the tokenizer's).
   model: str = "smollm2-135m"
@@ -52,9 +54,8 @@ class TrainConfig:
   cache_dir: str = ""
   # Share of the training tokens that are retrieval-mixture documents made from the text (train.mixture).
   retrieval_mix: float = 0.5
-  n_sink: int = 4
-  n_local: int = 4  # recent chunks inference always reads: not candidates in the KL (0: all are)
-  max_chunk_len: int = 64
+  # The chunk rules (n_sink, n_local, max_chunk_len) are ChunkRules': the n_local recent chunks that
+  # inference always reads are not candidates in the KL (0: all are).
   max_chunks: int = 512
   recall_k: int = 16
   block_q: int = 256

@@ -2,7 +2,7 @@
 
 - BCE: the Chunk Adapter's p_t against the sentence-end labels y, over valid (non-pad) tokens.
 - KL: per QK-adapter layer, the teacher P (frozen attention aggregated into chunks, see
-  `chunkllm_jax.teacher`) against the student S = softmax over the same candidate chunks of
+  `train/teacher.py`) against the student S = softmax over the same candidate chunks of
   s[t, j] = q~_t . k~_{e_j} / sqrt(d_c). Averaged over queries with at least one candidate, and
   over layers.
 - Candidates are the chunks inference can choose between: completed, and older than the `n_local`
@@ -27,23 +27,21 @@ import optax
 from chunkllm_jax import boundaries
 from chunkllm_jax.adapters import Adapters, chunk_adapter_logits, chunk_keys, chunk_scores, qk_adapter_apply
 from chunkllm_jax.params import ModelParams
-from chunkllm_jax.teacher import TeacherOutputs, teacher_chunk_attention
+from chunkllm_jax.selection import ChunkRules
+from train.teacher import TeacherOutputs, teacher_chunk_attention
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """kl_weight: lambda. n_sink, max_chunk_len, max_chunks: how labels become chunks (boundaries).
-  n_local: recent completed chunks left out of the candidates (as ChunkConfig.n_local).
+class LossConfig(ChunkRules):
+  """kl_weight: lambda. The chunk rules (n_sink, max_chunk_len) and max_chunks: how labels become
+  chunks (boundaries); n_local: recent completed chunks left out of the candidates, as at inference.
   alpha: boundary threshold of the metrics. recall_k: k of the chunk recall@k metric.
   block_q, block_k: the teacher's block sizes."""
 
   kl_weight: float = 1.0
   teacher: str = "token_mean"  # TEACHERS: the target the QK Adapters are distilled on
   score_queries: int = 16  # head_max / head_mean: a row's target is the max over this many last queries
-  n_local: int = 4
-  n_sink: int = 4
-  max_chunk_len: int | None = 64  # as ChunkConfig.max_chunk_len: train on the chunks inference makes
   max_chunks: int = 512
   alpha: float = 0.5
   recall_k: int = 16

@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapter_io, model  # noqa: E402
-from chunkllm_jax.chunk_generate import segment_prompts  # noqa: E402
+from chunkllm_jax.prompts import chat_text, has_chat_template  # noqa: E402
+from chunkllm_jax.chunk_generation import segment_prompts  # noqa: E402
 from chunkllm_jax.selection import VOTES, ChunkConfig, attention_probs, vote_scores  # noqa: E402
 from train.mixture import FACTS, NAMES, PLACES  # noqa: E402
 from train.tfds_builder import read_documents  # noqa: E402
@@ -53,9 +54,8 @@ def read_lines(files) -> list[str]:
 def encode(tok, body: str, question: str, lead: str):
   """(encoding with offsets, text): the chat template where the tokenizer has one; else plain text that
   ends with the answer's lead, so a base model answers instead of continuing the text."""
-  if getattr(tok, "chat_template", None):
-    text = tok.apply_chat_template([{"role": "user", "content": f"{body}\n\n{question}{ASK}"}], tokenize=False,
-                                   add_generation_prompt=True)
+  if has_chat_template(tok):
+    text = chat_text(tok, f"{body}\n\n{question}{ASK}")
     return tok(text, add_special_tokens=False, return_offsets_mapping=True), text
   text = f"{body}\n\n{question}{ASK}\n{lead}"
   return tok(text, return_offsets_mapping=True), text
@@ -117,7 +117,6 @@ def layer_probs(params, tokens_BT, lengths_B, chunk_end_BC, n_cand_B, *, n_sink:
   return jax.vmap(one)(q[full], k[full])
 
 
-_segment = jax.jit(segment_prompts, static_argnums=3)
 
 
 def rank_of(scores, target: int) -> int:
@@ -131,7 +130,7 @@ def prompt_ranks(params, ids, needle_pos: int, ccfg: ChunkConfig):
   T = len(ids)
   max_len = -(-T // 128) * 128  # few shapes, few compilations
   toks, lens = jnp.asarray([ids + [0] * (max_len - T)], jnp.int32), jnp.asarray([T], jnp.int32)
-  ends = np.flatnonzero(np.asarray(_segment(params, toks, lens, ccfg)[0]))
+  ends = np.flatnonzero(np.asarray(segment_prompts(params, toks, lens, ccfg)[0]))
   needle, n_cand = int(np.searchsorted(ends, needle_pos)), len(ends) - ccfg.n_local
   if needle >= n_cand:
     return None  # always read, nothing to select

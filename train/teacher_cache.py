@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax import boundaries, model
-from chunkllm_jax.chunk_generate import layer0_output
+from chunkllm_jax.chunk_generation import layer0_output
 from chunkllm_jax.chunk_prefill import attention_rows, selection_rows
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.selection import HEAD_REDUCTIONS, ChunkConfig

@@ -28,17 +28,16 @@ from chunkllm_jax import adapters as adp
 from chunkllm_jax import attention as attn
 from chunkllm_jax import boundaries
 from chunkllm_jax import checks
+from chunkllm_jax import decoding
 from chunkllm_jax import model
-from chunkllm_jax import sharding as shd
 from chunkllm_jax import chunk_kernels
 from chunkllm_jax import chunk_prefill as chunk_prefill_lib
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, init_chunk_state,
                                       working_positions, working_size)
-from chunkllm_jax.generate import Compiled, assemble_output, buffer_len, is_eos, prepare_prompts, resolve_max_len
 from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
-from chunkllm_jax.sampling import Sampling, sample
+from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.selection import (ChunkConfig, adapter_probs, attention_probs, choose, chunk_lengths, local_tokens,
                                     vote_scores)
 
@@ -151,6 +150,7 @@ def layer0_output(params: ModelParams, tokens_BT, lengths_B):
   return h0
 
 
+@functools.partial(jax.jit, static_argnames=("ccfg",))
 def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig):
   """Where the chunks of right-padded prompts end, by the config's rule: [B, T] bool: the
   segmentation `chunk_prefill` makes."""
@@ -160,6 +160,7 @@ def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig
   return boundaries.segment(p, valid, tokens_BT, ccfg)
 
 
+@functools.partial(jax.jit, static_argnames=("max_len", "ccfg"))
 def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
   """Prefill that segments the prompt (at layer 0), attends chunk-sparsely after the first
   selection layer (or densely, by `ccfg.prefill`), fills the chunk table and makes the first
@@ -262,12 +263,14 @@ def _recent(buf_LBSKD, layer, start_B, size: int):
   return win, start[:, None] + jnp.arange(size)
 
 
+@functools.partial(jax.jit, static_argnames=("ccfg",))
 def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
+  """One token per row: (logits [B, V], the cache, the chunk state), re-selecting where it closes a chunk."""
   cfg = params.config
   plan = _layer_plan(params, ccfg)
   sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.sparse, plan.selects, plan.qk_slot))
   pos_B = cache.length
-  B, S, M = tokens_B.shape[0], cache.max_len, min(ccfg.max_chunk_len, cache.max_len)
+  B, M = tokens_B.shape[0], min(ccfg.max_chunk_len, cache.max_len)
   n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
   d_c = _d_c(params, ccfg)
 
@@ -337,42 +340,31 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop and the public API
+# The step functions of the shared decode loop (decoding.py), and the public API
 
 
-def _prefill_sample(params, tokens_BT, lengths_B, key, *, max_len, sampling, ccfg):
-  logits, cache, st = chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg)
-  return sample(logits, jax.random.fold_in(key, 0), sampling), cache, st
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+  max_len: int  # the KV buffer's slots
+  ccfg: ChunkConfig
 
 
-def _decode_loop(params, first_B, cache, st, key, *, max_new, sampling, eos_ids, pad_id, ccfg):
-  B = first_B.shape[0]
-  out = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(first_B)
-
-  def cond(s):
-    return (s[0] < max_new) & ~jnp.all(s[5])  # s[5]: done
-
-  def body(s):
-    step, tok, cache, st, out, done, live = s
-    logits, cache, new = chunk_decode_step(params, tok, cache, st, ccfg)
-    # A finished row still runs with its batch; its steps must not count in its own stats.
-    new = new.replace(retained=jnp.where(done, st.retained, new.retained),
-                      read_slots=jnp.where(done, st.read_slots, new.read_slots))
-    nxt = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(key, step), sampling))
-    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-    return step + 1, nxt, cache, new, out, done | is_eos(nxt, eos_ids), live + ~done
-
-  step, _, _, st, out, _, live = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), first_B, cache, st, out, is_eos(first_B, eos_ids), jnp.zeros((B,), jnp.int32)))
-  return out, step, st, live
+def _prefill_state(params: ModelParams, tokens_BT, lengths_B, settings: ChunkSettings):
+  logits, cache, st = chunk_prefill(params, tokens_BT, lengths_B, settings.max_len, settings.ccfg)
+  return logits, (cache, st)
 
 
-@functools.lru_cache(maxsize=32)
-def _programs(max_len, max_new, sampling, eos_ids, pad_id, ccfg):
-  pre = functools.partial(_prefill_sample, max_len=max_len, sampling=sampling, ccfg=ccfg)
-  loop = functools.partial(_decode_loop, max_new=max_new, sampling=sampling, eos_ids=eos_ids,
-                           pad_id=pad_id, ccfg=ccfg)
-  return Compiled(jax.jit(pre)), Compiled(jax.jit(loop))
+def _step_state(params: ModelParams, tokens_B, state, done_B, settings: ChunkSettings):
+  cache, st = state
+  logits, cache, new = chunk_decode_step(params, tokens_B, cache, st, settings.ccfg)
+  # A finished row still runs with its batch; its steps must not count in its own stats.
+  new = new.replace(retained=jnp.where(done_B, st.retained, new.retained),
+                    read_slots=jnp.where(done_B, st.read_slots, new.read_slots))
+  return logits, (cache, new)
+
+
+def _state_shardings(cache_shardings):
+  return cache_shardings, None  # the chunk state follows the placements XLA propagates
 
 
 def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int, sparse_slots: np.ndarray,
@@ -387,13 +379,13 @@ def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int,
 
 
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
-                   temperature: float = 0.0, top_k_tokens: int = 0, top_p: float = 1.0, seed: int = 0,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    eos_ids=None, pad_id=None, max_len: int | None = None, chunk_config: ChunkConfig | None = None,
                    mesh=None, **chunk_fields):
   """ChunkLLM generation. `params` must carry adapters (`with_adapters`).
 
-  Any `ChunkConfig` field can be given by keyword (`top_k=32, n_local=4, ...`); `top_k` is the
-  number of selected chunks (the sampling top-k is `top_k_tokens`). Returns a `GenerateOutput`
+  Sampling (`temperature`, `top_k`, `top_p`, `seed`) is `generate`'s. Any `ChunkConfig` field can
+  be given by keyword (`kv_budget=0.25`, `top_chunks=32`, `n_local=4`, ...). Returns a `GenerateOutput`
   whose stats add per row: kv_retention, n_chunks, n_selections, chunk_overflow, and the K/V
   bytes read per decode step by this design and by dense attention (means over the row's own
   decode steps, up to its end-of-sequence token; NaN when it had none). With `mesh`, the backbone
@@ -401,31 +393,29 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   programs follow those placements.
   """
   checks.check_params(params, "chunk_generate")
-  checks.check_sampling(temperature, top_k_tokens, top_p)
+  checks.check_sampling(temperature, top_k, top_p)
   if params.adapters is None:
     raise ValueError("chunk_generate needs adapters: params = cj.with_adapters(params, cj.load_adapters(...))")
   cfg = params.config
   params = adp.with_adapters(params.replace(adapters=None), params.adapters)  # fits this backbone?
-  ccfg = dataclasses_replace(chunk_config or ChunkConfig(), chunk_fields)
-  pad_id = cfg.pad_id if pad_id is None else pad_id
-  eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
-  prompts, lens = prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
-  max_len = resolve_max_len(cfg, lens, max_new_tokens, max_len, itemsize=params.backbone["embed"].dtype.itemsize)
+  ccfg = with_fields(chunk_config or ChunkConfig(), chunk_fields)
+  eos_ids, pad_id = decoding.end_rules(cfg, eos_ids, pad_id)
+  prompts, lens = decoding.prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
+  max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len,
+                                     itemsize=params.backbone["embed"].dtype.itemsize)
   ccfg = ccfg.validate(max_len, cfg.n_layers).resolve_layers(
       cfg.full_attention_layers, params.adapters.config.qk_layers, params.adapters.config.selection_layers)
   if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
     raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
-  sampling = Sampling(float(temperature), int(top_k_tokens or 0), float(top_p))
-  pre, loop = _programs(buffer_len(max_len), max_new_tokens, sampling, eos_ids, pad_id, ccfg)
-  key = jax.random.key(seed)
-  prompts_dev, lens_dev = jnp.asarray(prompts), jnp.asarray(lens)
-  if mesh is not None:
-    params = jax.device_put(params, shd.params_sharding(params, mesh))
-    prompts_dev = jax.device_put(prompts_dev, shd.batch_sharding(mesh, prompts.shape))
-    lens_dev = jax.device_put(lens_dev, shd.batch_sharding(mesh, lens.shape))
-    key = jax.device_put(key, shd.replicated(mesh))
-  (first, cache, st), prefill_s = pre.timed(params, prompts_dev, lens_dev, key)
-  (new, steps, st, live), decode_s = loop.timed(params, first, cache, st, key)
+  sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
+  progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg),
+                            sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
+                            mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
+                            state_shardings=_state_shardings)
+  params = decoding.place_params(params, mesh)
+  key = jax.random.key(decoding.check_seed(seed))
+  (first, state), prefill_s = progs.prefill.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
+  (new, steps, (cache, st), live), decode_s = progs.loop.timed(params, first, state, key)
   steps = int(steps) - 1
   live = np.asarray(live)  # decode steps each row ran before its end-of-sequence token
   with np.errstate(invalid="ignore", divide="ignore"):  # NaN for a row with no decode step
@@ -435,11 +425,12 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   extra = dict(kv_retention=per_step(st.retained), n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
-  return assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,
-                         decode_s=decode_s, decode_steps=steps, extra_stats=extra)
+  return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,
+                                  decode_s=decode_s, decode_steps=steps, extra_stats=extra)
 
 
-def dataclasses_replace(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:
+def with_fields(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:
+  """`ccfg` with the given fields replaced; an unknown field name is a TypeError that lists the known ones."""
   known = {f.name for f in dataclasses.fields(ChunkConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:

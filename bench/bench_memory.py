@@ -1,0 +1,112 @@
+"""Peak host memory of `generate` and `chunk_generate` against what they must hold.
+
+  python bench/bench_memory.py --contexts 8192 32768
+
+Each (method, context) runs in a fresh process, so one run's allocations cannot hide in another's:
+load smollm2-135m (float32), then generate 8 tokens after a prompt of `context` tokens, vanilla or
+ChunkLLM at a 25% KV budget. The floor is what the run cannot do without: the weights, one KV
+buffer of the run's size and, for ChunkLLM, its working buffer. The report gives the peak RSS, the
+RSS after loading (weights + runtime), and both as ratios to the floor; the growth during generation
+is the part the decode loops control (a loop that copied the KV buffer into its carry would add a
+second buffer here). Writes bench/RESULTS_memory.md and bench/RESULTS_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def child(method: str, context: int) -> dict:
+  """One run in this process: returns the sizes and the peak RSS (bytes)."""
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, str(ROOT))
+  import jax
+  import numpy as np
+
+  import chunkllm_jax as cj
+  from chunkllm_jax import decoding
+  from chunkllm_jax.chunk_cache import working_size
+  from chunkllm_jax.chunk_generation import WORK_BLOCK
+
+  def rss() -> int:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+  model = cj.load("smollm2-135m", dtype="float32")
+  params = model.params if method == "vanilla" else cj.with_adapters(model.params,
+                                                                     cj.load_adapters("smollm2-135m", model.config))
+  jax.block_until_ready(params)
+  after_load = rss()
+  ids = np.random.RandomState(0).randint(0, model.config.vocab_size - 1, context).tolist()
+  new = 8
+  cfg = model.config
+  max_len = decoding.buffer_len(context + new)  # past the trained context on purpose at 32K (a warning)
+  kv = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.head_dim * 4
+  weights = sum(x.nbytes for x in jax.tree.leaves(params))
+  work = 0
+  if method == "vanilla":
+    out = cj.generate(params, [ids], max_new_tokens=new, eos_ids=(), max_len=max_len)
+  else:
+    ccfg = cj.ChunkConfig(kv_budget=0.25).validate(max_len, cfg.n_layers)
+    work = 2 * cfg.n_layers * working_size(ccfg, max_len, WORK_BLOCK) * cfg.n_kv_heads * cfg.head_dim * 4
+    out = cj.chunk_generate(params, [ids], max_new_tokens=new, eos_ids=(), kv_budget=0.25, max_len=max_len)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return dict(method=method, context=context, weights=weights, kv=kv, work=work, floor=weights + kv + work,
+              rss_after_load=after_load, peak_rss=peak, prefill_s=float(out.stats["prefill_s"][0]))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
+  ap.add_argument("--methods", nargs="+", default=["vanilla", "chunkllm"], choices=["vanilla", "chunkllm"])
+  ap.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.child:
+    print(json.dumps(child(args.child[0], int(args.child[1]))))
+    return 0
+  rows = []
+  for context in args.contexts:
+    for method in args.methods:
+      print(f"{method} at {context} tokens ...", file=sys.stderr, flush=True)
+      proc = subprocess.run([sys.executable, __file__, "--child", method, str(context)], capture_output=True,
+                            text=True, check=False)
+      if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return proc.returncode
+      rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+      r = rows[-1]
+      print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / r['floor']:.2f}x the floor "
+            f"({r['floor'] / 2**30:.2f} GiB)", file=sys.stderr)
+  mib = lambda x: f"{x / 2**20:.0f}"
+  lines = ["# Peak host memory of generation", "",
+           f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}; smollm2-135m float32, "
+           "8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters.", "",
+           f"Command: `python bench/bench_memory.py --contexts {' '.join(map(str, args.contexts))}`", "",
+           "Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds the weights "
+           "and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.", "",
+           "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
+           "peak / floor | growth / (KV + working) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    growth = (r["peak_rss"] - r["rss_after_load"]) / max(r["kv"] + r["work"], 1)
+    lines.append(f"| {r['method']} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
+                 f"{mib(r['floor'])} | {mib(r['rss_after_load'])} | {mib(r['peak_rss'])} | "
+                 f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x |")
+  (HERE / "RESULTS_memory.md").write_text("\n".join(lines) + "\n")
+  (HERE / "RESULTS_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

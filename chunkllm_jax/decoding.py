@@ -1,0 +1,289 @@
+"""The decode runtime that dense and ChunkLLM generation share.
+
+A generation is two compiled programs over a *model state* (the KV cache; for ChunkLLM the KV
+cache and the chunk state): a prefill that samples the first token, then one on-device
+`lax.while_loop` that calls a step function until every row has ended. The two paths differ only
+in their step functions (`dense_generation.py`, `chunk_generation.py`):
+
+    prefill_fn(params, tokens_BT, lengths_B, settings) -> (logits_BV, state)
+    step_fn(params, tokens_B, state, done_B, settings) -> (logits_BV, state)
+
+`settings` is the path's static, hashable configuration (the buffer length, the ChunkConfig).
+The loop and the single step donate the model state, so XLA updates the KV buffer in place
+rather than holding a second copy in the loop carry. With a mesh, both paths get the same
+placements: weights by `sharding.LOGICAL_TO_MESH`, the batch over `data`, the KV buffer by
+`kv_cache.KV_AXES`, anything else in the state as XLA propagates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import warnings
+from typing import Any, Callable, Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from chunkllm_jax import checks
+from chunkllm_jax import sharding as shd
+from chunkllm_jax.attention import DECODE_BLOCK
+from chunkllm_jax.kv_cache import cache_shardings
+from chunkllm_jax.params import ModelParams
+from chunkllm_jax.sampling import Sampling, sample
+
+PAD_MULTIPLE = 16  # prompts are padded to a multiple of this, so nearby lengths share a compile
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """tokens: [B, max_prompt + max_new] int32; row b is its prompt, its new tokens, then pad_id.
+
+  lengths: valid tokens per row (prompt + generated, through the end-of-sequence token).
+  stats: per-row numpy arrays (`prefill_s`, `decode_tok_s`, and more for chunk_generate).
+  """
+
+  tokens: np.ndarray
+  prompt_lengths: np.ndarray
+  lengths: np.ndarray
+  stats: dict[str, np.ndarray]
+
+  def new_tokens(self, row: int) -> np.ndarray:
+    return self.tokens[row, self.prompt_lengths[row]: self.lengths[row]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: every one runs on the host, before anything is compiled.
+
+
+def prepare_prompts(tokens, vocab_size: int, pad_id: int, lengths=None) -> tuple[np.ndarray, np.ndarray]:
+  """Accepts a list of token lists, one list, or a [B, T] array (+ lengths). Returns padded [B, T'] and [B].
+
+  Float ids are refused (TypeError), never truncated; ids outside [0, vocab_size) are named by row
+  and position (ValueError)."""
+  if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]):
+    rows = [checks.token_array(r, vocab_size, f"prompt {b}").reshape(-1) for b, r in enumerate(tokens)]
+    if lengths is not None:
+      raise ValueError("pass lengths only with a padded [B, T] array")
+    lengths = np.array([len(r) for r in rows])
+  else:
+    arr = checks.token_array(tokens, vocab_size)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2:
+      raise ValueError(f"tokens must be [B, T] or a list of token lists, got shape {arr.shape}")
+    if lengths is not None and not np.issubdtype(np.asarray(lengths).dtype, np.integer):
+      raise TypeError(f"lengths must be integers, got {np.asarray(lengths).dtype}")
+    lengths = np.full(arr.shape[0], arr.shape[1]) if lengths is None else np.asarray(lengths).reshape(-1)
+    if lengths.shape[0] != arr.shape[0] or lengths.max(initial=0) > arr.shape[1]:
+      raise ValueError(f"lengths {lengths.tolist()} do not fit tokens of shape {arr.shape}")
+    rows = [arr[b, : lengths[b]] for b in range(arr.shape[0])]
+  if not rows:
+    raise ValueError("no prompts given")
+  if lengths.min() < 1:
+    raise ValueError(f"every prompt needs at least one token; lengths are {lengths.tolist()}")
+  width = -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE
+  out = np.full((len(rows), width), pad_id, dtype=np.int64)  # int64 until checked: no wrap-around
+  for b, r in enumerate(rows):
+    out[b, : len(r)] = r
+  checks.check_token_range(out, vocab_size, lengths)
+  return out.astype(np.int32), lengths.astype(np.int32)
+
+
+def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int | None, itemsize: int = 4) -> int:
+  """The KV buffer's length; refuses sizes the model or the memory cannot hold, before any allocation.
+
+  Without `max_len`, prompt + max_new_tokens must fit the model's context (`cfg.max_position`); an
+  explicit `max_len` may go past it on purpose (with a warning)."""
+  max_new_tokens = checks.check_count("max_new_tokens", max_new_tokens)
+  longest = int(lengths.max())
+  need = longest + max_new_tokens
+  if max_len is None:
+    if need > cfg.max_position:
+      raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) needs "
+                       f"{need} positions, more than the model's context of {cfg.max_position}: give "
+                       f"max_new_tokens <= {max(cfg.max_position - longest, 0)} (or max_len=... to run past "
+                       "the trained context on purpose)")
+    max_len = -(-need // 128) * 128
+  else:
+    max_len = checks.check_count("max_len", max_len)
+    if need > max_len:
+      raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens "
+                       f"({max_new_tokens}) needs {need} positions, more than the buffer's max_len={max_len}")
+    if need > cfg.max_position:
+      warnings.warn(f"{need} positions exceed the model's trained context ({cfg.max_position}); "
+                    "quality may degrade", stacklevel=3)
+  checks.check_kv_memory(cfg, len(lengths), buffer_len(max_len), itemsize)
+  return max_len
+
+
+def buffer_len(max_len: int) -> int:
+  """The KV buffer's allocated length: whole decode blocks (`attention.DECODE_BLOCK`), so the
+  blockwise decode attention steps through it in full-size blocks. Slots past `max_len` are never
+  written or read."""
+  return -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
+
+
+def end_rules(cfg, eos_ids, pad_id) -> tuple[tuple[int, ...], int]:
+  """The end-of-sequence ids and the pad id: the given ones, checked, or the model's."""
+  pad_id = cfg.pad_id if pad_id is None else checks.check_count("pad_id", pad_id, minimum=0)
+  eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
+  for e in eos_ids:
+    checks.check_count("each of eos_ids", e, minimum=0)
+  return tuple(int(e) for e in eos_ids), int(pad_id)
+
+
+def check_seed(seed) -> int:
+  if not checks.is_int(seed):
+    raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+  return int(seed)
+
+
+def is_eos(tok_B, eos_ids: tuple[int, ...]):
+  if not eos_ids:
+    return jnp.zeros(tok_B.shape, bool)
+  return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The device programs: prefill, the decode loop, and one step (for streaming).
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+  step: jax.Array  # the column of `out` the next token goes to
+  token: jax.Array  # [B] int32: the last sampled token
+  model: Any  # the step function's state (KV cache, chunk state)
+  out: jax.Array  # [B, max_new] int32: sampled tokens, pad_id after a row's end
+  done: jax.Array  # [B] bool: the row has sampled an end-of-sequence token
+  live: jax.Array  # [B] int32: decode steps the row ran before its end
+
+
+def _prefill(params, tokens_BT, lengths_B, key, *, prefill_fn, settings, sampling: Sampling):
+  logits, state = prefill_fn(params, tokens_BT, lengths_B, settings)
+  return sample(logits, jax.random.fold_in(key, 0), sampling), state
+
+
+def _step(params, tok_B, state, key, step, *, step_fn, settings, sampling: Sampling):
+  """One decode step for `stream`: every row runs (the host drops ended rows' tokens)."""
+  logits, state = step_fn(params, tok_B, state, jnp.zeros(tok_B.shape, bool), settings)
+  return sample(logits, jax.random.fold_in(key, step), sampling), state
+
+
+def _decode_loop(params, first_B, state, key, *, step_fn, settings, sampling: Sampling, max_new: int,
+                 eos_ids: tuple[int, ...], pad_id: int):
+  """Samples until every row has ended or `max_new` tokens exist: (tokens [B, max_new], steps run,
+  the final model state, per-row live steps)."""
+  B = first_B.shape[0]
+
+  def cond(s: LoopState):
+    return (s.step < max_new) & ~jnp.all(s.done)
+
+  def body(s: LoopState):
+    logits, model_state = step_fn(params, s.token, s.model, s.done, settings)
+    nxt = jnp.where(s.done, pad_id, sample(logits, jax.random.fold_in(key, s.step), sampling))
+    return LoopState(step=s.step + 1, token=nxt, model=model_state,
+                     out=jax.lax.dynamic_update_slice(s.out, nxt[:, None], (0, s.step)),
+                     done=s.done | is_eos(nxt, eos_ids), live=s.live + ~s.done)
+
+  s = LoopState(step=jnp.int32(1), token=first_B, model=state,
+                out=jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(first_B),
+                done=is_eos(first_B, eos_ids), live=jnp.zeros((B,), jnp.int32))
+  s = jax.lax.while_loop(cond, body, s)
+  return s.out, s.step, s.model, s.live
+
+
+class Compiled:
+  """A jitted function compiled ahead of time per input signature, so that timings of a call
+  never include compilation (which is reported separately as `compile_s`)."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self.executables = {}
+    self.compile_s = 0.0
+
+  def executable(self, *args):
+    leaves, treedef = jax.tree.flatten(args)
+    key = (treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    exe = self.executables.get(key)
+    if exe is None:
+      t0 = time.perf_counter()
+      exe = self.executables[key] = self.jitted.lower(*args).compile()
+      self.compile_s += time.perf_counter() - t0
+    return exe
+
+  def __call__(self, *args):
+    return self.executable(*args)(*args)
+
+  def timed(self, *args):
+    """(outputs, seconds): compiles first if needed, then times the run alone."""
+    exe = self.executable(*args)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    return out, time.perf_counter() - t0
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  prefill: Compiled  # (params, tokens_BT, lengths_B, key) -> (first_B, state)
+  loop: Compiled  # (params, first_B, state, key) -> (tokens_BN, steps, state, live_B); donates state
+  step: Compiled  # (params, tok_B, state, key, step) -> (tok_B, state); donates state
+
+
+@functools.lru_cache(maxsize=64)
+def programs(prefill_fn: Callable, step_fn: Callable, settings: Hashable, *, sampling: Sampling, max_new: int,
+             eos_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None = None, cfg=None,
+             shapes: tuple[int, int] = (0, 0), state_shardings: Callable = lambda cache: cache) -> Programs:
+  """The compiled programs of one generation path and configuration (cached: a second call with
+  the same settings compiles nothing).
+
+  With `mesh`: the params arrive placed (`place_params`) and the programs follow them; the
+  batch (`shapes` = (B, T)) goes over `data`, and the KV buffer of `cfg` and `settings.max_len`
+  by `kv_cache.KV_AXES`. `state_shardings` builds the model state's placements from the KV
+  cache's (a module-level function, so that it can key the cache)."""
+  pre = functools.partial(_prefill, prefill_fn=prefill_fn, settings=settings, sampling=sampling)
+  loop = functools.partial(_decode_loop, step_fn=step_fn, settings=settings, sampling=sampling, max_new=max_new,
+                           eos_ids=eos_ids, pad_id=pad_id)
+  step = functools.partial(_step, step_fn=step_fn, settings=settings, sampling=sampling)
+  if mesh is None:
+    return Programs(Compiled(jax.jit(pre)), Compiled(jax.jit(loop, donate_argnums=(2,))),
+                    Compiled(jax.jit(step, donate_argnums=(2,))))
+  B, T = shapes
+  tok, row, rep = shd.batch_sharding(mesh, (B, T)), shd.batch_sharding(mesh, (B,)), shd.replicated(mesh)
+  state = state_shardings(cache_shardings(cfg, mesh, B, settings.max_len))  # None: as XLA propagates it
+  return Programs(
+      Compiled(jax.jit(pre, in_shardings=(None, tok, row, rep), out_shardings=(row, state))),
+      Compiled(jax.jit(loop, in_shardings=(None, row, state, rep),
+                       out_shardings=(shd.batch_sharding(mesh, (B, max_new)), rep, state, row),
+                       donate_argnums=(2,))),
+      Compiled(jax.jit(step, in_shardings=(None, row, state, rep, rep), out_shardings=(row, state),
+                       donate_argnums=(2,))))
+
+
+def place_params(params: ModelParams, mesh: Mesh | None) -> ModelParams:
+  return params if mesh is None else jax.device_put(params, shd.params_sharding(params, mesh))
+
+
+# ----------------------------------------------------------------------------------------------
+# The output
+
+
+def assemble_output(prompts, lens, new_BN, eos_ids, pad_id, *, prefill_s, decode_s, decode_steps,
+                    extra_stats=None) -> GenerateOutput:
+  B, N = new_BN.shape
+  width = int(lens.max()) + N
+  out = np.full((B, width), pad_id, np.int32)
+  n_new = np.full(B, N)
+  for b in range(B):
+    hits = np.flatnonzero(np.isin(new_BN[b], eos_ids)) if eos_ids else []
+    n_new[b] = hits[0] + 1 if len(hits) else N
+    out[b, : lens[b]] = prompts[b, : lens[b]]
+    out[b, lens[b]: lens[b] + n_new[b]] = new_BN[b, : n_new[b]]
+  stats = dict(prefill_s=np.full(B, prefill_s),
+               decode_tok_s=(n_new - 1) / max(decode_s, 1e-9) if decode_steps else np.zeros(B))
+  stats.update(extra_stats or {})
+  return GenerateOutput(tokens=out, prompt_lengths=lens, lengths=lens + n_new, stats=stats)

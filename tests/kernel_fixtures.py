@@ -1,0 +1,44 @@
+"""Random chunkings and selections for the kernel tests (interpret mode and on the GPU)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def selection_mask(rng, lengths, S, *, n_sink=4, p_select=0.3):
+  """Per row: sinks, random whole chunks, and the open (last) chunk, below the row's length."""
+  mask = np.zeros((len(lengths), S), bool)
+  for b, L in enumerate(lengths):
+    if L == 0:
+      continue
+    bounds = np.sort(rng.choice(np.arange(1, L), size=min(L - 1, L // 20), replace=False))
+    chunk = np.searchsorted(bounds, np.arange(L), side="right")
+    picked = rng.random(chunk.max() + 1) < p_select
+    picked[-1] = True
+    mask[b, :L] = picked[chunk] | (np.arange(L) < n_sink)
+  return jnp.asarray(mask)
+
+
+def chunking(rng, lengths, T, *, n_sel, mean_chunk=12):
+  """Random chunk ids (-1 past the row's length) and, per token, its chunk's selected chunks."""
+  B = len(lengths)
+  chunk_id = np.full((B, T), -1, np.int32)
+  for b, L in enumerate(lengths):
+    if L:
+      bounds = np.sort(rng.choice(np.arange(1, L), size=max(L // mean_chunk, 1), replace=False))
+      chunk_id[b, :L] = np.searchsorted(bounds, np.arange(L), side="right")
+  C = T // mean_chunk + 2
+  # chunk c selects up to n_sel earlier chunks; -1 fills empty slots
+  sel_BCN = rng.integers(-1, C, size=(B, C, n_sel)).astype(np.int32)
+  sel_BCN = np.where(sel_BCN < np.arange(C)[None, :, None] - 1, sel_BCN, -1)
+  sel_BTN = np.where(chunk_id[..., None] >= 0,
+                     sel_BCN[np.arange(B)[:, None], np.maximum(chunk_id, 0)], -1)
+  return jnp.asarray(chunk_id), jnp.asarray(sel_BTN), C
+
+
+def chunk_ids(rng, lengths, T, *, mean_chunk=10):
+  out = np.full((len(lengths), T), -1, np.int32)
+  for b, L in enumerate(lengths):
+    if L:
+      bounds = np.sort(rng.choice(np.arange(1, L), size=max(L // mean_chunk, 1), replace=False))
+      out[b, :L] = np.searchsorted(bounds, np.arange(L), side="right")
+  return jnp.asarray(out)
