@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 import warnings
 from typing import Any, Callable, Hashable
@@ -262,6 +263,24 @@ def programs(prefill_fn: Callable, step_fn: Callable, settings: Hashable, *, sam
                        donate_argnums=(2,))),
       Compiled(jax.jit(step, in_shardings=(None, row, state, rep, rep), out_shardings=(row, state),
                        donate_argnums=(2,))))
+
+
+def clear_compiled(packages: tuple[str, ...] = ("chunkllm_jax", "pallas_kernels", "train", "eval")) -> int:
+  """Drops the compiled programs this project keeps: the generation programs above, and the caches of
+  the functions jitted where they are defined, in every loaded module of `packages`. For a long-lived
+  process that compiles many shapes (a test session); returns how many caches were cleared."""
+  cleared = 0
+  for name, module in list(sys.modules.items()):
+    if name.split(".")[0] not in packages or module is None:
+      continue
+    for obj in list(vars(module).values()):
+      if isinstance(obj, type) or not callable(obj):
+        continue
+      clear = getattr(obj, "clear_cache", None) or getattr(obj, "cache_clear", None)
+      if callable(clear):
+        clear()
+        cleared += 1
+  return cleared
 
 
 def place_params(params: ModelParams, mesh: Mesh | None) -> ModelParams:

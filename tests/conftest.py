@@ -31,12 +31,14 @@ def smollm2():
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-  """Drops jax's compiled programs after each test module.
+  """Drops the project's compiled programs after each test module (`decoding.clear_compiled`).
 
   One pytest process compiles thousands of XLA programs; kept all at once, the whole suite aborted
   inside XLA at about 85% (in whichever test came next), while every module passed on its own."""
   yield
-  jax.clear_caches()
+  from chunkllm_jax import decoding
+
+  decoding.clear_compiled(("chunkllm_jax", "pallas_kernels", "train", "eval", "tests"))
 
 
 @pytest.fixture(scope="session")
