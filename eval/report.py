@@ -259,6 +259,8 @@ def main(argv=None) -> int:
   results = ResultsFile(out / "results.jsonl")
   config = out / "run_config.json"
   settings = json.loads(config.read_text()) if config.is_file() else {}
+  present = {r.get("method") for r in results.records}  # every method in the folder, not one call's
+  settings["methods"] = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER) - {None})
   for p_ in write_all(out, results.records, settings, results.bad_lines):
     print(p_, file=sys.stderr)
   return 0
