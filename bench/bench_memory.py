@@ -81,9 +81,11 @@ def main(argv=None) -> int:
       print(f"{method} at {context} tokens ...", file=sys.stderr, flush=True)
       proc = subprocess.run([sys.executable, __file__, "--child", method, str(context)], capture_output=True,
                             text=True, check=False)
-      if proc.returncode:
-        print(proc.stderr[-2000:], file=sys.stderr)
-        return proc.returncode
+      if proc.returncode:  # recorded, and the other runs go on (a kill by the OOM killer is -9)
+        why = (proc.stderr.strip().splitlines() or [""])[-1][-300:]
+        rows.append(dict(method=method, context=context, failed=f"exit {proc.returncode}: {why}"))
+        print(f"  failed: exit {proc.returncode}", file=sys.stderr)
+        continue
       rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
       r = rows[-1]
       print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / r['floor']:.2f}x the floor "
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
            "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
            "peak / floor | growth / (KV + working) |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    if "failed" in r:
+      lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} |||||||| ")
+      continue
     growth = (r["peak_rss"] - r["rss_after_load"]) / max(r["kv"] + r["work"], 1)
     lines.append(f"| {r['method']} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
                  f"{mib(r['floor'])} | {mib(r['rss_after_load'])} | {mib(r['peak_rss'])} | "
