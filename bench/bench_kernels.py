@@ -1,10 +1,10 @@
 """Builds, checks and times every Pallas kernel on one accelerator, in one call.
 
-On a lent GPU (or a TPU), from the repository root:
+On a GPU (or a TPU), from the repository root:
 
-  python bench/bench_kernels.py                      # writes bench/RESULTS.md, RESULTS.json, kernels_speed.png
-  PYTHONUNBUFFERED=1 python3 bench/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/log"   # through the device tool
-  python3 bench/bench_kernels.py --out "$OUT" --resume bench/RESULTS.json                # go on where it stopped
+  python bench/bench_kernels.py                                  # bench/RESULTS.md, RESULTS.json, kernels_speed.png
+  python bench/bench_kernels.py --out DIR                        # the same files in DIR
+  python bench/bench_kernels.py --out DIR --resume DIR/RESULTS.json   # go on where an interrupted run stopped
 
 On a CPU, `python bench/bench_kernels.py --smoke` runs everything at tiny shapes with the kernels in interpret
 mode (timings meaningless, and labelled so); tests/test_bench_kernels.py runs it so the script cannot rot.

@@ -53,7 +53,7 @@ def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temper
   sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
   progs = decoding.programs(dense_prefill, dense_step, DenseSettings(decoding.buffer_len(max_len)),
                             sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
-                            mesh=mesh, cfg=cfg, shapes=prompts.shape)
+                            mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0))
   return params, prompts, lens, eos_ids, pad_id, progs
 
 
