@@ -95,6 +95,7 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   """Chunk table of uniform chunks ending at L - 1 (the first takes the remainder), random k~,
   the top_k chunks a random q~ picks, compacted into the working buffer."""
   acfg = params.adapters.config
+  ccfg = cg.resolved(params, ccfg)  # the state's query rings take the adapters' window
   n_qk, C = len(acfg.qk_layers), ccfg.max_chunks
   W = working_size(ccfg, cache.max_len, cg.WORK_BLOCK)
   st = init_chunk_state(CFG.n_layers, n_qk, 1, acfg.d_c, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, cache.k.dtype,

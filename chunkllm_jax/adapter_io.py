@@ -135,7 +135,7 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
               model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),
               adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers),
                                   selection_layers=None if acfg.selection_layers is None
-                                  else list(acfg.selection_layers)),
+                                  else list(acfg.selection_layers), score_queries=acfg.score_queries),
               **(extra or {}))
   directory = check_export_target(directory, overwrite=overwrite)
   directory.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,8 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
     a = meta["adapter_config"]
     sel = a.get("selection_layers")  # absent in exports made before selection layers existed
     acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]),
-                         selection_layers=None if sel is None else tuple(sel))
+                         selection_layers=None if sel is None else tuple(sel),
+                         score_queries=int(a.get("score_queries", 1)))  # absent before adapter windows
   except (KeyError, TypeError, AttributeError, ValueError) as e:  # a config.json edited or cut short
     raise AdapterLoadError(f"{d}: config.json is damaged ({type(e).__name__}: {e}); export the adapters "
                            "again") from None

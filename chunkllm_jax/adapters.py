@@ -34,12 +34,16 @@ class AdapterConfig:
   selection_layers: the layers whose scores choose the shared selection at inference, as picked
     for this backbone by `python -m train.pick_layers` and stored with the adapters; None -> every
     QK layer (`ChunkConfig.selection_layers` overrides it).
+  score_queries: the QK Adapters score a selection with the q~ of the last this many tokens, the
+    max over them, as they were trained (1: the boundary token alone, the paper's rule);
+    `ChunkConfig.score_queries` overrides it.
   """
 
   d_c: int = 64
   chunk_hidden: int | None = None
   qk_layers: tuple[int, ...] | None = None
   selection_layers: tuple[int, ...] | None = None
+  score_queries: int = 1
 
   def resolve(self, cfg: ModelConfig) -> "AdapterConfig":
     qk = cfg.full_attention_layers if self.qk_layers is None else tuple(self.qk_layers)

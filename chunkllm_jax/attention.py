@@ -8,6 +8,7 @@ reads the stacked KV buffer block by block, flash-decoding style, only up to the
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,20 +23,67 @@ def visible(q_pos_BT, k_pos_BS, k_valid_BS, window):
   return (dist >= 0) & (dist < window) & k_valid_BS[:, None, :]
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale: float, softcap: float | None = None):
-  """Softmax attention with GQA: head h reads kv head h // (H / K). Returns [B, T, H, D]."""
-  B, T, H, D = q_BTHD.shape
-  K = k_BSKD.shape[2]
-  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-  s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
-                       preferred_element_type=jnp.float32) * scale
+# ----------------------------------------------------------------------------------------------
+# The one fold: every XLA attention path (dense prefill, decode, chunk-sparse prefill and decode,
+# the teacher) scores with `scores` and folds key blocks into an online softmax with `fold`.
+
+
+def scores(q_BKGQD, k_BSKD, ok, *, scale: float, softcap: float | None = None):
+  """Masked attention logits with GQA (query head (k, g) reads kv head k), soft-capped where the model
+  says: float32 [B, K, G, Q, S]. `ok` broadcasts to that shape; masked entries are NEG_INF."""
+  s = jnp.einsum("bkgqd,bskd->bkgqs", q_BKGQD, k_BSKD, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
-    s_BKGTS = jnp.tanh(s_BKGTS / softcap) * softcap
-  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, NEG_INF)
-  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-  o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS.astype(v_BSKD.dtype), v_BSKD,
-                       preferred_element_type=jnp.float32)
-  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+    s = jnp.tanh(s / softcap) * softcap
+  return jnp.where(ok, s, NEG_INF)
+
+
+class Fold(NamedTuple):
+  """An online softmax over the key blocks folded so far: running max, sum and unnormalised output."""
+
+  m: jnp.ndarray  # [B, K, G, Q] float32
+  l: jnp.ndarray  # [B, K, G, Q] float32
+  acc: jnp.ndarray  # [B, K, G, Q, D] float32
+
+
+def fold_init(B: int, K: int, G: int, Q: int, D: int) -> Fold:
+  return Fold(jnp.full((B, K, G, Q), NEG_INF, jnp.float32), jnp.zeros((B, K, G, Q), jnp.float32),
+              jnp.zeros((B, K, G, Q, D), jnp.float32))
+
+
+def fold(carry: Fold, s_BKGQS, ok, v_BSKD) -> Fold:
+  """Folds one key block (its `scores`, the same `ok`, its values) into the online softmax."""
+  m_new = jnp.maximum(carry.m, s_BKGQS.max(-1))
+  corr = jnp.exp(carry.m - m_new)
+  p = jnp.where(ok, jnp.exp(s_BKGQS - m_new[..., None]), 0.0)
+  acc = carry.acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_BSKD.dtype), v_BSKD,
+                                                 preferred_element_type=jnp.float32)
+  return Fold(m_new, carry.l * corr + p.sum(-1), acc)
+
+
+def fold_finish(carry: Fold):
+  """(output [B, K, G, Q, D] float32, log-sum-exp [B, K, G, Q]); a query that saw no key gives zeros."""
+  return carry.acc / jnp.where(carry.l > 0, carry.l, 1.0)[..., None], carry.m + jnp.log(carry.l)
+
+
+def split_heads(q_BTHD, K: int):
+  """[B, T, H, D] -> [B, K, G, T, D]: query heads grouped by the kv head they read."""
+  B, T, H, D = q_BTHD.shape
+  return jnp.einsum("btkgd->bkgtd", q_BTHD.reshape(B, T, K, H // K, D))
+
+
+def merge_heads(o_BKGTD):
+  """[B, K, G, T, D] -> [B, T, H, D]."""
+  B, K, G, T, D = o_BKGTD.shape
+  return jnp.einsum("bkgtd->btkgd", o_BKGTD).reshape(B, T, K * G, D)
+
+
+def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale: float, softcap: float | None = None):
+  """Softmax attention with GQA over one key block: head h reads kv head h // (H / K). [B, T, H, D]."""
+  q = split_heads(q_BTHD, k_BSKD.shape[2])
+  ok = mask_BTS[:, None, None]
+  s = scores(q, k_BSKD, ok, scale=scale, softcap=softcap)
+  o, _ = fold_finish(fold(fold_init(*q.shape), s, ok, v_BSKD))
+  return merge_heads(o).astype(q_BTHD.dtype)
 
 
 def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, scale: float,
@@ -65,25 +113,9 @@ def decode_block_size(buffer_len: int) -> int:
   return math.gcd(DECODE_BLOCK, buffer_len)
 
 
-def decode_scores(q_BKGD, k_BSKD, ok_BS, scale: float, softcap: float | None):
-  s = jnp.einsum("bkgd,bskd->bkgs", q_BKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
-  if softcap is not None:
-    s = jnp.tanh(s / softcap) * softcap
-  return jnp.where(ok_BS[:, None, None], s, NEG_INF)
-
-
-def online_softmax_init(q_BKGD, k_BSKD, v_BSKD, ok_BS, scale, softcap):
-  """(max, sum, unnormalised output) of one dense segment: the start of an online softmax."""
-  s = decode_scores(q_BKGD, k_BSKD, ok_BS, scale, softcap)
-  m = jnp.max(s, axis=-1)
-  p = jnp.exp(s - m[..., None])
-  acc = jnp.einsum("bkgs,bskd->bkgd", p.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32)
-  return m, jnp.sum(p, axis=-1), acc
-
-
-def decode_over_blocks(q_BKGD, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block: int, carry, *, scale: float,
-                       softcap: float | None):
-  """Folds key blocks [0, n_blocks) of one layer into an online softmax `carry` = (max, sum, acc).
+def decode_over_blocks(q_BKG1D, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block: int, carry: Fold, *,
+                       scale: float, softcap: float | None) -> Fold:
+  """Folds key blocks [0, n_blocks) of one layer into `carry` (one query per row: Q = 1).
 
   Each block is sliced straight out of the stacked buffer (no copy of the layer), and
   `ok_fn(start) -> [B, block]` says which of its keys are visible.
@@ -91,17 +123,11 @@ def decode_over_blocks(q_BKGD, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block: 
   B, K, D = k_LBSKD.shape[1], k_LBSKD.shape[3], k_LBSKD.shape[4]
 
   def body(i, carry):
-    m, l, acc = carry
     start = i * block
     kb = jax.lax.dynamic_slice(k_LBSKD, (layer, 0, start, 0, 0), (1, B, block, K, D))[0]
     vb = jax.lax.dynamic_slice(v_LBSKD, (layer, 0, start, 0, 0), (1, B, block, K, D))[0]
-    s = decode_scores(q_BKGD, kb, ok_fn(start), scale, softcap)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    corr = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[..., None])
-    acc = acc * corr[..., None] + jnp.einsum("bkgs,bskd->bkgd", p.astype(vb.dtype), vb,
-                                             preferred_element_type=jnp.float32)
-    return m_new, l * corr + jnp.sum(p, axis=-1), acc
+    ok = ok_fn(start)[:, None, None, None]
+    return fold(carry, scores(q_BKG1D, kb, ok, scale=scale, softcap=softcap), ok, vb)
 
   return jax.lax.fori_loop(0, n_blocks, body, carry)
 
@@ -110,19 +136,16 @@ def decode_attention(q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, window, *, scale: f
                      softcap: float | None = None):
   """Dense decode attention of one query per row over the stacked buffer, keys [0, pos] (and the
   sliding window). Reads blocks only up to the longest row. Returns [B, 1, H, D]."""
-  B, _, H, D = q_B1HD.shape
   K, S = k_LBSKD.shape[3], k_LBSKD.shape[2]
   block = decode_block_size(S)
-  q = q_B1HD.reshape(B, K, H // K, D)
+  q = split_heads(q_B1HD, K)
 
   def ok_fn(start):
     kpos = start + jnp.arange(block)[None]
     dist = pos_B[:, None] - kpos
     return (dist >= 0) & (dist < window)
 
-  init = (jnp.full((B, K, H // K), NEG_INF, jnp.float32), jnp.zeros((B, K, H // K), jnp.float32),
-          jnp.zeros((B, K, H // K, D), jnp.float32))
   n_blocks = jnp.max(pos_B) // block + 1
-  m, l, acc = decode_over_blocks(q, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block, init, scale=scale,
-                                 softcap=softcap)
-  return (acc / l[..., None]).reshape(B, 1, H, D).astype(q_B1HD.dtype)
+  carry = decode_over_blocks(q, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block, fold_init(*q.shape), scale=scale,
+                             softcap=softcap)
+  return merge_heads(fold_finish(carry)[0]).astype(q_B1HD.dtype)

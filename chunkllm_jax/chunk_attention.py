@@ -19,11 +19,11 @@ def packed_decode_attention(q_B1HD, work_k_LBWKD, work_v_LBWKD, layer, work_ok_B
   Blocks are sliced straight out of the stacked working buffer, so unused slots are never read.
   The open chunk always holds the query's own token, so the softmax is never empty.
   """
-  B, _, H, D = q_B1HD.shape
-  K = work_k_LBWKD.shape[3]
-  q = q_B1HD.reshape(B, K, H // K, D)
-  carry = attn.online_softmax_init(q, open_k_BMKD, open_v_BMKD, open_ok_BM, scale, softcap)
+  q = attn.split_heads(q_B1HD, work_k_LBWKD.shape[3])
+  ok = open_ok_BM[:, None, None, None]
+  carry = attn.fold(attn.fold_init(*q.shape), attn.scores(q, open_k_BMKD, ok, scale=scale, softcap=softcap), ok,
+                    open_v_BMKD)
   ok_fn = lambda start: jax.lax.dynamic_slice_in_dim(work_ok_BW, start, block, axis=1)
-  m, l, acc = attn.decode_over_blocks(q, work_k_LBWKD, work_v_LBWKD, layer, ok_fn, n_blocks, block, carry,
-                                      scale=scale, softcap=softcap)
-  return (acc / l[..., None]).reshape(B, 1, H, D).astype(q_B1HD.dtype)
+  carry = attn.decode_over_blocks(q, work_k_LBWKD, work_v_LBWKD, layer, ok_fn, n_blocks, block, carry,
+                                  scale=scale, softcap=softcap)
+  return attn.merge_heads(attn.fold_finish(carry)[0]).astype(q_B1HD.dtype)

@@ -33,6 +33,8 @@ class ChunkState:
   #                         (d_c = 0 for scorer="attention", which reads the layers' K instead)
   recent_q: jnp.ndarray  # [S, B, Q, H, D]: the last Q queries of each selection layer, slot = position % Q
   #                        (Q = score_queries for scorer="attention", else 0)
+  recent_qt: jnp.ndarray  # [S, B, Q, d_c] float32: the last Q q~ of each selection layer, slot = position % Q
+  #                         (Q = score_queries for scorer="adapter", else 0)
   n_chunks: jnp.ndarray  # [B] int32: completed chunks
   open_start: jnp.ndarray  # [B] int32: first token of the open chunk
   selected: jnp.ndarray  # [B, C] bool: the chunks the last selection kept (local chunks not included)
@@ -57,10 +59,16 @@ def working_size(cfg: ChunkConfig, max_len: int, block: int) -> int:
 
 def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads: int, n_kv: int, head_dim: int,
                      dtype, cfg: ChunkConfig, W: int) -> ChunkState:
+  """An empty state for `cfg`, resolved (`chunk_generation.resolved`: its query window is known)."""
+  if cfg.score_queries is None:
+    raise ValueError("init_chunk_state needs a resolved ChunkConfig (score_queries set): "
+                     "use chunk_generation.resolved(params, ccfg)")
   C = cfg.max_chunks
   Q = cfg.score_queries if cfg.scorer == "attention" else 0
+  Qt = cfg.score_queries if cfg.scorer == "adapter" else 0
   return ChunkState(
       recent_q=jnp.zeros((n_select, batch, Q, n_heads, head_dim), dtype),
+      recent_qt=jnp.zeros((n_select, batch, Qt, d_c), jnp.float32),
       chunk_start=jnp.zeros((batch, C), jnp.int32), chunk_end=jnp.full((batch, C), -1, jnp.int32),
       chunk_key=jnp.zeros((n_select, batch, C, d_c), jnp.float32), n_chunks=jnp.zeros((batch,), jnp.int32),
       open_start=jnp.full((batch,), cfg.n_sink, jnp.int32), selected=jnp.zeros((batch, C), bool),

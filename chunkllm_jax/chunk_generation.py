@@ -38,8 +38,9 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, i
 from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
-from chunkllm_jax.selection import (ChunkConfig, adapter_probs, attention_probs, choose, chunk_lengths, local_tokens,
+from chunkllm_jax.selection import (ChunkConfig, adapter_window_probs, attention_probs, choose, chunk_lengths, local_tokens,
                                     vote_scores)
+from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # decode reads the working buffer in blocks of this many slots
 
@@ -60,13 +61,19 @@ def _layer_plan(params: ModelParams, ccfg: ChunkConfig) -> _LayerPlan:
   L = cfg.n_layers
   layers = np.arange(L)
   sparse = np.array([i not in ccfg.dense_layers and not cfg.sliding_layers[i] for i in range(L)])
-  sel = ccfg.resolve_layers(cfg.full_attention_layers, acfg.qk_layers, acfg.selection_layers).selection_layers
+  sel = resolved(params, ccfg).selection_layers
   qk_slot = np.zeros(L, np.int32)
   for i, layer in enumerate(acfg.qk_layers):
     qk_slot[layer] = i
   # Layer 0 segments the prompt, and a prefill layer can only use a selection already made.
   prefill_sparse = sparse & (layers > min(sel)) & (layers > 0) & (ccfg.prefill == "sparse")
   return _LayerPlan(sparse, prefill_sparse, np.isin(layers, sel), qk_slot, sel)
+
+
+def resolved(params: ModelParams, ccfg: ChunkConfig) -> ChunkConfig:
+  """`ccfg` with what the adapters decide filled in (selection layers, the scorer's query window)."""
+  acfg = params.adapters.config
+  return ccfg.resolve(params.config.full_attention_layers, acfg.qk_layers, acfg.selection_layers, acfg.score_queries)
 
 
 def _qk(params: ModelParams, slot, h_BTD):
@@ -97,19 +104,26 @@ def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -
 
 
 def _use_kernels(ccfg: ChunkConfig) -> bool:
-  return ccfg.attention == "pallas" and chunk_kernels.kernels_active(ccfg.interpret)
+  """`attention="pallas"` asks for the kernels; `dispatch.implementation` says whether any runs here."""
+  return ccfg.attention == "pallas" and implementation(ccfg.interpret) != "xla"
 
 
-def _vote_now(params: ModelParams, st: ChunkState, pos_B, qt_SBd, k_LBSKD, plan: _LayerPlan, ccfg: ChunkConfig):
-  """The selection layers' vote at position `pos_B` over each row's candidates: [B, C]."""
+def _ring_positions(pos_B, Q: int):
+  """The position each slot of a ring of the last Q tokens holds (slot = position % Q): [B, Q]."""
+  return pos_B[:, None] - jnp.mod(pos_B[:, None] - jnp.arange(Q), Q)
+
+
+def _vote_now(params: ModelParams, st: ChunkState, pos_B, k_LBSKD, plan: _LayerPlan, ccfg: ChunkConfig):
+  """The selection layers' vote at position `pos_B` over each row's candidates, from the rings of
+  their last queries: [B, C]."""
   cfg = params.config
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)[:, None]
   if ccfg.scorer == "adapter":
-    probs = [adapter_probs(qt_SBd[i][:, None], st.chunk_key[i], n_cand)[:, 0]
+    q_pos = _ring_positions(pos_B, st.recent_qt.shape[2])
+    probs = [adapter_window_probs(st.recent_qt[i][:, None], st.chunk_key[i], st.chunk_end, n_cand, q_pos[:, None])[:, 0]
              for i in range(len(plan.selection_layers))]
   else:
-    Q = st.recent_q.shape[2]
-    q_pos = pos_B[:, None] - jnp.mod(pos_B[:, None] - jnp.arange(Q), Q)  # position in each ring slot
+    q_pos = _ring_positions(pos_B, st.recent_q.shape[2])
     probs = [attention_probs(st.recent_q[i], k_LBSKD[layer], st.chunk_end, jnp.broadcast_to(n_cand, q_pos.shape),
                              n_sink=ccfg.n_sink, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
                              q_pos_BR=q_pos).max(1)
@@ -117,13 +131,16 @@ def _vote_now(params: ModelParams, st: ChunkState, pos_B, qt_SBd, k_LBSKD, plan:
   return vote_scores(jnp.stack(probs), ccfg.vote)
 
 
-def _remember_queries(st: ChunkState, q_SBHD, pos_B) -> ChunkState:
-  """Writes the selection layers' queries at `pos_B` into the ring of recent queries."""
-  if st.recent_q.shape[2] == 0:
-    return st
+def _remember_queries(st: ChunkState, q_SBHD, qt_SBd, pos_B) -> ChunkState:
+  """Writes the selection layers' queries (q for the attention scorer, q~ for the adapters) at
+  `pos_B` into their ring of recent queries."""
   rows = jnp.arange(pos_B.shape[0])
-  slot = jnp.mod(pos_B, st.recent_q.shape[2])
-  return st.replace(recent_q=st.recent_q.at[:, rows, slot].set(q_SBHD.astype(st.recent_q.dtype)))
+  for name, new in (("recent_q", q_SBHD), ("recent_qt", qt_SBd)):
+    ring = getattr(st, name)
+    if ring.shape[2]:
+      slot = jnp.mod(pos_B, ring.shape[2])
+      st = st.replace(**{name: ring.at[:, rows, slot].set(new.astype(ring.dtype))})
+  return st
 
 
 def _reselect(st: ChunkState, rows_B, score_BC, pos_B, ccfg: ChunkConfig) -> ChunkState:
@@ -167,6 +184,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   selection at the last prompt token."""
   cfg = params.config
   B, T = tokens_BT.shape
+  ccfg = resolved(params, ccfg)
   C = ccfg.max_chunks
   plan = _layer_plan(params, ccfg)
   sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.prefill_sparse, plan.selects, plan.qk_slot))
@@ -177,8 +195,9 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   x0 = model.embed(params, tokens_BT)
   d_c = _d_c(params, ccfg)
   n_ids = C + 2
-  Q = ccfg.score_queries if ccfg.scorer == "attention" else 0
+  Q = ccfg.score_queries
   recent_pos = (lengths_B - Q)[:, None] + jnp.arange(Q)  # the last Q prompt positions (< 0: none)
+  at_recent = lambda x: jnp.take_along_axis(x, jnp.maximum(recent_pos, 0).reshape(B, Q, *(1,) * (x.ndim - 2)), axis=1)
 
   def segmentation(o0):
     closes = boundaries.segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, tokens_BT, ccfg)
@@ -187,17 +206,17 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
     return closes, ids, ends, n
 
   def layer_scores(idx, q, k, h, seg):
-    """This selection layer's distributions for every prompt chunk's selection [B, C + 1, C], and at
-    the last token: q~ [B, d_c], the chunks' k~ [B, C, d_c]."""
+    """This selection layer's distributions for every prompt chunk's selection [B, C + 1, C], the q~
+    of the last Q prompt tokens [B, Q, d_c] (for decode's ring) and the chunks' k~ [B, C, d_c]."""
     _, _, ends, n = seg
     row_end, n_cand, _, _ = chunk_prefill_lib.selection_rows(ends, n, lengths_B - 1, ccfg)
     if ccfg.scorer == "adapter":
       qt, kt = _qk(params, slot_L[idx], h)
-      probs = chunk_prefill_lib.adapter_rows(qt, kt, row_end, ends, n_cand)
-      return probs, jnp.take_along_axis(qt, last, axis=1)[:, 0], adp.chunk_keys(kt, ends)
+      probs = chunk_prefill_lib.adapter_rows(qt, kt, row_end, ends, n_cand, n_queries=Q)
+      return probs, at_recent(qt), adp.chunk_keys(kt, ends)
     probs = chunk_prefill_lib.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
-                                             softcap=cfg.attn_softcap, n_queries=ccfg.score_queries)
-    return probs, jnp.zeros((B, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32)
+                                             softcap=cfg.attn_softcap, n_queries=Q)
+    return probs, jnp.zeros((B, Q, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32)
 
   def attend_fn(state, layer, q, k, v, h):
     kb, vb, seg, vote, vis = state
@@ -212,22 +231,21 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
 
     o = jax.lax.cond(sparse_L[idx], sparse, lambda: self_attend(None, layer, q, k, v, h)[0])
     seg = jax.lax.cond(idx == 0, lambda: segmentation(o), lambda: seg)
-    nothing = (jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, d_c), jnp.float32),
+    nothing = (jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, Q, d_c), jnp.float32),
                jnp.zeros((B, C, d_c), jnp.float32))
-    probs, qt_last, chunk_key = jax.lax.cond(selects_L[idx], lambda: layer_scores(idx, q, k, h, seg), lambda: nothing)
+    probs, qt_recent, chunk_key = jax.lax.cond(selects_L[idx], lambda: layer_scores(idx, q, k, h, seg), lambda: nothing)
     vote = vote + probs if ccfg.vote == "sum" else jnp.maximum(vote, probs)  # probs >= 0: max with 0 is a no-op
     if ccfg.prefill == "sparse":
       rows = chunk_prefill_lib.selection_rows(seg[2], seg[3], lengths_B - 1, ccfg)
       vis = jax.lax.cond(selects_L[idx], lambda: chunk_prefill_lib.selection_table(
           chunk_prefill_lib.prompt_selection(vote, seg[2], seg[3], rows, ccfg), n_ids), lambda: vis)
-    q_recent = jnp.take_along_axis(q, jnp.maximum(recent_pos, 0)[..., None, None], axis=1)  # [B, Q, H, D]
-    return o, (kb, vb, seg, vote, vis), (q_recent, qt_last, chunk_key)
+    return o, (kb, vb, seg, vote, vis), (at_recent(q), qt_recent, chunk_key)
 
   cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
   seg0 = (jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, C), jnp.int32),
           jnp.zeros((B,), jnp.int32))
   state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, n_ids, n_ids), bool))
-  x, (k, v, seg, _, _), (q_recent_L, qt_last_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn,
+  x, (k, v, seg, _, _), (q_recent_L, qt_recent_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn,
                                                                                 state0)
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
@@ -238,7 +256,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   st = init_chunk_state(cfg.n_layers, len(sel_layers), B, d_c, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                         cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
   for i in range(Q):  # into the ring: position p sits in slot p % Q
-    st = _remember_queries(st, q_recent_L[sel_layers][:, :, i], recent_pos[:, i])
+    st = _remember_queries(st, q_recent_L[sel_layers][:, :, i], qt_recent_L[sel_layers][:, :, i], recent_pos[:, i])
   starts = jnp.pad(ends[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
   has = jnp.arange(C) < n[:, None]
   n_closes = jnp.sum(closes, axis=1)
@@ -247,7 +265,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
                   chunk_key=jnp.where(has[None, ..., None], chunk_key_L[sel_layers], 0.0), n_chunks=n,
                   open_start=jnp.where(n > 0, last_end + 1, ccfg.n_sink).astype(jnp.int32),
                   overflow=n_closes > C)
-  score = _vote_now(params, st, lengths_B - 1, qt_last_L[sel_layers], cache.k, plan, ccfg)
+  score = _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
   st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
   return logits, cache, _refresh_working_buffer(st, cache, ccfg)
 
@@ -267,6 +285,7 @@ def _recent(buf_LBSKD, layer, start_B, size: int):
 def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
   """One token per row: (logits [B, V], the cache, the chunk state), re-selecting where it closes a chunk."""
   cfg = params.config
+  ccfg = resolved(params, ccfg)
   plan = _layer_plan(params, ccfg)
   sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.sparse, plan.selects, plan.qk_slot))
   pos_B = cache.length
@@ -327,11 +346,11 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       into_chunk % max(ccfg.refresh_every, 1) == 0)
   reselect = closes | refresh
   sel = np.asarray(plan.selection_layers)
-  st = _remember_queries(st, q_LBHD[sel], pos_B)
+  st = _remember_queries(st, q_LBHD[sel], qt_LBd[sel], pos_B)
 
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
-    score = _vote_now(params, st, pos_B, qt_LBd[sel], cache.k, plan, ccfg)
+    score = _vote_now(params, st, pos_B, cache.k, plan, ccfg)
     st = _reselect(st, reselect, score, pos_B, ccfg)
     return _refresh_working_buffer(st, cache, ccfg)
 
@@ -403,8 +422,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   prompts, lens = decoding.prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
   max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len,
                                      itemsize=params.backbone["embed"].dtype.itemsize)
-  ccfg = ccfg.validate(max_len, cfg.n_layers).resolve_layers(
-      cfg.full_attention_layers, params.adapters.config.qk_layers, params.adapters.config.selection_layers)
+  ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers))
   if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
     raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
   sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))

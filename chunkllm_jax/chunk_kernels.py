@@ -1,6 +1,6 @@
 """The `pallas` attention path of chunk_generate: the same computation as the XLA path, through
-`pallas_kernels` (Mosaic on TPU; interpret mode in tests; their dispatchers pick XLA elsewhere,
-except the decode kernel, which has a Triton version for GPU).
+`pallas_kernels`, each kernel where `pallas_kernels.dispatch.implementation` says (Mosaic on TPU,
+Triton on GPU where the kernel has a GPU version, interpret mode in tests, XLA elsewhere).
 
 - Compaction: `gather_rows` copies each layer's working slots out of the KV buffer (one DMA per
   token row on TPU).
@@ -14,12 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.chunk_decode_attention import combine_splits, partials
-from pallas_kernels.dispatch import use_gpu_kernel, use_kernel
 from pallas_kernels.gather_chunks import gather_rows
-
-
-def kernels_active(interpret: bool) -> bool:
-  return use_kernel(interpret) or use_gpu_kernel()
 
 
 def compact_kernel(work_k_LBWKD, work_v_LBWKD, k_LBSKD, v_LBSKD, work_pos_BW, work_valid_BW, *, interpret: bool):

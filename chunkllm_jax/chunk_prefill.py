@@ -26,8 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from chunkllm_jax.attention import NEG_INF
-from chunkllm_jax.selection import (ChunkConfig, adapter_probs, attention_probs, choose, chunk_lengths,
+from chunkllm_jax import attention as attn
+from chunkllm_jax.selection import (ChunkConfig, adapter_window_probs, attention_probs, choose, chunk_lengths,
                                     local_tokens)
 
 PREFILL_BLOCK = 256  # query and key block of the sparse prefill loop
@@ -62,11 +62,14 @@ def selection_rows(ends_BC, n_chunks_B, last_B, ccfg: ChunkConfig):
           (jnp.maximum(row_end, 0) + 1).astype(jnp.int32))
 
 
-def adapter_rows(q_BTd, k_BTd, row_end_BR, ends_BC, n_cand_BR):
-  """QK-Adapter distributions of the selection rows (q~ at each row's last query): [B, R, C]."""
-  q = jnp.take_along_axis(q_BTd, jnp.maximum(row_end_BR, 0)[..., None], axis=1)
+def adapter_rows(q_BTd, k_BTd, row_end_BR, ends_BC, n_cand_BR, *, n_queries: int = 1):
+  """QK-Adapter distributions of the selection rows: [B, R, C]. A row scores with the q~ of the
+  `n_queries` tokens up to its last query (the max over them, `adapter_window_probs`); the chunks'
+  keys are k~ at their ends."""
+  q_pos = row_end_BR[..., None] - jnp.arange(n_queries)  # [B, R, Q]; < 0: no such query
+  q = jnp.take_along_axis(q_BTd[:, :, None], jnp.maximum(q_pos, 0)[..., None], axis=1)  # [B, R, Q, d_c]
   k = jnp.take_along_axis(k_BTd, jnp.maximum(ends_BC, 0)[..., None], axis=1)
-  return adapter_probs(q, k, n_cand_BR)
+  return adapter_window_probs(q, k, ends_BC, n_cand_BR, q_pos)
 
 
 def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: int, scale: float, softcap=None,
@@ -191,7 +194,6 @@ def sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BCC, end_B
   into packed key blocks, and folds only the used ones into an online softmax."""
   B, T0, H, D = q_BTHD.shape
   K = k_BTKD.shape[2]
-  G = H // K
   pad = -T0 % block
   if pad:
     padT = lambda x, c=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=c)
@@ -201,36 +203,25 @@ def sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BCC, end_B
   pos_BQW, used_BQ = packed_key_positions(chunk_id_BT, vis_BCC, n_local, block)
   slot_in = jnp.arange(block)
 
+  q_BKGTD = attn.split_heads(q_BTHD, K)
+
   def one_query_block(qi):
     q_pos = (qi * block + slot_in)[None]
-    rows_of = lambda x: jax.lax.dynamic_slice_in_dim(x, qi * block, block, axis=1)
-    q = rows_of(q_BTHD).reshape(B, block, K, G, D)
+    rows_of = lambda x, axis=1: jax.lax.dynamic_slice_in_dim(x, qi * block, block, axis=axis)
+    q = rows_of(q_BKGTD, axis=3)
     cq = rows_of(chunk_id_BT)
     pos_BW, used_B = pos_BQW[:, qi], used_BQ[:, qi]
 
     def body(i, carry):
-      m, l, acc = carry
       kp_BS = jax.lax.dynamic_slice_in_dim(pos_BW, i * block, block, axis=1)  # packed slots -> positions
       take = lambda x: jnp.take_along_axis(x, kp_BS.reshape(kp_BS.shape + (1,) * (x.ndim - 2)), axis=1)
       kk, vv, ck, ek = take(k_BTKD), take(v_BTKD), take(chunk_id_BT), take(end_BT)
       ok = token_mask(cq, ck, q_pos, kp_BS, vis_BCC, ek, n_local)
-      ok = ok & (i * block + slot_in < used_B[:, None])[:, None, :]
-      s = jnp.einsum("btkgd,bskd->bkgts", q, kk, preferred_element_type=jnp.float32) * scale
-      if softcap is not None:
-        s = jnp.tanh(s / softcap) * softcap
-      s = jnp.where(ok[:, None, None], s, NEG_INF)
-      m_new = jnp.maximum(m, s.max(-1))
-      corr = jnp.exp(m - m_new)
-      p = jnp.where(ok[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
-      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(vv.dtype), vv,
-                                               preferred_element_type=jnp.float32)
-      return m_new, l * corr + p.sum(-1), acc
+      ok = (ok & (i * block + slot_in < used_B[:, None])[:, None, :])[:, None, None]
+      return attn.fold(carry, attn.scores(q, kk, ok, scale=scale, softcap=softcap), ok, vv)
 
-    init = (jnp.full((B, K, G, block), NEG_INF, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
-            jnp.zeros((B, K, G, block, D), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, -(-jnp.max(used_B) // block), body, init)
-    o = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a padding query sees nothing: zeros
-    return jnp.einsum("bkgtd->btkgd", o).reshape(B, block, H, D)
+    carry = jax.lax.fori_loop(0, -(-jnp.max(used_B) // block), body, attn.fold_init(*q.shape))
+    return attn.merge_heads(attn.fold_finish(carry)[0])  # a padding query sees nothing: zeros
 
   o_QBTHD = jax.lax.map(one_query_block, jnp.arange(T // block))
   o = jnp.moveaxis(o_QBTHD, 0, 1).reshape(B, T, H, D)

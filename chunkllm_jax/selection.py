@@ -5,7 +5,9 @@ At a boundary the *selection layers* score the candidate chunks (every completed
 candidates, the layers vote (`vote="sum"` or `"max"`), and one selection serves every sparse
 layer. Two scorers give the per-layer distributions:
 
-- `scorer="adapter"`: the QK Adapters, softmax_j(q~ . k~_j / sqrt(d_c)) over the candidates;
+- `scorer="adapter"`: the QK Adapters, softmax_j(q~ . k~_j / sqrt(d_c)) over the candidates, for the
+  q~ of each of the last `score_queries` tokens (as the adapters were trained: 1, the boundary token
+  alone, unless their export says more); then the max over those queries;
 - `scorer="attention"`: the frozen model's own attention, with no training: for each of the last
   `score_queries` tokens' queries and each head, the softmax over the candidates' tokens, summed
   within each chunk; then the max over queries and heads. The max over heads keeps the few
@@ -35,6 +37,7 @@ from chunkllm_jax.adapters import chunk_scores
 from chunkllm_jax.attention import NEG_INF
 
 SCORERS = ("adapter", "attention")
+ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.md, section 1)
 VOTES = ("sum", "max")
 
 
@@ -59,7 +62,8 @@ class ChunkConfig(ChunkRules):
   scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice, else all QK layers
   vote: str = "sum"  # how the selection layers' distributions make one score per chunk: "sum" or "max"
-  score_queries: int = 16  # scorer="attention": score with the queries of the last this many tokens
+  score_queries: int | None = None  # score with the queries of the last this many tokens (max over them);
+  #                                   None: 16 for scorer="attention", the adapters' own for "adapter"
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
@@ -79,6 +83,8 @@ class ChunkConfig(ChunkRules):
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
     for name in ("n_sink", "top_chunks", "n_local", "max_chunk_len", "refresh_every", "score_queries"):
       v = getattr(self, name)
+      if name == "score_queries" and v is None:
+        continue
       if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
     max_chunks = self.max_chunks or max(max_len // 8, 1)
@@ -109,7 +115,7 @@ class ChunkConfig(ChunkRules):
                          "(the KV buffer cannot hold more)")
     if self.scorer not in SCORERS:
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
-    if self.score_queries < 1:
+    if self.score_queries is not None and self.score_queries < 1:
       raise ValueError(f"score_queries must be >= 1, got {self.score_queries}")
     if self.vote not in VOTES:
       raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
@@ -135,10 +141,12 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"dense_layers {self.dense_layers} out of range for {n_layers} layers")
     return dataclasses.replace(self, max_chunks=max_chunks)
 
-  def resolve_layers(self, full_attention_layers, qk_layers, stored=None) -> "ChunkConfig":
-    """Fills `selection_layers` (given, else `stored` with the adapters, else every QK layer) and
-    checks them against the model: full-attention layers, with a QK Adapter for `scorer="adapter"`."""
-    layers = self.selection_layers if self.selection_layers is not None else (stored or tuple(qk_layers))
+  def resolve(self, full_attention_layers, qk_layers, stored_layers=None, stored_queries: int = 1) -> "ChunkConfig":
+    """Fills what the adapters decide unless given: `selection_layers` (`stored_layers`, the adapters'
+    choice, else every QK layer) and `score_queries` (`ATTENTION_QUERIES` for the attention scorer,
+    `stored_queries`, the adapters' own window, for theirs). Checks the layers against the model:
+    full-attention layers, with a QK Adapter for `scorer="adapter"`."""
+    layers = self.selection_layers if self.selection_layers is not None else (stored_layers or tuple(qk_layers))
     layers = tuple(sorted(set(int(i) for i in layers)))
     if not layers:
       raise ValueError("selection_layers is empty: name at least one full-attention layer")
@@ -151,7 +159,10 @@ class ChunkConfig(ChunkRules):
       if missing:
         raise ValueError(f"selection_layers {missing} have no QK Adapter (the adapters cover {tuple(qk_layers)}); "
                          "train adapters for them, pick other layers, or use scorer='attention'")
-    return dataclasses.replace(self, selection_layers=layers)
+    queries = self.score_queries
+    if queries is None:
+      queries = ATTENTION_QUERIES if self.scorer == "attention" else int(stored_queries)
+    return dataclasses.replace(self, selection_layers=layers, score_queries=queries)
 
   @property
   def budgeted(self) -> bool:
@@ -191,10 +202,24 @@ class ChunkConfig(ChunkRules):
 # Per-layer distributions over the candidates, for rows of boundary queries
 
 
-def adapter_probs(q_BRd, chunk_key_BCd, n_cand_BR):
-  """QK-Adapter distribution: softmax_j(q~ . k~_j / sqrt(d_c)) over chunks j < n_cand. [B, R, C]."""
+def adapter_probs(q_BRd, chunk_key_BCd, n_cand_BR, *, chunk_end_BC=None, q_pos_BR=None):
+  """QK-Adapter distribution: softmax_j(q~ . k~_j / sqrt(d_c)) over chunks j < n_cand. [B, R, C].
+  With `q_pos_BR`, a query scores only the chunks that end at or before it (a row with a negative
+  position, no such query, scores 0), as the attention scorer's queries read no later key."""
   cand = jnp.arange(chunk_key_BCd.shape[1]) < n_cand_BR[..., None]
+  if q_pos_BR is not None:
+    cand = cand & (chunk_end_BC[:, None, :] <= q_pos_BR[..., None])
   return jnp.where(cand, jax.nn.softmax(chunk_scores(q_BRd, chunk_key_BCd, cand), axis=-1), 0.0)
+
+
+def adapter_window_probs(q_BRQd, chunk_key_BCd, chunk_end_BC, n_cand_BR, q_pos_BRQ):
+  """The adapter scorer over a window of queries: per row, `adapter_probs` of each of its Q queries
+  (at positions `q_pos_BRQ`, < 0 where there is none), then the max over them. [B, R, C].
+  With one query at the row's boundary this is `adapter_probs`."""
+  B, R, Q, d = q_BRQd.shape
+  p = adapter_probs(q_BRQd.reshape(B, R * Q, d), chunk_key_BCd, jnp.repeat(n_cand_BR, Q, axis=1),
+                    chunk_end_BC=chunk_end_BC, q_pos_BR=q_pos_BRQ.reshape(B, R * Q))
+  return p.reshape(B, R, Q, -1).max(2)
 
 
 HEAD_REDUCTIONS = ("max", "mean")
@@ -231,6 +256,12 @@ def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, sca
   score = mass.max(axis=(2, 3)) if heads == "max" else mass.mean(axis=(2, 3))
   cand = jnp.arange(chunk_end_BC.shape[1]) < n_cand_BR[..., None]
   return jnp.where(cand, score, 0.0)
+
+
+def renormalise(p, axis: int = -1):
+  """`p` divided by its sum over `axis` (0 stays 0): chunk mass as a distribution over the candidates.
+  The one renormalisation of the teachers, the student's window and the evaluation's ranks."""
+  return p / jnp.maximum(jnp.sum(p, axis=axis, keepdims=True), 1e-30)
 
 
 def vote_scores(probs_S, vote: str):

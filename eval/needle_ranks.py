@@ -35,9 +35,9 @@ import numpy as np  # noqa: E402
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapters as adp  # noqa: E402
 from chunkllm_jax import haystack  # noqa: E402
-from chunkllm_jax.chunk_generation import chunk_prefill  # noqa: E402
+from chunkllm_jax.chunk_generation import chunk_prefill, resolved  # noqa: E402
 from chunkllm_jax.prompts import encode_prompt  # noqa: E402
-from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
+from chunkllm_jax.selection import ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, renormalise, vote_scores  # noqa: E402
 from train.teacher import teacher_chunk_attention  # noqa: E402
 from train.pick_layers import layer_probs  # noqa: E402
 
@@ -66,7 +66,7 @@ def needle_prompt(tok, n_tokens: int, depth: float, seed: int):
 def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   T = len(ids)
   max_len = -(-T // 128) * 128
-  ccfg = ccfg.validate(max_len, params.config.n_layers)
+  ccfg = resolved(params, ccfg.validate(max_len, params.config.n_layers))
   toks = jnp.asarray([ids + [0] * (max_len - T)], jnp.int32)
   _, _, st = chunk_prefill(params, toks, jnp.asarray([T]), max_len, ccfg)
   n = int(st.n_chunks[0])
@@ -82,16 +82,15 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
                                   qk_layers=qk_layers, lengths_B=jnp.asarray([T]), block_q=128, block_k=128)
   n_cand = n - ccfg.n_local  # the local chunks are always visible, so they are not ranked
   P_LC = np.asarray(teach.P_LBTC[:, 0, T - 1, :n]) * (np.arange(n) < n_cand)
-  P_LC = P_LC / np.maximum(P_LC.sum(-1, keepdims=True), 1e-30)
-  h_L1D = teach.h_LBTD[:, :, T - 1:T]
-  k_all = []
+  P_LC = np.asarray(renormalise(P_LC))
+  Q = min(ccfg.score_queries, T) if ccfg.scorer == "adapter" else 1  # the student's window, as decode scores
+  q_pos = jnp.arange(T - Q, T)[None, None]
   s_LC = []
   for i in range(len(qk_layers)):
     p = jax.tree.map(lambda a: a[i], params.adapters.params["qk"])
-    q, _ = adp.qk_adapter_apply(p, h_L1D[i])
-    _, k = adp.qk_adapter_apply(p, teach.h_LBTD[i])
-    k_all.append(k)
-    s_LC.append(np.asarray(adapter_probs(q[:, :1], k[:, ends], jnp.asarray([[n_cand]])))[0, 0])
+    q, k = adp.qk_adapter_apply(p, teach.h_LBTD[i])
+    s_LC.append(np.asarray(adapter_window_probs(q[:, None, T - Q:T], k[:, ends], jnp.asarray(ends)[None],
+                                                jnp.asarray([[n_cand]]), q_pos))[0, 0])
   s_LC = np.stack(s_LC)
   if needle >= n_cand:
     return None  # the needle is local: always visible
@@ -99,9 +98,9 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   chunk_end = np.full((1, max_len), -1, np.int32)
   chunk_end[0, :n] = ends
   o_FC = np.asarray(layer_probs(params, toks, jnp.asarray([T]), jnp.asarray(chunk_end), jnp.asarray([n_cand]),
-                                n_sink=ccfg.n_sink, n_queries=ccfg.score_queries))[:, 0, :n]
+                                n_sink=ccfg.n_sink, n_queries=ATTENTION_QUERIES))[:, 0, :n]
   full = list(cfg.full_attention_layers)
-  sel = ccfg.resolve_layers(full, qk_layers, params.adapters.config.selection_layers).selection_layers
+  sel = ccfg.selection_layers
   at_qk = [list(qk_layers).index(i) for i in sel if i in qk_layers]
   at_full = [full.index(i) for i in sel]
   votes = lambda X, rows: {v: rank_of(vote_scores(X[rows], v), needle, n_cand) for v in VOTES}

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, use_gpu_kernel, use_kernel
+from pallas_kernels.dispatch import NEG_INF, implementation
 
 
 def decode_block_list(token_mask_BS, *, block_size: int, max_blocks: int | None = None):
@@ -189,7 +189,7 @@ def partials(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, *, 
              block_size: int, n_splits: int = 2, interpret=False, backend: str | None = None):
   """Dispatcher for the partials: the GPU kernel on GPU (or `backend="gpu"`), else
   `decode_partials`."""
-  if use_gpu_kernel(backend):
+  if implementation(interpret, backend) == "gpu":
     # imported here: the GPU module imports this one
     from pallas_kernels.chunk_decode_attention_gpu import decode_partials_gpu
     return decode_partials_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS,
@@ -204,12 +204,12 @@ def chunk_decode_attention(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, toke
                            backend: str | None = None):
   """Dispatcher: the GPU kernel on GPU (or `backend="gpu"`), the Pallas kernel on TPU or in
   interpret mode, else the jnp reference."""
-  if use_gpu_kernel(backend):
+  if implementation(interpret, backend) == "gpu":
     from pallas_kernels.chunk_decode_attention_gpu import chunk_decode_attention_gpu
     return chunk_decode_attention_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B,
                                       token_mask_BS, scale=scale, block_size=block_size,
                                       n_splits=n_splits, interpret=interpret)
-  if use_kernel(interpret):
+  if implementation(interpret, backend) == "pallas":
     return chunk_decode_attention_kernel(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B,
                                          token_mask_BS, scale=scale, block_size=block_size,
                                          n_splits=n_splits, interpret=interpret)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, use_gpu_kernel, use_kernel
+from pallas_kernels.dispatch import NEG_INF, implementation
 
 
 def token_visible(q_pos_T1, k_pos_1S, cq_T1, ck_1S, sel_TN, *, n_sink: int, n_local: int):
@@ -227,10 +227,10 @@ def chunk_prefill_attention(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chun
   interpret mode, else the jnp reference."""
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, n_sink=n_sink, n_local=n_local)
   args = (q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT, sel_BTN)
-  if use_gpu_kernel(backend):
+  if implementation(interpret, backend) == "gpu":
     # imported here: the GPU module imports this one
     from pallas_kernels.chunk_prefill_attention_gpu import chunk_prefill_attention_gpu
     return chunk_prefill_attention_gpu(*args, **kw, interpret=interpret)
-  if use_kernel(interpret):
+  if implementation(interpret, backend) == "pallas":
     return chunk_prefill_attention_kernel(*args, **kw, interpret=interpret)
   return chunk_prefill_attention_reference(*args, **kw)

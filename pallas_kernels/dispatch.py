@@ -32,11 +32,17 @@ import jax
 NEG_INF = -1e30  # as chunkllm_jax.attention: finite, so exp(NEG_INF - NEG_INF) is not NaN
 
 
-def use_kernel(interpret) -> bool:
-  """True where the Pallas kernel runs: interpret mode asked for, or a TPU backend."""
-  return bool(interpret) or jax.default_backend() == "tpu"
+IMPLEMENTATIONS = ("gpu", "pallas", "xla")
 
 
-def use_gpu_kernel(backend: str | None = None) -> bool:
-  """True where a kernel's GPU version runs: `backend="gpu"`, or no backend named on a GPU."""
-  return (backend or jax.default_backend()) == "gpu"
+def implementation(interpret=False, backend: str | None = None, *, gpu_version: bool = True) -> str:
+  """The one rule above, for every kernel and every caller: "gpu" (the kernel's Triton-lowered GPU
+  version), "pallas" (the Pallas kernel: Mosaic on TPU, or interpret mode) or "xla" (its jnp
+  reference). `backend`: the backend to plan for (default: jax's); `gpu_version`: whether the
+  kernel has one."""
+  backend = backend or jax.default_backend()
+  if backend == "gpu" and gpu_version:
+    return "gpu"
+  if interpret or backend == "tpu":
+    return "pallas"
+  return "xla"

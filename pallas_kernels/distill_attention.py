@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, use_gpu_kernel, use_kernel
+from pallas_kernels.dispatch import NEG_INF, implementation
 
 
 def renormalise(p_raw_BTC, chunk_id_BT):
@@ -228,11 +228,11 @@ def distill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: float, max_
   """
   kw = dict(scale=scale, max_chunks=max_chunks, n_sink=n_sink, block_q=block_q,
             block_k=block_k, softcap=softcap)
-  if use_gpu_kernel(backend):
+  if implementation(interpret, backend) == "gpu":
     # imported here: the GPU module imports this one
     from pallas_kernels.distill_attention_gpu import distill_attention_gpu
     return distill_attention_gpu(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, **kw, interpret=interpret)
-  if use_kernel(interpret):
+  if implementation(interpret, backend) == "pallas":
     return distill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, **kw,
                                     interpret=interpret)
   return distill_attention_reference(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, **kw)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import use_kernel
+from pallas_kernels.dispatch import implementation
 
 
 def slot_sources(span_start_BN, span_len_BN, *, budget: int):
@@ -115,7 +115,7 @@ def gather_rows_kernel(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = No
 
 def gather_rows(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = None, interpret=False):
   """Dispatcher for any slot layout: slot r of row b gets token src_BR[b, r] (-1: zeros)."""
-  if use_kernel(interpret):
+  if implementation(interpret, gpu_version=False) == "pallas":
     return gather_rows_kernel(k_BSKD, v_BSKD, src_BR, rows_per_step=rows_per_step,
                               interpret=interpret)
   return gather_rows_reference(k_BSKD, v_BSKD, src_BR)
@@ -140,7 +140,7 @@ def gather_chunks_kernel(k_BSKD, v_BSKD, span_start_BN, span_len_BN, *, budget: 
 def gather_chunks(k_BSKD, v_BSKD, span_start_BN, span_len_BN, *, budget: int,
                   rows_per_step: int | None = None, interpret=False):
   """Dispatcher: the Pallas kernel on TPU or in interpret mode, else the XLA gather."""
-  if use_kernel(interpret):
+  if implementation(interpret, gpu_version=False) == "pallas":
     return gather_chunks_kernel(k_BSKD, v_BSKD, span_start_BN, span_len_BN, budget=budget,
                                 rows_per_step=rows_per_step, interpret=interpret)
   return gather_chunks_reference(k_BSKD, v_BSKD, span_start_BN, span_len_BN, budget=budget)

@@ -33,13 +33,15 @@ def test_full_coverage_equals_generate(arch, sampling, prefill):
 
 @pytest.mark.parametrize("arch, scorer, vote, layers, budget", [
     ("llama", "adapter", "max", (2,), None), ("llama", "attention", "max", None, 1.0),
-    ("gemma3", "attention", "sum", (2,), None), ("gemma3", "adapter", "sum", (0, 2), 1.0)])
+    ("gemma3", "attention", "sum", (2,), None), ("gemma3", "adapter", "sum", (0, 2), 1.0),
+    ("llama", "adapter-window", "sum", None, None)])
 def test_full_coverage_equals_generate_for_every_scorer_vote_and_layers(arch, scorer, vote, layers, budget):
   params = chunk_params(arch)
   rows = prompts([40, 23], seed=4)
   ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
-  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote, scorer=scorer,
-                       selection_layers=layers, **{**FULL, "kv_budget": budget})
+  window = dict(scorer="adapter", score_queries=3) if scorer == "adapter-window" else dict(scorer=scorer)
+  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote,
+                       selection_layers=layers, **{**FULL, "kv_budget": budget}, **window)
   assert (out.tokens == ref.tokens).all()
   assert np.allclose(out.stats["kv_retention"], 1.0)
 
@@ -127,15 +129,16 @@ def test_retention_and_bytes_fall_with_top_chunks():
   assert narrow.stats["bytes_per_step"][0] < narrow.stats["dense_bytes_per_step"][0]
 
 
-@pytest.mark.parametrize("vote, scorer, budget", [("sum", "adapter", None), ("max", "adapter", 0.3),
-                                                  ("max", "attention", None), ("sum", "attention", 0.3)])
-def test_selection_changes_only_at_boundaries(vote, scorer, budget):
+@pytest.mark.parametrize("vote, scorer, budget, window", [
+    ("sum", "adapter", None, None), ("max", "adapter", 0.3, None), ("sum", "adapter", 0.3, 4),
+    ("max", "attention", None, None), ("sum", "attention", 0.3, None)])
+def test_selection_changes_only_at_boundaries(vote, scorer, budget, window):
   params = chunk_params()
   # Sharper random QK Adapters, so that chunk rankings depend on the query (and change).
   qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
   ccfg = ChunkConfig(top_chunks=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote, scorer=scorer,
-                     kv_budget=budget).validate(128, 3)
+                     kv_budget=budget, score_queries=window).validate(128, 3)
   toks, lens = np.asarray([prompts([30], seed=5)[0]], np.int32), jnp.asarray([30])
   _, cache, st = chunk_prefill(params, jnp.asarray(toks), lens, 128, ccfg)
   step = jax.jit(chunk_decode_step, static_argnums=(4,))

@@ -59,7 +59,7 @@ def qk_by_layer(params, toks, lens):
     lp = jax.tree.map(lambda w: w[l], params.backbone["layers"])
     q, k, _ = model.project_qkv(cfg, lp, model.rms_norm(x, lp["attn_norm"], cfg), pos,
                                 jax.tree.map(lambda c: c[l], consts))
-    out.append((q[0], k[0]))
+    out.append((q[0], k[0], model.rms_norm(x, lp["attn_norm"], cfg)[0]))
   return out
 
 
@@ -87,7 +87,7 @@ def test_ranks_match_a_numpy_reference(score_queries):
   for needle in (0, n_cand // 2, n_cand - 1):
     r = pl.prompt_ranks(params, ids, int(ends[needle]), ccfg)
     assert (r["needle_chunk"], r["n_candidates"], r["n_chunks"]) == (needle, n_cand, len(ends))
-    for l, (q, k) in enumerate(ref_qk):
+    for l, (q, k, _) in enumerate(ref_qk):
       # the max over the last `score_queries` queries (the candidates all precede them)
       ref = np.max([numpy_probs(q[t], k, ends, n_cand, ccfg.n_sink, params.config.attn_scale)
                     for t in range(100 - score_queries, 100)], axis=0)
@@ -95,6 +95,39 @@ def test_ranks_match_a_numpy_reference(score_queries):
       assert r["ranks"][l] == pl.rank_of(ref, needle)
   assert pl.prompt_ranks(params, ids, int(ends[-1]), ccfg) is None  # a local chunk: not ranked
   assert pl.rank_of(np.asarray([0.2, 0.5, 0.5, 0.1]), 1) == 2  # ties count against the target
+
+
+@pytest.mark.parametrize("window, vote", [(1, "sum"), (3, "max")])
+def test_student_ranks_match_a_numpy_reference(window, vote):
+  """The adapters' vote at the prompt's end: per selection layer, each of the last `window` q~'s
+  softmax over the candidates' k~ (at the chunk ends), the max over the window, then the vote."""
+  params = numpy_init(lambda: chunk_params(seed=3), seed=3)
+  ids = [int(t) for t in prompts([100], seed=5)[0]]
+  ccfg = ChunkConfig(n_local=2, max_chunk_len=6, alpha=0.9)
+  student = ChunkConfig(n_local=2, score_queries=window, vote=vote, selection_layers=(0, 2)).resolve(
+      params.config.full_attention_layers, params.adapters.config.qk_layers)
+  toks, lens = jnp.asarray([ids + [0] * 28], jnp.int32), jnp.asarray([100])
+  ends = np.flatnonzero(np.asarray(pl.segment_prompts(params, toks, lens, ccfg)[0]))
+  n_cand = len(ends) - ccfg.n_local
+  h_by_layer = [np.asarray(h) for _, _, h in qk_by_layer(params, toks, lens)]
+  per_layer = []
+  for l in student.selection_layers:
+    p = jax.tree.map(lambda w: w[params.adapters.config.qk_layers.index(l)], params.adapters.params["qk"])
+    qt, kt = (np.asarray(x) for x in adp.qk_adapter_apply(p, jnp.asarray(h_by_layer[l])[None]))
+    probs = []
+    for t in range(100 - window, 100):
+      s = kt[0, ends[:n_cand]] @ qt[0, t] / np.sqrt(qt.shape[-1])
+      probs.append(np.exp(s - s.max()) / np.exp(s - s.max()).sum())
+    per_layer.append(np.max(probs, axis=0))
+  ref = np.sum(per_layer, 0) if vote == "sum" else np.max(per_layer, 0)
+  for needle in (0, n_cand - 1):
+    r = pl.prompt_ranks(params, ids, int(ends[needle]), ccfg, student)
+    assert r["student_rank"] == pl.rank_of(ref, needle)
+  chunk_end = np.full((1, 128), -1, np.int32)
+  chunk_end[0, :len(ends)] = ends
+  got = pl.student_scores(params, toks, lens, jnp.asarray(chunk_end), jnp.asarray([n_cand]),
+                          selection_layers=student.selection_layers, n_queries=window, vote=vote)
+  np.testing.assert_allclose(np.asarray(got)[0, :n_cand], ref, rtol=1e-4, atol=1e-6)
 
 
 def synthetic_probs(seed=0):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.selection import ChunkConfig, adapter_probs, choose, chunk_lengths, vote_scores
+from chunkllm_jax.selection import ChunkConfig, adapter_probs, adapter_window_probs, choose, chunk_lengths, vote_scores
 
 
 def softmax(s):
@@ -112,10 +112,41 @@ def test_bad_settings_are_named(kw, err, match):
 ])
 def test_bad_selection_layers_are_named(layers, scorer, match):
   with pytest.raises(ValueError, match=match):
-    ChunkConfig(selection_layers=layers, scorer=scorer).resolve_layers((0, 2, 3), qk_layers=(0, 3))
+    ChunkConfig(selection_layers=layers, scorer=scorer).resolve((0, 2, 3), qk_layers=(0, 3))
 
 
 def test_selection_layers_default_to_the_stored_choice_then_every_qk_layer():
-  assert ChunkConfig().resolve_layers((0, 1, 2), (0, 1, 2), stored=(2,)).selection_layers == (2,)
-  assert ChunkConfig().resolve_layers((0, 1, 2), (0, 1, 2)).selection_layers == (0, 1, 2)
-  assert ChunkConfig(selection_layers=(1,), scorer="attention").resolve_layers((0, 1), (0,)).selection_layers == (1,)
+  assert ChunkConfig().resolve((0, 1, 2), (0, 1, 2), stored_layers=(2,)).selection_layers == (2,)
+  assert ChunkConfig().resolve((0, 1, 2), (0, 1, 2)).selection_layers == (0, 1, 2)
+  assert ChunkConfig(selection_layers=(1,), scorer="attention").resolve((0, 1), (0,)).selection_layers == (1,)
+
+
+def test_score_queries_default_per_scorer():
+  assert ChunkConfig(scorer="attention").resolve((0, 1), (0, 1)).score_queries == 16
+  assert ChunkConfig().resolve((0, 1), (0, 1)).score_queries == 1  # the paper's boundary query
+  assert ChunkConfig().resolve((0, 1), (0, 1), stored_queries=8).score_queries == 8  # as the adapters trained
+  assert ChunkConfig(score_queries=3).resolve((0, 1), (0, 1), stored_queries=8).score_queries == 3
+
+
+@pytest.mark.parametrize("Q", [1, 3])
+def test_adapter_window_probs_match_a_numpy_reference(Q):
+  """Per query: softmax over the candidates that end at or before it; then the max over the window."""
+  rng = np.random.default_rng(Q)
+  B, R, C, d = 2, 3, 7, 4
+  q = rng.normal(size=(B, R, Q, d)).astype(np.float32)
+  key = rng.normal(size=(B, C, d)).astype(np.float32)
+  ends = np.sort(rng.choice(np.arange(4, 40), size=(B, C), replace=False), axis=1).astype(np.int32)
+  n_cand = rng.integers(0, C + 1, size=(B, R)).astype(np.int32)
+  q_pos = rng.integers(-2, 45, size=(B, R, Q)).astype(np.int32)
+  got = np.asarray(adapter_window_probs(jnp.asarray(q), jnp.asarray(key), jnp.asarray(ends), jnp.asarray(n_cand),
+                                        jnp.asarray(q_pos)))
+  want = np.zeros((B, R, C), np.float32)
+  for b in range(B):
+    for r in range(R):
+      for i in range(Q):
+        ok = (np.arange(C) < n_cand[b, r]) & (ends[b] <= q_pos[b, r, i])
+        if ok.any():
+          s = key[b] @ q[b, r, i] / np.sqrt(d)
+          e = np.where(ok, np.exp(s - s[ok].max()), 0.0)
+          want[b, r] = np.maximum(want[b, r], e / e.sum())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

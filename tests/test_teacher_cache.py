@@ -80,8 +80,9 @@ def test_row_targets_match_a_numpy_loop(heads):
   np.testing.assert_allclose(np.asarray(rows["target_BLCC"][0]), want, rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(rows["n_cand_BC"][0, :len(ends)]),
                                 np.maximum(np.arange(1, len(ends) + 1) - rc.n_local, 0))
-  for li, l in enumerate(rc.layers):  # h at the chunk ends: q~ of row r and k~ of chunk r read it
-    np.testing.assert_allclose(np.asarray(rows["h_BLCD"][0, li, :len(ends)]), qkh[l][2][ends], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(rows["ends_BC"][0, :len(ends)]), ends)
+  for li, l in enumerate(rc.layers):  # h at every position: k~ reads the chunk ends, q~ the window before them
+    np.testing.assert_allclose(np.asarray(rows["h_BLTD"][0, li]), qkh[l][2], rtol=1e-5, atol=1e-6)
 
 
 def test_head_max_keeps_a_lone_retrieval_head():
@@ -101,11 +102,12 @@ def _adapters(params, layers):
   return cj.init_adapters(jax.random.key(1), params.config, cj.AdapterConfig(d_c=8, qk_layers=layers))
 
 
-def test_cached_step_equals_the_computed_step(tmp_path):
+@pytest.mark.parametrize("student_queries", [1, 3])
+def test_cached_step_equals_the_computed_step(tmp_path, student_queries):
   """Loss and gradients from rows read back from the cache equal those computed inside the step."""
   params = tiny_params()
   cfg = LossConfig(teacher="head_max", n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3,
-                   recall_k=2)
+                   recall_k=2, student_queries=student_queries)
   adapters = _adapters(params, (1,))
   b = random_batch(2, 40, p_boundary=0.25, seed=6)
   rc = rows_config_of(cfg, (1,))
@@ -123,20 +125,24 @@ def test_cached_step_equals_the_computed_step(tmp_path):
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-8), g1, g2)
 
 
-def test_rows_kl_vanishes_when_the_student_is_the_teacher():
-  """With targets made from the student's own scores, KL(P || S) is zero; with others it is not."""
+@pytest.mark.parametrize("student_queries", [1, 3])
+def test_rows_kl_vanishes_when_the_student_is_the_teacher(student_queries):
+  """With targets made from the student's own scores (as `chunk_prefill.adapter_rows`, the inference
+  path, computes them), KL(P || S) is zero; with others it is not."""
   params = tiny_params()
-  cfg = LossConfig(teacher="head_max", n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3)
+  cfg = LossConfig(teacher="head_max", n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3,
+                   student_queries=student_queries)
   adapters = _adapters(params, (1,))
   b = random_batch(1, 48, p_boundary=0.25, seed=2)
   rows = tc.teacher_rows(params, b["tokens"], b["labels"], b["lengths"], rows_config_of(cfg, (1,)))
-  from chunkllm_jax.adapters import chunk_keys, chunk_scores, qk_adapter_apply
+  from chunkllm_jax.adapters import qk_adapter_apply
+  from chunkllm_jax.chunk_prefill import adapter_rows
 
   p1 = jax.tree.map(lambda w: w[0], adapters.params["qk"])
-  q, k = qk_adapter_apply(p1, rows["h_BLCD"][:, 0])
-  C = q.shape[1]
-  cand = jnp.arange(C) < rows["n_cand_BC"][..., None]
-  own = jnp.where(cand, jax.nn.softmax(chunk_scores(q, chunk_keys(k, jnp.arange(C)[None]), cand), -1), 0.0)
+  q, k = qk_adapter_apply(p1, rows["h_BLTD"][:, 0])
+  ends = rows["ends_BC"]
+  own = adapter_rows(q, k, ends, ends, rows["n_cand_BC"], n_queries=student_queries)
+  own = own / jnp.maximum(own.sum(-1, keepdims=True), 1e-30)
   _, same = rows_loss(adapters, dict(rows, target_BLCC=own[:, None]), cfg)
   _, other = rows_loss(adapters, rows, cfg)
   assert abs(float(same["kl"])) < 1e-5 and float(other["kl"]) > 1e-3

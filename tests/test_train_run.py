@@ -1,5 +1,6 @@
 """`python -m train.run` end to end on the tiny preset: resume after SIGKILL, export, bad checkpoints."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -61,8 +62,12 @@ def test_export_round_trips_and_checks_the_backbone(reference):
   # Saving what was loaded and loading it again gives the same bits.
   cj.save_adapters(adapters, tmp / "export2", model_config=model_config, backbone="random-tiny")
   again = cj.load_adapters(str(tmp / "export2"), model_config)
-  assert again.config == adapters.config
+  assert again.config == adapters.config and again.config.score_queries == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters.params), jax.device_get(again.params))
+  # The adapters' query window is stored with them, so inference scores as training did.
+  windowed = adapters.replace(config=dataclasses.replace(adapters.config, score_queries=4))
+  cj.save_adapters(windowed, tmp / "export_window", model_config=model_config, backbone="random-tiny")
+  assert cj.load_adapters(str(tmp / "export_window"), model_config).config.score_queries == 4
   # bfloat16 storage (the shipped adapters): half the bytes, loaded back as float32.
   cj.save_adapters(adapters, tmp / "export_bf16", model_config=model_config, backbone="random-tiny",
                    dtype="bfloat16")

@@ -48,6 +48,9 @@ class TrainConfig(ChunkRules):
   # "head_mean", or the paper's "token_mean" (every token, heads averaged; no cache).
   teacher: str = "head_max"
   score_queries: int = 16  # a row's target: the max over the last this many queries (as scorer="attention")
+  # The QK Adapters score a row with the q~ of this many last tokens, the max over them; stored with
+  # the export (adapter_config.score_queries), so inference scores the same way. 1: the boundary token.
+  student_queries: int = 1
   # Row targets come from a cache of one frozen pass per sequence (train.teacher_cache), built once
   # in cache_dir ("" -> <workdir>/teacher_cache); false: the teacher runs inside every step.
   teacher_cache: bool = True

@@ -27,7 +27,7 @@ import optax
 from chunkllm_jax import boundaries
 from chunkllm_jax.adapters import Adapters, chunk_adapter_logits, chunk_keys, chunk_scores, qk_adapter_apply
 from chunkllm_jax.params import ModelParams
-from chunkllm_jax.selection import ChunkRules
+from chunkllm_jax.selection import ChunkRules, adapter_window_probs, renormalise
 from train.teacher import TeacherOutputs, teacher_chunk_attention
 
 
@@ -42,6 +42,8 @@ class LossConfig(ChunkRules):
   kl_weight: float = 1.0
   teacher: str = "token_mean"  # TEACHERS: the target the QK Adapters are distilled on
   score_queries: int = 16  # head_max / head_mean: a row's target is the max over this many last queries
+  student_queries: int = 1  # head_max / head_mean: the QK Adapters score a row with the q~ of this many
+  #                           last tokens, the max over them (stored with the export, used at inference)
   max_chunks: int = 512
   alpha: float = 0.5
   recall_k: int = 16
@@ -59,6 +61,7 @@ TEACHERS = ("head_max", "head_mean", "token_mean")
 def loss_config_of(cfg) -> LossConfig:
   """The LossConfig of a `train.config.TrainConfig`."""
   return LossConfig(kl_weight=cfg.kl_weight, teacher=cfg.teacher, score_queries=cfg.score_queries,
+                    student_queries=cfg.student_queries,
                     n_sink=cfg.n_sink, n_local=cfg.n_local,
                     max_chunk_len=cfg.max_chunk_len or None, max_chunks=cfg.max_chunks, recall_k=cfg.recall_k,
                     block_q=cfg.block_q, block_k=cfg.block_k)
@@ -107,7 +110,7 @@ def student_loss(adapters: Adapters, teacher: TeacherOutputs, chunk_id_BT, label
   # mass kept is how much of the teacher's non-sink, non-current attention selection decides.
   P_LBTC = jnp.where(candidate_BTC, teacher.P_LBTC, 0.0)
   far_mass_LBT = jnp.sum(P_LBTC, -1)
-  P_LBTC = P_LBTC / jnp.maximum(far_mass_LBT, 1e-30)[..., None]
+  P_LBTC = renormalise(P_LBTC)
   chunk_end_BC = boundaries.chunk_ends(chunk_id_BT, C)
   k = min(config.recall_k, C)
   # One layer at a time, rematerialised: only one [B, T, C] score array is alive.
@@ -166,13 +169,32 @@ def rows_config_of(config: LossConfig, layers) -> "teacher_cache.RowsConfig":
                                   score_queries=config.score_queries, heads=config.teacher.removeprefix("head_"))
 
 
+def _row_terms(p_layer, h_BTD, P_BRC, ends_BC, n_cand_BR, n_queries: int, recall_k: int):
+  """One QK layer at the selection rows: summed KL over rows, and recall@k hits summed over eligible rows.
+
+  Row r's student is what `scorer="adapter"` computes at chunk r's end (`selection.adapter_window_probs`):
+  per query of the `n_queries` tokens up to the end, the softmax over the candidates of
+  q~ . k~(end_j) / sqrt(d_c); the max over those queries, renormalised (with one query, the softmax)."""
+  q_BTd, k_BTd = qk_adapter_apply(p_layer, h_BTD)
+  q_pos_BRQ = ends_BC[..., None] - jnp.arange(n_queries)
+  q_BRQd = jnp.take_along_axis(q_BTd[:, :, None], jnp.maximum(q_pos_BRQ, 0)[..., None], axis=1)
+  S_BRC = adapter_window_probs(q_BRQd, chunk_keys(k_BTd, ends_BC), ends_BC, n_cand_BR, q_pos_BRQ)
+  candidate_BRC = jnp.arange(P_BRC.shape[-1]) < n_cand_BR[..., None]
+  log_S_BRC = jnp.log(jnp.maximum(renormalise(S_BRC), 1e-30))
+  kl_BR = jnp.sum(jnp.where(candidate_BRC, jax.scipy.special.xlogy(P_BRC, P_BRC) - P_BRC * log_S_BRC, 0.0), -1)
+  _, top_P = jax.lax.top_k(jnp.where(candidate_BRC, P_BRC, -1.0), recall_k)
+  _, top_S = jax.lax.top_k(jax.lax.stop_gradient(jnp.where(candidate_BRC, S_BRC, -1.0)), recall_k)
+  hits_BR = (top_P[..., :, None] == top_S[..., None, :]).any(-1).sum(-1) / recall_k
+  return jnp.sum(kl_BR), jnp.sum(jnp.where(n_cand_BR > recall_k, hits_BR, 0.0))
+
+
 def rows_loss(adapters: Adapters, rows: dict[str, Any], config: LossConfig = LossConfig()
               ) -> tuple[jnp.ndarray, dict[str, Any]]:
   """`L = BCE(p, y) + lambda * KL(P || S)` at the selection rows (`train.teacher_cache.teacher_rows`).
 
-  Row r's student S is what `scorer="adapter"` computes at chunk r's boundary: the softmax over the
-  candidates of q~(end_r) . k~(end_j) / sqrt(d_c); q~ and k~ both read `h` at the chunk ends.
-  KL is averaged over rows with a candidate and over layers; recall@k over rows with more than k."""
+  Row r's student S is what `scorer="adapter"` computes at chunk r's boundary with a window of
+  `config.student_queries` queries (`_row_terms`). KL is averaged over rows with a candidate and
+  over layers; recall@k over rows with more than k."""
   rows = jax.tree.map(jax.lax.stop_gradient, rows)
   valid_BT = rows["valid_BT"].astype(bool)
   logit_BT = chunk_adapter_logits(adapters.params["chunk"], rows["h0_BTD"])
@@ -181,12 +203,10 @@ def rows_loss(adapters: Adapters, rows: dict[str, Any], config: LossConfig = Los
   bce = _masked_mean(optax.sigmoid_binary_cross_entropy(logit_BT, y_BT), valid_BT)
 
   n_cand_BR = rows["n_cand_BC"]
-  B, R = n_cand_BR.shape
-  candidate_BRC = jnp.arange(R) < n_cand_BR[..., None]
-  key_at_BC = jnp.broadcast_to(jnp.arange(R), (B, R))  # chunk j's key is row j's position (its end)
+  R = n_cand_BR.shape[1]
   k = min(config.recall_k, R)
-  terms = jax.checkpoint(lambda xs: _layer_terms(*xs, key_at_BC, candidate_BRC, k))
-  kl_L, hits_L = jax.lax.map(terms, (adapters.params["qk"], jnp.moveaxis(rows["h_BLCD"], 1, 0),
+  terms = jax.checkpoint(lambda xs: _row_terms(*xs, rows["ends_BC"], n_cand_BR, config.student_queries, k))
+  kl_L, hits_L = jax.lax.map(terms, (adapters.params["qk"], jnp.moveaxis(rows["h_BLTD"], 1, 0),
                                      jnp.moveaxis(rows["target_BLCC"], 1, 0)))
   n_layers = kl_L.shape[0]
   n_rows = jnp.sum(n_cand_BR > 0)
@@ -202,10 +222,10 @@ def rows_loss(adapters: Adapters, rows: dict[str, Any], config: LossConfig = Los
 def training_loss(adapters: Adapters, params: ModelParams, batch: dict[str, Any],
                   config: LossConfig = LossConfig()) -> tuple[jnp.ndarray, dict[str, Any]]:
   """The loss of `config.teacher` on a batch: token batches (`tokens`, `labels`), or, for a row
-  target, rows already computed by the teacher cache (`h_BLCD`, ...), whose loss is the same."""
+  target, rows already computed by the teacher cache (`h_BLTD`, ...), whose loss is the same."""
   if config.teacher == "token_mean":
     return chunkllm_loss(adapters, params, batch, config)
-  if "h_BLCD" not in batch:
+  if "h_BLTD" not in batch:
     from train import teacher_cache
 
     B, T = batch["tokens"].shape

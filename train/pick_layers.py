@@ -32,8 +32,10 @@ import numpy as np  # noqa: E402
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapter_io, model  # noqa: E402
 from chunkllm_jax.prompts import chat_text, has_chat_template  # noqa: E402
-from chunkllm_jax.chunk_generation import segment_prompts  # noqa: E402
-from chunkllm_jax.selection import VOTES, ChunkConfig, attention_probs, vote_scores  # noqa: E402
+from chunkllm_jax import adapters as adp  # noqa: E402
+from chunkllm_jax.chunk_generation import resolved, segment_prompts  # noqa: E402
+from chunkllm_jax.selection import (ATTENTION_QUERIES, VOTES, ChunkConfig, adapter_window_probs, attention_probs,
+                                    vote_scores)  # noqa: E402
 from train.mixture import FACTS, NAMES, PLACES  # noqa: E402
 from train.tfds_builder import read_documents  # noqa: E402
 
@@ -119,14 +121,46 @@ def layer_probs(params, tokens_BT, lengths_B, chunk_end_BC, n_cand_B, *, n_sink:
 
 
 
+@functools.partial(jax.jit, static_argnames=("selection_layers", "n_queries", "vote"))
+def student_scores(params, tokens_BT, lengths_B, chunk_end_BC, n_cand_B, *, selection_layers: tuple[int, ...],
+                   n_queries: int, vote: str):
+  """The adapters' vote at the prompt's end, as `scorer="adapter"` makes the first selection: each
+  selection layer's `adapter_window_probs` of the last `n_queries` q~, voted: [B, C]."""
+  cfg, acfg = params.config, params.adapters.config
+  B, T = tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  dense = model.self_attend_fn(cfg, positions, positions < lengths_B[:, None])
+  q_pos = (lengths_B - n_queries)[:, None] + jnp.arange(n_queries)
+  slot_of = np.full(cfg.n_layers, -1, np.int32)
+  slot_of[list(selection_layers)] = [acfg.qk_layers.index(l) for l in selection_layers]
+  d_c = acfg.d_c
+
+  def attend_fn(state, layer, q, k, v, h):
+    o, state, _ = dense(state, layer, q, k, v, h)
+    slot = jnp.asarray(slot_of)[layer["index"]]
+
+    def adapters():
+      qt, kt = adp.qk_adapter_apply(jax.tree.map(lambda w: w[jnp.maximum(slot, 0)], params.adapters.params["qk"]), h)
+      return jnp.take_along_axis(qt, jnp.maximum(q_pos, 0)[..., None], axis=1), kt
+
+    none = (jnp.zeros((B, n_queries, d_c), jnp.float32), jnp.zeros((B, T, d_c), jnp.float32))
+    return o, state, jax.lax.cond(slot >= 0, adapters, lambda: none)
+
+  _, _, (qt_LBQd, kt_LBTd) = model.run_layers(params, model.embed(params, tokens_BT), positions, attend_fn)
+  probs = [adapter_window_probs(qt_LBQd[l][:, None], adp.chunk_keys(kt_LBTd[l], chunk_end_BC), chunk_end_BC,
+                                n_cand_B[:, None], q_pos[:, None])[:, 0] for l in selection_layers]
+  return vote_scores(jnp.stack(probs), vote)
+
+
 def rank_of(scores, target: int) -> int:
   """1-based rank of `target` among the candidates' `scores`; ties count against it."""
   return int(np.sum(np.asarray(scores) >= scores[target]))
 
 
-def prompt_ranks(params, ids, needle_pos: int, ccfg: ChunkConfig):
+def prompt_ranks(params, ids, needle_pos: int, ccfg: ChunkConfig, student: ChunkConfig | None = None):
   """Segments a prompt as inference does; the needle chunk's rank per full-attention layer at the last
-  token, over the candidates (all completed chunks but the `n_local` newest). None if the needle is local."""
+  token, over the candidates (all completed chunks but the `n_local` newest). None if the needle is local.
+  With `student` (a resolved config of `scorer="adapter"`), also the rank under the adapters' vote."""
   T = len(ids)
   max_len = -(-T // 128) * 128  # few shapes, few compilations
   toks, lens = jnp.asarray([ids + [0] * (max_len - T)], jnp.int32), jnp.asarray([T], jnp.int32)
@@ -137,9 +171,15 @@ def prompt_ranks(params, ids, needle_pos: int, ccfg: ChunkConfig):
   chunk_end = np.full((1, max_len), -1, np.int32)
   chunk_end[0, :len(ends)] = ends
   probs = np.asarray(layer_probs(params, toks, lens, jnp.asarray(chunk_end), jnp.asarray([n_cand]),
-                                 n_sink=ccfg.n_sink, n_queries=ccfg.score_queries))[:, 0, :n_cand]
-  return dict(n_chunks=len(ends), needle_chunk=needle, n_candidates=n_cand, probs=probs,
-              ranks=[rank_of(p, needle) for p in probs])
+                                 n_sink=ccfg.n_sink, n_queries=ccfg.score_queries or ATTENTION_QUERIES))[:, 0, :n_cand]
+  out = dict(n_chunks=len(ends), needle_chunk=needle, n_candidates=n_cand, probs=probs,
+             ranks=[rank_of(p, needle) for p in probs])
+  if student is not None:
+    vote = np.asarray(student_scores(params, toks, lens, jnp.asarray(chunk_end), jnp.asarray([n_cand]),
+                                     selection_layers=student.selection_layers, n_queries=student.score_queries,
+                                     vote=student.vote))[0, :n_cand]
+    out["student_rank"] = rank_of(vote, needle)
+  return out
 
 
 def mrr(ranks) -> float:
@@ -240,12 +280,13 @@ def run(args, argv) -> None:
     adapter_io.check_backbone(target, m.config, args.write)
   params = cj.with_adapters(m.params, cj.load_adapters(args.adapters or args.model, m.config))
   ccfg, layers = ChunkConfig(score_queries=args.score_queries), list(m.config.full_attention_layers)
+  student = resolved(params, ChunkConfig()) if args.student else None
   rows = []
   for n_tokens in args.tokens:
     for i in range(args.n_prompts):
       t0 = time.perf_counter()
       p = calibration_prompt(m.tokenizer, lines, n_tokens, np.random.default_rng([args.seed, n_tokens, i]))
-      r = prompt_ranks(params, p["ids"], p["needle_pos"], ccfg)
+      r = prompt_ranks(params, p["ids"], p["needle_pos"], ccfg, student)
       head = f"[{n_tokens}:{i + 1}/{args.n_prompts}] {len(p['ids'])} tokens, depth {p['depth']:.2f}"
       if r is None:
         print(f"{head}: the fact is in a local chunk (always read), skipped", flush=True)
@@ -268,6 +309,12 @@ def run(args, argv) -> None:
   for v in VOTES:
     print(f"vote {v}: layers {votes[v]['layers']}, MRR {votes[v]['mrr']:.3f}, top-{TOP} {votes[v]['top8']:.2f}")
   print(f"chosen: layers {chosen['layers']}, vote {vote}")
+  if student is not None:
+    sr = np.asarray([r["student_rank"] for r in rows])
+    chosen["student"] = dict(selection_layers=list(student.selection_layers), score_queries=student.score_queries,
+                             vote=student.vote, mrr=mrr(sr), top8=float(np.mean(sr <= TOP)), median=float(np.median(sr)))
+    print(f"the adapters' vote (layers {list(student.selection_layers)}, {student.score_queries} queries, "
+          f"{student.vote}): MRR {mrr(sr):.3f}, top-{TOP} {np.mean(sr <= TOP):.2f}, median rank {np.median(sr):.1f}")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   result = dict(command="python -m train.pick_layers " + " ".join(argv), adapters=args.adapters or args.model,
@@ -291,9 +338,12 @@ def main(argv=None) -> int:
   ap.add_argument("--n_prompts", type=int, default=12, help="prompts per length")
   ap.add_argument("--adapters", help="the export whose Chunk Adapter segments the prompts (default: --model's)")
   ap.add_argument("--write", help="an adapter export: store the chosen layers in its config.json")
+  ap.add_argument("--student", action="store_true",
+                  help="also rank the fact's chunk by the adapters' own vote (their selection layers and query "
+                       "window): a held-out retrieval check of trained adapters on text they were not scored on")
   ap.add_argument("--out", default="runs/pick_layers")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--score_queries", type=int, default=ChunkConfig().score_queries,
+  ap.add_argument("--score_queries", type=int, default=ATTENTION_QUERIES,
                   help="score with the last this many queries, as scorer='attention' does (ChunkConfig.score_queries)")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)

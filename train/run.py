@@ -64,13 +64,13 @@ class FlagError(ValueError):
 SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "seed", "steps", "lr",
             "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm", "d_c", "kl_weight", "n_sink",
             "n_local", "max_chunk_len", "max_chunks", "recall_k", "teacher", "score_queries", "retrieval_mix",
-            "max_sequences")
+            "max_sequences", "student_queries")
 DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
 
 
 # Counts and their least sane value: a zero batch or sequence fails only after the data is built.
 MINIMUM = dict(seq_len=2, batch_size=1, steps=0, max_sequences=0, warmup_steps=0, d_c=1, n_sink=0, n_local=0,
-               max_chunk_len=1, max_chunks=1, recall_k=1, score_queries=1, block_q=1, block_k=1, mesh_data=0,
+               max_chunk_len=1, max_chunks=1, recall_k=1, score_queries=1, student_queries=1, block_q=1, block_k=1, mesh_data=0,
                mesh_model=1, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=0)
 DTYPES = ("float32", "bfloat16")
 
@@ -104,6 +104,9 @@ def check_common_flags(cfg) -> None:
 
   if cfg.teacher not in TEACHERS:
     raise FlagError(f"--teacher {cfg.teacher} is not a teacher target: give one of {', '.join(TEACHERS)}")
+  if cfg.student_queries > 1 and cfg.teacher == "token_mean":
+    raise FlagError(f"--student_queries {cfg.student_queries} scores the selection rows: give --teacher head_max "
+                    "or head_mean, or --student_queries 1 with token_mean (every token scores alone)")
   if not 0 <= cfg.retrieval_mix <= 1:  # also refuses nan
     raise FlagError(f"--retrieval_mix {cfg.retrieval_mix} is not a fraction: give a value in [0, 1] (the share of "
                     "training tokens in retrieval-mixture documents)")
@@ -224,7 +227,8 @@ def train(cfg) -> dict[str, float]:
   if bad:  # before the data is built
     raise FlagError(f"--selection_layers {bad} are out of range or not full-attention layers of {cfg.model}; "
                     f"choose among {bb.config.full_attention_layers}")
-  acfg = cj.AdapterConfig(d_c=cfg.d_c, qk_layers=layers, selection_layers=layers).resolve(bb.config)
+  acfg = cj.AdapterConfig(d_c=cfg.d_c, qk_layers=layers, selection_layers=layers,
+                          score_queries=cfg.student_queries).resolve(bb.config)
   loss_config = loss_config_of(cfg)
   mesh = cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
 
@@ -262,7 +266,8 @@ def train(cfg) -> dict[str, float]:
   meta = dict(backbone=bb.name, backbone_fingerprint=adapter_io.fingerprint(bb.config),
               adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers),
                                   # only when set, so checkpoints from before the flag still resume
-                                  **({"selection_layers": list(layers)} if layers else {})))
+                                  **({"selection_layers": list(layers)} if layers else {}),
+                                  **({"score_queries": acfg.score_queries} if acfg.score_queries > 1 else {})))
   ckpt = None
   start = 0
   if cfg.checkpoint_every:

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chunkllm_jax import attention as attn
 from chunkllm_jax import boundaries
 from chunkllm_jax import model
-from chunkllm_jax.attention import NEG_INF, visible
+from chunkllm_jax import selection
+from chunkllm_jax.attention import visible
 from chunkllm_jax.config import ModelConfig
 from chunkllm_jax.params import ModelParams
 from pallas_kernels.distill_attention import distill_attention
@@ -40,13 +42,11 @@ class TeacherOutputs(NamedTuple):
   hidden_BTD: jnp.ndarray  # [B, T, D]: the last layer's output, before the final norm
 
 
-def _logits(cfg: ModelConfig, q_BQKGD, k_BSKD, q_pos_BQ, k_pos_BS, k_valid_BS, window):
+def _logits(cfg: ModelConfig, q_BKGQD, k_BSKD, q_pos_BQ, k_pos_BS, k_valid_BS, window):
   """Masked scores of one (query block, key block) pair, float32 [B, K, G, Q, S], and the mask."""
-  s = jnp.einsum("bqkgd,bskd->bkgqs", q_BQKGD, k_BSKD, preferred_element_type=jnp.float32) * cfg.attn_scale
-  if cfg.attn_softcap is not None:
-    s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
   mask_BQS = visible(q_pos_BQ, k_pos_BS, k_valid_BS, window)
-  return jnp.where(mask_BQS[:, None, None], s, NEG_INF), mask_BQS
+  return attn.scores(q_BKGQD, k_BSKD, mask_BQS[:, None, None], scale=cfg.attn_scale,
+                     softcap=cfg.attn_softcap), mask_BQS
 
 
 def _block_range(q_start, block_q, block_k, window):
@@ -62,47 +62,33 @@ def _pad_to(x, T_pad, value):
   return jnp.pad(x, pad, constant_values=value)
 
 
-def _split_heads(cfg: ModelConfig, q_BTHD):
-  B, T, H, D = q_BTHD.shape
-  return q_BTHD.reshape(B, T, cfg.n_kv_heads, H // cfg.n_kv_heads, D)
-
-
 def flash_attention(cfg: ModelConfig, q_BTHD, k_BTKD, v_BTKD, valid_BT, window, *, block_q: int, block_k: int):
   """Causal attention (positions = indices) and its logsumexp. Returns (out [B, T, H, D], lse [B, K, G, T]).
 
   T must be a multiple of both block sizes.
   """
   B, T, H, D = q_BTHD.shape
-  K, G = cfg.n_kv_heads, H // cfg.n_kv_heads
-  q_BTKGD = _split_heads(cfg, q_BTHD)
+  q_BKGTD = attn.split_heads(q_BTHD, cfg.n_kv_heads)
   pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
   def query_block(i):
     qs = i * block_q
-    q_blk = jax.lax.dynamic_slice_in_dim(q_BTKGD, qs, block_q, axis=1)
+    q_blk = jax.lax.dynamic_slice_in_dim(q_BKGTD, qs, block_q, axis=3)
     q_pos = jax.lax.dynamic_slice_in_dim(pos_BT, qs, block_q, axis=1)
 
     def key_block(j, carry):
-      m, l, acc = carry  # [B, K, G, Q], [B, K, G, Q], [B, K, G, Q, D]
       ks = j * block_k
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, ks, block_k, axis=1)
-      s, _ = _logits(cfg, q_blk, sl(k_BTKD), q_pos, sl(pos_BT), sl(valid_BT), window)
-      m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.exp(s - m_new[..., None])
-      corr = jnp.exp(m - m_new)
-      acc = acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, sl(v_BTKD).astype(jnp.float32))
-      return m_new, l * corr + p.sum(-1), acc
+      s, mask_BQS = _logits(cfg, q_blk, sl(k_BTKD), q_pos, sl(pos_BT), sl(valid_BT), window)
+      return attn.fold(carry, s, mask_BQS[:, None, None], sl(v_BTKD))
 
-    init = (jnp.full((B, K, G, block_q), NEG_INF, jnp.float32), jnp.zeros((B, K, G, block_q), jnp.float32),
-            jnp.zeros((B, K, G, block_q, D), jnp.float32))
     lo, hi = _block_range(qs, block_q, block_k, window)
-    m, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
-    out_BQHD = jnp.einsum("bkgqd->bqkgd", acc / l[..., None]).reshape(B, block_q, H, D)
-    return out_BQHD.astype(q_BTHD.dtype), m + jnp.log(l)
+    o_BKGQD, lse_BKGQ = attn.fold_finish(jax.lax.fori_loop(lo, hi, key_block, attn.fold_init(*q_blk.shape)))
+    return attn.merge_heads(o_BKGQD).astype(q_BTHD.dtype), lse_BKGQ
 
   out_NBQHD, lse_NBKGQ = jax.lax.map(query_block, jnp.arange(T // block_q))
   out_BTHD = jnp.moveaxis(out_NBQHD, 0, 1).reshape(B, T, H, D)
-  lse_BKGT = jnp.moveaxis(lse_NBKGQ, 0, 3).reshape(B, K, G, T)
+  lse_BKGT = jnp.moveaxis(lse_NBKGQ, 0, 3).reshape(B, *lse_NBKGQ.shape[2:4], T)
   return out_BTHD, lse_BKGT
 
 
@@ -113,13 +99,13 @@ def chunk_mass(cfg: ModelConfig, q_BTHD, k_BTKD, lse_BKGT, valid_BT, window, chu
   Keys that are sinks or padding (chunk id < 0), or in chunks >= max_chunks, fall in no bin.
   """
   B, T, H, D = q_BTHD.shape
-  q_BTKGD = _split_heads(cfg, q_BTHD)
+  q_BKGTD = attn.split_heads(q_BTHD, cfg.n_kv_heads)
   pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   onehot_BTC = jax.nn.one_hot(chunk_id_BT, max_chunks, dtype=jnp.float32)  # id -1 -> all zeros
 
   def query_block(i):
     qs = i * block_q
-    q_blk = jax.lax.dynamic_slice_in_dim(q_BTKGD, qs, block_q, axis=1)
+    q_blk = jax.lax.dynamic_slice_in_dim(q_BKGTD, qs, block_q, axis=3)
     q_pos = jax.lax.dynamic_slice_in_dim(pos_BT, qs, block_q, axis=1)
     lse = jax.lax.dynamic_slice_in_dim(lse_BKGT, qs, block_q, axis=3)
 
@@ -139,9 +125,7 @@ def chunk_mass(cfg: ModelConfig, q_BTHD, k_BTKD, lse_BKGT, valid_BT, window, chu
 
 def renormalise(mass_BTC, candidate_BTC):
   """Restricts each row to its candidates and makes it sum to 1 (all-zero rows stay zero)."""
-  mass_BTC = jnp.where(candidate_BTC, mass_BTC, 0.0)
-  total_BT1 = mass_BTC.sum(-1, keepdims=True)
-  return jnp.where(total_BT1 > 0, mass_BTC / jnp.where(total_BT1 > 0, total_BT1, 1.0), 0.0)
+  return selection.renormalise(jnp.where(candidate_BTC, mass_BTC, 0.0))
 
 
 def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[int, ...], max_chunks: int, *,

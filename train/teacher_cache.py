@@ -10,8 +10,9 @@ the last `score_queries` queries over the candidates' tokens, summed within each
 over heads (`heads="mean"`: the mean) and over those queries; renormalised over the candidates.
 
 Everything the student needs comes from one frozen forward pass per sequence: the selection layers'
-attention inputs `h` at the chunk ends (q~ of row r and k~ of chunk r both read position end_r), the
-targets, and layer 0's output for the Chunk Adapter. They are stored per sequence, the first time
+attention inputs `h` at every position (k~ of chunk j reads its end; q~ of row r the last tokens up
+to end_r, as many as the adapters score with), the chunk ends, the targets, and layer 0's output for
+the Chunk Adapter. They are stored per sequence, the first time
 training reads the sequence (`CachedRows`) or all at once (`build_cache`), so many training steps cost
 one frozen pass per sequence; the cached and the computed step are the same function of the same
 arrays (tests/test_teacher_cache.py).
@@ -38,10 +39,10 @@ from chunkllm_jax import boundaries, model
 from chunkllm_jax.chunk_generation import layer0_output
 from chunkllm_jax.chunk_prefill import attention_rows, selection_rows
 from chunkllm_jax.params import ModelParams
-from chunkllm_jax.selection import HEAD_REDUCTIONS, ChunkConfig
+from chunkllm_jax.selection import HEAD_REDUCTIONS, ChunkConfig, renormalise
 
 CACHE_FILE = "cache.json"
-FORMAT = 1  # bumped when what a shard holds changes
+FORMAT = 2  # bumped when what a shard holds changes (2: h at every position, for the adapters' query window)
 
 
 class CacheError(ValueError):
@@ -90,9 +91,10 @@ def _rows(labels_BT, lengths_B, rc: RowsConfig):
 def teacher_rows(params: ModelParams, tokens_BT, labels_BT, lengths_B, rc: RowsConfig) -> dict[str, jnp.ndarray]:
   """One frozen forward pass: what the student's loss reads, per row of the batch.
 
-  Returns h_BLCD (selection layers' attention inputs at the chunk ends, [B, L, C, D]), target_BLCC
-  (row r's distribution over the candidate chunks, rows sum to 1 or are 0 without a candidate),
-  n_cand_BC, h0_BTD (layer 0's output), labels_BT and valid_BT."""
+  Returns h_BLTD (selection layers' attention inputs, [B, L, T, D]), ends_BC (chunk r's end, -1 past
+  the last), target_BLCC (row r's distribution over the candidate chunks, rows sum to 1 or are 0
+  without a candidate), n_cand_BC, h0_BTD (layer 0's output), labels_BT and valid_BT. Row r's last
+  query is chunk r's end."""
   cfg = params.config
   params = params.replace(backbone=jax.lax.stop_gradient(params.backbone), adapters=None)
   B, T = tokens_BT.shape
@@ -113,17 +115,17 @@ def teacher_rows(params: ModelParams, tokens_BT, labels_BT, lengths_B, rc: RowsC
     def record(st):
       t = attention_rows(q, k, row_end, ends, n_cand, n_sink=rc.n_sink, scale=cfg.attn_scale,
                          softcap=cfg.attn_softcap, n_queries=rc.score_queries, heads=rc.heads)
-      t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
-      h_ends = jnp.take_along_axis(h, jnp.maximum(ends, 0)[..., None], axis=1)
-      return dict(target=st["target"].at[slot].set(t), h=st["h"].at[slot].set(h_ends.astype(st["h"].dtype)))
+      t = renormalise(t)
+      return dict(target=st["target"].at[slot].set(t), h=st["h"].at[slot].set(h.astype(st["h"].dtype)))
 
     return o, jax.lax.cond(slot >= 0, record, lambda st: st, state), None
 
   x0 = model.embed(params, tokens_BT)
   n = len(rc.layers)
-  init = dict(target=jnp.zeros((n, B, C, C), jnp.float32), h=jnp.zeros((n, B, C, cfg.d_model), x0.dtype))
+  init = dict(target=jnp.zeros((n, B, C, C), jnp.float32), h=jnp.zeros((n, B, T, cfg.d_model), x0.dtype))
   _, state, _ = model.run_layers(params, x0, positions, attend_fn, init)
-  out = dict(h_BLCD=jnp.moveaxis(state["h"], 0, 1), target_BLCC=jnp.moveaxis(state["target"], 0, 1), n_cand_BC=n_cand,
+  out = dict(h_BLTD=jnp.moveaxis(state["h"], 0, 1), ends_BC=ends, target_BLCC=jnp.moveaxis(state["target"], 0, 1),
+             n_cand_BC=n_cand,
              h0_BTD=layer0_output(params, tokens_BT, lengths_B), labels_BT=jnp.asarray(labels_BT, jnp.int8),
              valid_BT=valid)
   return jax.tree.map(jax.lax.stop_gradient, out)
@@ -169,7 +171,7 @@ def _differences(have, want, prefix="") -> list[str]:
   return out
 
 
-SHARD_KEYS = ("h_BLCD", "target_BLCC", "n_cand_BC", "h0_BTD", "labels_BT", "valid_BT")
+SHARD_KEYS = ("h_BLTD", "ends_BC", "target_BLCC", "n_cand_BC", "h0_BTD", "labels_BT", "valid_BT")
 
 
 def _shard(path: Path, i: int) -> Path:
