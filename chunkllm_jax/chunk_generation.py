@@ -38,7 +38,7 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, i
 from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
-from chunkllm_jax.selection import (ChunkConfig, adapter_window_probs, attention_probs, choose, chunk_lengths, local_tokens,
+from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, choose, chunk_lengths, local_tokens,
                                     vote_scores)
 from pallas_kernels.dispatch import implementation
 
@@ -205,21 +205,35 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
     ids = chunk_prefill_lib.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, C)
     return closes, ids, ends, n
 
+  pscorer = ccfg.prefill_scorer or ccfg.scorer  # who scores the prompt's rows
+  hybrid = pscorer != ccfg.scorer
+  Qp = Q if not hybrid else (ATTENTION_QUERIES if pscorer == "attention" else params.adapters.config.score_queries)
+
   def layer_scores(idx, q, k, h, seg):
-    """This selection layer's distributions for every prompt chunk's selection [B, C + 1, C], the q~
-    of the last Q prompt tokens [B, Q, d_c] (for decode's ring) and the chunks' k~ [B, C, d_c]."""
+    """This selection layer's distributions for every prompt chunk's selection [B, C + 1, C] and, when
+    the prompt's scorer is not decode's, at the last prompt token [B, C]; the q~ of the last Q prompt
+    tokens [B, Q, d_c] (for decode's ring) and the chunks' k~ [B, C, d_c]."""
     _, _, ends, n = seg
     row_end, n_cand, _, _ = chunk_prefill_lib.selection_rows(ends, n, lengths_B - 1, ccfg)
-    if ccfg.scorer == "adapter":
+    if d_c or pscorer == "adapter":
       qt, kt = _qk(params, slot_L[idx], h)
-      probs = chunk_prefill_lib.adapter_rows(qt, kt, row_end, ends, n_cand, n_queries=Q)
-      return probs, at_recent(qt), adp.chunk_keys(kt, ends)
-    probs = chunk_prefill_lib.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
-                                             softcap=cfg.attn_softcap, n_queries=Q)
-    return probs, jnp.zeros((B, Q, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32)
+    if d_c:
+      keys = (at_recent(qt), adp.chunk_keys(kt, ends))
+    else:
+      keys = (jnp.zeros((B, Q, 0), jnp.float32), jnp.zeros((B, C, 0), jnp.float32))
+
+    def rows(row_end, n_cand):
+      if pscorer == "adapter":
+        return chunk_prefill_lib.adapter_rows(qt, kt, row_end, ends, n_cand, n_queries=Qp)
+      return chunk_prefill_lib.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
+                                              softcap=cfg.attn_softcap, n_queries=Qp)
+
+    final = rows((lengths_B - 1)[:, None], jnp.maximum(n - ccfg.n_local, 0)[:, None])[:, 0] if hybrid else \
+        jnp.zeros((B, C), jnp.float32)
+    return (rows(row_end, n_cand), final, *keys)
 
   def attend_fn(state, layer, q, k, v, h):
-    kb, vb, seg, vote, vis = state
+    kb, vb, seg, vote, final_vote, vis = state
     idx = layer["index"]
     kb, vb = write_prefix(kb, idx, k), write_prefix(vb, idx, v)
 
@@ -231,22 +245,25 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
 
     o = jax.lax.cond(sparse_L[idx], sparse, lambda: self_attend(None, layer, q, k, v, h)[0])
     seg = jax.lax.cond(idx == 0, lambda: segmentation(o), lambda: seg)
-    nothing = (jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, Q, d_c), jnp.float32),
-               jnp.zeros((B, C, d_c), jnp.float32))
-    probs, qt_recent, chunk_key = jax.lax.cond(selects_L[idx], lambda: layer_scores(idx, q, k, h, seg), lambda: nothing)
-    vote = vote + probs if ccfg.vote == "sum" else jnp.maximum(vote, probs)  # probs >= 0: max with 0 is a no-op
+    nothing = (jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, C), jnp.float32),
+               jnp.zeros((B, Q, d_c), jnp.float32), jnp.zeros((B, C, d_c), jnp.float32))
+    probs, final, qt_recent, chunk_key = jax.lax.cond(selects_L[idx], lambda: layer_scores(idx, q, k, h, seg),
+                                                      lambda: nothing)
+    add = (lambda a, b: a + b) if ccfg.vote == "sum" else jnp.maximum  # probs >= 0: max with 0 is a no-op
+    vote, final_vote = add(vote, probs), add(final_vote, final)
     if ccfg.prefill == "sparse":
       rows = chunk_prefill_lib.selection_rows(seg[2], seg[3], lengths_B - 1, ccfg)
       vis = jax.lax.cond(selects_L[idx], lambda: chunk_prefill_lib.selection_table(
           chunk_prefill_lib.prompt_selection(vote, seg[2], seg[3], rows, ccfg), n_ids), lambda: vis)
-    return o, (kb, vb, seg, vote, vis), (at_recent(q), qt_recent, chunk_key)
+    return o, (kb, vb, seg, vote, final_vote, vis), (at_recent(q), qt_recent, chunk_key)
 
   cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
   seg0 = (jnp.zeros((B, T), bool), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, C), jnp.int32),
           jnp.zeros((B,), jnp.int32))
-  state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, n_ids, n_ids), bool))
-  x, (k, v, seg, _, _), (q_recent_L, qt_recent_L, chunk_key_L) = model.run_layers(params, x0, positions, attend_fn,
-                                                                                state0)
+  state0 = (cache.k, cache.v, seg0, jnp.zeros((B, C + 1, C), jnp.float32), jnp.zeros((B, C), jnp.float32),
+            jnp.zeros((B, n_ids, n_ids), bool))
+  x, (k, v, seg, _, final_vote, _), (q_recent_L, qt_recent_L, chunk_key_L) = model.run_layers(
+      params, x0, positions, attend_fn, state0)
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
 
@@ -265,7 +282,9 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
                   chunk_key=jnp.where(has[None, ..., None], chunk_key_L[sel_layers], 0.0), n_chunks=n,
                   open_start=jnp.where(n > 0, last_end + 1, ccfg.n_sink).astype(jnp.int32),
                   overflow=n_closes > C)
-  score = _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
+  # The first selection, at the last prompt token: the prompt's scorer's (decode's, from its rings, or,
+  # when they differ, the prompt scorer's vote at that token).
+  score = final_vote if hybrid else _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
   st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
   return logits, cache, _refresh_working_buffer(st, cache, ccfg)
 

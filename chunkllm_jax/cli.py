@@ -134,8 +134,9 @@ def run_demo(args) -> None:
             f"({float(st['bytes_per_step'][0] / st['dense_bytes_per_step'][0]):.1%} of dense bytes per step); "
             f"decode {float(st['decode_tok_s'][0] / van['decode_tok_s'][0]):.2f}x, "
             f"prefill {float(van['prefill_s'][0] / st['prefill_s'][0]):.2f}x the speed of vanilla")
-  print("ChunkLLM: the QK Adapters choose the chunks; no-training: the model's own attention at the "
-        "selection layers does (scorer='attention')")
+  print("ChunkLLM: the model's own attention at the selection layers chooses the prompt's chunks and the QK "
+        "Adapters choose at each boundary of the answer (the defaults); no-training: the attention chooses "
+        "everywhere (scorer='attention')")
 
 
 def check_generate_flags(args) -> None:

@@ -60,6 +60,10 @@ class ChunkConfig(ChunkRules):
   kv_budget: float | None = None  # fraction of the tokens seen that a sparse layer reads (0, 1]
   kv_budget_tokens: int | None = None  # or a token count; either one replaces top_chunks
   scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
+  # Who scores the prompt's selections and the first decode one: "attention" (default; the frozen
+  # attention of the selection layers, computed where the prompt's K is at hand, docs/results.md
+  # measures why), "adapter", or None: `scorer`. Decode's later selections are always `scorer`'s.
+  prefill_scorer: str | None = "attention"
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice, else all QK layers
   vote: str = "sum"  # how the selection layers' distributions make one score per chunk: "sum" or "max"
   score_queries: int | None = None  # score with the queries of the last this many tokens (max over them);
@@ -115,6 +119,8 @@ class ChunkConfig(ChunkRules):
                          "(the KV buffer cannot hold more)")
     if self.scorer not in SCORERS:
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+    if self.prefill_scorer not in (None, *SCORERS):
+      raise ValueError(f"prefill_scorer must be None or one of {SCORERS}, got {self.prefill_scorer!r}")
     if self.score_queries is not None and self.score_queries < 1:
       raise ValueError(f"score_queries must be >= 1, got {self.score_queries}")
     if self.vote not in VOTES:
@@ -154,7 +160,7 @@ class ChunkConfig(ChunkRules):
     if bad:
       raise ValueError(f"selection_layers {bad} are not full-attention layers of this model; "
                        f"choose among {tuple(full_attention_layers)}")
-    if self.scorer == "adapter":
+    if "adapter" in (self.scorer, self.prefill_scorer):
       missing = [i for i in layers if i not in qk_layers]
       if missing:
         raise ValueError(f"selection_layers {missing} have no QK Adapter (the adapters cover {tuple(qk_layers)}); "

@@ -43,8 +43,8 @@ from chunkllm_jax import boundaries
 from chunkllm_jax.chunk_generation import chunk_generate, segment_prompts
 from chunkllm_jax.selection import ChunkConfig, ChunkRules
 
-METHODS = ("vanilla", "oracle", "chunkllm", "streamingllm", "sepllm", "fixllm")
-SELECTING = ("oracle", "chunkllm", "fixllm")  # the methods whose selection meets a token budget
+METHODS = ("vanilla", "oracle", "chunkllm", "hybrid", "streamingllm", "sepllm", "fixllm")
+SELECTING = ("oracle", "chunkllm", "hybrid", "fixllm")  # the methods whose selection meets a token budget
 SEPARATOR_CHARS = ".,;:!?\n"
 
 
@@ -141,7 +141,7 @@ def segmentation_for(method: str, params, rows, settings: MethodSettings) -> Seg
   """The measured segmentation a method's budget needs (None where it needs none)."""
   if method == "sepllm":
     return separator_segmentation(rows, settings)
-  if method in ("chunkllm", "oracle") or (method == "fixllm" and settings.fix_chunk_len is None):
+  if method in ("chunkllm", "hybrid", "oracle") or (method == "fixllm" and settings.fix_chunk_len is None):
     if settings.chunk_len is not None:
       return None
     return adapter_segmentation(params, rows, ChunkConfig(n_sink=settings.n_sink))
@@ -227,13 +227,16 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "vanilla":
     return None
   chosen = dict(vote=settings.vote, selection_layers=settings.selection_layers)
-  if method == "chunkllm":
-    return ChunkConfig(n_sink=S, scorer="adapter", **chosen)
+  if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **chosen)
   if method == "oracle":
     return ChunkConfig(n_sink=S, scorer="attention", **chosen)
+  if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **chosen)  # the prompt's selections
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
-    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", **chosen)
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",
+                       **chosen)
   if method == "streamingllm":
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_chunks=0)
   if method == "sepllm":

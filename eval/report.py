@@ -21,7 +21,7 @@ from eval import niah
 from eval import perplexity as ppl
 
 FULL = "full"
-METHOD_ORDER = ("vanilla", "oracle", "chunkllm", "streamingllm", "sepllm", "fixllm")
+METHOD_ORDER = ("vanilla", "oracle", "chunkllm", "hybrid", "streamingllm", "sepllm", "fixllm")
 
 
 def _mean(xs) -> float | None:
@@ -127,7 +127,8 @@ def _pct(x) -> str:
 
 def headline(summary: dict) -> list[str]:
   out = []
-  names = {"chunkllm": "ChunkLLM", "oracle": "Oracle (scorer='attention', no training)"}
+  names = {"chunkllm": "ChunkLLM", "oracle": "Oracle (scorer='attention', no training)",
+           "hybrid": "ChunkLLM, prompt scored by attention (prefill_scorer='attention')"}
   for row in summary["long_context"]:
     if row["method"] in names and row["pct_of_vanilla"] is not None:
       n = row["n_tasks"]

@@ -34,12 +34,13 @@ def test_full_coverage_equals_generate(arch, sampling, prefill):
 @pytest.mark.parametrize("arch, scorer, vote, layers, budget", [
     ("llama", "adapter", "max", (2,), None), ("llama", "attention", "max", None, 1.0),
     ("gemma3", "attention", "sum", (2,), None), ("gemma3", "adapter", "sum", (0, 2), 1.0),
-    ("llama", "adapter-window", "sum", None, None)])
+    ("llama", "adapter-window", "sum", None, None), ("gemma3", "hybrid", "max", None, 1.0)])
 def test_full_coverage_equals_generate_for_every_scorer_vote_and_layers(arch, scorer, vote, layers, budget):
   params = chunk_params(arch)
   rows = prompts([40, 23], seed=4)
   ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
-  window = dict(scorer="adapter", score_queries=3) if scorer == "adapter-window" else dict(scorer=scorer)
+  window = {"adapter-window": dict(scorer="adapter", score_queries=3),
+            "hybrid": dict(scorer="adapter", prefill_scorer="attention")}.get(scorer, dict(scorer=scorer))
   out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote,
                        selection_layers=layers, **{**FULL, "kv_budget": budget}, **window)
   assert (out.tokens == ref.tokens).all()
@@ -243,3 +244,23 @@ def test_refresh_every_reselects_inside_long_chunks():
   refreshed = chunk_generate(params, rows, refresh_every=5, **kw)
   assert plain.stats["n_selections"][0] == 1  # the prompt's last token only
   assert refreshed.stats["n_selections"][0] > 1 + 24 // 5 - 2
+
+
+def test_prefill_scorer_makes_the_prompts_selections():
+  """With prefill_scorer="attention" (the default) the prompt's selections and the first decode selection are the
+  attention scorer's, and decode then re-selects with the adapters at each boundary."""
+  params = chunk_params()
+  qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])  # sharper, so the scorers disagree
+  params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
+  toks, lens = jnp.asarray([prompts([60], seed=8)[0]], jnp.int32), jnp.asarray([60])
+  common = dict(top_chunks=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9)
+  first = {}
+  for name, fields in [("attention", dict(scorer="attention")), ("adapter", dict(scorer="adapter", prefill_scorer="adapter")),
+                       ("hybrid", dict(scorer="adapter", prefill_scorer="attention"))]:
+    ccfg = ChunkConfig(**common, **fields).validate(128, 3)
+    _, cache, st = chunk_prefill(params, toks, lens, 128, ccfg)
+    first[name] = np.asarray(st.selected)
+    if name == "hybrid":  # decode goes on with the adapters: their rings and chunk keys are filled
+      assert st.recent_qt.shape[2] == 1 and st.recent_q.shape[2] == 0 and float(jnp.abs(st.chunk_key).sum()) > 0
+  assert np.array_equal(first["hybrid"], first["attention"])
+  assert not np.array_equal(first["attention"], first["adapter"])  # else the test shows nothing
