@@ -270,7 +270,7 @@ def clear_compiled(packages: tuple[str, ...] = ("chunkllm_jax", "pallas_kernels"
   the functions jitted where they are defined, in every loaded module of `packages`. For a long-lived
   process that compiles many shapes (a test session); returns how many caches were cleared."""
   cleared = 0
-  for name, module in list(sys.modules.items()):
+  for name, module in _loaded_modules().items():
     if name.split(".")[0] not in packages or module is None:
       continue
     for obj in list(vars(module).values()):
@@ -281,6 +281,17 @@ def clear_compiled(packages: tuple[str, ...] = ("chunkllm_jax", "pallas_kernels"
         clear()
         cleared += 1
   return cleared
+
+
+def _loaded_modules() -> dict:
+  """A snapshot of `sys.modules`. Another thread may import meanwhile (orbax's checkpoint threads do),
+  and a copy taken while it does fails with "dictionary changed size": take it again."""
+  for _ in range(100):
+    try:
+      return dict(sys.modules)
+    except RuntimeError:
+      continue
+  return dict(sys.modules)
 
 
 def place_params(params: ModelParams, mesh: Mesh | None) -> ModelParams:
