@@ -88,10 +88,16 @@ def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: in
   def block(i):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * nb, nb, axis=1)
     q, pos, n = sl(q_BRQHD), sl(q_pos), sl(n_cand)
-    p = attention_probs(q.reshape(B, nb * n_queries, *q.shape[3:]), k_BTKD, ends_BC,
-                        jnp.repeat(n, n_queries, axis=1), n_sink=n_sink, scale=scale, softcap=softcap,
-                        q_pos_BR=pos.reshape(B, -1), heads=heads)  # a query position < 0 (none) scores 0
-    return p.reshape(B, nb, n_queries, C).max(2)
+
+    def scored():
+      p = attention_probs(q.reshape(B, nb * n_queries, *q.shape[3:]), k_BTKD, ends_BC,
+                          jnp.repeat(n, n_queries, axis=1), n_sink=n_sink, scale=scale, softcap=softcap,
+                          q_pos_BR=pos.reshape(B, -1), heads=heads)  # a query position < 0 (none) scores 0
+      return p.reshape(B, nb, n_queries, C).max(2)
+
+    # Rows past the prompt's last chunk (most of a table sized for max_len) have no candidate and
+    # score 0: skip their blocks instead of reading every key for them.
+    return jax.lax.cond(jnp.any(n > 0), scored, lambda: jnp.zeros((B, nb, C), jnp.float32))
 
   out = jax.lax.map(block, jnp.arange((R + pad) // nb))  # [blocks, B, nb, C]
   return jnp.moveaxis(out, 0, 1).reshape(B, R + pad, C)[:, :R]
