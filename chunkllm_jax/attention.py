@@ -50,14 +50,22 @@ def fold_init(B: int, K: int, G: int, Q: int, D: int) -> Fold:
               jnp.zeros((B, K, G, Q, D), jnp.float32))
 
 
+def softmax_step(m, l, s, ok):
+  """One key block's step of an online softmax: (the new running max, the factor that rescales
+  everything summed before this block, the block's unnormalised probabilities, the new sum).
+  `fold` accumulates values with it; `chunk_prefill.attention_rows` accumulates chunk mass."""
+  m_new = jnp.maximum(m, s.max(-1))
+  corr = jnp.exp(m - m_new)
+  p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
+  return m_new, corr, p, l * corr + p.sum(-1)
+
+
 def fold(carry: Fold, s_BKGQS, ok, v_BSKD) -> Fold:
   """Folds one key block (its `scores`, the same `ok`, its values) into the online softmax."""
-  m_new = jnp.maximum(carry.m, s_BKGQS.max(-1))
-  corr = jnp.exp(carry.m - m_new)
-  p = jnp.where(ok, jnp.exp(s_BKGQS - m_new[..., None]), 0.0)
+  m_new, corr, p, l_new = softmax_step(carry.m, carry.l, s_BKGQS, ok)
   acc = carry.acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_BSKD.dtype), v_BSKD,
                                                  preferred_element_type=jnp.float32)
-  return Fold(m_new, carry.l * corr + p.sum(-1), acc)
+  return Fold(m_new, l_new, acc)
 
 
 def fold_finish(carry: Fold):

@@ -190,8 +190,8 @@ def test_packed_positions_hold_every_visible_key_once_in_order(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("n_queries", [1, 3])
-def test_attention_rows_match_a_dense_loop(seed, n_queries):
+@pytest.mark.parametrize("n_queries,key_block", [(1, 512), (3, 512), (1, 16), (3, 7)])
+def test_attention_rows_match_a_dense_loop(seed, n_queries, key_block):
   """Every boundary row of the frozen-attention scorer against numpy: for each of the last
   `n_queries` queries up to the boundary and each head, the softmax over the candidates' tokens (none
   after the query), summed per chunk; then the max over queries and heads."""
@@ -199,7 +199,7 @@ def test_attention_rows_match_a_dense_loop(seed, n_queries):
   ends, n = boundaries.completed_chunk_ends(closes, ccfg.max_chunks)
   row_end, n_cand, _, _ = rows_of(ends, n, valid, ccfg)
   got = np.asarray(cp.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=0.3,
-                                     n_queries=n_queries, rows_at_once=8))
+                                     n_queries=n_queries, rows_at_once=8, key_block=key_block))
   q, k, ends, n_cand, row_end = map(np.asarray, (q, k, ends, n_cand, row_end))
   for b in range(q.shape[0]):
     for j in range(int(n[b]) + 1):  # every prompt chunk, the open one included
