@@ -95,22 +95,36 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale: float, softcap: float | N
 
 
 def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, scale: float,
-                     softcap: float | None = None, block_q: int = 512):
+                     softcap: float | None = None, block_q: int = 256, block_k: int = 256):
   """Self-attention over one sequence (prefill / training forward).
 
-  For T > block_q, query blocks are unrolled with static key prefixes, so block i reads only
-  keys [0, (i+1) * block_q): half the work of a full T x T product, and no T x T buffer.
+  For T > block_q, query blocks are unrolled, and each folds the key blocks up to its own end
+  into an online softmax (a loop with a static count, so it differentiates): about half the work
+  of a full T x T product, and score tiles of [block_q, block_k] that stay in cache, where one
+  [block_q, T] row of scores per query block did not (measured 3x slower at 8K on the CPU).
   """
-  T = q_BTHD.shape[1]
+  B, T = q_BTHD.shape[:2]
   if T <= block_q:
     mask = visible(positions_BT, positions_BT, valid_BT, window)
     return attend(q_BTHD, k_BTKD, v_BTKD, mask, scale=scale, softcap=softcap)
+  K = k_BTKD.shape[2]
+  pad = -T % block_k
+  k_pad, v_pad = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (k_BTKD, v_BTKD))
+  pos_pad = jnp.pad(positions_BT, [(0, 0), (0, pad)])
+  valid_pad = jnp.pad(valid_BT, [(0, 0), (0, pad)])
+  key_block = lambda x, j: jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=1)
   outs = []
   for start in range(0, T, block_q):
     end = min(start + block_q, T)
-    mask = visible(positions_BT[:, start:end], positions_BT[:, :end], valid_BT[:, :end], window)
-    outs.append(attend(q_BTHD[:, start:end], k_BTKD[:, :end], v_BTKD[:, :end], mask,
-                       scale=scale, softcap=softcap))
+    q = split_heads(q_BTHD[:, start:end], K)
+    q_pos = positions_BT[:, start:end]
+
+    def body(j, carry, q=q, q_pos=q_pos):
+      ok = visible(q_pos, key_block(pos_pad, j), key_block(valid_pad, j), window)[:, None, None]
+      return fold(carry, scores(q, key_block(k_pad, j), ok, scale=scale, softcap=softcap), ok, key_block(v_pad, j))
+
+    carry = jax.lax.fori_loop(0, -(-end // block_k), body, fold_init(*q.shape))
+    outs.append(merge_heads(fold_finish(carry)[0]).astype(q_BTHD.dtype))
   return jnp.concatenate(outs, axis=1)
 
 
