@@ -103,7 +103,8 @@ def main():
       f"# Vanilla generation: chunkllm_jax vs transformers ({args.model}, float32)", "",
       f"Device: {device}. Greedy, batch 1, {args.new_tokens} new tokens, medians of {args.repeats} runs "
       "(JAX compile excluded). Ratio > 1 means JAX is faster.", "",
-      f"Command: `python bench/bench_generate.py --lengths {' '.join(map(str, args.lengths))}`", "",
+      f"Command: `python bench/bench_generate.py --lengths {' '.join(map(str, args.lengths))} "
+      f"--repeats {args.repeats}`", "",
       "| prompt | prefill tok/s JAX | prefill tok/s torch | prefill ratio | decode tok/s JAX | decode tok/s torch | decode ratio | same greedy tokens |",
       "|---:|---:|---:|---:|---:|---:|---:|:---:|",
   ]
