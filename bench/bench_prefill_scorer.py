@@ -1,0 +1,78 @@
+"""What scoring the prompt by attention costs: prefill and decode speed on the README demo's prompt.
+
+  python bench/bench_prefill_scorer.py --context 4096 --repeats 3
+
+Vanilla `generate`, the default `chunk_generate` (the prompt scored by the frozen attention of the
+selection layers, decode by the QK Adapters) and the adapters-only rule (`prefill_scorer="adapter"`),
+at a 25% KV budget, timed in turn in one process (JAX compile excluded; medians). Writes
+bench/RESULTS_prefill_scorer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import statistics
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+import chunkllm_jax as cj  # noqa: E402
+from chunkllm_jax import haystack  # noqa: E402
+from chunkllm_jax.prompts import encode_prompt  # noqa: E402
+
+HERE = pathlib.Path(__file__).parent
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--model", default="smollm2-135m")
+  ap.add_argument("--context", type=int, default=4096)
+  ap.add_argument("--budget", type=float, default=0.25)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default=str(HERE / "RESULTS_prefill_scorer.md"))
+  args = ap.parse_args()
+
+  model = cj.load(args.model)
+  params = cj.with_adapters(model.params, cj.load_adapters(args.model, model.config))  # the shipped adapters
+  key = haystack.passkey(0)
+  doc = haystack.needle_document(model.tokenizer, args.context, 0.5,
+                                 f"The secret passkey is {key}. Remember it, it is important.", 0)
+  ids = encode_prompt(model.tokenizer, f"{doc}\n\nWhat is the secret passkey? Answer with the number only.")
+  chunk = dict(max_new_tokens=12, scorer="adapter", kv_budget=args.budget)
+  runs = {
+      "vanilla": lambda: cj.generate(params, [ids], max_new_tokens=12),
+      "default (prompt by attention)": lambda: cj.chunk_generate(params, [ids], **chunk),
+      "adapters only": lambda: cj.chunk_generate(params, [ids], prefill_scorer="adapter", **chunk),
+  }
+  times = {name: [] for name in runs}
+  for rep in range(args.repeats + 1):  # the first round compiles
+    for name, run in runs.items():
+      st = run().stats
+      if rep:
+        times[name].append((float(st["prefill_s"][0]), float(st["decode_tok_s"][0])))
+        print(f"{name}: prefill {times[name][-1][0]:.2f}s, decode {times[name][-1][1]:.1f} tok/s", flush=True)
+  med = {n: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for n, v in times.items()}
+  p0, d0 = med["vanilla"]
+  device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} " \
+           f"({jax.devices()[0].platform})"
+  lines = [f"# The prompt's scorer: prefill and decode speed ({args.model}, {len(ids)}-token prompt, "
+           f"{args.budget:.0%} budget)", "",
+           f"Device: {device}. Medians of {args.repeats} rounds, the methods in turn in one process (compile "
+           "excluded); ratio > 1 means faster than vanilla.", "",
+           f"Command: `python bench/bench_prefill_scorer.py --context {args.context} --repeats {args.repeats}`", "",
+           "| method | prefill s | prefill vs vanilla | decode tok/s | decode vs vanilla |",
+           "|---|---:|---:|---:|---:|"]
+  for n, (p, d) in med.items():
+    lines.append(f"| {n} | {p:.2f} | {p0 / p:.2f}x | {d:.1f} | {d / d0:.2f}x |")
+  pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
