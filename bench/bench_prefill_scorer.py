@@ -39,10 +39,8 @@ def main():
 
   model = cj.load(args.model)
   params = cj.with_adapters(model.params, cj.load_adapters(args.model, model.config))  # the shipped adapters
-  key = haystack.passkey(0)
-  doc = haystack.needle_document(model.tokenizer, args.context, 0.5,
-                                 f"The secret passkey is {key}. Remember it, it is important.", 0)
-  ids = encode_prompt(model.tokenizer, f"{doc}\n\nWhat is the secret passkey? Answer with the number only.")
+  text, _ = haystack.passkey_prompt(model.tokenizer, args.context, 0.5)  # the README demo's prompt
+  ids = encode_prompt(model.tokenizer, text)
   chunk = dict(max_new_tokens=12, scorer="adapter", kv_budget=args.budget)
   runs = {
       "vanilla": lambda: cj.generate(params, [ids], max_new_tokens=12),

@@ -111,11 +111,8 @@ def run_demo(args) -> None:
                      "(with the question and the answer)")
   model = cj.load(args.model)
   params = _with_adapters(model, args.adapters or args.model)
-  key = haystack.passkey(args.seed)
-  doc = haystack.needle_document(model.tokenizer, args.context, args.depth,
-                                 f"The secret passkey is {key}. Remember it, it is important.", args.seed)
-  question = "What is the secret passkey? Answer with the number only."
-  ids = encode_prompt(model.tokenizer, f"{doc}\n\n{question}")
+  text, key = haystack.passkey_prompt(model.tokenizer, args.context, args.depth, args.seed)
+  ids = encode_prompt(model.tokenizer, text)
   print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
   settings = {"kv_budget": 0.25, **_chunk_settings(args)}  # the demo reads a quarter of the KV by default
   settings.pop("scorer", None)

@@ -38,3 +38,11 @@ def needle_document(tokenizer, n_tokens: int, depth: float, fact: str, seed: int
 
 def passkey(seed: int = 0) -> str:
   return str(int(np.random.default_rng(seed + 1000).integers(10000, 99999)))
+
+
+def passkey_prompt(tokenizer, n_tokens: int, depth: float, seed: int = 0) -> tuple[str, str]:
+  """The demo's prompt: a passkey hidden at `depth` of an `n_tokens`-token document, then the
+  question. Returns (text, passkey); the demo and its speed benchmark share it."""
+  key = passkey(seed)
+  doc = needle_document(tokenizer, n_tokens, depth, f"The secret passkey is {key}. Remember it, it is important.", seed)
+  return f"{doc}\n\nWhat is the secret passkey? Answer with the number only.", key
