@@ -95,37 +95,49 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale: float, softcap: float | N
 
 
 def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, scale: float,
-                     softcap: float | None = None, block_q: int = 256, block_k: int = 256):
-  """Self-attention over one sequence (prefill / training forward).
+                     softcap: float | None = None, block_q: int = 256, block_k: int = 256,
+                     return_lse: bool = False):
+  """Self-attention over one sequence (prefill, the training forward, the distillation teacher).
 
-  For T > block_q, query blocks are unrolled, and each folds the key blocks up to its own end
-  into an online softmax (a loop with a static count, so it differentiates): about half the work
-  of a full T x T product, and score tiles of [block_q, block_k] that stay in cache, where one
-  [block_q, T] row of scores per query block did not (measured 3x slower at 8K on the CPU).
+  Query blocks are unrolled, and each folds the key blocks up to its own end into an online
+  softmax: about half the work of a full T x T product, in score tiles of [block_q, block_k] that
+  stay in cache (one [block_q, T] row of scores per query block measured 3x slower at 8K on the
+  CPU). The loop over key blocks has a static count, so it differentiates; a block that lies
+  wholly before every query's sliding window is skipped by a `lax.cond` (the window may be traced,
+  as it is in the scan over layers). Keys past a query block's last index are never read, so
+  positions must not run ahead of indices (right padding, or positions = indices).
+
+  Returns [B, T, H, D], and with `return_lse` also the log-sum-exp [B, K, G, T] float32.
   """
   B, T = q_BTHD.shape[:2]
-  if T <= block_q:
-    mask = visible(positions_BT, positions_BT, valid_BT, window)
-    return attend(q_BTHD, k_BTKD, v_BTKD, mask, scale=scale, softcap=softcap)
   K = k_BTKD.shape[2]
+  block_q = min(block_q, T)
+  block_k = min(block_k, T)
   pad = -T % block_k
   k_pad, v_pad = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (k_BTKD, v_BTKD))
   pos_pad = jnp.pad(positions_BT, [(0, 0), (0, pad)])
   valid_pad = jnp.pad(valid_BT, [(0, 0), (0, pad)])
   key_block = lambda x, j: jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=1)
-  outs = []
+  outs, lses = [], []
   for start in range(0, T, block_q):
     end = min(start + block_q, T)
     q = split_heads(q_BTHD[:, start:end], K)
     q_pos = positions_BT[:, start:end]
+    first_visible = jnp.min(q_pos) - window + 1  # no key before this is inside any query's window
 
-    def body(j, carry, q=q, q_pos=q_pos):
-      ok = visible(q_pos, key_block(pos_pad, j), key_block(valid_pad, j), window)[:, None, None]
-      return fold(carry, scores(q, key_block(k_pad, j), ok, scale=scale, softcap=softcap), ok, key_block(v_pad, j))
+    def body(j, carry, q=q, q_pos=q_pos, first_visible=first_visible):
+      def step(carry):
+        ok = visible(q_pos, key_block(pos_pad, j), key_block(valid_pad, j), window)[:, None, None]
+        return fold(carry, scores(q, key_block(k_pad, j), ok, scale=scale, softcap=softcap), ok,
+                    key_block(v_pad, j))
 
-    carry = jax.lax.fori_loop(0, -(-end // block_k), body, fold_init(*q.shape))
-    outs.append(merge_heads(fold_finish(carry)[0]).astype(q_BTHD.dtype))
-  return jnp.concatenate(outs, axis=1)
+      return jax.lax.cond(jnp.max(key_block(pos_pad, j)) >= first_visible, step, lambda c: c, carry)
+
+    o, lse = fold_finish(jax.lax.fori_loop(0, -(-end // block_k), body, fold_init(*q.shape)))
+    outs.append(merge_heads(o).astype(q_BTHD.dtype))
+    lses.append(lse)
+  out = jnp.concatenate(outs, axis=1)
+  return (out, jnp.concatenate(lses, axis=3)) if return_lse else out
 
 
 DECODE_BLOCK = 512  # keys per step of the decode loop; `generate.buffer_len` allocates whole blocks

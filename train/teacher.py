@@ -5,13 +5,13 @@ chunk j, and renormalised over t's candidate chunks (j < chunk_id[t], see `bound
 t's own open chunk are excluded. Rows with no candidate are all zero.
 
 No `T x T` array is ever built. Per query block, two passes over the key blocks it can see:
-1. flash attention: running max and sum per query and head, giving the attention output (which the
-   next layer needs) and the logsumexp;
+1. `attention.causal_attention`, the model's own tiled prefill fold, with its log-sum-exp: the
+   attention output (which the next layer needs) and the normaliser of every query and head;
 2. probabilities `exp(s - lse)`, summed over heads and scattered into chunk bins by a one-hot
-   `[S_block, C]` matmul.
-Key blocks past the causal diagonal (and before a sliding window) are skipped by a loop with
-dynamic bounds, which reverse-mode autodiff cannot cross: the teacher is a constant, and its
-inputs are wrapped in `stop_gradient` so that differentiating a loss around it stays legal.
+   `[S_block, C]` matmul. Its key blocks past the causal diagonal (and before a sliding window)
+   are skipped by a loop with dynamic bounds, which reverse-mode autodiff cannot cross: the
+   teacher is a constant, and its inputs are wrapped in `stop_gradient` so that differentiating a
+   loss around it stays legal.
 This is the plain-jnp reference for the Pallas distillation-attention kernel.
 """
 
@@ -60,36 +60,6 @@ def _pad_to(x, T_pad, value):
   pad = [(0, 0)] * x.ndim
   pad[1] = (0, T_pad - x.shape[1])
   return jnp.pad(x, pad, constant_values=value)
-
-
-def flash_attention(cfg: ModelConfig, q_BTHD, k_BTKD, v_BTKD, valid_BT, window, *, block_q: int, block_k: int):
-  """Causal attention (positions = indices) and its logsumexp. Returns (out [B, T, H, D], lse [B, K, G, T]).
-
-  T must be a multiple of both block sizes.
-  """
-  B, T, H, D = q_BTHD.shape
-  q_BKGTD = attn.split_heads(q_BTHD, cfg.n_kv_heads)
-  pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-
-  def query_block(i):
-    qs = i * block_q
-    q_blk = jax.lax.dynamic_slice_in_dim(q_BKGTD, qs, block_q, axis=3)
-    q_pos = jax.lax.dynamic_slice_in_dim(pos_BT, qs, block_q, axis=1)
-
-    def key_block(j, carry):
-      ks = j * block_k
-      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, ks, block_k, axis=1)
-      s, mask_BQS = _logits(cfg, q_blk, sl(k_BTKD), q_pos, sl(pos_BT), sl(valid_BT), window)
-      return attn.fold(carry, s, mask_BQS[:, None, None], sl(v_BTKD))
-
-    lo, hi = _block_range(qs, block_q, block_k, window)
-    o_BKGQD, lse_BKGQ = attn.fold_finish(jax.lax.fori_loop(lo, hi, key_block, attn.fold_init(*q_blk.shape)))
-    return attn.merge_heads(o_BKGQD).astype(q_BTHD.dtype), lse_BKGQ
-
-  out_NBQHD, lse_NBKGQ = jax.lax.map(query_block, jnp.arange(T // block_q))
-  out_BTHD = jnp.moveaxis(out_NBQHD, 0, 1).reshape(B, T, H, D)
-  lse_BKGT = jnp.moveaxis(lse_NBKGQ, 0, 3).reshape(B, *lse_NBKGQ.shape[2:4], T)
-  return out_BTHD, lse_BKGT
 
 
 def chunk_mass(cfg: ModelConfig, q_BTHD, k_BTKD, lse_BKGT, valid_BT, window, chunk_id_BT, max_chunks: int, *,
@@ -141,6 +111,11 @@ def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[
   slot_of_layer = jnp.asarray(slot_of_layer)
   candidate_BTC = boundaries.candidate_mask(chunk_id_BT, max_chunks) & valid_BT[..., None]
   kw = dict(block_q=block_q, block_k=block_k)
+  positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+  def dense(layer, q, k, v, return_lse=False):
+    return attn.causal_attention(q, k, v, positions_BT, valid_BT, layer["window"], scale=cfg.attn_scale,
+                                 softcap=cfg.attn_softcap, return_lse=return_lse, **kw)
 
   # The distillation kernel's convention: sinks join chunk 0 (it drops positions < n_sink itself).
   kernel_chunk_id = jnp.where(valid_BT, jnp.maximum(chunk_id_BT, 0), boundaries.NO_CHUNK)
@@ -149,8 +124,7 @@ def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[
     slot = slot_of_layer[layer["index"]]
 
     def plain(st):
-      out, _ = flash_attention(cfg, q, k, v, valid_BT, layer["window"], **kw)
-      return out, st
+      return dense(layer, q, k, v), st
 
     def record(st):
       if attention == "pallas":  # QK layers are full-attention layers: no window to apply
@@ -158,7 +132,7 @@ def teacher_attend_fn(cfg: ModelConfig, valid_BT, chunk_id_BT, qk_layers: tuple[
                                    n_sink=n_sink, softcap=cfg.attn_softcap, interpret=interpret, **kw)
         P = renormalise(P, candidate_BTC)
       else:
-        out, lse = flash_attention(cfg, q, k, v, valid_BT, layer["window"], **kw)
+        out, lse = dense(layer, q, k, v, return_lse=True)
         P = renormalise(chunk_mass(cfg, q, k, lse, valid_BT, layer["window"], chunk_id_BT, max_chunks, **kw),
                         candidate_BTC)
       return out, dict(st, P=st["P"].at[slot].set(P), h=st["h"].at[slot].set(h))
