@@ -3,13 +3,24 @@
 The environment must be set before jax is imported anywhere, hence module level here.
 """
 
+import getpass
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["JAX_PLATFORMS"] = "cpu"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent XLA cache for the whole run, shared by the xdist workers and by the subprocesses
+# the tests start (the CLI, the notebooks' kernels): the same programs are otherwise compiled again
+# in each worker and after each module's clearing (`_free_compiled_programs`). On three real-model
+# test files it cut the CPU time by 8% from an empty cache, and by 45% from a warm one.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"chunkllm-jax-test-xla-cache-{getpass.getuser()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))  # least recently used go first
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
