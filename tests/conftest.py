@@ -17,6 +17,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # the tests start (the CLI, the notebooks' kernels): the same programs are otherwise compiled again
 # in each worker and after each module's clearing (`_free_compiled_programs`). On three real-model
 # test files it cut the CPU time by 8% from an empty cache, and by 45% from a warm one.
+# Programs over several devices stay out of it (the `multi_device` marker, and
+# `JAX_ENABLE_COMPILATION_CACHE=false` in multi-device subprocesses): XLA:CPU executables with
+# collectives, loaded from the cache, deadlock in their all-gathers (jax 0.10.2, reproduced by
+# running the sharded chunk_generate test twice on one cache directory).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"chunkllm-jax-test-xla-cache-{getpass.getuser()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
@@ -30,6 +34,25 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices; was jax imported before conftest?"
+  config.addinivalue_line("markers", "multi_device: runs programs over several devices, so compiles "
+                          "without the persistent XLA cache")
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_cache_across_devices(request):
+  """Compiles a `multi_device` test's programs without the persistent cache (see the top of this file)."""
+  if request.node.get_closest_marker("multi_device") is None:
+    yield
+    return
+  from jax.experimental.compilation_cache import compilation_cache
+
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # the cache remembers per process whether it is in use
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

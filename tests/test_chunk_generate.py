@@ -223,6 +223,7 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
   assert xla.stats["kv_retention"][0] < 1.0  # the selection really was sparse
 
 
+@pytest.mark.multi_device
 @pytest.mark.parametrize("data, model", [(8, 1), (2, 4)])
 def test_sharded_equals_unsharded(data, model):
   params = chunk_params(n_heads=8, n_kv_heads=4, head_dim=4)

@@ -111,6 +111,7 @@ def test_bad_input_is_refused_with_a_clear_error(bad, match):
     cj.generate(params, kw.pop("tokens"), **kw)
 
 
+@pytest.mark.multi_device
 @pytest.mark.parametrize("data, model", [(8, 1), (2, 4), (4, 2)])
 def test_sharded_forward_and_generate_equal_unsharded(data, model):
   params = tiny_params("qwen2", n_heads=8, n_kv_heads=4, head_dim=4)

@@ -31,7 +31,8 @@ def _tree(d: Path) -> dict[str, str]:
 
 def _cli(*argv, cwd=REPO) -> subprocess.CompletedProcess:
   """A CLI in a fresh python (a process per call: used only where the exit code itself is the point)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  # The 8 test devices, so no persistent cache (conftest.py).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_ENABLE_COMPILATION_CACHE="false")
   return subprocess.run([sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=300)
 

@@ -51,6 +51,7 @@ def test_only_adapters_change_and_the_loss_falls():
   assert n_opt <= 2 * n_adapter + 8
 
 
+@pytest.mark.multi_device
 @pytest.mark.parametrize("data,model", [(4, 2), (8, 1)])
 def test_sharded_step_equals_unsharded(data, model):
   params, schedule, optimizer, state = _setup()

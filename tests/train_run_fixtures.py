@@ -25,6 +25,8 @@ def write_corpus(path: Path, n_docs: int = 3, n_sentences: int = 40) -> str:
 def env(n_devices: int) -> dict[str, str]:
   e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu",
            XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", PYTHONPATH=str(REPO))
+  if n_devices > 1:  # multi-device executables stay out of the persistent cache (conftest.py)
+    e["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   return e
 
 
