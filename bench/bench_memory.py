@@ -90,6 +90,13 @@ def main(argv=None) -> int:
       r = rows[-1]
       print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / r['floor']:.2f}x the floor "
             f"({r['floor'] / 2**30:.2f} GiB)", file=sys.stderr)
+      _write(rows, args)  # after every run, so a run stopped early keeps what it measured
+  print(_write(rows, args))
+  return 0
+
+
+def _write(rows: list[dict], args) -> str:
+  """bench/RESULTS_memory.md and .json from the runs so far; returns the markdown."""
   mib = lambda x: f"{x / 2**20:.0f}"
   lines = ["# Peak host memory of generation", "",
            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}; smollm2-135m float32, "
@@ -109,8 +116,7 @@ def main(argv=None) -> int:
                  f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x |")
   (HERE / "RESULTS_memory.md").write_text("\n".join(lines) + "\n")
   (HERE / "RESULTS_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
-  print("\n".join(lines))
-  return 0
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
