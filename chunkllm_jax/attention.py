@@ -104,8 +104,9 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   stay in cache (one [block_q, T] row of scores per query block measured 3x slower at 8K on the
   CPU). The loop over key blocks has a static count, so it differentiates; a block that lies
   wholly before every query's sliding window is skipped by a `lax.cond` (the window may be traced,
-  as it is in the scan over layers), and one that every query sees whole is folded unmasked. Keys past a query block's last index are never read, so
-  positions must not run ahead of indices (right padding, or positions = indices).
+  as it is in the scan over layers), and one that every query sees whole is folded unmasked. Keys
+  past a query block's last index are never read, so positions must not run ahead of indices
+  (right padding, or positions = indices).
 
   Returns [B, T, H, D], and with `return_lse` also the log-sum-exp [B, K, G, T] float32.
   """
