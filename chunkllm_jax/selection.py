@@ -59,6 +59,9 @@ class ChunkConfig(ChunkRules):
   top_chunks: int = 16  # selected chunks, when no KV budget is set
   kv_budget: float | None = None  # fraction of the tokens seen that a sparse layer reads (0, 1]
   kv_budget_tokens: int | None = None  # or a token count; either one replaces top_chunks
+  # With a budget: the share of it that the most recent tokens get first (sinks, local and open chunk
+  # included; recent candidates fill the rest of the share), the remainder going by score.
+  recent_share: float = 0.0
   scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
   # Who scores the prompt's selections and the first decode one: "attention" (default; the frozen
   # attention of the selection layers, computed where the prompt's K is at hand, docs/results.md
@@ -117,6 +120,8 @@ class ChunkConfig(ChunkRules):
       if not 0 < self.kv_budget_tokens <= max_len:
         raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be in [1, max_len={max_len}] "
                          "(the KV buffer cannot hold more)")
+    if not (isinstance(self.recent_share, (int, float)) and 0.0 <= self.recent_share <= 1.0):
+      raise ValueError(f"recent_share is a share of the KV budget, in [0, 1]; got {self.recent_share!r}")
     if self.scorer not in SCORERS:
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
     if self.prefill_scorer not in (None, *SCORERS):
@@ -297,9 +302,17 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v >= 0.0)))
     return put(picked, idx, val)
   cost = jnp.ones_like(chunk_len_BC) if cfg.keep == "boundary" else chunk_len_BC
+  budget = cfg.budget_tokens(seen_BR)
+  if cfg.recent_share > 0.0:
+    # The most recent candidates come first while they, with what is always read, fit the recent
+    # share: a window in tokens, not in chunks, whatever the chunk lengths.
+    cost_C = jnp.where(cand, cost[:, None], 0)
+    newer = jnp.cumsum(cost_C[..., ::-1], -1)[..., ::-1]  # tokens from candidate j to the newest
+    recent = cand & (newer + fixed_BR[..., None] <= jnp.floor(cfg.recent_share * budget)[..., None])
+    score = jnp.where(recent, jnp.inf, score)
   order = jnp.argsort(-score, axis=-1, stable=True)  # best first; ties by position
   cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)
-  room = cfg.budget_tokens(seen_BR) - fixed_BR
+  room = budget - fixed_BR
   fits = (jnp.cumsum(cost_sorted, -1) <= room[..., None]) & jnp.take_along_axis(cand, order, -1)
   put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))
   return put(jnp.zeros(score.shape, bool), order, fits)

@@ -58,9 +58,11 @@ def test_max_vote_keeps_a_chunk_one_sharp_layer_wants():
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.9])
 @pytest.mark.parametrize("keep", ["chunk", "boundary"])
-def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep):
-  """On random segmentations: chunks are kept in score order while they fit; the kept tokens never
-  pass the budget and fall short of it by less than the first chunk that did not fit."""
+@pytest.mark.parametrize("recent_share", [0.0, 0.5, 1.0])
+def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, recent_share):
+  """On random segmentations: the most recent candidates that fit the recent share of the budget
+  come first, then chunks in score order while they fit; the kept tokens never pass the budget and
+  fall short of it by less than the first chunk that did not fit."""
   rng = np.random.RandomState(seed)
   B, C, n_sink = 4, 40, 4
   lengths = rng.randint(1, 40, (B, C))
@@ -73,14 +75,22 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep):
   seen = ends[np.arange(B), n_chunks - 1] + 1
   fixed = n_sink + np.asarray([lens[b, max(n_chunks[b] - n_local, 0):n_chunks[b]].sum() for b in range(B)])
   score = rng.rand(B, C).astype(np.float32)
-  cfg = ChunkConfig(n_sink=n_sink, n_local=n_local, max_chunks=C, kv_budget=budget, keep=keep)
+  cfg = ChunkConfig(n_sink=n_sink, n_local=n_local, max_chunks=C, kv_budget=budget, keep=keep,
+                    recent_share=recent_share)
   got = np.asarray(choose(jnp.asarray(score)[:, None], jnp.asarray(n_cand)[:, None], jnp.asarray(lens),
                           jnp.asarray(fixed)[:, None], jnp.asarray(seen)[:, None], cfg))[:, 0]
   for b in range(B):
     cost = np.ones(C, int) if keep == "boundary" else lens[b]
     room = int(np.ceil(budget * seen[b])) - fixed[b]
+    key = np.where(np.arange(C) < n_cand[b], score[b], -1.0)
+    newer = 0  # candidates from the newest back, while they and what is always read fit the share
+    for c in range(n_cand[b] - 1, -1, -1):
+      newer += cost[c]
+      if fixed[b] + newer > np.floor(recent_share * np.ceil(budget * seen[b])):
+        break
+      key[c] = np.inf
     want, used = np.zeros(C, bool), 0
-    for c in np.argsort(-np.where(np.arange(C) < n_cand[b], score[b], -1.0), kind="stable")[:n_cand[b]]:
+    for c in np.argsort(-key, kind="stable")[:n_cand[b]]:
       if used + cost[c] > room:
         assert room - used < cost[c]  # short of the budget by less than this chunk
         break
@@ -97,6 +107,7 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep):
     (dict(kv_budget_tokens=2.5), TypeError, "must be an int"),
     (dict(scorer="oracle"), ValueError, "scorer must be"),
     (dict(vote="per_layer"), ValueError, "vote must be"),
+    (dict(kv_budget=0.5, recent_share=1.5), ValueError, "recent_share is a share"),
     (dict(top_chunks="16"), TypeError, "top_chunks must be an int"),
 ])
 def test_bad_settings_are_named(kw, err, match):

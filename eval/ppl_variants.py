@@ -1,0 +1,97 @@
+"""Perplexity of one method under ChunkConfig variants, side by side on the same texts.
+
+An ablation tool: each variant is the method's configuration at the target retention
+(`methods.method_config`, as `eval.run` builds it) with some fields replaced, run through the
+perplexity program of `eval.perplexity` (the very steps generation runs). It prints, per variant,
+the measured KV, the summed NLL and its difference from vanilla per position bin.
+
+  python -m eval.ppl_variants --tokens 1024 --docs 3 --retention 0.5 \\
+      --variants "" recent_share=0.75 kv_budget=None,kv_budget_tokens=278
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+import chunkllm_jax as cj
+from chunkllm_jax.decoding import buffer_len
+from eval import methods as M
+from eval import perplexity as P
+
+
+def parse_variant(text: str) -> dict:
+  """"field=value,field=value" -> {field: value}; values are ints, floats, None or strings."""
+  def value(v: str):
+    if v == "None":
+      return None
+    for kind in (int, float):
+      try:
+        return kind(v)
+      except ValueError:
+        pass
+    return v
+  fields = {f.name for f in dataclasses.fields(cj.ChunkConfig)}
+  out = {}
+  for item in filter(None, text.split(",")):
+    name, _, v = item.partition("=")
+    if name not in fields:
+      raise SystemExit(f"unknown ChunkConfig field {name!r} in variant {text!r}")
+    out[name] = value(v)
+  return out
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="smollm2-135m")
+  p.add_argument("--method", default="hybrid", choices=[m for m in M.METHODS if m != "vanilla"])
+  p.add_argument("--retention", type=float, default=0.5)
+  p.add_argument("--tokens", type=int, default=1024, help="tokens per text")
+  p.add_argument("--prefix", type=int, default=256, help="prefilled tokens before scoring starts")
+  p.add_argument("--docs", type=int, default=3)
+  p.add_argument("--bin", type=int, default=128, help="position bin width")
+  p.add_argument("--text", default="/work/shared/data/brown.txt", help="a text file, or 'generated'")
+  p.add_argument("--variants", nargs="+", default=[""], help='"field=value,..." per variant; "" is the method as is')
+  p.add_argument("--out", default=None, help="write the rows here as JSON lines")
+  args = p.parse_args(argv)
+  variants = [(v, parse_variant(v)) for v in args.variants]  # bad fields fail before the model loads
+  if args.out and Path(args.out).exists():
+    raise SystemExit(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
+
+  model = cj.load(args.model, dtype="float32")
+  params = cj.with_adapters(model.params, cj.load_adapters(args.model, model.config))
+  docs = P.text_windows(model.tokenizer, args.docs, args.tokens, None if args.text == "generated" else args.text)
+  tokens = jnp.asarray(np.asarray(docs, np.int32))
+  N, prefix = args.tokens, args.prefix
+  max_len = M._round_up(N, 128)
+  settings = M.settings_for(model)
+  seg = M.segmentation_for(args.method, params, docs, settings)
+  base, _ = M.method_config(args.method, args.retention, [prefix] * len(docs), N - prefix, max_len, settings, seg)
+  edges = P.position_bins(prefix, N, max(1, (N - prefix) // args.bin))
+  rows, vanilla = [], None
+  for label, fields in [("vanilla", None)] + variants:
+    ccfg = None if fields is None else dataclasses.replace(base, **fields).validate(max_len, model.config.n_layers)
+    t0 = time.time()
+    (logp, stats), _ = P._program(prefix, buffer_len(max_len), ccfg).timed(params, tokens)
+    bins = np.sum([P.binned_nll(np.asarray(logp)[b], prefix, edges)[0] for b in range(len(docs))], 0)
+    vanilla = bins if vanilla is None else vanilla
+    kv = float(np.asarray(stats["kv_retention"]).mean()) if stats else 1.0
+    row = dict(variant=label or args.method, kv=kv, nll=float(bins.sum()), vs_vanilla=float(bins.sum() / vanilla.sum() - 1),
+               bin_edges=edges.tolist(), nll_bins_minus_vanilla=(bins - vanilla).round(2).tolist(),
+               seconds=time.time() - t0)
+    rows.append(row)
+    print(f"{row['variant']:50s} KV {kv:6.1%}  NLL {row['nll']:9.1f}  {row['vs_vanilla']:+7.2%}  per bin:",
+          " ".join(f"{d:6.1f}" for d in row["nll_bins_minus_vanilla"]), flush=True)
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("".join(json.dumps({**r, **vars(args)}) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+  main()
