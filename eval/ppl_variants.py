@@ -24,6 +24,7 @@ import chunkllm_jax as cj
 from chunkllm_jax.decoding import buffer_len
 from eval import methods as M
 from eval import perplexity as P
+from eval.run import BROWN
 
 
 def parse_variant(text: str) -> dict:
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
   p.add_argument("--prefix", type=int, default=256, help="prefilled tokens before scoring starts")
   p.add_argument("--docs", type=int, default=3)
   p.add_argument("--bin", type=int, default=128, help="position bin width")
-  p.add_argument("--text", default="/work/shared/data/brown.txt", help="a text file, or 'generated'")
+  p.add_argument("--text", default=str(BROWN), help="a one-sentence-a-line text (blank lines between documents), or 'generated'")
   p.add_argument("--variants", nargs="+", default=[""], help='"field=value,..." per variant; "" is the method as is')
   p.add_argument("--out", default=None, help="write the rows here as JSON lines")
   args = p.parse_args(argv)
