@@ -74,11 +74,26 @@ def project_qkv(cfg: ModelConfig, lp, h_BTD, positions_BT, layer):
   return q, k, v
 
 
+MLP_BLOCK = 1024  # tokens per MLP block in long prompts
+
+
 def _mlp(cfg: ModelConfig, lp, h_BTD):
-  gate = jnp.einsum("btd,df->btf", h_BTD, lp["w_gate"])
-  up = jnp.einsum("btd,df->btf", h_BTD, lp["w_up"])
-  act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-  return jnp.einsum("btf,fd->btd", act * up, lp["w_down"])
+  """The gated MLP. A long prompt runs in blocks of `MLP_BLOCK` tokens, one after another, so its
+  [T, d_ff] activations are never all live at once (they were half the KV buffer's size in a
+  prefill's temporaries, bench/RESULTS_memory.md); each token's result is the same."""
+  def block(h):
+    gate = jnp.einsum("btd,df->btf", h, lp["w_gate"])
+    up = jnp.einsum("btd,df->btf", h, lp["w_up"])
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return jnp.einsum("btf,fd->btd", act * up, lp["w_down"])
+
+  B, T, D = h_BTD.shape
+  if T <= MLP_BLOCK:
+    return block(h_BTD)
+  n = -(-T // MLP_BLOCK)
+  h_BTD = jnp.pad(h_BTD, ((0, 0), (0, n * MLP_BLOCK - T), (0, 0)))
+  h_NBtD = h_BTD.reshape(B, n, MLP_BLOCK, D).swapaxes(0, 1)
+  return jax.lax.map(block, h_NBtD).swapaxes(0, 1).reshape(B, n * MLP_BLOCK, D)[:, :T]
 
 
 def finish_layer(cfg: ModelConfig, lp, x_BTD, attn_BTHD):

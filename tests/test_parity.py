@@ -53,8 +53,17 @@ def test_tiny_model_logits_match_transformers(arch, overrides, tmp_path):
   assert err <= REL_TOL, f"{arch}: relative error {err:.2e}"
 
 
-def test_blocked_prefill_attention_matches_transformers(tmp_path):
-  """Sequences longer than one query block take the blocked causal path."""
+@pytest.mark.parametrize("mlp_block", [None, 256])
+def test_blocked_prefill_attention_matches_transformers(tmp_path, monkeypatch, mlp_block):
+  """Sequences longer than one query block take the blocked causal path; with `mlp_block`, the MLP
+  runs in blocks of tokens too (700 tokens: two whole blocks and a padded one)."""
+  if mlp_block is not None:
+    import jax
+
+    from chunkllm_jax import model as model_module
+
+    monkeypatch.setattr(model_module, "MLP_BLOCK", mlp_block)
+    jax.clear_caches()  # the jitted forward was traced with the other block size
   path = make_tiny_hf_model("gemma3", tmp_path, max_position_embeddings=1024)
   model = cj.load(str(path), tokenizer=False)
   ids = np.random.RandomState(1).randint(0, model.config.vocab_size, (1, 700))
