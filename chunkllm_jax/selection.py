@@ -306,9 +306,9 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
   if cfg.recent_share > 0.0:
     # The most recent candidates come first while they, with what is always read, fit the recent
     # share: a window in tokens, not in chunks, whatever the chunk lengths.
-    cost_C = jnp.where(cand, cost[:, None], 0)
-    newer = jnp.cumsum(cost_C[..., ::-1], -1)[..., ::-1]  # tokens from candidate j to the newest
-    recent = cand & (newer + fixed_BR[..., None] <= jnp.floor(cfg.recent_share * budget)[..., None])
+    cost_BRC = jnp.where(cand, cost[:, None], 0)
+    newer_BRC = jnp.cumsum(cost_BRC[..., ::-1], -1)[..., ::-1]  # tokens from candidate j to the newest
+    recent = cand & (newer_BRC + fixed_BR[..., None] <= jnp.floor(cfg.recent_share * budget)[..., None])
     score = jnp.where(recent, jnp.inf, score)
   order = jnp.argsort(-score, axis=-1, stable=True)  # best first; ties by position
   cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)

@@ -10,6 +10,7 @@ covers every chunk the log-probs are vanilla's (tests/test_eval_perplexity.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Sequence
@@ -70,9 +71,10 @@ def _program(prefix: int, max_len: int, ccfg: ChunkConfig | None) -> Compiled:
 
 
 def token_logprobs(method: str, params, docs: Sequence[Sequence[int]], prefix: int, retention: float | None,
-                   settings: M.MethodSettings) -> tuple[np.ndarray, list[dict]]:
+                   settings: M.MethodSettings, overrides: dict | None = None) -> tuple[np.ndarray, list[dict]]:
   """log p of every true next token after the prefix: [B, N - prefix] (column i is position prefix + i),
-  and per row the stats (measured kv_retention, the knobs, seconds per token). Docs share one length N."""
+  and per row the stats (measured kv_retention, the knobs, seconds per token). Docs share one length N.
+  `overrides`: ChunkConfig fields replaced in the method's configuration (an ablation)."""
   lengths = {len(d) for d in docs}
   if len(lengths) != 1:
     raise ValueError(f"docs must share one length, got {sorted(lengths)}")
@@ -86,7 +88,7 @@ def token_logprobs(method: str, params, docs: Sequence[Sequence[int]], prefix: i
   if method != "vanilla":
     seg = M.segmentation_for(method, params, docs, settings)  # the whole text: every chunk it will make
     ccfg, info = M.method_config(method, retention, [prefix] * len(docs), N - prefix, max_len, settings, seg)
-    ccfg = ccfg.validate(max_len, params.config.n_layers)
+    ccfg = dataclasses.replace(ccfg, **(overrides or {})).validate(max_len, params.config.n_layers)
     extra.update(M.config_summary(ccfg), **info)
   (logp, stats), seconds = _program(prefix, buffer_len(max_len), ccfg).timed(params, tokens)
   rows = []

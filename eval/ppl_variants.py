@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 import chunkllm_jax as cj
-from chunkllm_jax.decoding import buffer_len
 from eval import methods as M
 from eval import perplexity as P
 from eval.run import BROWN
@@ -68,24 +65,18 @@ def main(argv=None) -> None:
   model = cj.load(args.model, dtype="float32")
   params = cj.with_adapters(model.params, cj.load_adapters(args.model, model.config))
   docs = P.text_windows(model.tokenizer, args.docs, args.tokens, None if args.text == "generated" else args.text)
-  tokens = jnp.asarray(np.asarray(docs, np.int32))
-  N, prefix = args.tokens, args.prefix
-  max_len = M._round_up(N, 128)
   settings = M.settings_for(model)
-  seg = M.segmentation_for(args.method, params, docs, settings)
-  base, _ = M.method_config(args.method, args.retention, [prefix] * len(docs), N - prefix, max_len, settings, seg)
-  edges = P.position_bins(prefix, N, max(1, (N - prefix) // args.bin))
+  edges = P.position_bins(args.prefix, args.tokens, max(1, (args.tokens - args.prefix) // args.bin))
   rows, vanilla = [], None
   for label, fields in [("vanilla", None)] + variants:
-    ccfg = None if fields is None else dataclasses.replace(base, **fields).validate(max_len, model.config.n_layers)
-    t0 = time.time()
-    (logp, stats), _ = P._program(prefix, buffer_len(max_len), ccfg).timed(params, tokens)
-    bins = np.sum([P.binned_nll(np.asarray(logp)[b], prefix, edges)[0] for b in range(len(docs))], 0)
+    method = "vanilla" if fields is None else args.method
+    logp, stats = P.token_logprobs(method, params, docs, args.prefix, args.retention, settings, overrides=fields)
+    bins = np.sum([P.binned_nll(row, args.prefix, edges)[0] for row in logp], 0)
     vanilla = bins if vanilla is None else vanilla
-    kv = float(np.asarray(stats["kv_retention"]).mean()) if stats else 1.0
+    kv = float(np.mean([s["kv_retention"] for s in stats]))
     row = dict(variant=label or args.method, kv=kv, nll=float(bins.sum()), vs_vanilla=float(bins.sum() / vanilla.sum() - 1),
                bin_edges=edges.tolist(), nll_bins_minus_vanilla=(bins - vanilla).round(2).tolist(),
-               seconds=time.time() - t0)
+               seconds=stats[0]["seconds"])
     rows.append(row)
     print(f"{row['variant']:50s} KV {kv:6.1%}  NLL {row['nll']:9.1f}  {row['vs_vanilla']:+7.2%}  per bin:",
           " ".join(f"{d:6.1f}" for d in row["nll_bins_minus_vanilla"]), flush=True)
