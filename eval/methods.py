@@ -17,8 +17,8 @@ comes from what attention reads, never from a second implementation:
 
 Methods that select (chunkllm, oracle, fixllm) take the target r as their token budget
 (`ChunkConfig.kv_budget`): the selection itself fills chunks until r of the tokens seen are read.
-The windows of streamingllm and sepllm are matched by *expected* retention: the knob is the one
-whose expected retention, counted
+The windows of streamingllm and sepllm are matched by *expected* retention, row by row: the knob
+is the one whose expected retention, counted
 step by step the way chunk_generate counts it (visible / seen, averaged over the decode steps),
 comes closest to r. The count uses where each method's chunks really end in the prompts:
 ChunkLLM's from the Chunk Adapter run on layer 0 alone (the segmentation chunk_prefill makes),
@@ -45,6 +45,7 @@ from chunkllm_jax.selection import ChunkConfig, ChunkRules
 
 METHODS = ("vanilla", "oracle", "chunkllm", "hybrid", "streamingllm", "sepllm", "fixllm")
 SELECTING = ("oracle", "chunkllm", "hybrid", "fixllm")  # the methods whose selection meets a token budget
+WINDOWED = ("streamingllm", "sepllm")  # the methods whose window is fitted to a retention target
 SEPARATOR_CHARS = ".,;:!?\n"
 
 
@@ -280,12 +281,12 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   if method == "sepllm":
     base = dataclasses.replace(base, top_chunks=max_chunks)  # every separator
   if retention is None:
-    if method in ("streamingllm", "sepllm"):
+    if method in WINDOWED:
       ccfg = dataclasses.replace(base, n_local=max(1, int(round(settings.window / L))))
     else:
       ccfg = base  # the DESIGN defaults: top_chunks 16, n_local 4
   elif retention >= 1.0:
-    ccfg = dataclasses.replace(base, n_local=max_chunks if method in ("streamingllm", "sepllm") else base.n_local,
+    ccfg = dataclasses.replace(base, n_local=max_chunks if method in WINDOWED else base.n_local,
                                top_chunks=0 if method == "streamingllm" else max_chunks)
   elif method in SELECTING:
     ccfg = dataclasses.replace(base, kv_budget=float(retention))
@@ -335,9 +336,40 @@ def run_batch(method: str, params, rows, max_new_tokens: int, retention: float |
   else:
     seg = segmentation_for(method, params, rows, settings)
     ccfg, info = method_config(method, retention, lens, max_new_tokens, max_len, settings, seg)
-    out = chunk_generate(params, [list(r) for r in rows], chunk_config=ccfg, **kw)
-    extra = dict(batch_size=len(rows), **config_summary(ccfg), **info)
+    results: list = [None] * len(rows)
+    for ccfg_g, info_g, group in row_windows(method, ccfg, info, retention, seg, lens, max_new_tokens, settings):
+      out = chunk_generate(params, [list(rows[b]) for b in group], chunk_config=ccfg_g, **kw)
+      extra = dict(batch_size=len(group), **config_summary(ccfg_g), **info_g)
+      for j, b in enumerate(group):
+        results[b] = (out.new_tokens(j).tolist(), _row_stats(out, j, extra))
+    return results
   return [(out.new_tokens(b).tolist(), _row_stats(out, b, extra)) for b in range(len(rows))]
+
+
+def row_windows(method: str, ccfg: ChunkConfig, info: dict, retention: float | None, seg: Segmentation | None,
+                lens: Sequence[int], n_new: int, settings: MethodSettings):
+  """(config, budget info, row indices) groups: a window method's knob fitted to each row's own text.
+
+  One window for a whole batch meets the target on the batch's mean, and a row whose text is
+  denser in separators than its neighbours' reads more than its budget (SepLLM keeps every
+  separator token); fitted per row, each row's window meets its own target. Rows that get the
+  same window still run together. Methods whose selection meets a token budget, and untargeted
+  runs, keep the batch's one config."""
+  rows = list(range(len(lens)))
+  if method not in WINDOWED or retention is None or retention >= 1.0 or len(lens) == 1:
+    return [(ccfg, info, rows)]
+  bseg = budget_segmentation(ccfg, settings, seg, seg.lengths if seg else lens)
+  groups: dict = {}
+  for b in rows:
+    row_seg = Segmentation((bseg.ends[b],), (bseg.lengths[b],), bseg.n_sink)
+    fitted = fit_knob(method, ccfg, retention, row_seg, [lens[b]], n_new, settings)
+    groups.setdefault(fitted, []).append(b)
+  out = []
+  for fitted, group in groups.items():
+    sub = Segmentation(tuple(bseg.ends[b] for b in group), tuple(bseg.lengths[b] for b in group), bseg.n_sink)
+    expected = expected_retention(fitted, sub, [lens[b] for b in group], n_new)
+    out.append((fitted, {**info, "expected_retention": expected}, group))
+  return out
 
 
 def iter_method(method: str, model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -85,6 +85,26 @@ def test_baselines_read_what_they_say(params, method):
   assert abs(measured - 0.5) < 0.08  # matched budget (the estimate cannot know the new tokens' separators)
 
 
+@pytest.mark.parametrize("retention", [0.5, 0.25])
+def test_sepllm_window_fits_each_row(params, retention):
+  """Two rows of one batch, one dense in separators (every 6th token) and one sparse (every 20th):
+  each gets its own window, and each row's measured retention is within one of its chunks of the
+  target (one window for both would overshoot on the dense row and undershoot on the other)."""
+  rng = np.random.RandomState(7)
+  plain = [t for t in range(96) if t not in SEPS]
+  def row(every, n):
+    r = rng.choice(plain, n).tolist()
+    for i in range(4 + every - 1, n, every):
+      r[i] = SEPS[1 + i % (len(SEPS) - 1)]
+    return r
+  prompts_ = [row(6, 320), row(20, 320)]
+  n_new = 3  # the prompt sets the retention, as in the needle runs
+  out = M.run_method("sepllm", None, params, prompts_, n_new, retention, SETTINGS, eos_ids=())
+  assert out[0][1]["n_local"] != out[1][1]["n_local"]
+  for every, (_, st) in zip([6, 20], out):
+    assert abs(st["kv_retention"] - retention) <= every / 320
+
+
 def test_budget_model_counts_like_the_slow_count():
   rng = np.random.RandomState(0)
   for _ in range(20):
