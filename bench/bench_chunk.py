@@ -240,6 +240,34 @@ def estimate_prefill(prefill_rows, L: int):
   return float(coef[0] * L + coef[1] * L**2)
 
 
+def machine_rates(read_mib: int = 1024, repeats: int = 5) -> dict:
+  """The machine's own read bandwidth and float32 matmul rate, as jitted XLA programs reach them.
+
+  Read bandwidth is the faster of a reduction over `read_mib` MiB and a matrix-vector product over
+  the same bytes (a decode step's weight reads are matrix-vector products); the rate is a
+  2048 x 2048 x 2048 matmul. Medians of `repeats` runs."""
+  n = read_mib * 2**20 // 4
+  x = jnp.ones((n // 1024, 1024), jnp.float32)
+  v = jnp.ones((1024,), jnp.float32)
+  a = jnp.ones((2048, 2048), jnp.float32)
+  progs = dict(sum=(jax.jit(jnp.sum), (x,)), matvec=(jax.jit(jnp.dot), (x, v)), matmul=(jax.jit(jnp.dot), (a, a)))
+  best = {}
+  for name, (fn, args) in progs.items():
+    jax.block_until_ready(fn(*args))
+    best[name] = statistics.median(timed(fn, *args)[1] for _ in range(repeats))
+  read = n * 4 / min(best["sum"], best["matvec"])
+  return dict(read_bytes_s=read, matmul_flop_s=2 * 2048**3 / best["matmul"], read_mib=read_mib,
+              read_s=dict(sum=best["sum"], matvec=best["matvec"]), matmul_s=best["matmul"])
+
+
+def decode_floor_s(step_bytes: float, context: float, rates: dict) -> float:
+  """The fastest a batch-1 decode step can be here: its bytes at the read bandwidth, or its flops
+  (2 per weight, and 4 per head per key for QK and PV) at the matmul rate, whichever is slower."""
+  n_weights = weight_bytes() / 4
+  flops = 2 * n_weights + 4 * CFG.n_layers * CFG.n_heads * CFG.head_dim * context
+  return max(step_bytes / rates["read_bytes_s"], flops / rates["matmul_flop_s"])
+
+
 def weight_bytes() -> int:
   """Weight bytes a decode step reads: every leaf once (the LM head reads the whole tied table)."""
   p = jax.eval_shape(make_params)
@@ -271,11 +299,16 @@ def verdict(decode_rows, prefill_rows):
   return out
 
 
-def write_outputs(out, command, decode_rows, prefill_rows, notes):
+def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
   wb = weight_bytes()
   for r in decode_rows:  # the ceiling for a memory-bound step: weights are read by both designs
     r["weight_bytes"] = wb
     r["bytes_ratio_with_weights"] = (r["bytes_dense"] + wb) / (r["bytes_chunk"] + wb)
+    if rates:  # measured in this run: each step as a fraction of the floor the machine allows
+      r["dense_floor_s"] = decode_floor_s(r["bytes_dense"] + wb, r["context"], rates)
+      r["chunk_floor_s"] = decode_floor_s(r["bytes_chunk"] + wb, r["context"] * r["retention"], rates)
+      r["dense_of_floor"] = r["dense_floor_s"] / r["dense_step_s"]
+      r["chunk_of_floor"] = r["chunk_floor_s"] / r["chunk_step_s"]
     # Cross-check that is less sensitive to load drift: the ratio within each round, then the median.
     r["decode_speedup_paired"] = statistics.median(
         d / (p * (CHUNK - 1) / CHUNK + b / CHUNK)
@@ -300,6 +333,20 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes):
                  f"{r['bytes_dense'] / 2**20:.0f} MiB | {r['bytes_ratio']:.2f}x | {r['bytes_ratio_with_weights']:.2f}x | "
                  f"{r['decode_tok_s_chunk']:.2f} | "
                  f"{r['decode_tok_s_dense']:.2f} | {r['decode_speedup']:.2f}x |")
+  if rates and decode_rows and "dense_of_floor" in decode_rows[0]:
+    lines += ["", "### Against the machine's floor", "",
+              f"Measured in this run: read bandwidth {rates['read_bytes_s'] / 2**30:.1f} GiB/s (the faster of a "
+              f"sum and a matrix-vector product over {rates['read_mib']} MiB), float32 matmul "
+              f"{rates['matmul_flop_s'] / 1e9:.0f} GFLOP/s (2048^3). A step's floor is its bytes (weights + the K/V "
+              "it reads) at that bandwidth, or its flops at that rate, whichever is slower; the fraction is "
+              "floor / measured step (target: at least 60%).", "",
+              "| context | retention | dense floor ms | dense step ms | dense % of floor | ChunkLLM floor ms "
+              "| ChunkLLM step ms | ChunkLLM % of floor |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in decode_rows:
+      lines.append(f"| {r['context']} | {r['retention']:.1%} | {r['dense_floor_s'] * 1e3:.0f} | "
+                   f"{r['dense_step_s'] * 1e3:.0f} | {r['dense_of_floor']:.0%} | {r['chunk_floor_s'] * 1e3:.0f} | "
+                   f"{r['chunk_step_s'] * 1e3:.0f} | {r['chunk_of_floor']:.0%} |")
   lines += ["", "Decode step times (medians, ms): ChunkLLM plain and boundary steps, and the amortised "
             "plain * 29/30 + boundary / 30 that the table uses. The last column "
             "pairs each dense step with the ChunkLLM steps of the same round (a check against load drift).", "",
@@ -337,7 +384,7 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes):
   kept = md.read_text().split(KEEP, 1)[1] if md.exists() and KEEP in md.read_text() else "\n"
   lines += ["", KEEP + kept.rstrip("\n")]
   md.write_text("\n".join(lines) + "\n")
-  md.with_suffix(".json").write_text(json.dumps(dict(device=device_line(), command=command,
+  md.with_suffix(".json").write_text(json.dumps(dict(device=device_line(), command=command, machine=rates,
                                                      decode=decode_rows, prefill=prefill_rows, notes=notes), indent=1))
   return lines
 
@@ -397,12 +444,17 @@ def main():
   if args.render:
     res = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
     cmd = res["command"] if res["command"].startswith("python") else "python " + res["command"]
-    lines = write_outputs(args.out, cmd, res["decode"], res["prefill"], res["notes"])
+    lines = write_outputs(args.out, cmd, res["decode"], res["prefill"], res["notes"], res.get("machine"))
     plot(res["decode"], res["prefill"], png)
     print("\n".join(lines))
     return
   command = "python bench/bench_chunk.py " + " ".join(sys.argv[1:])
 
+  rates = None
+  if not args.decode_from_json:  # the floor the decode steps are measured against, on this machine now
+    rates = machine_rates()
+    print(f"read {rates['read_bytes_s'] / 2**30:.1f} GiB/s, matmul {rates['matmul_flop_s'] / 1e9:.0f} GFLOP/s",
+          flush=True)
   params = make_params()
   decode_rows, prefill_rows, notes = [], [], []
   if args.prefill_from_json:
@@ -422,19 +474,19 @@ def main():
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)
-    write_outputs(args.out, command, decode_rows, prefill_rows, notes)
+    write_outputs(args.out, command, decode_rows, prefill_rows, notes, rates)
   headroom = decode_rows[0]["max_len"] - decode_rows[0]["context"] if decode_rows else 256
   for L in args.prefill_lengths:
     for selection in args.prefill_selection:
       prefill_rows.append(bench_prefill(params, L, args.prefill_ratio, args.prefill_repeats, headroom, selection))
-      write_outputs(args.out, command, decode_rows, prefill_rows, notes)
+      write_outputs(args.out, command, decode_rows, prefill_rows, notes, rates)
   for L in args.lengths:
     if L not in {r["context"] for r in prefill_rows}:
       est = estimate_prefill(prefill_rows, L)
       if est is not None:
         notes.append(f"prefill not measured at {L // 1024}K: dense prefill there takes ~{est / 60:.0f} minutes on "
                      f"this CPU (fitted a*L + b*L^2 through the measured lengths).")
-  lines = write_outputs(args.out, command, decode_rows, prefill_rows, notes)
+  lines = write_outputs(args.out, command, decode_rows, prefill_rows, notes, rates)
   plot(decode_rows, prefill_rows, png)
   print("\n".join(lines))
 

@@ -147,7 +147,8 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   return (out, jnp.concatenate(lses, axis=3)) if return_lse else out
 
 
-DECODE_BLOCK = 512  # keys per step of the decode loop; `generate.buffer_len` allocates whole blocks
+DECODE_BLOCK = 256  # keys per step of the decode loop (256: 1.15-1.27x faster than 512 at 8K-32K on the
+#                    CPU, bench/RESULTS_chunk.md); `generate.buffer_len` allocates whole blocks
 
 
 def decode_block_size(buffer_len: int) -> int:

@@ -1,0 +1,76 @@
+"""How many keys each step of the dense decode loop should fold (`attention.DECODE_BLOCK`).
+
+  python bench/decode_block.py --contexts 8192 32768 --blocks 128 256 512 1024
+
+One decode query per layer over a stacked K/V buffer of smollm2-135m's shape (30 layers, 9 heads /
+3 KV heads, head_dim 64, float32), as `kv_cache.decode_step` reads it: `attention.decode_attention`
+under a scan over the layers. Each block size is its own compiled program; the programs run
+interleaved, and the medians are printed with the K/V bytes read per second. Small blocks keep a
+tile of scores and its keys in cache; large ones run fewer loop steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from chunkllm_jax import attention  # noqa: E402
+
+N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM = 30, 9, 3, 64
+
+
+def program(block: int, context: int):
+  """Decode attention of every layer at position context - 1, reading keys in blocks of `block`."""
+  pos = jnp.array([context - 1])
+
+  def run(q, k, v):
+    def layer(carry, i):
+      out = attention.decode_attention(q + carry, k, v, i, pos, attention.NO_WINDOW, scale=HEAD_DIM**-0.5)
+      return carry + 0.0 * out.sum(), out
+
+    old, attention.DECODE_BLOCK = attention.DECODE_BLOCK, block  # read while tracing only
+    try:
+      return jax.lax.scan(layer, jnp.zeros(()), jnp.arange(N_LAYERS))[1]
+    finally:
+      attention.DECODE_BLOCK = old
+
+  return jax.jit(run)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+  ap.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512, 1024])
+  ap.add_argument("--rounds", type=int, default=7)
+  args = ap.parse_args()
+  print(f"| context | block | ms per step (30 layers) | K/V GiB/s | vs {args.blocks[0]} |")
+  print("|---:|---:|---:|---:|---:|")
+  for context in args.contexts:
+    shape = (N_LAYERS, 1, context, N_KV_HEADS, HEAD_DIM)
+    k = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    v = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    q = jax.random.normal(jax.random.key(2), (1, 1, N_HEADS, HEAD_DIM), jnp.float32)
+    progs = {b: program(b, context) for b in args.blocks}
+    for f in progs.values():
+      jax.block_until_ready(f(q, k, v))
+    times = {b: [] for b in args.blocks}
+    for _ in range(args.rounds):
+      for b, f in progs.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(q, k, v))
+        times[b].append(time.perf_counter() - t0)
+    first = statistics.median(times[args.blocks[0]])
+    for b in args.blocks:
+      m = statistics.median(times[b])
+      print(f"| {context} | {b} | {m * 1e3:.1f} | {2 * k.nbytes / m / 2**30:.1f} | {first / m:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
