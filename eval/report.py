@@ -42,6 +42,25 @@ def _is_long(task: str) -> bool:
   return task not in ("perplexity", "short_text")
 
 
+def _off_budget_chunks(rs: Sequence[dict], label: str) -> float | None:
+  """The worst row's distance from its KV target, in its method's mean chunks: |measured - target|
+  x the tokens seen (the prompt and half the answer) / the mean chunk length. None where there is
+  no fractional target, or the rows do not say their prompt length and chunk length."""
+  try:
+    target = float(label)
+  except ValueError:
+    return None
+  worst = None
+  for r in rs:
+    if not (0.0 < target < 1.0) or r.get("kv_retention") is None or not r.get("prompt_tokens") \
+        or not r.get("mean_chunk_len"):
+      return None
+    seen = r["prompt_tokens"] + len(r.get("new_tokens") or ()) / 2
+    off = abs(r["kv_retention"] - target) * seen / r["mean_chunk_len"]
+    worst = off if worst is None else max(worst, off)
+  return worst
+
+
 def summarize(records: Sequence[dict]) -> dict:
   """Per task, one row per (method, retention): score, measured retention, speed, and against vanilla."""
   groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -54,7 +73,10 @@ def summarize(records: Sequence[dict]) -> dict:
     row = dict(method=method, retention=label, n=len(rs), kv_retention=_mean(r.get("kv_retention") for r in rs),
                expected_retention=_mean(r.get("expected_retention") for r in rs),
                prefill_s=_mean(r.get("prefill_s") for r in rs), decode_tok_s=_mean(r.get("decode_tok_s") for r in rs),
-               chunk_overflow=any(bool(r.get("chunk_overflow")) for r in rs))
+               chunk_overflow=any(bool(r.get("chunk_overflow")) for r in rs),
+               kv_min=min((r["kv_retention"] for r in rs if r.get("kv_retention") is not None), default=None),
+               kv_max=max((r["kv_retention"] for r in rs if r.get("kv_retention") is not None), default=None),
+               off_budget_chunks=_off_budget_chunks(rs, label))
     if task == "perplexity":
       nll, n = sum(r["nll"] for r in rs), sum(r["n_scored"] for r in rs)
       row.update(score=math.exp(nll / max(n, 1)), nll=nll / max(n, 1), tok_s=_mean(r.get("tok_s") for r in rs))
@@ -169,12 +191,15 @@ def markdown(summary: dict, settings: dict, bad_lines: Sequence) -> str:
     else:
       extra = "identical to vanilla" if task == "short_text" else "expected KV"
       lines += [f"## {task}", "",
-                f"| method | target | score | KV | {extra} | % vanilla | prefill s | decode tok/s | n |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                f"| method | target | score | KV | KV min-max | worst row off target (chunks) | {extra} | % vanilla "
+                "| prefill s | decode tok/s | n |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
       for r in rows:
         mid = _pct(r.get("identical_to_vanilla")) if task == "short_text" else _pct(r.get("expected_retention"))
         flag = " (chunk table overflowed)" if r.get("chunk_overflow") else ""
+        spread = f"{_pct(r.get('kv_min'))}-{_pct(r.get('kv_max'))}" if r.get("kv_min") is not None else "-"
         lines.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f}{flag} | {_pct(r['kv_retention'])} | "
+                     f"{spread} | {_f(r.get('off_budget_chunks'), '{:.2f}')} | "
                      f"{mid} | {_f(r.get('pct_of_vanilla'), '{:.2f}%')} | {_f(r['prefill_s'], '{:.2f}')} | "
                      f"{_f(r['decode_tok_s'])} | {r['n']} |")
     lines.append("")

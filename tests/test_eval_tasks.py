@@ -91,3 +91,18 @@ def test_summary_percent_of_vanilla_and_identical_outputs():
   assert avg["chunkllm"]["pct_of_vanilla"] == pytest.approx(100 * 50 / 75) and avg["chunkllm"]["n_tasks"] == 2
   assert report.headline(s) == ["ChunkLLM (target 0.5): 66.67% of vanilla's long-context average at 49.50% KV "
                                 "(measured; 2 tasks)"]
+
+
+@pytest.mark.parametrize("kv, chunks", [(0.45, 2.0), (0.52, 0.8), (0.5, 0.0)])
+def test_summary_worst_row_off_budget_in_chunks(kv, chunks):
+  """|measured - target| x tokens seen (prompt + half the answer) / mean chunk length, worst row."""
+  def r(example, kv_retention):
+    return dict(task="niah_single", method="hybrid", retention="0.5", example=example, score=1.0,
+                new_tokens=[0] * 20, kv_retention=kv_retention, prompt_tokens=990, mean_chunk_len=25.0)
+
+  s = report.summarize([r("a", 0.5), r("b", kv)])
+  (row,) = s["tasks"]["niah_single"]
+  assert row["off_budget_chunks"] == pytest.approx(chunks)
+  assert (row["kv_min"], row["kv_max"]) == (min(kv, 0.5), max(kv, 0.5))
+  full = report.summarize([{**r("a", 1.0), "method": "vanilla", "retention": "full"}])
+  assert full["tasks"]["niah_single"][0]["off_budget_chunks"] is None
