@@ -61,7 +61,8 @@ def _layer_plan(params: ModelParams, ccfg: ChunkConfig) -> _LayerPlan:
   L = cfg.n_layers
   layers = np.arange(L)
   sparse = np.array([i not in ccfg.dense_layers and not cfg.sliding_layers[i] for i in range(L)])
-  sel = resolved(params, ccfg).selection_layers
+  ccfg = resolved(params, ccfg)
+  sel = ccfg.selection_layers
   qk_slot = np.zeros(L, np.int32)
   for i, layer in enumerate(acfg.qk_layers):
     qk_slot[layer] = i

@@ -77,7 +77,11 @@ class ChunkConfig(ChunkRules):
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
-  prefill: str = "sparse"  # "sparse": chunk-sparse prefill after the first selection layer; "dense"
+  # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
+  # prompt is scored by attention (its per-chunk selections differ from chunk to chunk, so sparse
+  # query blocks read wide unions: 0.79x vanilla's prefill against 0.97x dense,
+  # bench/RESULTS_prefill_scorer.md), sparse where the adapters score it (1.15x).
+  prefill: str | None = None
   prefill_selection: str = "own"  # whose queries choose what a prompt chunk reads: its "own" last
   #                                 queries, or the "previous" ones at the boundary that opened it
   # The rules below make the eval baselines selections over the same buffer (eval/methods.py):
@@ -134,8 +138,8 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
       raise ValueError(f"attention must be 'xla' or 'pallas', got {self.attention!r}")
-    if self.prefill not in ("sparse", "dense"):
-      raise ValueError(f"prefill must be 'sparse' or 'dense', got {self.prefill!r}")
+    if self.prefill not in ("sparse", "dense", None):
+      raise ValueError(f"prefill must be 'sparse', 'dense' or None, got {self.prefill!r}")
     if self.prefill_selection not in ("own", "previous"):
       raise ValueError(f"prefill_selection must be 'own' or 'previous', got {self.prefill_selection!r}")
     if self.boundaries not in ("adapter", "fixed", "separators"):
@@ -173,7 +177,14 @@ class ChunkConfig(ChunkRules):
     queries = self.score_queries
     if queries is None:
       queries = ATTENTION_QUERIES if self.scorer == "attention" else int(stored_queries)
-    return dataclasses.replace(self, selection_layers=layers, score_queries=queries)
+    return dataclasses.replace(self, selection_layers=layers, score_queries=queries, prefill=self.prefill_mode)
+
+  @property
+  def prefill_mode(self) -> str:
+    """`prefill`, or where it is None, what the prompt's scorer makes it ("dense" for attention)."""
+    if self.prefill is not None:
+      return self.prefill
+    return "dense" if (self.prefill_scorer or self.scorer) == "attention" else "sparse"
 
   @property
   def budgeted(self) -> bool:

@@ -62,7 +62,7 @@ def test_sparse_prefill_really_drops_chunks():
   """With a small selection, sparse prefill changes the prompt's last logits; dense does not."""
   params = chunk_params()
   rows = prompts([120], seed=9)
-  ccfg = ChunkConfig(top_chunks=1, n_local=1, max_chunk_len=8, max_chunks=64).validate(128, 3)
+  ccfg = ChunkConfig(top_chunks=1, n_local=1, max_chunk_len=8, max_chunks=64, prefill="sparse").validate(128, 3)
   run = lambda c: chunk_prefill(params, jnp.asarray(rows, jnp.int32),
                                                                   jnp.asarray([120]), 128, c)[0]
   dense = run(dataclasses.replace(ccfg, prefill="dense"))

@@ -139,6 +139,20 @@ def test_score_queries_default_per_scorer():
   assert ChunkConfig(score_queries=3).resolve((0, 1), (0, 1), stored_queries=8).score_queries == 3
 
 
+@pytest.mark.parametrize("fields, mode", [
+    (dict(), "dense"),  # the default: the prompt scored by attention
+    (dict(prefill_scorer="adapter"), "sparse"),
+    (dict(scorer="attention", prefill_scorer=None), "dense"),
+    (dict(prefill_scorer=None), "sparse"),  # the adapters score the prompt
+    (dict(prefill="sparse"), "sparse"),
+    (dict(prefill_scorer="adapter", prefill="dense"), "dense"),
+])
+def test_prefill_mode_follows_the_prompt_scorer_unless_given(fields, mode):
+  ccfg = ChunkConfig(**fields)
+  assert ccfg.prefill_mode == mode
+  assert ccfg.resolve((0, 1), (0, 1)).prefill == mode
+
+
 @pytest.mark.parametrize("Q", [1, 3])
 def test_adapter_window_probs_match_a_numpy_reference(Q):
   """Per query: softmax over the candidates that end at or before it; then the max over the window."""
