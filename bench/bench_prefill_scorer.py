@@ -3,8 +3,9 @@
   python bench/bench_prefill_scorer.py --context 4096 --repeats 3
 
 Vanilla `generate`, the default `chunk_generate` (the prompt scored by the frozen attention of the
-selection layers, decode by the QK Adapters) and the adapters-only rule (`prefill_scorer="adapter"`),
-at a 25% KV budget, timed in turn in one process (JAX compile excluded; medians). Writes
+selection layers, then dense prefill; decode by the QK Adapters), the same with the chunk-sparse
+prefill, and the adapters-only rule (`prefill_scorer="adapter"`, sparse prefill), at a 25% KV
+budget, timed in turn in one process (JAX compile excluded; medians). Writes
 bench/RESULTS_prefill_scorer.md.
 """
 
@@ -44,8 +45,10 @@ def main():
   chunk = dict(max_new_tokens=12, scorer="adapter", kv_budget=args.budget)
   runs = {
       "vanilla": lambda: cj.generate(params, [ids], max_new_tokens=12),
-      "default (prompt by attention)": lambda: cj.chunk_generate(params, [ids], **chunk),
-      "adapters only": lambda: cj.chunk_generate(params, [ids], prefill_scorer="adapter", **chunk),
+      "default (prompt by attention, dense prefill)": lambda: cj.chunk_generate(params, [ids], **chunk),
+      "prompt by attention, sparse prefill (the default before)": lambda: cj.chunk_generate(
+          params, [ids], prefill="sparse", **chunk),
+      "adapters only (sparse prefill)": lambda: cj.chunk_generate(params, [ids], prefill_scorer="adapter", **chunk),
   }
   times = {name: [] for name in runs}
   for rep in range(args.repeats + 1):  # the first round compiles
