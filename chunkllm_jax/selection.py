@@ -18,8 +18,9 @@ layer. Two scorers give the per-layer distributions:
 
 What is kept is set either by a chunk count (`top_chunks`, the paper's rule) or by a KV budget
 (`kv_budget`, a fraction of the tokens seen, or `kv_budget_tokens`): chunks are taken in score
-order while the sinks, the local chunks, the open chunk and the taken chunks fit the budget, so the
-measured retention lands within one chunk under the target instead of following chunk lengths.
+order while the sinks, the local chunks, the open chunk and the taken chunks fit the budget (then a
+few passes over the chunks left out fill what remains), so the measured retention lands within a
+chunk under the target instead of following chunk lengths.
 
 Rows of scores are "boundary rows": decode has one per sequence (the boundary token's query), the
 prefill one per chunk of the prompt. Both go through the same functions below.
@@ -295,12 +296,18 @@ def vote_scores(probs_S, vote: str):
 # From scores to a selection
 
 
+FILL_PASSES = 4  # passes of the budgeted selection over the chunks it has left out (`choose`)
+
+
 def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConfig):
   """Which candidates each row keeps: [B, R, C] bool.
 
   With a KV budget, chunks are taken in score order while they fit in what the budget leaves after
-  `fixed` (sinks, local chunks, open chunk); the first that does not fit ends the selection, so the
-  kept tokens are within one chunk under the budget. Without one, the `top_chunks` best are kept."""
+  `fixed` (sinks, local chunks, open chunk); then, in up to FILL_PASSES - 1 more passes, the best of
+  those left out that still fit what remains, again in score order. One pass stops at the first
+  chunk that does not fit, which can leave a long chunk's worth of budget unused (50 tokens at 2K,
+  2.4 mean chunks); the passes fill it with shorter chunks. Without a budget, the `top_chunks` best
+  are kept."""
   C = score_BRC.shape[-1]
   cand = jnp.arange(C) < n_cand_BR[..., None]
   score = jnp.where(cand, score_BRC, -1.0)
@@ -323,10 +330,16 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     score = jnp.where(recent, jnp.inf, score)
   order = jnp.argsort(-score, axis=-1, stable=True)  # best first; ties by position
   cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)
-  room = budget - fixed_BR
-  fits = (jnp.cumsum(cost_sorted, -1) <= room[..., None]) & jnp.take_along_axis(cand, order, -1)
+  cand_sorted = jnp.take_along_axis(cand, order, -1)
+  left = budget - fixed_BR  # [B, R]: tokens the chosen chunks may still take
+  taken = jnp.zeros(score.shape, bool)
+  for _ in range(FILL_PASSES):
+    open_ = cand_sorted & ~taken & (cost_sorted <= left[..., None])
+    fits = open_ & (jnp.cumsum(jnp.where(open_, cost_sorted, 0), -1) <= left[..., None])
+    taken = taken | fits
+    left = left - jnp.sum(jnp.where(fits, cost_sorted, 0), -1)
   put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))
-  return put(jnp.zeros(score.shape, bool), order, fits)
+  return put(jnp.zeros(score.shape, bool), order, taken)
 
 
 def local_tokens(chunk_end_BC, n_chunks_BR, n_local: int, n_sink: int):
