@@ -147,8 +147,9 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   return (out, jnp.concatenate(lses, axis=3)) if return_lse else out
 
 
-DECODE_BLOCK = 256  # keys per step of the decode loop (256: 1.15-1.27x faster than 512 at 8K-32K on the
-#                    CPU, bench/RESULTS_chunk.md); `generate.buffer_len` allocates whole blocks
+DECODE_BLOCK = 256  # keys per step of the decode loop (against 512 on the CPU, nothing else running:
+#                    1.10x faster at 32K, 0.95x at 8K; bench/decode_block.py, bench/RESULTS_chunk.md);
+#                    `generate.buffer_len` allocates whole blocks
 
 
 def decode_block_size(buffer_len: int) -> int:
