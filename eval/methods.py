@@ -238,13 +238,15 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",
                        **chosen)
+  # The window baselines read the prompt by their own rule too (sparse prefill), as their papers do.
   if method == "streamingllm":
-    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_chunks=0)
+    return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_chunks=0,
+                       prefill="sparse")
   if method == "sepllm":
     if not settings.separator_ids:
       raise ValueError("sepllm needs separator_ids (settings_for(model) computes them from the tokenizer)")
     return ChunkConfig(n_sink=S, boundaries="separators", separator_ids=settings.separator_ids, keep="boundary",
-                       max_chunk_len=settings.sep_max_chunk_len)
+                       max_chunk_len=settings.sep_max_chunk_len, prefill="sparse")
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
