@@ -260,11 +260,11 @@ def machine_rates(read_mib: int = 1024, repeats: int = 5) -> dict:
               read_s=dict(sum=best["sum"], matvec=best["matvec"]), matmul_s=best["matmul"])
 
 
-def decode_floor_s(step_bytes: float, context: float, rates: dict) -> float:
+def decode_floor_s(step_bytes: float, weight_bytes_: int, context: float, rates: dict) -> float:
   """The fastest a batch-1 decode step can be here: its bytes at the read bandwidth, or its flops
-  (2 per weight, and 4 per head per key for QK and PV) at the matmul rate, whichever is slower."""
-  n_weights = weight_bytes() / 4
-  flops = 2 * n_weights + 4 * CFG.n_layers * CFG.n_heads * CFG.head_dim * context
+  (2 per float32 weight, and 4 per head per key for QK and PV) at the matmul rate, whichever is
+  slower."""
+  flops = 2 * weight_bytes_ / 4 + 4 * CFG.n_layers * CFG.n_heads * CFG.head_dim * context
   return max(step_bytes / rates["read_bytes_s"], flops / rates["matmul_flop_s"])
 
 
@@ -305,8 +305,8 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
     r["weight_bytes"] = wb
     r["bytes_ratio_with_weights"] = (r["bytes_dense"] + wb) / (r["bytes_chunk"] + wb)
     if rates:  # measured in this run: each step as a fraction of the floor the machine allows
-      r["dense_floor_s"] = decode_floor_s(r["bytes_dense"] + wb, r["context"], rates)
-      r["chunk_floor_s"] = decode_floor_s(r["bytes_chunk"] + wb, r["context"] * r["retention"], rates)
+      r["dense_floor_s"] = decode_floor_s(r["bytes_dense"] + wb, wb, r["context"], rates)
+      r["chunk_floor_s"] = decode_floor_s(r["bytes_chunk"] + wb, wb, r["context"] * r["retention"], rates)
       r["dense_of_floor"] = r["dense_floor_s"] / r["dense_step_s"]
       r["chunk_of_floor"] = r["chunk_floor_s"] / r["chunk_step_s"]
     # Cross-check that is less sensitive to load drift: the ratio within each round, then the median.

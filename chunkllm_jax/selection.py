@@ -80,7 +80,7 @@ class ChunkConfig(ChunkRules):
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
   # prompt is scored by attention (its per-chunk selections differ from chunk to chunk, so sparse
-  # query blocks read wide unions: 0.79x vanilla's prefill against 0.97x dense,
+  # query blocks read wide unions: 0.71x vanilla's prefill against 0.99x dense,
   # bench/RESULTS_prefill_scorer.md), sparse where the adapters score it (1.15x).
   prefill: str | None = None
   prefill_selection: str = "own"  # whose queries choose what a prompt chunk reads: its "own" last

@@ -335,17 +335,16 @@ def run_batch(method: str, params, rows, max_new_tokens: int, retention: float |
   if method == "vanilla":
     out = cj.generate(params, [list(r) for r in rows], **kw)
     extra = dict(kv_retention=1.0, batch_size=len(rows))
-  else:
-    seg = segmentation_for(method, params, rows, settings)
-    ccfg, info = method_config(method, retention, lens, max_new_tokens, max_len, settings, seg)
-    results: list = [None] * len(rows)
-    for ccfg_g, info_g, group in row_windows(method, ccfg, info, retention, seg, lens, max_new_tokens, settings):
-      out = chunk_generate(params, [list(rows[b]) for b in group], chunk_config=ccfg_g, **kw)
-      extra = dict(batch_size=len(group), **config_summary(ccfg_g), **info_g)
-      for j, b in enumerate(group):
-        results[b] = (out.new_tokens(j).tolist(), _row_stats(out, j, extra))
-    return results
-  return [(out.new_tokens(b).tolist(), _row_stats(out, b, extra)) for b in range(len(rows))]
+    return [(out.new_tokens(b).tolist(), _row_stats(out, b, extra)) for b in range(len(rows))]
+  seg = segmentation_for(method, params, rows, settings)
+  ccfg, info = method_config(method, retention, lens, max_new_tokens, max_len, settings, seg)
+  results: list = [None] * len(rows)
+  for ccfg_g, info_g, group in row_windows(method, ccfg, info, retention, seg, lens, max_new_tokens, settings):
+    out = chunk_generate(params, [list(rows[b]) for b in group], chunk_config=ccfg_g, **kw)
+    extra = dict(batch_size=len(group), **config_summary(ccfg_g), **info_g)
+    for j, b in enumerate(group):
+      results[b] = (out.new_tokens(j).tolist(), _row_stats(out, j, extra))
+  return results
 
 
 def row_windows(method: str, ccfg: ChunkConfig, info: dict, retention: float | None, seg: Segmentation | None,
