@@ -1,12 +1,14 @@
-"""How many keys each step of the dense decode loop should fold (`attention.DECODE_BLOCK`).
+"""How many keys each step of the dense decode loop should fold (`attention.DECODE_BLOCKS`).
 
-  python bench/decode_block.py --contexts 8192 32768 --blocks 128 256 512 1024
+  python bench/decode_block.py --contexts 8192 32768 --blocks 256 1024,256 2048,256 4096,256
 
+Each candidate is a list of block sizes, largest first (the loop takes the largest blocks that fit
+and then smaller ones).
 One decode query per layer over a stacked K/V buffer of smollm2-135m's shape (30 layers, 9 heads /
 3 KV heads, head_dim 64, float32), as `kv_cache.decode_step` reads it: `attention.decode_attention`
 under a scan over the layers. Each block size is its own compiled program; the programs run
 interleaved, and the medians are printed with the K/V bytes read per second. Small blocks keep a
-tile of scores and its keys in cache; large ones run fewer loop steps.
+tile of scores and its keys in cache; large ones run fewer loop steps and larger matmuls.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from chunkllm_jax import attention  # noqa: E402
 N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM = 30, 9, 3, 64
 
 
-def program(block: int, context: int):
-  """Decode attention of every layer at position context - 1, reading keys in blocks of `block`."""
+def program(blocks: tuple[int, ...], context: int):
+  """Decode attention of every layer at position context - 1, reading keys in blocks of `blocks`."""
   pos = jnp.array([context - 1])
 
   def run(q, k, v):
@@ -35,11 +37,11 @@ def program(block: int, context: int):
       out = attention.decode_attention(q + carry, k, v, i, pos, attention.NO_WINDOW, scale=HEAD_DIM**-0.5)
       return carry + 0.0 * out.sum(), out
 
-    old, attention.DECODE_BLOCK = attention.DECODE_BLOCK, block  # read while tracing only
+    old, attention.DECODE_BLOCKS = attention.DECODE_BLOCKS, blocks  # read while tracing only
     try:
       return jax.lax.scan(layer, jnp.zeros(()), jnp.arange(N_LAYERS))[1]
     finally:
-      attention.DECODE_BLOCK = old
+      attention.DECODE_BLOCKS = old
 
   return jax.jit(run)
 
@@ -47,10 +49,12 @@ def program(block: int, context: int):
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-  ap.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512, 1024])
+  ap.add_argument("--blocks", nargs="+", default=["256", "1024,256", "2048,256", "4096,256"],
+                  help="candidates: block sizes, comma-separated, largest first")
   ap.add_argument("--rounds", type=int, default=7)
   args = ap.parse_args()
-  print(f"| context | block | ms per step (30 layers) | K/V GiB/s | vs {args.blocks[0]} |")
+  args.blocks = [tuple(int(b) for b in c.split(",")) for c in args.blocks]
+  print(f"| context | blocks | ms per step (30 layers) | K/V GiB/s | vs {','.join(map(str, args.blocks[0]))} |")
   print("|---:|---:|---:|---:|---:|")
   for context in args.contexts:
     shape = (N_LAYERS, 1, context, N_KV_HEADS, HEAD_DIM)
@@ -69,7 +73,7 @@ def main():
     first = statistics.median(times[args.blocks[0]])
     for b in args.blocks:
       m = statistics.median(times[b])
-      print(f"| {context} | {b} | {m * 1e3:.1f} | {2 * k.nbytes / m / 2**30:.1f} | {first / m:.2f}x |", flush=True)
+      print(f"| {context} | {','.join(map(str, b))} | {m * 1e3:.1f} | {2 * k.nbytes / m / 2**30:.1f} | {first / m:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

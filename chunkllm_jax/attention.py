@@ -147,48 +147,94 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   return (out, jnp.concatenate(lses, axis=3)) if return_lse else out
 
 
-DECODE_BLOCK = 256  # keys per step of the decode loop (against 512 on the CPU, nothing else running:
-#                    1.10x faster at 32K, 0.95x at 8K; bench/decode_block.py, bench/RESULTS_chunk.md);
-#                    `generate.buffer_len` allocates whole blocks
+DECODE_BLOCKS = (2048, 256)  # keys per step of the decode loop: blocks of 2048 while that many
+#   remain, then of 256, so a step reads at most 255 keys past the longest row. Against one size
+#   of 256 (before the packed query): 2.2x faster at 8K and 2.3x at 32K on the CPU, nothing else
+#   running (bench/decode_block.py, bench/RESULTS_chunk.md). `decoding.buffer_len` allocates
+#   whole blocks of the smallest size.
 
 
-def decode_block_size(buffer_len: int) -> int:
-  return math.gcd(DECODE_BLOCK, buffer_len)
+def decode_blocks(buffer_len: int, blocks: tuple[int, ...] | None = None) -> tuple[int, ...]:
+  """The block sizes the decode loop uses over a buffer of this length (`DECODE_BLOCKS` unless
+  given): the smallest divides the buffer, and every larger one is a multiple of it that fits."""
+  blocks = blocks or DECODE_BLOCKS
+  small = math.gcd(blocks[-1], buffer_len)
+  return tuple(b for b in blocks[:-1] if b % small == 0 and b <= buffer_len) + (small,)
 
 
-def decode_over_blocks(q_BKG1D, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block: int, carry: Fold, *,
-                       scale: float, softcap: float | None) -> Fold:
-  """Folds key blocks [0, n_blocks) of one layer into `carry` (one query per row: Q = 1).
+def pack_query(q_BKG1D):
+  """One query per row as a block-diagonal [B, K*D, K*G] matrix (zeros off each kv head's block).
 
+  A key block [B, S, K*D], read as it lies in the buffer, times this gives every head's scores in
+  one plain matmul. The batched form (`scores`) moves the kv-head axis in front of the keys first,
+  and XLA's CPU dot then reads a decode step's K/V at 1-2.5 GiB/s; the plain matmul does K times
+  the multiply-adds but reads K/V about twice as fast (bench/decode_layout.py). At one query per
+  row the flops are far below what the memory reads cost, on every backend."""
+  B, K, G, _, D = q_BKG1D.shape
+  eye = jnp.eye(K, dtype=q_BKG1D.dtype)
+  return jnp.einsum("bkgd,kj->bjdkg", q_BKG1D[:, :, :, 0], eye).reshape(B, K * D, K * G)
+
+
+def fold_packed(carry: Fold, q_BCH, k_BSKD, v_BSKD, ok_BS, *, scale: float, softcap: float | None) -> Fold:
+  """`fold` of one key block for one query per row, with the query packed by `pack_query`: the same
+  online softmax (`softmax_step`), its two products as plain matmuls over the block as it lies."""
+  B, S, K, D = k_BSKD.shape
+  G = q_BCH.shape[-1] // K
+  s_BSH = jnp.einsum("bsc,bch->bsh", k_BSKD.reshape(B, S, K * D), q_BCH,
+                     preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    s_BSH = jnp.tanh(s_BSH / softcap) * softcap
+  ok = ok_BS[:, None, None, None]
+  s = jnp.where(ok, jnp.einsum("bskg->bkgs", s_BSH.reshape(B, S, K, G))[:, :, :, None], NEG_INF)
+  m_new, corr, p, l_new = softmax_step(carry.m, carry.l, s, ok)
+  p_BSH = jnp.einsum("bkgs->bskg", p[:, :, :, 0]).reshape(B, S, K * G).astype(v_BSKD.dtype)
+  o_BHC = jnp.einsum("bsh,bsc->bhc", p_BSH, v_BSKD.reshape(B, S, K * D), preferred_element_type=jnp.float32)
+  o_BKGD = jnp.einsum("bkgjd,kj->bkgd", o_BHC.reshape(B, K, G, K, D), jnp.eye(K, dtype=jnp.float32))
+  return Fold(m_new, l_new, carry.acc * corr[..., None] + o_BKGD[:, :, :, None])
+
+
+def decode_over_blocks(q_BKG1D, k_LBSKD, v_LBSKD, layer, ok_fn, first, end, carry: Fold, *,
+                       blocks: tuple[int, ...], scale: float, softcap: float | None) -> Fold:
+  """Folds keys [first, end) of one layer into `carry` (one query per row: Q = 1).
+
+  `first` and `end` (traced) are multiples of `blocks[-1]`, and each size in `blocks` (largest
+  first) is a multiple of the next: the loop takes the largest blocks that fit, then smaller ones.
   Each block is sliced straight out of the stacked buffer (no copy of the layer), and
-  `ok_fn(start) -> [B, block]` says which of its keys are visible.
+  `ok_fn(start, size) -> [B, size]` says which of its keys are visible.
   """
   B, K, D = k_LBSKD.shape[1], k_LBSKD.shape[3], k_LBSKD.shape[4]
+  assert all(b % blocks[-1] == 0 for b in blocks), blocks
+  q_BCH = pack_query(q_BKG1D)
+  start = first
+  for size in blocks:
+    def body(i, carry, size=size, base=start):
+      s0 = base + i * size
+      kb = jax.lax.dynamic_slice(k_LBSKD, (layer, 0, s0, 0, 0), (1, B, size, K, D))[0]
+      vb = jax.lax.dynamic_slice(v_LBSKD, (layer, 0, s0, 0, 0), (1, B, size, K, D))[0]
+      return fold_packed(carry, q_BCH, kb, vb, ok_fn(s0, size), scale=scale, softcap=softcap)
 
-  def body(i, carry):
-    start = i * block
-    kb = jax.lax.dynamic_slice(k_LBSKD, (layer, 0, start, 0, 0), (1, B, block, K, D))[0]
-    vb = jax.lax.dynamic_slice(v_LBSKD, (layer, 0, start, 0, 0), (1, B, block, K, D))[0]
-    ok = ok_fn(start)[:, None, None, None]
-    return fold(carry, scores(q_BKG1D, kb, ok, scale=scale, softcap=softcap), ok, vb)
-
-  return jax.lax.fori_loop(0, n_blocks, body, carry)
+    n = (end - start) // size
+    carry = jax.lax.fori_loop(0, n, body, carry)
+    start = start + n * size
+  return carry
 
 
 def decode_attention(q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, window, *, scale: float,
                      softcap: float | None = None):
   """Dense decode attention of one query per row over the stacked buffer, keys [0, pos] (and the
-  sliding window). Reads blocks only up to the longest row. Returns [B, 1, H, D]."""
+  sliding window). Reads blocks only from the first inside any row's window to the longest row.
+  Returns [B, 1, H, D]."""
   K, S = k_LBSKD.shape[3], k_LBSKD.shape[2]
-  block = decode_block_size(S)
+  blocks = decode_blocks(S)
+  small = blocks[-1]
   q = split_heads(q_B1HD, K)
 
-  def ok_fn(start):
-    kpos = start + jnp.arange(block)[None]
-    dist = pos_B[:, None] - kpos
+  def ok_fn(start, size):
+    dist = pos_B[:, None] - (start + jnp.arange(size)[None])
     return (dist >= 0) & (dist < window)
 
-  n_blocks = jnp.max(pos_B) // block + 1
-  carry = decode_over_blocks(q, k_LBSKD, v_LBSKD, layer, ok_fn, n_blocks, block, fold_init(*q.shape), scale=scale,
-                             softcap=softcap)
+  first = jnp.maximum(jnp.min(pos_B) - window + 1, 0) // small * small
+  end = (jnp.max(pos_B) // small + 1) * small
+  carry = decode_over_blocks(q, k_LBSKD, v_LBSKD, layer, ok_fn, first, end, fold_init(*q.shape), blocks=blocks,
+                             scale=scale, softcap=softcap)
   return merge_heads(fold_finish(carry)[0]).astype(q_B1HD.dtype)

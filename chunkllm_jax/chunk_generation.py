@@ -42,7 +42,8 @@ from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_wind
                                     vote_scores)
 from pallas_kernels.dispatch import implementation
 
-WORK_BLOCK = 128  # decode reads the working buffer in blocks of this many slots
+WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
+WORK_BLOCKS = (2048, WORK_BLOCK)  # the XLA path's read: blocks of 2048 while that many slots remain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,8 +332,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
         return chunk_kernels.decode_attention_kernel(
             q, st.work_k[idx], st.work_v[idx], work_ok, st.work_used, k_open, v_open, open_ok,
             scale=cfg.attn_scale, block=WORK_BLOCK, interpret=ccfg.interpret)
-      return packed_decode_attention(q, st.work_k, st.work_v, idx, work_ok, n_blocks, k_open, v_open,
-                                     open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap, block=WORK_BLOCK)
+      return packed_decode_attention(q, st.work_k, st.work_v, idx, work_ok, n_blocks * WORK_BLOCK, k_open, v_open,
+                                     open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
+                                     blocks=attn.decode_blocks(st.work_k.shape[2], WORK_BLOCKS))
 
     o = jax.lax.cond(sparse_L[idx], sparse, dense)
     o0 = jnp.where(idx == 0, o, o0)

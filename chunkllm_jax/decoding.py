@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from chunkllm_jax import checks
 from chunkllm_jax import sharding as shd
-from chunkllm_jax.attention import DECODE_BLOCK
+from chunkllm_jax.attention import DECODE_BLOCKS
 from chunkllm_jax.kv_cache import cache_shardings
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling, sample
@@ -122,10 +122,10 @@ def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int 
 
 
 def buffer_len(max_len: int) -> int:
-  """The KV buffer's allocated length: whole decode blocks (`attention.DECODE_BLOCK`), so the
-  blockwise decode attention steps through it in full-size blocks. Slots past `max_len` are never
-  written or read."""
-  return -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
+  """The KV buffer's allocated length: whole blocks of the decode loop's smallest size
+  (`attention.DECODE_BLOCKS`), so the blockwise decode attention steps through it in full-size
+  blocks. Slots past `max_len` are never written and are read only masked, within the last block."""
+  return -(-max_len // DECODE_BLOCKS[-1]) * DECODE_BLOCKS[-1]
 
 
 def end_rules(cfg, eos_ids, pad_id) -> tuple[tuple[int, ...], int]:

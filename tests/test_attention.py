@@ -30,3 +30,36 @@ def test_causal_attention_matches_one_softmax_over_every_key(T, block_q, block_k
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-5)
   s = attn.scores(attn.split_heads(q, K), k, mask[:, None, None], scale=0.3, softcap=softcap)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(s, axis=-1)), atol=2e-5, rtol=2e-6)
+
+
+@pytest.mark.parametrize("S,blocks", [
+    (96, (16,)),  # one size
+    (96, (64, 16)),  # large blocks while they fit, then small: 64 + 16 + 16 for the longest row
+    (96, (64, 32, 16)),  # three sizes
+    (96, attn.DECODE_BLOCKS),  # the library's sizes on a short buffer: only those that divide it
+    (100, (64, 16)),  # a buffer that no size divides: blocks of gcd(16, 100) = 4
+])
+@pytest.mark.parametrize("window,softcap", [(attn.NO_WINDOW, None), (20, None), (attn.NO_WINDOW, 5.0)])
+@pytest.mark.parametrize("H,K", [(4, 2), (3, 1), (4, 4)])
+def test_decode_attention_matches_one_softmax_over_the_visible_keys(S, blocks, window, softcap, H, K,
+                                                                    monkeypatch):
+  monkeypatch.setattr(attn, "DECODE_BLOCKS", blocks)
+  L, B, D, layer = 2, 3, 8, 1
+  kq, kk, kv = jax.random.split(jax.random.key(S + 7 * H + K + len(blocks)), 3)
+  q = jax.random.normal(kq, (B, 1, H, D))
+  k = jax.random.normal(kk, (L, B, S, K, D))
+  v = jax.random.normal(kv, (L, B, S, K, D))
+  # Ragged rows: the batch reads up to the longest. With a window, keys before the first block
+  # inside any row's window (if any) are NaN: a read of them would poison the output.
+  pos = jnp.array([S - 1, 40, 3] if window == attn.NO_WINDOW else [S - 1, 70, 50])
+  if window != attn.NO_WINDOW:
+    small = attn.decode_blocks(S)[-1]
+    first = (int(pos.min()) - window + 1) // small * small
+    k, v = (x.at[layer, :, :first].set(jnp.nan) for x in (k, v))
+  got = jax.jit(lambda q, k, v, p: attn.decode_attention(q, k, v, layer, p, window, scale=0.3, softcap=softcap))(
+      q, k, v, pos)
+  dist = pos[:, None] - jnp.arange(S)[None]
+  mask = ((dist >= 0) & (dist < window))[:, None]
+  k, v = (jnp.nan_to_num(x) for x in (k, v))
+  want = attn.attend(q, k[layer], v[layer], mask, scale=0.3, softcap=softcap)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-5)

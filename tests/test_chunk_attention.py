@@ -57,7 +57,8 @@ def reference_visible(st, selected, ccfg, pos):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("top_chunks, n_local, H, K", [(3, 1, 4, 2), (0, 2, 4, 4), (6, 0, 8, 2), (40, 2, 2, 1)])
 @pytest.mark.parametrize("keep", ["chunk", "boundary"])
-def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_chunks, n_local, H, K, keep):
+@pytest.mark.parametrize("blocks", [(BLOCK,), (4 * BLOCK, BLOCK)])
+def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_chunks, n_local, H, K, keep, blocks):
   rng = np.random.RandomState(seed)
   B, S, D = 3, 160, 8
   ccfg = ChunkConfig(n_sink=4, top_chunks=top_chunks, n_local=n_local, max_chunk_len=12, max_chunks=40,
@@ -84,9 +85,9 @@ def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_ch
   take = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, M, 0))(x[0], start)
   open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= jnp.asarray(pos)[:, None])
   work_ok = wvalid & (wpos <= jnp.asarray(pos)[:, None])
-  n_blocks = -(-int(used.max()) // BLOCK)
-  got = packed_decode_attention(q, wk, wv, 0, work_ok, n_blocks, take(k), take(v), open_ok,
-                                scale=D**-0.5, softcap=None, block=BLOCK)
+  n_slots = -(-int(used.max()) // BLOCK) * BLOCK
+  got = packed_decode_attention(q, wk, wv, 0, work_ok, n_slots, take(k), take(v), open_ok,
+                                scale=D**-0.5, softcap=None, blocks=attn.decode_blocks(wk.shape[2], blocks))
   vis = reference_visible(st, sel, ccfg, pos)
   # Every visible token is in exactly one working or open slot.
   for b in range(B):

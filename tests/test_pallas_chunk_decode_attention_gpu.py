@@ -113,7 +113,8 @@ def test_dispatchers_route_to_the_gpu_kernel(monkeypatch):
   open_ok = jnp.arange(M)[None] < jnp.array([[M], [5]])
   args = (q[:, None], work_k, work_v, work_ok, used, open_k, open_v, open_ok)
   xla = jax.jit(lambda q, wk, wv, wok, used, ok, ov, ook: chunk_attention.packed_decode_attention(
-      q, wk[None], wv[None], 0, wok, -(-used.max() // 32), ok, ov, ook, scale=0.2, softcap=None, block=32))
+      q, wk[None], wv[None], 0, wok, -(-used.max() // 32) * 32, ok, ov, ook, scale=0.2, softcap=None,
+      blocks=(64, 32)))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what dispatch.implementation reads
   assert implementation(False) == "gpu"
   pallas = jax.jit(functools.partial(chunk_kernels.decode_attention_kernel, scale=0.2, block=32,
