@@ -1,9 +1,11 @@
 """How many keys each step of the dense decode loop should fold (`attention.DECODE_BLOCKS`).
 
-  python bench/decode_block.py --contexts 8192 32768 --blocks 256 1024,256 2048,256 4096,256
+  python bench/decode_block.py --contexts 8192 32768 --blocks batched:256 256 1024,256 2048,256 4096,256
 
 Each candidate is a list of block sizes, largest first (the loop takes the largest blocks that fit
-and then smaller ones).
+and then smaller ones). `batched:N` is the loop decode ran before the packed query: blocks of N
+keys, each folded by the batched `attention.scores` / `attention.fold`, which put the kv-head
+axis in front of the keys; it is kept here so that before and after run side by side.
 One decode query per layer over a stacked K/V buffer of smollm2-135m's shape (30 layers, 9 heads /
 3 KV heads, head_dim 64, float32), as `kv_cache.decode_step` reads it: `attention.decode_attention`
 under a scan over the layers. Each block size is its own compiled program; the programs run
@@ -28,13 +30,32 @@ from chunkllm_jax import attention  # noqa: E402
 N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM = 30, 9, 3, 64
 
 
-def program(blocks: tuple[int, ...], context: int):
-  """Decode attention of every layer at position context - 1, reading keys in blocks of `blocks`."""
+def batched_decode(q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, block: int):
+  """Decode attention as it ran before the packed query: blocks of `block` keys, batched fold."""
+  B, S, K, D = k_LBSKD.shape[1:]
+  q = attention.split_heads(q_B1HD, K)
+
+  def body(i, carry):
+    kb = jax.lax.dynamic_slice(k_LBSKD, (layer, 0, i * block, 0, 0), (1, B, block, K, D))[0]
+    vb = jax.lax.dynamic_slice(v_LBSKD, (layer, 0, i * block, 0, 0), (1, B, block, K, D))[0]
+    ok = (i * block + jnp.arange(block)[None] <= pos_B[:, None])[:, None, None, None]
+    return attention.fold(carry, attention.scores(q, kb, ok, scale=HEAD_DIM**-0.5), ok, vb)
+
+  carry = jax.lax.fori_loop(0, jnp.max(pos_B) // block + 1, body, attention.fold_init(*q.shape))
+  return attention.merge_heads(attention.fold_finish(carry)[0])
+
+
+def program(blocks, context: int):
+  """Decode attention of every layer at position context - 1, reading keys in blocks of `blocks`
+  (or by `batched_decode` for ("batched", N))."""
   pos = jnp.array([context - 1])
 
   def run(q, k, v):
     def layer(carry, i):
-      out = attention.decode_attention(q + carry, k, v, i, pos, attention.NO_WINDOW, scale=HEAD_DIM**-0.5)
+      if blocks[0] == "batched":
+        out = batched_decode(q + carry, k, v, i, pos, blocks[1])
+      else:
+        out = attention.decode_attention(q + carry, k, v, i, pos, attention.NO_WINDOW, scale=HEAD_DIM**-0.5)
       return carry + 0.0 * out.sum(), out
 
     old, attention.DECODE_BLOCKS = attention.DECODE_BLOCKS, blocks  # read while tracing only
@@ -49,12 +70,14 @@ def program(blocks: tuple[int, ...], context: int):
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-  ap.add_argument("--blocks", nargs="+", default=["256", "1024,256", "2048,256", "4096,256"],
-                  help="candidates: block sizes, comma-separated, largest first")
+  ap.add_argument("--blocks", nargs="+", default=["batched:256", "256", "1024,256", "2048,256", "4096,256"],
+                  help="candidates: block sizes, comma-separated, largest first; batched:N the loop before")
   ap.add_argument("--rounds", type=int, default=7)
   args = ap.parse_args()
-  args.blocks = [tuple(int(b) for b in c.split(",")) for c in args.blocks]
-  print(f"| context | blocks | ms per step (30 layers) | K/V GiB/s | vs {','.join(map(str, args.blocks[0]))} |")
+  args.blocks = [("batched", int(c.split(":")[1])) if c.startswith("batched:") else tuple(int(b) for b in c.split(","))
+                 for c in args.blocks]
+  name = lambda b: f"batched {b[1]}" if b[0] == "batched" else ",".join(map(str, b))
+  print(f"| context | blocks | ms per step (30 layers) | K/V GiB/s | vs {name(args.blocks[0])} |")
   print("|---:|---:|---:|---:|---:|")
   for context in args.contexts:
     shape = (N_LAYERS, 1, context, N_KV_HEADS, HEAD_DIM)
@@ -73,7 +96,7 @@ def main():
     first = statistics.median(times[args.blocks[0]])
     for b in args.blocks:
       m = statistics.median(times[b])
-      print(f"| {context} | {','.join(map(str, b))} | {m * 1e3:.1f} | {2 * k.nbytes / m / 2**30:.1f} | {first / m:.2f}x |", flush=True)
+      print(f"| {context} | {name(b)} | {m * 1e3:.1f} | {2 * k.nbytes / m / 2**30:.1f} | {first / m:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
