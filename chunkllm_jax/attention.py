@@ -148,10 +148,11 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
 
 
 DECODE_BLOCKS = (2048, 256)  # keys per step of the decode loop: blocks of 2048 while that many
-#   remain, then of 256, so a step reads at most 255 keys past the longest row. Against one size
-#   of 256 (before the packed query): 2.2x faster at 8K and 2.3x at 32K on the CPU, nothing else
-#   running (bench/decode_block.py, bench/RESULTS_chunk.md). `decoding.buffer_len` allocates
-#   whole blocks of the smallest size.
+#   remain, then of 256, so a step reads at most 255 keys past the longest row. With the packed
+#   query, against the batched fold in blocks of 256 that ran before: 1.97x faster at 8K and
+#   1.83x at 32K on the CPU (1024: 1.40x / 1.65x; 4096: 1.97x / 1.72x), nothing else running
+#   (bench/decode_block.py, bench/RESULTS_chunk.md). `decoding.buffer_len` allocates whole
+#   blocks of the smallest size.
 
 
 def decode_blocks(buffer_len: int, blocks: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -167,9 +168,9 @@ def pack_query(q_BKG1D):
 
   A key block [B, S, K*D], read as it lies in the buffer, times this gives every head's scores in
   one plain matmul. The batched form (`scores`) moves the kv-head axis in front of the keys first,
-  and XLA's CPU dot then reads a decode step's K/V at 1-2.5 GiB/s; the plain matmul does K times
-  the multiply-adds but reads K/V about twice as fast (bench/decode_layout.py). At one query per
-  row the flops are far below what the memory reads cost, on every backend."""
+  and XLA's CPU dot then read a decode step's K/V at 2.4-2.8 GiB/s; the plain matmul does K times
+  the multiply-adds but, over 2048-key blocks, reads K/V at 4.4-5.5 GiB/s (bench/decode_block.py).
+  At one query per row the multiply-adds stay far below what the reads cost."""
   B, K, G, _, D = q_BKG1D.shape
   eye = jnp.eye(K, dtype=q_BKG1D.dtype)
   return jnp.einsum("bkgd,kj->bjdkg", q_BKG1D[:, :, :, 0], eye).reshape(B, K * D, K * G)

@@ -43,7 +43,7 @@ from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_wind
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
-WORK_BLOCKS = (2048, WORK_BLOCK)  # the XLA path's read: blocks of 2048 while that many slots remain
+WORK_BLOCKS = (2048, WORK_BLOCK)  # the XLA path's read: blocks of 2048 while that many slots remain, as dense decode
 
 
 @dataclasses.dataclass(frozen=True)
