@@ -28,6 +28,7 @@ def test_shipped_gemma3_adapters_sit_on_its_full_attention_layers():
   assert meta["backbone"] == "gemma3-270m" and meta["weights_dtype"] == "bfloat16"
   adapters = cj.load_adapters("gemma3-270m", expected_config=model_config)
   assert adapters.config.qk_layers == model_config.full_attention_layers == (5, 11, 17)
+  assert meta["trained_steps"] >= 600  # the head-max run (train/RESULTS.md), not the first 150-step one
   with pytest.raises(adapter_io.AdapterLoadError, match="trained for backbone 'gemma3-270m'"):
     cj.load_adapters("gemma3-270m", expected_config=tiny_config("gemma3"))
 
