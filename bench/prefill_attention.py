@@ -40,7 +40,9 @@ def best_of(fn, repeats: int) -> float:
   return min(times)
 
 
-def attention_rows(T: int, tiles, repeats: int) -> list[str]:
+def attention_rows(T: int, tiles, repeats: int) -> list[dict]:
+  """Times torch's sdpa, each tile size of `causal_attention`, then torch again; prints a markdown
+  row per run and returns them (label, ms, torch_before / ms, max abs error vs torch)."""
   import torch
 
   rng = np.random.default_rng(0)
@@ -54,20 +56,20 @@ def attention_rows(T: int, tiles, repeats: int) -> list[str]:
       return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
 
   reference = run_torch().transpose(1, 2).numpy()
-  torch_before = best_of(run_torch, repeats)
-  rows = [f"| torch sdpa (before) | {torch_before * 1e3:.0f} | 1.00x | - |"]
-  print(rows[-1], flush=True)
+  rows = []
+
+  def add(label, seconds, err=None):
+    rows.append(dict(label=label, ms=seconds * 1e3, vs_torch=rows[0]["ms"] / (seconds * 1e3) if rows else 1.0, err=err))
+    r = rows[-1]
+    print(f"| {label} | {r['ms']:.0f} | {r['vs_torch']:.2f}x | {'-' if err is None else f'{err:.1e}'} |", flush=True)
+
+  add("torch sdpa (before)", best_of(run_torch, repeats))
   for bq, bk in tiles:
     fn = jax.jit(lambda q, k, v, bq=bq, bk=bk: attn.causal_attention(
         q, k, v, pos, valid, attn.NO_WINDOW, scale=D ** -0.5, block_q=bq, block_k=bk))
-    out = np.asarray(fn(q, k, v))
-    err = float(np.abs(out - reference).max())
-    t = best_of(lambda: fn(q, k, v).block_until_ready(), repeats)
-    rows.append(f"| JAX {bq} x {bk} tiles | {t * 1e3:.0f} | {torch_before / t:.2f}x | {err:.1e} |")
-    print(rows[-1], flush=True)
-  torch_after = best_of(run_torch, repeats)
-  rows.append(f"| torch sdpa (after) | {torch_after * 1e3:.0f} | {torch_before / torch_after:.2f}x | - |")
-  print(rows[-1], flush=True)
+    err = float(np.abs(np.asarray(fn(q, k, v)) - reference).max())
+    add(f"JAX {bq} x {bk} tiles", best_of(lambda: fn(q, k, v).block_until_ready(), repeats), err)
+  add("torch sdpa (after)", best_of(run_torch, repeats))
   return rows
 
 
