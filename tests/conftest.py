@@ -76,6 +76,22 @@ def _free_compiled_programs():
 
 
 @pytest.fixture(scope="session")
+def bench_script():
+  """Loads a script of bench/ as a module (bench/ is not a package): `bench_script("bench_kernels")`."""
+  import importlib.util
+  import pathlib
+
+  def load(name: str):
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+  return load
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
   """The real default model's tokenizer (no weights read); skips where the model is not installed."""
   from chunkllm_jax import registry, weights

@@ -2,7 +2,6 @@
 passes its correctness check, every timing section produces numbers, and the report, the JSON and the plot are
 written. The script is meant for a lent GPU or TPU that few sessions get: this keeps it from rotting meanwhile."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -12,12 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def bench_kernels():
-  """The script as a module (bench/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "bench_kernels.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def bench_kernels(bench_script):
+  return bench_script("bench_kernels")
 
 
 def test_smoke_run_checks_pass_and_writes_outputs(bench_kernels, tmp_path):

@@ -1,20 +1,11 @@
 """bench/prefill_attention.py at a tiny length: every tile size runs, matches torch's sdpa, and is timed."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def prefill_attention():
-  """The script as a module (bench/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("prefill_attention", ROOT / "bench" / "prefill_attention.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def prefill_attention(bench_script):
+  return bench_script("prefill_attention")
 
 
 @pytest.mark.parametrize("tiles", [[(64, 64)], [(128, 64), (64, 128)]])
