@@ -73,7 +73,9 @@ def attention_rows(T: int, tiles, repeats: int) -> list[dict]:
   return rows
 
 
-def model_rows(T: int, repeats: int) -> list[str]:
+def model_rows(T: int, repeats: int) -> list[dict]:
+  """Times smollm2-135m's prefill stack with its attention and with the attention replaced by
+  nothing; prints a markdown row per run and returns them (label, seconds)."""
   import chunkllm_jax as cj
   from chunkllm_jax import model
 
@@ -84,15 +86,15 @@ def model_rows(T: int, repeats: int) -> list[str]:
   with_attention = model.self_attend_fn(cfg, pos, jnp.ones((1, T), bool))
 
   def without_attention(state, layer, q, k, v, h):
-    return q, state, None
+    return q, state, None  # q has the attention output's shape [B, T, H, D]
 
   rows = []
-  for label, attend_fn in [("every layer", with_attention), ("every layer, attention replaced by nothing",
-                                                              without_attention)]:
+  for label, attend_fn in [("every layer", with_attention),
+                           ("every layer, attention replaced by nothing", without_attention)]:
     fn = jax.jit(lambda attend_fn=attend_fn: model.run_layers(params, model.embed(params, ids), pos, attend_fn)[0][:, -1])
-    fn().block_until_ready()
-    rows.append(f"| {label} | {best_of(lambda: fn().block_until_ready(), repeats):.2f} |")
-    print(rows[-1], flush=True)
+    fn().block_until_ready()  # compiles
+    rows.append(dict(label=label, seconds=best_of(lambda: fn().block_until_ready(), repeats)))
+    print(f"| {label} | {rows[-1]['seconds']:.2f} |", flush=True)
   return rows
 
 
