@@ -157,10 +157,18 @@ DECODE_BLOCKS = (2048, 256)  # keys per step of the decode loop: blocks of 2048 
 
 def decode_blocks(buffer_len: int, blocks: tuple[int, ...] | None = None) -> tuple[int, ...]:
   """The block sizes the decode loop uses over a buffer of this length (`DECODE_BLOCKS` unless
-  given): the smallest divides the buffer, and every larger one is a multiple of it that fits."""
+  given): the smallest divides the buffer, every larger one is a multiple of it, and each is
+  shorter than the buffer.
+
+  A block as long as the buffer is sliced at the same place on every trip, so XLA hoists the slice
+  out of the loop and fuses it with the token's write, which then needs the buffer before the write:
+  it copied the whole stacked buffer twice a layer, and a decode step over a 2048-slot buffer ran
+  5-7x slower (tests/test_decode_in_place.py, bench/RESULTS_generate.md)."""
   blocks = blocks or DECODE_BLOCKS
   small = math.gcd(blocks[-1], buffer_len)
-  return tuple(b for b in blocks[:-1] if b % small == 0 and b <= buffer_len) + (small,)
+  if small == buffer_len > 1:  # then buffer_len divides blocks[-1]: a power of two when that is one
+    small = math.gcd(small, buffer_len // 2)
+  return tuple(b for b in blocks[:-1] if b % small == 0 and b < buffer_len) + (small,)
 
 
 def pack_query(q_BKG1D):

@@ -32,6 +32,19 @@ def test_causal_attention_matches_one_softmax_over_every_key(T, block_q, block_k
   np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(s, axis=-1)), atol=2e-5, rtol=2e-6)
 
 
+@pytest.mark.parametrize("S", [1, 100, 128, 256, 512, 2048, 2304, 4096, 32768])
+def test_decode_blocks_tile_the_buffer_and_are_each_shorter_than_it(S):
+  blocks = attn.decode_blocks(S)
+  small = blocks[-1]
+  assert S % small == 0 and all(b % small == 0 for b in blocks)
+  assert list(blocks) == sorted(blocks, reverse=True)
+  if S > 1:  # a block as long as the buffer made XLA copy it (tests/test_decode_in_place.py)
+    assert all(b < S for b in blocks), blocks
+  expected = {256: (128,), 2048: (256,), 2304: (2048, 256), 4096: (2048, 256)}  # DECODE_BLOCKS = (2048, 256)
+  if attn.DECODE_BLOCKS == (2048, 256) and S in expected:
+    assert blocks == expected[S]
+
+
 @pytest.mark.parametrize("S,blocks", [
     (96, (16,)),  # one size
     (96, (64, 16)),  # large blocks while they fit, then small: 64 + 16 + 16 for the longest row

@@ -1,0 +1,63 @@
+"""The decode loops update the stacked KV buffer in place: their compiled programs hold no copy of it.
+
+A copy per layer is invisible in the tokens and costs a whole-buffer write per layer per step: with
+a 2048-slot buffer (one decode block spanning it) XLA copied the buffer twice a layer, and decode
+ran 5-7x slower on both real models (bench/RESULTS_generate.md)."""
+
+import re
+
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax import attention, decoding
+from chunkllm_jax.chunk_generation import chunk_generate
+from tests.tiny_models import chunk_params, prompts
+
+# Buffer lengths: one smallest block, exactly one largest block, two of them, and one in between.
+LENGTHS = [attention.DECODE_BLOCKS[-1], attention.DECODE_BLOCKS[0], 2 * attention.DECODE_BLOCKS[0],
+           attention.DECODE_BLOCKS[0] + attention.DECODE_BLOCKS[-1]]
+
+
+def _buffer_copies(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
+  """Lines of an optimized HLO module that copy an f32 array of `shape` (any layout)."""
+  pattern = re.compile(r"= f32\[" + ",".join(map(str, shape)) + r"\]\S* copy\(")
+  return [line.strip()[:160] for line in hlo_text.splitlines() if pattern.search(line)]
+
+
+@pytest.fixture
+def captured_programs(monkeypatch):
+  """The `decoding.Programs` each generation call builds, in order."""
+  seen, build = [], decoding.programs
+
+  def capture(*args, **kw):
+    progs = build(*args, **kw)
+    seen.append(progs)
+    return progs
+
+  monkeypatch.setattr(decoding, "programs", capture)
+  return seen
+
+
+@pytest.mark.parametrize("buffer_len", LENGTHS)
+@pytest.mark.parametrize("path", ["generate", "chunk_generate"])
+def test_decode_loop_never_copies_the_kv_buffer(path, buffer_len, captured_programs):
+  params = chunk_params("gemma3")  # a sliding layer, a full one, sandwich norms
+  cfg = params.config
+  rows = prompts([30], seed=1)
+  if path == "generate":
+    cj.generate(params, rows, max_new_tokens=3, eos_ids=(), max_len=buffer_len)
+  else:
+    chunk_generate(params, rows, max_new_tokens=3, eos_ids=(), max_len=buffer_len, top_chunks=2, max_chunks=buffer_len // 8,
+                   max_chunk_len=8, n_local=1)
+  (progs,) = captured_programs
+  (loop,) = progs.loop.executables.values()
+  shape = (cfg.n_layers, 1, buffer_len, cfg.n_kv_heads, cfg.head_dim)
+  assert _buffer_copies(loop.as_text(), shape) == []
+
+
+def test_bench_decode_step_times_a_step_and_refuses_a_context_outside_the_buffer(bench_script):
+  bench = bench_script("decode_step")
+  params = chunk_params("gemma3").replace(adapters=None)
+  assert bench.step_ms(params, buffer_len=256, context=100, rounds=1, steps=2) > 0
+  with pytest.raises(SystemExit):
+    bench.main(["--models", "smollm2-135m", "--cases", "256:300"])
