@@ -55,7 +55,8 @@ def needle_prompt(tok, n_tokens: int, depth: float, seed: int):
   key = haystack.passkey(seed)
   fact = f"The secret passkey is {key}. Remember it, it is important."
   doc = haystack.needle_document(tok, n_tokens, depth, fact, seed)
-  ids = encode_prompt(tok, doc + "\n\nWhat is the secret passkey? Answer with the number only.", chat=True)
+  # As a chat turn where the model has a template (a base model such as gemma3-270m has none).
+  ids = encode_prompt(tok, doc + "\n\nWhat is the secret passkey? Answer with the number only.")
   # the needle's position: the token where the key's digits start
   text = tok.decode(ids)
   char = text.index(key)

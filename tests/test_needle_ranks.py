@@ -40,3 +40,17 @@ def test_vote_rank_agrees_with_the_selection(vote):
     seen_in += inside
     seen_out += not inside
   assert seen_in == len(selected) == ccfg.top_chunks and seen_out > 0
+
+
+@pytest.mark.parametrize("chat_template", [True, False], ids=["chat", "base model"])
+def test_needle_prompt_places_the_key_with_or_without_a_chat_template(tokenizer, chat_template):
+  import copy
+
+  from eval.needle_ranks import needle_prompt
+
+  tok = copy.deepcopy(tokenizer)
+  if not chat_template:
+    tok.chat_template = None  # as gemma3-270m's tokenizer: it once raised here
+  ids, key, pos = needle_prompt(tok, 400, 0.5, seed=1)
+  assert tok.decode(ids[pos:pos + 8]).lstrip().startswith(key[:2])
+  assert ("<|im_start|>" in tok.decode(ids)) == chat_template
