@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD_ADAPTERS=${OLD_ADAPTERS:-}
-out=docs/eval_adapters_smollm2
+out=docs/eval_adapters_smollm2_30  # the previous round's rows (older code) stay in docs/eval_adapters_smollm2
 common=(--model smollm2-135m --suites niah --niah_kinds single multikey --niah_lengths 2048
         --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler brown)
 python -m eval.run "${common[@]}" --methods vanilla chunkllm hybrid streamingllm --retention 0.25 --out $out
