@@ -163,7 +163,7 @@ def decode_blocks(buffer_len: int, blocks: tuple[int, ...] | None = None) -> tup
   A block as long as the buffer is sliced at the same place on every trip, so XLA hoists the slice
   out of the loop and fuses it with the token's write, which then needs the buffer before the write:
   it copied the whole stacked buffer twice a layer, and a decode step over a 2048-slot buffer ran
-  5-7x slower (tests/test_decode_in_place.py, bench/RESULTS_generate.md)."""
+  2.9-8.2x slower (tests/test_decode_in_place.py, bench/RESULTS_generate.md)."""
   blocks = blocks or DECODE_BLOCKS
   small = math.gcd(blocks[-1], buffer_len)
   if small == buffer_len > 1:  # then buffer_len divides blocks[-1]: a power of two when that is one
