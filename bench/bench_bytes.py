@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,7 +23,9 @@ import numpy as np  # noqa: E402
 from chunkllm_jax import boundaries, registry, weights  # noqa: E402
 from pallas_kernels import bytes_model  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results_md  # noqa: E402
 SHAPE = dict(n_kv_heads=3, head_dim=64, itemsize=2)  # smollm2-135m, bfloat16
 N_SINK, N_LOCAL, WORK_BLOCK = 4, 4, 128
 
@@ -80,14 +83,13 @@ def main():
   rows = [one_case(lengths[rng.integers(0, len(lengths) // 2):], ctx, r, rng)
           for ctx in (8192, 32768, 131072) for r in (0.5, 0.25, 0.125)]
   mb = lambda x: f"{x / 2**20:.2f}"
-  lines = [
-      "# Bytes read per decode step: in place by blocks vs compaction", "",
-      f"Command: `python bench/bench_bytes.py --text {args.text} --chars {args.chars}`. Chunks are pySBD sentences of the text, "
-      f"tokenized by smollm2-135m (mean {np.mean(lengths):.1f} tokens, median {np.median(lengths):.0f}, "
-      "force-closed at 64); a random selection fills the retention target. Bytes per layer and row, "
-      "smollm2's KV shape (3 kv heads x 64) in bfloat16; MiB. Compaction = the working buffer read up to its "
-      f"last used {WORK_BLOCK}-slot block + the open chunk's block + the boundary gather spread over a chunk's tokens.",
-      "",
+  lines = results_md.header(
+      "Bytes read per decode step: in place by blocks vs compaction",
+      notes=f"Chunks are pySBD sentences of the text, tokenized by smollm2-135m (mean {np.mean(lengths):.1f} tokens, "
+            f"median {np.median(lengths):.0f}, force-closed at 64); a random selection fills the retention target. "
+            "Bytes per layer and row, smollm2's KV shape (3 kv heads x 64) in bfloat16; MiB. Compaction = the "
+            f"working buffer read up to its last used {WORK_BLOCK}-slot block + the open chunk's block + the "
+            "boundary gather spread over a chunk's tokens. A byte count, not a timing: any machine gives the same.") + [
       "| context | retention | dense | retained | compaction | in place, blocks of 64 | 128 | 256 | 512 |",
       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
@@ -101,7 +103,8 @@ def main():
   lines += ["", f"Mean over the cases, bytes read / retained bytes: compaction {best:.2f}x, in place with "
             f"128-token blocks {inplace:.2f}x. The design kept is the one with fewer bytes: "
             f"{'compaction' if best < inplace else 'in place'}."]
-  pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+  results_md.write(args.out, lines, dict(command=results_md.command_line(), code=results_md.code_version(),
+                                         rows=[{k: float(v) for k, v in r.items()} for r in rows]))
   print("\n".join(lines))
 
 

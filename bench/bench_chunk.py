@@ -37,14 +37,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import chunk_generation as cg  # noqa: E402
 from chunkllm_jax import kv_cache  # noqa: E402
 from chunkllm_jax.chunk_cache import init_chunk_state, working_size  # noqa: E402
 from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
+import results_md  # noqa: E402
 
 
 CHUNK = 30  # tokens per chunk (the paper's semantic chunks are 20-40)
@@ -165,7 +167,7 @@ def bench_decode(params, L: int, ratios, rounds: int):
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
                decode_tok_s_chunk=1 / amort, decode_tok_s_dense=1 / d, decode_speedup=d / amort,
                dense_steps=t_dense, chunk_plain_steps=t_plain, chunk_boundary_steps=t_bound,
-               compile_s=dict(dense=dense_compile_s, chunk=chunk_compile_s), code=code_version())
+               compile_s=dict(dense=dense_compile_s, chunk=chunk_compile_s), code=results_md.code_version())
     row["bytes_ratio"] = row["bytes_dense"] / row["bytes_chunk"]
     print(f"decode L={L} top_k={ccfg.top_chunks} retention={retention:.3f} dense {d * 1e3:.0f} ms, chunk plain "
           f"{plain * 1e3:.0f} ms / boundary {bound * 1e3:.0f} ms -> amortised {amort * 1e3:.0f} ms, speedup "
@@ -209,24 +211,7 @@ def bench_prefill(params, L: int, ratio: float, repeats: int, headroom: int, sel
   return dict(context=L, top_k=ccfg.top_chunks, prefill_s_chunk=c, prefill_s_dense=d, prefill_speedup=d / c,
               prefill_s_full=f, prefill_speedup_vs_full=f / c,
               prefill_mode=ccfg.prefill, selection=selection,
-              dense_runs=t_dense, chunk_runs=t_chunk, compile_s=dict(dense=dense_c, chunk=chunk_c), code=code_version())
-
-
-def code_version() -> str:
-  """The commit measured (and whether chunkllm_jax differs from it)."""
-  import subprocess
-  run = lambda *a: subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-  dirty = run("status", "--porcelain", "--", "chunkllm_jax")
-  return run("rev-parse", "--short", "HEAD") + (" + uncommitted chunkllm_jax changes" if dirty else "")
-
-
-def device_line() -> str:
-  model = "unknown CPU"
-  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-    if line.startswith("model name"):
-      model = line.split(":", 1)[1].strip()
-      break
-  return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform})"
+              dense_runs=t_dense, chunk_runs=t_chunk, compile_s=dict(dense=dense_c, chunk=chunk_c), code=results_md.code_version())
 
 
 def estimate_prefill(prefill_rows, L: int):
@@ -275,9 +260,6 @@ def weight_bytes() -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
 
 
-KEEP = "<!-- analysis below is kept when the script rewrites this file -->"
-
-
 def verdict(decode_rows, prefill_rows):
   out = ["## Against the targets (32K context, ~25% retention)", ""]
   d = [r for r in decode_rows if r["context"] == 32768 and r["target_retention"] == 0.25]
@@ -315,7 +297,7 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
         for d, p, b in zip(r["dense_steps"], r["chunk_plain_steps"], r["chunk_boundary_steps"]))
   lines = [
       "# ChunkLLM vs dense: decode and prefill speed on the CPU", "",
-      f"Device: {device_line()}. Synthetic smollm2-135m-shaped weights (30 layers, 9 heads / 3 KV heads, "
+      f"Machine: {results_md.machine_line()}. Synthetic smollm2-135m-shaped weights (30 layers, 9 heads / 3 KV heads, "
       "head_dim 64), float32, batch 1; adapters from `init_adapters`; ChunkConfig defaults (n_sink 4, n_local 4, "
       "vote sum, layer 0 dense) with `max_chunk_len=30` and uniform 30-token chunks.", "",
       f"Command: `{command}`", "",
@@ -379,13 +361,8 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
             "the speedup a purely memory-bound step could reach."]
   lines += [""] + [f"Note: {n}" for n in notes]
   lines += [""] + verdict(decode_rows, prefill_rows)
-  md = pathlib.Path(out)
-  # Hand-written analysis below the marker survives reruns.
-  kept = md.read_text().split(KEEP, 1)[1] if md.exists() and KEEP in md.read_text() else "\n"
-  lines += ["", KEEP + kept.rstrip("\n")]
-  md.write_text("\n".join(lines) + "\n")
-  md.with_suffix(".json").write_text(json.dumps(dict(device=device_line(), command=command, machine=rates,
-                                                     decode=decode_rows, prefill=prefill_rows, notes=notes), indent=1))
+  results_md.write(out, lines, dict(device=results_md.machine_line(), command=command, machine=rates,
+                                    decode=decode_rows, prefill=prefill_rows, notes=notes))
   return lines
 
 

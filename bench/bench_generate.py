@@ -13,8 +13,8 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +26,9 @@ import numpy as np  # noqa: E402
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import registry  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results_md  # noqa: E402
 
 
 def filler_tokens(tokenizer, n: int) -> list[int]:
@@ -97,14 +99,12 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
 
-  device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} " \
-           f"({jax.devices()[0].platform}), torch {torch.__version__}"
-  lines = [
-      f"# Vanilla generation: chunkllm_jax vs transformers ({args.model}, float32)", "",
-      f"Device: {device}. Greedy, batch 1, {args.new_tokens} new tokens, medians of {args.repeats} runs "
-      "(JAX compile excluded). Ratio > 1 means JAX is faster.", "",
-      f"Command: `python bench/bench_generate.py --lengths {' '.join(map(str, args.lengths))} "
-      f"--repeats {args.repeats}`", "",
+  device = f"{results_md.machine_line()}, torch {torch.__version__}"
+  lines = results_md.header(
+      f"Vanilla generation: chunkllm_jax vs transformers ({args.model}, float32)",
+      notes=f"Greedy, batch 1, {args.new_tokens} new tokens, medians of {args.repeats} runs (JAX compile "
+            "excluded); the same GGUF weights on both sides, torch with sdpa and all cores. Ratio > 1 means "
+            f"JAX is faster. torch {torch.__version__}.") + [
       "| prompt | prefill tok/s JAX | prefill tok/s torch | prefill ratio | decode tok/s JAX | decode tok/s torch | decode ratio | same greedy tokens |",
       "|---:|---:|---:|---:|---:|---:|---:|:---:|",
   ]
@@ -112,8 +112,8 @@ def main():
     lines.append(f"| {r['prompt']} | {r['jax_prefill_tok_s']:.0f} | {r['torch_prefill_tok_s']:.0f} | "
                  f"{r['prefill_ratio']:.2f}x | {r['jax_decode_tok_s']:.1f} | {r['torch_decode_tok_s']:.1f} | "
                  f"{r['decode_ratio']:.2f}x | {'yes' if r['same_tokens'] else 'no'} |")
-  pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
-  pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(dict(device=device, rows=rows), indent=1))
+  results_md.write(args.out, lines, dict(device=device, command=results_md.command_line(),
+                                         code=results_md.code_version(), model=args.model, rows=rows))
   print("\n".join(lines))
   print(f"wrote {args.out}")
 

@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import results_md  # noqa: E402
 
 
 def child(method: str, context: int) -> dict:
@@ -70,11 +71,13 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
   ap.add_argument("--methods", nargs="+", default=["vanilla", "chunkllm"], choices=["vanilla", "chunkllm"])
+  ap.add_argument("--out", default=str(HERE / "RESULTS_memory.md"))
   ap.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child:
     print(json.dumps(child(args.child[0], int(args.child[1]))))
     return 0
+  command = results_md.command_line([__file__] + (sys.argv[1:] if argv is None else list(argv)))
   rows = []
   for context in args.contexts:
     for method in args.methods:
@@ -90,22 +93,21 @@ def main(argv=None) -> int:
       r = rows[-1]
       print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / r['floor']:.2f}x the floor "
             f"({r['floor'] / 2**30:.2f} GiB)", file=sys.stderr)
-      _write(rows, args)  # after every run, so a run stopped early keeps what it measured
-  print(_write(rows, args))
+      _write(rows, args, command)  # after every run, so a run stopped early keeps what it measured
+  print(_write(rows, args, command))
   return 0
 
 
-def _write(rows: list[dict], args) -> str:
-  """bench/RESULTS_memory.md and .json from the runs so far; returns the markdown."""
+def _write(rows: list[dict], args, command: str) -> str:
+  """The results page and its .json from the runs so far; returns the markdown."""
   mib = lambda x: f"{x / 2**20:.0f}"
-  lines = ["# Peak host memory of generation", "",
-           f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}; smollm2-135m float32, "
-           "8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters.", "",
-           f"Command: `python bench/bench_memory.py --contexts {' '.join(map(str, args.contexts))}`", "",
-           "Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds the weights "
-           "and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.", "",
-           "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
-           "peak / floor | growth / (KV + working) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = results_md.header(
+      "Peak host memory of generation", command,
+      "smollm2-135m float32, 8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters; each run in a "
+      "fresh process. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
+      "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.") + [
+      "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
+      "peak / floor | growth / (KV + working) |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "failed" in r:
       lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} |||||||| ")
@@ -114,8 +116,8 @@ def _write(rows: list[dict], args) -> str:
     lines.append(f"| {r['method']} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
                  f"{mib(r['floor'])} | {mib(r['rss_after_load'])} | {mib(r['peak_rss'])} | "
                  f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x |")
-  (HERE / "RESULTS_memory.md").write_text("\n".join(lines) + "\n")
-  (HERE / "RESULTS_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+  results_md.write(args.out, lines, dict(device=results_md.machine_line(), command=command,
+                                         code=results_md.code_version(), rows=rows))
   return "\n".join(lines)
 
 

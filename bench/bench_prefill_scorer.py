@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -26,7 +26,9 @@ import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import haystack  # noqa: E402
 from chunkllm_jax.prompts import encode_prompt  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results_md  # noqa: E402
 
 
 def main():
@@ -59,18 +61,19 @@ def main():
         print(f"{name}: prefill {times[name][-1][0]:.2f}s, decode {times[name][-1][1]:.1f} tok/s", flush=True)
   med = {n: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for n, v in times.items()}
   p0, d0 = med["vanilla"]
-  device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} " \
-           f"({jax.devices()[0].platform})"
-  lines = [f"# The prompt's scorer: prefill and decode speed ({args.model}, {len(ids)}-token prompt, "
-           f"{args.budget:.0%} budget)", "",
-           f"Device: {device}. Medians of {args.repeats} rounds, the methods in turn in one process (compile "
-           "excluded); ratio > 1 means faster than vanilla.", "",
-           f"Command: `python bench/bench_prefill_scorer.py --context {args.context} --repeats {args.repeats}`", "",
-           "| method | prefill s | prefill vs vanilla | decode tok/s | decode vs vanilla |",
-           "|---|---:|---:|---:|---:|"]
+  lines = results_md.header(
+      f"The prompt's scorer: prefill and decode speed ({args.model}, {len(ids)}-token prompt, "
+      f"{args.budget:.0%} budget)",
+      notes=f"The README demo's passkey prompt. Medians of {args.repeats} rounds, the methods in turn in one process "
+            "(compile excluded); ratio > 1 means faster than vanilla.") + [
+      "| method | prefill s | prefill vs vanilla | decode tok/s | decode vs vanilla |", "|---|---:|---:|---:|---:|"]
+  rows = []
   for n, (p, d) in med.items():
     lines.append(f"| {n} | {p:.2f} | {p0 / p:.2f}x | {d:.1f} | {d / d0:.2f}x |")
-  pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+    rows.append(dict(method=n, prefill_s=p, prefill_vs_vanilla=p0 / p, decode_tok_s=d, decode_vs_vanilla=d / d0))
+  results_md.write(args.out, lines, dict(device=results_md.machine_line(), command=results_md.command_line(),
+                                         code=results_md.code_version(), model=args.model, prompt_tokens=len(ids),
+                                         budget=args.budget, rows=rows))
   print("\n".join(lines))
   print(f"wrote {args.out}")
 

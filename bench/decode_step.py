@@ -5,14 +5,16 @@
 `kv_cache.decode_step` compiled once per buffer length (its buffer donated, as the decode loop
 does), run at the given context (`cache.length`), best of three rounds of five steps. The buffer
 length matters beyond the context: it sets the decode blocks (`attention.decode_blocks`), and a
-block as long as the buffer once made XLA copy the buffer twice a layer. Prints a markdown table.
+block as long as the buffer once made XLA copy the buffer twice a layer. Writes
+bench/RESULTS_decode_step.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import pathlib
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +25,10 @@ import jax.numpy as jnp  # noqa: E402
 
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax.kv_cache import decode_step, init_cache  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results_md  # noqa: E402
 
 
 def step_ms(params, buffer_len: int, context: int, rounds: int = 3, steps: int = 5) -> float:
@@ -47,21 +53,27 @@ def main(argv=None):
   ap.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
   ap.add_argument("--cases", nargs="+", default=["2048:1000", "2048:2000", "4096:2000"],
                   help="buffer_len:context pairs")
+  ap.add_argument("--out", default=str(HERE / "RESULTS_decode_step.md"))
   args = ap.parse_args(argv)
   cases = [tuple(map(int, c.split(":"))) for c in args.cases]
   for buffer_len, context in cases:
     if not 0 < context < buffer_len:
       ap.error(f"context {context} must lie inside the buffer ({buffer_len})")
-  print(f"Device: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), "
-        "float32, batch 1")
-  print("\n| model | buffer | context | ms per decode step |\n|---|---:|---:|---:|")
+  command = results_md.command_line([__file__] + (sys.argv[1:] if argv is None else list(argv)))
+  lines = results_md.header("One dense decode step, per KV buffer length and context", command,
+                            "`kv_cache.decode_step`, float32, batch 1, buffer donated; best of 3 rounds of 5 steps.")
+  lines += ["| model | buffer | context | ms per decode step |", "|---|---:|---:|---:|"]
   rows = []
   for name in args.models:
     params = cj.load(name, dtype="float32").params.replace(adapters=None)
     for buffer_len, context in cases:
       ms = step_ms(params, buffer_len, context)
       rows.append(dict(model=name, buffer_len=buffer_len, context=context, ms=ms))
-      print(f"| {name} | {buffer_len} | {context} | {ms:.1f} |", flush=True)
+      lines.append(f"| {name} | {buffer_len} | {context} | {ms:.1f} |")
+      print(lines[-1], flush=True)
+  results_md.write(args.out, lines, dict(device=results_md.machine_line(), command=command,
+                                         code=results_md.code_version(), rows=rows))
+  print("\n".join(lines))
   return rows
 
 

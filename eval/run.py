@@ -181,8 +181,22 @@ def _fingerprint(args) -> dict:
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers"]
   fp = {k: getattr(args, k) for k in keys}
-  fp["brown"] = args.brown if args.filler == "brown" else None
+  fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   return fp
+
+
+def text_id(path) -> str:
+  """The filler text by its name and contents, not its path: a folder of results moves with its repository."""
+  import hashlib
+  digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+  return f"{Path(path).name} sha256:{digest}"
+
+
+def _same_setting(key: str, old, new) -> bool:
+  """Folders written before the text was fingerprinted by contents hold its path: the same name passes."""
+  if key == "brown" and isinstance(old, str) and isinstance(new, str) and " sha256:" not in old:
+    return Path(old).name == new.split(" sha256:")[0]
+  return old == new
 
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None}  # settings newer than some result folders: what those folders used
@@ -198,7 +212,7 @@ def _check_fingerprint(out: Path, fp: dict) -> None:
     except ValueError:
       raise UsageError(f"{path} is damaged, so the settings of {out / 'results.jsonl'} are unknown; use another "
                        "--out, or delete that results.jsonl") from None
-    diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in fp.items() if not _same_setting(k, old.get(k), v)}
     if diff:
       raise UsageError(f"{out} holds results made with other settings {diff} (old, new); "
                        f"use another --out, or delete {out / 'results.jsonl'} to start over there")

@@ -5,6 +5,7 @@ The environment must be set before jax is imported anywhere, hence module level 
 
 import getpass
 import os
+import sys
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -85,6 +86,7 @@ def bench_script():
     path = pathlib.Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -125,3 +125,27 @@ def test_quick_run_on_the_real_model(smollm2, tmp_path):
   (niah_chunk,) = [r for r in summary["tasks"]["niah_single"] if r["method"] == "chunkllm"]
   assert 0.3 < niah_chunk["kv_retention"] < 0.6
   assert (out / "niah_chunkllm.png").exists() and (out / "perplexity.png").exists()
+
+
+def test_the_filler_text_is_fingerprinted_by_contents_not_path(tmp_path):
+  """A results folder moves with its repository: the same text elsewhere resumes, another text refuses."""
+  a, b, moved = tmp_path / "a" / "brown.txt", tmp_path / "b" / "brown.txt", tmp_path / "c" / "brown.txt"
+  for path, text in ((a, "One sentence.\n"), (b, "Another sentence.\n"), (moved, "One sentence.\n")):
+    path.parent.mkdir()
+    path.write_text(text)
+  assert eval_run.text_id(a) == eval_run.text_id(moved) != eval_run.text_id(b)
+  assert eval_run.text_id(a).startswith("brown.txt sha256:")
+  out = tmp_path / "ev"
+  out.mkdir()
+  (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
+  fp = {"model": "m", "brown": eval_run.text_id(a)}
+  (out / "run_config.json").write_text(json.dumps(fp))
+  eval_run._check_fingerprint(out, dict(fp, brown=eval_run.text_id(moved)))
+  with pytest.raises(eval_run.UsageError, match="other settings.*brown"):
+    eval_run._check_fingerprint(out, dict(fp, brown=eval_run.text_id(b)))
+  # A folder written before: its run_config.json holds the path; the same file name passes.
+  (out / "run_config.json").write_text(json.dumps(dict(fp, brown="/somewhere/else/brown.txt")))
+  eval_run._check_fingerprint(out, fp)
+  (out / "run_config.json").write_text(json.dumps(dict(fp, brown="/somewhere/else/other.txt")))
+  with pytest.raises(eval_run.UsageError, match="other settings"):
+    eval_run._check_fingerprint(out, fp)

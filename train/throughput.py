@@ -101,7 +101,11 @@ def main(argv=None) -> dict:
 
   t_cached = step_time(rows)
   t_uncached = step_time(dict(tokens=tokens, labels=labels))
-  out = dict(model=args.model, device=str(jax.devices()[0].device_kind), batch_size=B, seq_len=T,
+  import os
+  import sys
+  command = " ".join(["python -m train.throughput", *(sys.argv[1:] if argv is None else argv)])
+  out = dict(model=args.model, device=f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}",
+             command=command, batch_size=B, seq_len=T,
              selection_layers=list(layers), forward_s=t_fwd, forward_logits_s=t_logits, teacher_s=t_teacher,
              cached_step_s=t_cached, uncached_step_s=t_uncached,
              teacher_over_forward=t_teacher / t_fwd, cached_step_over_forward=t_cached / t_fwd,

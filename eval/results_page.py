@@ -1,0 +1,319 @@
+"""docs/results.md in one command: every current measurement of the method, each beside its target.
+
+  python -m eval.results_page            # rebuild the page from the folders' rows (seconds)
+  python -m eval.results_page --run      # first run every evaluation whose rows are missing (hours; resumes)
+  python -m eval.results_page --run --only niah_smollm2   # one of them
+
+`MEASUREMENTS` is the list: for each, the folder of its rows and the command that fills it. The
+page is rebuilt from the rows themselves (eval.report.summarize), so a folder that gained rows
+shows them, and the verdicts against the targets are computed, never typed:
+- NIAH, at 50% measured KV: at least 98.6% of vanilla and above every baseline; at 25%: at least
+  90% of vanilla and 10 points over the best baseline (baselines: StreamingLLM, SepLLM, FixLLM);
+- perplexity within +2% of vanilla at 50%.
+The needle-rank tables and the held-out KL and recall of the adapters come from their JSON files.
+The hand-written history of earlier rounds sits below the page's marker and is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from eval import report
+from eval.results_io import ResultsFile
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+PAGE = DOCS / "results.md"
+KEEP = "<!-- history below is kept when `python -m eval.results_page` rewrites this page -->"
+
+BASELINES = ("streamingllm", "sepllm", "fixllm")
+CHUNKLLM = {"hybrid": "ChunkLLM, default settings (`hybrid`: prompt by the frozen attention, decode by the QK "
+                      "Adapters)", "chunkllm": "ChunkLLM, QK Adapters alone (the paper's rule)"}
+NIAH_TARGETS = {"0.5": (98.6, 0.0), "0.25": (90.0, 10.0)}  # budget: (% of vanilla, points over the best baseline)
+PPL_TARGET = 2.0  # % over vanilla at 50%
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  name: str
+  title: str
+  folder: str  # under docs/
+  kind: str  # "eval" (eval.run rows), "needle_ranks" (before/after JSON), "held_out" (train.evaluate JSON)
+  commands: tuple[str, ...]  # what fills the folder, run from the repository root
+  rerun: bool = True  # False: needs files outside the repository (an earlier export); kept as measured
+  before: str | None = None  # needle_ranks: the folder of the earlier adapters' ranks
+  labels: tuple[str, ...] = ()  # held_out: what each row's adapters are, in the file's order
+  note: str = ""
+
+
+NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
+           "--niah_samples 3 --filler brown")
+NIAH_8K = ("--suites niah --niah_kinds single --niah_lengths 8192 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
+           "--niah_samples 2 --filler brown")
+
+MEASUREMENTS = (
+    Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_adapters_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla chunkllm hybrid streamingllm "
+                 "sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_adapters_smollm2_30",),
+                note="15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds) in the evaluation's share "
+                     "of the Brown text, which training never reads."),
+    Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_gemma3_8k_headmax", "eval",
+                (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
+                 "chunkllm hybrid streamingllm sepllm fixllm --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
+                rerun=False,
+                note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler. The rows read the float32 export of "
+                     "the training run (train/RESULTS.md); the package ships the same weights in bfloat16."),
+    Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
+                 "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm --retention 0.5 0.25 "
+                 "--out docs/eval_ppl_brown",),
+                note="256-token prompt, the rest teacher-forced through decode. One text."),
+    Measurement("ppl_smollm2_4k", "Perplexity, smollm2-135m, 4K tokens of Brown", "eval_ppl_brown_4k", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 1 --filler brown "
+                 "--methods vanilla hybrid streamingllm sepllm --retention 0.5 --out docs/eval_ppl_brown_4k",),
+                note="One text."),
+    Measurement("ppl_smollm2_generated", "Perplexity, smollm2-135m, 2K tokens of the generated filler",
+                "eval_ppl_generated", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler "
+                 "generated --methods vanilla hybrid chunkllm streamingllm --retention 0.5 --out docs/eval_ppl_generated",),
+                note="One text."),
+    Measurement("ppl_gemma3_2k", "Perplexity, gemma3-270m, 2K tokens of Brown", "eval_gemma3_ppl_headmax", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
+                 "--methods vanilla hybrid streamingllm --retention 0.5 --out docs/eval_gemma3_ppl_headmax",),
+                note="One text."),
+    Measurement("short_smollm2", "Short-text identity, smollm2-135m", "eval_short_smollm2", "eval",
+                ("python -m eval.run --model smollm2-135m --suites short --methods vanilla chunkllm hybrid "
+                 "--out docs/eval_short_smollm2",),
+                note="Prompts of a few dozen tokens are read whole: each method must give vanilla's tokens."),
+    Measurement("ranks_smollm2", "Needle ranks, smollm2-135m: first adapters and retrained", "needle_ranks_headmax",
+                "needle_ranks",
+                ("python -m eval.needle_ranks --tokens 2048 4096 --depths 0.25 0.5 0.75 --out docs/needle_ranks_headmax",),
+                before="needle_ranks"),
+    Measurement("ranks_gemma3", "Needle ranks, gemma3-270m: first adapters and retrained", "needle_ranks_gemma3",
+                "needle_ranks",
+                ("python -m eval.needle_ranks --model gemma3-270m --tokens 2048 4096 --depths 0.25 0.5 0.75 "
+                 "--out docs/needle_ranks_gemma3",),
+                before="needle_ranks_gemma3_first"),
+    Measurement("ranks_gemma3_8k", "Needle ranks, gemma3-270m at 8K: first adapters and retrained",
+                "needle_ranks_gemma3_8k", "needle_ranks",
+                ("python -m eval.needle_ranks --model gemma3-270m --tokens 8192 --depths 0.3 0.7 "
+                 "--out docs/needle_ranks_gemma3_8k",),
+                before="needle_ranks_gemma3_8k_first"),
+    Measurement("held_out_smollm2", "Held-out KL and recall, smollm2-135m, under the head-max target",
+                "adapters_smollm2", "held_out",
+                ("python -m train.evaluate --preset smollm2-135m --data runs/data/brown_train50.txt --retrieval_mix 0.6 "
+                 "--data_dir runs/smollm2_hm/data --adapters <the first export> smollm2-135m --compare_n_local 4",),
+                rerun=False, labels=("first (head-mean teacher, every token, Brown only)",
+                                     "retrained, shipped (head-max rows, retrieval mixture)"),
+                note="8 held-out sequences of 2K tokens; selection layers 7 and 15."),
+    Measurement("held_out_gemma3", "Held-out KL and recall, gemma3-270m, under the head-max target",
+                "adapters_gemma3", "held_out",
+                ("python -m train.evaluate --preset gemma3-270m --data runs/data/brown_train50.txt --retrieval_mix 0.6 "
+                 "--seq_len 2048 --batch_size 4 --eval_batches 4 --max_chunks 256 --data_dir runs/gemma3_hm/data "
+                 "--adapters <the first export> <the retrained export> --compare_n_local 4",),
+                rerun=False, labels=("first (head-mean teacher, every token, 150 steps on Brown)",
+                                     "retrained, shipped (head-max rows, retrieval mixture, 600 cached steps)"),
+                note="4 held-out batches of 4 x 2K tokens; selection layers 5, 11 and 17."),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluations
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{x:.1f}%"
+
+
+def _long_rows(summary: dict) -> dict[tuple[str, str], dict]:
+  return {(r["method"], r["retention"]): r for r in summary["long_context"]}
+
+
+def niah_verdicts(summary: dict) -> list[str]:
+  """Each ChunkLLM row at 50% and 25% against the NIAH targets, in words."""
+  rows = _long_rows(summary)
+  out = []
+  for method, name in CHUNKLLM.items():
+    for budget, (pct_target, margin) in NIAH_TARGETS.items():
+      row = rows.get((method, budget))
+      if row is None or row["pct_of_vanilla"] is None:
+        continue
+      base = {m: rows[(m, budget)] for m in BASELINES if (m, budget) in rows}
+      best = max(base.values(), key=lambda r: r["score"]) if base else None
+      keeps = row["pct_of_vanilla"] >= pct_target
+      over = None if best is None else row["score"] - best["score"]
+      beats = over is not None and (over >= margin if margin else over > 0)
+      missing = [m for m in BASELINES if m not in base]
+      line = (f"{name}, {float(budget):.0%} budget: **{row['pct_of_vanilla']:.1f}% of vanilla** at "
+              f"{100 * row['kv_retention']:.1f}% measured KV (target {pct_target:g}%: "
+              f"{'met' if keeps else 'not met'})")
+      if best is not None:
+        need = f"{margin:g} points over" if margin else "above"
+        line += (f"; {over:+.1f} points against the best baseline ({best['method']}, {best['score']:.1f}; target "
+                 f"{need}: {'met' if beats else 'not met'})")
+      if missing:
+        line += f"; not measured here: {', '.join(missing)}"
+      out.append(line + ".")
+  return out
+
+
+def ppl_verdicts(summary: dict) -> list[str]:
+  out = []
+  for row in summary["tasks"].get("perplexity", []):
+    if row["method"] in CHUNKLLM and row["retention"] == "0.5" and row.get("ppl_change_pct") is not None:
+      ok = row["ppl_change_pct"] <= PPL_TARGET
+      out.append(f"{CHUNKLLM[row['method']]}: **{row['ppl_change_pct']:+.2f}%** perplexity at "
+                 f"{100 * row['kv_retention']:.1f}% measured KV (target +{PPL_TARGET:g}%: {'met' if ok else 'not met'}).")
+  return out
+
+
+def eval_section(m: Measurement) -> list[str]:
+  folder = DOCS / m.folder
+  records = ResultsFile(folder / "results.jsonl").records if (folder / "results.jsonl").exists() else []
+  if not records:
+    return ["Not measured yet."]
+  summary = report.summarize(records)
+  out = []
+  if "perplexity" in summary["tasks"]:
+    out += [f"- {v}" for v in ppl_verdicts(summary)] + [""]
+    out += ["| method | budget | perplexity | vs vanilla | KV measured | texts |", "|---|---|---:|---:|---:|---:|"]
+    for r in summary["tasks"]["perplexity"]:
+      change = "-" if r.get("ppl_change_pct") is None else f"{r['ppl_change_pct']:+.2f}%"
+      out.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f} | {change} | "
+                 f"{_pct(100 * r['kv_retention'] if r['kv_retention'] is not None else None)} | {r['n']} |")
+  elif "short_text" in summary["tasks"]:
+    out += ["| method | budget | score | identical to vanilla | KV measured | items |", "|---|---|---:|---:|---:|---:|"]
+    for r in summary["tasks"]["short_text"]:
+      same = "-" if r.get("identical_to_vanilla") is None else f"{100 * r['identical_to_vanilla']:.0f}%"
+      out.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f} | {same} | "
+                 f"{_pct(100 * r['kv_retention'] if r['kv_retention'] is not None else None)} | {r['n']} |")
+  else:
+    out += [f"- {v}" for v in niah_verdicts(summary)] + [""]
+    tasks = [t for t in summary["tasks"] if report._is_long(t)]
+    out += [f"| method | budget | found, {' / '.join(t.removeprefix('niah_') for t in tasks)} | mean score | "
+            "KV measured (min-max) | % vanilla |",
+            "|---|---|---|---:|---|---:|"]
+    per_task = {t: {(r["method"], r["retention"]): r for r in summary["tasks"][t]} for t in tasks}
+    for r in summary["long_context"]:
+      cells = []
+      for t in tasks:
+        x = per_task[t].get((r["method"], r["retention"]))
+        cells.append("-" if x is None else f"{round(x['score'] * x['n'] / 100)}/{x['n']}")
+      kv = [per_task[t].get((r["method"], r["retention"])) for t in tasks]
+      lo = min((x["kv_min"] for x in kv if x and x["kv_min"] is not None), default=None)
+      hi = max((x["kv_max"] for x in kv if x and x["kv_max"] is not None), default=None)
+      span = f" ({100 * lo:.1f}-{100 * hi:.1f}%)" if lo is not None else ""
+      out.append(f"| {r['method']} | {r['retention']} | {' / '.join(cells)} | {r['score']:.1f} | "
+                 f"{100 * r['kv_retention']:.1f}%{span} | {_pct(r['pct_of_vanilla'])} |")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Needle ranks and held-out metrics
+
+
+def _ranks(folder: Path) -> list[dict] | None:
+  path = folder / "needle_ranks.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def ranks_section(m: Measurement) -> list[str]:
+  after = _ranks(DOCS / m.folder)
+  before = _ranks(DOCS / m.before) if m.before else None
+  if after is None:
+    return ["Not measured yet."]
+  key = lambda r: (r["tokens"] // 1024, r["depth"])
+  first = {key(r): r for r in before or []}
+  out = ["At the prompt's last token (the first decode selection), the needle chunk's rank among the candidates "
+         "(1 = top; a 25% budget keeps about the top quarter). Teacher: the frozen model's head-averaged chunk "
+         "attention at the selection layers; oracle: the attention scorer's vote.", "",
+         "| prompt | candidates | teacher per layer | first adapters' vote, sum / max | retrained per layer | "
+         "**retrained vote, sum / max** | oracle vote |", "|---|---:|---|---|---|---|---:|"]
+  for r in after:
+    b = first.get(key(r))
+    bv = "-" if b is None else f"{b['student_vote_rank']['sum']} / {b['student_vote_rank']['max']}"
+    out.append(f"| {r['tokens']} tokens, depth {r['depth']:g} | {r['n_candidates']} | "
+               f"{' / '.join(map(str, r['teacher_rank']))} | {bv} | {' / '.join(map(str, r['student_rank']))} | "
+               f"**{r['student_vote_rank']['sum']} / {r['student_vote_rank']['max']}** | "
+               f"{r['oracle_vote_rank']['sum']} |")
+  return out
+
+
+def held_out_section(m: Measurement) -> list[str]:
+  path = DOCS / m.folder / "train_evaluate.json"
+  if not path.exists():
+    return ["Not measured yet."]
+  rows = json.loads(path.read_text())
+  out = ["| adapters | KL to the head-max rows | chunk recall@16 | boundary F1 |", "|---|---:|---:|---:|"]
+  for i, r in enumerate(rows):
+    name = m.labels[i] if i < len(m.labels) else r["adapters"]
+    out.append(f"| {name} | {r['kl']:.3f} | {r['chunk_recall']:.3f} | {r['boundary_f1']:.3f} |")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def render() -> str:
+  lines = ["# Measured results: what ChunkLLM keeps, at what KV", "",
+           "Written by `python -m eval.results_page` from the rows of each folder below (`--run` first fills "
+           "what is missing). Verdicts are computed against the targets: NIAH at 50% measured KV at least 98.6% "
+           "of vanilla and above every baseline, at 25% at least 90% and 10 points over the best baseline; "
+           "perplexity within +2% of vanilla at 50%. Baselines: StreamingLLM, SepLLM, FixLLM; `oracle` is the "
+           "training-free attention scorer. Every figure is on a 2-core CPU; speed columns of the folders' "
+           "own reports come from runs that shared the cores and are not comparisons.", "",
+           "Not measured with the retrained adapters: LongBench-format tasks (the mini set is beyond a 135M "
+           "model, and three tasks take over 15 minutes of vanilla prefill alone on this CPU).", ""]
+  for m in MEASUREMENTS:
+    lines += [f"## {m.title}", ""]
+    if m.note:
+      lines += [m.note, ""]
+    section = {"eval": eval_section, "needle_ranks": ranks_section, "held_out": held_out_section}[m.kind]
+    lines += section(m) + [""]
+    cmds = "; then ".join(f"`{c}`" for c in m.commands)
+    lines += [f"Rows: [{m.folder}/]({m.folder}/). Command: {cmds}" + ("" if m.rerun else " (not rerun by "
+              "`--run`: it needs the training run's data and an earlier export, kept outside the repository)") + "."]
+    if m.before:
+      lines[-1] += f" The first adapters' ranks: [{m.before}/]({m.before}/)."
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write(page: Path = PAGE) -> Path:
+  kept = ""
+  if page.exists():
+    text = page.read_text()
+    kept = text.split(KEEP, 1)[1].strip("\n") if KEEP in text else text.strip("\n")
+  page.write_text(render().rstrip("\n") + "\n\n" + KEEP + ("\n\n" + kept if kept else "") + "\n")
+  return page
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m eval.results_page", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--run", action="store_true", help="run each measurement's commands first (they resume)")
+  ap.add_argument("--only", nargs="+", choices=[m.name for m in MEASUREMENTS], default=None)
+  ap.add_argument("--out", default=str(PAGE), help="the page (default docs/results.md)")
+  args = ap.parse_args(argv)
+  if args.run:
+    todo = [m for m in MEASUREMENTS if m.rerun and (args.only is None or m.name in args.only)]
+    for i, m in enumerate(todo, 1):
+      for cmd in m.commands:
+        print(f"[{i}/{len(todo)}] {m.name}: {cmd}", flush=True)
+        argv_ = shlex.split(cmd)
+        rc = subprocess.run([sys.executable, *argv_[1:]], cwd=REPO, check=False).returncode
+        if rc:
+          print(f"{m.name}: exit {rc}; the page is written from the rows there are", file=sys.stderr)
+  page = write(Path(args.out))
+  print(f"wrote {page}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
