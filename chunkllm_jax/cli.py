@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
   _chunk_flags(g)
 
   d = sub.add_parser("demo", help="a hidden fact in a long document: vanilla, ChunkLLM's QK Adapters and the "
-                                   "training-free attention scorer, side by side (25%% of the KV by default)")
+                                   "training-free attention scorer, side by side (25%% and 50%% of the KV by default)")
   d.add_argument("--model", default="smollm2-135m")
   d.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
   d.add_argument("--context", type=int, default=4096, help="document length in tokens")
@@ -114,17 +114,21 @@ def run_demo(args) -> None:
   text, key = haystack.passkey_prompt(model.tokenizer, args.context, args.depth, args.seed)
   ids = encode_prompt(model.tokenizer, text)
   print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
-  settings = {"kv_budget": 0.25, **_chunk_settings(args)}  # the demo reads a quarter of the KV by default
+  settings = _chunk_settings(args)
   settings.pop("scorer", None)
-  runs = {
-      "vanilla": cj.generate(params, [ids], max_new_tokens=12),
-      "ChunkLLM": cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="adapter", **settings),
-      "no-training": cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="attention", **settings),
-  }
-  van = runs["vanilla"].stats
-  for name, out in runs.items():
+  # Unless a budget is given, ChunkLLM runs at a quarter and at half of the KV, the training-free scorer at a quarter.
+  budgets = [settings.pop("kv_budget")] if "kv_budget" in settings else [0.25, 0.5]
+  runs = [("vanilla", None, cj.generate(params, [ids], max_new_tokens=12))]
+  for budget in budgets:
+    runs.append(("ChunkLLM", budget, cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="adapter",
+                                                       kv_budget=budget, **settings)))
+  runs.append(("no-training", budgets[0], cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="attention",
+                                                            kv_budget=budgets[0], **settings)))
+  van = runs[0][2].stats
+  for name, budget, out in runs:
     answer = model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True).strip()
-    print(f"{name:>11}: {answer!r} ({'correct' if key in answer else 'wrong'})")
+    target = "" if name == "vanilla" else (f", {budget:.0%} budget" if budget is not None else ", top chunks")
+    print(f"{name:>11}: {answer!r} ({'correct' if key in answer else 'wrong'}){target}")
     if name != "vanilla":
       st = out.stats
       print(f"{'':>13}read {float(st['kv_retention'][0]):.1%} of the KV cache "

@@ -64,7 +64,8 @@ def test_demo_answers_with_both_methods(random_export):
   res = run_cli("demo", "--context", "512", "--adapters", str(random_export))
   assert res.returncode == 0, res.stderr
   assert "vanilla:" in res.stdout and "ChunkLLM:" in res.stdout and "no-training:" in res.stdout
-  assert res.stdout.count("of the KV cache") == 2
+  assert res.stdout.count("of the KV cache") == 3  # ChunkLLM at 25% and 50%, the attention scorer at 25%
+  assert "25% budget" in res.stdout and "50% budget" in res.stdout
 
 
 def test_adapters_for_another_model_are_refused(tmp_path):
