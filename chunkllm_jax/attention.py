@@ -7,6 +7,7 @@ reads the stacked KV buffer block by block, flash-decoding style, only up to the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -94,19 +95,60 @@ def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale: float, softcap: float | N
   return merge_heads(o).astype(q_BTHD.dtype)
 
 
+TILE = 256  # queries and keys per score tile of `causal_attention`
+
+
+class Prefix(NamedTuple):
+  """Keys already in the stacked KV buffer that every query of a `causal_attention` call follows: the
+  earlier blocks of a prompt prefilled block by block (`kv_cache.prefill`)."""
+
+  k: jnp.ndarray  # [L, B, S, K, D]
+  v: jnp.ndarray  # [L, B, S, K, D]
+  layer: jnp.ndarray  # int32: which layer of the buffer
+  length: jnp.ndarray  # int32, a multiple of `block`: buffer slots [0, length) are the prefix
+  valid: jnp.ndarray  # [B, S] bool: slots that hold a key (not padding)
+  block: int  # slots per key tile read from the buffer; S must be a multiple of it
+
+
+def _fold_tiles(carry: Fold, q, q_pos, first_visible, count, tile_pos, tile_kv, window, *, scale, softcap):
+  """Folds key tiles 0..count-1 into one query block's online softmax. `tile_pos(j)` gives a tile's
+  (positions, valid) and `tile_kv(j)` its (keys, values), read only when the tile is folded. A tile
+  wholly before every query's sliding window is skipped by a `lax.cond` (the window may be traced,
+  as it is in the scan over layers), and one that every query sees whole is folded unmasked."""
+
+  def body(j, carry):
+    k_pos, k_valid = tile_pos(j)
+
+    def step(carry, ok):
+      k, v = tile_kv(j)
+      return fold(carry, scores(q, k, ok, scale=scale, softcap=softcap), ok, v)
+
+    masked = lambda c: step(c, visible(q_pos, k_pos, k_valid, window)[:, None, None])
+    # Below the diagonal and inside every window, a tile needs no mask: 18% faster at 8K.
+    every_key_visible = ((jnp.max(k_pos) <= jnp.min(q_pos)) & (jnp.max(q_pos) - jnp.min(k_pos) < window)
+                         & jnp.all(k_valid))
+    fold_tile = lambda c: jax.lax.cond(every_key_visible, lambda c: step(c, True), masked, c)
+    return jax.lax.cond(jnp.max(k_pos) >= first_visible, fold_tile, lambda c: c, carry)
+
+  return jax.lax.fori_loop(0, count, body, carry)
+
+
 def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, scale: float,
-                     softcap: float | None = None, block_q: int = 256, block_k: int = 256,
-                     return_lse: bool = False):
+                     softcap: float | None = None, block_q: int = TILE, block_k: int = TILE,
+                     return_lse: bool = False, prefix: Prefix | None = None):
   """Self-attention over one sequence (prefill, the training forward, the distillation teacher).
 
   Query blocks are unrolled, and each folds the key blocks up to its own end into an online
   softmax: about half the work of a full T x T product, in score tiles of [block_q, block_k] that
   stay in cache (one [block_q, T] row of scores per query block measured 3x slower at 8K on the
-  CPU). The loop over key blocks has a static count, so it differentiates; a block that lies
-  wholly before every query's sliding window is skipped by a `lax.cond` (the window may be traced,
-  as it is in the scan over layers), and one that every query sees whole is folded unmasked. Keys
-  past a query block's last index are never read, so positions must not run ahead of indices
-  (right padding, or positions = indices).
+  CPU). The loop over key blocks has a static count, so it differentiates. Keys past a query
+  block's last index are never read, so positions must not run ahead of indices (right padding,
+  or positions = indices).
+
+  With `prefix`, each query block first folds the prefix's tiles of the KV buffer, in order (a
+  loop with a traced count: prefill only, no gradient), then its own: a prompt prefilled block by
+  block folds the same tiles in the same order as in one call, so it gets the same output while
+  only one block's activations are live.
 
   Returns [B, T, H, D], and with `return_lse` also the log-sum-exp [B, K, G, T] float32.
   """
@@ -119,28 +161,29 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   pos_pad = jnp.pad(positions_BT, [(0, 0), (0, pad)])
   valid_pad = jnp.pad(valid_BT, [(0, 0), (0, pad)])
   key_block = lambda x, j: jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=1)
+  own_pos = lambda j: (key_block(pos_pad, j), key_block(valid_pad, j))
+  own_kv = lambda j: (key_block(k_pad, j), key_block(v_pad, j))
+  if prefix is not None:
+    pb = prefix.block
+    if prefix.k.shape[2] % pb:
+      raise ValueError(f"a prefix is read in key blocks of {pb}: the buffer's {prefix.k.shape[2]} slots must "
+                       "be a multiple of it")
+    buffer_tile = lambda x, j: jax.lax.dynamic_slice(x, (prefix.layer, 0, j * pb, 0, 0), (1, B, pb, K, x.shape[-1]))[0]
+    prefix_pos = lambda j: (jnp.broadcast_to(j * pb + jnp.arange(pb, dtype=jnp.int32), (B, pb)),
+                            jax.lax.dynamic_slice_in_dim(prefix.valid, j * pb, pb, axis=1))
+    prefix_kv = lambda j: (buffer_tile(prefix.k, j), buffer_tile(prefix.v, j))
   outs, lses = [], []
   for start in range(0, T, block_q):
     end = min(start + block_q, T)
     q = split_heads(q_BTHD[:, start:end], K)
     q_pos = positions_BT[:, start:end]
     first_visible = jnp.min(q_pos) - window + 1  # no key before this is inside any query's window
-
-    def body(j, carry, q=q, q_pos=q_pos, first_visible=first_visible):
-      k_pos, k_valid = key_block(pos_pad, j), key_block(valid_pad, j)
-
-      def step(carry, ok):
-        return fold(carry, scores(q, key_block(k_pad, j), ok, scale=scale, softcap=softcap), ok,
-                    key_block(v_pad, j))
-
-      masked = lambda c: step(c, visible(q_pos, k_pos, k_valid, window)[:, None, None])
-      # Below the diagonal and inside every window, a tile needs no mask: 18% faster at 8K.
-      every_key_visible = ((jnp.max(k_pos) <= jnp.min(q_pos)) & (jnp.max(q_pos) - jnp.min(k_pos) < window)
-                           & jnp.all(k_valid))
-      fold_tile = lambda c: jax.lax.cond(every_key_visible, lambda c: step(c, True), masked, c)
-      return jax.lax.cond(jnp.max(k_pos) >= first_visible, fold_tile, lambda c: c, carry)
-
-    o, lse = fold_finish(jax.lax.fori_loop(0, -(-end // block_k), body, fold_init(*q.shape)))
+    tiles = functools.partial(_fold_tiles, q=q, q_pos=q_pos, first_visible=first_visible, window=window,
+                              scale=scale, softcap=softcap)
+    carry = fold_init(*q.shape)
+    if prefix is not None:
+      carry = tiles(carry, count=prefix.length // prefix.block, tile_pos=prefix_pos, tile_kv=prefix_kv)
+    o, lse = fold_finish(tiles(carry, count=-(-end // block_k), tile_pos=own_pos, tile_kv=own_kv))
     outs.append(merge_heads(o).astype(q_BTHD.dtype))
     lses.append(lse)
   out = jnp.concatenate(outs, axis=1)

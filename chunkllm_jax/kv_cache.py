@@ -8,6 +8,7 @@ keys at or beyond a row's length are never visible to it, so right padding canno
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +57,15 @@ def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int) -> K
   return KVCache(k=kv, v=kv, length=shd.batch_sharding(mesh, (batch,)))
 
 
+def write_block(buf_LBSKD, layer_idx, start, x_BTKD):
+  """Writes positions [start, start + T) of one layer."""
+  return jax.lax.dynamic_update_slice(buf_LBSKD, x_BTKD[None].astype(buf_LBSKD.dtype),
+                                      (layer_idx, 0, start, 0, 0))
+
+
 def write_prefix(buf_LBSKD, layer_idx, x_BTKD):
   """Writes positions [0, T) of one layer."""
-  return jax.lax.dynamic_update_slice(buf_LBSKD, x_BTKD[None].astype(buf_LBSKD.dtype),
-                                      (layer_idx, 0, 0, 0, 0))
+  return write_block(buf_LBSKD, layer_idx, 0, x_BTKD)
 
 
 def write_token(buf_LBSKD, layer_idx, pos_B, x_BKD):
@@ -68,24 +74,54 @@ def write_token(buf_LBSKD, layer_idx, pos_B, x_BKD):
   return buf_LBSKD.at[layer_idx, rows, pos_B].set(x_BKD.astype(buf_LBSKD.dtype))
 
 
-def prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache):
-  """Runs the (right-padded) prompts, fills the buffer. Returns last-token logits [B, V] and the cache."""
+PREFILL_BLOCK = 2048  # prompt tokens per prefill block (a multiple of the attention's key tile)
+
+
+def prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: int = PREFILL_BLOCK):
+  """Runs the (right-padded) prompts, fills the buffer. Returns last-token logits [B, V] and the cache.
+
+  A prompt longer than `block` runs in blocks of `block` tokens through every layer, one block after
+  another, each attending over the buffer's keys of the blocks before it (`attention.Prefix`) and
+  its own: only one block's activations are live (a whole 32K prompt's were about 0.7x the KV
+  buffer, bench/RESULTS_memory.md), and the attention folds the same key tiles in the same order as
+  a one-call prefill. The blocks run under one `lax.fori_loop`, so one compiled block serves any
+  prompt length, plus one for a shorter last block."""
   cfg = params.config
   B, T = tokens_BT.shape
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  valid = positions < lengths_B[:, None]
-  self_attend = model.self_attend_fn(cfg, positions, valid)
+  S = cache.k.shape[2]
+  lengths_B = lengths_B.astype(jnp.int32)
+  buffer_valid = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
+  n_full = T // block if T > block else 0
+  prefix_block = math.gcd(block, attn.TILE)  # earlier blocks are read in the key tiles one call would use
+  def run_block(start, tokens_Bt, kv, last_BD):
+    t = tokens_Bt.shape[1]
+    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
+    valid = positions < lengths_B[:, None]
 
-  def attend_fn(kv, layer, q, k, v, h):
-    kv = (write_prefix(kv[0], layer["index"], k), write_prefix(kv[1], layer["index"], v))
-    o, _, _ = self_attend(None, layer, q, k, v, h)
-    return o, kv, None
+    def attend_fn(kv, layer, q, k, v, h):
+      del h
+      idx = layer["index"]
+      kv = (write_block(kv[0], idx, start, k), write_block(kv[1], idx, start, v))
+      prefix = None if isinstance(start, int) and start == 0 else attn.Prefix(kv[0], kv[1], idx, start, buffer_valid,
+                                                                              prefix_block)
+      o = attn.causal_attention(q, k, v, positions, valid, layer["window"], scale=cfg.attn_scale,
+                                softcap=cfg.attn_softcap, prefix=prefix)
+      return o, kv, None
 
-  x, (k, v), _ = model.run_layers(params, model.embed(params, tokens_BT), positions, attend_fn,
-                                  (cache.k, cache.v))
-  last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
-  logits = model.unembed(params, last_BD)[:, 0]
-  return logits, KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
+    x, kv, _ = model.run_layers(params, model.embed(params, tokens_Bt), positions, attend_fn, kv)
+    at = lengths_B - 1 - start  # each row's last prompt token, if it lies in this block
+    x_last = jnp.take_along_axis(x, jnp.clip(at, 0, t - 1)[:, None, None], axis=1)[:, 0]
+    return kv, jnp.where(((at >= 0) & (at < t))[:, None], x_last, last_BD)
+
+  carry = ((cache.k, cache.v), jnp.zeros((B, cfg.d_model), params.backbone["embed"].dtype))
+  if n_full:
+    carry = jax.lax.fori_loop(0, n_full, lambda i, c: run_block(
+        i * block, jax.lax.dynamic_slice_in_dim(tokens_BT, i * block, block, axis=1), *c), carry)
+  if T > n_full * block:
+    carry = run_block(n_full * block, tokens_BT[:, n_full * block:], *carry)
+  (k, v), last_BD = carry
+  logits = model.unembed(params, last_BD[:, None])[:, 0]
+  return logits, KVCache(k=k, v=v, length=lengths_B)
 
 
 def decode_step(params: ModelParams, tokens_B, cache: KVCache):

@@ -1,0 +1,62 @@
+"""A long prompt prefilled block by block (`kv_cache.prefill`'s `block`) gives what one call gives: the
+same last-token logits and the same KV buffer, for right-padded rows of different lengths, sliding
+and full layers and soft-capped logits; and its compiled program never copies the KV buffer."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chunkllm_jax.kv_cache import init_cache, prefill
+from tests.tiny_models import SOFTCAP, tiny_params
+
+
+def _prompts(lengths, T, seed=0):
+  rng = np.random.RandomState(seed)
+  tokens = np.zeros((len(lengths), T), np.int32)
+  for b, n in enumerate(lengths):
+    tokens[b, :n] = rng.randint(0, 96, n)
+  return jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("arch, extra", [("llama", {}), ("gemma3", {}), ("qwen3", SOFTCAP)])
+@pytest.mark.parametrize("T, block, lengths", [
+    (100, 32, [100, 61]),  # three whole blocks and a shorter last one; a row ending in the second block
+    (96, 32, [96, 33]),  # whole blocks only; a row ending just past the first block
+    (70, 64, [70, 5]),  # a row that ends in the first block
+])
+def test_blocks_give_what_one_call_gives(arch, extra, T, block, lengths):
+  kw = dict(n_layers=3, **extra, **({"layer_sliding": (False, True, False)} if arch == "gemma3" else {}))
+  params = tiny_params(arch, **kw)
+  tokens, lens = _prompts(lengths, T)
+  S = 128  # a multiple of every key block used here
+  fresh = lambda: init_cache(params.config, len(lengths), S, jnp.float32)
+  whole_logits, whole = jax.jit(prefill)(params, tokens, lens, fresh())
+  blocked = jax.jit(prefill, static_argnames="block")
+  logits, cache = blocked(params, tokens, lens, fresh(), block=block)
+  np.testing.assert_allclose(logits, whole_logits, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(cache.length, whole.length)
+  for b, n in enumerate(lengths):  # slots past a row's length hold padding's K/V, never read
+    np.testing.assert_allclose(cache.k[:, b, :n], whole.k[:, b, :n], atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(cache.v[:, b, :n], whole.v[:, b, :n], atol=2e-5, rtol=2e-5)
+
+
+def test_a_prefix_needs_a_buffer_of_whole_key_blocks():
+  params = tiny_params("llama")
+  tokens, lens = _prompts([60], 60)
+  with pytest.raises(ValueError, match="multiple"):
+    prefill(params, tokens, lens, init_cache(params.config, 1, 100, jnp.float32), block=32)
+
+
+def test_blocked_prefill_never_copies_the_kv_buffer():
+  params = tiny_params("llama", n_layers=3)
+  cfg = params.config
+  tokens, lens = _prompts([300], 300)
+  S = 512
+  exe = jax.jit(prefill, static_argnames="block", donate_argnums=3).lower(
+      params, tokens, lens, init_cache(cfg, 1, S, jnp.float32), block=64).compile()
+  shape = ",".join(map(str, (cfg.n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim)))
+  copies = [line for line in exe.as_text().splitlines() if re.search(r"= f32\[" + shape + r"\]\S* copy\(", line)]
+  assert copies == []
