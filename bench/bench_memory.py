@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print(json.dumps(child(args.child[0], int(args.child[1]))))
     return 0
   command = results_md.command_line([__file__] + (sys.argv[1:] if argv is None else list(argv)))
-  rows = []
+  rows = _earlier_rows(pathlib.Path(args.out).with_suffix(".json"))
   for context in args.contexts:
     for method in args.methods:
       print(f"{method} at {context} tokens ...", file=sys.stderr, flush=True)
@@ -86,16 +86,31 @@ def main(argv=None) -> int:
                             text=True, check=False)
       if proc.returncode:  # recorded, and the other runs go on (a kill by the OOM killer is -9)
         why = (proc.stderr.strip().splitlines() or [""])[-1][-300:]
-        rows.append(dict(method=method, context=context, failed=f"exit {proc.returncode}: {why}"))
+        _put(rows, dict(method=method, context=context, failed=f"exit {proc.returncode}: {why}"))
         print(f"  failed: exit {proc.returncode}", file=sys.stderr)
         continue
-      rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-      r = rows[-1]
+      r = dict(json.loads(proc.stdout.strip().splitlines()[-1]), code=results_md.code_version(), command=command)
+      _put(rows, r)
       print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / r['floor']:.2f}x the floor "
             f"({r['floor'] / 2**30:.2f} GiB)", file=sys.stderr)
       _write(rows, args, command)  # after every run, so a run stopped early keeps what it measured
   print(_write(rows, args, command))
   return 0
+
+
+def _earlier_rows(path: pathlib.Path) -> list[dict]:
+  """The cells an earlier run measured (each with its code and command): a run replaces the cells it
+  measures and keeps the others, so one slow cell need not be measured again with the rest."""
+  try:
+    doc = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return []
+  return [r for r in doc.get("rows", []) if "code" in r] if isinstance(doc, dict) else []
+
+
+def _put(rows: list[dict], row: dict) -> None:
+  rows[:] = [r for r in rows if (r["method"], r["context"]) != (row["method"], row["context"])] + [row]
+  rows.sort(key=lambda r: (r["context"], r["method"] != "vanilla"))
 
 
 def _write(rows: list[dict], args, command: str) -> str:
@@ -104,18 +119,18 @@ def _write(rows: list[dict], args, command: str) -> str:
   lines = results_md.header(
       "Peak host memory of generation", command,
       "smollm2-135m float32, 8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters; each run in a "
-      "fresh process. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
+      "fresh process. A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
       "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.") + [
       "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
-      "peak / floor | growth / (KV + working) |", "|---|---|---|---|---|---|---|---|---|---|"]
+      "peak / floor | growth / (KV + working) | code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "failed" in r:
-      lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} |||||||| ")
+      lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} ||||||||| ")
       continue
     growth = (r["peak_rss"] - r["rss_after_load"]) / max(r["kv"] + r["work"], 1)
     lines.append(f"| {r['method']} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
                  f"{mib(r['floor'])} | {mib(r['rss_after_load'])} | {mib(r['peak_rss'])} | "
-                 f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x |")
+                 f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x | {r.get('code', '?')} |")
   results_md.write(args.out, lines, dict(device=results_md.machine_line(), command=command,
                                          code=results_md.code_version(), rows=rows))
   return "\n".join(lines)

@@ -145,3 +145,19 @@ def test_regenerate_summary_from_the_pages_in_the_repository(tmp_path):
                         capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "| dense prefill | tok/s vs transformers, 2K prompt |" in (tmp_path / "RESULTS_summary.md").read_text()
+
+
+def test_bench_memory_replaces_the_cells_it_measures_and_keeps_the_others(bench_script, tmp_path):
+  memory = bench_script("bench_memory")
+  path = tmp_path / "RESULTS_memory.json"
+  old = [dict(method="vanilla", context=8192, peak_rss=2, floor=1, code="a"),
+         dict(method="chunkllm", context=8192, peak_rss=3, floor=1, code="a"),
+         dict(method="vanilla", context=32768, peak_rss=9, floor=1)]  # from before rows named their code
+  path.write_text(json.dumps(dict(rows=old)))
+  rows = memory._earlier_rows(path)
+  assert [(r["method"], r["context"]) for r in rows] == [("vanilla", 8192), ("chunkllm", 8192)]
+  memory._put(rows, dict(method="vanilla", context=32768, peak_rss=4, floor=1, code="b"))
+  memory._put(rows, dict(method="vanilla", context=8192, peak_rss=1.5, floor=1, code="b"))
+  assert [(r["method"], r["context"], r["code"]) for r in rows] == [
+      ("vanilla", 8192, "b"), ("chunkllm", 8192, "a"), ("vanilla", 32768, "b")]
+  assert memory._earlier_rows(tmp_path / "missing.json") == []
