@@ -116,8 +116,9 @@ def _put(rows: list[dict], row: dict) -> None:
 def _write(rows: list[dict], args, command: str) -> str:
   """The results page and its .json from the runs so far; returns the markdown."""
   mib = lambda x: f"{x / 2**20:.0f}"
+  commands = list(dict.fromkeys([r["command"] for r in rows if "command" in r] + [command]))
   lines = results_md.header(
-      "Peak host memory of generation", command,
+      "Peak host memory of generation", "`, then `".join(commands),
       "smollm2-135m float32, 8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters; each run in a "
       "fresh process. A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
       "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.") + [

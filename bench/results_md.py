@@ -41,7 +41,7 @@ def code_version() -> str:
   """The commit measured, and whether the library or the benchmarks differ from it."""
   run = lambda *a: subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
   head = run("rev-parse", "--short", "HEAD") or "unknown"
-  dirty = run("status", "--porcelain", "--", "chunkllm_jax", "pallas_kernels", "bench")
+  dirty = run("status", "--porcelain", "--", "chunkllm_jax/*.py", "pallas_kernels/*.py", "bench/*.py")  # not pages
   return head + (" + uncommitted changes" if dirty else "")
 
 
