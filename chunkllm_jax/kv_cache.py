@@ -93,6 +93,7 @@ def prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: in
   buffer_valid = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
   n_full = T // block if T > block else 0
   prefix_block = math.gcd(block, attn.TILE)  # earlier blocks are read in the key tiles one call would use
+
   def run_block(start, tokens_Bt, kv, last_BD):
     t = tokens_Bt.shape[1]
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))

@@ -21,11 +21,12 @@ def _prompts(lengths, T, seed=0):
   return jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
 
 
-@pytest.mark.parametrize("arch, extra", [("llama", {}), ("gemma3", {}), ("qwen3", SOFTCAP)])
-@pytest.mark.parametrize("T, block, lengths", [
-    (100, 32, [100, 61]),  # three whole blocks and a shorter last one; a row ending in the second block
-    (96, 32, [96, 33]),  # whole blocks only; a row ending just past the first block
-    (70, 64, [70, 5]),  # a row that ends in the first block
+@pytest.mark.parametrize("arch, extra, T, block, lengths", [
+    ("llama", {}, 100, 32, [100, 61]),  # three whole blocks and a shorter last one; a row ending in the second
+    ("llama", {}, 96, 32, [96, 33]),  # whole blocks only; a row ending just past the first block
+    ("llama", {}, 70, 64, [70, 5]),  # a row that ends in the first block
+    ("gemma3", {}, 100, 32, [100, 61]),  # a sliding layer: earlier blocks partly outside its window
+    ("qwen3", SOFTCAP, 96, 32, [96, 33]),  # qk-norm and soft-capped logits
 ])
 def test_blocks_give_what_one_call_gives(arch, extra, T, block, lengths):
   kw = dict(n_layers=3, **extra, **({"layer_sliding": (False, True, False)} if arch == "gemma3" else {}))
