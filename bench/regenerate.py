@@ -30,19 +30,19 @@ sys.path.insert(0, str(HERE))
 import results_md  # noqa: E402
 import summary  # noqa: E402
 
-BROWN = ROOT.parent / "shared" / "data" / "brown.txt"
+BROWN = ROOT.parent / "shared" / "data" / "brown.txt"  # the evaluation's default text (eval.run --brown)
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
   name: str  # the page is RESULTS_<name>.md
-  command: tuple[str, ...]  # after `python`; {out} is the page's path without its suffix
+  command: tuple[str, ...]  # after `python`; {out}: the page's path without its suffix; {text}: --text
   quick: tuple[str, ...]  # arguments replacing the full run's, for --quick
   minutes: float  # about, on 2 cores, for the progress line
 
 
 STEPS = (
-    Step("bytes", ("bench/bench_bytes.py", "--text", os.path.relpath(BROWN, ROOT), "--chars", "600000", "--out", "{out}.md"),
+    Step("bytes", ("bench/bench_bytes.py", "--text", "{text}", "--chars", "600000", "--out", "{out}.md"),
          ("--chars", "60000"), 1),
     Step("decode_step", ("bench/decode_step.py", "--out", "{out}.md"),
          ("--models", "smollm2-135m", "--cases", "512:300"), 4),
@@ -62,11 +62,12 @@ STEPS = (
 )
 
 
-def argv_for(step: Step, out_dir: pathlib.Path, quick: bool) -> list[str]:
+def argv_for(step: Step, out_dir: pathlib.Path, quick: bool, text=BROWN) -> list[str]:
   """The step's command line; with `quick`, its full-run options that --quick also names are replaced."""
   out = out_dir / f"RESULTS_{step.name}"
   out = str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)  # commands run from the repository root
-  args = [a.replace("{out}", out) for a in step.command]
+  text = os.path.relpath(pathlib.Path(text).resolve(), ROOT)
+  args = [a.replace("{out}", out).replace("{text}", text) for a in step.command]
   if quick:
     names = {a for a in step.quick if a.startswith("--")}
     kept, skip = [], False
@@ -86,19 +87,20 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=str(HERE), help="folder of the pages (default: bench/)")
   ap.add_argument("--summary", action="store_true", help="only rebuild the summary from the .json files")
   ap.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+  ap.add_argument("--text", default=str(BROWN), help="English text that bench_bytes segments into sentences")
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out).resolve()
   if args.quick and out == HERE:
     ap.error("--quick never writes over bench/'s pages: give --out another folder")
-  if not args.summary and not BROWN.exists() and (args.only is None or "bytes" in args.only):
-    ap.error(f"bench_bytes needs the Brown text at {BROWN} (../shared beside the repository)")
+  if not args.summary and not pathlib.Path(args.text).is_file() and (args.only is None or "bytes" in args.only):
+    ap.error(f"bench_bytes segments an English text: --text {args.text} is not a file")
   steps = [] if args.summary else [s for s in STEPS if args.only is None or s.name in args.only]
   out.mkdir(parents=True, exist_ok=True)
   failed = []
   total = sum(s.minutes for s in steps)
   done = 0.0
   for i, step in enumerate(steps, 1):
-    cmd = argv_for(step, out, args.quick)
+    cmd = argv_for(step, out, args.quick, args.text)
     shown = " ".join(["python", *cmd[1:]])
     eta = "" if args.quick else f"  (about {step.minutes:g} of {total - done:g} minutes left)"
     print(f"[{i}/{len(steps)}] {step.name}: {shown}{eta}", flush=True)

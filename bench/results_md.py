@@ -14,6 +14,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 KEEP = "<!-- analysis below is kept when the script rewrites this file -->"
@@ -30,7 +31,6 @@ def machine_line() -> str:
   except OSError:
     pass
   line = f"{model}, {os.cpu_count()} cores, {platform.system()}"
-  import sys
   if "jax" in sys.modules:
     jax = sys.modules["jax"]
     line += f", jax {jax.__version__} ({jax.default_backend()})"
@@ -68,7 +68,6 @@ def write(md, lines: list[str], data: dict | list | None = None) -> pathlib.Path
 
 def command_line(argv: list[str] | None = None) -> str:
   """The command this process runs, as a user would type it from the repository root."""
-  import sys
   argv = sys.argv if argv is None else argv
   script = pathlib.Path(argv[0]).resolve()
   try:
