@@ -182,6 +182,7 @@ def _fingerprint(args) -> dict:
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
+  fp["adapters"] = adapters_id(args.adapters)
   return fp
 
 
@@ -192,9 +193,25 @@ def text_id(path) -> str:
   return f"{Path(path).name} sha256:{digest}"
 
 
+def adapters_id(adapters):
+  """An adapter export folder by its name and the contents of its files, not its path (a registered
+  name, or None for the model's own, stays as given)."""
+  if adapters is None or not Path(adapters).is_dir():
+    return adapters
+  import hashlib
+  digest = hashlib.sha256()
+  for f in sorted(q for q in Path(adapters).rglob("*") if q.is_file()):
+    digest.update(f.relative_to(adapters).as_posix().encode() + b"\0" + f.read_bytes())
+  return f"{Path(adapters).resolve().name} sha256:{digest.hexdigest()[:16]}"
+
+
 def _same_setting(key: str, old, new) -> bool:
-  """Folders written before the text was fingerprinted by contents hold its path: the same name passes."""
-  if key == "brown" and isinstance(old, str) and isinstance(new, str) and " sha256:" not in old:
+  """Folders written before the filler text and the adapter export were fingerprinted by contents hold
+  their paths: a path that still exists must hold the same contents; one that does not, the same name."""
+  if key in ("brown", "adapters") and isinstance(old, str) and isinstance(new, str) and " sha256:" in new \
+      and " sha256:" not in old:
+    if Path(old).exists():
+      return (text_id(old) if key == "brown" else adapters_id(old)) == new
     return Path(old).name == new.split(" sha256:")[0]
   return old == new
 

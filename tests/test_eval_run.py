@@ -149,3 +149,35 @@ def test_the_filler_text_is_fingerprinted_by_contents_not_path(tmp_path):
   (out / "run_config.json").write_text(json.dumps(dict(fp, brown="/somewhere/else/other.txt")))
   with pytest.raises(eval_run.UsageError, match="other settings"):
     eval_run._check_fingerprint(out, fp)
+
+
+def test_an_adapter_export_is_fingerprinted_by_contents_not_path(tmp_path):
+  """Results of an export resume from another clone; retrained adapters in the same folder refuse."""
+  def export(where, weights):
+    (where / "params").mkdir(parents=True)
+    (where / "config.json").write_text("{}")
+    (where / "params" / "w").write_bytes(weights)
+    return where
+
+  a, moved = export(tmp_path / "a" / "export", b"1234"), export(tmp_path / "c" / "export", b"1234")
+  other = export(tmp_path / "b" / "export", b"4321")
+  assert eval_run.adapters_id(a) == eval_run.adapters_id(moved) != eval_run.adapters_id(other)
+  assert eval_run.adapters_id(a).startswith("export sha256:")
+  assert eval_run.adapters_id("smollm2-135m") == "smollm2-135m" and eval_run.adapters_id(None) is None
+  out = tmp_path / "ev"
+  out.mkdir()
+  (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
+  fp = {"model": "m", "adapters": eval_run.adapters_id(a)}
+  (out / "run_config.json").write_text(json.dumps(fp))
+  eval_run._check_fingerprint(out, dict(fp, adapters=eval_run.adapters_id(moved)))
+  with pytest.raises(eval_run.UsageError, match="other settings.*adapters"):
+    eval_run._check_fingerprint(out, dict(fp, adapters=eval_run.adapters_id(other)))
+  # Folders written before hold the export's path: one that still exists must hold the same files,
+  # one that is gone passes on the folder's name.
+  (out / "run_config.json").write_text(json.dumps(dict(fp, adapters=str(moved))))
+  eval_run._check_fingerprint(out, fp)
+  (out / "run_config.json").write_text(json.dumps(dict(fp, adapters=str(other))))
+  with pytest.raises(eval_run.UsageError, match="other settings"):
+    eval_run._check_fingerprint(out, fp)
+  (out / "run_config.json").write_text(json.dumps(dict(fp, adapters="/gone/export")))
+  eval_run._check_fingerprint(out, fp)
