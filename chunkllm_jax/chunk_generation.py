@@ -35,7 +35,7 @@ from chunkllm_jax import chunk_prefill as chunk_prefill_lib
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, init_chunk_state,
                                       working_positions, working_size)
-from chunkllm_jax.kv_cache import KVCache, init_cache, write_prefix, write_token
+from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, choose, chunk_lengths, local_tokens,
@@ -179,14 +179,18 @@ def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig
   return boundaries.segment(p, valid, tokens_BT, ccfg)
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "ccfg"))
-def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
+@functools.partial(jax.jit, static_argnames=("max_len", "ccfg", "block"))
+def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig,
+                  block: int = PREFILL_BLOCK):
   """Prefill that segments the prompt (at layer 0), attends chunk-sparsely after the first
   selection layer (or densely, by `ccfg.prefill`), fills the chunk table and makes the first
-  selection at the last prompt token."""
+  selection at the last prompt token. A dense prefill runs in blocks of `block` tokens, as
+  `kv_cache.prefill` does (`_dense_chunk_prefill`)."""
+  ccfg = resolved(params, ccfg)
+  if ccfg.prefill == "dense":
+    return _dense_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg, block)
   cfg = params.config
   B, T = tokens_BT.shape
-  ccfg = resolved(params, ccfg)
   C = ccfg.max_chunks
   plan = _layer_plan(params, ccfg)
   sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.prefill_sparse, plan.selects, plan.qk_slot))
@@ -268,27 +272,112 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
       params, x0, positions, attend_fn, state0)
   logits = model.unembed(params, jnp.take_along_axis(x, last, axis=1))[:, 0]
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
-
-  # The chunk table, straight from the prompt's chunk ends.
   closes, _, ends, n = seg
   sel_layers = np.asarray(plan.selection_layers)
-  st = init_chunk_state(cfg.n_layers, len(sel_layers), B, d_c, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                        cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
+  st = _prompt_chunk_state(params, cache, lengths_B, closes, ends, n, chunk_key_L[sel_layers], q_recent_L[sel_layers],
+                           qt_recent_L[sel_layers], recent_pos, final_vote if hybrid else None, plan, ccfg, max_len)
+  return logits, cache, st
+
+
+def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig, block: int):
+  """`chunk_prefill` when the prompt is read densely: `kv_cache.observed_prefill`, in blocks, collecting
+  on the way what the chunk state needs: layer 0's boundary logits for every token, and at the
+  selection layers k~ of every token and the queries (q and q~) of the last prompt tokens. The
+  segmentation, the chunk keys and the first selection follow from these and the filled buffer, so
+  only one block's activations are live, as in dense prefill (the whole prompt's were 0.6x the KV
+  buffer in temporaries, bench/RESULTS_memory.md)."""
+  cfg = params.config
+  B, T = tokens_BT.shape
+  C = ccfg.max_chunks
+  plan = _layer_plan(params, ccfg)
+  sel_layers = np.asarray(plan.selection_layers)
+  n_sel = len(sel_layers)
+  slot_of = np.full(cfg.n_layers, n_sel, np.int32)  # a selection layer's slot; the others write a scratch slot
+  slot_of[sel_layers] = np.arange(n_sel)
+  slot_L, qk_slot_L = jnp.asarray(slot_of), jnp.asarray(plan.qk_slot)
+  pscorer = ccfg.prefill_scorer or ccfg.scorer
+  hybrid = pscorer != ccfg.scorer
+  Q = ccfg.score_queries
+  Qp = ATTENTION_QUERIES if hybrid else 0  # the attention scorer's queries for the first selection
+  R = max(Q, Qp)
+  d_c = _d_c(params, ccfg)
+  lengths_B = lengths_B.astype(jnp.int32)
+  dtype = params.backbone["embed"].dtype  # what the layers compute in; the adapters' outputs may differ
+  h_like = jax.ShapeDtypeStruct((B, 1, cfg.d_model), dtype)
+  o_like = jax.ShapeDtypeStruct((B, 1, cfg.n_heads, cfg.head_dim), dtype)
+  logit_dtype = jax.eval_shape(lambda x, o: _boundary_logits(params, x, o), h_like, o_like).dtype
+  qk_dtype = jax.eval_shape(lambda h: _qk(params, 0, h)[0], h_like).dtype if d_c else dtype
+  recent_pos = (lengths_B - R)[:, None] + jnp.arange(R)  # the last R prompt positions (< 0: none)
+
+  def observe(obs, layer, start, tokens_Bt, q, k, h, o):
+    logits_BT, kt_SBTd, q_SBRHD, qt_SBRd = obs
+    idx, t = layer["index"], tokens_Bt.shape[1]
+    mine = jax.lax.dynamic_slice_in_dim(logits_BT, start, t, axis=1)
+    logits_BT = jax.lax.dynamic_update_slice_in_dim(logits_BT, jax.lax.cond(
+        idx == 0, lambda: _boundary_logits(params, model.embed(params, tokens_Bt), o), lambda: mine), start, axis=1)
+    slot = slot_L[idx]
+    if d_c:
+      qt, kt = jax.lax.cond(slot < n_sel, lambda: _qk(params, qk_slot_L[idx], h),
+                            lambda: 2 * (jnp.zeros((B, t, d_c), qk_dtype),))
+      kt_SBTd = jax.lax.dynamic_update_slice(kt_SBTd, kt[None], (slot, 0, start, 0))
+    at = recent_pos - start  # the recent positions, in this block
+    here = (at >= 0) & (at < t)
+    pick = lambda x: jnp.take_along_axis(x, jnp.clip(at, 0, t - 1).reshape(B, R, *(1,) * (x.ndim - 2)), axis=1)
+    keep = lambda ring, x: ring.at[slot].set(jnp.where(here.reshape(B, R, *(1,) * (x.ndim - 2)),
+                                                       pick(x).astype(ring.dtype), ring[slot]))
+    q_SBRHD = keep(q_SBRHD, q)
+    if d_c:
+      qt_SBRd = keep(qt_SBRd, qt)
+    return logits_BT, kt_SBTd, q_SBRHD, qt_SBRd
+
+  observed = (jnp.zeros((B, T), logit_dtype), jnp.zeros((n_sel + 1, B, T, d_c), qk_dtype),
+              jnp.zeros((n_sel + 1, B, R, cfg.n_heads, cfg.head_dim), dtype), jnp.zeros((n_sel + 1, B, R, d_c), qk_dtype))
+  cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
+  logits, cache, (boundary_logits, kt_SBTd, q_SBRHD, qt_SBRd) = observed_prefill(
+      params, tokens_BT, lengths_B, cache, block, observe, observed)
+  valid = jnp.arange(T)[None] < lengths_B[:, None]
+  closes = boundaries.segment(jax.nn.sigmoid(boundary_logits), valid, tokens_BT, ccfg)
+  ends, n = boundaries.completed_chunk_ends(closes, C)
+  chunk_key = jax.vmap(adp.chunk_keys, in_axes=(0, None))(kt_SBTd[:n_sel], ends)
+  final_vote = None
+  if hybrid:  # the attention scorer's vote at the last prompt token, from the buffer's keys
+    n_cand = jnp.broadcast_to(jnp.maximum(n - ccfg.n_local, 0)[:, None], (B, Qp))
+    probs = [attention_probs(q_SBRHD[i, :, R - Qp:], cache.k[layer], ends, n_cand, n_sink=ccfg.n_sink,
+                             scale=cfg.attn_scale, softcap=cfg.attn_softcap, q_pos_BR=recent_pos[:, R - Qp:]).max(1)
+             for i, layer in enumerate(sel_layers)]
+    final_vote = vote_scores(jnp.stack(probs), ccfg.vote)
+  st = _prompt_chunk_state(params, cache, lengths_B, closes, ends, n, chunk_key, q_SBRHD[:n_sel, :, R - Q:],
+                           qt_SBRd[:n_sel, :, R - Q:], recent_pos[:, R - Q:], final_vote, plan, ccfg, max_len)
+  return logits, cache, st
+
+
+def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes_BT, ends_BC, n_B, chunk_key_SBCd,
+                        q_SBQHD, qt_SBQd, recent_pos_BQ, final_vote_BC, plan: _LayerPlan, ccfg: ChunkConfig,
+                        max_len: int) -> ChunkState:
+  """The chunk state after a prompt: the chunk table from the prompt's chunk ends, the selection
+  layers' rings of their last Q queries, and the first selection at the last prompt token (by
+  `final_vote_BC` where the prompt's scorer is not decode's, else decode's vote from the rings)."""
+  cfg = params.config
+  B, C = ends_BC.shape
+  Q = recent_pos_BQ.shape[1]
+  closes, ends, n = closes_BT, ends_BC, n_B
+  st = init_chunk_state(cfg.n_layers, len(plan.selection_layers), B, chunk_key_SBCd.shape[-1], cfg.n_heads,
+                        cfg.n_kv_heads, cfg.head_dim, cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
   for i in range(Q):  # into the ring: position p sits in slot p % Q
-    st = _remember_queries(st, q_recent_L[sel_layers][:, :, i], qt_recent_L[sel_layers][:, :, i], recent_pos[:, i])
+    st = _remember_queries(st, q_SBQHD[:, :, i], qt_SBQd[:, :, i], recent_pos_BQ[:, i])
   starts = jnp.pad(ends[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
   has = jnp.arange(C) < n[:, None]
   n_closes = jnp.sum(closes, axis=1)
   last_end = jnp.take_along_axis(ends, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
   st = st.replace(chunk_start=jnp.where(has, starts, 0), chunk_end=jnp.where(has, ends, -1),
-                  chunk_key=jnp.where(has[None, ..., None], chunk_key_L[sel_layers], 0.0), n_chunks=n,
+                  chunk_key=jnp.where(has[None, ..., None], chunk_key_SBCd, 0.0).astype(st.chunk_key.dtype), n_chunks=n,
                   open_start=jnp.where(n > 0, last_end + 1, ccfg.n_sink).astype(jnp.int32),
                   overflow=n_closes > C)
   # The first selection, at the last prompt token: the prompt's scorer's (decode's, from its rings, or,
   # when they differ, the prompt scorer's vote at that token).
-  score = final_vote if hybrid else _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
+  score = final_vote_BC if final_vote_BC is not None else _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
   st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
-  return logits, cache, _refresh_working_buffer(st, cache, ccfg)
+  return _refresh_working_buffer(st, cache, ccfg)
 
 
 def _recent(buf_LBSKD, layer, start_B, size: int):

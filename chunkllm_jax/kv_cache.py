@@ -86,6 +86,16 @@ def prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: in
   buffer, bench/RESULTS_memory.md), and the attention folds the same key tiles in the same order as
   a one-call prefill. The blocks run under one `lax.fori_loop`, so one compiled block serves any
   prompt length, plus one for a shorter last block."""
+  logits, cache, _ = observed_prefill(params, tokens_BT, lengths_B, cache, block)
+  return logits, cache
+
+
+def observed_prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: int = PREFILL_BLOCK,
+                     observe=None, observed=None):
+  """`prefill` that also hands each layer of each block to `observe(observed, layer, start, tokens_Bt, q, k, h,
+  o) -> observed` (q, k, h, o of the block's tokens; `start` its first position) and returns what it
+  gathered as a third output. ChunkLLM's dense prefill collects its segmentation and its selection
+  layers' queries this way, so it runs in the same blocks."""
   cfg = params.config
   B, T = tokens_BT.shape
   S = cache.k.shape[2]
@@ -94,35 +104,37 @@ def prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: in
   n_full = T // block if T > block else 0
   prefix_block = math.gcd(block, attn.TILE)  # earlier blocks are read in the key tiles one call would use
 
-  def run_block(start, tokens_Bt, kv, last_BD):
+  def run_block(start, tokens_Bt, state, last_BD):
     t = tokens_Bt.shape[1]
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
     valid = positions < lengths_B[:, None]
 
-    def attend_fn(kv, layer, q, k, v, h):
-      del h
+    def attend_fn(state, layer, q, k, v, h):
+      kv, obs = state
       idx = layer["index"]
       kv = (write_block(kv[0], idx, start, k), write_block(kv[1], idx, start, v))
       prefix = None if isinstance(start, int) and start == 0 else attn.Prefix(kv[0], kv[1], idx, start, buffer_valid,
                                                                               prefix_block)
       o = attn.causal_attention(q, k, v, positions, valid, layer["window"], scale=cfg.attn_scale,
                                 softcap=cfg.attn_softcap, prefix=prefix)
-      return o, kv, None
+      if observe is not None:
+        obs = observe(obs, layer, start, tokens_Bt, q, k, h, o)
+      return o, (kv, obs), None
 
-    x, kv, _ = model.run_layers(params, model.embed(params, tokens_Bt), positions, attend_fn, kv)
+    x, state, _ = model.run_layers(params, model.embed(params, tokens_Bt), positions, attend_fn, state)
     at = lengths_B - 1 - start  # each row's last prompt token, if it lies in this block
     x_last = jnp.take_along_axis(x, jnp.clip(at, 0, t - 1)[:, None, None], axis=1)[:, 0]
-    return kv, jnp.where(((at >= 0) & (at < t))[:, None], x_last, last_BD)
+    return state, jnp.where(((at >= 0) & (at < t))[:, None], x_last, last_BD)
 
-  carry = ((cache.k, cache.v), jnp.zeros((B, cfg.d_model), params.backbone["embed"].dtype))
+  carry = (((cache.k, cache.v), observed), jnp.zeros((B, cfg.d_model), params.backbone["embed"].dtype))
   if n_full:
     carry = jax.lax.fori_loop(0, n_full, lambda i, c: run_block(
         i * block, jax.lax.dynamic_slice_in_dim(tokens_BT, i * block, block, axis=1), *c), carry)
   if T > n_full * block:
     carry = run_block(n_full * block, tokens_BT[:, n_full * block:], *carry)
-  (k, v), last_BD = carry
+  ((k, v), observed), last_BD = carry
   logits = model.unembed(params, last_BD[:, None])[:, 0]
-  return logits, KVCache(k=k, v=v, length=lengths_B)
+  return logits, KVCache(k=k, v=v, length=lengths_B), observed
 
 
 def decode_step(params: ModelParams, tokens_B, cache: KVCache):

@@ -1,6 +1,7 @@
 """A long prompt prefilled block by block (`kv_cache.prefill`'s `block`) gives what one call gives: the
 same last-token logits and the same KV buffer, for right-padded rows of different lengths, sliding
-and full layers and soft-capped logits; and its compiled program never copies the KV buffer."""
+and full layers and soft-capped logits; and its compiled program never copies the KV buffer. The same
+for ChunkLLM's dense prefill, and its chunk state: segmentation, chunk keys, rings, first selection."""
 
 import re
 
@@ -9,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from chunkllm_jax.chunk_generation import chunk_prefill, resolved, segment_prompts
 from chunkllm_jax.kv_cache import init_cache, prefill
-from tests.tiny_models import SOFTCAP, tiny_params
+from chunkllm_jax.selection import ChunkConfig
+from tests.tiny_models import SOFTCAP, chunk_params, tiny_params
 
 
 def _prompts(lengths, T, seed=0):
@@ -42,6 +45,36 @@ def test_blocks_give_what_one_call_gives(arch, extra, T, block, lengths):
   for b, n in enumerate(lengths):  # slots past a row's length hold padding's K/V, never read
     np.testing.assert_allclose(cache.k[:, b, :n], whole.k[:, b, :n], atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(cache.v[:, b, :n], whole.v[:, b, :n], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("arch, scorer, alpha", [
+    ("llama", "adapter", 0.87),  # the default: the prompt's selection by the frozen attention, decode's by the adapters
+    ("gemma3", "attention", 0.99),  # the attention scorer throughout (its rings make the first selection); a sliding layer
+])
+def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorer, alpha):
+  """(alpha: about the 80th percentile of the random Chunk Adapter's probabilities on these prompts)"""
+  params = chunk_params(arch)
+  tokens, lens = _prompts([100, 61], 100, seed=3)
+  ccfg = ChunkConfig(scorer=scorer, kv_budget=0.5, max_chunk_len=8, n_local=1, alpha=alpha,
+                     max_chunks=64).validate(128, 3)
+  assert resolved(params, ccfg).prefill == "dense"
+  whole_logits, whole, whole_st = chunk_prefill(params, tokens, lens, 128, ccfg, block=128)
+  logits, cache, st = chunk_prefill(params, tokens, lens, 128, ccfg, block=32)
+  np.testing.assert_allclose(logits, whole_logits, atol=2e-5, rtol=2e-5)
+  for b, n in enumerate([100, 61]):
+    np.testing.assert_allclose(cache.k[:, b, :n], whole.k[:, b, :n], atol=2e-5, rtol=2e-5)
+  for name, value in vars(st).items():
+    want = getattr(whole_st, name)
+    if jnp.issubdtype(value.dtype, jnp.floating):
+      np.testing.assert_allclose(value, want, atol=2e-5, rtol=2e-5, err_msg=name)
+    else:
+      np.testing.assert_array_equal(value, want, err_msg=name)
+  assert int(st.n_chunks.min()) >= 3 and st.selected.any() and not st.selected.all()
+  # the segmentation is the one layer 0 alone gives (`segment_prompts`, another path)
+  closes = np.asarray(segment_prompts(params, tokens, lens, ccfg))
+  for b in range(2):
+    n = int(st.n_chunks[b])
+    np.testing.assert_array_equal(st.chunk_end[b, :n], np.flatnonzero(closes[b])[:n])
 
 
 def test_a_prefix_needs_a_buffer_of_whole_key_blocks():
