@@ -187,7 +187,7 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   selection at the last prompt token. A dense prefill runs in blocks of `block` tokens, as
   `kv_cache.prefill` does (`_dense_chunk_prefill`)."""
   ccfg = resolved(params, ccfg)
-  if ccfg.prefill == "dense":
+  if ccfg.prefill == "dense" and ((ccfg.prefill_scorer or ccfg.scorer) == "attention" or ccfg.scorer == "adapter"):
     return _dense_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg, block)
   cfg = params.config
   B, T = tokens_BT.shape
@@ -285,7 +285,9 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   selection layers k~ of every token and the queries (q and q~) of the last prompt tokens. The
   segmentation, the chunk keys and the first selection follow from these and the filled buffer, so
   only one block's activations are live, as in dense prefill (the whole prompt's were 0.6x the KV
-  buffer in temporaries, bench/RESULTS_memory.md)."""
+  buffer in temporaries, bench/RESULTS_memory.md). The first selection is the attention scorer's
+  or decode's own: a prompt scored by the adapters for a decode scored by attention (an odd mix)
+  runs in one call."""
   cfg = params.config
   B, T = tokens_BT.shape
   C = ccfg.max_chunks

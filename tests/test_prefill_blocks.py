@@ -47,16 +47,17 @@ def test_blocks_give_what_one_call_gives(arch, extra, T, block, lengths):
     np.testing.assert_allclose(cache.v[:, b, :n], whole.v[:, b, :n], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("arch, scorer, alpha", [
-    ("llama", "adapter", 0.87),  # the default: the prompt's selection by the frozen attention, decode's by the adapters
-    ("gemma3", "attention", 0.99),  # the attention scorer throughout (its rings make the first selection); a sliding layer
+@pytest.mark.parametrize("arch, scorers, alpha", [
+    ("llama", {}, 0.87),  # the default: the prompt's selection by the frozen attention, decode's by the adapters
+    ("llama", dict(prefill_scorer="adapter", prefill="dense"), 0.87),  # the adapters throughout, from their rings
+    ("gemma3", dict(scorer="attention"), 0.99),  # the attention scorer throughout; a sliding layer
 ])
-def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorer, alpha):
+def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorers, alpha):
   """(alpha: about the 80th percentile of the random Chunk Adapter's probabilities on these prompts)"""
   params = chunk_params(arch)
   tokens, lens = _prompts([100, 61], 100, seed=3)
-  ccfg = ChunkConfig(scorer=scorer, kv_budget=0.5, max_chunk_len=8, n_local=1, alpha=alpha,
-                     max_chunks=64).validate(128, 3)
+  ccfg = ChunkConfig(kv_budget=0.5, max_chunk_len=8, n_local=1, alpha=alpha, max_chunks=64,
+                     **scorers).validate(128, 3)
   assert resolved(params, ccfg).prefill == "dense"
   whole_logits, whole, whole_st = chunk_prefill(params, tokens, lens, 128, ccfg, block=128)
   logits, cache, st = chunk_prefill(params, tokens, lens, 128, ccfg, block=32)
