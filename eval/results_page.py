@@ -71,7 +71,7 @@ MEASUREMENTS = (
                      "the training run (train/RESULTS.md); the package ships the same weights in bfloat16."),
     Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
-                 "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm --retention 0.5 0.25 "
+                 "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "
                  "--out docs/eval_ppl_brown",),
                 note="256-token prompt, the rest teacher-forced through decode. One text."),
     Measurement("ppl_smollm2_4k", "Perplexity, smollm2-135m, 4K tokens of Brown", "eval_ppl_brown_4k", "eval",
