@@ -95,3 +95,19 @@ def test_blocked_prefill_never_copies_the_kv_buffer():
   shape = ",".join(map(str, (cfg.n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim)))
   copies = [line for line in exe.as_text().splitlines() if re.search(r"= f32\[" + shape + r"\]\S* copy\(", line)]
   assert copies == []
+
+
+def test_chunk_prefill_in_blocks_never_copies_the_kv_buffer():
+  """Its buffer is made inside (not donated). XLA makes the zeros of K and V as one broadcast and
+  copies it once for the second buffer (both are needed); a copy of anything else would be a
+  second buffer at the peak."""
+  params = chunk_params()
+  cfg = params.config
+  tokens, lens = _prompts([300], 300)
+  S = 512
+  ccfg = ChunkConfig(kv_budget=0.5, max_chunk_len=8, alpha=0.87, max_chunks=64).validate(S, 3)
+  exe = chunk_prefill.lower(params, tokens, lens, S, ccfg, block=64).compile()
+  shape = ",".join(map(str, (cfg.n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim)))
+  copies = [line for line in exe.as_text().splitlines() if re.search(r"= f32\[" + shape + r"\]\S* copy\(", line)]
+  assert len([c for c in copies if "copy(%wrapped_broadcast" in c]) <= 1
+  assert [c for c in copies if "copy(%wrapped_broadcast" not in c] == []
