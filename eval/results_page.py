@@ -65,7 +65,7 @@ MEASUREMENTS = (
                      "of the Brown text, which training never reads."),
     Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
-                 "chunkllm hybrid streamingllm sepllm fixllm --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
+                 "chunkllm hybrid streamingllm sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
                 rerun=False,
                 note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler. The rows read the float32 export of "
                      "the training run (train/RESULTS.md); the package ships the same weights in bfloat16."),
