@@ -44,9 +44,11 @@ def main():
   params = cj.with_adapters(model.params, cj.load_adapters(args.model, model.config))  # the shipped adapters
   text, _ = haystack.passkey_prompt(model.tokenizer, args.context, 0.5)  # the README demo's prompt
   ids = encode_prompt(model.tokenizer, text)
-  chunk = dict(max_new_tokens=12, scorer="adapter", kv_budget=args.budget)
+  # max_len on purpose: a speed run may go past the trained context (smollm2's 8192 positions)
+  max_len = len(ids) + 12
+  chunk = dict(max_new_tokens=12, scorer="adapter", kv_budget=args.budget, max_len=max_len)
   runs = {
-      "vanilla": lambda: cj.generate(params, [ids], max_new_tokens=12),
+      "vanilla": lambda: cj.generate(params, [ids], max_new_tokens=12, max_len=max_len),
       "default (prompt by attention, dense prefill)": lambda: cj.chunk_generate(params, [ids], **chunk),
       "prompt by attention, sparse prefill (the default before)": lambda: cj.chunk_generate(
           params, [ids], prefill="sparse", **chunk),
