@@ -334,7 +334,7 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
 
   observed = (jnp.zeros((B, T), logit_dtype), jnp.zeros((n_sel + 1, B, T, d_c), qk_dtype),
               jnp.zeros((n_sel + 1, B, R, cfg.n_heads, cfg.head_dim), dtype), jnp.zeros((n_sel + 1, B, R, d_c), qk_dtype))
-  cache = init_cache(cfg, B, max_len, params.backbone["embed"].dtype)
+  cache = init_cache(cfg, B, max_len, dtype)
   logits, cache, (boundary_logits, kt_SBTd, q_SBRHD, qt_SBRd) = observed_prefill(
       params, tokens_BT, lengths_B, cache, block, observe, observed)
   valid = jnp.arange(T)[None] < lengths_B[:, None]
@@ -353,16 +353,15 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   return logits, cache, st
 
 
-def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes_BT, ends_BC, n_B, chunk_key_SBCd,
+def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, ends, n, chunk_key_SBCd,
                         q_SBQHD, qt_SBQd, recent_pos_BQ, final_vote_BC, plan: _LayerPlan, ccfg: ChunkConfig,
                         max_len: int) -> ChunkState:
   """The chunk state after a prompt: the chunk table from the prompt's chunk ends, the selection
   layers' rings of their last Q queries, and the first selection at the last prompt token (by
   `final_vote_BC` where the prompt's scorer is not decode's, else decode's vote from the rings)."""
   cfg = params.config
-  B, C = ends_BC.shape
+  B, C = ends.shape  # closes [B, T], ends [B, C], n [B]: the prompt's segmentation
   Q = recent_pos_BQ.shape[1]
-  closes, ends, n = closes_BT, ends_BC, n_B
   st = init_chunk_state(cfg.n_layers, len(plan.selection_layers), B, chunk_key_SBCd.shape[-1], cfg.n_heads,
                         cfg.n_kv_heads, cfg.head_dim, cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
   for i in range(Q):  # into the ring: position p sits in slot p % Q

@@ -92,9 +92,13 @@ def test_blocked_prefill_never_copies_the_kv_buffer():
   S = 512
   exe = jax.jit(prefill, static_argnames="block", donate_argnums=3).lower(
       params, tokens, lens, init_cache(cfg, 1, S, jnp.float32), block=64).compile()
+  assert _buffer_copies(exe, cfg, S) == []
+
+
+def _buffer_copies(exe, cfg, S: int) -> list[str]:
+  """The compiled program's copies of a whole [L, 1, S, K, D] float32 buffer."""
   shape = ",".join(map(str, (cfg.n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim)))
-  copies = [line for line in exe.as_text().splitlines() if re.search(r"= f32\[" + shape + r"\]\S* copy\(", line)]
-  assert copies == []
+  return [line for line in exe.as_text().splitlines() if re.search(r"= f32\[" + shape + r"\]\S* copy\(", line)]
 
 
 def test_chunk_prefill_in_blocks_never_copies_the_kv_buffer():
@@ -106,8 +110,6 @@ def test_chunk_prefill_in_blocks_never_copies_the_kv_buffer():
   tokens, lens = _prompts([300], 300)
   S = 512
   ccfg = ChunkConfig(kv_budget=0.5, max_chunk_len=8, alpha=0.87, max_chunks=64).validate(S, 3)
-  exe = chunk_prefill.lower(params, tokens, lens, S, ccfg, block=64).compile()
-  shape = ",".join(map(str, (cfg.n_layers, 1, S, cfg.n_kv_heads, cfg.head_dim)))
-  copies = [line for line in exe.as_text().splitlines() if re.search(r"= f32\[" + shape + r"\]\S* copy\(", line)]
+  copies = _buffer_copies(chunk_prefill.lower(params, tokens, lens, S, ccfg, block=64).compile(), cfg, S)
   assert len([c for c in copies if "copy(%wrapped_broadcast" in c]) <= 1
   assert [c for c in copies if "copy(%wrapped_broadcast" not in c] == []
