@@ -112,7 +112,7 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   probs = jnp.stack([adapter_probs(q[:, None], k, (st.n_chunks - ccfg.n_local)[:, None])[:, 0]
                      for q, k in zip(jax.random.normal(kq, (n_qk, 1, acfg.d_c)), st.chunk_key)])
   st = cg._reselect(st, jnp.ones((1,), bool), vote_scores(probs, ccfg.vote), jnp.full((1,), L - 1), ccfg)
-  return cg._refresh_working_buffer(st, cache, ccfg)
+  return cg._refresh_working_buffer(st, cache, ccfg, jnp.full((1,), L - 1))
 
 
 def timed(fn, *args):

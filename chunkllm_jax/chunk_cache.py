@@ -96,17 +96,27 @@ def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:
       overflow=st.overflow | (closes_B & full))
 
 
-def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int):
+def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, room_B=None):
   """Packed working slots for a selection: positions [B, W], validity [B, W], and slots used [B].
 
-  The sinks first, then the selected and the local chunks back to back in position order."""
+  The sinks first, then the selected and the local chunks back to back in position order. With
+  `boundary_tokens`, also the last token of each chunk left out, as many of the newest as fit the
+  W slots and `room_B` (the slots after the sinks that the budget leaves, when it sets one)."""
   C = selected_BC.shape[-1]
   c = jnp.arange(C)
   local = (c >= (st.n_chunks - cfg.n_local)[:, None]) & (c < st.n_chunks[:, None])
   start, end = st.chunk_start, st.chunk_end
   if cfg.keep == "boundary":  # a selected chunk contributes its boundary token only (SepLLM)
     start = jnp.where(selected_BC & ~local, end, start)
-  length = jnp.where(selected_BC | local, end - start + 1, 0)
+  read = selected_BC | local
+  if cfg.boundary_tokens:  # the chunks left out contribute their last token
+    left_out = (c < st.n_chunks[:, None]) & ~read
+    # Where they do not all fit, the oldest give way, never a chunk read whole (the local ones are newest).
+    limit = W - cfg.n_sink if room_B is None else jnp.minimum(room_B, W - cfg.n_sink)
+    over = jnp.sum(jnp.where(read, end - start + 1, 0) + left_out, -1) - limit
+    left_out = left_out & (jnp.cumsum(left_out, -1) > over[:, None])
+    start, read = jnp.where(left_out, end, start), read | left_out
+  length = jnp.where(read, end - start + 1, 0)
   offs_end = jnp.cumsum(length, axis=-1)  # [B, C]
   w = jnp.arange(W - cfg.n_sink)
   which = jax.vmap(lambda e: jnp.searchsorted(e, w, side="right"))(offs_end)  # chunk of packed slot w

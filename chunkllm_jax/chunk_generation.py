@@ -95,8 +95,12 @@ def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
   return adp.chunk_adapter_logits(params.adapters.params["chunk"], h0)
 
 
-def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> ChunkState:
-  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1])
+def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
+  """The working buffer of the selection made at `pos_B`."""
+  room = None
+  if ccfg.budgeted:  # what the budget leaves after the sinks and the open chunk, as `choose` counts it
+    room = ccfg.budget_tokens(pos_B + 1) - ccfg.n_sink - jnp.maximum(pos_B + 1 - st.open_start, 0)
+  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], room)
   if _use_kernels(ccfg):
     wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid,
                                           interpret=ccfg.interpret)
@@ -378,7 +382,7 @@ def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, 
   # when they differ, the prompt scorer's vote at that token).
   score = final_vote_BC if final_vote_BC is not None else _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
   st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
-  return _refresh_working_buffer(st, cache, ccfg)
+  return _refresh_working_buffer(st, cache, ccfg, lengths_B - 1)
 
 
 def _recent(buf_LBSKD, layer, start_B, size: int):
@@ -464,7 +468,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
     score = _vote_now(params, st, pos_B, cache.k, plan, ccfg)
     st = _reselect(st, reselect, score, pos_B, ccfg)
-    return _refresh_working_buffer(st, cache, ccfg)
+    return _refresh_working_buffer(st, cache, ccfg, pos_B)
 
   st = jax.lax.cond(jnp.any(reselect), on_boundary, lambda s: s, st)
   return logits, cache, st

@@ -90,6 +90,9 @@ class ChunkConfig(ChunkRules):
   #                              "separators": at the tokens in `separator_ids` (SepLLM)
   separator_ids: tuple[int, ...] = ()
   keep: str = "chunk"  # "chunk": a selected chunk is read whole; "boundary": only its last token (SepLLM)
+  # Also read the last token of every completed chunk the selection leaves out: one token a chunk,
+  # paid from the budget, where the chunk's content gathers (SepLLM's separators; the chunk's key).
+  boundary_tokens: bool = False
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
@@ -149,6 +152,14 @@ class ChunkConfig(ChunkRules):
       raise ValueError("boundaries='separators' needs separator_ids (the token ids that close a chunk)")
     if self.keep not in ("chunk", "boundary"):
       raise ValueError(f"keep must be 'chunk' or 'boundary', got {self.keep!r}")
+    if not isinstance(self.boundary_tokens, bool):
+      raise TypeError(f"boundary_tokens must be a bool, got {self.boundary_tokens!r}")
+    if self.boundary_tokens and self.keep != "chunk":
+      raise ValueError("boundary_tokens reads the last token of the chunks left out; with keep='boundary' "
+                       "every chunk read is one already: use one or the other")
+    if self.boundary_tokens and self.prefill_mode == "sparse":
+      raise ValueError("boundary_tokens is read in decode and after a dense prefill; the chunk-sparse "
+                       "prefill reads chunks whole: set prefill='dense'")
     if self.attention == "pallas" and self.keep != "chunk":
       raise ValueError("attention='pallas' reads selected chunks whole; use keep='chunk' or attention='xla'")
     if not 0.0 < self.alpha < 1.0:
@@ -204,7 +215,8 @@ class ChunkConfig(ChunkRules):
       most = self.kv_budget_tokens if self.kv_budget_tokens is not None else math.ceil(self.kv_budget * max_len)
       return min(max(most, fixed), max_len)
     per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
-    return min(fixed + self.top_chunks * per_selected, max_len)
+    boundaries = (self.max_chunks or max(max_len // 8, 1)) if self.boundary_tokens else 0
+    return min(fixed + self.top_chunks * per_selected + boundaries, max_len)
 
   def closes(self, t_B, open_start_B, token_B, p_B):
     """Whether the token at position t closes the open chunk, by this config's boundary rule.
@@ -320,6 +332,9 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v >= 0.0)))
     return put(picked, idx, val)
   cost = jnp.ones_like(chunk_len_BC) if cfg.keep == "boundary" else chunk_len_BC
+  if cfg.boundary_tokens:  # every candidate's last token is read anyway: a chunk costs the rest of it
+    cost = jnp.maximum(cost - 1, 0)
+    fixed_BR = fixed_BR + n_cand_BR
   budget = cfg.budget_tokens(seen_BR)
   if cfg.recent_share > 0.0:
     # The most recent candidates come first while they, with what is always read, fit the recent

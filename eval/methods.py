@@ -63,6 +63,7 @@ class MethodSettings:
   max_n_local: int = ChunkRules.n_local  # recent chunks always visible for chunkllm / fixllm (at most)
   vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
+  boundary_tokens: bool = False  # hybrid / oracle: also read the last token of every chunk left out
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -231,9 +232,10 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **chosen)
   if method == "oracle":
-    return ChunkConfig(n_sink=S, scorer="attention", **chosen)
+    return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=settings.boundary_tokens, **chosen)
   if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
-    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **chosen)  # the prompt's selections
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention",  # the prompt's selections
+                       boundary_tokens=settings.boundary_tokens, **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",
@@ -313,7 +315,7 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
   return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, vote=ccfg.vote, scorer=ccfg.scorer, kv_budget=ccfg.kv_budget,
               selection_layers=layers, top_chunks=ccfg.top_chunks, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
-              recent_share=ccfg.recent_share, prefill=ccfg.prefill_mode,
+              recent_share=ccfg.recent_share, boundary_tokens=ccfg.boundary_tokens, prefill=ccfg.prefill_mode,
               n_separator_ids=len(ccfg.separator_ids))
 
 

@@ -26,10 +26,10 @@ from eval.run import BROWN
 
 
 def parse_variant(text: str) -> dict:
-  """"field=value,field=value" -> {field: value}; values are ints, floats, None or strings."""
+  """"field=value,field=value" -> {field: value}; values are ints, floats, None, True, False or strings."""
   def value(v: str):
-    if v == "None":
-      return None
+    if v in ("None", "True", "False"):
+      return {"None": None, "True": True, "False": False}[v]
     for kind in (int, float):
       try:
         return kind(v)

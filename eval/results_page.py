@@ -50,6 +50,7 @@ class Measurement:
   before: str | None = None  # needle_ranks: the folder of the earlier adapters' ranks
   labels: tuple[str, ...] = ()  # held_out: what each row's adapters are, in the file's order
   note: str = ""
+  variant: str = ""  # eval: what the ChunkLLM rows change from the default settings (the flag given)
 
 
 NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
@@ -63,12 +64,37 @@ MEASUREMENTS = (
                  "sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_adapters_smollm2_30",),
                 note="15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds) in the evaluation's share "
                      "of the Brown text, which training never reads."),
+    Measurement("niah_smollm2_boundary_tokens",
+                "NIAH, smollm2-135m: the same 30 passkeys, ChunkLLM also reading the last token of each chunk left out",
+                "eval_boundary_tokens_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--boundary_tokens --out docs/eval_boundary_tokens_smollm2_30",),
+                variant="`boundary_tokens` (`--boundary_tokens`)",
+                note="`ChunkConfig.boundary_tokens` (off by default). The baselines are those of the section above "
+                     "(the same needles)."),
     Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
                  "chunkllm hybrid streamingllm sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
                 rerun=False,
                 note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler. The rows read the float32 export of "
                      "the training run (train/RESULTS.md); the package ships the same weights in bfloat16."),
+    Measurement("ppl_smollm2_2k_8", "Perplexity, smollm2-135m, 8 texts of 2K tokens of Brown", "eval_ppl_brown_8docs",
+                "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid sepllm streamingllm --retention 0.5 0.25 "
+                 "--out docs/eval_ppl_brown_8docs",),
+                note="The first 8 windows of 2048 tokens of the evaluation's share of Brown (the first is the one "
+                     "text of the next section); 256-token prompt, 1792 positions each teacher-forced through "
+                     "decode, 14336 scored tokens per row; perplexity is exp of the mean NLL over all of them."),
+    Measurement("ppl_smollm2_2k_8_boundary_tokens",
+                "Perplexity, smollm2-135m, the same 8 texts, ChunkLLM also reading the last token of each chunk "
+                "left out", "eval_ppl_brown_8docs_boundary_tokens", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --boundary_tokens "
+                 "--out docs/eval_ppl_brown_8docs_boundary_tokens",),
+                variant="`boundary_tokens` (`--boundary_tokens`)",
+                note="`ChunkConfig.boundary_tokens` (off by default): the budget pays first for the last token of "
+                     "every chunk the selection leaves out. Same texts and vanilla as the section above."),
     Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
                  "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "
@@ -135,11 +161,15 @@ def _long_rows(summary: dict) -> dict[tuple[str, str], dict]:
   return {(r["method"], r["retention"]): r for r in summary["long_context"]}
 
 
-def niah_verdicts(summary: dict) -> list[str]:
+def _chunkllm_names(variant: str) -> dict[str, str]:
+  return {m: f"{name}, with {variant}" if variant else name for m, name in CHUNKLLM.items()}
+
+
+def niah_verdicts(summary: dict, variant: str = "") -> list[str]:
   """Each ChunkLLM row at 50% and 25% against the NIAH targets, in words."""
   rows = _long_rows(summary)
   out = []
-  for method, name in CHUNKLLM.items():
+  for method, name in _chunkllm_names(variant).items():
     for budget, (pct_target, margin) in NIAH_TARGETS.items():
       row = rows.get((method, budget))
       if row is None or row["pct_of_vanilla"] is None:
@@ -163,12 +193,13 @@ def niah_verdicts(summary: dict) -> list[str]:
   return out
 
 
-def ppl_verdicts(summary: dict) -> list[str]:
+def ppl_verdicts(summary: dict, variant: str = "") -> list[str]:
+  names = _chunkllm_names(variant)
   out = []
   for row in summary["tasks"].get("perplexity", []):
-    if row["method"] in CHUNKLLM and row["retention"] == "0.5" and row.get("ppl_change_pct") is not None:
+    if row["method"] in names and row["retention"] == "0.5" and row.get("ppl_change_pct") is not None:
       ok = row["ppl_change_pct"] <= PPL_TARGET
-      out.append(f"{CHUNKLLM[row['method']]}: **{row['ppl_change_pct']:+.2f}%** perplexity at "
+      out.append(f"{names[row['method']]}: **{row['ppl_change_pct']:+.2f}%** perplexity at "
                  f"{100 * row['kv_retention']:.1f}% measured KV (target +{PPL_TARGET:g}%: {'met' if ok else 'not met'}).")
   return out
 
@@ -181,7 +212,7 @@ def eval_section(m: Measurement) -> list[str]:
   summary = report.summarize(records)
   out = []
   if "perplexity" in summary["tasks"]:
-    out += [f"- {v}" for v in ppl_verdicts(summary)] + [""]
+    out += [f"- {v}" for v in ppl_verdicts(summary, m.variant)] + [""]
     out += ["| method | budget | perplexity | vs vanilla | KV measured | texts |", "|---|---|---:|---:|---:|---:|"]
     for r in summary["tasks"]["perplexity"]:
       change = "-" if r.get("ppl_change_pct") is None else f"{r['ppl_change_pct']:+.2f}%"
@@ -194,7 +225,7 @@ def eval_section(m: Measurement) -> list[str]:
       out.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f} | {same} | "
                  f"{_pct(100 * r['kv_retention'] if r['kv_retention'] is not None else None)} | {r['n']} |")
   else:
-    out += [f"- {v}" for v in niah_verdicts(summary)] + [""]
+    out += [f"- {v}" for v in niah_verdicts(summary, m.variant)] + [""]
     tasks = [t for t in summary["tasks"] if report._is_long(t)]
     out += [f"| method | budget | found, {' / '.join(t.removeprefix('niah_') for t in tasks)} | mean score | "
             "KV measured (min-max) | % vanilla |",

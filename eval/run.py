@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="oracle / chunkllm / fixllm: how the selection layers make one selection (ChunkConfig.vote)")
   p.add_argument("--selection_layers", type=int, nargs="+", default=None,
                  help="the layers whose scores choose the selection (default: the adapters' stored choice)")
+  p.add_argument("--boundary_tokens", action="store_true",
+                 help="hybrid / oracle (the methods that read the prompt densely): also read the last token "
+                      "of every chunk left out (ChunkConfig.boundary_tokens)")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -179,7 +182,8 @@ def _check_counts(args) -> None:
 def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
-          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers"]
+          "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
+          "boundary_tokens"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -216,7 +220,7 @@ def _same_setting(key: str, old, new) -> bool:
   return old == new
 
 
-_ADDED_LATER = {"vote": "sum", "selection_layers": None}  # settings newer than some result folders: what those folders used
+_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -375,6 +379,7 @@ def run(args, model=None, params=None) -> Path:
     params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
+                            boundary_tokens=args.boundary_tokens,
                             selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",

@@ -38,17 +38,21 @@ def make_table(rng, B, S, ccfg, lengths):
 
 
 def reference_visible(st, selected, ccfg, pos):
-  """(keep="boundary": a selected, non-local chunk shows its last token only.)"""
-  """The visible positions of row b, from the definition: sinks, chosen, local, open chunk."""
+  """The visible positions of row b, from the definition: sinks, chosen, local, open chunk.
+  keep="boundary": a selected, non-local chunk shows its last token only; boundary_tokens: every
+  other completed chunk shows its last token."""
   B = len(pos)
   mask = np.zeros((B, int(pos.max()) + 1), bool)
   for b in range(B):
     n = int(st.n_chunks[b])
     mask[b, : ccfg.n_sink] = True
     local = set(range(max(n - ccfg.n_local, 0), n))
-    for c in {int(c) for c in selected[b] if c >= 0} | local:
+    read = {int(c) for c in selected[b] if c >= 0} | local
+    for c in read:
       first = int(st.chunk_end[b, c]) if ccfg.keep == "boundary" and c not in local else int(st.chunk_start[b, c])
       mask[b, first: int(st.chunk_end[b, c]) + 1] = True
+    for c in set(range(n)) - read if ccfg.boundary_tokens else ():
+      mask[b, int(st.chunk_end[b, c])] = True
     mask[b, int(st.open_start[b]): int(pos[b]) + 1] = True
     mask[b, int(pos[b]) + 1:] = False
   return mask
@@ -56,13 +60,14 @@ def reference_visible(st, selected, ccfg, pos):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("top_chunks, n_local, H, K", [(3, 1, 4, 2), (0, 2, 4, 4), (6, 0, 8, 2), (40, 2, 2, 1)])
-@pytest.mark.parametrize("keep", ["chunk", "boundary"])
+@pytest.mark.parametrize("keep, boundary_tokens", [("chunk", False), ("boundary", False), ("chunk", True)])
 @pytest.mark.parametrize("blocks", [(BLOCK,), (4 * BLOCK, BLOCK)])
-def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_chunks, n_local, H, K, keep, blocks):
+def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_chunks, n_local, H, K, keep,
+                                                                    boundary_tokens, blocks):
   rng = np.random.RandomState(seed)
   B, S, D = 3, 160, 8
   ccfg = ChunkConfig(n_sink=4, top_chunks=top_chunks, n_local=n_local, max_chunk_len=12, max_chunks=40,
-                     keep=keep).validate(S, 1)
+                     keep=keep, boundary_tokens=boundary_tokens, prefill="dense").validate(S, 1)
   lengths = np.array([150, 90, 20])
   st = make_table(rng, B, S, ccfg, lengths)
   pos = lengths - 1
@@ -97,3 +102,24 @@ def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_ch
   mask[:, 0, : vis.shape[1]] = vis
   want = attn.attend(q, k[0], v[0], jnp.asarray(mask), scale=D**-0.5)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spare", [0, 3])
+@pytest.mark.parametrize("limited_by", ["slots", "budget"])
+def test_boundary_tokens_past_the_working_slots_give_way_oldest_first(spare, limited_by):
+  """When the working buffer or the budget cannot hold every left-out chunk's last token, the
+  oldest are dropped, never a chunk read whole."""
+  ccfg = ChunkConfig(n_sink=4, top_chunks=1, n_local=1, max_chunk_len=12, max_chunks=40, boundary_tokens=True,
+                     prefill="dense").validate(160, 1)
+  st = make_table(np.random.RandomState(0), 1, 160, ccfg, np.array([150]))
+  n = int(st.n_chunks[0])
+  start, end = np.asarray(st.chunk_start[0]), np.asarray(st.chunk_end[0])
+  chosen = np.zeros((1, ccfg.max_chunks), bool)
+  chosen[0, 0] = True
+  whole = [*range(start[0], end[0] + 1), *range(start[n - 1], end[n - 1] + 1)]
+  fit = ccfg.n_sink + len(whole) + spare
+  W, room = (fit, None) if limited_by == "slots" else (st.work_pos.shape[-1], jnp.asarray([fit - ccfg.n_sink]))
+  wpos, wvalid, used = working_positions(st, jnp.asarray(chosen), ccfg, W, room)
+  want = sorted([*range(ccfg.n_sink), *whole, *end[1:n - 1][len(end[1:n - 1]) - spare:]])
+  assert np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist() == want
+  assert int(used[0]) == fit

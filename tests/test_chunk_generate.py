@@ -47,13 +47,17 @@ def test_full_coverage_equals_generate_for_every_scorer_vote_and_layers(arch, sc
   assert np.allclose(out.stats["kv_retention"], 1.0)
 
 
-@pytest.mark.parametrize("scorer, budget", [("adapter", 0.5), ("attention", 0.25)])
-def test_measured_retention_meets_the_token_budget(scorer, budget):
-  """What decode really reads, averaged over its steps, is within one chunk of the budget."""
+@pytest.mark.parametrize("scorer, budget, boundary_tokens", [("adapter", 0.5, False), ("attention", 0.25, False),
+                                                            ("adapter", 0.25, True)])
+def test_measured_retention_meets_the_token_budget(scorer, budget, boundary_tokens):
+  """What decode really reads, averaged over its steps, is within one chunk of the budget (the
+  last tokens of the chunks left out included)."""
   params = chunk_params()
   rows = prompts([120, 100, 90], seed=1)
   out = chunk_generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=256, max_chunks=256, max_chunk_len=8,
-                       n_local=1, kv_budget=budget, scorer=scorer)
+                       n_local=1, kv_budget=budget, scorer=scorer, boundary_tokens=boundary_tokens)
+  # (The tiny model's Chunk Adapter closes a chunk at most tokens: with boundary_tokens the budget
+  # then holds only the newest of the last tokens, which `working_positions` keeps.)
   seen = np.asarray([120, 100, 90]) + 15  # mid-decode
   assert np.all(np.abs(out.stats["kv_retention"] - budget) <= 8 / seen), out.stats["kv_retention"]
 
@@ -179,6 +183,10 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(prefill="none"), "prefill must be"),
     (dict(boundaries="separators"), "needs separator_ids"),
     (dict(keep="boundary", attention="pallas"), "reads selected chunks whole"),
+    (dict(boundary_tokens=True, keep="boundary"), "use one or the other"),
+    (dict(boundary_tokens=True, prefill="sparse"), "set prefill='dense'"),
+    (dict(boundary_tokens=True, prefill_scorer="adapter"), "set prefill='dense'"),
+    (dict(boundary_tokens=1), "boundary_tokens must be a bool"),
     (dict(bogus=1), "unknown chunk-config fields"),
     (dict(kv_budget=1.5), "kv_budget is a fraction"),
     (dict(kv_budget=0.0), "kv_budget is a fraction"),

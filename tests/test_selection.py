@@ -57,12 +57,14 @@ def test_max_vote_keeps_a_chunk_one_sharp_layer_wants():
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.9])
-@pytest.mark.parametrize("keep", ["chunk", "boundary"])
+@pytest.mark.parametrize("keep, boundary_tokens", [("chunk", False), ("boundary", False), ("chunk", True)])
 @pytest.mark.parametrize("recent_share", [0.0, 0.5, 1.0])
-def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, recent_share):
+def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, boundary_tokens, recent_share):
   """On random segmentations: the most recent candidates that fit the recent share of the budget
   come first, then chunks in score order while they fit, then FILL_PASSES - 1 more passes over those
-  left out that fit what remains; the kept tokens never pass the budget."""
+  left out that fit what remains; the kept tokens never pass the budget. With `boundary_tokens`
+  every candidate's last token is read anyway, so the budget pays for those first and a chunk
+  costs the rest of it."""
   rng = np.random.RandomState(seed)
   B, C, n_sink = 4, 40, 4
   lengths = rng.randint(1, 40, (B, C))
@@ -76,17 +78,18 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, recent
   fixed = n_sink + np.asarray([lens[b, max(n_chunks[b] - n_local, 0):n_chunks[b]].sum() for b in range(B)])
   score = rng.rand(B, C).astype(np.float32)
   cfg = ChunkConfig(n_sink=n_sink, n_local=n_local, max_chunks=C, kv_budget=budget, keep=keep,
-                    recent_share=recent_share)
+                    boundary_tokens=boundary_tokens, recent_share=recent_share)
   got = np.asarray(choose(jnp.asarray(score)[:, None], jnp.asarray(n_cand)[:, None], jnp.asarray(lens),
                           jnp.asarray(fixed)[:, None], jnp.asarray(seen)[:, None], cfg))[:, 0]
   for b in range(B):
-    cost = np.ones(C, int) if keep == "boundary" else lens[b]
-    room = int(np.ceil(budget * seen[b])) - fixed[b]
+    cost = np.ones(C, int) if keep == "boundary" else lens[b] - int(boundary_tokens)
+    always = fixed[b] + (n_cand[b] if boundary_tokens else 0)  # sinks, local, open (and the last tokens)
+    room = int(np.ceil(budget * seen[b])) - always
     key = np.where(np.arange(C) < n_cand[b], score[b], -1.0)
     newer = 0  # candidates from the newest back, while they and what is always read fit the share
     for c in range(n_cand[b] - 1, -1, -1):
       newer += cost[c]
-      if fixed[b] + newer > np.floor(recent_share * np.ceil(budget * seen[b])):
+      if always + newer > np.floor(recent_share * np.ceil(budget * seen[b])):
         break
       key[c] = np.inf
     want, used = np.zeros(C, bool), 0
@@ -100,7 +103,7 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, recent
         want[c], took = True, took + cost[c]
       used += took
     np.testing.assert_array_equal(got[b], want)
-    assert fixed[b] + cost[got[b]].sum() <= max(np.ceil(budget * seen[b]), fixed[b])
+    assert always + cost[got[b]].sum() <= max(np.ceil(budget * seen[b]), always)
 
 
 @pytest.mark.parametrize("kw, err, match", [
