@@ -98,7 +98,8 @@ def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
   """The working buffer of the selection made at `pos_B`."""
   room = None
-  if ccfg.budgeted:  # what the budget leaves after the sinks and the open chunk, as `choose` counts it
+  if ccfg.budgeted and ccfg.boundary_tokens:  # what the budget leaves after the sinks and the open
+    # chunk, as `choose` counts it: only the last tokens of the chunks left out can exceed it
     room = ccfg.budget_tokens(pos_B + 1) - ccfg.n_sink - jnp.maximum(pos_B + 1 - st.open_start, 0)
   pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], room)
   if _use_kernels(ccfg):

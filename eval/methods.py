@@ -15,7 +15,7 @@ comes from what attention reads, never from a second implementation:
 - `fixllm`: fixed-length chunks (about ChunkLLM's mean chunk length) with the same QK-adapter
   selection, no Chunk Adapter.
 
-Methods that select (chunkllm, oracle, fixllm) take the target r as their token budget
+Methods that select (chunkllm, hybrid, oracle, fixllm) take the target r as their token budget
 (`ChunkConfig.kv_budget`): the selection itself fills chunks until r of the tokens seen are read.
 The windows of streamingllm and sepllm are matched by *expected* retention, row by row: the knob
 is the one whose expected retention, counted

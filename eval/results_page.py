@@ -78,6 +78,15 @@ MEASUREMENTS = (
                 rerun=False,
                 note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler. The rows read the float32 export of "
                      "the training run (train/RESULTS.md); the package ships the same weights in bfloat16."),
+    Measurement("niah_gemma3_boundary_tokens",
+                "NIAH, gemma3-270m: the same 10 passkeys, ChunkLLM also reading the last token of each chunk left out",
+                "eval_boundary_tokens_gemma3_8k", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--boundary_tokens --out docs/eval_boundary_tokens_gemma3_8k",),
+                variant="`boundary_tokens` (`--boundary_tokens`)",
+                note="`ChunkConfig.boundary_tokens` (off by default), with the shipped adapters. Vanilla's rows are "
+                     "those of the section above (the same prompts), copied into the folder before the run, so the "
+                     "command finds them there and runs ChunkLLM only; the baselines are in the section above."),
     Measurement("ppl_smollm2_2k_8", "Perplexity, smollm2-135m, 8 texts of 2K tokens of Brown", "eval_ppl_brown_8docs",
                 "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
@@ -95,6 +104,23 @@ MEASUREMENTS = (
                 variant="`boundary_tokens` (`--boundary_tokens`)",
                 note="`ChunkConfig.boundary_tokens` (off by default): the budget pays first for the last token of "
                      "every chunk the selection leaves out. Same texts and vanilla as the section above."),
+    Measurement("ppl_gemma3_2k_8", "Perplexity, gemma3-270m, 8 texts of 2K tokens of Brown", "eval_gemma3_ppl_8docs",
+                "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid streamingllm sepllm --retention 0.5 "
+                 "--out docs/eval_gemma3_ppl_8docs",),
+                note="8 windows of 2048 gemma3 tokens, cut as for smollm2-135m from the evaluation's share of Brown "
+                     "(each starts at a document's start; another tokenizer, so not the same text spans); 256-token "
+                     "prompt, 1792 scored positions each, with the shipped adapters."),
+    Measurement("ppl_gemma3_2k_8_boundary_tokens",
+                "Perplexity, gemma3-270m, the same 8 texts, ChunkLLM also reading the last token of each chunk "
+                "left out", "eval_gemma3_ppl_8docs_boundary_tokens", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --boundary_tokens "
+                 "--out docs/eval_gemma3_ppl_8docs_boundary_tokens",),
+                variant="`boundary_tokens` (`--boundary_tokens`)",
+                note="`ChunkConfig.boundary_tokens` (off by default). Vanilla's rows are those of the section above, "
+                     "copied into the folder before the run."),
     Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
                  "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "
@@ -224,6 +250,16 @@ def eval_section(m: Measurement) -> list[str]:
       same = "-" if r.get("identical_to_vanilla") is None else f"{100 * r['identical_to_vanilla']:.0f}%"
       out.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f} | {same} | "
                  f"{_pct(100 * r['kv_retention'] if r['kv_retention'] is not None else None)} | {r['n']} |")
+  elif not any(t.startswith("niah_") for t in summary["tasks"]):  # LongBench-format tasks: a score per task
+    tasks = [t for t in summary["tasks"] if report._is_long(t)]
+    out += [f"| method | budget | {' | '.join(tasks)} | mean | KV measured | % vanilla |",
+            "|---|---|" + "---:|" * (len(tasks) + 3)]
+    per_task = {t: {(r["method"], r["retention"]): r for r in summary["tasks"][t]} for t in tasks}
+    for r in summary["long_context"]:
+      cells = [per_task[t].get((r["method"], r["retention"])) for t in tasks]
+      out.append(f"| {r['method']} | {r['retention']} | "
+                 + " | ".join("-" if x is None else f"{x['score']:.1f}" for x in cells)
+                 + f" | {r['score']:.1f} | {100 * r['kv_retention']:.1f}% | {_pct(r['pct_of_vanilla'])} |")
   else:
     out += [f"- {v}" for v in niah_verdicts(summary, m.variant)] + [""]
     tasks = [t for t in summary["tasks"] if report._is_long(t)]
