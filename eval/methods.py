@@ -64,6 +64,7 @@ class MethodSettings:
   vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
   boundary_tokens: bool = False  # hybrid / oracle: also read the last token of every chunk left out
+  recent_share: float = 0.0  # hybrid / oracle: the budget's share that the most recent chunks get first
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -232,10 +233,11 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **chosen)
   if method == "oracle":
-    return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=settings.boundary_tokens, **chosen)
+    return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=settings.boundary_tokens,
+                       recent_share=settings.recent_share, **chosen)
   if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention",  # the prompt's selections
-                       boundary_tokens=settings.boundary_tokens, **chosen)
+                       boundary_tokens=settings.boundary_tokens, recent_share=settings.recent_share, **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",

@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--boundary_tokens", action="store_true",
                  help="hybrid / oracle (the methods that read the prompt densely): also read the last token "
                       "of every chunk left out (ChunkConfig.boundary_tokens)")
+  p.add_argument("--recent_share", type=float, default=0.0,
+                 help="hybrid / oracle: the share of the KV budget that the most recent chunks get first "
+                      "(ChunkConfig.recent_share, in [0, 1])")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -118,6 +121,8 @@ def _resolve(args) -> argparse.Namespace:
   args.retention = args.retention or ([0.5] if q else [0.5, 0.25])
   if any(not 0 < r <= 1 for r in args.retention):
     raise UsageError(f"retention targets must be in (0, 1], got {args.retention}")
+  if not 0.0 <= args.recent_share <= 1.0:
+    raise UsageError(f"--recent_share is a share of the KV budget, in [0, 1]; got {args.recent_share}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -183,7 +188,7 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens"]
+          "boundary_tokens", "recent_share"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -220,7 +225,7 @@ def _same_setting(key: str, old, new) -> bool:
   return old == new
 
 
-_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False}  # settings newer than some result folders: what those folders used
+_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -379,7 +384,7 @@ def run(args, model=None, params=None) -> Path:
     params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
-                            boundary_tokens=args.boundary_tokens,
+                            boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
                             selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",

@@ -151,6 +151,16 @@ def test_the_vote_rule_reaches_the_adapter_methods():
   assert M.config_summary(M.base_config("chunkllm", s))["vote"] == "max"
 
 
+def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only():
+  s = M.MethodSettings(separator_ids=SEPS, recent_share=0.75, boundary_tokens=True)
+  for method in ("hybrid", "oracle"):
+    cfg = M.base_config(method, s)
+    assert (cfg.recent_share, cfg.boundary_tokens) == (0.75, True)
+    assert M.config_summary(cfg)["recent_share"] == 0.75
+  for method in ("chunkllm", "fixllm", "streamingllm", "sepllm"):  # the paper's rule and the baselines
+    assert (M.base_config(method, s).recent_share, M.base_config(method, s).boundary_tokens) == (0.0, False)
+
+
 @pytest.mark.parametrize("method, prefill", [("hybrid", "dense"), ("oracle", "dense"), ("chunkllm", "sparse"),
                                              ("fixllm", "sparse"), ("streamingllm", "sparse"), ("sepllm", "sparse")])
 def test_each_method_reads_the_prompt_by_its_own_rule(method, prefill):

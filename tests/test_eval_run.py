@@ -97,9 +97,9 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   with pytest.raises(eval_run.UsageError, match="other settings"):
     run_stubbed(monkeypatch, out, Stubs(), extra=["--window", "128"])
 
-  # A folder from before --vote existed holds results of the default vote: it resumes as such.
+  # A folder from before --vote and --recent_share existed holds results of their defaults: it resumes as such.
   cfg = json.loads((out / "run_config.json").read_text())
-  del cfg["vote"]
+  del cfg["vote"], cfg["recent_share"]
   (out / "run_config.json").write_text(json.dumps(cfg))
   old = Stubs()
   with pytest.warns(UserWarning, match="results.jsonl:5:"):
@@ -107,6 +107,8 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   assert not old.computed
   with pytest.raises(eval_run.UsageError, match="other settings.*vote"):
     run_stubbed(monkeypatch, out, Stubs(), extra=["--vote", "max"])
+  with pytest.raises(eval_run.UsageError, match="other settings.*recent_share"):
+    run_stubbed(monkeypatch, out, Stubs(), extra=["--recent_share", "0.75"])
 
 
 @pytest.mark.real_model
