@@ -6,6 +6,9 @@ Each candidate is a list of block sizes, largest first (the loop takes the large
 and then smaller ones). `batched:N` is the loop decode ran before the packed query: blocks of N
 keys, each folded by the batched `attention.scores` / `attention.fold`, which put the kv-head
 axis in front of the keys; it is kept here so that before and after run side by side.
+`headmajor:N` is a candidate layout, not the buffer's: K/V stored [L, B, K, S, D] (each kv head's
+keys contiguous), blocks of N keys, each head's G queries times its [N, D] keys in one batched
+matmul, no transpose and no packed zeros; it answers whether another buffer layout would pay.
 One decode query per layer over a stacked K/V buffer of smollm2-135m's shape (30 layers, 9 heads /
 3 KV heads, head_dim 64, float32), as `kv_cache.decode_step` reads it: `attention.decode_attention`
 under a scan over the layers. Each block size is its own compiled program; the programs run
@@ -45,6 +48,28 @@ def batched_decode(q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, block: int):
   return attention.merge_heads(attention.fold_finish(carry)[0])
 
 
+def headmajor_decode(q_B1HD, k_LBKSD, v_LBKSD, layer, pos_B, block: int):
+  """Decode attention over a head-major buffer [L, B, K, S, D]: blocks of `block` keys, online softmax."""
+  B, K, S, D = k_LBKSD.shape[1:]
+  q = attention.split_heads(q_B1HD, K)[:, :, :, 0] * HEAD_DIM**-0.5  # [B, K, G, D]
+
+  def body(i, carry):
+    m, l, acc = carry
+    kb = jax.lax.dynamic_slice(k_LBKSD, (layer, 0, 0, i * block, 0), (1, B, K, block, D))[0]
+    vb = jax.lax.dynamic_slice(v_LBKSD, (layer, 0, 0, i * block, 0), (1, B, K, block, D))[0]
+    s = jnp.einsum("bkgd,bksd->bkgs", q, kb)
+    s = jnp.where((i * block + jnp.arange(block) <= pos_B[:, None])[:, None, None], s, attention.NEG_INF)
+    m_new = jnp.maximum(m, s.max(-1))
+    p, corr = jnp.exp(s - m_new[..., None]), jnp.exp(m - m_new)
+    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("bkgs,bksd->bkgd", p, vb)
+
+  G = q.shape[2]
+  init = (jnp.full((B, K, G), attention.NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
+          jnp.zeros((B, K, G, D), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, jnp.max(pos_B) // block + 1, body, init)
+  return (acc / l[..., None]).reshape(B, 1, K * G, D)
+
+
 def program(blocks, context: int):
   """Decode attention of every layer at position context - 1, reading keys in blocks of `blocks`
   (or by `batched_decode` for ("batched", N))."""
@@ -54,6 +79,8 @@ def program(blocks, context: int):
     def layer(carry, i):
       if blocks[0] == "batched":
         out = batched_decode(q + carry, k, v, i, pos, blocks[1])
+      elif blocks[0] == "headmajor":
+        out = headmajor_decode(q + carry, k, v, i, pos, blocks[1])
       else:
         out = attention.decode_attention(q + carry, k, v, i, pos, attention.NO_WINDOW, scale=HEAD_DIM**-0.5)
       return carry + 0.0 * out.sum(), out
@@ -71,12 +98,13 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
   ap.add_argument("--blocks", nargs="+", default=["batched:256", "256", "1024,256", "2048,256", "4096,256"],
-                  help="candidates: block sizes, comma-separated, largest first; batched:N the loop before")
+                  help="candidates: block sizes, comma-separated, largest first; batched:N the loop before; "
+                       "headmajor:N a [L, B, K, S, D] buffer")
   ap.add_argument("--rounds", type=int, default=7)
   args = ap.parse_args()
-  args.blocks = [("batched", int(c.split(":")[1])) if c.startswith("batched:") else tuple(int(b) for b in c.split(","))
+  args.blocks = [(c.split(":")[0], int(c.split(":")[1])) if ":" in c else tuple(int(b) for b in c.split(","))
                  for c in args.blocks]
-  name = lambda b: f"batched {b[1]}" if b[0] == "batched" else ",".join(map(str, b))
+  name = lambda b: f"{b[0]} {b[1]}" if isinstance(b[0], str) else ",".join(map(str, b))
   print(f"| context | blocks | ms per step (30 layers) | K/V GiB/s | vs {name(args.blocks[0])} |")
   print("|---:|---:|---:|---:|---:|")
   for context in args.contexts:
@@ -84,14 +112,18 @@ def main():
     k = jax.random.normal(jax.random.key(0), shape, jnp.float32)
     v = jax.random.normal(jax.random.key(1), shape, jnp.float32)
     q = jax.random.normal(jax.random.key(2), (1, 1, N_HEADS, HEAD_DIM), jnp.float32)
+    kv_head_major = (jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3))  # the same keys, [L, B, K, S, D]
+    inputs = {b: (q, *kv_head_major) if b[0] == "headmajor" else (q, k, v) for b in args.blocks}
     progs = {b: program(b, context) for b in args.blocks}
-    for f in progs.values():
-      jax.block_until_ready(f(q, k, v))
+    ref = progs[args.blocks[0]](*inputs[args.blocks[0]])
+    for b, f in progs.items():  # every candidate computes the same attention
+      err = float(jnp.max(jnp.abs(f(*inputs[b]) - ref)))
+      assert err < 1e-4, (name(b), err)
     times = {b: [] for b in args.blocks}
     for _ in range(args.rounds):
       for b, f in progs.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(f(q, k, v))
+        jax.block_until_ready(f(*inputs[b]))
         times[b].append(time.perf_counter() - t0)
     first = statistics.median(times[args.blocks[0]])
     for b in args.blocks:

@@ -72,6 +72,16 @@ MEASUREMENTS = (
                 variant="`boundary_tokens` (`--boundary_tokens`)",
                 note="`ChunkConfig.boundary_tokens` (off by default). The baselines are those of the section above, "
                      "on the same needles; the default finds 25 and 25 there."),
+    Measurement("niah_smollm2_recent_share",
+                "NIAH, smollm2-135m: the same 30 passkeys, the most recent chunks first for 75% of the budget",
+                "eval_recent_share_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--recent_share 0.75 --out docs/eval_recent_share_smollm2_30",),
+                variant="`recent_share=0.75` (`--recent_share 0.75`)",
+                note="`ChunkConfig.recent_share` (0 by default): the most recent candidates get the first 75% of "
+                     "the budget (with the sinks, local and open chunk), the rest goes by score. Vanilla's rows are "
+                     "those of the first section (the same needles), copied into the folder before the run; the "
+                     "baselines are there too."),
     Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
                  "chunkllm hybrid streamingllm sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
