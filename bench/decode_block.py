@@ -49,25 +49,21 @@ def batched_decode(q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, block: int):
 
 
 def headmajor_decode(q_B1HD, k_LBKSD, v_LBKSD, layer, pos_B, block: int):
-  """Decode attention over a head-major buffer [L, B, K, S, D]: blocks of `block` keys, online softmax."""
+  """Decode attention over a head-major buffer [L, B, K, S, D]: blocks of `block` keys, each folded
+  by the project's online softmax (`attention.softmax_step`) with its two products on that layout."""
   B, K, S, D = k_LBKSD.shape[1:]
-  q = attention.split_heads(q_B1HD, K)[:, :, :, 0] * HEAD_DIM**-0.5  # [B, K, G, D]
+  q = attention.split_heads(q_B1HD, K)  # [B, K, G, 1, D]
 
   def body(i, carry):
-    m, l, acc = carry
     kb = jax.lax.dynamic_slice(k_LBKSD, (layer, 0, 0, i * block, 0), (1, B, K, block, D))[0]
     vb = jax.lax.dynamic_slice(v_LBKSD, (layer, 0, 0, i * block, 0), (1, B, K, block, D))[0]
-    s = jnp.einsum("bkgd,bksd->bkgs", q, kb)
-    s = jnp.where((i * block + jnp.arange(block) <= pos_B[:, None])[:, None, None], s, attention.NEG_INF)
-    m_new = jnp.maximum(m, s.max(-1))
-    p, corr = jnp.exp(s - m_new[..., None]), jnp.exp(m - m_new)
-    return m_new, l * corr + p.sum(-1), acc * corr[..., None] + jnp.einsum("bkgs,bksd->bkgd", p, vb)
+    ok = (i * block + jnp.arange(block) <= pos_B[:, None])[:, None, None, None]
+    s = jnp.where(ok, jnp.einsum("bkgqd,bksd->bkgqs", q, kb) * HEAD_DIM**-0.5, attention.NEG_INF)
+    m_new, corr, p, l_new = attention.softmax_step(carry.m, carry.l, s, ok)
+    return attention.Fold(m_new, l_new, carry.acc * corr[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p, vb))
 
-  G = q.shape[2]
-  init = (jnp.full((B, K, G), attention.NEG_INF, jnp.float32), jnp.zeros((B, K, G), jnp.float32),
-          jnp.zeros((B, K, G, D), jnp.float32))
-  _, l, acc = jax.lax.fori_loop(0, jnp.max(pos_B) // block + 1, body, init)
-  return (acc / l[..., None]).reshape(B, 1, K * G, D)
+  carry = jax.lax.fori_loop(0, jnp.max(pos_B) // block + 1, body, attention.fold_init(*q.shape))
+  return attention.merge_heads(attention.fold_finish(carry)[0])
 
 
 def program(blocks, context: int):

@@ -256,6 +256,8 @@ def eval_section(m: Measurement) -> list[str]:
   if not records:
     return ["Not measured yet."]
   summary = report.summarize(records)
+  tasks = [t for t in summary["tasks"] if report._is_long(t)]
+  per_task = {t: {(r["method"], r["retention"]): r for r in summary["tasks"][t]} for t in tasks}
   out = []
   if "perplexity" in summary["tasks"]:
     out += [f"- {v}" for v in ppl_verdicts(summary, m.variant)] + [""]
@@ -270,11 +272,9 @@ def eval_section(m: Measurement) -> list[str]:
       same = "-" if r.get("identical_to_vanilla") is None else f"{100 * r['identical_to_vanilla']:.0f}%"
       out.append(f"| {r['method']} | {r['retention']} | {r['score']:.2f} | {same} | "
                  f"{_pct(100 * r['kv_retention'] if r['kv_retention'] is not None else None)} | {r['n']} |")
-  elif not any(t.startswith("niah_") for t in summary["tasks"]):  # LongBench-format tasks: a score per task
-    tasks = [t for t in summary["tasks"] if report._is_long(t)]
+  elif not any(t.startswith("niah_") for t in tasks):  # LongBench-format tasks: a score per task
     out += [f"| method | budget | {' | '.join(tasks)} | mean | KV measured | % vanilla |",
             "|---|---|" + "---:|" * (len(tasks) + 3)]
-    per_task = {t: {(r["method"], r["retention"]): r for r in summary["tasks"][t]} for t in tasks}
     for r in summary["long_context"]:
       cells = [per_task[t].get((r["method"], r["retention"])) for t in tasks]
       out.append(f"| {r['method']} | {r['retention']} | "
@@ -282,11 +282,9 @@ def eval_section(m: Measurement) -> list[str]:
                  + f" | {r['score']:.1f} | {100 * r['kv_retention']:.1f}% | {_pct(r['pct_of_vanilla'])} |")
   else:
     out += [f"- {v}" for v in niah_verdicts(summary, m.variant)] + [""]
-    tasks = [t for t in summary["tasks"] if report._is_long(t)]
     out += [f"| method | budget | found, {' / '.join(t.removeprefix('niah_') for t in tasks)} | mean score | "
             "KV measured (min-max) | % vanilla |",
             "|---|---|---|---:|---|---:|"]
-    per_task = {t: {(r["method"], r["retention"]): r for r in summary["tasks"][t]} for t in tasks}
     for r in summary["long_context"]:
       cells = []
       for t in tasks:
