@@ -21,16 +21,22 @@ KEEP = "<!-- analysis below is kept when the script rewrites this file -->"
 
 
 def machine_line() -> str:
-  """The CPU model, cores and jax/XLA backend; imports jax only if the caller already did."""
-  model = platform.processor() or platform.machine()
+  """The CPU (model, family and model numbers, AVX-512 or not), cores and jax/XLA backend; imports
+  jax only if the caller already did. Hosts sold under one name differ several times over in what
+  XLA and torch get from them (bench/RESULTS_generate.md), so the numbers name the generation."""
+  model, detail = platform.processor() or platform.machine(), []
   try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
+    info = dict(line.split(":", 1) for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                if ":" in line and not line.startswith("processor"))
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    model = info.get("model name", model)
+    if "cpu family" in info:
+      detail.append(f"family {info['cpu family']}, model {info.get('model', '?')}")
+    detail.append("AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512")
   except OSError:
     pass
-  line = f"{model}, {os.cpu_count()} cores, {platform.system()}"
+  cpu = f"{model} ({'; '.join(detail)})" if detail else model
+  line = f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
   if "jax" in sys.modules:
     jax = sys.modules["jax"]
     line += f", jax {jax.__version__} ({jax.default_backend()})"

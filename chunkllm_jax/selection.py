@@ -60,6 +60,9 @@ class ChunkConfig(ChunkRules):
   top_chunks: int = 16  # selected chunks, when no KV budget is set
   kv_budget: float | None = None  # fraction of the tokens seen that a sparse layer reads (0, 1]
   kv_budget_tokens: int | None = None  # or a token count; either one replaces top_chunks
+  # With a budget: the fewest tokens a step may read, so a context shorter than this is read whole
+  # (a sparse read saves nothing there); 0: the budget alone.
+  kv_budget_min_tokens: int = 0
   # With a budget: the share of it that the most recent tokens get first (sinks, local and open chunk
   # included; recent candidates fill the rest of the share), the remainder going by score.
   recent_share: float = 0.0
@@ -128,6 +131,12 @@ class ChunkConfig(ChunkRules):
       if not 0 < self.kv_budget_tokens <= max_len:
         raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be in [1, max_len={max_len}] "
                          "(the KV buffer cannot hold more)")
+    if not isinstance(self.kv_budget_min_tokens, int) or isinstance(self.kv_budget_min_tokens, bool):
+      raise TypeError(f"kv_budget_min_tokens must be an int, got {self.kv_budget_min_tokens!r}")
+    if not 0 <= self.kv_budget_min_tokens <= max_len:
+      raise ValueError(f"kv_budget_min_tokens={self.kv_budget_min_tokens} must be in [0, max_len={max_len}]")
+    if self.kv_budget_min_tokens and not self.budgeted:
+      raise ValueError("kv_budget_min_tokens is a floor under a KV budget: give kv_budget or kv_budget_tokens too")
     if not (isinstance(self.recent_share, (int, float)) and 0.0 <= self.recent_share <= 1.0):
       raise ValueError(f"recent_share is a share of the KV budget, in [0, 1]; got {self.recent_share!r}")
     if self.scorer not in SCORERS:
@@ -205,14 +214,17 @@ class ChunkConfig(ChunkRules):
   def budget_tokens(self, seen):
     """The KV budget in tokens when `seen` tokens exist (an array or an int)."""
     if self.kv_budget_tokens is not None:
-      return jnp.minimum(self.kv_budget_tokens, seen)
-    return jnp.ceil(self.kv_budget * seen).astype(jnp.int32)
+      budget = jnp.minimum(self.kv_budget_tokens, seen)
+    else:
+      budget = jnp.ceil(self.kv_budget * seen).astype(jnp.int32)
+    return jnp.maximum(budget, jnp.minimum(self.kv_budget_min_tokens, seen))
 
   def work_slots(self, max_len: int) -> int:
     """The most tokens a selection can keep (sinks, chosen and local chunks), capped by the buffer."""
     fixed = self.n_sink + self.n_local * self.max_chunk_len
     if self.budgeted:
       most = self.kv_budget_tokens if self.kv_budget_tokens is not None else math.ceil(self.kv_budget * max_len)
+      most = max(most, self.kv_budget_min_tokens)
       return min(max(most, fixed), max_len)
     per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
     boundaries = (self.max_chunks or max(max_len // 8, 1)) if self.boundary_tokens else 0

@@ -65,6 +65,7 @@ class MethodSettings:
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
   boundary_tokens: bool = False  # hybrid / oracle: also read the last token of every chunk left out
   recent_share: float = 0.0  # hybrid / oracle: the budget's share that the most recent chunks get first
+  kv_budget_min_tokens: int = 0  # hybrid / oracle: the budget's floor in tokens (the share is fitted under it)
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -219,6 +220,25 @@ def fit_knob(method: str, base: ChunkConfig, retention: float, seg: Segmentation
   return best[1]
 
 
+def budget_share(retention: float, floor: int, prompt_lens: Sequence[int], n_new: int) -> float:
+  """The `kv_budget` (share of the tokens seen) that reads `retention` of them on average over the
+  decode steps under a floor of `floor` tokens (`ChunkConfig.kv_budget_min_tokens`), as the measured
+  kv_retention averages them; `retention` itself without a floor. The floor spends its tokens where
+  a context is short, so the share falls below the target (by bisection; at least 1e-3 where the
+  floor alone reads more than the target)."""
+  seen = [T + 1 + np.arange(max(n_new, 1)) for T in prompt_lens]
+  if floor <= retention * min(int(n[0]) for n in seen):
+    return float(retention)  # the floor never binds
+  read = lambda share: np.mean([np.mean(np.minimum(n, np.maximum(np.ceil(share * n), floor)) / n) for n in seen])
+  lo, hi = 1e-3, float(retention)
+  if read(lo) >= retention:
+    return lo
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if read(mid) < retention else (lo, mid)
+  return hi
+
+
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -234,10 +254,11 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **chosen)
   if method == "oracle":
     return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=settings.boundary_tokens,
-                       recent_share=settings.recent_share, **chosen)
+                       recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
   if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention",  # the prompt's selections
-                       boundary_tokens=settings.boundary_tokens, recent_share=settings.recent_share, **chosen)
+                       boundary_tokens=settings.boundary_tokens, recent_share=settings.recent_share,
+                       kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",
@@ -295,10 +316,14 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
     ccfg = dataclasses.replace(base, n_local=max_chunks if method in WINDOWED else base.n_local,
                                top_chunks=0 if method == "streamingllm" else max_chunks)
   elif method in SELECTING:
-    ccfg = dataclasses.replace(base, kv_budget=float(retention))
+    ccfg = dataclasses.replace(base, kv_budget=budget_share(retention, base.kv_budget_min_tokens, prompt_lens, n_new))
   else:
     ccfg = fit_knob(method, base, retention, bseg, prompt_lens, n_new, settings)
+  if not ccfg.budgeted and ccfg.kv_budget_min_tokens:
+    ccfg = dataclasses.replace(ccfg, kv_budget_min_tokens=0)  # a floor under no budget: nothing to hold up
   info = dict(target_retention=retention, mean_chunk_len=L)
+  if ccfg.kv_budget is not None and ccfg.kv_budget_min_tokens:
+    info["budget_share"] = ccfg.kv_budget
   if retention is None:
     pass
   elif ccfg.budgeted:  # the selection meets the budget itself, above what it always reads (sinks, local, open)
@@ -317,7 +342,7 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
   return dict(boundaries=ccfg.boundaries, keep=ccfg.keep, vote=ccfg.vote, scorer=ccfg.scorer, kv_budget=ccfg.kv_budget,
               selection_layers=layers, top_chunks=ccfg.top_chunks, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
-              recent_share=ccfg.recent_share, boundary_tokens=ccfg.boundary_tokens, prefill=ccfg.prefill_mode,
+              recent_share=ccfg.recent_share, kv_budget_min_tokens=ccfg.kv_budget_min_tokens, boundary_tokens=ccfg.boundary_tokens, prefill=ccfg.prefill_mode,
               n_separator_ids=len(ccfg.separator_ids))
 
 

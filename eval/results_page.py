@@ -114,6 +114,17 @@ MEASUREMENTS = (
                 variant="`boundary_tokens` (`--boundary_tokens`)",
                 note="`ChunkConfig.boundary_tokens` (off by default): the budget pays first for the last token of "
                      "every chunk the selection leaves out. Same texts and vanilla as the section above."),
+    Measurement("ppl_smollm2_2k_8_budget_floor",
+                "Perplexity, smollm2-135m, the same 8 texts, ChunkLLM reading at least 256 tokens a step",
+                "eval_ppl_brown_8docs_budget_floor", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --kv_budget_min_tokens 256 "
+                 "--out docs/eval_ppl_brown_8docs_budget_floor",),
+                variant="a 256-token floor under the budget (`--kv_budget_min_tokens 256`)",
+                note="`ChunkConfig.kv_budget_min_tokens` (0 by default): a step reads at least 256 tokens, so the "
+                     "first 256 positions after the prompt read every token; the budget's share is fitted under the "
+                     "floor so that the measured retention meets the target (`eval.methods.budget_share`). Vanilla's "
+                     "rows are those of the 8-text section above, copied into the folder before the run."),
     Measurement("ppl_gemma3_2k_8", "Perplexity, gemma3-270m, 8 texts of 2K tokens of Brown", "eval_gemma3_ppl_8docs",
                 "eval",
                 ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
@@ -131,6 +142,16 @@ MEASUREMENTS = (
                 variant="`boundary_tokens` (`--boundary_tokens`)",
                 note="`ChunkConfig.boundary_tokens` (off by default). Vanilla's rows are those of the section above, "
                      "copied into the folder before the run."),
+    Measurement("ppl_gemma3_2k_8_budget_floor",
+                "Perplexity, gemma3-270m, the same 8 texts, ChunkLLM reading at least 256 tokens a step",
+                "eval_gemma3_ppl_8docs_budget_floor", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --kv_budget_min_tokens 256 "
+                 "--out docs/eval_gemma3_ppl_8docs_budget_floor",),
+                variant="a 256-token floor under the budget (`--kv_budget_min_tokens 256`)",
+                note="`ChunkConfig.kv_budget_min_tokens` (0 by default), the share fitted under it as for "
+                     "smollm2-135m. Vanilla's rows are those of the 8-text section above, copied into the folder "
+                     "before the run."),
     Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
                  "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "

@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--recent_share", type=float, default=0.0,
                  help="hybrid / oracle: the share of the KV budget that the most recent chunks get first "
                       "(ChunkConfig.recent_share, in [0, 1])")
+  p.add_argument("--kv_budget_min_tokens", type=int, default=0,
+                 help="hybrid / oracle: the fewest tokens a step reads (ChunkConfig.kv_budget_min_tokens); the "
+                      "budget's share is fitted under it so that the measured retention meets the target")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -123,6 +126,8 @@ def _resolve(args) -> argparse.Namespace:
     raise UsageError(f"retention targets must be in (0, 1], got {args.retention}")
   if not 0.0 <= args.recent_share <= 1.0:
     raise UsageError(f"--recent_share is a share of the KV budget, in [0, 1]; got {args.recent_share}")
+  if args.kv_budget_min_tokens < 0:
+    raise UsageError(f"--kv_budget_min_tokens is a token count, >= 0; got {args.kv_budget_min_tokens}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -188,7 +193,7 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "recent_share"]
+          "boundary_tokens", "recent_share", "kv_budget_min_tokens"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -225,7 +230,8 @@ def _same_setting(key: str, old, new) -> bool:
   return old == new
 
 
-_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0}  # settings newer than some result folders: what those folders used
+_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
+                "kv_budget_min_tokens": 0}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -385,6 +391,7 @@ def run(args, model=None, params=None) -> Path:
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
+                            kv_budget_min_tokens=args.kv_budget_min_tokens,
                             selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",

@@ -62,6 +62,21 @@ def test_measured_retention_meets_the_token_budget(scorer, budget, boundary_toke
   assert np.all(np.abs(out.stats["kv_retention"] - budget) <= 8 / seen), out.stats["kv_retention"]
 
 
+@pytest.mark.parametrize("budget", [dict(kv_budget=0.25), dict(kv_budget_tokens=20)])
+def test_a_budget_floor_above_the_context_reads_everything(budget):
+  """`kv_budget_min_tokens` at least the whole context: every step reads every token, so the tokens are
+  `generate`'s; a floor under it leaves the budget in charge."""
+  params = chunk_params()
+  rows = prompts([40, 23], seed=5)
+  ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
+  run = lambda floor: chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, max_chunks=128,
+                                     max_chunk_len=8, n_local=1, kv_budget_min_tokens=floor, **budget)
+  out = run(64)
+  assert (out.tokens == ref.tokens).all()
+  assert np.allclose(out.stats["kv_retention"], 1.0)
+  assert (run(8).stats["kv_retention"] < 0.9).all()
+
+
 def test_sparse_prefill_really_drops_chunks():
   """With a small selection, sparse prefill changes the prompt's last logits; dense does not."""
   params = chunk_params()

@@ -162,6 +162,29 @@ def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only():
     assert (cfg.recent_share, cfg.boundary_tokens) == (0.0, False)
 
 
+def test_a_budget_floor_reaches_the_densely_read_methods_only():
+  s = M.MethodSettings(separator_ids=SEPS, kv_budget_min_tokens=256)
+  for method in ("hybrid", "oracle"):
+    assert M.base_config(method, s).kv_budget_min_tokens == 256
+    full, _ = M.method_config(method, 1.0, [300], 20, 512, s)  # no budget at full retention: no floor
+    assert full.kv_budget is None and full.kv_budget_min_tokens == 0
+  for method in ("chunkllm", "fixllm", "streamingllm", "sepllm"):
+    assert M.base_config(method, s).kv_budget_min_tokens == 0
+
+
+@pytest.mark.parametrize("retention, floor, lens, n_new", [
+    (0.5, 256, [256] * 3, 1792), (0.25, 128, [256, 512], 1000), (0.5, 64, [2000], 30), (0.5, 0, [300], 10)])
+def test_budget_share_meets_the_target_under_a_floor(retention, floor, lens, n_new):
+  """The fitted share, read under the floor step by step as decode reads it, averages to the target;
+  without a floor it is the target; a floor past the target leaves the smallest share."""
+  share = M.budget_share(retention, floor, lens, n_new)
+  seen = [T + 1 + np.arange(n_new) for T in lens]
+  read = np.mean([np.mean(np.minimum(n, np.maximum(np.ceil(share * n), floor)) / n) for n in seen])
+  assert abs(read - retention) < 1e-3 and share <= retention
+  assert (share < retention) == (floor > retention * (min(lens) + 1))
+  assert M.budget_share(0.1, 256, [256], 100) == 1e-3
+
+
 @pytest.mark.parametrize("method, prefill", [("hybrid", "dense"), ("oracle", "dense"), ("chunkllm", "sparse"),
                                              ("fixllm", "sparse"), ("streamingllm", "sparse"), ("sepllm", "sparse")])
 def test_each_method_reads_the_prompt_by_its_own_rule(method, prefill):

@@ -378,6 +378,7 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--ppl_prefix", "96"], r"--ppl_prefix 96 leaves nothing to score in --ppl_tokens 96"),
     (["--batch_size", "0"], r"--batch_size 0 is too small"),
     (["--recent_share", "1.5"], r"--recent_share is a share of the KV budget, in \[0, 1\]; got 1.5"),
+    (["--kv_budget_min_tokens", "-1"], r"--kv_budget_min_tokens is a token count, >= 0; got -1"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run

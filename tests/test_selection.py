@@ -106,12 +106,25 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
     assert always + cost[got[b]].sum() <= max(np.ceil(budget * seen[b]), always)
 
 
+@pytest.mark.parametrize("kw, want", [
+    (dict(kv_budget=0.25), [13, 50, 200]), (dict(kv_budget=0.25, kv_budget_min_tokens=100), [50, 100, 200]),
+    (dict(kv_budget_tokens=30, kv_budget_min_tokens=100), [50, 100, 100]),
+    (dict(kv_budget_tokens=150, kv_budget_min_tokens=100), [50, 150, 150])])
+def test_budget_tokens_with_a_floor(kw, want):
+  """The budget in tokens: a share or a count, never under the floor, never over the tokens seen."""
+  np.testing.assert_array_equal(ChunkConfig(**kw).budget_tokens(jnp.asarray([50, 200, 800])), want)
+
+
 @pytest.mark.parametrize("kw, err, match", [
     (dict(kv_budget=0.0), ValueError, r"kv_budget is a fraction"),
     (dict(kv_budget=1.5), ValueError, r"kv_budget is a fraction"),
     (dict(kv_budget=0.5, kv_budget_tokens=10), ValueError, "not both"),
     (dict(kv_budget_tokens=1000), ValueError, "cannot hold more"),
     (dict(kv_budget_tokens=2.5), TypeError, "must be an int"),
+    (dict(kv_budget=0.5, kv_budget_min_tokens=-1), ValueError, "kv_budget_min_tokens=-1 must be in"),
+    (dict(kv_budget=0.5, kv_budget_min_tokens=129), ValueError, "kv_budget_min_tokens=129 must be in"),
+    (dict(kv_budget=0.5, kv_budget_min_tokens=2.5), TypeError, "kv_budget_min_tokens must be an int"),
+    (dict(kv_budget_min_tokens=64), ValueError, "a floor under a KV budget"),
     (dict(scorer="oracle"), ValueError, "scorer must be"),
     (dict(vote="per_layer"), ValueError, "vote must be"),
     (dict(kv_budget=0.5, recent_share=1.5), ValueError, "recent_share is a share"),
