@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import chunk_generation as cg  # noqa: E402
+from chunkllm_jax import decoding  # noqa: E402
 from chunkllm_jax import kv_cache  # noqa: E402
 from chunkllm_jax.chunk_cache import init_chunk_state, working_size  # noqa: E402
 from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
@@ -179,7 +180,7 @@ def bench_decode(params, L: int, ratios, rounds: int):
 
 
 def bench_prefill(params, L: int, ratio: float, repeats: int, headroom: int, selection: str):
-  max_len = L + headroom
+  max_len = decoding.buffer_len(L + headroom)  # whole key blocks, as generate allocates (a blocked prefill needs them)
   chunk_params = consistent_queries(params) if selection == "consistent" else params
   ccfg = chunk_config(top_k_for(ratio, L, chunk_config(1, max_len)), max_len)
   tokens = jax.random.randint(jax.random.key(3), (1, L), 0, CFG.vocab_size, jnp.int32)

@@ -27,8 +27,13 @@ sys.path.insert(0, str(HERE))
 import results_md  # noqa: E402
 
 
-def child(method: str, context: int) -> dict:
+def child(method: str, context: int, with_torch: bool = False) -> dict:
   """One run in this process: returns the sizes and the peak RSS (bytes)."""
+  if not with_torch:
+    # torch is a test-only dependency here, and transformers imports it whenever it is installed
+    # (about 140 MiB of RSS, loaded for the tokenizer); a user's install has none. A None entry
+    # makes it look absent to transformers, as it is there.
+    sys.modules.setdefault("torch", None)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(ROOT))
@@ -64,7 +69,8 @@ def child(method: str, context: int) -> dict:
     out = cj.chunk_generate(params, [ids], max_new_tokens=new, eos_ids=(), kv_budget=0.25, max_len=max_len)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return dict(method=method, context=context, weights=weights, kv=kv, work=work, floor=weights + kv + work,
-              rss_after_load=after_load, peak_rss=peak, prefill_s=float(out.stats["prefill_s"][0]))
+              rss_after_load=after_load, peak_rss=peak, prefill_s=float(out.stats["prefill_s"][0]),
+              torch_loaded=sys.modules.get("torch") is not None)
 
 
 def main(argv=None) -> int:
@@ -72,18 +78,20 @@ def main(argv=None) -> int:
   ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768])
   ap.add_argument("--methods", nargs="+", default=["vanilla", "chunkllm"], choices=["vanilla", "chunkllm"])
   ap.add_argument("--out", default=str(HERE / "RESULTS_memory.md"))
+  ap.add_argument("--with-torch", action="store_true",
+                  help="let transformers import torch, as it does where torch is installed (the test extras)")
   ap.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child:
-    print(json.dumps(child(args.child[0], int(args.child[1]))))
+    print(json.dumps(child(args.child[0], int(args.child[1]), args.with_torch)))
     return 0
   command = results_md.command_line([__file__] + (sys.argv[1:] if argv is None else list(argv)))
   rows = _earlier_rows(pathlib.Path(args.out).with_suffix(".json"))
   for context in args.contexts:
     for method in args.methods:
       print(f"{method} at {context} tokens ...", file=sys.stderr, flush=True)
-      proc = subprocess.run([sys.executable, __file__, "--child", method, str(context)], capture_output=True,
-                            text=True, check=False)
+      proc = subprocess.run([sys.executable, __file__, "--child", method, str(context)]
+                            + (["--with-torch"] if args.with_torch else []), capture_output=True, text=True, check=False)
       if proc.returncode:  # recorded, and the other runs go on (a kill by the OOM killer is -9)
         why = (proc.stderr.strip().splitlines() or [""])[-1][-300:]
         _put(rows, dict(method=method, context=context, failed=f"exit {proc.returncode}: {why}"))
@@ -120,7 +128,8 @@ def _write(rows: list[dict], args, command: str) -> str:
   lines = results_md.header(
       "Peak host memory of generation", "`, then `".join(commands),
       "smollm2-135m float32, 8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters; each run in a "
-      "fresh process. A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
+      "fresh process, torch not loaded unless the row says so (a user's install has none; transformers "
+      "imports it wherever it is installed). A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
       "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.") + [
       "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
       "peak / floor | growth / (KV + working) | code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -129,8 +138,9 @@ def _write(rows: list[dict], args, command: str) -> str:
       lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} ||||||||| ")
       continue
     growth = (r["peak_rss"] - r["rss_after_load"]) / max(r["kv"] + r["work"], 1)
+    torch = " (torch loaded)" if r.get("torch_loaded", True) else ""  # rows from before the field had it loaded
     lines.append(f"| {r['method']} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
-                 f"{mib(r['floor'])} | {mib(r['rss_after_load'])} | {mib(r['peak_rss'])} | "
+                 f"{mib(r['floor'])} | {mib(r['rss_after_load'])}{torch} | {mib(r['peak_rss'])} | "
                  f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x | {r.get('code', '?')} |")
   results_md.write(args.out, lines, dict(device=results_md.machine_line(), command=command,
                                          code=results_md.code_version(), rows=rows))
