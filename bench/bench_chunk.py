@@ -77,7 +77,13 @@ def consistent_queries(params):
 
 
 def chunk_config(top_k: int, max_len: int) -> ChunkConfig:
-  extra = {"prefill": "sparse"} if "prefill" in {f.name for f in dataclasses.fields(ChunkConfig)} else {}
+  # The adapters score the prompt too (the path where sparse prefill is the default): the frozen
+  # attention's rows (`prefill_scorer="attention"`, the library default) would ignore the
+  # consistent queries, and random weights' attention picks unrelated chunks for each query chunk.
+  fields = {f.name for f in dataclasses.fields(ChunkConfig)}
+  extra = {"prefill": "sparse"} if "prefill" in fields else {}
+  if "prefill_scorer" in fields:
+    extra["prefill_scorer"] = "adapter"
   return ChunkConfig(top_chunks=top_k, max_chunk_len=CHUNK, **extra).validate(max_len, CFG.n_layers)
 
 
