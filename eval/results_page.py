@@ -173,13 +173,15 @@ MEASUREMENTS = (
     Measurement("longbench_smollm2", "LongBench-format, smollm2-135m: mini_kv_qa, 8 prompts of 3.6K-4K tokens",
                 "eval_longbench_smollm2", "eval",
                 ("python -m eval.run --model smollm2-135m --suites longbench --tasks mini_kv_qa --methods vanilla "
-                 "hybrid --retention 0.5 0.25 --out docs/eval_longbench_smollm2",),
+                 "hybrid streamingllm sepllm --retention 0.5 0.25 --out docs/eval_longbench_smollm2",),
                 note="QA F1 (0-100) on the shipped mini set's key-value task; the model answers in a sentence, so a "
                      "right code scores 25. Vanilla gives the right code on 3 of the 8 prompts. In the rows: at 50% "
                      "ChunkLLM's new tokens are vanilla's, token for token, on all 8 prompts; at 25% on 7, and the "
-                     "eighth gives the right code where vanilla's is wrong. The baselines and the other five mini "
-                     "tasks were not run: vanilla scores 0 on three of those (docs/results.md history), and a task "
-                     "costs 10-20 minutes per method here."),
+                     "eighth gives the right code where vanilla's is wrong. StreamingLLM repeats vanilla's tokens on 6 and 4 "
+                     "of the 8 prompts at 50% and 25%, SepLLM on 5 and 3 (8 prompts: one code is 3 points of the "
+                     "mean). The other five mini tasks were not run: "
+                     "vanilla scores 0 on three of those (docs/results.md history), and a task costs 10-20 minutes "
+                     "per method here."),
     Measurement("short_smollm2", "Short-text identity, smollm2-135m", "eval_short_smollm2", "eval",
                 ("python -m eval.run --model smollm2-135m --suites short --methods vanilla chunkllm hybrid "
                  "--out docs/eval_short_smollm2",),
