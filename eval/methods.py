@@ -223,13 +223,19 @@ def fit_knob(method: str, base: ChunkConfig, retention: float, seg: Segmentation
 def budget_share(retention: float, floor: int, prompt_lens: Sequence[int], n_new: int) -> float:
   """The `kv_budget` (share of the tokens seen) that reads `retention` of them on average over the
   decode steps under a floor of `floor` tokens (`ChunkConfig.kv_budget_min_tokens`), as the measured
-  kv_retention averages them; `retention` itself without a floor. The floor spends its tokens where
-  a context is short, so the share falls below the target (by bisection; at least 1e-3 where the
-  floor alone reads more than the target)."""
-  seen = [T + 1 + np.arange(max(n_new, 1)) for T in prompt_lens]
-  if floor <= retention * min(int(n[0]) for n in seen):
+  kv_retention averages them; `retention` itself where the floor never binds. The floor spends its
+  tokens where a context is short, so the share falls below the target (by bisection over
+  `ChunkConfig.budget_tokens`, the rule decode reads by; at least 1e-3 where the floor alone reads
+  more than the target)."""
+  seen = np.concatenate([T + 1 + np.arange(max(n_new, 1)) for T in prompt_lens])
+  row = np.repeat(np.arange(len(prompt_lens)), max(n_new, 1))
+  if floor <= retention * seen.min():
     return float(retention)  # the floor never binds
-  read = lambda share: np.mean([np.mean(np.minimum(n, np.maximum(np.ceil(share * n), floor)) / n) for n in seen])
+
+  def read(share):
+    ratio = np.minimum(np.asarray(ChunkConfig(kv_budget=share, kv_budget_min_tokens=floor).budget_tokens(seen)), seen) / seen
+    return float(np.mean(np.bincount(row, ratio) / np.bincount(row)))  # per row over its steps, then over rows
+
   lo, hi = 1e-3, float(retention)
   if read(lo) >= retention:
     return lo

@@ -178,7 +178,7 @@ def test_budget_share_meets_the_target_under_a_floor(retention, floor, lens, n_n
   """The fitted share, read under the floor step by step as decode reads it, averages to the target;
   without a floor it is the target; a floor past the target leaves the smallest share."""
   share = M.budget_share(retention, floor, lens, n_new)
-  seen = [T + 1 + np.arange(n_new) for T in lens]
+  seen = [T + 1 + np.arange(n_new) for T in lens]  # the decode steps' context lengths, per row; the rule by hand
   read = np.mean([np.mean(np.minimum(n, np.maximum(np.ceil(share * n), floor)) / n) for n in seen])
   assert abs(read - retention) < 1e-3 and share <= retention
   assert (share < retention) == (floor > retention * (min(lens) + 1))
