@@ -115,6 +115,9 @@ def test_cached_step_equals_the_computed_step(tmp_path, student_queries):
   source = [dict(tokens=np.asarray(b["tokens"][i]), labels=np.asarray(b["labels"][i])) for i in range(2)]
   assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False) == 2
   assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False) == 0  # resumes: nothing left
+  # A process given the writer's list runs exactly those programs, whatever the folder holds by then.
+  assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False, write=False, todo=[1]) == 1
+  assert tc.missing_shards(tmp_path / "c", 3) == [2]
   cached = tc.CachedRows(tmp_path / "c", 2)
   batch = {k: jnp.stack([cached[i][k] for i in range(2)]) for k in tc.SHARD_KEYS}
   grad = jax.jit(jax.value_and_grad(training_loss, has_aux=True), static_argnums=3)

@@ -337,6 +337,9 @@ def train(cfg) -> dict[str, float]:
 def build_caches(cfg, splits, params, bb, acfg, loss_config) -> dict:
   """The teacher cache of each split: {"train": CachedRows, "validation": ...}. One process computes a
   sequence's rows when a step first reads it; several build every missing shard first."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+
   from chunkllm_jax import adapter_io
   from train import teacher_cache
   from train.losses import rows_config_of
@@ -353,11 +356,15 @@ def build_caches(cfg, splits, params, bb, acfg, loss_config) -> dict:
       teacher_cache.open_cache(path, fp)
       out[split] = teacher_cache.CachedRows(path, len(source), compute=teacher_cache.teacher_of(params, source, rc))
       continue
-    # Several processes: the frozen pass is one program over all of them, so they build it in lockstep.
+    # Several processes: the frozen pass is one program over all of them, so they build it in lockstep,
+    # over the shards that process 0 (the writer) finds missing before any of them writes.
+    missing = np.zeros(len(source), np.int32)
+    if jax.process_index() == 0:
+      teacher_cache.open_cache(path, fp)
+      missing[teacher_cache.missing_shards(path, len(source))] = 1
+    missing = multihost_utils.broadcast_one_to_all(missing)  # also waits until the cache folder exists
     n = teacher_cache.build_cache(params, source, path, fp, rc, progress=cfg.progress,
-                                  write=jax.process_index() == 0)
-    from jax.experimental import multihost_utils
-
+                                  write=jax.process_index() == 0, todo=np.flatnonzero(missing).tolist())
     multihost_utils.sync_global_devices(f"teacher cache {split} built")
     if n and jax.process_index() == 0:
       print(f"teacher cache: {n} sequences of {split} added to {path}", file=sys.stderr)

@@ -203,18 +203,27 @@ def teacher_of(params: ModelParams, source: Sequence[dict], rc: RowsConfig):
   return compute
 
 
+def missing_shards(path: str | Path, n: int) -> list[int]:
+  """The sequences among the first `n` whose shard `path` lacks."""
+  return [i for i in range(n) if not _shard(Path(path), i).exists()]
+
+
 def build_cache(params: ModelParams, source: Sequence[dict], path: str | Path, fingerprint: dict[str, Any],
-                rc: RowsConfig, *, progress: bool = True, write: bool = True) -> int:
-  """Computes every shard `source` lacks, now; returns how many.
+                rc: RowsConfig, *, progress: bool = True, write: bool = True,
+                todo: Sequence[int] | None = None) -> int:
+  """Computes the shards `todo` (default: every shard `source` lacks, now); returns how many.
 
   Every process of a multi-process run computes (the frozen pass is one program over the mesh);
-  only the one with `write` writes, to a folder all of them read. A single process can instead let
+  only the one with `write` writes, to a folder all of them read. They must run the same programs,
+  so they pass the same `todo`, the writer's list: each listing the folder for itself, a process that
+  lists it after the writer has stored a shard would skip a program the others run, and the
+  processes' collectives would then pair up wrongly and hang. A single process can instead let
   `CachedRows` compute each shard the first time training reads it."""
   from tqdm.auto import tqdm
 
   path = open_cache(path, fingerprint, write=write)
   compute = teacher_of(params, source, rc)
-  todo = [i for i in range(len(source)) if not _shard(path, i).exists()]
+  todo = missing_shards(path, len(source)) if todo is None else list(todo)
   for i in tqdm(todo, desc=f"teacher cache ({path.name})", disable=not progress or not todo, dynamic_ncols=True):
     arrays = compute(i)
     if write:
@@ -238,7 +247,7 @@ class CachedRows:
 
   def __init__(self, path: str | Path, n: int, compute=None):
     self.path, self.n, self.compute = Path(path), n, compute
-    missing = [i for i in range(n) if not _shard(self.path, i).exists()]
+    missing = missing_shards(self.path, n)
     if missing and compute is None:
       raise CacheError(f"the teacher cache {path} lacks {len(missing)} of its {n} shards (first: {missing[0]}); "
                        "run again to finish building it")
