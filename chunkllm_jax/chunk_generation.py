@@ -549,6 +549,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                             state_shardings=_state_shardings)
   params = decoding.place_params(params, mesh)
   key = jax.random.key(decoding.check_seed(seed))
+  progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   (first, state), prefill_s = progs.prefill.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   (new, steps, (cache, st), live), decode_s = progs.loop.timed(params, first, state, key)
   steps = int(steps) - 1

@@ -71,6 +71,7 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   params, prompts, lens, eos_ids, pad_id, progs = _setup(
       params, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p, eos_ids, pad_id, mesh)
   key = jax.random.key(decoding.check_seed(seed))
+  progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   (first, cache), prefill_s = progs.prefill.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   (new, steps, _, _), decode_s = progs.loop.timed(params, first, cache, key)
   return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id,
@@ -96,6 +97,7 @@ def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Itera
 
 
 def _stream_steps(params, prompts, lens, eos_ids, pad_id, progs, key, max_new_tokens):
+  progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key, stepwise=max_new_tokens > 1)
   tok, cache = progs.prefill(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   done = np.zeros(len(lens), bool)
   for i in range(max_new_tokens):

@@ -90,3 +90,32 @@ def test_release_free_heap_returns_freed_small_blocks_to_the_os():
   after = _rss_mib()
   libc.free(keep)
   assert held - before > 100 and held - after > 100, (before, held, after)
+
+
+@pytest.mark.parametrize("path", ["generate", "chunk_generate", "stream"])
+def test_the_decode_program_compiles_before_the_prefill_runs_and_once(path, captured_programs, monkeypatch):
+  """The loop (`stream`: the single step) is compiled from the prefill's output signature before the
+  prefill allocates the KV buffer, so a compile's memory never comes on top of it; the real call then
+  finds that compile (one executable per program)."""
+  ready_at_prefill = []
+  timed, call = decoding.Compiled.timed, decoding.Compiled.__call__
+
+  def note(compiled):
+    progs = captured_programs[-1]
+    if compiled is progs.prefill:
+      ready_at_prefill.append(len((progs.step if path == "stream" else progs.loop).executables))
+
+  monkeypatch.setattr(decoding.Compiled, "timed", lambda self, *a: (note(self), timed(self, *a))[1])
+  monkeypatch.setattr(decoding.Compiled, "__call__", lambda self, *a: (note(self), call(self, *a))[1])
+  params = chunk_params("llama", seed=3)
+  rows = prompts([21, 9], seed=4)
+  if path == "generate":
+    cj.generate(params, rows, max_new_tokens=4, eos_ids=())
+  elif path == "stream":
+    assert len(list(cj.stream(params, rows, max_new_tokens=4, eos_ids=()))) == 4
+  else:
+    chunk_generate(params, rows, max_new_tokens=4, eos_ids=(), top_chunks=2, max_chunk_len=8, n_local=1)
+  (progs,) = captured_programs
+  assert ready_at_prefill == [1]
+  used = progs.step if path == "stream" else progs.loop
+  assert len(progs.prefill.executables) == len(used.executables) == 1
