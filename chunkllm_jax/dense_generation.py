@@ -97,7 +97,8 @@ def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Itera
 
 
 def _stream_steps(params, prompts, lens, eos_ids, pad_id, progs, key, max_new_tokens):
-  progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key, stepwise=max_new_tokens > 1)
+  if max_new_tokens > 1:  # one token needs no step
+    progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key, stepwise=True)
   tok, cache = progs.prefill(params, jnp.asarray(prompts), jnp.asarray(lens), key)
   done = np.zeros(len(lens), bool)
   for i in range(max_new_tokens):

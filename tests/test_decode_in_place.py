@@ -119,3 +119,10 @@ def test_the_decode_program_compiles_before_the_prefill_runs_and_once(path, capt
   assert ready_at_prefill == [1]
   used = progs.step if path == "stream" else progs.loop
   assert len(progs.prefill.executables) == len(used.executables) == 1
+
+
+def test_stream_of_one_token_compiles_no_step(captured_programs):
+  params = chunk_params("llama", seed=3)
+  assert len(list(cj.stream(params, prompts([13], seed=5), max_new_tokens=1, eos_ids=()))) == 1
+  (progs,) = captured_programs
+  assert (len(progs.prefill.executables), len(progs.step.executables), len(progs.loop.executables)) == (1, 0, 0)
