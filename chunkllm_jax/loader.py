@@ -17,7 +17,6 @@ class Model(NamedTuple):
 def load(name_or_path: str, dtype: str = "float32", *, tokenizer: bool = True) -> Model:
   """Loads frozen weights (no torch) and the tokenizer. See `weights.load_backbone` for sources."""
   from chunkllm_jax import weights  # imported lazily: gguf/safetensors are only needed here
-
   from chunkllm_jax.decoding import release_free_heap
 
   cfg, params, tok_source = weights.load_backbone(name_or_path, dtype=dtype)

@@ -358,6 +358,8 @@ def build_caches(cfg, splits, params, bb, acfg, loss_config) -> dict:
       continue
     # Several processes: the frozen pass is one program over all of them, so they build it in lockstep,
     # over the shards that process 0 (the writer) finds missing before any of them writes.
+    teacher_cache.check_cache(path, fp)  # every process refuses a cache of other settings, before any writes
+    multihost_utils.sync_global_devices(f"teacher cache {split} checked")
     missing = np.zeros(len(source), np.int32)
     if jax.process_index() == 0:
       teacher_cache.open_cache(path, fp)
