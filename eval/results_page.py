@@ -157,6 +157,44 @@ MEASUREMENTS = (
                  "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "
                  "--out docs/eval_ppl_brown",),
                 note="256-token prompt, the rest teacher-forced through decode. One text."),
+    Measurement("ppl_smollm2_4k_8", "Perplexity, smollm2-135m, 8 texts of 4K tokens of Brown", "eval_ppl_brown_4k_8docs",
+                "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid sepllm streamingllm --retention 0.5 "
+                 "--out docs/eval_ppl_brown_4k_8docs",),
+                note="The first 8 windows of 4096 tokens of the evaluation's share of Brown (the first is the one "
+                     "text of the next section); 256-token prompt, 3840 positions each teacher-forced through "
+                     "decode, 30720 scored tokens per row; perplexity is exp of the mean NLL over all of them."),
+    Measurement("ppl_smollm2_4k_8_budget_floor",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, ChunkLLM reading at least 768 tokens a step",
+                "eval_ppl_brown_4k_8docs_budget_floor", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --kv_budget_min_tokens 768 "
+                 "--out docs/eval_ppl_brown_4k_8docs_budget_floor",),
+                variant="a 768-token floor under the budget (`--kv_budget_min_tokens 768`)",
+                note="As the 2K floor section: the first 768 positions after the prompt read every token, and the "
+                     "budget's share is fitted under the floor (0.314) so that the measured retention meets the "
+                     "target. Vanilla's rows are those of the section above, copied into the folder before the run."),
+    Measurement("ppl_smollm2_4k_8_recent_share",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, three quarters of the budget to the recent chunks",
+                "eval_ppl_brown_4k_8docs_recent_share", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 "
+                 "--out docs/eval_ppl_brown_4k_8docs_recent_share",),
+                variant="`recent_share=0.75` (`--recent_share 0.75`)",
+                note="`ChunkConfig.recent_share` (0 by default): the most recent candidates get the first 75% of the "
+                     "budget (with the sinks, local and open chunk), the rest goes by score. Vanilla's rows are those "
+                     "of the 8-text 4K section, copied into the folder before the run."),
+    Measurement("ppl_smollm2_4k_8_recent_floor",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first and at least 512 tokens a step",
+                "eval_ppl_brown_4k_8docs_recent_floor", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 "
+                 "--kv_budget_min_tokens 512 --out docs/eval_ppl_brown_4k_8docs_recent_floor",),
+                variant="`recent_share=0.75` and a 512-token floor (`--recent_share 0.75 --kv_budget_min_tokens 512`)",
+                note="Both knobs of the two sections above: three quarters of the budget to the recent chunks, and "
+                     "a step reads at least 512 tokens (the share fitted under the floor: 0.424). Vanilla's rows "
+                     "are those of the 8-text 4K section, copied into the folder before the run."),
     Measurement("ppl_smollm2_4k", "Perplexity, smollm2-135m, 4K tokens of Brown", "eval_ppl_brown_4k", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 1 --filler brown "
                  "--methods vanilla hybrid streamingllm sepllm --retention 0.5 --out docs/eval_ppl_brown_4k",),
