@@ -549,8 +549,9 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                             state_shardings=_state_shardings)
   params = decoding.place_params(params, mesh)
   key = jax.random.key(decoding.check_seed(seed))
-  progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key)
-  (first, state), prefill_s = progs.prefill.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
+  tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
+  progs.compile_ahead(params, tokens_BT, lengths_B, key)
+  (first, state), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
   (new, steps, (cache, st), live), decode_s = progs.loop.timed(params, first, state, key)
   steps = int(steps) - 1
   live = np.asarray(live)  # decode steps each row ran before its end-of-sequence token

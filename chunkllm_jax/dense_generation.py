@@ -71,8 +71,9 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   params, prompts, lens, eos_ids, pad_id, progs = _setup(
       params, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p, eos_ids, pad_id, mesh)
   key = jax.random.key(decoding.check_seed(seed))
-  progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key)
-  (first, cache), prefill_s = progs.prefill.timed(params, jnp.asarray(prompts), jnp.asarray(lens), key)
+  tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
+  progs.compile_ahead(params, tokens_BT, lengths_B, key)
+  (first, cache), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
   (new, steps, _, _), decode_s = progs.loop.timed(params, first, cache, key)
   return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id,
                                   prefill_s=prefill_s, decode_s=decode_s, decode_steps=int(steps) - 1)
@@ -97,9 +98,10 @@ def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Itera
 
 
 def _stream_steps(params, prompts, lens, eos_ids, pad_id, progs, key, max_new_tokens):
+  tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   if max_new_tokens > 1:  # one token needs no step
-    progs.compile_ahead(params, jnp.asarray(prompts), jnp.asarray(lens), key, stepwise=True)
-  tok, cache = progs.prefill(params, jnp.asarray(prompts), jnp.asarray(lens), key)
+    progs.compile_ahead(params, tokens_BT, lengths_B, key, stepwise=True)
+  tok, cache = progs.prefill(params, tokens_BT, lengths_B, key)
   done = np.zeros(len(lens), bool)
   for i in range(max_new_tokens):
     if i:

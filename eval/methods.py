@@ -227,14 +227,14 @@ def budget_share(retention: float, floor: int, prompt_lens: Sequence[int], n_new
   tokens where a context is short, so the share falls below the target (by bisection over
   `ChunkConfig.budget_tokens`, the rule decode reads by; at least 1e-3 where the floor alone reads
   more than the target)."""
+  # Every row runs the same steps, so the mean over rows of each row's mean is the mean over all steps.
   seen = np.concatenate([T + 1 + np.arange(max(n_new, 1)) for T in prompt_lens])
-  row = np.repeat(np.arange(len(prompt_lens)), max(n_new, 1))
   if floor <= retention * seen.min():
     return float(retention)  # the floor never binds
 
   def read(share):
-    ratio = np.minimum(np.asarray(ChunkConfig(kv_budget=share, kv_budget_min_tokens=floor).budget_tokens(seen)), seen) / seen
-    return float(np.mean(np.bincount(row, ratio) / np.bincount(row)))  # per row over its steps, then over rows
+    budget = np.asarray(ChunkConfig(kv_budget=share, kv_budget_min_tokens=floor).budget_tokens(seen))
+    return float(np.mean(np.minimum(budget, seen) / seen))
 
   lo, hi = 1e-3, float(retention)
   if read(lo) >= retention:
