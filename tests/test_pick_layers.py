@@ -122,7 +122,10 @@ def test_student_ranks_match_a_numpy_reference(window, vote):
   ref = np.sum(per_layer, 0) if vote == "sum" else np.max(per_layer, 0)
   for needle in (0, n_cand - 1):
     r = pl.prompt_ranks(params, ids, int(ends[needle]), ccfg, student)
-    assert r["student_rank"] == pl.rank_of(ref, needle)
+    # Candidates whose reference scores tie within float32 noise may fall either way in the jnp vote.
+    near = np.abs(ref - ref[needle]) <= 1e-5 * np.abs(ref).max()
+    lo = int(np.sum(ref > ref[needle]) - np.sum(near & (ref > ref[needle]))) + 1
+    assert lo <= r["student_rank"] <= pl.rank_of(ref, needle) + int(np.sum(near & (ref < ref[needle])))
   chunk_end = np.full((1, 128), -1, np.int32)
   chunk_end[0, :len(ends)] = ends
   got = pl.student_scores(params, toks, lens, jnp.asarray(chunk_end), jnp.asarray([n_cand]),

@@ -125,7 +125,11 @@ def test_cached_step_equals_the_computed_step(tmp_path, student_queries):
   (l2, m2), g2 = grad(adapters, params, batch, cfg)
   assert float(m1["n_kl_queries"]) > 4 and float(m1["kl"]) > 0
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-8), g1, g2)
+  # The two paths fuse the float32 sums differently (XLA's choice varies by CPU), and some leaves'
+  # gradients are zero up to rounding (a shift every softmax ignores), so each entry is held to 1e-5 of
+  # its own value or of the largest gradient entry, whichever is larger.
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g2))
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * scale), g1, g2)
 
 
 @pytest.mark.parametrize("student_queries", [1, 3])
