@@ -124,7 +124,7 @@ def test_cached_step_equals_the_computed_step(tmp_path, student_queries):
   (l1, m1), g1 = grad(adapters, params, {"tokens": b["tokens"], "labels": b["labels"]}, cfg)
   (l2, m2), g2 = grad(adapters, params, batch, cfg)
   assert float(m1["n_kl_queries"]) > 4 and float(m1["kl"]) > 0
-  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
   # The two paths fuse the float32 sums differently (XLA's choice varies by CPU), and some leaves'
   # gradients are zero up to rounding (a shift every softmax ignores), so each entry is held to 1e-5 of
   # its own value or of the largest gradient entry, whichever is larger.
