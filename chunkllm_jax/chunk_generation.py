@@ -131,9 +131,9 @@ def _vote_now(params: ModelParams, st: ChunkState, pos_B, k_LBSKD, plan: _LayerP
              for i in range(len(plan.selection_layers))]
   else:
     q_pos = _ring_positions(pos_B, st.recent_q.shape[2])
-    probs = [attention_probs(st.recent_q[i], k_LBSKD[layer], st.chunk_end, jnp.broadcast_to(n_cand, q_pos.shape),
+    probs = [attention_probs(st.recent_q[i], k_LBSKD, st.chunk_end, jnp.broadcast_to(n_cand, q_pos.shape),
                              n_sink=ccfg.n_sink, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
-                             q_pos_BR=q_pos).max(1)
+                             q_pos_BR=q_pos, layer=layer).max(1)
              for i, layer in enumerate(plan.selection_layers)]
   return vote_scores(jnp.stack(probs), ccfg.vote)
 
@@ -299,7 +299,7 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   plan = _layer_plan(params, ccfg)
   sel_layers = np.asarray(plan.selection_layers)
   n_sel = len(sel_layers)
-  slot_of = np.full(cfg.n_layers, n_sel, np.int32)  # a selection layer's slot; the others write a scratch slot
+  slot_of = np.full(cfg.n_layers, n_sel, np.int32)  # a selection layer's slot; the others write the rings' scratch slot
   slot_of[sel_layers] = np.arange(n_sel)
   slot_L, qk_slot_L = jnp.asarray(slot_of), jnp.asarray(plan.qk_slot)
   pscorer = ccfg.prefill_scorer or ccfg.scorer
@@ -326,7 +326,10 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
     if d_c:
       qt, kt = jax.lax.cond(slot < n_sel, lambda: _qk(params, qk_slot_L[idx], h),
                             lambda: 2 * (jnp.zeros((B, t, d_c), qk_dtype),))
-      kt_SBTd = jax.lax.dynamic_update_slice(kt_SBTd, kt[None], (slot, 0, start, 0))
+      # Another layer writes back what its slice holds: no scratch slot of the whole prompt's k~.
+      at = (jnp.minimum(slot, n_sel - 1), 0, start, 0)
+      kept = jax.lax.dynamic_slice(kt_SBTd, at, (1, B, t, d_c))
+      kt_SBTd = jax.lax.dynamic_update_slice(kt_SBTd, jnp.where(slot < n_sel, kt[None], kept), at)
     at = recent_pos - start  # the recent positions, in this block
     here = (at >= 0) & (at < t)
     pick = lambda x: jnp.take_along_axis(x, jnp.clip(at, 0, t - 1).reshape(B, R, *(1,) * (x.ndim - 2)), axis=1)
@@ -337,7 +340,7 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
       qt_SBRd = keep(qt_SBRd, qt)
     return logits_BT, kt_SBTd, q_SBRHD, qt_SBRd
 
-  observed = (jnp.zeros((B, T), logit_dtype), jnp.zeros((n_sel + 1, B, T, d_c), qk_dtype),
+  observed = (jnp.zeros((B, T), logit_dtype), jnp.zeros((n_sel, B, T, d_c), qk_dtype),
               jnp.zeros((n_sel + 1, B, R, cfg.n_heads, cfg.head_dim), dtype), jnp.zeros((n_sel + 1, B, R, d_c), qk_dtype))
   cache = init_cache(cfg, B, max_len, dtype)
   logits, cache, (boundary_logits, kt_SBTd, q_SBRHD, qt_SBRd) = observed_prefill(
@@ -345,12 +348,12 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   valid = jnp.arange(T)[None] < lengths_B[:, None]
   closes = boundaries.segment(jax.nn.sigmoid(boundary_logits), valid, tokens_BT, ccfg)
   ends, n = boundaries.completed_chunk_ends(closes, C)
-  chunk_key = jax.vmap(adp.chunk_keys, in_axes=(0, None))(kt_SBTd[:n_sel], ends)
+  chunk_key = jax.vmap(adp.chunk_keys, in_axes=(0, None))(kt_SBTd, ends)
   final_vote = None
   if hybrid:  # the attention scorer's vote at the last prompt token, from the buffer's keys
     n_cand = jnp.broadcast_to(jnp.maximum(n - ccfg.n_local, 0)[:, None], (B, Qp))
-    probs = [attention_probs(q_SBRHD[i, :, R - Qp:], cache.k[layer], ends, n_cand, n_sink=ccfg.n_sink,
-                             scale=cfg.attn_scale, softcap=cfg.attn_softcap, q_pos_BR=recent_pos[:, R - Qp:]).max(1)
+    probs = [attention_probs(q_SBRHD[i, :, R - Qp:], cache.k, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
+                             softcap=cfg.attn_softcap, q_pos_BR=recent_pos[:, R - Qp:], layer=layer).max(1)
              for i, layer in enumerate(sel_layers)]
     final_vote = vote_scores(jnp.stack(probs), ccfg.vote)
   st = _prompt_chunk_state(params, cache, lengths_B, closes, ends, n, chunk_key, q_SBRHD[:n_sel, :, R - Q:],

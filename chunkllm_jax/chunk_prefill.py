@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
-from chunkllm_jax.selection import ChunkConfig, adapter_window_probs, choose, chunk_lengths, local_tokens
+from chunkllm_jax.selection import ChunkConfig, adapter_window_probs, choose, KEY_BLOCK, chunk_lengths, chunk_mass, local_tokens
 
 PREFILL_BLOCK = 256  # query and key block of the sparse prefill loop
 
@@ -72,7 +72,7 @@ def adapter_rows(q_BTd, k_BTd, row_end_BR, ends_BC, n_cand_BR, *, n_queries: int
 
 
 def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: int, scale: float, softcap=None,
-                   n_queries: int = 1, rows_at_once: int = 128, key_block: int = 512, heads: str = "max"):
+                   n_queries: int = 1, rows_at_once: int = 128, key_block: int = KEY_BLOCK, heads: str = "max"):
   """Frozen-attention distributions of the selection rows: [B, R, C]; `selection.attention_probs`'
   rule. A row scores with the queries of the `n_queries` tokens up to its last query (the max over
   them); about `rows_at_once` queries at a time.
@@ -80,16 +80,12 @@ def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: in
   A row reads only the candidates' tokens, [n_sink, end of its last candidate], so each block of
   rows folds only the key blocks up to its own last candidate into an online softmax (causal work:
   about half of reading every key, and nothing for rows with no candidate, most of a table sized
-  for max_len). A chunk's mass is a difference of the running prefix sum of the probabilities,
-  taken at the chunk ends inside each key block and rescaled with the softmax as it goes."""
+  for max_len); the fold is `selection.chunk_mass`."""
   B, R = row_end_BR.shape
-  T, K = k_BTKD.shape[1], k_BTKD.shape[2]
-  H, D = q_BTHD.shape[2], q_BTHD.shape[3]
+  K, H = k_BTKD.shape[2], q_BTHD.shape[2]
   C = ends_BC.shape[1]
   nb = max(rows_at_once // n_queries, 1)  # rows per block
   pad = -R % nb
-  kb = min(key_block, T)
-  k_pad = jnp.pad(k_BTKD, [(0, 0), (0, -T % kb), (0, 0), (0, 0)])
   q_pos = jnp.pad(row_end_BR, [(0, 0), (0, pad)], constant_values=-1)[..., None] - jnp.arange(n_queries)
   q_BRQHD = jnp.take_along_axis(q_BTHD[:, :, None], jnp.maximum(q_pos, 0)[..., None, None], axis=1)
   n_cand = jnp.pad(n_cand_BR, [(0, 0), (0, pad)])
@@ -98,28 +94,9 @@ def attention_rows(q_BTHD, k_BTKD, row_end_BR, ends_BC, n_cand_BR, *, n_sink: in
 
   def block(i):
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * nb, nb, axis=1)
-    q = attn.split_heads(sl(q_BRQHD).reshape(B, nb * n_queries, H, D), K)  # [B, K, G, r, D]
-    hi = sl(hi_RQ).reshape(B, 1, 1, nb * n_queries, 1)
-    n_key_blocks = jnp.where(hi.max() >= n_sink, hi.max() // kb + 1, 0)
-
-    def fold_keys(j, carry):
-      m, l, run, at_end = carry
-      t = j * kb + jnp.arange(kb)
-      ok = (t >= n_sink) & (t <= hi)
-      s = attn.scores(q, jax.lax.dynamic_slice_in_dim(k_pad, j * kb, kb, axis=1), ok, scale=scale, softcap=softcap)
-      m, corr, p, l = attn.softmax_step(m, l, s, ok)
-      cum = run[..., None] * corr[..., None] + jnp.cumsum(p, axis=-1)  # prefix sums from position 0
-      e = ends_BC - j * kb  # [B, C]: chunk ends, relative to this key block
-      here = ((e >= 0) & (e < kb))[:, None, None, None, :]
-      got = jnp.take_along_axis(cum, jnp.clip(e, 0, kb - 1)[:, None, None, None, :], axis=-1)
-      return m, l, cum[..., -1], at_end * corr[..., None] + jnp.where(here, got, 0.0)
-
-    shape = q.shape[:-1]
-    zeros = jnp.zeros(shape, jnp.float32)
-    m, l, _, at_end = jax.lax.fori_loop(0, n_key_blocks, fold_keys, (jnp.full(shape, attn.NEG_INF, jnp.float32),
-                                                                     zeros, zeros, jnp.zeros(shape + (C,), jnp.float32)))
-    at_end = at_end / jnp.where(l > 0, l, 1.0)[..., None]
-    mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])  # [B, K, G, r, C]
+    q = attn.split_heads(sl(q_BRQHD).reshape(B, nb * n_queries, H, -1), K)  # [B, K, G, r, D]
+    mass = chunk_mass(q, k_BTKD, sl(hi_RQ).reshape(B, 1, 1, nb * n_queries), ends_BC, n_sink=n_sink, scale=scale,
+                      softcap=softcap, key_block=key_block)  # [B, K, G, r, C]
     score = mass.max(axis=(1, 2)) if heads == "max" else mass.mean(axis=(1, 2))
     return score.reshape(B, nb, n_queries, C).max(2)
 

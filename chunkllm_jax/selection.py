@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkllm_jax.adapters import chunk_scores
+from chunkllm_jax import attention as attn
 from chunkllm_jax.attention import NEG_INF
 
 SCORERS = ("adapter", "attention")
@@ -272,35 +273,71 @@ def adapter_window_probs(q_BRQd, chunk_key_BCd, chunk_end_BC, n_cand_BR, q_pos_B
 HEAD_REDUCTIONS = ("max", "mean")
 
 
+KEY_BLOCK = 512  # keys per step of the chunk-mass fold: one block's scores are live, not the whole buffer's
+
+
+def chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, softcap: float | None = None,
+               key_block: int = KEY_BLOCK, layer=None):
+  """Per query head, each query's softmax over the keys [n_sink, hi] summed within each chunk (the
+  chunks ending at `ends_BC`, contiguous from `n_sink`): float32 [B, K, G, Q, C]; a query with no key
+  (hi < n_sink) gives zeros. `hi_BKGQ` broadcasts to [B, K, G, Q].
+
+  An online softmax over key blocks, as `attention.fold`: a chunk's mass is a difference of the
+  running prefix sum of the probabilities, taken at the chunk ends inside each block and rescaled
+  with the softmax as it goes. Only the blocks up to the largest `hi` are read, and only one block's
+  scores are live (the whole buffer's, at 32K tokens and 16 queries, were 19 MiB a copy). The last
+  block is clamped inside the buffer, its already folded keys masked, so the keys are never padded
+  (a copy of a layer's K). With `layer`, `k_BTKD` is the stacked buffer [L, B, T, K, D] and the
+  blocks are sliced straight out of it: `buf[layer]` would be a copy of the layer (25 MiB at 32K)."""
+  if layer is None:
+    k_BTKD, layer = k_BTKD[None], 0
+  B, K, G, Q, D = q_BKGQD.shape
+  T, C = k_BTKD.shape[2], ends_BC.shape[1]
+  kb = min(key_block, T)
+  hi = jnp.broadcast_to(hi_BKGQ, (B, K, G, Q))
+  top = hi.max()
+  n_blocks = jnp.where(top >= n_sink, top // kb + 1, 0)
+
+  def fold_keys(j, carry):
+    m, l, run, at_end = carry
+    start = jnp.minimum(j * kb, T - kb)
+    t = start + jnp.arange(kb)
+    ok = (t >= j * kb) & (t >= n_sink) & (t <= hi[..., None])
+    k_blk = jax.lax.dynamic_slice(k_BTKD, (layer, 0, start, 0, 0), (1, B, kb, K, D))[0]
+    s = attn.scores(q_BKGQD, k_blk, ok, scale=scale, softcap=softcap)
+    m, corr, p, l = attn.softmax_step(m, l, s, ok)
+    cum = run[..., None] * corr[..., None] + jnp.cumsum(p, axis=-1)  # prefix sums from position 0
+    e = ends_BC - start  # [B, C]: chunk ends, relative to this block
+    here = ((ends_BC >= j * kb) & (e < kb))[:, None, None, None, :]
+    got = jnp.take_along_axis(cum, jnp.clip(e, 0, kb - 1)[:, None, None, None, :], axis=-1)
+    return m, l, cum[..., -1], at_end * corr[..., None] + jnp.where(here, got, 0.0)
+
+  zeros = jnp.zeros((B, K, G, Q), jnp.float32)
+  _, l, _, at_end = jax.lax.fori_loop(0, n_blocks, fold_keys, (jnp.full((B, K, G, Q), attn.NEG_INF, jnp.float32),
+                                                               zeros, zeros, jnp.zeros((B, K, G, Q, C), jnp.float32)))
+  at_end = at_end / jnp.where(l > 0, l, 1.0)[..., None]
+  return at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
+
+
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,
-                    softcap: float | None = None, q_pos_BR=None, heads: str = "max"):
+                    softcap: float | None = None, q_pos_BR=None, heads: str = "max", key_block: int = KEY_BLOCK,
+                    layer=None):
   """Frozen-attention distribution: per head, the softmax of one query over the candidate chunks'
-  tokens, summed within each chunk; then the max over heads (`heads="mean"`: the mean, the
-  teacher's other option). [B, R, C] float32.
+  tokens, summed within each chunk (`chunk_mass`); then the max over heads (`heads="mean"`: the
+  mean, the teacher's other option). [B, R, C] float32.
 
   Chunks are contiguous from `n_sink` on, so the candidates' tokens are the positions
-  [n_sink, end of chunk n_cand - 1], and a chunk's mass is a difference of a prefix sum. With
-  `q_pos_BR`, a query reads no key after its own position (causality), and a row with a negative
-  position (no such query) scores 0."""
-  B, R, H, D = q_BRHD.shape
-  T, K = k_BTKD.shape[1], k_BTKD.shape[2]
-  q = q_BRHD.reshape(B, R, K, H // K, D)
-  s = jnp.einsum("brkgd,btkd->brkgt", q, k_BTKD, preferred_element_type=jnp.float32) * scale
-  if softcap is not None:
-    s = jnp.tanh(s / softcap) * softcap
+  [n_sink, end of chunk n_cand - 1]. With `q_pos_BR`, a query reads no key after its own position
+  (causality), and a row with a negative position (no such query) scores 0. With `layer`, `k_BTKD`
+  is the stacked buffer [L, B, T, K, D] (`chunk_mass`)."""
+  K = k_BTKD.shape[-2]
   last = jnp.take_along_axis(chunk_end_BC, jnp.maximum(n_cand_BR - 1, 0), axis=1)  # [B, R]
-  last = jnp.where(n_cand_BR > 0, last, -1)
-  t = jnp.arange(T)
-  ok = (t >= n_sink) & (t <= last[..., None])  # [B, R, T]
+  hi = jnp.where(n_cand_BR > 0, last, -1)
   if q_pos_BR is not None:
-    ok = ok & (t <= q_pos_BR[..., None])
-  s = jnp.where(ok[:, :, None, None], s, NEG_INF)
-  p = jnp.where(ok[:, :, None, None], jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
-  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-  cum = jnp.cumsum(p, axis=-1)
-  at_end = jnp.take_along_axis(cum, jnp.maximum(chunk_end_BC, 0)[:, None, None, None, :], axis=-1)  # [B,R,K,G,C]
-  mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
-  score = mass.max(axis=(2, 3)) if heads == "max" else mass.mean(axis=(2, 3))
+    hi = jnp.minimum(hi, q_pos_BR)
+  mass = chunk_mass(attn.split_heads(q_BRHD, K), k_BTKD, hi[:, None, None, :], chunk_end_BC, n_sink=n_sink,
+                    scale=scale, softcap=softcap, key_block=key_block, layer=layer)  # [B, K, G, R, C]
+  score = mass.max(axis=(1, 2)) if heads == "max" else mass.mean(axis=(1, 2))
   cand = jnp.arange(chunk_end_BC.shape[1]) < n_cand_BR[..., None]
   return jnp.where(cand, score, 0.0)
 

@@ -39,16 +39,10 @@ from chunkllm_jax.chunk_generation import chunk_prefill, resolved  # noqa: E402
 from chunkllm_jax.prompts import encode_prompt  # noqa: E402
 from chunkllm_jax.selection import ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, renormalise, vote_scores  # noqa: E402
 from train.teacher import teacher_chunk_attention  # noqa: E402
-from train.pick_layers import layer_probs  # noqa: E402
+from train.pick_layers import layer_probs, rank_of  # noqa: E402
 
 
 VOTES = ("sum", "max")  # the shared-selection rules of ChunkConfig.vote
-
-
-def rank_of(scores_C, target: int, n_cand: int) -> int:
-  """1-based rank of `target` among the first `n_cand` entries (ties counted against it)."""
-  s = np.asarray(scores_C[:n_cand])
-  return int(np.sum(s >= s[target]))
 
 
 def needle_prompt(tok, n_tokens: int, depth: float, seed: int):
@@ -104,11 +98,11 @@ def ranks_for_prompt(params, ids, needle_pos: int, ccfg: ChunkConfig):
   sel = ccfg.selection_layers
   at_qk = [list(qk_layers).index(i) for i in sel if i in qk_layers]
   at_full = [full.index(i) for i in sel]
-  votes = lambda X, rows: {v: rank_of(vote_scores(X[rows], v), needle, n_cand) for v in VOTES}
+  votes = lambda X, rows: {v: rank_of(np.asarray(vote_scores(X[rows], v))[:n_cand], needle) for v in VOTES}
   return dict(n_chunks=n, needle_chunk=needle, n_candidates=n_cand,
-              teacher_rank=[rank_of(P_LC[i], needle, n_cand) for i in range(len(qk_layers))],
-              student_rank=[rank_of(s_LC[i], needle, n_cand) for i in range(len(qk_layers))],
-              oracle_rank=[rank_of(o_FC[i], needle, n_cand) for i in range(len(full))],
+              teacher_rank=[rank_of(np.asarray(P_LC[i])[:n_cand], needle) for i in range(len(qk_layers))],
+              student_rank=[rank_of(np.asarray(s_LC[i])[:n_cand], needle) for i in range(len(qk_layers))],
+              oracle_rank=[rank_of(np.asarray(o_FC[i])[:n_cand], needle) for i in range(len(full))],
               teacher_vote_rank=votes(P_LC, at_qk), student_vote_rank=votes(s_LC, at_qk),
               oracle_vote_rank=votes(o_FC, at_full), layers=list(map(int, qk_layers)), full_layers=full,
               selection_layers=list(sel))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.selection import FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, choose, chunk_lengths, vote_scores
+from chunkllm_jax.selection import (FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, attention_probs, choose,
+                                    chunk_lengths, vote_scores)
 
 
 def softmax(s):
@@ -220,3 +221,39 @@ def test_fill_passes_use_the_budget_that_one_pass_leaves(monkeypatch):
   one_pass, _ = shortfall()
   assert np.all(short >= 0) and short.mean() < 0.25 * one_pass.mean()
   assert np.all(short < left_out)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("key_block", [512, 16, 7])
+@pytest.mark.parametrize("heads", ["max", "mean"])
+def test_attention_probs_match_a_numpy_loop(seed, key_block, heads):
+  """The frozen-attention scorer against numpy, whether the keys fit one block or many (7 divides
+  none of the lengths, so the last block is clamped): per query and head, the softmax over the
+  candidates' tokens (none after the query's position), summed per chunk; then the max or mean over
+  heads. A row with no query (position -1) or no candidate scores 0."""
+  rng = np.random.default_rng(seed)
+  B, R, H, K, D, T, C, n_sink = 2, 3, 4, 2, 8, 61, 9, 2
+  q = rng.normal(size=(B, R, H, D)).astype(np.float32)
+  k = rng.normal(size=(B, T, K, D)).astype(np.float32)
+  ends = np.full((B, C), -1, np.int32)
+  ends[0, :7] = np.sort(rng.choice(np.arange(n_sink, T - 1), 7, replace=False))
+  ends[1, :4] = np.sort(rng.choice(np.arange(n_sink, 40), 4, replace=False))
+  n_cand = np.asarray([[7, 5, 6], [4, 0, 3]], np.int32)
+  q_pos = np.asarray([[T - 1, int(ends[0, 3]) + 1, -1], [50, 45, int(ends[1, 1])]], np.int32)
+  got = np.asarray(attention_probs(jnp.asarray(q), jnp.asarray(k), jnp.asarray(ends), jnp.asarray(n_cand),
+                                   n_sink=n_sink, scale=0.4, q_pos_BR=jnp.asarray(q_pos), heads=heads,
+                                   key_block=key_block))
+  for b in range(B):
+    for r in range(R):
+      c = int(n_cand[b, r])
+      want = np.zeros(C)
+      hi = min(int(ends[b, c - 1]), int(q_pos[b, r])) if c else -1
+      if hi >= n_sink:
+        s = np.einsum("hd,thd->ht", q[b, r], np.repeat(k[b, n_sink:hi + 1], H // K, axis=1)) * 0.4
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        cum = np.concatenate([np.zeros((H, 1)), np.cumsum(p, -1)], -1)
+        at = lambda e: cum[:, min(max(e - n_sink + 1, 0), hi - n_sink + 1)]
+        mass = np.stack([at(int(ends[b, i])) - at(int(ends[b, i - 1]) if i else n_sink - 1) for i in range(c)], -1)
+        want[:c] = mass.max(0) if heads == "max" else mass.mean(0)
+      np.testing.assert_allclose(got[b, r], want, rtol=1e-4, atol=1e-6)
