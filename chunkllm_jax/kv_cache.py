@@ -102,6 +102,10 @@ def observed_prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, 
   S = cache.k.shape[2]
   lengths_B = lengths_B.astype(jnp.int32)
   buffer_valid = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
+  if S % math.gcd(block, attn.TILE):
+    # A buffer not in whole key tiles (a caller's own length; `decoding.buffer_len` always gives
+    # whole ones) cannot be read back as a prefix: the prompt runs in one call, as a short one does.
+    block = max(block, T)
   n_full = T // block if T > block else 0
   prefix_block = math.gcd(block, attn.TILE)  # earlier blocks are read in the key tiles one call would use
 

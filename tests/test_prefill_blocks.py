@@ -78,11 +78,15 @@ def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorers, alpha
     np.testing.assert_array_equal(st.chunk_end[b, :n], np.flatnonzero(closes[b])[:n])
 
 
-def test_a_prefix_needs_a_buffer_of_whole_key_blocks():
+def test_a_buffer_not_in_whole_key_blocks_runs_the_prompt_in_one_call():
+  """A caller's own buffer length that no key block divides cannot be read back as a prefix; the
+  prompt then runs in one call (as the notebooks' 1707-slot buffer does), with the same logits."""
   params = tiny_params("llama")
   tokens, lens = _prompts([60], 60)
-  with pytest.raises(ValueError, match="multiple"):
-    prefill(params, tokens, lens, init_cache(params.config, 1, 100, jnp.float32), block=32)
+  odd_logits, odd = prefill(params, tokens, lens, init_cache(params.config, 1, 100, jnp.float32), block=32)
+  logits, cache = prefill(params, tokens, lens, init_cache(params.config, 1, 128, jnp.float32), block=32)
+  np.testing.assert_allclose(odd_logits, logits, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(odd.k[:, :, :60], cache.k[:, :, :60], atol=2e-5, rtol=2e-5)
 
 
 def test_blocked_prefill_never_copies_the_kv_buffer():
