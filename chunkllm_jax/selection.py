@@ -34,9 +34,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from chunkllm_jax.adapters import chunk_scores
 from chunkllm_jax import attention as attn
-from chunkllm_jax.attention import NEG_INF
+from chunkllm_jax.adapters import chunk_scores
 
 SCORERS = ("adapter", "attention")
 ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.md, section 1)

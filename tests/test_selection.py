@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.selection import (FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, attention_probs, choose,
-                                    chunk_lengths, vote_scores)
+from chunkllm_jax.selection import (FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, attention_probs,
+                                    choose, chunk_lengths, vote_scores)
 
 
 def softmax(s):
