@@ -75,16 +75,27 @@ def sentence_end_labels(text: str, tokenizer, *, add_special_tokens: bool = Fals
   return ids_T, labels_from_offsets(sentence_ends(text), enc["offset_mapping"])
 
 
-def segment(p_BT, valid_BT, tokens_BT, ccfg: ChunkConfig):
-  """Where chunks end along right-padded rows, by the config's rule: [B, T] bool (a scan over t)."""
+def segment(p_BT, valid_BT, tokens_BT, ccfg: ChunkConfig, *, start=0, open_start_B=None):
+  """Where chunks end along right-padded rows, by the config's rule: [B, T] bool (a scan over t).
+
+  The rule is causal, so a prompt can be segmented a block at a time: `start` is the block's first
+  position and `open_start_B` where the chunk open at that point began (`open_start`)."""
   B, T = p_BT.shape
 
-  def step(open_start, t):
-    closes = valid_BT[:, t] & ccfg.closes(t, open_start, tokens_BT[:, t], p_BT[:, t])
-    return jnp.where(closes, t + 1, open_start), closes
+  def step(open_start, i):
+    closes = valid_BT[:, i] & ccfg.closes(start + i, open_start, tokens_BT[:, i], p_BT[:, i])
+    return jnp.where(closes, start + i + 1, open_start), closes
 
-  _, closes_TB = jax.lax.scan(step, jnp.full((B,), ccfg.n_sink, jnp.int32), jnp.arange(T))
+  first = jnp.full((B,), ccfg.n_sink, jnp.int32) if open_start_B is None else open_start_B
+  _, closes_TB = jax.lax.scan(step, first, jnp.arange(T))
   return closes_TB.T
+
+
+def open_start(closes_BT, start, n_sink: int):
+  """Where the chunk open at position `start` began: just past the last close before it (else the
+  first token after the sinks). [B] int32."""
+  pos_T = jnp.arange(closes_BT.shape[1], dtype=jnp.int32)
+  return jnp.max(jnp.where(closes_BT & (pos_T < start), pos_T + 1, n_sink), axis=1).astype(jnp.int32)
 
 
 def chunk_ids(closes_BT, valid_BT, n_sink: int):

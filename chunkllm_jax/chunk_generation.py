@@ -286,13 +286,14 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
 
 def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig, block: int):
   """`chunk_prefill` when the prompt is read densely: `kv_cache.observed_prefill`, in blocks, collecting
-  on the way what the chunk state needs: layer 0's boundary logits for every token, and at the
-  selection layers k~ of every token and the queries (q and q~) of the last prompt tokens. The
-  segmentation, the chunk keys and the first selection follow from these and the filled buffer, so
-  only one block's activations are live, as in dense prefill (the whole prompt's were 0.6x the KV
-  buffer in temporaries, bench/RESULTS_memory.md). The first selection is the attention scorer's
-  or decode's own: a prompt scored by the adapters for a decode scored by attention (an odd mix)
-  runs in one call."""
+  on the way what the chunk state needs: at layer 0 the block's segmentation (the rule is causal, so
+  it continues from the blocks before), at the selection layers k~ of the block's boundary tokens
+  straight into the chunk-key table, and the queries (q and q~) of the last prompt tokens. The first
+  selection follows from these and the filled buffer, so only one block's activations are live, as
+  in dense prefill (the whole prompt's were 0.6x the KV buffer in temporaries, and k~ of every
+  prompt token 16 MiB at 32K, bench/RESULTS_memory.md). The first selection is the attention
+  scorer's or decode's own: a prompt scored by the adapters for a decode scored by attention (an odd
+  mix) runs in one call."""
   cfg = params.config
   B, T = tokens_BT.shape
   C = ccfg.max_chunks
@@ -311,25 +312,31 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   lengths_B = lengths_B.astype(jnp.int32)
   dtype = params.backbone["embed"].dtype  # what the layers compute in; the adapters' outputs may differ
   h_like = jax.ShapeDtypeStruct((B, 1, cfg.d_model), dtype)
-  o_like = jax.ShapeDtypeStruct((B, 1, cfg.n_heads, cfg.head_dim), dtype)
-  logit_dtype = jax.eval_shape(lambda x, o: _boundary_logits(params, x, o), h_like, o_like).dtype
   qk_dtype = jax.eval_shape(lambda h: _qk(params, 0, h)[0], h_like).dtype if d_c else dtype
   recent_pos = (lengths_B - R)[:, None] + jnp.arange(R)  # the last R prompt positions (< 0: none)
 
+  def segment_block(start, tokens_Bt, o, closes_BT):
+    t = tokens_Bt.shape[1]
+    p = jax.nn.sigmoid(_boundary_logits(params, model.embed(params, tokens_Bt), o))
+    valid = start + jnp.arange(t) < lengths_B[:, None]
+    return boundaries.segment(p, valid, tokens_Bt, ccfg, start=start,
+                              open_start_B=boundaries.open_start(closes_BT, start, ccfg.n_sink))
+
   def observe(obs, layer, start, tokens_Bt, q, k, h, o):
-    logits_BT, kt_SBTd, q_SBRHD, qt_SBRd = obs
+    closes_BT, key_SBCd, q_SBRHD, qt_SBRd = obs
     idx, t = layer["index"], tokens_Bt.shape[1]
-    mine = jax.lax.dynamic_slice_in_dim(logits_BT, start, t, axis=1)
-    logits_BT = jax.lax.dynamic_update_slice_in_dim(logits_BT, jax.lax.cond(
-        idx == 0, lambda: _boundary_logits(params, model.embed(params, tokens_Bt), o), lambda: mine), start, axis=1)
+    mine = jax.lax.dynamic_slice_in_dim(closes_BT, start, t, axis=1)
+    closes_Bt = jax.lax.cond(idx == 0, lambda: segment_block(start, tokens_Bt, o, closes_BT), lambda: mine)
+    closes_BT = jax.lax.dynamic_update_slice_in_dim(closes_BT, closes_Bt, start, axis=1)
     slot = slot_L[idx]
     if d_c:
       qt, kt = jax.lax.cond(slot < n_sel, lambda: _qk(params, qk_slot_L[idx], h),
                             lambda: 2 * (jnp.zeros((B, t, d_c), qk_dtype),))
-      # Another layer writes back what its slice holds: no scratch slot of the whole prompt's k~.
-      at = (jnp.minimum(slot, n_sel - 1), 0, start, 0)
-      kept = jax.lax.dynamic_slice(kt_SBTd, at, (1, B, t, d_c))
-      kt_SBTd = jax.lax.dynamic_update_slice(kt_SBTd, jnp.where(slot < n_sel, kt[None], kept), at)
+      # The block's boundary tokens fill the next rows of the chunk-key table; the rest of the block
+      # (and every token of a layer that does not select, and chunks past the table) go nowhere.
+      before = jnp.sum(closes_BT & (jnp.arange(T) < start), axis=1)
+      row = jnp.where(closes_Bt & (slot < n_sel), before[:, None] + jnp.cumsum(closes_Bt, axis=1) - 1, C)
+      key_SBCd = key_SBCd.at[jnp.minimum(slot, n_sel - 1), jnp.arange(B)[:, None], row].set(kt, mode="drop")
     at = recent_pos - start  # the recent positions, in this block
     here = (at >= 0) & (at < t)
     pick = lambda x: jnp.take_along_axis(x, jnp.clip(at, 0, t - 1).reshape(B, R, *(1,) * (x.ndim - 2)), axis=1)
@@ -338,17 +345,14 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
     q_SBRHD = keep(q_SBRHD, q)
     if d_c:
       qt_SBRd = keep(qt_SBRd, qt)
-    return logits_BT, kt_SBTd, q_SBRHD, qt_SBRd
+    return closes_BT, key_SBCd, q_SBRHD, qt_SBRd
 
-  observed = (jnp.zeros((B, T), logit_dtype), jnp.zeros((n_sel, B, T, d_c), qk_dtype),
+  observed = (jnp.zeros((B, T), bool), jnp.zeros((n_sel, B, C, d_c), qk_dtype),
               jnp.zeros((n_sel + 1, B, R, cfg.n_heads, cfg.head_dim), dtype), jnp.zeros((n_sel + 1, B, R, d_c), qk_dtype))
   cache = init_cache(cfg, B, max_len, dtype)
-  logits, cache, (boundary_logits, kt_SBTd, q_SBRHD, qt_SBRd) = observed_prefill(
+  logits, cache, (closes, chunk_key, q_SBRHD, qt_SBRd) = observed_prefill(
       params, tokens_BT, lengths_B, cache, block, observe, observed)
-  valid = jnp.arange(T)[None] < lengths_B[:, None]
-  closes = boundaries.segment(jax.nn.sigmoid(boundary_logits), valid, tokens_BT, ccfg)
   ends, n = boundaries.completed_chunk_ends(closes, C)
-  chunk_key = jax.vmap(adp.chunk_keys, in_axes=(0, None))(kt_SBTd, ends)
   final_vote = None
   if hybrid:  # the attention scorer's vote at the last prompt token, from the buffer's keys
     n_cand = jnp.broadcast_to(jnp.maximum(n - ccfg.n_local, 0)[:, None], (B, Qp))

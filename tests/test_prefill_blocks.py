@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.chunk_generation import chunk_prefill, resolved, segment_prompts
-from chunkllm_jax.kv_cache import init_cache, prefill
+from chunkllm_jax.chunk_generation import _layer_plan, _qk, chunk_prefill, resolved, segment_prompts
+from chunkllm_jax.kv_cache import init_cache, observed_prefill, prefill
 from chunkllm_jax.selection import ChunkConfig
 from tests.tiny_models import SOFTCAP, chunk_params, tiny_params
 
@@ -76,6 +76,32 @@ def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorers, alpha
   for b in range(2):
     n = int(st.n_chunks[b])
     np.testing.assert_array_equal(st.chunk_end[b, :n], np.flatnonzero(closes[b])[:n])
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_chunk_keys_are_k_tilde_at_each_chunk_end(block):
+  """The chunk-key table, filled block by block at each boundary token, against k~ of every prompt
+  token at every selection layer (from the same blocked prefill) read at the chunk ends."""
+  params = chunk_params("llama")
+  tokens, lens = _prompts([100, 61], 100, seed=5)
+  ccfg = resolved(params, ChunkConfig(kv_budget=0.5, max_chunk_len=8, n_local=1, alpha=0.87, max_chunks=64,
+                                      prefill_scorer="adapter", prefill="dense").validate(128, 3))
+  _, _, st = chunk_prefill(params, tokens, lens, 128, ccfg, block=block)
+
+  def keep_h(h_LBTD, layer, start, tokens_Bt, q, k, h, o):
+    return jax.lax.dynamic_update_slice(h_LBTD, h[None], (layer["index"], 0, start, 0))
+
+  h_LBTD = observed_prefill(params, tokens, lens, init_cache(params.config, 2, 128, jnp.float32), block, keep_h,
+                            jnp.zeros((3, 2, 100, params.config.d_model)))[2]
+  plan = _layer_plan(params, ccfg)
+  assert len(plan.selection_layers) >= 1
+  for s, layer in enumerate(plan.selection_layers):
+    kt = _qk(params, plan.qk_slot[layer], h_LBTD[layer])[1]
+    for b in range(2):
+      n = int(st.n_chunks[b])
+      assert n >= 3
+      ends = np.asarray(st.chunk_end[b, :n])
+      np.testing.assert_allclose(st.chunk_key[s, b, :n], kt[b, ends], atol=1e-5, rtol=1e-5)
 
 
 def test_a_buffer_not_in_whole_key_blocks_runs_the_prompt_in_one_call():
