@@ -218,13 +218,13 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
   if expected_config is not None:
     check_backbone(meta, expected_config, str(d))
   shapes = expected_shapes(acfg, model_config)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   stored = _dtype(meta.get("weights_dtype", "float32"))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, stored, sharding=sharding), shapes,
-                          is_leaf=lambda x: isinstance(x, tuple))
+  # Restored as numpy, converted there and placed once: restoring into device arrays and converting
+  # each leaf there held 21 MiB more of the process for good (bench/RESULTS_memory.md).
+  target = jax.tree.map(lambda s: np.zeros(s, stored), shapes, is_leaf=lambda x: isinstance(x, tuple))
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore((d / "params").absolute(), abstract)
+      params = ckptr.restore((d / "params").absolute(), target)
   except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
     raise AdapterLoadError(f"{d}: the adapter weights cannot be read ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); the export is damaged or "
@@ -233,4 +233,4 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
                             "config.json")
   if problems:
     raise AdapterLoadError(f"{d}: weights do not match config.json:\n  " + "\n  ".join(problems))
-  return Adapters(params=jax.tree.map(lambda x: x.astype(np.float32), params), config=acfg)
+  return Adapters(params=jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), params)), config=acfg)

@@ -97,6 +97,16 @@ MEASUREMENTS = (
                 note="`ChunkConfig.boundary_tokens` (off by default), with the shipped adapters. Vanilla's rows are "
                      "those of the section above (the same prompts), copied into the folder before the run, so the "
                      "command finds them there and runs ChunkLLM only; the baselines are in the section above."),
+    Measurement("niah_gemma3_recent_share_boundary_tokens",
+                "NIAH, gemma3-270m: the same 10 passkeys, recent chunks first for 75% of the budget, boundary tokens",
+                "eval_recent_share_bt_gemma3_8k", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--recent_share 0.75 --boundary_tokens --out docs/eval_recent_share_bt_gemma3_8k",),
+                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
+                note="Both knobs that helped perplexity at 4K, on the needles farthest from the recent chunks: with "
+                     "a 25% budget only a quarter of it (6% of the prompt) goes by score. Vanilla's rows are those "
+                     "of the sections above (the same prompts), copied into the folder before the run; the "
+                     "baselines are in the first gemma3 section."),
     Measurement("ppl_smollm2_2k_8", "Perplexity, smollm2-135m, 8 texts of 2K tokens of Brown", "eval_ppl_brown_8docs",
                 "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
