@@ -214,6 +214,15 @@ MEASUREMENTS = (
                 variant="`recent_share=0.75` and a 768-token floor (`--recent_share 0.75 --kv_budget_min_tokens 768`)",
                 note="As the section above with a 768-token floor (the share fitted under it: 0.314). Vanilla's rows "
                      "are those of the 8-text 4K section, copied into the folder before the run."),
+    Measurement("ppl_smollm2_4k_8_recent_bt",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first and boundary tokens, no floor",
+                "eval_ppl_brown_4k_8docs_recent_bt", "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 --boundary_tokens "
+                 "--out docs/eval_ppl_brown_4k_8docs_recent_bt",),
+                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
+                note="The two knobs without the floor: the budget stays a share of the context at every step. "
+                     "Vanilla's rows are those of the 8-text 4K section, copied into the folder before the run."),
     Measurement("ppl_smollm2_4k_8_recent_floor768_bt",
                 "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first, at least 768 tokens a step, "
                 "boundary tokens",
