@@ -88,11 +88,9 @@ def _d_c(params: ModelParams, ccfg: ChunkConfig) -> int:
   return params.adapters.config.d_c if ccfg.scorer == "adapter" else 0
 
 
-def _boundary_logits(params: ModelParams, x0_BTD, o0_BTHD):
-  """The Chunk Adapter on layer 0's output (rebuilt from its attention output)."""
-  layer0 = jax.tree.map(lambda w: w[0], params.backbone["layers"])
-  h0 = model.finish_layer(params.config, layer0, x0_BTD, o0_BTHD)
-  return adp.chunk_adapter_logits(params.adapters.params["chunk"], h0)
+def _boundary_probs(params: ModelParams, h0_BTD):
+  """The Chunk Adapter's p_t from layer 0's output: [B, T]."""
+  return jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0_BTD))
 
 
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
@@ -211,7 +209,13 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
   at_recent = lambda x: jnp.take_along_axis(x, jnp.maximum(recent_pos, 0).reshape(B, Q, *(1,) * (x.ndim - 2)), axis=1)
 
   def segmentation(o0):
-    closes = boundaries.segment(jax.nn.sigmoid(_boundary_logits(params, x0, o0)), valid, tokens_BT, ccfg)
+    # Layer 0's output rebuilt from its attention output, as a selection layer 0 scores the chunks
+    # inside its attention step. (The dense prefill and decode read it in `run_layers`' `output_fn`,
+    # which spares the copy of layer 0's weights that the slice below costs; this path keeps the
+    # whole prompt's activations of a layer, so handing them past the MLP would cost more.)
+    layer0 = jax.tree.map(lambda w: w[0], params.backbone["layers"])
+    closes = boundaries.segment(_boundary_probs(params, model.finish_layer(cfg, layer0, x0, o0)), valid,
+                                tokens_BT, ccfg)
     ends, n = boundaries.completed_chunk_ends(closes, C)
     ids = chunk_prefill_lib.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, C)
     return closes, ids, ends, n
@@ -315,28 +319,23 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   qk_dtype = jax.eval_shape(lambda h: _qk(params, 0, h)[0], h_like).dtype if d_c else dtype
   recent_pos = (lengths_B - R)[:, None] + jnp.arange(R)  # the last R prompt positions (< 0: none)
 
-  def segment_block(start, tokens_Bt, o, closes_BT):
+  def segment_block(start, tokens_Bt, x0_BtD, closes_BT):
     t = tokens_Bt.shape[1]
-    p = jax.nn.sigmoid(_boundary_logits(params, model.embed(params, tokens_Bt), o))
+    p = _boundary_probs(params, x0_BtD)
     valid = start + jnp.arange(t) < lengths_B[:, None]
     return boundaries.segment(p, valid, tokens_Bt, ccfg, start=start,
                               open_start_B=boundaries.open_start(closes_BT, start, ccfg.n_sink))
 
-  def observe(obs, layer, start, tokens_Bt, q, k, h, o):
+  def observe(obs, layer, start, tokens_Bt, q, h):
+    """After the layer's attention: the rings of the last queries; k~ of the block is handed on to
+    `observe_output`, which writes it at the boundary tokens once layer 0's output has segmented the block."""
     closes_BT, key_SBCd, q_SBRHD, qt_SBRd = obs
     idx, t = layer["index"], tokens_Bt.shape[1]
-    mine = jax.lax.dynamic_slice_in_dim(closes_BT, start, t, axis=1)
-    closes_Bt = jax.lax.cond(idx == 0, lambda: segment_block(start, tokens_Bt, o, closes_BT), lambda: mine)
-    closes_BT = jax.lax.dynamic_update_slice_in_dim(closes_BT, closes_Bt, start, axis=1)
     slot = slot_L[idx]
+    kt = None
     if d_c:
       qt, kt = jax.lax.cond(slot < n_sel, lambda: _qk(params, qk_slot_L[idx], h),
                             lambda: 2 * (jnp.zeros((B, t, d_c), qk_dtype),))
-      # The block's boundary tokens fill the next rows of the chunk-key table; the rest of the block
-      # (and every token of a layer that does not select, and chunks past the table) go nowhere.
-      before = jnp.sum(closes_BT & (jnp.arange(T) < start), axis=1)
-      row = jnp.where(closes_Bt & (slot < n_sel), before[:, None] + jnp.cumsum(closes_Bt, axis=1) - 1, C)
-      key_SBCd = key_SBCd.at[jnp.minimum(slot, n_sel - 1), jnp.arange(B)[:, None], row].set(kt, mode="drop")
     at = recent_pos - start  # the recent positions, in this block
     here = (at >= 0) & (at < t)
     pick = lambda x: jnp.take_along_axis(x, jnp.clip(at, 0, t - 1).reshape(B, R, *(1,) * (x.ndim - 2)), axis=1)
@@ -345,13 +344,29 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
     q_SBRHD = keep(q_SBRHD, q)
     if d_c:
       qt_SBRd = keep(qt_SBRd, qt)
+    return (closes_BT, key_SBCd, q_SBRHD, qt_SBRd), kt
+
+  def observe_output(obs, layer, start, tokens_Bt, x, kt):
+    """After the layer: layer 0's output segments the block; a selection layer's boundary tokens fill
+    the next rows of the chunk-key table (the rest of the block, every token of a layer that does not
+    select, and chunks past the table go nowhere)."""
+    closes_BT, key_SBCd, q_SBRHD, qt_SBRd = obs
+    idx, t = layer["index"], tokens_Bt.shape[1]
+    mine = jax.lax.dynamic_slice_in_dim(closes_BT, start, t, axis=1)
+    closes_Bt = jax.lax.cond(idx == 0, lambda: segment_block(start, tokens_Bt, x, closes_BT), lambda: mine)
+    closes_BT = jax.lax.dynamic_update_slice_in_dim(closes_BT, closes_Bt, start, axis=1)
+    if d_c:
+      slot = slot_L[idx]
+      before = jnp.sum(closes_BT & (jnp.arange(T) < start), axis=1)
+      row = jnp.where(closes_Bt & (slot < n_sel), before[:, None] + jnp.cumsum(closes_Bt, axis=1) - 1, C)
+      key_SBCd = key_SBCd.at[jnp.minimum(slot, n_sel - 1), jnp.arange(B)[:, None], row].set(kt, mode="drop")
     return closes_BT, key_SBCd, q_SBRHD, qt_SBRd
 
   observed = (jnp.zeros((B, T), bool), jnp.zeros((n_sel, B, C, d_c), qk_dtype),
               jnp.zeros((n_sel + 1, B, R, cfg.n_heads, cfg.head_dim), dtype), jnp.zeros((n_sel + 1, B, R, d_c), qk_dtype))
   cache = init_cache(cfg, B, max_len, dtype)
   logits, cache, (closes, chunk_key, q_SBRHD, qt_SBRd) = observed_prefill(
-      params, tokens_BT, lengths_B, cache, block, observe, observed)
+      params, tokens_BT, lengths_B, cache, block, observe, observe_output, observed)
   ends, n = boundaries.completed_chunk_ends(closes, C)
   final_vote = None
   if hybrid:  # the attention scorer's vote at the last prompt token, from the buffer's keys
@@ -417,7 +432,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   d_c = _d_c(params, ccfg)
 
   def attend_fn(state, layer, q, k, v, h):
-    kb, vb, o0 = state
+    kb, vb, p_B = state
     idx = layer["index"]
     kb, vb = write_token(kb, idx, pos_B, k[:, 0]), write_token(vb, idx, pos_B, v[:, 0])
 
@@ -439,18 +454,22 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                                      blocks=attn.decode_blocks(st.work_k.shape[2], WORK_BLOCKS))
 
     o = jax.lax.cond(sparse_L[idx], sparse, dense)
-    o0 = jnp.where(idx == 0, o, o0)
     if d_c:  # the QK Adapters run on the selection layers only
       qt, kt = jax.lax.cond(selects_L[idx], lambda: tuple(x[:, 0] for x in _qk(params, slot_L[idx], h)),
                             lambda: (jnp.zeros((B, d_c), jnp.float32),) * 2)
     else:
       qt = kt = jnp.zeros((B, 0), jnp.float32)
-    return o, (kb, vb, o0), (q[:, 0], qt, kt)
+    return o, (kb, vb, p_B), (q[:, 0], qt, kt)
+
+  def output_fn(state, layer, x, ys):  # the Chunk Adapter reads layer 0's output
+    kb, vb, p_B = state
+    p_B = jax.lax.cond(layer["index"] == 0, lambda: _boundary_probs(params, x)[:, 0], lambda: p_B)
+    return (kb, vb, p_B), ys
 
   x0 = model.embed(params, tokens_B[:, None])
-  o0 = jnp.zeros((B, 1, cfg.n_heads, cfg.head_dim), x0.dtype)
-  x, (k, v, o0), (q_LBHD, qt_LBd, kt_LBd) = model.run_layers(params, x0, pos_B[:, None], attend_fn,
-                                                             (cache.k, cache.v, o0))
+  p0 = jnp.zeros((B,), jax.eval_shape(lambda h: _boundary_probs(params, h), x0).dtype)
+  x, (k, v, p), (q_LBHD, qt_LBd, kt_LBd) = model.run_layers(params, x0, pos_B[:, None], attend_fn,
+                                                            (cache.k, cache.v, p0), output_fn)
   logits = model.unembed(params, x)[:, 0]
   cache = KVCache(k=k, v=v, length=pos_B + 1)
 
@@ -461,7 +480,6 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                   read_slots=st.read_slots + n_blocks * WORK_BLOCK + M)
 
-  p = jax.nn.sigmoid(_boundary_logits(params, x0, o0)[:, 0])
   closes = ccfg.closes(pos_B, st.open_start, tokens_B, p)
 
   # Optional refresh inside a long chunk: every `refresh_every` tokens of the open chunk.

@@ -92,11 +92,13 @@ def prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: in
 
 
 def observed_prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, block: int = PREFILL_BLOCK,
-                     observe=None, observed=None):
-  """`prefill` that also hands each layer of each block to `observe(observed, layer, start, tokens_Bt, q, k, h,
-  o) -> observed` (q, k, h, o of the block's tokens; `start` its first position) and returns what it
-  gathered as a third output. ChunkLLM's dense prefill collects its segmentation and its selection
-  layers' queries this way, so it runs in the same blocks."""
+                     observe=None, observe_output=None, observed=None):
+  """`prefill` that also hands each layer of each block to `observe(observed, layer, start, tokens_Bt, q,
+  h) -> (observed, handed)` after its attention (q and the normed input h of the block's tokens;
+  `start` its first position), then to `observe_output(observed, layer, start, tokens_Bt, x, handed) ->
+  observed` with the layer's output x, and returns what they gathered as a third output. ChunkLLM's
+  dense prefill collects its segmentation (from layer 0's output) and its selection layers' queries
+  and chunk keys this way, so it runs in the same blocks."""
   cfg = params.config
   B, T = tokens_BT.shape
   S = cache.k.shape[2]
@@ -122,11 +124,17 @@ def observed_prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, 
                                                                               prefix_block)
       o = attn.causal_attention(q, k, v, positions, valid, layer["window"], scale=cfg.attn_scale,
                                 softcap=cfg.attn_softcap, prefix=prefix)
+      handed = None
       if observe is not None:
-        obs = observe(obs, layer, start, tokens_Bt, q, k, h, o)
-      return o, (kv, obs), None
+        obs, handed = observe(obs, layer, start, tokens_Bt, q, h)
+      return o, (kv, obs), handed
 
-    x, state, _ = model.run_layers(params, model.embed(params, tokens_Bt), positions, attend_fn, state)
+    def output_fn(state, layer, x, handed):
+      kv, obs = state
+      return (kv, observe_output(obs, layer, start, tokens_Bt, x, handed)), None
+
+    x, state, _ = model.run_layers(params, model.embed(params, tokens_Bt), positions, attend_fn, state,
+                                   None if observe_output is None else output_fn)
     at = lengths_B - 1 - start  # each row's last prompt token, if it lies in this block
     x_last = jnp.take_along_axis(x, jnp.clip(at, 0, t - 1)[:, None, None], axis=1)[:, 0]
     return state, jnp.where(((at >= 0) & (at < t))[:, None], x_last, last_BD)

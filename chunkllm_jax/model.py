@@ -3,7 +3,9 @@
 The layer body is shared by every mode (full forward, prefill into the KV buffer, one decode
 step, ChunkLLM's sparse paths). What differs is only how attention reads keys, so each mode
 passes an `attend_fn(state, layer, q, k, v, h) -> (out, state, ys)`; `state` rides in the scan
-carry (the KV buffer, updated in place), `ys` are per-layer outputs stacked by the scan.
+carry (the KV buffer, updated in place), `ys` are per-layer outputs stacked by the scan. A mode that
+reads a layer's output (ChunkLLM segments on layer 0's) also passes `output_fn(state, layer, x, ys)
+-> (state, ys)`, called after the layer with its output and what `attend_fn` returned.
 """
 
 from __future__ import annotations
@@ -110,8 +112,12 @@ def finish_layer(cfg: ModelConfig, lp, x_BTD, attn_BTHD):
   return x + m
 
 
-def run_layers(params: ModelParams, x_BTD, positions_BT, attend_fn: AttendFn, state=None):
-  """Runs every layer under `lax.scan`. Returns (hidden, final state, stacked per-layer ys)."""
+def run_layers(params: ModelParams, x_BTD, positions_BT, attend_fn: AttendFn, state=None, output_fn=None):
+  """Runs every layer under `lax.scan`. Returns (hidden, final state, stacked per-layer ys).
+
+  `output_fn` sees each layer's output inside the scan, where the layer's weights are already at
+  hand: rebuilding a layer's output outside it slices that layer's weights out of the stack, which
+  XLA's CPU backend copies before the matmuls (11 MiB of layer 0's, bench/RESULTS_memory.md)."""
   cfg = params.config
 
   def body(carry, xs):
@@ -123,6 +129,8 @@ def run_layers(params: ModelParams, x_BTD, positions_BT, attend_fn: AttendFn, st
       o, st, ys = attend_fn(st, layer, q, k, v, h)
     with jax.named_scope("mlp"):
       x = finish_layer(cfg, lp, x, o)
+    if output_fn is not None:
+      st, ys = output_fn(st, layer, x, ys)
     return (x, st), ys
 
   (x, state), ys = jax.lax.scan(body, (x_BTD, state), (params.backbone["layers"], layer_constants(cfg)))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import chunkllm_jax as cj
+from chunkllm_jax import model
 from chunkllm_jax.sampling import Sampling, sample
 from tests.tiny_models import ARCH_FLAGS, prompts, tiny_params
 
@@ -18,6 +19,35 @@ def greedy_by_forward(params, prompt, n):
     padded = jnp.asarray([seq + [0] * (len(prompt) + n - len(seq))])
     seq.append(int(jnp.argmax(fwd(params, padded)[0, len(seq) - 1])))
   return seq
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_FLAGS))
+def test_output_fn_sees_each_layers_output(arch):
+  """`run_layers`' `output_fn` gets layer l's output (that of a model cut after layer l) and what
+  `attend_fn` returned, and what it returns is what the scan stacks."""
+  params = tiny_params(arch, n_layers=3, **(dict(layer_sliding=(False, True, False)) if arch == "gemma3" else {}))
+  cfg = params.config
+  tokens = jnp.asarray(prompts([11, 11]))
+  B, T = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  dense = model.self_attend_fn(cfg, pos, pos < T)
+
+  def attend_fn(state, layer, q, k, v, h):
+    o, state, _ = dense(state, layer, q, k, v, h)
+    return o, state, layer["index"]
+
+  def output_fn(x_LBTD, layer, x, idx):
+    return x_LBTD.at[idx].set(x), idx * 10
+
+  x, x_LBTD, ys = model.run_layers(params, model.embed(params, tokens), pos, attend_fn,
+                                      jnp.zeros((3, B, T, cfg.d_model)), output_fn)
+  assert ys.tolist() == [0, 10, 20]
+  np.testing.assert_array_equal(x_LBTD[2], x)
+  for n in (1, 2):
+    cut = params.replace(backbone={**params.backbone, "layers": jax.tree.map(lambda w: w[:n], params.backbone["layers"])},
+                         config=cfg.replace(n_layers=n, layer_sliding=cfg.layer_sliding[:n]))
+    x_n, _, _ = model.run_layers(cut, model.embed(cut, tokens), pos, model.self_attend_fn(cut.config, pos, pos < T))
+    np.testing.assert_allclose(x_LBTD[n - 1], x_n, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCH_FLAGS))

@@ -88,11 +88,11 @@ def test_chunk_keys_are_k_tilde_at_each_chunk_end(block):
                                       prefill_scorer="adapter", prefill="dense").validate(128, 3))
   _, _, st = chunk_prefill(params, tokens, lens, 128, ccfg, block=block)
 
-  def keep_h(h_LBTD, layer, start, tokens_Bt, q, k, h, o):
-    return jax.lax.dynamic_update_slice(h_LBTD, h[None], (layer["index"], 0, start, 0))
+  def keep_h(h_LBTD, layer, start, tokens_Bt, q, h):
+    return jax.lax.dynamic_update_slice(h_LBTD, h[None], (layer["index"], 0, start, 0)), None
 
   h_LBTD = observed_prefill(params, tokens, lens, init_cache(params.config, 2, 128, jnp.float32), block, keep_h,
-                            jnp.zeros((3, 2, 100, params.config.d_model)))[2]
+                            observed=jnp.zeros((3, 2, 100, params.config.d_model)))[2]
   plan = _layer_plan(params, ccfg)
   assert len(plan.selection_layers) >= 1
   for s, layer in enumerate(plan.selection_layers):
