@@ -82,6 +82,15 @@ MEASUREMENTS = (
                      "the budget (with the sinks, local and open chunk), the rest goes by score. Vanilla's rows are "
                      "those of the first section (the same needles), copied into the folder before the run; the "
                      "baselines are there too."),
+    Measurement("niah_smollm2_recent_share_boundary_tokens",
+                "NIAH, smollm2-135m: the same 30 passkeys, recent chunks first for 75% of the budget, boundary tokens",
+                "eval_recent_share_bt_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--recent_share 0.75 --boundary_tokens --out docs/eval_recent_share_bt_smollm2_30",),
+                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
+                note="Both knobs at once, on the needles of the two sections above. Vanilla's rows are those of "
+                     "the first section (the same needles), copied into the folder before the run; the baselines "
+                     "are there too."),
     Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
                  "chunkllm hybrid streamingllm sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
@@ -162,6 +171,15 @@ MEASUREMENTS = (
                 note="`ChunkConfig.kv_budget_min_tokens` (0 by default), the share fitted under it as for "
                      "smollm2-135m. Vanilla's rows are those of the 8-text section above, copied into the folder "
                      "before the run."),
+    Measurement("ppl_gemma3_2k_8_recent_bt",
+                "Perplexity, gemma3-270m, the same 8 texts, recent chunks first for 75% of the budget, boundary tokens",
+                "eval_gemma3_ppl_8docs_recent_bt", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 --boundary_tokens "
+                 "--out docs/eval_gemma3_ppl_8docs_recent_bt",),
+                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
+                note="The two knobs of smollm2-135m's best 4K setting without a floor. Vanilla's rows are those of "
+                     "the 8-text section above, copied into the folder before the run."),
     Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
                  "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "
