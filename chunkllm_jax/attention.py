@@ -135,7 +135,7 @@ def _fold_tiles(carry: Fold, q, q_pos, first_visible, count, tile_pos, tile_kv, 
 
 def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, scale: float,
                      softcap: float | None = None, block_q: int = TILE, block_k: int = TILE,
-                     return_lse: bool = False, prefix: Prefix | None = None):
+                     return_lse: bool = False, prefix: Prefix | None = None, query_loop: bool = False):
   """Self-attention over one sequence (prefill, the training forward, the distillation teacher).
 
   Query blocks are unrolled, and each folds the key blocks up to its own end into an online
@@ -149,6 +149,12 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
   loop with a traced count: prefill only, no gradient), then its own: a prompt prefilled block by
   block folds the same tiles in the same order as in one call, so it gets the same output while
   only one block's activations are live.
+
+  With `query_loop` (and T a multiple of `block_q`), the query blocks run under `lax.map` instead,
+  each folding a traced number of key tiles: one compiled query block instead of T / block_q, for
+  the same tiles in the same order. Prefill uses it: its programs hold a quarter of the attention's
+  kernels (compiled code stays resident for the whole generation), and it needs no gradient, which
+  the traced count would not give.
 
   Returns [B, T, H, D], and with `return_lse` also the log-sum-exp [B, K, G, T] float32.
   """
@@ -172,22 +178,30 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, valid_BT, window, *, 
     prefix_pos = lambda j: (jnp.broadcast_to(j * pb + jnp.arange(pb, dtype=jnp.int32), (B, pb)),
                             jax.lax.dynamic_slice_in_dim(prefix.valid, j * pb, pb, axis=1))
     prefix_kv = lambda j: (buffer_tile(prefix.k, j), buffer_tile(prefix.v, j))
-  outs, lses = [], []
-  for start in range(0, T, block_q):
-    end = min(start + block_q, T)
-    q = split_heads(q_BTHD[:, start:end], K)
-    q_pos = positions_BT[:, start:end]
+
+  def query_block(start, size: int):
+    """One query block's output [B, size, H, D] and log-sum-exp; `start` may be traced."""
+    q = split_heads(jax.lax.dynamic_slice_in_dim(q_BTHD, start, size, axis=1), K)
+    q_pos = jax.lax.dynamic_slice_in_dim(positions_BT, start, size, axis=1)
     first_visible = jnp.min(q_pos) - window + 1  # no key before this is inside any query's window
     tiles = functools.partial(_fold_tiles, q=q, q_pos=q_pos, first_visible=first_visible, window=window,
                               scale=scale, softcap=softcap)
     carry = fold_init(*q.shape)
     if prefix is not None:
       carry = tiles(carry, count=prefix.length // prefix.block, tile_pos=prefix_pos, tile_kv=prefix_kv)
-    o, lse = fold_finish(tiles(carry, count=-(-end // block_k), tile_pos=own_pos, tile_kv=own_kv))
-    outs.append(merge_heads(o).astype(q_BTHD.dtype))
-    lses.append(lse)
-  out = jnp.concatenate(outs, axis=1)
-  return (out, jnp.concatenate(lses, axis=3)) if return_lse else out
+    o, lse = fold_finish(tiles(carry, count=(start + size + block_k - 1) // block_k, tile_pos=own_pos, tile_kv=own_kv))
+    return merge_heads(o).astype(q_BTHD.dtype), lse
+
+  if query_loop and T % block_q == 0 and T > block_q:
+    o_NBtHD, lse_NBKGt = jax.lax.map(lambda i: query_block(i * block_q, block_q),
+                                     jnp.arange(T // block_q, dtype=jnp.int32))
+    out = jnp.einsum("nbthd->bnthd", o_NBtHD).reshape(q_BTHD.shape)
+    lse = jnp.einsum("nbkgt->bkgnt", lse_NBKGt).reshape(*lse_NBKGt.shape[1:4], T)
+  else:
+    blocks = [query_block(start, min(block_q, T - start)) for start in range(0, T, block_q)]
+    out = jnp.concatenate([o for o, _ in blocks], axis=1)
+    lse = jnp.concatenate([lse for _, lse in blocks], axis=3)
+  return (out, lse) if return_lse else out
 
 
 DECODE_BLOCKS = (2048, 256)  # keys per step of the decode loop: blocks of 2048 while that many

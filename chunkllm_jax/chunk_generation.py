@@ -93,6 +93,16 @@ def _boundary_probs(params: ModelParams, h0_BTD):
   return jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0_BTD))
 
 
+def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> ChunkState:
+  """`st` (after a prompt, without a working buffer) with its working buffer allocated and filled for
+  the selection made at each row's last prompt token. `chunk_generate` runs this at the start of its
+  decode program, not at the end of the prefill: there the buffer (a quarter of the KV buffer at a
+  25% budget) would be live beside the prefill's temporaries, which are gone by then."""
+  L, B, _, K, D = cache.k.shape
+  zeros = jnp.zeros((L, B, st.work_pos.shape[-1], K, D), cache.k.dtype)
+  return _refresh_working_buffer(st.replace(work_k=zeros, work_v=zeros), cache, ccfg, cache.length - 1)
+
+
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
   """The working buffer of the selection made at `pos_B`."""
   room = None
@@ -182,16 +192,25 @@ def segment_prompts(params: ModelParams, tokens_BT, lengths_B, ccfg: ChunkConfig
   return boundaries.segment(p, valid, tokens_BT, ccfg)
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "ccfg", "block"))
+@functools.partial(jax.jit, static_argnames=("max_len", "ccfg", "block", "working_buffer"))
 def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig,
-                  block: int = PREFILL_BLOCK):
+                  block: int = PREFILL_BLOCK, working_buffer: bool = True):
   """Prefill that segments the prompt (at layer 0), attends chunk-sparsely after the first
   selection layer (or densely, by `ccfg.prefill`), fills the chunk table and makes the first
   selection at the last prompt token. A dense prefill runs in blocks of `block` tokens, as
-  `kv_cache.prefill` does (`_dense_chunk_prefill`)."""
+  `kv_cache.prefill` does (`_dense_chunk_prefill`). With `working_buffer=False` the state's
+  work_k and work_v are None, for `_fill_working_buffer` to build later."""
   ccfg = resolved(params, ccfg)
   if ccfg.prefill == "dense" and ((ccfg.prefill_scorer or ccfg.scorer) == "attention" or ccfg.scorer == "adapter"):
-    return _dense_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg, block)
+    logits, cache, st = _dense_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg, block)
+  else:
+    logits, cache, st = _sparse_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg)
+  return logits, cache, _fill_working_buffer(st, cache, ccfg) if working_buffer else st
+
+
+def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
+  """`chunk_prefill` in one call: the prompt read chunk-sparsely after the first selection layer
+  (`ccfg.prefill == "sparse"`), or densely for a scorer pairing the blocked path does not serve."""
   cfg = params.config
   B, T = tokens_BT.shape
   C = ccfg.max_chunks
@@ -405,7 +424,7 @@ def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, 
   # when they differ, the prompt scorer's vote at that token).
   score = final_vote_BC if final_vote_BC is not None else _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)
   st = _reselect(st, jnp.ones((B,), bool), score, lengths_B - 1, ccfg)
-  return _refresh_working_buffer(st, cache, ccfg, lengths_B - 1)
+  return st.replace(work_k=None, work_v=None)  # built by `_fill_working_buffer`
 
 
 def _recent(buf_LBSKD, layer, start_B, size: int):
@@ -511,8 +530,14 @@ class ChunkSettings:
 
 
 def _prefill_state(params: ModelParams, tokens_BT, lengths_B, settings: ChunkSettings):
-  logits, cache, st = chunk_prefill(params, tokens_BT, lengths_B, settings.max_len, settings.ccfg)
+  logits, cache, st = chunk_prefill(params, tokens_BT, lengths_B, settings.max_len, settings.ccfg,
+                                    working_buffer=False)
   return logits, (cache, st)
+
+
+def _enter_state(params: ModelParams, state, settings: ChunkSettings):
+  cache, st = state
+  return cache, _fill_working_buffer(st, cache, settings.ccfg)
 
 
 def _step_state(params: ModelParams, tokens_B, state, done_B, settings: ChunkSettings):
@@ -568,7 +593,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
     raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
   sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
-  progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg),
+  progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg), enter_fn=_enter_state,
                             sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
                             mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
                             state_shardings=_state_shardings)

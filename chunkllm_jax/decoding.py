@@ -177,11 +177,13 @@ def _step(params, tok_B, state, key, step, *, step_fn, settings, sampling: Sampl
   return sample(logits, jax.random.fold_in(key, step), sampling), state
 
 
-def _decode_loop(params, first_B, state, key, *, step_fn, settings, sampling: Sampling, max_new: int,
+def _decode_loop(params, first_B, state, key, *, step_fn, enter_fn, settings, sampling: Sampling, max_new: int,
                  eos_ids: tuple[int, ...], pad_id: int):
   """Samples until every row has ended or `max_new` tokens exist: (tokens [B, max_new], steps run,
-  the final model state, per-row live steps)."""
+  the final model state, per-row live steps). `enter_fn` (if any) first completes the prefill's state."""
   B = first_B.shape[0]
+  if enter_fn is not None:
+    state = enter_fn(params, state, settings)
 
   def cond(s: LoopState):
     return (s.step < max_new) & ~jnp.all(s.done)
@@ -253,7 +255,8 @@ class Compiled:
 class Programs:
   prefill: Compiled  # (params, tokens_BT, lengths_B, key) -> (first_B, state)
   loop: Compiled  # (params, first_B, state, key) -> (tokens_BN, steps, state, live_B); donates state
-  step: Compiled  # (params, tok_B, state, key, step) -> (tok_B, state); donates state
+  step: Compiled | None  # (params, tok_B, state, key, step) -> (tok_B, state); donates state. None: a
+  #                        path whose decode state is completed in the loop (`enter_fn`) does not stream
 
   def compile_ahead(self, params, tokens_BT, lengths_B, key, *, stepwise: bool = False) -> None:
     """Compiles the prefill, then the loop (`stepwise`: the single step) from the prefill's output
@@ -261,6 +264,8 @@ class Programs:
     about 190 MiB at 8K); compiled after the prefill, that would come on top of the live KV buffer,
     at generation's peak. Compiles nothing a second time."""
     first, state = self.prefill.executable(params, tokens_BT, lengths_B, key).out_info
+    if stepwise and self.step is None:
+      raise ValueError("these programs decode only in their loop (its first step completes the prefill's state)")
     if stepwise:
       self.step.executable(params, first, state, key, jnp.int32(1))
     else:
@@ -270,21 +275,27 @@ class Programs:
 @functools.lru_cache(maxsize=64)
 def programs(prefill_fn: Callable, step_fn: Callable, settings: Hashable, *, sampling: Sampling, max_new: int,
              eos_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None = None, cfg=None,
-             shapes: tuple[int, int] = (0, 0), state_shardings: Callable = lambda cache: cache) -> Programs:
+             shapes: tuple[int, int] = (0, 0), state_shardings: Callable = lambda cache: cache,
+             enter_fn: Callable | None = None) -> Programs:
   """The compiled programs of one generation path and configuration (cached: a second call with
   the same settings compiles nothing).
+
+  `enter_fn(params, state, settings) -> state`, if given, runs at the start of the decode loop's
+  program: what decode needs beyond the prefill's output is built there, after the prefill's
+  temporaries are gone, instead of beside them (ChunkLLM's working buffer). Such programs have no
+  single step (`Programs.step` is None).
 
   With `mesh`: the params arrive placed (`place_params`) and the programs follow them; the
   batch (`shapes` = (B, T)) goes over `data`, and the KV buffer of `cfg` and `settings.max_len`
   by `kv_cache.KV_AXES`. `state_shardings` builds the model state's placements from the KV
   cache's (a module-level function, so that it can key the cache)."""
   pre = functools.partial(_prefill, prefill_fn=prefill_fn, settings=settings, sampling=sampling)
-  loop = functools.partial(_decode_loop, step_fn=step_fn, settings=settings, sampling=sampling, max_new=max_new,
-                           eos_ids=eos_ids, pad_id=pad_id)
+  loop = functools.partial(_decode_loop, step_fn=step_fn, enter_fn=enter_fn, settings=settings, sampling=sampling,
+                           max_new=max_new, eos_ids=eos_ids, pad_id=pad_id)
   step = functools.partial(_step, step_fn=step_fn, settings=settings, sampling=sampling)
   if mesh is None:
     return Programs(Compiled(jax.jit(pre)), Compiled(jax.jit(loop, donate_argnums=(2,))),
-                    Compiled(jax.jit(step, donate_argnums=(2,))))
+                    None if enter_fn else Compiled(jax.jit(step, donate_argnums=(2,))))
   B, T = shapes
   tok, row, rep = shd.batch_sharding(mesh, (B, T)), shd.batch_sharding(mesh, (B,)), shd.replicated(mesh)
   state = state_shardings(cache_shardings(cfg, mesh, B, settings.max_len))  # None: as XLA propagates it
@@ -293,8 +304,8 @@ def programs(prefill_fn: Callable, step_fn: Callable, settings: Hashable, *, sam
       Compiled(jax.jit(loop, in_shardings=(None, row, state, rep),
                        out_shardings=(shd.batch_sharding(mesh, (B, max_new)), rep, state, row),
                        donate_argnums=(2,))),
-      Compiled(jax.jit(step, in_shardings=(None, row, state, rep, rep), out_shardings=(row, state),
-                       donate_argnums=(2,))))
+      None if enter_fn else Compiled(jax.jit(step, in_shardings=(None, row, state, rep, rep),
+                                             out_shardings=(row, state), donate_argnums=(2,))))
 
 
 def clear_compiled(packages: tuple[str, ...] = ("chunkllm_jax", "pallas_kernels", "train", "eval")) -> int:

@@ -123,7 +123,7 @@ def observed_prefill(params: ModelParams, tokens_BT, lengths_B, cache: KVCache, 
       prefix = None if isinstance(start, int) and start == 0 else attn.Prefix(kv[0], kv[1], idx, start, buffer_valid,
                                                                               prefix_block)
       o = attn.causal_attention(q, k, v, positions, valid, layer["window"], scale=cfg.attn_scale,
-                                softcap=cfg.attn_softcap, prefix=prefix)
+                                softcap=cfg.attn_softcap, prefix=prefix, query_loop=True)
       handed = None
       if observe is not None:
         obs, handed = observe(obs, layer, start, tokens_Bt, q, h)

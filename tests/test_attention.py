@@ -14,8 +14,11 @@ from chunkllm_jax import attention as attn
     (50, 8, 8, 12, None, 7),  # positions that start past 0 (the skip reads positions)
     (64, 16, 16, attn.NO_WINDOW, 5.0, 0),  # soft-capped scores
     (20, 32, 32, 9, None, 0),  # one block
+    (48, 16, 8, 9, None, 0),  # whole query blocks (so `query_loop` loops) with a window
+    (64, 8, 32, attn.NO_WINDOW, None, 3),  # key tiles longer than query blocks
 ])
-def test_causal_attention_matches_one_softmax_over_every_key(T, block_q, block_k, window, softcap, offset):
+@pytest.mark.parametrize("query_loop", [False, True])
+def test_causal_attention_matches_one_softmax_over_every_key(T, block_q, block_k, window, softcap, offset, query_loop):
   B, H, K, D = 2, 4, 2, 8
   kq, kk, kv = jax.random.split(jax.random.key(T * 31 + block_q + block_k + window % 97), 3)
   q = jax.random.normal(kq, (B, T, H, D))
@@ -24,7 +27,7 @@ def test_causal_attention_matches_one_softmax_over_every_key(T, block_q, block_k
   pos = jnp.broadcast_to(jnp.arange(T) + offset, (B, T))
   valid = jnp.arange(T) < jnp.array([T, T - 5])[:, None]  # the second row is right-padded
   got, lse = attn.causal_attention(q, k, v, pos, valid, window, scale=0.3, softcap=softcap, block_q=block_q,
-                                   block_k=block_k, return_lse=True)
+                                   block_k=block_k, return_lse=True, query_loop=query_loop)
   mask = attn.visible(pos, pos, valid, window)
   want = attn.attend(q, k, v, mask, scale=0.3, softcap=softcap)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-5)

@@ -288,3 +288,31 @@ def test_prefill_scorer_makes_the_prompts_selections():
       assert st.recent_qt.shape[2] == 1 and st.recent_q.shape[2] == 0 and float(jnp.abs(st.chunk_key).sum()) > 0
   assert np.array_equal(first["hybrid"], first["attention"])
   assert not np.array_equal(first["attention"], first["adapter"])  # else the test shows nothing
+
+
+@pytest.mark.parametrize("prefill", ["sparse", "dense"])
+def test_working_buffer_is_built_after_the_prefill(prefill):
+  """chunk_generate's prefill program returns no working buffer (it would be live beside the
+  prefill's temporaries); its decode program builds the one `chunk_prefill` would have built."""
+  from chunkllm_jax import chunk_generation as cg
+  from chunkllm_jax import decoding
+
+  params = chunk_params()
+  ccfg = cg.resolved(params, ChunkConfig(kv_budget=0.5, max_chunk_len=8, prefill=prefill).validate(128, 3))
+  rows = prompts([60, 45], seed=8)
+  toks = jnp.asarray([np.pad(np.asarray(r), (0, 60 - len(r))) for r in rows], jnp.int32)
+  lens = jnp.asarray([60, 45])
+  _, cache, st = chunk_prefill(params, toks, lens, 128, ccfg)
+  _, lean_cache, lean = chunk_prefill(params, toks, lens, 128, ccfg, working_buffer=False)
+  assert lean.work_k is None and lean.work_v is None
+  built = cg._enter_state(params, (lean_cache, lean), cg.ChunkSettings(128, ccfg))[1]
+  for name in ("work_k", "work_v", "work_pos", "work_valid", "work_used", "selected"):
+    np.testing.assert_array_equal(np.asarray(getattr(built, name)), np.asarray(getattr(st, name)), err_msg=name)
+  assert np.asarray(st.work_used).min() > 0  # the check above compared a filled buffer
+  progs = decoding.programs(cg._prefill_state, cg._step_state, cg.ChunkSettings(128, ccfg), enter_fn=cg._enter_state,
+                            sampling=decoding.Sampling(0.0, 0, 1.0), max_new=4, eos_ids=(), pad_id=0)
+  key = jax.random.key(0)
+  _, state = progs.prefill.executable(params, toks, lens, key).out_info
+  assert state[1].work_k is None
+  with pytest.raises(ValueError, match="only in their loop"):
+    progs.compile_ahead(params, toks, lens, key, stepwise=True)
