@@ -48,9 +48,11 @@ def main(argv=None) -> int:
     def dense_prefill(p, t, n):
       return kv_cache.prefill(p, t, n, kv_cache.init_cache(p.config, 1, T, jnp.float32))
 
-    sparse_prefill = lambda p, t, n: chunk_prefill(p, t, n, T, ccfg)
+    # chunk_generate's prefill leaves the working buffer to its decode program (which the step's
+    # state below carries)
+    sparse_prefill = lambda p, t, n: chunk_prefill(p, t, n, T, ccfg, working_buffer=False)
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, 1, T, jnp.float32))
-    _, ccache, cstate = jax.eval_shape(sparse_prefill, params, toks, lens)
+    _, ccache, cstate = jax.eval_shape(lambda p, t, n: chunk_prefill(p, t, n, T, ccfg), params, toks, lens)
     programs = [
         ("dense prefill", jax.jit(dense_prefill), (params, toks, lens)),
         ("dense decode step", jax.jit(kv_cache.decode_step, donate_argnums=(2,)), (params, tok, cache)),
