@@ -2,9 +2,11 @@
 reads what it says it reads (measured retention = a slow count of its visible tokens), the budget
 model counts like chunk_generate, and teacher-forced perplexity is exact under full coverage."""
 
+import jax
 import numpy as np
 import pytest
 
+from chunkllm_jax import model
 from eval import methods as M
 from eval import perplexity as P
 from tests.tiny_models import chunk_params
@@ -211,6 +213,19 @@ def test_separator_ids_from_the_vocabulary():
       return len(self.texts)
 
   assert M.separator_ids(Tok()) == (1, 3, 4, 5, 6)
+
+
+@pytest.mark.parametrize("n_tokens", [200, 1100])  # one prefill block, and a full block then a partial one
+def test_vanilla_logprobs_match_the_forward_pass(params, n_tokens):
+  """Vanilla's log-probs (a blocked prefill with the LM head at the last layer) against the plain
+  forward pass's logits at every scored position."""
+  docs = rows([n_tokens, n_tokens], seed=3)
+  logp, stats = P.token_logprobs("vanilla", params, docs, 48, None, SETTINGS)
+  tokens = np.asarray(docs)
+  ref = jax.nn.log_softmax(model.forward(params, tokens), -1)
+  ref = np.take_along_axis(np.asarray(ref)[:, 47:-1], tokens[:, 48:, None], -1)[..., 0]
+  assert logp.shape == (2, n_tokens - 48) and stats[0]["kv_retention"] == 1.0
+  np.testing.assert_allclose(logp, ref, atol=1e-4)
 
 
 def test_perplexity_is_exact_under_full_coverage(params):
