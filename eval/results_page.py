@@ -253,6 +253,16 @@ MEASUREMENTS = (
                 note="As the section above, and each completed chunk that the selection leaves out still gives its "
                      "last token, paid from the budget. Vanilla's rows are those of the 8-text 4K section, copied "
                      "into the folder before the run."),
+    Measurement("ppl_smollm2_8k_8", "Perplexity, smollm2-135m, 8 texts of 8K tokens of Brown", "eval_ppl_brown_8k_8docs",
+                "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 8192 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid streamingllm --retention 0.5 "
+                 "--out docs/eval_ppl_brown_8k_8docs",),
+                note="The first 8 windows of 8192 tokens of the evaluation's share of Brown (each starts at a "
+                     "document's start and runs on into the next ones); 256-token prompt, 7936 positions each "
+                     "teacher-forced through decode (vanilla's from one blocked prefill of the text), 63488 scored "
+                     "tokens per row. SepLLM's row was stopped after 29 minutes: at batch 8 its run held 20.6 GiB "
+                     "of the host's 24 and waited on memory."),
     Measurement("ppl_smollm2_4k", "Perplexity, smollm2-135m, 4K tokens of Brown", "eval_ppl_brown_4k", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 1 --filler brown "
                  "--methods vanilla hybrid streamingllm sepllm --retention 0.5 --out docs/eval_ppl_brown_4k",),
