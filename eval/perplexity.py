@@ -32,8 +32,9 @@ from eval import niah
 _HEAD_PIECE = 256  # tokens per LM-head call in vanilla's log-probs: [B, 256, V] float32 logits
 
 
-def _true_logprob(logits_BV, target_B):
-  return jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), -1), target_B[:, None], -1)[:, 0]
+def _true_logprob(logits_BtV, target_Bt):
+  """log p of each target under its logits, for any leading axes ([B] or [B, t])."""
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BtV.astype(jnp.float32), -1), target_Bt[..., None], -1)[..., 0]
 
 
 def _vanilla_logprobs(params, tokens_BN, *, prefix: int, max_len: int):
@@ -54,8 +55,7 @@ def _vanilla_logprobs(params, tokens_BN, *, prefix: int, max_len: int):
         hi = min(lo + _HEAD_PIECE, t)
         target = jax.lax.dynamic_slice_in_dim(targets_BN, start + lo, hi - lo, axis=1)
         logits = model.unembed(params, x_BtD[:, lo:hi])
-        piece = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target[..., None], -1)[..., 0]
-        logp_BN = jax.lax.dynamic_update_slice_in_dim(logp_BN, piece, start + lo, axis=1)
+        logp_BN = jax.lax.dynamic_update_slice_in_dim(logp_BN, _true_logprob(logits, target), start + lo, axis=1)
       return logp_BN
 
     return jax.lax.cond(layer["index"] == last, score, lambda o: o, logp_BN)
