@@ -109,7 +109,7 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, roo
   if cfg.keep == "boundary":  # a selected chunk contributes its boundary token only (SepLLM)
     start = jnp.where(selected_BC & ~local, end, start)
   read = selected_BC | local
-  if cfg.boundary_tokens:  # the chunks left out contribute their last token
+  if cfg.reads_boundary_tokens:  # the chunks left out contribute their last token
     left_out = (c < st.n_chunks[:, None]) & ~read
     # Where they do not all fit, the oldest give way, never a chunk read whole (the local ones are newest).
     limit = W - cfg.n_sink if room_B is None else jnp.minimum(room_B, W - cfg.n_sink)

@@ -106,7 +106,7 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
   """The working buffer of the selection made at `pos_B`."""
   room = None
-  if ccfg.budgeted and ccfg.boundary_tokens:  # what the budget leaves after the sinks and the open
+  if ccfg.budgeted and ccfg.reads_boundary_tokens:  # what the budget leaves after the sinks and the open
     # chunk, as `choose` counts it: only the last tokens of the chunks left out can exceed it
     room = ccfg.budget_tokens(pos_B + 1) - ccfg.n_sink - jnp.maximum(pos_B + 1 - st.open_start, 0)
   pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], room)

@@ -64,8 +64,10 @@ class ChunkConfig(ChunkRules):
   # (a sparse read saves nothing there); 0: the budget alone.
   kv_budget_min_tokens: int = 0
   # With a budget: the share of it that the most recent tokens get first (sinks, local and open chunk
-  # included; recent candidates fill the rest of the share), the remainder going by score.
-  recent_share: float = 0.0
+  # included; recent candidates fill the rest of the share), the remainder going by score. 0.75 is the
+  # measured default: it keeps every needle of the NIAH sets and cuts the perplexity loss at every
+  # length measured (docs/results.md, "Default settings").
+  recent_share: float = 0.75
   scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
   # Who scores the prompt's selections and the first decode one: "attention" (default; the frozen
   # attention of the selection layers, computed where the prompt's K is at hand, docs/results.md
@@ -95,7 +97,9 @@ class ChunkConfig(ChunkRules):
   keep: str = "chunk"  # "chunk": a selected chunk is read whole; "boundary": only its last token (SepLLM)
   # Also read the last token of every completed chunk the selection leaves out: one token a chunk,
   # paid from the budget, where the chunk's content gathers (SepLLM's separators; the chunk's key).
-  boundary_tokens: bool = False
+  # None: on wherever it can be (chunks read whole after a dense prefill; the chunk-sparse prefill
+  # reads chunks whole, so it is off there), as measured with `recent_share` (docs/results.md).
+  boundary_tokens: bool | None = None
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
     """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
@@ -161,14 +165,14 @@ class ChunkConfig(ChunkRules):
       raise ValueError("boundaries='separators' needs separator_ids (the token ids that close a chunk)")
     if self.keep not in ("chunk", "boundary"):
       raise ValueError(f"keep must be 'chunk' or 'boundary', got {self.keep!r}")
-    if not isinstance(self.boundary_tokens, bool):
-      raise TypeError(f"boundary_tokens must be a bool, got {self.boundary_tokens!r}")
+    if self.boundary_tokens is not None and not isinstance(self.boundary_tokens, bool):
+      raise TypeError(f"boundary_tokens must be a bool or None (on wherever it can be), got {self.boundary_tokens!r}")
     if self.boundary_tokens and self.keep != "chunk":
       raise ValueError("boundary_tokens reads the last token of the chunks left out; with keep='boundary' "
                        "every chunk read is one already: use one or the other")
     if self.boundary_tokens and self.prefill_mode == "sparse":
       raise ValueError("boundary_tokens is read in decode and after a dense prefill; the chunk-sparse "
-                       "prefill reads chunks whole: set prefill='dense'")
+                       "prefill reads chunks whole: set prefill='dense', or leave boundary_tokens None (on where it can be)")
     if self.attention == "pallas" and self.keep != "chunk":
       raise ValueError("attention='pallas' reads selected chunks whole; use keep='chunk' or attention='xla'")
     if not 0.0 < self.alpha < 1.0:
@@ -198,7 +202,8 @@ class ChunkConfig(ChunkRules):
     queries = self.score_queries
     if queries is None:
       queries = ATTENTION_QUERIES if self.scorer == "attention" else int(stored_queries)
-    return dataclasses.replace(self, selection_layers=layers, score_queries=queries, prefill=self.prefill_mode)
+    return dataclasses.replace(self, selection_layers=layers, score_queries=queries, prefill=self.prefill_mode,
+                               boundary_tokens=self.reads_boundary_tokens)
 
   @property
   def prefill_mode(self) -> str:
@@ -206,6 +211,14 @@ class ChunkConfig(ChunkRules):
     if self.prefill is not None:
       return self.prefill
     return "dense" if (self.prefill_scorer or self.scorer) == "attention" else "sparse"
+
+  @property
+  def reads_boundary_tokens(self) -> bool:
+    """`boundary_tokens`, or where it is None, whether it can be on: chunks read whole (keep="chunk")
+    after a dense prefill."""
+    if self.boundary_tokens is not None:
+      return self.boundary_tokens
+    return self.keep == "chunk" and self.prefill_mode == "dense"
 
   @property
   def budgeted(self) -> bool:
@@ -227,7 +240,7 @@ class ChunkConfig(ChunkRules):
       most = max(most, self.kv_budget_min_tokens)
       return min(max(most, fixed), max_len)
     per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
-    boundaries = (self.max_chunks or max(max_len // 8, 1)) if self.boundary_tokens else 0
+    boundaries = (self.max_chunks or max(max_len // 8, 1)) if self.reads_boundary_tokens else 0
     return min(fixed + self.top_chunks * per_selected + boundaries, max_len)
 
   def closes(self, t_B, open_start_B, token_B, p_B):
@@ -380,7 +393,7 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v >= 0.0)))
     return put(picked, idx, val)
   cost = jnp.ones_like(chunk_len_BC) if cfg.keep == "boundary" else chunk_len_BC
-  if cfg.boundary_tokens:  # every candidate's last token is read anyway: a chunk costs the rest of it
+  if cfg.reads_boundary_tokens:  # every candidate's last token is read anyway: a chunk costs the rest of it
     cost = jnp.maximum(cost - 1, 0)
     fixed_BR = fixed_BR + n_cand_BR
   budget = cfg.budget_tokens(seen_BR)

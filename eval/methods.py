@@ -63,8 +63,9 @@ class MethodSettings:
   max_n_local: int = ChunkRules.n_local  # recent chunks always visible for chunkllm / fixllm (at most)
   vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
-  boundary_tokens: bool = False  # hybrid / oracle: also read the last token of every chunk left out
-  recent_share: float = 0.0  # hybrid / oracle: the budget's share that the most recent chunks get first
+  boundary_tokens: bool = True  # hybrid / oracle: also read the last token of every chunk left out
+  recent_share: float = ChunkConfig.recent_share  # hybrid / oracle: the budget's share that the most recent
+  #                                                 chunks get first
   kv_budget_min_tokens: int = 0  # hybrid / oracle: the budget's floor in tokens (the share is fitted under it)
   batch_size: int = 4  # prompts per batch, taken in order of length
 
@@ -256,8 +257,11 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "vanilla":
     return None
   chosen = dict(vote=settings.vote, selection_layers=settings.selection_layers)
+  # chunkllm and fixllm keep the paper's rule (the budget goes by score alone, chunks read whole), and
+  # the window baselines their own: hybrid's and oracle's recent share and boundary tokens are not theirs.
+  own_rule = dict(recent_share=0.0, boundary_tokens=False)
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
-    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **chosen)
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **own_rule, **chosen)
   if method == "oracle":
     return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=settings.boundary_tokens,
                        recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
@@ -268,16 +272,16 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",
-                       **chosen)
+                       **own_rule, **chosen)
   # The window baselines read the prompt by their own rule too (sparse prefill), as their papers do.
   if method == "streamingllm":
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=settings.stream_chunk_len, top_chunks=0,
-                       prefill="sparse")
+                       prefill="sparse", **own_rule)
   if method == "sepllm":
     if not settings.separator_ids:
       raise ValueError("sepllm needs separator_ids (settings_for(model) computes them from the tokenizer)")
     return ChunkConfig(n_sink=S, boundaries="separators", separator_ids=settings.separator_ids, keep="boundary",
-                       max_chunk_len=settings.sep_max_chunk_len, prefill="sparse")
+                       max_chunk_len=settings.sep_max_chunk_len, prefill="sparse", **own_rule)
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 

@@ -50,7 +50,8 @@ class Measurement:
   before: str | None = None  # needle_ranks: the folder of the earlier adapters' ranks
   labels: tuple[str, ...] = ()  # held_out: what each row's adapters are, in the file's order
   note: str = ""
-  variant: str = ""  # eval: what the ChunkLLM rows change from the default settings (the flag given)
+  variant: str = ""  # eval: what the `hybrid` rows change from the default settings (the flags given)
+  others: str | None = None  # eval: a folder (under docs/) whose rows of the methods this one lacks are shown too
 
 
 NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
@@ -58,240 +59,249 @@ NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --nia
 NIAH_8K = ("--suites niah --niah_kinds single --niah_lengths 8192 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
            "--niah_samples 2 --filler brown")
 
+OFF = "--recent_share 0 --no-boundary_tokens"  # the first defaults: budget by score alone, chunks read whole
+FIRST = "the first defaults, no recent share and no boundary tokens (`" + OFF + "`)"
+PPL2K = "--suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 --filler brown"
+PPL4K = "--suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 --filler brown"
+PPL8K = "--suites ppl --ppl_tokens 8192 --ppl_docs 8 --batch_size 8 --filler brown"
+COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
+
 MEASUREMENTS = (
-    Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_adapters_smollm2_30", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla chunkllm hybrid streamingllm "
-                 "sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_adapters_smollm2_30",),
+    Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--out docs/eval_recent_share_bt_smollm2_30",),
+                others="eval_adapters_smollm2_30",
                 note="15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds) in the evaluation's share "
-                     "of the Brown text, which training never reads."),
+                     "of the Brown text, which training never reads. ChunkLLM with today's defaults (these rows were "
+                     "measured as `--recent_share 0.75 --boundary_tokens`, which they now are). Vanilla's rows "
+                     "are those of the next section, copied into the folder before the run; the rows of the other "
+                     "methods are read from there (`oracle` there reads the budget by score alone)."),
+    Measurement("niah_smollm2_first_defaults", "NIAH, smollm2-135m: the same 30 passkeys, the first defaults",
+                "eval_adapters_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla chunkllm hybrid streamingllm "
+                 f"sepllm fixllm oracle --retention 0.5 0.25 {OFF} --out docs/eval_adapters_smollm2_30",),
+                variant=FIRST,
+                note="The budget by score alone and chunks read whole, for `hybrid` and `oracle` (the paper's rule "
+                     "`chunkllm`, FixLLM and the window baselines never take the two knobs)."),
     Measurement("niah_smollm2_boundary_tokens",
-                "NIAH, smollm2-135m: the same 30 passkeys, ChunkLLM also reading the last token of each chunk left out",
+                "NIAH, smollm2-135m: the same 30 passkeys, boundary tokens without the recent share",
                 "eval_boundary_tokens_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.25 0.5 "
-                 "--boundary_tokens --out docs/eval_boundary_tokens_smollm2_30",),
-                variant="`boundary_tokens` (`--boundary_tokens`)",
-                note="`ChunkConfig.boundary_tokens` (off by default). The baselines are those of the section above, "
-                     "on the same needles; the default finds 25 and 25 there."),
+                 "--recent_share 0 --out docs/eval_boundary_tokens_smollm2_30",),
+                variant="boundary tokens alone (`--recent_share 0`)",
+                note="`ChunkConfig.boundary_tokens`: the budget pays first for the last token of every chunk the "
+                     "selection leaves out. The baselines are those of the first section, on the same needles."),
     Measurement("niah_smollm2_recent_share",
-                "NIAH, smollm2-135m: the same 30 passkeys, the most recent chunks first for 75% of the budget",
+                "NIAH, smollm2-135m: the same 30 passkeys, the recent share without boundary tokens",
                 "eval_recent_share_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--recent_share 0.75 --out docs/eval_recent_share_smollm2_30",),
-                variant="`recent_share=0.75` (`--recent_share 0.75`)",
-                note="`ChunkConfig.recent_share` (0 by default): the most recent candidates get the first 75% of "
-                     "the budget (with the sinks, local and open chunk), the rest goes by score. Vanilla's rows are "
-                     "those of the first section (the same needles), copied into the folder before the run; the "
-                     "baselines are there too."),
-    Measurement("niah_smollm2_recent_share_boundary_tokens",
-                "NIAH, smollm2-135m: the same 30 passkeys, recent chunks first for 75% of the budget, boundary tokens",
-                "eval_recent_share_bt_smollm2_30", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--recent_share 0.75 --boundary_tokens --out docs/eval_recent_share_bt_smollm2_30",),
-                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
-                note="Both knobs at once, on the needles of the two sections above. Vanilla's rows are those of "
-                     "the first section (the same needles), copied into the folder before the run; the baselines "
-                     "are there too."),
-    Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_gemma3_8k_headmax", "eval",
+                 "--no-boundary_tokens --out docs/eval_recent_share_smollm2_30",),
+                variant="`recent_share=0.75` alone (`--no-boundary_tokens`)",
+                note="`ChunkConfig.recent_share`: the most recent candidates get the first 75% of the budget (with "
+                     "the sinks, local and open chunk), the rest goes by score. " + COPIED.format("first sections")),
+    Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_recent_share_bt_gemma3_8k", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--out docs/eval_recent_share_bt_gemma3_8k",),
+                others="eval_gemma3_8k_headmax",
+                note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler; ChunkLLM with today's defaults "
+                     "and the shipped adapters (measured as `--recent_share 0.75 --boundary_tokens`). With a 25% "
+                     "budget only a quarter of it (6% of the prompt) goes by score. Vanilla's rows are those of the "
+                     "next section, copied into the folder before the run; the other methods' rows are read from "
+                     "there (the float32 export of the same training run)."),
+    Measurement("niah_gemma3_first_defaults", "NIAH, gemma3-270m: the same 10 passkeys, the first defaults",
+                "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
-                 "chunkllm hybrid streamingllm sepllm fixllm oracle --retention 0.5 0.25 --out docs/eval_gemma3_8k_headmax",),
-                rerun=False,
-                note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler. The rows read the float32 export of "
-                     "the training run (train/RESULTS.md); the package ships the same weights in bfloat16."),
+                 f"chunkllm hybrid streamingllm sepllm fixllm oracle --retention 0.5 0.25 {OFF} "
+                 "--out docs/eval_gemma3_8k_headmax",),
+                rerun=False, variant=FIRST,
+                note="The rows read the float32 export of the training run (train/RESULTS.md); the package ships "
+                     "the same weights in bfloat16."),
     Measurement("niah_gemma3_boundary_tokens",
-                "NIAH, gemma3-270m: the same 10 passkeys, ChunkLLM also reading the last token of each chunk left out",
+                "NIAH, gemma3-270m: the same 10 passkeys, boundary tokens without the recent share",
                 "eval_boundary_tokens_gemma3_8k", "eval",
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--boundary_tokens --out docs/eval_boundary_tokens_gemma3_8k",),
-                variant="`boundary_tokens` (`--boundary_tokens`)",
-                note="`ChunkConfig.boundary_tokens` (off by default), with the shipped adapters. Vanilla's rows are "
-                     "those of the section above (the same prompts), copied into the folder before the run, so the "
-                     "command finds them there and runs ChunkLLM only; the baselines are in the section above."),
-    Measurement("niah_gemma3_recent_share_boundary_tokens",
-                "NIAH, gemma3-270m: the same 10 passkeys, recent chunks first for 75% of the budget, boundary tokens",
-                "eval_recent_share_bt_gemma3_8k", "eval",
-                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--recent_share 0.75 --boundary_tokens --out docs/eval_recent_share_bt_gemma3_8k",),
-                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
-                note="Both knobs that helped perplexity at 4K, on the needles farthest from the recent chunks: with "
-                     "a 25% budget only a quarter of it (6% of the prompt) goes by score. Vanilla's rows are those "
-                     "of the sections above (the same prompts), copied into the folder before the run; the "
-                     "baselines are in the first gemma3 section."),
-    Measurement("ppl_smollm2_2k_8", "Perplexity, smollm2-135m, 8 texts of 2K tokens of Brown", "eval_ppl_brown_8docs",
-                "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid sepllm streamingllm --retention 0.5 0.25 "
-                 "--out docs/eval_ppl_brown_8docs",),
-                note="The first 8 windows of 2048 tokens of the evaluation's share of Brown (the first is the one "
-                     "text of the next section); 256-token prompt, 1792 positions each teacher-forced through "
-                     "decode, 14336 scored tokens per row; perplexity is exp of the mean NLL over all of them."),
+                 "--recent_share 0 --out docs/eval_boundary_tokens_gemma3_8k",),
+                variant="boundary tokens alone (`--recent_share 0`)",
+                note="With the shipped adapters. " + COPIED.format("first gemma3 sections")),
+    Measurement("ppl_smollm2_2k_8", "Perplexity, smollm2-135m, 8 texts of 2K tokens of Brown",
+                "eval_ppl_brown_8docs_recent_bt", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--out docs/eval_ppl_brown_8docs_recent_bt",),
+                others="eval_ppl_brown_8docs",
+                note="The first 8 windows of 2048 tokens of the evaluation's share of Brown; 256-token prompt, 1792 "
+                     "positions each teacher-forced through decode, 14336 scored tokens per row; perplexity is exp "
+                     "of the mean NLL over all of them. " + COPIED.format("next section")
+                     + " The baselines' rows are read from there."),
+    Measurement("ppl_smollm2_2k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 2K, the first defaults",
+                "eval_ppl_brown_8docs", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid sepllm streamingllm "
+                 f"--retention 0.5 0.25 {OFF} --out docs/eval_ppl_brown_8docs",),
+                variant=FIRST),
     Measurement("ppl_smollm2_2k_8_boundary_tokens",
-                "Perplexity, smollm2-135m, the same 8 texts, ChunkLLM also reading the last token of each chunk "
-                "left out", "eval_ppl_brown_8docs_boundary_tokens", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 0.25 --boundary_tokens "
-                 "--out docs/eval_ppl_brown_8docs_boundary_tokens",),
-                variant="`boundary_tokens` (`--boundary_tokens`)",
-                note="`ChunkConfig.boundary_tokens` (off by default): the budget pays first for the last token of "
-                     "every chunk the selection leaves out. Same texts and vanilla as the section above."),
+                "Perplexity, smollm2-135m, the same 8 texts, boundary tokens without the recent share",
+                "eval_ppl_brown_8docs_boundary_tokens", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--recent_share 0 --out docs/eval_ppl_brown_8docs_boundary_tokens",),
+                variant="boundary tokens alone (`--recent_share 0`)",
+                note="Same texts and vanilla as the sections above."),
     Measurement("ppl_smollm2_2k_8_budget_floor",
-                "Perplexity, smollm2-135m, the same 8 texts, ChunkLLM reading at least 256 tokens a step",
+                "Perplexity, smollm2-135m, the same 8 texts, the first defaults reading at least 256 tokens a step",
                 "eval_ppl_brown_8docs_budget_floor", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --kv_budget_min_tokens 256 "
-                 "--out docs/eval_ppl_brown_8docs_budget_floor",),
-                variant="a 256-token floor under the budget (`--kv_budget_min_tokens 256`)",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 {OFF} "
+                 "--kv_budget_min_tokens 256 --out docs/eval_ppl_brown_8docs_budget_floor",),
+                variant=f"a 256-token floor under the first defaults' budget (`{OFF} --kv_budget_min_tokens 256`)",
                 note="`ChunkConfig.kv_budget_min_tokens` (0 by default): a step reads at least 256 tokens, so the "
                      "first 256 positions after the prompt read every token; the budget's share is fitted under the "
-                     "floor so that the measured retention meets the target (`eval.methods.budget_share`). Vanilla's "
-                     "rows are those of the 8-text section above, copied into the folder before the run."),
-    Measurement("ppl_gemma3_2k_8", "Perplexity, gemma3-270m, 8 texts of 2K tokens of Brown", "eval_gemma3_ppl_8docs",
-                "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid streamingllm sepllm --retention 0.5 "
-                 "--out docs/eval_gemma3_ppl_8docs",),
-                note="8 windows of 2048 gemma3 tokens, cut as for smollm2-135m from the evaluation's share of Brown "
-                     "(each starts at a document's start; another tokenizer, so not the same text spans); 256-token "
-                     "prompt, 1792 scored positions each, with the shipped adapters."),
-    Measurement("ppl_gemma3_2k_8_boundary_tokens",
-                "Perplexity, gemma3-270m, the same 8 texts, ChunkLLM also reading the last token of each chunk "
-                "left out", "eval_gemma3_ppl_8docs_boundary_tokens", "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --boundary_tokens "
-                 "--out docs/eval_gemma3_ppl_8docs_boundary_tokens",),
-                variant="`boundary_tokens` (`--boundary_tokens`)",
-                note="`ChunkConfig.boundary_tokens` (off by default). Vanilla's rows are those of the section above, "
-                     "copied into the folder before the run."),
-    Measurement("ppl_gemma3_2k_8_budget_floor",
-                "Perplexity, gemma3-270m, the same 8 texts, ChunkLLM reading at least 256 tokens a step",
-                "eval_gemma3_ppl_8docs_budget_floor", "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --kv_budget_min_tokens 256 "
-                 "--out docs/eval_gemma3_ppl_8docs_budget_floor",),
-                variant="a 256-token floor under the budget (`--kv_budget_min_tokens 256`)",
-                note="`ChunkConfig.kv_budget_min_tokens` (0 by default), the share fitted under it as for "
-                     "smollm2-135m. Vanilla's rows are those of the 8-text section above, copied into the folder "
-                     "before the run."),
-    Measurement("ppl_gemma3_2k_8_recent_bt",
-                "Perplexity, gemma3-270m, the same 8 texts, recent chunks first for 75% of the budget, boundary tokens",
+                     "floor so that the measured retention meets the target (`eval.methods.budget_share`). "
+                     + COPIED.format("8-text sections above")),
+    Measurement("ppl_gemma3_2k_8", "Perplexity, gemma3-270m, 8 texts of 2K tokens of Brown",
                 "eval_gemma3_ppl_8docs_recent_bt", "eval",
                 ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 --boundary_tokens "
-                 "--out docs/eval_gemma3_ppl_8docs_recent_bt",),
-                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
-                note="The two knobs of smollm2-135m's best 4K setting without a floor. Vanilla's rows are those of "
-                     "the 8-text section above, copied into the folder before the run."),
-    Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown", "eval_ppl_brown", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
-                 "--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 "
-                 "--out docs/eval_ppl_brown",),
-                note="256-token prompt, the rest teacher-forced through decode. One text."),
-    Measurement("ppl_smollm2_4k_8", "Perplexity, smollm2-135m, 8 texts of 4K tokens of Brown", "eval_ppl_brown_4k_8docs",
-                "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid sepllm streamingllm --retention 0.5 "
-                 "--out docs/eval_ppl_brown_4k_8docs",),
-                note="The first 8 windows of 4096 tokens of the evaluation's share of Brown (the first is the one "
-                     "text of the next section); 256-token prompt, 3840 positions each teacher-forced through "
-                     "decode, 30720 scored tokens per row; perplexity is exp of the mean NLL over all of them."),
-    Measurement("ppl_smollm2_4k_8_budget_floor",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, ChunkLLM reading at least 768 tokens a step",
-                "eval_ppl_brown_4k_8docs_budget_floor", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --kv_budget_min_tokens 768 "
-                 "--out docs/eval_ppl_brown_4k_8docs_budget_floor",),
-                variant="a 768-token floor under the budget (`--kv_budget_min_tokens 768`)",
-                note="As the 2K floor section: the first 768 positions after the prompt read every token, and the "
-                     "budget's share is fitted under the floor (0.314) so that the measured retention meets the "
-                     "target. Vanilla's rows are those of the section above, copied into the folder before the run."),
-    Measurement("ppl_smollm2_4k_8_recent_share",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, three quarters of the budget to the recent chunks",
-                "eval_ppl_brown_4k_8docs_recent_share", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 "
-                 "--out docs/eval_ppl_brown_4k_8docs_recent_share",),
-                variant="`recent_share=0.75` (`--recent_share 0.75`)",
-                note="`ChunkConfig.recent_share` (0 by default): the most recent candidates get the first 75% of the "
-                     "budget (with the sinks, local and open chunk), the rest goes by score. Vanilla's rows are those "
-                     "of the 8-text 4K section, copied into the folder before the run."),
-    Measurement("ppl_smollm2_4k_8_recent_floor",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first and at least 512 tokens a step",
-                "eval_ppl_brown_4k_8docs_recent_floor", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 "
-                 "--kv_budget_min_tokens 512 --out docs/eval_ppl_brown_4k_8docs_recent_floor",),
-                variant="`recent_share=0.75` and a 512-token floor (`--recent_share 0.75 --kv_budget_min_tokens 512`)",
-                note="Both knobs of the two sections above: three quarters of the budget to the recent chunks, and "
-                     "a step reads at least 512 tokens (the share fitted under the floor: 0.424). Vanilla's rows "
-                     "are those of the 8-text 4K section, copied into the folder before the run."),
-    Measurement("ppl_smollm2_4k_8_recent_floor768",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first and at least 768 tokens a step",
-                "eval_ppl_brown_4k_8docs_recent_floor768", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 "
-                 "--kv_budget_min_tokens 768 --out docs/eval_ppl_brown_4k_8docs_recent_floor768",),
-                variant="`recent_share=0.75` and a 768-token floor (`--recent_share 0.75 --kv_budget_min_tokens 768`)",
-                note="As the section above with a 768-token floor (the share fitted under it: 0.314). Vanilla's rows "
-                     "are those of the 8-text 4K section, copied into the folder before the run."),
-    Measurement("ppl_smollm2_4k_8_recent_bt",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first and boundary tokens, no floor",
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --out docs/eval_gemma3_ppl_8docs_recent_bt",),
+                others="eval_gemma3_ppl_8docs",
+                note="8 windows of 2048 gemma3 tokens, cut as for smollm2-135m from the evaluation's share of Brown "
+                     "(another tokenizer, so not the same text spans); 256-token prompt, 1792 scored positions each, "
+                     "with the shipped adapters; ChunkLLM with today's defaults (measured as `--recent_share 0.75 "
+                     "--boundary_tokens`). " + COPIED.format("next section") + " The baselines' rows are read "
+                     "from there."),
+    Measurement("ppl_gemma3_2k_8_first_defaults", "Perplexity, gemma3-270m, the same 8 texts, the first defaults",
+                "eval_gemma3_ppl_8docs", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 f"--filler brown --methods vanilla hybrid streamingllm sepllm --retention 0.5 {OFF} "
+                 "--out docs/eval_gemma3_ppl_8docs",),
+                variant=FIRST),
+    Measurement("ppl_gemma3_2k_8_boundary_tokens",
+                "Perplexity, gemma3-270m, the same 8 texts, boundary tokens without the recent share",
+                "eval_gemma3_ppl_8docs_boundary_tokens", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0 "
+                 "--out docs/eval_gemma3_ppl_8docs_boundary_tokens",),
+                variant="boundary tokens alone (`--recent_share 0`)",
+                note=COPIED.format("sections above")),
+    Measurement("ppl_gemma3_2k_8_budget_floor",
+                "Perplexity, gemma3-270m, the same 8 texts, the first defaults reading at least 256 tokens a step",
+                "eval_gemma3_ppl_8docs_budget_floor", "eval",
+                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
+                 f"--filler brown --methods vanilla hybrid --retention 0.5 {OFF} --kv_budget_min_tokens 256 "
+                 "--out docs/eval_gemma3_ppl_8docs_budget_floor",),
+                variant=f"a 256-token floor under the first defaults' budget (`{OFF} --kv_budget_min_tokens 256`)",
+                note="The share fitted under the floor as for smollm2-135m. " + COPIED.format("sections above")),
+    Measurement("ppl_smollm2_4k_8", "Perplexity, smollm2-135m, 8 texts of 4K tokens of Brown",
                 "eval_ppl_brown_4k_8docs_recent_bt", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 --boundary_tokens "
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
                  "--out docs/eval_ppl_brown_4k_8docs_recent_bt",),
-                variant="`recent_share=0.75` and boundary tokens (`--recent_share 0.75 --boundary_tokens`)",
-                note="The two knobs without the floor: the budget stays a share of the context at every step. "
-                     "Vanilla's rows are those of the 8-text 4K section, copied into the folder before the run."),
+                others="eval_ppl_brown_4k_8docs",
+                note="The first 8 windows of 4096 tokens of the evaluation's share of Brown; 256-token prompt, 3840 "
+                     "positions each teacher-forced through decode, 30720 scored tokens per row; ChunkLLM with "
+                     "today's defaults (measured as `--recent_share 0.75 --boundary_tokens`). "
+                     + COPIED.format("next section") + " The baselines' rows are read from there."),
+    Measurement("ppl_smollm2_4k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 4K, the first defaults",
+                "eval_ppl_brown_4k_8docs", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid sepllm streamingllm "
+                 f"--retention 0.5 {OFF} --out docs/eval_ppl_brown_4k_8docs",),
+                variant=FIRST),
+    Measurement("ppl_smollm2_4k_8_budget_floor",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, the first defaults reading at least 768 tokens a step",
+                "eval_ppl_brown_4k_8docs_budget_floor", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 {OFF} "
+                 "--kv_budget_min_tokens 768 --out docs/eval_ppl_brown_4k_8docs_budget_floor",),
+                variant=f"a 768-token floor under the first defaults' budget (`{OFF} --kv_budget_min_tokens 768`)",
+                note="The first 768 positions after the prompt read every token, and the budget's share is fitted "
+                     "under the floor (0.314) so that the measured retention meets the target. "
+                     + COPIED.format("8-text 4K sections")),
+    Measurement("ppl_smollm2_4k_8_recent_share",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, the recent share without boundary tokens",
+                "eval_ppl_brown_4k_8docs_recent_share", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
+                 "--no-boundary_tokens --out docs/eval_ppl_brown_4k_8docs_recent_share",),
+                variant="`recent_share=0.75` alone (`--no-boundary_tokens`)",
+                note="The most recent candidates get the first 75% of the budget (with the sinks, local and open "
+                     "chunk), the rest goes by score. " + COPIED.format("8-text 4K sections")),
+    Measurement("ppl_smollm2_4k_8_recent_floor",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, the recent share and at least 512 tokens a step, "
+                "no boundary tokens", "eval_ppl_brown_4k_8docs_recent_floor", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
+                 "--no-boundary_tokens --kv_budget_min_tokens 512 --out docs/eval_ppl_brown_4k_8docs_recent_floor",),
+                variant="`recent_share=0.75` and a 512-token floor (`--no-boundary_tokens --kv_budget_min_tokens 512`)",
+                note="The share fitted under the floor: 0.424. " + COPIED.format("8-text 4K sections")),
+    Measurement("ppl_smollm2_4k_8_recent_floor768",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, the recent share and at least 768 tokens a step, "
+                "no boundary tokens", "eval_ppl_brown_4k_8docs_recent_floor768", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
+                 "--no-boundary_tokens --kv_budget_min_tokens 768 --out docs/eval_ppl_brown_4k_8docs_recent_floor768",),
+                variant="`recent_share=0.75` and a 768-token floor (`--no-boundary_tokens --kv_budget_min_tokens 768`)",
+                note="The share fitted under the floor: 0.314. " + COPIED.format("8-text 4K sections")),
     Measurement("ppl_smollm2_4k_8_recent_floor768_bt",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, recent chunks first, at least 768 tokens a step, "
-                "boundary tokens",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, today's defaults and at least 768 tokens a step",
                 "eval_ppl_brown_4k_8docs_recent_floor768_bt", "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0.75 "
-                 "--kv_budget_min_tokens 768 --boundary_tokens --out docs/eval_ppl_brown_4k_8docs_recent_floor768_bt",),
-                variant="`recent_share=0.75`, a 768-token floor and boundary tokens (`--recent_share 0.75 "
-                        "--kv_budget_min_tokens 768 --boundary_tokens`)",
-                note="As the section above, and each completed chunk that the selection leaves out still gives its "
-                     "last token, paid from the budget. Vanilla's rows are those of the 8-text 4K section, copied "
-                     "into the folder before the run."),
-    Measurement("ppl_smollm2_8k_8", "Perplexity, smollm2-135m, 8 texts of 8K tokens of Brown", "eval_ppl_brown_8k_8docs",
-                "eval",
-                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 8192 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid streamingllm --retention 0.5 "
-                 "--out docs/eval_ppl_brown_8k_8docs",),
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
+                 "--kv_budget_min_tokens 768 --out docs/eval_ppl_brown_4k_8docs_recent_floor768_bt",),
+                variant="a 768-token floor (`--kv_budget_min_tokens 768`)",
+                note=COPIED.format("8-text 4K sections")),
+    Measurement("ppl_smollm2_8k_8", "Perplexity, smollm2-135m, 8 texts of 8K tokens of Brown",
+                "eval_ppl_brown_8k_8docs_recent_bt", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL8K} --methods vanilla hybrid --retention 0.5 "
+                 "--out docs/eval_ppl_brown_8k_8docs_recent_bt",),
+                others="eval_ppl_brown_8k_8docs",
                 note="The first 8 windows of 8192 tokens of the evaluation's share of Brown (each starts at a "
                      "document's start and runs on into the next ones); 256-token prompt, 7936 positions each "
                      "teacher-forced through decode (vanilla's from one blocked prefill of the text), 63488 scored "
-                     "tokens per row. SepLLM's row was stopped after 29 minutes: at batch 8 its run held 20.6 GiB "
-                     "of the host's 24 and waited on memory."),
-    Measurement("ppl_smollm2_4k", "Perplexity, smollm2-135m, 4K tokens of Brown", "eval_ppl_brown_4k", "eval",
+                     "tokens per row. " + COPIED.format("next section") + " StreamingLLM's rows are read from there."),
+    Measurement("ppl_smollm2_8k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 8K, the first defaults",
+                "eval_ppl_brown_8k_8docs", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL8K} --methods vanilla hybrid streamingllm --retention 0.5 "
+                 f"{OFF} --out docs/eval_ppl_brown_8k_8docs",),
+                variant=FIRST,
+                note="SepLLM's row was stopped after 29 minutes: at batch 8 its run held 20.6 GiB of the host's 24 "
+                     "and waited on memory."),
+    Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown, the first defaults", "eval_ppl_brown",
+                "eval",
+                ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
+                 f"--methods vanilla hybrid chunkllm streamingllm sepllm fixllm oracle --retention 0.5 0.25 {OFF} "
+                 "--out docs/eval_ppl_brown",),
+                variant=FIRST, note="256-token prompt, the rest teacher-forced through decode. One text."),
+    Measurement("ppl_smollm2_4k", "Perplexity, smollm2-135m, 4K tokens of Brown, the first defaults", "eval_ppl_brown_4k",
+                "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 4096 --ppl_docs 1 --filler brown "
-                 "--methods vanilla hybrid streamingllm sepllm --retention 0.5 --out docs/eval_ppl_brown_4k",),
-                note="One text."),
-    Measurement("ppl_smollm2_generated", "Perplexity, smollm2-135m, 2K tokens of the generated filler",
+                 f"--methods vanilla hybrid streamingllm sepllm --retention 0.5 {OFF} --out docs/eval_ppl_brown_4k",),
+                variant=FIRST, note="One text."),
+    Measurement("ppl_smollm2_generated", "Perplexity, smollm2-135m, 2K tokens of the generated filler, the first defaults",
                 "eval_ppl_generated", "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler "
-                 "generated --methods vanilla hybrid chunkllm streamingllm --retention 0.5 --out docs/eval_ppl_generated",),
-                note="One text."),
-    Measurement("ppl_gemma3_2k", "Perplexity, gemma3-270m, 2K tokens of Brown", "eval_gemma3_ppl_headmax", "eval",
+                 f"generated --methods vanilla hybrid chunkllm streamingllm --retention 0.5 {OFF} "
+                 "--out docs/eval_ppl_generated",),
+                variant=FIRST, note="One text."),
+    Measurement("ppl_gemma3_2k", "Perplexity, gemma3-270m, 2K tokens of Brown, the first defaults",
+                "eval_gemma3_ppl_headmax", "eval",
                 ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
-                 "--methods vanilla hybrid streamingllm --retention 0.5 --out docs/eval_gemma3_ppl_headmax",),
-                note="One text."),
+                 f"--methods vanilla hybrid streamingllm --retention 0.5 {OFF} --out docs/eval_gemma3_ppl_headmax",),
+                variant=FIRST, note="One text."),
     Measurement("longbench_smollm2", "LongBench-format, smollm2-135m: mini_kv_qa, 8 prompts of 3.6K-4K tokens",
+                "eval_longbench_smollm2_recent_bt", "eval",
+                ("python -m eval.run --model smollm2-135m --suites longbench --tasks mini_kv_qa --methods vanilla "
+                 "hybrid --retention 0.5 0.25 --out docs/eval_longbench_smollm2_recent_bt",),
+                others="eval_longbench_smollm2",
+                note="QA F1 (0-100) on the shipped mini set's key-value task; the model answers in a sentence, so a "
+                     "right code scores 25. Vanilla gives the right code on 3 of the 8 prompts (8 prompts: one code "
+                     "is 3 points of the mean). " + COPIED.format("next section") + " The baselines' rows are "
+                     "read from there. The other five mini tasks were not run: vanilla scores 0 on three of those "
+                     "(docs/results.md history), and a task costs 10-20 minutes per method here."),
+    Measurement("longbench_smollm2_first_defaults",
+                "LongBench-format, smollm2-135m: the same mini_kv_qa prompts, the first defaults",
                 "eval_longbench_smollm2", "eval",
                 ("python -m eval.run --model smollm2-135m --suites longbench --tasks mini_kv_qa --methods vanilla "
-                 "hybrid streamingllm sepllm --retention 0.5 0.25 --out docs/eval_longbench_smollm2",),
-                note="QA F1 (0-100) on the shipped mini set's key-value task; the model answers in a sentence, so a "
-                     "right code scores 25. Vanilla gives the right code on 3 of the 8 prompts. In the rows: at 50% "
-                     "ChunkLLM's new tokens are vanilla's, token for token, on all 8 prompts; at 25% on 7, and the "
-                     "eighth gives the right code where vanilla's is wrong. StreamingLLM repeats vanilla's tokens on 6 and 4 "
-                     "of the 8 prompts at 50% and 25%, SepLLM on 5 and 3 (8 prompts: one code is 3 points of the "
-                     "mean). The other five mini tasks were not run: "
-                     "vanilla scores 0 on three of those (docs/results.md history), and a task costs 10-20 minutes "
-                     "per method here."),
-    Measurement("short_smollm2", "Short-text identity, smollm2-135m", "eval_short_smollm2", "eval",
+                 f"hybrid streamingllm sepllm --retention 0.5 0.25 {OFF} --out docs/eval_longbench_smollm2",),
+                variant=FIRST,
+                note="In the rows: at 50% ChunkLLM's new tokens are vanilla's, token for token, on all 8 prompts; at "
+                     "25% on 7, and the eighth gives the right code where vanilla's is wrong. StreamingLLM repeats "
+                     "vanilla's tokens on 6 and 4 of the 8 prompts at 50% and 25%, SepLLM on 5 and 3."),
+    Measurement("short_smollm2", "Short-text identity, smollm2-135m", "eval_short_smollm2_recent_bt", "eval",
                 ("python -m eval.run --model smollm2-135m --suites short --methods vanilla chunkllm hybrid "
-                 "--out docs/eval_short_smollm2",),
-                note="Prompts of a few dozen tokens are read whole: each method must give vanilla's tokens."),
+                 "--out docs/eval_short_smollm2_recent_bt",),
+                note="Prompts of a few dozen tokens are read whole: each method must give vanilla's tokens. The rows "
+                     "of vanilla and of the paper's rule (`chunkllm`, which takes neither knob) are those of "
+                     "[eval_short_smollm2/](eval_short_smollm2/) (the first defaults: `" + OFF + "`), copied "
+                     "into the folder before the run."),
     Measurement("ranks_smollm2", "Needle ranks, smollm2-135m: first adapters and retrained", "needle_ranks_headmax",
                 "needle_ranks",
                 ("python -m eval.needle_ranks --tokens 2048 4096 --depths 0.25 0.5 0.75 --out docs/needle_ranks_headmax",),
@@ -337,7 +347,8 @@ def _long_rows(summary: dict) -> dict[tuple[str, str], dict]:
 
 
 def _chunkllm_names(variant: str) -> dict[str, str]:
-  return {m: f"{name}, with {variant}" if variant else name for m, name in CHUNKLLM.items()}
+  """The variants' flags reach `hybrid` (and `oracle`) only: the paper's rule takes none of them."""
+  return {m: f"{name}, with {variant}" if variant and m == "hybrid" else name for m, name in CHUNKLLM.items()}
 
 
 def niah_verdicts(summary: dict, variant: str = "") -> list[str]:
@@ -379,9 +390,22 @@ def ppl_verdicts(summary: dict, variant: str = "") -> list[str]:
   return out
 
 
+def _records(folder: str) -> list[dict]:
+  path = DOCS / folder / "results.jsonl"
+  return ResultsFile(path).records if path.exists() else []
+
+
+def section_records(m: Measurement) -> list[dict]:
+  """The folder's rows, and those of `m.others` for the methods the folder has none of."""
+  records = _records(m.folder)
+  if records and m.others:
+    own = {r["method"] for r in records}
+    records += [r for r in _records(m.others) if r["method"] not in own]
+  return records
+
+
 def eval_section(m: Measurement) -> list[str]:
-  folder = DOCS / m.folder
-  records = ResultsFile(folder / "results.jsonl").records if (folder / "results.jsonl").exists() else []
+  records = section_records(m)
   if not records:
     return ["Not measured yet."]
   summary = report.summarize(records)
@@ -425,6 +449,54 @@ def eval_section(m: Measurement) -> list[str]:
       span = f" ({100 * lo:.1f}-{100 * hi:.1f}%)" if lo is not None else ""
       out.append(f"| {r['method']} | {r['retention']} | {' / '.join(cells)} | {r['score']:.1f} | "
                  f"{100 * r['kv_retention']:.1f}%{span} | {_pct(r['pct_of_vanilla'])} |")
+  return out
+
+
+# The pairs of sections behind today's defaults (`ChunkConfig.recent_share=0.75`, boundary tokens on
+# after a dense prefill): each check under them and under the first defaults.
+DEFAULT_CHECKS = (
+    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults"),
+    ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3", "niah_gemma3_first_defaults"),
+    ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults"),
+    ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults"),
+    ("Perplexity, smollm2-135m, 8 x 8K", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults"),
+    ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults"),
+    ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2", "longbench_smollm2_first_defaults"),
+)
+
+
+def hybrid_figure(m: Measurement, budget: str) -> str:
+  """`hybrid`'s figure in a section at one budget: % of vanilla (NIAH, LongBench) or the change in
+  perplexity, with the measured KV; "-" where not measured."""
+  records = [r for r in _records(m.folder) if r["method"] in ("vanilla", "hybrid")]
+  if not records:
+    return "-"
+  summary = report.summarize(records)
+  if "perplexity" in summary["tasks"]:
+    row = {r["retention"]: r for r in summary["tasks"]["perplexity"] if r["method"] == "hybrid"}.get(budget)
+    if row is None or row.get("ppl_change_pct") is None:
+      return "-"
+    return f"{row['ppl_change_pct']:+.2f}% perplexity at {100 * row['kv_retention']:.1f}% KV"
+  row = _long_rows(summary).get(("hybrid", budget))
+  if row is None or row["pct_of_vanilla"] is None:
+    return "-"
+  return f"{row['pct_of_vanilla']:.1f}% of vanilla ({row['score']:.1f}) at {100 * row['kv_retention']:.1f}% KV"
+
+
+def defaults_section() -> list[str]:
+  by_name = {m.name: m for m in MEASUREMENTS}
+  out = ["## Default settings", "",
+         "`chunk_generate`'s defaults, and the eval's `hybrid`, give three quarters of the KV budget to the most "
+         "recent tokens (`ChunkConfig.recent_share=0.75`; the rest goes by score) and read the last token of every "
+         "chunk the selection leaves out, paid from the budget (`boundary_tokens`, on wherever the prompt is read "
+         "densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
+         "--no-boundary_tokens`). Each check of the sections below under both:", "",
+         "| check | budget | first defaults | today's defaults |", "|---|---|---|---|"]
+  for label, now, first in DEFAULT_CHECKS:
+    for budget in NIAH_TARGETS:
+      cells = [hybrid_figure(by_name[first], budget), hybrid_figure(by_name[now], budget)]
+      if cells != ["-", "-"]:
+        out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** |")
   return out
 
 
@@ -484,6 +556,7 @@ def render() -> str:
            "own reports come from runs that shared the cores and are not comparisons.", "",
            "LongBench-format tasks: one mini task with vanilla and the default only (below); the mini set is "
            "beyond a 135M model, and each task takes 10-20 minutes per method on this CPU.", ""]
+  lines += defaults_section() + [""]
   for m in MEASUREMENTS:
     lines += [f"## {m.title}", ""]
     if m.note:
@@ -491,7 +564,8 @@ def render() -> str:
     section = {"eval": eval_section, "needle_ranks": ranks_section, "held_out": held_out_section}[m.kind]
     lines += section(m) + [""]
     cmds = "; then ".join(f"`{c}`" for c in m.commands)
-    lines += [f"Rows: [{m.folder}/]({m.folder}/). Command: {cmds}" + ("" if m.rerun else " (not rerun by "
+    also = f" (and [{m.others}/]({m.others}/) for the other methods)" if m.others else ""
+    lines += [f"Rows: [{m.folder}/]({m.folder}/){also}. Command: {cmds}" + ("" if m.rerun else " (not rerun by "
               "`--run`: it needs the training run's data and an earlier export, kept outside the repository)") + "."]
     if m.before:
       lines[-1] += f" The first adapters' ranks: [{m.before}/]({m.before}/)."

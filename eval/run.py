@@ -82,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                  help="oracle / chunkllm / fixllm: how the selection layers make one selection (ChunkConfig.vote)")
   p.add_argument("--selection_layers", type=int, nargs="+", default=None,
                  help="the layers whose scores choose the selection (default: the adapters' stored choice)")
-  p.add_argument("--boundary_tokens", action="store_true",
+  p.add_argument("--boundary_tokens", action=argparse.BooleanOptionalAction, default=M.MethodSettings.boundary_tokens,
                  help="hybrid / oracle (the methods that read the prompt densely): also read the last token "
-                      "of every chunk left out (ChunkConfig.boundary_tokens)")
-  p.add_argument("--recent_share", type=float, default=0.0,
+                      "of every chunk left out (ChunkConfig.boundary_tokens; default on)")
+  p.add_argument("--recent_share", type=float, default=M.MethodSettings.recent_share,
                  help="hybrid / oracle: the share of the KV budget that the most recent chunks get first "
-                      "(ChunkConfig.recent_share, in [0, 1])")
+                      "(ChunkConfig.recent_share, in [0, 1]; default %(default)s)")
   p.add_argument("--kv_budget_min_tokens", type=int, default=0,
                  help="hybrid / oracle: the fewest tokens a step reads (ChunkConfig.kv_budget_min_tokens); the "
                       "budget's share is fitted under it so that the measured retention meets the target")

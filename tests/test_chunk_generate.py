@@ -158,7 +158,8 @@ def test_selection_changes_only_at_boundaries(vote, scorer, budget, window):
   qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
   ccfg = ChunkConfig(top_chunks=2, n_local=1, max_chunk_len=6, max_chunks=128, alpha=0.9, vote=vote, scorer=scorer,
-                     kv_budget=budget, score_queries=window).validate(128, 3)
+                     kv_budget=budget, score_queries=window,
+                     recent_share=0.0, boundary_tokens=False).validate(128, 3)  # the budget by score alone
   toks, lens = np.asarray([prompts([30], seed=5)[0]], np.int32), jnp.asarray([30])
   _, cache, st = chunk_prefill(params, jnp.asarray(toks), lens, 128, ccfg)
   step = jax.jit(chunk_decode_step, static_argnums=(4,))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from chunkllm_jax import model
+from chunkllm_jax.selection import ChunkConfig
 from eval import methods as M
 from eval import perplexity as P
 from tests.tiny_models import chunk_params
@@ -153,15 +154,25 @@ def test_the_vote_rule_reaches_the_adapter_methods():
   assert M.config_summary(M.base_config("chunkllm", s))["vote"] == "max"
 
 
-def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only():
-  s = M.MethodSettings(separator_ids=SEPS, recent_share=0.75, boundary_tokens=True)
+@pytest.mark.parametrize("recent_share, boundary_tokens", [(0.75, True), (0.5, False), (0.0, True)])
+def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only(recent_share, boundary_tokens):
+  s = M.MethodSettings(separator_ids=SEPS, recent_share=recent_share, boundary_tokens=boundary_tokens)
   for method in ("hybrid", "oracle"):
     cfg = M.base_config(method, s)
-    assert (cfg.recent_share, cfg.boundary_tokens) == (0.75, True)
-    assert M.config_summary(cfg)["recent_share"] == 0.75
+    assert (cfg.recent_share, cfg.reads_boundary_tokens) == (recent_share, boundary_tokens)
+    assert M.config_summary(cfg)["recent_share"] == recent_share
   for method in ("chunkllm", "fixllm", "streamingllm", "sepllm"):  # the paper's rule and the baselines
     cfg = M.base_config(method, s)
-    assert (cfg.recent_share, cfg.boundary_tokens) == (0.0, False)
+    assert (cfg.recent_share, cfg.reads_boundary_tokens) == (0.0, False)
+
+
+def test_the_evaluated_default_is_chunk_generates_default():
+  """hybrid with the eval's default settings is `ChunkConfig()` as `chunk_generate` resolves it."""
+  cfg = M.base_config("hybrid", M.MethodSettings(separator_ids=SEPS))
+  default = ChunkConfig()
+  assert (cfg.recent_share, cfg.reads_boundary_tokens) == (default.recent_share, default.reads_boundary_tokens)
+  assert (cfg.scorer, cfg.prefill_scorer, cfg.prefill_mode) == (default.scorer, default.prefill_scorer,
+                                                                default.prefill_mode)
 
 
 def test_a_budget_floor_reaches_the_densely_read_methods_only():

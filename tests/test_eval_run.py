@@ -97,18 +97,20 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   with pytest.raises(eval_run.UsageError, match="other settings"):
     run_stubbed(monkeypatch, out, Stubs(), extra=["--window", "128"])
 
-  # A folder from before --vote and --recent_share existed holds results of their defaults: it resumes as such.
+  # A folder from before --vote, --recent_share and --boundary_tokens existed holds results of what they
+  # were then (the sum vote, no recent share, no boundary tokens): it resumes as such, and refuses today's
+  # defaults of the last two.
   cfg = json.loads((out / "run_config.json").read_text())
-  del cfg["vote"], cfg["recent_share"]
+  del cfg["vote"], cfg["recent_share"], cfg["boundary_tokens"]
   (out / "run_config.json").write_text(json.dumps(cfg))
   old = Stubs()
   with pytest.warns(UserWarning, match="results.jsonl:5:"):
-    run_stubbed(monkeypatch, out, old)
+    run_stubbed(monkeypatch, out, old, extra=["--recent_share", "0", "--no-boundary_tokens"])
   assert not old.computed
   with pytest.raises(eval_run.UsageError, match="other settings.*vote"):
-    run_stubbed(monkeypatch, out, Stubs(), extra=["--vote", "max"])
-  with pytest.raises(eval_run.UsageError, match="other settings.*recent_share"):
-    run_stubbed(monkeypatch, out, Stubs(), extra=["--recent_share", "0.75"])
+    run_stubbed(monkeypatch, out, Stubs(), extra=["--vote", "max", "--recent_share", "0", "--no-boundary_tokens"])
+  with pytest.raises(eval_run.UsageError, match="other settings.*boundary_tokens.*recent_share"):
+    run_stubbed(monkeypatch, out, Stubs())
 
 
 @pytest.mark.real_model

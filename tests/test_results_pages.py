@@ -75,6 +75,11 @@ def test_every_measurement_has_its_rows_and_a_command_that_parses():
       if argv[:3] == ["python", "-m", "eval.run"]:
         args = eval_run._parser().parse_args(argv[3:])
         assert f"docs/{m.folder}" == args.out, cmd
+        if m.rerun:  # the command resumes the folder: its settings are those the rows were made with
+          args.out = str(REPO / args.out)
+          eval_run._check_fingerprint(Path(args.out), eval_run._fingerprint(eval_run._resolve(args)))
+    if m.others:
+      assert (REPO / "docs" / m.others / "results.jsonl").is_file(), m.others
   page = (REPO / "docs" / "results.md").read_text()
   assert rp.KEEP in page  # the page in the repository is the one the command writes
   assert page.split(rp.KEEP)[0].strip() == rp.render().strip(), "docs/results.md is stale: python -m eval.results_page"

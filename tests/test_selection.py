@@ -136,6 +136,20 @@ def test_bad_settings_are_named(kw, err, match):
     ChunkConfig(**kw).validate(128, 3)
 
 
+@pytest.mark.parametrize("kw, reads", [
+    (dict(), True),  # the default: a dense prefill (the attention scores the prompt), chunks read whole
+    (dict(prefill_scorer="adapter"), False),  # the chunk-sparse prefill reads chunks whole
+    (dict(prefill="sparse"), False),
+    (dict(keep="boundary"), False),  # every chunk read is one boundary token already
+    (dict(boundary_tokens=False), False),
+    (dict(prefill_scorer="adapter", prefill="dense", boundary_tokens=True), True),
+])
+def test_boundary_tokens_default_to_on_wherever_they_can_be(kw, reads):
+  cfg = ChunkConfig(**kw).validate(128, 3)
+  assert cfg.reads_boundary_tokens is reads
+  assert cfg.resolve((0, 2), qk_layers=(0, 2)).boundary_tokens is reads  # resolved: what the rows record
+
+
 @pytest.mark.parametrize("layers, scorer, match", [
     ((7,), "adapter", "not full-attention layers"),
     ((1,), "adapter", "not full-attention layers"),  # layer 1 slides
@@ -208,7 +222,7 @@ def test_fill_passes_use_the_budget_that_one_pass_leaves(monkeypatch):
   lens = rng.randint(5, 64, (B, C))
   seen = lens.sum(1) + 200
   score = rng.rand(B, C).astype(np.float32)
-  cfg = ChunkConfig(max_chunks=C, kv_budget=0.25)
+  cfg = ChunkConfig(max_chunks=C, kv_budget=0.25, recent_share=0.0, boundary_tokens=False)  # score order alone
 
   def shortfall():
     got = np.asarray(choose(jnp.asarray(score)[:, None], jnp.full((B, 1), C), jnp.asarray(lens),
