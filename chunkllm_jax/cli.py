@@ -48,11 +48,15 @@ def _chunk_flags(p) -> None:
   p.add_argument("--top-k-chunks", type=int, default=None, help="a chunk count instead of --kv-budget")
   p.add_argument("--n-local", type=int, default=None, help="recent chunks always visible")
   p.add_argument("--n-sink", type=int, default=None, help="first tokens always visible")
+  p.add_argument("--recent-share", type=float, default=None,
+                 help="share of the budget the most recent tokens get first (default 0.75; 0: by score alone)")
+  p.add_argument("--boundary-tokens", action=argparse.BooleanOptionalAction, default=None,
+                 help="also read the last token of each chunk left out (default: on where the prompt is read densely)")
 
 
 def _chunk_settings(args) -> dict:
   given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
-               n_sink=args.n_sink)
+               n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget

@@ -78,3 +78,16 @@ def test_adapters_for_another_model_are_refused(tmp_path):
   cj.save_adapters(cj.init_adapters(jax.random.key(0), other), tmp_path / "x", model_config=other, backbone="tiny")
   res = run_cli("generate", "--prompt", "hi", "--chunk", "--adapters", str(tmp_path / "x"))
   assert res.returncode != 0 and "\nerror: " in res.stderr and "vs model" in res.stderr
+
+
+@pytest.mark.parametrize("flags, want", [
+    ([], {}),  # each setting left out keeps its ChunkConfig default
+    (["--kv-budget", "0.25", "--recent-share", "0", "--no-boundary-tokens"],
+     dict(kv_budget=0.25, recent_share=0.0, boundary_tokens=False)),
+    (["--top-k-chunks", "8", "--boundary-tokens"], dict(top_chunks=8, kv_budget=None, boundary_tokens=True)),
+])
+def test_chunk_flags_reach_the_chunk_config(flags, want):
+  from chunkllm_jax import cli
+
+  args = cli._parser().parse_args(["generate", "--prompt", "hi", "--chunk", *flags])
+  assert cli._chunk_settings(args) == want
