@@ -353,7 +353,7 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
               selection_layers=layers, top_chunks=ccfg.top_chunks, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               recent_share=ccfg.recent_share, kv_budget_min_tokens=ccfg.kv_budget_min_tokens,
-              boundary_tokens=ccfg.boundary_tokens, prefill=ccfg.prefill_mode, n_separator_ids=len(ccfg.separator_ids))
+              boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode, n_separator_ids=len(ccfg.separator_ids))
 
 
 # ----------------------------------------------------------------------------------------------

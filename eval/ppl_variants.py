@@ -7,7 +7,10 @@ the measured KV, the perplexity over every scored token and its change from vani
 summed NLL's difference from vanilla per position bin.
 
   python -m eval.ppl_variants --tokens 1024 --docs 3 --retention 0.5 \\
-      --variants "" recent_share=0.75 kv_budget=None,kv_budget_tokens=278
+      --variants "" recent_share=0.0,boundary_tokens=False kv_budget=None,kv_budget_tokens=278
+
+"" is the method's own configuration (today's defaults for `hybrid`); each row records the fields it
+ran with (`methods.config_summary`), so rows of earlier defaults stay readable as what they were.
 """
 
 from __future__ import annotations
