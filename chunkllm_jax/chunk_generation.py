@@ -213,7 +213,11 @@ def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: in
   (`ccfg.prefill == "sparse"`), or densely for a scorer pairing the blocked path does not serve."""
   cfg = params.config
   B, T = tokens_BT.shape
-  C = ccfg.max_chunks
+  # The prompt's tables (each chunk's selection [B, C + 1, C], the visibility [B, C + 2, C + 2]) need
+  # only the chunks a prompt of T tokens can make, one token each at most past the sinks; the state's
+  # table keeps `max_chunks` for decode. At 8K x 8 rows with a separator per token possible, these
+  # tables were 19 GiB of temporaries for a 256-token prompt; now a few MiB.
+  C = min(ccfg.max_chunks, max(T - ccfg.n_sink, 1))
   plan = _layer_plan(params, ccfg)
   sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.prefill_sparse, plan.selects, plan.qk_slot))
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -302,7 +306,11 @@ def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: in
   cache = KVCache(k=k, v=v, length=lengths_B.astype(jnp.int32))
   closes, _, ends, n = seg
   sel_layers = np.asarray(plan.selection_layers)
-  st = _prompt_chunk_state(params, cache, lengths_B, closes, ends, n, chunk_key_L[sel_layers], q_recent_L[sel_layers],
+  more = ccfg.max_chunks - C  # the state's table is decode's: its columns past the prompt's start empty
+  ends = jnp.pad(ends, [(0, 0), (0, more)], constant_values=-1)
+  chunk_key = jnp.pad(chunk_key_L[sel_layers], [(0, 0), (0, 0), (0, more), (0, 0)])
+  final_vote = jnp.pad(final_vote, [(0, 0), (0, more)])
+  st = _prompt_chunk_state(params, cache, lengths_B, closes, ends, n, chunk_key, q_recent_L[sel_layers],
                            qt_recent_L[sel_layers], recent_pos, final_vote if hybrid else None, plan, ccfg, max_len)
   return logits, cache, st
 

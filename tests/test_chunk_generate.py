@@ -89,6 +89,36 @@ def test_sparse_prefill_really_drops_chunks():
   assert not np.allclose(run(ccfg), dense, atol=1e-3)
 
 
+@pytest.mark.parametrize("keep", ["chunk", "boundary"])
+def test_sparse_prefill_tables_are_sized_by_the_prompt_not_the_chunk_table(keep):
+  """A chunk table sized for a long decode (4096 chunks) gives the prompt's state of a smaller table
+  (128 chunks), and its prefill holds temporaries of about the same size: the
+  per-chunk selection tables are the prompt's, not [max_chunks, max_chunks] (SepLLM at 8K x 8 rows
+  held 19 GiB of them for a 256-token prompt)."""
+  params = chunk_params()
+  rows = np.zeros((2, 64), np.int32)
+  for b, row in enumerate(prompts([64, 50], seed=11)):
+    rows[b, :len(row)] = row
+  rows, lens = jnp.asarray(rows), jnp.asarray([64, 50])
+  base = ChunkConfig(top_chunks=2, n_local=1, max_chunk_len=4, prefill="sparse", boundaries="separators",
+                     separator_ids=(7, 11, 13), keep=keep)
+  runs, temps = [], []
+  for max_chunks in (128, 4096):
+    ccfg = dataclasses.replace(base, max_chunks=max_chunks).validate(512, 3)
+    prefill = jax.jit(lambda p, t, n, c=ccfg: chunk_prefill(p, t, n, 512, c, working_buffer=False))
+    temps.append(prefill.lower(params, rows, lens).compile().memory_analysis().temp_size_in_bytes)
+    runs.append(prefill(params, rows, lens))
+  (logits_s, _, st_s), (logits_l, _, st_l) = runs
+  np.testing.assert_allclose(logits_l, logits_s, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(st_l.n_chunks, st_s.n_chunks)
+  for name in ("chunk_end", "chunk_start", "selected"):
+    small, large = np.asarray(getattr(st_s, name)), np.asarray(getattr(st_l, name))
+    np.testing.assert_array_equal(large[..., :128], small, err_msg=name)
+    rest = large[..., 128:]
+    assert (rest == -1).all() if name == "chunk_end" else not rest.any(), name
+  assert temps[1] < 2 * temps[0], temps  # [4096, 4096] tables would be 64 MiB a row
+
+
 @pytest.mark.parametrize("rule, extra", [("fixed", dict()), ("separators", dict(separator_ids=(7, 11, 13)))])
 def test_fixed_and_separator_boundary_rules(rule, extra):
   """The baselines' boundary rules: every max_chunk_len tokens, or at separator tokens."""
