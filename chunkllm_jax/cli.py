@@ -51,7 +51,8 @@ def _chunk_flags(p) -> None:
   p.add_argument("--recent-share", type=float, default=None,
                  help="share of the budget the most recent tokens get first (default 0.75; 0: by score alone)")
   p.add_argument("--boundary-tokens", action=argparse.BooleanOptionalAction, default=None,
-                 help="also read the last token of each chunk left out (default: on where the prompt is read densely)")
+                 help="also read the last token of each chunk left out "
+                      "(default: on with --kv-budget, the prompt read densely)")
 
 
 def _chunk_settings(args) -> dict:

@@ -97,8 +97,9 @@ class ChunkConfig(ChunkRules):
   keep: str = "chunk"  # "chunk": a selected chunk is read whole; "boundary": only its last token (SepLLM)
   # Also read the last token of every completed chunk the selection leaves out: one token a chunk,
   # paid from the budget, where the chunk's content gathers (SepLLM's separators; the chunk's key).
-  # None: on wherever it can be (chunks read whole after a dense prefill; the chunk-sparse prefill
-  # reads chunks whole, so it is off there), as measured with `recent_share` (docs/results.md).
+  # None: on where a KV budget pays for them and chunks are read whole after a dense prefill (the
+  # chunk-sparse prefill reads chunks whole; without a budget, `top_chunks` is the paper's count and
+  # the last tokens would add one read a chunk), as measured with `recent_share` (docs/results.md).
   boundary_tokens: bool | None = None
 
   def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
@@ -166,13 +167,15 @@ class ChunkConfig(ChunkRules):
     if self.keep not in ("chunk", "boundary"):
       raise ValueError(f"keep must be 'chunk' or 'boundary', got {self.keep!r}")
     if self.boundary_tokens is not None and not isinstance(self.boundary_tokens, bool):
-      raise TypeError(f"boundary_tokens must be a bool or None (on wherever it can be), got {self.boundary_tokens!r}")
+      raise TypeError(f"boundary_tokens must be a bool or None (on where a budget pays for them), got "
+                      f"{self.boundary_tokens!r}")
     if self.boundary_tokens and self.keep != "chunk":
       raise ValueError("boundary_tokens reads the last token of the chunks left out; with keep='boundary' "
                        "every chunk read is one already: use one or the other")
     if self.boundary_tokens and self.prefill_mode == "sparse":
       raise ValueError("boundary_tokens is read in decode and after a dense prefill; the chunk-sparse "
-                       "prefill reads chunks whole: set prefill='dense', or leave boundary_tokens None (on where it can be)")
+                       "prefill reads chunks whole: set prefill='dense', or leave boundary_tokens None "
+                       "(on where it applies)")
     if self.attention == "pallas" and self.keep != "chunk":
       raise ValueError("attention='pallas' reads selected chunks whole; use keep='chunk' or attention='xla'")
     if not 0.0 < self.alpha < 1.0:
@@ -214,11 +217,11 @@ class ChunkConfig(ChunkRules):
 
   @property
   def reads_boundary_tokens(self) -> bool:
-    """`boundary_tokens`, or where it is None, whether it can be on: chunks read whole (keep="chunk")
-    after a dense prefill."""
+    """`boundary_tokens`, or where it is None, whether a budget pays for them and chunks are read
+    whole (keep="chunk") after a dense prefill."""
     if self.boundary_tokens is not None:
       return self.boundary_tokens
-    return self.keep == "chunk" and self.prefill_mode == "dense"
+    return self.budgeted and self.keep == "chunk" and self.prefill_mode == "dense"
 
   @property
   def budgeted(self) -> bool:

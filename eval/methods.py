@@ -63,7 +63,8 @@ class MethodSettings:
   max_n_local: int = ChunkRules.n_local  # recent chunks always visible for chunkllm / fixllm (at most)
   vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
-  boundary_tokens: bool = True  # hybrid / oracle: also read the last token of every chunk left out
+  boundary_tokens: bool = True  # hybrid / oracle: also read the last token of every chunk left out, where a
+  #                               budget pays for them (`ChunkConfig`'s rule, boundary_tokens=None); False: never
   recent_share: float = ChunkConfig.recent_share  # hybrid / oracle: the budget's share that the most recent
   #                                                 chunks get first
   kv_budget_min_tokens: int = 0  # hybrid / oracle: the budget's floor in tokens (the share is fitted under it)
@@ -263,11 +264,11 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **own_rule, **chosen)
   if method == "oracle":
-    return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=settings.boundary_tokens,
+    return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=None if settings.boundary_tokens else False,
                        recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
   if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention",  # the prompt's selections
-                       boundary_tokens=settings.boundary_tokens, recent_share=settings.recent_share,
+                       boundary_tokens=None if settings.boundary_tokens else False, recent_share=settings.recent_share,
                        kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
@@ -353,7 +354,8 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
               selection_layers=layers, top_chunks=ccfg.top_chunks, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               recent_share=ccfg.recent_share, kv_budget_min_tokens=ccfg.kv_budget_min_tokens,
-              boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode, n_separator_ids=len(ccfg.separator_ids))
+              boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode,
+              n_separator_ids=len(ccfg.separator_ids))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -494,8 +494,8 @@ def defaults_section() -> list[str]:
   out = ["## Default settings", "",
          "`chunk_generate`'s defaults, and the eval's `hybrid`, give three quarters of the KV budget to the most "
          "recent tokens (`ChunkConfig.recent_share=0.75`; the rest goes by score) and read the last token of every "
-         "chunk the selection leaves out, paid from the budget (`boundary_tokens`, on wherever the prompt is read "
-         "densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
+         "chunk the selection leaves out, paid from the budget (`boundary_tokens`, on wherever a budget is set and "
+         "the prompt is read densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
          "--no-boundary_tokens`). Each check of the sections below under both:", "",
          "| check | budget | first defaults | today's defaults |", "|---|---|---|---|"]
   for label, now, first in DEFAULT_CHECKS:

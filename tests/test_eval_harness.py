@@ -2,6 +2,8 @@
 reads what it says it reads (measured retention = a slow count of its visible tokens), the budget
 model counts like chunk_generate, and teacher-forced perplexity is exact under full coverage."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -158,9 +160,10 @@ def test_the_vote_rule_reaches_the_adapter_methods():
 def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only(recent_share, boundary_tokens):
   s = M.MethodSettings(separator_ids=SEPS, recent_share=recent_share, boundary_tokens=boundary_tokens)
   for method in ("hybrid", "oracle"):
-    cfg = M.base_config(method, s)
+    cfg = dataclasses.replace(M.base_config(method, s), kv_budget=0.5)  # as a retention target sets it
     assert (cfg.recent_share, cfg.reads_boundary_tokens) == (recent_share, boundary_tokens)
     assert M.config_summary(cfg)["recent_share"] == recent_share
+    assert not M.base_config(method, s).reads_boundary_tokens  # no budget: the top chunks, and no more
   for method in ("chunkllm", "fixllm", "streamingllm", "sepllm"):  # the paper's rule and the baselines
     cfg = M.base_config(method, s)
     assert (cfg.recent_share, cfg.reads_boundary_tokens) == (0.0, False)
@@ -168,8 +171,8 @@ def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only(re
 
 def test_the_evaluated_default_is_chunk_generates_default():
   """hybrid with the eval's default settings is `ChunkConfig()` as `chunk_generate` resolves it."""
-  cfg = M.base_config("hybrid", M.MethodSettings(separator_ids=SEPS))
-  default = ChunkConfig()
+  cfg = dataclasses.replace(M.base_config("hybrid", M.MethodSettings(separator_ids=SEPS)), kv_budget=0.25)
+  default = ChunkConfig(kv_budget=0.25)
   assert (cfg.recent_share, cfg.reads_boundary_tokens) == (default.recent_share, default.reads_boundary_tokens)
   assert (cfg.scorer, cfg.prefill_scorer, cfg.prefill_mode) == (default.scorer, default.prefill_scorer,
                                                                 default.prefill_mode)

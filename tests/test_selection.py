@@ -137,14 +137,17 @@ def test_bad_settings_are_named(kw, err, match):
 
 
 @pytest.mark.parametrize("kw, reads", [
-    (dict(), True),  # the default: a dense prefill (the attention scores the prompt), chunks read whole
-    (dict(prefill_scorer="adapter"), False),  # the chunk-sparse prefill reads chunks whole
-    (dict(prefill="sparse"), False),
-    (dict(keep="boundary"), False),  # every chunk read is one boundary token already
-    (dict(boundary_tokens=False), False),
-    (dict(prefill_scorer="adapter", prefill="dense", boundary_tokens=True), True),
+    (dict(kv_budget=0.5), True),  # a budget pays; a dense prefill (the attention scores the prompt), chunks whole
+    (dict(kv_budget_tokens=64), True),
+    (dict(), False),  # no budget: `top_chunks` chunks, the paper's count, and no more
+    (dict(boundary_tokens=True), True),  # asked for: one read a chunk left out, beyond the count
+    (dict(kv_budget=0.5, prefill_scorer="adapter"), False),  # the chunk-sparse prefill reads chunks whole
+    (dict(kv_budget=0.5, prefill="sparse"), False),
+    (dict(kv_budget=0.5, keep="boundary"), False),  # every chunk read is one boundary token already
+    (dict(kv_budget=0.5, boundary_tokens=False), False),
+    (dict(kv_budget=0.5, prefill_scorer="adapter", prefill="dense", boundary_tokens=True), True),
 ])
-def test_boundary_tokens_default_to_on_wherever_they_can_be(kw, reads):
+def test_boundary_tokens_default_to_on_where_a_budget_pays_for_them(kw, reads):
   cfg = ChunkConfig(**kw).validate(128, 3)
   assert cfg.reads_boundary_tokens is reads
   assert cfg.resolve((0, 2), qk_layers=(0, 2)).boundary_tokens is reads  # resolved: what the rows record
