@@ -471,22 +471,27 @@ DEFAULT_CHECKS = (
 )
 
 
-def hybrid_figure(m: Measurement, budget: str) -> str:
-  """`hybrid`'s figure in a section at one budget: % of vanilla (NIAH, LongBench) or the change in
-  perplexity, with the measured KV; "-" where not measured."""
-  records = [r for r in _records(m.folder) if r["method"] in ("vanilla", "hybrid")]
-  if not records:
-    return "-"
-  summary = report.summarize(records)
+def method_figure(records: list[dict], method: str, budget: str) -> tuple[float, str] | None:
+  """A method's figure in a section's rows at one budget, as (key, text): % of vanilla (NIAH,
+  LongBench; larger is better) or the change in perplexity (smaller is better, so its key is the
+  negated change), with the measured KV; None where not measured."""
+  summary = report.summarize([r for r in records if r["method"] in ("vanilla", method)])
   if "perplexity" in summary["tasks"]:
-    row = {r["retention"]: r for r in summary["tasks"]["perplexity"] if r["method"] == "hybrid"}.get(budget)
+    row = {r["retention"]: r for r in summary["tasks"]["perplexity"] if r["method"] == method}.get(budget)
     if row is None or row.get("ppl_change_pct") is None:
-      return "-"
-    return f"{row['ppl_change_pct']:+.2f}% perplexity at {100 * row['kv_retention']:.1f}% KV"
-  row = _long_rows(summary).get(("hybrid", budget))
+      return None
+    return -row["ppl_change_pct"], f"{row['ppl_change_pct']:+.2f}% perplexity at {100 * row['kv_retention']:.1f}% KV"
+  row = _long_rows(summary).get((method, budget))
   if row is None or row["pct_of_vanilla"] is None:
-    return "-"
-  return f"{row['pct_of_vanilla']:.1f}% of vanilla ({row['score']:.1f}) at {100 * row['kv_retention']:.1f}% KV"
+    return None
+  return row["pct_of_vanilla"], (f"{row['pct_of_vanilla']:.1f}% of vanilla ({row['score']:.1f}) at "
+                                 f"{100 * row['kv_retention']:.1f}% KV")
+
+
+def best_baseline(records: list[dict], budget: str) -> str:
+  figures = {m: method_figure(records, m, budget) for m in BASELINES}
+  best = max(((f, m) for m, f in figures.items() if f is not None), default=None)
+  return "-" if best is None else f"{best[1]}: {best[0][1]}"
 
 
 def defaults_section() -> list[str]:
@@ -496,13 +501,17 @@ def defaults_section() -> list[str]:
          "recent tokens (`ChunkConfig.recent_share=0.75`; the rest goes by score) and read the last token of every "
          "chunk the selection leaves out, paid from the budget (`boundary_tokens`, on wherever a budget is set and "
          "the prompt is read densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
-         "--no-boundary_tokens`). Each check of the sections below under both:", "",
-         "| check | budget | first defaults | today's defaults |", "|---|---|---|---|"]
+         "--no-boundary_tokens`). Each check of the sections below under both, and the best of StreamingLLM, "
+         "SepLLM and FixLLM where the section measured them:", "",
+         "| check | budget | first defaults | today's defaults | best baseline |", "|---|---|---|---|---|"]
   for label, now, first in DEFAULT_CHECKS:
     for budget in NIAH_TARGETS:
-      cells = [hybrid_figure(by_name[first], budget), hybrid_figure(by_name[now], budget)]
-      if cells != ["-", "-"]:
-        out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** |")
+      figures = [method_figure(_records(by_name[m].folder), "hybrid", budget) for m in (first, now)]
+      if figures == [None, None]:
+        continue
+      cells = ["-" if f is None else f[1] for f in figures]
+      out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** | "
+                 f"{best_baseline(section_records(by_name[now]), budget)} |")
   return out
 
 
