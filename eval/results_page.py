@@ -246,14 +246,15 @@ MEASUREMENTS = (
                 note="The first 8 windows of 8192 tokens of the evaluation's share of Brown (each starts at a "
                      "document's start and runs on into the next ones); 256-token prompt, 7936 positions each "
                      "teacher-forced through decode (vanilla's from one blocked prefill of the text), 63488 scored "
-                     "tokens per row. " + COPIED.format("next section") + " StreamingLLM's rows are read from there."),
+                     "tokens per row. " + COPIED.format("next section") + " The baselines' rows are read from there."),
     Measurement("ppl_smollm2_8k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 8K, the first defaults",
                 "eval_ppl_brown_8k_8docs", "eval",
-                (f"python -m eval.run --model smollm2-135m {PPL8K} --methods vanilla hybrid streamingllm --retention 0.5 "
-                 f"{OFF} --out docs/eval_ppl_brown_8k_8docs",),
+                (f"python -m eval.run --model smollm2-135m {PPL8K} --methods vanilla hybrid streamingllm sepllm "
+                 f"--retention 0.5 {OFF} --out docs/eval_ppl_brown_8k_8docs",),
                 variant=FIRST,
-                note="SepLLM's row was stopped after 29 minutes: at batch 8 its run held 20.6 GiB of the host's 24 "
-                     "and waited on memory."),
+                note="SepLLM's row was measured a session later than the others, once the sparse prefill's "
+                     "tables were sized by the prompt (its run had held 20.6 GiB at batch 8; now 7.3 GiB peak RSS, "
+                     "39 minutes)."),
     Measurement("ppl_smollm2_2k", "Perplexity, smollm2-135m, 2K tokens of Brown, the first defaults", "eval_ppl_brown",
                 "eval",
                 ("python -m eval.run --model smollm2-135m --suites ppl --ppl_tokens 2048 --ppl_docs 1 --filler brown "
