@@ -261,15 +261,15 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   # chunkllm and fixllm keep the paper's rule (the budget goes by score alone, chunks read whole), and
   # the window baselines their own: hybrid's and oracle's recent share and boundary tokens are not theirs.
   own_rule = dict(recent_share=0.0, boundary_tokens=False)
+  # hybrid's and oracle's budget shape: boundary tokens by ChunkConfig's rule (None: where a budget pays).
+  shape = dict(recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens,
+               boundary_tokens=None if settings.boundary_tokens else False)
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **own_rule, **chosen)
   if method == "oracle":
-    return ChunkConfig(n_sink=S, scorer="attention", boundary_tokens=None if settings.boundary_tokens else False,
-                       recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
+    return ChunkConfig(n_sink=S, scorer="attention", **shape, **chosen)
   if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
-    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention",  # the prompt's selections
-                       boundary_tokens=None if settings.boundary_tokens else False, recent_share=settings.recent_share,
-                       kv_budget_min_tokens=settings.kv_budget_min_tokens, **chosen)
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **shape, **chosen)  # the prompt
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",

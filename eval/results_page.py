@@ -156,8 +156,8 @@ MEASUREMENTS = (
                      + COPIED.format("8-text sections above")),
     Measurement("ppl_gemma3_2k_8", "Perplexity, gemma3-270m, 8 texts of 2K tokens of Brown",
                 "eval_gemma3_ppl_8docs_recent_bt", "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --out docs/eval_gemma3_ppl_8docs_recent_bt",),
+                (f"python -m eval.run --model gemma3-270m {PPL2K} "
+                 "--methods vanilla hybrid --retention 0.5 --out docs/eval_gemma3_ppl_8docs_recent_bt",),
                 others="eval_gemma3_ppl_8docs",
                 note="8 windows of 2048 gemma3 tokens, cut as for smollm2-135m from the evaluation's share of Brown "
                      "(another tokenizer, so not the same text spans); 256-token prompt, 1792 scored positions each, "
@@ -166,23 +166,23 @@ MEASUREMENTS = (
                      "from there."),
     Measurement("ppl_gemma3_2k_8_first_defaults", "Perplexity, gemma3-270m, the same 8 texts, the first defaults",
                 "eval_gemma3_ppl_8docs", "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 f"--filler brown --methods vanilla hybrid streamingllm sepllm --retention 0.5 {OFF} "
+                (f"python -m eval.run --model gemma3-270m {PPL2K} "
+                 f"--methods vanilla hybrid streamingllm sepllm --retention 0.5 {OFF} "
                  "--out docs/eval_gemma3_ppl_8docs",),
                 variant=FIRST),
     Measurement("ppl_gemma3_2k_8_boundary_tokens",
                 "Perplexity, gemma3-270m, the same 8 texts, boundary tokens without the recent share",
                 "eval_gemma3_ppl_8docs_boundary_tokens", "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 "--filler brown --methods vanilla hybrid --retention 0.5 --recent_share 0 "
+                (f"python -m eval.run --model gemma3-270m {PPL2K} "
+                 "--methods vanilla hybrid --retention 0.5 --recent_share 0 "
                  "--out docs/eval_gemma3_ppl_8docs_boundary_tokens",),
                 variant="boundary tokens alone (`--recent_share 0`)",
                 note=COPIED.format("sections above")),
     Measurement("ppl_gemma3_2k_8_budget_floor",
                 "Perplexity, gemma3-270m, the same 8 texts, the first defaults reading at least 256 tokens a step",
                 "eval_gemma3_ppl_8docs_budget_floor", "eval",
-                ("python -m eval.run --model gemma3-270m --suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 "
-                 f"--filler brown --methods vanilla hybrid --retention 0.5 {OFF} --kv_budget_min_tokens 256 "
+                (f"python -m eval.run --model gemma3-270m {PPL2K} "
+                 f"--methods vanilla hybrid --retention 0.5 {OFF} --kv_budget_min_tokens 256 "
                  "--out docs/eval_gemma3_ppl_8docs_budget_floor",),
                 variant=f"a 256-token floor under the first defaults' budget (`{OFF} --kv_budget_min_tokens 256`)",
                 note="The share fitted under the floor as for smollm2-135m. " + COPIED.format("sections above")),
