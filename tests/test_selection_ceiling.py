@@ -1,0 +1,135 @@
+"""The selection-family ceiling (eval.selection_ceiling): a full budget is vanilla exactly, the
+chosen units follow a plain loop's rule, and bad arguments stop before the model loads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from eval import selection_ceiling as SC
+from tests.tiny_models import tiny_params
+
+T, PREFIX = 96, 24
+
+
+def _setup(arch="llama", n_layers=3, seed=0):
+  kw = dict(layer_sliding=(True, False, False)) if arch == "gemma3" else {}
+  params = tiny_params(arch, n_layers=n_layers, **kw)
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(0, params.config.vocab_size, T), jnp.int32)
+  ends = np.sort(np.random.default_rng(seed + 1).choice(np.arange(6, T), 14, replace=False))
+  unit_of, unit_end = SC.units(T, 4, ends=ends)
+  cfg = params.config
+  sparse = np.array([i != 0 and not cfg.sliding_layers[i] for i in range(cfg.n_layers)])
+  return params, tokens, unit_of, unit_end, sparse
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_dense_pass_is_the_model_and_a_full_budget_reads_everything(arch):
+  params, tokens, unit_of, unit_end, sparse = _setup(arch)
+  van, mass = SC.vanilla_nll(params, tokens, unit_of, len(unit_end), PREFIX)
+  logp = jax.nn.log_softmax(cj.forward(params, tokens[None])[0], -1)
+  ref = -np.take_along_axis(np.asarray(logp[:-1]), np.asarray(tokens[1:, None]), -1)[PREFIX - 1:, 0]
+  np.testing.assert_allclose(np.asarray(van), ref, atol=1e-5)
+  cfg = params.config
+  assert mass.shape == (cfg.n_layers, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, T, len(unit_end))
+  for sharing in SC.SHARING:
+    for timing in SC.TIMING:
+      nll, share = SC.family_nll(params, tokens, unit_of, unit_end, mass, sparse, sparse,
+                                 SC.Budget(retention=1.0, recent_share=0.0), sharing, timing, PREFIX)
+      if timing == "fresh":  # every earlier unit fits the whole budget
+        np.testing.assert_allclose(np.asarray(nll), ref, atol=1e-5)
+      assert 0.0 < float(share) <= 1.0
+
+
+def _loop_choice(score_TU, unit_end, budget: SC.Budget, timing: str):
+  """The rule written as a loop over queries: candidates by the window and the serving boundary,
+  taken in score order while their lengths fit."""
+  lens = np.diff(unit_end, prepend=budget.n_sink - 1)
+  take = np.zeros(score_TU.shape, bool)
+  for t in range(score_TU.shape[0]):
+    recent, room = (float(x) for x in budget.split(jnp.asarray(t + 1.0)))
+    start = t + 1 - recent
+    at = t
+    if timing == "boundary":
+      before = unit_end[unit_end < t]
+      at = int(before[-1]) if len(before) else 0
+    cand = [u for u in range(len(unit_end)) if unit_end[u] < start and unit_end[u] <= at]
+    used = 0
+    for u in sorted(cand, key=lambda u: -score_TU[at, u]):
+      used += lens[u]
+      if used > room:
+        break
+      take[t, u] = True
+  return take
+
+
+@pytest.mark.parametrize("timing", SC.TIMING)
+@pytest.mark.parametrize("retention,recent_share", [(0.5, 0.75), (0.3, 0.0), (0.8, 0.5)])
+def test_choice_matches_a_loop(timing, retention, recent_share):
+  rng = np.random.default_rng(7)
+  _, unit_end = SC.units(T, 4, ends=np.sort(rng.choice(np.arange(6, T), 14, replace=False)))
+  score = rng.permutation(T * len(unit_end)).reshape(T, len(unit_end)).astype(np.float32)  # no ties
+  budget = SC.Budget(retention, recent_share)
+  lens = np.diff(unit_end, prepend=3)
+  got = np.asarray(SC.choose_units(jnp.asarray(score), jnp.asarray(unit_end), jnp.asarray(lens), budget, timing))
+  np.testing.assert_array_equal(got, _loop_choice(score, unit_end, budget, timing))
+  assert got.any()
+
+
+def test_a_shared_selection_is_one_selection_and_a_tight_budget_reads_less():
+  params, tokens, unit_of, unit_end, sparse = _setup(n_layers=4)
+  _, mass = SC.vanilla_nll(params, tokens, unit_of, len(unit_end), PREFIX)
+  budget = SC.Budget(retention=0.5, recent_share=0.5)
+  pos = jnp.arange(T)
+  recent, _ = budget.split(pos + 1)
+  cand = jnp.asarray(unit_end)[None, :] < (pos + 1 - recent)[:, None]
+  shared = SC._family_scores(mass, cand, "shared", jnp.asarray(sparse))
+  assert np.all(np.asarray(shared) == np.asarray(shared)[1:2, :1])  # every layer and head, one score
+  per_head = SC._family_scores(mass, cand, "kv_head", jnp.asarray(sparse))
+  assert not np.allclose(np.asarray(per_head)[1], np.asarray(per_head)[2])
+  _, share = SC.family_nll(params, tokens, unit_of, unit_end, mass, sparse, sparse, budget, "kv_head", "fresh", PREFIX)
+  assert 0.3 < float(share) < 0.6  # about half of what each query has seen
+
+
+def test_pages_cover_the_text_after_the_sinks():
+  unit_of, ends = SC.units(40, 4, page=8)
+  assert ends.tolist() == [11, 19, 27, 35]
+  assert (unit_of[:4] == -1).all() and (unit_of[36:] == -1).all()  # sinks, and the open tail
+  assert unit_of[4:12].tolist() == [0] * 8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--retention", "1.5"], "--retention must be in"),
+    (["--tokens", "8192"], "--tokens <= 4096"),
+    (["--families", "shared/later"], "a family is sharing/timing"),
+    (["--unit", "sentences"], "--unit is 'chunks' or a page size"),
+])
+def test_bad_arguments_stop_before_the_model_loads(argv, message):
+  with pytest.raises(SystemExit, match=message):
+    SC.main(argv)
+
+
+def test_an_existing_out_file_is_kept(tmp_path):
+  out = tmp_path / "mine.jsonl"
+  out.write_text("the user's rows\n")
+  with pytest.raises(SystemExit, match="does not overwrite"):
+    SC.main(["--out", str(out)])
+  assert out.read_text() == "the user's rows\n"
+
+
+def test_the_bound_holds_and_is_exact_on_one_token_units():
+  rng = np.random.default_rng(3)
+  K, G, Tq, S, D = 2, 2, 5, 20, 8
+  q = jnp.asarray(rng.normal(size=(K, G, Tq, D)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(S, K, D)), jnp.float32)
+  unit_of = np.full(S, -1, np.int32)
+  unit_of[2:8], unit_of[8:12], unit_of[12:13], unit_of[13:18] = 0, 1, 2, 3
+  bound = np.asarray(SC.unit_bound(q, k, jnp.asarray(unit_of), 4, 0.5))
+  true = 0.5 * np.einsum("kgtd,skd->kgts", np.asarray(q), np.asarray(k))
+  for u in range(4):
+    best = true[..., unit_of == u].max(-1)
+    assert (bound[..., u] >= best - 1e-5).all()
+  np.testing.assert_allclose(bound[..., 2], true[..., 12], rtol=1e-5, atol=1e-5)  # one key: exact
+  mass = np.asarray(SC.bound_mass(q, k, jnp.asarray(unit_of), 4, 0.5))
+  assert np.isfinite(mass).all() and np.allclose(mass.max(-1), 1.0)
