@@ -29,7 +29,8 @@ from eval.run import BROWN
 
 
 def parse_variant(text: str) -> dict:
-  """"field=value,field=value" -> {field: value}; values are ints, floats, None, True, False or strings."""
+  """"field=value,field=value" -> {field: value}; values are ints, floats, None, True, False or strings,
+  or tuples of them written with semicolons ("selection_layers=7;15")."""
   def value(v: str):
     if v in ("None", "True", "False"):
       return {"None": None, "True": True, "False": False}[v]
@@ -39,13 +40,16 @@ def parse_variant(text: str) -> dict:
       except ValueError:
         pass
     return v
+
+  def typed(v: str):  # "a;b;c": a tuple (selection_layers=7;15, dense_layers=0;1)
+    return tuple(value(x) for x in v.split(";") if x) if ";" in v else value(v)
   fields = {f.name for f in dataclasses.fields(cj.ChunkConfig)}
   out = {}
   for item in filter(None, text.split(",")):
     name, _, v = item.partition("=")
     if name not in fields:
       raise SystemExit(f"unknown ChunkConfig field {name!r} in variant {text!r}")
-    out[name] = value(v)
+    out[name] = typed(v)
   return out
 
 

@@ -11,6 +11,7 @@ def test_variants_parse_to_typed_chunk_config_fields():
   assert parse_variant("") == {}
   assert parse_variant("recent_share=0.75,n_local=8,kv_budget=None,scorer=attention") == dict(
       recent_share=0.75, n_local=8, kv_budget=None, scorer="attention")
+  assert parse_variant("selection_layers=7;15,dense_layers=0;") == dict(selection_layers=(7, 15), dense_layers=(0,))
 
 
 def test_an_unknown_field_is_refused():
