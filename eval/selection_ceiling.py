@@ -11,8 +11,9 @@ A family says who shares a selection and how fresh it is:
   selection made by the query at the last unit end before a token serves it: ChunkLLM's rule).
 
 The scores are the frozen attention's mass per unit (`--scorer attention`: the teacher's choice),
-or Quest's training-free bound from each unit's elementwise min and max keys (`--scorer bound`:
-what a selection that reads no K at all keeps).
+or a training-free estimate from a summary of each unit's keys, as a per-step scorer would read
+instead of K: Quest's bound from their elementwise min and max (`--scorer bound`), or their mean
+(`--scorer centroid`).
 
 Units are ChunkLLM's chunks (the Chunk Adapter's ends over the text) or fixed pages. Each query
 reads the sinks, its open unit, the most recent `recent_share` of its budget, and the best-scored
@@ -137,19 +138,28 @@ def unit_bound(q_KGTD, k_SKD, unit_of_S, n_units: int, scale: float):
           + jnp.einsum("kgtd,ukd->kgtu", jnp.minimum(q_KGTD, 0), kmin)) * scale
 
 
-def bound_mass(q_KGTD, k_SKD, unit_of_S, n_units: int, scale: float):
-  """The bound as a mass: each unit weighs as if all its tokens reached it, exp(bound) * length (per
-  query up to a constant, which the candidates' renormalisation removes). [K, G, T, U]."""
+def unit_centroid(q_KGTD, k_SKD, unit_of_S, n_units: int, scale: float):
+  """A query's logit against each unit's mean key, per KV head: scale * q . mean(k). [K, G, T, U]."""
+  seg = jnp.where(unit_of_S >= 0, unit_of_S, n_units)
+  total = jax.ops.segment_sum(k_SKD, seg, num_segments=n_units + 1)[:n_units]  # U K D
+  length = jax.ops.segment_sum(jnp.ones(seg.shape, jnp.float32), seg, num_segments=n_units + 1)[:n_units]
+  return jnp.einsum("kgtd,ukd->kgtu", q_KGTD, total / jnp.maximum(length, 1.0)[:, None, None]) * scale
+
+
+def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
+  """A per-unit logit as a mass: each unit weighs as if all its tokens reached it, exp(logit) * length
+  (per query up to a constant, which the candidates' renormalisation removes). [K, G, T, U]."""
   seg = jnp.where(unit_of_S >= 0, unit_of_S, n_units)
   length = jax.ops.segment_sum(jnp.ones(seg.shape, jnp.float32), seg, num_segments=n_units + 1)[:n_units]
-  logit = unit_bound(q_KGTD, k_SKD, unit_of_S, n_units, scale) + jnp.log(jnp.maximum(length, 1.0))
+  logit = logit_KGTU + jnp.log(jnp.maximum(length, 1.0))
   return jnp.exp(logit - logit.max(-1, keepdims=True))
 
 
 @functools.partial(jax.jit, static_argnames=("n_units", "scorer"))
 def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention"):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
-  the attention mass (`attention`), or Quest's bound (`bound`, `bound_mass`)."""
+  the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`) or each unit's
+  mean key (`centroid`)."""
   cfg = params.config
   T = tokens_T.shape[0]
   pos = jnp.arange(T)
@@ -161,8 +171,10 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
     s = attn.scores(qh, k, ok[:, :, None], scale=cfg.attn_scale, softcap=cfg.attn_softcap)
     p = jax.nn.softmax(s, -1)
     o = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    if scorer == "bound":
-      mass = bound_mass(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), unit_of_T, n_units, cfg.attn_scale)
+    if scorer in ("bound", "centroid"):
+      estimate = unit_bound if scorer == "bound" else unit_centroid
+      logit = estimate(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), unit_of_T, n_units, cfg.attn_scale)
+      mass = estimated_mass(logit, unit_of_T, n_units)
     else:
       mass = jnp.einsum("kgts,su->kgtu", p[0], onehot_SU)
     return attn.merge_heads(o).astype(q.dtype), state, mass
@@ -212,7 +224,7 @@ def _family_nll(params, tokens_T, unit_of_T, unit_end_U, mass_LKGTU, sparse_L, v
   return _nll(params, x, tokens_T, prefix), reads / (jnp.maximum(jnp.sum(sparse_L), 1) * jnp.sum(scored_T))
 
 
-SCORERS = ("attention", "bound")
+SCORERS = ("attention", "bound", "centroid")
 
 
 def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention"):
@@ -232,7 +244,8 @@ def main(argv=None) -> None:
   p.add_argument("--vote_layers", default="sparse", help="who votes for `shared`: 'sparse' (every sparse layer), "
                  "'selection' (the adapters' selection layers) or comma-separated layer indices")
   p.add_argument("--scorer", default="attention", choices=SCORERS,
-                 help="the units' scores: the attention mass (the ceiling) or Quest's min/max key bound")
+                 help="the units' scores: the attention mass (the teacher), or an estimate from "
+                 "each unit's min/max keys (Quest's bound) or mean key")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")

@@ -131,5 +131,19 @@ def test_the_bound_holds_and_is_exact_on_one_token_units():
     best = true[..., unit_of == u].max(-1)
     assert (bound[..., u] >= best - 1e-5).all()
   np.testing.assert_allclose(bound[..., 2], true[..., 12], rtol=1e-5, atol=1e-5)  # one key: exact
-  mass = np.asarray(SC.bound_mass(q, k, jnp.asarray(unit_of), 4, 0.5))
+  mass = np.asarray(SC.estimated_mass(jnp.asarray(bound), jnp.asarray(unit_of), 4))
   assert np.isfinite(mass).all() and np.allclose(mass.max(-1), 1.0)
+  # exp(logit) * length, up to one constant per query
+  ratio = mass / (np.exp(bound) * np.bincount(unit_of[unit_of >= 0]))
+  np.testing.assert_allclose(ratio / ratio[..., :1], 1.0, rtol=1e-4)
+
+
+def test_the_centroid_is_the_mean_key():
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
+  k = rng.normal(size=(12, 2, 8)).astype(np.float32)
+  unit_of = np.array([-1, -1, 0, 0, 0, 1, 1, 2, 2, 2, 2, -1], np.int32)
+  got = np.asarray(SC.unit_centroid(q, jnp.asarray(k), jnp.asarray(unit_of), 3, 0.25))
+  for u in range(3):
+    want = 0.25 * np.einsum("kgtd,kd->kgt", np.asarray(q), k[unit_of == u].mean(0))
+    np.testing.assert_allclose(got[..., u], want, rtol=1e-5, atol=1e-6)
