@@ -87,9 +87,10 @@ def merge_heads(o_BKGTD):
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, *, scale: float, softcap: float | None = None):
-  """Softmax attention with GQA over one key block: head h reads kv head h // (H / K). [B, T, H, D]."""
+  """Softmax attention with GQA over one key block: head h reads kv head h // (H / K). [B, T, H, D].
+  The mask is [B, T, S], or [B, K, T, S] for a mask of its own per kv head."""
   q = split_heads(q_BTHD, k_BSKD.shape[2])
-  ok = mask_BTS[:, None, None]
+  ok = mask_BTS[:, None, None] if mask_BTS.ndim == 3 else mask_BTS[:, :, None]
   s = scores(q, k_BSKD, ok, scale=scale, softcap=softcap)
   o, _ = fold_finish(fold(fold_init(*q.shape), s, ok, v_BSKD))
   return merge_heads(o).astype(q_BTHD.dtype)

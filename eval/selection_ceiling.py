@@ -12,8 +12,9 @@ A family says who shares a selection and how fresh it is:
 
 The scores are the frozen attention's mass per unit (`--scorer attention`: the teacher's choice),
 or a training-free estimate from a summary of each unit's keys, as a per-step scorer would read
-instead of K: Quest's bound from their elementwise min and max (`--scorer bound`), or their mean
-(`--scorer centroid`).
+instead of K: Quest's bound from their elementwise min and max (`--scorer bound`), their mean
+(`--scorer centroid`), or SparQ's logits over a few of K's dimensions (`--scorer sparq --rank r`).
+Each row also gives what scoring reads per step (`scoring_kv`, a share of the seen tokens' KV).
 
 Units are ChunkLLM's chunks (the Chunk Adapter's ends over the text) or fixed pages. Each query
 reads the sinks, its open unit, the most recent `recent_share` of its budget, and the best-scored
@@ -65,9 +66,11 @@ class Budget:
     return recent, jnp.maximum(budget - self.n_sink - recent, 0)
 
 
-def units(T: int, n_sink: int, ends=None, page: int | None = None):
+def units(T: int, n_sink: int, ends=None, page: int | None = None, pad_to: int = 0):
   """(unit of each position [T], -1 for the sinks and the open tail; last position of each unit [U]).
-  Units are the chunks that `ends` close (ascending last positions), or pages of `page` tokens."""
+  Units are the chunks that `ends` close (ascending last positions), or pages of `page` tokens.
+  `pad_to`: at least this many units, the extra ones empty and ending at T (never a candidate), so
+  texts of different chunk counts share one compiled program."""
   if (ends is None) == (page is None):
     raise ValueError("give chunk ends or a page size")
   if page is not None:
@@ -75,6 +78,7 @@ def units(T: int, n_sink: int, ends=None, page: int | None = None):
   ends = np.asarray([e for e in ends if n_sink <= e < T], np.int64)
   unit_of = np.searchsorted(ends, np.arange(T))  # the first unit whose end is at or after the position
   unit_of = np.where((np.arange(T) < n_sink) | (unit_of >= len(ends)), -1, unit_of)
+  ends = np.concatenate([ends, np.full(max(pad_to - len(ends), 0), T)])
   return unit_of.astype(np.int32), ends.astype(np.int32)
 
 
@@ -115,51 +119,64 @@ def _family_scores(mass_LKGTU, cand_TU, sharing: str, vote_L):
   return jnp.broadcast_to(per_layer[:, None], (m.shape[0], m.shape[1]) + m.shape[3:])
 
 
-def _attend(cfg, q, k, v, ok_BKTS):
-  qh = attn.split_heads(q, k.shape[2])
-  ok = ok_BKTS[:, :, None]
-  s = attn.scores(qh, k, ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
-  o, _ = attn.fold_finish(attn.fold(attn.fold_init(*qh.shape), s, ok, v))
-  return attn.merge_heads(o).astype(q.dtype)
-
-
 def _nll(params, x, tokens_T, prefix: int):
   logp = jax.nn.log_softmax(mdl.unembed(params, x)[0], -1)
   return -jnp.take_along_axis(logp[:-1], tokens_T[1:, None], -1)[prefix - 1:, 0]
 
 
+def _segments(unit_of_S, n_units: int):
+  """(segment of each position, n_units for the sinks and the open tail, a dropped segment; tokens per unit [U])."""
+  seg = jnp.where(unit_of_S >= 0, unit_of_S, n_units)
+  return seg, jax.ops.segment_sum(jnp.ones(seg.shape, jnp.float32), seg, num_segments=n_units + 1)[:n_units]
+
+
 def unit_bound(q_KGTD, k_SKD, unit_of_S, n_units: int, scale: float):
   """Quest's bound at unit granularity: per unit and KV head the elementwise min and max of its keys;
-  a query's bound on its best logit in the unit is scale * sum_d max(q_d min_d, q_d max_d). [K, G, T, U]."""
-  seg = jnp.where(unit_of_S >= 0, unit_of_S, n_units)  # sinks and the open tail: a dropped segment
-  kmax = jax.ops.segment_max(k_SKD, seg, num_segments=n_units + 1)[:n_units]  # U K D
-  kmin = -jax.ops.segment_max(-k_SKD, seg, num_segments=n_units + 1)[:n_units]
+  a query's bound on its best logit in the unit is scale * sum_d max(q_d min_d, q_d max_d). [K, G, T, U]
+  (0 for an empty unit: padding, never a candidate)."""
+  seg, length = _segments(unit_of_S, n_units)
+  full = (length > 0)[:, None, None]
+  kmax = jnp.where(full, jax.ops.segment_max(k_SKD, seg, num_segments=n_units + 1)[:n_units], 0.0)  # U K D
+  kmin = jnp.where(full, -jax.ops.segment_max(-k_SKD, seg, num_segments=n_units + 1)[:n_units], 0.0)
   return (jnp.einsum("kgtd,ukd->kgtu", jnp.maximum(q_KGTD, 0), kmax)
           + jnp.einsum("kgtd,ukd->kgtu", jnp.minimum(q_KGTD, 0), kmin)) * scale
 
 
 def unit_centroid(q_KGTD, k_SKD, unit_of_S, n_units: int, scale: float):
   """A query's logit against each unit's mean key, per KV head: scale * q . mean(k). [K, G, T, U]."""
-  seg = jnp.where(unit_of_S >= 0, unit_of_S, n_units)
+  seg, length = _segments(unit_of_S, n_units)
   total = jax.ops.segment_sum(k_SKD, seg, num_segments=n_units + 1)[:n_units]  # U K D
-  length = jax.ops.segment_sum(jnp.ones(seg.shape, jnp.float32), seg, num_segments=n_units + 1)[:n_units]
   return jnp.einsum("kgtd,ukd->kgtu", q_KGTD, total / jnp.maximum(length, 1.0)[:, None, None]) * scale
+
+
+def sparq_mass(q_KGTD, k_SKD, ok_TS, unit_of_S, n_units: int, scale: float, rank: int):
+  """SparQ's estimate of the attention mass per unit, per KV head: the `rank` dimensions where the
+  head's queries are largest in |q| (summed over the query heads that read it, so one slice of K
+  serves them all), each query's logits over those dimensions of every visible key at SparQ's
+  temperature (the scale over sqrt of the share of |q| kept), softmax, summed per unit. A step reads
+  rank / head_dim of K for it. [K, G, T, U]."""
+  strength_KTD = jnp.abs(q_KGTD).sum(1)
+  kth = jax.lax.top_k(strength_KTD, rank)[0][..., -1:]
+  q_r = jnp.where((strength_KTD >= kth)[:, None], q_KGTD, 0.0)
+  kept = jnp.abs(q_r).sum(-1, keepdims=True) / jnp.maximum(jnp.abs(q_KGTD).sum(-1, keepdims=True), 1e-30)
+  logit = jnp.einsum("kgtd,skd->kgts", q_r, k_SKD) * scale / jnp.sqrt(jnp.maximum(kept, 1e-6))
+  p = jax.nn.softmax(jnp.where(ok_TS, logit, -jnp.inf), -1)
+  return jnp.einsum("kgts,su->kgtu", p, jax.nn.one_hot(unit_of_S, n_units, dtype=jnp.float32))
 
 
 def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
   """A per-unit logit as a mass: each unit weighs as if all its tokens reached it, exp(logit) * length
   (per query up to a constant, which the candidates' renormalisation removes). [K, G, T, U]."""
-  seg = jnp.where(unit_of_S >= 0, unit_of_S, n_units)
-  length = jax.ops.segment_sum(jnp.ones(seg.shape, jnp.float32), seg, num_segments=n_units + 1)[:n_units]
+  _, length = _segments(unit_of_S, n_units)
   logit = logit_KGTU + jnp.log(jnp.maximum(length, 1.0))
   return jnp.exp(logit - logit.max(-1, keepdims=True))
 
 
-@functools.partial(jax.jit, static_argnames=("n_units", "scorer"))
-def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention"):
+@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank"))
+def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
-  the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`) or each unit's
-  mean key (`centroid`)."""
+  the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`), each unit's
+  mean key (`centroid`) or `rank` dimensions of every key (`sparq`)."""
   cfg = params.config
   T = tokens_T.shape[0]
   pos = jnp.arange(T)
@@ -175,6 +192,9 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
       estimate = unit_bound if scorer == "bound" else unit_centroid
       logit = estimate(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), unit_of_T, n_units, cfg.attn_scale)
       mass = estimated_mass(logit, unit_of_T, n_units)
+    elif scorer == "sparq":
+      mass = sparq_mass(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), ok[0, 0], unit_of_T, n_units,
+                        cfg.attn_scale, rank)
     else:
       mass = jnp.einsum("kgts,su->kgtu", p[0], onehot_SU)
     return attn.merge_heads(o).astype(q.dtype), state, mass
@@ -218,17 +238,26 @@ def _family_nll(params, tokens_T, unit_of_T, unit_end_U, mass_LKGTU, sparse_L, v
     ok_KTS = jnp.where(use_sparse, sparse_ok, dense_ok)
     share = jnp.sum(ok_KTS, -1) / (pos + 1)  # K T
     reads = reads + jnp.where(sparse_L[idx], jnp.sum(jnp.where(scored_T, share, 0.0)) / share.shape[0], 0.0)
-    return _attend(cfg, q, k, v, ok_KTS[None]), reads, None
+    return attn.attend(q, k, v, ok_KTS[None], scale=cfg.attn_scale, softcap=cfg.attn_softcap), reads, None
 
   x, reads, _ = mdl.run_layers(params, mdl.embed(params, tokens_T[None]), pos[None], attend_fn, jnp.float32(0))
   return _nll(params, x, tokens_T, prefix), reads / (jnp.maximum(jnp.sum(sparse_L), 1) * jnp.sum(scored_T))
 
 
-SCORERS = ("attention", "bound", "centroid")
+SCORERS = ("attention", "bound", "centroid", "sparq")
 
 
-def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention"):
-  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer)
+def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int) -> float:
+  """What a decode step reads to score, as a share of the KV of the `seen` tokens it scores: all of K
+  (the attention), two keys a unit (the bound), one (the centroid), `rank` of K's dimensions (sparq)."""
+  per_unit = {"bound": 2, "centroid": 1}
+  if scorer in per_unit:
+    return per_unit[scorer] * n_units / (2 * seen)
+  return (head_dim if scorer == "attention" else rank) / (2 * head_dim)
+
+
+def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16):
+  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank)
   return _nll(params, x, tokens_T, prefix), mass
 
 
@@ -245,7 +274,9 @@ def main(argv=None) -> None:
                  "'selection' (the adapters' selection layers) or comma-separated layer indices")
   p.add_argument("--scorer", default="attention", choices=SCORERS,
                  help="the units' scores: the attention mass (the teacher), or an estimate from "
-                 "each unit's min/max keys (Quest's bound) or mean key")
+                 "each unit's min/max keys (Quest's bound) or mean key, or `--rank` dimensions of every "
+                 "key (SparQ)")
+  p.add_argument("--rank", type=int, default=16, help="dimensions of K that `--scorer sparq` reads")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")
@@ -262,6 +293,8 @@ def main(argv=None) -> None:
                        f"got {'/'.join(f)!r}")
   if args.unit != "chunks" and not args.unit.isdigit():
     raise SystemExit(f"--unit is 'chunks' or a page size; got {args.unit!r}")
+  if args.rank < 1:
+    raise SystemExit(f"--rank must be at least 1; got {args.rank}")
   if args.out and Path(args.out).exists():
     raise SystemExit(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
 
@@ -269,13 +302,15 @@ def main(argv=None) -> None:
   adapters = cj.load_adapters(args.model, model.config)
   params = cj.with_adapters(model.params, adapters)
   cfg = model.config
+  if args.rank > cfg.head_dim:
+    raise SystemExit(f"--rank must be at most the head dimension, {cfg.head_dim}; got {args.rank}")
   ccfg = cj.ChunkConfig()
   sparse_L = np.array([i not in ccfg.dense_layers and not cfg.sliding_layers[i] for i in range(cfg.n_layers)])
   if args.vote_layers == "sparse":
     vote_L = sparse_L
   else:
-    names = adapters.config.selection_layers if args.vote_layers == "selection" else \
-        [int(i) for i in args.vote_layers.split(",")]
+    names = (adapters.config.selection_layers or adapters.config.qk_layers) if args.vote_layers == "selection" \
+        else [int(i) for i in args.vote_layers.split(",")]
     vote_L = np.isin(np.arange(cfg.n_layers), names)
   budget = Budget(args.retention, args.recent_share, ccfg.n_sink)
   docs = P.text_windows(model.tokenizer, args.docs, args.tokens, args.text)
@@ -283,18 +318,22 @@ def main(argv=None) -> None:
   edges = P.position_bins(args.prefix, args.tokens, 8)
   sums = {f: np.zeros(len(edges) - 1) for f in [("vanilla", "")] + families}
   reads = {f: [] for f in families}
+  score_reads = []
   t0 = time.time()
+  n_units = -(-max(len(e) for e in seg.ends) // 32) * 32 if seg else 0  # one unit count: one compile
   for i, doc in enumerate(docs):
     tokens = jnp.asarray(doc, jnp.int32)
-    unit_of, ends = units(args.tokens, ccfg.n_sink, ends=seg.ends[i]) if seg else \
+    unit_of, ends = units(args.tokens, ccfg.n_sink, ends=seg.ends[i], pad_to=n_units) if seg else \
         units(args.tokens, ccfg.n_sink, page=int(args.unit))
-    van, mass = vanilla_nll(params, tokens, unit_of, len(ends), args.prefix, args.scorer)
+    van, mass = vanilla_nll(params, tokens, unit_of, len(ends), args.prefix, args.scorer, args.rank)
+    n_real = int(np.sum(ends < args.tokens))
+    score_reads.append(scoring_reads(args.scorer, n_real, args.tokens, cfg.head_dim, args.rank))
     sums[("vanilla", "")] += P.binned_nll(-np.asarray(van), args.prefix, edges)[0]
     for f in families:
       nll, share = family_nll(params, tokens, unit_of, ends, mass, sparse_L, vote_L, budget, *f, args.prefix)
       sums[f] += P.binned_nll(-np.asarray(nll), args.prefix, edges)[0]
       reads[f].append(float(share))
-    print(f"text {i + 1}/{len(docs)} ({len(ends)} units) done at {time.time() - t0:.0f} s", flush=True)
+    print(f"text {i + 1}/{len(docs)} ({n_real} units) done at {time.time() - t0:.0f} s", flush=True)
   n = args.docs * (args.tokens - args.prefix)
   ref = sums[("vanilla", "")].sum()
   rows = []
@@ -302,16 +341,18 @@ def main(argv=None) -> None:
     row = dict(family="/".join(f) if f[1] else "vanilla", perplexity=float(np.exp(s.sum() / n)),
                ppl_vs_vanilla=float(np.exp((s.sum() - ref) / n) - 1),
                kv=float(np.mean(reads[f])) if f in reads else 1.0,
+               scoring_kv=float(np.mean(score_reads)) if f in reads else 0.0,
                nll_bins_minus_vanilla=(s - sums[("vanilla", "")]).round(2).tolist(), bin_edges=edges.tolist())
     rows.append(row)
-    print(f"{row['family']:20s} KV {row['kv']:6.1%}  perplexity {row['perplexity']:7.3f} {row['ppl_vs_vanilla']:+7.2%}"
+    print(f"{row['family']:20s} KV {row['kv']:6.1%} (+{row['scoring_kv']:.1%} to score)  perplexity {row['perplexity']:7.3f} {row['ppl_vs_vanilla']:+7.2%}"
           "  NLL - vanilla per bin:", " ".join(f"{d:6.1f}" for d in row["nll_bins_minus_vanilla"]), flush=True)
   if args.out:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps({**r, **vars(args)}) + "\n" for r in rows))
     _plot(rows, out.with_suffix(".png"), f"{args.model}, {args.docs} x {args.tokens} tokens, "
-          f"{args.retention:.0%} budget, units: {args.unit}, scores: {args.scorer}")
+          f"{args.retention:.0%} budget, units: {args.unit}, scores: {args.scorer}"
+          + (f" (rank {args.rank})" if args.scorer == "sparq" else ""))
 
 
 def _plot(rows, path: Path, title: str) -> None:

@@ -79,3 +79,21 @@ def test_decode_attention_matches_one_softmax_over_the_visible_keys(S, blocks, w
   k, v = (jnp.nan_to_num(x) for x in (k, v))
   want = attn.attend(q, k[layer], v[layer], mask, scale=0.3, softcap=softcap)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-5)
+
+
+def test_a_mask_per_kv_head_is_each_head_group_on_its_own_mask():
+  B, T, H, K, D = 2, 6, 4, 2, 8
+  kq, kk, kv, km = jax.random.split(jax.random.key(11), 4)
+  q = jax.random.normal(kq, (B, T, H, D))
+  k = jax.random.normal(kk, (B, T, K, D))
+  v = jax.random.normal(kv, (B, T, K, D))
+  causal = jnp.tril(jnp.ones((T, T), bool))
+  shared = jnp.broadcast_to(causal, (B, T, T))
+  same = attn.attend(q, k, v, jnp.broadcast_to(shared[:, None], (B, K, T, T)), scale=0.3)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(attn.attend(q, k, v, shared, scale=0.3)))
+  per_head = causal & (jax.random.uniform(km, (B, K, T, T)) < 0.6) | jnp.eye(T, dtype=bool)  # each row sees itself
+  got = attn.attend(q, k, v, per_head, scale=0.3)
+  G = H // K
+  for h in range(K):  # kv head h alone, with its query heads, under its own mask
+    want = attn.attend(q[:, :, h * G:(h + 1) * G], k[:, :, h:h + 1], v[:, :, h:h + 1], per_head[:, h], scale=0.3)
+    np.testing.assert_allclose(np.asarray(got[:, :, h * G:(h + 1) * G]), np.asarray(want), atol=1e-6)
