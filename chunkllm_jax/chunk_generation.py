@@ -38,8 +38,8 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, i
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
-from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, choose, chunk_lengths, local_tokens,
-                                    vote_scores)
+from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, choose,
+                                    chunk_lengths, chunk_mass, local_tokens, sparq_chunk_mass, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -75,6 +75,8 @@ def _layer_plan(params: ModelParams, ccfg: ChunkConfig) -> _LayerPlan:
 def resolved(params: ModelParams, ccfg: ChunkConfig) -> ChunkConfig:
   """`ccfg` with what the adapters decide filled in (selection layers, the scorer's query window)."""
   acfg = params.adapters.config
+  if ccfg.score_rank is not None and ccfg.score_rank > params.config.head_dim:
+    raise ValueError(f"score_rank={ccfg.score_rank} exceeds the head dimension ({params.config.head_dim})")
   return ccfg.resolve(params.config.full_attention_layers, acfg.qk_layers, acfg.selection_layers, acfg.score_queries)
 
 
@@ -446,6 +448,48 @@ def _recent(buf_LBSKD, layer, start_B, size: int):
   return win, start[:, None] + jnp.arange(size)
 
 
+def _per_head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B):
+  """selection="kv_head": each KV head chooses its chunks from this query's attention over the
+  candidates (the max over the query heads that read it; exact, or SparQ's estimate with
+  `score_rank`), by `choose` with one row per head, and attends the sinks, the local and open chunks,
+  its chosen chunks and, with boundary tokens, the last token of each candidate it leaves out.
+  This path attends the whole buffer under the heads' masks. (output [B, 1, H, D], tokens each head
+  reads [B, K])."""
+  _, B, S, K, _ = k_LBSKD.shape
+  C = st.chunk_end.shape[1]
+  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
+  last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
+  hi = jnp.where(n_cand > 0, last, -1)[:, None, None, None]
+  q = attn.split_heads(q_B1HD, K)  # B K G 1 D
+  if ccfg.score_rank is None:
+    mass = chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
+                      softcap=cfg.attn_softcap, layer=layer)
+  else:
+    mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
+                            rank=ccfg.score_rank, layer=layer)
+  score_BKC = mass[:, :, :, 0].max(2)
+  local = local_tokens(st.chunk_end, st.n_chunks[:, None], ccfg.n_local, ccfg.n_sink)[:, 0]
+  fixed = ccfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
+  per_head = lambda x: jnp.broadcast_to(x[:, None], (B, K))
+  picked_BKC = choose(score_BKC, per_head(n_cand), chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks),
+                      per_head(fixed), per_head(pos_B + 1), ccfg)
+  # Each position's chunk: the first whose end is at or after it (completed chunks only).
+  t = jnp.arange(S)
+  ends = jnp.where(jnp.arange(C) < st.n_chunks[:, None], st.chunk_end, S)
+  chunk_of = jax.vmap(lambda e: jnp.searchsorted(e, t, side="left"))(ends)  # B S
+  in_chunk = (chunk_of < st.n_chunks[:, None]) & (t >= ccfg.n_sink)
+  at = jnp.minimum(chunk_of, C - 1)
+  base = (t < ccfg.n_sink) | ((t >= st.open_start[:, None]) & (t <= pos_B[:, None]))
+  base = base | (in_chunk & (chunk_of >= (st.n_chunks - ccfg.n_local)[:, None]))
+  if ccfg.reads_boundary_tokens:
+    base = base | (in_chunk & (t == jnp.take_along_axis(ends, at, 1)))
+  picked_BKS = jnp.take_along_axis(picked_BKC, at[:, None, :], -1) & in_chunk[:, None]
+  read_BKS = (base[:, None] | picked_BKS) & (t <= pos_B[:, None])[:, None]
+  o = attn.attend(q_B1HD, k_LBSKD[layer], v_LBSKD[layer], read_BKS[:, :, None], scale=cfg.attn_scale,
+                  softcap=cfg.attn_softcap)
+  return o, jnp.sum(read_BKS, -1).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("ccfg",))
 def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
   """One token per row: (logits [B, V], the cache, the chunk state), re-selecting where it closes a chunk."""
@@ -459,7 +503,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   d_c = _d_c(params, ccfg)
 
   def attend_fn(state, layer, q, k, v, h):
-    kb, vb, p_B = state
+    kb, vb, p_B, reads_B = state
     idx = layer["index"]
     kb, vb = write_token(kb, idx, pos_B, k[:, 0]), write_token(vb, idx, pos_B, v[:, 0])
 
@@ -480,32 +524,44 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                                      open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
                                      blocks=attn.decode_blocks(st.work_k.shape[2], WORK_BLOCKS))
 
-    o = jax.lax.cond(sparse_L[idx], sparse, dense)
+    if ccfg.selection == "kv_head":
+      o, read_BK = jax.lax.cond(
+          sparse_L[idx], lambda: _per_head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B),
+          lambda: (dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32)))
+      reads_B = reads_B + read_BK.mean(-1)
+    else:
+      o = jax.lax.cond(sparse_L[idx], sparse, dense)
     if d_c:  # the QK Adapters run on the selection layers only
       qt, kt = jax.lax.cond(selects_L[idx], lambda: tuple(x[:, 0] for x in _qk(params, slot_L[idx], h)),
                             lambda: (jnp.zeros((B, d_c), jnp.float32),) * 2)
     else:
       qt = kt = jnp.zeros((B, 0), jnp.float32)
-    return o, (kb, vb, p_B), (q[:, 0], qt, kt)
+    return o, (kb, vb, p_B, reads_B), (q[:, 0], qt, kt)
 
   def output_fn(state, layer, x, ys):  # the Chunk Adapter reads layer 0's output
-    kb, vb, p_B = state
+    kb, vb, p_B, reads_B = state
     p_B = jax.lax.cond(layer["index"] == 0, lambda: _boundary_probs(params, x)[:, 0], lambda: p_B)
-    return (kb, vb, p_B), ys
+    return (kb, vb, p_B, reads_B), ys
 
   x0 = model.embed(params, tokens_B[:, None])
   p0 = jnp.zeros((B,), jax.eval_shape(lambda h: _boundary_probs(params, h), x0).dtype)
-  x, (k, v, p), (q_LBHD, qt_LBd, kt_LBd) = model.run_layers(params, x0, pos_B[:, None], attend_fn,
-                                                            (cache.k, cache.v, p0), output_fn)
+  x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd) = model.run_layers(
+      params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, p0, jnp.zeros((B,), jnp.float32)), output_fn)
   logits = model.unembed(params, x)[:, 0]
   cache = KVCache(k=k, v=v, length=pos_B + 1)
 
   # Retention (SepLLM): tokens a sparse layer read / tokens seen, before this step's boundary.
-  w0 = st.work_valid & (st.work_pos <= pos_B[:, None])
   seen = pos_B + 1
-  visible = jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
-  st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
-                  read_slots=st.read_slots + n_blocks * WORK_BLOCK + M)
+  if ccfg.selection == "kv_head":  # the sparse layers' and heads' mean; the slots add the scores' reads of K
+    visible = reads_B / max(int(np.sum(plan.sparse)), 1)
+    score_share = 0.5 if ccfg.score_rank is None else ccfg.score_rank / (2 * cfg.head_dim)
+    st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
+                    read_slots=st.read_slots + visible + score_share * seen, n_selections=st.n_selections + 1)
+  else:
+    w0 = st.work_valid & (st.work_pos <= pos_B[:, None])
+    visible = jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
+    st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
+                    read_slots=st.read_slots + n_blocks * WORK_BLOCK + M)
 
   closes = ccfg.closes(pos_B, st.open_start, tokens_B, p)
 
@@ -516,6 +572,10 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   reselect = closes | refresh
   sel = np.asarray(plan.selection_layers)
   st = _remember_queries(st, q_LBHD[sel], qt_LBd[sel], pos_B)
+
+  if ccfg.selection == "kv_head":  # the heads choose at every step: the chunk table is all a boundary changes
+    st = append_chunks(st, closes, pos_B, kt_LBd[sel])
+    return logits, cache, st
 
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])

@@ -40,6 +40,7 @@ from chunkllm_jax.adapters import chunk_scores
 SCORERS = ("adapter", "attention")
 ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.md, section 1)
 VOTES = ("sum", "max")
+SELECTIONS = ("shared", "kv_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,16 @@ class ChunkConfig(ChunkRules):
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
+  # Who makes decode's selections: "shared" (ChunkLLM's rule: one selection, made where a token closes
+  # a chunk, serves every sparse layer and head) or "kv_head": each KV head of each sparse layer chooses
+  # the chunks it reads at every step, by its own query's attention over them (Quest's rule on
+  # ChunkLLM's chunks; the measured ceiling of each rule: docs/results.md, twentieth session). The
+  # XLA path of "kv_head" attends the whole buffer under each head's mask: it measures the rule's
+  # quality, not yet its speed.
+  selection: str = "shared"
+  # With selection="kv_head": how many of K's dimensions each step's scores read (SparQ's estimate,
+  # `sparq_chunk_mass`); None: all of them (the exact attention mass, `chunk_mass`).
+  score_rank: int | None = None
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
@@ -152,6 +163,15 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"score_queries must be >= 1, got {self.score_queries}")
     if self.vote not in VOTES:
       raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+    if self.score_rank is not None:
+      if self.selection != "kv_head":
+        raise ValueError("score_rank sets how the per-head selection scores; it needs selection='kv_head'")
+      if not isinstance(self.score_rank, int) or isinstance(self.score_rank, bool) or self.score_rank < 1:
+        raise ValueError(f"score_rank must be an int >= 1 (dimensions of K), got {self.score_rank!r}")
+    if self.selection == "kv_head" and self.attention == "pallas":
+      raise ValueError("selection='kv_head' has no Pallas kernel yet; use attention='xla'")
     if self.refresh_every < 0:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
@@ -332,6 +352,31 @@ def chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, 
                                                                zeros, zeros, jnp.zeros((B, K, G, Q, C), jnp.float32)))
   at_end = at_end / jnp.where(l > 0, l, 1.0)[..., None]
   return at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
+
+
+def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, rank: int, layer=None):
+  """SparQ's estimate of `chunk_mass` from `rank` of K's dimensions: per KV head and query, the
+  dimensions where the query heads that read it are largest in |q| summed (one slice of K serves the
+  group); each head's logits over those dimensions at SparQ's temperature (`scale` over the square
+  root of the share of its |q|_1 they keep); the softmax over the keys [n_sink, hi], summed within
+  each chunk (0 for chunks ending before n_sink or past the keys). float32 [B, K, G, Q, C].
+  The soft cap is not applied: the estimate ranks chunks, and the cap keeps the order of logits."""
+  if layer is not None:
+    k_BTKD = k_BTKD[layer]
+  T = k_BTKD.shape[1]
+  q = q_BKGQD.astype(jnp.float32)
+  strength_BKQD = jnp.abs(q).sum(2)
+  kth = jax.lax.top_k(strength_BKQD, rank)[0][..., -1:]
+  q_r = jnp.where((strength_BKQD >= kth)[:, :, None], q, 0.0)
+  kept = jnp.abs(q_r).sum(-1, keepdims=True) / jnp.maximum(jnp.abs(q).sum(-1, keepdims=True), 1e-30)
+  s = jnp.einsum("bkgqd,btkd->bkgqt", q_r, k_BTKD.astype(jnp.float32)) * (scale / jnp.sqrt(jnp.maximum(kept, 1e-6)))
+  t = jnp.arange(T)
+  ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s.shape[:-1])[..., None])
+  p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s, -jnp.inf), -1), 0.0)  # a query with no key: zeros
+  cum = jnp.cumsum(p, -1)
+  at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
+  mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
+  return jnp.where(((ends_BC >= n_sink) & (ends_BC < T))[:, None, None, None, :], mass, 0.0)
 
 
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,

@@ -13,7 +13,8 @@ A family says who shares a selection and how fresh it is:
 The scores are the frozen attention's mass per unit (`--scorer attention`: the teacher's choice),
 or a training-free estimate from a summary of each unit's keys, as a per-step scorer would read
 instead of K: Quest's bound from their elementwise min and max (`--scorer bound`), their mean
-(`--scorer centroid`), or SparQ's logits over a few of K's dimensions (`--scorer sparq --rank r`).
+(`--scorer centroid`), or SparQ's logits over a few of K's dimensions (`--scorer sparq --rank r`, as decode's
+`selection="kv_head", score_rank=r` scores).
 Each row also gives what scoring reads per step (`scoring_kv`, a share of the seen tokens' KV).
 
 Units are ChunkLLM's chunks (the Chunk Adapter's ends over the text) or fixed pages. Each query
@@ -42,6 +43,7 @@ import numpy as np
 import chunkllm_jax as cj
 from chunkllm_jax import attention as attn
 from chunkllm_jax import model as mdl
+from chunkllm_jax import selection as sel
 from eval import methods as M
 from eval import perplexity as P
 from eval.run import BROWN
@@ -149,21 +151,6 @@ def unit_centroid(q_KGTD, k_SKD, unit_of_S, n_units: int, scale: float):
   return jnp.einsum("kgtd,ukd->kgtu", q_KGTD, total / jnp.maximum(length, 1.0)[:, None, None]) * scale
 
 
-def sparq_mass(q_KGTD, k_SKD, ok_TS, unit_of_S, n_units: int, scale: float, rank: int):
-  """SparQ's estimate of the attention mass per unit, per KV head: the `rank` dimensions where the
-  head's queries are largest in |q| (summed over the query heads that read it, so one slice of K
-  serves them all), each query's logits over those dimensions of every visible key at SparQ's
-  temperature (the scale over sqrt of the share of |q| kept), softmax, summed per unit. A step reads
-  rank / head_dim of K for it. [K, G, T, U]."""
-  strength_KTD = jnp.abs(q_KGTD).sum(1)
-  kth = jax.lax.top_k(strength_KTD, rank)[0][..., -1:]
-  q_r = jnp.where((strength_KTD >= kth)[:, None], q_KGTD, 0.0)
-  kept = jnp.abs(q_r).sum(-1, keepdims=True) / jnp.maximum(jnp.abs(q_KGTD).sum(-1, keepdims=True), 1e-30)
-  logit = jnp.einsum("kgtd,skd->kgts", q_r, k_SKD) * scale / jnp.sqrt(jnp.maximum(kept, 1e-6))
-  p = jax.nn.softmax(jnp.where(ok_TS, logit, -jnp.inf), -1)
-  return jnp.einsum("kgts,su->kgtu", p, jax.nn.one_hot(unit_of_S, n_units, dtype=jnp.float32))
-
-
 def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
   """A per-unit logit as a mass: each unit weighs as if all its tokens reached it, exp(logit) * length
   (per query up to a constant, which the candidates' renormalisation removes). [K, G, T, U]."""
@@ -181,6 +168,9 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
   T = tokens_T.shape[0]
   pos = jnp.arange(T)
   onehot_SU = jax.nn.one_hot(unit_of_T, n_units, dtype=jnp.float32)  # -1 (sinks): a zero row
+  seg, length = _segments(unit_of_T, n_units)
+  unit_end = jnp.where(length > 0, jax.ops.segment_max(pos, seg, num_segments=n_units + 1)[:n_units], T)
+  n_sink = jnp.argmax(unit_of_T >= 0)  # the first unit's first position
 
   def attend_fn(state, layer, q, k, v, h):
     ok = attn.visible(pos[None], pos[None], jnp.ones((1, T), bool), layer["window"])[:, None]
@@ -192,9 +182,9 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
       estimate = unit_bound if scorer == "bound" else unit_centroid
       logit = estimate(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), unit_of_T, n_units, cfg.attn_scale)
       mass = estimated_mass(logit, unit_of_T, n_units)
-    elif scorer == "sparq":
-      mass = sparq_mass(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), ok[0, 0], unit_of_T, n_units,
-                        cfg.attn_scale, rank)
+    elif scorer == "sparq":  # decode's own estimate (`selection="kv_head", score_rank=rank`), every query at once
+      mass = sel.sparq_chunk_mass(qh, k, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
+                                  scale=cfg.attn_scale, rank=rank)[0]
     else:
       mass = jnp.einsum("kgts,su->kgtu", p[0], onehot_SU)
     return attn.merge_heads(o).astype(q.dtype), state, mass

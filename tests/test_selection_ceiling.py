@@ -169,35 +169,6 @@ def test_empty_padding_units_change_no_family(scorer):
     np.testing.assert_allclose(float(got[1]), float(want[1]), atol=1e-6)
 
 
-@pytest.mark.parametrize("rank", [3, 8])
-def test_sparq_mass_matches_a_loop_and_is_the_attention_at_full_rank(rank):
-  rng = np.random.default_rng(rank)
-  K, G, Tq, D = 2, 3, 12, 8
-  q = rng.normal(size=(K, G, Tq, D)).astype(np.float32)
-  k = rng.normal(size=(Tq, K, D)).astype(np.float32)
-  ok = np.tril(np.ones((Tq, Tq), bool))
-  unit_of = np.array([-1, -1, 0, 0, 0, 1, 1, 2, 2, 2, 2, -1], np.int32)
-  got = np.asarray(SC.sparq_mass(jnp.asarray(q), jnp.asarray(k), jnp.asarray(ok), jnp.asarray(unit_of), 3, 0.3, rank))
-  want = np.zeros_like(got)
-  for h in range(K):
-    for t in range(Tq):
-      dims = np.argsort(-np.abs(q[h, :, t]).sum(0))[:rank]  # the KV head's dims, shared by its query heads
-      for g in range(G):
-        kept = np.abs(q[h, g, t, dims]).sum() / np.abs(q[h, g, t]).sum()
-        logit = k[:t + 1, h][:, dims] @ q[h, g, t, dims] * 0.3 / np.sqrt(kept)
-        p = np.exp(logit - logit.max())
-        p /= p.sum()
-        for u in range(3):
-          want[h, g, t, u] = p[unit_of[:t + 1] == u].sum()
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-  full = np.asarray(SC.sparq_mass(jnp.asarray(q), jnp.asarray(k), jnp.asarray(ok), jnp.asarray(unit_of), 3, 0.3, D))
-  logit = np.einsum("kgtd,skd->kgts", q, k) * 0.3
-  p = np.exp(np.where(ok, logit, -np.inf) - np.where(ok, logit, -np.inf).max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  np.testing.assert_allclose(full, np.stack([p[..., unit_of == u].sum(-1) for u in range(3)], -1), rtol=1e-4,
-                             atol=1e-6)
-
-
 def test_scoring_reads_are_what_each_scorer_reads():
   assert SC.scoring_reads("attention", 50, 1000, 64, 16) == 0.5  # all of K
   assert SC.scoring_reads("sparq", 50, 1000, 64, 16) == 16 / 128

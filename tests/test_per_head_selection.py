@@ -1,0 +1,112 @@
+"""selection="kv_head": every KV head of every sparse layer chooses its chunks at each step. A full
+budget is `generate` exactly, a tight one reads about its budget, SparQ's estimate is the exact chunk
+mass at full rank and a loop's at lower rank, and bad settings are named."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import chunkllm_jax as cj
+from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chunk_prefill
+from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
+from tests.tiny_models import chunk_params, prompts
+
+FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("score_rank", [None, 4])
+def test_a_full_budget_is_generate(arch, score_rank):
+  params = chunk_params(arch)
+  rows = prompts([40, 23], seed=5)
+  ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
+  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, selection="kv_head",
+                       score_rank=score_rank, **FULL)
+  assert (out.tokens == ref.tokens).all()
+  assert np.allclose(out.stats["kv_retention"], 1.0)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+@pytest.mark.parametrize("score_rank", [None, 4])
+def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, score_rank):
+  params = chunk_params()
+  rows = prompts([120, 100], seed=1)
+  kw = dict(max_new_tokens=30, eos_ids=(), max_len=256, max_chunks=256, max_chunk_len=8, n_local=1, kv_budget=budget,
+            boundaries="fixed")  # chunks of 8 (the tiny Chunk Adapter closes one at most tokens)
+  per_head = chunk_generate(params, rows, selection="kv_head", score_rank=score_rank, **kw)
+  kept = per_head.stats["kv_retention"]
+  assert (kept <= budget + 8 / 100).all() and (kept >= budget - 8 / 100).all(), kept  # within a chunk
+  assert (per_head.stats["n_selections"] == 30).all()  # one choice a step
+  dense_kv = per_head.stats["dense_bytes_per_step"]
+  assert (per_head.stats["bytes_per_step"] < dense_kv).all()
+
+
+def test_one_step_reads_less_than_everything_and_each_head_its_own_keys():
+  """At a tight budget a step's logits move off the dense step's (whose equal the full budget gives)."""
+  params = chunk_params()
+  tokens = jnp.asarray(prompts([120, 120], seed=2), jnp.int32)
+  lengths = jnp.asarray([120, 120], jnp.int32)
+  logits = {}
+  for budget in (1.0, 0.25):
+    ccfg = ChunkConfig(selection="kv_head", kv_budget=budget, max_chunk_len=8, n_local=1, boundaries="fixed")
+    ccfg = ccfg.validate(256, params.config.n_layers)
+    _, cache, st = chunk_prefill(params, tokens, lengths, 256, ccfg)
+    logits[budget], _, st = chunk_decode_step(params, tokens[:, -1], cache, st, ccfg)
+    assert (np.asarray(st.retained) <= budget + 0.08).all()
+  dense_ccfg = ChunkConfig(max_chunk_len=8, n_local=1, boundaries="fixed", kv_budget=1.0).validate(256, 3)
+  _, cache, st = chunk_prefill(params, tokens, lengths, 256, dense_ccfg)
+  want, _, _ = chunk_decode_step(params, tokens[:, -1], cache, st, dense_ccfg)
+  np.testing.assert_allclose(np.asarray(logits[1.0]), np.asarray(want), atol=1e-5)
+  assert np.abs(np.asarray(logits[0.25]) - np.asarray(want)).max() > 1e-3
+
+
+def _loop_sparq(q, k, hi, ends, n_sink, scale, rank):
+  B, K, G, Q, D = q.shape
+  out = np.zeros((B, K, G, Q, ends.shape[1]), np.float32)
+  for b in range(B):
+    for h in range(K):
+      for i in range(Q):
+        dims = np.argsort(-np.abs(q[b, h, :, i]).sum(0), kind="stable")[:rank]
+        for g in range(G):
+          keys = np.arange(n_sink, hi[b, h, g, i] + 1)
+          if not len(keys):
+            continue
+          kept = np.abs(q[b, h, g, i, dims]).sum() / np.abs(q[b, h, g, i]).sum()
+          logit = k[b, keys][:, h][:, dims] @ q[b, h, g, i, dims] * scale / np.sqrt(kept)
+          p = np.exp(logit - logit.max())
+          p /= p.sum()
+          start = n_sink
+          for c, e in enumerate(ends[b]):
+            if e < n_sink:
+              continue
+            out[b, h, g, i, c] = p[(keys >= start) & (keys <= e)].sum()
+            start = e + 1
+  return out
+
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_sparq_mass_matches_a_loop_and_is_the_exact_mass_at_full_rank(rank):
+  rng = np.random.default_rng(rank)
+  B, K, G, Q, T, D, n_sink = 2, 2, 3, 2, 30, 8, 3
+  q = rng.normal(size=(B, K, G, Q, D)).astype(np.float32)
+  k = rng.normal(size=(B, T, K, D)).astype(np.float32)
+  ends = np.array([[6, 10, 17, 25, -1], [4, 9, 12, 20, 28]], np.int32)
+  hi = np.broadcast_to(np.array([[17, 25], [28, 2]])[:, None, None, :], (B, K, G, Q))  # a query with no key
+  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(hi), jnp.asarray(ends))
+  got = np.asarray(sparq_chunk_mass(*args, n_sink=n_sink, scale=0.3, rank=rank))
+  np.testing.assert_allclose(got, _loop_sparq(q, k, hi, ends, n_sink, 0.3, rank), rtol=1e-4, atol=1e-6)
+  full = np.asarray(sparq_chunk_mass(*args, n_sink=n_sink, scale=0.3, rank=D))
+  exact = np.asarray(chunk_mass(*args, n_sink=n_sink, scale=0.3, key_block=8))
+  np.testing.assert_allclose(full, np.where(ends[:, None, None, None] >= n_sink, exact, 0.0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(selection="per_query"), "selection must be one of"),
+    (dict(score_rank=4), "needs selection='kv_head'"),
+    (dict(selection="kv_head", score_rank=0), "score_rank must be an int >= 1"),
+    (dict(selection="kv_head", score_rank=999), "exceeds the head dimension"),
+    (dict(selection="kv_head", attention="pallas"), "no Pallas kernel"),
+])
+def test_bad_settings_are_named(kw, match):
+  with pytest.raises(ValueError, match=match):
+    chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=4, max_len=64, **kw)
