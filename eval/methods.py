@@ -68,6 +68,9 @@ class MethodSettings:
   recent_share: float = ChunkConfig.recent_share  # hybrid / oracle: the budget's share that the most recent
   #                                                 chunks get first
   kv_budget_min_tokens: int = 0  # hybrid / oracle: the budget's floor in tokens (the share is fitted under it)
+  selection: str = ChunkConfig.selection  # hybrid / oracle: who makes decode's selections ("kv_head": each
+  #                                         KV head of each sparse layer, at every step)
+  score_rank: int | None = None  # hybrid / oracle with selection="kv_head": K's dimensions its scores read
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -263,7 +266,8 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   own_rule = dict(recent_share=0.0, boundary_tokens=False)
   # hybrid's and oracle's budget shape: boundary tokens by ChunkConfig's rule (None: where a budget pays).
   shape = dict(recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens,
-               boundary_tokens=None if settings.boundary_tokens else False)
+               boundary_tokens=None if settings.boundary_tokens else False, selection=settings.selection,
+               score_rank=settings.score_rank)
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **own_rule, **chosen)
   if method == "oracle":
@@ -355,7 +359,7 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               recent_share=ccfg.recent_share, kv_budget_min_tokens=ccfg.kv_budget_min_tokens,
               boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode,
-              n_separator_ids=len(ccfg.separator_ids))
+              n_separator_ids=len(ccfg.separator_ids), selection=ccfg.selection, score_rank=ccfg.score_rank)
 
 
 # ----------------------------------------------------------------------------------------------

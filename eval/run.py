@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chunkllm_jax.prompts import encode_prompt, has_chat_template
+from chunkllm_jax.selection import SELECTIONS
 from eval import longbench
 from eval import methods as M
 from eval import niah
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--kv_budget_min_tokens", type=int, default=0,
                  help="hybrid / oracle: the fewest tokens a step reads (ChunkConfig.kv_budget_min_tokens); the "
                       "budget's share is fitted under it so that the measured retention meets the target")
+  p.add_argument("--selection", default=M.MethodSettings.selection, choices=SELECTIONS,
+                 help="hybrid / oracle: who makes decode's selections (ChunkConfig.selection: 'shared', the "
+                      "paper's rule, or 'kv_head', each KV head of each sparse layer at every step)")
+  p.add_argument("--score_rank", type=int, default=None,
+                 help="with --selection kv_head: K's dimensions each step's scores read (ChunkConfig.score_rank; "
+                      "default: all, the exact attention mass)")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -128,6 +135,9 @@ def _resolve(args) -> argparse.Namespace:
     raise UsageError(f"--recent_share is a share of the KV budget, in [0, 1]; got {args.recent_share}")
   if args.kv_budget_min_tokens < 0:
     raise UsageError(f"--kv_budget_min_tokens is a token count, >= 0; got {args.kv_budget_min_tokens}")
+  if args.score_rank is not None and (args.selection != "kv_head" or args.score_rank < 1):
+    raise UsageError(f"--score_rank is a count of K's dimensions (>= 1) for --selection kv_head; got "
+                     f"{args.score_rank} with --selection {args.selection}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -193,7 +203,7 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "recent_share", "kv_budget_min_tokens"]
+          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -231,7 +241,7 @@ def _same_setting(key: str, old, new) -> bool:
 
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
-                "kv_budget_min_tokens": 0}  # settings newer than some result folders: what those folders used
+                "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -391,8 +401,8 @@ def run(args, model=None, params=None) -> Path:
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
-                            kv_budget_min_tokens=args.kv_budget_min_tokens,
-                            selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
+                            kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
+                            score_rank=args.score_rank, selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
         file=sys.stderr)

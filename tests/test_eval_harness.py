@@ -169,6 +169,16 @@ def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only(re
     assert (cfg.recent_share, cfg.reads_boundary_tokens) == (0.0, False)
 
 
+def test_the_per_head_selection_reaches_the_densely_read_methods_only():
+  s = M.MethodSettings(separator_ids=SEPS, selection="kv_head", score_rank=16)
+  for method in ("hybrid", "oracle"):
+    cfg = M.base_config(method, s)
+    assert (cfg.selection, cfg.score_rank) == ("kv_head", 16)
+    assert (M.config_summary(cfg)["selection"], M.config_summary(cfg)["score_rank"]) == ("kv_head", 16)
+  for method in ("chunkllm", "fixllm", "streamingllm", "sepllm"):
+    assert (M.base_config(method, s).selection, M.base_config(method, s).score_rank) == ("shared", None)
+
+
 def test_the_evaluated_default_is_chunk_generates_default():
   """hybrid with the eval's default settings is `ChunkConfig()` as `chunk_generate` resolves it."""
   cfg = dataclasses.replace(M.base_config("hybrid", M.MethodSettings(separator_ids=SEPS)), kv_budget=0.25)

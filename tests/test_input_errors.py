@@ -379,6 +379,8 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--batch_size", "0"], r"--batch_size 0 is too small"),
     (["--recent_share", "1.5"], r"--recent_share is a share of the KV budget, in \[0, 1\]; got 1.5"),
     (["--kv_budget_min_tokens", "-1"], r"--kv_budget_min_tokens is a token count, >= 0; got -1"),
+    (["--score_rank", "16"], r"--score_rank is a count of K's dimensions \(>= 1\) for --selection kv_head"),
+    (["--selection", "kv_head", "--score_rank", "0"], r"--score_rank is a count of K's dimensions"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run
