@@ -38,8 +38,9 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, i
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
+from chunkllm_jax.head_selection import head_attention
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, choose,
-                                    chunk_lengths, chunk_mass, local_tokens, sparq_chunk_mass, vote_scores)
+                                    chunk_lengths, local_tokens, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -448,48 +449,6 @@ def _recent(buf_LBSKD, layer, start_B, size: int):
   return win, start[:, None] + jnp.arange(size)
 
 
-def _per_head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B):
-  """selection="kv_head": each KV head chooses its chunks from this query's attention over the
-  candidates (the max over the query heads that read it; exact, or SparQ's estimate with
-  `score_rank`), by `choose` with one row per head, and attends the sinks, the local and open chunks,
-  its chosen chunks and, with boundary tokens, the last token of each candidate it leaves out.
-  This path attends the whole buffer under the heads' masks. (output [B, 1, H, D], tokens each head
-  reads [B, K])."""
-  _, B, S, K, _ = k_LBSKD.shape
-  C = st.chunk_end.shape[1]
-  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
-  last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
-  hi = jnp.where(n_cand > 0, last, -1)[:, None, None, None]
-  q = attn.split_heads(q_B1HD, K)  # B K G 1 D
-  if ccfg.score_rank is None:
-    mass = chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
-                      softcap=cfg.attn_softcap, layer=layer)
-  else:
-    mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
-                            rank=ccfg.score_rank, layer=layer)
-  score_BKC = mass[:, :, :, 0].max(2)
-  local = local_tokens(st.chunk_end, st.n_chunks[:, None], ccfg.n_local, ccfg.n_sink)[:, 0]
-  fixed = ccfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
-  per_head = lambda x: jnp.broadcast_to(x[:, None], (B, K))
-  picked_BKC = choose(score_BKC, per_head(n_cand), chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks),
-                      per_head(fixed), per_head(pos_B + 1), ccfg)
-  # Each position's chunk: the first whose end is at or after it (completed chunks only).
-  t = jnp.arange(S)
-  ends = jnp.where(jnp.arange(C) < st.n_chunks[:, None], st.chunk_end, S)
-  chunk_of = jax.vmap(lambda e: jnp.searchsorted(e, t, side="left"))(ends)  # B S
-  in_chunk = (chunk_of < st.n_chunks[:, None]) & (t >= ccfg.n_sink)
-  at = jnp.minimum(chunk_of, C - 1)
-  base = (t < ccfg.n_sink) | ((t >= st.open_start[:, None]) & (t <= pos_B[:, None]))
-  base = base | (in_chunk & (chunk_of >= (st.n_chunks - ccfg.n_local)[:, None]))
-  if ccfg.reads_boundary_tokens:
-    base = base | (in_chunk & (t == jnp.take_along_axis(ends, at, 1)))
-  picked_BKS = jnp.take_along_axis(picked_BKC, at[:, None, :], -1) & in_chunk[:, None]
-  read_BKS = (base[:, None] | picked_BKS) & (t <= pos_B[:, None])[:, None]
-  o = attn.attend(q_B1HD, k_LBSKD[layer], v_LBSKD[layer], read_BKS[:, :, None], scale=cfg.attn_scale,
-                  softcap=cfg.attn_softcap)
-  return o, jnp.sum(read_BKS, -1).astype(jnp.float32)
-
-
 @functools.partial(jax.jit, static_argnames=("ccfg",))
 def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
   """One token per row: (logits [B, V], the cache, the chunk state), re-selecting where it closes a chunk."""
@@ -526,7 +485,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
     if ccfg.selection == "kv_head":
       o, read_BK = jax.lax.cond(
-          sparse_L[idx], lambda: _per_head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B),
+          sparse_L[idx], lambda: head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B),
           lambda: (dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32)))
       reads_B = reads_B + read_BK.mean(-1)
     else:

@@ -360,16 +360,28 @@ def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: f
   group); each head's logits over those dimensions at SparQ's temperature (`scale` over the square
   root of the share of its |q|_1 they keep); the softmax over the keys [n_sink, hi], summed within
   each chunk (0 for chunks ending before n_sink or past the keys). float32 [B, K, G, Q, C].
-  The soft cap is not applied: the estimate ranks chunks, and the cap keeps the order of logits."""
-  if layer is not None:
-    k_BTKD = k_BTKD[layer]
-  T = k_BTKD.shape[1]
+  With one query and `layer` (decode: `k_BTKD` is the stacked buffer) only those dimensions of K are
+  read; otherwise the others are zeroed in q. The soft cap is not applied: the estimate ranks chunks,
+  and the cap keeps the order of logits."""
   q = q_BKGQD.astype(jnp.float32)
+  B, K, G, Q, D = q.shape
+  T = k_BTKD.shape[-3]
   strength_BKQD = jnp.abs(q).sum(2)
-  kth = jax.lax.top_k(strength_BKQD, rank)[0][..., -1:]
-  q_r = jnp.where((strength_BKQD >= kth)[:, :, None], q, 0.0)
-  kept = jnp.abs(q_r).sum(-1, keepdims=True) / jnp.maximum(jnp.abs(q).sum(-1, keepdims=True), 1e-30)
-  s = jnp.einsum("bkgqd,btkd->bkgqt", q_r, k_BTKD.astype(jnp.float32)) * (scale / jnp.sqrt(jnp.maximum(kept, 1e-6)))
+  total = jnp.maximum(jnp.abs(q).sum(-1), 1e-30)  # B K G Q
+  if Q == 1 and layer is not None:
+    dims_BKr = jax.lax.top_k(strength_BKQD[:, :, 0], rank)[1]
+    q_r = jnp.take_along_axis(q[:, :, :, 0], dims_BKr[:, :, None], -1)  # B K G r
+    k_r = k_BTKD[layer, jnp.arange(B)[:, None, None, None], jnp.arange(T)[None, :, None, None],
+                 jnp.arange(K)[None, None, :, None], dims_BKr[:, None]]  # B T K r: the chosen dimensions only
+    temp = scale / jnp.sqrt(jnp.maximum(jnp.abs(q_r).sum(-1) / total[..., 0], 1e-6))
+    s = (jnp.einsum("bkgr,btkr->bkgt", q_r, k_r.astype(jnp.float32)) * temp[..., None])[:, :, :, None]
+  else:
+    if layer is not None:
+      k_BTKD = k_BTKD[layer]
+    kth = jax.lax.top_k(strength_BKQD, rank)[0][..., -1:]
+    q_r = jnp.where((strength_BKQD >= kth)[:, :, None], q, 0.0)
+    temp = scale / jnp.sqrt(jnp.maximum(jnp.abs(q_r).sum(-1) / total, 1e-6))
+    s = jnp.einsum("bkgqd,btkd->bkgqt", q_r, k_BTKD.astype(jnp.float32)) * temp[..., None]
   t = jnp.arange(T)
   ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s.shape[:-1])[..., None])
   p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s, -jnp.inf), -1), 0.0)  # a query with no key: zeros

@@ -60,6 +60,35 @@ def test_one_step_reads_less_than_everything_and_each_head_its_own_keys():
   assert np.abs(np.asarray(logits[0.25]) - np.asarray(want)).max() > 1e-3
 
 
+def test_the_gathered_read_is_the_masked_read():
+  """`head_attention` gathers each head's read into slots: the same output as attending the whole
+  buffer under the heads' masks, and its positions are each head's read, sinks first, newest next."""
+  from chunkllm_jax import attention as attn
+  from chunkllm_jax import head_selection as hs
+  params = chunk_params()
+  cfg = params.config
+  tokens = jnp.asarray(prompts([120, 120], seed=6), jnp.int32)  # the second row: 97 tokens and padding
+  lengths = jnp.asarray([120, 97], jnp.int32)
+  for score_rank in (None, 4):
+    ccfg = ChunkConfig(selection="kv_head", score_rank=score_rank, kv_budget=0.3, max_chunk_len=8, n_local=1,
+                       boundaries="fixed").validate(256, cfg.n_layers)
+    _, cache, st = chunk_prefill(params, tokens, lengths, 256, ccfg)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 1, cfg.n_heads, cfg.head_dim)), jnp.float32)
+    pos = cache.length - 1
+    read = hs.head_reads(cfg, ccfg, st, q, cache.k, 1, pos)
+    want = attn.attend(q, cache.k[1], cache.v[1], read[:, :, None], scale=cfg.attn_scale)
+    got, n_read = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(n_read), np.asarray(read.sum(-1)))
+    assert (np.asarray(n_read) < np.asarray(lengths)[:, None]).all()
+  W = 6
+  read = np.zeros((1, 1, 12), bool)
+  read[0, 0, [0, 1, 4, 7, 8, 10, 11]] = True
+  p, ok = hs.gather_positions(jnp.asarray(read), 2, W)
+  assert np.asarray(p)[0, 0].tolist() == [0, 1, 11, 10, 8, 7] and np.asarray(ok).all()  # position 4 overflows
+
+
 def _loop_sparq(q, k, hi, ends, n_sink, scale, rank):
   B, K, G, Q, D = q.shape
   out = np.zeros((B, K, G, Q, ends.shape[1]), np.float32)
@@ -95,6 +124,10 @@ def test_sparq_mass_matches_a_loop_and_is_the_exact_mass_at_full_rank(rank):
   args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(hi), jnp.asarray(ends))
   got = np.asarray(sparq_chunk_mass(*args, n_sink=n_sink, scale=0.3, rank=rank))
   np.testing.assert_allclose(got, _loop_sparq(q, k, hi, ends, n_sink, 0.3, rank), rtol=1e-4, atol=1e-6)
+  for i in range(Q):  # decode's form: one query, the stacked buffer, only the chosen dimensions read
+    one = sparq_chunk_mass(jnp.asarray(q[:, :, :, i:i + 1]), jnp.asarray(k)[None], jnp.asarray(hi[..., i:i + 1]),
+                           jnp.asarray(ends), n_sink=n_sink, scale=0.3, rank=rank, layer=0)
+    np.testing.assert_allclose(np.asarray(one)[:, :, :, 0], got[:, :, :, i], rtol=1e-4, atol=1e-6)
   full = np.asarray(sparq_chunk_mass(*args, n_sink=n_sink, scale=0.3, rank=D))
   exact = np.asarray(chunk_mass(*args, n_sink=n_sink, scale=0.3, key_block=8))
   np.testing.assert_allclose(full, np.where(ends[:, None, None, None] >= n_sink, exact, 0.0), rtol=1e-4, atol=1e-6)
