@@ -76,7 +76,7 @@ def consistent_queries(params):
   return params.replace(adapters=ad.replace(params=dict(ad.params, qk=dict(qk, q=dict(qk["q"], inner=inner)))))
 
 
-def chunk_config(top_k: int, max_len: int) -> ChunkConfig:
+def chunk_config(top_k: int, max_len: int, **selection) -> ChunkConfig:
   # The adapters score the prompt too (the path where sparse prefill is the default): the frozen
   # attention's rows (`prefill_scorer="attention"`, the library default) would ignore the
   # consistent queries, and random weights' attention picks unrelated chunks for each query chunk.
@@ -84,7 +84,7 @@ def chunk_config(top_k: int, max_len: int) -> ChunkConfig:
   extra = {"prefill": "sparse"} if "prefill" in fields else {}
   if "prefill_scorer" in fields:
     extra["prefill_scorer"] = "adapter"
-  return ChunkConfig(top_chunks=top_k, max_chunk_len=CHUNK, **extra).validate(max_len, CFG.n_layers)
+  return ChunkConfig(top_chunks=top_k, max_chunk_len=CHUNK, **extra, **selection).validate(max_len, CFG.n_layers)
 
 
 def top_k_for(ratio: float, L: int, c: ChunkConfig) -> int:
@@ -134,7 +134,7 @@ def aot(fn, *args, donate=()):
   return compiled, time.perf_counter() - t0
 
 
-def bench_decode(params, L: int, ratios, rounds: int):
+def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = None):
   headroom = -(-CHUNK * (rounds + 1) // 128) * 128  # the rounds advance 30 positions each
   max_len = L + headroom
   cache = random_cache(L, max_len, jax.random.key(L))
@@ -144,7 +144,7 @@ def bench_decode(params, L: int, ratios, rounds: int):
   rows = []
   for ratio in ratios:
     base = chunk_config(1, max_len)
-    ccfg = chunk_config(top_k_for(ratio, L, base), max_len)
+    ccfg = chunk_config(top_k_for(ratio, L, base), max_len, **(selection or {}))
     st = jax.block_until_ready(synthetic_state(params, cache, jax.random.key(7), L, ccfg))
     step = functools.partial(cg.chunk_decode_step, ccfg=ccfg)
     chunk, chunk_compile_s = aot(step, params, tok, cache, st, donate=(2, 3))
@@ -170,6 +170,7 @@ def bench_decode(params, L: int, ratios, rounds: int):
     retention = np.mean(ret_plain) * (CHUNK - 1) / CHUNK + np.mean(ret_bound) / CHUNK
     nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
     row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
+               selection=ccfg.selection, score_rank=ccfg.score_rank,
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
                decode_tok_s_chunk=1 / amort, decode_tok_s_dense=1 / d, decode_speedup=d / amort,
@@ -423,8 +424,12 @@ def main():
   ap.add_argument("--prefill-from-json", action="store_true",
                   help="reuse the prefill rows of the existing .json (when only decode changed) instead of measuring")
   ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
+  ap.add_argument("--selection", default="shared", choices=["shared", "kv_head"],
+                  help="decode's ChunkConfig.selection ('kv_head': each KV head chooses at every step)")
+  ap.add_argument("--score_rank", type=int, default=None, help="ChunkConfig.score_rank, with --selection kv_head")
   args = ap.parse_args()
-  png = pathlib.Path(args.out).with_name("chunk_speed.png")
+  out = pathlib.Path(args.out)
+  png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
   if args.render:
     res = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
     cmd = res["command"] if res["command"].startswith("python") else "python " + res["command"]
@@ -454,7 +459,8 @@ def main():
                  "chunk_decode_step has not changed since, apart from sharing the boundary rule with prefill.")
   for L in ([] if args.decode_from_json else args.lengths):
     try:
-      decode_rows += bench_decode(params, L, args.ratios, args.rounds)
+      decode_rows += bench_decode(params, L, args.ratios, args.rounds,
+                                  dict(selection=args.selection, score_rank=args.score_rank))
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)
