@@ -102,6 +102,9 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
   decode program, not at the end of the prefill: there the buffer (a quarter of the KV buffer at a
   25% budget) would be live beside the prefill's temporaries, which are gone by then."""
   L, B, _, K, D = cache.k.shape
+  if ccfg.selection == "kv_head":  # each head gathers its own read at every step: no shared buffer
+    empty = jnp.zeros((L, B, 0, K, D), cache.k.dtype)
+    return st.replace(work_k=empty, work_v=empty)
   zeros = jnp.zeros((L, B, st.work_pos.shape[-1], K, D), cache.k.dtype)
   return _refresh_working_buffer(st.replace(work_k=zeros, work_v=zeros), cache, ccfg, cache.length - 1)
 
