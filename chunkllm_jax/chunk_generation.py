@@ -13,6 +13,8 @@ Each decode step then:
      chunk reached `max_chunk_len`), a `lax.cond` appends it, lets the selection layers vote,
      keeps the chunks that fit the budget (or the top-k) and re-compacts.
 The new selection applies from the next token; between boundaries nothing is re-scored.
+With `selection="kv_head"` each KV head of each sparse layer chooses at every step instead
+(`head_selection.py`), and a boundary only appends the chunk to the table.
 """
 
 from __future__ import annotations
