@@ -53,11 +53,17 @@ def _chunk_flags(p) -> None:
   p.add_argument("--boundary-tokens", action=argparse.BooleanOptionalAction, default=None,
                  help="also read the last token of each chunk left out "
                       "(default: on with --kv-budget, the prompt read densely)")
+  p.add_argument("--selection", choices=["shared", "kv_head"], default=None,
+                 help="shared: one selection at each chunk boundary for every layer (default); kv_head: each "
+                      "KV head of each layer chooses at every step")
+  p.add_argument("--score-rank", type=int, default=None,
+                 help="with --selection kv_head: K's dimensions its scores read (default: all)")
 
 
 def _chunk_settings(args) -> dict:
   given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
-               n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens)
+               n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens,
+               selection=args.selection, score_rank=args.score_rank)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget
