@@ -64,6 +64,8 @@ FIRST = "the first defaults, no recent share and no boundary tokens (`" + OFF + 
 PPL2K = "--suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 --filler brown"
 PPL4K = "--suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 --filler brown"
 PPL8K = "--suites ppl --ppl_tokens 8192 --ppl_docs 8 --batch_size 8 --filler brown"
+PER_HEAD = "--selection kv_head --score_rank 16"  # each KV head chooses at every step, SparQ's 16 dimensions
+PER_HEAD_NAME = f"decode's selections made instead by each KV head at every step (`{PER_HEAD}`)"
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
 
 MEASUREMENTS = (
@@ -76,6 +78,15 @@ MEASUREMENTS = (
                      "measured as `--recent_share 0.75 --boundary_tokens`, which they now are). Vanilla's rows "
                      "are those of the next section, copied into the folder before the run; the rows of the other "
                      "methods are read from there (`oracle` there reads the budget by score alone)."),
+    Measurement("niah_smollm2_per_head", "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing at every step",
+                "eval_per_head_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 f"{PER_HEAD} --out docs/eval_per_head_smollm2_30",),
+                others="eval_adapters_smollm2_30", variant=PER_HEAD_NAME,
+                note="Decode's selections made by each KV head of each sparse layer at every step, from SparQ's "
+                     "estimate of its attention over 16 of K's 64 dimensions (opt-in, `chunkllm_jax/head_selection.py`); "
+                     "the scores read a quarter of K besides the KV shown. Vanilla was run again in the folder; "
+                     "the baselines' rows are read from the first defaults' section."),
     Measurement("niah_smollm2_first_defaults", "NIAH, smollm2-135m: the same 30 passkeys, the first defaults",
                 "eval_adapters_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla chunkllm hybrid streamingllm "
@@ -132,6 +143,14 @@ MEASUREMENTS = (
                      "positions each teacher-forced through decode, 14336 scored tokens per row; perplexity is exp "
                      "of the mean NLL over all of them. " + COPIED.format("next section")
                      + " The baselines' rows are read from there."),
+    Measurement("ppl_smollm2_2k_8_per_head",
+                "Perplexity, smollm2-135m, the same 8 texts of 2K, each KV head choosing at every step",
+                "eval_per_head_ppl_smollm2_2k_8", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 "
+                 f"{PER_HEAD} --out docs/eval_per_head_ppl_smollm2_2k_8",),
+                others="eval_ppl_brown_8docs", variant=PER_HEAD_NAME,
+                note="As the NIAH section of the same name: SparQ's estimate from 16 of K's 64 dimensions, read "
+                     "besides the KV shown. The baselines' rows are read from the first defaults' section."),
     Measurement("ppl_smollm2_2k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 2K, the first defaults",
                 "eval_ppl_brown_8docs", "eval",
                 (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid sepllm streamingllm "
@@ -462,9 +481,10 @@ def eval_section(m: Measurement) -> list[str]:
 # The pairs of sections behind today's defaults (`ChunkConfig.recent_share=0.75`, boundary tokens on
 # after a dense prefill): each check under them and under the first defaults.
 DEFAULT_CHECKS = (
-    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults"),
+    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults", "niah_smollm2_per_head"),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3", "niah_gemma3_first_defaults"),
-    ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults"),
+    ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults",
+     "ppl_smollm2_2k_8_per_head"),
     ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults"),
     ("Perplexity, smollm2-135m, 8 x 8K", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults"),
     ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults"),
@@ -503,15 +523,19 @@ def defaults_section() -> list[str]:
          "chunk the selection leaves out, paid from the budget (`boundary_tokens`, on wherever a budget is set and "
          "the prompt is read densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
          "--no-boundary_tokens`). Each check of the sections below under both, and the best of StreamingLLM, "
-         "SepLLM and FixLLM where the section measured them:", "",
-         "| check | budget | first defaults | today's defaults | best baseline |", "|---|---|---|---|---|"]
-  for label, now, first in DEFAULT_CHECKS:
+         "SepLLM and FixLLM where the section measured them. The opt-in per-head rule (`selection=\"kv_head\"`, "
+         "each KV head of each sparse layer choosing at every step, from SparQ's estimate over 16 of K's "
+         "dimensions, which it reads besides the KV shown) where measured:", "",
+         "| check | budget | first defaults | today's defaults | per KV head, every step | best baseline |",
+         "|---|---|---|---|---|---|"]
+  for label, now, first, *per_head in DEFAULT_CHECKS:
     for budget in NIAH_TARGETS:
-      figures = [method_figure(_records(by_name[m].folder), "hybrid", budget) for m in (first, now)]
-      if figures == [None, None]:
+      figures = [method_figure(_records(by_name[m].folder), "hybrid", budget) if m else None
+                 for m in (first, now, *(per_head or [None]))]
+      if figures[:2] == [None, None]:
         continue
       cells = ["-" if f is None else f[1] for f in figures]
-      out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** | "
+      out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** | {cells[2]} | "
                  f"{best_baseline(section_records(by_name[now]), budget)} |")
   return out
 
