@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, local_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -94,6 +94,18 @@ def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:
       chunk_start=upd(st.chunk_start, st.open_start), chunk_end=upd(st.chunk_end, pos_B), chunk_key=key,
       n_chunks=st.n_chunks + write, open_start=jnp.where(closes_B, pos_B + 1, st.open_start),
       overflow=st.overflow | (closes_B & full))
+
+
+def choose_at(st: ChunkState, score_BRC, pos_B, cfg: ChunkConfig):
+  """`selection.choose` over the state's candidates for the token at `pos_B` (the sinks, the local
+  chunks and the open chunk always read), one choice per row of `score_BRC`: [B, R, C] bool."""
+  R = score_BRC.shape[1]
+  rows = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], R))
+  n_cand = jnp.maximum(st.n_chunks - cfg.n_local, 0)
+  local = local_tokens(st.chunk_end, st.n_chunks[:, None], cfg.n_local, cfg.n_sink)[:, 0]
+  fixed = cfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
+  return choose(score_BRC, rows(n_cand), chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks), rows(fixed),
+                rows(pos_B + 1), cfg)
 
 
 def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, room_B=None):

@@ -35,14 +35,13 @@ from chunkllm_jax import model
 from chunkllm_jax import chunk_kernels
 from chunkllm_jax import chunk_prefill as chunk_prefill_lib
 from chunkllm_jax.chunk_attention import packed_decode_attention
-from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, compact_into, init_chunk_state,
+from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, choose_at, compact_into, init_chunk_state,
                                       working_positions, working_size)
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention
-from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, choose,
-                                    chunk_lengths, local_tokens, vote_scores)
+from chunkllm_jax.selection import ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, vote_scores
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -168,11 +167,7 @@ def _remember_queries(st: ChunkState, q_SBHD, qt_SBd, pos_B) -> ChunkState:
 
 def _reselect(st: ChunkState, rows_B, score_BC, pos_B, ccfg: ChunkConfig) -> ChunkState:
   """Rows in `rows_B` take a new selection, made at position `pos_B` from `score_BC`."""
-  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
-  local = local_tokens(st.chunk_end, st.n_chunks[:, None], ccfg.n_local, ccfg.n_sink)[:, 0]
-  fixed = ccfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
-  lengths = chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks)
-  new = choose(score_BC[:, None], n_cand[:, None], lengths, fixed[:, None], (pos_B + 1)[:, None], ccfg)[:, 0]
+  new = choose_at(st, score_BC[:, None], pos_B, ccfg)[:, 0]
   return st.replace(selected=jnp.where(rows_B[:, None], new, st.selected), n_selections=st.n_selections + rows_B)
 
 

@@ -10,7 +10,7 @@ A step, per sparse layer:
   1. scores every candidate chunk per KV head: the attention mass of the query heads that read it
      (their max), exact (`selection.chunk_mass`, reading all of K) or SparQ's estimate from
      `score_rank` of K's dimensions (`selection.sparq_chunk_mass`);
-  2. chooses per head with `selection.choose` (one row per head), under the budget's shape: sinks,
+  2. chooses per head with `chunk_cache.choose_at` (one row per head, as the shared rule's one row), under the budget's shape: sinks,
      local and open chunks, the recent share, boundary tokens;
   3. gathers each head's chosen positions from the stacked buffer into `head_slots` slots (sinks
      first, then newest first, so a step that would overflow drops the oldest boundary tokens)
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
-from chunkllm_jax.chunk_cache import ChunkState
-from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, chunk_mass, local_tokens, sparq_chunk_mass
+from chunkllm_jax.chunk_cache import ChunkState, choose_at
+from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
 
 
 def head_slots(ccfg: ChunkConfig, max_len: int) -> int:
@@ -42,7 +42,7 @@ def head_slots(ccfg: ChunkConfig, max_len: int) -> int:
 
 def head_reads(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
   """What each KV head reads at `pos_B`: [B, K, S] bool (steps 1 and 2 of the module's docstring)."""
-  _, B, S, K, _ = k_LBSKD.shape
+  S, K = k_LBSKD.shape[2:4]
   C = st.chunk_end.shape[1]
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
@@ -54,12 +54,7 @@ def head_reads(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, p
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                             rank=ccfg.score_rank, layer=layer)
-  local = local_tokens(st.chunk_end, st.n_chunks[:, None], ccfg.n_local, ccfg.n_sink)[:, 0]
-  fixed = ccfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
-  per_head = lambda x: jnp.broadcast_to(x[:, None], (B, K))
-  picked_BKC = choose(mass[:, :, :, 0].max(2), per_head(n_cand),
-                      chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks), per_head(fixed),
-                      per_head(pos_B + 1), ccfg)
+  picked_BKC = choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
   t = jnp.arange(S)
   ends = jnp.where(jnp.arange(C) < st.n_chunks[:, None], st.chunk_end, S)
   chunk_of = jax.vmap(lambda e: jnp.searchsorted(e, t, side="left"))(ends)  # B S: first chunk ending at or after t

@@ -85,9 +85,8 @@ class ChunkConfig(ChunkRules):
   # Who makes decode's selections: "shared" (ChunkLLM's rule: one selection, made where a token closes
   # a chunk, serves every sparse layer and head) or "kv_head": each KV head of each sparse layer chooses
   # the chunks it reads at every step, by its own query's attention over them (Quest's rule on
-  # ChunkLLM's chunks; the measured ceiling of each rule: docs/results.md, twentieth session). The
-  # XLA path of "kv_head" attends the whole buffer under each head's mask: it measures the rule's
-  # quality, not yet its speed.
+  # ChunkLLM's chunks; what each rule keeps: docs/results.md, twentieth and twenty-first sessions).
+  # Its XLA path gathers each head's read at every step, slower than dense decode today.
   selection: str = "shared"
   # With selection="kv_head": how many of K's dimensions each step's scores read (SparQ's estimate,
   # `sparq_chunk_mass`); None: all of them (the exact attention mass, `chunk_mass`).
