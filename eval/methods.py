@@ -71,6 +71,8 @@ class MethodSettings:
   selection: str = ChunkConfig.selection  # hybrid / oracle: who makes decode's selections ("kv_head": each
   #                                         KV head of each sparse layer, at every step)
   score_rank: int | None = None  # hybrid / oracle with selection="kv_head": K's dimensions its scores read
+  page_len: int | None = None  # hybrid / oracle: fixed pages of this many tokens instead of the Chunk Adapter's
+  #                              chunks (boundaries="fixed"); None: the chunks
   batch_size: int = 4  # prompts per batch, taken in order of length
 
 
@@ -151,7 +153,7 @@ def segmentation_for(method: str, params, rows, settings: MethodSettings) -> Seg
   if method == "sepllm":
     return separator_segmentation(rows, settings)
   if method in ("chunkllm", "hybrid", "oracle") or (method == "fixllm" and settings.fix_chunk_len is None):
-    if settings.chunk_len is not None:
+    if settings.chunk_len is not None or (method in ("hybrid", "oracle") and settings.page_len):
       return None
     return adapter_segmentation(params, rows, ChunkConfig(n_sink=settings.n_sink))
   return None
@@ -268,6 +270,8 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   shape = dict(recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens,
                boundary_tokens=None if settings.boundary_tokens else False, selection=settings.selection,
                score_rank=settings.score_rank)
+  if settings.page_len:  # the same rules over fixed pages (Quest's unit) instead of the Chunk Adapter's chunks
+    shape.update(boundaries="fixed", max_chunk_len=settings.page_len)
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **own_rule, **chosen)
   if method == "oracle":

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--score_rank", type=int, default=None,
                  help="with --selection kv_head: K's dimensions each step's scores read (ChunkConfig.score_rank; "
                       "default: all, the exact attention mass)")
+  p.add_argument("--page_len", type=int, default=None,
+                 help="hybrid / oracle: select fixed pages of this many tokens instead of the Chunk Adapter's "
+                      "chunks (ChunkConfig boundaries='fixed', max_chunk_len; default: the chunks)")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -189,7 +192,7 @@ def _check_counts(args) -> None:
   for name, n in least.items():
     if getattr(args, name) < n:
       raise UsageError(f"--{name} {getattr(args, name)} is too small: give {n} or more")
-  for name in ("max_examples", "max_prompt_tokens", "fix_chunk_len"):
+  for name in ("max_examples", "max_prompt_tokens", "fix_chunk_len", "page_len"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       raise UsageError(f"--{name} {getattr(args, name)} is too small: give 1 or more")
   if any(n < 1 for n in args.niah_lengths) or any(not 0 <= d <= 1 for d in args.niah_depths):
@@ -203,7 +206,7 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank"]
+          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -241,7 +244,7 @@ def _same_setting(key: str, old, new) -> bool:
 
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
-                "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None}  # settings newer than some result folders: what those folders used
+                "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "page_len": None}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -402,7 +405,7 @@ def run(args, model=None, params=None) -> Path:
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
                             kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
-                            score_rank=args.score_rank, selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
+                            score_rank=args.score_rank, page_len=args.page_len, selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
         file=sys.stderr)

@@ -179,6 +179,18 @@ def test_the_per_head_selection_reaches_the_densely_read_methods_only():
     assert (M.base_config(method, s).selection, M.base_config(method, s).score_rank) == ("shared", None)
 
 
+def test_pages_replace_the_chunks_of_the_densely_read_methods_only():
+  s = M.MethodSettings(separator_ids=SEPS, page_len=16)
+  for method in ("hybrid", "oracle"):
+    cfg = M.base_config(method, s)
+    assert (cfg.boundaries, cfg.max_chunk_len) == ("fixed", 16)
+    assert M.segmentation_for(method, None, [[1, 2, 3]], s) is None  # the fixed grid needs no model
+    ccfg, info = M.method_config(method, 0.5, [1000], 8, 1024, s)
+    assert (ccfg.boundaries, ccfg.max_chunk_len, info["mean_chunk_len"]) == ("fixed", 16, 16.0)
+  assert M.base_config("chunkllm", s).boundaries == "adapter"
+  assert M.base_config("fixllm", dataclasses.replace(s, fix_chunk_len=24)).max_chunk_len == 24
+
+
 def test_the_evaluated_default_is_chunk_generates_default():
   """hybrid with the eval's default settings is `ChunkConfig()` as `chunk_generate` resolves it."""
   cfg = dataclasses.replace(M.base_config("hybrid", M.MethodSettings(separator_ids=SEPS)), kv_budget=0.25)
