@@ -260,24 +260,33 @@ def fold_packed(carry: Fold, q_BCH, k_BSKD, v_BSKD, ok_BS, *, scale: float, soft
   return Fold(m_new, l_new, carry.acc * corr[..., None] + o_BKGD[:, :, :, None])
 
 
-def decode_over_blocks(q_BKG1D, k_LBSKD, v_LBSKD, layer, ok_fn, first, end, carry: Fold, *,
+def stacked_blocks(k_LBSKD, v_LBSKD, layer):
+  """`decode_over_blocks`'s reader of one layer of a stacked buffer: each block is sliced straight out
+  of it (no copy of the layer)."""
+  _, B, _, K, D = k_LBSKD.shape
+
+  def read(start, size):
+    return tuple(jax.lax.dynamic_slice(buf, (layer, 0, start, 0, 0), (1, B, size, K, D))[0]
+                 for buf in (k_LBSKD, v_LBSKD))
+  return read
+
+
+def decode_over_blocks(q_BKG1D, read_fn, ok_fn, first, end, carry: Fold, *,
                        blocks: tuple[int, ...], scale: float, softcap: float | None) -> Fold:
-  """Folds keys [first, end) of one layer into `carry` (one query per row: Q = 1).
+  """Folds keys [first, end) into `carry` (one query per row: Q = 1).
 
   `first` and `end` (traced) are multiples of `blocks[-1]`, and each size in `blocks` (largest
   first) is a multiple of the next: the loop takes the largest blocks that fit, then smaller ones.
-  Each block is sliced straight out of the stacked buffer (no copy of the layer), and
-  `ok_fn(start, size) -> [B, size]` says which of its keys are visible.
+  `read_fn(start, size) -> (keys, values) [B, size, K, D]` reads a block (`stacked_blocks`, or a
+  gather), and `ok_fn(start, size) -> [B, size]` says which of its keys are visible.
   """
-  B, K, D = k_LBSKD.shape[1], k_LBSKD.shape[3], k_LBSKD.shape[4]
   assert all(b % blocks[-1] == 0 for b in blocks), blocks
   q_BCH = pack_query(q_BKG1D)
   start = first
   for size in blocks:
     def body(i, carry, size=size, base=start):
       s0 = base + i * size
-      kb = jax.lax.dynamic_slice(k_LBSKD, (layer, 0, s0, 0, 0), (1, B, size, K, D))[0]
-      vb = jax.lax.dynamic_slice(v_LBSKD, (layer, 0, s0, 0, 0), (1, B, size, K, D))[0]
+      kb, vb = read_fn(s0, size)
       return fold_packed(carry, q_BCH, kb, vb, ok_fn(s0, size), scale=scale, softcap=softcap)
 
     n = (end - start) // size
@@ -302,6 +311,6 @@ def decode_attention(q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, window, *, scale: f
 
   first = jnp.maximum(jnp.min(pos_B) - window + 1, 0) // small * small
   end = (jnp.max(pos_B) // small + 1) * small
-  carry = decode_over_blocks(q, k_LBSKD, v_LBSKD, layer, ok_fn, first, end, fold_init(*q.shape), blocks=blocks,
-                             scale=scale, softcap=softcap)
+  carry = decode_over_blocks(q, stacked_blocks(k_LBSKD, v_LBSKD, layer), ok_fn, first, end, fold_init(*q.shape),
+                             blocks=blocks, scale=scale, softcap=softcap)
   return merge_heads(fold_finish(carry)[0]).astype(q_B1HD.dtype)

@@ -27,6 +27,6 @@ def packed_decode_attention(q_B1HD, work_k_LBWKD, work_v_LBWKD, layer, work_ok_B
   carry = attn.fold(attn.fold_init(*q.shape), attn.scores(q, open_k_BMKD, ok, scale=scale, softcap=softcap), ok,
                     open_v_BMKD)
   ok_fn = lambda start, size: jax.lax.dynamic_slice_in_dim(work_ok_BW, start, size, axis=1)
-  carry = attn.decode_over_blocks(q, work_k_LBWKD, work_v_LBWKD, layer, ok_fn, 0, n_slots, carry, blocks=blocks,
-                                  scale=scale, softcap=softcap)
+  carry = attn.decode_over_blocks(q, attn.stacked_blocks(work_k_LBWKD, work_v_LBWKD, layer), ok_fn, 0, n_slots, carry,
+                                  blocks=blocks, scale=scale, softcap=softcap)
   return attn.merge_heads(attn.fold_finish(carry)[0]).astype(q_B1HD.dtype)

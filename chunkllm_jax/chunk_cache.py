@@ -108,6 +108,15 @@ def choose_at(st: ChunkState, score_BRC, pos_B, cfg: ChunkConfig):
                 rows(pos_B + 1), cfg)
 
 
+def working_room(st: ChunkState, pos_B, cfg: ChunkConfig):
+  """What the budget leaves after the sinks and the open chunk at `pos_B`, as `choose` counts it: the
+  `room_B` of `working_positions` (only the last tokens of the chunks left out can exceed it), or
+  None where nothing limits them but the slots."""
+  if not (cfg.budgeted and cfg.reads_boundary_tokens):
+    return None
+  return cfg.budget_tokens(pos_B + 1) - cfg.n_sink - jnp.maximum(pos_B + 1 - st.open_start, 0)
+
+
 def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, room_B=None):
   """Packed working slots for a selection: positions [B, W], validity [B, W], and slots used [B].
 

@@ -36,12 +36,13 @@ from chunkllm_jax import chunk_kernels
 from chunkllm_jax import chunk_prefill as chunk_prefill_lib
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, choose_at, compact_into, init_chunk_state,
-                                      working_positions, working_size)
+                                      working_positions, working_room, working_size)
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention
-from chunkllm_jax.selection import ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, vote_scores
+from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
+                                   key_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -112,11 +113,7 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
 
 def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
   """The working buffer of the selection made at `pos_B`."""
-  room = None
-  if ccfg.budgeted and ccfg.reads_boundary_tokens:  # what the budget leaves after the sinks and the open
-    # chunk, as `choose` counts it: only the last tokens of the chunks left out can exceed it
-    room = ccfg.budget_tokens(pos_B + 1) - ccfg.n_sink - jnp.maximum(pos_B + 1 - st.open_start, 0)
-  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], room)
+  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], working_room(st, pos_B, ccfg))
   if _use_kernels(ccfg):
     wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid,
                                           interpret=ccfg.interpret)
@@ -459,6 +456,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   pos_B = cache.length
   B, M = tokens_B.shape[0], min(ccfg.max_chunk_len, cache.max_len)
   n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
+  W = st.work_pos.shape[-1]
   d_c = _d_c(params, ccfg)
 
   def attend_fn(state, layer, q, k, v, h):
@@ -470,10 +468,13 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       return attn.decode_attention(q, kb, vb, idx, pos_B, layer["window"], scale=cfg.attn_scale,
                                    softcap=cfg.attn_softcap)
 
-    def sparse():
+    def open_chunk():  # the open chunk's keys and values (a window of M from its start) and which are in it
       k_open, open_pos = _recent(kb, idx, st.open_start, M)
       v_open, _ = _recent(vb, idx, st.open_start, M)
-      open_ok = (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
+      return k_open, v_open, (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
+
+    def sparse():
+      k_open, v_open, open_ok = open_chunk()
       work_ok = st.work_valid & (st.work_pos <= pos_B[:, None])
       if _use_kernels(ccfg):
         return chunk_kernels.decode_attention_kernel(
@@ -485,7 +486,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
     if ccfg.selection == "kv_head":
       o, read_BK = jax.lax.cond(
-          sparse_L[idx], lambda: head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B),
+          sparse_L[idx], lambda: head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
+                                                blocks=attn.decode_blocks(W, WORK_BLOCKS)),
           lambda: (dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32)))
       reads_B = reads_B + read_BK.mean(-1)
     else:
@@ -513,7 +515,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   seen = pos_B + 1
   if ccfg.selection == "kv_head":  # the sparse layers' and heads' mean; the slots add the scores' reads of K
     visible = reads_B / max(int(np.sum(plan.sparse)), 1)
-    score_share = 0.5 if ccfg.score_rank is None else ccfg.score_rank / (2 * cfg.head_dim)
+    score_share = 0.5 * key_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank)
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                     read_slots=st.read_slots + visible + score_share * seen, n_selections=st.n_selections + 1)
   else:

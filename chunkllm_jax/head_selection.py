@@ -10,40 +10,28 @@ A step, per sparse layer:
   1. scores every candidate chunk per KV head: the attention mass of the query heads that read it
      (their max), exact (`selection.chunk_mass`, reading all of K) or SparQ's estimate from
      `score_rank` of K's dimensions (`selection.sparq_chunk_mass`);
-  2. chooses per head with `chunk_cache.choose_at` (one row per head, as the shared rule's one row), under the budget's shape: sinks,
-     local and open chunks, the recent share, boundary tokens;
-  3. gathers each head's chosen positions from the stacked buffer into `head_slots` slots (sinks
-     first, then newest first, so a step that would overflow drops the oldest boundary tokens)
-     and attends them.
+  2. chooses per head with `chunk_cache.choose_at` (one row per head, as the shared rule's one
+     row), under the budget's shape: sinks, local and open chunks, the recent share, boundary tokens;
+  3. lays each head's read out as the shared rule lays out its working buffer
+     (`chunk_cache.working_positions`: the sinks, then the chosen and the local chunks in position
+     order, then the last tokens of the chunks left out that the budget has room for), and attends
+     the open chunk and those slots, gathering each block of slots from the stacked buffer as the
+     fold reaches it (`attention.decode_over_blocks`): nothing is copied but the blocks read.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
-from chunkllm_jax.chunk_cache import ChunkState, choose_at
+from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
 from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
 
 
-def head_slots(ccfg: ChunkConfig, max_len: int) -> int:
-  """Static slots a head's read is gathered into: the budget at a full buffer, the sinks, and the
-  local and open chunks at their longest (what can come on top of a budget the fixed part exceeds)."""
-  if ccfg.budgeted:
-    most = ccfg.kv_budget_tokens if ccfg.kv_budget_tokens is not None else math.ceil(ccfg.kv_budget * max_len)
-    most = max(most, ccfg.kv_budget_min_tokens)
-  else:
-    most = ccfg.top_chunks * ccfg.max_chunk_len
-  return min(most + ccfg.n_sink + (ccfg.n_local + 1) * ccfg.max_chunk_len, max_len)
-
-
-def head_reads(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
-  """What each KV head reads at `pos_B`: [B, K, S] bool (steps 1 and 2 of the module's docstring)."""
-  S, K = k_LBSKD.shape[2:4]
-  C = st.chunk_end.shape[1]
+def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
+  """The candidates each KV head of `layer` keeps at `pos_B`: [B, K, C] bool (steps 1 and 2)."""
+  K = k_LBSKD.shape[3]
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
   hi = jnp.where(n_cand > 0, last, -1)[:, None, None, None]
@@ -54,41 +42,47 @@ def head_reads(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, p
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                             rank=ccfg.score_rank, layer=layer)
-  picked_BKC = choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
-  t = jnp.arange(S)
-  ends = jnp.where(jnp.arange(C) < st.n_chunks[:, None], st.chunk_end, S)
-  chunk_of = jax.vmap(lambda e: jnp.searchsorted(e, t, side="left"))(ends)  # B S: first chunk ending at or after t
-  in_chunk = (chunk_of < st.n_chunks[:, None]) & (t >= ccfg.n_sink)
-  at = jnp.minimum(chunk_of, C - 1)
-  base = (t < ccfg.n_sink) | ((t >= st.open_start[:, None]) & (t <= pos_B[:, None]))
-  base = base | (in_chunk & (chunk_of >= (st.n_chunks - ccfg.n_local)[:, None]))
-  if ccfg.reads_boundary_tokens:
-    base = base | (in_chunk & (t == jnp.take_along_axis(ends, at, 1)))
-  picked_BKS = jnp.take_along_axis(picked_BKC, at[:, None, :], -1) & in_chunk[:, None]
-  return (base[:, None] | picked_BKS) & (t <= pos_B[:, None])[:, None]
+  return choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
 
 
-def gather_positions(read_BKS, n_sink: int, W: int):
-  """Each head's read as W slots: positions [B, K, W] and validity. The sinks take the first slots,
-  the rest follow newest first, so a read longer than W loses its oldest positions."""
-  S = read_BKS.shape[-1]
-  n_sink = min(n_sink, W, S)
-  rest = read_BKS[..., n_sink:][..., ::-1]  # newest first
-  nth = lambda m: jnp.nonzero(m, size=W - n_sink, fill_value=0)[0]
-  idx = jax.vmap(jax.vmap(nth))(rest)
-  count = jnp.sum(rest, -1, keepdims=True)
-  valid = jnp.concatenate([read_BKS[..., :n_sink], jnp.arange(W - n_sink) < count], -1)
-  pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_sink), idx.shape[:-1] + (n_sink,)), S - 1 - idx], -1)
-  return pos, valid
+def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):
+  """Each head's read as W working slots (step 3): positions and validity [B, K, W], slots used [B, K]."""
+  room = working_room(st, pos_B, ccfg)
+  pos, valid, used = jax.vmap(lambda sel: working_positions(st, sel, ccfg, W, room), in_axes=1, out_axes=1)(
+      picked_BKC)
+  return pos, valid & (pos <= pos_B[:, None, None]), used
 
 
-def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B):
-  """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K])."""
-  _, B, S, K, _ = k_LBSKD.shape
-  read_BKS = head_reads(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B)
-  pos_BKW, ok_BKW = gather_positions(read_BKS, ccfg.n_sink, head_slots(ccfg, S))
-  rows, heads = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
-  gather = lambda buf: jnp.swapaxes(buf[layer, rows, pos_BKW, heads], 1, 2)  # B W K D, read from the stack
-  o = attn.attend(q_B1HD, gather(k_LBSKD), gather(v_LBSKD), ok_BKW[:, :, None], scale=cfg.attn_scale,
-                  softcap=cfg.attn_softcap)
-  return o, jnp.sum(ok_BKW, -1).astype(jnp.float32)
+def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,
+                   *, W: int, blocks: tuple[int, ...]):
+  """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K]).
+
+  `open_kv`: the open chunk's (keys, values [B, M, K, D], visible [B, M]), as the shared rule reads it.
+  The heads are folded as rows of their own ([B * K] rows of one KV head each), so a block of each
+  head's slots is one gather from the stacked buffer and one plain matmul (`attention.fold_packed`)."""
+  L, B, S, K, D = k_LBSKD.shape
+  picked = head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B)
+  pos_BKW, ok_BKW, used_BK = head_slots(ccfg, st, picked, pos_B, W)
+  q = attn.split_heads(q_B1HD, K)  # B K G 1 D
+  q = q.reshape(B * K, 1, *q.shape[2:])
+  per_head = lambda x: jnp.swapaxes(x, 1, 2).reshape(B * K, x.shape[1], 1, D)  # [B, M, K, D] -> [BK, M, 1, D]
+  k_open, v_open, open_ok = open_kv
+  ok = jnp.repeat(open_ok, K, axis=0)[:, None, None, None]
+  carry = attn.fold(attn.fold_init(*q.shape), attn.scores(q, per_head(k_open), ok, scale=cfg.attn_scale,
+                                                          softcap=cfg.attn_softcap), ok, per_head(v_open))
+  rows = (layer * B + jnp.arange(B)[:, None, None]) * S  # the flat row of (layer, b, position 0, head 0) / K
+  flat_k, flat_v = k_LBSKD.reshape(L * B * S * K, D), v_LBSKD.reshape(L * B * S * K, D)
+
+  def read(start, size):  # slots [start, start + size) of every head: [B * K, size, 1, D] each
+    p = jax.lax.dynamic_slice_in_dim(pos_BKW, start, size, axis=2)
+    at = ((rows + p) * K + jnp.arange(K)[None, :, None]).reshape(B * K, size, 1)
+    return flat_k[at], flat_v[at]
+
+  ok_fn = lambda start, size: jax.lax.dynamic_slice_in_dim(ok_BKW, start, size, axis=2).reshape(B * K, size)
+  small = blocks[-1]
+  n_slots = -(-jnp.max(used_BK) // small) * small
+  carry = attn.decode_over_blocks(q, read, ok_fn, 0, n_slots, carry, blocks=blocks, scale=cfg.attn_scale,
+                                  softcap=cfg.attn_softcap)
+  o = attn.fold_finish(carry)[0].reshape(B, K, *carry.acc.shape[2:])
+  n_read = jnp.sum(ok_BKW, -1) + jnp.sum(open_ok, -1)[:, None]
+  return attn.merge_heads(o).astype(q_B1HD.dtype), n_read.astype(jnp.float32)

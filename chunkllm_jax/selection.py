@@ -353,6 +353,20 @@ def chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, 
   return at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
 
 
+CACHE_LINE = 64  # bytes: what memory moves at a time, on CPUs and (as 32-byte sectors, pairs of them) GPUs
+
+
+def key_read_share(head_dim: int, itemsize: int, rank: int | None = None) -> float:
+  """The share of K's bytes that a score reading `rank` of each key's dimensions (None: all) moves
+  from memory. Keys lie [S, K, D], a key's dimensions in a few cache lines, and SparQ's dimensions
+  (chosen by |q|, anywhere in the row) touch up to `rank` of them: counted as min(rank, lines) of
+  the lines. At 64-dimension float32 keys (4 lines) 16 dimensions read every line, so on this
+  layout SparQ saves the multiply-adds, not the reads (SparQ keeps a second, dimension-major copy of
+  K for that)."""
+  lines = max(head_dim * itemsize // CACHE_LINE, 1)
+  return 1.0 if rank is None else min(rank, lines) / lines
+
+
 def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, rank: int, layer=None):
   """SparQ's estimate of `chunk_mass` from `rank` of K's dimensions: per KV head and query, the
   dimensions where the query heads that read it are largest in |q| summed (one slice of K serves the
@@ -428,6 +442,21 @@ def vote_scores(probs_S, vote: str):
 # From scores to a selection
 
 
+def order_by_score(score_BRC):
+  """Indices of the last axis, best score first; ties by position (the oldest first). [B, R, C] int32.
+
+  One sort of int32 keys: the score's order-preserving bits over the index's bits. XLA's sort of
+  floats, or of a key with the index beside it, is 4-7x slower on the CPU (C = 1024 to 4096, `choose`'s
+  time with a per-head selection at every step). The index takes the key's low ceil(log2 C) bits, so
+  scores within 2^-(23 - that) of each other (relative; 1.2e-4 at C = 1024) count as tied."""
+  C = score_BRC.shape[-1]
+  idx_bits = max((C - 1).bit_length(), 1)
+  bits = jax.lax.bitcast_convert_type(score_BRC.astype(jnp.float32), jnp.int32)
+  ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # as signed ints, in the floats' order
+  key = ((ordered >> idx_bits) << idx_bits) | (C - 1 - jnp.arange(C, dtype=jnp.int32))
+  return C - 1 - (jnp.sort(key, axis=-1)[..., ::-1] & ((1 << idx_bits) - 1))
+
+
 FILL_PASSES = 4  # passes of the budgeted selection over the chunks it has left out (`choose`)
 
 
@@ -463,7 +492,7 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     newer_BRC = jnp.cumsum(cost_BRC[..., ::-1], -1)[..., ::-1]  # tokens from candidate j to the newest
     recent = cand & (newer_BRC + fixed_BR[..., None] <= jnp.floor(cfg.recent_share * budget)[..., None])
     score = jnp.where(recent, jnp.inf, score)
-  order = jnp.argsort(-score, axis=-1, stable=True)  # best first; ties by position
+  order = order_by_score(score)
   cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)
   cand_sorted = jnp.take_along_axis(cand, order, -1)
   left = budget - fixed_BR  # [B, R]: tokens the chosen chunks may still take

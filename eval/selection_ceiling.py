@@ -237,13 +237,14 @@ def _family_nll(params, tokens_T, unit_of_T, unit_end_U, mass_LKGTU, sparse_L, v
 SCORERS = ("attention", "bound", "centroid", "sparq")
 
 
-def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int) -> float:
+def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int, itemsize: int = 4) -> float:
   """What a decode step reads to score, as a share of the KV of the `seen` tokens it scores: all of K
-  (the attention), two keys a unit (the bound), one (the centroid), `rank` of K's dimensions (sparq)."""
+  (the attention), two keys a unit (the bound), one (the centroid), the cache lines of K that `rank`
+  of its dimensions touch (sparq: `sel.key_read_share`, all of them at 16 of 64 in float32)."""
   per_unit = {"bound": 2, "centroid": 1}
   if scorer in per_unit:
     return per_unit[scorer] * n_units / (2 * seen)
-  return (head_dim if scorer == "attention" else rank) / (2 * head_dim)
+  return 0.5 * sel.key_read_share(head_dim, itemsize, None if scorer == "attention" else rank)
 
 
 def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16):

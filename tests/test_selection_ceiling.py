@@ -171,6 +171,8 @@ def test_empty_padding_units_change_no_family(scorer):
 
 def test_scoring_reads_are_what_each_scorer_reads():
   assert SC.scoring_reads("attention", 50, 1000, 64, 16) == 0.5  # all of K
-  assert SC.scoring_reads("sparq", 50, 1000, 64, 16) == 16 / 128
+  assert SC.scoring_reads("sparq", 50, 1000, 64, 16) == 0.5  # 16 of 64 float32 dims touch all 4 lines of a key
+  assert SC.scoring_reads("sparq", 50, 1000, 64, 2) == 2 / 8  # 2 dims: at most 2 of the 4 lines
+  assert SC.scoring_reads("sparq", 50, 1000, 256, 64, itemsize=2) == 0.5  # gemma3's bf16 keys: 8 lines
   assert SC.scoring_reads("bound", 50, 1000, 64, 16) == 2 * 50 / 2000  # min and max key a unit
   assert SC.scoring_reads("centroid", 50, 1000, 64, 16) == 50 / 2000
