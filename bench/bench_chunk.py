@@ -6,7 +6,7 @@ Synthetic weights of smollm2-135m's shape (float32) and fresh adapters; speed do
 the weights. Decode does not run a real prefill (dense prefill at 64K would take about an hour
 here): the KV buffer is filled with random K/V up to the context length, the chunk table holds
 uniform 30-token chunks with random keys, and the first selection is a real vote (`selection.choose`) of a random
-query, compacted by `_refresh_working_buffer`. The Chunk Adapter's output bias is set very
+query, compacted by `_fill_working_buffer`. The Chunk Adapter's output bias is set very
 negative, so chunks close only by `max_chunk_len = 30`: one boundary every 30 tokens.
 
 Each round runs, interleaved: one dense `decode_step`, one plain ChunkLLM step (open chunk half
@@ -119,7 +119,8 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   probs = jnp.stack([adapter_probs(q[:, None], k, (st.n_chunks - ccfg.n_local)[:, None])[:, 0]
                      for q, k in zip(jax.random.normal(kq, (n_qk, 1, acfg.d_c)), st.chunk_key)])
   st = cg._reselect(st, jnp.ones((1,), bool), vote_scores(probs, ccfg.vote), jnp.full((1,), L - 1), ccfg)
-  return cg._refresh_working_buffer(st, cache, ccfg, jnp.full((1,), L - 1))
+  return cg._fill_working_buffer(st, cache, ccfg)  # at the last token (cache.length = L): compacted, or the
+  #                                                  per-head rule's own state
 
 
 def timed(fn, *args):
@@ -170,7 +171,7 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
     retention = np.mean(ret_plain) * (CHUNK - 1) / CHUNK + np.mean(ret_bound) / CHUNK
     nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
     row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
-               selection=ccfg.selection, score_rank=ccfg.score_rank,
+               selection=ccfg.selection, score_rank=ccfg.score_rank, score_estimate=ccfg.score_estimate,
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
                decode_tok_s_chunk=1 / amort, decode_tok_s_dense=1 / d, decode_speedup=d / amort,
@@ -427,6 +428,8 @@ def main():
   ap.add_argument("--selection", default="shared", choices=["shared", "kv_head"],
                   help="decode's ChunkConfig.selection ('kv_head': each KV head chooses at every step)")
   ap.add_argument("--score_rank", type=int, default=None, help="ChunkConfig.score_rank, with --selection kv_head")
+  ap.add_argument("--score_estimate", default="sparq", choices=["sparq", "lowrank"],
+                  help="ChunkConfig.score_estimate, with --score_rank")
   args = ap.parse_args()
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
@@ -460,7 +463,8 @@ def main():
   for L in ([] if args.decode_from_json else args.lengths):
     try:
       decode_rows += bench_decode(params, L, args.ratios, args.rounds,
-                                  dict(selection=args.selection, score_rank=args.score_rank))
+                                  dict(selection=args.selection, score_rank=args.score_rank,
+                                       score_estimate=args.score_estimate))
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)

@@ -47,6 +47,9 @@ class ChunkState:
   retained: jnp.ndarray  # [B] float32: sum over decode steps of (visible / seen)
   read_slots: jnp.ndarray  # [B] float32: sum over decode steps of K/V slots a sparse layer read
   overflow: jnp.ndarray  # [B] bool: a chunk was dropped because the table was full
+  # selection="kv_head" with score_estimate="lowrank" (`head_selection.low_rank_keys`), else r = 0:
+  key_basis: jnp.ndarray  # [L, B, H_kv, D, r] float32: each KV head's basis of its prompt keys
+  key_low: jnp.ndarray  # [L, B, S, H_kv, r]: every key's coordinates in it (S = 0 before they are built)
 
   def replace(self, **kw) -> "ChunkState":
     return dataclasses.replace(self, **kw)
@@ -77,7 +80,8 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
       work_k=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       work_v=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       n_selections=jnp.zeros((batch,), jnp.int32), retained=jnp.zeros((batch,), jnp.float32),
-      overflow=jnp.zeros((batch,), bool))
+      overflow=jnp.zeros((batch,), bool), key_basis=jnp.zeros((n_layers, batch, n_kv, head_dim, 0), jnp.float32),
+      key_low=jnp.zeros((n_layers, batch, 0, n_kv, 0), dtype))
 
 
 def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:

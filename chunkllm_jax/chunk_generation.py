@@ -40,9 +40,9 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, choose_at, comp
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
-from chunkllm_jax.head_selection import head_attention
+from chunkllm_jax.head_selection import head_attention, low_rank_keys
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
-                                   key_read_share, vote_scores)
+                                   score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -106,7 +106,11 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
   L, B, _, K, D = cache.k.shape
   if ccfg.selection == "kv_head":  # each head gathers its own read at every step: no shared buffer
     empty = jnp.zeros((L, B, 0, K, D), cache.k.dtype)
-    return st.replace(work_k=empty, work_v=empty)
+    st = st.replace(work_k=empty, work_v=empty)
+    if ccfg.score_rank is not None and ccfg.score_estimate == "lowrank":
+      basis, low = low_rank_keys(cache.k, cache.length, ccfg.score_rank)
+      st = st.replace(key_basis=basis, key_low=low)
+    return st
   zeros = jnp.zeros((L, B, st.work_pos.shape[-1], K, D), cache.k.dtype)
   return _refresh_working_buffer(st.replace(work_k=zeros, work_v=zeros), cache, ccfg, cache.length - 1)
 
@@ -457,6 +461,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   B, M = tokens_B.shape[0], min(ccfg.max_chunk_len, cache.max_len)
   n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
   W = st.work_pos.shape[-1]
+  low_rank = st.key_low.shape[-1] > 0  # per-head scores from low-rank keys: each layer's new key is kept
+  n_new_key = cfg.head_dim if low_rank else 0
   d_c = _d_c(params, ccfg)
 
   def attend_fn(state, layer, q, k, v, h):
@@ -497,7 +503,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                             lambda: (jnp.zeros((B, d_c), jnp.float32),) * 2)
     else:
       qt = kt = jnp.zeros((B, 0), jnp.float32)
-    return o, (kb, vb, p_B, reads_B), (q[:, 0], qt, kt)
+    return o, (kb, vb, p_B, reads_B), (q[:, 0], qt, kt, k[:, 0, :, :n_new_key])
 
   def output_fn(state, layer, x, ys):  # the Chunk Adapter reads layer 0's output
     kb, vb, p_B, reads_B = state
@@ -506,7 +512,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
   x0 = model.embed(params, tokens_B[:, None])
   p0 = jnp.zeros((B,), jax.eval_shape(lambda h: _boundary_probs(params, h), x0).dtype)
-  x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd) = model.run_layers(
+  x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd, k_LBKD) = model.run_layers(
       params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, p0, jnp.zeros((B,), jnp.float32)), output_fn)
   logits = model.unembed(params, x)[:, 0]
   cache = KVCache(k=k, v=v, length=pos_B + 1)
@@ -515,7 +521,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   seen = pos_B + 1
   if ccfg.selection == "kv_head":  # the sparse layers' and heads' mean; the slots add the scores' reads of K
     visible = reads_B / max(int(np.sum(plan.sparse)), 1)
-    score_share = 0.5 * key_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank)
+    score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate)
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                     read_slots=st.read_slots + visible + score_share * seen, n_selections=st.n_selections + 1)
   else:
@@ -536,6 +542,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
   if ccfg.selection == "kv_head":  # the heads choose at every step: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
+    if low_rank:  # this token's key in each layer's basis, for the steps after it to score
+      new = jnp.einsum("lbkd,lbkdr->lbkr", k_LBKD.astype(jnp.float32), st.key_basis).astype(st.key_low.dtype)
+      st = st.replace(key_low=st.key_low.at[:, jnp.arange(B), pos_B].set(new))
     return logits, cache, st
 
   def on_boundary(st):

@@ -57,13 +57,16 @@ def _chunk_flags(p) -> None:
                  help="shared: one selection at each chunk boundary for every layer (default); kv_head: each "
                       "KV head of each layer chooses at every step")
   p.add_argument("--score-rank", type=int, default=None,
-                 help="with --selection kv_head: K's dimensions its scores read (default: all)")
+                 help="with --selection kv_head: the size of its scores' estimate (default: the exact mass)")
+  p.add_argument("--score-estimate", choices=["sparq", "lowrank"], default=None,
+                 help="with --score-rank: SparQ's dimensions of K (default) or each key's coordinates in a basis "
+                      "of its head's prompt keys (lowrank)")
 
 
 def _chunk_settings(args) -> dict:
   given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
                n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens,
-               selection=args.selection, score_rank=args.score_rank)
+               selection=args.selection, score_rank=args.score_rank, score_estimate=args.score_estimate)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget

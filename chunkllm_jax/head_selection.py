@@ -8,8 +8,10 @@ over the same chunks and budget keeps most of it (`eval.selection_ceiling`, docs
 
 A step, per sparse layer:
   1. scores every candidate chunk per KV head: the attention mass of the query heads that read it
-     (their max), exact (`selection.chunk_mass`, reading all of K) or SparQ's estimate from
-     `score_rank` of K's dimensions (`selection.sparq_chunk_mass`);
+     (their max), exact (`selection.chunk_mass`, reading all of K), SparQ's estimate from
+     `score_rank` of K's dimensions (`selection.sparq_chunk_mass`), or Loki's from every key's
+     `score_rank` coordinates in a basis of its KV head's prompt keys (`low_rank_keys`,
+     `selection.lowrank_chunk_mass`);
   2. chooses per head with `chunk_cache.choose_at` (one row per head, as the shared rule's one
      row), under the budget's shape: sinks, local and open chunks, the recent share, boundary tokens;
   3. lays each head's read out as the shared rule lays out its working buffer
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
-from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
+from chunkllm_jax.selection import ChunkConfig, chunk_mass, key_basis, lowrank_chunk_mass, sparq_chunk_mass
 
 
 def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
@@ -39,10 +41,23 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
   if ccfg.score_rank is None:
     mass = chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                       softcap=cfg.attn_softcap, layer=layer)
+  elif ccfg.score_estimate == "lowrank":
+    mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[layer], hi, st.chunk_end, n_sink=ccfg.n_sink,
+                              scale=cfg.attn_scale, layer=layer)
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                             rank=ccfg.score_rank, layer=layer)
   return choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
+
+
+def low_rank_keys(k_LBSKD, length_B, rank: int):
+  """score_estimate="lowrank"'s state, built once after the prompt: each layer's and KV head's basis of
+  its prompt keys (`selection.key_basis`, [L, B, K, D, rank]) and every key's coordinates in it
+  ([L, B, S, K, rank], in the cache's dtype; decode adds each new key's)."""
+  valid = jnp.arange(k_LBSKD.shape[2])[None] < length_B[:, None]
+  basis = jax.vmap(lambda k: key_basis(k, valid, rank))(k_LBSKD)
+  low = jnp.einsum("lbskd,lbkdr->lbskr", k_LBSKD.astype(jnp.float32), basis).astype(k_LBSKD.dtype)
+  return basis, low
 
 
 def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):

@@ -41,6 +41,7 @@ SCORERS = ("adapter", "attention")
 ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.md, section 1)
 VOTES = ("sum", "max")
 SELECTIONS = ("shared", "kv_head")
+SCORE_ESTIMATES = ("sparq", "lowrank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +89,14 @@ class ChunkConfig(ChunkRules):
   # ChunkLLM's chunks; what each rule keeps: docs/results.md, twentieth and twenty-first sessions).
   # Its XLA path gathers each head's read at every step, slower than dense decode today.
   selection: str = "shared"
-  # With selection="kv_head": how many of K's dimensions each step's scores read (SparQ's estimate,
-  # `sparq_chunk_mass`); None: all of them (the exact attention mass, `chunk_mass`).
+  # With selection="kv_head": the size of each step's estimate of the attention mass; None: the exact
+  # mass (`chunk_mass`, reading all of K). How `score_estimate` uses it: "sparq", the query's
+  # `score_rank` largest dimensions of K (`sparq_chunk_mass`; on this cache's layout they touch every
+  # cache line of K), or "lowrank", each key's `score_rank` coordinates in a basis of its KV head's
+  # prompt keys, kept beside the cache (`lowrank_chunk_mass`; score_rank / head_dim of K's bytes,
+  # read and held).
   score_rank: int | None = None
+  score_estimate: str = "sparq"
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
@@ -169,6 +175,10 @@ class ChunkConfig(ChunkRules):
         raise ValueError("score_rank sets how the per-head selection scores; it needs selection='kv_head'")
       if not isinstance(self.score_rank, int) or isinstance(self.score_rank, bool) or self.score_rank < 1:
         raise ValueError(f"score_rank must be an int >= 1 (dimensions of K), got {self.score_rank!r}")
+    if self.score_estimate not in SCORE_ESTIMATES:
+      raise ValueError(f"score_estimate must be one of {SCORE_ESTIMATES}, got {self.score_estimate!r}")
+    if self.score_estimate != "sparq" and self.score_rank is None:
+      raise ValueError(f"score_estimate={self.score_estimate!r} estimates from score_rank coordinates: give score_rank")
     if self.selection == "kv_head" and self.attention == "pallas":
       raise ValueError("selection='kv_head' has no Pallas kernel yet; use attention='xla'")
     if self.refresh_every < 0:
@@ -353,6 +363,15 @@ def chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, 
   return at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
 
 
+def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: str = "sparq") -> float:
+  """What a per-head step reads to score, as a share of the KV of the tokens it scores: all of K
+  (exact), the cache lines of K that SparQ's dimensions touch (`key_read_share`), or the low-rank
+  keys (rank of D coordinates a key, contiguous)."""
+  if rank is not None and estimate == "lowrank":
+    return rank / (2 * head_dim)
+  return 0.5 * key_read_share(head_dim, itemsize, rank)
+
+
 CACHE_LINE = 64  # bytes: what memory moves at a time, on CPUs and (as 32-byte sectors, pairs of them) GPUs
 
 
@@ -395,13 +414,41 @@ def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: f
     q_r = jnp.where((strength_BKQD >= kth)[:, :, None], q, 0.0)
     temp = scale / jnp.sqrt(jnp.maximum(jnp.abs(q_r).sum(-1) / total, 1e-6))
     s = jnp.einsum("bkgqd,btkd->bkgqt", q_r, k_BTKD.astype(jnp.float32)) * temp[..., None]
+  return _mass_of_logits(s, hi_BKGQ, ends_BC, n_sink)
+
+
+def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int):
+  """Each query's softmax of estimated logits over the keys [n_sink, hi], summed within each chunk (0 for
+  chunks ending before n_sink or past the keys; a query with no key gives zeros). [B, K, G, Q, C]."""
+  T = s_BKGQT.shape[-1]
   t = jnp.arange(T)
-  ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s.shape[:-1])[..., None])
-  p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s, -jnp.inf), -1), 0.0)  # a query with no key: zeros
+  ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s_BKGQT.shape[:-1])[..., None])
+  p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s_BKGQT, -jnp.inf), -1), 0.0)
   cum = jnp.cumsum(p, -1)
   at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
   mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
   return jnp.where(((ends_BC >= n_sink) & (ends_BC < T))[:, None, None, None, :], mass, 0.0)
+
+
+def key_basis(k_BTKD, valid_BT, rank: int):
+  """Per KV head, the `rank` directions that hold most of its keys' energy (the top eigenvectors of
+  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns. Keys concentrate
+  in a few directions (Loki), so q . k is close to (q P) . (k P) and a key's `rank` coordinates in the
+  basis, stored apart and contiguous, score a query for `rank / D` of K's bytes."""
+  k = jnp.where(valid_BT[:, :, None, None], k_BTKD.astype(jnp.float32), 0.0)
+  _, vecs = jnp.linalg.eigh(jnp.einsum("btkd,btke->bkde", k, k))  # ascending eigenvalues
+  return vecs[..., ::-1][..., :rank]
+
+
+def lowrank_chunk_mass(q_BKGQD, k_low_BTKr, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None):
+  """`chunk_mass` estimated from the keys' coordinates in `key_basis` (`k_low`, [B, T, K, r], or with
+  `layer` the stacked [L, B, T, K, r]): logits scale * (q P) . (k P) over the keys [n_sink, hi],
+  softmax, summed within each chunk. float32 [B, K, G, Q, C]."""
+  if layer is not None:
+    k_low_BTKr = jax.lax.dynamic_index_in_dim(k_low_BTKr, layer, 0, keepdims=False)
+  q_low = jnp.einsum("bkgqd,bkdr->bkgqr", q_BKGQD.astype(jnp.float32), basis_BKDr)
+  s = jnp.einsum("bkgqr,btkr->bkgqt", q_low, k_low_BTKr.astype(jnp.float32)) * scale
+  return _mass_of_logits(s, hi_BKGQ, ends_BC, n_sink)
 
 
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,

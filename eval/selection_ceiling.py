@@ -14,7 +14,8 @@ The scores are the frozen attention's mass per unit (`--scorer attention`: the t
 or a training-free estimate from a summary of each unit's keys, as a per-step scorer would read
 instead of K: Quest's bound from their elementwise min and max (`--scorer bound`), their mean
 (`--scorer centroid`), or SparQ's logits over a few of K's dimensions (`--scorer sparq --rank r`, as decode's
-`selection="kv_head", score_rank=r` scores).
+`selection="kv_head", score_rank=r` scores), or each key's r coordinates in a basis of its KV head's
+keys fitted on the dense prefix (`--scorer lowrank --rank r`, Loki's estimate).
 Each row also gives what scoring reads per step (`scoring_kv`, a share of the seen tokens' KV).
 
 Units are ChunkLLM's chunks (the Chunk Adapter's ends over the text) or fixed pages. Each query
@@ -159,11 +160,13 @@ def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
   return jnp.exp(logit - logit.max(-1, keepdims=True))
 
 
-@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank"))
-def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16):
+@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens"))
+def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16,
+                      basis_tokens: int = 256):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
   the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`), each unit's
-  mean key (`centroid`) or `rank` dimensions of every key (`sparq`)."""
+  mean key (`centroid`), `rank` dimensions of every key (`sparq`), or every key's `rank` coordinates in
+  a basis fitted on the first `basis_tokens` keys (`lowrank`, as a prompt would fit it)."""
   cfg = params.config
   T = tokens_T.shape[0]
   pos = jnp.arange(T)
@@ -182,6 +185,11 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
       estimate = unit_bound if scorer == "bound" else unit_centroid
       logit = estimate(qh[0].astype(jnp.float32), k[0].astype(jnp.float32), unit_of_T, n_units, cfg.attn_scale)
       mass = estimated_mass(logit, unit_of_T, n_units)
+    elif scorer == "lowrank":  # each key's coordinates in its KV head's basis, fitted on the dense prefix
+      basis = sel.key_basis(k, pos[None] < basis_tokens, rank)
+      k_low = jnp.einsum("btkd,bkdr->btkr", k.astype(jnp.float32), basis)
+      mass = sel.lowrank_chunk_mass(qh, k_low, basis, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
+                                    scale=cfg.attn_scale)[0]
     elif scorer == "sparq":  # decode's own estimate (`selection="kv_head", score_rank=rank`), every query at once
       mass = sel.sparq_chunk_mass(qh, k, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
                                   scale=cfg.attn_scale, rank=rank)[0]
@@ -234,21 +242,23 @@ def _family_nll(params, tokens_T, unit_of_T, unit_end_U, mass_LKGTU, sparse_L, v
   return _nll(params, x, tokens_T, prefix), reads / (jnp.maximum(jnp.sum(sparse_L), 1) * jnp.sum(scored_T))
 
 
-SCORERS = ("attention", "bound", "centroid", "sparq")
+SCORERS = ("attention", "bound", "centroid", "sparq", "lowrank")
 
 
 def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int, itemsize: int = 4) -> float:
   """What a decode step reads to score, as a share of the KV of the `seen` tokens it scores: all of K
   (the attention), two keys a unit (the bound), one (the centroid), the cache lines of K that `rank`
-  of its dimensions touch (sparq: `sel.key_read_share`, all of them at 16 of 64 in float32)."""
+  of its dimensions touch (sparq: all of them at 16 of 64 in float32), `rank` of the D coordinates of
+  each key in a basis, stored apart (lowrank): `selection.score_read_share`, as decode counts them."""
   per_unit = {"bound": 2, "centroid": 1}
   if scorer in per_unit:
     return per_unit[scorer] * n_units / (2 * seen)
-  return 0.5 * sel.key_read_share(head_dim, itemsize, None if scorer == "attention" else rank)
+  return sel.score_read_share(head_dim, itemsize, None if scorer == "attention" else rank,
+                              "lowrank" if scorer == "lowrank" else "sparq")
 
 
 def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16):
-  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank)
+  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix)
   return _nll(params, x, tokens_T, prefix), mass
 
 
@@ -265,9 +275,10 @@ def main(argv=None) -> None:
                  "'selection' (the adapters' selection layers) or comma-separated layer indices")
   p.add_argument("--scorer", default="attention", choices=SCORERS,
                  help="the units' scores: the attention mass (the teacher), or an estimate from "
-                 "each unit's min/max keys (Quest's bound) or mean key, or `--rank` dimensions of every "
-                 "key (SparQ)")
-  p.add_argument("--rank", type=int, default=16, help="dimensions of K that `--scorer sparq` reads")
+                 "each unit's min/max keys (Quest's bound) or mean key, `--rank` dimensions of every "
+                 "key (SparQ), or every key's `--rank` coordinates in a basis fitted on the prefix (lowrank)")
+  p.add_argument("--rank", type=int, default=16, help="dimensions of K that `--scorer sparq` reads, or the "
+                 "basis size of `--scorer lowrank`")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")

@@ -86,6 +86,8 @@ def test_adapters_for_another_model_are_refused(tmp_path):
      dict(kv_budget=0.25, recent_share=0.0, boundary_tokens=False)),
     (["--top-k-chunks", "8", "--boundary-tokens"], dict(top_chunks=8, kv_budget=None, boundary_tokens=True)),
     (["--selection", "kv_head", "--score-rank", "16"], dict(selection="kv_head", score_rank=16)),
+    (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank"],
+     dict(selection="kv_head", score_rank=16, score_estimate="lowrank")),
 ])
 def test_chunk_flags_reach_the_chunk_config(flags, want):
   from chunkllm_jax import cli

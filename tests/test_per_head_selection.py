@@ -8,39 +8,43 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chunk_prefill
+from chunkllm_jax import selection as sel
 from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
 from tests.tiny_models import chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
+SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank")]  # exact, SparQ, low-rank keys
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("score_rank", [None, 4])
-def test_a_full_budget_is_generate(arch, score_rank):
+@pytest.mark.parametrize("score", SCORES)
+def test_a_full_budget_is_generate(arch, score):
   params = chunk_params(arch)
   rows = prompts([40, 23], seed=5)
   ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
-  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, selection="kv_head",
-                       score_rank=score_rank, **FULL)
+  out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, selection="kv_head", **score,
+                       **FULL)
   assert (out.tokens == ref.tokens).all()
   assert np.allclose(out.stats["kv_retention"], 1.0)
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.25])
-@pytest.mark.parametrize("score_rank", [None, 4])
-def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, score_rank):
+@pytest.mark.parametrize("score", SCORES)
+def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, score):
   params = chunk_params()
   rows = prompts([120, 100], seed=1)
   kw = dict(max_new_tokens=30, eos_ids=(), max_len=256, max_chunks=256, max_chunk_len=8, n_local=1, kv_budget=budget,
             boundaries="fixed")  # chunks of 8 (the tiny Chunk Adapter closes one at most tokens)
-  per_head = chunk_generate(params, rows, selection="kv_head", score_rank=score_rank, **kw)
+  per_head = chunk_generate(params, rows, selection="kv_head", **score, **kw)
   kept = per_head.stats["kv_retention"]
   assert (kept <= budget + 8 / 100).all() and (kept >= budget - 8 / 100).all(), kept  # within a chunk
   assert (per_head.stats["n_selections"] == 30).all()  # one choice a step
-  # The bytes count the scores' reads of K: all of it (the tiny model's 16-dim float32 key is one cache line).
+  # The bytes count the scores' reads of K: all of it (the tiny model's 16-dim float32 key is one cache
+  # line), or the low-rank keys (4 of 16 coordinates a key).
   share = per_head.stats["bytes_per_step"] / per_head.stats["dense_bytes_per_step"]
   n_sparse = params.config.n_layers - 1  # layer 0 is dense
-  want = (n_sparse * (kept + 0.5) + 1) / params.config.n_layers
+  scored = 4 / (2 * params.config.head_dim) if score.get("score_estimate") == "lowrank" else 0.5
+  want = (n_sparse * (kept + scored) + 1) / params.config.n_layers
   np.testing.assert_allclose(share, want, atol=0.03)
   assert budget > 0.4 or (share < 1).all()
 
@@ -75,9 +79,10 @@ def test_the_gathered_read_is_the_masked_read():
   cfg = params.config
   tokens = jnp.asarray(prompts([120, 120], seed=6), jnp.int32)  # the second row: 97 tokens and padding
   lengths = jnp.asarray([120, 97], jnp.int32)
-  for score_rank, budget in ((None, 0.3), (4, 0.3), (4, 0.12)):  # 0.12: the last tokens do not all fit
-    ccfg = ChunkConfig(selection="kv_head", score_rank=score_rank, kv_budget=budget, max_chunk_len=8, n_local=1,
-                       boundaries="fixed").validate(256, cfg.n_layers)
+  for score, budget in [(SCORES[0], 0.3), (SCORES[1], 0.3), (SCORES[2], 0.3), (SCORES[1], 0.12)]:
+    # 0.12: the last tokens of the chunks left out do not all fit
+    ccfg = ChunkConfig(selection="kv_head", kv_budget=budget, max_chunk_len=8, n_local=1, boundaries="fixed",
+                       **score).validate(256, cfg.n_layers)
     ccfg = cg.resolved(params, ccfg)
     _, cache, st = chunk_prefill(params, tokens, lengths, 256, ccfg)
     rng = np.random.default_rng(0)
@@ -158,12 +163,58 @@ def test_sparq_mass_matches_a_loop_and_is_the_exact_mass_at_full_rank(rank):
   np.testing.assert_allclose(full, np.where(ends[:, None, None, None] >= n_sink, exact, 0.0), rtol=1e-4, atol=1e-6)
 
 
+def test_lowrank_mass_is_the_exact_mass_at_full_rank_and_its_basis_finds_the_keys_directions():
+  rng = np.random.default_rng(3)
+  B, K, G, Q, T, D, n_sink = 2, 2, 3, 2, 30, 8, 3
+  q = jnp.asarray(rng.normal(size=(B, K, G, Q, D)), jnp.float32)
+  k = rng.normal(size=(B, T, K, D)).astype(np.float32) * 0.1
+  k[:, :, :, 5] += rng.normal(size=(B, T, K)) * 3  # most of the keys' energy lies along dims 5 and 2
+  k[:, :, :, 2] += rng.normal(size=(B, T, K)) * 2
+  k = jnp.asarray(k)
+  valid = jnp.asarray(np.arange(T)[None] < np.array([[20], [30]]))
+  ends = jnp.asarray(np.array([[6, 10, 17, 25, -1], [4, 9, 12, 20, 28]], np.int32))
+  hi = jnp.asarray(np.broadcast_to(np.array([[17, 25], [28, 2]])[:, None, None, :], (B, K, G, Q)))
+  basis = sel.key_basis(k, valid, D)
+  np.testing.assert_allclose(np.einsum("bkdr,bkds->bkrs", basis, basis), np.broadcast_to(np.eye(D), (B, K, D, D)),
+                             atol=1e-5)
+  top2 = np.abs(np.asarray(sel.key_basis(k, valid, 2)))
+  assert (top2.argmax(2) == [5, 2]).all()  # the planted directions, strongest first
+  k_low = jnp.einsum("btkd,bkdr->btkr", k, basis)
+  got = sel.lowrank_chunk_mass(q, k_low, basis, hi, ends, n_sink=n_sink, scale=0.3)
+  exact = chunk_mass(q, k, hi, ends, n_sink=n_sink, scale=0.3, key_block=8)
+  np.testing.assert_allclose(np.asarray(got), np.where(np.asarray(ends)[:, None, None, None] >= n_sink, exact, 0.0),
+                             rtol=1e-4, atol=1e-6)
+  stacked = sel.lowrank_chunk_mass(q, k_low[None], basis, hi, ends, n_sink=n_sink, scale=0.3, layer=0)
+  np.testing.assert_allclose(np.asarray(stacked), np.asarray(got), rtol=1e-6)
+
+
+def test_decode_keeps_every_key_in_the_prompts_basis():
+  """score_estimate="lowrank": after the prompt and each decode step, the low-rank keys are the cache's
+  keys in the basis fitted on the prompt's keys alone."""
+  from chunkllm_jax import head_selection as hs
+  params = chunk_params()
+  tokens = jnp.asarray(prompts([60, 60], seed=4), jnp.int32)
+  lengths = jnp.asarray([60, 41], jnp.int32)
+  ccfg = ChunkConfig(selection="kv_head", score_rank=4, score_estimate="lowrank", kv_budget=0.5, max_chunk_len=8,
+                     n_local=1, boundaries="fixed").validate(128, params.config.n_layers)
+  _, cache, st = chunk_prefill(params, tokens, lengths, 128, ccfg)
+  basis, _ = hs.low_rank_keys(cache.k, lengths, 4)
+  np.testing.assert_allclose(np.asarray(st.key_basis), np.asarray(basis), atol=1e-6)
+  for _ in range(5):
+    _, cache, st = chunk_decode_step(params, tokens[:, 0], cache, st, ccfg)
+  want = np.einsum("lbskd,lbkdr->lbskr", np.asarray(cache.k), np.asarray(basis))
+  for b, n in enumerate(np.asarray(cache.length)):
+    np.testing.assert_allclose(np.asarray(st.key_low)[:, b, :n], want[:, b, :n], atol=1e-5)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(selection="per_query"), "selection must be one of"),
     (dict(score_rank=4), "needs selection='kv_head'"),
     (dict(selection="kv_head", score_rank=0), "score_rank must be an int >= 1"),
     (dict(selection="kv_head", score_rank=999), "exceeds the head dimension"),
     (dict(selection="kv_head", attention="pallas"), "no Pallas kernel"),
+    (dict(selection="kv_head", score_estimate="pca"), "score_estimate must be one of"),
+    (dict(selection="kv_head", score_estimate="lowrank"), "estimates from score_rank coordinates: give score_rank"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
