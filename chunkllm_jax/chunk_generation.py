@@ -42,7 +42,7 @@ from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention, low_rank_keys
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
-                                   score_read_share, vote_scores)
+                                   lowrank_coords, score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -461,7 +461,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   B, M = tokens_B.shape[0], min(ccfg.max_chunk_len, cache.max_len)
   n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
   W = st.work_pos.shape[-1]
-  low_rank = st.key_low.shape[-1] > 0  # per-head scores from low-rank keys: each layer's new key is kept
+  low_rank = st.key_low.shape[3] > 0  # per-head scores from low-rank keys: each layer's new key is kept
   n_new_key = cfg.head_dim if low_rank else 0
   d_c = _d_c(params, ccfg)
 
@@ -543,8 +543,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   if ccfg.selection == "kv_head":  # the heads choose at every step: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
     if low_rank:  # this token's key in each layer's basis, for the steps after it to score
-      new = jnp.einsum("lbkd,lbkdr->lbkr", k_LBKD.astype(jnp.float32), st.key_basis).astype(st.key_low.dtype)
-      st = st.replace(key_low=st.key_low.at[:, jnp.arange(B), pos_B].set(new))
+      new = jax.vmap(lambda k, p: lowrank_coords(k[:, :, None], p)[:, :, 0])(k_LBKD, st.key_basis)  # L B K r+1
+      st = st.replace(key_low=st.key_low.at[:, jnp.arange(B), :, :, pos_B].set(
+          jnp.swapaxes(new, 0, 1).astype(st.key_low.dtype)))
     return logits, cache, st
 
   def on_boundary(st):

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
-from chunkllm_jax.selection import ChunkConfig, chunk_mass, key_basis, lowrank_chunk_mass, sparq_chunk_mass
+from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, lowrank_chunk_mass, lowrank_coords,
+                                   sparq_chunk_mass)
 
 
 def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
@@ -52,12 +53,13 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
 
 def low_rank_keys(k_LBSKD, length_B, rank: int):
   """score_estimate="lowrank"'s state, built once after the prompt: each layer's and KV head's basis of
-  its prompt keys (`selection.key_basis`, [L, B, K, D, rank]) and every key's coordinates in it
-  ([L, B, S, K, rank], in the cache's dtype; decode adds each new key's)."""
+  its prompt keys (`selection.key_basis`, [L, B, K, D, rank]) and every key's `selection.lowrank_coords`
+  in it ([L, B, K, rank + 1, S], in the cache's dtype, as `selection.lowrank_chunk_mass` reads them;
+  decode adds each new key's)."""
   valid = jnp.arange(k_LBSKD.shape[2])[None] < length_B[:, None]
   basis = jax.vmap(lambda k: key_basis(k, valid, rank))(k_LBSKD)
-  low = jnp.einsum("lbskd,lbkdr->lbskr", k_LBSKD.astype(jnp.float32), basis).astype(k_LBSKD.dtype)
-  return basis, low
+  low = jax.vmap(lambda k, p: lowrank_coords(jnp.swapaxes(k, 1, 2), p))(k_LBSKD, basis)  # L B K S r+1
+  return basis, jnp.swapaxes(low, -1, -2).astype(k_LBSKD.dtype)
 
 
 def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):

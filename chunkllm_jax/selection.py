@@ -366,9 +366,9 @@ def chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, 
 def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: str = "sparq") -> float:
   """What a per-head step reads to score, as a share of the KV of the tokens it scores: all of K
   (exact), the cache lines of K that SparQ's dimensions touch (`key_read_share`), or the low-rank
-  keys (rank of D coordinates a key, contiguous)."""
+  keys (rank + 1 of D coordinates a key, contiguous)."""
   if rank is not None and estimate == "lowrank":
-    return rank / (2 * head_dim)
+    return (rank + 1) / (2 * head_dim)
   return 0.5 * key_read_share(head_dim, itemsize, rank)
 
 
@@ -424,7 +424,7 @@ def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int):
   t = jnp.arange(T)
   ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s_BKGQT.shape[:-1])[..., None])
   p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s_BKGQT, -jnp.inf), -1), 0.0)
-  cum = jnp.cumsum(p, -1)
+  cum = jax.lax.associative_scan(jnp.add, p, axis=-1)  # XLA's CPU cumsum took 2x as long at 32K keys
   at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
   mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
   return jnp.where(((ends_BC >= n_sink) & (ends_BC < T))[:, None, None, None, :], mass, 0.0)
@@ -432,22 +432,36 @@ def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int):
 
 def key_basis(k_BTKD, valid_BT, rank: int):
   """Per KV head, the `rank` directions that hold most of its keys' energy (the top eigenvectors of
-  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns. Keys concentrate
-  in a few directions (Loki), so q . k is close to (q P) . (k P) and a key's `rank` coordinates in the
-  basis, stored apart and contiguous, score a query for `rank / D` of K's bytes."""
+  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns."""
   k = jnp.where(valid_BT[:, :, None, None], k_BTKD.astype(jnp.float32), 0.0)
   _, vecs = jnp.linalg.eigh(jnp.einsum("btkd,btke->bkde", k, k))  # ascending eigenvalues
   return vecs[..., ::-1][..., :rank]
 
 
-def lowrank_chunk_mass(q_BKGQD, k_low_BTKr, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None):
-  """`chunk_mass` estimated from the keys' coordinates in `key_basis` (`k_low`, [B, T, K, r], or with
-  `layer` the stacked [L, B, T, K, r]): logits scale * (q P) . (k P) over the keys [n_sink, hi],
-  softmax, summed within each chunk. float32 [B, K, G, Q, C]."""
+def lowrank_coords(x_BKND, basis_BKDr):
+  """A vector's coordinates in the basis and the length of what the basis misses: [B, K, N, rank + 1]
+  float32. For a key k and a query q with these, (q P) . (k P) + |q_out| |k_out| >= q . k (Cauchy-Schwarz
+  on what the basis misses), with equality where the basis holds either one."""
+  x = x_BKND.astype(jnp.float32)
+  coords = jnp.einsum("bknd,bkdr->bknr", x, basis_BKDr)
+  missed = jnp.linalg.norm(x - jnp.einsum("bknr,bkdr->bknd", coords, basis_BKDr), axis=-1)  # no cancellation
+  return jnp.concatenate([coords, missed[..., None]], -1)
+
+
+def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None):
+  """`chunk_mass` estimated from the keys' `lowrank_coords` (Loki's low-rank keys, with the length of
+  what the basis misses), laid out [B, K, rank + 1, T] (each coordinate contiguous over the
+  positions, so the scores are one plain matmul per KV head: [B, T, K, rank] ran 5x slower on the
+  CPU at 32K keys), or with `layer` the stacked [L, B, K, rank + 1, T]. A key's logit is the bound
+  scale * ((q P) . (k P) + |q_out| |k_out|): the low-rank part ranks the keys the basis holds, and a
+  key in a direction the prompt's keys rarely take (a needle's) keeps a logit as high as its
+  length allows instead of losing it. Softmax over the keys [n_sink, hi], summed within each
+  chunk. float32 [B, K, G, Q, C]."""
   if layer is not None:
-    k_low_BTKr = jax.lax.dynamic_index_in_dim(k_low_BTKr, layer, 0, keepdims=False)
-  q_low = jnp.einsum("bkgqd,bkdr->bkgqr", q_BKGQD.astype(jnp.float32), basis_BKDr)
-  s = jnp.einsum("bkgqr,btkr->bkgqt", q_low, k_low_BTKr.astype(jnp.float32)) * scale
+    k_low_BKcT = jax.lax.dynamic_index_in_dim(k_low_BKcT, layer, 0, keepdims=False)
+  B, K, G, Q, D = q_BKGQD.shape
+  q_low = lowrank_coords(q_BKGQD.reshape(B, K, G * Q, D), basis_BKDr).reshape(B, K, G, Q, -1)
+  s = jnp.einsum("bkgqc,bkct->bkgqt", q_low, k_low_BKcT.astype(jnp.float32)) * scale
   return _mass_of_logits(s, hi_BKGQ, ends_BC, n_sink)
 
 

@@ -187,7 +187,7 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
       mass = estimated_mass(logit, unit_of_T, n_units)
     elif scorer == "lowrank":  # each key's coordinates in its KV head's basis, fitted on the dense prefix
       basis = sel.key_basis(k, pos[None] < basis_tokens, rank)
-      k_low = jnp.einsum("btkd,bkdr->btkr", k.astype(jnp.float32), basis)
+      k_low = jnp.swapaxes(sel.lowrank_coords(jnp.swapaxes(k, 1, 2), basis), -1, -2)  # B K r+1 T
       mass = sel.lowrank_chunk_mass(qh, k_low, basis, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
                                     scale=cfg.attn_scale)[0]
     elif scorer == "sparq":  # decode's own estimate (`selection="kv_head", score_rank=rank`), every query at once

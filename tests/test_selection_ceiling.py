@@ -176,4 +176,4 @@ def test_scoring_reads_are_what_each_scorer_reads():
   assert SC.scoring_reads("sparq", 50, 1000, 256, 64, itemsize=2) == 0.5  # gemma3's bf16 keys: 8 lines
   assert SC.scoring_reads("bound", 50, 1000, 64, 16) == 2 * 50 / 2000  # min and max key a unit
   assert SC.scoring_reads("centroid", 50, 1000, 64, 16) == 50 / 2000
-  assert SC.scoring_reads("lowrank", 50, 1000, 64, 16) == 16 / 128  # 16 coordinates a key, stored apart
+  assert SC.scoring_reads("lowrank", 50, 1000, 64, 16) == 17 / 128  # 16 coordinates a key and the rest's length
