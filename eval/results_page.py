@@ -66,6 +66,12 @@ PPL4K = "--suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 --filler bro
 PPL8K = "--suites ppl --ppl_tokens 8192 --ppl_docs 8 --batch_size 8 --filler brown"
 PER_HEAD = "--selection kv_head --score_rank 16"  # each KV head chooses at every step, SparQ's 16 dimensions
 PER_HEAD_NAME = f"decode's selections made instead by each KV head at every step (`{PER_HEAD}`)"
+LOWRANK = "--selection kv_head --score_rank 16 --score_estimate lowrank"  # the same rule, scored from low-rank keys
+LOWRANK_NAME = f"decode's selections made instead by each KV head at every step, scored from low-rank keys (`{LOWRANK}`)"
+LOWRANK_NOTE = ("Decode's selections made by each KV head of each sparse layer at every step, scored from every "
+                "key's coordinates in a basis of its KV head's prompt keys and the length of what the basis misses "
+                "(`score_estimate=\"lowrank\"`, kept beside the cache: {} of K's {} coordinates, {} of the KV's "
+                "bytes, read besides the KV shown).")
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
 
 MEASUREMENTS = (
@@ -85,8 +91,27 @@ MEASUREMENTS = (
                 others="eval_adapters_smollm2_30", variant=PER_HEAD_NAME,
                 note="Decode's selections made by each KV head of each sparse layer at every step, from SparQ's "
                      "estimate of its attention over 16 of K's 64 dimensions (opt-in, `chunkllm_jax/head_selection.py`); "
-                     "the scores read a quarter of K besides the KV shown. Vanilla was run again in the folder; "
-                     "the baselines' rows are read from the first defaults' section."),
+                     "the 16 dimensions lie in every cache line of a key, so the scores read all of K besides the KV "
+                     "shown. Vanilla was run again in the folder; the baselines' rows are read from the first "
+                     "defaults' section."),
+    Measurement("niah_smollm2_per_head_lowrank",
+                "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing at every step from low-rank keys",
+                "eval_per_head_lowrank_bound_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 f"{LOWRANK} --out docs/eval_per_head_lowrank_bound_smollm2_30",),
+                others="eval_adapters_smollm2_30", variant=LOWRANK_NAME,
+                note=LOWRANK_NOTE.format(16, 64, "13%") + " Vanilla was run again in the folder; the baselines' rows "
+                     "are read from the first defaults' section."),
+    Measurement("niah_smollm2_per_head_pages",
+                "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing 16-token pages at every step",
+                "eval_per_head_pages16_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 f"{PER_HEAD} --page_len 16 --out docs/eval_per_head_pages16_smollm2_30",),
+                others="eval_adapters_smollm2_30", variant=f"each KV head choosing fixed 16-token pages at every step "
+                                                           f"(`{PER_HEAD} --page_len 16`)",
+                note="The per-head rule of the section before last on fixed 16-token pages instead of the Chunk "
+                     "Adapter's chunks (Quest's unit, with SparQ's estimate; measured with the per-head read of commit "
+                     "9b6f7db, the same selections). Vanilla was run again in the folder."),
     Measurement("niah_smollm2_first_defaults", "NIAH, smollm2-135m: the same 30 passkeys, the first defaults",
                 "eval_adapters_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla chunkllm hybrid streamingllm "
@@ -119,6 +144,29 @@ MEASUREMENTS = (
                      "budget only a quarter of it (6% of the prompt) goes by score. Vanilla's rows are those of the "
                      "next section, copied into the folder before the run; the other methods' rows are read from "
                      "there (the float32 export of the same training run)."),
+    Measurement("niah_gemma3_per_head",
+                "NIAH, gemma3-270m: the same 10 passkeys, each KV head choosing at every step",
+                "eval_per_head_gemma3_10", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--selection kv_head --score_rank 64 --out docs/eval_per_head_gemma3_10",),
+                others="eval_gemma3_8k_headmax",
+                variant="decode's selections made instead by each KV head at every step "
+                        "(`--selection kv_head --score_rank 64`)",
+                note="SparQ's estimate from 64 of the 256 dimensions: gemma3's QK-norm spreads |q| over the "
+                     "dimensions, and the estimate ranks the needle's chunk out of the budget (the exact score, "
+                     "without `--score_rank`, keeps all 10: docs/eval_per_head_exact_gemma3_10). Vanilla was run "
+                     "again in the folder."),
+    Measurement("niah_gemma3_per_head_lowrank",
+                "NIAH, gemma3-270m: the same 10 passkeys, each KV head choosing at every step from low-rank keys",
+                "eval_per_head_lowrank_bound_gemma3_10", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank "
+                 "--out docs/eval_per_head_lowrank_bound_gemma3_10",),
+                others="eval_gemma3_8k_headmax",
+                variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
+                        "(`--selection kv_head --score_rank 64 --score_estimate lowrank`)",
+                note=LOWRANK_NOTE.format(64, 256, "13%") + " Vanilla's rows are those of the same run with the "
+                     "plain low-rank score (docs/results.md, twenty-second session), copied into the folder."),
     Measurement("niah_gemma3_first_defaults", "NIAH, gemma3-270m: the same 10 passkeys, the first defaults",
                 "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
@@ -149,8 +197,16 @@ MEASUREMENTS = (
                 (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 "
                  f"{PER_HEAD} --out docs/eval_per_head_ppl_smollm2_2k_8",),
                 others="eval_ppl_brown_8docs", variant=PER_HEAD_NAME,
-                note="As the NIAH section of the same name: SparQ's estimate from 16 of K's 64 dimensions, read "
-                     "besides the KV shown. The baselines' rows are read from the first defaults' section."),
+                note="As the NIAH section of the same name: SparQ's estimate from 16 of K's 64 dimensions, which "
+                     "touch every cache line of K: all of K read besides the KV shown. The baselines' rows are read "
+                     "from the first defaults' section."),
+    Measurement("ppl_smollm2_2k_8_per_head_lowrank",
+                "Perplexity, smollm2-135m, the same 8 texts of 2K, each KV head choosing at every step from low-rank keys",
+                "eval_per_head_lowrank_ppl_smollm2_2k_8", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 "
+                 f"{LOWRANK} --out docs/eval_per_head_lowrank_ppl_smollm2_2k_8",),
+                others="eval_ppl_brown_8docs", variant=LOWRANK_NAME,
+                note=LOWRANK_NOTE.format(16, 64, "13%") + " " + COPIED.format("per-head section above")),
     Measurement("ppl_smollm2_2k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 2K, the first defaults",
                 "eval_ppl_brown_8docs", "eval",
                 (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid sepllm streamingllm "
@@ -481,10 +537,12 @@ def eval_section(m: Measurement) -> list[str]:
 # The pairs of sections behind today's defaults (`ChunkConfig.recent_share=0.75`, boundary tokens on
 # after a dense prefill): each check under them and under the first defaults.
 DEFAULT_CHECKS = (
-    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults", "niah_smollm2_per_head"),
-    ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3", "niah_gemma3_first_defaults"),
+    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults", "niah_smollm2_per_head",
+     "niah_smollm2_per_head_lowrank"),
+    ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3", "niah_gemma3_first_defaults", "niah_gemma3_per_head",
+     "niah_gemma3_per_head_lowrank"),
     ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults",
-     "ppl_smollm2_2k_8_per_head"),
+     "ppl_smollm2_2k_8_per_head", "ppl_smollm2_2k_8_per_head_lowrank"),
     ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults"),
     ("Perplexity, smollm2-135m, 8 x 8K", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults"),
     ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults"),
@@ -524,18 +582,22 @@ def defaults_section() -> list[str]:
          "the prompt is read densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
          "--no-boundary_tokens`). Each check of the sections below under both, and the best of StreamingLLM, "
          "SepLLM and FixLLM where the section measured them. The opt-in per-head rule (`selection=\"kv_head\"`, "
-         "each KV head of each sparse layer choosing at every step, from SparQ's estimate over 16 of K's "
-         "dimensions, which it reads besides the KV shown) where measured:", "",
-         "| check | budget | first defaults | today's defaults | per KV head, every step | best baseline |",
-         "|---|---|---|---|---|---|"]
+         "each KV head of each sparse layer choosing at every step) where measured, scored by SparQ's estimate "
+         "over a quarter of K's dimensions (which touch every cache line of K: all of K is read besides the KV "
+         "shown) or from low-rank keys (`score_estimate=\"lowrank\"`: a quarter of K's coordinates and one, "
+         "13% of the KV's bytes, kept and read besides the KV shown):", "",
+         "| check | budget | first defaults | today's defaults | per KV head, SparQ | per KV head, low-rank keys | "
+         "best baseline |",
+         "|---|---|---|---|---|---|---|"]
   for label, now, first, *per_head in DEFAULT_CHECKS:
+    per_head = (list(per_head) + [None, None])[:2]
     for budget in NIAH_TARGETS:
       figures = [method_figure(_records(by_name[m].folder), "hybrid", budget) if m else None
-                 for m in (first, now, *(per_head or [None]))]
+                 for m in (first, now, *per_head)]
       if figures[:2] == [None, None]:
         continue
       cells = ["-" if f is None else f[1] for f in figures]
-      out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** | {cells[2]} | "
+      out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** | {cells[2]} | {cells[3]} | "
                  f"{best_baseline(section_records(by_name[now]), budget)} |")
   return out
 
