@@ -78,6 +78,9 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
   The heads are folded as rows of their own ([B * K] rows of one KV head each), so a block of each
   head's slots is one gather from the stacked buffer and one plain matmul (`attention.fold_packed`)."""
   L, B, S, K, D = k_LBSKD.shape
+  if L * B * S * K >= 2**31:  # the gather's flat int32 row index into the stacked buffer
+    raise ValueError(f"selection='kv_head' indexes the KV buffer's {L * B * S * K} rows (layers x batch x slots x "
+                     "KV heads) with int32: use a smaller batch or max_len (at most 2**31 - 1 rows)")
   picked = head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B)
   pos_BKW, ok_BKW, used_BK = head_slots(ccfg, st, picked, pos_B, W)
   q = attn.split_heads(q_B1HD, K)  # B K G 1 D

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chunkllm_jax.selection import (FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, attention_probs,
-                                    choose, chunk_lengths, vote_scores)
+                                    choose, chunk_lengths, order_by_score, score_read_share, vote_scores)
 
 
 def softmax(s):
@@ -274,3 +274,37 @@ def test_attention_probs_match_a_numpy_loop(seed, key_block, heads):
         mass = np.stack([at(int(ends[b, i])) - at(int(ends[b, i - 1]) if i else n_sink - 1) for i in range(c)], -1)
         want[:c] = mass.max(0) if heads == "max" else mass.mean(0)
       np.testing.assert_allclose(got[b, r], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [1, 2, 40, 1024, 4096])
+def test_the_score_order_is_a_stable_descending_sort(C):
+  """`order_by_score` (one int32 sort): best first, ties by position, on scores apart by more than its
+  resolution, with the values `choose` plants (inf for the recent chunks, -1 for non-candidates) and
+  exact ties among them."""
+  rng = np.random.default_rng(C)
+  score = (2.0 ** (rng.permutation(C) / 64)).astype(np.float32)[None, None].repeat(2, 1)  # 1.1% apart; two rows
+  score[0, 0, ::7] = np.inf
+  score[0, 0, 1::5] = -1.0
+  score[0, 1, ::3] = 0.0
+  got = np.asarray(order_by_score(jnp.asarray(score)))
+  for r in range(2):
+    np.testing.assert_array_equal(got[0, r], np.argsort(-score[0, r], kind="stable"))
+
+
+def test_scores_closer_than_the_keys_resolution_go_by_position():
+  score = np.zeros((1, 1, 1024), np.float32)  # 1024 chunks: the index takes 10 bits, scores keep 13 of 23
+  score[0, 0, [5, 9, 700]] = [0.5, 0.50004, 0.7]  # 5 and 9: 8e-5 apart, under 2^-13 relative: tied
+  assert np.asarray(order_by_score(jnp.asarray(score)))[0, 0, :3].tolist() == [700, 5, 9]
+  score[0, 0, 9] = 0.5003  # 6e-4 apart: in score order
+  assert np.asarray(order_by_score(jnp.asarray(score)))[0, 0, :3].tolist() == [700, 9, 5]
+
+
+@pytest.mark.parametrize("head_dim, itemsize, rank, estimate, want", [
+    (64, 4, None, "sparq", 0.5),  # the exact score: all of K, half the KV
+    (64, 4, 16, "sparq", 0.5),  # 16 of 64 float32 dims: all 4 lines of every key
+    (64, 4, 2, "sparq", 0.25),  # 2 dims touch at most 2 of the 4 lines
+    (256, 2, 64, "sparq", 0.5),  # gemma3's bfloat16 keys: 8 lines
+    (64, 4, 16, "lowrank", 17 / 128),  # 16 coordinates and the missed length a key, contiguous
+])
+def test_what_the_per_head_scores_read(head_dim, itemsize, rank, estimate, want):
+  assert score_read_share(head_dim, itemsize, rank, estimate) == pytest.approx(want)
