@@ -111,7 +111,7 @@ MEASUREMENTS = (
                                                            f"(`{PER_HEAD} --page_len 16`)",
                 note="The per-head rule of the section before last on fixed 16-token pages instead of the Chunk "
                      "Adapter's chunks (Quest's unit, with SparQ's estimate; measured with the per-head read of commit "
-                     "9b6f7db, the same selections). Vanilla was run again in the folder."),
+                     "9b6f7db, before it took the working buffer's layout). Vanilla was run again in the folder."),
     Measurement("niah_smollm2_first_defaults", "NIAH, smollm2-135m: the same 30 passkeys, the first defaults",
                 "eval_adapters_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla chunkllm hybrid streamingllm "
