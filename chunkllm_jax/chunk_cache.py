@@ -49,7 +49,7 @@ class ChunkState:
   overflow: jnp.ndarray  # [B] bool: a chunk was dropped because the table was full
   # selection="kv_head" with score_estimate="lowrank" (`head_selection.low_rank_keys`), else r = 0:
   key_basis: jnp.ndarray  # [L, B, H_kv, D, r] float32: each KV head's basis of its prompt keys
-  key_low: jnp.ndarray  # [L, B, H_kv, r, S]: every key's coordinates in it (S = 0 before they are built)
+  key_low: jnp.ndarray  # [L, B, H_kv, r + 1, S]: every key's `lowrank_coords` in it (S = 0 before they are built)
 
   def replace(self, **kw) -> "ChunkState":
     return dataclasses.replace(self, **kw)

@@ -107,7 +107,7 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
   if ccfg.selection == "kv_head":  # each head gathers its own read at every step: no shared buffer
     empty = jnp.zeros((L, B, 0, K, D), cache.k.dtype)
     st = st.replace(work_k=empty, work_v=empty)
-    if ccfg.score_rank is not None and ccfg.score_estimate == "lowrank":
+    if ccfg.keeps_low_rank_keys:
       basis, low = low_rank_keys(cache.k, cache.length, ccfg.score_rank)
       st = st.replace(key_basis=basis, key_low=low)
     return st
@@ -461,8 +461,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   B, M = tokens_B.shape[0], min(ccfg.max_chunk_len, cache.max_len)
   n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
   W = st.work_pos.shape[-1]
-  low_rank = st.key_low.shape[3] > 0  # per-head scores from low-rank keys: each layer's new key is kept
-  n_new_key = cfg.head_dim if low_rank else 0
+  n_new_key = cfg.head_dim if ccfg.keeps_low_rank_keys else 0  # each layer's new key, for its low-rank coordinates
   d_c = _d_c(params, ccfg)
 
   def attend_fn(state, layer, q, k, v, h):
@@ -542,7 +541,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
   if ccfg.selection == "kv_head":  # the heads choose at every step: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
-    if low_rank:  # this token's key in each layer's basis, for the steps after it to score
+    if ccfg.keeps_low_rank_keys:  # this token's key in each layer's basis, for the steps after it to score
       new = jax.vmap(lambda k, p: lowrank_coords(k[:, :, None], p)[:, :, 0])(k_LBKD, st.key_basis)  # L B K r+1
       st = st.replace(key_low=st.key_low.at[:, jnp.arange(B), :, :, pos_B].set(
           jnp.swapaxes(new, 0, 1).astype(st.key_low.dtype)))

@@ -93,8 +93,8 @@ class ChunkConfig(ChunkRules):
   # mass (`chunk_mass`, reading all of K). How `score_estimate` uses it: "sparq", the query's
   # `score_rank` largest dimensions of K (`sparq_chunk_mass`; on this cache's layout they touch every
   # cache line of K), or "lowrank", each key's `score_rank` coordinates in a basis of its KV head's
-  # prompt keys, kept beside the cache (`lowrank_chunk_mass`; score_rank / head_dim of K's bytes,
-  # read and held).
+  # prompt keys and the length of what the basis misses, kept beside the cache (`lowrank_chunk_mass`;
+  # (score_rank + 1) / head_dim of K's bytes, read and held).
   score_rank: int | None = None
   score_estimate: str = "sparq"
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
@@ -174,7 +174,7 @@ class ChunkConfig(ChunkRules):
       if self.selection != "kv_head":
         raise ValueError("score_rank sets how the per-head selection scores; it needs selection='kv_head'")
       if not isinstance(self.score_rank, int) or isinstance(self.score_rank, bool) or self.score_rank < 1:
-        raise ValueError(f"score_rank must be an int >= 1 (dimensions of K), got {self.score_rank!r}")
+        raise ValueError(f"score_rank must be an int >= 1 (dimensions or coordinates of K), got {self.score_rank!r}")
     if self.score_estimate not in SCORE_ESTIMATES:
       raise ValueError(f"score_estimate must be one of {SCORE_ESTIMATES}, got {self.score_estimate!r}")
     if self.score_estimate != "sparq" and self.score_rank is None:
@@ -251,6 +251,12 @@ class ChunkConfig(ChunkRules):
     if self.boundary_tokens is not None:
       return self.boundary_tokens
     return self.budgeted and self.keep == "chunk" and self.prefill_mode == "dense"
+
+  @property
+  def keeps_low_rank_keys(self) -> bool:
+    """Whether decode keeps every key's low-rank coordinates beside the cache (the per-head rule's
+    score_estimate="lowrank")."""
+    return self.selection == "kv_head" and self.score_rank is not None and self.score_estimate == "lowrank"
 
   @property
   def budgeted(self) -> bool:
@@ -363,15 +369,6 @@ def chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, 
   return at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
 
 
-def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: str = "sparq") -> float:
-  """What a per-head step reads to score, as a share of the KV of the tokens it scores: all of K
-  (exact), the cache lines of K that SparQ's dimensions touch (`key_read_share`), or the low-rank
-  keys (rank + 1 of D coordinates a key, contiguous)."""
-  if rank is not None and estimate == "lowrank":
-    return (rank + 1) / (2 * head_dim)
-  return 0.5 * key_read_share(head_dim, itemsize, rank)
-
-
 CACHE_LINE = 64  # bytes: what memory moves at a time, on CPUs and (as 32-byte sectors, pairs of them) GPUs
 
 
@@ -384,6 +381,15 @@ def key_read_share(head_dim: int, itemsize: int, rank: int | None = None) -> flo
   K for that)."""
   lines = max(head_dim * itemsize // CACHE_LINE, 1)
   return 1.0 if rank is None else min(rank, lines) / lines
+
+
+def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: str = "sparq") -> float:
+  """What a per-head step reads to score, as a share of the KV of the tokens it scores: all of K
+  (exact), the cache lines of K that SparQ's dimensions touch (`key_read_share`), or the low-rank
+  keys (rank + 1 of D coordinates a key, contiguous)."""
+  if rank is not None and estimate == "lowrank":
+    return (rank + 1) / (2 * head_dim)
+  return 0.5 * key_read_share(head_dim, itemsize, rank)
 
 
 def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, rank: int, layer=None):
@@ -424,7 +430,7 @@ def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int):
   t = jnp.arange(T)
   ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s_BKGQT.shape[:-1])[..., None])
   p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s_BKGQT, -jnp.inf), -1), 0.0)
-  cum = jax.lax.associative_scan(jnp.add, p, axis=-1)  # XLA's CPU cumsum took 2x as long at 32K keys
+  cum = jax.lax.associative_scan(jnp.add, p, axis=-1)  # on the CPU 2x faster than cumsum at 32K keys
   at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
   mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
   return jnp.where(((ends_BC >= n_sink) & (ends_BC < T))[:, None, None, None, :], mass, 0.0)

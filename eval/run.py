@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="hybrid / oracle: who makes decode's selections (ChunkConfig.selection: 'shared', the "
                       "paper's rule, or 'kv_head', each KV head of each sparse layer at every step)")
   p.add_argument("--score_rank", type=int, default=None,
-                 help="with --selection kv_head: K's dimensions each step's scores read (ChunkConfig.score_rank; "
-                      "default: all, the exact attention mass)")
+                 help="with --selection kv_head: the size of each step's score estimate, in dimensions or "
+                      "coordinates of K (ChunkConfig.score_rank; default: the exact attention mass)")
   p.add_argument("--score_estimate", default=M.MethodSettings.score_estimate, choices=SCORE_ESTIMATES,
                  help="with --score_rank: SparQ's dimensions of K (sparq) or each key's coordinates in a basis of "
                       "its KV head's prompt keys (lowrank) (ChunkConfig.score_estimate)")
