@@ -50,6 +50,7 @@ class ChunkState:
   # selection="kv_head" with score_estimate="lowrank" (`head_selection.low_rank_keys`), else r = 0:
   key_basis: jnp.ndarray  # [L, B, H_kv, D, r] float32: each KV head's basis of its prompt keys
   key_low: jnp.ndarray  # [L, B, H_kv, r + 1, S]: every key's `lowrank_coords` in it (S = 0 before they are built)
+  key_sketch: jnp.ndarray  # [L, B, H_kv, score_sketch // 32, S] uint32: every key's `residual_sketch`
 
   def replace(self, **kw) -> "ChunkState":
     return dataclasses.replace(self, **kw)
@@ -81,7 +82,8 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
       work_v=jnp.zeros((n_layers, batch, W, n_kv, head_dim), dtype),
       n_selections=jnp.zeros((batch,), jnp.int32), retained=jnp.zeros((batch,), jnp.float32),
       overflow=jnp.zeros((batch,), bool), key_basis=jnp.zeros((n_layers, batch, n_kv, head_dim, 0), jnp.float32),
-      key_low=jnp.zeros((n_layers, batch, n_kv, 0, 0), dtype))
+      key_low=jnp.zeros((n_layers, batch, n_kv, 0, 0), dtype),
+      key_sketch=jnp.zeros((n_layers, batch, n_kv, 0, 0), jnp.uint32))
 
 
 def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:

@@ -40,9 +40,9 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, choose_at, comp
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
-from chunkllm_jax.head_selection import head_attention, low_rank_keys
+from chunkllm_jax.head_selection import head_attention, low_rank_keys, new_low_rank_keys
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
-                                   lowrank_coords, score_read_share, vote_scores)
+                                   score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -108,8 +108,8 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
     empty = jnp.zeros((L, B, 0, K, D), cache.k.dtype)
     st = st.replace(work_k=empty, work_v=empty)
     if ccfg.keeps_low_rank_keys:
-      basis, low = low_rank_keys(cache.k, cache.length, ccfg.score_rank)
-      st = st.replace(key_basis=basis, key_low=low)
+      basis, low, sketch = low_rank_keys(cache.k, cache.length, ccfg.score_rank, ccfg.score_sketch)
+      st = st.replace(key_basis=basis, key_low=low, key_sketch=sketch)
     return st
   zeros = jnp.zeros((L, B, st.work_pos.shape[-1], K, D), cache.k.dtype)
   return _refresh_working_buffer(st.replace(work_k=zeros, work_v=zeros), cache, ccfg, cache.length - 1)
@@ -520,7 +520,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   seen = pos_B + 1
   if ccfg.selection == "kv_head":  # the sparse layers' and heads' mean; the slots add the scores' reads of K
     visible = reads_B / max(int(np.sum(plan.sparse)), 1)
-    score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate)
+    score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate,
+                                   ccfg.score_sketch)
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                     read_slots=st.read_slots + visible + score_share * seen, n_selections=st.n_selections + 1)
   else:
@@ -542,9 +543,11 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   if ccfg.selection == "kv_head":  # the heads choose at every step: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
     if ccfg.keeps_low_rank_keys:  # this token's key in each layer's basis, for the steps after it to score
-      new = jax.vmap(lambda k, p: lowrank_coords(k[:, :, None], p)[:, :, 0])(k_LBKD, st.key_basis)  # L B K r+1
-      st = st.replace(key_low=st.key_low.at[:, jnp.arange(B), :, :, pos_B].set(
-          jnp.swapaxes(new, 0, 1).astype(st.key_low.dtype)))
+      low, sketch = new_low_rank_keys(k_LBKD[:, :, :, None], st.key_basis, ccfg.score_sketch)  # L B K 1 (r+1 | w)
+      rows = jnp.arange(B)
+      st = st.replace(key_low=st.key_low.at[:, rows, :, :, pos_B].set(
+          jnp.swapaxes(low[:, :, :, 0], 0, 1).astype(st.key_low.dtype)),
+          key_sketch=st.key_sketch.at[:, rows, :, :, pos_B].set(jnp.swapaxes(sketch[:, :, :, 0], 0, 1)))
     return logits, cache, st
 
   def on_boundary(st):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
 from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, lowrank_chunk_mass, lowrank_coords,
-                                   sparq_chunk_mass)
+                                   residual_sketch, sparq_chunk_mass)
 
 
 def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
@@ -44,22 +44,32 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
                       softcap=cfg.attn_softcap, layer=layer)
   elif ccfg.score_estimate == "lowrank":
     mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[layer], hi, st.chunk_end, n_sink=ccfg.n_sink,
-                              scale=cfg.attn_scale, layer=layer)
+                              scale=cfg.attn_scale, layer=layer,
+                              k_sketch_BKwT=st.key_sketch if ccfg.score_sketch else None)
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                             rank=ccfg.score_rank, layer=layer)
   return choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
 
 
-def low_rank_keys(k_LBSKD, length_B, rank: int):
+def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
   """score_estimate="lowrank"'s state, built once after the prompt: each layer's and KV head's basis of
-  its prompt keys (`selection.key_basis`, [L, B, K, D, rank]) and every key's `selection.lowrank_coords`
-  in it ([L, B, K, rank + 1, S], in the cache's dtype, as `selection.lowrank_chunk_mass` reads them;
-  decode adds each new key's)."""
+  its prompt keys (`selection.key_basis`, [L, B, K, D, rank]), every key's `selection.lowrank_coords`
+  in it ([L, B, K, rank + 1, S], in the cache's dtype, as `selection.lowrank_chunk_mass` reads them)
+  and its `selection.residual_sketch` ([L, B, K, sketch_bits // 32, S] uint32; S = 0 without one).
+  Decode adds each new key's (`new_low_rank_keys`)."""
   valid = jnp.arange(k_LBSKD.shape[2])[None] < length_B[:, None]
   basis = jax.vmap(lambda k: key_basis(k, valid, rank))(k_LBSKD)
-  low = jax.vmap(lambda k, p: lowrank_coords(jnp.swapaxes(k, 1, 2), p))(k_LBSKD, basis)  # L B K S r+1
-  return basis, jnp.swapaxes(low, -1, -2).astype(k_LBSKD.dtype)
+  low, sketch = new_low_rank_keys(jnp.swapaxes(k_LBSKD, 2, 3), basis, sketch_bits)
+  return basis, jnp.swapaxes(low, -1, -2).astype(k_LBSKD.dtype), jnp.swapaxes(sketch, -1, -2)
+
+
+def new_low_rank_keys(k_LBKND, basis_LBKDr, sketch_bits: int):
+  """Keys' `lowrank_coords` [L, B, K, N, rank + 1] and `residual_sketch` [L, B, K, N, sketch_bits // 32]."""
+  low = jax.vmap(lowrank_coords)(k_LBKND, basis_LBKDr)
+  if not sketch_bits:
+    return low, jnp.zeros(low.shape[:-1] + (0,), jnp.uint32)
+  return low, jax.vmap(lambda k, p: residual_sketch(k, p, sketch_bits))(k_LBKND, basis_LBKDr)
 
 
 def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):

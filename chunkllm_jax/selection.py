@@ -42,6 +42,7 @@ ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.
 VOTES = ("sum", "max")
 SELECTIONS = ("shared", "kv_head")
 SCORE_ESTIMATES = ("sparq", "lowrank")
+SKETCH_WORD = 32  # bits of `residual_sketch` a uint32 holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,10 @@ class ChunkConfig(ChunkRules):
   # (score_rank + 1) / head_dim of K's bytes, read and held).
   score_rank: int | None = None
   score_estimate: str = "sparq"
+  # With score_estimate="lowrank": bits of a 1-bit random sketch of what each key's basis misses (QJL's
+  # estimator, `residual_sketch`), kept beside the low-rank keys, in place of the bound on that part;
+  # 0: the bound. A multiple of 32 (one uint32 word holds 32); bits / 8 bytes a key.
+  score_sketch: int = 0
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
@@ -179,6 +184,12 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"score_estimate must be one of {SCORE_ESTIMATES}, got {self.score_estimate!r}")
     if self.score_estimate != "sparq" and self.score_rank is None:
       raise ValueError(f"score_estimate={self.score_estimate!r} estimates from score_rank coordinates: give score_rank")
+    if not isinstance(self.score_sketch, int) or isinstance(self.score_sketch, bool) or self.score_sketch < 0 or (
+        self.score_sketch % SKETCH_WORD):
+      raise ValueError(f"score_sketch must be a multiple of {SKETCH_WORD} bits (0: none), got {self.score_sketch!r}")
+    if self.score_sketch and self.score_estimate != "lowrank":
+      raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
+                       "(with selection='kv_head' and score_rank)")
     if self.selection == "kv_head" and self.attention == "pallas":
       raise ValueError("selection='kv_head' has no Pallas kernel yet; use attention='xla'")
     if self.refresh_every < 0:
@@ -383,12 +394,13 @@ def key_read_share(head_dim: int, itemsize: int, rank: int | None = None) -> flo
   return 1.0 if rank is None else min(rank, lines) / lines
 
 
-def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: str = "sparq") -> float:
+def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: str = "sparq",
+                     sketch_bits: int = 0) -> float:
   """What a per-head step reads to score, as a share of the KV of the tokens it scores: all of K
   (exact), the cache lines of K that SparQ's dimensions touch (`key_read_share`), or the low-rank
-  keys (rank + 1 of D coordinates a key, contiguous)."""
+  keys (rank + 1 of D coordinates a key, contiguous) and their `sketch_bits` of residual sketch."""
   if rank is not None and estimate == "lowrank":
-    return (rank + 1) / (2 * head_dim)
+    return (rank + 1) / (2 * head_dim) + sketch_bits / 8 / (2 * head_dim * itemsize)
   return 0.5 * key_read_share(head_dim, itemsize, rank)
 
 
@@ -444,31 +456,73 @@ def key_basis(k_BTKD, valid_BT, rank: int):
   return vecs[..., ::-1][..., :rank]
 
 
+def _split_by_basis(x_BKND, basis_BKDr):
+  """A vector's coordinates in the basis [B, K, N, r] and what the basis misses [B, K, N, D], float32."""
+  x = x_BKND.astype(jnp.float32)
+  coords = jnp.einsum("bknd,bkdr->bknr", x, basis_BKDr)
+  return coords, x - jnp.einsum("bknr,bkdr->bknd", coords, basis_BKDr)  # no cancellation in its length
+
+
 def lowrank_coords(x_BKND, basis_BKDr):
   """A vector's coordinates in the basis and the length of what the basis misses: [B, K, N, rank + 1]
   float32. For a key k and a query q with these, (q P) . (k P) + |q_out| |k_out| >= q . k (Cauchy-Schwarz
   on what the basis misses), with equality where the basis holds either one."""
-  x = x_BKND.astype(jnp.float32)
-  coords = jnp.einsum("bknd,bkdr->bknr", x, basis_BKDr)
-  missed = jnp.linalg.norm(x - jnp.einsum("bknr,bkdr->bknd", coords, basis_BKDr), axis=-1)  # no cancellation
-  return jnp.concatenate([coords, missed[..., None]], -1)
+  coords, missed = _split_by_basis(x_BKND, basis_BKDr)
+  return jnp.concatenate([coords, jnp.linalg.norm(missed, axis=-1, keepdims=True)], -1)
 
 
-def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None):
+def sketch_matrix(head_dim: int, bits: int):
+  """`residual_sketch`'s projection: [D, bits] float32, iid standard normal from a fixed seed, so the
+  prompt's keys, decode's keys and every query meet the same one."""
+  return jax.random.normal(jax.random.key(0), (head_dim, bits), jnp.float32)
+
+
+def residual_sketch(x_BKND, basis_BKDr, bits: int):
+  """The signs of what the basis misses, projected on `sketch_matrix` (QJL's 1-bit sketch), packed
+  `SKETCH_WORD` to a uint32, bit i of word w for projection 32 w + i: [B, K, N, bits // 32]."""
+  _, missed = _split_by_basis(x_BKND, basis_BKDr)
+  signs = (missed @ sketch_matrix(missed.shape[-1], bits)) > 0
+  signs = signs.reshape(*signs.shape[:-1], bits // SKETCH_WORD, SKETCH_WORD).astype(jnp.uint32)
+  return jnp.sum(signs << jnp.arange(SKETCH_WORD, dtype=jnp.uint32), -1, dtype=jnp.uint32)  # distinct bits: or
+
+
+def _sketch_signs(words_BKwT):
+  """`residual_sketch` words laid out [B, K, bits // 32, T] as signs +-1.0: [B, K, bits, T] float32."""
+  B, K, n_words, T = words_BKwT.shape
+  bits = (words_BKwT[:, :, :, None] >> jnp.arange(SKETCH_WORD, dtype=jnp.uint32)[:, None]) & 1
+  return bits.reshape(B, K, n_words * SKETCH_WORD, T).astype(jnp.float32) * 2.0 - 1.0
+
+
+def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None,
+                       k_sketch_BKwT=None):
   """`chunk_mass` estimated from the keys' `lowrank_coords` (Loki's low-rank keys, with the length of
   what the basis misses), laid out [B, K, rank + 1, T] (each coordinate contiguous over the
   positions, so the scores are one plain matmul per KV head: [B, T, K, rank] ran 5x slower on the
-  CPU at 32K keys), or with `layer` the stacked [L, B, K, rank + 1, T]. A key's logit is the bound
-  scale * ((q P) . (k P) + |q_out| |k_out|): the low-rank part ranks the keys the basis holds, and a
-  key in a direction the prompt's keys rarely take (a needle's) keeps a logit as high as its
-  length allows instead of losing it. Softmax over the keys [n_sink, hi], summed within each
-  chunk. float32 [B, K, G, Q, C]."""
+  CPU at 32K keys), or with `layer` the stacked [L, B, K, rank + 1, T]. A key's logit is
+  scale * ((q P) . (k P) + r), r the part the basis misses: without a sketch the bound |q_out| |k_out|
+  (a key in a direction the prompt's keys rarely take, a needle's, keeps a logit as high as its
+  length allows instead of losing it, and so do keys that merely lie off the basis); with
+  `k_sketch_BKwT` (`residual_sketch` words [B, K, bits // 32, T], stacked with `layer`) QJL's
+  unbiased estimate sqrt(pi / 2) / bits |k_out| (S q_out) . sign(S k_out), whose error shrinks as
+  1 / sqrt(bits). Softmax over the keys [n_sink, hi], summed within each chunk. float32 [B, K, G, Q, C]."""
   if layer is not None:
     k_low_BKcT = jax.lax.dynamic_index_in_dim(k_low_BKcT, layer, 0, keepdims=False)
+    if k_sketch_BKwT is not None:
+      k_sketch_BKwT = jax.lax.dynamic_index_in_dim(k_sketch_BKwT, layer, 0, keepdims=False)
   B, K, G, Q, D = q_BKGQD.shape
-  q_low = lowrank_coords(q_BKGQD.reshape(B, K, G * Q, D), basis_BKDr).reshape(B, K, G, Q, -1)
-  s = jnp.einsum("bkgqc,bkct->bkgqt", q_low, k_low_BKcT.astype(jnp.float32)) * scale
-  return _mass_of_logits(s, hi_BKGQ, ends_BC, n_sink)
+  k_low = k_low_BKcT.astype(jnp.float32)
+  if k_sketch_BKwT is None:
+    q_low = lowrank_coords(q_BKGQD.reshape(B, K, G * Q, D), basis_BKDr).reshape(B, K, G, Q, -1)
+    s = jnp.einsum("bkgqc,bkct->bkgqt", q_low, k_low)
+  else:
+    r = basis_BKDr.shape[-1]
+    bits = k_sketch_BKwT.shape[-2] * SKETCH_WORD
+    coords, missed = _split_by_basis(q_BKGQD.reshape(B, K, G * Q, D), basis_BKDr)
+    sq = (missed @ sketch_matrix(D, bits)).reshape(B, K, G, Q, bits)
+    residual = jnp.einsum("bkgqm,bkmt->bkgqt", sq, _sketch_signs(k_sketch_BKwT)) * (
+        math.sqrt(math.pi / 2) / bits) * k_low[:, :, None, None, r]
+    s = jnp.einsum("bkgqc,bkct->bkgqt", coords.reshape(B, K, G, Q, r), k_low[:, :, :r]) + residual
+  return _mass_of_logits(s * scale, hi_BKGQ, ends_BC, n_sink)
 
 
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,

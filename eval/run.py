@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--score_estimate", default=M.MethodSettings.score_estimate, choices=SCORE_ESTIMATES,
                  help="with --score_rank: SparQ's dimensions of K (sparq) or each key's coordinates in a basis of "
                       "its KV head's prompt keys (lowrank) (ChunkConfig.score_estimate)")
+  p.add_argument("--score_sketch", type=int, default=0,
+                 help="with --score_estimate lowrank: bits of a 1-bit random sketch of what each key's basis "
+                      "misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple of 32; "
+                      "default 0, the bound)")
   p.add_argument("--page_len", type=int, default=None,
                  help="hybrid / oracle: select fixed pages of this many tokens instead of the Chunk Adapter's "
                       "chunks (ChunkConfig boundaries='fixed', max_chunk_len; default: the chunks)")
@@ -146,6 +150,9 @@ def _resolve(args) -> argparse.Namespace:
                      f"{args.score_rank} with --selection {args.selection}")
   if args.score_estimate != "sparq" and args.score_rank is None:
     raise UsageError(f"--score_estimate {args.score_estimate} estimates from --score_rank coordinates: give --score_rank")
+  if args.score_sketch and (args.score_estimate != "lowrank" or args.score_sketch < 0 or args.score_sketch % 32):
+    raise UsageError(f"--score_sketch is a multiple of 32 bits for --score_estimate lowrank; got {args.score_sketch} "
+                     f"with --score_estimate {args.score_estimate}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -211,7 +218,8 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate", "page_len"]
+          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate", "score_sketch",
+          "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -250,7 +258,7 @@ def _same_setting(key: str, old, new) -> bool:
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
                 "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
-                "page_len": None}  # settings newer than some result folders: what those folders used
+                "score_sketch": 0, "page_len": None}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -411,7 +419,9 @@ def run(args, model=None, params=None) -> Path:
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
                             kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
-                            score_rank=args.score_rank, score_estimate=args.score_estimate, page_len=args.page_len, selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
+                            score_rank=args.score_rank, score_estimate=args.score_estimate, score_sketch=args.score_sketch,
+                            page_len=args.page_len,
+                            selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
         file=sys.stderr)

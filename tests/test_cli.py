@@ -88,6 +88,8 @@ def test_adapters_for_another_model_are_refused(tmp_path):
     (["--selection", "kv_head", "--score-rank", "16"], dict(selection="kv_head", score_rank=16)),
     (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank"],
      dict(selection="kv_head", score_rank=16, score_estimate="lowrank")),
+    (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank", "--score-sketch", "64"],
+     dict(selection="kv_head", score_rank=16, score_estimate="lowrank", score_sketch=64)),
 ])
 def test_chunk_flags_reach_the_chunk_config(flags, want):
   from chunkllm_jax import cli

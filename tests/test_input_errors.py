@@ -383,6 +383,10 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--selection", "kv_head", "--score_rank", "0"], r"--score_rank is a count of K's dimensions"),
     (["--page_len", "0"], r"--page_len 0 is too small: give 1 or more"),
     (["--selection", "kv_head", "--score_estimate", "lowrank"], r"--score_estimate lowrank estimates from --score_rank"),
+    (["--selection", "kv_head", "--score_rank", "16", "--score_sketch", "64"],
+     r"--score_sketch is a multiple of 32 bits for --score_estimate lowrank; got 64 with --score_estimate sparq"),
+    (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--score_sketch", "40"],
+     r"--score_sketch is a multiple of 32 bits"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run

@@ -13,7 +13,8 @@ from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
 from tests.tiny_models import chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
-SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank")]  # exact, SparQ, low-rank keys
+SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank"),  # exact, SparQ, low-rank keys
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64)]  # and a sketch of what they miss
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -40,10 +41,12 @@ def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, sc
   assert (kept <= budget + 8 / 100).all() and (kept >= budget - 8 / 100).all(), kept  # within a chunk
   assert (per_head.stats["n_selections"] == 30).all()  # one choice a step
   # The bytes count the scores' reads of K: all of it (the tiny model's 16-dim float32 key is one cache
-  # line), or the low-rank keys (4 of 16 coordinates a key and what the basis misses).
+  # line), or the low-rank keys (4 of 16 coordinates a key and what the basis misses) and their sketch
+  # (64 bits: 8 bytes a key, of the 128 its float32 key and value hold).
   share = per_head.stats["bytes_per_step"] / per_head.stats["dense_bytes_per_step"]
   n_sparse = params.config.n_layers - 1  # layer 0 is dense
   scored = 5 / (2 * params.config.head_dim) if score.get("score_estimate") == "lowrank" else 0.5
+  scored += 8 / (2 * params.config.head_dim * 4) if score.get("score_sketch") else 0.0
   want = (n_sparse * (kept + scored) + 1) / params.config.n_layers
   np.testing.assert_allclose(share, want, atol=0.03)
   assert budget > 0.4 or (share < 1).all()
@@ -200,17 +203,60 @@ def test_lowrank_mass_is_exact_at_full_rank_a_bound_below_it_and_its_basis_finds
                              atol=1e-4)
 
 
-def test_decode_keeps_every_key_in_the_prompts_basis():
+def test_the_residual_sketch_packs_its_signs_and_its_estimate_is_unbiased():
+  """QJL's estimate of what the basis misses of q . k: the packed words hold the signs of the projected
+  residual, bit 32 w + i of the sketch in bit i of word w; over many keys the estimate's mean error
+  is near 0, its spread shrinks as 1 / sqrt(bits), and at 1024 bits it ranks keys as the exact residual does."""
+  rng = np.random.default_rng(7)
+  B, K, N, D, r = 1, 2, 3000, 32, 4
+  basis = jnp.asarray(np.linalg.qr(rng.normal(size=(B, K, D, r)))[0], jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, K, N, D)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(B, K, 1, D)), jnp.float32)
+  proj = np.asarray(basis) @ np.swapaxes(np.asarray(basis), -1, -2)
+  k_out = np.asarray(k) - np.asarray(k) @ proj
+  q_out = np.asarray(q) - np.asarray(q) @ proj
+  true = np.einsum("bknd,bktd->bknt", q_out, k_out)[:, :, 0]
+  spread = {}
+  for bits in (64, 1024):
+    words = np.asarray(sel.residual_sketch(k, basis, bits))
+    assert words.dtype == np.uint32 and words.shape == (B, K, N, bits // 32)
+    signs = (k_out @ np.asarray(sel.sketch_matrix(D, bits))) > 0
+    unpacked = (words[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1
+    np.testing.assert_array_equal(unpacked.reshape(B, K, N, bits).astype(bool), signs)
+    k_low = jnp.swapaxes(sel.lowrank_coords(k, basis), -1, -2)
+    sketch = jnp.swapaxes(jnp.asarray(words), -1, -2)
+    est = np.einsum("bkm,bkmt->bkt", q_out[:, :, 0] @ np.asarray(sel.sketch_matrix(D, bits)),
+                    np.asarray(sel._sketch_signs(sketch))) * np.sqrt(np.pi / 2) / bits * np.asarray(k_low)[:, :, r]
+    err = est - true
+    assert abs(err.mean()) < 4 * err.std() / np.sqrt(N)  # unbiased
+    spread[bits] = err.std()
+    if bits == 1024:
+      assert np.corrcoef(est.ravel(), true.ravel())[0, 1] > 0.95
+  assert 2.5 < spread[64] / spread[1024] < 6  # sqrt(16) = 4
+  # The chunk mass it gives: logits of the coordinates plus this estimate, softmax, summed per chunk.
+  ends = jnp.asarray([[99, 999, 2999]], jnp.int32)
+  hi = jnp.full((B, K, 1, 1), N - 1)
+  got = sel.lowrank_chunk_mass(q[:, :, None], k_low, basis, hi, ends, n_sink=0, scale=0.2, k_sketch_BKwT=sketch)
+  logits = (np.einsum("bkd,bkdr,bkrt->bkt", np.asarray(q[:, :, 0]), np.asarray(basis), np.asarray(k_low)[:, :, :r])
+            + est) * 0.2
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.stack([p[..., :100].sum(-1), p[..., 100:1000].sum(-1), p[..., 1000:].sum(-1)], -1)
+  np.testing.assert_allclose(np.asarray(got)[:, :, 0, 0], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sketch_bits", [0, 64])
+def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
   """score_estimate="lowrank": after the prompt and each decode step, the low-rank keys are the cache's
   keys in the basis fitted on the prompt's keys alone."""
   from chunkllm_jax import head_selection as hs
   params = chunk_params()
   tokens = jnp.asarray(prompts([60, 60], seed=4), jnp.int32)
   lengths = jnp.asarray([60, 41], jnp.int32)
-  ccfg = ChunkConfig(selection="kv_head", score_rank=4, score_estimate="lowrank", kv_budget=0.5, max_chunk_len=8,
-                     n_local=1, boundaries="fixed").validate(128, params.config.n_layers)
+  ccfg = ChunkConfig(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=sketch_bits,
+                     kv_budget=0.5, max_chunk_len=8, n_local=1, boundaries="fixed").validate(128, params.config.n_layers)
   _, cache, st = chunk_prefill(params, tokens, lengths, 128, ccfg)
-  basis, _ = hs.low_rank_keys(cache.k, lengths, 4)
+  basis, _, _ = hs.low_rank_keys(cache.k, lengths, 4, sketch_bits)
   np.testing.assert_allclose(np.asarray(st.key_basis), np.asarray(basis), atol=1e-6)
   for _ in range(5):
     _, cache, st = chunk_decode_step(params, tokens[:, 0], cache, st, ccfg)
@@ -221,6 +267,16 @@ def test_decode_keeps_every_key_in_the_prompts_basis():
   want = np.concatenate([coords, missed[:, :, :, None]], 3)
   for b, n in enumerate(np.asarray(cache.length)):
     np.testing.assert_allclose(np.asarray(st.key_low)[:, b, ..., :n], want[:, b, ..., :n], atol=1e-5)
+  assert st.key_sketch.shape == (*st.key_low.shape[:3], sketch_bits // 32, st.key_low.shape[-1])
+  if sketch_bits:  # every key's signs, the prompt's and decode's (a sign on a residual near 0 may flip)
+    signs = (k - inside) @ np.asarray(sel.sketch_matrix(k.shape[-1], sketch_bits))  # L B S K m
+    words = np.asarray(st.key_sketch)
+    for b, n in enumerate(np.asarray(cache.length)):
+      bits = ((words[:, b, :, :, None, :n] >> np.arange(32, dtype=np.uint32)[:, None]) & 1).reshape(
+          *words.shape[:1], words.shape[2], sketch_bits, n)  # L K m S
+      want_bits = np.moveaxis(signs[:, b, :n] > 0, 1, -1)  # L K m S
+      sure = np.abs(np.moveaxis(signs[:, b, :n], 1, -1)) > 1e-4
+      np.testing.assert_array_equal(bits.astype(bool)[sure], want_bits[sure])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -231,6 +287,8 @@ def test_decode_keeps_every_key_in_the_prompts_basis():
     (dict(selection="kv_head", attention="pallas"), "no Pallas kernel"),
     (dict(selection="kv_head", score_estimate="pca"), "score_estimate must be one of"),
     (dict(selection="kv_head", score_estimate="lowrank"), "estimates from score_rank coordinates: give score_rank"),
+    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=48), "multiple of 32"),
+    (dict(selection="kv_head", score_rank=4, score_sketch=64), "needs score_estimate='lowrank'"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
