@@ -72,6 +72,14 @@ LOWRANK_NOTE = ("Decode's selections made by each KV head of each sparse layer a
                 "key's coordinates in a basis of its KV head's prompt keys and the length of what the basis misses "
                 "(`score_estimate=\"lowrank\"`, kept beside the cache: {} of K's {} coordinates, {} of the KV's "
                 "bytes, read besides the KV shown).")
+SKETCH = LOWRANK + " --score_sketch 128"  # the same, with a 1-bit sketch of what the basis misses
+SKETCH_NAME = (f"decode's selections made instead by each KV head at every step, scored from low-rank keys and a "
+               f"sketch of what they miss (`{SKETCH}`)")
+SKETCH_NOTE = ("Decode's selections made by each KV head of each sparse layer at every step, scored from every "
+               "key's coordinates in a basis of its KV head's prompt keys and QJL's estimate of the rest from a "
+               "128-bit sketch of the signs of what the basis misses (`score_sketch=128`, kept beside the cache: "
+               "{} of K's {} coordinates, the length of the rest and 16 bytes, {} of the KV's bytes, read besides "
+               "the KV shown).")
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
 
 MEASUREMENTS = (
@@ -102,6 +110,16 @@ MEASUREMENTS = (
                 others="eval_adapters_smollm2_30", variant=LOWRANK_NAME,
                 note=LOWRANK_NOTE.format(16, 64, "13%") + " Vanilla was run again in the folder; the baselines' rows "
                      "are read from the first defaults' section."),
+    Measurement("niah_smollm2_per_head_sketch",
+                "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing at every step from low-rank keys "
+                "and a sketch of the rest",
+                "eval_per_head_lowrank_sketch128_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 f"{SKETCH} --out docs/eval_per_head_lowrank_sketch128_smollm2_30",),
+                others="eval_adapters_smollm2_30", variant=SKETCH_NAME,
+                note=SKETCH_NOTE.format(16, 64, "16%") + " With a 64-bit sketch: 100% and 88% "
+                     "(docs/eval_per_head_lowrank_sketch64_smollm2_30). Vanilla was run again in the folder; the "
+                     "baselines' rows are read from the first defaults' section."),
     Measurement("niah_smollm2_per_head_pages",
                 "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing 16-token pages at every step",
                 "eval_per_head_pages16_smollm2_30", "eval",
@@ -167,6 +185,18 @@ MEASUREMENTS = (
                         "(`--selection kv_head --score_rank 64 --score_estimate lowrank`)",
                 note=LOWRANK_NOTE.format(64, 256, "13%") + " Vanilla's rows are those of the same run with the "
                      "plain low-rank score (docs/results.md, twenty-second session), copied into the folder."),
+    Measurement("niah_gemma3_per_head_sketch",
+                "NIAH, gemma3-270m: the same 10 passkeys, each KV head choosing at every step from low-rank keys "
+                "and a sketch of the rest",
+                "eval_per_head_lowrank_sketch128_gemma3_10", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 "
+                 "--out docs/eval_per_head_lowrank_sketch128_gemma3_10",),
+                others="eval_gemma3_8k_headmax",
+                variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
+                        "and a sketch of what they miss (`--selection kv_head --score_rank 64 --score_estimate "
+                        "lowrank --score_sketch 128`)",
+                note=SKETCH_NOTE.format(64, 256, "14%") + " Vanilla was run again in the folder."),
     Measurement("niah_gemma3_first_defaults", "NIAH, gemma3-270m: the same 10 passkeys, the first defaults",
                 "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
@@ -207,6 +237,14 @@ MEASUREMENTS = (
                  f"{LOWRANK} --out docs/eval_per_head_lowrank_ppl_smollm2_2k_8",),
                 others="eval_ppl_brown_8docs", variant=LOWRANK_NAME,
                 note=LOWRANK_NOTE.format(16, 64, "13%") + " " + COPIED.format("per-head section above")),
+    Measurement("ppl_smollm2_2k_8_per_head_sketch",
+                "Perplexity, smollm2-135m, the same 8 texts of 2K, each KV head choosing at every step from low-rank "
+                "keys and a sketch of the rest",
+                "eval_per_head_sketch128_ppl_smollm2_2k_8", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid --retention 0.5 "
+                 f"{SKETCH} --out docs/eval_per_head_sketch128_ppl_smollm2_2k_8",),
+                others="eval_ppl_brown_8docs", variant=SKETCH_NAME,
+                note=SKETCH_NOTE.format(16, 64, "16%") + " Vanilla was run again in the folder."),
     Measurement("ppl_smollm2_2k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 2K, the first defaults",
                 "eval_ppl_brown_8docs", "eval",
                 (f"python -m eval.run --model smollm2-135m {PPL2K} --methods vanilla hybrid sepllm streamingllm "
@@ -239,6 +277,18 @@ MEASUREMENTS = (
                      "with the shipped adapters; ChunkLLM with today's defaults (measured as `--recent_share 0.75 "
                      "--boundary_tokens`). " + COPIED.format("next section") + " The baselines' rows are read "
                      "from there."),
+    Measurement("ppl_gemma3_2k_8_per_head_sketch",
+                "Perplexity, gemma3-270m, the same 8 texts, each KV head choosing at every step from low-rank keys "
+                "and a sketch of the rest",
+                "eval_per_head_sketch128_ppl_gemma3_2k_8", "eval",
+                (f"python -m eval.run --model gemma3-270m {PPL2K} --methods vanilla hybrid --retention 0.5 "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 "
+                 "--out docs/eval_per_head_sketch128_ppl_gemma3_2k_8",),
+                others="eval_gemma3_ppl_8docs",
+                variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
+                        "and a sketch of what they miss (`--selection kv_head --score_rank 64 --score_estimate "
+                        "lowrank --score_sketch 128`)",
+                note=SKETCH_NOTE.format(64, 256, "14%") + " Vanilla was run again in the folder."),
     Measurement("ppl_gemma3_2k_8_first_defaults", "Perplexity, gemma3-270m, the same 8 texts, the first defaults",
                 "eval_gemma3_ppl_8docs", "eval",
                 (f"python -m eval.run --model gemma3-270m {PPL2K} "
@@ -538,14 +588,15 @@ def eval_section(m: Measurement) -> list[str]:
 # after a dense prefill): each check under them and under the first defaults.
 DEFAULT_CHECKS = (
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults", "niah_smollm2_per_head",
-     "niah_smollm2_per_head_lowrank"),
+     "niah_smollm2_per_head_sketch"),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3", "niah_gemma3_first_defaults", "niah_gemma3_per_head",
-     "niah_gemma3_per_head_lowrank"),
+     "niah_gemma3_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults",
-     "ppl_smollm2_2k_8_per_head", "ppl_smollm2_2k_8_per_head_lowrank"),
+     "ppl_smollm2_2k_8_per_head", "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults"),
     ("Perplexity, smollm2-135m, 8 x 8K", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults"),
-    ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults"),
+    ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults", None,
+     "ppl_gemma3_2k_8_per_head_sketch"),
     ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2", "longbench_smollm2_first_defaults"),
 )
 
@@ -584,9 +635,11 @@ def defaults_section() -> list[str]:
          "SepLLM and FixLLM where the section measured them. The opt-in per-head rule (`selection=\"kv_head\"`, "
          "each KV head of each sparse layer choosing at every step) where measured, scored by SparQ's estimate "
          "over a quarter of K's dimensions (which touch every cache line of K: all of K is read besides the KV "
-         "shown) or from low-rank keys (`score_estimate=\"lowrank\"`: a quarter of K's coordinates and one, "
-         "13% of the KV's bytes, kept and read besides the KV shown):", "",
-         "| check | budget | first defaults | today's defaults | per KV head, SparQ | per KV head, low-rank keys | "
+         "shown) or from low-rank keys and a sketch of what they miss (`score_estimate=\"lowrank\", "
+         "score_sketch=128`: a quarter of K's coordinates, the length of the rest and 128 bits of its signs, 14-16% "
+         "of the KV's bytes, kept and read besides the KV shown; with the bound in place of the sketch: the sections "
+         "below):", "",
+         "| check | budget | first defaults | today's defaults | per KV head, SparQ | per KV head, low-rank + sketch | "
          "best baseline |",
          "|---|---|---|---|---|---|---|"]
   for label, now, first, *per_head in DEFAULT_CHECKS:

@@ -160,13 +160,14 @@ def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
   return jnp.exp(logit - logit.max(-1, keepdims=True))
 
 
-@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens"))
+@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens", "sketch"))
 def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16,
-                      basis_tokens: int = 256):
+                      basis_tokens: int = 256, sketch: int = 0):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
   the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`), each unit's
   mean key (`centroid`), `rank` dimensions of every key (`sparq`), or every key's `rank` coordinates in
-  a basis fitted on the first `basis_tokens` keys (`lowrank`, as a prompt would fit it)."""
+  a basis fitted on the first `basis_tokens` keys (`lowrank`, as a prompt would fit it; with `sketch`
+  bits of the signs of what the basis misses in place of the bound on that part)."""
   cfg = params.config
   T = tokens_T.shape[0]
   pos = jnp.arange(T)
@@ -188,8 +189,9 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
     elif scorer == "lowrank":  # each key's coordinates in its KV head's basis, fitted on the dense prefix
       basis = sel.key_basis(k, pos[None] < basis_tokens, rank)
       k_low = jnp.swapaxes(sel.lowrank_coords(jnp.swapaxes(k, 1, 2), basis), -1, -2)  # B K r+1 T
+      k_sketch = jnp.swapaxes(sel.residual_sketch(jnp.swapaxes(k, 1, 2), basis, sketch), -1, -2) if sketch else None
       mass = sel.lowrank_chunk_mass(qh, k_low, basis, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
-                                    scale=cfg.attn_scale)[0]
+                                    scale=cfg.attn_scale, k_sketch_BKwT=k_sketch)[0]
     elif scorer == "sparq":  # decode's own estimate (`selection="kv_head", score_rank=rank`), every query at once
       mass = sel.sparq_chunk_mass(qh, k, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
                                   scale=cfg.attn_scale, rank=rank)[0]
@@ -245,20 +247,23 @@ def _family_nll(params, tokens_T, unit_of_T, unit_end_U, mass_LKGTU, sparse_L, v
 SCORERS = ("attention", "bound", "centroid", "sparq", "lowrank")
 
 
-def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int, itemsize: int = 4) -> float:
+def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int, itemsize: int = 4,
+                  sketch: int = 0) -> float:
   """What a decode step reads to score, as a share of the KV of the `seen` tokens it scores: all of K
   (the attention), two keys a unit (the bound), one (the centroid), the cache lines of K that `rank`
   of its dimensions touch (sparq: all of them at 16 of 64 in float32), `rank` of the D coordinates of
-  each key in a basis, stored apart (lowrank): `selection.score_read_share`, as decode counts them."""
+  each key in a basis, stored apart, and its `sketch` bits (lowrank): `selection.score_read_share`, as
+  decode counts them."""
   per_unit = {"bound": 2, "centroid": 1}
   if scorer in per_unit:
     return per_unit[scorer] * n_units / (2 * seen)
   return sel.score_read_share(head_dim, itemsize, None if scorer == "attention" else rank,
-                              "lowrank" if scorer == "lowrank" else "sparq")
+                              "lowrank" if scorer == "lowrank" else "sparq", sketch if scorer == "lowrank" else 0)
 
 
-def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16):
-  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix)
+def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16,
+                sketch: int = 0):
+  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix, sketch)
   return _nll(params, x, tokens_T, prefix), mass
 
 
@@ -279,6 +284,9 @@ def main(argv=None) -> None:
                  "key (SparQ), or every key's `--rank` coordinates in a basis fitted on the prefix (lowrank)")
   p.add_argument("--rank", type=int, default=16, help="dimensions of K that `--scorer sparq` reads, or the "
                  "basis size of `--scorer lowrank`")
+  p.add_argument("--sketch", type=int, default=0, help="with `--scorer lowrank`: bits of a sketch of the signs of "
+                 "what the basis misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple "
+                 "of 32; 0: the bound)")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")
@@ -288,6 +296,9 @@ def main(argv=None) -> None:
                      f"{args.recent_share}")
   if not 0 < args.prefix < args.tokens <= MAX_TOKENS:
     raise SystemExit(f"need 0 < --prefix < --tokens <= {MAX_TOKENS}; got {args.prefix}, {args.tokens}")
+  if args.sketch and (args.scorer != "lowrank" or args.sketch < 0 or args.sketch % sel.SKETCH_WORD):
+    raise SystemExit(f"--sketch is a multiple of {sel.SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
+                     f"with --scorer {args.scorer}")
   families = [tuple(f.split("/")) for f in args.families]
   for f in families:
     if len(f) != 2 or f[0] not in SHARING or f[1] not in TIMING:
@@ -327,9 +338,9 @@ def main(argv=None) -> None:
     tokens = jnp.asarray(doc, jnp.int32)
     unit_of, ends = units(args.tokens, ccfg.n_sink, ends=seg.ends[i], pad_to=n_units) if seg else \
         units(args.tokens, ccfg.n_sink, page=int(args.unit))
-    van, mass = vanilla_nll(params, tokens, unit_of, len(ends), args.prefix, args.scorer, args.rank)
+    van, mass = vanilla_nll(params, tokens, unit_of, len(ends), args.prefix, args.scorer, args.rank, args.sketch)
     n_real = int(np.sum(ends < args.tokens))
-    score_reads.append(scoring_reads(args.scorer, n_real, args.tokens, cfg.head_dim, args.rank))
+    score_reads.append(scoring_reads(args.scorer, n_real, args.tokens, cfg.head_dim, args.rank, sketch=args.sketch))
     sums[("vanilla", "")] += P.binned_nll(-np.asarray(van), args.prefix, edges)[0]
     for f in families:
       nll, share = family_nll(params, tokens, unit_of, ends, mass, sparse_L, vote_L, budget, *f, args.prefix)
@@ -354,7 +365,8 @@ def main(argv=None) -> None:
     out.write_text("".join(json.dumps({**r, **vars(args)}) + "\n" for r in rows))
     _plot(rows, out.with_suffix(".png"), f"{args.model}, {args.docs} x {args.tokens} tokens, "
           f"{args.retention:.0%} budget, units: {args.unit}, scores: {args.scorer}"
-          + (f" (rank {args.rank})" if args.scorer == "sparq" else ""))
+          + (f" (rank {args.rank})" if args.scorer in ("sparq", "lowrank") else "")
+          + (f", {args.sketch}-bit sketch" if args.sketch else ""))
 
 
 def _plot(rows, path: Path, title: str) -> None:

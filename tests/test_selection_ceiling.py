@@ -105,6 +105,8 @@ def test_pages_cover_the_text_after_the_sinks():
     (["--families", "shared/later"], "a family is sharing/timing"),
     (["--unit", "sentences"], "--unit is 'chunks' or a page size"),
     (["--scorer", "sparq", "--rank", "0"], "--rank must be at least 1"),
+    (["--scorer", "sparq", "--sketch", "64"], "--sketch is a multiple of 32 bits for --scorer lowrank"),
+    (["--scorer", "lowrank", "--sketch", "40"], "--sketch is a multiple of 32 bits"),
 ])
 def test_bad_arguments_stop_before_the_model_loads(argv, message):
   with pytest.raises(SystemExit, match=message):
@@ -150,16 +152,16 @@ def test_the_centroid_is_the_mean_key():
     np.testing.assert_allclose(got[..., u], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scorer", SC.SCORERS)
-def test_empty_padding_units_change_no_family(scorer):
+@pytest.mark.parametrize("scorer, sketch", [(s, 0) for s in SC.SCORERS] + [("lowrank", 64)])
+def test_empty_padding_units_change_no_family(scorer, sketch):
   """Texts of different chunk counts are padded to one unit count (one compile): the padding is never chosen."""
   params, tokens, unit_of, unit_end, sparse = _setup(n_layers=3)
   _, padded_end = SC.units(T, 4, ends=unit_end, pad_to=len(unit_end) + 5)
   assert padded_end.tolist() == unit_end.tolist() + [T] * 5
   budget = SC.Budget(retention=0.5, recent_share=0.5)
   rank = params.config.head_dim // 2
-  _, mass = SC.vanilla_nll(params, tokens, unit_of, len(unit_end), PREFIX, scorer, rank)
-  _, padded_mass = SC.vanilla_nll(params, tokens, unit_of, len(padded_end), PREFIX, scorer, rank)
+  _, mass = SC.vanilla_nll(params, tokens, unit_of, len(unit_end), PREFIX, scorer, rank, sketch)
+  _, padded_mass = SC.vanilla_nll(params, tokens, unit_of, len(padded_end), PREFIX, scorer, rank, sketch)
   assert np.isfinite(np.asarray(padded_mass)).all()
   for sharing, timing in [("shared", "boundary"), ("kv_head", "fresh")]:
     want = SC.family_nll(params, tokens, unit_of, unit_end, mass, sparse, sparse, budget, sharing, timing, PREFIX)
@@ -177,3 +179,4 @@ def test_scoring_reads_are_what_each_scorer_reads():
   assert SC.scoring_reads("bound", 50, 1000, 64, 16) == 2 * 50 / 2000  # min and max key a unit
   assert SC.scoring_reads("centroid", 50, 1000, 64, 16) == 50 / 2000
   assert SC.scoring_reads("lowrank", 50, 1000, 64, 16) == 17 / 128  # 16 coordinates a key and the rest's length
+  assert SC.scoring_reads("lowrank", 50, 1000, 64, 16, sketch=128) == 17 / 128 + 16 / 512  # and 16 bytes of signs
