@@ -320,6 +320,14 @@ MEASUREMENTS = (
                      "positions each teacher-forced through decode, 30720 scored tokens per row; ChunkLLM with "
                      "today's defaults (measured as `--recent_share 0.75 --boundary_tokens`). "
                      + COPIED.format("next section") + " The baselines' rows are read from there."),
+    Measurement("ppl_smollm2_4k_8_per_head_sketch",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, each KV head choosing at every step from low-rank "
+                "keys and a sketch of the rest",
+                "eval_per_head_sketch128_ppl_smollm2_4k_8", "eval",
+                (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
+                 f"{SKETCH} --out docs/eval_per_head_sketch128_ppl_smollm2_4k_8",),
+                others="eval_ppl_brown_4k_8docs", variant=SKETCH_NAME,
+                note=SKETCH_NOTE.format(16, 64, "16%") + " Vanilla was run again in the folder."),
     Measurement("ppl_smollm2_4k_8_first_defaults", "Perplexity, smollm2-135m, the same 8 texts of 4K, the first defaults",
                 "eval_ppl_brown_4k_8docs", "eval",
                 (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid sepllm streamingllm "
@@ -414,6 +422,14 @@ MEASUREMENTS = (
                      "does not (as under the first defaults). " + COPIED.format("next section") + " The baselines' rows are "
                      "read from there. The other five mini tasks were not run: vanilla scores 0 on three of those "
                      "(docs/results.md history), and a task costs 10-20 minutes per method here."),
+    Measurement("longbench_smollm2_per_head_sketch",
+                "LongBench-format, smollm2-135m: the same mini_kv_qa prompts, each KV head choosing at every step "
+                "from low-rank keys and a sketch of the rest",
+                "eval_per_head_sketch128_longbench_smollm2", "eval",
+                ("python -m eval.run --model smollm2-135m --suites longbench --tasks mini_kv_qa --methods vanilla "
+                 f"hybrid --retention 0.5 0.25 {SKETCH} --out docs/eval_per_head_sketch128_longbench_smollm2",),
+                others="eval_longbench_smollm2", variant=SKETCH_NAME,
+                note=SKETCH_NOTE.format(16, 64, "16%") + " Vanilla was run again in the folder."),
     Measurement("longbench_smollm2_first_defaults",
                 "LongBench-format, smollm2-135m: the same mini_kv_qa prompts, the first defaults",
                 "eval_longbench_smollm2", "eval",
@@ -429,6 +445,14 @@ MEASUREMENTS = (
                 note="Prompts of a few dozen tokens are read whole: each method must give vanilla's tokens. The rows "
                      "of vanilla and of the paper's rule (`chunkllm`, which takes neither knob) are those of the "
                      "next section, copied into the folder before the run."),
+    Measurement("short_smollm2_per_head_sketch",
+                "Short-text identity, smollm2-135m, each KV head choosing at every step from low-rank keys and a "
+                "sketch of the rest",
+                "eval_per_head_sketch128_short_smollm2", "eval",
+                ("python -m eval.run --model smollm2-135m --suites short --methods vanilla hybrid "
+                 f"{SKETCH} --out docs/eval_per_head_sketch128_short_smollm2",),
+                variant=SKETCH_NAME,
+                note=SKETCH_NOTE.format(16, 64, "16%") + " Vanilla was run again in the folder."),
     Measurement("short_smollm2_first_defaults", "Short-text identity, smollm2-135m, the first defaults",
                 "eval_short_smollm2", "eval",
                 ("python -m eval.run --model smollm2-135m --suites short --methods vanilla chunkllm hybrid "
@@ -593,11 +617,13 @@ DEFAULT_CHECKS = (
      "niah_gemma3_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults",
      "ppl_smollm2_2k_8_per_head", "ppl_smollm2_2k_8_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults"),
+    ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults", None,
+     "ppl_smollm2_4k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 8K", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults"),
     ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults", None,
      "ppl_gemma3_2k_8_per_head_sketch"),
-    ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2", "longbench_smollm2_first_defaults"),
+    ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2", "longbench_smollm2_first_defaults", None,
+     "longbench_smollm2_per_head_sketch"),
 )
 
 
