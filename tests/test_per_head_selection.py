@@ -1,6 +1,7 @@
 """selection="kv_head": every KV head of every sparse layer chooses its chunks at each step. A full
-budget is `generate` exactly, a tight one reads about its budget, SparQ's estimate is the exact chunk
-mass at full rank and a loop's at lower rank, and bad settings are named."""
+budget is `generate` exactly, a tight one reads about its budget, SparQ's and the low-rank estimates
+are the exact chunk mass at full rank (SparQ a loop's at lower rank, the low-rank one a bound or,
+with a residual sketch, QJL's unbiased estimate), and bad settings are named."""
 
 import jax.numpy as jnp
 import numpy as np
