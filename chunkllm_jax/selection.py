@@ -29,6 +29,7 @@ prefill one per chunk of the prompt. Both go through the same functions below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -471,10 +472,13 @@ def lowrank_coords(x_BKND, basis_BKDr):
   return jnp.concatenate([coords, jnp.linalg.norm(missed, axis=-1, keepdims=True)], -1)
 
 
+@functools.lru_cache(maxsize=None)
 def sketch_matrix(head_dim: int, bits: int):
   """`residual_sketch`'s projection: [D, bits] float32, iid standard normal from a fixed seed, so the
-  prompt's keys, decode's keys and every query meet the same one."""
-  return jax.random.normal(jax.random.key(0), (head_dim, bits), jnp.float32)
+  prompt's keys, decode's keys and every query meet the same one. Drawn once, at trace time: a
+  constant of the compiled step (traced, its random bits were drawn again in every layer of every step)."""
+  with jax.ensure_compile_time_eval():
+    return jax.random.normal(jax.random.key(0), (head_dim, bits), jnp.float32)
 
 
 def residual_sketch(x_BKND, basis_BKDr, bits: int):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chunkllm_jax.prompts import encode_prompt, has_chat_template
-from chunkllm_jax.selection import SCORE_ESTIMATES, SELECTIONS
+from chunkllm_jax.selection import SCORE_ESTIMATES, SELECTIONS, SKETCH_WORD
 from eval import longbench
 from eval import methods as M
 from eval import niah
@@ -150,9 +150,10 @@ def _resolve(args) -> argparse.Namespace:
                      f"{args.score_rank} with --selection {args.selection}")
   if args.score_estimate != "sparq" and args.score_rank is None:
     raise UsageError(f"--score_estimate {args.score_estimate} estimates from --score_rank coordinates: give --score_rank")
-  if args.score_sketch and (args.score_estimate != "lowrank" or args.score_sketch < 0 or args.score_sketch % 32):
-    raise UsageError(f"--score_sketch is a multiple of 32 bits for --score_estimate lowrank; got {args.score_sketch} "
-                     f"with --score_estimate {args.score_estimate}")
+  if args.score_sketch and (args.score_estimate != "lowrank" or args.score_sketch < 0
+                            or args.score_sketch % SKETCH_WORD):
+    raise UsageError(f"--score_sketch is a multiple of {SKETCH_WORD} bits for --score_estimate lowrank; got "
+                     f"{args.score_sketch} with --score_estimate {args.score_estimate}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -218,8 +219,8 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate", "score_sketch",
-          "page_len"]
+          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate",
+          "score_sketch", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -419,8 +420,8 @@ def run(args, model=None, params=None) -> Path:
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
                             kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
-                            score_rank=args.score_rank, score_estimate=args.score_estimate, score_sketch=args.score_sketch,
-                            page_len=args.page_len,
+                            score_rank=args.score_rank, score_estimate=args.score_estimate,
+                            score_sketch=args.score_sketch, page_len=args.page_len,
                             selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",
