@@ -172,7 +172,7 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
     nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
     row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
                selection=ccfg.selection, score_rank=ccfg.score_rank, score_estimate=ccfg.score_estimate,
-               score_sketch=ccfg.score_sketch,
+               score_sketch=ccfg.score_sketch, sketch_estimate=ccfg.sketch_estimate,
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
                decode_tok_s_chunk=1 / amort, decode_tok_s_dense=1 / d, decode_speedup=d / amort,
@@ -432,6 +432,8 @@ def main():
   ap.add_argument("--score_estimate", default="sparq", choices=["sparq", "lowrank"],
                   help="ChunkConfig.score_estimate, with --score_rank")
   ap.add_argument("--score_sketch", type=int, default=0, help="ChunkConfig.score_sketch, with --score_estimate lowrank")
+  ap.add_argument("--sketch_estimate", default="qjl", choices=["qjl", "simhash"],
+                  help="ChunkConfig.sketch_estimate, with --score_sketch")
   args = ap.parse_args()
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
@@ -466,7 +468,8 @@ def main():
     try:
       decode_rows += bench_decode(params, L, args.ratios, args.rounds,
                                   dict(selection=args.selection, score_rank=args.score_rank,
-                                       score_estimate=args.score_estimate, score_sketch=args.score_sketch))
+                                       score_estimate=args.score_estimate, score_sketch=args.score_sketch,
+                                       sketch_estimate=args.sketch_estimate))
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)

@@ -64,13 +64,16 @@ def _chunk_flags(p) -> None:
   p.add_argument("--score-sketch", type=int, default=None,
                  help="with --score-estimate lowrank: bits of a 1-bit random sketch of what each key's basis misses "
                       "(a multiple of 32; default: the bound on that part)")
+  p.add_argument("--sketch-estimate", choices=["qjl", "simhash"], default=None,
+                 help="with --score-sketch: QJL's estimate from the query's projection (default) or the angle "
+                      "from the Hamming distance of both sides' signs (simhash)")
 
 
 def _chunk_settings(args) -> dict:
   given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
                n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens,
                selection=args.selection, score_rank=args.score_rank, score_estimate=args.score_estimate,
-               score_sketch=args.score_sketch)
+               score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget

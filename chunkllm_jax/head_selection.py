@@ -45,7 +45,8 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
   elif ccfg.score_estimate == "lowrank":
     mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[layer], hi, st.chunk_end, n_sink=ccfg.n_sink,
                               scale=cfg.attn_scale, layer=layer,
-                              k_sketch_BKwT=st.key_sketch if ccfg.score_sketch else None)
+                              k_sketch_BKwT=st.key_sketch if ccfg.score_sketch else None,
+                              sketch_estimate=ccfg.sketch_estimate)
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                             rank=ccfg.score_rank, layer=layer)

@@ -43,6 +43,7 @@ ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.
 VOTES = ("sum", "max")
 SELECTIONS = ("shared", "kv_head")
 SCORE_ESTIMATES = ("sparq", "lowrank")
+SKETCH_ESTIMATES = ("qjl", "simhash")
 SKETCH_WORD = 32  # bits of `residual_sketch` a uint32 holds
 
 
@@ -103,6 +104,11 @@ class ChunkConfig(ChunkRules):
   # estimator, `residual_sketch`), kept beside the low-rank keys, in place of the bound on that part;
   # 0: the bound. A multiple of 32 (one uint32 word holds 32); bits / 8 bytes a key.
   score_sketch: int = 0
+  # How the sketch estimates that part of the logit: "qjl", QJL's unbiased |k_out| sqrt(pi/2)/bits
+  # (S q_out) . sign(S k_out) (the key's signs unpacked against the query's projection), or "simhash",
+  # |q_out| |k_out| cos(pi h / bits), h the Hamming distance between the query's signs and the key's
+  # (Charikar's angle estimate: xor and popcount on the packed words, nothing unpacked).
+  sketch_estimate: str = "qjl"
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
@@ -188,6 +194,10 @@ class ChunkConfig(ChunkRules):
     if not isinstance(self.score_sketch, int) or isinstance(self.score_sketch, bool) or self.score_sketch < 0 or (
         self.score_sketch % SKETCH_WORD):
       raise ValueError(f"score_sketch must be a multiple of {SKETCH_WORD} bits (0: none), got {self.score_sketch!r}")
+    if self.sketch_estimate not in SKETCH_ESTIMATES:
+      raise ValueError(f"sketch_estimate must be one of {SKETCH_ESTIMATES}, got {self.sketch_estimate!r}")
+    if self.sketch_estimate != "qjl" and not self.score_sketch:
+      raise ValueError(f"sketch_estimate={self.sketch_estimate!r} scores the residual sketch: give score_sketch")
     if self.score_sketch and self.score_estimate != "lowrank":
       raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
                        "(with selection='kv_head' and score_rank)")
@@ -481,13 +491,25 @@ def sketch_matrix(head_dim: int, bits: int):
     return jax.random.normal(jax.random.key(0), (head_dim, bits), jnp.float32)
 
 
+def _pack_signs(missed_BKND, bits: int):
+  """The signs of `missed` projected on `sketch_matrix`, packed `SKETCH_WORD` to a uint32, bit i of
+  word w for projection 32 w + i: [B, K, N, bits // 32]."""
+  signs = (missed_BKND @ sketch_matrix(missed_BKND.shape[-1], bits)) > 0
+  signs = signs.reshape(*signs.shape[:-1], bits // SKETCH_WORD, SKETCH_WORD).astype(jnp.uint32)
+  return jnp.sum(signs << jnp.arange(SKETCH_WORD, dtype=jnp.uint32), -1, dtype=jnp.uint32)  # distinct bits: or
+
+
 def residual_sketch(x_BKND, basis_BKDr, bits: int):
   """The signs of what the basis misses, projected on `sketch_matrix` (QJL's 1-bit sketch), packed
   `SKETCH_WORD` to a uint32, bit i of word w for projection 32 w + i: [B, K, N, bits // 32]."""
-  _, missed = _split_by_basis(x_BKND, basis_BKDr)
-  signs = (missed @ sketch_matrix(missed.shape[-1], bits)) > 0
-  signs = signs.reshape(*signs.shape[:-1], bits // SKETCH_WORD, SKETCH_WORD).astype(jnp.uint32)
-  return jnp.sum(signs << jnp.arange(SKETCH_WORD, dtype=jnp.uint32), -1, dtype=jnp.uint32)  # distinct bits: or
+  return _pack_signs(_split_by_basis(x_BKND, basis_BKDr)[1], bits)
+
+
+def hamming(words_BKNw, words_BKwT):
+  """Bits that differ between each query's packed signs and every key's: [B, K, N, T] int32 (one xor
+  and popcount per word, the keys' words read as they lie)."""
+  count = lambda w: jax.lax.population_count(words_BKNw[..., w, None] ^ words_BKwT[:, :, None, w]).astype(jnp.int32)
+  return sum(count(w) for w in range(words_BKwT.shape[-2]))
 
 
 def _sketch_signs(words_BKwT):
@@ -512,7 +534,7 @@ def sketch_dot(x_BKNm, words_BKwT):
 
 
 def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None,
-                       k_sketch_BKwT=None):
+                       k_sketch_BKwT=None, sketch_estimate: str = "qjl"):
   """`chunk_mass` estimated from the keys' `lowrank_coords` (Loki's low-rank keys, with the length of
   what the basis misses), laid out [B, K, rank + 1, T] (each coordinate contiguous over the
   positions, so the scores are one plain matmul per KV head: [B, T, K, rank] ran 5x slower on the
@@ -522,7 +544,8 @@ def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_s
   length allows instead of losing it, and so do keys that merely lie off the basis); with
   `k_sketch_BKwT` (`residual_sketch` words [B, K, bits // 32, T], stacked with `layer`) QJL's
   unbiased estimate sqrt(pi / 2) / bits |k_out| (S q_out) . sign(S k_out), whose error shrinks as
-  1 / sqrt(bits). Softmax over the keys [n_sink, hi], summed within each chunk. float32 [B, K, G, Q, C]."""
+  1 / sqrt(bits), or with `sketch_estimate="simhash"` |q_out| |k_out| cos(pi h / bits) from the
+  Hamming distance h of both sides' signs (`ChunkConfig.sketch_estimate`). Softmax over the keys [n_sink, hi], summed within each chunk. float32 [B, K, G, Q, C]."""
   if layer is not None:
     k_low_BKcT = jax.lax.dynamic_index_in_dim(k_low_BKcT, layer, 0, keepdims=False)
     if k_sketch_BKwT is not None:
@@ -536,9 +559,14 @@ def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_s
     r = basis_BKDr.shape[-1]
     bits = k_sketch_BKwT.shape[-2] * SKETCH_WORD
     coords, missed = _split_by_basis(q_BKGQD.reshape(B, K, G * Q, D), basis_BKDr)
-    residual = sketch_dot(missed @ sketch_matrix(D, bits), k_sketch_BKwT).reshape(B, K, G, Q, -1) * (
-        math.sqrt(math.pi / 2) / bits) * k_low[:, :, None, None, r]
-    s = jnp.einsum("bkgqc,bkct->bkgqt", coords.reshape(B, K, G, Q, r), k_low[:, :, :r]) + residual
+    k_out = k_low[:, :, None, r]  # [B, K, 1, T]
+    if sketch_estimate == "simhash":
+      h = hamming(_pack_signs(missed, bits), k_sketch_BKwT)
+      residual = jnp.linalg.norm(missed, axis=-1, keepdims=True) * k_out * jnp.cos(h * (math.pi / bits))
+    else:
+      residual = sketch_dot(missed @ sketch_matrix(D, bits), k_sketch_BKwT) * (math.sqrt(math.pi / 2) / bits) * k_out
+    s = jnp.einsum("bkgqc,bkct->bkgqt", coords.reshape(B, K, G, Q, r), k_low[:, :, :r]) + residual.reshape(
+        B, K, G, Q, -1)
   return _mass_of_logits(s * scale, hi_BKGQ, ends_BC, n_sink)
 
 

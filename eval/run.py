@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chunkllm_jax.prompts import encode_prompt, has_chat_template
-from chunkllm_jax.selection import SCORE_ESTIMATES, SELECTIONS, SKETCH_WORD
+from chunkllm_jax.selection import SCORE_ESTIMATES, SELECTIONS, SKETCH_ESTIMATES, SKETCH_WORD
 from eval import longbench
 from eval import methods as M
 from eval import niah
@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="with --score_estimate lowrank: bits of a 1-bit random sketch of what each key's basis "
                       "misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple of 32; "
                       "default 0, the bound)")
+  p.add_argument("--sketch_estimate", default=M.MethodSettings.sketch_estimate, choices=SKETCH_ESTIMATES,
+                 help="with --score_sketch: QJL's unbiased estimate from the query's projection (qjl) or the angle "
+                      "from the Hamming distance of both sides' signs (simhash) (ChunkConfig.sketch_estimate)")
   p.add_argument("--page_len", type=int, default=None,
                  help="hybrid / oracle: select fixed pages of this many tokens instead of the Chunk Adapter's "
                       "chunks (ChunkConfig boundaries='fixed', max_chunk_len; default: the chunks)")
@@ -154,6 +157,8 @@ def _resolve(args) -> argparse.Namespace:
                             or args.score_sketch % SKETCH_WORD):
     raise UsageError(f"--score_sketch is a multiple of {SKETCH_WORD} bits for --score_estimate lowrank; got "
                      f"{args.score_sketch} with --score_estimate {args.score_estimate}")
+  if args.sketch_estimate != "qjl" and not args.score_sketch:
+    raise UsageError(f"--sketch_estimate {args.sketch_estimate} scores the residual sketch: give --score_sketch too")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -220,7 +225,7 @@ def _fingerprint(args) -> dict:
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
           "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate",
-          "score_sketch", "page_len"]
+          "score_sketch", "sketch_estimate", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -259,7 +264,7 @@ def _same_setting(key: str, old, new) -> bool:
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
                 "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
-                "score_sketch": 0, "page_len": None}  # settings newer than some result folders: what those folders used
+                "score_sketch": 0, "sketch_estimate": "qjl", "page_len": None}  # settings newer than some result folders: what those folders used
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -421,7 +426,8 @@ def run(args, model=None, params=None) -> Path:
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
                             kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
                             score_rank=args.score_rank, score_estimate=args.score_estimate,
-                            score_sketch=args.score_sketch, page_len=args.page_len,
+                            score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate,
+                            page_len=args.page_len,
                             selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",

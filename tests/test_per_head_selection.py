@@ -1,7 +1,7 @@
 """selection="kv_head": every KV head of every sparse layer chooses its chunks at each step. A full
 budget is `generate` exactly, a tight one reads about its budget, SparQ's and the low-rank estimates
 are the exact chunk mass at full rank (SparQ a loop's at lower rank, the low-rank one a bound or,
-with a residual sketch, QJL's unbiased estimate), and bad settings are named."""
+with a residual sketch, QJL's unbiased estimate or SimHash's angle), and bad settings are named."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +15,8 @@ from tests.tiny_models import chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
 SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank"),  # exact, SparQ, low-rank keys
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64)]  # and a sketch of what they miss
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64),  # and a sketch of what they miss,
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="simhash")]  # read by angle
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -246,6 +247,43 @@ def test_the_residual_sketch_packs_its_signs_and_its_estimate_is_unbiased():
   np.testing.assert_allclose(np.asarray(got)[:, :, 0, 0], want, rtol=1e-4, atol=1e-6)
 
 
+def test_simhash_counts_the_differing_signs_and_its_angle_estimate_tightens_with_bits():
+  """sketch_estimate="simhash": `hamming` is a loop's count of differing bits; |q_out| |k_out| cos(pi h / bits)
+  tracks the residual's dot product, its error shrinking with the bits; the chunk mass uses it in the logits."""
+  rng = np.random.default_rng(11)
+  B, K, N, D, r = 1, 2, 2000, 32, 4
+  basis = jnp.asarray(np.linalg.qr(rng.normal(size=(B, K, D, r)))[0], jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, K, N, D)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(B, K, 2, D)), jnp.float32)
+  proj = np.asarray(basis) @ np.swapaxes(np.asarray(basis), -1, -2)
+  k_out, q_out = np.asarray(k) - np.asarray(k) @ proj, np.asarray(q) - np.asarray(q) @ proj
+  true = np.einsum("bknd,bktd->bknt", q_out, k_out)
+  k_low = jnp.swapaxes(sel.lowrank_coords(k, basis), -1, -2)
+  err = {}
+  for bits in (64, 1024):
+    q_words = np.asarray(sel.residual_sketch(q, basis, bits))
+    k_words = np.swapaxes(np.asarray(sel.residual_sketch(k, basis, bits)), -1, -2)  # B K w N
+    h = np.asarray(sel.hamming(jnp.asarray(q_words), jnp.asarray(k_words)))
+    q_bits = np.unpackbits(q_words.view(np.uint8), axis=-1, bitorder="little")  # B K 2 bits
+    k_bits = np.unpackbits(np.swapaxes(k_words, -1, -2).copy().view(np.uint8), axis=-1, bitorder="little")
+    np.testing.assert_array_equal(h, (q_bits[:, :, :, None] != k_bits[:, :, None]).sum(-1))
+    est = (np.linalg.norm(q_out, axis=-1)[..., None] * np.asarray(k_low)[:, :, None, r] * np.cos(np.pi * h / bits))
+    err[bits] = np.sqrt(np.mean((est - true) ** 2))
+    if bits == 1024:
+      assert np.corrcoef(est.ravel(), true.ravel())[0, 1] > 0.95
+  assert 2.5 < err[64] / err[1024] < 6  # the angle's error shrinks as 1 / sqrt(bits)
+  sketch = jnp.asarray(k_words)
+  ends = jnp.asarray([[99, 999, 1999]], jnp.int32)
+  got = sel.lowrank_chunk_mass(q[:, :, None], k_low, basis, jnp.full((B, K, 1, 2), N - 1), ends, n_sink=0, scale=0.2,
+                               k_sketch_BKwT=sketch, sketch_estimate="simhash")
+  logits = (np.einsum("bknd,bkdr,bkrt->bknt", np.asarray(q), np.asarray(basis), np.asarray(k_low)[:, :, :r])
+            + est) * 0.2
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.stack([p[..., :100].sum(-1), p[..., 100:1000].sum(-1), p[..., 1000:].sum(-1)], -1)
+  np.testing.assert_allclose(np.asarray(got)[:, :, 0], want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("sketch_bits", [0, 64])
 def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
   """score_estimate="lowrank": after the prompt and each decode step, the low-rank keys are the cache's
@@ -290,6 +328,9 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
     (dict(selection="kv_head", score_estimate="lowrank"), "estimates from score_rank coordinates: give score_rank"),
     (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=48), "multiple of 32"),
     (dict(selection="kv_head", score_rank=4, score_sketch=64), "needs score_estimate='lowrank'"),
+    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="l2"),
+     "sketch_estimate must be one of"),
+    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", sketch_estimate="simhash"), "give score_sketch"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
