@@ -160,9 +160,9 @@ def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
   return jnp.exp(logit - logit.max(-1, keepdims=True))
 
 
-@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens", "sketch"))
+@functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens", "sketch", "sketch_estimate"))
 def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16,
-                      basis_tokens: int = 256, sketch: int = 0):
+                      basis_tokens: int = 256, sketch: int = 0, sketch_estimate: str = "qjl"):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
   the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`), each unit's
   mean key (`centroid`), `rank` dimensions of every key (`sparq`), or every key's `rank` coordinates in
@@ -191,7 +191,7 @@ def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "
       k_low = jnp.swapaxes(sel.lowrank_coords(jnp.swapaxes(k, 1, 2), basis), -1, -2)  # B K r+1 T
       k_sketch = jnp.swapaxes(sel.residual_sketch(jnp.swapaxes(k, 1, 2), basis, sketch), -1, -2) if sketch else None
       mass = sel.lowrank_chunk_mass(qh, k_low, basis, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
-                                    scale=cfg.attn_scale, k_sketch_BKwT=k_sketch)[0]
+                                    scale=cfg.attn_scale, k_sketch_BKwT=k_sketch, sketch_estimate=sketch_estimate)[0]
     elif scorer == "sparq":  # decode's own estimate (`selection="kv_head", score_rank=rank`), every query at once
       mass = sel.sparq_chunk_mass(qh, k, pos[None, None, None, :], unit_end[None], n_sink=n_sink,
                                   scale=cfg.attn_scale, rank=rank)[0]
@@ -262,8 +262,9 @@ def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int
 
 
 def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16,
-                sketch: int = 0):
-  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix, sketch)
+                sketch: int = 0, sketch_estimate: str = "qjl"):
+  x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix, sketch,
+                              sketch_estimate)
   return _nll(params, x, tokens_T, prefix), mass
 
 
@@ -287,6 +288,8 @@ def main(argv=None) -> None:
   p.add_argument("--sketch", type=int, default=0, help="with `--scorer lowrank`: bits of a sketch of the signs of "
                  "what the basis misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple "
                  "of 32; 0: the bound)")
+  p.add_argument("--sketch_estimate", default="qjl", choices=sel.SKETCH_ESTIMATES,
+                 help="with `--sketch`: QJL's estimate or SimHash's angle (ChunkConfig.sketch_estimate)")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")
@@ -299,6 +302,8 @@ def main(argv=None) -> None:
   if args.sketch and (args.scorer != "lowrank" or args.sketch < 0 or args.sketch % sel.SKETCH_WORD):
     raise SystemExit(f"--sketch is a multiple of {sel.SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
                      f"with --scorer {args.scorer}")
+  if args.sketch_estimate != "qjl" and not args.sketch:
+    raise SystemExit(f"--sketch_estimate {args.sketch_estimate} scores the sketch: give --sketch too")
   families = [tuple(f.split("/")) for f in args.families]
   for f in families:
     if len(f) != 2 or f[0] not in SHARING or f[1] not in TIMING:
@@ -338,7 +343,8 @@ def main(argv=None) -> None:
     tokens = jnp.asarray(doc, jnp.int32)
     unit_of, ends = units(args.tokens, ccfg.n_sink, ends=seg.ends[i], pad_to=n_units) if seg else \
         units(args.tokens, ccfg.n_sink, page=int(args.unit))
-    van, mass = vanilla_nll(params, tokens, unit_of, len(ends), args.prefix, args.scorer, args.rank, args.sketch)
+    van, mass = vanilla_nll(params, tokens, unit_of, len(ends), args.prefix, args.scorer, args.rank, args.sketch,
+                            args.sketch_estimate)
     n_real = int(np.sum(ends < args.tokens))
     score_reads.append(scoring_reads(args.scorer, n_real, args.tokens, cfg.head_dim, args.rank, sketch=args.sketch))
     sums[("vanilla", "")] += P.binned_nll(-np.asarray(van), args.prefix, edges)[0]
@@ -366,7 +372,7 @@ def main(argv=None) -> None:
     _plot(rows, out.with_suffix(".png"), f"{args.model}, {args.docs} x {args.tokens} tokens, "
           f"{args.retention:.0%} budget, units: {args.unit}, scores: {args.scorer}"
           + (f" (rank {args.rank})" if args.scorer in ("sparq", "lowrank") else "")
-          + (f", {args.sketch}-bit sketch" if args.sketch else ""))
+          + (f", {args.sketch}-bit sketch ({args.sketch_estimate})" if args.sketch else ""))
 
 
 def _plot(rows, path: Path, title: str) -> None:

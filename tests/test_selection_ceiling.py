@@ -107,6 +107,7 @@ def test_pages_cover_the_text_after_the_sinks():
     (["--scorer", "sparq", "--rank", "0"], "--rank must be at least 1"),
     (["--scorer", "sparq", "--sketch", "64"], "--sketch is a multiple of 32 bits for --scorer lowrank"),
     (["--scorer", "lowrank", "--sketch", "40"], "--sketch is a multiple of 32 bits"),
+    (["--scorer", "lowrank", "--sketch_estimate", "simhash"], "give --sketch too"),
 ])
 def test_bad_arguments_stop_before_the_model_loads(argv, message):
   with pytest.raises(SystemExit, match=message):
@@ -152,16 +153,17 @@ def test_the_centroid_is_the_mean_key():
     np.testing.assert_allclose(got[..., u], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scorer, sketch", [(s, 0) for s in SC.SCORERS] + [("lowrank", 64)])
-def test_empty_padding_units_change_no_family(scorer, sketch):
+@pytest.mark.parametrize("scorer, sketch, estimate", [(s, 0, "qjl") for s in SC.SCORERS]
+                         + [("lowrank", 64, "qjl"), ("lowrank", 64, "simhash")])
+def test_empty_padding_units_change_no_family(scorer, sketch, estimate):
   """Texts of different chunk counts are padded to one unit count (one compile): the padding is never chosen."""
   params, tokens, unit_of, unit_end, sparse = _setup(n_layers=3)
   _, padded_end = SC.units(T, 4, ends=unit_end, pad_to=len(unit_end) + 5)
   assert padded_end.tolist() == unit_end.tolist() + [T] * 5
   budget = SC.Budget(retention=0.5, recent_share=0.5)
   rank = params.config.head_dim // 2
-  _, mass = SC.vanilla_nll(params, tokens, unit_of, len(unit_end), PREFIX, scorer, rank, sketch)
-  _, padded_mass = SC.vanilla_nll(params, tokens, unit_of, len(padded_end), PREFIX, scorer, rank, sketch)
+  _, mass = SC.vanilla_nll(params, tokens, unit_of, len(unit_end), PREFIX, scorer, rank, sketch, estimate)
+  _, padded_mass = SC.vanilla_nll(params, tokens, unit_of, len(padded_end), PREFIX, scorer, rank, sketch, estimate)
   assert np.isfinite(np.asarray(padded_mass)).all()
   for sharing, timing in [("shared", "boundary"), ("kv_head", "fresh")]:
     want = SC.family_nll(params, tokens, unit_of, unit_end, mass, sparse, sparse, budget, sharing, timing, PREFIX)
