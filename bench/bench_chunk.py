@@ -432,7 +432,7 @@ def main():
   ap.add_argument("--score_estimate", default="sparq", choices=["sparq", "lowrank"],
                   help="ChunkConfig.score_estimate, with --score_rank")
   ap.add_argument("--score_sketch", type=int, default=0, help="ChunkConfig.score_sketch, with --score_estimate lowrank")
-  ap.add_argument("--sketch_estimate", default="qjl", choices=["qjl", "simhash"],
+  ap.add_argument("--sketch_estimate", default="simhash", choices=["simhash", "qjl"],
                   help="ChunkConfig.sketch_estimate, with --score_sketch")
   args = ap.parse_args()
   out = pathlib.Path(args.out)

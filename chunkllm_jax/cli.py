@@ -64,9 +64,9 @@ def _chunk_flags(p) -> None:
   p.add_argument("--score-sketch", type=int, default=None,
                  help="with --score-estimate lowrank: bits of a 1-bit random sketch of what each key's basis misses "
                       "(a multiple of 32; default: the bound on that part)")
-  p.add_argument("--sketch-estimate", choices=["qjl", "simhash"], default=None,
-                 help="with --score-sketch: QJL's estimate from the query's projection (default) or the angle "
-                      "from the Hamming distance of both sides' signs (simhash)")
+  p.add_argument("--sketch-estimate", choices=["simhash", "qjl"], default=None,
+                 help="with --score-sketch: the angle from the Hamming distance of both sides' signs (default) or "
+                      "QJL's estimate from the query's projection (qjl)")
 
 
 def _chunk_settings(args) -> dict:

@@ -43,7 +43,7 @@ ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.
 VOTES = ("sum", "max")
 SELECTIONS = ("shared", "kv_head")
 SCORE_ESTIMATES = ("sparq", "lowrank")
-SKETCH_ESTIMATES = ("qjl", "simhash")
+SKETCH_ESTIMATES = ("simhash", "qjl")  # the first is the default
 SKETCH_WORD = 32  # bits of `residual_sketch` a uint32 holds
 
 
@@ -104,11 +104,13 @@ class ChunkConfig(ChunkRules):
   # estimator, `residual_sketch`), kept beside the low-rank keys, in place of the bound on that part;
   # 0: the bound. A multiple of 32 (one uint32 word holds 32); bits / 8 bytes a key.
   score_sketch: int = 0
-  # How the sketch estimates that part of the logit: "qjl", QJL's unbiased |k_out| sqrt(pi/2)/bits
-  # (S q_out) . sign(S k_out) (the key's signs unpacked against the query's projection), or "simhash",
-  # |q_out| |k_out| cos(pi h / bits), h the Hamming distance between the query's signs and the key's
-  # (Charikar's angle estimate: xor and popcount on the packed words, nothing unpacked).
-  sketch_estimate: str = "qjl"
+  # How the sketch estimates that part of the logit: "simhash", |q_out| |k_out| cos(pi h / bits), h the
+  # Hamming distance between the query's signs and the key's (Charikar's angle estimate: xor and
+  # popcount on the packed words, nothing unpacked), or "qjl", QJL's unbiased |k_out| sqrt(pi/2)/bits
+  # (S q_out) . sign(S k_out) (the key's signs unpacked against the query's projection). SimHash is the
+  # default: the same needles as QJL on both models, perplexity 0.06 and 0.18 points above QJL's (smollm2,
+  # gemma3), its score several times cheaper (docs/results.md, twenty-fourth session).
+  sketch_estimate: str = SKETCH_ESTIMATES[0]
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
@@ -196,7 +198,7 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"score_sketch must be a multiple of {SKETCH_WORD} bits (0: none), got {self.score_sketch!r}")
     if self.sketch_estimate not in SKETCH_ESTIMATES:
       raise ValueError(f"sketch_estimate must be one of {SKETCH_ESTIMATES}, got {self.sketch_estimate!r}")
-    if self.sketch_estimate != "qjl" and not self.score_sketch:
+    if self.sketch_estimate != SKETCH_ESTIMATES[0] and not self.score_sketch:
       raise ValueError(f"sketch_estimate={self.sketch_estimate!r} scores the residual sketch: give score_sketch")
     if self.score_sketch and self.score_estimate != "lowrank":
       raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
@@ -534,7 +536,7 @@ def sketch_dot(x_BKNm, words_BKwT):
 
 
 def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None,
-                       k_sketch_BKwT=None, sketch_estimate: str = "qjl"):
+                       k_sketch_BKwT=None, sketch_estimate: str = SKETCH_ESTIMATES[0]):
   """`chunk_mass` estimated from the keys' `lowrank_coords` (Loki's low-rank keys, with the length of
   what the basis misses), laid out [B, K, rank + 1, T] (each coordinate contiguous over the
   positions, so the scores are one plain matmul per KV head: [B, T, K, rank] ran 5x slower on the
@@ -542,10 +544,11 @@ def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_s
   scale * ((q P) . (k P) + r), r the part the basis misses: without a sketch the bound |q_out| |k_out|
   (a key in a direction the prompt's keys rarely take, a needle's, keeps a logit as high as its
   length allows instead of losing it, and so do keys that merely lie off the basis); with
-  `k_sketch_BKwT` (`residual_sketch` words [B, K, bits // 32, T], stacked with `layer`) QJL's
-  unbiased estimate sqrt(pi / 2) / bits |k_out| (S q_out) . sign(S k_out), whose error shrinks as
-  1 / sqrt(bits), or with `sketch_estimate="simhash"` |q_out| |k_out| cos(pi h / bits) from the
-  Hamming distance h of both sides' signs (`ChunkConfig.sketch_estimate`). Softmax over the keys [n_sink, hi], summed within each chunk. float32 [B, K, G, Q, C]."""
+  `k_sketch_BKwT` (`residual_sketch` words [B, K, bits // 32, T], stacked with `layer`) an estimate
+  from the sketch (`ChunkConfig.sketch_estimate`): "simhash", |q_out| |k_out| cos(pi h / bits) from
+  the Hamming distance h of both sides' signs, or "qjl", QJL's unbiased sqrt(pi / 2) / bits |k_out|
+  (S q_out) . sign(S k_out); the error of both shrinks as 1 / sqrt(bits). Softmax over the keys
+  [n_sink, hi], summed within each chunk. float32 [B, K, G, Q, C]."""
   if layer is not None:
     k_low_BKcT = jax.lax.dynamic_index_in_dim(k_low_BKcT, layer, 0, keepdims=False)
     if k_sketch_BKwT is not None:

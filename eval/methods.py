@@ -73,7 +73,7 @@ class MethodSettings:
   score_rank: int | None = None  # hybrid / oracle with selection="kv_head": the size of its scores' estimate
   score_estimate: str = ChunkConfig.score_estimate  # with score_rank: "sparq" or "lowrank"
   score_sketch: int = 0  # with score_estimate="lowrank": bits of the residual sketch (0: the bound)
-  sketch_estimate: str = ChunkConfig.sketch_estimate  # with score_sketch: "qjl" or "simhash"
+  sketch_estimate: str = ChunkConfig.sketch_estimate  # with score_sketch: "simhash" or "qjl"
   page_len: int | None = None  # hybrid / oracle: fixed pages of this many tokens instead of the Chunk Adapter's
   #                              chunks (boundaries="fixed"); None: the chunks
   batch_size: int = 4  # prompts per batch, taken in order of length

@@ -72,7 +72,7 @@ LOWRANK_NOTE = ("Decode's selections made by each KV head of each sparse layer a
                 "key's coordinates in a basis of its KV head's prompt keys and the length of what the basis misses "
                 "(`score_estimate=\"lowrank\"`, kept beside the cache: {} of K's {} coordinates, {} of the KV's "
                 "bytes, read besides the KV shown).")
-SKETCH = LOWRANK + " --score_sketch 128"  # the same, with a 1-bit sketch of what the basis misses
+SKETCH = LOWRANK + " --score_sketch 128 --sketch_estimate qjl"  # the same, with QJL's estimate from a 1-bit sketch
 SKETCH_NAME = (f"decode's selections made instead by each KV head at every step, scored from low-rank keys and a "
                f"sketch of what they miss (`{SKETCH}`)")
 SKETCH_NOTE = ("Decode's selections made by each KV head of each sparse layer at every step, scored from every "
@@ -80,6 +80,14 @@ SKETCH_NOTE = ("Decode's selections made by each KV head of each sparse layer at
                "128-bit sketch of the signs of what the basis misses (`score_sketch=128`, kept beside the cache: "
                "{} of K's {} coordinates, the length of the rest and 16 bytes, {} of the KV's bytes, read besides "
                "the KV shown).")
+SIMHASH = SKETCH + " --sketch_estimate simhash"  # the same sketch, read as SimHash's angle
+SIMHASH_NAME = (f"decode's selections made instead by each KV head at every step, scored from low-rank keys and the "
+                f"angle of what they miss from a sketch of its signs (`{SIMHASH}`)")
+SIMHASH_NOTE = ("The same rule and the same 128-bit sketch of the signs of what each key's basis misses as the "
+                "section before, read as SimHash's angle instead of QJL's estimate: |q_out| |k_out| "
+                "cos(pi h / 128), h the number of signs that differ between the query's sketch and the key's "
+                "(`sketch_estimate=\"simhash\"`: xor and popcount of the packed words, nothing unpacked; the same "
+                "{} of the KV's bytes read).")
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
 
 MEASUREMENTS = (
@@ -120,6 +128,15 @@ MEASUREMENTS = (
                 note=SKETCH_NOTE.format(16, 64, "16%") + " With a 64-bit sketch: 100% and 88% "
                      "(docs/eval_per_head_lowrank_sketch64_smollm2_30). Vanilla was run again in the folder; the "
                      "baselines' rows are read from the first defaults' section."),
+    Measurement("niah_smollm2_per_head_simhash",
+                "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing at every step from low-rank keys "
+                "and the angle of the rest",
+                "eval_per_head_lowrank_simhash128_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 f"{SIMHASH} --out docs/eval_per_head_lowrank_simhash128_smollm2_30",),
+                others="eval_adapters_smollm2_30", variant=SIMHASH_NAME,
+                note=SIMHASH_NOTE.format("16%") + " Vanilla was run again in the folder; the baselines' rows are "
+                     "read from the first defaults' section."),
     Measurement("niah_smollm2_per_head_pages",
                 "NIAH, smollm2-135m: the same 30 passkeys, each KV head choosing 16-token pages at every step",
                 "eval_per_head_pages16_smollm2_30", "eval",
@@ -190,13 +207,25 @@ MEASUREMENTS = (
                 "and a sketch of the rest",
                 "eval_per_head_lowrank_sketch128_gemma3_10", "eval",
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 --sketch_estimate qjl "
                  "--out docs/eval_per_head_lowrank_sketch128_gemma3_10",),
                 others="eval_gemma3_8k_headmax",
                 variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
                         "and a sketch of what they miss (`--selection kv_head --score_rank 64 --score_estimate "
-                        "lowrank --score_sketch 128`)",
+                        "lowrank --score_sketch 128 --sketch_estimate qjl`)",
                 note=SKETCH_NOTE.format(64, 256, "14%") + " Vanilla was run again in the folder."),
+    Measurement("niah_gemma3_per_head_simhash",
+                "NIAH, gemma3-270m: the same 10 passkeys, each KV head choosing at every step from low-rank keys "
+                "and the angle of the rest",
+                "eval_per_head_lowrank_simhash128_gemma3_10", "eval",
+                (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 --sketch_estimate "
+                 "simhash --out docs/eval_per_head_lowrank_simhash128_gemma3_10",),
+                others="eval_gemma3_8k_headmax",
+                variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
+                        "and the angle of what they miss from a sketch of its signs (`--selection kv_head "
+                        "--score_rank 64 --score_estimate lowrank --score_sketch 128 --sketch_estimate simhash`)",
+                note=SIMHASH_NOTE.format("14%") + " Vanilla was run again in the folder."),
     Measurement("niah_gemma3_first_defaults", "NIAH, gemma3-270m: the same 10 passkeys, the first defaults",
                 "eval_gemma3_8k_headmax", "eval",
                 (f"python -m eval.run --model gemma3-270m --adapters runs/gemma3_hm/export {NIAH_8K} --methods vanilla "
@@ -282,12 +311,12 @@ MEASUREMENTS = (
                 "and a sketch of the rest",
                 "eval_per_head_sketch128_ppl_gemma3_2k_8", "eval",
                 (f"python -m eval.run --model gemma3-270m {PPL2K} --methods vanilla hybrid --retention 0.5 "
-                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 128 --sketch_estimate qjl "
                  "--out docs/eval_per_head_sketch128_ppl_gemma3_2k_8",),
                 others="eval_gemma3_ppl_8docs",
                 variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
                         "and a sketch of what they miss (`--selection kv_head --score_rank 64 --score_estimate "
-                        "lowrank --score_sketch 128`)",
+                        "lowrank --score_sketch 128 --sketch_estimate qjl`)",
                 note=SKETCH_NOTE.format(64, 256, "14%") + " Vanilla was run again in the folder."),
     Measurement("ppl_gemma3_2k_8_first_defaults", "Perplexity, gemma3-270m, the same 8 texts, the first defaults",
                 "eval_gemma3_ppl_8docs", "eval",
@@ -663,10 +692,12 @@ def defaults_section() -> list[str]:
          "over a quarter of K's dimensions (which touch every cache line of K: all of K is read besides the KV "
          "shown) or from low-rank keys and a sketch of what they miss (`score_estimate=\"lowrank\", "
          "score_sketch=128`: a quarter of K's coordinates, the length of the rest and 128 bits of its signs, 14-16% "
-         "of the KV's bytes, kept and read besides the KV shown; with the bound in place of the sketch: the sections "
-         "below):", "",
-         "| check | budget | first defaults | today's defaults | per KV head, SparQ | per KV head, low-rank + sketch | "
-         "best baseline |",
+         "of the KV's bytes, kept and read besides the KV shown), read with QJL's estimate (`sketch_estimate="
+         "\"qjl\"`); the sketch's default reading, SimHash's angle, kept every needle of both NIAH checks too (its "
+         "sections below; its perplexity: docs/results.md, twenty-fourth session); with the bound in place of the "
+         "sketch: the sections below:", "",
+         "| check | budget | first defaults | today's defaults | per KV head, SparQ | per KV head, low-rank + sketch "
+         "(QJL) | best baseline |",
          "|---|---|---|---|---|---|---|"]
   for label, now, first, *per_head in DEFAULT_CHECKS:
     per_head = (list(per_head) + [None, None])[:2]

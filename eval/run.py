@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                       "misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple of 32; "
                       "default 0, the bound)")
   p.add_argument("--sketch_estimate", default=M.MethodSettings.sketch_estimate, choices=SKETCH_ESTIMATES,
-                 help="with --score_sketch: QJL's unbiased estimate from the query's projection (qjl) or the angle "
-                      "from the Hamming distance of both sides' signs (simhash) (ChunkConfig.sketch_estimate)")
+                 help="with --score_sketch: the angle from the Hamming distance of both sides' signs (simhash, the "
+                      "default) or QJL's unbiased estimate from the query's projection (qjl) "
+                      "(ChunkConfig.sketch_estimate)")
   p.add_argument("--page_len", type=int, default=None,
                  help="hybrid / oracle: select fixed pages of this many tokens instead of the Chunk Adapter's "
                       "chunks (ChunkConfig boundaries='fixed', max_chunk_len; default: the chunks)")
@@ -157,7 +158,7 @@ def _resolve(args) -> argparse.Namespace:
                             or args.score_sketch % SKETCH_WORD):
     raise UsageError(f"--score_sketch is a multiple of {SKETCH_WORD} bits for --score_estimate lowrank; got "
                      f"{args.score_sketch} with --score_estimate {args.score_estimate}")
-  if args.sketch_estimate != "qjl" and not args.score_sketch:
+  if args.sketch_estimate != M.MethodSettings.sketch_estimate and not args.score_sketch:
     raise UsageError(f"--sketch_estimate {args.sketch_estimate} scores the residual sketch: give --score_sketch too")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
@@ -229,6 +230,7 @@ def _fingerprint(args) -> dict:
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
+  fp["sketch_estimate"] = args.sketch_estimate if args.score_sketch else None  # it reads only a sketch
   return fp
 
 
@@ -264,7 +266,15 @@ def _same_setting(key: str, old, new) -> bool:
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
                 "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
-                "score_sketch": 0, "sketch_estimate": "qjl", "page_len": None}  # settings newer than some result folders: what those folders used
+                "score_sketch": 0, "page_len": None}  # settings newer than some result folders: what those folders used
+
+
+def _settings_of(run_config: dict) -> dict:
+  """A folder's recorded settings, with what the folders older than a setting used."""
+  old = {**_ADDED_LATER, **run_config}
+  if "sketch_estimate" not in run_config:  # before it was a setting, a sketch was read with QJL's estimate
+    old["sketch_estimate"] = "qjl" if old["score_sketch"] else None
+  return old
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:
@@ -273,7 +283,7 @@ def _check_fingerprint(out: Path, fp: dict) -> None:
   path = out / "run_config.json"
   if path.exists() and (out / "results.jsonl").exists():
     try:
-      old = {**_ADDED_LATER, **json.loads(path.read_text())}
+      old = _settings_of(json.loads(path.read_text()))
     except ValueError:
       raise UsageError(f"{path} is damaged, so the settings of {out / 'results.jsonl'} are unknown; use another "
                        "--out, or delete that results.jsonl") from None

@@ -162,7 +162,7 @@ def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
 
 @functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens", "sketch", "sketch_estimate"))
 def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16,
-                      basis_tokens: int = 256, sketch: int = 0, sketch_estimate: str = "qjl"):
+                      basis_tokens: int = 256, sketch: int = 0, sketch_estimate: str = sel.SKETCH_ESTIMATES[0]):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
   the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`), each unit's
   mean key (`centroid`), `rank` dimensions of every key (`sparq`), or every key's `rank` coordinates in
@@ -262,7 +262,7 @@ def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int
 
 
 def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16,
-                sketch: int = 0, sketch_estimate: str = "qjl"):
+                sketch: int = 0, sketch_estimate: str = sel.SKETCH_ESTIMATES[0]):
   x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix, sketch,
                               sketch_estimate)
   return _nll(params, x, tokens_T, prefix), mass
@@ -288,8 +288,8 @@ def main(argv=None) -> None:
   p.add_argument("--sketch", type=int, default=0, help="with `--scorer lowrank`: bits of a sketch of the signs of "
                  "what the basis misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple "
                  "of 32; 0: the bound)")
-  p.add_argument("--sketch_estimate", default="qjl", choices=sel.SKETCH_ESTIMATES,
-                 help="with `--sketch`: QJL's estimate or SimHash's angle (ChunkConfig.sketch_estimate)")
+  p.add_argument("--sketch_estimate", default=sel.SKETCH_ESTIMATES[0], choices=sel.SKETCH_ESTIMATES,
+                 help="with `--sketch`: SimHash's angle (default) or QJL's estimate (ChunkConfig.sketch_estimate)")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")
@@ -302,7 +302,7 @@ def main(argv=None) -> None:
   if args.sketch and (args.scorer != "lowrank" or args.sketch < 0 or args.sketch % sel.SKETCH_WORD):
     raise SystemExit(f"--sketch is a multiple of {sel.SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
                      f"with --scorer {args.scorer}")
-  if args.sketch_estimate != "qjl" and not args.sketch:
+  if args.sketch_estimate != sel.SKETCH_ESTIMATES[0] and not args.sketch:
     raise SystemExit(f"--sketch_estimate {args.sketch_estimate} scores the sketch: give --sketch too")
   families = [tuple(f.split("/")) for f in args.families]
   for f in families:

@@ -91,8 +91,8 @@ def test_adapters_for_another_model_are_refused(tmp_path):
     (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank", "--score-sketch", "64"],
      dict(selection="kv_head", score_rank=16, score_estimate="lowrank", score_sketch=64)),
     (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank", "--score-sketch", "64",
-      "--sketch-estimate", "simhash"],
-     dict(selection="kv_head", score_rank=16, score_estimate="lowrank", score_sketch=64, sketch_estimate="simhash")),
+      "--sketch-estimate", "qjl"],
+     dict(selection="kv_head", score_rank=16, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl")),
 ])
 def test_chunk_flags_reach_the_chunk_config(flags, want):
   from chunkllm_jax import cli

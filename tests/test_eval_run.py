@@ -155,6 +155,27 @@ def test_the_filler_text_is_fingerprinted_by_contents_not_path(tmp_path):
     eval_run._check_fingerprint(out, fp)
 
 
+@pytest.mark.parametrize("sketch, recorded, given, resumes", [
+    (128, None, "qjl", True),  # a folder from before the setting: its sketch was read with QJL's estimate
+    (128, None, "simhash", False),
+    (128, "simhash", "simhash", True),
+    (0, None, "simhash", True),  # no sketch: the estimate does not enter the result
+    (0, None, "qjl", True),
+])
+def test_the_sketch_estimate_is_fingerprinted_only_with_a_sketch(tmp_path, sketch, recorded, given, resumes):
+  out = tmp_path / "ev"
+  out.mkdir()
+  (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
+  old = {"model": "m", "score_sketch": sketch, **({"sketch_estimate": recorded} if recorded else {})}
+  (out / "run_config.json").write_text(json.dumps(old))
+  new = {"model": "m", "score_sketch": sketch, "sketch_estimate": given if sketch else None}
+  if resumes:
+    eval_run._check_fingerprint(out, new)
+  else:
+    with pytest.raises(eval_run.UsageError, match="other settings.*sketch_estimate"):
+      eval_run._check_fingerprint(out, new)
+
+
 def test_an_adapter_export_is_fingerprinted_by_contents_not_path(tmp_path):
   """Results of an export resume from another clone; retrained adapters in the same folder refuse."""
   def export(where, weights):

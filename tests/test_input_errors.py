@@ -387,8 +387,8 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
      r"--score_sketch is a multiple of 32 bits for --score_estimate lowrank; got 64 with --score_estimate sparq"),
     (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--score_sketch", "40"],
      r"--score_sketch is a multiple of 32 bits"),
-    (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--sketch_estimate", "simhash"],
-     r"--sketch_estimate simhash scores the residual sketch: give --score_sketch too"),
+    (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--sketch_estimate", "qjl"],
+     r"--sketch_estimate qjl scores the residual sketch: give --score_sketch too"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run

@@ -15,8 +15,8 @@ from tests.tiny_models import chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
 SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank"),  # exact, SparQ, low-rank keys
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64),  # and a sketch of what they miss,
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="simhash")]  # read by angle
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64),  # and a sketch of what they miss (its angle),
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl")]  # or QJL's estimate
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -238,7 +238,8 @@ def test_the_residual_sketch_packs_its_signs_and_its_estimate_is_unbiased():
   # The chunk mass it gives: logits of the coordinates plus this estimate, softmax, summed per chunk.
   ends = jnp.asarray([[99, 999, 2999]], jnp.int32)
   hi = jnp.full((B, K, 1, 1), N - 1)
-  got = sel.lowrank_chunk_mass(q[:, :, None], k_low, basis, hi, ends, n_sink=0, scale=0.2, k_sketch_BKwT=sketch)
+  got = sel.lowrank_chunk_mass(q[:, :, None], k_low, basis, hi, ends, n_sink=0, scale=0.2, k_sketch_BKwT=sketch,
+                               sketch_estimate="qjl")
   logits = (np.einsum("bkd,bkdr,bkrt->bkt", np.asarray(q[:, :, 0]), np.asarray(basis), np.asarray(k_low)[:, :, :r])
             + est) * 0.2
   p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -330,7 +331,7 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
     (dict(selection="kv_head", score_rank=4, score_sketch=64), "needs score_estimate='lowrank'"),
     (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="l2"),
      "sketch_estimate must be one of"),
-    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", sketch_estimate="simhash"), "give score_sketch"),
+    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", sketch_estimate="qjl"), "give score_sketch"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -107,7 +107,7 @@ def test_pages_cover_the_text_after_the_sinks():
     (["--scorer", "sparq", "--rank", "0"], "--rank must be at least 1"),
     (["--scorer", "sparq", "--sketch", "64"], "--sketch is a multiple of 32 bits for --scorer lowrank"),
     (["--scorer", "lowrank", "--sketch", "40"], "--sketch is a multiple of 32 bits"),
-    (["--scorer", "lowrank", "--sketch_estimate", "simhash"], "give --sketch too"),
+    (["--scorer", "lowrank", "--sketch_estimate", "qjl"], "give --sketch too"),
 ])
 def test_bad_arguments_stop_before_the_model_loads(argv, message):
   with pytest.raises(SystemExit, match=message):
