@@ -100,9 +100,9 @@ class ChunkConfig(ChunkRules):
   # (score_rank + 1) / head_dim of K's bytes, read and held).
   score_rank: int | None = None
   score_estimate: str = "sparq"
-  # With score_estimate="lowrank": bits of a 1-bit random sketch of what each key's basis misses (QJL's
-  # estimator, `residual_sketch`), kept beside the low-rank keys, in place of the bound on that part;
-  # 0: the bound. A multiple of 32 (one uint32 word holds 32); bits / 8 bytes a key.
+  # With score_estimate="lowrank": bits of a 1-bit random sketch of what each key's basis misses
+  # (`residual_sketch`, read as `sketch_estimate` says), kept beside the low-rank keys, in place of the
+  # bound on that part; 0: the bound. A multiple of 32 (one uint32 word holds 32); bits / 8 bytes a key.
   score_sketch: int = 0
   # How the sketch estimates that part of the logit: "simhash", |q_out| |k_out| cos(pi h / bits), h the
   # Hamming distance between the query's signs and the key's (Charikar's angle estimate: xor and
