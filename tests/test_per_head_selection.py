@@ -205,18 +205,23 @@ def test_lowrank_mass_is_exact_at_full_rank_a_bound_below_it_and_its_basis_finds
                              atol=1e-4)
 
 
+def _random_residuals(seed, B, K, N, Q, D, r):
+  """A random orthonormal basis [B, K, D, r], keys [B, K, N, D] and queries [B, K, Q, D], and what the
+  basis misses of each (numpy)."""
+  rng = np.random.default_rng(seed)
+  basis = jnp.asarray(np.linalg.qr(rng.normal(size=(B, K, D, r)))[0], jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, K, N, D)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(B, K, Q, D)), jnp.float32)
+  proj = np.asarray(basis) @ np.swapaxes(np.asarray(basis), -1, -2)
+  return basis, k, q, np.asarray(k) - np.asarray(k) @ proj, np.asarray(q) - np.asarray(q) @ proj
+
+
 def test_the_residual_sketch_packs_its_signs_and_its_estimate_is_unbiased():
   """QJL's estimate of what the basis misses of q . k: the packed words hold the signs of the projected
   residual, bit 32 w + i of the sketch in bit i of word w; over many keys the estimate's mean error
   is near 0, its spread shrinks as 1 / sqrt(bits), and at 1024 bits it ranks keys as the exact residual does."""
-  rng = np.random.default_rng(7)
   B, K, N, D, r = 1, 2, 3000, 32, 4
-  basis = jnp.asarray(np.linalg.qr(rng.normal(size=(B, K, D, r)))[0], jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, K, N, D)), jnp.float32)
-  q = jnp.asarray(rng.normal(size=(B, K, 1, D)), jnp.float32)
-  proj = np.asarray(basis) @ np.swapaxes(np.asarray(basis), -1, -2)
-  k_out = np.asarray(k) - np.asarray(k) @ proj
-  q_out = np.asarray(q) - np.asarray(q) @ proj
+  basis, k, q, k_out, q_out = _random_residuals(7, B, K, N, 1, D, r)
   true = np.einsum("bknd,bktd->bknt", q_out, k_out)[:, :, 0]
   spread = {}
   for bits in (64, 1024):
@@ -251,13 +256,8 @@ def test_the_residual_sketch_packs_its_signs_and_its_estimate_is_unbiased():
 def test_simhash_counts_the_differing_signs_and_its_angle_estimate_tightens_with_bits():
   """sketch_estimate="simhash": `hamming` is a loop's count of differing bits; |q_out| |k_out| cos(pi h / bits)
   tracks the residual's dot product, its error shrinking with the bits; the chunk mass uses it in the logits."""
-  rng = np.random.default_rng(11)
   B, K, N, D, r = 1, 2, 2000, 32, 4
-  basis = jnp.asarray(np.linalg.qr(rng.normal(size=(B, K, D, r)))[0], jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, K, N, D)), jnp.float32)
-  q = jnp.asarray(rng.normal(size=(B, K, 2, D)), jnp.float32)
-  proj = np.asarray(basis) @ np.swapaxes(np.asarray(basis), -1, -2)
-  k_out, q_out = np.asarray(k) - np.asarray(k) @ proj, np.asarray(q) - np.asarray(q) @ proj
+  basis, k, q, k_out, q_out = _random_residuals(11, B, K, N, 2, D, r)
   true = np.einsum("bknd,bktd->bknt", q_out, k_out)
   k_low = jnp.swapaxes(sel.lowrank_coords(k, basis), -1, -2)
   err = {}
