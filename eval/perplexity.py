@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +32,20 @@ from eval import niah
 
 
 _HEAD_PIECE = 256  # tokens per LM-head call in vanilla's log-probs: [B, 256, V] float32 logits
+PROGRESS_REPORTS = 10  # lines a chunk method's teacher-forced decode prints to stderr as it runs
+_started: dict[int, float] = {}  # the wall clock at each run's first report, by its number of steps
+
+
+def _report_progress(done, total: int):
+  """A progress line from inside the jitted decode (`jax.debug.callback`): one run is one long XLA
+  program (8 texts of 4K: most of an hour on 2 cores), and nothing else would show it is moving."""
+  done = int(done)
+  now = time.perf_counter()
+  if done == 0:
+    _started[total] = now
+  elapsed = now - _started.get(total, now)
+  eta = f", about {elapsed * (total - done) / done:.0f} s left" if done else ""
+  print(f"[perplexity] {done}/{total} tokens decoded, {elapsed:.0f} s{eta}", file=sys.stderr, flush=True)
 
 
 def _true_logprob(logits_BtV, target_Bt):
@@ -71,13 +87,18 @@ def _chunk_logprobs(params, tokens_BN, *, prefix: int, max_len: int, ccfg: Chunk
   logits, cache, st = chunk_prefill(params, tokens_BN[:, :prefix], jnp.full((B,), prefix, jnp.int32), max_len, ccfg)
   first = _true_logprob(logits, tokens_BN[:, prefix])
 
+  steps = max(N - prefix - 1, 1)
+  every = max(1, -(-steps // PROGRESS_REPORTS))
+
   def step(carry, io):
     cache, st = carry
-    logits, cache, st = chunk_decode_step(params, io[0], cache, st, ccfg)
-    return (cache, st), _true_logprob(logits, io[1])
+    i, token_B, target_B = io
+    jax.lax.cond(i % every == 0, lambda: jax.debug.callback(functools.partial(_report_progress, total=steps), i), lambda: None)
+    logits, cache, st = chunk_decode_step(params, token_B, cache, st, ccfg)
+    return (cache, st), _true_logprob(logits, target_B)
 
-  (_, st), rest = jax.lax.scan(step, (cache, st), (tokens_BN[:, prefix:N - 1].T, tokens_BN[:, prefix + 1:].T))
-  steps = max(N - prefix - 1, 1)
+  (_, st), rest = jax.lax.scan(step, (cache, st), (jnp.arange(N - prefix - 1), tokens_BN[:, prefix:N - 1].T,
+                                                   tokens_BN[:, prefix + 1:].T))
   stats = dict(kv_retention=st.retained / steps, n_chunks=st.n_chunks, n_selections=st.n_selections,
                chunk_overflow=st.overflow)
   return jnp.concatenate([first[:, None], rest.T], axis=1), stats

@@ -267,11 +267,15 @@ def test_vanilla_logprobs_match_the_forward_pass(params, n_tokens):
   np.testing.assert_allclose(logp, ref, atol=1e-4)
 
 
-def test_perplexity_is_exact_under_full_coverage(params):
-  """Teacher-forced log-probs: ChunkLLM covering every chunk equals vanilla within 1e-4 (float32)."""
+def test_perplexity_is_exact_under_full_coverage(params, capfd):
+  """Teacher-forced log-probs: ChunkLLM covering every chunk equals vanilla within 1e-4 (float32);
+  the decode reports its progress as it runs."""
   docs = rows([200, 200], seed=7)
   van, vs = P.token_logprobs("vanilla", params, docs, 48, None, SETTINGS)
   full, fs = P.token_logprobs("chunkllm", params, docs, 48, 1.0, SETTINGS)
+  reports = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[perplexity]")]
+  assert len(reports) == P.PROGRESS_REPORTS and reports[0].startswith("[perplexity] 0/151 tokens decoded")
+  assert reports[-1].startswith("[perplexity] 144/151 ")  # every 16th of the 151 steps
   assert van.shape == (2, 152) and np.isfinite(van).all()
   np.testing.assert_allclose(full, van, atol=1e-4)
   assert all(s["kv_retention"] == pytest.approx(1.0) for s in fs)
