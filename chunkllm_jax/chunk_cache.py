@@ -51,6 +51,12 @@ class ChunkState:
   key_basis: jnp.ndarray  # [L, B, H_kv, D, r] float32: each KV head's basis of its prompt keys
   key_low: jnp.ndarray  # [L, B, H_kv, r + 1, S]: every key's `lowrank_coords` in it (S = 0 before they are built)
   key_sketch: jnp.ndarray  # [L, B, H_kv, score_sketch // 32, S] uint32: every key's `residual_sketch`
+  # selection="kv_head" with head_refresh > 1 (else W = 0): each sparse layer's and KV head's read as the
+  # heads chose it last (`head_selection.head_slots`), and the steps since they chose (head_refresh: now).
+  head_pos: jnp.ndarray  # [L, B, H_kv, W] int32: the position each slot reads
+  head_ok: jnp.ndarray  # [L, B, H_kv, W] bool
+  head_used: jnp.ndarray  # [L, B, H_kv] int32: slots in use
+  head_age: jnp.ndarray  # [B] int32
 
   def replace(self, **kw) -> "ChunkState":
     return dataclasses.replace(self, **kw)
@@ -70,6 +76,7 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
   C = cfg.max_chunks
   Q = cfg.score_queries if cfg.scorer == "attention" else 0
   Qt = cfg.score_queries if cfg.scorer == "adapter" else 0
+  W_head = W if cfg.selection == "kv_head" and cfg.head_refresh > 1 else 0
   return ChunkState(
       recent_q=jnp.zeros((n_select, batch, Q, n_heads, head_dim), dtype),
       recent_qt=jnp.zeros((n_select, batch, Qt, d_c), jnp.float32),
@@ -83,7 +90,9 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
       n_selections=jnp.zeros((batch,), jnp.int32), retained=jnp.zeros((batch,), jnp.float32),
       overflow=jnp.zeros((batch,), bool), key_basis=jnp.zeros((n_layers, batch, n_kv, head_dim, 0), jnp.float32),
       key_low=jnp.zeros((n_layers, batch, n_kv, 0, 0), dtype),
-      key_sketch=jnp.zeros((n_layers, batch, n_kv, 0, 0), jnp.uint32))
+      key_sketch=jnp.zeros((n_layers, batch, n_kv, 0, 0), jnp.uint32),
+      head_pos=jnp.zeros((n_layers, batch, n_kv, W_head), jnp.int32), head_ok=jnp.zeros((n_layers, batch, n_kv, W_head), bool),
+      head_used=jnp.zeros((n_layers, batch, n_kv), jnp.int32), head_age=jnp.full((batch,), cfg.head_refresh, jnp.int32))
 
 
 def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:

@@ -489,11 +489,21 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                                      open_ok, scale=cfg.attn_scale, softcap=cfg.attn_softcap,
                                      blocks=attn.decode_blocks(st.work_k.shape[2], WORK_BLOCKS))
 
+    head_slots = ()  # with head_refresh > 1, each layer's slots go into the state for the steps after
     if ccfg.selection == "kv_head":
-      o, read_BK = jax.lax.cond(
-          sparse_L[idx], lambda: head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
-                                                blocks=attn.decode_blocks(W, WORK_BLOCKS)),
-          lambda: (dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32)))
+      keeps = ccfg.head_refresh > 1
+
+      def per_head():
+        o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
+                                           blocks=attn.decode_blocks(W, WORK_BLOCKS), choose_now=choose_now)
+        return o, read_BK, slots if keeps else ()
+
+      def dense_layer():
+        kept = tuple(jax.lax.dynamic_index_in_dim(x, idx, 0, keepdims=False)
+                     for x in (st.head_pos, st.head_ok, st.head_used))
+        return dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32), kept if keeps else ()
+
+      o, read_BK, head_slots = jax.lax.cond(sparse_L[idx], per_head, dense_layer)
       reads_B = reads_B + read_BK.mean(-1)
     else:
       o = jax.lax.cond(sparse_L[idx], sparse, dense)
@@ -502,7 +512,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                             lambda: (jnp.zeros((B, d_c), jnp.float32),) * 2)
     else:
       qt = kt = jnp.zeros((B, 0), jnp.float32)
-    return o, (kb, vb, p_B, reads_B), (q[:, 0], qt, kt, k[:, 0, :, :n_new_key])
+    return o, (kb, vb, p_B, reads_B), (q[:, 0], qt, kt, k[:, 0, :, :n_new_key], head_slots)
 
   def output_fn(state, layer, x, ys):  # the Chunk Adapter reads layer 0's output
     kb, vb, p_B, reads_B = state
@@ -511,7 +521,10 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
   x0 = model.embed(params, tokens_B[:, None])
   p0 = jnp.zeros((B,), jax.eval_shape(lambda h: _boundary_probs(params, h), x0).dtype)
-  x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd, k_LBKD) = model.run_layers(
+  # With head_refresh > 1 the heads choose (batch-wide) where any row's last choice is head_refresh steps
+  # old or a chunk closed since; the first step after a prompt always chooses (`init_chunk_state`).
+  choose_now = jnp.any(st.head_age >= ccfg.head_refresh)
+  x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd, k_LBKD, head_LBKW) = model.run_layers(
       params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, p0, jnp.zeros((B,), jnp.float32)), output_fn)
   logits = model.unembed(params, x)[:, 0]
   cache = KVCache(k=k, v=v, length=pos_B + 1)
@@ -522,8 +535,10 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     visible = reads_B / max(int(np.sum(plan.sparse)), 1)
     score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate,
                                    ccfg.score_sketch)
+    chose = choose_now if ccfg.head_refresh > 1 else True
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
-                    read_slots=st.read_slots + visible + score_share * seen, n_selections=st.n_selections + 1)
+                    read_slots=st.read_slots + visible + jnp.where(chose, score_share * seen, 0.0),
+                    n_selections=st.n_selections + chose)
   else:
     w0 = st.work_valid & (st.work_pos <= pos_B[:, None])
     visible = jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
@@ -540,8 +555,12 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   sel = np.asarray(plan.selection_layers)
   st = _remember_queries(st, q_LBHD[sel], qt_LBd[sel], pos_B)
 
-  if ccfg.selection == "kv_head":  # the heads choose at every step: the chunk table is all a boundary changes
+  if ccfg.selection == "kv_head":  # the heads choose at their own steps: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
+    if ccfg.head_refresh > 1:  # a closed chunk left the open window: the next step chooses again
+      age = jnp.where(choose_now, 1, st.head_age + 1)
+      st = st.replace(head_pos=head_LBKW[0], head_ok=head_LBKW[1], head_used=head_LBKW[2],
+                      head_age=jnp.where(closes, ccfg.head_refresh, age).astype(jnp.int32))
     if ccfg.keeps_low_rank_keys:  # this token's key in each layer's basis, for the steps after it to score
       low, sketch = new_low_rank_keys(k_LBKD[:, :, :, None], st.key_basis, ccfg.score_sketch)  # L B K 1 (r+1 | w)
       rows = jnp.arange(B)

@@ -82,18 +82,29 @@ def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):
 
 
 def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,
-                   *, W: int, blocks: tuple[int, ...]):
-  """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K]).
+                   *, W: int, blocks: tuple[int, ...], choose_now=True):
+  """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K],
+  the slots it read: positions and validity [B, K, W], slots used [B, K]).
 
   `open_kv`: the open chunk's (keys, values [B, M, K, D], visible [B, M]), as the shared rule reads it.
-  The heads are folded as rows of their own ([B * K] rows of one KV head each), so a block of each
-  head's slots is one gather from the stacked buffer and one plain matmul (`attention.fold_packed`)."""
+  With `head_refresh` > 1 the heads choose where `choose_now` (a traced bool) is set, and otherwise read
+  the slots of their last choice (`ChunkState.head_pos`). The heads are folded as rows of their own
+  ([B * K] rows of one KV head each), so a block of each head's slots is one gather from the stacked
+  buffer and one plain matmul (`attention.fold_packed`)."""
   L, B, S, K, D = k_LBSKD.shape
   if L * B * S * K >= 2**31:  # the gather's flat int32 row index into the stacked buffer
     raise ValueError(f"selection='kv_head' indexes the KV buffer's {L * B * S * K} rows (layers x batch x slots x "
                      "KV heads) with int32: use a smaller batch or max_len (at most 2**31 - 1 rows)")
-  picked = head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B)
-  pos_BKW, ok_BKW, used_BK = head_slots(ccfg, st, picked, pos_B, W)
+
+  def choose():
+    return head_slots(ccfg, st, head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B), pos_B, W)
+
+  if ccfg.head_refresh == 1:
+    slots = choose()
+  else:
+    slots = jax.lax.cond(choose_now, choose, lambda: tuple(
+        jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (st.head_pos, st.head_ok, st.head_used)))
+  pos_BKW, ok_BKW, used_BK = slots
   q = attn.split_heads(q_B1HD, K)  # B K G 1 D
   q = q.reshape(B * K, 1, *q.shape[2:])
   per_head = lambda x: jnp.swapaxes(x, 1, 2).reshape(B * K, x.shape[1], 1, D)  # [B, M, K, D] -> [BK, M, 1, D]
@@ -116,4 +127,4 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
                                   softcap=cfg.attn_softcap)
   o = attn.fold_finish(carry)[0].reshape(B, K, *carry.acc.shape[2:])
   n_read = jnp.sum(ok_BKW, -1) + jnp.sum(open_ok, -1)[:, None]
-  return attn.merge_heads(o).astype(q_B1HD.dtype), n_read.astype(jnp.float32)
+  return attn.merge_heads(o).astype(q_B1HD.dtype), n_read.astype(jnp.float32), slots

@@ -111,6 +111,10 @@ class ChunkConfig(ChunkRules):
   # default: the same needles as QJL on both models, perplexity 0.06 and 0.18 points above QJL's (smollm2,
   # gemma3), its score several times cheaper (docs/results.md, twenty-fourth session).
   sketch_estimate: str = SKETCH_ESTIMATES[0]
+  # With selection="kv_head": the heads choose every `head_refresh` steps, and at the step after a chunk
+  # closes (the chunk table changed); the steps between read the slots chosen last (the open chunk is
+  # read fresh at every step). 1: every step. Fewer choices make fewer scores and layouts of the read.
+  head_refresh: int = 1
   attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
@@ -203,6 +207,10 @@ class ChunkConfig(ChunkRules):
     if self.score_sketch and self.score_estimate != "lowrank":
       raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
                        "(with selection='kv_head' and score_rank)")
+    if not isinstance(self.head_refresh, int) or isinstance(self.head_refresh, bool) or self.head_refresh < 1:
+      raise ValueError(f"head_refresh must be an int >= 1 (steps between the heads' choices), got {self.head_refresh!r}")
+    if self.head_refresh != 1 and self.selection != "kv_head":
+      raise ValueError("head_refresh sets how often each KV head chooses: it needs selection='kv_head'")
     if self.selection == "kv_head" and self.attention == "pallas":
       raise ValueError("selection='kv_head' has no Pallas kernel yet; use attention='xla'")
     if self.refresh_every < 0:

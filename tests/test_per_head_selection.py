@@ -16,7 +16,8 @@ from tests.tiny_models import chunk_params, prompts
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
 SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank"),  # exact, SparQ, low-rank keys
           dict(score_rank=4, score_estimate="lowrank", score_sketch=64),  # and a sketch of what they miss (its angle),
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl")]  # or QJL's estimate
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl"),  # or QJL's estimate,
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, head_refresh=3)]  # choosing every 3rd step
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -41,7 +42,11 @@ def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, sc
   per_head = chunk_generate(params, rows, selection="kv_head", **score, **kw)
   kept = per_head.stats["kv_retention"]
   assert (kept <= budget + 8 / 100).all() and (kept >= budget - 8 / 100).all(), kept  # within a chunk
-  assert (per_head.stats["n_selections"] == 30).all()  # one choice a step
+  chose = per_head.stats["n_selections"] - 1  # the prompt's selection, then 29 decode steps
+  if score.get("head_refresh", 1) == 1:
+    assert (chose == 29).all()  # one choice a step
+  else:  # every 3rd step, and the step after each of the 3 or 4 chunks either row closes in 29 steps
+    assert (chose >= 10).all() and (chose <= 10 + 8).all(), chose
   # The bytes count the scores' reads of K: all of it (the tiny model's 16-dim float32 key is one cache
   # line), or the low-rank keys (4 of 16 coordinates a key and what the basis misses) and their sketch
   # (64 bits: 8 bytes a key, of the 128 its float32 key and value hold).
@@ -49,7 +54,7 @@ def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, sc
   n_sparse = params.config.n_layers - 1  # layer 0 is dense
   scored = 5 / (2 * params.config.head_dim) if score.get("score_estimate") == "lowrank" else 0.5
   scored += 8 / (2 * params.config.head_dim * 4) if score.get("score_sketch") else 0.0
-  want = (n_sparse * (kept + scored) + 1) / params.config.n_layers
+  want = (n_sparse * (kept + scored * chose / 29) + 1) / params.config.n_layers  # the scores read where heads chose
   np.testing.assert_allclose(share, want, atol=0.03)
   assert budget > 0.4 or (share < 1).all()
 
@@ -99,8 +104,8 @@ def test_the_gathered_read_is_the_masked_read():
     k_open, open_at = cg._recent(cache.k, 1, st.open_start, 8)
     v_open, _ = cg._recent(cache.v, 1, st.open_start, 8)
     open_ok = (open_at >= st.open_start[:, None]) & (open_at <= pos[:, None])
-    got, n_read = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos, (k_open, v_open, open_ok), W=W,
-                                    blocks=(32, 8))
+    got, n_read, _ = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos, (k_open, v_open, open_ok), W=W,
+                                       blocks=(32, 8))
     mask = np.zeros((2, cfg.n_kv_heads, 256), bool)
     for b in range(2):
       for h in range(cfg.n_kv_heads):
@@ -122,6 +127,75 @@ def test_the_gathered_read_is_the_masked_read():
     assert (np.asarray(n_read) < np.asarray(lengths)[:, None]).all()
     if budget < 0.2:
       assert not all(mask[0, 0, e] for e in np.asarray(st.chunk_end)[0, :int(st.n_chunks[0])])
+
+
+def test_between_choices_the_heads_read_their_last_choice():
+  """With head_refresh, a step that does not choose reads the slots kept in the state (the masked
+  read under them, not under a fresh choice); a step that chooses returns its fresh slots."""
+  from chunkllm_jax import attention as attn
+  from chunkllm_jax import chunk_generation as cg
+  from chunkllm_jax import head_selection as hs
+  params = chunk_params()
+  cfg = params.config
+  tokens = jnp.asarray(prompts([120, 120], seed=6), jnp.int32)
+  lengths = jnp.asarray([120, 97], jnp.int32)
+  ccfg = ChunkConfig(selection="kv_head", kv_budget=0.3, max_chunk_len=8, n_local=1, boundaries="fixed",
+                     head_refresh=4).validate(256, cfg.n_layers)
+  ccfg = cg.resolved(params, ccfg)
+  _, cache, st = chunk_prefill(params, tokens, lengths, 256, ccfg)
+  W = st.work_pos.shape[-1]
+  assert st.head_pos.shape == (cfg.n_layers, 2, cfg.n_kv_heads, W) and (np.asarray(st.head_age) == 4).all()
+  rng = np.random.default_rng(1)
+  q, q_old = (jnp.asarray(rng.normal(size=(2, 1, cfg.n_heads, cfg.head_dim)), jnp.float32) for _ in range(2))
+  pos = cache.length - 1
+  fresh = hs.head_slots(ccfg, st, hs.head_choice(cfg, ccfg, st, q, cache.k, 1, pos), pos, W)
+  old = hs.head_slots(ccfg, st, hs.head_choice(cfg, ccfg, st, q_old, cache.k, 1, pos), pos, W)
+  assert (np.asarray(fresh[0]) != np.asarray(old[0])).any()  # the two queries choose differently
+  st = st.replace(head_pos=st.head_pos.at[1].set(old[0]), head_ok=st.head_ok.at[1].set(old[1]),
+                  head_used=st.head_used.at[1].set(old[2]))
+  k_open, open_at = cg._recent(cache.k, 1, st.open_start, 8)
+  v_open, _ = cg._recent(cache.v, 1, st.open_start, 8)
+  open_ok = (open_at >= st.open_start[:, None]) & (open_at <= pos[:, None])
+  outs = {}
+  for choose_now in (True, False):
+    outs[choose_now] = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos, (k_open, v_open, open_ok), W=W,
+                                         blocks=(32, 8), choose_now=jnp.asarray(choose_now))
+  for choose_now, slots in ((True, fresh), (False, old)):
+    got, n_read, read = outs[choose_now]
+    for a, b in zip(read, slots):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mask = np.zeros((2, cfg.n_kv_heads, 256), bool)
+    for b in range(2):
+      for h in range(cfg.n_kv_heads):
+        mask[b, h, np.asarray(slots[0])[b, h][np.asarray(slots[1])[b, h]]] = True
+        mask[b, h, int(st.open_start[b]):int(pos[b]) + 1] = True
+    want = attn.attend(q, cache.k[1], cache.v[1], jnp.asarray(mask)[:, :, None], scale=cfg.attn_scale)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(n_read), mask.sum(-1))
+  assert np.abs(np.asarray(outs[True][0]) - np.asarray(outs[False][0])).max() > 1e-4
+
+
+@pytest.mark.parametrize("refresh", [2, 5])
+def test_the_heads_choose_every_head_refresh_steps_and_after_each_chunk_closes(refresh):
+  """The decode loop's schedule against a simulation: a step chooses (batch-wide) where any row's last
+  choice is `head_refresh` steps old or a chunk closed at the step before; the first step chooses."""
+  params = chunk_params()
+  tokens = jnp.asarray(prompts([60, 60], seed=3), jnp.int32)
+  lengths = jnp.asarray([60, 53], jnp.int32)
+  ccfg = ChunkConfig(selection="kv_head", kv_budget=0.5, max_chunk_len=8, n_local=1, boundaries="fixed",
+                     head_refresh=refresh).validate(128, params.config.n_layers)
+  logits, cache, st = chunk_prefill(params, tokens, lengths, 128, ccfg)
+  age, chose = np.full(2, refresh), np.array(st.n_selections)  # the prompt's own selection counts one
+  for _ in range(20):
+    n_before = np.asarray(st.n_chunks)
+    logits, cache, st = chunk_decode_step(params, jnp.argmax(logits, -1).astype(jnp.int32), cache, st, ccfg)
+    now = bool((age >= refresh).any())
+    chose += now
+    closed = np.asarray(st.n_chunks) > n_before
+    age = np.where(closed, refresh, 1 if now else age + 1)
+    np.testing.assert_array_equal(np.asarray(st.head_age), age)
+    np.testing.assert_array_equal(np.asarray(st.n_selections), chose)
+  assert (20 / refresh <= chose - 1).all() and (chose - 1 < 20).all()
 
 
 def _loop_sparq(q, k, hi, ends, n_sink, scale, rank):
@@ -332,6 +406,8 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
     (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="l2"),
      "sketch_estimate must be one of"),
     (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", sketch_estimate="qjl"), "give score_sketch"),
+    (dict(selection="kv_head", head_refresh=0), "head_refresh must be an int >= 1"),
+    (dict(head_refresh=4), "head_refresh sets how often each KV head chooses: it needs selection='kv_head'"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
