@@ -149,7 +149,11 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
     st = jax.block_until_ready(synthetic_state(params, cache, jax.random.key(7), L, ccfg))
     step = functools.partial(cg.chunk_decode_step, ccfg=ccfg)
     chunk, chunk_compile_s = aot(step, params, tok, cache, st, donate=(2, 3))
-    t_dense, t_plain, t_bound, ret_plain, ret_bound, slots = [], [], [], [], [], []
+    # With head_refresh = N > 1 the heads choose at the step after each boundary and every N steps: of a
+    # chunk's 29 plain steps ceil(29 / N) choose (timed with the state's age set to N) and the rest read
+    # the last choice (age set to 1); the boundary step is timed choosing, an upper bound.
+    refresh = ccfg.head_refresh if ccfg.selection == "kv_head" else 1
+    t_dense, t_plain, t_reuse, t_bound, ret_plain, ret_bound, slots = [], [], [], [], [], [], []
     for r in range(rounds):
       s = L + CHUNK * r  # the open chunk starts here
       order = ("dense", "chunk") if r % 2 == 0 else ("chunk", "dense")
@@ -158,21 +162,30 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
           (_, cache), t = timed(dense, params, tok, cache.replace(length=pos(s + CHUNK // 2 - 1)))
           t_dense.append(t)
           continue
-        for p, ts, rets in ((s + CHUNK // 2 - 1, t_plain, ret_plain), (s + CHUNK - 1, t_bound, ret_bound)):
+        steps = [(s + CHUNK // 2 - 1, t_plain, ret_plain, refresh), (s + CHUNK - 1, t_bound, ret_bound, refresh)]
+        if refresh > 1:
+          steps.insert(1, (s + CHUNK // 2, t_reuse, [], 1))
+        for p, ts, rets, age in steps:
           before = (float(st.retained[0]), float(st.read_slots[0]), int(st.n_chunks[0]))
+          st = st.replace(head_age=jnp.full_like(st.head_age, age))
           (_, cache, st), t = timed(chunk, params, tok, cache.replace(length=pos(p)), st)
           ts.append(t)
           rets.append(float(st.retained[0]) - before[0])
-          slots.append(float(st.read_slots[0]) - before[1])
+          if ts is not t_reuse:  # the bytes count the choosing steps' score reads: an upper bound
+            slots.append(float(st.read_slots[0]) - before[1])
           closed = int(st.n_chunks[0]) - before[2]
           assert closed == (1 if ts is t_bound else 0), f"expected a boundary only on the 30th token, got {closed}"
     plain, bound, d = statistics.median(t_plain), statistics.median(t_bound), statistics.median(t_dense)
+    n_choose = -(-(CHUNK - 1) // refresh)
+    if refresh > 1:  # the plain steps' mean: choosing and reusing ones in their proportion
+      plain = (plain * n_choose + statistics.median(t_reuse) * (CHUNK - 1 - n_choose)) / (CHUNK - 1)
     amort = plain * (CHUNK - 1) / CHUNK + bound / CHUNK
     retention = np.mean(ret_plain) * (CHUNK - 1) / CHUNK + np.mean(ret_bound) / CHUNK
     nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
     row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
                selection=ccfg.selection, score_rank=ccfg.score_rank, score_estimate=ccfg.score_estimate,
-               score_sketch=ccfg.score_sketch, sketch_estimate=ccfg.sketch_estimate,
+               score_sketch=ccfg.score_sketch, sketch_estimate=ccfg.sketch_estimate, head_refresh=refresh,
+               chunk_reuse_steps=t_reuse,
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
                decode_tok_s_chunk=1 / amort, decode_tok_s_dense=1 / d, decode_speedup=d / amort,
@@ -434,6 +447,7 @@ def main():
   ap.add_argument("--score_sketch", type=int, default=0, help="ChunkConfig.score_sketch, with --score_estimate lowrank")
   ap.add_argument("--sketch_estimate", default="simhash", choices=["simhash", "qjl"],
                   help="ChunkConfig.sketch_estimate, with --score_sketch")
+  ap.add_argument("--head_refresh", type=int, default=1, help="ChunkConfig.head_refresh, with --selection kv_head")
   args = ap.parse_args()
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
@@ -469,7 +483,7 @@ def main():
       decode_rows += bench_decode(params, L, args.ratios, args.rounds,
                                   dict(selection=args.selection, score_rank=args.score_rank,
                                        score_estimate=args.score_estimate, score_sketch=args.score_sketch,
-                                       sketch_estimate=args.sketch_estimate))
+                                       sketch_estimate=args.sketch_estimate, head_refresh=args.head_refresh))
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)

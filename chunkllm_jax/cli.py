@@ -67,13 +67,16 @@ def _chunk_flags(p) -> None:
   p.add_argument("--sketch-estimate", choices=["simhash", "qjl"], default=None,
                  help="with --score-sketch: the angle from the Hamming distance of both sides' signs (default) or "
                       "QJL's estimate from the query's projection (qjl)")
+  p.add_argument("--head-refresh", type=int, default=None,
+                 help="with --selection kv_head: the heads choose every N steps and after each chunk closes "
+                      "(default 1: every step)")
 
 
 def _chunk_settings(args) -> dict:
   given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
                n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens,
                selection=args.selection, score_rank=args.score_rank, score_estimate=args.score_estimate,
-               score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate)
+               score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate, head_refresh=args.head_refresh)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget

@@ -74,6 +74,7 @@ class MethodSettings:
   score_estimate: str = ChunkConfig.score_estimate  # with score_rank: "sparq" or "lowrank"
   score_sketch: int = 0  # with score_estimate="lowrank": bits of the residual sketch (0: the bound)
   sketch_estimate: str = ChunkConfig.sketch_estimate  # with score_sketch: "simhash" or "qjl"
+  head_refresh: int = ChunkConfig.head_refresh  # with selection="kv_head": steps between the heads' choices
   page_len: int | None = None  # hybrid / oracle: fixed pages of this many tokens instead of the Chunk Adapter's
   #                              chunks (boundaries="fixed"); None: the chunks
   batch_size: int = 4  # prompts per batch, taken in order of length
@@ -273,7 +274,8 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   shape = dict(recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens,
                boundary_tokens=None if settings.boundary_tokens else False, selection=settings.selection,
                score_rank=settings.score_rank, score_estimate=settings.score_estimate,
-               score_sketch=settings.score_sketch, sketch_estimate=settings.sketch_estimate)
+               score_sketch=settings.score_sketch, sketch_estimate=settings.sketch_estimate,
+               head_refresh=settings.head_refresh)
   if settings.page_len:  # the same rules over fixed pages (Quest's unit) instead of the Chunk Adapter's chunks
     shape.update(boundaries="fixed", max_chunk_len=settings.page_len)
   if method == "chunkllm":  # the QK Adapters make every selection (the paper's rule)
@@ -369,7 +371,8 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
               boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode,
               n_separator_ids=len(ccfg.separator_ids), selection=ccfg.selection, score_rank=ccfg.score_rank,
               score_estimate=ccfg.score_estimate, score_sketch=ccfg.score_sketch,
-              sketch_estimate=ccfg.sketch_estimate if ccfg.score_sketch else None)
+              sketch_estimate=ccfg.sketch_estimate if ccfg.score_sketch else None,
+              head_refresh=ccfg.head_refresh if ccfg.selection == "kv_head" else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="with --score_sketch: the angle from the Hamming distance of both sides' signs (simhash, the "
                       "default) or QJL's unbiased estimate from the query's projection (qjl) "
                       "(ChunkConfig.sketch_estimate)")
+  p.add_argument("--head_refresh", type=int, default=M.MethodSettings.head_refresh,
+                 help="with --selection kv_head: the heads choose every N steps and after each chunk closes, and "
+                      "read their last choice between (ChunkConfig.head_refresh; default 1, every step)")
   p.add_argument("--page_len", type=int, default=None,
                  help="hybrid / oracle: select fixed pages of this many tokens instead of the Chunk Adapter's "
                       "chunks (ChunkConfig boundaries='fixed', max_chunk_len; default: the chunks)")
@@ -160,6 +163,9 @@ def _resolve(args) -> argparse.Namespace:
                      f"{args.score_sketch} with --score_estimate {args.score_estimate}")
   if args.sketch_estimate != M.MethodSettings.sketch_estimate and not args.score_sketch:
     raise UsageError(f"--sketch_estimate {args.sketch_estimate} scores the residual sketch: give --score_sketch too")
+  if args.head_refresh < 1 or (args.head_refresh != 1 and args.selection != "kv_head"):
+    raise UsageError(f"--head_refresh is a count of steps (>= 1) between the choices of --selection kv_head; got "
+                     f"{args.head_refresh} with --selection {args.selection}")
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -226,7 +232,7 @@ def _fingerprint(args) -> dict:
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
           "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate",
-          "score_sketch", "sketch_estimate", "page_len"]
+          "score_sketch", "sketch_estimate", "head_refresh", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
@@ -266,7 +272,7 @@ def _same_setting(key: str, old, new) -> bool:
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
                 "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
-                "score_sketch": 0, "page_len": None}  # settings newer than some result folders: what those folders used
+                "score_sketch": 0, "head_refresh": 1, "page_len": None}  # settings newer than some result folders: what those folders used
 
 
 def _settings_of(run_config: dict) -> dict:
@@ -437,7 +443,7 @@ def run(args, model=None, params=None) -> Path:
                             kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
                             score_rank=args.score_rank, score_estimate=args.score_estimate,
                             score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate,
-                            page_len=args.page_len,
+                            head_refresh=args.head_refresh, page_len=args.page_len,
                             selection_layers=None if args.selection_layers is None else tuple(args.selection_layers))
   print(f"[{args.model}: loaded in {time.perf_counter() - t0:.1f}s; methods {' '.join(args.methods)}; "
         f"retention {' '.join(f'{r:g}' for r in args.retention)}; {len(settings.separator_ids)} separator tokens]",

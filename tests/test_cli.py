@@ -93,6 +93,7 @@ def test_adapters_for_another_model_are_refused(tmp_path):
     (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank", "--score-sketch", "64",
       "--sketch-estimate", "qjl"],
      dict(selection="kv_head", score_rank=16, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl")),
+    (["--selection", "kv_head", "--head-refresh", "4"], dict(selection="kv_head", head_refresh=4)),
 ])
 def test_chunk_flags_reach_the_chunk_config(flags, want):
   from chunkllm_jax import cli

@@ -171,9 +171,10 @@ def test_recent_share_and_boundary_tokens_reach_the_densely_read_methods_only(re
 
 def test_the_per_head_selection_reaches_the_densely_read_methods_only():
   s = M.MethodSettings(separator_ids=SEPS, selection="kv_head", score_rank=16, score_estimate="lowrank",
-                       score_sketch=64, sketch_estimate="qjl")
+                       score_sketch=64, sketch_estimate="qjl", head_refresh=4)
   for method in ("hybrid", "oracle"):
     cfg = M.base_config(method, s)
+    assert cfg.head_refresh == M.config_summary(cfg)["head_refresh"] == 4
     assert (cfg.selection, cfg.score_rank, cfg.score_estimate, cfg.score_sketch) == ("kv_head", 16, "lowrank", 64)
     assert cfg.sketch_estimate == M.config_summary(cfg)["sketch_estimate"] == "qjl"
     assert (M.config_summary(cfg)["score_estimate"], M.config_summary(cfg)["score_sketch"]) == ("lowrank", 64)

@@ -389,6 +389,8 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
      r"--score_sketch is a multiple of 32 bits"),
     (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--sketch_estimate", "qjl"],
      r"--sketch_estimate qjl scores the residual sketch: give --score_sketch too"),
+    (["--head_refresh", "4"], r"--head_refresh is a count of steps \(>= 1\) between the choices of --selection kv_head"),
+    (["--selection", "kv_head", "--head_refresh", "0"], r"--head_refresh is a count of steps"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run
