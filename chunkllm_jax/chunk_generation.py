@@ -40,7 +40,7 @@ from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, choose_at, comp
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
-from chunkllm_jax.head_selection import head_attention, low_rank_keys, new_low_rank_keys
+from chunkllm_jax.head_selection import head_attention, kept_slots, low_rank_keys, new_low_rank_keys
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
                                    score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
@@ -499,9 +499,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
         return o, read_BK, slots if keeps else ()
 
       def dense_layer():
-        kept = tuple(jax.lax.dynamic_index_in_dim(x, idx, 0, keepdims=False)
-                     for x in (st.head_pos, st.head_ok, st.head_used))
-        return dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32), kept if keeps else ()
+        return dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32), kept_slots(st, idx) if keeps else ()
 
       o, read_BK, head_slots = jax.lax.cond(sparse_L[idx], per_head, dense_layer)
       reads_B = reads_B + read_BK.mean(-1)

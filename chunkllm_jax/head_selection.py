@@ -19,6 +19,10 @@ A step, per sparse layer:
      order, then the last tokens of the chunks left out that the budget has room for), and attends
      the open chunk and those slots, gathering each block of slots from the stacked buffer as the
      fold reaches it (`attention.decode_over_blocks`): nothing is copied but the blocks read.
+
+With `head_refresh` = N > 1 the heads make steps 1-3 every N steps and at the step after a chunk
+closes; the steps between read the slots of their last choice (`ChunkState.head_pos`, `kept_slots`)
+and the open chunk as it grows.
 """
 
 from __future__ import annotations
@@ -81,6 +85,11 @@ def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):
   return pos, valid & (pos <= pos_B[:, None, None]), used
 
 
+def kept_slots(st: ChunkState, layer):
+  """The slots `layer`'s heads chose last (head_refresh > 1): positions and validity [B, K, W], used [B, K]."""
+  return tuple(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (st.head_pos, st.head_ok, st.head_used))
+
+
 def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,
                    *, W: int, blocks: tuple[int, ...], choose_now=True):
   """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K],
@@ -102,8 +111,7 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
   if ccfg.head_refresh == 1:
     slots = choose()
   else:
-    slots = jax.lax.cond(choose_now, choose, lambda: tuple(
-        jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (st.head_pos, st.head_ok, st.head_used)))
+    slots = jax.lax.cond(choose_now, choose, lambda: kept_slots(st, layer))
   pos_BKW, ok_BKW, used_BK = slots
   q = attn.split_heads(q_B1HD, K)  # B K G 1 D
   q = q.reshape(B * K, 1, *q.shape[2:])
