@@ -459,6 +459,14 @@ MEASUREMENTS = (
                  f"hybrid --retention 0.5 0.25 {SKETCH} --out docs/eval_per_head_sketch128_longbench_smollm2",),
                 others="eval_longbench_smollm2", variant=SKETCH_NAME,
                 note=SKETCH_NOTE.format(16, 64, "16%") + " Vanilla was run again in the folder."),
+    Measurement("longbench_smollm2_per_head_simhash",
+                "LongBench-format, smollm2-135m: the same mini_kv_qa prompts, each KV head choosing at every step "
+                "from low-rank keys and the angle of the rest",
+                "eval_per_head_simhash128_longbench_smollm2", "eval",
+                ("python -m eval.run --model smollm2-135m --suites longbench --tasks mini_kv_qa --methods vanilla "
+                 f"hybrid --retention 0.5 0.25 {SIMHASH} --out docs/eval_per_head_simhash128_longbench_smollm2",),
+                others="eval_longbench_smollm2", variant=SIMHASH_NAME,
+                note=SIMHASH_NOTE.format("16%") + " Vanilla was run again in the folder."),
     Measurement("longbench_smollm2_first_defaults",
                 "LongBench-format, smollm2-135m: the same mini_kv_qa prompts, the first defaults",
                 "eval_longbench_smollm2", "eval",
@@ -482,6 +490,14 @@ MEASUREMENTS = (
                  f"{SKETCH} --out docs/eval_per_head_sketch128_short_smollm2",),
                 variant=SKETCH_NAME,
                 note=SKETCH_NOTE.format(16, 64, "16%") + " Vanilla was run again in the folder."),
+    Measurement("short_smollm2_per_head_simhash",
+                "Short-text identity, smollm2-135m, each KV head choosing at every step from low-rank keys and the "
+                "angle of the rest",
+                "eval_per_head_simhash128_short_smollm2", "eval",
+                ("python -m eval.run --model smollm2-135m --suites short --methods vanilla hybrid "
+                 f"{SIMHASH} --out docs/eval_per_head_simhash128_short_smollm2",),
+                variant=SIMHASH_NAME,
+                note=SIMHASH_NOTE.format("16%") + " Vanilla was run again in the folder."),
     Measurement("short_smollm2_first_defaults", "Short-text identity, smollm2-135m, the first defaults",
                 "eval_short_smollm2", "eval",
                 ("python -m eval.run --model smollm2-135m --suites short --methods vanilla chunkllm hybrid "

@@ -16,12 +16,11 @@ from tests.tiny_models import chunk_params, prompts
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
 SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank"),  # exact, SparQ, low-rank keys
           dict(score_rank=4, score_estimate="lowrank", score_sketch=64),  # and a sketch of what they miss (its angle),
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl"),  # or QJL's estimate,
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, head_refresh=3)]  # choosing every 3rd step
+          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl")]  # or QJL's estimate
+REFRESH = dict(score_rank=4, score_estimate="lowrank", score_sketch=64, head_refresh=3)  # choosing every 3rd step
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("arch, score", [(a, s) for a in ("llama", "gemma3") for s in SCORES] + [("llama", REFRESH)])
 def test_a_full_budget_is_generate(arch, score):
   params = chunk_params(arch)
   rows = prompts([40, 23], seed=5)
@@ -32,8 +31,7 @@ def test_a_full_budget_is_generate(arch, score):
   assert np.allclose(out.stats["kv_retention"], 1.0)
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.25])
-@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("budget, score", [(b, s) for s in SCORES for b in (0.5, 0.25)] + [(0.25, REFRESH)])
 def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, score):
   params = chunk_params()
   rows = prompts([120, 100], seed=1)
