@@ -91,8 +91,9 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
       overflow=jnp.zeros((batch,), bool), key_basis=jnp.zeros((n_layers, batch, n_kv, head_dim, 0), jnp.float32),
       key_low=jnp.zeros((n_layers, batch, n_kv, 0, 0), dtype),
       key_sketch=jnp.zeros((n_layers, batch, n_kv, 0, 0), jnp.uint32),
-      head_pos=jnp.zeros((n_layers, batch, n_kv, W_head), jnp.int32), head_ok=jnp.zeros((n_layers, batch, n_kv, W_head), bool),
-      head_used=jnp.zeros((n_layers, batch, n_kv), jnp.int32), head_age=jnp.full((batch,), cfg.head_refresh, jnp.int32))
+      head_pos=jnp.zeros((n_layers, batch, n_kv, W_head), jnp.int32),
+      head_ok=jnp.zeros((n_layers, batch, n_kv, W_head), bool), head_used=jnp.zeros((n_layers, batch, n_kv), jnp.int32),
+      head_age=jnp.full((batch,), cfg.head_refresh, jnp.int32))  # the first step chooses
 
 
 def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:

@@ -87,7 +87,8 @@ def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):
 
 def kept_slots(st: ChunkState, layer):
   """The slots `layer`'s heads chose last (head_refresh > 1): positions and validity [B, K, W], used [B, K]."""
-  return tuple(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (st.head_pos, st.head_ok, st.head_used))
+  return tuple(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+               for x in (st.head_pos, st.head_ok, st.head_used))
 
 
 def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,

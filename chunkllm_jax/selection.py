@@ -208,7 +208,8 @@ class ChunkConfig(ChunkRules):
       raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
                        "(with selection='kv_head' and score_rank)")
     if not isinstance(self.head_refresh, int) or isinstance(self.head_refresh, bool) or self.head_refresh < 1:
-      raise ValueError(f"head_refresh must be an int >= 1 (steps between the heads' choices), got {self.head_refresh!r}")
+      raise ValueError(f"head_refresh must be an int >= 1 (steps between the heads' choices), "
+                       f"got {self.head_refresh!r}")
     if self.head_refresh != 1 and self.selection != "kv_head":
       raise ValueError("head_refresh sets how often each KV head chooses: it needs selection='kv_head'")
     if self.selection == "kv_head" and self.attention == "pallas":

@@ -93,7 +93,8 @@ def _chunk_logprobs(params, tokens_BN, *, prefix: int, max_len: int, ccfg: Chunk
   def step(carry, io):
     cache, st = carry
     i, token_B, target_B = io
-    jax.lax.cond(i % every == 0, lambda: jax.debug.callback(functools.partial(_report_progress, total=steps), i), lambda: None)
+    report = functools.partial(_report_progress, total=steps)
+    jax.lax.cond(i % every == 0, lambda: jax.debug.callback(report, i), lambda: None)
     logits, cache, st = chunk_decode_step(params, token_B, cache, st, ccfg)
     return (cache, st), _true_logprob(logits, target_B)
 
