@@ -76,7 +76,7 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
   C = cfg.max_chunks
   Q = cfg.score_queries if cfg.scorer == "attention" else 0
   Qt = cfg.score_queries if cfg.scorer == "adapter" else 0
-  W_head = W if cfg.selection == "kv_head" and cfg.head_refresh > 1 else 0
+  W_head = W if cfg.keeps_head_choice else 0
   return ChunkState(
       recent_q=jnp.zeros((n_select, batch, Q, n_heads, head_dim), dtype),
       recent_qt=jnp.zeros((n_select, batch, Qt, d_c), jnp.float32),

@@ -491,15 +491,13 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
     head_slots = ()  # with head_refresh > 1, each layer's slots go into the state for the steps after
     if ccfg.selection == "kv_head":
-      keeps = ccfg.head_refresh > 1
-
       def per_head():
         o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
                                            blocks=attn.decode_blocks(W, WORK_BLOCKS), choose_now=choose_now)
-        return o, read_BK, slots if keeps else ()
+        return o, read_BK, slots if ccfg.keeps_head_choice else ()
 
       def dense_layer():
-        return dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32), kept_slots(st, idx) if keeps else ()
+        return dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32), kept_slots(st, idx) if ccfg.keeps_head_choice else ()
 
       o, read_BK, head_slots = jax.lax.cond(sparse_L[idx], per_head, dense_layer)
       reads_B = reads_B + read_BK.mean(-1)
@@ -533,7 +531,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     visible = reads_B / max(int(np.sum(plan.sparse)), 1)
     score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate,
                                    ccfg.score_sketch)
-    chose = choose_now if ccfg.head_refresh > 1 else True
+    chose = choose_now if ccfg.keeps_head_choice else True
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                     read_slots=st.read_slots + visible + jnp.where(chose, score_share * seen, 0.0),
                     n_selections=st.n_selections + chose)
@@ -555,7 +553,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
   if ccfg.selection == "kv_head":  # the heads choose at their own steps: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
-    if ccfg.head_refresh > 1:  # a closed chunk left the open window: the next step chooses again
+    if ccfg.keeps_head_choice:  # a closed chunk left the open window: the next step chooses again
       age = jnp.where(choose_now, 1, st.head_age + 1)
       st = st.replace(head_pos=head_LBKW[0], head_ok=head_LBKW[1], head_used=head_LBKW[2],
                       head_age=jnp.where(closes, ccfg.head_refresh, age).astype(jnp.int32))

@@ -109,10 +109,10 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
   def choose():
     return head_slots(ccfg, st, head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B), pos_B, W)
 
-  if ccfg.head_refresh == 1:
-    slots = choose()
-  else:
+  if ccfg.keeps_head_choice:
     slots = jax.lax.cond(choose_now, choose, lambda: kept_slots(st, layer))
+  else:
+    slots = choose()
   pos_BKW, ok_BKW, used_BK = slots
   q = attn.split_heads(q_B1HD, K)  # B K G 1 D
   q = q.reshape(B * K, 1, *q.shape[2:])

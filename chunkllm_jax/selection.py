@@ -286,6 +286,11 @@ class ChunkConfig(ChunkRules):
     return self.budgeted and self.keep == "chunk" and self.prefill_mode == "dense"
 
   @property
+  def keeps_head_choice(self) -> bool:
+    """Whether decode keeps each KV head's last choice in the state (the per-head rule with head_refresh > 1)."""
+    return self.selection == "kv_head" and self.head_refresh > 1
+
+  @property
   def keeps_low_rank_keys(self) -> bool:
     """Whether decode keeps every key's low-rank coordinates beside the cache (the per-head rule's
     score_estimate="lowrank")."""
