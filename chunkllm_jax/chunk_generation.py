@@ -41,8 +41,8 @@ from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_p
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention, kept_slots, low_rank_keys, new_low_rank_keys
-from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
-                                   score_read_share, vote_scores)
+from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, key_chunks,
+                                   mass_by_segments, score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -493,7 +493,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     if ccfg.selection == "kv_head":
       def per_head():
         o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
-                                           blocks=attn.decode_blocks(W, WORK_BLOCKS), choose_now=choose_now)
+                                           blocks=attn.decode_blocks(W, WORK_BLOCKS), choose_now=choose_now,
+                                           key_chunk_BS=key_chunk_BS)
         return o, read_BK, slots if ccfg.keeps_head_choice else ()
 
       def dense_layer():
@@ -520,6 +521,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   # With head_refresh > 1 the heads choose (batch-wide) where any row's last choice is head_refresh steps
   # old or a chunk closed since; the first step after a prompt always chooses (`init_chunk_state`).
   choose_now = jnp.any(st.head_age >= ccfg.head_refresh)
+  key_chunk_BS = None  # the chunk of every key, for the estimated scores' segment sums: once for every layer
+  if ccfg.selection == "kv_head" and ccfg.score_rank is not None and mass_by_segments():
+    key_chunk_BS = key_chunks(st.chunk_end, cache.max_len, ccfg.n_sink)
   x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd, k_LBKD, head_LBKW) = model.run_layers(
       params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, p0, jnp.zeros((B,), jnp.float32)), output_fn)
   logits = model.unembed(params, x)[:, 0]

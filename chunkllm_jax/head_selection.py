@@ -36,8 +36,9 @@ from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, lowrank_
                                    residual_sketch, sparq_chunk_mass)
 
 
-def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B):
-  """The candidates each KV head of `layer` keeps at `pos_B`: [B, K, C] bool (steps 1 and 2)."""
+def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS=None):
+  """The candidates each KV head of `layer` keeps at `pos_B`: [B, K, C] bool (steps 1 and 2). `key_chunk_BS`:
+  `selection.key_chunks` of the state's table, made once per step for every layer (estimated scores)."""
   K = k_LBSKD.shape[3]
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
@@ -50,10 +51,10 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
     mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[layer], hi, st.chunk_end, n_sink=ccfg.n_sink,
                               scale=cfg.attn_scale, layer=layer,
                               k_sketch_BKwT=st.key_sketch if ccfg.score_sketch else None,
-                              sketch_estimate=ccfg.sketch_estimate)
+                              sketch_estimate=ccfg.sketch_estimate, key_chunk_BT=key_chunk_BS)
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
-                            rank=ccfg.score_rank, layer=layer)
+                            rank=ccfg.score_rank, layer=layer, key_chunk_BT=key_chunk_BS)
   return choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
 
 
@@ -92,22 +93,22 @@ def kept_slots(st: ChunkState, layer):
 
 
 def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,
-                   *, W: int, blocks: tuple[int, ...], choose_now=True):
+                   *, W: int, blocks: tuple[int, ...], choose_now=True, key_chunk_BS=None):
   """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K],
   the slots it read: positions and validity [B, K, W], slots used [B, K]).
 
   `open_kv`: the open chunk's (keys, values [B, M, K, D], visible [B, M]), as the shared rule reads it.
   With `head_refresh` > 1 the heads choose where `choose_now` (a traced bool) is set, and otherwise read
-  the slots of their last choice (`ChunkState.head_pos`). The heads are folded as rows of their own
-  ([B * K] rows of one KV head each), so a block of each head's slots is one gather from the stacked
-  buffer and one plain matmul (`attention.fold_packed`)."""
+  the slots of their last choice (`ChunkState.head_pos`). `key_chunk_BS`: as `head_choice`'s. The heads
+  are folded as rows of their own ([B * K] rows of one KV head each), so a block of each head's slots is
+  one gather from the stacked buffer and one plain matmul (`attention.fold_packed`)."""
   L, B, S, K, D = k_LBSKD.shape
   if L * B * S * K >= 2**31:  # the gather's flat int32 row index into the stacked buffer
     raise ValueError(f"selection='kv_head' indexes the KV buffer's {L * B * S * K} rows (layers x batch x slots x "
                      "KV heads) with int32: use a smaller batch or max_len (at most 2**31 - 1 rows)")
 
   def choose():
-    return head_slots(ccfg, st, head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B), pos_B, W)
+    return head_slots(ccfg, st, head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS), pos_B, W)
 
   if ccfg.keeps_head_choice:
     slots = jax.lax.cond(choose_now, choose, lambda: kept_slots(st, layer))

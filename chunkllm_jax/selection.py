@@ -431,7 +431,8 @@ def score_read_share(head_dim: int, itemsize: int, rank: int | None, estimate: s
   return 0.5 * key_read_share(head_dim, itemsize, rank)
 
 
-def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, rank: int, layer=None):
+def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, rank: int, layer=None,
+                     key_chunk_BT=None):
   """SparQ's estimate of `chunk_mass` from `rank` of K's dimensions: per KV head and query, the
   dimensions where the query heads that read it are largest in |q| summed (one slice of K serves the
   group); each head's logits over those dimensions at SparQ's temperature (`scale` over the square
@@ -439,7 +440,7 @@ def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: f
   each chunk (0 for chunks ending before n_sink or past the keys). float32 [B, K, G, Q, C].
   With one query and `layer` (decode: `k_BTKD` is the stacked buffer) only those dimensions of K are
   read; otherwise the others are zeroed in q. The soft cap is not applied: the estimate ranks chunks,
-  and the cap keeps the order of logits."""
+  and the cap keeps the order of logits. `key_chunk_BT`: `key_chunks` of the table, where the caller has it."""
   q = q_BKGQD.astype(jnp.float32)
   B, K, G, Q, D = q.shape
   T = k_BTKD.shape[-3]
@@ -459,19 +460,51 @@ def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: f
     q_r = jnp.where((strength_BKQD >= kth)[:, :, None], q, 0.0)
     temp = scale / jnp.sqrt(jnp.maximum(jnp.abs(q_r).sum(-1) / total, 1e-6))
     s = jnp.einsum("bkgqd,btkd->bkgqt", q_r, k_BTKD.astype(jnp.float32)) * temp[..., None]
-  return _mass_of_logits(s, hi_BKGQ, ends_BC, n_sink)
+  return _mass_of_logits(s, hi_BKGQ, ends_BC, n_sink, key_chunk_BT)
 
 
-def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int):
+def mass_by_segments() -> bool:
+  """Whether `_mass_of_logits` sums each chunk's keys by a segment sum (on the CPU, where the running sum
+  over the keys took 3x as long: 3.1 ms against 1.0 ms for 9 rows of 32K keys) rather than as a
+  difference of a running sum at the chunk ends (accelerators, whose scatter-adds serialise or race)."""
+  return jax.default_backend() == "cpu"
+
+
+def key_chunks(ends_BC, n_keys: int, n_sink: int):
+  """The completed chunk each of `n_keys` keys lies in, from the table of chunk ends (contiguous from
+  `n_sink`, -1 where empty): [B, T] int32, C (the table's size) for a key in none (a sink, or past the
+  last end). A mark after each end and a running count of them; a decode step makes it once for
+  every layer (`_mass_of_logits`)."""
+  B, C = ends_BC.shape
+  after = jnp.where(ends_BC >= 0, jnp.minimum(ends_BC + 1, n_keys), n_keys)
+  marks = jnp.zeros((B, n_keys + 1), jnp.int32).at[jnp.arange(B)[:, None], after].add(1)
+  chunk = jnp.cumsum(marks[:, :n_keys], -1)
+  t = jnp.arange(n_keys)
+  return jnp.where((t >= n_sink) & (chunk < jnp.sum(ends_BC >= 0, -1)[:, None]), chunk, C)
+
+
+def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int, key_chunk_BT=None, by_segments: bool | None = None):
   """Each query's softmax of estimated logits over the keys [n_sink, hi], summed within each chunk (0 for
-  chunks ending before n_sink or past the keys; a query with no key gives zeros). [B, K, G, Q, C]."""
-  T = s_BKGQT.shape[-1]
+  chunks ending before n_sink or past the keys; a query with no key gives zeros). [B, K, G, Q, C].
+  `by_segments` (default `mass_by_segments()`): a segment sum over the keys' chunks (`key_chunk_BT`, from
+  `key_chunks` where not given), else a running sum read at the chunk ends."""
+  T, C = s_BKGQT.shape[-1], ends_BC.shape[-1]
   t = jnp.arange(T)
   ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s_BKGQT.shape[:-1])[..., None])
-  p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s_BKGQT, -jnp.inf), -1), 0.0)
-  cum = jax.lax.associative_scan(jnp.add, p, axis=-1)  # on the CPU 2x faster than cumsum at 32K keys
-  at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
-  mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
+  top = jnp.max(jnp.where(ok, s_BKGQT, -jnp.inf), -1, keepdims=True)
+  e = jnp.where(ok, jnp.exp(s_BKGQT - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  total = jnp.sum(e, -1, keepdims=True)  # the softmax's denominator: divided once per chunk, not per key
+  if mass_by_segments() if by_segments is None else by_segments:
+    if key_chunk_BT is None:
+      key_chunk_BT = key_chunks(ends_BC, T, n_sink)
+    in_chunks = lambda e_T, chunk_T: jax.ops.segment_sum(e_T, chunk_T, num_segments=C + 1, indices_are_sorted=True)
+    rows = e.reshape(e.shape[0], -1, T)
+    mass = jax.vmap(jax.vmap(in_chunks, (0, None)))(rows, key_chunk_BT)[..., :C].reshape(*e.shape[:-1], C)
+  else:
+    cum = jax.lax.associative_scan(jnp.add, e, axis=-1)  # on the CPU 2x faster than cumsum at 32K keys
+    at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
+    mass = at_end - jnp.pad(at_end[..., :-1], [(0, 0)] * 4 + [(1, 0)])
+  mass = mass / jnp.where(total > 0, total, 1.0)
   return jnp.where(((ends_BC >= n_sink) & (ends_BC < T))[:, None, None, None, :], mass, 0.0)
 
 
@@ -549,8 +582,17 @@ def sketch_dot(x_BKNm, words_BKwT):
   return jnp.moveaxis(out, 0, 3).reshape(*x_BKNm.shape[:3], n * SKETCH_BLOCK)[..., :T]
 
 
+def cos_pi(u):
+  """cos(pi u) for u in [0, 1], as -sin(z), z = pi (u - 1/2), by its Taylor polynomial to z^11 (within 2e-7
+  of cos in float32): multiplies and adds only. XLA's CPU cos took 3.4 ms for one sparse layer's 9 x 32K SimHash angles,
+  about as long as the rest of the score together; the polynomial 0.4 ms."""
+  z = math.pi * (u - 0.5)
+  z2 = z * z
+  return -z * (1 - z2 / 6 * (1 - z2 / 20 * (1 - z2 / 42 * (1 - z2 / 72 * (1 - z2 / 110)))))
+
+
 def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_sink: int, scale: float, layer=None,
-                       k_sketch_BKwT=None, sketch_estimate: str = SKETCH_ESTIMATES[0]):
+                       k_sketch_BKwT=None, sketch_estimate: str = SKETCH_ESTIMATES[0], key_chunk_BT=None):
   """`chunk_mass` estimated from the keys' `lowrank_coords` (Loki's low-rank keys, with the length of
   what the basis misses), laid out [B, K, rank + 1, T] (each coordinate contiguous over the
   positions, so the scores are one plain matmul per KV head: [B, T, K, rank] ran 5x slower on the
@@ -562,7 +604,8 @@ def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_s
   from the sketch (`ChunkConfig.sketch_estimate`): "simhash", |q_out| |k_out| cos(pi h / bits) from
   the Hamming distance h of both sides' signs, or "qjl", QJL's unbiased sqrt(pi / 2) / bits |k_out|
   (S q_out) . sign(S k_out); the error of both shrinks as 1 / sqrt(bits). Softmax over the keys
-  [n_sink, hi], summed within each chunk. float32 [B, K, G, Q, C]."""
+  [n_sink, hi], summed within each chunk (`key_chunk_BT`: `key_chunks` of the table, where the caller has
+  it). float32 [B, K, G, Q, C]."""
   if layer is not None:
     k_low_BKcT = jax.lax.dynamic_index_in_dim(k_low_BKcT, layer, 0, keepdims=False)
     if k_sketch_BKwT is not None:
@@ -579,12 +622,12 @@ def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_s
     k_out = k_low[:, :, None, r]  # [B, K, 1, T]
     if sketch_estimate == "simhash":
       h = hamming(_pack_signs(missed, bits), k_sketch_BKwT)
-      residual = jnp.linalg.norm(missed, axis=-1, keepdims=True) * k_out * jnp.cos(h * (math.pi / bits))
+      residual = jnp.linalg.norm(missed, axis=-1, keepdims=True) * k_out * cos_pi(h * (1.0 / bits))
     else:
       residual = sketch_dot(missed @ sketch_matrix(D, bits), k_sketch_BKwT) * (math.sqrt(math.pi / 2) / bits) * k_out
     s = jnp.einsum("bkgqc,bkct->bkgqt", coords.reshape(B, K, G, Q, r), k_low[:, :, :r]) + residual.reshape(
         B, K, G, Q, -1)
-  return _mass_of_logits(s * scale, hi_BKGQ, ends_BC, n_sink)
+  return _mass_of_logits(s * scale, hi_BKGQ, ends_BC, n_sink, key_chunk_BT)
 
 
 def attention_probs(q_BRHD, k_BTKD, chunk_end_BC, n_cand_BR, *, n_sink: int, scale: float,

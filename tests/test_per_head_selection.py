@@ -220,6 +220,43 @@ def _loop_sparq(q, k, hi, ends, n_sink, scale, rank):
   return out
 
 
+@pytest.mark.parametrize("by_segments", [True, False])
+def test_the_mass_of_logits_is_a_loops_softmax_summed_per_chunk(by_segments):
+  """Both ways of summing each chunk's keys (a segment sum over `key_chunks`, the CPU's; a running sum read
+  at the chunk ends, the accelerators') give a loop's: the softmax over [n_sink, hi] (keys past the last end
+  count in it, in no chunk), 0 for an empty slot, a chunk ending before the sinks or past the keys, and a
+  query with no key."""
+  rng = np.random.default_rng(5)
+  B, K, G, Q, T, n_sink = 2, 2, 2, 3, 30, 3
+  s = rng.normal(size=(B, K, G, Q, T)).astype(np.float32) * 3
+  ends = np.array([[1, 6, 10, 17, 25, -1, -1], [4, 9, 12, 20, 28, 33, -1]], np.int32)
+  hi = np.broadcast_to(np.array([[17, 29, 2], [28, 14, 29]])[:, None, None, :], (B, K, G, Q))
+  chunk = np.asarray(sel.key_chunks(jnp.asarray(ends), T, n_sink))
+  want = np.zeros((B, K, G, Q, ends.shape[1]), np.float32)
+  for b in range(B):
+    for t in range(T):  # the chunk a key lies in: the first whose end is at or after it, past the sinks
+      in_chunk = [c for c, e in enumerate(ends[b]) if e >= t and e >= 0]
+      assert chunk[b, t] == (in_chunk[0] if t >= n_sink and in_chunk else ends.shape[1])
+    for i in np.ndindex(K, G, Q):
+      keys = np.arange(n_sink, hi[(b,) + i] + 1)
+      if not len(keys):
+        continue
+      p = np.exp(s[(b,) + i][keys] - s[(b,) + i][keys].max())
+      p /= p.sum()
+      start = 0
+      for c, e in enumerate(ends[b]):
+        if e >= n_sink and e < T:
+          want[(b,) + i + (c,)] = p[(keys >= start) & (keys <= e)].sum()
+        start = e + 1 if e >= 0 else start
+  got = sel._mass_of_logits(jnp.asarray(s), jnp.asarray(hi), jnp.asarray(ends), n_sink, by_segments=by_segments)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+
+
+def test_cos_pi_is_cos_within_float32():
+  u = np.linspace(0, 1, 4097, dtype=np.float32)
+  np.testing.assert_allclose(np.asarray(sel.cos_pi(jnp.asarray(u))), np.cos(np.pi * u.astype(np.float64)), atol=3e-7)
+
+
 @pytest.mark.parametrize("rank", [2, 5])
 def test_sparq_mass_matches_a_loop_and_is_the_exact_mass_at_full_rank(rank):
   rng = np.random.default_rng(rank)
