@@ -105,6 +105,15 @@ def chunk_ids(closes_BT, valid_BT, n_sink: int):
   return jnp.where((jnp.arange(T) >= n_sink) & valid_BT, before, NO_CHUNK).astype(jnp.int32)
 
 
+def chunk_ids_from_ends(ends_BC, n_keys: int, n_sink: int):
+  """`chunk_ids` of `n_keys` positions from a chunk table's ends (-1 where empty): the keys after the
+  last end are the open chunk's (id n_chunks). Decode makes it once a step for every layer's scores."""
+  B = ends_BC.shape[0]
+  at = jnp.where(ends_BC >= 0, ends_BC, n_keys)  # empty rows: out of range, dropped
+  closes = jnp.zeros((B, n_keys), bool).at[jnp.arange(B)[:, None], at].set(True, mode="drop")
+  return chunk_ids(closes, jnp.ones((B, n_keys), bool), n_sink)
+
+
 def completed_chunk_ends(closes_BT, max_chunks: int):
   """Chunk j's boundary position, -1 where it does not exist: [B, C]; and the completed chunks [B]
   (at most C: a table that is full drops the later chunks)."""

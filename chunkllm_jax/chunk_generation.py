@@ -41,7 +41,7 @@ from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_p
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention, kept_slots, low_rank_keys, new_low_rank_keys
-from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, key_chunks,
+from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
                                    mass_by_segments, score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
@@ -523,7 +523,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   choose_now = jnp.any(st.head_age >= ccfg.head_refresh)
   key_chunk_BS = None  # the chunk of every key, for the estimated scores' segment sums: once for every layer
   if ccfg.selection == "kv_head" and ccfg.score_rank is not None and mass_by_segments():
-    key_chunk_BS = key_chunks(st.chunk_end, cache.max_len, ccfg.n_sink)
+    key_chunk_BS = boundaries.chunk_ids_from_ends(st.chunk_end, cache.max_len, ccfg.n_sink)
   x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd, k_LBKD, head_LBKW) = model.run_layers(
       params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, p0, jnp.zeros((B,), jnp.float32)), output_fn)
   logits = model.unembed(params, x)[:, 0]

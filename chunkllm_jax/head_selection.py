@@ -38,7 +38,8 @@ from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, lowrank_
 
 def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS=None):
   """The candidates each KV head of `layer` keeps at `pos_B`: [B, K, C] bool (steps 1 and 2). `key_chunk_BS`:
-  `selection.key_chunks` of the state's table, made once per step for every layer (estimated scores)."""
+  `boundaries.chunk_ids_from_ends` of the state's table, made once a step for every layer (estimated
+  scores: a segment sum per chunk, `selection.mass_by_segments`)."""
   K = k_LBSKD.shape[3]
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]

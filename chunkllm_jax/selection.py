@@ -440,7 +440,7 @@ def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: f
   each chunk (0 for chunks ending before n_sink or past the keys). float32 [B, K, G, Q, C].
   With one query and `layer` (decode: `k_BTKD` is the stacked buffer) only those dimensions of K are
   read; otherwise the others are zeroed in q. The soft cap is not applied: the estimate ranks chunks,
-  and the cap keeps the order of logits. `key_chunk_BT`: `key_chunks` of the table, where the caller has it."""
+  and the cap keeps the order of logits. `key_chunk_BT`: as `_mass_of_logits`'s."""
   q = q_BKGQD.astype(jnp.float32)
   B, K, G, Q, D = q.shape
   T = k_BTKD.shape[-3]
@@ -464,42 +464,29 @@ def sparq_chunk_mass(q_BKGQD, k_BTKD, hi_BKGQ, ends_BC, *, n_sink: int, scale: f
 
 
 def mass_by_segments() -> bool:
-  """Whether `_mass_of_logits` sums each chunk's keys by a segment sum (on the CPU, where the running sum
-  over the keys took 3x as long: 3.1 ms against 1.0 ms for 9 rows of 32K keys) rather than as a
-  difference of a running sum at the chunk ends (accelerators, whose scatter-adds serialise or race)."""
+  """Whether decode sums each chunk's keys by a segment sum over their chunk ids (`_mass_of_logits` given
+  `key_chunk_BT`: on the CPU, where the running sum over the keys took 3x as long, 3.1 ms against 1.0 ms
+  for 9 rows of 32K keys) rather than as a difference of a running sum at the chunk ends (accelerators,
+  whose scatter-adds serialise or race)."""
   return jax.default_backend() == "cpu"
 
 
-def key_chunks(ends_BC, n_keys: int, n_sink: int):
-  """The completed chunk each of `n_keys` keys lies in, from the table of chunk ends (contiguous from
-  `n_sink`, -1 where empty): [B, T] int32, C (the table's size) for a key in none (a sink, or past the
-  last end). A mark after each end and a running count of them; a decode step makes it once for
-  every layer (`_mass_of_logits`)."""
-  B, C = ends_BC.shape
-  after = jnp.where(ends_BC >= 0, jnp.minimum(ends_BC + 1, n_keys), n_keys)
-  marks = jnp.zeros((B, n_keys + 1), jnp.int32).at[jnp.arange(B)[:, None], after].add(1)
-  chunk = jnp.cumsum(marks[:, :n_keys], -1)
-  t = jnp.arange(n_keys)
-  return jnp.where((t >= n_sink) & (chunk < jnp.sum(ends_BC >= 0, -1)[:, None]), chunk, C)
-
-
-def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int, key_chunk_BT=None, by_segments: bool | None = None):
+def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int, key_chunk_BT=None):
   """Each query's softmax of estimated logits over the keys [n_sink, hi], summed within each chunk (0 for
   chunks ending before n_sink or past the keys; a query with no key gives zeros). [B, K, G, Q, C].
-  `by_segments` (default `mass_by_segments()`): a segment sum over the keys' chunks (`key_chunk_BT`, from
-  `key_chunks` where not given), else a running sum read at the chunk ends."""
+  With `key_chunk_BT` (`boundaries.chunk_ids_from_ends` of the table) a segment sum over the keys' chunk
+  ids, else a running sum read at the chunk ends."""
   T, C = s_BKGQT.shape[-1], ends_BC.shape[-1]
   t = jnp.arange(T)
   ok = (t >= n_sink) & (t <= jnp.broadcast_to(hi_BKGQ, s_BKGQT.shape[:-1])[..., None])
   top = jnp.max(jnp.where(ok, s_BKGQT, -jnp.inf), -1, keepdims=True)
   e = jnp.where(ok, jnp.exp(s_BKGQT - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
   total = jnp.sum(e, -1, keepdims=True)  # the softmax's denominator: divided once per chunk, not per key
-  if mass_by_segments() if by_segments is None else by_segments:
-    if key_chunk_BT is None:
-      key_chunk_BT = key_chunks(ends_BC, T, n_sink)
-    in_chunks = lambda e_T, chunk_T: jax.ops.segment_sum(e_T, chunk_T, num_segments=C + 1, indices_are_sorted=True)
+  if key_chunk_BT is not None:
+    segment = jnp.where(key_chunk_BT >= 0, key_chunk_BT, C)  # sinks into the dropped segment C
+    in_chunks = lambda e_T, seg_T: jax.ops.segment_sum(e_T, seg_T, num_segments=C + 1, indices_are_sorted=False)
     rows = e.reshape(e.shape[0], -1, T)
-    mass = jax.vmap(jax.vmap(in_chunks, (0, None)))(rows, key_chunk_BT)[..., :C].reshape(*e.shape[:-1], C)
+    mass = jax.vmap(jax.vmap(in_chunks, (0, None)))(rows, segment)[..., :C].reshape(*e.shape[:-1], C)
   else:
     cum = jax.lax.associative_scan(jnp.add, e, axis=-1)  # a parallel prefix sum
     at_end = jnp.take_along_axis(cum, jnp.clip(ends_BC, 0, T - 1)[:, None, None, None, :], -1)
@@ -607,8 +594,7 @@ def lowrank_chunk_mass(q_BKGQD, k_low_BKcT, basis_BKDr, hi_BKGQ, ends_BC, *, n_s
   from the sketch (`ChunkConfig.sketch_estimate`): "simhash", |q_out| |k_out| cos(pi h / bits) from
   the Hamming distance h of both sides' signs, or "qjl", QJL's unbiased sqrt(pi / 2) / bits |k_out|
   (S q_out) . sign(S k_out); the error of both shrinks as 1 / sqrt(bits). Softmax over the keys
-  [n_sink, hi], summed within each chunk (`key_chunk_BT`: `key_chunks` of the table, where the caller has
-  it). float32 [B, K, G, Q, C]."""
+  [n_sink, hi], summed within each chunk (`key_chunk_BT`: as `_mass_of_logits`'s). float32 [B, K, G, Q, C]."""
   if layer is not None:
     k_low_BKcT = jax.lax.dynamic_index_in_dim(k_low_BKcT, layer, 0, keepdims=False)
     if k_sketch_BKwT is not None:

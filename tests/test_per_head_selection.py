@@ -10,6 +10,7 @@ import pytest
 import chunkllm_jax as cj
 from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chunk_prefill
 from chunkllm_jax import selection as sel
+from chunkllm_jax.boundaries import chunk_ids_from_ends
 from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
 from tests.tiny_models import chunk_params, prompts
 
@@ -222,8 +223,8 @@ def _loop_sparq(q, k, hi, ends, n_sink, scale, rank):
 
 @pytest.mark.parametrize("by_segments", [True, False])
 def test_the_mass_of_logits_is_a_loops_softmax_summed_per_chunk(by_segments):
-  """Both ways of summing each chunk's keys (a segment sum over `key_chunks`, the CPU's; a running sum read
-  at the chunk ends, the accelerators') give a loop's: the softmax over [n_sink, hi] (keys past the last end
+  """Both ways of summing each chunk's keys (a segment sum over the keys' chunk ids from
+  `boundaries.chunk_ids_from_ends`, the CPU's decode; a running sum read at the chunk ends) give a loop's: the softmax over [n_sink, hi] (keys past the last end
   count in it, in no chunk), 0 for an empty slot, a chunk ending before the sinks or past the keys, and a
   query with no key."""
   rng = np.random.default_rng(5)
@@ -231,12 +232,13 @@ def test_the_mass_of_logits_is_a_loops_softmax_summed_per_chunk(by_segments):
   s = rng.normal(size=(B, K, G, Q, T)).astype(np.float32) * 3
   ends = np.array([[1, 6, 10, 17, 25, -1, -1], [4, 9, 12, 20, 28, 33, -1]], np.int32)
   hi = np.broadcast_to(np.array([[17, 29, 2], [28, 14, 29]])[:, None, None, :], (B, K, G, Q))
-  chunk = np.asarray(sel.key_chunks(jnp.asarray(ends), T, n_sink))
+  chunk = np.asarray(chunk_ids_from_ends(jnp.asarray(ends), T, n_sink))
   want = np.zeros((B, K, G, Q, ends.shape[1]), np.float32)
   for b in range(B):
     for t in range(T):  # the chunk a key lies in: the first whose end is at or after it, past the sinks
       in_chunk = [c for c, e in enumerate(ends[b]) if e >= t and e >= 0]
-      assert chunk[b, t] == (in_chunk[0] if t >= n_sink and in_chunk else ends.shape[1])
+      n_chunks = int(np.sum(ends[b] >= 0))  # past the last end: the open chunk's id; sinks: none
+      assert chunk[b, t] == (-1 if t < n_sink else in_chunk[0] if in_chunk else n_chunks)
     for i in np.ndindex(K, G, Q):
       keys = np.arange(n_sink, hi[(b,) + i] + 1)
       if not len(keys):
@@ -248,7 +250,8 @@ def test_the_mass_of_logits_is_a_loops_softmax_summed_per_chunk(by_segments):
         if e >= n_sink and e < T:
           want[(b,) + i + (c,)] = p[(keys >= start) & (keys <= e)].sum()
         start = e + 1 if e >= 0 else start
-  got = sel._mass_of_logits(jnp.asarray(s), jnp.asarray(hi), jnp.asarray(ends), n_sink, by_segments=by_segments)
+  got = sel._mass_of_logits(jnp.asarray(s), jnp.asarray(hi), jnp.asarray(ends), n_sink,
+                            jnp.asarray(chunk) if by_segments else None)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
 
 
