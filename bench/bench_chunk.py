@@ -84,7 +84,17 @@ def chunk_config(top_k: int, max_len: int, **selection) -> ChunkConfig:
   extra = {"prefill": "sparse"} if "prefill" in fields else {}
   if "prefill_scorer" in fields:
     extra["prefill_scorer"] = "adapter"
-  return ChunkConfig(top_chunks=top_k, max_chunk_len=CHUNK, **extra, **selection).validate(max_len, CFG.n_layers)
+  c = ChunkConfig(top_chunks=top_k, max_chunk_len=CHUNK, **extra, **selection).validate(max_len, CFG.n_layers)
+  if hasattr(c, "score_rank_for"):  # the per-head score's size for these keys, as `chunk_generation.resolved` fills it
+    c = dataclasses.replace(c, score_rank=c.score_rank_for(CFG.head_dim), score_sketch=c.sketch_bits)
+  return c
+
+
+def selection_rule(args) -> dict:
+  """The selection flags given (`--selection` ... `--head_refresh`), as ChunkConfig's fields. Named here, not
+  taken from `selection.PER_HEAD_FIELDS`: the bench also times older code, run from a worktree."""
+  keys = ("selection", "score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh")
+  return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def top_k_for(ratio: float, L: int, c: ChunkConfig) -> int:
@@ -439,15 +449,16 @@ def main():
   ap.add_argument("--prefill-from-json", action="store_true",
                   help="reuse the prefill rows of the existing .json (when only decode changed) instead of measuring")
   ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
-  ap.add_argument("--selection", default="shared", choices=["shared", "kv_head"],
+  # Decode's selection rule, as ChunkConfig's fields; a flag not given leaves the library's default.
+  ap.add_argument("--selection", default=None, choices=["kv_head", "shared"],
                   help="decode's ChunkConfig.selection ('kv_head': each KV head chooses at every step)")
   ap.add_argument("--score_rank", type=int, default=None, help="ChunkConfig.score_rank, with --selection kv_head")
-  ap.add_argument("--score_estimate", default="sparq", choices=["sparq", "lowrank"],
-                  help="ChunkConfig.score_estimate, with --score_rank")
-  ap.add_argument("--score_sketch", type=int, default=0, help="ChunkConfig.score_sketch, with --score_estimate lowrank")
-  ap.add_argument("--sketch_estimate", default="simhash", choices=["simhash", "qjl"],
+  ap.add_argument("--score_estimate", default=None, choices=["lowrank", "sparq", "exact"],
+                  help="ChunkConfig.score_estimate, with --selection kv_head")
+  ap.add_argument("--score_sketch", type=int, default=None, help="ChunkConfig.score_sketch, with --score_estimate lowrank")
+  ap.add_argument("--sketch_estimate", default=None, choices=["simhash", "qjl"],
                   help="ChunkConfig.sketch_estimate, with --score_sketch")
-  ap.add_argument("--head_refresh", type=int, default=1, help="ChunkConfig.head_refresh, with --selection kv_head")
+  ap.add_argument("--head_refresh", type=int, default=None, help="ChunkConfig.head_refresh, with --selection kv_head")
   args = ap.parse_args()
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
@@ -481,9 +492,7 @@ def main():
   for L in ([] if args.decode_from_json else args.lengths):
     try:
       decode_rows += bench_decode(params, L, args.ratios, args.rounds,
-                                  dict(selection=args.selection, score_rank=args.score_rank,
-                                       score_estimate=args.score_estimate, score_sketch=args.score_sketch,
-                                       sketch_estimate=args.sketch_estimate, head_refresh=args.head_refresh))
+                                  selection_rule(args))
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)

@@ -1,10 +1,10 @@
 """Where a decode step's time goes: XLA's own per-operation times from a `jax.profiler` trace.
 
   python bench/profile_decode_step.py --context 16384
-  python bench/profile_decode_step.py --context 16384 --selection kv_head --score_rank 16 \
-      --score_estimate lowrank --score_sketch 128
+  python bench/profile_decode_step.py --context 16384 --chunk                     # the default rule
+  python bench/profile_decode_step.py --context 16384 --selection shared          # the paper's rule
 
-Times one dense `kv_cache.decode_step` (without `--selection`) or one ChunkLLM `chunk_decode_step`
+Times one dense `kv_cache.decode_step` (without `--chunk` or `--selection`) or one ChunkLLM `chunk_decode_step`
 on bench_chunk.py's synthetic model, state and cache (smollm2-135m's shape, float32, a 25% budget),
 jitted with the buffers donated as the generate loops do, and prints the operations that took the
 most time per step (a fusion's name, its output shape and the ops it fuses most), from the trace's
@@ -56,12 +56,14 @@ def main(argv=None):
   ap.add_argument("--ratio", type=float, default=0.25, help="ChunkLLM's target KV retention")
   ap.add_argument("--steps", type=int, default=3, help="traced steps (after two untraced)")
   ap.add_argument("--top", type=int, default=25, help="operations listed")
-  ap.add_argument("--selection", default=None, choices=["shared", "kv_head"], help="ChunkLLM (default: dense)")
+  ap.add_argument("--chunk", action="store_true", help="ChunkLLM's step (default: dense), with the flags below")
+  # ChunkConfig's fields; a flag not given leaves the library's default.
+  ap.add_argument("--selection", default=None, choices=["kv_head", "shared"])
   ap.add_argument("--score_rank", type=int, default=None)
-  ap.add_argument("--score_estimate", default="sparq", choices=["sparq", "lowrank"])
-  ap.add_argument("--score_sketch", type=int, default=0)
-  ap.add_argument("--sketch_estimate", default="simhash", choices=["simhash", "qjl"])
-  ap.add_argument("--head_refresh", type=int, default=1)
+  ap.add_argument("--score_estimate", default=None, choices=["lowrank", "sparq", "exact"])
+  ap.add_argument("--score_sketch", type=int, default=None)
+  ap.add_argument("--sketch_estimate", default=None, choices=["simhash", "qjl"])
+  ap.add_argument("--head_refresh", type=int, default=None)
   args = ap.parse_args(argv)
 
   L = args.context
@@ -70,16 +72,12 @@ def main(argv=None):
   cache = bc.random_cache(L, max_len, jax.random.key(L))
   tok = jnp.zeros((1,), jnp.int32)
   at = lambda c: c.replace(length=jnp.full((1,), L + 10, jnp.int32))  # mid-chunk: a plain step
-  if args.selection is None:
+  if not (args.chunk or args.selection):
     step = jax.jit(kv_cache.decode_step, donate_argnums=(2,)).lower(params, tok, cache).compile()
     state = None
     run = lambda c, s: (step(params, tok, at(c))[1], None)
   else:
-    selection = dict(selection=args.selection)
-    if args.selection == "kv_head":
-      selection.update(score_rank=args.score_rank, score_estimate=args.score_estimate,
-                       score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate,
-                       head_refresh=args.head_refresh)
+    selection = bc.selection_rule(args)
     ccfg = bc.chunk_config(bc.top_k_for(args.ratio, L, bc.chunk_config(1, max_len)), max_len, **selection)
     state = bc.synthetic_state(params, cache, jax.random.key(7), L, ccfg)
     step = jax.jit(functools.partial(cg.chunk_decode_step, ccfg=ccfg), donate_argnums=(2, 3)).lower(
@@ -101,7 +99,7 @@ def main(argv=None):
     if e.get("ph") == "X" and re.search(r"%" + re.escape(e["name"]) + r" = ", hlo):
       total[e["name"]] += e.get("dur", 0)
       count[e["name"]] += 1
-  print(f"{results_md.machine_line()}\n{'dense' if args.selection is None else args.selection} decode step at "
+  print(f"{results_md.machine_line()}\n{'dense' if state is None else ccfg.selection} decode step at "
         f"{L} keys: {step_ms:.1f} ms a step, traced (a loop's time includes its body's operations)")
   print(f"{'ms/step':>8} {'calls':>6}  operation")
   for name, us in total.most_common(args.top):

@@ -76,11 +76,11 @@ def _layer_plan(params: ModelParams, ccfg: ChunkConfig) -> _LayerPlan:
 
 
 def resolved(params: ModelParams, ccfg: ChunkConfig) -> ChunkConfig:
-  """`ccfg` with what the adapters decide filled in (selection layers, the scorer's query window)."""
+  """`ccfg` with what the adapters and the model decide filled in (selection layers, the scorer's query
+  window, the per-head score's size)."""
   acfg = params.adapters.config
-  if ccfg.score_rank is not None and ccfg.score_rank > params.config.head_dim:
-    raise ValueError(f"score_rank={ccfg.score_rank} exceeds the head dimension ({params.config.head_dim})")
-  return ccfg.resolve(params.config.full_attention_layers, acfg.qk_layers, acfg.selection_layers, acfg.score_queries)
+  return ccfg.resolve(params.config.full_attention_layers, acfg.qk_layers, acfg.selection_layers, acfg.score_queries,
+                      head_dim=params.config.head_dim)
 
 
 def _qk(params: ModelParams, slot, h_BTD):
@@ -108,7 +108,7 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
     empty = jnp.zeros((L, B, 0, K, D), cache.k.dtype)
     st = st.replace(work_k=empty, work_v=empty)
     if ccfg.keeps_low_rank_keys:
-      basis, low, sketch = low_rank_keys(cache.k, cache.length, ccfg.score_rank, ccfg.score_sketch)
+      basis, low, sketch = low_rank_keys(cache.k, cache.length, ccfg.score_rank, ccfg.sketch_bits)
       st = st.replace(key_basis=basis, key_low=low, key_sketch=sketch)
     return st
   zeros = jnp.zeros((L, B, st.work_pos.shape[-1], K, D), cache.k.dtype)
@@ -522,7 +522,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   # old or a chunk closed since; the first step after a prompt always chooses (`init_chunk_state`).
   choose_now = jnp.any(st.head_age >= ccfg.head_refresh)
   key_chunk_BS = None  # the chunk of every key, for the estimated scores' segment sums: once for every layer
-  if ccfg.selection == "kv_head" and ccfg.score_rank is not None and mass_by_segments():
+  if ccfg.selection == "kv_head" and ccfg.score_estimate != "exact" and mass_by_segments():
     key_chunk_BS = boundaries.chunk_ids_from_ends(st.chunk_end, cache.max_len, ccfg.n_sink)
   x, (k, v, p, reads_B), (q_LBHD, qt_LBd, kt_LBd, k_LBKD, head_LBKW) = model.run_layers(
       params, x0, pos_B[:, None], attend_fn, (cache.k, cache.v, p0, jnp.zeros((B,), jnp.float32)), output_fn)
@@ -534,7 +534,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   if ccfg.selection == "kv_head":  # the sparse layers' and heads' mean; the slots add the scores' reads of K
     visible = reads_B / max(int(np.sum(plan.sparse)), 1)
     score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate,
-                                   ccfg.score_sketch)
+                                   ccfg.sketch_bits)
     chose = choose_now if ccfg.keeps_head_choice else True
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                     read_slots=st.read_slots + visible + jnp.where(chose, score_share * seen, 0.0),
@@ -562,7 +562,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       st = st.replace(head_pos=head_LBKW[0], head_ok=head_LBKW[1], head_used=head_LBKW[2],
                       head_age=jnp.where(closes, ccfg.head_refresh, age).astype(jnp.int32))
     if ccfg.keeps_low_rank_keys:  # this token's key in each layer's basis, for the steps after it to score
-      low, sketch = new_low_rank_keys(k_LBKD[:, :, :, None], st.key_basis, ccfg.score_sketch)  # L B K 1 (r+1 | w)
+      low, sketch = new_low_rank_keys(k_LBKD[:, :, :, None], st.key_basis, ccfg.sketch_bits)  # L B K 1 (r+1 | w)
       rows = jnp.arange(B)
       st = st.replace(key_low=st.key_low.at[:, rows, :, :, pos_B].set(
           jnp.swapaxes(low[:, :, :, 0], 0, 1).astype(st.key_low.dtype)),

@@ -8,6 +8,7 @@ import time
 
 
 from chunkllm_jax.prompts import encode_prompt
+from chunkllm_jax.selection import PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,17 +54,18 @@ def _chunk_flags(p) -> None:
   p.add_argument("--boundary-tokens", action=argparse.BooleanOptionalAction, default=None,
                  help="also read the last token of each chunk left out "
                       "(default: on with --kv-budget, the prompt read densely)")
-  p.add_argument("--selection", choices=["shared", "kv_head"], default=None,
-                 help="shared: one selection at each chunk boundary for every layer (default); kv_head: each "
-                      "KV head of each layer chooses at every step")
+  p.add_argument("--selection", choices=list(SELECTIONS), default=None,
+                 help="kv_head (default): each KV head of each layer chooses at every step; shared: one selection "
+                      "at each chunk boundary for every layer and head (the paper's rule, by the QK Adapters)")
   p.add_argument("--score-rank", type=int, default=None,
-                 help="with --selection kv_head: the size of its scores' estimate (default: the exact mass)")
-  p.add_argument("--score-estimate", choices=["sparq", "lowrank"], default=None,
-                 help="with --score-rank: SparQ's dimensions of K (default) or each key's coordinates in a basis "
-                      "of its head's prompt keys (lowrank)")
+                 help="with --selection kv_head: the size of its scores' estimate (default: a quarter of the "
+                      "head dimension)")
+  p.add_argument("--score-estimate", choices=list(SCORE_ESTIMATES), default=None,
+                 help="with --selection kv_head: each key's coordinates in a basis of its head's prompt keys "
+                      "(lowrank, default), SparQ's dimensions of K (sparq) or the exact mass (exact)")
   p.add_argument("--score-sketch", type=int, default=None,
                  help="with --score-estimate lowrank: bits of a 1-bit random sketch of what each key's basis misses "
-                      "(a multiple of 32; default: the bound on that part)")
+                      f"(a multiple of 32; 0: the bound on that part; default {SCORE_SKETCH_BITS})")
   p.add_argument("--sketch-estimate", choices=["simhash", "qjl"], default=None,
                  help="with --score-sketch: the angle from the Hamming distance of both sides' signs (default) or "
                       "QJL's estimate from the query's projection (qjl)")
@@ -140,14 +142,17 @@ def run_demo(args) -> None:
   print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
   settings = _chunk_settings(args)
   settings.pop("scorer", None)
-  # Unless a budget is given, ChunkLLM runs at a quarter and at half of the KV, the training-free scorer at a quarter.
+  # Unless a budget is given, ChunkLLM runs at a quarter and at half of the KV, and the paper's rule (one
+  # selection at each chunk boundary, by the QK Adapters, for every layer and head) at a quarter.
   budgets = [settings.pop("kv_budget")] if "kv_budget" in settings else [0.25, 0.5]
   runs = [("vanilla", None, cj.generate(params, [ids], max_new_tokens=12))]
   for budget in budgets:
     runs.append(("ChunkLLM", budget, cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="adapter",
                                                        kv_budget=budget, **settings)))
-  runs.append(("no-training", budgets[0], cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="attention",
-                                                            kv_budget=budgets[0], **settings)))
+  if settings.get("selection", cj.ChunkConfig.selection) != "shared":
+    shared = {k: v for k, v in settings.items() if k not in ("selection", *PER_HEAD_FIELDS)}
+    runs.append(("shared rule", budgets[0], cj.chunk_generate(params, [ids], max_new_tokens=12, selection="shared",
+                                                              scorer="adapter", kv_budget=budgets[0], **shared)))
   van = runs[0][2].stats
   for name, budget, out in runs:
     answer = model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True).strip()
@@ -159,9 +164,9 @@ def run_demo(args) -> None:
             f"({float(st['bytes_per_step'][0] / st['dense_bytes_per_step'][0]):.1%} of dense bytes per step); "
             f"decode {float(st['decode_tok_s'][0] / van['decode_tok_s'][0]):.2f}x, "
             f"prefill {float(van['prefill_s'][0] / st['prefill_s'][0]):.2f}x the speed of vanilla")
-  print("ChunkLLM: the model's own attention at the selection layers chooses the prompt's chunks and the QK "
-        "Adapters choose at each boundary of the answer (the defaults); no-training: the attention chooses "
-        "everywhere (scorer='attention')")
+  print("ChunkLLM (the defaults): the Chunk Adapter cuts the text into chunks, and each KV head of each layer "
+        "chooses the chunks it reads at every step, from low-rank keys; shared rule: the paper's, one selection "
+        "at each chunk boundary by the QK Adapters for every layer and head (selection='shared')")
 
 
 def check_generate_flags(args) -> None:

@@ -45,13 +45,13 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
   hi = jnp.where(n_cand > 0, last, -1)[:, None, None, None]
   q = attn.split_heads(q_B1HD, K)  # B K G 1 D
-  if ccfg.score_rank is None:
+  if ccfg.score_estimate == "exact":
     mass = chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                       softcap=cfg.attn_softcap, layer=layer)
   elif ccfg.score_estimate == "lowrank":
     mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[layer], hi, st.chunk_end, n_sink=ccfg.n_sink,
                               scale=cfg.attn_scale, layer=layer,
-                              k_sketch_BKwT=st.key_sketch if ccfg.score_sketch else None,
+                              k_sketch_BKwT=st.key_sketch if ccfg.sketch_bits else None,
                               sketch_estimate=ccfg.sketch_estimate, key_chunk_BT=key_chunk_BS)
   else:
     mass = sparq_chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,

@@ -1,9 +1,12 @@
-"""Chunk selection: which completed chunks the sparse layers read, chosen only at chunk boundaries.
+"""Chunk selection: which completed chunks the sparse layers read.
 
-At a boundary the *selection layers* score the candidate chunks (every completed chunk but the
-`n_local` most recent, which are always read), each layer gives a distribution over the
-candidates, the layers vote (`vote="sum"` or `"max"`), and one selection serves every sparse
-layer. Two scorers give the per-layer distributions:
+Two rules (`ChunkConfig.selection`). The default, "kv_head", has each KV head of each sparse layer choose
+at every decode step from an estimate of its own query's attention over the chunks (`chunk_mass`,
+`sparq_chunk_mass`, `lowrank_chunk_mass` here; the decode side in `head_selection.py`). The paper's
+rule, "shared", chooses only at chunk boundaries, as follows. At a boundary the *selection layers*
+score the candidate chunks (every completed chunk but the `n_local` most recent, which are always
+read), each layer gives a distribution over the candidates, the layers vote (`vote="sum"` or
+`"max"`), and one selection serves every sparse layer. Two scorers give the per-layer distributions:
 
 - `scorer="adapter"`: the QK Adapters, softmax_j(q~ . k~_j / sqrt(d_c)) over the candidates, for the
   q~ of each of the last `score_queries` tokens (as the adapters were trained: 1, the boundary token
@@ -41,9 +44,13 @@ from chunkllm_jax.adapters import chunk_scores
 SCORERS = ("adapter", "attention")
 ATTENTION_QUERIES = 16  # the attention scorer's default window (docs/selection.md, section 1)
 VOTES = ("sum", "max")
-SELECTIONS = ("shared", "kv_head")
-SCORE_ESTIMATES = ("sparq", "lowrank")
-SKETCH_ESTIMATES = ("simhash", "qjl")  # the first is the default
+# In each tuple below the first is the default.
+SELECTIONS = ("kv_head", "shared")
+SCORE_ESTIMATES = ("lowrank", "sparq", "exact")
+SKETCH_ESTIMATES = ("simhash", "qjl")
+SCORE_SKETCH_BITS = 128  # score_estimate="lowrank"'s sketch when score_sketch is None
+# ChunkConfig's fields that set how the per-head rule (selection="kv_head") scores and how often it chooses.
+PER_HEAD_FIELDS = ("score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh")
 SKETCH_WORD = 32  # bits of `residual_sketch` a uint32 holds
 
 
@@ -86,24 +93,28 @@ class ChunkConfig(ChunkRules):
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
-  # Who makes decode's selections: "shared" (ChunkLLM's rule: one selection, made where a token closes
-  # a chunk, serves every sparse layer and head) or "kv_head": each KV head of each sparse layer chooses
-  # the chunks it reads at every step, by its own query's attention over them (Quest's rule on
-  # ChunkLLM's chunks; what each rule keeps: docs/results.md, twentieth and twenty-first sessions).
-  # Its XLA path gathers each head's read at every step, slower than dense decode today.
-  selection: str = "shared"
-  # With selection="kv_head": the size of each step's estimate of the attention mass; None: the exact
-  # mass (`chunk_mass`, reading all of K). How `score_estimate` uses it: "sparq", the query's
-  # `score_rank` largest dimensions of K (`sparq_chunk_mass`; on this cache's layout they touch every
-  # cache line of K), or "lowrank", each key's `score_rank` coordinates in a basis of its KV head's
-  # prompt keys and the length of what the basis misses, kept beside the cache (`lowrank_chunk_mass`;
-  # (score_rank + 1) / head_dim of K's bytes, read and held).
+  # Who makes decode's selections: "kv_head" (the default): each KV head of each sparse layer chooses
+  # the chunks it reads at every step, by an estimate of its own query's attention over them (Quest's
+  # rule on ChunkLLM's chunks), or "shared" (the paper's rule: one selection, made by `scorer` where a
+  # token closes a chunk, serves every sparse layer and head; the only one with Pallas kernels). The
+  # per-head rule is the one that meets every quality target measured (the shared rule's 2K perplexity is
+  # +4.86% at 50% KV against +1.69%), at a lower decode speedup on the CPU (1.35-1.67x dense at 32K against
+  # 2-3x; docs/results.md, "Default settings" and the twenty-seventh session).
+  selection: str = SELECTIONS[0]
+  # With selection="kv_head", how each step estimates a head's attention mass over the chunks:
+  # "lowrank" (default), each key's `score_rank` coordinates in a basis of its KV head's prompt keys and
+  # the length of what the basis misses, kept beside the cache (`lowrank_chunk_mass`; (score_rank + 1) /
+  # head_dim of K's bytes, read and held); "sparq", the query's `score_rank` largest dimensions of K
+  # (`sparq_chunk_mass`; on this cache's layout they touch every cache line of K); or "exact", the mass
+  # itself (`chunk_mass`, reading all of K). score_rank None: a quarter of the head dimension (the size
+  # measured on both models: 16 of smollm2-135m's 64, 64 of gemma3-270m's 256).
   score_rank: int | None = None
-  score_estimate: str = "sparq"
+  score_estimate: str = SCORE_ESTIMATES[0]
   # With score_estimate="lowrank": bits of a 1-bit random sketch of what each key's basis misses
   # (`residual_sketch`, read as `sketch_estimate` says), kept beside the low-rank keys, in place of the
-  # bound on that part; 0: the bound. A multiple of 32 (one uint32 word holds 32); bits / 8 bytes a key.
-  score_sketch: int = 0
+  # bound on that part; 0: the bound; None: SCORE_SKETCH_BITS. A multiple of 32 (one uint32 word holds
+  # 32); bits / 8 bytes a key.
+  score_sketch: int | None = None
   # How the sketch estimates that part of the logit: "simhash", |q_out| |k_out| cos(pi h / bits), h the
   # Hamming distance between the query's signs and the key's (Charikar's angle estimate: xor and
   # popcount on the packed words, nothing unpacked), or "qjl", QJL's unbiased |k_out| sqrt(pi/2)/bits
@@ -188,32 +199,41 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
     if self.selection not in SELECTIONS:
       raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+    # The per-head fields are set for selection="kv_head" alone: the shared rule refuses them unless left
+    # at their defaults, so that no one believes they change it.
+    per_head = self.selection == "kv_head"
     if self.score_rank is not None:
-      if self.selection != "kv_head":
+      if not per_head:
         raise ValueError("score_rank sets how the per-head selection scores; it needs selection='kv_head'")
       if not isinstance(self.score_rank, int) or isinstance(self.score_rank, bool) or self.score_rank < 1:
         raise ValueError(f"score_rank must be an int >= 1 (dimensions or coordinates of K), got {self.score_rank!r}")
     if self.score_estimate not in SCORE_ESTIMATES:
       raise ValueError(f"score_estimate must be one of {SCORE_ESTIMATES}, got {self.score_estimate!r}")
-    if self.score_estimate != "sparq" and self.score_rank is None:
-      raise ValueError(f"score_estimate={self.score_estimate!r} estimates from score_rank coordinates: give score_rank")
-    if not isinstance(self.score_sketch, int) or isinstance(self.score_sketch, bool) or self.score_sketch < 0 or (
-        self.score_sketch % SKETCH_WORD):
-      raise ValueError(f"score_sketch must be a multiple of {SKETCH_WORD} bits (0: none), got {self.score_sketch!r}")
+    if self.score_estimate != SCORE_ESTIMATES[0] and not per_head:
+      raise ValueError(f"score_estimate={self.score_estimate!r} sets how the per-head selection scores; it needs "
+                       "selection='kv_head'")
+    if self.score_estimate == "exact" and self.score_rank is not None:
+      raise ValueError("score_estimate='exact' reads all of K; score_rank sizes an estimate ('lowrank' or 'sparq')")
+    if self.score_sketch is not None:
+      if not isinstance(self.score_sketch, int) or isinstance(self.score_sketch, bool) or self.score_sketch < 0 or (
+          self.score_sketch % SKETCH_WORD):
+        raise ValueError(f"score_sketch must be a multiple of {SKETCH_WORD} bits (0: none), got {self.score_sketch!r}")
+      if self.score_sketch and (self.score_estimate != "lowrank" or not per_head):
+        raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
+                         "(with selection='kv_head')")
     if self.sketch_estimate not in SKETCH_ESTIMATES:
       raise ValueError(f"sketch_estimate must be one of {SKETCH_ESTIMATES}, got {self.sketch_estimate!r}")
-    if self.sketch_estimate != SKETCH_ESTIMATES[0] and not self.score_sketch:
-      raise ValueError(f"sketch_estimate={self.sketch_estimate!r} scores the residual sketch: give score_sketch")
-    if self.score_sketch and self.score_estimate != "lowrank":
-      raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
-                       "(with selection='kv_head' and score_rank)")
+    if self.sketch_estimate != SKETCH_ESTIMATES[0] and not self.sketch_bits:
+      raise ValueError(f"sketch_estimate={self.sketch_estimate!r} scores the residual sketch: it needs "
+                       "score_estimate='lowrank' with a score_sketch (selection='kv_head')")
     if not isinstance(self.head_refresh, int) or isinstance(self.head_refresh, bool) or self.head_refresh < 1:
       raise ValueError(f"head_refresh must be an int >= 1 (steps between the heads' choices), "
                        f"got {self.head_refresh!r}")
     if self.head_refresh != 1 and self.selection != "kv_head":
       raise ValueError("head_refresh sets how often each KV head chooses: it needs selection='kv_head'")
     if self.selection == "kv_head" and self.attention == "pallas":
-      raise ValueError("selection='kv_head' has no Pallas kernel yet; use attention='xla'")
+      raise ValueError("selection='kv_head' (the default) has no Pallas kernel yet; use attention='xla', or "
+                       "selection='shared' with the kernels")
     if self.refresh_every < 0:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):
@@ -246,11 +266,13 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"dense_layers {self.dense_layers} out of range for {n_layers} layers")
     return dataclasses.replace(self, max_chunks=max_chunks)
 
-  def resolve(self, full_attention_layers, qk_layers, stored_layers=None, stored_queries: int = 1) -> "ChunkConfig":
+  def resolve(self, full_attention_layers, qk_layers, stored_layers=None, stored_queries: int = 1,
+              head_dim: int | None = None) -> "ChunkConfig":
     """Fills what the adapters decide unless given: `selection_layers` (`stored_layers`, the adapters'
     choice, else every QK layer) and `score_queries` (`ATTENTION_QUERIES` for the attention scorer,
     `stored_queries`, the adapters' own window, for theirs). Checks the layers against the model:
-    full-attention layers, with a QK Adapter for `scorer="adapter"`."""
+    full-attention layers, with a QK Adapter for `scorer="adapter"`. With `head_dim`, also the per-head
+    score's size: `score_rank` (None where the mass is exact, or the shared rule) and `score_sketch`."""
     layers = self.selection_layers if self.selection_layers is not None else (stored_layers or tuple(qk_layers))
     layers = tuple(sorted(set(int(i) for i in layers)))
     if not layers:
@@ -267,8 +289,29 @@ class ChunkConfig(ChunkRules):
     queries = self.score_queries
     if queries is None:
       queries = ATTENTION_QUERIES if self.scorer == "attention" else int(stored_queries)
+    sizes = {}
+    if head_dim is not None:
+      rank = self.score_rank_for(head_dim)
+      if rank is not None and rank > head_dim:
+        raise ValueError(f"score_rank={rank} exceeds the head dimension ({head_dim})")
+      sizes = dict(score_rank=rank, score_sketch=self.sketch_bits)
     return dataclasses.replace(self, selection_layers=layers, score_queries=queries, prefill=self.prefill_mode,
-                               boundary_tokens=self.reads_boundary_tokens)
+                               boundary_tokens=self.reads_boundary_tokens, **sizes)
+
+  def score_rank_for(self, head_dim: int) -> int | None:
+    """The per-head score's coordinates (or SparQ's dimensions) for keys of `head_dim`: `score_rank`, or a
+    quarter of `head_dim` where it is None; None where nothing is estimated (the exact mass, the shared rule)."""
+    if self.selection != "kv_head" or self.score_estimate == "exact":
+      return None
+    return self.score_rank if self.score_rank is not None else max(head_dim // 4, 1)
+
+  @property
+  def sketch_bits(self) -> int:
+    """Bits of the residual sketch each key keeps: `score_sketch`, or where it is None SCORE_SKETCH_BITS with
+    the low-rank score of the per-head rule; 0 where no sketch is kept."""
+    if self.selection != "kv_head" or self.score_estimate != "lowrank":
+      return 0
+    return SCORE_SKETCH_BITS if self.score_sketch is None else self.score_sketch
 
   @property
   def prefill_mode(self) -> str:
@@ -294,7 +337,7 @@ class ChunkConfig(ChunkRules):
   def keeps_low_rank_keys(self) -> bool:
     """Whether decode keeps every key's low-rank coordinates beside the cache (the per-head rule's
     score_estimate="lowrank")."""
-    return self.selection == "kv_head" and self.score_rank is not None and self.score_estimate == "lowrank"
+    return self.selection == "kv_head" and self.score_estimate == "lowrank"
 
   @property
   def budgeted(self) -> bool:

@@ -69,10 +69,11 @@ class MethodSettings:
   #                                                 chunks get first
   kv_budget_min_tokens: int = 0  # hybrid / oracle: the budget's floor in tokens (the share is fitted under it)
   selection: str = ChunkConfig.selection  # hybrid / oracle: who makes decode's selections ("kv_head": each
-  #                                         KV head of each sparse layer, at every step)
-  score_rank: int | None = None  # hybrid / oracle with selection="kv_head": the size of its scores' estimate
-  score_estimate: str = ChunkConfig.score_estimate  # with score_rank: "sparq" or "lowrank"
-  score_sketch: int = 0  # with score_estimate="lowrank": bits of the residual sketch (0: the bound)
+  #                                         KV head of each sparse layer, at every step; "shared")
+  # hybrid / oracle with selection="kv_head", as ChunkConfig's fields of the same names:
+  score_rank: int | None = ChunkConfig.score_rank  # the size of its scores' estimate (None: a quarter of D)
+  score_estimate: str = ChunkConfig.score_estimate  # "lowrank", "sparq" or "exact"
+  score_sketch: int | None = ChunkConfig.score_sketch  # with "lowrank": bits of the residual sketch (0: the bound)
   sketch_estimate: str = ChunkConfig.sketch_estimate  # with score_sketch: "simhash" or "qjl"
   head_refresh: int = ChunkConfig.head_refresh  # with selection="kv_head": steps between the heads' choices
   page_len: int | None = None  # hybrid / oracle: fixed pages of this many tokens instead of the Chunk Adapter's
@@ -267,9 +268,10 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   if method == "vanilla":
     return None
   chosen = dict(vote=settings.vote, selection_layers=settings.selection_layers)
-  # chunkllm and fixllm keep the paper's rule (the budget goes by score alone, chunks read whole), and
-  # the window baselines their own: hybrid's and oracle's recent share and boundary tokens are not theirs.
-  own_rule = dict(recent_share=0.0, boundary_tokens=False)
+  # chunkllm and fixllm keep the paper's rule (one shared selection a boundary, the budget by score alone,
+  # chunks read whole), and the window baselines their own: hybrid's and oracle's selection rule, recent
+  # share and boundary tokens are not theirs.
+  own_rule = dict(recent_share=0.0, boundary_tokens=False, selection="shared")
   # hybrid's and oracle's budget shape: boundary tokens by ChunkConfig's rule (None: where a budget pays).
   shape = dict(recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens,
                boundary_tokens=None if settings.boundary_tokens else False, selection=settings.selection,
@@ -370,8 +372,8 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
               recent_share=ccfg.recent_share, kv_budget_min_tokens=ccfg.kv_budget_min_tokens,
               boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode,
               n_separator_ids=len(ccfg.separator_ids), selection=ccfg.selection, score_rank=ccfg.score_rank,
-              score_estimate=ccfg.score_estimate, score_sketch=ccfg.score_sketch,
-              sketch_estimate=ccfg.sketch_estimate if ccfg.score_sketch else None,
+              score_estimate=ccfg.score_estimate if ccfg.selection == "kv_head" else None,
+              score_sketch=ccfg.sketch_bits, sketch_estimate=ccfg.sketch_estimate if ccfg.sketch_bits else None,
               head_refresh=ccfg.head_refresh if ccfg.selection == "kv_head" else None)
 
 

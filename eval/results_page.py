@@ -33,8 +33,10 @@ PAGE = DOCS / "results.md"
 KEEP = "<!-- history below is kept when `python -m eval.results_page` rewrites this page -->"
 
 BASELINES = ("streamingllm", "sepllm", "fixllm")
-CHUNKLLM = {"hybrid": "ChunkLLM, default settings (`hybrid`: prompt by the frozen attention, decode by the QK "
-                      "Adapters)", "chunkllm": "ChunkLLM, QK Adapters alone (the paper's rule)"}
+CHUNKLLM = {"hybrid": "ChunkLLM, `hybrid` (the prompt read densely, by the frozen attention)",
+            "chunkllm": "ChunkLLM, QK Adapters alone (the paper's rule)"}
+SHARED_NAME = ("the shared rule (`--selection shared`: the QK Adapters choose at each chunk boundary for every layer "
+               "and head; the default until the twenty-seventh session)")
 NIAH_TARGETS = {"0.5": (98.6, 0.0), "0.25": (90.0, 10.0)}  # budget: (% of vanilla, points over the best baseline)
 PPL_TARGET = 2.0  # % over vanilla at 50%
 
@@ -52,6 +54,16 @@ class Measurement:
   note: str = ""
   variant: str = ""  # eval: what the `hybrid` rows change from the default settings (the flags given)
   others: str | None = None  # eval: a folder (under docs/) whose rows of the methods this one lacks are shown too
+
+  def __post_init__(self):
+    # The per-head rule became the default in the twenty-seventh session: the eval runs that name no
+    # selection rule were made with the shared one, and their re-runs must name it.
+    pinned = tuple(c.replace(" --out ", f" {SHARED} --out ") if c.startswith("python -m eval.run ")
+                   and "--selection" not in c else c for c in self.commands)
+    object.__setattr__(self, "commands", pinned)
+
+
+SHARED = "--selection shared"  # one selection a chunk boundary for every layer and head (the paper's rule)
 
 
 NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
@@ -96,7 +108,7 @@ MEASUREMENTS = (
                  "--out docs/eval_recent_share_bt_smollm2_30",),
                 others="eval_adapters_smollm2_30",
                 note="15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds) in the evaluation's share "
-                     "of the Brown text, which training never reads. ChunkLLM with today's defaults (these rows were "
+                     "of the Brown text, which training never reads. ChunkLLM with the shared rule's defaults (these rows were "
                      "measured as `--recent_share 0.75 --boundary_tokens`, which they now are). Vanilla's rows "
                      "are those of the next section, copied into the folder before the run; the rows of the other "
                      "methods are read from there (`oracle` there reads the budget by score alone)."),
@@ -106,7 +118,7 @@ MEASUREMENTS = (
                  f"{PER_HEAD} --out docs/eval_per_head_smollm2_30",),
                 others="eval_adapters_smollm2_30", variant=PER_HEAD_NAME,
                 note="Decode's selections made by each KV head of each sparse layer at every step, from SparQ's "
-                     "estimate of its attention over 16 of K's 64 dimensions (opt-in, `chunkllm_jax/head_selection.py`); "
+                     "estimate of its attention over 16 of K's 64 dimensions (`chunkllm_jax/head_selection.py`); "
                      "the 16 dimensions lie in every cache line of a key, so the scores read all of K besides the KV "
                      "shown. Vanilla was run again in the folder; the baselines' rows are read from the first "
                      "defaults' section."),
@@ -174,7 +186,7 @@ MEASUREMENTS = (
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_gemma3_8k",),
                 others="eval_gemma3_8k_headmax",
-                note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler; ChunkLLM with today's defaults "
+                note="Single-key needles, depths 0.1-0.9 x 2 seeds, Brown filler; ChunkLLM with the shared rule's defaults "
                      "and the shipped adapters (measured as `--recent_share 0.75 --boundary_tokens`). With a 25% "
                      "budget only a quarter of it (6% of the prompt) goes by score. Vanilla's rows are those of the "
                      "next section, copied into the folder before the run; the other methods' rows are read from "
@@ -303,7 +315,7 @@ MEASUREMENTS = (
                 others="eval_gemma3_ppl_8docs",
                 note="8 windows of 2048 gemma3 tokens, cut as for smollm2-135m from the evaluation's share of Brown "
                      "(another tokenizer, so not the same text spans); 256-token prompt, 1792 scored positions each, "
-                     "with the shipped adapters; ChunkLLM with today's defaults (measured as `--recent_share 0.75 "
+                     "with the shipped adapters; ChunkLLM with the shared rule's defaults (measured as `--recent_share 0.75 "
                      "--boundary_tokens`). " + COPIED.format("next section") + " The baselines' rows are read "
                      "from there."),
     Measurement("ppl_gemma3_2k_8_per_head_sketch",
@@ -347,7 +359,7 @@ MEASUREMENTS = (
                 others="eval_ppl_brown_4k_8docs",
                 note="The first 8 windows of 4096 tokens of the evaluation's share of Brown; 256-token prompt, 3840 "
                      "positions each teacher-forced through decode, 30720 scored tokens per row; ChunkLLM with "
-                     "today's defaults (measured as `--recent_share 0.75 --boundary_tokens`). "
+                     "the shared rule's defaults (measured as `--recent_share 0.75 --boundary_tokens`). "
                      + COPIED.format("next section") + " The baselines' rows are read from there."),
     Measurement("ppl_smollm2_4k_8_per_head_sketch",
                 "Perplexity, smollm2-135m, the same 8 texts of 4K, each KV head choosing at every step from low-rank "
@@ -394,7 +406,7 @@ MEASUREMENTS = (
                 variant="`recent_share=0.75` and a 768-token floor (`--no-boundary_tokens --kv_budget_min_tokens 768`)",
                 note="The share fitted under the floor: 0.314. " + COPIED.format("8-text 4K sections")),
     Measurement("ppl_smollm2_4k_8_recent_floor768_bt",
-                "Perplexity, smollm2-135m, the same 8 texts of 4K, today's defaults and at least 768 tokens a step",
+                "Perplexity, smollm2-135m, the same 8 texts of 4K, the shared rule's defaults and at least 768 tokens a step",
                 "eval_ppl_brown_4k_8docs_recent_floor768_bt", "eval",
                 (f"python -m eval.run --model smollm2-135m {PPL4K} --methods vanilla hybrid --retention 0.5 "
                  "--kv_budget_min_tokens 768 --out docs/eval_ppl_brown_4k_8docs_recent_floor768_bt",),
@@ -549,7 +561,8 @@ def _long_rows(summary: dict) -> dict[tuple[str, str], dict]:
 
 def _chunkllm_names(variant: str) -> dict[str, str]:
   """The variants' flags reach `hybrid` (and `oracle`) only: the paper's rule takes none of them."""
-  return {m: f"{name}, with {variant}" if variant and m == "hybrid" else name for m, name in CHUNKLLM.items()}
+  rule = variant if "KV head" in variant else SHARED_NAME + (f", with {variant}" if variant else "")
+  return {m: f"{name}, with {rule}" if m == "hybrid" else name for m, name in CHUNKLLM.items()}
 
 
 def niah_verdicts(summary: dict, variant: str = "") -> list[str]:
@@ -653,23 +666,36 @@ def eval_section(m: Measurement) -> list[str]:
   return out
 
 
-# The pairs of sections behind today's defaults (`ChunkConfig.recent_share=0.75`, boundary tokens on
-# after a dense prefill): each check under them and under the first defaults.
+# Each check under today's defaults (the per-head rule, low-rank keys and a 128-bit sketch read as SimHash's
+# angle), under the shared rule with its defaults (recent share and boundary tokens), under the shared rule's
+# first defaults, and under the per-head rule's other scores: a section's name, or a perplexity variant's
+# file (eval.ppl_variants, the same texts and the same computation as eval.run's perplexity), or None.
 DEFAULT_CHECKS = (
-    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2", "niah_smollm2_first_defaults", "niah_smollm2_per_head",
-     "niah_smollm2_per_head_sketch"),
-    ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3", "niah_gemma3_first_defaults", "niah_gemma3_per_head",
-     "niah_gemma3_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 2K", "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults",
-     "ppl_smollm2_2k_8_per_head", "ppl_smollm2_2k_8_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 4K", "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults", None,
-     "ppl_smollm2_4k_8_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 8K", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults"),
-    ("Perplexity, gemma3-270m, 8 x 2K", "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults", None,
-     "ppl_gemma3_2k_8_per_head_sketch"),
-    ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2", "longbench_smollm2_first_defaults", None,
-     "longbench_smollm2_per_head_sketch"),
+    ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
+     "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
+    ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
+     "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
+    ("Perplexity, smollm2-135m, 8 x 2K", "eval_ppl_variants/brown_8x2048_per_head_simhash_fast_score.jsonl",
+     "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
+     "ppl_smollm2_2k_8_per_head_sketch"),
+    ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
+     "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults", None, "ppl_smollm2_4k_8_per_head_sketch"),
+    ("Perplexity, smollm2-135m, 8 x 8K", None, "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults", None, None),
+    ("Perplexity, gemma3-270m, 8 x 2K", "eval_ppl_variants/gemma3_brown_8x2048_per_head_lowrank_simhash.jsonl",
+     "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults", None, "ppl_gemma3_2k_8_per_head_sketch"),
+    ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2_per_head_simhash", "longbench_smollm2",
+     "longbench_smollm2_first_defaults", None, "longbench_smollm2_per_head_sketch"),
 )
+
+
+def variant_figure(path: Path, budget: str) -> tuple[float, str] | None:
+  """The per-head variant's perplexity change in an eval.ppl_variants file, as `method_figure`'s."""
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  rows = [r for r in rows if r.get("variant") not in (None, "vanilla") and f"{r['retention']:g}" == f"{float(budget):g}"]
+  if not rows:
+    return None
+  r = rows[-1]
+  return -100 * r["ppl_vs_vanilla"], f"{100 * r['ppl_vs_vanilla']:+.2f}% perplexity at {100 * r['kv']:.1f}% KV"
 
 
 def method_figure(records: list[dict], method: str, budget: str) -> tuple[float, str] | None:
@@ -698,33 +724,34 @@ def best_baseline(records: list[dict], budget: str) -> str:
 def defaults_section() -> list[str]:
   by_name = {m.name: m for m in MEASUREMENTS}
   out = ["## Default settings", "",
-         "`chunk_generate`'s defaults, and the eval's `hybrid`, give three quarters of the KV budget to the most "
-         "recent tokens (`ChunkConfig.recent_share=0.75`; the rest goes by score) and read the last token of every "
-         "chunk the selection leaves out, paid from the budget (`boundary_tokens`, on wherever a budget is set and "
-         "the prompt is read densely). The first defaults read the budget by score alone and chunks whole (`--recent_share 0 "
-         "--no-boundary_tokens`). Each check of the sections below under both, and the best of StreamingLLM, "
-         "SepLLM and FixLLM where the section measured them. The opt-in per-head rule (`selection=\"kv_head\"`, "
-         "each KV head of each sparse layer choosing at every step) where measured, scored by SparQ's estimate "
-         "over a quarter of K's dimensions (which touch every cache line of K: all of K is read besides the KV "
-         "shown) or from low-rank keys and a sketch of what they miss (`score_estimate=\"lowrank\", "
-         "score_sketch=128`: a quarter of K's coordinates, the length of the rest and 128 bits of its signs, 14-16% "
-         "of the KV's bytes, kept and read besides the KV shown), read with QJL's estimate (`sketch_estimate="
-         "\"qjl\"`); the sketch's default reading, SimHash's angle, kept every needle of both NIAH checks too (its "
-         "sections below; its perplexity: docs/results.md, twenty-fourth session); with the bound in place of the "
-         "sketch: the sections below:", "",
-         "| check | budget | first defaults | today's defaults | per KV head, SparQ | per KV head, low-rank + sketch "
-         "(QJL) | best baseline |",
-         "|---|---|---|---|---|---|---|"]
-  for label, now, first, *per_head in DEFAULT_CHECKS:
-    per_head = (list(per_head) + [None, None])[:2]
+         "`chunk_generate`'s defaults, and the eval's `hybrid`: each KV head of each sparse layer chooses the "
+         "chunks it reads at every decode step (`selection=\"kv_head\"`), scored from low-rank keys (a quarter "
+         "of K's coordinates in a basis of its KV head's prompt keys) and a 128-bit sketch of the signs of what "
+         "they miss, read as SimHash's angle (`score_estimate=\"lowrank\"`, `score_sketch=128`, "
+         "`sketch_estimate=\"simhash\"`: 14-16% of the KV's bytes, kept and read besides the KV shown), under "
+         "the budget's shape: three quarters of it to the most recent tokens (`recent_share=0.75`) and the last "
+         "token of every chunk left out (`boundary_tokens`). Beside it: the shared rule, one selection at each "
+         "chunk boundary by the QK Adapters for every layer and head (`selection=\"shared\"`, the default until "
+         "the twenty-seventh session), with the same budget shape and with its first defaults (the budget by "
+         "score alone and chunks whole, `--recent_share 0 --no-boundary_tokens`); the per-head rule's other "
+         "scores, SparQ's estimate over a quarter of K's dimensions (which touch every cache line of K: all of "
+         "K is read besides the KV shown) and QJL's reading of the same sketch; and the best of StreamingLLM, "
+         "SepLLM and FixLLM where the section measured them. The perplexity of today's defaults comes from "
+         "`eval.ppl_variants` (the same texts and computation as the sections' `eval.run`; its files under "
+         "eval_ppl_variants/ and commands in the history below):", "",
+         "| check | budget | **today's defaults: per KV head, low-rank + sketch (SimHash)** | shared rule | shared "
+         "rule, first defaults | per KV head, SparQ | per KV head, low-rank + sketch (QJL) | best baseline |",
+         "|---|---|---|---|---|---|---|---|"]
+  for label, today, shared, first, sparq, qjl in DEFAULT_CHECKS:
     for budget in NIAH_TARGETS:
-      figures = [method_figure(_records(by_name[m].folder), "hybrid", budget) if m else None
-                 for m in (first, now, *per_head)]
-      if figures[:2] == [None, None]:
+      figures = [(variant_figure(DOCS / m, budget) if m.endswith(".jsonl") else
+                  method_figure(_records(by_name[m].folder), "hybrid", budget)) if m else None
+                 for m in (today, shared, first, sparq, qjl)]
+      if figures[:3] == [None, None, None]:
         continue
       cells = ["-" if f is None else f[1] for f in figures]
-      out.append(f"| {label} | {float(budget):.0%} | {cells[0]} | **{cells[1]}** | {cells[2]} | {cells[3]} | "
-                 f"{best_baseline(section_records(by_name[now]), budget)} |")
+      out.append(f"| {label} | {float(budget):.0%} | **{cells[0]}** | {' | '.join(cells[1:])} | "
+                 f"{best_baseline(section_records(by_name[shared]), budget)} |")
   return out
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chunkllm_jax.prompts import encode_prompt, has_chat_template
-from chunkllm_jax.selection import SCORE_ESTIMATES, SELECTIONS, SKETCH_ESTIMATES, SKETCH_WORD
+from chunkllm_jax.selection import (PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS, SKETCH_ESTIMATES,
+                                    ChunkConfig)
 from eval import longbench
 from eval import methods as M
 from eval import niah
@@ -93,18 +94,19 @@ def _parser() -> argparse.ArgumentParser:
                  help="hybrid / oracle: the fewest tokens a step reads (ChunkConfig.kv_budget_min_tokens); the "
                       "budget's share is fitted under it so that the measured retention meets the target")
   p.add_argument("--selection", default=M.MethodSettings.selection, choices=SELECTIONS,
-                 help="hybrid / oracle: who makes decode's selections (ChunkConfig.selection: 'shared', the "
-                      "paper's rule, or 'kv_head', each KV head of each sparse layer at every step)")
+                 help="hybrid / oracle: who makes decode's selections (ChunkConfig.selection: 'kv_head', the "
+                      "default, each KV head of each sparse layer at every step, or 'shared', the paper's rule)")
   p.add_argument("--score_rank", type=int, default=None,
                  help="with --selection kv_head: the size of each step's score estimate, in dimensions or "
-                      "coordinates of K (ChunkConfig.score_rank; default: the exact attention mass)")
+                      "coordinates of K (ChunkConfig.score_rank; default: a quarter of the head dimension)")
   p.add_argument("--score_estimate", default=M.MethodSettings.score_estimate, choices=SCORE_ESTIMATES,
-                 help="with --score_rank: SparQ's dimensions of K (sparq) or each key's coordinates in a basis of "
-                      "its KV head's prompt keys (lowrank) (ChunkConfig.score_estimate)")
-  p.add_argument("--score_sketch", type=int, default=0,
+                 help="with --selection kv_head: each key's coordinates in a basis of its KV head's prompt keys "
+                      "(lowrank, the default), SparQ's dimensions of K (sparq) or the exact mass (exact) "
+                      "(ChunkConfig.score_estimate)")
+  p.add_argument("--score_sketch", type=int, default=None,
                  help="with --score_estimate lowrank: bits of a 1-bit random sketch of what each key's basis "
                       "misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple of 32; "
-                      "default 0, the bound)")
+                      "0: the bound; default %d)" % SCORE_SKETCH_BITS)
   p.add_argument("--sketch_estimate", default=M.MethodSettings.sketch_estimate, choices=SKETCH_ESTIMATES,
                  help="with --score_sketch: the angle from the Hamming distance of both sides' signs (simhash, the "
                       "default) or QJL's unbiased estimate from the query's projection (qjl) "
@@ -152,20 +154,10 @@ def _resolve(args) -> argparse.Namespace:
     raise UsageError(f"--recent_share is a share of the KV budget, in [0, 1]; got {args.recent_share}")
   if args.kv_budget_min_tokens < 0:
     raise UsageError(f"--kv_budget_min_tokens is a token count, >= 0; got {args.kv_budget_min_tokens}")
-  if args.score_rank is not None and (args.selection != "kv_head" or args.score_rank < 1):
-    raise UsageError(f"--score_rank is a count of K's dimensions (>= 1) for --selection kv_head; got "
-                     f"{args.score_rank} with --selection {args.selection}")
-  if args.score_estimate != "sparq" and args.score_rank is None:
-    raise UsageError(f"--score_estimate {args.score_estimate} estimates from --score_rank coordinates: give --score_rank")
-  if args.score_sketch and (args.score_estimate != "lowrank" or args.score_sketch < 0
-                            or args.score_sketch % SKETCH_WORD):
-    raise UsageError(f"--score_sketch is a multiple of {SKETCH_WORD} bits for --score_estimate lowrank; got "
-                     f"{args.score_sketch} with --score_estimate {args.score_estimate}")
-  if args.sketch_estimate != M.MethodSettings.sketch_estimate and not args.score_sketch:
-    raise UsageError(f"--sketch_estimate {args.sketch_estimate} scores the residual sketch: give --score_sketch too")
-  if args.head_refresh < 1 or (args.head_refresh != 1 and args.selection != "kv_head"):
-    raise UsageError(f"--head_refresh is a count of steps (>= 1) between the choices of --selection kv_head; got "
-                     f"{args.head_refresh} with --selection {args.selection}")
+  try:  # the selection rule's own checks (ChunkConfig.validate), before anything loads
+    ChunkConfig(**_selection_rule(args)).validate(max_len=1 << 20, n_layers=1)
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--selection / --score_* / --head_refresh: {e}") from None
   args.niah_kinds = (["single"] if q else list(niah.KINDS)) if args.niah_kinds is None else args.niah_kinds
   args.niah_lengths = args.niah_lengths or ([192] if q else [1024, 2048, 4096])
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -227,6 +219,23 @@ def _check_counts(args) -> None:
     raise UsageError(f"--ppl_prefix {args.ppl_prefix} leaves nothing to score in --ppl_tokens {args.ppl_tokens}")
 
 
+_SELECTION_RULE = ("selection", *PER_HEAD_FIELDS)
+
+
+def _selection_rule(args) -> dict:
+  """The flags of decode's selection rule, as ChunkConfig's fields of the same names."""
+  return {k: getattr(args, k) for k in _SELECTION_RULE}
+
+
+def _selection_key(settings: dict) -> dict:
+  """The selection rule of a fingerprint as what it does: the shared rule has no per-head settings (folders
+  of the shared rule recorded the per-head defaults of their day), and the sketch is read only where kept."""
+  if settings["selection"] == "shared":
+    return dict(settings, score_rank=None, score_estimate=None, score_sketch=0, sketch_estimate=None, head_refresh=1)
+  sketch = ChunkConfig(**{k: settings[k] for k in _SELECTION_RULE}).sketch_bits
+  return dict(settings, score_sketch=sketch, sketch_estimate=settings["sketch_estimate"] if sketch else None)
+
+
 def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
@@ -236,8 +245,7 @@ def _fingerprint(args) -> dict:
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
-  fp["sketch_estimate"] = args.sketch_estimate if args.score_sketch else None  # it reads only a sketch
-  return fp
+  return _selection_key(fp)
 
 
 def text_id(path) -> str:
@@ -279,8 +287,10 @@ def _settings_of(run_config: dict) -> dict:
   """A folder's recorded settings, with what the folders older than a setting used."""
   old = {**_ADDED_LATER, **run_config}
   if "sketch_estimate" not in run_config:  # before it was a setting, a sketch was read with QJL's estimate
-    old["sketch_estimate"] = "qjl" if old["score_sketch"] else None
-  return old
+    old["sketch_estimate"] = "qjl" if old["score_sketch"] else SKETCH_ESTIMATES[0]
+  if old["score_estimate"] == "sparq" and old["score_rank"] is None and old["selection"] == "kv_head":
+    old["score_estimate"] = "exact"  # before "exact" was an estimate's name, no score_rank meant the exact mass
+  return _selection_key(old)
 
 
 def _check_fingerprint(out: Path, fp: dict) -> None:

@@ -1,7 +1,10 @@
-"""chunk_generate on tiny random models: full coverage equals `generate` exactly, selection changes
-only at boundaries, retention falls with top_chunks, and bad settings fail before compiling."""
+"""chunk_generate on tiny random models under the shared rule (`selection="shared"`, one selection a
+chunk boundary; the default per-head rule has tests/test_per_head_selection.py): full coverage equals
+`generate` exactly, selection changes only at boundaries, retention falls with top_chunks, and bad
+settings fail before compiling."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +13,14 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import adapters as adp
-from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chunk_prefill
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax import chunk_generation as cg
+from chunkllm_jax import selection as sel
+from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_prefill
 from tests.tiny_models import chunk_params, prompts, tiny_params
+
+# The shared rule's machinery is what this file tests: its working buffer, kernels, boundaries and votes.
+chunk_generate = functools.partial(cg.chunk_generate, selection="shared")
+ChunkConfig = functools.partial(sel.ChunkConfig, selection="shared")
 
 FULL = dict(top_chunks=128, max_chunks=128, max_chunk_len=8, n_local=2)  # every chunk fits the selection
 
@@ -279,13 +287,14 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
 
 @pytest.mark.multi_device
 @pytest.mark.parametrize("data, model", [(8, 1), (2, 4)])
-def test_sharded_equals_unsharded(data, model):
+@pytest.mark.parametrize("selection", ["shared", "kv_head"])
+def test_sharded_equals_unsharded(data, model, selection):
   params = chunk_params(n_heads=8, n_kv_heads=4, head_dim=4)
   rows = prompts([30, 12, 25, 7, 19, 3, 28, 16], seed=8)
   kw = dict(max_new_tokens=10, eos_ids=(), max_len=128, top_chunks=3, n_local=1, max_chunk_len=8, max_chunks=64,
-            temperature=1.0, seed=2)
-  a = chunk_generate(params, rows, **kw)
-  b = chunk_generate(params, rows, mesh=cj.make_mesh(data=data, model=model), **kw)
+            temperature=1.0, seed=2, selection=selection)
+  a = cg.chunk_generate(params, rows, **kw)
+  b = cg.chunk_generate(params, rows, mesh=cj.make_mesh(data=data, model=model), **kw)
   assert (a.tokens == b.tokens).all()
   np.testing.assert_allclose(a.stats["kv_retention"], b.stats["kv_retention"], rtol=1e-6)
 
@@ -325,7 +334,6 @@ def test_prefill_scorer_makes_the_prompts_selections():
 def test_working_buffer_is_built_after_the_prefill(prefill):
   """chunk_generate's prefill program returns no working buffer (it would be live beside the
   prefill's temporaries); its decode program builds the one `chunk_prefill` would have built."""
-  from chunkllm_jax import chunk_generation as cg
   from chunkllm_jax import decoding
 
   params = chunk_params()

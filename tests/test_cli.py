@@ -60,11 +60,11 @@ def test_generate_chunk_prints_text_and_stats(random_export):
 
 
 @pytest.mark.real_model
-def test_demo_answers_with_both_methods(random_export):
+def test_demo_answers_with_both_rules(random_export):
   res = run_cli("demo", "--context", "512", "--adapters", str(random_export))
   assert res.returncode == 0, res.stderr
-  assert "vanilla:" in res.stdout and "ChunkLLM:" in res.stdout and "no-training:" in res.stdout
-  assert res.stdout.count("of the KV cache") == 3  # ChunkLLM at 25% and 50%, the attention scorer at 25%
+  assert "vanilla:" in res.stdout and "ChunkLLM:" in res.stdout and "shared rule:" in res.stdout
+  assert res.stdout.count("of the KV cache") == 3  # ChunkLLM at 25% and 50%, the shared rule at 25%
   assert "25% budget" in res.stdout and "50% budget" in res.stdout
 
 

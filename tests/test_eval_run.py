@@ -163,12 +163,14 @@ def test_the_filler_text_is_fingerprinted_by_contents_not_path(tmp_path):
     (0, None, "qjl", True),
 ])
 def test_the_sketch_estimate_is_fingerprinted_only_with_a_sketch(tmp_path, sketch, recorded, given, resumes):
+  """Folders of the per-head rule with low-rank keys, from before `sketch_estimate` was recorded and after."""
   out = tmp_path / "ev"
   out.mkdir()
   (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
-  old = {"model": "m", "score_sketch": sketch, **({"sketch_estimate": recorded} if recorded else {})}
+  rule = {"model": "m", "selection": "kv_head", "score_rank": 16, "score_estimate": "lowrank", "score_sketch": sketch}
+  old = {**rule, **({"sketch_estimate": recorded} if recorded else {})}
   (out / "run_config.json").write_text(json.dumps(old))
-  new = {"model": "m", "score_sketch": sketch, "sketch_estimate": given if sketch else None}
+  new = eval_run._selection_key({**rule, "sketch_estimate": given, "head_refresh": 1})
   if resumes:
     eval_run._check_fingerprint(out, new)
   else:
@@ -206,3 +208,29 @@ def test_an_adapter_export_is_fingerprinted_by_contents_not_path(tmp_path):
     eval_run._check_fingerprint(out, fp)
   (out / "run_config.json").write_text(json.dumps(dict(fp, adapters="/gone/export")))
   eval_run._check_fingerprint(out, fp)
+
+
+@pytest.mark.parametrize("recorded, given, resumes", [
+    # A folder of the shared rule recorded the per-head defaults of its day (SparQ, no sketch); run again
+    # with --selection shared today (whose per-head defaults are low-rank keys and a sketch) it resumes.
+    (dict(selection="shared", score_rank=None, score_estimate="sparq", score_sketch=0), dict(selection="shared"), True),
+    (dict(score_rank=None, score_estimate="sparq", score_sketch=0), dict(selection="shared"), True),  # before --selection
+    (dict(selection="shared", score_estimate="sparq", score_sketch=0), dict(), False),  # today's default is per head
+    # The per-head rule's exact mass was "no score_rank" before it was named "exact".
+    (dict(selection="kv_head", score_rank=None, score_estimate="sparq", score_sketch=0),
+     dict(selection="kv_head", score_estimate="exact"), True),
+    (dict(selection="kv_head", score_rank=16, score_estimate="lowrank", score_sketch=128, sketch_estimate="simhash"),
+     dict(score_rank=16), True),  # the measured per-head settings are today's defaults, the rank given
+])
+def test_a_folders_selection_rule_is_compared_by_what_it_does(tmp_path, recorded, given, resumes):
+  out = tmp_path / "ev"
+  out.mkdir()
+  (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
+  (out / "run_config.json").write_text(json.dumps({"model": "m", **recorded}))
+  args = eval_run._parser().parse_args(["--model", "m", *sum(([f"--{k}", str(v)] for k, v in given.items()), [])])
+  new = eval_run._selection_key({"model": "m", **eval_run._selection_rule(args)})
+  if resumes:
+    eval_run._check_fingerprint(out, new)
+  else:
+    with pytest.raises(eval_run.UsageError, match="other settings.*selection"):
+      eval_run._check_fingerprint(out, new)

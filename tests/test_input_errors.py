@@ -379,18 +379,20 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--batch_size", "0"], r"--batch_size 0 is too small"),
     (["--recent_share", "1.5"], r"--recent_share is a share of the KV budget, in \[0, 1\]; got 1.5"),
     (["--kv_budget_min_tokens", "-1"], r"--kv_budget_min_tokens is a token count, >= 0; got -1"),
-    (["--score_rank", "16"], r"--score_rank is a count of K's dimensions \(>= 1\) for --selection kv_head"),
-    (["--selection", "kv_head", "--score_rank", "0"], r"--score_rank is a count of K's dimensions"),
+    # decode's selection rule: ChunkConfig's own checks, named by the flags
+    (["--selection", "shared", "--score_rank", "16"],
+     r"--selection / --score_\* / --head_refresh: score_rank sets how the per-head selection scores; it needs "
+     r"selection='kv_head'"),
+    (["--score_rank", "0"], r"score_rank must be an int >= 1"),
     (["--page_len", "0"], r"--page_len 0 is too small: give 1 or more"),
-    (["--selection", "kv_head", "--score_estimate", "lowrank"], r"--score_estimate lowrank estimates from --score_rank"),
-    (["--selection", "kv_head", "--score_rank", "16", "--score_sketch", "64"],
-     r"--score_sketch is a multiple of 32 bits for --score_estimate lowrank; got 64 with --score_estimate sparq"),
-    (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--score_sketch", "40"],
-     r"--score_sketch is a multiple of 32 bits"),
-    (["--selection", "kv_head", "--score_rank", "16", "--score_estimate", "lowrank", "--sketch_estimate", "qjl"],
-     r"--sketch_estimate qjl scores the residual sketch: give --score_sketch too"),
-    (["--head_refresh", "4"], r"--head_refresh is a count of steps \(>= 1\) between the choices of --selection kv_head"),
-    (["--selection", "kv_head", "--head_refresh", "0"], r"--head_refresh is a count of steps"),
+    (["--selection", "shared", "--score_estimate", "sparq"], r"score_estimate='sparq' sets how the per-head"),
+    (["--score_estimate", "exact", "--score_rank", "16"], r"score_estimate='exact' reads all of K"),
+    (["--score_estimate", "sparq", "--score_sketch", "64"],
+     r"score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank'"),
+    (["--score_sketch", "40"], r"score_sketch must be a multiple of 32 bits"),
+    (["--score_sketch", "0", "--sketch_estimate", "qjl"], r"sketch_estimate='qjl' scores the residual sketch"),
+    (["--selection", "shared", "--head_refresh", "4"], r"head_refresh sets how often each KV head chooses"),
+    (["--head_refresh", "0"], r"head_refresh must be an int >= 1"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run

@@ -15,10 +15,12 @@ from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
 from tests.tiny_models import chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
-SCORES = [dict(), dict(score_rank=4), dict(score_rank=4, score_estimate="lowrank"),  # exact, SparQ, low-rank keys
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64),  # and a sketch of what they miss (its angle),
-          dict(score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="qjl")]  # or QJL's estimate
-REFRESH = dict(score_rank=4, score_estimate="lowrank", score_sketch=64, head_refresh=3)  # choosing every 3rd step
+SCORES = [dict(score_estimate="exact"), dict(score_estimate="sparq", score_rank=4),  # the exact mass, SparQ's
+          dict(score_sketch=0),  # low-rank keys (a quarter of the 8 dimensions) and the bound on what they miss,
+          dict(score_rank=4, score_sketch=64),  # or a 64-bit sketch of it read as an angle,
+          dict(score_rank=4, score_sketch=64, sketch_estimate="qjl"),  # or by QJL's estimate,
+          dict()]  # the defaults: 2 coordinates and a 128-bit sketch, its angle
+REFRESH = dict(score_sketch=64, head_refresh=3)  # choosing every 3rd step
 
 
 @pytest.mark.parametrize("arch, score", [(a, s) for a in ("llama", "gemma3") for s in SCORES] + [("llama", REFRESH)])
@@ -46,13 +48,14 @@ def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, sc
     assert (chose == 29).all()  # one choice a step
   else:  # every 3rd step, and the step after each of the 3 or 4 chunks either row closes in 29 steps
     assert (chose >= 10).all() and (chose <= 10 + 8).all(), chose
-  # The bytes count the scores' reads of K: all of it (the tiny model's 16-dim float32 key is one cache
-  # line), or the low-rank keys (4 of 16 coordinates a key and what the basis misses) and their sketch
-  # (64 bits: 8 bytes a key, of the 128 its float32 key and value hold).
+  # The bytes count the scores' reads of K: all of it (the tiny model's 8-dim float32 key lies in one cache
+  # line), or the low-rank keys (2 or 4 of 8 coordinates a key and what the basis misses) and their sketch
+  # (64 or 128 bits: 8 or 16 bytes a key, of the 64 its float32 key and value hold).
   share = per_head.stats["bytes_per_step"] / per_head.stats["dense_bytes_per_step"]
-  n_sparse = params.config.n_layers - 1  # layer 0 is dense
-  scored = 5 / (2 * params.config.head_dim) if score.get("score_estimate") == "lowrank" else 0.5
-  scored += 8 / (2 * params.config.head_dim * 4) if score.get("score_sketch") else 0.0
+  D, n_sparse = params.config.head_dim, params.config.n_layers - 1  # layer 0 is dense
+  low_rank = score.get("score_estimate", "lowrank") == "lowrank"
+  scored = (score.get("score_rank", D // 4) + 1) / (2 * D) if low_rank else 0.5
+  scored += score.get("score_sketch", 128) / 8 / (2 * D * 4) if low_rank else 0.0
   want = (n_sparse * (kept + scored * chose / 29) + 1) / params.config.n_layers  # the scores read where heads chose
   np.testing.assert_allclose(share, want, atol=0.03)
   assert budget > 0.4 or (share < 1).all()
@@ -70,7 +73,8 @@ def test_one_step_reads_less_than_everything_and_each_head_its_own_keys():
     _, cache, st = chunk_prefill(params, tokens, lengths, 256, ccfg)
     logits[budget], _, st = chunk_decode_step(params, tokens[:, -1], cache, st, ccfg)
     assert (np.asarray(st.retained) <= budget + 0.08).all()
-  dense_ccfg = ChunkConfig(max_chunk_len=8, n_local=1, boundaries="fixed", kv_budget=1.0).validate(256, 3)
+  dense_ccfg = ChunkConfig(selection="shared", max_chunk_len=8, n_local=1, boundaries="fixed",
+                           kv_budget=1.0).validate(256, 3)
   _, cache, st = chunk_prefill(params, tokens, lengths, 256, dense_ccfg)
   want, _, _ = chunk_decode_step(params, tokens[:, -1], cache, st, dense_ccfg)
   np.testing.assert_allclose(np.asarray(logits[1.0]), np.asarray(want), atol=1e-5)
@@ -433,19 +437,22 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(selection="per_query"), "selection must be one of"),
-    (dict(score_rank=4), "needs selection='kv_head'"),
-    (dict(selection="kv_head", score_rank=0), "score_rank must be an int >= 1"),
-    (dict(selection="kv_head", score_rank=999), "exceeds the head dimension"),
-    (dict(selection="kv_head", attention="pallas"), "no Pallas kernel"),
-    (dict(selection="kv_head", score_estimate="pca"), "score_estimate must be one of"),
-    (dict(selection="kv_head", score_estimate="lowrank"), "estimates from score_rank coordinates: give score_rank"),
-    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=48), "multiple of 32"),
-    (dict(selection="kv_head", score_rank=4, score_sketch=64), "needs score_estimate='lowrank'"),
-    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=64, sketch_estimate="l2"),
-     "sketch_estimate must be one of"),
-    (dict(selection="kv_head", score_rank=4, score_estimate="lowrank", sketch_estimate="qjl"), "give score_sketch"),
-    (dict(selection="kv_head", head_refresh=0), "head_refresh must be an int >= 1"),
-    (dict(head_refresh=4), "head_refresh sets how often each KV head chooses: it needs selection='kv_head'"),
+    (dict(selection="shared", score_rank=4), "needs selection='kv_head'"),
+    (dict(selection="shared", score_estimate="exact"), "score_estimate='exact' sets how the per-head selection"),
+    (dict(selection="shared", score_sketch=64), "needs score_estimate='lowrank' \\(with selection='kv_head'\\)"),
+    (dict(selection="shared", head_refresh=4), "head_refresh sets how often each KV head chooses: it needs "
+                                               "selection='kv_head'"),
+    (dict(score_rank=0), "score_rank must be an int >= 1"),
+    (dict(score_rank=999), "exceeds the head dimension"),
+    (dict(attention="pallas"), "selection='kv_head' \\(the default\\) has no Pallas kernel"),
+    (dict(score_estimate="pca"), "score_estimate must be one of"),
+    (dict(score_estimate="exact", score_rank=4), "score_estimate='exact' reads all of K"),
+    (dict(score_rank=4, score_sketch=48), "multiple of 32"),
+    (dict(score_rank=4, score_estimate="sparq", score_sketch=64), "needs score_estimate='lowrank'"),
+    (dict(score_rank=4, score_sketch=64, sketch_estimate="l2"), "sketch_estimate must be one of"),
+    (dict(score_sketch=0, sketch_estimate="qjl"), "scores the residual sketch"),
+    (dict(selection="shared", sketch_estimate="qjl"), "scores the residual sketch"),
+    (dict(head_refresh=0), "head_refresh must be an int >= 1"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
