@@ -1,4 +1,9 @@
-"""ChunkLLM decoding: boundary-triggered chunk selection over the static KV buffer.
+"""ChunkLLM decoding: chunk selection over the static KV buffer.
+
+By default (`selection="kv_head"`) each KV head of each sparse layer chooses the chunks it reads at
+every decode step (`head_selection.py`), and a boundary only appends the chunk to the table. Under the
+paper's rule (`selection="shared"`), described below, one selection made at each boundary serves
+every layer and head.
 
 Prefill lets the Chunk Adapter segment the prompt at layer 0, attends densely up to the first
 selection layer and chunk-sparsely after it (`chunk_prefill.py`: the selection layers' vote at
@@ -13,8 +18,6 @@ Each decode step then:
      chunk reached `max_chunk_len`), a `lax.cond` appends it, lets the selection layers vote,
      keeps the chunks that fit the budget (or the top-k) and re-compacts.
 The new selection applies from the next token; between boundaries nothing is re-scored.
-With `selection="kv_head"` each KV head of each sparse layer chooses at every step instead
-(`head_selection.py`), and a boundary only appends the chunk to the table.
 """
 
 from __future__ import annotations

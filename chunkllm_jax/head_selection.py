@@ -1,5 +1,5 @@
-"""Per-head selection (`ChunkConfig.selection="kv_head"`): at every decode step each KV head of each
-sparse layer chooses the chunks it reads, by its own query's attention over them.
+"""Per-head selection (`ChunkConfig.selection="kv_head"`, the default): at every decode step each KV
+head of each sparse layer chooses the chunks it reads, by its own query's attention over them.
 
 ChunkLLM's rule makes one selection where a token closes a chunk and serves every layer and head
 with it until the next one. Measured with the frozen attention's own scores, that rule is what
@@ -8,10 +8,10 @@ over the same chunks and budget keeps most of it (`eval.selection_ceiling`, docs
 
 A step, per sparse layer:
   1. scores every candidate chunk per KV head: the attention mass of the query heads that read it
-     (their max), exact (`selection.chunk_mass`, reading all of K), SparQ's estimate from
-     `score_rank` of K's dimensions (`selection.sparq_chunk_mass`), or Loki's from every key's
-     `score_rank` coordinates in a basis of its KV head's prompt keys (`low_rank_keys`,
-     `selection.lowrank_chunk_mass`);
+     (their max), by default Loki's estimate from every key's `score_rank` coordinates in a basis of
+     its KV head's prompt keys with a sketch of what the basis misses (`low_rank_keys`,
+     `selection.lowrank_chunk_mass`), or SparQ's from `score_rank` of K's dimensions
+     (`selection.sparq_chunk_mass`), or the exact mass (`selection.chunk_mass`, reading all of K);
   2. chooses per head with `chunk_cache.choose_at` (one row per head, as the shared rule's one
      row), under the budget's shape: sinks, local and open chunks, the recent share, boundary tokens;
   3. lays each head's read out as the shared rule lays out its working buffer
