@@ -540,10 +540,15 @@ def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int, key_chunk_BT=None):
 
 def key_basis(k_BTKD, valid_BT, rank: int):
   """Per KV head, the `rank` directions that hold most of its keys' energy (the top eigenvectors of
-  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns."""
+  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns, each with its
+  largest component positive."""
   k = jnp.where(valid_BT[:, :, None, None], k_BTKD.astype(jnp.float32), 0.0)
   _, vecs = jnp.linalg.eigh(jnp.einsum("btkd,btke->bkde", k, k))  # ascending eigenvalues
-  return vecs[..., ::-1][..., :rank]
+  vecs = vecs[..., ::-1][..., :rank]
+  # An eigenvector's sign is arbitrary, and rounding flips it between equal keys computed two ways (a
+  # prompt read in blocks or whole): fixed, the basis and every key's coordinates follow from K alone.
+  top = jnp.take_along_axis(vecs, jnp.argmax(jnp.abs(vecs), axis=-2, keepdims=True), axis=-2)
+  return vecs * jnp.where(top < 0, -1.0, 1.0)
 
 
 def _split_by_basis(x_BKND, basis_BKDr):

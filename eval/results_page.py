@@ -76,15 +76,16 @@ FIRST = "the first defaults, no recent share and no boundary tokens (`" + OFF + 
 PPL2K = "--suites ppl --ppl_tokens 2048 --ppl_docs 8 --batch_size 8 --filler brown"
 PPL4K = "--suites ppl --ppl_tokens 4096 --ppl_docs 8 --batch_size 8 --filler brown"
 PPL8K = "--suites ppl --ppl_tokens 8192 --ppl_docs 8 --batch_size 8 --filler brown"
-PER_HEAD = "--selection kv_head --score_rank 16"  # each KV head chooses at every step, SparQ's 16 dimensions
+PER_HEAD = "--selection kv_head --score_rank 16 --score_estimate sparq"  # each KV head, at every step, SparQ's 16
 PER_HEAD_NAME = f"decode's selections made instead by each KV head at every step (`{PER_HEAD}`)"
-LOWRANK = "--selection kv_head --score_rank 16 --score_estimate lowrank"  # the same rule, scored from low-rank keys
+LOWRANK_KEYS = "--selection kv_head --score_rank 16 --score_estimate lowrank"  # the same rule, from low-rank keys
+LOWRANK = LOWRANK_KEYS + " --score_sketch 0"  # and the bound on what they miss
 LOWRANK_NAME = f"decode's selections made instead by each KV head at every step, scored from low-rank keys (`{LOWRANK}`)"
 LOWRANK_NOTE = ("Decode's selections made by each KV head of each sparse layer at every step, scored from every "
                 "key's coordinates in a basis of its KV head's prompt keys and the length of what the basis misses "
                 "(`score_estimate=\"lowrank\"`, kept beside the cache: {} of K's {} coordinates, {} of the KV's "
                 "bytes, read besides the KV shown).")
-SKETCH = LOWRANK + " --score_sketch 128 --sketch_estimate qjl"  # the same, with QJL's estimate from a 1-bit sketch
+SKETCH = LOWRANK_KEYS + " --score_sketch 128 --sketch_estimate qjl"  # or QJL's estimate from a 1-bit sketch
 SKETCH_NAME = (f"decode's selections made instead by each KV head at every step, scored from low-rank keys and a "
                f"sketch of what they miss (`{SKETCH}`)")
 SKETCH_NOTE = ("Decode's selections made by each KV head of each sparse layer at every step, scored from every "
@@ -92,7 +93,7 @@ SKETCH_NOTE = ("Decode's selections made by each KV head of each sparse layer at
                "128-bit sketch of the signs of what the basis misses (`score_sketch=128`, kept beside the cache: "
                "{} of K's {} coordinates, the length of the rest and 16 bytes, {} of the KV's bytes, read besides "
                "the KV shown).")
-SIMHASH = SKETCH + " --sketch_estimate simhash"  # the same sketch, read as SimHash's angle
+SIMHASH = LOWRANK_KEYS + " --score_sketch 128 --sketch_estimate simhash"  # the same sketch, read as SimHash's angle
 SIMHASH_NAME = (f"decode's selections made instead by each KV head at every step, scored from low-rank keys and the "
                 f"angle of what they miss from a sketch of its signs (`{SIMHASH}`)")
 SIMHASH_NOTE = ("The same rule and the same 128-bit sketch of the signs of what each key's basis misses as the "
@@ -195,23 +196,23 @@ MEASUREMENTS = (
                 "NIAH, gemma3-270m: the same 10 passkeys, each KV head choosing at every step",
                 "eval_per_head_gemma3_10", "eval",
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--selection kv_head --score_rank 64 --out docs/eval_per_head_gemma3_10",),
+                 "--selection kv_head --score_rank 64 --score_estimate sparq --out docs/eval_per_head_gemma3_10",),
                 others="eval_gemma3_8k_headmax",
                 variant="decode's selections made instead by each KV head at every step "
-                        "(`--selection kv_head --score_rank 64`)",
+                        "(`--selection kv_head --score_rank 64 --score_estimate sparq`)",
                 note="SparQ's estimate from 64 of the 256 dimensions: gemma3's QK-norm spreads |q| over the "
                      "dimensions, and the estimate ranks the needle's chunk out of the budget (the exact score, "
-                     "without `--score_rank`, keeps all 10: docs/eval_per_head_exact_gemma3_10). Vanilla was run "
+                     "`--score_estimate exact`, keeps all 10: docs/eval_per_head_exact_gemma3_10). Vanilla was run "
                      "again in the folder."),
     Measurement("niah_gemma3_per_head_lowrank",
                 "NIAH, gemma3-270m: the same 10 passkeys, each KV head choosing at every step from low-rank keys",
                 "eval_per_head_lowrank_bound_gemma3_10", "eval",
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--selection kv_head --score_rank 64 --score_estimate lowrank "
+                 "--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 0 "
                  "--out docs/eval_per_head_lowrank_bound_gemma3_10",),
                 others="eval_gemma3_8k_headmax",
                 variant="decode's selections made instead by each KV head at every step, scored from low-rank keys "
-                        "(`--selection kv_head --score_rank 64 --score_estimate lowrank`)",
+                        "(`--selection kv_head --score_rank 64 --score_estimate lowrank --score_sketch 0`)",
                 note=LOWRANK_NOTE.format(64, 256, "13%") + " Vanilla's rows are those of the same run with the "
                      "plain low-rank score (docs/results.md, twenty-second session), copied into the folder."),
     Measurement("niah_gemma3_per_head_sketch",
