@@ -117,7 +117,8 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   ccfg = cg.resolved(params, ccfg)  # the state's query rings take the adapters' window
   n_qk, C = len(acfg.qk_layers), ccfg.max_chunks
   W = working_size(ccfg, cache.max_len, cg.WORK_BLOCK)
-  st = init_chunk_state(CFG.n_layers, n_qk, 1, acfg.d_c, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, cache.k.dtype,
+  d_c = cg._d_c(params, ccfg)  # 0 where the state keeps no k~ (the per-head rule)
+  st = init_chunk_state(CFG.n_layers, n_qk, 1, d_c, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, cache.k.dtype,
                         ccfg, W)
   n = -(-(L - ccfg.n_sink) // CHUNK)
   ends = L - 1 - CHUNK * np.arange(n)[::-1]
@@ -126,9 +127,11 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(starts), chunk_end=st.chunk_end.at[0, :n].set(ends),
                   chunk_key=jax.random.normal(kk, st.chunk_key.shape), n_chunks=jnp.full((1,), n, jnp.int32),
                   open_start=jnp.full((1,), L, jnp.int32))
-  probs = jnp.stack([adapter_probs(q[:, None], k, (st.n_chunks - ccfg.n_local)[:, None])[:, 0]
-                     for q, k in zip(jax.random.normal(kq, (n_qk, 1, acfg.d_c)), st.chunk_key)])
-  st = cg._reselect(st, jnp.ones((1,), bool), vote_scores(probs, ccfg.vote), jnp.full((1,), L - 1), ccfg)
+  if getattr(ccfg, "shares_selection", True):  # the shared rule's first selection (older code, timed from a
+    #                                           worktree, makes it for both rules and has no such property)
+    probs = jnp.stack([adapter_probs(q[:, None], k, (st.n_chunks - ccfg.n_local)[:, None])[:, 0]
+                       for q, k in zip(jax.random.normal(kq, (n_qk, 1, d_c)), st.chunk_key)])
+    st = cg._reselect(st, jnp.ones((1,), bool), vote_scores(probs, ccfg.vote), jnp.full((1,), L - 1), ccfg)
   return cg._fill_working_buffer(st, cache, ccfg)  # at the last token (cache.length = L): compacted, or the
   #                                                  per-head rule's own state
 

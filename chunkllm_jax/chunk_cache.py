@@ -30,14 +30,16 @@ class ChunkState:
   chunk_start: jnp.ndarray  # [B, C] int32: first token of each completed chunk
   chunk_end: jnp.ndarray  # [B, C] int32: its boundary (last) token; -1 where empty
   chunk_key: jnp.ndarray  # [S, B, C, d_c] float32: k~ at the boundary token, per selection layer
-  #                         (d_c = 0 for scorer="attention", which reads the layers' K instead)
+  #                         (d_c = 0 for scorer="attention", which reads the layers' K instead, and for
+  #                         the per-head rule, whose heads score the cache itself)
   recent_q: jnp.ndarray  # [S, B, Q, H, D]: the last Q queries of each selection layer, slot = position % Q
-  #                        (Q = score_queries for scorer="attention", else 0)
+  #                        (Q = score_queries for scorer="attention" with the shared rule, else 0)
   recent_qt: jnp.ndarray  # [S, B, Q, d_c] float32: the last Q q~ of each selection layer, slot = position % Q
-  #                         (Q = score_queries for scorer="adapter", else 0)
+  #                         (Q = score_queries for scorer="adapter" with the shared rule, else 0)
   n_chunks: jnp.ndarray  # [B] int32: completed chunks
   open_start: jnp.ndarray  # [B] int32: first token of the open chunk
-  selected: jnp.ndarray  # [B, C] bool: the chunks the last selection kept (local chunks not included)
+  selected: jnp.ndarray  # [B, C] bool: the chunks the last selection kept (local chunks not included;
+  #                        none with the per-head rule, whose heads keep their own)
   work_pos: jnp.ndarray  # [B, W] int32: main-buffer position of each working slot
   work_valid: jnp.ndarray  # [B, W] bool
   work_used: jnp.ndarray  # [B] int32: slots in use (sinks + packed chunks)
@@ -74,8 +76,8 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
     raise ValueError("init_chunk_state needs a resolved ChunkConfig (score_queries set): "
                      "use chunk_generation.resolved(params, ccfg)")
   C = cfg.max_chunks
-  Q = cfg.score_queries if cfg.scorer == "attention" else 0
-  Qt = cfg.score_queries if cfg.scorer == "adapter" else 0
+  Q = cfg.score_queries if cfg.scorer == "attention" and cfg.shares_selection else 0
+  Qt = cfg.score_queries if cfg.scorer == "adapter" and cfg.shares_selection else 0
   W_head = W if cfg.keeps_head_choice else 0
   return ChunkState(
       recent_q=jnp.zeros((n_select, batch, Q, n_heads, head_dim), dtype),

@@ -92,8 +92,8 @@ def _qk(params: ModelParams, slot, h_BTD):
 
 
 def _d_c(params: ModelParams, ccfg: ChunkConfig) -> int:
-  """Width of the chunk keys the state keeps: the adapters' d_c, or 0 for scorer="attention"."""
-  return params.adapters.config.d_c if ccfg.scorer == "adapter" else 0
+  """Width of the chunk keys the state keeps: the adapters' d_c for the shared rule scored by them, else 0."""
+  return params.adapters.config.d_c if ccfg.scorer == "adapter" and ccfg.shares_selection else 0
 
 
 def _boundary_probs(params: ModelParams, h0_BTD):
@@ -234,7 +234,7 @@ def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: in
   x0 = model.embed(params, tokens_BT)
   d_c = _d_c(params, ccfg)
   n_ids = C + 2
-  Q = ccfg.score_queries
+  Q = ccfg.score_queries if ccfg.shares_selection else 0  # decode's rings of recent queries
   recent_pos = (lengths_B - Q)[:, None] + jnp.arange(Q)  # the last Q prompt positions (< 0: none)
   at_recent = lambda x: jnp.take_along_axis(x, jnp.maximum(recent_pos, 0).reshape(B, Q, *(1,) * (x.ndim - 2)), axis=1)
 
@@ -251,8 +251,9 @@ def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: in
     return closes, ids, ends, n
 
   pscorer = ccfg.prefill_scorer or ccfg.scorer  # who scores the prompt's rows
-  hybrid = pscorer != ccfg.scorer
-  Qp = Q if not hybrid else (ATTENTION_QUERIES if pscorer == "attention" else params.adapters.config.score_queries)
+  hybrid = pscorer != ccfg.scorer and ccfg.shares_selection  # the first selection is not decode's scorer's
+  Qp = ccfg.score_queries if pscorer == ccfg.scorer else (
+      ATTENTION_QUERIES if pscorer == "attention" else params.adapters.config.score_queries)
 
   def layer_scores(idx, q, k, h, seg):
     """This selection layer's distributions for every prompt chunk's selection [B, C + 1, C] and, when
@@ -342,8 +343,8 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   slot_of[sel_layers] = np.arange(n_sel)
   slot_L, qk_slot_L = jnp.asarray(slot_of), jnp.asarray(plan.qk_slot)
   pscorer = ccfg.prefill_scorer or ccfg.scorer
-  hybrid = pscorer != ccfg.scorer
-  Q = ccfg.score_queries
+  hybrid = pscorer != ccfg.scorer and ccfg.shares_selection
+  Q = ccfg.score_queries if ccfg.shares_selection else 0  # decode's rings of recent queries
   Qp = ATTENTION_QUERIES if hybrid else 0  # the attention scorer's queries for the first selection
   R = max(Q, Qp)
   d_c = _d_c(params, ccfg)
@@ -435,6 +436,8 @@ def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, 
                   chunk_key=jnp.where(has[None, ..., None], chunk_key_SBCd, 0.0).astype(st.chunk_key.dtype), n_chunks=n,
                   open_start=jnp.where(n > 0, last_end + 1, ccfg.n_sink).astype(jnp.int32),
                   overflow=n_closes > C)
+  if not ccfg.shares_selection:  # the heads make the first choice at the first decode step
+    return st.replace(work_k=None, work_v=None)
   # The first selection, at the last prompt token: the prompt's scorer's (decode's, from its rings, or,
   # when they differ, the prompt scorer's vote at that token).
   score = final_vote_BC if final_vote_BC is not None else _vote_now(params, st, lengths_B - 1, cache.k, plan, ccfg)

@@ -329,6 +329,14 @@ class ChunkConfig(ChunkRules):
     return self.budgeted and self.keep == "chunk" and self.prefill_mode == "dense"
 
   @property
+  def shares_selection(self) -> bool:
+    """Whether one selection serves every sparse layer and head (the shared rule). Only then does the
+    state keep what that selection's vote reads (the chunks' k~, the selection layers' rings of recent
+    queries), and a prompt end with a selection: the per-head rule chooses at each decode step from the
+    cache itself, so decode runs no QK Adapter and keeps no ring."""
+    return self.selection == "shared"
+
+  @property
   def keeps_head_choice(self) -> bool:
     """Whether decode keeps each KV head's last choice in the state (the per-head rule with head_refresh > 1)."""
     return self.selection == "kv_head" and self.head_refresh > 1

@@ -20,7 +20,7 @@ def test_vote_rank_agrees_with_the_selection(vote):
   params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
   ids = list(prompts([100], seed=9)[0])
   ccfg = ChunkConfig(top_chunks=3, n_local=1, max_chunk_len=6, alpha=0.9, vote=vote, prefill="dense",
-                     prefill_scorer="adapter")
+                     prefill_scorer="adapter", selection="shared")
   T = len(ids)
   _, _, st = chunk_prefill(
       params, jnp.asarray([ids + [0] * (128 - T)], jnp.int32), jnp.asarray([T]), 128, ccfg.validate(128, 3))

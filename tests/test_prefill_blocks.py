@@ -47,10 +47,14 @@ def test_blocks_give_what_one_call_gives(arch, extra, T, block, lengths):
     np.testing.assert_allclose(cache.v[:, b, :n], whole.v[:, b, :n], atol=2e-5, rtol=2e-5)
 
 
+SHARED = dict(selection="shared")
+
+
 @pytest.mark.parametrize("arch, scorers, alpha", [
-    ("llama", {}, 0.87),  # the default: the prompt's selection by the frozen attention, decode's by the adapters
-    ("llama", dict(prefill_scorer="adapter", prefill="dense"), 0.87),  # the adapters throughout, from their rings
-    ("gemma3", dict(scorer="attention"), 0.99),  # the attention scorer throughout; a sliding layer
+    ("llama", SHARED, 0.87),  # the shared rule: the prompt's selection by the frozen attention, decode's by the adapters
+    ("llama", dict(SHARED, prefill_scorer="adapter", prefill="dense"), 0.87),  # the adapters throughout, from their rings
+    ("gemma3", dict(SHARED, scorer="attention"), 0.99),  # the attention scorer throughout; a sliding layer
+    ("llama", {}, 0.87),  # the default per-head rule: the chunk table alone
 ])
 def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorers, alpha):
   """(alpha: about the 80th percentile of the random Chunk Adapter's probabilities on these prompts)"""
@@ -70,7 +74,12 @@ def test_chunk_prefill_in_blocks_gives_what_one_block_gives(arch, scorers, alpha
       np.testing.assert_allclose(value, want, atol=2e-5, rtol=2e-5, err_msg=name)
     else:
       np.testing.assert_array_equal(value, want, err_msg=name)
-  assert int(st.n_chunks.min()) >= 3 and st.selected.any() and not st.selected.all()
+  assert int(st.n_chunks.min()) >= 3
+  if ccfg.shares_selection:
+    assert st.selected.any() and not st.selected.all()
+  else:  # the heads choose at each decode step from the cache: no first selection, no rings, no chunk keys
+    assert not st.selected.any() and not st.n_selections.any()
+    assert st.recent_q.size == st.recent_qt.size == st.chunk_key.size == 0
   # the segmentation is the one layer 0 alone gives (`segment_prompts`, another path)
   closes = np.asarray(segment_prompts(params, tokens, lens, ccfg))
   for b in range(2):
@@ -85,7 +94,7 @@ def test_chunk_keys_are_k_tilde_at_each_chunk_end(block):
   params = chunk_params("llama")
   tokens, lens = _prompts([100, 61], 100, seed=5)
   ccfg = resolved(params, ChunkConfig(kv_budget=0.5, max_chunk_len=8, n_local=1, alpha=0.87, max_chunks=64,
-                                      prefill_scorer="adapter", prefill="dense").validate(128, 3))
+                                      prefill_scorer="adapter", prefill="dense", **SHARED).validate(128, 3))
   _, _, st = chunk_prefill(params, tokens, lens, 128, ccfg, block=block)
 
   def keep_h(h_LBTD, layer, start, tokens_Bt, q, h):
