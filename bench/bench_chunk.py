@@ -317,6 +317,20 @@ def verdict(decode_rows, prefill_rows):
   return out
 
 
+def rule_text(row: dict) -> str:
+  """A decode row's selection rule, in words."""
+  if row.get("selection", "shared") != "kv_head":
+    return "shared (`selection=\"shared\"`: one selection by the QK Adapters' vote at each boundary)"
+  score = row.get("score_estimate") or "exact"
+  if score == "lowrank":
+    score = f"low-rank keys of rank {row.get('score_rank')} + a {row.get('score_sketch')}-bit " \
+            f"{row.get('sketch_estimate') or 'simhash'} sketch"
+  elif score == "sparq":
+    score = f"SparQ's {row.get('score_rank')} largest query dimensions"
+  return f"per-head (`selection=\"kv_head\"`: each KV head chooses its chunks by {score}, " \
+         f"every {row.get('head_refresh', 1)} step(s))"
+
+
 def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
   wb = weight_bytes()
   for r in decode_rows:  # the ceiling for a memory-bound step: weights are read by both designs
@@ -336,6 +350,7 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
       f"Machine: {results_md.machine_line()}. Synthetic smollm2-135m-shaped weights (30 layers, 9 heads / 3 KV heads, "
       "head_dim 64), float32, batch 1; adapters from `init_adapters`; ChunkConfig defaults (n_sink 4, n_local 4, "
       "vote sum, layer 0 dense) with `max_chunk_len=30` and uniform 30-token chunks.", "",
+      "Decode's selection rule: " + "; ".join(sorted({rule_text(r) for r in decode_rows})) + ".", "",
       f"Command: `{command}`", "",
       "Code measured (git): decode " + ", ".join(sorted({r.get("code", "?") for r in decode_rows})) + "; prefill "
       + ", ".join(sorted({r.get("code", "?") for r in prefill_rows})) + ".", "",

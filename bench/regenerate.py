@@ -1,6 +1,6 @@
 """Regenerates every CPU results page of bench/ in one command, then the summary against the targets.
 
-  python bench/regenerate.py                  # all benchmarks, about two and a half hours on 2 cores
+  python bench/regenerate.py                  # all benchmarks, about three hours on 2 cores
   python bench/regenerate.py --only memory    # some of them; the summary is rebuilt from every .json
   python bench/regenerate.py --summary        # only RESULTS_summary.md and summary.png, from the .json files
   python bench/regenerate.py --quick --out /tmp/b   # tiny shapes into another folder: checks the pipeline
@@ -48,11 +48,15 @@ STEPS = (
          ("--models", "smollm2-135m", "--cases", "512:300"), 4),
     Step("generate", ("bench/bench_generate.py", "--lengths", "2048", "8192", "16384", "--repeats", "2",
                       "--out", "{out}.md"), ("--lengths", "256", "--new-tokens", "4", "--repeats", "1"), 25),
-    Step("chunk", ("bench/bench_chunk.py", "--lengths", "8192", "32768", "--ratios", "0.5", "0.25",
-                   "--prefill-lengths", "4096", "16384", "--prefill-selection", "consistent",
+    Step("chunk", ("bench/bench_chunk.py", "--selection", "shared", "--lengths", "8192", "32768", "--ratios", "0.5",
+                   "0.25", "--prefill-lengths", "4096", "16384", "--prefill-selection", "consistent",
                    "--prefill-repeats", "1", "--out", "{out}.md"),
          ("--lengths", "1024", "--ratios", "0.5", "--rounds", "2", "--prefill-lengths", "1024",
           "--prefill-selection", "consistent", "--prefill-repeats", "1"), 45),
+    # The library's default rule (per-head) decodes from a dense prefill: its page has no prefill section.
+    Step("chunk_defaults", ("bench/bench_chunk.py", "--lengths", "8192", "32768", "--ratios", "0.5", "0.25",
+                            "--rounds", "3", "--prefill-lengths", "--out", "{out}.md"),
+         ("--lengths", "1024", "--ratios", "0.5", "--rounds", "2"), 35),
     Step("prefill_scorer", ("bench/bench_prefill_scorer.py", "--context", "16384", "--repeats", "1",
                             "--out", "{out}.md"), ("--context", "512", "--repeats", "1"), 40),
     Step("memory", ("bench/bench_memory.py", "--contexts", "8192", "32768", "--out", "{out}.md"),

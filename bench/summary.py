@@ -62,17 +62,12 @@ def figures(out: pathlib.Path) -> list[Figure]:
     figs.append(Figure("dense decode", f"tok/s vs transformers, {r['prompt']}-token prompt", r["decode_ratio"],
                        None, True, "x", "generate"))
   chunk = _load(out, "chunk") or {}
+  defaults = _load(out, "chunk_defaults") or {}
   for context in (8192, 32768):
-    rows = [r for r in chunk.get("decode", []) if r["context"] == context]
-    dense = next((r.get("dense_of_floor") for r in rows), None)
+    dense = next((r.get("dense_of_floor") for r in chunk.get("decode", []) if r["context"] == context), None)
     figs.append(Figure("decode vs floor", f"dense, {context // 1024}K context", dense, 0.6, True, "%", "chunk"))
-    for r in sorted(rows, key=lambda r: -r["target_retention"]):
-      figs.append(Figure("decode vs floor", f"ChunkLLM, {context // 1024}K, {r['retention']:.0%} retention",
-                         r.get("chunk_of_floor"), 0.6, True, "%", "chunk"))
-      figs.append(Figure("ChunkLLM decode", f"speed vs dense, {context // 1024}K, {r['retention']:.0%} retention",
-                         r["decode_speedup"], None, True, "x", "chunk"))
-    if not rows:
-      figs.append(Figure("decode vs floor", f"ChunkLLM, {context // 1024}K context", None, 0.6, True, "%", "chunk"))
+    for page, doc, rule in (("chunk_defaults", defaults, "defaults (per-head rule)"), ("chunk", chunk, "shared rule")):
+      figs += _decode_figures(page, doc, rule, context)
   for r in chunk.get("prefill", []):
     figs.append(Figure("chunk-sparse prefill", f"vs dense, {r['context'] // 1024}K, synthetic chunks "
                        f"({r.get('selection', 'random')} selection), top {r['top_k']}", r["prefill_speedup"],
@@ -104,6 +99,19 @@ def figures(out: pathlib.Path) -> list[Figure]:
                      train and train["teacher_over_forward"], 1.3, False, "x", "train"))
   figs.append(Figure("training", "adapter step on cached rows vs frozen forward",
                      train and train["cached_step_over_forward"], None, False, "x", "train"))
+  return figs
+
+
+def _decode_figures(page: str, doc: dict, rule: str, context: int) -> list[Figure]:
+  """A bench_chunk page's ChunkLLM decode at `context`: against the floor and against its own dense steps."""
+  rows = sorted((r for r in doc.get("decode", []) if r["context"] == context), key=lambda r: -r["target_retention"])
+  if not rows:
+    return [Figure("decode vs floor", f"ChunkLLM {rule}, {context // 1024}K context", None, 0.6, True, "%", page)]
+  figs = []
+  for r in rows:
+    at = f"{context // 1024}K, {r['retention']:.0%} retention"
+    figs.append(Figure("decode vs floor", f"ChunkLLM {rule}, {at}", r.get("chunk_of_floor"), 0.6, True, "%", page))
+    figs.append(Figure("ChunkLLM decode", f"{rule}: speed vs dense, {at}", r["decode_speedup"], None, True, "x", page))
   return figs
 
 
