@@ -669,14 +669,16 @@ def eval_section(m: Measurement) -> list[str]:
 
 # Each check under today's defaults (the per-head rule, low-rank keys and a 128-bit sketch read as SimHash's
 # angle), under the shared rule with its defaults (recent share and boundary tokens), under the shared rule's
-# first defaults, and under the per-head rule's other scores: a section's name, or a perplexity variant's
-# file (eval.ppl_variants, the same texts and the same computation as eval.run's perplexity), or None.
+# first defaults, and under the per-head rule's other scores: a section's name, or perplexity variants' files
+# (eval.ppl_variants, the same texts and the same computation as eval.run's perplexity; a file's name, or
+# several, one a budget), or None.
 DEFAULT_CHECKS = (
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 2K", "eval_ppl_variants/brown_8x2048_per_head_simhash_fast_score.jsonl",
+    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_per_head_simhash_fast_score.jsonl",
+                                          "eval_ppl_variants/brown_8x2048_per_head_lowrank_simhash_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
@@ -689,9 +691,12 @@ DEFAULT_CHECKS = (
 )
 
 
-def variant_figure(path: Path, budget: str) -> tuple[float, str] | None:
-  """The per-head variant's perplexity change in an eval.ppl_variants file, as `method_figure`'s."""
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def variant_figure(paths: Path | tuple[Path, ...], budget: str) -> tuple[float, str] | None:
+  """The per-head variant's perplexity change at `budget` in eval.ppl_variants files (the last row there is),
+  as `method_figure`'s."""
+  paths = paths if isinstance(paths, tuple) else (paths,)
+  rows = [json.loads(line) for path in paths if path.exists() for line in path.read_text().splitlines()
+          if line.strip()]
   rows = [r for r in rows if r.get("variant") not in (None, "vanilla") and f"{r['retention']:g}" == f"{float(budget):g}"]
   if not rows:
     return None
@@ -745,7 +750,8 @@ def defaults_section() -> list[str]:
          "|---|---|---|---|---|---|---|---|"]
   for label, today, shared, first, sparq, qjl in DEFAULT_CHECKS:
     for budget in NIAH_TARGETS:
-      figures = [(variant_figure(DOCS / m, budget) if m.endswith(".jsonl") else
+      figures = [(variant_figure(tuple(DOCS / f for f in m) if isinstance(m, tuple) else DOCS / m, budget)
+                  if isinstance(m, tuple) or m.endswith(".jsonl") else
                   method_figure(_records(by_name[m].folder), "hybrid", budget)) if m else None
                  for m in (today, shared, first, sparq, qjl)]
       if figures[:3] == [None, None, None]:

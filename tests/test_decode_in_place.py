@@ -43,16 +43,19 @@ def captured_programs(monkeypatch):
 
 
 @pytest.mark.parametrize("buffer_len", LENGTHS)
-@pytest.mark.parametrize("path", ["generate", "chunk_generate"])
+@pytest.mark.parametrize("path", ["generate", "chunk_generate", "chunk_generate_half"])
 def test_decode_loop_never_copies_the_kv_buffer(path, buffer_len, captured_programs):
+  """(chunk_generate_half: each head's read half the buffer, so the per-head gathers take their largest blocks
+  where the buffer is long enough.)"""
   params = chunk_params("gemma3")  # a sliding layer, a full one, sandwich norms
   cfg = params.config
   rows = prompts([30], seed=1)
   if path == "generate":
     cj.generate(params, rows, max_new_tokens=3, eos_ids=(), max_len=buffer_len)
   else:
-    chunk_generate(params, rows, max_new_tokens=3, eos_ids=(), max_len=buffer_len, top_chunks=2, max_chunks=buffer_len // 8,
-                   max_chunk_len=8, n_local=1)
+    budget = dict(kv_budget=0.5) if path == "chunk_generate_half" else dict(top_chunks=2)
+    chunk_generate(params, rows, max_new_tokens=3, eos_ids=(), max_len=buffer_len, max_chunks=buffer_len // 8,
+                   max_chunk_len=8, n_local=1, **budget)
   (progs,) = captured_programs
   (loop,) = progs.loop.executables.values()
   shape = (cfg.n_layers, 1, buffer_len, cfg.n_kv_heads, cfg.head_dim)
