@@ -157,12 +157,19 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, roo
     start, read = jnp.where(left_out, end, start), read | left_out
   length = jnp.where(read, end - start + 1, 0)
   offs_end = jnp.cumsum(length, axis=-1)  # [B, C]
+  offs_start = offs_end - length
   w = jnp.arange(W - cfg.n_sink)
-  which = jax.vmap(lambda e: jnp.searchsorted(e, w, side="right"))(offs_end)  # chunk of packed slot w
-  which = jnp.minimum(which, C - 1)
-  pos = jnp.take_along_axis(start, which, -1) + w - jnp.take_along_axis(offs_end - length, which, -1)
-  valid = w < offs_end[:, -1:]
   B = selected_BC.shape[0]
+  # The chunk of packed slot w: the last chunk whose run starts at or before w (a chunk read whole or in
+  # part is the last of those sharing its start; the empty ones before it start there too). Each chunk
+  # marks its start and a running max carries it along: W + C work, where a binary search of every slot
+  # (jnp.searchsorted) took log2(C) gathers of W, 3x as long (0.67 against 1.9 ms for 3 rows of 16K slots
+  # over 4K chunks, which the per-head rule pays for every sparse layer at every step).
+  marks = jnp.zeros((B, W - cfg.n_sink), jnp.int32).at[jnp.arange(B)[:, None], offs_start].max(
+      jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C)), mode="drop")
+  which = jax.lax.cummax(marks, axis=1)
+  pos = jnp.take_along_axis(start, which, -1) + w - jnp.take_along_axis(offs_start, which, -1)
+  valid = w < offs_end[:, -1:]
   sink_pos = jnp.broadcast_to(jnp.arange(cfg.n_sink, dtype=jnp.int32), (B, cfg.n_sink))
   pos = jnp.concatenate([sink_pos, jnp.where(valid, pos, 0)], -1).astype(jnp.int32)
   valid = jnp.concatenate([jnp.ones_like(sink_pos, bool), valid], -1)
