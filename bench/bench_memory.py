@@ -5,7 +5,8 @@
 Each (method, context) runs in a fresh process, so one run's allocations cannot hide in another's:
 load smollm2-135m (float32), then generate 8 tokens after a prompt of `context` tokens, vanilla or
 ChunkLLM at a 25% KV budget. The floor is what the run cannot do without: the weights, one KV
-buffer of the run's size and, for ChunkLLM, its working buffer. The report gives the peak RSS, the
+buffer of the run's size and, for ChunkLLM, its chunk state (the shared rule's working buffer, or the
+per-head rule's low-rank keys and sketches, with the chunk table). The report gives the peak RSS, the
 RSS after loading (weights + runtime), and both as ratios to the floor; the growth during generation
 is the part the decode loops control (a loop that copied the KV buffer into its carry would add a
 second buffer here). Writes bench/RESULTS_memory.md and bench/RESULTS_memory.json.
@@ -41,9 +42,12 @@ def child(method: str, context: int, with_torch: bool = False) -> dict:
   import numpy as np
 
   import chunkllm_jax as cj
+  import functools
+
+  import jax.numpy as jnp
+
+  from chunkllm_jax import chunk_generation as cg
   from chunkllm_jax import decoding
-  from chunkllm_jax.chunk_cache import working_size
-  from chunkllm_jax.chunk_generation import WORK_BLOCK
 
   def rss() -> int:
     with open("/proc/self/status") as f:
@@ -64,8 +68,13 @@ def child(method: str, context: int, with_torch: bool = False) -> dict:
   if method == "vanilla":
     out = cj.generate(params, [ids], max_new_tokens=new, eos_ids=(), max_len=max_len)
   else:
-    ccfg = cj.ChunkConfig(kv_budget=0.25).validate(max_len, cfg.n_layers)
-    work = 2 * cfg.n_layers * working_size(ccfg, max_len, WORK_BLOCK) * cfg.n_kv_heads * cfg.head_dim * 4
+    # What the chunk state holds beside the KV buffer, from its shapes: the shared rule's working buffer, or
+    # the per-head rule's low-rank keys and sketches (the library's default rule), and the chunk table.
+    ccfg = cg.resolved(params, cj.ChunkConfig(kv_budget=0.25).validate(max_len, cfg.n_layers))
+    tokens = jax.ShapeDtypeStruct((1, context), jnp.int32)
+    _, _, state = jax.eval_shape(functools.partial(cg.chunk_prefill, max_len=max_len, ccfg=ccfg), params, tokens,
+                                 jax.ShapeDtypeStruct((1,), jnp.int32))
+    work = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     out = cj.chunk_generate(params, [ids], max_new_tokens=new, eos_ids=(), kv_budget=0.25, max_len=max_len)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return dict(method=method, context=context, weights=weights, kv=kv, work=work, floor=weights + kv + work,
@@ -129,10 +138,10 @@ def _write(rows: list[dict], args, command: str) -> str:
       "Peak host memory of generation", "`, then `".join(commands),
       "smollm2-135m float32, 8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters; each run in a "
       "fresh process, torch not loaded unless the row says so (a user's install has none; transformers "
-      "imports it wherever it is installed). A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ the working buffer for ChunkLLM). RSS after load holds "
+      "imports it wherever it is installed). A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ ChunkLLM's chunk state: the shared rule's working buffer, or the per-head rule's low-rank keys and sketches, and the chunk table). RSS after load holds "
       "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.") + [
-      "| method | context | weights MiB | KV MiB | working MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
-      "peak / floor | growth / (KV + working) | code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+      "| method | context | weights MiB | KV MiB | chunk state MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
+      "peak / floor | growth / (KV + chunk state) | code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "failed" in r:
       lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} ||||||||| ")
