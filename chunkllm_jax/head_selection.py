@@ -64,11 +64,19 @@ def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
   its prompt keys (`selection.key_basis`, [L, B, K, D, rank]), every key's `selection.lowrank_coords`
   in it ([L, B, K, rank + 1, S], in the cache's dtype, as `selection.lowrank_chunk_mass` reads them)
   and its `selection.residual_sketch` ([L, B, K, sketch_bits // 32, S] uint32; S = 0 without one).
-  Decode adds each new key's (`new_low_rank_keys`)."""
+  Decode adds each new key's (`new_low_rank_keys`).
+
+  One layer at a time (`lax.map`): the keys' transposes and what the basis misses are temporaries the
+  size of a layer's keys, where all layers at once held two to three times the K buffer beside it
+  (a peak of 2.2x weights + KV + state at 8K, bench/RESULTS_memory.md)."""
   valid = jnp.arange(k_LBSKD.shape[2])[None] < length_B[:, None]
-  basis = jax.vmap(lambda k: key_basis(k, valid, rank))(k_LBSKD)
-  low, sketch = new_low_rank_keys(jnp.swapaxes(k_LBSKD, 2, 3), basis, sketch_bits)
-  return basis, jnp.swapaxes(low, -1, -2).astype(k_LBSKD.dtype), jnp.swapaxes(sketch, -1, -2)
+
+  def layer(k_BSKD):
+    basis = key_basis(k_BSKD, valid, rank)
+    low, sketch = new_low_rank_keys(jnp.swapaxes(k_BSKD, 1, 2)[None], basis[None], sketch_bits)
+    return basis, jnp.swapaxes(low[0], -1, -2).astype(k_BSKD.dtype), jnp.swapaxes(sketch[0], -1, -2)
+
+  return jax.lax.map(layer, k_LBSKD)
 
 
 def new_low_rank_keys(k_LBKND, basis_LBKDr, sketch_bits: int):

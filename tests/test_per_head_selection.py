@@ -458,3 +458,23 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
     chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=4, max_len=64, **kw)
+
+
+def test_the_low_rank_keys_are_built_one_layer_at_a_time():
+  """Building the per-head rule's low-rank keys and sketches needs temporaries of about one layer's keys, not
+  of the whole K buffer (XLA's own count of the compiled program's temporaries), and gives each layer
+  what that layer alone gives."""
+  import jax
+  from chunkllm_jax import head_selection as hs
+  L, B, S, K, D = 8, 1, 2048, 3, 64
+  k = jax.random.normal(jax.random.key(0), (L, B, S, K, D), jnp.float32)
+  lengths = jnp.asarray([1500], jnp.int32)
+  build = jax.jit(hs.low_rank_keys, static_argnums=(2, 3))
+  temps = build.lower(k, lengths, 16, 128).compile().memory_analysis().temp_size_in_bytes
+  assert temps < 0.5 * k.nbytes, (temps, k.nbytes)  # all layers at once: 2-3x k.nbytes
+  basis, low, sketch = build(k, lengths, 16, 128)
+  for layer in (0, L - 1):
+    b1, l1, s1 = build(k[layer:layer + 1], lengths, 16, 128)
+    np.testing.assert_allclose(basis[layer], b1[0], atol=1e-6)
+    np.testing.assert_allclose(low[layer], l1[0], atol=1e-5)
+    np.testing.assert_array_equal(sketch[layer], s1[0])
