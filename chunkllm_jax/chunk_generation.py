@@ -562,9 +562,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       into_chunk % max(ccfg.refresh_every, 1) == 0)
   reselect = closes | refresh
   sel = np.asarray(plan.selection_layers)
-  st = _remember_queries(st, q_LBHD[sel], qt_LBd[sel], pos_B)
 
-  if ccfg.selection == "kv_head":  # the heads choose at their own steps: the chunk table is all a boundary changes
+  if not ccfg.shares_selection:  # the heads choose at their own steps: the chunk table is all a boundary changes
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
     if ccfg.keeps_head_choice:  # a closed chunk left the open window: the next step chooses again
       age = jnp.where(choose_now, 1, st.head_age + 1)
@@ -577,6 +576,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
           jnp.swapaxes(low[:, :, :, 0], 0, 1).astype(st.key_low.dtype)),
           key_sketch=st.key_sketch.at[:, rows, :, :, pos_B].set(jnp.swapaxes(sketch[:, :, :, 0], 0, 1)))
     return logits, cache, st
+
+  st = _remember_queries(st, q_LBHD[sel], qt_LBd[sel], pos_B)  # the rings the shared vote reads
 
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])

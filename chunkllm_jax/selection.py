@@ -98,8 +98,8 @@ class ChunkConfig(ChunkRules):
   # rule on ChunkLLM's chunks), or "shared" (the paper's rule: one selection, made by `scorer` where a
   # token closes a chunk, serves every sparse layer and head; the only one with Pallas kernels). The
   # per-head rule is the one that meets every quality target measured (the shared rule's 2K perplexity is
-  # +4.86% at 50% KV against +1.69%), at a lower decode speedup on the CPU (1.35-1.67x dense at 32K against
-  # 2-3x; docs/results.md, "Default settings" and the twenty-seventh session).
+  # +4.86% at 50% KV against +1.69%), at a lower decode speed on the CPU (slower than dense at a 50% budget;
+  # docs/results.md, "Default settings"; bench/RESULTS_chunk_defaults.md against bench/RESULTS_chunk.md).
   selection: str = SELECTIONS[0]
   # With selection="kv_head", how each step estimates a head's attention mass over the chunks:
   # "lowrank" (default), each key's `score_rank` coordinates in a basis of its KV head's prompt keys and
