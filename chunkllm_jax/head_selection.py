@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
-from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, lowrank_chunk_mass, lowrank_coords,
+from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, key_gram, lowrank_chunk_mass, lowrank_coords,
                                    residual_sketch, sparq_chunk_mass)
 
 
@@ -59,6 +59,9 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
   return choose_at(st, mass[:, :, :, 0].max(2), pos_B, ccfg)
 
 
+LOW_RANK_BLOCK = 1024  # positions of one layer's keys a step of `low_rank_keys` reads
+
+
 def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
   """score_estimate="lowrank"'s state, built once after the prompt: each layer's and KV head's basis of
   its prompt keys (`selection.key_basis`, [L, B, K, D, rank]), every key's `selection.lowrank_coords`
@@ -66,17 +69,42 @@ def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
   and its `selection.residual_sketch` ([L, B, K, sketch_bits // 32, S] uint32; S = 0 without one).
   Decode adds each new key's (`new_low_rank_keys`).
 
-  One layer at a time (`lax.map`): the keys' transposes and what the basis misses are temporaries the
-  size of a layer's keys, where all layers at once held two to three times the K buffer beside it
-  (a peak of 2.2x weights + KV + state at 8K, bench/RESULTS_memory.md)."""
-  valid = jnp.arange(k_LBSKD.shape[2])[None] < length_B[:, None]
+  One layer at a time, and in each layer `LOW_RANK_BLOCK` positions at a time (a sum of their Gram
+  matrices, then their coordinates and sketches written in place in the stacked outputs): the keys'
+  transposes, what the basis misses and its projection for the sketch are temporaries of one block. A whole layer
+  at once held 3x its keys beside the state (76 MiB at 32K keys, the decode program's largest
+  temporary); all layers at once 2-3x the K buffer (a peak of 2.2x weights + KV + state at 8K,
+  bench/RESULTS_memory.md)."""
+  L, B, S, K, D = k_LBSKD.shape
+  size = min(LOW_RANK_BLOCK, S)
+  n_blocks = -(-S // size)
+  starts = jnp.minimum(jnp.arange(n_blocks) * size, S - size)  # the last block ends at S (it may overlap)
+  valid = jnp.arange(S)[None] < length_B[:, None]
 
-  def layer(k_BSKD):
-    basis = key_basis(k_BSKD, valid, rank)
-    low, sketch = new_low_rank_keys(jnp.swapaxes(k_BSKD, 1, 2)[None], basis[None], sketch_bits)
-    return basis, jnp.swapaxes(low[0], -1, -2).astype(k_BSKD.dtype), jnp.swapaxes(sketch[0], -1, -2)
+  def layer(l, out):
+    block = lambda i: (jax.lax.dynamic_slice(k_LBSKD, (l, 0, starts[i], 0, 0), (1, B, size, K, D))[0],
+                       jax.lax.dynamic_slice_in_dim(valid, starts[i], size, 1))
 
-  return jax.lax.map(layer, k_LBSKD)
+    def add_gram(i, gram):
+      k, ok = block(i)
+      fresh = starts[i] + jnp.arange(size) >= i * size  # an overlapping last block counts its new keys once
+      return gram + key_gram(k, ok & fresh[None])
+
+    gram = jax.lax.fori_loop(0, n_blocks, add_gram, jnp.zeros((B, K, D, D), jnp.float32))
+    basis = key_basis(None, None, rank, gram_BKDD=gram)
+
+    def write(i, out):  # the block's coordinates and sketches, in place in the stacked outputs
+      low, sketch = new_low_rank_keys(jnp.swapaxes(block(i)[0], 1, 2)[None], basis[None], sketch_bits)
+      put = lambda buf, x: jax.lax.dynamic_update_slice(buf, jnp.swapaxes(x, -1, -2).astype(buf.dtype),
+                                                        (l, 0, 0, 0, starts[i]))
+      return out[0], put(out[1], low), put(out[2], sketch)
+
+    out = (jax.lax.dynamic_update_index_in_dim(out[0], basis, l, 0),) + out[1:]
+    return jax.lax.fori_loop(0, n_blocks, write, out)
+
+  out = (jnp.zeros((L, B, K, D, rank), jnp.float32), jnp.zeros((L, B, K, rank + 1, S), k_LBSKD.dtype),
+         jnp.zeros((L, B, K, sketch_bits // 32, S), jnp.uint32))
+  return jax.lax.fori_loop(0, L, layer, out)
 
 
 def new_low_rank_keys(k_LBKND, basis_LBKDr, sketch_bits: int):

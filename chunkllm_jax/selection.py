@@ -546,12 +546,18 @@ def _mass_of_logits(s_BKGQT, hi_BKGQ, ends_BC, n_sink: int, key_chunk_BT=None):
   return jnp.where(((ends_BC >= n_sink) & (ends_BC < T))[:, None, None, None, :], mass, 0.0)
 
 
-def key_basis(k_BTKD, valid_BT, rank: int):
-  """Per KV head, the `rank` directions that hold most of its keys' energy (the top eigenvectors of
-  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns, each with its
-  largest component positive."""
+def key_gram(k_BTKD, valid_BT):
+  """Per KV head, sum_t k k^T over the valid tokens: [B, K, D, D] float32 (sums of blocks add up)."""
   k = jnp.where(valid_BT[:, :, None, None], k_BTKD.astype(jnp.float32), 0.0)
-  _, vecs = jnp.linalg.eigh(jnp.einsum("btkd,btke->bkde", k, k))  # ascending eigenvalues
+  return jnp.einsum("btkd,btke->bkde", k, k)
+
+
+def key_basis(k_BTKD, valid_BT, rank: int, gram_BKDD=None):
+  """Per KV head, the `rank` directions that hold most of its keys' energy (the top eigenvectors of
+  sum_t k k^T over the valid tokens, `key_gram`, or `gram_BKDD` where given): [B, K, D, rank] float32,
+  orthonormal columns, each with its largest component positive."""
+  gram = key_gram(k_BTKD, valid_BT) if gram_BKDD is None else gram_BKDD
+  _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
   vecs = vecs[..., ::-1][..., :rank]
   # An eigenvector's sign is arbitrary, and rounding flips it between equal keys computed two ways (a
   # prompt read in blocks or whole): fixed, the basis and every key's coordinates follow from K alone.
