@@ -18,6 +18,18 @@ def selection_mask(rng, lengths, S, *, n_sink=4, p_select=0.3):
   return jnp.asarray(mask)
 
 
+def decode_case_mask(case, rng, lengths, S):
+  """The decode kernels' selection for a named case: "ragged" (and "cut_list", whose block list the test
+  cuts) `selection_mask`, "empty_row" its first row empty, "nothing" every row empty, "every_block" all."""
+  B = len(lengths)
+  if case == "nothing":
+    return jnp.zeros((B, S), bool)
+  if case == "every_block":
+    return jnp.ones((B, S), bool)
+  mask = selection_mask(rng, lengths, S)
+  return mask.at[0].set(False) if case == "empty_row" else mask
+
+
 def chunking(rng, lengths, T, *, n_sel, mean_chunk=12):
   """Random chunk ids (-1 past the row's length) and, per token, its chunk's selected chunks."""
   B = len(lengths)

@@ -7,7 +7,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import chunk_decode_attention as cda
-from tests.kernel_fixtures import selection_mask
+from tests.kernel_fixtures import decode_case_mask, selection_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # jitted, so the cases that share a shape share one compile
@@ -39,11 +39,7 @@ def test_kernel_matches_reference(case, B, S, K, G, D, bs, n_splits, dtype):
   rng = np.random.default_rng(S + K + G + bs)
   q, k, v = inputs(B, S, K, G, D, dtype)
   lengths = rng.integers(S // 4, S + 1, size=B)
-  mask = selection_mask(rng, lengths, S)
-  if case == "empty_row":
-    mask = mask.at[0].set(False)
-  elif case == "every_block":
-    mask = jnp.ones((B, S), bool)
+  mask = decode_case_mask(case, rng, lengths, S)
   ids, n = block_list(mask, block_size=bs)
   if case == "cut_list":  # tokens in blocks left off the list must be invisible
     n = jnp.minimum(n, 2)

@@ -15,7 +15,7 @@ from chunkllm_jax import chunk_attention, chunk_kernels
 from pallas_kernels import chunk_decode_attention as cda
 from pallas_kernels import chunk_decode_attention_gpu as cdg
 from pallas_kernels.dispatch import implementation
-from tests.kernel_fixtures import selection_mask
+from tests.kernel_fixtures import decode_case_mask, selection_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # jitted, so the cases that share a shape share one compile
@@ -53,13 +53,7 @@ def test_gpu_kernel_matches_reference(case, B, S, K, G, D, bs, n_splits, dtype):
   rng = np.random.default_rng(100 + S + K + G + bs)  # not the TPU test's inputs
   q, k, v = inputs(B, S, K, G, D, dtype, seed=100 + D)
   lengths = rng.integers(S // 4, S + 1, size=B)
-  mask = selection_mask(rng, lengths, S)
-  if case == "empty_row":
-    mask = mask.at[0].set(False)
-  elif case == "nothing":
-    mask = jnp.zeros((B, S), bool)
-  elif case == "every_block":
-    mask = jnp.ones((B, S), bool)
+  mask = decode_case_mask(case, rng, lengths, S)
   ids, n = block_list(mask, block_size=bs)
   if case == "cut_list":  # tokens in blocks left off the list must be invisible
     n = jnp.minimum(n, 2)
