@@ -21,7 +21,8 @@ KEEP = "<!-- analysis below is kept when the script rewrites this file -->"
 
 
 def machine_line() -> str:
-  """The CPU (model, family and model numbers, AVX-512 or not), cores and jax/XLA backend; imports
+  """The CPU (model, family and model numbers, AVX-512 or not), cores and jax/XLA backend (and the
+  accelerator, where jax runs on one); imports
   jax only if the caller already did. Hosts sold under one name differ several times over in what
   XLA and torch get from them (bench/RESULTS_generate.md), so the numbers name the generation."""
   model, detail = platform.processor() or platform.machine(), []
@@ -40,6 +41,8 @@ def machine_line() -> str:
   if "jax" in sys.modules:
     jax = sys.modules["jax"]
     line += f", jax {jax.__version__} ({jax.default_backend()})"
+    if jax.default_backend() != "cpu":  # the figures are the accelerator's: name it
+      line += f" on {jax.devices()[0].device_kind}"
   return line
 
 

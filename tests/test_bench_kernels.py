@@ -73,3 +73,25 @@ def test_smoke_run_checks_pass_and_writes_outputs(bench_kernels, tmp_path):
 def test_smoke_never_writes_over_the_real_results(bench_kernels):
   with pytest.raises(SystemExit):
     bench_kernels.main(["--smoke", "--out", str(ROOT / "bench")])
+
+
+def test_device_script_runs_every_part(tmp_path):
+  """bench/device_run.sh, the one prepared run for a lent accelerator, at tiny shapes on the CPU (BENCH_SMOKE=1):
+  every part writes its page, and an unknown part is a failure, not a silent skip."""
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, OUT=str(tmp_path), BENCH_SMOKE="1",
+             PATH=os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+  done = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh")], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  for name in ("RESULTS.md", "RESULTS.json", "kernels_speed.png", "RESULTS_chunk_device.md",
+               "RESULTS_chunk_device.json"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  cases = json.loads((tmp_path / "RESULTS.json").read_text())["cases"]
+  assert any(k.startswith("prefill/") for k in cases) and any(k.startswith("decode/") for k in cases)
+  assert "| 1024 |" in (tmp_path / "RESULTS_chunk_device.md").read_text()
+  bad = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh")], env=dict(env, PARTS="nonsense"),
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "unknown part nonsense" in bad.stderr

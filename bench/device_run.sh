@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one prepared run for a session lent a GPU (or a TPU): every kernel built, checked against its jnp
+# reference and timed (bench_kernels.py), then the default per-head rule's whole decode step against dense
+# decode on the device (bench_chunk.py, the same program the CPU pages time). Each part writes its files to
+# OUT as it goes, so a run cut short keeps what finished:
+#
+#   OUT=/some/dir bash bench/device_run.sh                 # everything
+#   OUT=/some/dir PARTS="kernels" bash bench/device_run.sh # one part: kernels, kernels_prefill or decode
+#
+# Afterwards copy OUT/RESULTS.md, RESULTS.json and kernels_speed.png to bench/ (bench_kernels.py's page), and
+# OUT/RESULTS_chunk_device.* beside them. BENCH_SMOKE=1 runs every part at tiny shapes on a CPU (interpret
+# mode, meaningless timings): tests/test_bench_kernels.py runs it so that this script cannot rot.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to a folder for the results}
+PARTS=${PARTS:-"kernels kernels_prefill decode"}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then
+  smoke=(--smoke); lengths=(1024); rounds=1; platform=cpu
+else
+  smoke=(); lengths=(8192 32768 131072); rounds=3; platform=${JAX_PLATFORMS:-}
+fi
+status=0
+for part in $PARTS; do
+  echo "== $part ($(date -u +%H:%M:%S))"
+  case $part in
+    kernels)  # bandwidth, correctness, decode kernels, distillation
+      python bench/bench_kernels.py "${smoke[@]}" --out "$OUT" --only bandwidth checks decode distill \
+        $( [ -f "$OUT/RESULTS.json" ] && echo --resume "$OUT/RESULTS.json" ) ;;
+    kernels_prefill)  # the prefill kernels, added to the same page
+      python bench/bench_kernels.py "${smoke[@]}" --out "$OUT" --only prefill \
+        $( [ -f "$OUT/RESULTS.json" ] && echo --resume "$OUT/RESULTS.json" ) ;;
+    decode)  # the library's default rule, a whole decode step against dense decode, on the device
+      JAX_PLATFORMS=$platform python bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
+        --rounds "$rounds" --prefill-lengths --out "$OUT/RESULTS_chunk_device.md" ;;
+    *) echo "unknown part $part (kernels, kernels_prefill, decode)" >&2; status=2; continue ;;
+  esac
+  rc=$?
+  [ $rc -ne 0 ] && { echo "== $part failed (exit $rc)" >&2; status=$rc; }
+done
+exit $status
