@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
-from chunkllm_jax.selection import (ChunkConfig, chunk_mass, key_basis, key_gram, lowrank_chunk_mass, lowrank_coords,
+from chunkllm_jax.selection import (ChunkConfig, chunk_mass, gram_basis, key_gram, lowrank_chunk_mass, lowrank_coords,
                                    residual_sketch, sparq_chunk_mass)
 
 
@@ -71,10 +71,10 @@ def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
 
   One layer at a time, and in each layer `LOW_RANK_BLOCK` positions at a time (a sum of their Gram
   matrices, then their coordinates and sketches written in place in the stacked outputs): the keys'
-  transposes, what the basis misses and its projection for the sketch are temporaries of one block. A whole layer
-  at once held 3x its keys beside the state (76 MiB at 32K keys, the decode program's largest
-  temporary); all layers at once 2-3x the K buffer (a peak of 2.2x weights + KV + state at 8K,
-  bench/RESULTS_memory.md)."""
+  transposes, what the basis misses and its projection for the sketch are temporaries of one block.
+  A whole layer at once held 3x its keys beside the state (76 MiB at 32K keys, the decode program's
+  largest temporary); all layers at once 2-3x the K buffer (a peak of 2.2x weights + KV + state at
+  8K, bench/RESULTS_memory.md)."""
   L, B, S, K, D = k_LBSKD.shape
   size = min(LOW_RANK_BLOCK, S)
   n_blocks = -(-S // size)
@@ -91,7 +91,7 @@ def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
       return gram + key_gram(k, ok & fresh[None])
 
     gram = jax.lax.fori_loop(0, n_blocks, add_gram, jnp.zeros((B, K, D, D), jnp.float32))
-    basis = key_basis(None, None, rank, gram_BKDD=gram)
+    basis = gram_basis(gram, rank)
 
     def write(i, out):  # the block's coordinates and sketches, in place in the stacked outputs
       low, sketch = new_low_rank_keys(jnp.swapaxes(block(i)[0], 1, 2)[None], basis[None], sketch_bits)

@@ -552,12 +552,16 @@ def key_gram(k_BTKD, valid_BT):
   return jnp.einsum("btkd,btke->bkde", k, k)
 
 
-def key_basis(k_BTKD, valid_BT, rank: int, gram_BKDD=None):
+def key_basis(k_BTKD, valid_BT, rank: int):
   """Per KV head, the `rank` directions that hold most of its keys' energy (the top eigenvectors of
-  sum_t k k^T over the valid tokens, `key_gram`, or `gram_BKDD` where given): [B, K, D, rank] float32,
-  orthonormal columns, each with its largest component positive."""
-  gram = key_gram(k_BTKD, valid_BT) if gram_BKDD is None else gram_BKDD
-  _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
+  sum_t k k^T over the valid tokens): [B, K, D, rank] float32, orthonormal columns, each with its
+  largest component positive."""
+  return gram_basis(key_gram(k_BTKD, valid_BT), rank)
+
+
+def gram_basis(gram_BKDD, rank: int):
+  """`key_basis` from the keys' `key_gram` (summed over blocks of keys where they are read a block at a time)."""
+  _, vecs = jnp.linalg.eigh(gram_BKDD)  # ascending eigenvalues
   vecs = vecs[..., ::-1][..., :rank]
   # An eigenvector's sign is arbitrary, and rounding flips it between equal keys computed two ways (a
   # prompt read in blocks or whole): fixed, the basis and every key's coordinates follow from K alone.
