@@ -14,13 +14,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 PARTS=${PARTS:-"kernels kernels_prefill decode"}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   smoke=(--smoke); lengths=(1024); rounds=1; platform=cpu
 else
   smoke=(); lengths=(8192 32768 131072); rounds=3; platform=${JAX_PLATFORMS:-}
+  backend=$(JAX_PLATFORMS=$platform python -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -1)
+  if [ "$backend" != gpu ] && [ "$backend" != tpu ]; then  # the CPU's own pages are bench/regenerate.py's
+    echo "no GPU or TPU here (jax backend '${backend:-none}'): this run is for an accelerator; BENCH_SMOKE=1 runs it" \
+      "at tiny shapes on a CPU" >&2
+    exit 2
+  fi
 fi
+mkdir -p "$OUT"
 status=0
 for part in $PARTS; do
   echo "== $part ($(date -u +%H:%M:%S))"

@@ -77,7 +77,8 @@ def test_smoke_never_writes_over_the_real_results(bench_kernels):
 
 def test_device_script_runs_every_part(tmp_path):
   """bench/device_run.sh, the one prepared run for a lent accelerator, at tiny shapes on the CPU (BENCH_SMOKE=1):
-  every part writes its page, and an unknown part is a failure, not a silent skip."""
+  every part writes its page; an unknown part is a failure, not a silent skip; without BENCH_SMOKE a CPU is
+  refused."""
   import os
   import subprocess
   import sys
@@ -95,3 +96,7 @@ def test_device_script_runs_every_part(tmp_path):
   bad = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh")], env=dict(env, PARTS="nonsense"),
                        capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown part nonsense" in bad.stderr
+  # without BENCH_SMOKE on a CPU it refuses at once (its full shapes would run for hours here)
+  cpu = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh")], capture_output=True, text=True,
+                       env={k: v for k, v in dict(env, JAX_PLATFORMS="cpu").items() if k != "BENCH_SMOKE"})
+  assert cpu.returncode == 2 and "no GPU or TPU here" in cpu.stderr, cpu.stderr
