@@ -7,6 +7,9 @@
 #   OUT=/some/dir bash bench/device_run.sh                 # everything
 #   OUT=/some/dir PARTS="kernels" bash bench/device_run.sh # one part: kernels, kernels_prefill or decode
 #
+# Where one call has a time limit, give each part a call of its own (same OUT): the prefill part resumes the
+# kernels part's RESULTS.json.
+#
 # Afterwards copy OUT/RESULTS.md, RESULTS.json and kernels_speed.png to bench/ (bench_kernels.py's page), and
 # OUT/RESULTS_chunk_device.* beside them. BENCH_SMOKE=1 runs every part at tiny shapes on a CPU (interpret
 # mode, meaningless timings): tests/test_bench_kernels.py runs it so that this script cannot rot.
