@@ -38,14 +38,13 @@ def child(method: str, context: int, with_torch: bool = False) -> dict:
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(ROOT))
+  import functools
+
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
   import chunkllm_jax as cj
-  import functools
-
-  import jax.numpy as jnp
-
   from chunkllm_jax import chunk_generation as cg
   from chunkllm_jax import decoding
 

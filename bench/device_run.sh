@@ -33,13 +33,12 @@ mkdir -p "$OUT"
 status=0
 for part in $PARTS; do
   echo "== $part ($(date -u +%H:%M:%S))"
+  resume=(); [ -f "$OUT/RESULTS.json" ] && resume=(--resume "$OUT/RESULTS.json")  # keep what an earlier part or run finished
   case $part in
     kernels)  # bandwidth, correctness, decode kernels, distillation
-      python bench/bench_kernels.py "${smoke[@]}" --out "$OUT" --only bandwidth checks decode distill \
-        $( [ -f "$OUT/RESULTS.json" ] && echo --resume "$OUT/RESULTS.json" ) ;;
+      python bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only bandwidth checks decode distill ;;
     kernels_prefill)  # the prefill kernels, added to the same page
-      python bench/bench_kernels.py "${smoke[@]}" --out "$OUT" --only prefill \
-        $( [ -f "$OUT/RESULTS.json" ] && echo --resume "$OUT/RESULTS.json" ) ;;
+      python bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only prefill ;;
     decode)  # the library's default rule, a whole decode step against dense decode, on the device
       JAX_PLATFORMS=$platform python bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
         --rounds "$rounds" --prefill-lengths --out "$OUT/RESULTS_chunk_device.md" ;;
