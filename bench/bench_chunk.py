@@ -93,7 +93,7 @@ def chunk_config(top_k: int, max_len: int, **selection) -> ChunkConfig:
 def selection_rule(args) -> dict:
   """The selection flags given (`--selection` ... `--head_refresh`), as ChunkConfig's fields. Named here, not
   taken from `selection.PER_HEAD_FIELDS`: the bench also times older code, run from a worktree."""
-  keys = ("selection", "score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh")
+  keys = ("selection", "score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh", "attention")
   return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
@@ -198,6 +198,7 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
     row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
                selection=ccfg.selection, score_rank=ccfg.score_rank, score_estimate=ccfg.score_estimate,
                score_sketch=ccfg.score_sketch, sketch_estimate=ccfg.sketch_estimate, head_refresh=refresh,
+               attention=getattr(ccfg, "attention", "xla"),
                chunk_reuse_steps=t_reuse,
                bytes_chunk=float(nbytes["chunk"][0]), bytes_dense=float(nbytes["dense"][0]),
                dense_step_s=d, chunk_plain_step_s=plain, chunk_boundary_step_s=bound, chunk_step_s=amort,
@@ -327,8 +328,9 @@ def rule_text(row: dict) -> str:
             f"{row.get('sketch_estimate') or 'simhash'} sketch"
   elif score == "sparq":
     score = f"SparQ's {row.get('score_rank')} largest query dimensions"
+  kernel = ", read by the per-head decode kernel (`attention=\"pallas\"`)" if row.get("attention") == "pallas" else ""
   return f"per-head (`selection=\"kv_head\"`: each KV head chooses its chunks by {score}, " \
-         f"every {row.get('head_refresh', 1)} step(s))"
+         f"every {row.get('head_refresh', 1)} step(s){kernel})"
 
 
 def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
@@ -477,6 +479,8 @@ def main():
   ap.add_argument("--sketch_estimate", default=None, choices=["simhash", "qjl"],
                   help="ChunkConfig.sketch_estimate, with --score_sketch")
   ap.add_argument("--head_refresh", type=int, default=None, help="ChunkConfig.head_refresh, with --selection kv_head")
+  ap.add_argument("--attention", default=None, choices=["xla", "pallas"],
+                  help="ChunkConfig.attention: 'pallas' runs the kernels where they compile (GPU, TPU)")
   args = ap.parse_args()
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")

@@ -5,18 +5,19 @@
 # OUT as it goes, so a run cut short keeps what finished:
 #
 #   OUT=/some/dir bash bench/device_run.sh                 # everything
-#   OUT=/some/dir PARTS="kernels" bash bench/device_run.sh # one part: kernels, kernels_prefill or decode
+#   OUT=/some/dir PARTS="kernels" bash bench/device_run.sh # one part: kernels, kernels_prefill, decode or
+#                                                          # decode_kernel (decode with the per-head kernel)
 #
 # Where one call has a time limit, give each part a call of its own (same OUT): the prefill part resumes the
 # kernels part's RESULTS.json.
 #
 # Afterwards copy OUT/RESULTS.md, RESULTS.json and kernels_speed.png to bench/ (bench_kernels.py's page), and
-# OUT/RESULTS_chunk_device.* beside them. BENCH_SMOKE=1 runs every part at tiny shapes on a CPU (interpret
+# OUT/RESULTS_chunk_device.* and RESULTS_chunk_device_kernel.* beside them. BENCH_SMOKE=1 runs every part at tiny shapes on a CPU (interpret
 # mode, meaningless timings): tests/test_bench_kernels.py runs it so that this script cannot rot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
-PARTS=${PARTS:-"kernels kernels_prefill decode"}
+PARTS=${PARTS:-"kernels kernels_prefill decode decode_kernel"}
 export PYTHONUNBUFFERED=1
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   smoke=(--smoke); lengths=(1024); rounds=1; platform=cpu
@@ -42,7 +43,10 @@ for part in $PARTS; do
     decode)  # the library's default rule, a whole decode step against dense decode, on the device
       JAX_PLATFORMS=$platform python bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
         --rounds "$rounds" --prefill-lengths --out "$OUT/RESULTS_chunk_device.md" ;;
-    *) echo "unknown part $part (kernels, kernels_prefill, decode)" >&2; status=2; continue ;;
+    decode_kernel)  # the same with its decode attention in the per-head kernel (attention="pallas")
+      JAX_PLATFORMS=$platform python bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
+        --rounds "$rounds" --prefill-lengths --attention pallas --out "$OUT/RESULTS_chunk_device_kernel.md" ;;
+    *) echo "unknown part $part (kernels, kernels_prefill, decode, decode_kernel)" >&2; status=2; continue ;;
   esac
   rc=$?
   [ $rc -ne 0 ] && { echo "== $part failed (exit $rc)" >&2; status=$rc; }

@@ -18,9 +18,9 @@ from pallas_kernels import chunk_decode_attention as cda  # noqa: E402
 from pallas_kernels import chunk_prefill_attention as cpa  # noqa: E402
 from pallas_kernels import distill_attention as dsa  # noqa: E402
 from kernel_programs import (  # noqa: E402
-    FLAG_BOUND, TOL, causal_block_pairs, decode_compacted, decode_inplace, decode_selection,
-    dense_decode_model, dense_decode_nn, dense_prefill, distill, gather, normal, open_window, prefill,
-    prefill_layout, rel_err)
+    FLAG_BOUND, TOL, causal_block_pairs, decode_compacted, decode_inplace, decode_per_head, decode_per_head_gathered,
+    decode_selection, dense_decode_model, dense_decode_nn, dense_prefill, distill, gather, normal, open_window,
+    per_head_slots, prefill, prefill_layout, rel_err)
 from kernel_run import Run, n_copies, short  # noqa: E402
 
 
@@ -151,6 +151,29 @@ def case_decode(run: Run, L: int, retention: float) -> dict:
     except Exception as e:  # noqa: BLE001
       res["inplace"][str(ns)] = dict(error=short(e))
       run.notes.append(f"decode in place {L}/{retention:.0%} n_splits={ns}: {short(e)}")
+  # the per-head rule: each KV head's slots read in place (the kernel on GPU), against the XLA gather of them
+  slots = per_head_slots(d["mask"], K, WORK_BLOCK)
+  res.update(bytes_per_head=int(np.asarray(slots[2]).sum()) * tok_bytes // K, per_head={})
+  for ns in a.n_splits:
+    try:
+      exe, cs = run.compile("decode_per_head", decode_per_head, (*base, *d["kv"][0], *slots), scale=scale,
+                            block_size=WORK_BLOCK, n_splits=ns, interpret=run.interpret, backend=run.backend)
+      m = run.measure(exe, [(*base, k, v, *slots) for k, v in d["kv"]])
+      m.update(compile_s=cs, bandwidth=res["bytes_per_head"] / m["time_s"])
+      res["per_head"][str(ns)] = m
+      print(f"  per head n_splits={ns}: {m['time_s'] * 1e6:.1f} us", flush=True)
+    except Exception as e:  # noqa: BLE001
+      res["per_head"][str(ns)] = dict(error=short(e))
+      run.notes.append(f"decode per head {L}/{retention:.0%} n_splits={ns}: {short(e)}")
+  try:
+    exe, cs = run.compile("decode_per_head_gathered", decode_per_head_gathered, (*base, *d["kv"][0], *slots),
+                          scale=scale)
+    m = run.measure(exe, [(*base, k, v, *slots) for k, v in d["kv"]])
+    res["per_head_gathered"] = dict(m, compile_s=cs, bandwidth=res["bytes_per_head"] / m["time_s"])
+    print(f"  per head, XLA gather: {m['time_s'] * 1e6:.1f} us", flush=True)
+  except Exception as e:  # noqa: BLE001
+    res["per_head_gathered"] = dict(error=short(e))
+    run.notes.append(f"decode per head (XLA gather) {L}/{retention:.0%}: {short(e)}")
   k0, v0 = d["kv"][0]
   gexe, gcs = run.compile("gather", gather, (k0, v0, d["span_start"], d["span_len"]), budget=d["W"],
                           interpret=run.interpret)
@@ -304,6 +327,10 @@ def check_decode(run: Run, dtype: str, precision) -> dict:
     exe, _ = run.compile("decode_compacted", decode_compacted, work, precision=precision, scale=scale,
                          block=WORK_BLOCK, n_splits=ns, interpret=run.interpret, backend=run.backend)
     parts[f"compacted, n_splits={ns}"] = float(rel_err(exe(*work), ref))
+    per_head = (*args[:3], *per_head_slots(d["mask"], a.kv_heads, WORK_BLOCK))
+    exe, _ = run.compile("decode_per_head", decode_per_head, per_head, precision=precision, scale=scale,
+                         block_size=WORK_BLOCK, n_splits=ns, interpret=run.interpret, backend=run.backend)
+    parts[f"per head, n_splits={ns}"] = float(rel_err(exe(*per_head), ref))
   shape = f"B={a.batch} S={L} H={a.heads} K={a.kv_heads} D={a.head_dim}, {d['retention']:.0%} visible"
   return check_record(run, "decode", dtype, precision, shape, parts)
 

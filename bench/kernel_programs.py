@@ -20,6 +20,7 @@ from pallas_kernels import chunk_decode_attention as cda  # noqa: E402
 from pallas_kernels import chunk_prefill_attention as cpa  # noqa: E402
 from pallas_kernels import distill_attention as dsa  # noqa: E402
 from pallas_kernels import gather_chunks as gch  # noqa: E402
+from pallas_kernels import head_decode_attention as hda  # noqa: E402
 
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # as the kernel tests
@@ -56,6 +57,49 @@ def decode_compacted(q, work_k, work_v, work_ok, used, open_k, open_v, open_ok, 
                         scale=scale, block_size=M, n_splits=1, interpret=interpret, backend=backend)
   parts = [jnp.concatenate([a, b], axis=1) for a, b in zip(work, opened)]
   return cda.combine_splits(*parts).astype(q.dtype)
+
+
+def decode_per_head(q, k, v, rows, ok, used, *, scale, block_size, n_splits, interpret, backend):
+  """The per-head rule's decode attention (what chunk_generate's pallas path runs for selection="kv_head"): each
+  KV head's slots read where they lie in the buffer, [B, S, K, D] viewed as rows of D; merged. [B, H, D]."""
+  B, H, D = q.shape
+  K = k.shape[2]
+  flat = lambda x: x.reshape(-1, D)
+  acc, m, l = hda.head_decode_partials(q.reshape(B, K, H // K, D), flat(k), flat(v), rows, ok, used, scale=scale,
+                                       block_size=block_size, n_splits=n_splits, interpret=interpret,
+                                       backend=backend)
+  return merge_heads_partials(acc, m, l).astype(q.dtype)
+
+
+def decode_per_head_gathered(q, k, v, rows, ok, used, *, scale):
+  """The same attention through the kernel's jnp reference: an XLA gather of every slot, then one softmax."""
+  B, H, D = q.shape
+  K = k.shape[2]
+  parts = hda.head_decode_partials_reference(q.reshape(B, K, H // K, D), k.reshape(-1, D), v.reshape(-1, D), rows,
+                                             ok, used, scale=scale)
+  return merge_heads_partials(*parts).astype(q.dtype)
+
+
+def merge_heads_partials(acc, m, l):
+  """Per-head partials [B, P, K, G(, D)] merged over the splits: [B, H, D] float32."""
+  B, P, K, G, D = acc.shape
+  return cda.combine_splits(acc.reshape(B, P, K * G, D), m.reshape(B, P, K * G, 1), l.reshape(B, P, K * G, 1))
+
+
+def per_head_slots(mask, K: int, block: int):
+  """Every head's slots for `decode_per_head`: here each head reads its row's visible tokens (a per-head choice
+  reads as many, elsewhere). Rows of the [B * S * K, D] view [B, K, W], visible [B, K, W], used [B, K]; W is
+  the most visible tokens of a row, rounded up to whole blocks."""
+  mask = np.asarray(mask)
+  B, S = mask.shape
+  n = mask.sum(-1)
+  W = max(block, -(-int(n.max()) // block) * block)
+  pos = np.zeros((B, W), np.int64)
+  for b in range(B):
+    pos[b, :n[b]] = np.nonzero(mask[b])[0]
+  rows = (np.arange(B)[:, None, None] * S + pos[:, None, :]) * K + np.arange(K)[None, :, None]
+  ok = np.broadcast_to((np.arange(W)[None] < n[:, None])[:, None], (B, K, W))
+  return (jnp.asarray(rows, jnp.int32), jnp.asarray(ok), jnp.asarray(np.broadcast_to(n[:, None], (B, K)), jnp.int32))
 
 
 def gather(k, v, span_start, span_len, *, budget, interpret):

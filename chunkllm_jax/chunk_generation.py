@@ -660,8 +660,9 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len,
                                      itemsize=params.backbone["embed"].dtype.itemsize)
   ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers))
-  if ccfg.attention == "pallas" and cfg.attn_softcap is not None:
-    raise ValueError("attention='pallas' does not support attention logit soft-capping; use 'xla'")
+  if ccfg.attention == "pallas" and ccfg.shares_selection and cfg.attn_softcap is not None:
+    raise ValueError("the shared rule's kernels (attention='pallas', selection='shared') do not support attention "
+                     "logit soft-capping; use attention='xla'")
   sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
   progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg), enter_fn=_enter_state,
                             sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,

@@ -18,7 +18,9 @@ A step, per sparse layer:
      (`chunk_cache.working_positions`: the sinks, then the chosen and the local chunks in position
      order, then the last tokens of the chunks left out that the budget has room for), and attends
      the open chunk and those slots, gathering each block of slots from the stacked buffer as the
-     fold reaches it (`attention.decode_over_blocks`): nothing is copied but the blocks read.
+     fold reaches it (`attention.decode_over_blocks`): nothing is copied but the blocks read. With
+     `attention="pallas"` on a GPU the per-head decode kernel reads them instead
+     (`pallas_kernels.head_decode_attention`: each slot's row loaded in place, nothing gathered first).
 
 With `head_refresh` = N > 1 the heads make steps 1-3 every N steps and at the step after a chunk
 closes; the steps between read the slots of their last choice (`ChunkState.head_pos`, `kept_slots`)
@@ -34,6 +36,8 @@ from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
 from chunkllm_jax.selection import (ChunkConfig, chunk_mass, gram_basis, key_gram, lowrank_chunk_mass, lowrank_coords,
                                    residual_sketch, sparq_chunk_mass)
+from pallas_kernels.chunk_decode_attention import combine_splits
+from pallas_kernels.head_decode_attention import head_decode_partials, runs_kernel
 
 
 def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS=None):
@@ -161,10 +165,21 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
                                                           softcap=cfg.attn_softcap), ok, per_head(v_open))
   rows = (layer * B + jnp.arange(B)[:, None, None]) * S  # the flat row of (layer, b, position 0, head 0) / K
   flat_k, flat_v = k_LBSKD.reshape(L * B * S * K, D), v_LBSKD.reshape(L * B * S * K, D)
+  flat_rows = lambda p: (rows + p) * K + jnp.arange(K)[None, :, None]  # positions [B, K, n] -> rows of flat_k
+  n_read = (jnp.sum(ok_BKW, -1) + jnp.sum(open_ok, -1)[:, None]).astype(jnp.float32)
+
+  if ccfg.attention == "pallas" and runs_kernel(D, ccfg.interpret):  # the GPU kernel: every slot read in place
+    acc, m, l = head_decode_partials(q.reshape(B, K, -1, D), flat_k, flat_v,
+                                     flat_rows(pos_BKW), ok_BKW, used_BK, scale=cfg.attn_scale,
+                                     softcap=cfg.attn_softcap, interpret=ccfg.interpret)
+    H = K * acc.shape[3]
+    by_head = lambda x, d: x.reshape(B, -1, H, d)  # the splits' partials, or the open chunk's fold: [B, P, H, d]
+    parts = [jnp.concatenate([by_head(opened, d), by_head(split, d)], axis=1)  # the open chunk: one more split
+             for opened, split, d in ((carry.acc, acc, D), (carry.m, m, 1), (carry.l, l, 1))]
+    return combine_splits(*parts)[:, None].astype(q_B1HD.dtype), n_read, slots
 
   def read(start, size):  # slots [start, start + size) of every head: [B * K, size, 1, D] each
-    p = jax.lax.dynamic_slice_in_dim(pos_BKW, start, size, axis=2)
-    at = ((rows + p) * K + jnp.arange(K)[None, :, None]).reshape(B * K, size, 1)
+    at = flat_rows(jax.lax.dynamic_slice_in_dim(pos_BKW, start, size, axis=2)).reshape(B * K, size, 1)
     return flat_k[at], flat_v[at]
 
   ok_fn = lambda start, size: jax.lax.dynamic_slice_in_dim(ok_BKW, start, size, axis=2).reshape(B * K, size)
@@ -173,5 +188,4 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
   carry = attn.decode_over_blocks(q, read, ok_fn, 0, n_slots, carry, blocks=blocks, scale=cfg.attn_scale,
                                   softcap=cfg.attn_softcap)
   o = attn.fold_finish(carry)[0].reshape(B, K, *carry.acc.shape[2:])
-  n_read = jnp.sum(ok_BKW, -1) + jnp.sum(open_ok, -1)[:, None]
-  return attn.merge_heads(o).astype(q_B1HD.dtype), n_read.astype(jnp.float32), slots
+  return attn.merge_heads(o).astype(q_B1HD.dtype), n_read, slots

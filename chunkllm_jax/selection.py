@@ -96,7 +96,7 @@ class ChunkConfig(ChunkRules):
   # Who makes decode's selections: "kv_head" (the default): each KV head of each sparse layer chooses
   # the chunks it reads at every step, by an estimate of its own query's attention over them (Quest's
   # rule on ChunkLLM's chunks), or "shared" (the paper's rule: one selection, made by `scorer` where a
-  # token closes a chunk, serves every sparse layer and head; the only one with Pallas kernels). The
+  # token closes a chunk, serves every sparse layer and head). The
   # per-head rule is the one that meets every quality target measured (the shared rule's 2K perplexity is
   # +4.86% at 50% KV against +1.69%), at a lower decode speed on the CPU (slower than dense at a 50% budget;
   # docs/results.md, "Default settings"; bench/RESULTS_chunk_defaults.md against bench/RESULTS_chunk.md).
@@ -126,7 +126,9 @@ class ChunkConfig(ChunkRules):
   # closes (the chunk table changed); the steps between read the slots chosen last (the open chunk is
   # read fresh at every step). 1: every step. Fewer choices make fewer scores and layouts of the read.
   head_refresh: int = 1
-  attention: str = "xla"  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile
+  # "xla", or "pallas": the kernels of pallas_kernels/ where they compile (`dispatch.implementation`): the
+  # shared rule's on TPU and GPU, the per-head rule's on GPU (`head_decode_attention`; XLA elsewhere).
+  attention: str = "xla"
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
   # prompt is scored by attention (its per-chunk selections differ from chunk to chunk, so sparse
@@ -231,9 +233,6 @@ class ChunkConfig(ChunkRules):
                        f"got {self.head_refresh!r}")
     if self.head_refresh != 1 and self.selection != "kv_head":
       raise ValueError("head_refresh sets how often each KV head chooses: it needs selection='kv_head'")
-    if self.selection == "kv_head" and self.attention == "pallas":
-      raise ValueError("selection='kv_head' (the default) has no Pallas kernel yet; use attention='xla', or "
-                       "selection='shared' with the kernels")
     if self.refresh_every < 0:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
     if self.attention not in ("xla", "pallas"):

@@ -4,7 +4,9 @@
   version where it has one, lowered through Triton. The attention kernels have one, each in a
   `*_gpu` module beside its TPU kernel: `chunk_decode_attention_gpu`,
   `chunk_prefill_attention_gpu`, `distill_attention_gpu`. `gather_chunks` has none (it is a DMA
-  copy; on GPU its jnp reference, a gather, runs).
+  copy; on GPU its jnp reference, a gather, runs). `head_decode_attention` has a GPU version only
+  (its gathered row loads are pointer arithmetic in Triton): it runs that in interpret mode too, and
+  its jnp reference on TPU and CPU.
 - `interpret` set (True, or a `pltpu.InterpretParams` for the TPU simulator): the Pallas kernel
   in interpret mode. Tests only.
 - TPU: the Pallas kernel, compiled by Mosaic.
@@ -35,14 +37,17 @@ NEG_INF = -1e30  # as chunkllm_jax.attention: finite, so exp(NEG_INF - NEG_INF) 
 IMPLEMENTATIONS = ("gpu", "pallas", "xla")
 
 
-def implementation(interpret=False, backend: str | None = None, *, gpu_version: bool = True) -> str:
+def implementation(interpret=False, backend: str | None = None, *, gpu_version: bool = True,
+                   tpu_version: bool = True) -> str:
   """The one rule above, for every kernel and every caller: "gpu" (the kernel's Triton-lowered GPU
   version), "pallas" (the Pallas kernel: Mosaic on TPU, or interpret mode) or "xla" (its jnp
-  reference). `backend`: the backend to plan for (default: jax's); `gpu_version`: whether the
-  kernel has one."""
+  reference). `backend`: the backend to plan for (default: jax's); `gpu_version`, `tpu_version`:
+  whether the kernel has one. A kernel with a GPU version only runs it in interpret mode too."""
   backend = backend or jax.default_backend()
   if backend == "gpu" and gpu_version:
     return "gpu"
+  if not tpu_version:
+    return "gpu" if interpret and gpu_version else "xla"
   if interpret or backend == "tpu":
     return "pallas"
   return "xla"

@@ -38,6 +38,7 @@ def test_smoke_run_checks_pass_and_writes_outputs(bench_kernels, tmp_path):
     dec = cases[f"decode/256/{r}"]
     assert dec["inplace"]["2"]["time_s"] > 0 and dec["compacted"]["2"]["time_s"] > 0
     assert dec["gather"]["time_s"] > 0
+    assert dec["per_head"]["2"]["time_s"] > 0 and dec["per_head_gathered"]["time_s"] > 0  # the default rule
   assert cases["decode/256/1"]["retention"] == 1.0 > cases["decode/256/0.25"]["retention"]
   assert all("time_s" in m for m in cases["decode_dense/256"]["baselines"].values())
   assert cases["distill/256"]["kernel"]["time_s"] > 0 and cases["distill/256"]["dense"]["time_s"] > 0
@@ -47,7 +48,8 @@ def test_smoke_run_checks_pass_and_writes_outputs(bench_kernels, tmp_path):
 
   md = (tmp_path / "RESULTS.md").read_text()
   assert "SMOKE RUN" in md and "meaningless" in md
-  assert md.count("(smoke stand-in") == 3  # the three targets, judged and labelled
+  assert md.count("(smoke stand-in") == 5  # the five targets, judged and labelled
+  assert "per-head decode speedup" in md and "| per-head kernel |" in md
   from kernel_programs import KEEP  # bench/ is on the path once the script is loaded
 
   assert KEEP in md
@@ -88,8 +90,9 @@ def test_device_script_runs_every_part(tmp_path):
   done = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh")], env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   for name in ("RESULTS.md", "RESULTS.json", "kernels_speed.png", "RESULTS_chunk_device.md",
-               "RESULTS_chunk_device.json"):
+               "RESULTS_chunk_device.json", "RESULTS_chunk_device_kernel.md", "RESULTS_chunk_device_kernel.json"):
     assert (tmp_path / name).stat().st_size > 0, name
+  assert "read by the per-head decode kernel" in (tmp_path / "RESULTS_chunk_device_kernel.md").read_text()
   cases = json.loads((tmp_path / "RESULTS.json").read_text())["cases"]
   assert any(k.startswith("prefill/") for k in cases) and any(k.startswith("decode/") for k in cases)
   assert "| 1024 |" in (tmp_path / "RESULTS_chunk_device.md").read_text()

@@ -16,7 +16,7 @@ from chunkllm_jax import adapters as adp
 from chunkllm_jax import chunk_generation as cg
 from chunkllm_jax import selection as sel
 from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_prefill
-from tests.tiny_models import chunk_params, prompts, tiny_params
+from tests.tiny_models import SOFTCAP, chunk_params, prompts, tiny_params
 
 # The shared rule's machinery is what this file tests: its working buffer, kernels, boundaries and votes.
 chunk_generate = functools.partial(cg.chunk_generate, selection="shared")
@@ -283,6 +283,14 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
   assert (xla.tokens == kernel.tokens).all()
   np.testing.assert_allclose(xla.stats["kv_retention"], kernel.stats["kv_retention"])
   assert xla.stats["kv_retention"][0] < 1.0  # the selection really was sparse
+
+
+def test_the_shared_rules_kernels_refuse_soft_capped_logits():
+  """The shared rule's kernels compute plain softmax logits: a soft-capping model is refused before compiling
+  (the per-head rule's kernel caps them: tests/test_per_head_selection.py)."""
+  params = chunk_params(**SOFTCAP)
+  with pytest.raises(ValueError, match="do not support attention logit soft-capping"):
+    chunk_generate(params, [[1, 2, 3]], max_new_tokens=2, max_len=64, attention="pallas", interpret=True)
 
 
 @pytest.mark.multi_device

@@ -3,6 +3,8 @@ budget is `generate` exactly, a tight one reads about its budget, SparQ's and th
 are the exact chunk mass at full rank (SparQ a loop's at lower rank, the low-rank one a bound or,
 with a residual sketch, QJL's unbiased estimate or SimHash's angle), and bad settings are named."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chu
 from chunkllm_jax import selection as sel
 from chunkllm_jax.boundaries import chunk_ids_from_ends
 from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
-from tests.tiny_models import chunk_params, prompts
+from tests.tiny_models import SOFTCAP, chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)
 SCORES = [dict(score_estimate="exact"), dict(score_estimate="sparq", score_rank=4),  # the exact mass, SparQ's
@@ -130,6 +132,41 @@ def test_the_gathered_read_is_the_masked_read():
     assert (np.asarray(n_read) < np.asarray(lengths)[:, None]).all()
     if budget < 0.2:
       assert not all(mask[0, 0, e] for e in np.asarray(st.chunk_end)[0, :int(st.n_chunks[0])])
+
+
+@pytest.mark.parametrize("arch, model_kw, score", [("llama", dict(), dict()), ("llama", SOFTCAP, REFRESH),
+                                                   ("gemma3", dict(), SCORES[1])])
+def test_the_gpu_kernel_gives_the_tokens_of_the_gathered_read(arch, model_kw, score, monkeypatch):
+  """With attention="pallas" the per-head rule's decode attention runs `pallas_kernels.head_decode_attention`'s
+  GPU kernel (interpret mode here): the same logits as the XLA path's gathered read at each layer, and the same
+  sampled tokens; a head dim the kernel cannot take as it is (8) keeps the XLA path."""
+  from pallas_kernels import head_decode_attention_gpu as hdg
+  calls = []  # kernel calls, counted at trace time
+  kernel = hdg.head_decode_partials_gpu
+  monkeypatch.setattr(hdg, "head_decode_partials_gpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  rows = prompts([70, 33], seed=4)
+  kw = dict(max_new_tokens=10, eos_ids=(), max_len=128, max_chunk_len=8, n_local=1, kv_budget=0.3, temperature=1.0,
+            seed=3, selection="kv_head", **score)  # sampled: tokens follow the logits closely
+  params = chunk_params(arch, head_dim=16, **model_kw)
+  xla = chunk_generate(params, rows, **kw)
+  pallas = chunk_generate(params, rows, attention="pallas", interpret=True, **kw)
+  assert calls  # the kernel ran
+  assert (xla.tokens == pallas.tokens).all()
+  np.testing.assert_allclose(xla.stats["kv_retention"], pallas.stats["kv_retention"], rtol=1e-6)
+  assert xla.stats["kv_retention"].max() < 0.9  # the selection really was sparse
+
+  ccfg = ChunkConfig(max_chunk_len=8, n_local=1, kv_budget=0.3, **score).validate(128, params.config.n_layers)
+  tokens, lengths = jnp.asarray([rows[0]], jnp.int32), jnp.asarray([70], jnp.int32)
+  _, cache, st = chunk_prefill(params, tokens, lengths, 128, ccfg)
+  logits = lambda c: chunk_decode_step(params, tokens[:, -1], cache, st, c)[0]
+  np.testing.assert_allclose(logits(dataclasses.replace(ccfg, attention="pallas", interpret=True)), logits(ccfg),
+                             rtol=1e-5, atol=1e-5)
+
+  calls.clear()
+  small = chunk_params(arch)  # head_dim 8
+  assert (chunk_generate(small, rows, attention="pallas", interpret=True, **kw).tokens ==
+          chunk_generate(small, rows, **kw).tokens).all()
+  assert not calls
 
 
 def test_between_choices_the_heads_read_their_last_choice():
@@ -445,7 +482,6 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
                                                "selection='kv_head'"),
     (dict(score_rank=0), "score_rank must be an int >= 1"),
     (dict(score_rank=999), "exceeds the head dimension"),
-    (dict(attention="pallas"), "selection='kv_head' \\(the default\\) has no Pallas kernel"),
     (dict(score_estimate="pca"), "score_estimate must be one of"),
     (dict(score_estimate="exact", score_rank=4), "score_estimate='exact' reads all of K"),
     (dict(score_rank=4, score_sketch=48), "multiple of 32"),
