@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared run for a session lent a GPU (or a TPU): every kernel built, checked against its jnp
 # reference and timed (bench_kernels.py), then the default per-head rule's whole decode step against dense
-# decode on the device (bench_chunk.py, the same program the CPU pages time). Each part writes its files to
+# decode on the device (bench_chunk.py, the same program the CPU pages time), with XLA's attention and with
+# the per-head decode kernel (attention="pallas"). Each part writes its files to
 # OUT as it goes, so a run cut short keeps what finished:
 #
 #   OUT=/some/dir bash bench/device_run.sh                 # everything
