@@ -70,10 +70,11 @@ def runs_kernel(head_dim: int, interpret=False, backend: str | None = None) -> b
 
 
 def head_decode_partials(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK, *, scale: float,
-                         softcap: float | None = None, block_size: int = 128, n_splits: int = 8, interpret=False,
-                         backend: str | None = None):
+                         softcap: float | None = None, block_size: int = 128, n_splits: int | None = None,
+                         interpret=False, backend: str | None = None):
   """Dispatcher for the partials: the GPU kernel where `runs_kernel`, else the reference (one split).
-  Returns acc [B, P, K, G, D], max and sum [B, P, K, G] (float32)."""
+  Returns acc [B, P, K, G, D], max and sum [B, P, K, G] (float32). n_splits None: the kernel's
+  `split_count`."""
   if runs_kernel(q_BKGD.shape[-1], interpret, backend):
     from pallas_kernels.head_decode_attention_gpu import head_decode_partials_gpu  # it imports this module
 

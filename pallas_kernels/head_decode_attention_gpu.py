@@ -26,6 +26,13 @@ from pallas_kernels.dispatch import NEG_INF
 from pallas_kernels.head_decode_attention import check_head_inputs, kernel_fits, softcapped
 
 MIN_DOT = 16  # dots at least this wide, as the shared rule's decode kernel keeps them
+BLOCKS_PER_SPLIT = 4  # n_splits=None: a split per this many blocks of slots
+
+
+def split_count(n_blocks: int) -> int:
+  """Splits for a head's `n_blocks` blocks of slots: enough programs to spread one decode step over a GPU's
+  streaming multiprocessors (a batch of one with 3 KV heads is 3 programs a split), each a few blocks long."""
+  return max(1, pl.cdiv(n_blocks, BLOCKS_PER_SPLIT))
 
 
 def _head_kernel(rows_ref, ok_ref, used_ref,  # [W] flat rows of this head's slots, [W] visible, [] slots used
@@ -65,10 +72,11 @@ def _head_kernel(rows_ref, ok_ref, used_ref,  # [W] flat rows of this head's slo
 
 
 def head_decode_partials_gpu(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK, *, scale: float,
-                             softcap: float | None = None, block_size: int = 128, n_splits: int = 8,
+                             softcap: float | None = None, block_size: int = 128, n_splits: int | None = None,
                              interpret=False, num_warps: int = 4, num_stages: int = 2):
   """As `head_decode_attention.head_decode_partials`: acc [B, P, K, G, D], max and sum [B, P, K, G]
-  (float32), P = n_splits. `num_warps`, `num_stages`: Triton's launch and pipelining knobs."""
+  (float32), P = n_splits (None: `split_count` of the slot list's blocks). `num_warps`, `num_stages`:
+  Triton's launch and pipelining knobs."""
   B, K, G, D, W = check_head_inputs(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK)
   if not kernel_fits(D):
     raise ValueError(f"the per-head decode kernel reads rows of head_dim {D} as they are: it needs a power of 2 "
@@ -83,6 +91,7 @@ def head_decode_partials_gpu(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK, *, s
   ok_BKW = pad_slots(ok_BKW.astype(jnp.int32))
   used_BK = jnp.clip(used_BK.astype(jnp.int32), 0, W)
   q_BKGD = jnp.pad(q_BKGD, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # zero queries, cut off below
+  n_splits = n_splits or split_count(Wp // block_size)
   per_split = max(pl.cdiv(Wp // block_size, n_splits), 1)
 
   f32 = jnp.float32

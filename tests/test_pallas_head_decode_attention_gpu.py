@@ -113,7 +113,8 @@ def test_dispatch_routes_by_backend_and_head_dim(monkeypatch):
   on_cpu = run()
   assert on_cpu[0].shape[1] == 1 and not calls  # the reference: one split
   on_gpu = run(interpret=True, backend="gpu")
-  assert on_gpu[0].shape[1] == 8 and len(calls) == 1
+  assert on_gpu[0].shape[1] == hdg.split_count(3) and len(calls) == 1  # 40 slots: 3 blocks of 16
+  assert [hdg.split_count(n) for n in (1, 4, 5, 128)] == [1, 1, 2, 32]
   np.testing.assert_allclose(merge(on_gpu)[0], merge(on_cpu)[0], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="power of 2"):
     hdg.head_decode_partials_gpu(*inputs(1, 1, 2, 48, 20, 8, jnp.float32, seed=6), scale=0.1, interpret=True)
