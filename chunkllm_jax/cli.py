@@ -127,6 +127,9 @@ def run_demo(args) -> None:
   import chunkllm_jax as cj
   from chunkllm_jax import haystack, weights
 
+  from chunkllm_jax.decoding import check_seed
+
+  check_seed(args.seed)
   if not 0.0 <= args.depth <= 1.0:  # also false for nan
     raise ValueError(f"--depth is where the fact sits, from 0 (start) to 1 (end); got {args.depth}")
   if args.context < 256:
@@ -174,12 +177,24 @@ def check_generate_flags(args) -> None:
   a size that cannot fit is refused before anything is loaded, compiled or allocated."""
   from chunkllm_jax import checks, weights
 
+  from chunkllm_jax.chunk_generation import with_fields
+  from chunkllm_jax.decoding import check_seed
+  from chunkllm_jax.selection import ChunkConfig
+
   checks.check_count("--max-new-tokens", args.max_new_tokens)
   checks.check_sampling(args.temperature, args.top_k, args.top_p)
+  check_seed(args.seed)
+  settings = _chunk_settings(args)
+  given = [k for k, v in settings.items() if v is not None]  # (a chunk count adds kv_budget=None)
+  if given and not args.chunk:  # dense generation would ignore them without a word
+    given = ", ".join(sorted("--top-k-chunks" if k == "top_chunks" else "--" + k.replace("_", "-") for k in given))
+    raise ValueError(f"{given}: ChunkLLM settings, which dense generation ignores; add --chunk")
   cfg = weights.load_config(args.model)
   if args.max_new_tokens >= cfg.max_position:
     raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in {args.model}'s "
                      f"context of {cfg.max_position} positions: give at most {cfg.max_position - 1}")
+  if args.chunk:  # the settings' own checks, at the model's longest context (chunk_generate checks the real one)
+    with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers)
 
 
 def run_generate(args) -> None:
@@ -187,6 +202,8 @@ def run_generate(args) -> None:
 
   check_generate_flags(args)
   text = _read_prompt(args)
+  if not text.strip():
+    raise ValueError("the prompt is empty: give some text with --prompt or --prompt-file")
   t0 = time.perf_counter()
   model = cj.load(args.model, dtype=args.dtype)
   print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)

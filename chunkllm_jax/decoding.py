@@ -133,6 +133,8 @@ def buffer_len(max_len: int) -> int:
 def end_rules(cfg, eos_ids, pad_id) -> tuple[tuple[int, ...], int]:
   """The end-of-sequence ids and the pad id: the given ones, checked, or the model's."""
   pad_id = cfg.pad_id if pad_id is None else checks.check_count("pad_id", pad_id, minimum=0)
+  if pad_id >= cfg.vocab_size:  # its embedding would be read past the table: NaN logits for every row
+    raise ValueError(f"pad_id must be a token id below the vocabulary size {cfg.vocab_size}, got {pad_id}")
   eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
   for e in eos_ids:
     checks.check_count("each of eos_ids", e, minimum=0)
@@ -140,8 +142,11 @@ def end_rules(cfg, eos_ids, pad_id) -> tuple[tuple[int, ...], int]:
 
 
 def check_seed(seed) -> int:
+  """An int that jax.random.key takes (a signed 64-bit value)."""
   if not checks.is_int(seed):
     raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+  if not -2**63 <= seed < 2**63:
+    raise ValueError(f"seed must fit in 64 bits (from -2**63 to 2**63 - 1), got {seed}")
   return int(seed)
 
 

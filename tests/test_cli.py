@@ -100,3 +100,26 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
 
   args = cli._parser().parse_args(["generate", "--prompt", "hi", "--chunk", *flags])
   assert cli._chunk_settings(args) == want
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kv-budget", "0.5", "--score-sketch", "64"], "--kv-budget, --score-sketch: ChunkLLM settings"),
+    (["--top-k-chunks", "3"], "--top-k-chunks: ChunkLLM settings"),
+    (["--chunk", "--kv-budget", "1.5"], "kv_budget is a fraction"),
+    (["--chunk", "--score-sketch", "33"], "multiple of 32"),
+    (["--seed", str(2**70)], "seed must fit in 64 bits"),
+    (["--chunk", "--prompt", "  "], "the prompt is empty"),
+])
+def test_generate_flags_are_judged_before_the_model_loads(flags, message, monkeypatch, capsys):
+  """ChunkLLM settings without --chunk (dense generation would ignore them), bad chunk settings, a seed jax cannot
+  take and an empty prompt: refused with exit 2 and one line, before any weights are read."""
+  import chunkllm_jax as cj
+  from chunkllm_jax import cli
+
+  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+  argv = ["generate", "--prompt", "hi", *flags] if "--prompt" not in flags else ["generate", *flags]
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(argv)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

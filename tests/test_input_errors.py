@@ -104,7 +104,9 @@ def test_a_model_instead_of_its_params_says_pass_model_params(params, call):
     (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1, got 0"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed=2**64), ValueError, "seed must fit in 64 bits"),
     (dict(pad_id=-1), ValueError, "pad_id must be >= 0"),
+    (dict(pad_id=10**6), ValueError, "pad_id must be a token id below the vocabulary size"),  # NaN rows before
 ])
 @pytest.mark.parametrize("call", ["generate", "stream"])
 def test_bad_sampling_and_counts_are_refused_at_the_call(params, call, kw, kind, match):
@@ -317,6 +319,7 @@ TRAIN_BAD = {
     "student_queries_token_mean": (["--student_queries", "4", "--teacher", "token_mean"],
                                    r"--student_queries 4 scores the selection rows: give --teacher head_max"),
     "cache_dir": (["--cache_dir", "{tmp}/a_file"], r"--cache_dir .*a_file is a file; give a folder"),
+    "seed": (["--seed", str(2**64)], r"--seed 18446744073709551616 does not fit in 64 bits"),
     "untrained": (["--steps", "0", "--export", "{tmp}/export"],
                   r"--steps 0 --export .* would export untrained \(random\) adapters: .*--allow_untrained_export true"),
 }
