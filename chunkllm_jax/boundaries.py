@@ -116,12 +116,13 @@ def chunk_ids_from_ends(ends_BC, n_keys: int, n_sink: int):
 
 def completed_chunk_ends(closes_BT, max_chunks: int):
   """Chunk j's boundary position, -1 where it does not exist: [B, C]; and the completed chunks [B]
-  (at most C: a table that is full drops the later chunks)."""
+  (at most C: a table that is full merges the later chunks into its last one, which then ends at the
+  last boundary, so that no token falls out of every chunk; `ChunkState.overflow` records it)."""
   B, T = closes_BT.shape
-  slot = jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - 1
-  slot = jnp.where(closes_BT & (slot < max_chunks), slot, max_chunks)  # the extra column soaks up the rest
+  slot = jnp.minimum(jnp.cumsum(closes_BT.astype(jnp.int32), axis=1) - 1, max_chunks - 1)
+  slot = jnp.where(closes_BT, slot, max_chunks)  # the extra column soaks up the positions that close nothing
   ends = jnp.full((B, max_chunks + 1), -1, jnp.int32)
-  ends = ends.at[jnp.arange(B)[:, None], slot].set(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+  ends = ends.at[jnp.arange(B)[:, None], slot].max(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
   n = jnp.minimum(jnp.sum(closes_BT, axis=1), max_chunks).astype(jnp.int32)
   return ends[:, :max_chunks], n
 

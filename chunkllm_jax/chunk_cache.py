@@ -48,7 +48,7 @@ class ChunkState:
   n_selections: jnp.ndarray  # [B] int32: re-selections (boundaries, and refreshes if enabled)
   retained: jnp.ndarray  # [B] float32: sum over decode steps of (visible / seen)
   read_slots: jnp.ndarray  # [B] float32: sum over decode steps of K/V slots a sparse layer read
-  overflow: jnp.ndarray  # [B] bool: a chunk was dropped because the table was full
+  overflow: jnp.ndarray  # [B] bool: the table filled, and later chunks were merged into its last one
   # selection="kv_head" with score_estimate="lowrank" (`head_selection.low_rank_keys`), else r = 0:
   key_basis: jnp.ndarray  # [L, B, H_kv, D, r] float32: each KV head's basis of its prompt keys
   key_low: jnp.ndarray  # [L, B, H_kv, r + 1, S]: every key's `lowrank_coords` in it (S = 0 before they are built)
@@ -99,18 +99,20 @@ def init_chunk_state(n_layers: int, n_select: int, batch: int, d_c: int, n_heads
 
 
 def append_chunks(st: ChunkState, closes_B, pos_B, key_SBd) -> ChunkState:
-  """Rows where `closes_B` close the open chunk at `pos_B`: it joins the table with its k~."""
+  """Rows where `closes_B` close the open chunk at `pos_B`: it joins the table with its k~. In a full
+  table it joins the last chunk instead (which then ends at `pos_B`, with this k~), as a full prompt
+  table does (`boundaries.completed_chunk_ends`): every token stays in a chunk, so a selection of
+  every chunk still reads every token."""
   C = st.chunk_end.shape[1]
   full = st.n_chunks >= C
-  write = closes_B & ~full
   slot = jnp.minimum(st.n_chunks, C - 1)
   rows = jnp.arange(pos_B.shape[0])
-  upd = lambda a, v: a.at[rows, slot].set(jnp.where(write, v, a[rows, slot]))
+  upd = lambda a, v, where: a.at[rows, slot].set(jnp.where(where, v, a[rows, slot]))
   key = st.chunk_key.at[:, rows, slot].set(
-      jnp.where(write[None, :, None], key_SBd, st.chunk_key[:, rows, slot]))
+      jnp.where(closes_B[None, :, None], key_SBd, st.chunk_key[:, rows, slot]))
   return st.replace(
-      chunk_start=upd(st.chunk_start, st.open_start), chunk_end=upd(st.chunk_end, pos_B), chunk_key=key,
-      n_chunks=st.n_chunks + write, open_start=jnp.where(closes_B, pos_B + 1, st.open_start),
+      chunk_start=upd(st.chunk_start, st.open_start, closes_B & ~full), chunk_end=upd(st.chunk_end, pos_B, closes_B),
+      chunk_key=key, n_chunks=st.n_chunks + (closes_B & ~full), open_start=jnp.where(closes_B, pos_B + 1, st.open_start),
       overflow=st.overflow | (closes_B & full))
 
 

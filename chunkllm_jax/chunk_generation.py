@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -680,6 +681,11 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
     per_step = lambda x: np.where(live > 0, np.asarray(x) / np.maximum(live, 1), np.nan)
     nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, per_step(st.read_slots),
                                    lens + 1 + (live - 1) / 2)
+  if np.any(st.overflow):  # the method still reads every token, but no longer chooses among those chunks
+    warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) "
+                  f"{np.flatnonzero(np.asarray(st.overflow)).tolist()}: later chunks were merged into its last one, "
+                  "which is always read, so the KV read grows past the budget; give a larger max_chunks "
+                  "(stats['chunk_overflow'])", stacklevel=2)
   extra = dict(kv_retention=per_step(st.retained), n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])

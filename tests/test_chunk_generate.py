@@ -285,6 +285,22 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
   assert xla.stats["kv_retention"][0] < 1.0  # the selection really was sparse
 
 
+@pytest.mark.parametrize("selection", ["shared", "kv_head"])
+def test_a_full_chunk_table_merges_chunks_and_a_full_budget_still_reads_everything(selection):
+  """A table too small for the text (20 chunks, and every token closes one: alpha near 0) fills in the prompt and
+  again in decode: the later chunks join its last one instead of leaving every chunk, so a full budget is still
+  `generate`; the run warns and reports it."""
+  params = chunk_params()
+  rows = prompts([60, 45], seed=11)
+  ref = cj.generate(params, rows, max_new_tokens=12, eos_ids=(), max_len=128)
+  with pytest.warns(UserWarning, match="chunk table \\(max_chunks=20\\) filled"):
+    out = cg.chunk_generate(params, rows, max_new_tokens=12, eos_ids=(), max_len=128, max_chunks=20, max_chunk_len=8,
+                            n_local=1, alpha=1e-6, kv_budget=1.0, selection=selection)
+  assert (out.tokens == ref.tokens).all()
+  assert out.stats["chunk_overflow"].all() and (out.stats["n_chunks"] == 20).all()
+  np.testing.assert_allclose(out.stats["kv_retention"], 1.0)
+
+
 def test_the_shared_rules_kernels_refuse_soft_capped_logits():
   """The shared rule's kernels compute plain softmax logits: a soft-capping model is refused before compiling
   (the per-head rule's kernel caps them: tests/test_per_head_selection.py)."""

@@ -114,6 +114,10 @@ def test_chunk_ids_and_ends_by_hand():
   assert cp.kernel_ids(ids, valid, 8).tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 3, -1]]
   ends, n = boundaries.completed_chunk_ends(closes, 8)
   assert ends.tolist() == [[5, 7, -1, -1, -1, -1, -1, -1]] and n.tolist() == [2]
+  # a full table merges the later chunks into its last one: it ends at the last boundary
+  closes = jnp.asarray([[0, 1, 0, 1, 1, 0, 1, 0, 1, 0]], bool)
+  ends, n = boundaries.completed_chunk_ends(closes, 2)
+  assert ends.tolist() == [[1, 8]] and n.tolist() == [2]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
