@@ -1,4 +1,5 @@
-"""Checks of the public API's arguments, shared by `forward`, `generate`, `stream` and `chunk_generate`.
+"""Checks of the public API's arguments, shared by `forward`, `generate`, `stream` and `chunk_generate`,
+and of the output folders of the command-line tools (`check_out_folder`).
 
 Each runs on the host before anything is allocated or compiled, and names what is wrong and how to
 fix it: a bad argument costs nothing, instead of failing deep inside jax (or, worse, not failing:
@@ -7,8 +8,11 @@ an id past the vocabulary gives NaN logits, a float id would be truncated).
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
+from pathlib import Path
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -98,3 +102,44 @@ def check_kv_memory(cfg, batch: int, buffer_len: int, itemsize: int) -> None:
     raise ValueError(f"the KV buffer for {batch} row(s) x {buffer_len} positions needs {need / 2**30:.1f} GiB, "
                      f"more than the {limit / 2**30:.1f} GiB of {what}: use fewer rows, shorter prompts or "
                      "fewer max_new_tokens")
+
+
+class OutFolderError(ValueError):
+  """An output folder that holds files its tool did not write: refused before the tool starts, never written into."""
+
+
+def check_out_folder(folder, flag: str, tool: str, marker: str, owned: Callable[[Path], bool],
+                     names: Sequence[str] | None = None, owned_as: str | None = None) -> Path:
+  """`folder` as the output folder of a tool that writes fixed file names into it (results.md, summary.json,
+  ...): a new or empty folder, or one that holds the tool's own earlier output, told by its `marker` file
+  (`owned(folder / marker)` is true: a file the tool writes with a recognisable content), which a rerun resumes
+  or rewrites. Anything else raises an OutFolderError before the tool does any work, since its fixed names would
+  replace the user's files. `names`: the only names (glob patterns) the tool writes, where it shares a folder
+  with other files (those are never touched, so they are no reason to refuse); None: the tool fills the
+  folder, and anything already there that is not its own is refused. `owned_as`: how the error names the
+  tool's own folders (default: by the marker it wrote)."""
+  folder = Path(folder)
+  if folder.exists() and not folder.is_dir():
+    raise OutFolderError(f"{flag} {folder} is a file; give a folder")
+  try:
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+  except OSError as e:  # a folder this user may not list: what it holds cannot be judged
+    raise OutFolderError(f"{flag} {folder} cannot be read ({e.strerror}); give a folder of your own") from None
+  if names is not None:
+    held = [n for n in held if any(fnmatch.fnmatchcase(n, pattern) for pattern in names)]
+  if not held or _owns(owned, folder / marker):
+    return folder
+  shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+  writes, other = ("fixed file names", "a new or empty folder") if names is None else \
+      (" and ".join(names), f"a folder without {' or '.join(names)}")
+  raise OutFolderError(
+      f"{flag} {folder} holds files that {tool} did not write ({shown}), and {tool} writes {writes} there: give "
+      f"{other}, or one {tool} made itself ({owned_as or f'with the {marker} it wrote'}), which it resumes or rewrites")
+
+
+def _owns(owned: Callable[[Path], bool], marker: Path) -> bool:
+  """Whether `marker` is a file that `owned` recognises; unreadable or malformed means not the tool's."""
+  try:
+    return marker.is_file() and bool(owned(marker))
+  except (OSError, ValueError, TypeError, AttributeError):  # json.JSONDecodeError and UnicodeError are ValueErrors
+    return False

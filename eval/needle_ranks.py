@@ -15,7 +15,8 @@ token (the query that makes the first decode selection):
 Rank 1 is the top; a chunk is selected when its rank is at most top_chunks. The gap between the two
 tells whether selection fails because the adapters mimic the teacher badly (student ranks far below
 the teacher's) or because the teacher's own attention does not single the needle out. Writes a
-JSON and a PNG (rank per layer) under --out.
+JSON and a PNG (rank per layer) under --out: a new or empty folder, or an earlier run's (one that
+holds the needle_ranks.json this tool wrote); any other is refused, so that no user's file is replaced.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def main(argv=None):
 
 def check_flags(args) -> None:
   """Everything that needs no weights, before the model is loaded."""
-  from chunkllm_jax import adapter_io, weights
+  from chunkllm_jax import adapter_io, checks, weights
 
   if any(n < 256 for n in args.tokens):
     raise ValueError(f"--tokens {args.tokens}: each prompt needs at least 256 tokens")
@@ -166,9 +167,15 @@ def check_flags(args) -> None:
   if max(args.tokens) + 64 > cfg.max_position:
     raise ValueError(f"--tokens {max(args.tokens)} does not fit {args.model}'s {cfg.max_position} positions")
   adapter_io.read_export_config(args.adapters or args.model)
-  out = pathlib.Path(args.out)
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"--out {args.out} is a file; give a folder")
+  # needle_ranks.json and .png are rewritten by name: only in a new or empty folder, or an earlier run's
+  checks.check_out_folder(args.out, "--out", "eval.needle_ranks", "needle_ranks.json", is_needle_ranks)
+
+
+def is_needle_ranks(path) -> bool:
+  """Whether `path` is a needle_ranks.json that this tool wrote: a list of `ranks_for_prompt` rows."""
+  rows = json.loads(pathlib.Path(path).read_text())
+  return isinstance(rows, list) and all(isinstance(r, dict) and {"teacher_rank", "student_rank"} <= r.keys()
+                                        for r in rows)
 
 
 def run(args) -> None:
@@ -188,6 +195,8 @@ def run(args) -> None:
             f"{r['teacher_rank']} (votes {r['teacher_vote_rank']}); student ranks {r['student_rank']} "
             f"(votes {r['student_vote_rank']}); oracle votes {r['oracle_vote_rank']} over layers "
             f"{r['selection_layers']}", flush=True)
+  if not rows:  # plot() needs a row; and an empty needle_ranks.json would say nothing
+    raise ValueError("every needle fell in a local chunk (always read, nothing to rank): use longer --tokens")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "needle_ranks.json").write_text(json.dumps(rows, indent=1))

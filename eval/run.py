@@ -8,7 +8,8 @@ on long text, and short-text prompts. Every method is a selection over the same 
 Results go to <out>/results.jsonl, one line per (task, method, retention, example), written as
 they come; a rerun with the same --out skips what is there (an interrupted run resumes). Then
 <out>/summary.json, <out>/results.md (tables) and the plots (<out>/niah_<method>.png,
-<out>/perplexity.png).
+<out>/perplexity.png). --out is a new or empty folder, or one of eval.run's own (it holds the
+run_config.json that eval.run wrote); any other is refused, so that no user's file is replaced.
 
   python -m eval.run --model smollm2-135m --methods all
   python -m eval.run --quick --out /tmp/eval_smoke
@@ -26,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
+from chunkllm_jax import checks
 from chunkllm_jax.prompts import encode_prompt, has_chat_template
 from chunkllm_jax.selection import (PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS, SKETCH_ESTIMATES,
                                     ChunkConfig)
@@ -182,7 +184,22 @@ def _resolve(args) -> argparse.Namespace:
   existing = next(p for p in [out, *out.parents] if p.exists())
   if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     raise UsageError(f"--out {args.out} cannot be written ({existing} does not let this user create files)")
+  try:  # results.md, summary.json and the plots are rewritten by name: only in a folder of eval.run's own
+    checks.check_out_folder(out, "--out", "eval.run", "run_config.json", _is_run_config)
+  except checks.OutFolderError as e:
+    raise UsageError(str(e)) from None
   return args
+
+
+# The settings every run_config.json has held, from the first: the mark of a folder eval.run wrote.
+_FIRST_SETTINGS = ("model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix",
+                   "ppl_bins", "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "brown")
+
+
+def _is_run_config(path: Path) -> bool:
+  """Whether `path` is a run_config.json that eval.run wrote (`_write_fingerprint`)."""
+  config = json.loads(path.read_text())
+  return isinstance(config, dict) and all(k in config for k in _FIRST_SETTINGS)
 
 
 def _check_tasks(args) -> None:

@@ -1,6 +1,7 @@
 """python -m eval.run: resumable results (an interrupted run recomputes nothing it wrote and loses
 nothing; a malformed line is reported by number and skipped), the whole run with the model calls
-stubbed out, and one --quick run on the real smollm2-135m."""
+stubbed out, --out refused where it holds files that eval.run did not write, and one --quick run on
+the real smollm2-135m."""
 
 import json
 
@@ -111,6 +112,60 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
     run_stubbed(monkeypatch, out, Stubs(), extra=["--vote", "max", "--recent_share", "0", "--no-boundary_tokens"])
   with pytest.raises(eval_run.UsageError, match="other settings.*boundary_tokens.*recent_share"):
     run_stubbed(monkeypatch, out, Stubs())
+
+
+# ----------------------------------------------------------------------------------------------
+# --out: a new or empty folder, or eval.run's own; never a folder of the user's files
+
+USERS_FOLDERS = {  # what the user's folder holds (name -> bytes)
+    "report_files": {"results.md": b"# my notes\n", "summary.json": b'{"mine": true}\n'},
+    "own_run_config": {"run_config.json": b'{"lr": 0.1}\n'},
+    "run_config_list": {"run_config.json": b"[1, 2]\n", "results.jsonl": b""},
+    "damaged_run_config": {"run_config.json": b'{"model": ', "results.md": b"mine\n"},
+    "other_files": {"notes.txt": b"mine\n"},
+}
+
+
+@pytest.mark.parametrize("held", list(USERS_FOLDERS))
+def test_a_folder_eval_run_did_not_make_is_refused_untouched(tmp_path, monkeypatch, capsys, held):
+  import chunkllm_jax as cj
+  from tests.eval_fixtures import FLAGS
+
+  out = tmp_path / "ev"
+  out.mkdir()
+  for name, data in USERS_FOLDERS[held].items():
+    (out / name).write_bytes(data)
+  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model for a refused --out"))
+  capsys.readouterr()
+  assert eval_run.cli([*FLAGS, "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: --out {out} holds files that eval.run did not write ("), err
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FOLDERS[held]  # byte for byte, nothing added
+
+
+@pytest.mark.parametrize("folder", ["new", "empty", "own", "own_with_other_files"])
+def test_a_new_empty_or_own_folder_is_written_and_resumed(tmp_path, monkeypatch, folder):
+  out = tmp_path / "ev"
+  if folder != "new":
+    out.mkdir()
+  if folder.startswith("own"):
+    run_stubbed(monkeypatch, out, Stubs())
+    (out / "results.md").write_text("stale\n")  # the report is the tool's own: rewritten
+  if folder == "own_with_other_files":
+    (out / "notes.txt").write_text("mine\n")  # next to the tool's files: kept, untouched
+  stubs = Stubs()
+  run_stubbed(monkeypatch, out, stubs)
+  assert len(stubs.computed) == (0 if folder.startswith("own") else N_RESULTS)  # the own folder resumes
+  assert len(ResultsFile(out / "results.jsonl").records) == N_RESULTS
+  assert (out / "results.md").read_text().startswith("#")
+  assert folder != "own_with_other_files" or (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_every_result_folder_in_docs_is_recognised_as_eval_runs():
+  """The mark of an eval.run folder (its run_config.json's first settings) is in every folder it ever wrote."""
+  from pathlib import Path
+  configs = sorted((Path(__file__).parents[1] / "docs").glob("*/run_config.json"))
+  assert len(configs) > 10 and [c for c in configs if not eval_run._is_run_config(c)] == []
 
 
 @pytest.mark.real_model

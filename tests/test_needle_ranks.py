@@ -1,5 +1,8 @@
 """eval.needle_ranks ranks a chunk exactly as inference selects: on a tiny random model, a chunk's
-vote rank is within top_chunks iff `chunk_prefill`'s first selection (made by that vote) holds it."""
+vote rank is within top_chunks iff `chunk_prefill`'s first selection (made by that vote) holds it. Its
+--out is refused where it holds files that needle_ranks did not write."""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +52,77 @@ def test_needle_prompt_places_the_key_with_or_without_a_chat_template(tokenizer,
   ids, key, pos = needle_prompt(tok, 400, 0.5, seed=1)
   assert tok.decode(ids[pos:pos + 8]).lstrip().startswith(key[:2])
   assert ("<|im_start|>" in tok.decode(ids)) == chat_template
+
+
+# --out: a new or empty folder, or needle_ranks' own; never a folder of the user's files
+
+ROW = dict(n_chunks=4, needle_chunk=1, n_candidates=3, teacher_rank=[1, 2], student_rank=[2, 1], oracle_rank=[1],
+           teacher_vote_rank=dict(sum=1, max=1), student_vote_rank=dict(sum=2, max=1),
+           oracle_vote_rank=dict(sum=1, max=1), layers=[0, 1], full_layers=[0], selection_layers=[0])
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+  """needle_ranks' main with the model, the adapters and the ranks stubbed out: a run takes a plot's time."""
+  from chunkllm_jax import adapter_io, weights
+  from eval import needle_ranks as nr
+
+  monkeypatch.setattr(weights, "load_config", lambda model: types.SimpleNamespace(max_position=4096))
+  monkeypatch.setattr(adapter_io, "read_export_config", lambda name: {})
+  monkeypatch.setattr(nr.cj, "load", lambda *a, **k: types.SimpleNamespace(params=None, config=None, tokenizer=None))
+  monkeypatch.setattr(nr.cj, "load_adapters", lambda *a, **k: None)
+  monkeypatch.setattr(nr.cj, "with_adapters", lambda params, adapters: params)
+  monkeypatch.setattr(nr, "needle_prompt", lambda tok, n, depth, seed: ([0] * n, "12345", 5))
+  monkeypatch.setattr(nr, "ranks_for_prompt", lambda *a, **k: dict(ROW))
+  return lambda out: nr.main(["--tokens", "300", "--depths", "0.5", "--out", str(out)])
+
+
+USERS_FOLDERS = {  # what the user's folder holds (name -> bytes)
+    "json_and_png": {"needle_ranks.json": b'{"mine": true}\n', "needle_ranks.png": b"\x89PNG mine"},
+    "other_rows": {"needle_ranks.json": b'[{"rank": 3}]\n'},
+    "damaged_json": {"needle_ranks.json": b"[{"},
+    "png_alone": {"needle_ranks.png": b"\x89PNG mine"},
+    "other_files": {"notes.txt": b"mine\n"},
+}
+
+
+@pytest.mark.parametrize("held", list(USERS_FOLDERS))
+def test_a_folder_needle_ranks_did_not_make_is_refused_untouched(stubbed, tmp_path, monkeypatch, capsys, held):
+  from eval import needle_ranks as nr
+
+  out = tmp_path / "o"
+  out.mkdir()
+  for name, data in USERS_FOLDERS[held].items():
+    (out / name).write_bytes(data)
+  monkeypatch.setattr(nr.cj, "load", lambda *a, **k: pytest.fail("loaded the model for a refused --out"))
+  capsys.readouterr()
+  assert stubbed(out) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: --out {out} holds files that eval.needle_ranks did not write")
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FOLDERS[held]  # byte for byte, nothing added
+
+
+@pytest.mark.parametrize("folder", ["new", "empty", "own", "own_with_other_files"])
+def test_a_new_empty_or_own_folder_is_written(stubbed, tmp_path, folder):
+  import json
+
+  out = tmp_path / "o"
+  if folder != "new":
+    out.mkdir()
+  if folder.startswith("own"):
+    assert stubbed(out) == 0
+    (out / "needle_ranks.json").write_text(json.dumps([dict(ROW, n_chunks=9)]))  # an earlier run's: rewritten
+  if folder == "own_with_other_files":
+    (out / "notes.txt").write_text("mine\n")  # next to the tool's files: kept, untouched
+  assert stubbed(out) == 0
+  assert json.loads((out / "needle_ranks.json").read_text()) == [dict(ROW, tokens=300, depth=0.5)]
+  assert (out / "needle_ranks.png").stat().st_size > 1000
+  assert folder != "own_with_other_files" or (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_every_needle_ranks_folder_in_docs_is_recognised_as_its_own():
+  from pathlib import Path
+
+  from eval.needle_ranks import is_needle_ranks
+  found = sorted((Path(__file__).parents[1] / "docs").glob("needle_ranks*/needle_ranks.json"))
+  assert found and [f for f in found if not is_needle_ranks(f)] == []

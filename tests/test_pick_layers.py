@@ -1,6 +1,7 @@
 """train.pick_layers: ranks against a numpy reference, the greedy pick on synthetic scores, --write
 touching only selection_layers (and nothing where it refuses), calibration prompts that share no
-wording with the evaluation's needles, and one whole run on a tiny random model."""
+wording with the evaluation's needles, one whole run on a tiny random model, and --out refused where it
+holds files that pick_layers did not write."""
 
 import ast
 import json
@@ -279,6 +280,9 @@ def test_a_whole_run_on_a_tiny_model(tokenizer, text_file, tmp_path, monkeypatch
   assert pl.main(argv) == 0
   res = json.loads((out / "pick_layers.json").read_text())
   assert (out / "pick_layers.png").stat().st_size > 0
+  assert pl.is_pick_layers(out / "pick_layers.json")  # the mark of its own folder, which a rerun rewrites
+  (out / "pick_layers.png").write_bytes(b"stale")
+  assert pl.main(argv) == 0 and (out / "pick_layers.png").read_bytes() != b"stale"
   assert res["layers"] == [0, 1, 2] and len(res["prompts"]) == 3 and res["chosen"]["vote"] in ("sum", "max")
   assert all(len(p["ranks"]) == 3 and 1 <= min(p["ranks"]) for p in res["prompts"])
   stored = json.loads((export / "config.json").read_text())["adapter_config"]["selection_layers"]
@@ -291,3 +295,52 @@ def test_the_shipped_smollm2_choice_is_the_recorded_run():
   run = json.loads((Path(__file__).parents[1] / "docs" / "selection" / "pick_layers.json").read_text())
   assert "--write chunkllm_jax/adapters_data/smollm2-135m" in run["command"]
   assert cj.load_adapters("smollm2-135m").config.selection_layers == tuple(run["chosen"]["layers"])
+
+
+# --out: a new or empty folder, or pick_layers' own; never a folder of the user's files
+
+USERS_FOLDERS = {  # what the user's folder holds (name -> bytes)
+    "json_and_png": {"pick_layers.json": b'{"command": "my own notes"}\n', "pick_layers.png": b"\x89PNG mine"},
+    "damaged_json": {"pick_layers.json": b'{"command": "python -m train.pick_layers'},
+    "png_alone": {"pick_layers.png": b"\x89PNG mine"},
+    "other_files": {"notes.txt": b"mine\n"},
+    "an_export": {"config.json": b'{"format": "x"}\n'},  # e.g. --out the same folder as --write
+}
+
+
+class Loaded(Exception):
+  """The run got past its checks to loading the model."""
+
+
+def _load(*a, **k):
+  raise Loaded
+
+
+@pytest.mark.parametrize("held", list(USERS_FOLDERS))
+def test_a_folder_pick_layers_did_not_make_is_refused_untouched(text_file, tmp_path, monkeypatch, capsys, held):
+  out = tmp_path / "out"
+  out.mkdir()
+  for name, data in USERS_FOLDERS[held].items():
+    (out / name).write_bytes(data)
+  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model for a refused --out"))
+  capsys.readouterr()
+  assert pl.main(["--data", str(text_file), "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: --out {out} holds files that train.pick_layers did not write")
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FOLDERS[held]  # byte for byte, nothing added
+
+
+@pytest.mark.parametrize("folder", ["new", "empty", "own", "own_with_other_files"])
+def test_a_new_empty_or_own_folder_is_taken(text_file, tmp_path, monkeypatch, folder):
+  """Past the folder check to the model (a whole run into an own folder: test_a_whole_run_on_a_tiny_model)."""
+  out = tmp_path / "out"
+  if folder != "new":
+    out.mkdir()
+  if folder.startswith("own"):  # the run that chose the shipped layers, as an earlier run's output
+    shutil.copy(Path(__file__).parents[1] / "docs" / "selection" / "pick_layers.json", out)
+    (out / "pick_layers.png").write_bytes(b"\x89PNG")
+  if folder == "own_with_other_files":
+    (out / "notes.txt").write_text("mine\n")
+  monkeypatch.setattr(cj, "load", _load)
+  with pytest.raises(Loaded):
+    pl.main(["--data", str(text_file), "--out", str(out)])

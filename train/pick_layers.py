@@ -9,7 +9,9 @@ random depth and its question at the end. The Chunk Adapter segments it as infer
 last prompt token (the query of the first decode selection) each layer ranks the candidate chunks
 by `selection.attention_probs`, and we keep the rank of the chunk holding the fact's value. Layers
 are scored by mean reciprocal rank (MRR); the pick takes the best layer and adds up to two while
-the set's vote (sum or max) raises the MRR. --write stores the choice in an adapter export.
+the set's vote (sum or max) raises the MRR. --write stores the choice in an adapter export (and
+refuses a folder that is not one). --out is a new or empty folder, or an earlier run's (one that holds
+the pick_layers.json this tool wrote); any other is refused, so that no user's file is replaced.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import chunkllm_jax as cj  # noqa: E402
-from chunkllm_jax import adapter_io, model  # noqa: E402
+from chunkllm_jax import adapter_io, checks, model  # noqa: E402
 from chunkllm_jax.prompts import chat_text, has_chat_template  # noqa: E402
 from chunkllm_jax import adapters as adp  # noqa: E402
 from chunkllm_jax.chunk_generation import resolved, segment_prompts  # noqa: E402
@@ -242,6 +244,12 @@ def write_choice(directory, layers) -> None:
   os.replace(tmp, path)
 
 
+def is_pick_layers(path) -> bool:
+  """Whether `path` is a pick_layers.json that this tool wrote: it records the command that made it."""
+  result = json.loads(Path(path).read_text())
+  return isinstance(result, dict) and str(result.get("command", "")).startswith("python -m train.pick_layers")
+
+
 def plot(layers, ranks_PL, chosen, path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -273,6 +281,8 @@ def run(args, argv) -> None:
     raise ValueError(f"--score_queries must be at least 1, got {args.score_queries}")
   if args.n_prompts < 1:
     raise ValueError(f"--n_prompts must be at least 1, got {args.n_prompts}")
+  # pick_layers.json and .png are rewritten by name: only in a new or empty folder, or an earlier run's
+  checks.check_out_folder(args.out, "--out", "train.pick_layers", "pick_layers.json", is_pick_layers)
   lines = read_lines(args.data)
   target = export_meta(args.write) if args.write else None  # refuse a bad target now, not after the run
   m = cj.load(args.model, dtype="float32")

