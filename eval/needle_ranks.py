@@ -142,7 +142,7 @@ def main(argv=None):
   ap.add_argument("--adapters", default=None, help="an export directory (default: the shipped adapters)")
   ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
   ap.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-  ap.add_argument("--out", default="eval_results/needle_ranks")
+  ap.add_argument("--out", default="eval_needle_ranks")  # not inside eval.run's default folder, which it would refuse
   ap.add_argument("--selection_layers", type=int, nargs="+", default=None,
                   help="the layers the votes are taken over (default: the adapters' stored choice)")
   args = ap.parse_args(argv)

@@ -273,7 +273,7 @@ def main(argv=None) -> int:
   import argparse
   import sys
 
-  from eval.results_io import ResultsFile
+  from eval.results_io import ResultsFile, is_run_config
 
   p = argparse.ArgumentParser(prog="python -m eval.report", description=main.__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="a folder holding results.jsonl (and run_config.json)")
@@ -281,6 +281,13 @@ def main(argv=None) -> int:
   out = Path(args.out)
   if not (out / "results.jsonl").is_file():
     print(f"error: {out / 'results.jsonl'} does not exist", file=sys.stderr)
+    return 2
+  try:
+    ours = is_run_config(out / "run_config.json")
+  except (OSError, ValueError):  # missing, unreadable or not JSON
+    ours = False
+  if not ours:  # its summary.json, results.md and plots would replace files of those names eval.run did not write
+    print(f"error: {out} has no run_config.json of eval.run's: give a folder eval.run made", file=sys.stderr)
     return 2
   results = ResultsFile(out / "results.jsonl")
   config = out / "run_config.json"

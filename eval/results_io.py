@@ -18,6 +18,18 @@ from typing import Any, Iterable
 KEY_FIELDS = ("task", "method", "retention", "example")
 
 
+# The settings every run_config.json has held, from the first: the mark of a folder eval.run wrote.
+_FIRST_SETTINGS = ("model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix",
+                   "ppl_bins", "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "brown")
+
+
+def is_run_config(path: Path) -> bool:
+  """Whether `path` is a run_config.json that eval.run wrote (`run._write_fingerprint`): the mark of its folders,
+  which eval.run resumes and eval.report rewrites."""
+  config = json.loads(path.read_text())
+  return isinstance(config, dict) and all(k in config for k in _FIRST_SETTINGS)
+
+
 def retention_label(retention: float | None) -> str:
   """How a retention target is written in keys: 'default' (None), or the number ('0.5', '1')."""
   return "default" if retention is None else f"{retention:g}"

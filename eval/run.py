@@ -38,7 +38,7 @@ from eval import perplexity as ppl
 from eval import short_text
 from eval import report
 from eval.report import FULL  # vanilla's retention label: it reads everything
-from eval.results_io import ResultsFile, result_key, retention_label
+from eval.results_io import ResultsFile, is_run_config, result_key, retention_label
 
 REPO = Path(__file__).resolve().parents[1]
 BROWN = REPO.parent / "shared" / "data" / "brown.txt"
@@ -185,21 +185,10 @@ def _resolve(args) -> argparse.Namespace:
   if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     raise UsageError(f"--out {args.out} cannot be written ({existing} does not let this user create files)")
   try:  # results.md, summary.json and the plots are rewritten by name: only in a folder of eval.run's own
-    checks.check_out_folder(out, "--out", "eval.run", "run_config.json", _is_run_config)
+    checks.check_out_folder(out, "--out", "eval.run", "run_config.json", is_run_config)
   except checks.OutFolderError as e:
     raise UsageError(str(e)) from None
   return args
-
-
-# The settings every run_config.json has held, from the first: the mark of a folder eval.run wrote.
-_FIRST_SETTINGS = ("model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix",
-                   "ppl_bins", "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "brown")
-
-
-def _is_run_config(path: Path) -> bool:
-  """Whether `path` is a run_config.json that eval.run wrote (`_write_fingerprint`)."""
-  config = json.loads(path.read_text())
-  return isinstance(config, dict) and all(k in config for k in _FIRST_SETTINGS)
 
 
 def _check_tasks(args) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eval import run as eval_run
-from eval.results_io import ResultsFile
+from eval.results_io import ResultsFile, is_run_config
 from tests.eval_fixtures import N_RESULTS, Stubs, run_stubbed
 
 
@@ -165,7 +165,7 @@ def test_every_result_folder_in_docs_is_recognised_as_eval_runs():
   """The mark of an eval.run folder (its run_config.json's first settings) is in every folder it ever wrote."""
   from pathlib import Path
   configs = sorted((Path(__file__).parents[1] / "docs").glob("*/run_config.json"))
-  assert len(configs) > 10 and [c for c in configs if not eval_run._is_run_config(c)] == []
+  assert len(configs) > 10 and [c for c in configs if not is_run_config(c)] == []
 
 
 @pytest.mark.real_model
@@ -289,3 +289,15 @@ def test_a_folders_selection_rule_is_compared_by_what_it_does(tmp_path, recorded
   else:
     with pytest.raises(eval_run.UsageError, match="other settings.*selection"):
       eval_run._check_fingerprint(out, new)
+
+
+def test_eval_report_rewrites_only_folders_eval_run_made(tmp_path, capsys):
+  """`python -m eval.report --out DIR` rewrites summary.json, results.md and the plots: only where DIR's
+  run_config.json is eval.run's; a results.jsonl beside the user's own results.md is refused untouched."""
+  from eval import report
+
+  (tmp_path / "results.jsonl").write_text("")
+  (tmp_path / "results.md").write_text("mine\n")
+  assert report.main(["--out", str(tmp_path)]) == 2
+  assert "no run_config.json of eval.run's" in capsys.readouterr().err
+  assert (tmp_path / "results.md").read_text() == "mine\n" and not (tmp_path / "summary.json").exists()
