@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from chunkllm_jax.adapters import AdapterConfig, Adapters, expected_shapes
+from chunkllm_jax.adapters import AdapterConfig, Adapters, _check_layers, expected_shapes
 from chunkllm_jax.config import ModelConfig, RopeScaling
 from chunkllm_jax.params import ModelParams, leaf_shapes, shape_problems
 
@@ -120,6 +120,37 @@ def _swap_in(new: Path, directory: Path) -> None:
   shutil.rmtree(old)
 
 
+def _model_config(x, name: str, where: str) -> ModelConfig:
+  """`x` as the backbone's ModelConfig (a ModelParams gives its own). A loaded `Model` is the common mix-up: it
+  would fail deep in `dataclasses.asdict`, so it is named, with what to pass instead."""
+  if isinstance(x, ModelConfig):
+    return x
+  if isinstance(x, ModelParams):
+    return x.config
+  if isinstance(getattr(x, "config", None), ModelConfig):
+    raise TypeError(f"{where}: {name} takes the backbone's ModelConfig, not the Model: pass model.config")
+  raise TypeError(f"{where}: {name} must be a ModelConfig (model.config), got {type(x).__name__}")
+
+
+def check_fits(adapters: Adapters, model_config: ModelConfig, where: str) -> None:
+  """`with_adapters`' check, without the weights: the adapters' layers and shapes must fit `model_config`, or an
+  export would claim a backbone they were not made for (and `load_adapters` would accept them for it)."""
+  if not isinstance(adapters, Adapters):
+    raise TypeError(f"{where} takes an Adapters (cj.init_adapters(...), cj.load_adapters(...)), "
+                    f"got {type(adapters).__name__}")
+  try:
+    _check_layers(adapters.config, model_config)
+  except ValueError as e:
+    raise ValueError(f"{where}: these adapters do not fit model_config ({e}); pass the config of the model they "
+                     "were made for") from None
+  want = leaf_shapes(expected_shapes(adapters.config, model_config), is_leaf=lambda x: isinstance(x, tuple))
+  problems = shape_problems(want, leaf_shapes(adapters.params),
+                            f"model_config (d_model={model_config.d_model}) and the adapter config")
+  if problems:
+    raise ValueError(f"{where}: these adapters do not fit model_config, so the export would claim the wrong "
+                     f"backbone; pass the config of the model they were made for ({'; '.join(problems)})")
+
+
 def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, backbone: str,
                   dtype: str = "float32", overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
   """Writes an export. An existing export is only replaced with `overwrite`, and only once the new
@@ -127,9 +158,12 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
   earlier export is never replaced (ExportTargetError).
 
   dtype: of the stored weights; "bfloat16" halves the size (loading gives float32 either way).
+  model_config: the backbone's ModelConfig (or its ModelParams); adapters that do not fit it are refused.
   """
   import orbax.checkpoint as ocp
 
+  model_config = _model_config(model_config, "model_config", "save_adapters")
+  check_fits(adapters, model_config, "save_adapters")
   acfg = adapters.config
   meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
               model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),
@@ -213,10 +247,8 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
   except (KeyError, TypeError, AttributeError, ValueError) as e:  # a config.json edited or cut short
     raise AdapterLoadError(f"{d}: config.json is damaged ({type(e).__name__}: {e}); export the adapters "
                            "again") from None
-  if isinstance(expected_config, ModelParams):
-    expected_config = expected_config.config
-  if expected_config is not None:
-    check_backbone(meta, expected_config, str(d))
+  if expected_config is not None:  # before the weights are read
+    check_backbone(meta, _model_config(expected_config, "expected_config", "load_adapters"), str(d))
   shapes = expected_shapes(acfg, model_config)
   stored = _dtype(meta.get("weights_dtype", "float32"))
   # Restored as numpy, converted there and placed once: restoring into device arrays and converting

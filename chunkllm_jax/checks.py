@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax.params import ModelParams
@@ -35,6 +36,11 @@ def is_int(v) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def is_number(v) -> bool:
+  """A real number, numpy's scalars included; a bool is not one (True would be read as 1)."""
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def check_count(name: str, v, minimum: int = 1) -> int:
   """A whole number >= minimum: 2.5, "3" and True are refused rather than converted."""
   if not is_int(v):
@@ -47,7 +53,7 @@ def check_count(name: str, v, minimum: int = 1) -> int:
 def check_sampling(temperature, top_k, top_p) -> None:
   """Types and ranges of the sampling settings (NaN compares false to everything: asked explicitly)."""
   for name, v in (("temperature", temperature), ("top_p", top_p)):
-    if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)):
+    if not is_number(v):
       raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
   if not math.isfinite(temperature) or temperature < 0:
     raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
@@ -69,6 +75,34 @@ def token_array(tokens, vocab_size: int, where: str = "tokens") -> np.ndarray:
     raise TypeError(f"{where} must be integer token ids, got dtype {arr.dtype}: convert them with "
                     "np.asarray(ids, np.int32) if they are whole numbers")
   return arr
+
+
+def check_lengths(lengths, batch: int, width: int, where: str = "lengths"):
+  """Row lengths for tokens of shape [batch, width], as `prepare_prompts` takes them: one integer a row, each in
+  [1, width]; a list or any array. Returns an int32 jax array. Traced lengths (under `jit`) are checked by dtype
+  and shape alone. Past these checks a wrong length is no error at all: a float is truncated, 0 leaves a row with
+  no key to attend to, a length past the width reads padding as real tokens, a wrong count fails inside attention."""
+  if isinstance(lengths, jax.core.Tracer):
+    arr = lengths
+  else:
+    try:
+      arr = np.asarray(lengths)
+    except ValueError:  # numpy refuses ragged nesting
+      raise ValueError(f"{where} must be one length per row, shape ({batch},); got {lengths!r}") from None
+  if tuple(arr.shape) != (batch,):
+    raise ValueError(f"{where} must be one length per row: shape ({batch},) for tokens of shape ({batch}, {width}), "
+                     f"got shape {tuple(arr.shape)}")
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(f"{where} must be integer row lengths, got dtype {arr.dtype}: give whole numbers "
+                    "(np.asarray(lengths, np.int32))")
+  if isinstance(lengths, jax.core.Tracer):
+    return lengths
+  bad = np.flatnonzero((arr < 1) | (arr > width))
+  if bad.size:
+    b = int(bad[0])
+    raise ValueError(f"{where}[{b}] is {int(arr[b])}: each row's length (its real tokens) must be in [1, {width}], "
+                     f"{width} being the width of tokens")
+  return jnp.asarray(arr, jnp.int32)
 
 
 def check_token_range(tokens_BT, vocab_size: int, lengths_B=None) -> None:

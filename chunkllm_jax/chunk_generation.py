@@ -46,7 +46,7 @@ from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention, kept_slots, low_rank_keys, new_low_rank_keys
 from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
-                                   mass_by_segments, score_read_share, vote_scores)
+                                   check_chunk_config, mass_by_segments, score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots
@@ -655,12 +655,12 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
     raise ValueError("chunk_generate needs adapters: params = cj.with_adapters(params, cj.load_adapters(...))")
   cfg = params.config
   params = adp.with_adapters(params.replace(adapters=None), params.adapters)  # fits this backbone?
-  ccfg = with_fields(chunk_config or ChunkConfig(), chunk_fields)
+  ccfg = with_fields(check_chunk_config(chunk_config), chunk_fields)
   eos_ids, pad_id = decoding.end_rules(cfg, eos_ids, pad_id)
   prompts, lens = decoding.prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
   max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len,
                                      itemsize=params.backbone["embed"].dtype.itemsize)
-  ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers))
+  ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers, vocab_size=cfg.vocab_size))
   if ccfg.attention == "pallas" and ccfg.shares_selection and cfg.attn_softcap is not None:
     raise ValueError("the shared rule's kernels (attention='pallas', selection='shared') do not support attention "
                      "logit soft-capping; use attention='xla'")
@@ -686,7 +686,19 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                   f"{np.flatnonzero(np.asarray(st.overflow)).tolist()}: later chunks were merged into its last one, "
                   "which is always read, so the KV read grows past the budget; give a larger max_chunks "
                   "(stats['chunk_overflow'])", stacklevel=2)
-  extra = dict(kv_retention=per_step(st.retained), n_chunks=np.asarray(st.n_chunks),
+  retention = per_step(st.retained)
+  if ccfg.budgeted:  # what is always read (sinks, local and open chunks) can exceed a small budget
+    seen = lens + 1 + (live - 1) / 2
+    target = np.asarray(ccfg.budget_tokens(np.ceil(seen).astype(np.int32))) / seen
+    over = np.flatnonzero(retention > target + 0.1)  # NaN rows (no decode step) compare false
+    if over.size:
+      warnings.warn(
+          f"row(s) {over.tolist()} read {np.nanmax(retention[over]):.1%} of the KV against a budget of "
+          f"{float(np.max(target[over])):.1%}: the sinks, the {ccfg.n_local} most recent chunks and the open chunk "
+          f"(up to {ccfg.max_chunk_len} tokens each) are always read, and that is more than the budget at this "
+          "length; a smaller n_local or max_chunk_len, or a longer context, brings the read to the budget "
+          "(stats['kv_retention'])", stacklevel=2)
+  extra = dict(kv_retention=retention, n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
   return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,

@@ -194,7 +194,7 @@ def check_generate_flags(args) -> None:
     raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in {args.model}'s "
                      f"context of {cfg.max_position} positions: give at most {cfg.max_position - 1}")
   if args.chunk:  # the settings' own checks, at the model's longest context (chunk_generate checks the real one)
-    with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers)
+    with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
 
 
 def run_generate(args) -> None:

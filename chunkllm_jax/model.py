@@ -150,7 +150,8 @@ def self_attend_fn(cfg: ModelConfig, positions_BT, valid_BT) -> AttendFn:
 
 
 def forward(params: ModelParams, tokens_BT, lengths_B=None):
-  """Logits [B, T, V] of full causal attention. `lengths_B` marks right padding (optional).
+  """Logits [B, T, V] of full causal attention. `lengths_B` marks right padding (optional): one int a row
+  (a list or an array), each in [1, T].
 
   tokens_BT: a [B, T] array or a list of equal-length token lists. Outside `jit`, ids are checked
   against the vocabulary first (past it, `take` would give NaN logits or a wrong row, silently)."""
@@ -158,6 +159,8 @@ def forward(params: ModelParams, tokens_BT, lengths_B=None):
   cfg = params.config
   tokens_BT = _token_input(tokens_BT, cfg.vocab_size)
   B, T = tokens_BT.shape
+  if lengths_B is not None:  # `generate`'s rules for its `lengths`: one int a row, in [1, T]
+    lengths_B = checks.check_lengths(lengths_B, B, T, "lengths_B")
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   valid = positions < (jnp.full((B,), T) if lengths_B is None else lengths_B)[:, None]
   x = embed(params, tokens_BT)

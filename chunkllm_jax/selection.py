@@ -37,8 +37,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from chunkllm_jax import attention as attn
+from chunkllm_jax import checks
 from chunkllm_jax.adapters import chunk_scores
 
 SCORERS = ("adapter", "attention")
@@ -149,14 +151,30 @@ class ChunkConfig(ChunkRules):
   # the last tokens would add one read a chunk), as measured with `recent_share` (docs/results.md).
   boundary_tokens: bool | None = None
 
-  def validate(self, max_len: int, n_layers: int) -> "ChunkConfig":
-    """Checks ranges on the host (before anything compiles); fills `max_chunks`."""
-    for name in ("n_sink", "top_chunks", "n_local", "max_chunk_len", "refresh_every", "score_queries"):
+  def validate(self, max_len: int, n_layers: int, vocab_size: int | None = None) -> "ChunkConfig":
+    """Checks types and ranges on the host (before anything compiles); fills `max_chunks`. Returns the config
+    with numpy scalars as Python numbers and the layer and separator lists as tuples of ints (the config is a
+    static argument of the compiled programs: it must hash). With `vocab_size`, the separators are checked
+    against the vocabulary too."""
+    for name in ("n_sink", "top_chunks", "n_local", "max_chunk_len", "refresh_every", "score_queries", "max_chunks"):
       v = getattr(self, name)
-      if name == "score_queries" and v is None:
+      if name in ("score_queries", "max_chunks") and v is None:
         continue
-      if not isinstance(v, int) or isinstance(v, bool):
+      if not checks.is_int(v):
         raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    # A string would fail at the first comparison with a raw TypeError; True would be read as 1.0.
+    for name, what in (("kv_budget", "a fraction of the tokens seen, in (0, 1]"),
+                       ("recent_share", "a share of the KV budget, in [0, 1]"),
+                       ("alpha", "the Chunk Adapter's boundary threshold, in (0, 1)")):
+      v = getattr(self, name)
+      if not (v is None and name == "kv_budget") and not checks.is_number(v):
+        raise TypeError(f"{name} must be a number ({what}), got {v!r} ({type(v).__name__})")
+    dense_layers = _int_tuple("dense_layers", self.dense_layers, "layer indices")
+    selection_layers = None if self.selection_layers is None else \
+        _int_tuple("selection_layers", self.selection_layers, "layer indices")
+    separator_ids = _int_tuple("separator_ids", self.separator_ids, "token ids")
+    if self.max_chunks is not None and self.max_chunks < 0:
+      raise ValueError(f"max_chunks must be >= 1 (None or 0: max_len // 8), got {self.max_chunks}")
     max_chunks = self.max_chunks or max(max_len // 8, 1)
     if self.n_sink < 0:
       raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
@@ -175,21 +193,21 @@ class ChunkConfig(ChunkRules):
                        f"(max_chunks={max_chunks}); there are never more chunks than that")
     if self.kv_budget is not None and self.kv_budget_tokens is not None:
       raise ValueError("give kv_budget (a fraction) or kv_budget_tokens (a count), not both")
-    if self.kv_budget is not None and not (isinstance(self.kv_budget, (int, float)) and 0.0 < self.kv_budget <= 1.0):
+    if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:  # also false for NaN
       raise ValueError(f"kv_budget is a fraction of the tokens seen, in (0, 1]; got {self.kv_budget!r}")
     if self.kv_budget_tokens is not None:
-      if not isinstance(self.kv_budget_tokens, int) or isinstance(self.kv_budget_tokens, bool):
+      if not checks.is_int(self.kv_budget_tokens):
         raise TypeError(f"kv_budget_tokens must be an int, got {self.kv_budget_tokens!r}")
       if not 0 < self.kv_budget_tokens <= max_len:
         raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be in [1, max_len={max_len}] "
                          "(the KV buffer cannot hold more)")
-    if not isinstance(self.kv_budget_min_tokens, int) or isinstance(self.kv_budget_min_tokens, bool):
+    if not checks.is_int(self.kv_budget_min_tokens):
       raise TypeError(f"kv_budget_min_tokens must be an int, got {self.kv_budget_min_tokens!r}")
     if not 0 <= self.kv_budget_min_tokens <= max_len:
       raise ValueError(f"kv_budget_min_tokens={self.kv_budget_min_tokens} must be in [0, max_len={max_len}]")
     if self.kv_budget_min_tokens and not self.budgeted:
       raise ValueError("kv_budget_min_tokens is a floor under a KV budget: give kv_budget or kv_budget_tokens too")
-    if not (isinstance(self.recent_share, (int, float)) and 0.0 <= self.recent_share <= 1.0):
+    if not 0.0 <= self.recent_share <= 1.0:  # also false for NaN
       raise ValueError(f"recent_share is a share of the KV budget, in [0, 1]; got {self.recent_share!r}")
     if self.scorer not in SCORERS:
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
@@ -207,7 +225,7 @@ class ChunkConfig(ChunkRules):
     if self.score_rank is not None:
       if not per_head:
         raise ValueError("score_rank sets how the per-head selection scores; it needs selection='kv_head'")
-      if not isinstance(self.score_rank, int) or isinstance(self.score_rank, bool) or self.score_rank < 1:
+      if not checks.is_int(self.score_rank) or self.score_rank < 1:
         raise ValueError(f"score_rank must be an int >= 1 (dimensions or coordinates of K), got {self.score_rank!r}")
     if self.score_estimate not in SCORE_ESTIMATES:
       raise ValueError(f"score_estimate must be one of {SCORE_ESTIMATES}, got {self.score_estimate!r}")
@@ -217,8 +235,7 @@ class ChunkConfig(ChunkRules):
     if self.score_estimate == "exact" and self.score_rank is not None:
       raise ValueError("score_estimate='exact' reads all of K; score_rank sizes an estimate ('lowrank' or 'sparq')")
     if self.score_sketch is not None:
-      if not isinstance(self.score_sketch, int) or isinstance(self.score_sketch, bool) or self.score_sketch < 0 or (
-          self.score_sketch % SKETCH_WORD):
+      if not checks.is_int(self.score_sketch) or self.score_sketch < 0 or self.score_sketch % SKETCH_WORD:
         raise ValueError(f"score_sketch must be a multiple of {SKETCH_WORD} bits (0: none), got {self.score_sketch!r}")
       if self.score_sketch and (self.score_estimate != "lowrank" or not per_head):
         raise ValueError("score_sketch sketches what the low-rank keys miss: it needs score_estimate='lowrank' "
@@ -228,7 +245,7 @@ class ChunkConfig(ChunkRules):
     if self.sketch_estimate != SKETCH_ESTIMATES[0] and not self.sketch_bits:
       raise ValueError(f"sketch_estimate={self.sketch_estimate!r} scores the residual sketch: it needs "
                        "score_estimate='lowrank' with a score_sketch (selection='kv_head')")
-    if not isinstance(self.head_refresh, int) or isinstance(self.head_refresh, bool) or self.head_refresh < 1:
+    if not checks.is_int(self.head_refresh) or self.head_refresh < 1:
       raise ValueError(f"head_refresh must be an int >= 1 (steps between the heads' choices), "
                        f"got {self.head_refresh!r}")
     if self.head_refresh != 1 and self.selection != "kv_head":
@@ -243,8 +260,14 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"prefill_selection must be 'own' or 'previous', got {self.prefill_selection!r}")
     if self.boundaries not in ("adapter", "fixed", "separators"):
       raise ValueError(f"boundaries must be 'adapter', 'fixed' or 'separators', got {self.boundaries!r}")
-    if self.boundaries == "separators" and not self.separator_ids:
+    if self.boundaries == "separators" and not separator_ids:
       raise ValueError("boundaries='separators' needs separator_ids (the token ids that close a chunk)")
+    # An id outside the vocabulary never closes a chunk: the run would go on silently, closing by force alone.
+    outside = [i for i in separator_ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+    if outside:
+      raise ValueError(f"separator_ids {outside} are outside the vocabulary "
+                       f"[0, {vocab_size if vocab_size is not None else 'vocab_size'}): no chunk would close at them; "
+                       "give ids from this model's tokenizer")
     if self.keep not in ("chunk", "boundary"):
       raise ValueError(f"keep must be 'chunk' or 'boundary', got {self.keep!r}")
     if self.boundary_tokens is not None and not isinstance(self.boundary_tokens, bool):
@@ -261,9 +284,13 @@ class ChunkConfig(ChunkRules):
       raise ValueError("attention='pallas' reads selected chunks whole; use keep='chunk' or attention='xla'")
     if not 0.0 < self.alpha < 1.0:
       raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-    if any(not 0 <= i < n_layers for i in self.dense_layers):
-      raise ValueError(f"dense_layers {self.dense_layers} out of range for {n_layers} layers")
-    return dataclasses.replace(self, max_chunks=max_chunks)
+    if any(not 0 <= i < n_layers for i in dense_layers):
+      raise ValueError(f"dense_layers {dense_layers} out of range for {n_layers} layers")
+    # numpy scalars as Python numbers (np.float32(0.25) -> 0.25), so that equal settings make one static config.
+    numbers = {f.name: getattr(self, f.name).item() for f in dataclasses.fields(self)
+               if isinstance(getattr(self, f.name), np.generic)}
+    return dataclasses.replace(self, **{**numbers, "max_chunks": int(max_chunks), "dense_layers": dense_layers,
+                                        "selection_layers": selection_layers, "separator_ids": separator_ids})
 
   def resolve(self, full_attention_layers, qk_layers, stored_layers=None, stored_queries: int = 1,
               head_dim: int | None = None) -> "ChunkConfig":
@@ -272,7 +299,8 @@ class ChunkConfig(ChunkRules):
     `stored_queries`, the adapters' own window, for theirs). Checks the layers against the model:
     full-attention layers, with a QK Adapter for `scorer="adapter"`. With `head_dim`, also the per-head
     score's size: `score_rank` (None where the mass is exact, or the shared rule) and `score_sketch`."""
-    layers = self.selection_layers if self.selection_layers is not None else (stored_layers or tuple(qk_layers))
+    layers = _int_tuple("selection_layers", self.selection_layers, "layer indices") \
+        if self.selection_layers is not None else (stored_layers or tuple(qk_layers))
     layers = tuple(sorted(set(int(i) for i in layers)))
     if not layers:
       raise ValueError("selection_layers is empty: name at least one full-attention layer")
@@ -382,6 +410,32 @@ class ChunkConfig(ChunkRules):
     else:
       rule = jnp.zeros_like(forced)
     return (t_B >= self.n_sink) & (rule | forced)
+
+
+def _int_tuple(name: str, v, what: str) -> tuple[int, ...]:
+  """A tuple, list or 1-D integer array of ints as a tuple of Python ints. A bare int or a string is refused (not
+  iterated), and so are floats (not truncated: 7.9 is no layer) and bools (not read as 0 and 1)."""
+  if isinstance(v, np.ndarray) and v.ndim == 1:
+    v = v.tolist()  # numpy's own ints, floats or bools, judged below like a list's
+  if not isinstance(v, (tuple, list)):
+    raise TypeError(f"{name} must be a tuple of {what}, got {v!r} ({type(v).__name__})")
+  bad = [x for x in v if not checks.is_int(x)]
+  if bad:
+    raise TypeError(f"{name} must hold ints ({what}), got {bad[0]!r} ({type(bad[0]).__name__}) in {tuple(v)!r}")
+  return tuple(int(x) for x in v)
+
+
+def check_chunk_config(chunk_config) -> "ChunkConfig":
+  """`chunk_generate`'s `chunk_config`: a ChunkConfig, or None for the defaults. A dict of fields is the common
+  mix-up (it would fail deep in `dataclasses.replace`): it is refused with the two ways to give them."""
+  if chunk_config is None:
+    return ChunkConfig()
+  if isinstance(chunk_config, ChunkConfig):
+    return chunk_config
+  if isinstance(chunk_config, dict):
+    raise TypeError(f"chunk_config must be a cj.ChunkConfig, got a dict: pass cj.ChunkConfig(**{chunk_config!r}), "
+                    f"or give the fields by keyword (chunk_generate(params, tokens, kv_budget=0.5, ...))")
+  raise TypeError(f"chunk_config must be a cj.ChunkConfig (or None: the defaults), got {type(chunk_config).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ settings fail before compiling."""
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +300,20 @@ def test_a_full_chunk_table_merges_chunks_and_a_full_budget_still_reads_everythi
   assert (out.tokens == ref.tokens).all()
   assert out.stats["chunk_overflow"].all() and (out.stats["n_chunks"] == 20).all()
   np.testing.assert_allclose(out.stats["kv_retention"], 1.0)
+
+
+def test_a_budget_below_what_is_always_read_warns():
+  """The sinks, the local chunks and the open chunk are always read: a budget they pass is exceeded, with a warning
+  that names the read and the budget; a budget they fit in is not."""
+  params = chunk_params()
+  rows = prompts([40, 23], seed=2)
+  kw = dict(max_new_tokens=6, eos_ids=(), max_len=128, max_chunk_len=8, n_local=2, max_chunks=64)
+  with pytest.warns(UserWarning, match="read .* of the KV against a budget of .*always read"):
+    tight = cg.chunk_generate(params, rows, kv_budget_tokens=1, **kw)
+  assert (tight.stats["kv_retention"] > 0.1).all()  # against a budget of one token: 2-4% of the tokens seen
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    cg.chunk_generate(params, rows, kv_budget=1.0, **kw)
 
 
 def test_the_shared_rules_kernels_refuse_soft_capped_logits():

@@ -2,6 +2,7 @@
 adapter exports each refuse a bad input with a named error that says what is wrong and how to fix it,
 before anything is allocated or compiled, and without touching a file that was there before."""
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -19,7 +20,8 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import checks
-from tests.tiny_models import tiny_params
+from chunkllm_jax.selection import ChunkConfig, check_chunk_config
+from tests.tiny_models import chunk_params, tiny_config, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,6 +143,127 @@ def test_an_explicit_max_len_may_run_past_the_context_with_a_warning(params):
   assert out.tokens.shape == (1, 513)
 
 
+@pytest.mark.parametrize("lengths, kind, match", [
+    ([3, 2], ValueError, r"lengths_B must be one length per row: shape \(1,\) for tokens of shape \(1, 3\), "
+                         r"got shape \(2,\)"),
+    (np.array([3, 4, 5]), ValueError, r"for tokens of shape \(1, 3\), got shape \(3,\)"),  # was lax.cond's error
+    (3, ValueError, r"lengths_B must be one length per row: .* got shape \(\)"),
+    ([[3]], ValueError, r"got shape \(1, 1\)"),
+    (np.array([2.7]), TypeError, r"lengths_B must be integer row lengths, got dtype float64"),  # truncated before
+    (["3"], TypeError, r"lengths_B must be integer row lengths, got dtype <U1"),
+    ([True], TypeError, r"lengths_B must be integer row lengths, got dtype bool"),
+    ([0], ValueError, r"lengths_B\[0\] is 0: each row's length \(its real tokens\) must be in \[1, 3\]"),
+    (jnp.asarray([4]), ValueError, r"lengths_B\[0\] is 4: .* must be in \[1, 3\]"),  # past T: padding read as tokens
+])
+def test_forward_checks_lengths_as_generate_does(params, lengths, kind, match):
+  with pytest.raises(kind, match=match):
+    cj.forward(params, [[1, 2, 3]], lengths)
+
+
+def test_forward_takes_lengths_as_a_list_an_array_or_traced(params):
+  tokens = [[1, 2, 3], [4, 5, 6]]
+  want = cj.forward(params, jnp.asarray(tokens), jnp.asarray([3, 2], jnp.int32))
+  for lengths in ([3, 2], np.array([3, 2], np.int64), (np.int64(3), 2)):  # a list gave a raw indexing error
+    np.testing.assert_array_equal(cj.forward(params, tokens, lengths), want)
+  np.testing.assert_allclose(jax.jit(cj.forward)(params, jnp.asarray(tokens), jnp.asarray([3, 2])), want, atol=1e-6)
+  with pytest.raises(TypeError, match="lengths_B must be integer row lengths, got dtype float32"):
+    jax.jit(cj.forward)(params, jnp.asarray(tokens), jnp.asarray([3.0, 2.0]))  # traced: dtype and shape alone
+
+
+# ChunkConfig's fields, given to chunk_generate by keyword (chunk_params: 3 layers, vocabulary 96).
+CHUNK_BAD = {
+    "kv_budget_bool": (dict(kv_budget=True), TypeError,
+                       r"kv_budget must be a number \(a fraction of the tokens seen, in \(0, 1\]\), got True \(bool\)"),
+    "kv_budget_str": (dict(kv_budget="0.5"), TypeError, r"kv_budget must be a number .* got '0.5' \(str\)"),
+    "recent_share_str": (dict(kv_budget=0.5, recent_share="0.5"), TypeError, r"recent_share must be a number"),
+    "alpha_str": (dict(alpha="0.5"), TypeError, r"alpha must be a number \(the Chunk Adapter's boundary threshold, "
+                                                r"in \(0, 1\)\), got '0.5' \(str\)"),
+    "kv_budget_tokens_float": (dict(kv_budget_tokens=np.float64(4)), TypeError, r"kv_budget_tokens must be an int"),
+    "max_chunks_float": (dict(max_chunks=2.5), TypeError, r"max_chunks must be an int, got 2.5"),
+    "max_chunks_negative": (dict(max_chunks=-1), ValueError, r"max_chunks must be >= 1 \(None or 0: max_len // 8\)"),
+    "dense_layers_int": (dict(dense_layers=0), TypeError,
+                         r"dense_layers must be a tuple of layer indices, got 0 \(int\)"),
+    "selection_layers_int": (dict(selection_layers=2), TypeError,
+                             r"selection_layers must be a tuple of layer indices, got 2 \(int\)"),
+    "selection_layers_float": (dict(selection_layers=(2.9,)), TypeError,  # was truncated to layer 2
+                               r"selection_layers must hold ints \(layer indices\), got 2.9 \(float\) in \(2.9,\)"),
+    "dense_layers_float": (dict(dense_layers=(0.5,)), TypeError, r"dense_layers must hold ints .* got 0.5 \(float\)"),
+    "dense_layers_bool": (dict(dense_layers=(True,)), TypeError, r"dense_layers must hold ints .* got True \(bool\)"),
+    "separator_ids_str": (dict(boundaries="separators", separator_ids="."), TypeError,
+                          r"separator_ids must be a tuple of token ids, got '.' \(str\)"),
+    "separator_ids_float": (dict(boundaries="separators", separator_ids=(13.0,)), TypeError,
+                            r"separator_ids must hold ints \(token ids\), got 13.0"),
+    "separator_ids_negative": (dict(boundaries="separators", separator_ids=(5, -1)), ValueError,
+                               r"separator_ids \[-1\] are outside the vocabulary .* no chunk would close at them"),
+    "separator_ids_past_vocab": (dict(boundaries="separators", separator_ids=(5, 96)), ValueError,
+                                 r"separator_ids \[96\] are outside the vocabulary \[0, 96\)"),
+    "chunk_config_dict": (dict(chunk_config={"kv_budget": 0.5}), TypeError,
+                          r"chunk_config must be a cj.ChunkConfig, got a dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_BAD))
+def test_chunk_settings_of_a_wrong_type_are_named_before_compiling(monkeypatch, case):
+  def no_compile(*a, **k):
+    raise AssertionError("compiled a program for a bad setting")
+  monkeypatch.setattr(importlib.import_module("chunkllm_jax.decoding").Compiled, "executable", no_compile)
+  kw, kind, match = CHUNK_BAD[case]
+  with pytest.raises(kind, match=match):
+    cj.chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=2, max_len=64, **kw)
+
+
+# numpy's scalars pass wherever Python's numbers do (as for max_new_tokens), and make the same static config.
+CHUNK_NUMPY = {
+    "kv_budget_float32": (dict(kv_budget=np.float32(0.25)), dict(kv_budget=0.25)),
+    "kv_budget_float64": (dict(kv_budget=np.float64(0.25)), dict(kv_budget=0.25)),
+    "kv_budget_tokens": (dict(kv_budget_tokens=np.int64(16)), dict(kv_budget_tokens=16)),
+    "recent_share": (dict(kv_budget=0.5, recent_share=np.float32(0.5)), dict(kv_budget=0.5, recent_share=0.5)),
+    "alpha": (dict(alpha=np.float32(0.5)), dict(alpha=0.5)),
+    "counts": (dict(top_chunks=np.int32(2), n_local=np.int64(1), max_chunks=np.int64(16)),
+               dict(top_chunks=2, n_local=1, max_chunks=16)),
+    "layers": (dict(dense_layers=np.array([0]), selection_layers=[np.int64(2)]), dict(dense_layers=(0,),
+                                                                                    selection_layers=(2,))),
+    "separators": (dict(boundaries="separators", separator_ids=np.array([5, 7])),
+                   dict(boundaries="separators", separator_ids=(5, 7))),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_NUMPY))
+def test_numpy_scalars_are_chunk_settings_like_python_numbers(case):
+  given, same = CHUNK_NUMPY[case]
+  got = ChunkConfig(**given).validate(64, 3, vocab_size=96)
+  assert got == ChunkConfig(**same).validate(64, 3, vocab_size=96) and hash(got) is not None
+  assert all(type(getattr(got, k)) is type(v) for k, v in same.items())  # Python's own, for the static config
+
+
+def test_chunk_generate_runs_with_numpy_settings():
+  params, prompt = chunk_params(), [[1, 2, 3, 4, 5]]
+  out = cj.chunk_generate(params, prompt, max_new_tokens=2, max_len=64, kv_budget_tokens=np.int64(48),
+                          recent_share=np.float32(0.5), alpha=np.float32(0.5), dense_layers=[np.int64(0)])
+  want = cj.chunk_generate(params, prompt, max_new_tokens=2, max_len=64, kv_budget_tokens=48, recent_share=0.5,
+                           alpha=0.5, dense_layers=(0,))
+  np.testing.assert_array_equal(out.tokens, want.tokens)
+
+
+def test_separators_outside_the_vocabulary_are_refused():
+  """No token has such an id, so no chunk would ever close at one (the run went on with forced closes alone)."""
+  with pytest.raises(ValueError, match=r"separator_ids \[96, 101\] are outside the vocabulary \[0, 96\): "
+                                       r"no chunk would close at them; give ids from this model's tokenizer"):
+    ChunkConfig(boundaries="separators", separator_ids=(5, 96, 101)).validate(64, 3, vocab_size=96)
+  ChunkConfig(boundaries="separators", separator_ids=(5, 95)).validate(64, 3, vocab_size=96)  # inside: no error
+
+
+@pytest.mark.parametrize("chunk_config, match", [
+    ({"kv_budget": 0.5}, r"chunk_config must be a cj.ChunkConfig, got a dict: pass cj.ChunkConfig\(\*\*\{'kv_budget': "
+                         r"0.5\}\), or give the fields by keyword"),
+    (0.5, r"chunk_config must be a cj.ChunkConfig \(or None: the defaults\), got float"),
+])
+def test_a_chunk_config_that_is_no_chunk_config_is_named(chunk_config, match):
+  with pytest.raises(TypeError, match=match):
+    check_chunk_config(chunk_config)
+  assert check_chunk_config(None) == ChunkConfig() and check_chunk_config(ChunkConfig(top_chunks=3)).top_chunks == 3
+
+
 def test_kv_memory_check_names_size_and_limit(params):
   with pytest.raises(ValueError, match=r"needs [\d.]+ GiB, more than the [\d.]+ GiB of host RAM"):
     checks.check_kv_memory(params.config, 1 << 20, 1 << 20, 4)
@@ -240,6 +363,36 @@ def test_damaged_adapter_weights_are_one_error_without_a_chain(export):
     cj.load_adapters(out, cfg)
   assert e.value.__cause__ is None and e.value.__suppress_context__
   assert _tree(out) == before
+
+
+@pytest.mark.parametrize("other, kind, match", [
+    (dict(d_model=48), ValueError, r"save_adapters: these adapters do not fit model_config, so the export would claim "
+                                   r"the wrong backbone; .*shape \(32, 8\), but model_config \(d_model=48\)"),
+    (dict(n_layers=1), ValueError, r"save_adapters: these adapters do not fit model_config \(QK-adapter layer 1 is "
+                                   r"out of range for a 1-layer model\)"),
+    ("model", TypeError, r"save_adapters: model_config takes the backbone's ModelConfig, not the Model: pass "
+                         r"model.config"),
+    ("a string", TypeError, r"save_adapters: model_config must be a ModelConfig \(model.config\), got str"),
+])
+def test_save_adapters_refuses_a_config_the_adapters_do_not_fit(tmp_path, other, kind, match):
+  """`with_adapters`' check at export: a written export that names another backbone would be loaded for it."""
+  from train import backbone
+  cfg = cj.ModelConfig(arch="llama", vocab_size=64, eos_ids=(0,), **backbone.TINY_SIZES)
+  adapters = cj.init_adapters(jax.random.key(0), cfg)
+  model_config = {"model": cj.Model(cfg, None, None), "a string": "tiny"}.get(other) if isinstance(other, str) else \
+      dataclasses.replace(cfg, **other)
+  with pytest.raises(kind, match=match):
+    cj.save_adapters(adapters, tmp_path / "x", model_config=model_config, backbone="tiny")
+  assert not tmp_path.joinpath("x").exists() and not list(tmp_path.iterdir())
+  with pytest.raises(TypeError, match="save_adapters takes an Adapters"):
+    cj.save_adapters(adapters.params, tmp_path / "x", model_config=cfg, backbone="tiny")
+
+
+def test_load_adapters_given_the_model_says_pass_model_config():
+  model = cj.Model(tiny_config(), None, None)
+  with pytest.raises(TypeError, match=r"load_adapters: expected_config takes the backbone's ModelConfig, not the "
+                                      r"Model: pass model.config"):
+    cj.load_adapters("smollm2-135m", model)
 
 
 @pytest.mark.parametrize("edit", [lambda m: m.pop("adapter_config"), lambda m: m["adapter_config"].pop("d_c"),
