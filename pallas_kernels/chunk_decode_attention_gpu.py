@@ -61,6 +61,21 @@ def _pad_axis(x, axis: int, size: int):
   return jnp.pad(x, pad)
 
 
+def fold_block(carry, s_GS, visible_1S, v_SD):
+  """One block of keys folded into a program's online softmax (acc [G, D], max [G], sum [G], all f32), from its
+  logits [G, S], which keys are visible [1, S] and its values [S, D]. Both GPU decode kernels fold with it."""
+  acc_GD, m_G, l_G = carry
+  s_GS = jnp.where(visible_1S, s_GS, NEG_INF)
+  m_new_G = jnp.maximum(m_G, s_GS.max(-1))
+  # masked entries get exactly 0, even when everything so far is masked
+  p_GS = jnp.where(visible_1S, jnp.exp(s_GS - m_new_G[:, None]), 0.0)
+  corr_G = jnp.exp(m_G - m_new_G)
+  l_G = corr_G * l_G + p_GS.sum(-1)
+  # p in V's dtype, as the reference: a bf16 x bf16 dot, accumulated in f32
+  pv_GD = jnp.dot(p_GS.astype(v_SD.dtype), v_SD, preferred_element_type=jnp.float32)
+  return corr_G[:, None] * acc_GD + pv_GD, m_new_G, l_G
+
+
 def _decode_kernel_gpu(ids_ref, n_ref,  # [N] this row's block ids, [] its count
                        q_ref, k_ref, v_ref, mask_ref,  # [G, D], [S, D], [S, D], [S]: one kv head
                        acc_ref, m_ref, l_ref,  # [G, D], [G], [G]: this split's partials
@@ -72,22 +87,12 @@ def _decode_kernel_gpu(ids_ref, n_ref,  # [N] this row's block ids, [] its count
   q_GD = q_ref[...]
 
   def step(j, carry):
-    acc_GD, m_G, l_G = carry
     start = ids_ref[j] * block_size
     k_SD = k_ref[pl.ds(start, block_size), :]
     v_SD = v_ref[pl.ds(start, block_size), :]
     visible_1S = mask_ref[pl.ds(start, block_size)][None, :] != 0
-    s_GS = lax.dot_general(q_GD, k_SD, (((1,), (1,)), ((), ())),
-                           preferred_element_type=f32) * scale
-    s_GS = jnp.where(visible_1S, s_GS, NEG_INF)
-    m_new_G = jnp.maximum(m_G, s_GS.max(-1))
-    # masked entries get exactly 0, even when everything so far is masked
-    p_GS = jnp.where(visible_1S, jnp.exp(s_GS - m_new_G[:, None]), 0.0)
-    corr_G = jnp.exp(m_G - m_new_G)
-    l_G = corr_G * l_G + p_GS.sum(-1)
-    # p in V's dtype, as the reference: a bf16 x bf16 dot, accumulated in f32
-    pv_GD = jnp.dot(p_GS.astype(v_SD.dtype), v_SD, preferred_element_type=f32)
-    return corr_G[:, None] * acc_GD + pv_GD, m_new_G, l_G
+    s_GS = lax.dot_general(q_GD, k_SD, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale
+    return fold_block(carry, s_GS, visible_1S, v_SD)
 
   init = (jnp.zeros((G, D), f32), jnp.full((G,), NEG_INF, f32), jnp.zeros((G,), f32))
   acc_GD, m_G, l_G = lax.fori_loop(lo, hi, step, init)

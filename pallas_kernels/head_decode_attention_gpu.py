@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.chunk_decode_attention_gpu import fold_block
 from pallas_kernels.dispatch import NEG_INF
 from pallas_kernels.head_decode_attention import check_head_inputs, kernel_fits, softcapped
 
@@ -46,7 +47,6 @@ def _head_kernel(rows_ref, ok_ref, used_ref,  # [W] flat rows of this head's slo
   q_GD = q_ref[...]
 
   def step(j, carry):
-    acc_GD, m_G, l_G = carry
     start = j * block_size
     rows_S = rows_ref[pl.ds(start, block_size)]
     k_SD = k_ref[rows_S, :]
@@ -55,13 +55,7 @@ def _head_kernel(rows_ref, ok_ref, used_ref,  # [W] flat rows of this head's slo
     visible_1S = ((ok_ref[pl.ds(start, block_size)] != 0) & (slot_S < used_ref[...]))[None, :]
     s_GS = softcapped(lax.dot_general(q_GD, k_SD, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale,
                       softcap)
-    s_GS = jnp.where(visible_1S, s_GS, NEG_INF)
-    m_new_G = jnp.maximum(m_G, s_GS.max(-1))
-    p_GS = jnp.where(visible_1S, jnp.exp(s_GS - m_new_G[:, None]), 0.0)  # masked: exactly 0
-    corr_G = jnp.exp(m_G - m_new_G)
-    l_G = corr_G * l_G + p_GS.sum(-1)
-    pv_GD = jnp.dot(p_GS.astype(v_SD.dtype), v_SD, preferred_element_type=f32)
-    return corr_G[:, None] * acc_GD + pv_GD, m_new_G, l_G
+    return fold_block(carry, s_GS, visible_1S, v_SD)
 
   init = (jnp.zeros((G, D), f32), jnp.full((G,), NEG_INF, f32), jnp.zeros((G,), f32))
   acc_GD, m_G, l_G = lax.fori_loop(lo, hi, step, init)
