@@ -684,7 +684,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   if np.any(st.overflow):  # the method still reads every token, but no longer chooses among those chunks
     warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) "
                   f"{np.flatnonzero(np.asarray(st.overflow)).tolist()}: later chunks were merged into its last one, "
-                  "which is always read, so the KV read grows past the budget; give a larger max_chunks "
+                  "which is always read (as far as the budget's working slots hold it), so the KV read grows past the "
+                  "budget; give a larger max_chunks "
                   "(stats['chunk_overflow'])", stacklevel=2)
   retention = per_step(st.retained)
   if ccfg.budgeted:  # what is always read (sinks, local and open chunks) can exceed a small budget
