@@ -94,7 +94,7 @@ def selection_rule(args) -> dict:
   """The selection flags given (`--selection` ... `--head_refresh`), as ChunkConfig's fields. Named here, not
   taken from `selection.PER_HEAD_FIELDS`: the bench also times older code, run from a worktree."""
   keys = ("selection", "score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh", "attention")
-  return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+  return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}  # (callers may lack a flag)
 
 
 def top_k_for(ratio: float, L: int, c: ChunkConfig) -> int:
