@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from chunkllm_jax.adapters import AdapterConfig, Adapters, _check_layers, expected_shapes
+from chunkllm_jax.adapters import AdapterConfig, Adapters, check_layers, expected_shapes
 from chunkllm_jax.config import ModelConfig, RopeScaling
 from chunkllm_jax.params import ModelParams, leaf_shapes, shape_problems
 
@@ -139,7 +139,7 @@ def check_fits(adapters: Adapters, model_config: ModelConfig, where: str) -> Non
     raise TypeError(f"{where} takes an Adapters (cj.init_adapters(...), cj.load_adapters(...)), "
                     f"got {type(adapters).__name__}")
   try:
-    _check_layers(adapters.config, model_config)
+    check_layers(adapters.config, model_config)
   except ValueError as e:
     raise ValueError(f"{where}: these adapters do not fit model_config ({e}); pass the config of the model they "
                      "were made for") from None

@@ -91,7 +91,7 @@ def init_adapters(key: jax.Array, model_config: ModelConfig,
                   adapter_config: AdapterConfig = AdapterConfig()) -> Adapters:
   """Fresh adapter weights for a model (float32, Flax's default initialisers)."""
   acfg = adapter_config.resolve(model_config)
-  _check_layers(acfg, model_config)
+  check_layers(acfg, model_config)
   return _init(key, model_config, acfg)
 
 
@@ -140,7 +140,8 @@ def chunk_scores(q_BTd, chunk_key_BCd, candidate_BTC=None):
   return s_BTC
 
 
-def _check_layers(acfg: AdapterConfig, cfg: ModelConfig) -> None:
+def check_layers(acfg: AdapterConfig, cfg: ModelConfig) -> None:
+  """The adapters' QK layers must be layers of the model (`with_adapters`, `init_adapters`, `save_adapters`)."""
   for i in acfg.qk_layers:
     if not 0 <= i < cfg.n_layers:
       raise ValueError(f"QK-adapter layer {i} is out of range for a {cfg.n_layers}-layer model")
@@ -168,7 +169,7 @@ def with_adapters(params: ModelParams, adapters: Adapters) -> ModelParams:
   if not isinstance(adapters, Adapters):
     raise TypeError(f"expected an Adapters, got {type(adapters).__name__}")
   acfg = adapters.config
-  _check_layers(acfg, cfg)
+  check_layers(acfg, cfg)
   want = leaf_shapes(expected_shapes(acfg, cfg), is_leaf=lambda x: isinstance(x, tuple))
   problems = shape_problems(want, leaf_shapes(adapters.params),
                             f"the backbone (d_model={cfg.d_model}) and adapter config")
