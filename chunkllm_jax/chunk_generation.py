@@ -681,12 +681,14 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
     per_step = lambda x: np.where(live > 0, np.asarray(x) / np.maximum(live, 1), np.nan)
     nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, per_step(st.read_slots),
                                    lens + 1 + (live - 1) / 2)
-  if np.any(st.overflow):  # the method still reads every token, but no longer chooses among those chunks
+  reads_all = ccfg.kv_budget == 1.0 or (not ccfg.budgeted and ccfg.top_chunks >= ccfg.max_chunks)
+  if np.any(st.overflow) and not reads_all:  # every token is still read, but the later chunks are no longer chosen
     warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) "
                   f"{np.flatnonzero(np.asarray(st.overflow)).tolist()}: later chunks were merged into its last one, "
-                  "which is always read (as far as the budget's working slots hold it), so the KV read grows past the "
-                  "budget; give a larger max_chunks "
-                  "(stats['chunk_overflow'])", stacklevel=2)
+                  "which is always read (as far as the budget's working slots hold it), so the selection no longer "
+                  "chooses among them and the KV read may pass the budget; give a larger max_chunks (text of short "
+                  "lines, such as code or lists, closes a chunk every few tokens) (stats['chunk_overflow'])",
+                  stacklevel=2)
   retention = per_step(st.retained)
   if ccfg.budgeted:  # what is always read (sinks, local and open chunks) can exceed a small budget
     seen = lens + 1 + (live - 1) / 2

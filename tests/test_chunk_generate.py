@@ -290,16 +290,20 @@ def test_pallas_path_gives_the_tokens_of_the_xla_path():
 def test_a_full_chunk_table_merges_chunks_and_a_full_budget_still_reads_everything(selection):
   """A table too small for the text (20 chunks, and every token closes one: alpha near 0) fills in the prompt and
   again in decode: the later chunks join its last one instead of leaving every chunk, so a full budget is still
-  `generate`; the run warns and reports it."""
+  `generate`, reported in the stats; a smaller budget, whose choice the merge takes away, warns."""
   params = chunk_params()
   rows = prompts([60, 45], seed=11)
   ref = cj.generate(params, rows, max_new_tokens=12, eos_ids=(), max_len=128)
-  with pytest.warns(UserWarning, match="chunk table \\(max_chunks=20\\) filled"):
-    out = cg.chunk_generate(params, rows, max_new_tokens=12, eos_ids=(), max_len=128, max_chunks=20, max_chunk_len=8,
-                            n_local=1, alpha=1e-6, kv_budget=1.0, selection=selection)
+  kw = dict(max_new_tokens=12, eos_ids=(), max_len=128, max_chunks=20, max_chunk_len=8, n_local=1, alpha=1e-6,
+            selection=selection)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # everything is read: nothing to warn about
+    out = cg.chunk_generate(params, rows, kv_budget=1.0, **kw)
   assert (out.tokens == ref.tokens).all()
   assert out.stats["chunk_overflow"].all() and (out.stats["n_chunks"] == 20).all()
   np.testing.assert_allclose(out.stats["kv_retention"], 1.0)
+  with pytest.warns(UserWarning, match="chunk table \\(max_chunks=20\\) filled .* no longer chooses"):
+    cg.chunk_generate(params, rows, kv_budget=0.5, **kw)
 
 
 def test_a_budget_below_what_is_always_read_warns():
