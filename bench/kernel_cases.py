@@ -139,41 +139,23 @@ def case_decode(run: Run, L: int, retention: float) -> dict:
              bytes_gather=int(np.asarray(d["used"]).sum() + B * d["W"]) * tok_bytes,
              bytes_dense=B * L * tok_bytes, inplace={}, compacted={})
   base = (d["q"],)
-  args0 = (*base, *d["kv"][0], d["ids"], d["n"], d["mask"])
+  where = f"{L}/{retention:.0%}"
   for ns in a.n_splits:
-    try:
-      exe, cs = run.compile("decode_inplace", decode_inplace, args0, scale=scale, block_size=a.decode_block,
-                            n_splits=ns, interpret=run.interpret, backend=run.backend)
-      m = run.measure(exe, [(*base, k, v, d["ids"], d["n"], d["mask"]) for k, v in d["kv"]])
-      m.update(compile_s=cs, bandwidth=res["bytes_inplace"] / m["time_s"])
-      res["inplace"][str(ns)] = m
-      print(f"  in place n_splits={ns}: {m['time_s'] * 1e6:.1f} us", flush=True)
-    except Exception as e:  # noqa: BLE001
-      res["inplace"][str(ns)] = dict(error=short(e))
-      run.notes.append(f"decode in place {L}/{retention:.0%} n_splits={ns}: {short(e)}")
+    res["inplace"][str(ns)] = timed_path(
+        run, f"in place n_splits={ns}", where, "decode_inplace", decode_inplace,
+        [(*base, k, v, d["ids"], d["n"], d["mask"]) for k, v in d["kv"]], res["bytes_inplace"], scale=scale,
+        block_size=a.decode_block, n_splits=ns, interpret=run.interpret, backend=run.backend)
   # the per-head rule: each KV head's slots read in place (the kernel on GPU), against the XLA gather of them
   slots = per_head_slots(d["mask"], K, WORK_BLOCK)
   res.update(bytes_per_head=int(np.asarray(slots[2]).sum()) * tok_bytes // K, per_head={})
+  per_head_calls = [(*base, k, v, *slots) for k, v in d["kv"]]
   for ns in a.n_splits:
-    try:
-      exe, cs = run.compile("decode_per_head", decode_per_head, (*base, *d["kv"][0], *slots), scale=scale,
-                            block_size=WORK_BLOCK, n_splits=ns, interpret=run.interpret, backend=run.backend)
-      m = run.measure(exe, [(*base, k, v, *slots) for k, v in d["kv"]])
-      m.update(compile_s=cs, bandwidth=res["bytes_per_head"] / m["time_s"])
-      res["per_head"][str(ns)] = m
-      print(f"  per head n_splits={ns}: {m['time_s'] * 1e6:.1f} us", flush=True)
-    except Exception as e:  # noqa: BLE001
-      res["per_head"][str(ns)] = dict(error=short(e))
-      run.notes.append(f"decode per head {L}/{retention:.0%} n_splits={ns}: {short(e)}")
-  try:
-    exe, cs = run.compile("decode_per_head_gathered", decode_per_head_gathered, (*base, *d["kv"][0], *slots),
-                          scale=scale)
-    m = run.measure(exe, [(*base, k, v, *slots) for k, v in d["kv"]])
-    res["per_head_gathered"] = dict(m, compile_s=cs, bandwidth=res["bytes_per_head"] / m["time_s"])
-    print(f"  per head, XLA gather: {m['time_s'] * 1e6:.1f} us", flush=True)
-  except Exception as e:  # noqa: BLE001
-    res["per_head_gathered"] = dict(error=short(e))
-    run.notes.append(f"decode per head (XLA gather) {L}/{retention:.0%}: {short(e)}")
+    res["per_head"][str(ns)] = timed_path(
+        run, f"per head n_splits={ns}", where, "decode_per_head", decode_per_head, per_head_calls,
+        res["bytes_per_head"], scale=scale, block_size=WORK_BLOCK, n_splits=ns, interpret=run.interpret,
+        backend=run.backend)
+  res["per_head_gathered"] = timed_path(run, "per head, XLA gather", where, "decode_per_head_gathered",
+                                        decode_per_head_gathered, per_head_calls, res["bytes_per_head"], scale=scale)
   k0, v0 = d["kv"][0]
   gexe, gcs = run.compile("gather", gather, (k0, v0, d["span_start"], d["span_len"]), budget=d["W"],
                           interpret=run.interpret)
@@ -184,17 +166,23 @@ def case_decode(run: Run, L: int, retention: float) -> dict:
   work = [compacted_inputs(run, d, i) for i in range(len(d["kv"]))]
   del d["kv"]
   for ns in a.n_splits:
-    try:
-      exe, cs = run.compile("decode_compacted", decode_compacted, work[0], scale=scale, block=WORK_BLOCK,
-                            n_splits=ns, interpret=run.interpret, backend=run.backend)
-      m = run.measure(exe, work)
-      m.update(compile_s=cs, bandwidth=res["bytes_compacted"] / m["time_s"])
-      res["compacted"][str(ns)] = m
-      print(f"  compacted n_splits={ns}: {m['time_s'] * 1e6:.1f} us", flush=True)
-    except Exception as e:  # noqa: BLE001
-      res["compacted"][str(ns)] = dict(error=short(e))
-      run.notes.append(f"decode compacted {L}/{retention:.0%} n_splits={ns}: {short(e)}")
+    res["compacted"][str(ns)] = timed_path(
+        run, f"compacted n_splits={ns}", where, "decode_compacted", decode_compacted, work, res["bytes_compacted"],
+        scale=scale, block=WORK_BLOCK, n_splits=ns, interpret=run.interpret, backend=run.backend)
   return res
+
+
+def timed_path(run: Run, label: str, where: str, name: str, fn, calls: list, nbytes: int, **kw) -> dict:
+  """One decode path compiled (on `calls[0]`) and timed over `calls`, with its bandwidth (`nbytes` / time); a
+  failure is recorded (and noted) rather than ending the case, so that the other paths are still measured."""
+  try:
+    exe, cs = run.compile(name, fn, calls[0], **kw)
+    m = run.measure(exe, calls)
+  except Exception as e:  # noqa: BLE001
+    run.notes.append(f"decode {label} at {where}: {short(e)}")
+    return dict(error=short(e))
+  print(f"  {label}: {m['time_s'] * 1e6:.1f} us", flush=True)
+  return dict(m, compile_s=cs, bandwidth=nbytes / m["time_s"])
 
 
 def prefill_inputs(run: Run, T: int, retention: float, mode: str, dtype, seed: int = 0):

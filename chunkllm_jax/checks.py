@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax.params import ModelParams
@@ -79,7 +78,8 @@ def token_array(tokens, vocab_size: int, where: str = "tokens") -> np.ndarray:
 
 def check_lengths(lengths, batch: int, width: int, where: str = "lengths"):
   """Row lengths for tokens of shape [batch, width], as `prepare_prompts` takes them: one integer a row, each in
-  [1, width]; a list or any array. Returns an int32 jax array. Traced lengths (under `jit`) are checked by dtype
+  [1, width]; a list or any array. Returns an int32 numpy array (`generate`'s `prepare_prompts` and `forward`
+  both take them through here). Traced lengths (under `jit`) are checked by dtype
   and shape alone. Past these checks a wrong length is no error at all: a float is truncated, 0 leaves a row with
   no key to attend to, a length past the width reads padding as real tokens, a wrong count fails inside attention."""
   if isinstance(lengths, jax.core.Tracer):
@@ -102,7 +102,7 @@ def check_lengths(lengths, batch: int, width: int, where: str = "lengths"):
     b = int(bad[0])
     raise ValueError(f"{where}[{b}] is {int(arr[b])}: each row's length (its real tokens) must be in [1, {width}], "
                      f"{width} being the width of tokens")
-  return jnp.asarray(arr, jnp.int32)
+  return arr.astype(np.int32)
 
 
 def check_token_range(tokens_BT, vocab_size: int, lengths_B=None) -> None:

@@ -679,33 +679,39 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   live = np.asarray(live)  # decode steps each row ran before its end-of-sequence token
   with np.errstate(invalid="ignore", divide="ignore"):  # NaN for a row with no decode step
     per_step = lambda x: np.where(live > 0, np.asarray(x) / np.maximum(live, 1), np.nan)
-    nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, per_step(st.read_slots),
-                                   lens + 1 + (live - 1) / 2)
-  reads_all = ccfg.kv_budget == 1.0 or (not ccfg.budgeted and ccfg.top_chunks >= ccfg.max_chunks)
-  if np.any(st.overflow) and not reads_all:  # every token is still read, but the later chunks are no longer chosen
-    warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) "
-                  f"{np.flatnonzero(np.asarray(st.overflow)).tolist()}: later chunks were merged into its last one, "
-                  "which is always read (as far as the budget's working slots hold it), so the selection no longer "
-                  "chooses among them and the KV read may pass the budget; give a larger max_chunks (text of short "
-                  "lines, such as code or lists, closes a chunk every few tokens) (stats['chunk_overflow'])",
-                  stacklevel=2)
-  retention = per_step(st.retained)
-  if ccfg.budgeted:  # what is always read (sinks, local and open chunks) can exceed a small budget
-    seen = lens + 1 + (live - 1) / 2
-    target = np.asarray(ccfg.budget_tokens(np.ceil(seen).astype(np.int32))) / seen
-    over = np.flatnonzero(retention > target + 0.1)  # NaN rows (no decode step) compare false
-    if over.size:
-      warnings.warn(
-          f"row(s) {over.tolist()} read {np.nanmax(retention[over]):.1%} of the KV against a budget of "
-          f"{float(np.max(target[over])):.1%}: the sinks, the {ccfg.n_local} most recent chunks and the open chunk "
-          f"(up to {ccfg.max_chunk_len} tokens each) are always read, and that is more than the budget at this "
-          "length; a smaller n_local or max_chunk_len, or a longer context, brings the read to the budget "
-          "(stats['kv_retention'])", stacklevel=2)
+    seen = lens + 1 + (live - 1) / 2  # tokens seen at a row's middle decode step
+    nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, per_step(st.read_slots), seen)
+    retention = per_step(st.retained)
+  _warn_about_reads(ccfg, np.asarray(st.overflow), retention, seen)
   extra = dict(kv_retention=retention, n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
   return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,
                                   decode_s=decode_s, decode_steps=steps, extra_stats=extra)
+
+
+def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B) -> None:
+  """Warnings where a run read otherwise than its settings ask: a chunk table that filled (the later chunks are
+  merged into its last one, which is always read) and a budget below what is always read (sinks, local and open
+  chunks). Neither where everything is read anyway."""
+  reads_all = ccfg.kv_budget == 1.0 or (not ccfg.budgeted and ccfg.top_chunks >= ccfg.max_chunks)
+  if np.any(overflow_B) and not reads_all:
+    rows = np.flatnonzero(overflow_B).tolist()
+    warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) {rows}: "
+                  "later chunks were merged into its last one, which is always read (as far as the budget's working "
+                  "slots hold it), so the selection no longer chooses among them and the KV read may pass the "
+                  "budget; give a larger max_chunks (text of short lines, such as code or lists, closes a chunk every "
+                  "few tokens) (stats['chunk_overflow'])", stacklevel=3)
+  if ccfg.budgeted:
+    target = np.asarray(ccfg.budget_tokens(np.ceil(seen_B).astype(np.int32))) / seen_B
+    over = np.flatnonzero(retention_B > target + 0.1)  # NaN rows (no decode step) compare false
+    if over.size:
+      warnings.warn(
+          f"row(s) {over.tolist()} read {np.nanmax(retention_B[over]):.1%} of the KV against a budget of "
+          f"{float(np.max(target[over])):.1%}: the sinks, the {ccfg.n_local} most recent chunks and the open chunk "
+          f"(up to {ccfg.max_chunk_len} tokens each) are always read, and that is more than the budget at this "
+          "length; a smaller n_local or max_chunk_len, or a longer context, brings the read to the budget "
+          "(stats['kv_retention'])", stacklevel=3)
 
 
 def with_fields(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:

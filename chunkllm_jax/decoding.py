@@ -78,11 +78,7 @@ def prepare_prompts(tokens, vocab_size: int, pad_id: int, lengths=None) -> tuple
       arr = arr[None]
     if arr.ndim != 2:
       raise ValueError(f"tokens must be [B, T] or a list of token lists, got shape {arr.shape}")
-    if lengths is not None and not np.issubdtype(np.asarray(lengths).dtype, np.integer):
-      raise TypeError(f"lengths must be integers, got {np.asarray(lengths).dtype}")
-    lengths = np.full(arr.shape[0], arr.shape[1]) if lengths is None else np.asarray(lengths).reshape(-1)
-    if lengths.shape[0] != arr.shape[0] or lengths.max(initial=0) > arr.shape[1]:
-      raise ValueError(f"lengths {lengths.tolist()} do not fit tokens of shape {arr.shape}")
+    lengths = np.full(arr.shape[0], arr.shape[1]) if lengths is None else checks.check_lengths(lengths, *arr.shape)
     rows = [arr[b, : lengths[b]] for b in range(arr.shape[0])]
   if not rows:
     raise ValueError("no prompts given")

@@ -76,12 +76,20 @@ def fold_block(carry, s_GS, visible_1S, v_SD):
   return corr_G[:, None] * acc_GD + pv_GD, m_new_G, l_G
 
 
+def fold_into(acc_ref, m_ref, l_ref, step, lo, hi) -> None:
+  """Folds blocks lo..hi - 1 by `step(j, carry) -> carry` (`fold_block`) from an empty softmax, into the program's
+  partials. Every program writes its whole output block, also when it has no block to read (hi <= lo)."""
+  f32 = jnp.float32
+  G, D = acc_ref.shape
+  init = (jnp.zeros((G, D), f32), jnp.full((G,), NEG_INF, f32), jnp.zeros((G,), f32))
+  acc_ref[...], m_ref[...], l_ref[...] = lax.fori_loop(lo, hi, step, init)
+
+
 def _decode_kernel_gpu(ids_ref, n_ref,  # [N] this row's block ids, [] its count
                        q_ref, k_ref, v_ref, mask_ref,  # [G, D], [S, D], [S, D], [S]: one kv head
                        acc_ref, m_ref, l_ref,  # [G, D], [G], [G]: this split's partials
                        *, scale: float, block_size: int, blocks_per_split: int):
   f32 = jnp.float32
-  G, D = q_ref.shape
   lo = pl.program_id(1) * blocks_per_split
   hi = jnp.minimum(lo + blocks_per_split, n_ref[...])  # hi <= lo: no iteration
   q_GD = q_ref[...]
@@ -94,12 +102,7 @@ def _decode_kernel_gpu(ids_ref, n_ref,  # [N] this row's block ids, [] its count
     s_GS = lax.dot_general(q_GD, k_SD, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale
     return fold_block(carry, s_GS, visible_1S, v_SD)
 
-  init = (jnp.zeros((G, D), f32), jnp.full((G,), NEG_INF, f32), jnp.zeros((G,), f32))
-  acc_GD, m_G, l_G = lax.fori_loop(lo, hi, step, init)
-  # every program writes its whole output block, also when it has no block to read
-  acc_ref[...] = acc_GD
-  m_ref[...] = m_G
-  l_ref[...] = l_G
+  fold_into(acc_ref, m_ref, l_ref, step, lo, hi)
 
 
 def decode_partials_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, *,

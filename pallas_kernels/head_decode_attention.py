@@ -21,7 +21,6 @@ gathered blocks one at a time instead of this reference's whole gather.
 from __future__ import annotations
 
 import chex
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import NEG_INF, implementation

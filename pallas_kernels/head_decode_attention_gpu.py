@@ -22,8 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.chunk_decode_attention_gpu import fold_block
-from pallas_kernels.dispatch import NEG_INF
+from pallas_kernels.chunk_decode_attention_gpu import fold_block, fold_into
 from pallas_kernels.head_decode_attention import check_head_inputs, kernel_fits, softcapped
 
 MIN_DOT = 16  # dots at least this wide, as the shared rule's decode kernel keeps them
@@ -41,7 +40,6 @@ def _head_kernel(rows_ref, ok_ref, used_ref,  # [W] flat rows of this head's slo
                  acc_ref, m_ref, l_ref,  # [G, D], [G], [G]: this split's partials
                  *, scale: float, softcap: float | None, block_size: int, blocks_per_split: int):
   f32 = jnp.float32
-  G, D = q_ref.shape
   lo = pl.program_id(1) * blocks_per_split
   hi = jnp.minimum(lo + blocks_per_split, pl.cdiv(used_ref[...], block_size))  # hi <= lo: no iteration
   q_GD = q_ref[...]
@@ -57,12 +55,7 @@ def _head_kernel(rows_ref, ok_ref, used_ref,  # [W] flat rows of this head's slo
                       softcap)
     return fold_block(carry, s_GS, visible_1S, v_SD)
 
-  init = (jnp.zeros((G, D), f32), jnp.full((G,), NEG_INF, f32), jnp.zeros((G,), f32))
-  acc_GD, m_G, l_G = lax.fori_loop(lo, hi, step, init)
-  # every program writes its whole output block, also when it has no block to read
-  acc_ref[...] = acc_GD
-  m_ref[...] = m_G
-  l_ref[...] = l_G
+  fold_into(acc_ref, m_ref, l_ref, step, lo, hi)
 
 
 def head_decode_partials_gpu(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK, *, scale: float,

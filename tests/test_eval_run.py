@@ -11,6 +11,7 @@ import pytest
 from eval import run as eval_run
 from eval.results_io import ResultsFile, is_run_config
 from tests.eval_fixtures import N_RESULTS, Stubs, run_stubbed
+from tests.out_folder_fixtures import assert_refused_untouched, users_folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,19 +129,11 @@ USERS_FOLDERS = {  # what the user's folder holds (name -> bytes)
 
 @pytest.mark.parametrize("held", list(USERS_FOLDERS))
 def test_a_folder_eval_run_did_not_make_is_refused_untouched(tmp_path, monkeypatch, capsys, held):
-  import chunkllm_jax as cj
   from tests.eval_fixtures import FLAGS
 
-  out = tmp_path / "ev"
-  out.mkdir()
-  for name, data in USERS_FOLDERS[held].items():
-    (out / name).write_bytes(data)
-  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model for a refused --out"))
-  capsys.readouterr()
-  assert eval_run.cli([*FLAGS, "--out", str(out)]) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith(f"error: --out {out} holds files that eval.run did not write ("), err
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FOLDERS[held]  # byte for byte, nothing added
+  out = users_folder(tmp_path / "ev", USERS_FOLDERS[held])
+  assert_refused_untouched(lambda: eval_run.cli([*FLAGS, "--out", str(out)]), out, USERS_FOLDERS[held], "eval.run",
+                           monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("folder", ["new", "empty", "own", "own_with_other_files"])

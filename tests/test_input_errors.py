@@ -602,3 +602,15 @@ def test_needle_ranks_refuses_bad_flags_before_loading(tmp_path, capsys, monkeyp
   line = _train_refused(capsys, needle_ranks, [a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o")])
   assert re.search(match, line), line
   assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("lengths, kind, match", [
+    ([4, 5], ValueError, r"lengths\[1\] is 5: each row's length .* must be in \[1, 4\]"),
+    ([4], ValueError, r"lengths must be one length per row: shape \(2,\)"),
+    ([4.0, 2.0], TypeError, r"lengths must be integer row lengths"),
+    ([0, 2], ValueError, r"lengths\[0\] is 0"),
+])
+def test_generate_checks_lengths_as_forward_does(params, lengths, kind, match):
+  """A padded [B, T] array's `lengths`: the one check `forward` uses too (`checks.check_lengths`)."""
+  with pytest.raises(kind, match=match):
+    cj.generate(params, np.ones((2, 4), np.int32), lengths=lengths, max_new_tokens=1)

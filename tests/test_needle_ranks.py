@@ -14,6 +14,7 @@ from chunkllm_jax.selection import ChunkConfig
 from eval.needle_ranks import ranks_for_prompt
 from tests.tiny_models import chunk_params
 from tests.tiny_models import prompts
+from tests.out_folder_fixtures import assert_refused_untouched, users_folder
 
 
 @pytest.mark.parametrize("vote", ["sum", "max"])
@@ -88,18 +89,8 @@ USERS_FOLDERS = {  # what the user's folder holds (name -> bytes)
 
 @pytest.mark.parametrize("held", list(USERS_FOLDERS))
 def test_a_folder_needle_ranks_did_not_make_is_refused_untouched(stubbed, tmp_path, monkeypatch, capsys, held):
-  from eval import needle_ranks as nr
-
-  out = tmp_path / "o"
-  out.mkdir()
-  for name, data in USERS_FOLDERS[held].items():
-    (out / name).write_bytes(data)
-  monkeypatch.setattr(nr.cj, "load", lambda *a, **k: pytest.fail("loaded the model for a refused --out"))
-  capsys.readouterr()
-  assert stubbed(out) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith(f"error: --out {out} holds files that eval.needle_ranks did not write")
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FOLDERS[held]  # byte for byte, nothing added
+  out = users_folder(tmp_path / "o", USERS_FOLDERS[held])
+  assert_refused_untouched(lambda: stubbed(out), out, USERS_FOLDERS[held], "eval.needle_ranks", monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("folder", ["new", "empty", "own", "own_with_other_files"])

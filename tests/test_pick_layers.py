@@ -19,6 +19,7 @@ from chunkllm_jax import adapter_io, adapters as adp, model
 from chunkllm_jax.selection import ChunkConfig
 from tests.tiny_models import chunk_params
 from tests.tiny_models import prompts, tiny_params
+from tests.out_folder_fixtures import assert_refused_untouched, users_folder
 from train import pick_layers as pl
 
 SHIPPED = Path(cj.__file__).parent / "adapters_data" / "smollm2-135m"
@@ -318,16 +319,9 @@ def _load(*a, **k):
 
 @pytest.mark.parametrize("held", list(USERS_FOLDERS))
 def test_a_folder_pick_layers_did_not_make_is_refused_untouched(text_file, tmp_path, monkeypatch, capsys, held):
-  out = tmp_path / "out"
-  out.mkdir()
-  for name, data in USERS_FOLDERS[held].items():
-    (out / name).write_bytes(data)
-  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model for a refused --out"))
-  capsys.readouterr()
-  assert pl.main(["--data", str(text_file), "--out", str(out)]) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith(f"error: --out {out} holds files that train.pick_layers did not write")
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FOLDERS[held]  # byte for byte, nothing added
+  out = users_folder(tmp_path / "out", USERS_FOLDERS[held])
+  assert_refused_untouched(lambda: pl.main(["--data", str(text_file), "--out", str(out)]), out, USERS_FOLDERS[held],
+                           "train.pick_layers", monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("folder", ["new", "empty", "own", "own_with_other_files"])

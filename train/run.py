@@ -107,8 +107,12 @@ def check_common_flags(cfg) -> None:
   if cfg.student_queries > 1 and cfg.teacher == "token_mean":
     raise FlagError(f"--student_queries {cfg.student_queries} scores the selection rows: give --teacher head_max "
                     "or head_mean, or --student_queries 1 with token_mean (every token scores alone)")
-  if not -2**63 <= cfg.seed < 2**63:  # what jax.random.key takes
-    raise FlagError(f"--seed {cfg.seed} does not fit in 64 bits: give one from -2**63 to 2**63 - 1")
+  from chunkllm_jax.decoding import check_seed
+
+  try:
+    check_seed(cfg.seed)  # what jax.random.key takes
+  except ValueError:
+    raise FlagError(f"--seed {cfg.seed} does not fit in 64 bits: give one from -2**63 to 2**63 - 1") from None
   if not 0 <= cfg.retrieval_mix <= 1:  # also refuses nan
     raise FlagError(f"--retrieval_mix {cfg.retrieval_mix} is not a fraction: give a value in [0, 1] (the share of "
                     "training tokens in retrieval-mixture documents)")
