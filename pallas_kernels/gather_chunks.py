@@ -54,17 +54,20 @@ def gather_rows_reference(k_BSKD, v_BSKD, src_BR):
 
 def _gather_kernel(src_ref,  # scalar prefetch (SMEM): src flat [B * R]
                    k_hbm, v_hbm,  # [B, S, K, D], left in HBM
-                   src_tile_ref,  # [rows, 1, 1] the same sources, as a vector for the mask
-                   ko_ref, vo_ref,  # [rows, K, D] output tiles (VMEM)
+                   src_tile_ref,  # [1, rows, 1, 1] the same sources, as a vector for the mask
+                   ko_ref, vo_ref,  # [1, rows, K, D] output tiles (VMEM)
                    sem, *, budget: int):
   b, t = pl.program_id(0), pl.program_id(1)
-  rows = ko_ref.shape[0]
+  rows = ko_ref.shape[1]
   first = b * budget + t * rows
 
+  # The tiles keep their unit row axis (a block dim of 1, not None): Mosaic's lowering of a DMA into a
+  # squeezed block's slice makes invalid IR ('tpu.memref_slice' op Indices and slice shapes must match),
+  # which interpret mode never sees (tests/test_pallas_tpu_lowering.py).
   def copies(r):
     src = src_ref[first + r]
-    return (pltpu.make_async_copy(k_hbm.at[b, pl.ds(src, 1)], ko_ref.at[pl.ds(r, 1)], sem.at[0]),
-            pltpu.make_async_copy(v_hbm.at[b, pl.ds(src, 1)], vo_ref.at[pl.ds(r, 1)], sem.at[1]))
+    return (pltpu.make_async_copy(k_hbm.at[b, pl.ds(src, 1)], ko_ref.at[0, pl.ds(r, 1)], sem.at[0]),
+            pltpu.make_async_copy(v_hbm.at[b, pl.ds(src, 1)], vo_ref.at[0, pl.ds(r, 1)], sem.at[1]))
 
   @pl.loop(0, rows)
   def _start(r):
@@ -81,9 +84,9 @@ def _gather_kernel(src_ref,  # scalar prefetch (SMEM): src flat [B * R]
         c.wait()
 
   # the slots no DMA wrote hold stale VMEM (an earlier tile's rows): zero them
-  valid_R11 = src_tile_ref[...] >= 0
-  ko_ref[...] = jnp.where(valid_R11, ko_ref[...], 0).astype(ko_ref.dtype)
-  vo_ref[...] = jnp.where(valid_R11, vo_ref[...], 0).astype(vo_ref.dtype)
+  valid_1R11 = src_tile_ref[...] >= 0
+  ko_ref[...] = jnp.where(valid_1R11, ko_ref[...], 0).astype(ko_ref.dtype)
+  vo_ref[...] = jnp.where(valid_1R11, vo_ref[...], 0).astype(vo_ref.dtype)
 
 
 def gather_rows_kernel(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = None,
@@ -96,14 +99,14 @@ def gather_rows_kernel(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = No
   rows = rows_per_step or math.gcd(R, 128)
   assert R % rows == 0, (R, rows)
   src_BR = src_BR.astype(jnp.int32)
-  out_spec = pl.BlockSpec((None, rows, K, D), lambda b, t, src: (b, t, 0, 0))
+  out_spec = pl.BlockSpec((1, rows, K, D), lambda b, t, src: (b, t, 0, 0))
   return pl.pallas_call(
       functools.partial(_gather_kernel, budget=R),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(B, R // rows),
           in_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY),
-                    pl.BlockSpec((None, rows, 1, 1), lambda b, t, src: (b, t, 0, 0))],
+                    pl.BlockSpec((1, rows, 1, 1), lambda b, t, src: (b, t, 0, 0))],
           out_specs=[out_spec, out_spec],
           scratch_shapes=[pltpu.SemaphoreType.DMA((2,))]),
       out_shape=[jax.ShapeDtypeStruct((B, R, K, D), k_BSKD.dtype),

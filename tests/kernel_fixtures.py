@@ -1,7 +1,41 @@
-"""Random chunkings and selections for the kernel tests (interpret mode and on the GPU)."""
+"""Random chunkings and selections for the kernel tests (interpret mode and on the GPU), and the lowering
+of a kernel or program for a TPU from this CPU-only install."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractDevice, AbstractMesh
+
+# Interpret mode runs a kernel's semantics, not Mosaic's rules: a kernel can pass every interpret test and
+# still fail to lower on a TPU (the compaction kernel's DMA into a squeezed block did). Lowering with
+# `lowering_platforms=("tpu",)` runs Pallas' Mosaic lowering and the module's verifier here, for an abstract
+# TPU v5e (what a lowering rule asks of the chip, e.g. `sign`'s native bf16, comes from it). Libtpu's own
+# compile (layouts, VMEM) is left to a TPU.
+TPU_V5E = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                    platform="tpu"))
+TPU_HEADS = {"smollm2": (3, 3, 64), "gemma3": (1, 4, 256)}  # the real models' K, G, D
+
+
+def lower_for_tpu(fn, *args) -> str:
+  """The StableHLO text of `jax.jit(fn)` lowered for a TPU (shapes or arrays as `args`)."""
+  with jax.sharding.use_abstract_mesh(TPU_V5E):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def tpu_kernels(hlo: str) -> int:
+  """The Pallas calls in a TPU lowering: each is a `tpu_custom_call` holding its Mosaic module."""
+  return hlo.count("stablehlo.custom_call @tpu_custom_call")
+
+
+@contextlib.contextmanager
+def planning_for_tpu(monkeypatch):
+  """The kernels' dispatch (`pallas_kernels.dispatch.implementation`) plans for a TPU while lowering here."""
+  from pallas_kernels import dispatch
+  with monkeypatch.context() as m:
+    m.setattr(dispatch, "jax", type("TpuJax", (), {"default_backend": staticmethod(lambda: "tpu")}))
+    yield
 
 
 def selection_mask(rng, lengths, S, *, n_sink=4, p_select=0.3):

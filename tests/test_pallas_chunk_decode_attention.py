@@ -1,4 +1,6 @@
-"""Chunk-selective decode attention: Pallas kernel (interpret mode) against the jnp reference."""
+"""Chunk-selective decode attention: Pallas kernel (interpret mode) against the jnp reference, and its lowering to Mosaic for a TPU."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import chunk_decode_attention as cda
-from tests.kernel_fixtures import decode_case_mask, selection_mask
+from tests.kernel_fixtures import TPU_HEADS, decode_case_mask, lower_for_tpu, selection_mask, tpu_kernels
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # jitted, so the cases that share a shape share one compile
@@ -82,3 +84,15 @@ def test_block_list_against_loops():
     assert int(n[b]) == len(want)
     assert list(np.asarray(ids[b, :len(want)])) == want
     assert not np.asarray(ids[b, len(want):]).any()
+
+
+@pytest.mark.parametrize("heads", TPU_HEADS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("S,bs,n_splits", [(4096, 128, 2), (30, 30, 1)])  # the working buffer; the open chunk
+def test_lowers_to_mosaic_for_tpu(heads, dtype, S, bs, n_splits):
+  K, G, D = TPU_HEADS[heads]
+  sds = jax.ShapeDtypeStruct
+  f = functools.partial(cda.chunk_decode_attention_kernel, scale=0.1, block_size=bs, n_splits=n_splits)
+  hlo = lower_for_tpu(f, sds((2, K * G, D), dtype), sds((2, S, K, D), dtype), sds((2, S, K, D), dtype),
+                      sds((2, S // bs), jnp.int32), sds((2,), jnp.int32), sds((2, S), jnp.bool_))
+  assert tpu_kernels(hlo) == 1

@@ -1,4 +1,6 @@
-"""Chunk-sparse prefill attention: Pallas kernel (interpret mode) against the jnp reference."""
+"""Chunk-sparse prefill attention: Pallas kernel (interpret mode) against the jnp reference, and its lowering to Mosaic for a TPU."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import pytest
 
 from chunkllm_jax import attention
 from pallas_kernels import chunk_prefill_attention as cpa
-from tests.kernel_fixtures import chunking
+from tests.kernel_fixtures import TPU_HEADS, chunking, lower_for_tpu, tpu_kernels
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 MASK_ARGS = ("block_q", "block_k", "n_sink", "n_local")
@@ -119,3 +121,17 @@ def test_dispatcher_runs_reference_on_cpu():
   q, k, v = (jax.random.normal(key, (B, T, 2, D)) for key in jax.random.split(jax.random.key(1), 3))
   np.testing.assert_array_equal(cpa.chunk_prefill_attention(q, k, v, ids, n, chunk_id, sel, **kw),
                                 reference(q, k, v, ids, n, chunk_id, sel, **kw))
+
+
+@pytest.mark.parametrize("heads", TPU_HEADS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_to_mosaic_for_tpu(heads, dtype):
+  K, G, D = TPU_HEADS[heads]
+  B, T, block, N, n_sel = 1, 1024, 256, 4, 8  # chunk_prefill.PREFILL_BLOCK
+  sds = jax.ShapeDtypeStruct
+  f = functools.partial(cpa.chunk_prefill_attention_kernel, scale=0.1, block_q=block, block_k=block, n_sink=4,
+                        n_local=4)
+  hlo = lower_for_tpu(f, sds((B, T, K * G, D), dtype), sds((B, T, K, D), dtype), sds((B, T, K, D), dtype),
+                      sds((B, T // block, N), jnp.int32), sds((B, T // block), jnp.int32), sds((B, T), jnp.int32),
+                      sds((B, T, n_sel), jnp.int32))
+  assert tpu_kernels(hlo) == 1

@@ -1,4 +1,6 @@
-"""Distillation attention: Pallas kernel (interpret mode) against the jnp reference and loops."""
+"""Distillation attention: Pallas kernel (interpret mode) against the jnp reference and loops, and its lowering to Mosaic for a TPU."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import distill_attention as da
-from tests.kernel_fixtures import chunk_ids
+from tests.kernel_fixtures import TPU_HEADS, chunk_ids, lower_for_tpu, tpu_kernels
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 STATIC = ("scale", "max_chunks", "n_sink", "block_q", "block_k", "softcap")
@@ -97,3 +99,17 @@ def test_dispatcher_runs_reference_on_cpu():
   got = da.distill_attention(q, k, v, chunk_id, **kw)
   for a, b in zip(got, reference(q, k, v, chunk_id, **kw)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("heads", TPU_HEADS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_lowers_to_mosaic_for_tpu(heads, dtype, softcap):
+  K, G, D = TPU_HEADS[heads]
+  B, T = 1, 1024
+  sds = jax.ShapeDtypeStruct
+  f = functools.partial(da.distill_attention_kernel, scale=0.1, max_chunks=128, n_sink=4, block_q=256, block_k=512,
+                        softcap=softcap)  # train.config's blocks
+  hlo = lower_for_tpu(f, sds((B, T, K * G, D), dtype), sds((B, T, K, D), dtype), sds((B, T, K, D), dtype),
+                      sds((B, T), jnp.int32))
+  assert tpu_kernels(hlo) == 2  # the statistics pass and the bins pass

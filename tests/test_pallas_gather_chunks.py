@@ -1,4 +1,5 @@
-"""Compaction: the DMA gather kernel (interpret mode) against the XLA gather and plain loops."""
+"""Compaction: the DMA gather kernel (interpret mode) against the XLA gather and plain loops, and its lowering
+to Mosaic for a TPU."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import gather_chunks as gc
+from tests.kernel_fixtures import TPU_HEADS, lower_for_tpu, tpu_kernels
 
 kernel = jax.jit(gc.gather_chunks_kernel, static_argnames=("budget", "rows_per_step", "interpret"))
 reference = jax.jit(gc.gather_chunks_reference, static_argnames=("budget",))
@@ -106,3 +108,14 @@ def test_tpu_interpreter_and_dispatcher():
     np.testing.assert_array_equal(a, b)
   for a, b in zip(gc.gather_chunks(k, v, start, length, budget=budget), want):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("heads", TPU_HEADS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_to_mosaic_for_tpu(heads, dtype):
+  """A DMA into a squeezed (None) output block made invalid Mosaic IR here; interpret mode ran it."""
+  K, _, D = TPU_HEADS[heads]
+  sds = jax.ShapeDtypeStruct
+  hlo = lower_for_tpu(gc.gather_rows_kernel, sds((2, 4096, K, D), dtype), sds((2, 4096, K, D), dtype),
+                      sds((2, 512), jnp.int32))
+  assert tpu_kernels(hlo) == 1
