@@ -1,5 +1,5 @@
 """Random chunkings and selections for the kernel tests (interpret mode and on the GPU), and the lowering
-of a kernel or program for a TPU from this CPU-only install."""
+of a kernel or program for a TPU or a GPU from this CPU-only install."""
 
 import contextlib
 
@@ -29,12 +29,18 @@ def tpu_kernels(hlo: str) -> int:
   return hlo.count("stablehlo.custom_call @tpu_custom_call")
 
 
+def gpu_kernels(hlo: str) -> int:
+  """The Pallas calls in a CUDA lowering: each is a Triton custom call."""
+  return hlo.count("stablehlo.custom_call @__gpu$xla.gpu.triton")
+
+
 @contextlib.contextmanager
-def planning_for_tpu(monkeypatch):
-  """The kernels' dispatch (`pallas_kernels.dispatch.implementation`) plans for a TPU while lowering here."""
+def planning_for(monkeypatch, backend: str):
+  """The kernels' dispatch (`pallas_kernels.dispatch.implementation`) plans for `backend` ("tpu", "gpu")
+  while lowering here."""
   from pallas_kernels import dispatch
   with monkeypatch.context() as m:
-    m.setattr(dispatch, "jax", type("TpuJax", (), {"default_backend": staticmethod(lambda: "tpu")}))
+    m.setattr(dispatch, "jax", type("DeviceJax", (), {"default_backend": staticmethod(lambda: backend)}))
     yield
 
 
