@@ -183,6 +183,18 @@ MEASUREMENTS = (
                 variant="`recent_share=0.75` alone (`--no-boundary_tokens`)",
                 note="`ChunkConfig.recent_share`: the most recent candidates get the first 75% of the budget (with "
                      "the sinks, local and open chunk), the rest goes by score. " + COPIED.format("first sections")),
+    Measurement("niah_smollm2_8k_defaults", "NIAH, smollm2-135m: 10 passkeys at 8K tokens, today's defaults",
+                "eval_defaults_smollm2_8k", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_8K} --methods vanilla hybrid streamingllm sepllm "
+                 "fixllm --retention 0.5 0.25 --selection kv_head --out docs/eval_defaults_smollm2_8k",),
+                others="eval_hybrid_8k",
+                variant="today's defaults (each KV head choosing at every step from low-rank keys and the angle of "
+                        "the rest from a 128-bit sketch; no flag needed)",
+                note="10 single-key needles (depths 0.1-0.9 x 2 seeds) in the evaluation's share of Brown, at the "
+                     "model's whole trained context (8192 tokens, and the 32 answer tokens past it). ChunkLLM with "
+                     "today's defaults (no flag changes them); vanilla and the baselines run in the same folder. "
+                     "The QK Adapters' first training alone (`chunkllm`) is read from an earlier run of the same "
+                     "needles (eval_hybrid_8k/)."),
     Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_recent_share_bt_gemma3_8k", "eval",
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_gemma3_8k",),
@@ -675,6 +687,7 @@ def eval_section(m: Measurement) -> list[str]:
 DEFAULT_CHECKS = (
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
+    ("NIAH, smollm2-135m, 10 needles at 8K", "niah_smollm2_8k_defaults", None, None, None, None),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_per_head_simhash_fast_score.jsonl",
@@ -683,7 +696,7 @@ DEFAULT_CHECKS = (
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
      "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults", None, "ppl_smollm2_4k_8_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 8K", None, "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults", None, None),
+    ("Perplexity, smollm2-135m, 8 x 8K", "eval_ppl_variants/brown_8x8192_defaults.jsonl", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults", None, None),
     ("Perplexity, gemma3-270m, 8 x 2K", "eval_ppl_variants/gemma3_brown_8x2048_per_head_lowrank_simhash.jsonl",
      "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults", None, "ppl_gemma3_2k_8_per_head_sketch"),
     ("LongBench-format mini_kv_qa, smollm2-135m", "longbench_smollm2_per_head_simhash", "longbench_smollm2",
@@ -758,7 +771,7 @@ def defaults_section() -> list[str]:
         continue
       cells = ["-" if f is None else f[1] for f in figures]
       out.append(f"| {label} | {float(budget):.0%} | **{cells[0]}** | {' | '.join(cells[1:])} | "
-                 f"{best_baseline(section_records(by_name[shared]), budget)} |")
+                 f"{best_baseline(section_records(by_name[shared or today]), budget)} |")
   return out
 
 
