@@ -119,11 +119,11 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   if args.first_doc < 0:
     raise SystemExit(f"--first_doc must be >= 0, got {args.first_doc}")
+  if args.out and Path(args.out).exists():
+    raise SystemExit(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
   if args.combine:
     if not args.out:
       raise SystemExit("--combine needs --out")
-    if Path(args.out).exists():
-      raise SystemExit(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
     try:
       parts = [[json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()] for f in args.combine]
       rows = combine(parts)
@@ -134,8 +134,6 @@ def main(argv=None) -> None:
       print(f"{r['variant']:50s} KV {r['kv']:6.1%}  perplexity {r['perplexity']:7.3f} {r['ppl_vs_vanilla']:+7.2%}")
     return
   variants = [(v, parse_variant(v)) for v in args.variants]  # bad fields fail before the model loads
-  if args.out and Path(args.out).exists():
-    raise SystemExit(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
 
   model = cj.load(args.model, dtype="float32")
   params = cj.with_adapters(model.params, cj.load_adapters(args.model, model.config))

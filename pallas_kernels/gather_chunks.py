@@ -63,7 +63,7 @@ def _gather_kernel(src_ref,  # scalar prefetch (SMEM): src flat [B * R]
 
   # The tiles keep their unit row axis (a block dim of 1, not None): Mosaic's lowering of a DMA into a
   # squeezed block's slice makes invalid IR ('tpu.memref_slice' op Indices and slice shapes must match),
-  # which interpret mode never sees (tests/test_pallas_tpu_lowering.py).
+  # which interpret mode never sees (tests/test_pallas_gather_chunks.py, test_lowers_to_mosaic_for_tpu).
   def copies(r):
     src = src_ref[first + r]
     return (pltpu.make_async_copy(k_hbm.at[b, pl.ds(src, 1)], ko_ref.at[0, pl.ds(r, 1)], sem.at[0]),
