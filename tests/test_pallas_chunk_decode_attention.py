@@ -1,4 +1,5 @@
-"""Chunk-selective decode attention: Pallas kernel (interpret mode) against the jnp reference, and its lowering to Mosaic for a TPU."""
+"""Chunk-selective decode attention: Pallas kernel (interpret mode) against the jnp reference, and its
+lowering to Mosaic for a TPU."""
 
 import functools
 

@@ -1,4 +1,5 @@
-"""Chunk-sparse prefill attention: Pallas kernel (interpret mode) against the jnp reference, and its lowering to Mosaic for a TPU."""
+"""Chunk-sparse prefill attention: Pallas kernel (interpret mode) against the jnp reference, and its
+lowering to Mosaic for a TPU."""
 
 import functools
 

@@ -1,4 +1,5 @@
-"""Distillation attention: Pallas kernel (interpret mode) against the jnp reference and loops, and its lowering to Mosaic for a TPU."""
+"""Distillation attention: Pallas kernel (interpret mode) against the jnp reference and loops, and its
+lowering to Mosaic for a TPU."""
 
 import functools
 
