@@ -65,11 +65,12 @@ def test_chunk_generate_lowers_for_the_device(monkeypatch, arch, selection, atte
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_generate_lowers_for_tpu(arch):
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_generate_lowers_for_the_device(arch, platform):
   params = tiny_params(arch)
   progs = decoding.programs(dg.dense_prefill, dg.dense_step, dg.DenseSettings(decoding.buffer_len(T + NEW)),
                             sampling=Sampling(0.8, 20, 0.9), max_new=NEW, eos_ids=(1,), pad_id=0)
-  lower_programs(progs, params)
+  lower_programs(progs, params, platform)
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
