@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from chunkllm_jax.adapters import AdapterConfig, Adapters, check_layers, expected_shapes
+from chunkllm_jax.adapters import AdapterConfig, Adapters, expected_shapes, fit_problems
 from chunkllm_jax.config import ModelConfig, RopeScaling
 from chunkllm_jax.params import ModelParams, leaf_shapes, shape_problems
 
@@ -132,25 +132,6 @@ def _model_config(x, name: str, where: str) -> ModelConfig:
   raise TypeError(f"{where}: {name} must be a ModelConfig (model.config), got {type(x).__name__}")
 
 
-def check_fits(adapters: Adapters, model_config: ModelConfig, where: str) -> None:
-  """`with_adapters`' check, without the weights: the adapters' layers and shapes must fit `model_config`, or an
-  export would claim a backbone they were not made for (and `load_adapters` would accept them for it)."""
-  if not isinstance(adapters, Adapters):
-    raise TypeError(f"{where} takes an Adapters (cj.init_adapters(...), cj.load_adapters(...)), "
-                    f"got {type(adapters).__name__}")
-  try:
-    check_layers(adapters.config, model_config)
-  except ValueError as e:
-    raise ValueError(f"{where}: these adapters do not fit model_config ({e}); pass the config of the model they "
-                     "were made for") from None
-  want = leaf_shapes(expected_shapes(adapters.config, model_config), is_leaf=lambda x: isinstance(x, tuple))
-  problems = shape_problems(want, leaf_shapes(adapters.params),
-                            f"model_config (d_model={model_config.d_model}) and the adapter config")
-  if problems:
-    raise ValueError(f"{where}: these adapters do not fit model_config, so the export would claim the wrong "
-                     f"backbone; pass the config of the model they were made for ({'; '.join(problems)})")
-
-
 def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, backbone: str,
                   dtype: str = "float32", overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
   """Writes an export. An existing export is only replaced with `overwrite`, and only once the new
@@ -163,7 +144,13 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
   import orbax.checkpoint as ocp
 
   model_config = _model_config(model_config, "model_config", "save_adapters")
-  check_fits(adapters, model_config, "save_adapters")
+  try:  # `with_adapters`' check: an export that names a backbone its adapters do not fit would be loaded for it
+    problems = fit_problems(adapters, model_config, "model_config")
+  except TypeError as e:
+    raise TypeError(f"save_adapters: {e}") from None
+  if problems:
+    raise ValueError("save_adapters: these adapters do not fit model_config, so the export would claim the wrong "
+                     f"backbone; pass the config of the model they were made for ({'; '.join(problems)})")
   acfg = adapters.config
   meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
               model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),

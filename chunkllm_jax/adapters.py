@@ -141,7 +141,7 @@ def chunk_scores(q_BTd, chunk_key_BCd, candidate_BTC=None):
 
 
 def check_layers(acfg: AdapterConfig, cfg: ModelConfig) -> None:
-  """The adapters' QK layers must be layers of the model (`with_adapters`, `init_adapters`, `save_adapters`)."""
+  """The adapters' QK layers must be full-attention layers of the model (`init_adapters`, `fit_problems`)."""
   for i in acfg.qk_layers:
     if not 0 <= i < cfg.n_layers:
       raise ValueError(f"QK-adapter layer {i} is out of range for a {cfg.n_layers}-layer model")
@@ -163,16 +163,24 @@ def expected_shapes(acfg: AdapterConfig, cfg: ModelConfig) -> dict[str, Any]:
   return {"qk": {"q": mlp(D, d_c, d_c, (n,)), "k": mlp(D, d_c, d_c, (n,))}, "chunk": mlp(D, F, 1)}
 
 
+def fit_problems(adapters: Adapters, cfg: ModelConfig, model: str) -> list[str]:
+  """Why these adapters do not fit a model of config `cfg` (empty: they fit): their QK layers must be its
+  full-attention layers and every weight must have the shape `cfg` gives it. `model` names the model in the
+  messages. The one check of `with_adapters` and, before an export names its backbone, `save_adapters`."""
+  if not isinstance(adapters, Adapters):
+    raise TypeError(f"expected an Adapters (cj.init_adapters(...), cj.load_adapters(...)), "
+                    f"got {type(adapters).__name__}")
+  try:
+    check_layers(adapters.config, cfg)
+  except ValueError as e:
+    return [str(e)]
+  want = leaf_shapes(expected_shapes(adapters.config, cfg), is_leaf=lambda x: isinstance(x, tuple))
+  return shape_problems(want, leaf_shapes(adapters.params), f"{model} (d_model={cfg.d_model}) and the adapter config")
+
+
 def with_adapters(params: ModelParams, adapters: Adapters) -> ModelParams:
   """`params` with these adapters attached; raises a ValueError if they do not fit the backbone."""
-  cfg = params.config
-  if not isinstance(adapters, Adapters):
-    raise TypeError(f"expected an Adapters, got {type(adapters).__name__}")
-  acfg = adapters.config
-  check_layers(acfg, cfg)
-  want = leaf_shapes(expected_shapes(acfg, cfg), is_leaf=lambda x: isinstance(x, tuple))
-  problems = shape_problems(want, leaf_shapes(adapters.params),
-                            f"the backbone (d_model={cfg.d_model}) and adapter config")
+  problems = fit_problems(adapters, params.config, "the backbone")
   if problems:
     raise ValueError("adapters do not fit this backbone:\n  " + "\n  ".join(problems))
   return params.replace(adapters=adapters)
