@@ -19,12 +19,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
 PARTS=${PARTS:-"kernels kernels_prefill decode decode_kernel"}
+PYTHON=${PYTHON:-python3}  # the device image has python3 (the one with jax), not always a plain `python`
 export PYTHONUNBUFFERED=1
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   smoke=(--smoke); lengths=(1024); rounds=1; platform=cpu
 else
   smoke=(); lengths=(8192 32768 131072); rounds=3; platform=${JAX_PLATFORMS:-}
-  backend=$(JAX_PLATFORMS=$platform python -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -1)
+  backend=$(JAX_PLATFORMS=$platform $PYTHON -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -1)
   if [ "$backend" != gpu ] && [ "$backend" != tpu ]; then  # the CPU's own pages are bench/regenerate.py's
     echo "no GPU or TPU here (jax backend '${backend:-none}'): this run is for an accelerator; BENCH_SMOKE=1 runs it" \
       "at tiny shapes on a CPU" >&2
@@ -38,14 +39,14 @@ for part in $PARTS; do
   resume=(); [ -f "$OUT/RESULTS.json" ] && resume=(--resume "$OUT/RESULTS.json")  # keep what an earlier part or run finished
   case $part in
     kernels)  # bandwidth, correctness, decode kernels, distillation
-      python bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only bandwidth checks decode distill ;;
+      $PYTHON bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only bandwidth checks decode distill ;;
     kernels_prefill)  # the prefill kernels, added to the same page
-      python bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only prefill ;;
+      $PYTHON bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only prefill ;;
     decode)  # the library's default rule, a whole decode step against dense decode, on the device
-      JAX_PLATFORMS=$platform python bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
+      JAX_PLATFORMS=$platform $PYTHON bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
         --rounds "$rounds" --prefill-lengths --out "$OUT/RESULTS_chunk_device.md" ;;
     decode_kernel)  # the same with its decode attention in the per-head kernel (attention="pallas")
-      JAX_PLATFORMS=$platform python bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
+      JAX_PLATFORMS=$platform $PYTHON bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
         --rounds "$rounds" --prefill-lengths --attention pallas --out "$OUT/RESULTS_chunk_device_kernel.md" ;;
     *) echo "unknown part $part (kernels, kernels_prefill, decode, decode_kernel)" >&2; status=2; continue ;;
   esac
