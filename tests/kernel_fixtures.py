@@ -16,12 +16,22 @@ from jax.sharding import AbstractDevice, AbstractMesh
 TPU_V5E = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
                                                                     platform="tpu"))
 TPU_HEADS = {"smollm2": (3, 3, 64), "gemma3": (1, 4, 256)}  # the real models' K, G, D
+# The Triton lowering asks the GPU's compute capability. jax 0.10 assumes 9.0 where it sees no GPU; from jax
+# 0.11 it reads an abstract device's kind and refuses without one, so the CUDA lowerings name the H100.
+H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                                                 platform="cuda"))
 
 
 def lower_for_tpu(fn, *args) -> str:
   """The StableHLO text of `jax.jit(fn)` lowered for a TPU (shapes or arrays as `args`)."""
   with jax.sharding.use_abstract_mesh(TPU_V5E):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def lower_for_gpu(fn, *args) -> str:
+  """The StableHLO text of `jax.jit(fn)` lowered for an NVIDIA H100 (shapes or arrays as `args`)."""
+  with jax.sharding.use_abstract_mesh(H100):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def tpu_kernels(hlo: str) -> int:

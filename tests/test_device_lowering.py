@@ -17,7 +17,7 @@ from chunkllm_jax import chunk_generation as cg
 from chunkllm_jax import decoding
 from chunkllm_jax import dense_generation as dg
 from chunkllm_jax.decoding import Sampling
-from tests.kernel_fixtures import gpu_kernels, lower_for_tpu, planning_for, tpu_kernels
+from tests.kernel_fixtures import gpu_kernels, lower_for_gpu, lower_for_tpu, planning_for, tpu_kernels
 from tests.tiny_models import SOFTCAP, chunk_params, random_batch, tiny_params
 from train import step as step_lib
 from train import teacher
@@ -28,9 +28,7 @@ sds = jax.ShapeDtypeStruct
 
 
 def lower(platform: str, fn, *args) -> str:
-  if platform == "tpu":
-    return lower_for_tpu(fn, *args)
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return (lower_for_tpu if platform == "tpu" else lower_for_gpu)(fn, *args)
 
 
 def lower_programs(progs, params, platform: str = "tpu") -> tuple[str, str]:

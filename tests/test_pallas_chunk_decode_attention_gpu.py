@@ -15,7 +15,7 @@ from chunkllm_jax import chunk_attention, chunk_kernels
 from pallas_kernels import chunk_decode_attention as cda
 from pallas_kernels import chunk_decode_attention_gpu as cdg
 from pallas_kernels.dispatch import implementation
-from tests.kernel_fixtures import decode_case_mask, selection_mask
+from tests.kernel_fixtures import decode_case_mask, lower_for_gpu, selection_mask
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # jitted, so the cases that share a shape share one compile
@@ -126,5 +126,5 @@ def test_lowers_to_triton_for_cuda(B, S, K, G, D, bs, n_splits, dtype):
   sds = jax.ShapeDtypeStruct
   args = (sds((B, K * G, D), dtype), sds((B, S, K, D), dtype), sds((B, S, K, D), dtype),
           sds((B, S // bs), jnp.int32), sds((B,), jnp.int32), sds((B, S), jnp.bool_))
-  hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  hlo = lower_for_gpu(f, *args)
   assert "xla.gpu.triton" in hlo and 'name = "chunk_decode_attention_gpu"' in hlo

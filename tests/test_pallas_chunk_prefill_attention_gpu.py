@@ -15,7 +15,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import chunk_prefill_attention as cpa
 from pallas_kernels import chunk_prefill_attention_gpu as cpg
-from tests.kernel_fixtures import chunking
+from tests.kernel_fixtures import chunking, lower_for_gpu
 
 # bounds on |out - ref| (relative and absolute): f32 agrees to rounding, bf16 to its mantissa
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -132,5 +132,5 @@ def test_lowers_to_triton_for_cuda(B, T, K, G, D, bq, bk, n_sel, dtype):
   args = (sds((B, T, K * G, D), dtype), sds((B, T, K, D), dtype), sds((B, T, K, D), dtype),
           sds((B, T // bq, T // bk), jnp.int32), sds((B, T // bq), jnp.int32),
           sds((B, T), jnp.int32), sds((B, T, n_sel), jnp.int32))
-  hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  hlo = lower_for_gpu(f, *args)
   assert "xla.gpu.triton" in hlo and 'name = "chunk_prefill_attention_gpu"' in hlo

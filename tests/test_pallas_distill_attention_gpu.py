@@ -15,7 +15,7 @@ import pytest
 
 from pallas_kernels import distill_attention as da
 from pallas_kernels import distill_attention_gpu as dg
-from tests.kernel_fixtures import chunk_ids
+from tests.kernel_fixtures import chunk_ids, lower_for_gpu
 
 # bounds on |got - ref| (relative and absolute), for o and for P: f32 agrees to rounding, bf16
 # to its mantissa
@@ -124,7 +124,7 @@ def test_lowers_to_triton_for_cuda(B, T, K, G, D, bq, bk, C, softcap, dtype):
   sds = jax.ShapeDtypeStruct
   args = (sds((B, T, K * G, D), dtype), sds((B, T, K, D), dtype), sds((B, T, K, D), dtype),
           sds((B, T), jnp.int32))
-  hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  hlo = lower_for_gpu(f, *args)
   assert hlo.count("xla.gpu.triton") == 2
   assert 'name = "distill_attention_gpu_flash"' in hlo
   assert 'name = "distill_attention_gpu_bins"' in hlo

@@ -15,6 +15,7 @@ from pallas_kernels import head_decode_attention as hda
 from pallas_kernels import head_decode_attention_gpu as hdg
 from pallas_kernels.chunk_decode_attention import combine_splits
 from pallas_kernels.dispatch import implementation
+from tests.kernel_fixtures import lower_for_gpu
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 partials_gpu = jax.jit(hdg.head_decode_partials_gpu,
@@ -130,5 +131,5 @@ def test_lowers_to_triton_for_cuda(N, dtype):
   B, K, G, D, W = 1, 3, 3, 64, 16384
   args = (sds((B, K, G, D), dtype), sds((N, D), dtype), sds((N, D), dtype), sds((B, K, W), jnp.int32),
           sds((B, K, W), jnp.bool_), sds((B, K), jnp.int32))
-  hlo = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  hlo = lower_for_gpu(f, *args)
   assert "xla.gpu.triton" in hlo and 'name = "head_decode_attention_gpu"' in hlo
