@@ -614,7 +614,12 @@ def key_basis(k_BTKD, valid_BT, rank: int):
 
 def gram_basis(gram_BKDD, rank: int):
   """`key_basis` from the keys' `key_gram` (summed over blocks of keys where they are read a block at a time)."""
-  _, vecs = jnp.linalg.eigh(gram_BKDD)  # ascending eigenvalues
+  # One matrix per eigh call: XLA's CPU LAPACK call splits a batch over the thread pool that also runs each
+  # device's program, and over several CPU devices that split waits for threads held by collectives
+  # (a deadlock, from 64 x 64 matrices up; tests/test_chunk_generate.py::test_sharded_per_head_over_eight_devices).
+  # The B x K matrices are eigendecomposed once per prompt and layer, so the loop costs nothing that counts.
+  flat = gram_BKDD.reshape(-1, *gram_BKDD.shape[-2:])
+  vecs = jax.lax.map(lambda g: jnp.linalg.eigh(g)[1], flat).reshape(gram_BKDD.shape)  # ascending eigenvalues
   vecs = vecs[..., ::-1][..., :rank]
   # An eigenvector's sign is arbitrary, and rounding flips it between equal keys computed two ways (a
   # prompt read in blocks or whole): fixed, the basis and every key's coordinates follow from K alone.

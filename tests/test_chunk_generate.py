@@ -342,6 +342,20 @@ def test_sharded_equals_unsharded(data, model, selection):
   np.testing.assert_allclose(a.stats["kv_retention"], b.stats["kv_retention"], rtol=1e-6)
 
 
+@pytest.mark.multi_device
+@pytest.mark.parametrize("data, model", [(1, 8), (2, 4)])
+def test_sharded_per_head_over_eight_devices(data, model):
+  """The default rule over eight devices with smollm2-135m's head layout (9 query / 3 KV heads of 64, replicated
+  on the model axis): the per-head rule's low-rank keys eigendecompose 64 x 64 Gram matrices, which deadlocked
+  XLA's CPU collectives when LAPACK split the batch over the thread pool (the process aborted)."""
+  params = chunk_params(n_heads=9, n_kv_heads=3, head_dim=64)
+  rows = prompts([30, 12], seed=8)
+  kw = dict(max_new_tokens=4, eos_ids=(), max_len=64, max_chunk_len=8, max_chunks=32, selection="kv_head")
+  a = cg.chunk_generate(params, rows, **kw)
+  b = cg.chunk_generate(params, rows, mesh=cj.make_mesh(data=data, model=model), **kw)
+  assert (a.tokens == b.tokens).all()
+
+
 def test_refresh_every_reselects_inside_long_chunks():
   params = chunk_params()
   rows = prompts([40], seed=9)
