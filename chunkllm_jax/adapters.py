@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from chunkllm_jax import checks
 from chunkllm_jax.attention import NEG_INF
 from chunkllm_jax.config import ModelConfig
 from chunkllm_jax.params import ModelParams, leaf_shapes, shape_problems
@@ -180,6 +181,7 @@ def fit_problems(adapters: Adapters, cfg: ModelConfig, model: str) -> list[str]:
 
 def with_adapters(params: ModelParams, adapters: Adapters) -> ModelParams:
   """`params` with these adapters attached; raises a ValueError if they do not fit the backbone."""
+  checks.check_params(params, "with_adapters")
   problems = fit_problems(adapters, params.config, "the backbone")
   if problems:
     raise ValueError("adapters do not fit this backbone:\n  " + "\n  ".join(problems))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 
 
 from chunkllm_jax.prompts import encode_prompt
@@ -30,11 +32,13 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
   _chunk_flags(g)
 
-  d = sub.add_parser("demo", help="a hidden fact in a long document: vanilla, ChunkLLM's QK Adapters and the "
-                                   "training-free attention scorer, side by side (25%% and 50%% of the KV by default)")
+  d = sub.add_parser("demo", help="a passkey hidden in a long document: vanilla, ChunkLLM's defaults (each KV head "
+                                   "chooses its chunks) at 25%% and 50%% of the KV, and the paper's shared rule at "
+                                   "25%%, side by side")
   d.add_argument("--model", default="smollm2-135m")
   d.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
-  d.add_argument("--context", type=int, default=4096, help="document length in tokens")
+  d.add_argument("--context", type=int, default=4096,
+                 help="document length in tokens (the prompt adds the question and the chat template)")
   d.add_argument("--depth", type=float, default=0.5, help="where the fact sits, 0 (start) to 1 (end)")
   d.add_argument("--seed", type=int, default=0)
   _chunk_flags(d)
@@ -80,6 +84,8 @@ def _chunk_settings(args) -> dict:
                selection=args.selection, score_rank=args.score_rank, score_estimate=args.score_estimate,
                score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate, head_refresh=args.head_refresh)
   kw = {k: v for k, v in given.items() if v is not None}
+  if args.top_k_chunks is not None and args.kv_budget is not None:
+    raise ValueError("give --kv-budget (a share of the tokens seen) or --top-k-chunks (a chunk count), not both")
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget
   return kw
@@ -99,63 +105,123 @@ def _read_prompt(args) -> str:
     raise ValueError(f"{args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _with_adapters(model, name: str):
-  """The backbone with adapters from an export dir or a shipped name (refused if made for another model)."""
+def _tokenizer(name: str):
+  """The model's tokenizer alone: a prompt is tokenized and its length checked before the weights are read."""
+  from chunkllm_jax import weights
+
+  return weights.load_tokenizer(weights.tokenizer_source(name))
+
+
+def _load_backbone(args, tokenizer):
+  """The backbone's weights, beside the tokenizer already loaded."""
   import chunkllm_jax as cj
 
-  return cj.with_adapters(model.params, cj.load_adapters(name, model.config))
+  t0 = time.perf_counter()
+  model = cj.load(args.model, dtype=getattr(args, "dtype", "float32"), tokenizer=False)._replace(tokenizer=tokenizer)
+  print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+  return model
+
+
+def _adapters(args, cfg):
+  """The adapters (an export dir or a shipped name), read before the backbone: ones made for another model,
+  or a folder that holds none, are refused before the weights load."""
+  import chunkllm_jax as cj
+
+  return cj.load_adapters(args.adapters or args.model, cfg)
+
+
+def _check_prompt_fits(n_prompt: int, max_new: int, cfg, model: str, new_flag: str) -> None:
+  if n_prompt + max_new <= cfg.max_position:
+    return
+  fix = ("shorten the prompt" if n_prompt >= cfg.max_position else
+         f"give {new_flag} {cfg.max_position - n_prompt} or less, or a shorter prompt")
+  raise ValueError(f"the prompt ({n_prompt} tokens) and {max_new} new tokens need {n_prompt + max_new} positions, more "
+                   f"than {model}'s context of {cfg.max_position}: {fix}")
+
+
+def _ended_at_once_hint(args, tokenizer, n_new: int) -> None:
+  from chunkllm_jax.prompts import has_chat_template
+
+  if n_new == 0 and not args.chat and has_chat_template(tokenizer):
+    print("[the model ended its answer at once: an instruct model reads a question best in its chat template "
+          "(add --chat)]", file=sys.stderr)
 
 
 def _print_stats(stats, row: int = 0) -> None:
   s = {k: float(v[row]) for k, v in stats.items()}
+  if math.isnan(s["kv_retention"]):  # no decode step: nothing was read to measure
+    print(f"[{int(s['n_chunks'])} chunks, no decode step (the first new token ended the answer), "
+          f"prefill {s['prefill_s']:.2f}s]", file=sys.stderr)
+    return
   print(f"[kv retention {s['kv_retention']:.1%}, {int(s['n_chunks'])} chunks, {int(s['n_selections'])} selections, "
         f"K/V bytes per step {s['bytes_per_step'] / 2**20:.1f} MiB vs dense {s['dense_bytes_per_step'] / 2**20:.1f} MiB, "
         f"prefill {s['prefill_s']:.2f}s, decode {s['decode_tok_s']:.1f} tok/s]", file=sys.stderr)
 
 
-def run_chunk_generate(args, model, ids) -> None:
+def run_chunk_generate(args, model, ids, adapters) -> None:
   import chunkllm_jax as cj
 
-  params = _with_adapters(model, args.adapters or args.model)
+  params = cj.with_adapters(model.params, adapters)
   out = cj.chunk_generate(params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_chunk_settings(args))
-  print(model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True))
+  new = [t for t in out.new_tokens(0).tolist() if t not in model.config.eos_ids]
+  print(model.tokenizer.decode(new, skip_special_tokens=True))
   _print_stats(out.stats)
+  _ended_at_once_hint(args, model.tokenizer, len(new))
+
+
+DEMO_NEW_TOKENS = 12
 
 
 def run_demo(args) -> None:
   import chunkllm_jax as cj
   from chunkllm_jax import haystack, weights
 
+  from chunkllm_jax.chunk_generation import with_fields
   from chunkllm_jax.decoding import check_seed
+  from chunkllm_jax.selection import ChunkConfig
 
   check_seed(args.seed)
+  if args.seed < 0:  # it also seeds the document's filler sentences (numpy takes no negative seed)
+    raise ValueError(f"--seed picks the demo's document and passkey: give an integer >= 0, got {args.seed}")
   if not 0.0 <= args.depth <= 1.0:  # also false for nan
     raise ValueError(f"--depth is where the fact sits, from 0 (start) to 1 (end); got {args.depth}")
   if args.context < 256:
     raise ValueError(f"--context must be at least 256 tokens, got {args.context}")
-  max_position = weights.load_config(args.model).max_position  # the config alone: refuse before loading
-  if args.context + 64 > max_position:
-    raise ValueError(f"--context {args.context} does not fit {args.model}'s {max_position} positions "
-                     "(with the question and the answer)")
-  model = cj.load(args.model)
-  params = _with_adapters(model, args.adapters or args.model)
-  text, key = haystack.passkey_prompt(model.tokenizer, args.context, args.depth, args.seed)
-  ids = encode_prompt(model.tokenizer, text)
-  print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
+  cfg = weights.load_config(args.model)  # the config alone: refuse before loading
+  if args.context >= cfg.max_position:
+    raise ValueError(f"--context {args.context} does not fit {args.model}'s {cfg.max_position} positions with the "
+                     "question and the answer")
   settings = _chunk_settings(args)
-  settings.pop("scorer", None)
+  scorer = settings.pop("scorer", "adapter")  # the shared rule's decode selections: the QK Adapters by default
   # Unless a budget is given, ChunkLLM runs at a quarter and at half of the KV, and the paper's rule (one
   # selection at each chunk boundary, by the QK Adapters, for every layer and head) at a quarter.
   budgets = [settings.pop("kv_budget")] if "kv_budget" in settings else [0.25, 0.5]
-  runs = [("vanilla", None, cj.generate(params, [ids], max_new_tokens=12))]
+  for budget in budgets:  # every run's settings, checked at the model's longest context before anything loads
+    with_fields(ChunkConfig(), dict(settings, scorer=scorer, kv_budget=budget)).validate(
+        cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+  tokenizer = _tokenizer(args.model)
+  text, key = haystack.passkey_prompt(tokenizer, args.context, args.depth, args.seed)
+  ids = encode_prompt(tokenizer, text)
+  if len(ids) + DEMO_NEW_TOKENS > cfg.max_position:  # the filler's length is an estimate: check the real prompt
+    # in proportion, less a margin: the filler comes in whole sentences and the question does not scale
+    fits = int(args.context * (cfg.max_position - DEMO_NEW_TOKENS - 64) / len(ids))
+    raise ValueError(f"--context {args.context} makes a prompt of {len(ids)} tokens (the document, the question and "
+                     f"the chat template), which with the {DEMO_NEW_TOKENS}-token answer does not fit {args.model}'s "
+                     f"{cfg.max_position} positions: give --context {fits} or less")
+  adapters = _adapters(args, cfg)
+  model = _load_backbone(args, tokenizer)
+  params = cj.with_adapters(model.params, adapters)
+  print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
+  runs = [("vanilla", None, cj.generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS))]
   for budget in budgets:
-    runs.append(("ChunkLLM", budget, cj.chunk_generate(params, [ids], max_new_tokens=12, scorer="adapter",
+    runs.append(("ChunkLLM", budget, cj.chunk_generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS, scorer=scorer,
                                                        kv_budget=budget, **settings)))
   if settings.get("selection", cj.ChunkConfig.selection) != "shared":
     shared = {k: v for k, v in settings.items() if k not in ("selection", *PER_HEAD_FIELDS)}
-    runs.append(("shared rule", budgets[0], cj.chunk_generate(params, [ids], max_new_tokens=12, selection="shared",
-                                                              scorer="adapter", kv_budget=budgets[0], **shared)))
+    runs.append(("shared rule", budgets[0], cj.chunk_generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS,
+                                                              selection="shared", scorer=scorer, kv_budget=budgets[0],
+                                                              **shared)))
   van = runs[0][2].stats
   for name, budget, out in runs:
     answer = model.tokenizer.decode(out.new_tokens(0), skip_special_tokens=True).strip()
@@ -172,9 +238,9 @@ def run_demo(args) -> None:
         "at each chunk boundary by the QK Adapters for every layer and head (selection='shared')")
 
 
-def check_generate_flags(args) -> None:
+def check_generate_flags(args):
   """Every flag that can be judged without the weights, then the model's context (its config only):
-  a size that cannot fit is refused before anything is loaded, compiled or allocated."""
+  a size that cannot fit is refused before anything is loaded, compiled or allocated. Returns the model config."""
   from chunkllm_jax import checks, weights
 
   from chunkllm_jax.chunk_generation import with_fields
@@ -195,22 +261,24 @@ def check_generate_flags(args) -> None:
                      f"context of {cfg.max_position} positions: give at most {cfg.max_position - 1}")
   if args.chunk:  # the settings' own checks, at the model's longest context (chunk_generate checks the real one)
     with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+  return cfg
 
 
 def run_generate(args) -> None:
   import chunkllm_jax as cj
 
-  check_generate_flags(args)
+  cfg = check_generate_flags(args)
   text = _read_prompt(args)
   if not text.strip():
     raise ValueError("the prompt is empty: give some text with --prompt or --prompt-file")
-  t0 = time.perf_counter()
-  model = cj.load(args.model, dtype=args.dtype)
-  print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
-  ids = encode_prompt(model.tokenizer, text, args.chat)
+  tokenizer = _tokenizer(args.model)
+  ids = encode_prompt(tokenizer, text, args.chat)
+  _check_prompt_fits(len(ids), args.max_new_tokens, cfg, args.model, "--max-new-tokens")
+  adapters = _adapters(args, cfg) if args.chunk else None
   print(f"[prompt: {len(ids)} tokens]", file=sys.stderr)
+  model = _load_backbone(args, tokenizer)
   if args.chunk:
-    return run_chunk_generate(args, model, ids)
+    return run_chunk_generate(args, model, ids, adapters)
   new: list[int] = []
   shown = ""
   t0 = time.perf_counter()
@@ -228,10 +296,16 @@ def run_generate(args) -> None:
   dt = time.perf_counter() - t0
   print(f"\n[{len(new)} tokens in {dt:.1f}s, {len(new) / max(dt, 1e-9):.1f} tok/s incl. compilation]",
         file=sys.stderr)
+  _ended_at_once_hint(args, model.tokenizer, len(new))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+  print(f"warning: {message}", file=sys.stderr)  # one line, as the errors: no source line of the library
 
 
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
+  shown, warnings.showwarning = warnings.showwarning, _show_warning
   try:
     if args.command == "generate":
       run_generate(args)
@@ -240,6 +314,8 @@ def main(argv=None) -> None:
   except (FileNotFoundError, ValueError, TypeError) as e:  # bad input: say what is wrong, no traceback
     print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)  # one line
     sys.exit(2)
+  finally:
+    warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class GenerateOutput:
   stats: dict[str, np.ndarray]
 
   def new_tokens(self, row: int) -> np.ndarray:
+    """Row `row`'s generated tokens, its end-of-sequence token included where it made one."""
     return self.tokens[row, self.prompt_lengths[row]: self.lengths[row]]
 
 
@@ -67,6 +68,8 @@ def prepare_prompts(tokens, vocab_size: int, pad_id: int, lengths=None) -> tuple
 
   Float ids are refused (TypeError), never truncated; ids outside [0, vocab_size) are named by row
   and position (ValueError)."""
+  if isinstance(tokens, (list, tuple)) and not len(tokens):
+    raise ValueError("no prompts given: pass a list of token lists or a [B, T] array")
   if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]):
     rows = [checks.token_array(r, vocab_size, f"prompt {b}").reshape(-1) for b, r in enumerate(tokens)]
     if lengths is not None:
@@ -101,6 +104,10 @@ def resolve_max_len(cfg, lengths: np.ndarray, max_new_tokens: int, max_len: int 
   longest = int(lengths.max())
   need = longest + max_new_tokens
   if max_len is None:
+    if longest >= cfg.max_position:
+      raise ValueError(f"the longest prompt ({longest} tokens) does not fit the model's context of {cfg.max_position} "
+                       f"positions with a new token: shorten it to at most {cfg.max_position - 1} tokens (or give "
+                       "max_len=... to run past the trained context on purpose)")
     if need > cfg.max_position:
       raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) needs "
                        f"{need} positions, more than the model's context of {cfg.max_position}: give "

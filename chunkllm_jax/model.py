@@ -10,6 +10,8 @@ reads a layer's output (ChunkLLM segments on layer 0's) also passes `output_fn(s
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Callable
 
 import jax
@@ -159,6 +161,9 @@ def forward(params: ModelParams, tokens_BT, lengths_B=None):
   cfg = params.config
   tokens_BT = _token_input(tokens_BT, cfg.vocab_size)
   B, T = tokens_BT.shape
+  if T > cfg.max_position:  # as generate's max_len past the context: allowed, and said
+    warnings.warn(f"{T} positions exceed the model's trained context ({cfg.max_position}); quality may degrade",
+                  stacklevel=2)
   if lengths_B is not None:  # `generate`'s rules for its `lengths`: one int a row, in [1, T]
     lengths_B = checks.check_lengths(lengths_B, B, T, "lengths_B")
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

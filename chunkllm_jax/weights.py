@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -66,6 +67,9 @@ def assemble(cfg: ModelConfig, tensors: dict[Key, SourceTensor], dtype, source: 
   np_dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(np_dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating type such as float32 or bfloat16, not {dtype!r}")
+  if np_dtype.itemsize == 8 and not jax.config.jax_enable_x64:  # jnp.asarray would make float32 without a word
+    raise ValueError(f"dtype {dtype!r} needs jax's 64-bit mode (jax.config.update('jax_enable_x64', True)); "
+                     "or load float32 or bfloat16")
   spec = backbone_spec(cfg)
   want: dict[Key, tuple[int, ...]] = {}
   for leaf, s in spec.items():
@@ -271,11 +275,15 @@ def load_backbone(path_or_name, dtype="float32") -> tuple[ModelConfig, ModelPara
   from chunkllm_jax import gguf_import  # only GGUF needs the gguf package
 
   path = _model_path(path_or_name)
-  if path.is_dir():
-    cfg, params = load_hf_dir(path, dtype)
-    return cfg, params, (str(path), None)
-  cfg, params = gguf_import.load_gguf(path, dtype)
-  return cfg, params, (str(path.parent), path.name)
+  cfg, params = load_hf_dir(path, dtype) if path.is_dir() else gguf_import.load_gguf(path, dtype)
+  return cfg, params, tokenizer_source(path)
+
+
+def tokenizer_source(path_or_name) -> TokenizerSource:
+  """What `load_tokenizer` reads for a model `load_backbone` accepts, without reading its weights: the
+  command lines tokenize a prompt and check its length before they load anything large."""
+  path = _model_path(path_or_name)
+  return (str(path), None) if path.is_dir() else (str(path.parent), path.name)
 
 
 def _model_path(path_or_name) -> Path:

@@ -77,7 +77,8 @@ def test_adapters_for_another_model_are_refused(tmp_path):
                          d_ff=64)
   cj.save_adapters(cj.init_adapters(jax.random.key(0), other), tmp_path / "x", model_config=other, backbone="tiny")
   res = run_cli("generate", "--prompt", "hi", "--chunk", "--adapters", str(tmp_path / "x"))
-  assert res.returncode != 0 and "\nerror: " in res.stderr and "vs model" in res.stderr
+  # refused before the backbone loads: the error is the first and only line
+  assert res.returncode == 2 and res.stderr.startswith("error: ") and "vs model" in res.stderr
 
 
 @pytest.mark.parametrize("flags, want", [
@@ -109,6 +110,10 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
     (["--chunk", "--score-sketch", "33"], "multiple of 32"),
     (["--seed", str(2**70)], "seed must fit in 64 bits"),
     (["--chunk", "--prompt", "  "], "the prompt is empty"),
+    (["--chunk", "--kv-budget", "0.25", "--top-k-chunks", "4"], "or --top-k-chunks (a chunk count), not both"),
+    (["--chunk", "--adapters", "/nonexistent/export"], "no adapter export at"),  # read before the backbone
+    (["--prompt", "word " * 9000], "more than smollm2-135m's context of 8192: shorten the prompt"),  # tokenized only
+    (["--prompt", "word " * 8000, "--max-new-tokens", "500"], "give --max-new-tokens"),
 ])
 def test_generate_flags_are_judged_before_the_model_loads(flags, message, monkeypatch, capsys):
   """ChunkLLM settings without --chunk (dense generation would ignore them), bad chunk settings, a seed jax cannot
@@ -123,3 +128,43 @@ def test_generate_flags_are_judged_before_the_model_loads(flags, message, monkey
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--context", "8000"], "makes a prompt of"),  # the document's real length, with the question and the template
+    (["--context", "9000"], "does not fit smollm2-135m's 8192 positions"),
+    (["--kv-budget", "0"], "kv_budget is a fraction"),
+    (["--seed", "-1"], "--seed picks the demo's document"),
+    (["--adapters", "/nonexistent/export"], "no adapter export at"),
+])
+def test_demo_flags_are_judged_before_the_model_loads(flags, message, monkeypatch, capsys):
+  """The demo's settings, its prompt's real length and its adapters are judged before the backbone's weights."""
+  import chunkllm_jax as cj
+  from chunkllm_jax import cli
+
+  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["demo", *flags])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+  if "makes a prompt of" in message:  # the advice fits: that context's prompt and answer are within the model's
+    fits = int(err.split("give --context ")[1].split()[0])
+    from chunkllm_jax import haystack, prompts, weights
+    tok = weights.load_tokenizer(weights.tokenizer_source("smollm2-135m"))
+    ids = prompts.encode_prompt(tok, haystack.passkey_prompt(tok, fits, 0.5)[0])
+    assert len(ids) + cli.DEMO_NEW_TOKENS <= 8192
+
+
+def test_demo_uses_the_scorer_it_is_given(monkeypatch, capsys):
+  """--scorer reaches every ChunkLLM run of the demo (it was dropped for the QK Adapters')."""
+  import chunkllm_jax as cj
+  from chunkllm_jax import cli
+
+  seen = []
+  monkeypatch.setattr(cj, "chunk_generate", lambda *a, **k: seen.append(k["scorer"]) or pytest.skip("recorded"))
+  monkeypatch.setattr(cli, "_load_backbone", lambda args, tok: cj.Model(*cj.load("smollm2-135m", tokenizer=False)[:2], tok))
+  monkeypatch.setattr(cj, "generate", lambda *a, **k: None)
+  with pytest.raises(pytest.skip.Exception):
+    cli.main(["demo", "--context", "512", "--scorer", "attention"])
+  assert seen == ["attention"]

@@ -116,6 +116,24 @@ def test_bad_sampling_and_counts_are_refused_at_the_call(params, call, kw, kind,
     getattr(cj, call)(params, [[1, 2, 3]], **kw)  # stream: at the call, not at the first next()
 
 
+def test_with_adapters_given_the_model_says_pass_model_params(params):
+  adapters = cj.init_adapters(jax.random.key(0), params.config)
+  with pytest.raises(TypeError, match="pass model.params"):
+    cj.with_adapters(cj.Model(params.config, params, None), adapters)
+
+
+@pytest.mark.parametrize("tokens", [[], ()])
+def test_no_prompts_at_all_is_named(params, tokens):
+  with pytest.raises(ValueError, match="no prompts given"):
+    cj.generate(params, tokens)
+
+
+def test_float64_weights_without_x64_are_refused_not_made_float32():
+  from chunkllm_jax import weights
+  with pytest.raises(ValueError, match="64-bit mode"):
+    weights.assemble(tiny_params().config, {}, "float64", "here")
+
+
 def test_temperature_nan_is_refused_by_chunk_generate_too():
   from chunkllm_jax.sampling import Sampling
   with pytest.raises(ValueError, match="temperature must be a finite number"):
@@ -123,6 +141,8 @@ def test_temperature_nan_is_refused_by_chunk_generate_too():
 
 
 @pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=1, prompt_len=512), r"the longest prompt \(512 tokens\) does not fit the model's context of "
+                                             r"512 positions with a new token: shorten it to at most 511 tokens"),
     (dict(max_new_tokens=10**9), r"needs 1000000003 positions, more than the model's context of 512: "
                                  r"give max_new_tokens <= 509"),
     (dict(max_new_tokens=510), r"needs 513 positions, more than the model's context of 512"),
@@ -133,8 +153,15 @@ def test_sizes_that_cannot_fit_are_refused_before_allocation(params, monkeypatch
   def no_compile(*a, **k):
     raise AssertionError("compiled a program for a size that cannot fit")
   monkeypatch.setattr(importlib.import_module("chunkllm_jax.decoding").Compiled, "executable", no_compile)
+  prompt_len = kw.pop("prompt_len", 3)
   with pytest.raises(ValueError, match=match):
-    cj.generate(params, [[1, 2, 3]], **kw)
+    cj.generate(params, [[1, 2, 3] * (prompt_len // 3) + [1] * (prompt_len % 3)], **kw)
+
+
+def test_forward_past_the_context_runs_with_a_warning(params):
+  with pytest.warns(UserWarning, match="513 positions exceed the model's trained context \\(512\\)"):
+    logits = cj.forward(params, [[1] * 513])
+  assert logits.shape[:2] == (1, 513)
 
 
 def test_an_explicit_max_len_may_run_past_the_context_with_a_warning(params):
