@@ -134,6 +134,13 @@ def test_float64_weights_without_x64_are_refused_not_made_float32():
     weights.assemble(tiny_params().config, {}, "float64", "here")
 
 
+@pytest.mark.parametrize("kw", [dict(kv_budget=0.25, top_chunks=4), dict(kv_budget_tokens=64, top_chunks=4),
+                                dict(chunk_config=ChunkConfig(kv_budget=0.5), top_chunks=4)])
+def test_a_chunk_count_beside_a_kv_budget_is_refused_not_dropped(kw):
+  with pytest.raises(ValueError, match="top_chunks=4 is the selection's size where no KV budget is set"):
+    cj.chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=1, **kw)
+
+
 def test_temperature_nan_is_refused_by_chunk_generate_too():
   from chunkllm_jax.sampling import Sampling
   with pytest.raises(ValueError, match="temperature must be a finite number"):
