@@ -48,10 +48,13 @@ def test_full_coverage_equals_generate_for_every_scorer_vote_and_layers(arch, sc
   params = chunk_params(arch)
   rows = prompts([40, 23], seed=4)
   ref = cj.generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128)
+  # a budget replaces the chunk count (the two together are refused)
+  budget_or_count = FULL if budget is None else {**{k: v for k, v in FULL.items() if k != "top_chunks"},
+                                                 "kv_budget": budget}
   window = {"adapter-window": dict(scorer="adapter", score_queries=3),
             "hybrid": dict(scorer="adapter", prefill_scorer="attention")}.get(scorer, dict(scorer=scorer))
   out = chunk_generate(params, rows, max_new_tokens=20, eos_ids=(), max_len=128, vote=vote,
-                       selection_layers=layers, **{**FULL, "kv_budget": budget}, **window)
+                       selection_layers=layers, **budget_or_count, **window)
   assert (out.tokens == ref.tokens).all()
   assert np.allclose(out.stats["kv_retention"], 1.0)
 
