@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 import warnings
@@ -76,6 +77,26 @@ def _chunk_flags(p) -> None:
   p.add_argument("--head-refresh", type=int, default=None,
                  help="with --selection kv_head: the heads choose every N steps and after each chunk closes "
                       "(default 1: every step)")
+
+
+# The ChunkConfig fields the flags above set: a refused setting is named by its flag.
+FLAG_OF_FIELD = {"kv_budget": "--kv-budget", "scorer": "--scorer", "top_chunks": "--top-k-chunks",
+                 "n_local": "--n-local", "n_sink": "--n-sink", "recent_share": "--recent-share",
+                 "boundary_tokens": "--boundary-tokens", "selection": "--selection", "score_rank": "--score-rank",
+                 "score_estimate": "--score-estimate", "score_sketch": "--score-sketch",
+                 "sketch_estimate": "--sketch-estimate", "head_refresh": "--head-refresh"}
+
+
+def _check_chunk_settings(settings: dict, cfg) -> None:
+  """The settings' own checks (`ChunkConfig.validate`) at the model's longest context, in the flags' words."""
+  from chunkllm_jax.chunk_generation import with_fields
+  from chunkllm_jax.selection import ChunkConfig
+
+  try:
+    with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+  except (TypeError, ValueError) as e:
+    words = re.sub(r"\b(" + "|".join(FLAG_OF_FIELD) + r")\b", lambda m: FLAG_OF_FIELD[m.group()], str(e))
+    raise type(e)(words) from None
 
 
 def _chunk_settings(args) -> dict:
@@ -177,9 +198,7 @@ def run_demo(args) -> None:
   import chunkllm_jax as cj
   from chunkllm_jax import haystack, weights
 
-  from chunkllm_jax.chunk_generation import with_fields
   from chunkllm_jax.decoding import check_seed
-  from chunkllm_jax.selection import ChunkConfig
 
   check_seed(args.seed)
   if args.seed < 0:  # it also seeds the document's filler sentences (numpy takes no negative seed)
@@ -198,8 +217,7 @@ def run_demo(args) -> None:
   # selection at each chunk boundary, by the QK Adapters, for every layer and head) at a quarter.
   budgets = [settings.pop("kv_budget")] if "kv_budget" in settings else [0.25, 0.5]
   for budget in budgets:  # every run's settings, checked at the model's longest context before anything loads
-    with_fields(ChunkConfig(), dict(settings, scorer=scorer, kv_budget=budget)).validate(
-        cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+    _check_chunk_settings(dict(settings, scorer=scorer, kv_budget=budget), cfg)
   tokenizer = _tokenizer(args.model)
   text, key = haystack.passkey_prompt(tokenizer, args.context, args.depth, args.seed)
   ids = encode_prompt(tokenizer, text)
@@ -243,9 +261,7 @@ def check_generate_flags(args):
   a size that cannot fit is refused before anything is loaded, compiled or allocated. Returns the model config."""
   from chunkllm_jax import checks, weights
 
-  from chunkllm_jax.chunk_generation import with_fields
   from chunkllm_jax.decoding import check_seed
-  from chunkllm_jax.selection import ChunkConfig
 
   checks.check_count("--max-new-tokens", args.max_new_tokens)
   checks.check_sampling(args.temperature, args.top_k, args.top_p)
@@ -260,7 +276,7 @@ def check_generate_flags(args):
     raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in {args.model}'s "
                      f"context of {cfg.max_position} positions: give at most {cfg.max_position - 1}")
   if args.chunk:  # the settings' own checks, at the model's longest context (chunk_generate checks the real one)
-    with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+    _check_chunk_settings(settings, cfg)
   return cfg
 
 

@@ -106,7 +106,7 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
 @pytest.mark.parametrize("flags, message", [
     (["--kv-budget", "0.5", "--score-sketch", "64"], "--kv-budget, --score-sketch: ChunkLLM settings"),
     (["--top-k-chunks", "3"], "--top-k-chunks: ChunkLLM settings"),
-    (["--chunk", "--kv-budget", "1.5"], "kv_budget is a fraction"),
+    (["--chunk", "--kv-budget", "1.5"], "--kv-budget is a fraction"),  # named by its flag
     (["--chunk", "--score-sketch", "33"], "multiple of 32"),
     (["--seed", str(2**70)], "seed must fit in 64 bits"),
     (["--chunk", "--prompt", "  "], "the prompt is empty"),
@@ -133,7 +133,7 @@ def test_generate_flags_are_judged_before_the_model_loads(flags, message, monkey
 @pytest.mark.parametrize("flags, message", [
     (["--context", "8000"], "makes a prompt of"),  # the document's real length, with the question and the template
     (["--context", "9000"], "does not fit smollm2-135m's 8192 positions"),
-    (["--kv-budget", "0"], "kv_budget is a fraction"),
+    (["--kv-budget", "0"], "--kv-budget is a fraction"),
     (["--seed", "-1"], "--seed picks the demo's document"),
     (["--adapters", "/nonexistent/export"], "no adapter export at"),
 ])
