@@ -723,6 +723,6 @@ def with_fields(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:
   out = dataclasses.replace(ccfg, **fields)
   if "top_chunks" in fields and (out.kv_budget is not None or out.kv_budget_tokens is not None):
     budget = f"kv_budget={out.kv_budget}" if out.kv_budget is not None else f"kv_budget_tokens={out.kv_budget_tokens}"
-    raise ValueError(f"top_chunks={fields['top_chunks']} is the selection's size where no KV budget is set; with "
+    raise ValueError(f"top_chunks={fields['top_chunks']} is how many chunks are chosen where no KV budget is set; with "
                      f"{budget} it would be unused: give one of them")
   return out

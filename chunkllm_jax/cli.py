@@ -95,7 +95,10 @@ def _check_chunk_settings(settings: dict, cfg) -> None:
   try:
     with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
   except (TypeError, ValueError) as e:
-    words = re.sub(r"\b(" + "|".join(FLAG_OF_FIELD) + r")\b", lambda m: FLAG_OF_FIELD[m.group()], str(e))
+    # a field's name where the message names the field: always for names with an underscore, and for the plain
+    # words ("selection", "scorer") only as `name=...`, so the prose around them stays as it is
+    names = r"\b(" + "|".join(f for f in FLAG_OF_FIELD if "_" in f) + r")\b|\b(selection|scorer)(?==)"
+    words = re.sub(names, lambda m: FLAG_OF_FIELD[m.group()], str(e))
     raise type(e)(words) from None
 
 
@@ -105,8 +108,6 @@ def _chunk_settings(args) -> dict:
                selection=args.selection, score_rank=args.score_rank, score_estimate=args.score_estimate,
                score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate, head_refresh=args.head_refresh)
   kw = {k: v for k, v in given.items() if v is not None}
-  if args.top_k_chunks is not None and args.kv_budget is not None:
-    raise ValueError("give --kv-budget (a share of the tokens seen) or --top-k-chunks (a chunk count), not both")
   if args.top_k_chunks is not None and args.kv_budget is None:
     kw["kv_budget"] = None  # a chunk count was asked for: no token budget
   return kw

@@ -110,7 +110,7 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
     (["--chunk", "--score-sketch", "33"], "multiple of 32"),
     (["--seed", str(2**70)], "seed must fit in 64 bits"),
     (["--chunk", "--prompt", "  "], "the prompt is empty"),
-    (["--chunk", "--kv-budget", "0.25", "--top-k-chunks", "4"], "or --top-k-chunks (a chunk count), not both"),
+    (["--chunk", "--kv-budget", "0.25", "--top-k-chunks", "4"], "with --kv-budget=0.25 it would be unused"),
     (["--chunk", "--adapters", "/nonexistent/export"], "no adapter export at"),  # read before the backbone
     (["--prompt", "word " * 9000], "more than smollm2-135m's context of 8192: shorten the prompt"),  # tokenized only
     (["--prompt", "word " * 8000, "--max-new-tokens", "500"], "give --max-new-tokens"),

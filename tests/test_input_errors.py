@@ -137,7 +137,7 @@ def test_float64_weights_without_x64_are_refused_not_made_float32():
 @pytest.mark.parametrize("kw", [dict(kv_budget=0.25, top_chunks=4), dict(kv_budget_tokens=64, top_chunks=4),
                                 dict(chunk_config=ChunkConfig(kv_budget=0.5), top_chunks=4)])
 def test_a_chunk_count_beside_a_kv_budget_is_refused_not_dropped(kw):
-  with pytest.raises(ValueError, match="top_chunks=4 is the selection's size where no KV budget is set"):
+  with pytest.raises(ValueError, match="top_chunks=4 is how many chunks are chosen where no KV budget is set"):
     cj.chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=1, **kw)
 
 
