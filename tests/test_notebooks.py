@@ -94,6 +94,7 @@ def test_quickstart_runs_and_reports_chunk_stats(tmp_path):
   assert number(r"n_chunks: (\d+)", out) > 10
   assert number(r"n_selections: (\d+)", out) >= 1
   assert "ChunkLLM answer:" in out and "vanilla answer:" in out
+  assert number(r"(\d+) chunks selected", out) == 16  # TOP_CHUNKS, read from the state's [B, C] mask
   assert re.search(r"passkey in chunk \d+ of \d+", out)
   assert n_images(nb) >= 1  # the chunk plot, shown inline
 
