@@ -335,8 +335,8 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   if method == "sepllm":
     base = dataclasses.replace(base, top_chunks=max_chunks)  # every separator
   if retention is None:
-    if method in WINDOWED:
-      ccfg = dataclasses.replace(base, n_local=max(1, int(round(settings.window / L))))
+    if method in WINDOWED:  # at most the table: a window past every chunk the rows make is all of them
+      ccfg = dataclasses.replace(base, n_local=min(max(1, int(round(settings.window / L))), max_chunks))
     else:
       ccfg = base  # the DESIGN defaults: top_chunks 16, n_local 4
   elif retention >= 1.0:

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--retention", nargs="+", type=float, default=None,
                  help="KV budgets as fractions of the tokens seen (default 0.5 0.25)")
   p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
-  p.add_argument("--niah_kinds", nargs="*", default=None, choices=niah.KINDS, help="default: all three")
+  p.add_argument("--niah_kinds", nargs="+", default=None, choices=niah.KINDS, help="default: all three")
   p.add_argument("--niah_lengths", nargs="+", type=int, default=None, help="haystack tokens (default 1024 2048 4096)")
   p.add_argument("--niah_depths", nargs="+", type=float, default=None, help="default 0 0.25 0.5 0.75 1")
   p.add_argument("--niah_samples", type=int, default=1, help="needles per grid cell")
@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--filler", choices=["brown", "generated"], default=None,
                  help="haystack and perplexity text (default: brown when --brown exists)")
   p.add_argument("--brown", default=str(BROWN), help="one-sentence-a-line text, blank lines between documents")
-  p.add_argument("--tasks", nargs="*", default=None,
-                 help="LongBench-format tasks (default: the mini set: " + " ".join(longbench.MINI_TASKS) + ")")
+  p.add_argument("--tasks", nargs="+", default=None,
+                 help="LongBench-format tasks (default: the mini set: " + " ".join(longbench.MINI_TASKS) + "; with "
+                      "--longbench_dir, the LongBench datasets that folder has a <dataset>.jsonl of)")
   p.add_argument("--longbench_dir", default=None, help="folder of the real LongBench's <dataset>.jsonl files")
   p.add_argument("--max_examples", type=int, default=None, help="per LongBench task, and short-text items")
   p.add_argument("--max_prompt_tokens", type=int, default=None,
@@ -165,12 +166,12 @@ def _resolve(args) -> argparse.Namespace:
   args.niah_depths = args.niah_depths or ([0.5] if q else [0.0, 0.25, 0.5, 0.75, 1.0])
   if q:
     args.niah_max_new = min(args.niah_max_new, 12)  # a 5-digit key is 5 tokens, after 'The pass key is'
-  if args.tasks is None:
-    args.tasks = [] if q else list(longbench.MINI_TASKS)  # each task costs --quick a compile or two
+  if args.tasks is None:  # each task costs --quick a compile or two
+    args.tasks = [] if q else _default_tasks(args.longbench_dir)
   _check_tasks(args)
-  args.max_examples = args.max_examples or (1 if q else None)
+  args.max_examples = (1 if q else None) if args.max_examples is None else args.max_examples
   if q:
-    args.max_prompt_tokens = args.max_prompt_tokens or 256
+    args.max_prompt_tokens = 256 if args.max_prompt_tokens is None else args.max_prompt_tokens
     args.ppl_tokens, args.ppl_prefix, args.ppl_docs = min(args.ppl_tokens, 96), min(args.ppl_prefix, 64), 1
     args.ppl_bins = min(args.ppl_bins, 4)
   if args.filler is None:
@@ -191,6 +192,22 @@ def _resolve(args) -> argparse.Namespace:
   return args
 
 
+def _default_tasks(longbench_dir) -> list[str]:
+  """The shipped mini set; with --longbench_dir, the LongBench datasets that folder has a file of."""
+  if longbench_dir is None or not Path(longbench_dir).is_dir():
+    return list(longbench.MINI_TASKS)
+  found = [t for t in longbench.LONGBENCH_TASKS if longbench.task_file(longbench_dir, t).is_file()]
+  if not found:
+    raise UsageError(f"--longbench_dir {longbench_dir} has no file of a known LongBench dataset (<dataset>.jsonl: "
+                     f"{', '.join(longbench.LONGBENCH_TASKS)})")
+  return found
+
+
+def _task_dir(args, task: str) -> Path:
+  """Where a task's file is: the mini tasks ship with the project, the LongBench datasets are --longbench_dir's."""
+  return MINI_DIR if task in longbench.MINI_TASKS else Path(args.longbench_dir)
+
+
 def _check_tasks(args) -> None:
   """Unknown tasks and missing LongBench files, named before the model is loaded."""
   if args.longbench_dir is not None and not Path(args.longbench_dir).is_dir():
@@ -203,9 +220,8 @@ def _check_tasks(args) -> None:
       raise UsageError(str(e)) from None
     if t not in longbench.MINI_TASKS and args.longbench_dir is None:
       raise UsageError(f"task {t!r} is a LongBench dataset: give --longbench_dir DIR")
-    directory = MINI_DIR if t in longbench.MINI_TASKS and args.longbench_dir is None else args.longbench_dir
-    if "longbench" in args.suites and not longbench.task_file(directory, t).is_file():
-      raise UsageError(f"task {t!r} has no file {longbench.task_file(directory, t)}; put LongBench's "
+    if "longbench" in args.suites and not longbench.task_file(_task_dir(args, t), t).is_file():
+      raise UsageError(f"task {t!r} has no file {longbench.task_file(_task_dir(args, t), t)}; put LongBench's "
                        f"{t}.jsonl there, or leave the task out")
 
 
@@ -348,8 +364,7 @@ def longbench_examples(args, tokenizer, max_position: int) -> dict[str, list[Exa
   out = {}
   for name in args.tasks:
     task = longbench.get_task(name)
-    directory = MINI_DIR if name in longbench.MINI_TASKS and args.longbench_dir is None else args.longbench_dir
-    path = longbench.task_file(directory, name)
+    path = longbench.task_file(_task_dir(args, name), name)
     records = list(longbench.read_jsonl(path))[: args.max_examples]
     budget = args.max_prompt_tokens or max_position - task.max_new_tokens
     chat = has_chat_template(tokenizer)
@@ -427,6 +442,32 @@ class Runner:
           bar.update()
 
 
+def _check_context(args, max_position: int) -> None:
+  """The lengths asked for against the model's context, before it loads: the runs give `max_len` (the
+  library's way to run past the context on purpose), so nothing else would stop them."""
+  if "niah" in args.suites and max(args.niah_lengths) + args.niah_max_new > max_position:
+    raise UsageError(f"--niah_lengths {max(args.niah_lengths)} and --niah_max_new {args.niah_max_new} do not fit "
+                     f"{args.model}'s {max_position} positions")
+  if "ppl" in args.suites and args.ppl_tokens > max_position:
+    raise UsageError(f"--ppl_tokens {args.ppl_tokens} does not fit {args.model}'s {max_position} positions")
+  if "longbench" in args.suites and args.tasks and args.max_prompt_tokens is not None:
+    longest = max(longbench.get_task(t).max_new_tokens for t in args.tasks)
+    if args.max_prompt_tokens + longest > max_position:
+      raise UsageError(f"--max_prompt_tokens {args.max_prompt_tokens} and the tasks' {longest} new tokens do not "
+                       f"fit {args.model}'s {max_position} positions")
+
+
+def _check_prompts_fit(args, gen, max_position: int) -> None:
+  """Each suite's longest prompt as tokenized (a haystack comes out a few percent longer than its nominal
+  length), before anything generates."""
+  for task, examples, max_new, _ in gen:
+    longest = max((len(e.prompt) for e in examples), default=0)
+    if longest + max_new > max_position:
+      flag = "--niah_lengths" if task.startswith("niah_") else "--max_prompt_tokens" if task in args.tasks else None
+      raise UsageError(f"{task}: a prompt of {longest} tokens and {max_new} new tokens do not fit {args.model}'s "
+                       f"{max_position} positions" + (f"; give a smaller {flag}" if flag else ""))
+
+
 def _count_pending(runner: Runner, task: str, ids, retentions, methods) -> int:
   n = 0
   for m in methods:
@@ -441,6 +482,8 @@ def run(args, model=None, params=None) -> Path:
   import chunkllm_jax as cj
   from tqdm import tqdm
 
+  from chunkllm_jax import weights
+
   args = _resolve(args)
   out = Path(args.out)
   _check_fingerprint(out, _fingerprint(args))  # compared now, written once everything is checked
@@ -450,6 +493,7 @@ def run(args, model=None, params=None) -> Path:
           "its example runs again", file=sys.stderr)
 
   t0 = time.perf_counter()
+  _check_context(args, (model.config if model is not None else weights.load_config(args.model)).max_position)
   model = model or cj.load(args.model, dtype=args.dtype)
   if params is None:
     params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
@@ -480,6 +524,7 @@ def run(args, model=None, params=None) -> Path:
     docs = ppl.text_windows(tok, args.ppl_docs, args.ppl_tokens, args.brown if args.filler == "brown" else None,
                             args.seed)
 
+  _check_prompts_fit(args, gen, model.config.max_position)
   _write_fingerprint(out, _fingerprint(args))
   runner = Runner(args, model, params, settings, results)
   ppl_ids = [f"doc{i}-N{args.ppl_tokens}" for i in range(len(docs))]

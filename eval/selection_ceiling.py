@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import chunkllm_jax as cj
 from chunkllm_jax import attention as attn
 from chunkllm_jax import model as mdl
 from chunkllm_jax import selection as sel
+from chunkllm_jax import weights
 from eval import methods as M
 from eval import perplexity as P
 from eval.run import BROWN
@@ -268,6 +270,12 @@ def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: 
   return _nll(params, x, tokens_T, prefix), mass
 
 
+def _refuse(message: str):
+  """A bad flag: one `error:` line and exit code 2, as the other command lines."""
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="smollm2-135m")
@@ -295,33 +303,37 @@ def main(argv=None) -> None:
   p.add_argument("--out", default=None, help="write the rows here as JSON lines (a new file)")
   args = p.parse_args(argv)
   if not 0 < args.retention <= 1 or not 0 <= args.recent_share <= 1:
-    raise SystemExit(f"--retention must be in (0, 1] and --recent_share in [0, 1]; got {args.retention}, "
+    _refuse(f"--retention must be in (0, 1] and --recent_share in [0, 1]; got {args.retention}, "
                      f"{args.recent_share}")
   if not 0 < args.prefix < args.tokens <= MAX_TOKENS:
-    raise SystemExit(f"need 0 < --prefix < --tokens <= {MAX_TOKENS}; got {args.prefix}, {args.tokens}")
+    _refuse(f"need 0 < --prefix < --tokens <= {MAX_TOKENS}; got {args.prefix}, {args.tokens}")
   if args.sketch and (args.scorer != "lowrank" or args.sketch < 0 or args.sketch % sel.SKETCH_WORD):
-    raise SystemExit(f"--sketch is a multiple of {sel.SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
+    _refuse(f"--sketch is a multiple of {sel.SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
                      f"with --scorer {args.scorer}")
   if args.sketch_estimate != sel.SKETCH_ESTIMATES[0] and not args.sketch:
-    raise SystemExit(f"--sketch_estimate {args.sketch_estimate} scores the sketch: give --sketch too")
+    _refuse(f"--sketch_estimate {args.sketch_estimate} scores the sketch: give --sketch too")
   families = [tuple(f.split("/")) for f in args.families]
   for f in families:
     if len(f) != 2 or f[0] not in SHARING or f[1] not in TIMING:
-      raise SystemExit(f"a family is sharing/timing with sharing in {SHARING} and timing in {TIMING}; "
+      _refuse(f"a family is sharing/timing with sharing in {SHARING} and timing in {TIMING}; "
                        f"got {'/'.join(f)!r}")
   if args.unit != "chunks" and not args.unit.isdigit():
-    raise SystemExit(f"--unit is 'chunks' or a page size; got {args.unit!r}")
-  if args.rank < 1:
-    raise SystemExit(f"--rank must be at least 1; got {args.rank}")
+    _refuse(f"--unit is 'chunks' or a page size; got {args.unit!r}")
+  if args.docs < 1:
+    _refuse(f"--docs must be at least 1; got {args.docs}")
+  if not Path(args.text).is_file():
+    _refuse(f"--text {args.text} is not a file: give a text, one sentence a line and a blank line between "
+            "documents (`python -m train.prepare_brown --out DIR` writes the Brown corpus so)")
+  head_dim = weights.load_config(args.model).head_dim  # the config alone: checked before the weights load
+  if not 1 <= args.rank <= head_dim:
+    _refuse(f"--rank must be from 1 to the head dimension, {head_dim}; got {args.rank}")
   if args.out and Path(args.out).exists():
-    raise SystemExit(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
+    _refuse(f"--out {args.out} exists; name a new file (this tool does not overwrite)")
 
   model = cj.load(args.model, dtype="float32")
   adapters = cj.load_adapters(args.model, model.config)
   params = cj.with_adapters(model.params, adapters)
   cfg = model.config
-  if args.rank > cfg.head_dim:
-    raise SystemExit(f"--rank must be at most the head dimension, {cfg.head_dim}; got {args.rank}")
   ccfg = cj.ChunkConfig()
   sparse_L = np.array([i not in ccfg.dense_layers and not cfg.sliding_layers[i] for i in range(cfg.n_layers)])
   if args.vote_layers == "sparse":

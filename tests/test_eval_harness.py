@@ -150,6 +150,22 @@ def test_sepllm_over_budget_says_so():
   assert ccfg.n_local == 1 and info["expected_retention"] > 0.12
 
 
+@pytest.mark.parametrize("method", ["sepllm", "streamingllm"])
+def test_default_window_past_every_chunk_is_the_whole_table(method):
+  """With no retention target a windowed method keeps `window` tokens of chunks; on a short text of short
+  separator chunks (3.5 tokens: 256 / 3.5 = 73 chunks) that is more chunks than the table holds (54 chunks
+  and 8 new tokens: 64), and the window is then every chunk (the configuration validates), not a refusal of
+  a setting nobody gave."""
+  T = 196
+  ends = tuple(4 + round(3.5 * (i + 1)) - 1 for i in range(int((T - 4) / 3.5)))
+  seg = M.Segmentation((ends,), (T,), 4) if method == "sepllm" else None
+  ccfg, _ = M.method_config(method, None, [T], 8, 256, M.MethodSettings(separator_ids=(1,)), seg)
+  assert ccfg.n_local <= ccfg.max_chunks
+  ccfg.validate(256, 30)
+  if method == "sepllm":
+    assert ccfg.n_local == ccfg.max_chunks == 64  # 256 / 3.5 rounds to 73, past the table
+
+
 def test_the_vote_rule_reaches_the_adapter_methods():
   s = M.MethodSettings(separator_ids=SEPS, vote="max")
   assert M.base_config("chunkllm", s).vote == M.base_config("fixllm", s).vote == "max"

@@ -583,6 +583,12 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--score_sketch", "0", "--sketch_estimate", "qjl"], r"sketch_estimate='qjl' scores the residual sketch"),
     (["--selection", "shared", "--head_refresh", "4"], r"head_refresh sets how often each KV head chooses"),
     (["--head_refresh", "0"], r"head_refresh must be an int >= 1"),
+    (["--max_examples", "0"], r"--max_examples 0 is too small: give 1 or more"),  # not "unset": all of them
+    (["--quick", "--max_prompt_tokens", "0"], r"--max_prompt_tokens 0 is too small"),
+    # past the model's context (smollm2-135m's 8192), which the runs' max_len would not stop
+    (["--niah_lengths", "8180"], r"--niah_lengths 8180 and --niah_max_new 32 do not fit smollm2-135m's 8192"),
+    (["--ppl_tokens", "9000"], r"--ppl_tokens 9000 does not fit smollm2-135m's 8192 positions"),
+    (["--max_prompt_tokens", "8180"], r"--max_prompt_tokens 8180 and the tasks' 32 new tokens do not fit"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):
   from eval import run as eval_run
@@ -594,6 +600,45 @@ def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra,
   with pytest.raises(eval_run.UsageError, match=match):
     eval_run.main([*FLAGS, "--out", str(tmp_path / "ev"), *[f.format(tmp=tmp_path) for f in extra]])
   assert _tree(tmp_path) == before and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("flag", ["--tasks", "--niah_kinds"])
+def test_eval_run_refuses_a_list_flag_given_nothing(flag, capsys):
+  """`--tasks` with no names ran no task and wrote an empty report; argparse now refuses it."""
+  from eval import run as eval_run
+  with pytest.raises(SystemExit) as e:
+    eval_run._parser().parse_args([flag])
+  assert e.value.code == 2 and f"{flag}: expected at least one argument" in capsys.readouterr().err
+
+
+def test_eval_run_longbench_dir_defaults_to_its_datasets(tmp_path):
+  """With --longbench_dir and no --tasks, the tasks are the LongBench datasets the folder has (the mini set
+  was looked for there, and the README's command refused); the mini tasks are read from the project's set."""
+  from eval import run as eval_run
+  (tmp_path / "narrativeqa.jsonl").write_text("")
+  (tmp_path / "notes.jsonl").write_text("")
+  assert eval_run._default_tasks(tmp_path) == ["narrativeqa"]
+  assert eval_run._default_tasks(None) == list(eval_run.longbench.MINI_TASKS)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(eval_run.UsageError, match=r"has no file of a known LongBench dataset"):
+    eval_run._default_tasks(tmp_path / "empty")
+  args = eval_run._parser().parse_args(["--longbench_dir", str(tmp_path), "--out", str(tmp_path / "ev")])
+  assert eval_run._resolve(args).tasks == ["narrativeqa"]
+  assert eval_run._task_dir(args, "mini_kv_qa") == eval_run.MINI_DIR
+  assert eval_run._task_dir(args, "narrativeqa") == tmp_path
+
+
+def test_eval_run_refuses_a_tokenized_prompt_past_the_context():
+  """A haystack comes out longer than its nominal length: the prompts as tokenized are checked before any run."""
+  from eval import run as eval_run
+  args = eval_run._parser().parse_args(["--model", "m", "--tasks", "mini_kv_qa"])
+  ex = lambda n: eval_run.Example("e", [0] * n, lambda text: {}, {})
+  eval_run._check_prompts_fit(args, [("niah_single", [ex(100), ex(480)], 32, [0.5])], 512)  # 512: fits
+  with pytest.raises(eval_run.UsageError, match=r"niah_single: a prompt of 481 tokens and 32 new tokens do not fit "
+                                                r"m's 512 positions; give a smaller --niah_lengths"):
+    eval_run._check_prompts_fit(args, [("niah_single", [ex(100), ex(481)], 32, [0.5])], 512)
+  with pytest.raises(eval_run.UsageError, match=r"give a smaller --max_prompt_tokens"):
+    eval_run._check_prompts_fit(args, [("mini_kv_qa", [ex(500)], 32, [0.5])], 512)
 
 
 def test_eval_run_records_its_settings_only_after_the_adapters_load(tmp_path, monkeypatch):

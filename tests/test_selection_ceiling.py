@@ -1,6 +1,8 @@
 """The selection-family ceiling (eval.selection_ceiling): a full budget is vanilla exactly, the
 chosen units follow a plain loop's rule, and bad arguments stop before the model loads."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,21 +106,31 @@ def test_pages_cover_the_text_after_the_sinks():
     (["--tokens", "8192"], "--tokens <= 4096"),
     (["--families", "shared/later"], "a family is sharing/timing"),
     (["--unit", "sentences"], "--unit is 'chunks' or a page size"),
-    (["--scorer", "sparq", "--rank", "0"], "--rank must be at least 1"),
+    (["--scorer", "sparq", "--rank", "0"], "--rank must be from 1 to the head dimension, 64; got 0"),
+    (["--scorer", "sparq", "--rank", "65"], "--rank must be from 1 to the head dimension, 64; got 65"),
     (["--scorer", "sparq", "--sketch", "64"], "--sketch is a multiple of 32 bits for --scorer lowrank"),
     (["--scorer", "lowrank", "--sketch", "40"], "--sketch is a multiple of 32 bits"),
     (["--scorer", "lowrank", "--sketch_estimate", "qjl"], "give --sketch too"),
+    (["--docs", "0"], "--docs must be at least 1; got 0"),
+    (["--text", "{tmp}/nowhere.txt"], "--text .*nowhere.txt is not a file"),
 ])
-def test_bad_arguments_stop_before_the_model_loads(argv, message):
-  with pytest.raises(SystemExit, match=message):
-    SC.main(argv)
+def test_bad_arguments_stop_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(SC.cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
+  (tmp_path / "text.txt").write_text("One sentence.\n")
+  text = [] if "--text" in argv else ["--text", str(tmp_path / "text.txt")]
+  with pytest.raises(SystemExit) as e:
+    SC.main([a.format(tmp=tmp_path) for a in argv] + text)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "error: " in err and re.search(message, err), err
 
 
-def test_an_existing_out_file_is_kept(tmp_path):
+def test_an_existing_out_file_is_kept(tmp_path, capsys):
   out = tmp_path / "mine.jsonl"
   out.write_text("the user's rows\n")
-  with pytest.raises(SystemExit, match="does not overwrite"):
+  with pytest.raises(SystemExit):
     SC.main(["--out", str(out)])
+  assert "does not overwrite" in capsys.readouterr().err
   assert out.read_text() == "the user's rows\n"
 
 
