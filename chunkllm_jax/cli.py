@@ -269,6 +269,8 @@ def check_generate_flags(args):
   check_seed(args.seed)
   settings = _chunk_settings(args)
   given = [k for k, v in settings.items() if v is not None]  # (a chunk count adds kv_budget=None)
+  if args.adapters is not None:
+    given.append("adapters")
   if given and not args.chunk:  # dense generation would ignore them without a word
     given = ", ".join(sorted("--top-k-chunks" if k == "top_chunks" else "--" + k.replace("_", "-") for k in given))
     raise ValueError(f"{given}: ChunkLLM settings, which dense generation ignores; add --chunk")

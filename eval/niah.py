@@ -164,8 +164,11 @@ def heatmap(cells: dict[tuple[str, str], dict[tuple[int, float], float]], length
   panels = list(cells)
   rows = sorted({r for r, _ in panels}, key=[r for r, _ in panels].index)
   kinds = sorted({k for _, k in panels}, key=[k for _, k in panels].index)
+  # Wide enough for the titles too (about 0.07 inch a character at their sizes): a small grid clipped them.
+  panel_title = max(len(f"{k}: {r}") for r, k in panels)
+  width = max(1.2 + 0.9 * len(lengths) * len(kinds), 0.07 * len(title) + 0.4, (0.065 * panel_title + 0.5) * len(kinds))
   fig, axes = plt.subplots(len(rows), len(kinds), squeeze=False,
-                           figsize=(1.2 + 0.9 * len(lengths) * len(kinds), 0.6 + 0.5 * len(depths) * len(rows) + 0.6))
+                           figsize=(width, 0.6 + 0.5 * len(depths) * len(rows) + 0.6))
   for i, r in enumerate(rows):
     for j, k in enumerate(kinds):
       ax = axes[i][j]

@@ -106,6 +106,7 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
 @pytest.mark.parametrize("flags, message", [
     (["--kv-budget", "0.5", "--score-sketch", "64"], "--kv-budget, --score-sketch: ChunkLLM settings"),
     (["--top-k-chunks", "3"], "--top-k-chunks: ChunkLLM settings"),
+    (["--adapters", "smollm2-135m"], "--adapters: ChunkLLM settings, which dense generation ignores; add --chunk"),
     (["--chunk", "--kv-budget", "1.5"], "--kv-budget is a fraction"),  # named by its flag
     (["--chunk", "--score-sketch", "33"], "multiple of 32"),
     (["--seed", str(2**70)], "seed must fit in 64 bits"),

@@ -477,6 +477,7 @@ def run_dir(tmp_path):
   corpus = fx.write_corpus(tmp_path / "corpus.txt")
   (tmp_path / "a_file").write_text("mine\n")
   (tmp_path / "folder").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "folder")
   return tmp_path, corpus
 
 
@@ -507,6 +508,21 @@ TRAIN_BAD = {
                                    r"--student_queries 4 scores the selection rows: give --teacher head_max"),
     "cache_dir": (["--cache_dir", "{tmp}/a_file"], r"--cache_dir .*a_file is a file; give a folder"),
     "seed": (["--seed", str(2**64)], r"--seed 18446744073709551616 does not fit in 64 bits"),
+    # an export the end of the run could not write: refused now, not after the whole training
+    "export_link": (["--export", "{tmp}/link"], r"cannot export to .*link: it is not a folder \(a file or a link\)"),
+    "export_in_a_file": (["--export", "{tmp}/a_file/export"], r"--export .*a_file is a file; give a folder"),
+    "max_sequences": (["--max_sequences", "1", "--batch_size", "2"],
+                      r"--max_sequences 1 is fewer than one batch \(--batch_size 2\)"),
+    "score_queries_past_seq_len": (["--score_queries", "100", "--seq_len", "64"],
+                                   r"--score_queries 100 / --student_queries \d+: a sequence has 64 tokens"),
+    "mesh": (["--mesh_model", "3"], r"--mesh_data \d+ / --mesh_model 3: "),
+    "tokenizer": (["--tokenizer", "{tmp}/no_tokenizer"], r"--tokenizer: no model at .*no_tokenizer"),
+    "selection_layers": (["--model", "smollm2-135m", "--tokenizer", "", "--selection_layers", "99"],
+                         r"--selection_layers \[99\] are out of range or not full-attention layers of smollm2-135m"),
+    "process_group": (["--num_processes", "2"], r"--num_processes: a process group needs --coordinator HOST:PORT, "
+                                                r"--num_processes N and --process_id I together"),
+    "process_id": (["--coordinator", "localhost:1", "--num_processes", "2", "--process_id", "5"],
+                   r"--process_id 5 is not one of the --num_processes 2 \(0 to 1\)"),
     "untrained": (["--steps", "0", "--export", "{tmp}/export"],
                   r"--steps 0 --export .* would export untrained \(random\) adapters: .*--allow_untrained_export true"),
 }
@@ -523,6 +539,27 @@ def test_train_run_checks_every_flag_before_any_work(run_dir, capsys, monkeypatc
   before = _tree(tmp)
   assert re.search(match, _train_refused(capsys, run, argv))
   assert _tree(tmp) == before and not (tmp / "work").exists() and not (tmp / "data").exists()
+
+
+def test_train_run_refuses_to_start_over_beside_checkpoints(run_dir, capsys, monkeypatch):
+  """--checkpoint_every 0 skipped the restore: a run beside checkpoints trained from step 0 again (and its
+  export would have replaced the trained one). It is refused, naming the way to resume."""
+  from tests import train_run_fixtures as fx
+  from train import backbone, run
+  tmp, corpus = run_dir
+  (tmp / "work" / "checkpoints" / "6").mkdir(parents=True)
+  monkeypatch.setattr(backbone, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
+  argv = fx.command(tmp / "work", corpus, tmp / "data", "--checkpoint_every", "0")[4:]
+  line = _train_refused(capsys, run, argv)
+  assert re.search(r"--checkpoint_every 0 would train from step 0 beside the checkpoints in .*work: leave it out",
+                   line), line
+
+
+def test_train_evaluate_takes_the_platform_flags():
+  """The README: train.evaluate takes train.run's flags; --cpu was refused as unrecognized."""
+  from train import evaluate
+  cfg, args = evaluate.parse_args(["--cpu", "--preset", "tiny", "--adapters", "x"])
+  assert args.cpu and cfg.model == "random-tiny"
 
 
 def test_untrained_export_is_allowed_when_asked(run_dir):

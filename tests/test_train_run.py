@@ -14,7 +14,7 @@ import pytest
 import chunkllm_jax as cj
 from chunkllm_jax import adapter_io
 from tests import train_run_fixtures as fx
-from train import evaluate, run
+from train import evaluate, metrics, run
 
 STEPS = ["--steps", "24", "--checkpoint_every", "4", "--eval_every", "8", "--max_to_keep", "2"]
 
@@ -48,6 +48,8 @@ def test_killed_run_resumes_with_the_same_losses(reference):
   want, got = fx.logged(ref), fx.logged(workdir)
   assert sorted(got) == list(range(1, 25))
   assert got == want  # bitwise: floats are logged as exact reprs
+  rows = [(r["step"], r["split"]) for r in metrics.read_jsonl(workdir / "metrics.jsonl")]
+  assert len(rows) == len(set(rows))  # the steps the killed run logged past its checkpoint are not there twice
   assert sorted(fx.logged(ref, "eval")) == [8, 16, 24]
   assert fx.logged(workdir, "eval") == fx.logged(ref, "eval")
   assert want[24]["loss"] < want[1]["loss"]

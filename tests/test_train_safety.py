@@ -234,6 +234,26 @@ def test_max_to_keep_below_one_is_refused(user_files, capsys, n):
 
 # 4. metrics.jsonl cut by a kill.
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  """A run killed after its checkpoint at step 3 had logged steps 4-5; resumed from 3 it logs them again
+  (the same values), so the writer drops the rows past 3 first. A line that is not a row is kept."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": i, "split": "train", "loss": 3.0 - i / 10} for i in range(1, 6)] + [{"step": 4, "split": "eval"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "spl')
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=False, resume_step=3)
+  w.write(4, "train", {"loss": 2.6})
+  w.close()
+  with pytest.warns(UserWarning, match="skipped a malformed line"):
+    got = metrics.read_jsonl(path)
+  assert [(r["step"], r["split"]) for r in got] == [(1, "train"), (2, "train"), (3, "train"), (4, "train")]
+  assert '{"step": 6, "spl\n' in path.read_text()  # kept as it was, on its own line
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=False, resume_step=4)  # nothing past 4: left as it is
+  w.close()
+  with pytest.warns(UserWarning, match="skipped a malformed line"):
+    assert [(r["step"], r["split"]) for r in metrics.read_jsonl(path)] == [(1, "train"), (2, "train"),
+                                                                          (3, "train"), (4, "train")]
+
+
 def test_metrics_after_a_cut_line_stay_readable(tmp_path):
   path = tmp_path / "metrics.jsonl"
   whole = '{"step": 1, "split": "train", "loss": 2.5}\n'

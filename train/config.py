@@ -114,17 +114,21 @@ def _bool(s: str) -> bool:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-  """One flag per TrainConfig field, defaults left unset so a preset can fill them."""
+  """One flag per TrainConfig field, left unset (absent from the namespace) so a preset can fill them;
+  --help shows the default preset's value of each."""
+  shown = PRESETS["smollm2-135m"]
   for f in dataclasses.fields(TrainConfig):
     t = _field_type(f)
+    value = getattr(shown, f.name)
+    kw = dict(default=argparse.SUPPRESS, help=f"default {value!r} (--preset smollm2-135m; presets set their own)")
     if t == tuple[str, ...]:
-      parser.add_argument(f"--{f.name}", nargs="+", default=None, metavar="PATH")
+      parser.add_argument(f"--{f.name}", nargs="+", metavar="PATH", **kw)
     elif t == tuple[int, ...]:
-      parser.add_argument(f"--{f.name}", nargs="+", type=int, default=None, metavar="LAYER")
+      parser.add_argument(f"--{f.name}", nargs="+", type=int, metavar="LAYER", **kw)
     elif t is bool:
-      parser.add_argument(f"--{f.name}", type=_bool, default=None, metavar="BOOL")
+      parser.add_argument(f"--{f.name}", type=_bool, metavar="BOOL", **kw)
     else:
-      parser.add_argument(f"--{f.name}", type=t, default=None)
+      parser.add_argument(f"--{f.name}", type=t, **kw)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:

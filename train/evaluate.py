@@ -33,6 +33,7 @@ COLUMNS = ("kl", "chunk_recall", "teacher_far_mass", "bce", "boundary_f1")
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
+  run.add_platform_flags(ap)
   ap.add_argument("--preset", default="smollm2-135m", help=f"one of {', '.join(config_lib.PRESETS)}")
   config_lib.add_flags(ap)
   ap.add_argument("--adapters", nargs="+", required=True, help="export dirs or registered names")
@@ -40,6 +41,7 @@ def parse_args(argv=None):
                   help="score under each of these candidate rules (default: --n_local)")
   ap.add_argument("--out", default="", help="also write the rows as JSON here")
   args = ap.parse_args(argv)
+  run.select_platform(args)
   return config_lib.from_args(args), args
 
 

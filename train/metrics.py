@@ -6,6 +6,7 @@ Only process 0 writes. JSONL floats are Python reprs, so two runs can be compare
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,13 +26,18 @@ def mean_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  """`resume_step`: the step a resumed run starts after; the rows a killed run logged past it are dropped
+  (the resumed run logs those steps again, with the same values), so no step is in the file twice."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
     self._enabled = enabled
     self._jsonl = self._tb = None
     if not enabled:
       return
     Path(workdir).mkdir(parents=True, exist_ok=True)
     path = Path(workdir) / "metrics.jsonl"
+    if resume_step is not None and path.exists():
+      _drop_rows_after(path, resume_step)
     cut = _ends_mid_line(path)
     self._jsonl = open(path, "a", encoding="utf-8")
     if cut:  # a kill cut the last row short: keep it on its own line, so the next row stays whole
@@ -87,3 +93,22 @@ def read_jsonl(path, skipped: list[tuple[int, str]] | None = None) -> list[dict[
         continue
       rows.append(row)
   return rows
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+  """Rewrites `path` (whole or not at all) without the rows logged after `step`; a line that is not a row
+  (a row a kill cut short) is kept as it is."""
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+  def after(line: str) -> bool:
+    try:
+      return json.loads(line)["step"] > step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  kept = [line for line in lines if not after(line)]
+  if len(kept) == len(lines):
+    return
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text("".join(kept), encoding="utf-8")
+  os.replace(tmp, path)

@@ -27,10 +27,7 @@ import jax
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  platform = p.add_mutually_exclusive_group()
-  platform.add_argument("--cpu", action="store_true", help="run on the CPU")
-  platform.add_argument("--gpu", action="store_true", help="run on GPUs")
-  platform.add_argument("--tpu", action="store_true", help="run on TPUs (multi-host: jax.distributed)")
+  add_platform_flags(p)
   p.add_argument("--preset", default="smollm2-135m", help="defaults to start from (train/config.py PRESETS)")
   p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
   p.add_argument("--num_processes", type=int)
@@ -41,11 +38,31 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def setup_platform(args: argparse.Namespace) -> None:
-  """Selects the platform and joins the process group; must run before any computation."""
+def add_platform_flags(p: argparse.ArgumentParser) -> None:
+  platform = p.add_mutually_exclusive_group()
+  platform.add_argument("--cpu", action="store_true", help="run on the CPU")
+  platform.add_argument("--gpu", action="store_true", help="run on GPUs")
+  platform.add_argument("--tpu", action="store_true", help="run on TPUs (multi-host: jax.distributed)")
+
+
+def select_platform(args: argparse.Namespace) -> str | None:
+  """--cpu / --gpu / --tpu (None: jax's own choice); must run before any computation."""
   platform = "tpu" if args.tpu else "cuda" if args.gpu else "cpu" if args.cpu else None
   if platform:
     jax.config.update("jax_platforms", platform)
+  return platform
+
+
+def setup_platform(args: argparse.Namespace) -> None:
+  """Selects the platform and joins the process group; must run before any computation."""
+  given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is not None]
+  if given and len(given) < 3:
+    raise FlagError(f"--{', --'.join(given)}: a process group needs --coordinator HOST:PORT, --num_processes N and "
+                    "--process_id I together")
+  if given and not 0 <= args.process_id < args.num_processes:
+    raise FlagError(f"--process_id {args.process_id} is not one of the --num_processes {args.num_processes} "
+                    f"(0 to {args.num_processes - 1})")
+  platform = select_platform(args)
   if args.coordinator or args.num_processes:
     if platform in (None, "cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU collectives
@@ -64,7 +81,7 @@ class FlagError(ValueError):
 SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "seed", "steps", "lr",
             "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm", "d_c", "kl_weight", "n_sink",
             "n_local", "max_chunk_len", "max_chunks", "recall_k", "teacher", "score_queries", "retrieval_mix",
-            "max_sequences", "student_queries")
+            "max_sequences", "student_queries", "selection_layers")
 DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
 
 
@@ -81,8 +98,13 @@ def check_flags(cfg) -> None:
   if cfg.max_to_keep < 1:
     raise FlagError(f"--max_to_keep {cfg.max_to_keep} would delete each checkpoint as soon as it is written; "
                     "give 1 or more")
+  _check_writable("--workdir", Path(cfg.workdir))  # before --data_dir, which is in it by default
   check_common_flags(cfg)
-  _check_writable("--workdir", Path(cfg.workdir))
+  if not cfg.checkpoint_every and _has_checkpoints(cfg):
+    raise FlagError(f"--checkpoint_every 0 would train from step 0 beside the checkpoints in {cfg.workdir}: leave "
+                    "it out to resume from them, or give another --workdir")
+  if cfg.max_sequences and cfg.max_sequences < cfg.batch_size:
+    raise FlagError(f"--max_sequences {cfg.max_sequences} is fewer than one batch (--batch_size {cfg.batch_size})")
   if uses_cache(cfg):
     _check_writable("--cache_dir", cache_dir(cfg))
   if cfg.export:
@@ -90,6 +112,18 @@ def check_flags(cfg) -> None:
       raise FlagError(f"--steps 0 --export {cfg.export} would export untrained (random) adapters: give --steps "
                       "1 or more, or --allow_untrained_export true if that is what you want")
     check_export_path(cfg)
+  import chunkllm_jax as cj
+
+  try:  # the devices are known once the platform is set
+    cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
+  except ValueError as e:
+    raise FlagError(f"--mesh_data {cfg.mesh_data} / --mesh_model {cfg.mesh_model}: {e}") from None
+
+
+def _has_checkpoints(cfg) -> bool:
+  from train.checkpoint import has_checkpoints
+
+  return has_checkpoints(Path(cfg.workdir) / "checkpoints")
 
 
 def check_common_flags(cfg) -> None:
@@ -104,6 +138,9 @@ def check_common_flags(cfg) -> None:
 
   if cfg.teacher not in TEACHERS:
     raise FlagError(f"--teacher {cfg.teacher} is not a teacher target: give one of {', '.join(TEACHERS)}")
+  if cfg.score_queries > cfg.seq_len or cfg.student_queries > cfg.seq_len:
+    raise FlagError(f"--score_queries {cfg.score_queries} / --student_queries {cfg.student_queries}: a sequence "
+                    f"has {cfg.seq_len} tokens (--seq_len); give at most that many")
   if cfg.student_queries > 1 and cfg.teacher == "token_mean":
     raise FlagError(f"--student_queries {cfg.student_queries} scores the selection rows: give --teacher head_max "
                     "or head_mean, or --student_queries 1 with token_mean (every token scores alone)")
@@ -167,11 +204,24 @@ def check_model_flag(cfg) -> None:
   from chunkllm_jax import weights
   from train.backbone import RANDOM_TINY
 
+  if cfg.tokenizer:
+    try:
+      weights.tokenizer_source(cfg.tokenizer)
+    except FileNotFoundError as e:
+      raise FlagError(f"--tokenizer: {e}") from None
   if cfg.model == RANDOM_TINY:
     if not cfg.tokenizer:
       raise FlagError(f"--model {RANDOM_TINY} needs --tokenizer (e.g. smollm2-135m)")
     return
-  weights.load_config(cfg.model)
+  check_selection_layers(cfg, weights.load_config(cfg.model))
+
+
+def check_selection_layers(cfg, model_config) -> None:
+  full = model_config.full_attention_layers
+  bad = [i for i in cfg.selection_layers or () if i not in full]
+  if bad:
+    raise FlagError(f"--selection_layers {bad} are out of range or not full-attention layers of {cfg.model}; "
+                    f"choose among {full}")
 
 
 def check_export_path(cfg) -> None:
@@ -187,7 +237,8 @@ def check_export_path(cfg) -> None:
   for p in kept + [Path(cfg.data_dir or workdir / "data").resolve(), cache_dir(cfg).resolve()]:
     if export == p or p in export.parents or export in p.parents:
       raise adapter_io.ExportTargetError(f"--export {cfg.export} would replace {p}, which the run keeps: {fix}")
-  adapter_io.check_export_target(export, overwrite=True)
+  adapter_io.check_export_target(Path(cfg.export), overwrite=True)  # as given: a link is refused, as at the end
+  _check_writable("--export", Path(cfg.export).absolute().parent)  # the export is written beside it, then moved
 
 
 def run_settings(cfg, backbone_fingerprint: str) -> dict:
@@ -202,7 +253,8 @@ def run_settings(cfg, backbone_fingerprint: str) -> dict:
       for block in iter(lambda: fh.read(1 << 20), b""):
         one.update(block)
     h.update(one.digest())
-  return dict({k: getattr(cfg, k) for k in SETTINGS}, data_sha256=h.hexdigest()[:16],
+  listed = lambda v: list(v) if isinstance(v, tuple) else v  # as JSON gives it back from the file
+  return dict({k: listed(getattr(cfg, k)) for k in SETTINGS}, data_sha256=h.hexdigest()[:16],
               data=list(cfg.data) or f"tfds:{cfg.tfds_name}", backbone_fingerprint=backbone_fingerprint,
               model=cfg.model)
 
@@ -229,10 +281,7 @@ def train(cfg) -> dict[str, float]:
     print(f"{workdir} has checkpoints but no {checkpoint.SETTINGS_FILE} (they predate it): recording this "
           "run's settings there once it has resumed", file=sys.stderr)
   layers = cfg.selection_layers or None  # None: every full-attention layer, chosen at inference
-  bad = [i for i in layers or () if i not in bb.config.full_attention_layers]
-  if bad:  # before the data is built
-    raise FlagError(f"--selection_layers {bad} are out of range or not full-attention layers of {cfg.model}; "
-                    f"choose among {bb.config.full_attention_layers}")
+  check_selection_layers(cfg, bb.config)  # again for a random backbone, whose config is made with its weights
   acfg = cj.AdapterConfig(d_c=cfg.d_c, qk_layers=layers, selection_layers=layers,
                           score_queries=cfg.student_queries).resolve(bb.config)
   loss_config = loss_config_of(cfg)
@@ -300,14 +349,14 @@ def train(cfg) -> dict[str, float]:
 
   if recorded != "same" and pi == 0:
     checkpoint.write_settings(workdir, settings)  # only now: a refused or failed start records nothing
-  writer = metrics_lib.MetricWriter(str(workdir), enabled=pi == 0)
+  writer = metrics_lib.MetricWriter(str(workdir), enabled=pi == 0, resume_step=start)
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or pi != 0,
              desc="train", dynamic_ncols=True)
   last = {}
   try:
     for i in bar:
+      t0 = time.perf_counter()  # the batch included: with the teacher cache its first read is the frozen pass
       batch = to_global(next(train_it))
-      t0 = time.perf_counter()
       state, m = train_fn(state, params, batch)
       last = metrics_lib.to_floats(m)  # waits for the step
       dt = time.perf_counter() - t0
@@ -389,7 +438,7 @@ def user_errors() -> tuple[type[Exception], ...]:
   from train.tfds_builder import DataError
 
   return (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, ConfigError, CacheError,
-          FileNotFoundError, FileExistsError)
+          OSError)  # FileNotFoundError, FileExistsError, a folder that cannot be written
 
 
 def report(e: Exception) -> int:
@@ -399,14 +448,17 @@ def report(e: Exception) -> int:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  setup_platform(args)
   from train import config
 
-  cfg = config.from_args(args)
   try:
+    setup_platform(args)
+    cfg = config.from_args(args)
     train(cfg)
   except user_errors() as e:
     return report(e)
+  except KeyboardInterrupt:
+    print("interrupted: the same command resumes from the last checkpoint", file=sys.stderr)
+    return 130
   return 0
 
 
