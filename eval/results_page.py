@@ -185,13 +185,15 @@ MEASUREMENTS = (
                      "the sinks, local and open chunk), the rest goes by score. " + COPIED.format("first sections")),
     Measurement("niah_smollm2_8k_defaults", "NIAH, smollm2-135m: 10 passkeys at 8K tokens, today's defaults",
                 "eval_defaults_smollm2_8k", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_8K} --methods vanilla hybrid streamingllm sepllm "
-                 "fixllm --retention 0.5 0.25 --selection kv_head --out docs/eval_defaults_smollm2_8k",),
+                (f"python -m eval.run --model smollm2-135m {NIAH_8K} --past_context --methods vanilla hybrid "
+                 "streamingllm sepllm fixllm --retention 0.5 0.25 --selection kv_head --out docs/eval_defaults_smollm2_8k",),
                 others="eval_hybrid_8k",
                 variant="today's defaults (each KV head choosing at every step from low-rank keys and the angle of "
                         "the rest from a 128-bit sketch; no flag needed)",
                 note="10 single-key needles (depths 0.1-0.9 x 2 seeds) in the evaluation's share of Brown, at the "
-                     "model's whole trained context (8192 tokens, and the 32 answer tokens past it). ChunkLLM with "
+                     "model's whole trained context (8192 tokens, and the 32 answer tokens past it: `--past_context`, "
+                     "which eval.run asks for since 5 December 2026; the 8K smollm2 commands of the sections below "
+                     "ran before it did). ChunkLLM with "
                      "today's defaults (no flag changes them); vanilla and the baselines run in the same folder. "
                      "The QK Adapters' first training alone (`chunkllm`) is read from an earlier run of the same "
                      "needles (eval_hybrid_8k/)."),

@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--page_len", type=int, default=None,
                  help="hybrid / oracle: select fixed pages of this many tokens instead of the Chunk Adapter's "
                       "chunks (ChunkConfig boundaries='fixed', max_chunk_len; default: the chunks)")
+  p.add_argument("--past_context", action="store_true",
+                 help="run prompts past the model's trained context on purpose (refused otherwise): the figures "
+                      "then measure the model beyond its positions, every method alike")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
@@ -442,30 +445,38 @@ class Runner:
           bar.update()
 
 
+PAST_CONTEXT = "; give --past_context to run past it on purpose"
+
+
 def _check_context(args, max_position: int) -> None:
   """The lengths asked for against the model's context, before it loads: the runs give `max_len` (the
   library's way to run past the context on purpose), so nothing else would stop them."""
+  if args.past_context:
+    return
   if "niah" in args.suites and max(args.niah_lengths) + args.niah_max_new > max_position:
     raise UsageError(f"--niah_lengths {max(args.niah_lengths)} and --niah_max_new {args.niah_max_new} do not fit "
-                     f"{args.model}'s {max_position} positions")
+                     f"{args.model}'s {max_position} positions{PAST_CONTEXT}")
   if "ppl" in args.suites and args.ppl_tokens > max_position:
-    raise UsageError(f"--ppl_tokens {args.ppl_tokens} does not fit {args.model}'s {max_position} positions")
+    raise UsageError(f"--ppl_tokens {args.ppl_tokens} does not fit {args.model}'s {max_position} positions"
+                     f"{PAST_CONTEXT}")
   if "longbench" in args.suites and args.tasks and args.max_prompt_tokens is not None:
     longest = max(longbench.get_task(t).max_new_tokens for t in args.tasks)
     if args.max_prompt_tokens + longest > max_position:
       raise UsageError(f"--max_prompt_tokens {args.max_prompt_tokens} and the tasks' {longest} new tokens do not "
-                       f"fit {args.model}'s {max_position} positions")
+                       f"fit {args.model}'s {max_position} positions{PAST_CONTEXT}")
 
 
 def _check_prompts_fit(args, gen, max_position: int) -> None:
   """Each suite's longest prompt as tokenized (a haystack comes out a few percent longer than its nominal
   length), before anything generates."""
+  if args.past_context:
+    return
   for task, examples, max_new, _ in gen:
     longest = max((len(e.prompt) for e in examples), default=0)
     if longest + max_new > max_position:
       flag = "--niah_lengths" if task.startswith("niah_") else "--max_prompt_tokens" if task in args.tasks else None
       raise UsageError(f"{task}: a prompt of {longest} tokens and {max_new} new tokens do not fit {args.model}'s "
-                       f"{max_position} positions" + (f"; give a smaller {flag}" if flag else ""))
+                       f"{max_position} positions" + (f"; give a smaller {flag}" if flag else "") + PAST_CONTEXT)
 
 
 def _count_pending(runner: Runner, task: str, ids, retentions, methods) -> int:

@@ -623,7 +623,8 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--max_examples", "0"], r"--max_examples 0 is too small: give 1 or more"),  # not "unset": all of them
     (["--quick", "--max_prompt_tokens", "0"], r"--max_prompt_tokens 0 is too small"),
     # past the model's context (smollm2-135m's 8192), which the runs' max_len would not stop
-    (["--niah_lengths", "8180"], r"--niah_lengths 8180 and --niah_max_new 32 do not fit smollm2-135m's 8192"),
+    (["--niah_lengths", "8180"], r"--niah_lengths 8180 and --niah_max_new 32 do not fit smollm2-135m's 8192 "
+                                 r"positions; give --past_context to run past it on purpose"),
     (["--ppl_tokens", "9000"], r"--ppl_tokens 9000 does not fit smollm2-135m's 8192 positions"),
     (["--max_prompt_tokens", "8180"], r"--max_prompt_tokens 8180 and the tasks' 32 new tokens do not fit"),
 ])
@@ -676,6 +677,9 @@ def test_eval_run_refuses_a_tokenized_prompt_past_the_context():
     eval_run._check_prompts_fit(args, [("niah_single", [ex(100), ex(481)], 32, [0.5])], 512)
   with pytest.raises(eval_run.UsageError, match=r"give a smaller --max_prompt_tokens"):
     eval_run._check_prompts_fit(args, [("mini_kv_qa", [ex(500)], 32, [0.5])], 512)
+  args = eval_run._parser().parse_args(["--model", "m", "--past_context"])  # on purpose: let through
+  eval_run._check_prompts_fit(args, [("niah_single", [ex(9000)], 32, [0.5])], 512)
+  eval_run._check_context(eval_run._resolve(args), 512)
 
 
 def test_eval_run_records_its_settings_only_after_the_adapters_load(tmp_path, monkeypatch):
