@@ -100,7 +100,9 @@ def check_flags(cfg) -> None:
                     "give 1 or more")
   _check_writable("--workdir", Path(cfg.workdir))  # before --data_dir, which is in it by default
   check_common_flags(cfg)
-  if not cfg.checkpoint_every and _has_checkpoints(cfg):
+  from train.checkpoint import has_checkpoints
+
+  if not cfg.checkpoint_every and has_checkpoints(Path(cfg.workdir) / "checkpoints"):
     raise FlagError(f"--checkpoint_every 0 would train from step 0 beside the checkpoints in {cfg.workdir}: leave "
                     "it out to resume from them, or give another --workdir")
   if cfg.max_sequences and cfg.max_sequences < cfg.batch_size:
@@ -118,12 +120,6 @@ def check_flags(cfg) -> None:
     cj.make_mesh(data=cfg.mesh_data or None, model=cfg.mesh_model)
   except ValueError as e:
     raise FlagError(f"--mesh_data {cfg.mesh_data} / --mesh_model {cfg.mesh_model}: {e}") from None
-
-
-def _has_checkpoints(cfg) -> bool:
-  from train.checkpoint import has_checkpoints
-
-  return has_checkpoints(Path(cfg.workdir) / "checkpoints")
 
 
 def check_common_flags(cfg) -> None:
