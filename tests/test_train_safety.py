@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import jax
@@ -252,6 +253,42 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
   with pytest.warns(UserWarning, match="skipped a malformed line"):
     assert [(r["step"], r["split"]) for r in metrics.read_jsonl(path)] == [(1, "train"), (2, "train"),
                                                                           (3, "train"), (4, "train")]
+
+
+def _tensorboard_events(folder):
+  """(file, step, kind) of every event in the folder's event files, in file order ('purge' marks where
+  TensorBoard drops the earlier files' events from that step on)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  for f in sorted(folder.glob("events.out.tfevents.*")):
+    data, at = f.read_bytes(), 0
+    while at < len(data):  # TFRecord: length (8 bytes), its crc (4), the record, its crc (4)
+      n = int.from_bytes(data[at:at + 8], "little")
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+      at += 16 + n
+      if event.HasField("session_log"):
+        out.append((f.name, event.step, "purge"))
+      elif event.HasField("summary"):
+        out.append((f.name, event.step, event.summary.value[0].tag))
+  return out
+
+
+def test_a_resumed_run_purges_its_tensorboard_steps_past_the_checkpoint(tmp_path):
+  """TensorBoard's files are append-only: the resumed run marks the step it starts at, so the killed run's
+  steps past its checkpoint are not drawn twice."""
+  w = metrics.MetricWriter(str(tmp_path), resume_step=0)
+  for step in range(1, 6):
+    w.write(step, "train", {"loss": 3.0 - step / 10})
+  w.close()
+  time.sleep(1.1)  # event files are named by the second they were opened in
+  w = metrics.MetricWriter(str(tmp_path), resume_step=3)
+  w.write(4, "train", {"loss": 2.6})
+  w.close()
+  events = _tensorboard_events(tmp_path / "tensorboard")
+  files = sorted({f for f, _, _ in events})
+  assert len(files) == 2
+  assert [(s, k) for f, s, k in events if f == files[1]] == [(4, "purge"), (4, "train/loss")]
+  assert [s for f, s, k in events if f == files[0] and k == "train/loss"] == [1, 2, 3, 4, 5]
 
 
 def test_metrics_after_a_cut_line_stay_readable(tmp_path):

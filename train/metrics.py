@@ -46,7 +46,10 @@ class MetricWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter  # light: no TensorFlow
 
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      # TensorBoard hides the killed run's events from the resumed step on (its event files are append-only),
+      # as the JSONL rows past it are dropped above.
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self._enabled:
