@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
   p.add_argument("--quick", action="store_true",
-                 help="a tiny smoke run: vanilla and chunkllm (unless --methods), retention 0.5, one 192-token "
+                 help="a tiny smoke run: vanilla and hybrid (chunk_generate's defaults; unless --methods), retention 0.5, one 192-token "
                       "needle, a 96-token perplexity text, two short-text items; LongBench only with --tasks "
                       "(then one example cut to 256 tokens)")
   return p
@@ -148,7 +148,7 @@ def _resolve(args) -> argparse.Namespace:
   """Fills the defaults that depend on --quick, and checks the flags."""
   q = args.quick
   if args.methods == ["all"]:
-    args.methods = ["vanilla", "chunkllm"] if q else list(M.METHODS)
+    args.methods = ["vanilla", "hybrid"] if q else list(M.METHODS)  # quick: the library's defaults
   bad = sorted(set(args.methods) - set(M.METHODS))
   if bad:
     raise UsageError(f"unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")

@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   summary = json.loads((out / "summary.json").read_text())
   assert set(summary["tasks"]) == {"niah_single", "niah_multivalue", "mini_kv_qa", "short_text", "perplexity"}
   short = {r["method"]: r for r in summary["tasks"]["short_text"]}
-  assert short["chunkllm"]["identical_to_vanilla"] == 1.0 and short["chunkllm"]["retention"] == "default"
+  assert short["hybrid"]["identical_to_vanilla"] == 1.0 and short["chunkllm"]["retention"] == "default"
   avg = {(r["method"], r["retention"]): r for r in summary["long_context"]}
   assert avg[("chunkllm", "0.5")]["pct_of_vanilla"] == pytest.approx(100.0)
   assert avg[("chunkllm", "0.25")]["kv_retention"] == pytest.approx(0.25)
@@ -167,16 +167,16 @@ def test_quick_run_on_the_real_model(smollm2, tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert set(summary["tasks"]) == {"niah_single", "short_text", "perplexity"}
   short = {r["method"]: r for r in summary["tasks"]["short_text"]}
-  assert short["chunkllm"]["identical_to_vanilla"] == 1.0  # short prompts fit the budget: nothing dropped
+  assert short["hybrid"]["identical_to_vanilla"] == 1.0  # short prompts fit the budget: nothing dropped
   for task, rows in summary["tasks"].items():
     if task != "short_text":
-      (chunk,) = [r for r in rows if r["method"] == "chunkllm"]
+      (chunk,) = [r for r in rows if r["method"] == "hybrid"]
       # the budget is met unless the sinks, local and open chunks alone exceed it, as on the quick
       # perplexity text (two chunks); the expected KV says so
       assert chunk["kv_retention"] == pytest.approx(chunk["expected_retention"], abs=0.1)
-  (niah_chunk,) = [r for r in summary["tasks"]["niah_single"] if r["method"] == "chunkllm"]
+  (niah_chunk,) = [r for r in summary["tasks"]["niah_single"] if r["method"] == "hybrid"]
   assert 0.3 < niah_chunk["kv_retention"] < 0.6
-  assert (out / "niah_chunkllm.png").exists() and (out / "perplexity.png").exists()
+  assert (out / "niah_hybrid.png").exists() and (out / "perplexity.png").exists()
 
 
 def test_the_filler_text_is_fingerprinted_by_contents_not_path(tmp_path):
