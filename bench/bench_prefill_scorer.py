@@ -2,11 +2,11 @@
 
   python bench/bench_prefill_scorer.py --context 4096 --repeats 3
 
-Vanilla `generate`, the default `chunk_generate` (the prompt scored by the frozen attention of the
-selection layers, then dense prefill; decode by the QK Adapters), the same with the chunk-sparse
-prefill, and the adapters-only rule (`prefill_scorer="adapter"`, sparse prefill), at a 25% KV
-budget, timed in turn in one process (JAX compile excluded; medians). Writes
-bench/RESULTS_prefill_scorer.md.
+Vanilla `generate`, `chunk_generate` with the default prompt scorer (the prompt scored by the frozen
+attention of the selection layers, then dense prefill) and the shared rule's decode (`selection="shared"`:
+one selection at each boundary, by the QK Adapters), the same with the chunk-sparse prefill, and the
+adapters-only rule (`prefill_scorer="adapter"`, sparse prefill), at a 25% KV budget, timed in turn in
+one process (JAX compile excluded; medians). Writes bench/RESULTS_prefill_scorer.md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def main():
   ids = encode_prompt(model.tokenizer, text)
   # max_len on purpose: a speed run may go past the trained context (smollm2's 8192 positions)
   max_len = len(ids) + 12
-  chunk = dict(max_new_tokens=12, scorer="adapter", kv_budget=args.budget, max_len=max_len)
+  # The shared rule, named: its selections are what the prompt's scorer makes (the per-head rule, the library's
+  # default since e012c1c, chooses at each decode step from the cache and runs no QK Adapter there).
+  chunk = dict(max_new_tokens=12, selection="shared", scorer="adapter", kv_budget=args.budget, max_len=max_len)
   runs = {
       "vanilla": lambda: cj.generate(params, [ids], max_new_tokens=12, max_len=max_len),
       "default (prompt by attention, dense prefill)": lambda: cj.chunk_generate(params, [ids], **chunk),
