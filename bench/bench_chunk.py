@@ -1,6 +1,6 @@
 """ChunkLLM vs dense on the CPU: decode tokens/s, K/V bytes per decode step, prefill time.
 
-  python bench/bench_chunk.py --lengths 4096 16384 32768 65536
+  python bench/bench_chunk.py --selection shared --lengths 4096 16384 32768 65536
 
 Synthetic weights of smollm2-135m's shape (float32) and fresh adapters; speed does not depend on
 the weights. Decode does not run a real prefill (dense prefill at 64K would take about an hour
@@ -15,7 +15,8 @@ re-compact). ChunkLLM's per-token time is amortised: plain * 29/30 + boundary / 
 Both steps are jitted once with the buffers donated (in place, as in the generate loops); compile
 is excluded. Prefill: `chunk_generate.chunk_prefill` (whatever it is now; `prefill="sparse"` is
 passed when ChunkConfig has that field) against `kv_cache.prefill`, interleaved, medians.
-Writes bench/RESULTS_chunk.md, bench/RESULTS_chunk.json and bench/chunk_speed.png.
+Writes bench/RESULTS_chunk.md, bench/RESULTS_chunk.json and bench/chunk_speed.png: the shared rule's page, so
+another rule (the library's default included) needs its own --out.
 """
 
 from __future__ import annotations
@@ -453,7 +454,7 @@ def plot(decode_rows, prefill_rows, path):
   fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
   ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25], help="target KV retention rates")
@@ -481,7 +482,7 @@ def main():
   ap.add_argument("--head_refresh", type=int, default=None, help="ChunkConfig.head_refresh, with --selection kv_head")
   ap.add_argument("--attention", default=None, choices=["xla", "pallas"],
                   help="ChunkConfig.attention: 'pallas' runs the kernels where they compile (GPU, TPU)")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
   if args.render:
@@ -491,7 +492,13 @@ def main():
     plot(res["decode"], res["prefill"], png)
     print("\n".join(lines))
     return
-  command = "python bench/bench_chunk.py " + " ".join(sys.argv[1:])
+  # bench/RESULTS_chunk.md is the shared rule's page (regenerate.py's `chunk` step, read by summary.py under that
+  # rule's name); since the per-head rule became the library's default, a run without --selection measures that.
+  rule = args.selection or getattr(ChunkConfig, "selection", "shared")  # (older code, from a worktree: shared)
+  if out.resolve() == HERE / "RESULTS_chunk.md" and rule != "shared" and args.lengths and not args.decode_from_json:
+    ap.error(f"bench/RESULTS_chunk.md is the shared rule's page, and this run's decode rule is {rule!r}: add "
+             "--selection shared, or give this rule's page as --out")
+  command = "python bench/bench_chunk.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
   rates = None
   if not args.decode_from_json:  # the floor the decode steps are measured against, on this machine now

@@ -1,0 +1,30 @@
+"""bench/bench_chunk.py: bench/RESULTS_chunk.md is the shared rule's page (regenerate.py's `chunk` step, read by
+summary.py under that rule's name), so a run that would set another rule's decode there is refused before it
+measures; the shared rule, or another page, runs."""
+
+import pytest
+
+
+class _Measuring(Exception):
+  """Raised where the benchmark would start measuring (the machine's bandwidth comes first)."""
+
+
+def _stop():
+  raise _Measuring
+
+
+@pytest.mark.parametrize("flags, runs", [([], False), (["--selection", "kv_head"], False),
+                                         (["--selection", "shared"], True), (["--out", "{tmp}/mine.md"], True)])
+def test_the_shared_rules_page_takes_the_shared_rule_alone(bench_script, capsys, monkeypatch, tmp_path, flags, runs):
+  bench = bench_script("bench_chunk")
+  monkeypatch.setattr(bench, "machine_rates", _stop)
+  page = bench.HERE / "RESULTS_chunk.md"
+  before = page.read_text()
+  argv = ["--lengths", "64", "--rounds", "1", "--prefill-lengths"] + [f.format(tmp=tmp_path) for f in flags]
+  with pytest.raises(_Measuring if runs else SystemExit) as e:
+    bench.main(argv)
+  if not runs:
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "RESULTS_chunk.md is the shared rule's page" in err and "add --selection shared" in err, err
+  assert page.read_text() == before
