@@ -70,14 +70,19 @@ def bench_torch(model, ids, new_tokens, repeats):
   return statistics.median(prefill), statistics.median(decode), toks
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--model", default="smollm2-135m")
   ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=str(HERE / "RESULTS_generate.md"))
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
+  # Refused before either model loads: a decode speed needs a step after the first new token (with one, torch's
+  # side timed no step and the ratio divided by zero at the end of the run), a median at least one run.
+  if min(args.lengths) < 1 or args.new_tokens < 2 or args.repeats < 1:
+    ap.error(f"--lengths must be >= 1, --new-tokens >= 2 and --repeats >= 1; got {args.lengths}, {args.new_tokens}, "
+             f"{args.repeats}")
 
   import torch
   from transformers import AutoModelForCausalLM
