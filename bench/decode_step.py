@@ -55,7 +55,12 @@ def main(argv=None):
                   help="buffer_len:context pairs")
   ap.add_argument("--out", default=str(HERE / "RESULTS_decode_step.md"))
   args = ap.parse_args(argv)
-  cases = [tuple(map(int, c.split(":"))) for c in args.cases]
+  try:
+    cases = [tuple(map(int, c.split(":"))) for c in args.cases]
+  except ValueError:
+    cases = None
+  if cases is None or any(len(c) != 2 for c in cases):  # one error line, not a traceback
+    ap.error(f"--cases takes buffer_len:context pairs of whole numbers, such as 2048:1000; got {' '.join(args.cases)}")
   for buffer_len, context in cases:
     if not 0 < context < buffer_len:
       ap.error(f"context {context} must lie inside the buffer ({buffer_len})")

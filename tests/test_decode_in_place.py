@@ -66,8 +66,9 @@ def test_bench_decode_step_times_a_step_and_refuses_a_context_outside_the_buffer
   bench = bench_script("decode_step")
   params = chunk_params("gemma3").replace(adapters=None)
   assert bench.step_ms(params, buffer_len=256, context=100, rounds=1, steps=2) > 0
-  with pytest.raises(SystemExit):
-    bench.main(["--models", "smollm2-135m", "--cases", "256:300"])
+  for cases in (["256:300"], ["256"], ["256:100:1"], ["abc:1"]):  # each refused with one error line, no traceback
+    with pytest.raises(SystemExit):
+      bench.main(["--models", "smollm2-135m", "--cases", *cases])
 
 
 _FREED_BLOCKS = """
