@@ -284,8 +284,9 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
     return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="adapter", **own_rule, **chosen)
   if method == "oracle":
     return ChunkConfig(n_sink=S, scorer="attention", **shape, **chosen)
-  if method == "hybrid":  # chunk_generate's default: the QK Adapters in decode, the frozen attention for
-    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **shape, **chosen)  # the prompt
+  if method == "hybrid":  # chunk_generate's default: decode by `selection` (under "shared", the QK Adapters',
+    #                        with the prompt scored by the frozen attention)
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **shape, **chosen)
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",
