@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 import results_md  # noqa: E402
 SHAPE = dict(n_kv_heads=3, head_dim=64, itemsize=2)  # smollm2-135m, bfloat16
 N_SINK, N_LOCAL, WORK_BLOCK = 4, 4, 128
+CONTEXTS = (8192, 32768, 131072)
 
 
 def sentence_lengths(text: str, tokenizer, max_chunk_len: int = 64) -> np.ndarray:
@@ -70,18 +71,25 @@ def one_case(lengths, context: int, retention: float, rng):
   return row
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--text", required=True, help="English text to segment (e.g. the Brown corpus)")
   ap.add_argument("--chars", type=int, default=2_000_000, help="characters of the text to use")
   ap.add_argument("--out", default=str(HERE / "RESULTS_bytes.md"))
-  args = ap.parse_args()
-  text = pathlib.Path(args.text).read_text(encoding="utf-8")[: args.chars]
+  args = ap.parse_args(argv)
+  if not pathlib.Path(args.text).is_file():
+    ap.error(f"--text {args.text} is not a file")
+  text = pathlib.Path(args.text).read_text(encoding="utf-8")[: max(args.chars, 0)]
   tok = weights.load_tokenizer((str(registry.resolve("smollm2-135m").parent), registry.resolve("smollm2-135m").name))
   lengths = sentence_lengths(text, tok)
+  # Each case starts at a random sentence of the first half and fills its context from there: the second half
+  # alone must hold the longest context, or the case would stop short of it and report another retention.
+  if len(lengths) < 2 or lengths[len(lengths) // 2:].sum() < max(CONTEXTS):
+    ap.error(f"--text / --chars give {int(lengths.sum())} tokens of sentences; the {max(CONTEXTS)}-token case needs "
+             f"that many in the text's second half: give more --chars or a longer text")
   rng = np.random.default_rng(0)
   rows = [one_case(lengths[rng.integers(0, len(lengths) // 2):], ctx, r, rng)
-          for ctx in (8192, 32768, 131072) for r in (0.5, 0.25, 0.125)]
+          for ctx in CONTEXTS for r in (0.5, 0.25, 0.125)]
   mb = lambda x: f"{x / 2**20:.2f}"
   lines = results_md.header(
       "Bytes read per decode step: in place by blocks vs compaction",

@@ -483,8 +483,18 @@ def main(argv=None):
   ap.add_argument("--attention", default=None, choices=["xla", "pallas"],
                   help="ChunkConfig.attention: 'pallas' runs the kernels where they compile (GPU, TPU)")
   args = ap.parse_args(argv)
+  # One error line before anything is measured (a count of 0 recorded a failed row; a ratio past 1 was measured).
+  counts = dict(lengths=min(args.lengths, default=1), rounds=args.rounds, prefill_lengths=min(args.prefill_lengths,
+                default=1), prefill_repeats=args.prefill_repeats)
+  if min(counts.values()) < 1:
+    ap.error("--lengths, --rounds, --prefill-lengths and --prefill-repeats must be >= 1; got "
+             + ", ".join(f"{k} {v}" for k, v in counts.items()))
+  if not all(0 < r <= 1 for r in [*args.ratios, args.prefill_ratio]):
+    ap.error(f"--ratios and --prefill-ratio are KV retention targets in (0, 1]; got {args.ratios}, {args.prefill_ratio}")
   out = pathlib.Path(args.out)
   png = out.with_name("chunk_speed.png") if out.name == "RESULTS_chunk.md" else out.with_suffix(".png")
+  if args.render and not out.with_suffix(".json").is_file():
+    ap.error(f"--render rewrites {out} from its .json, and {out.with_suffix('.json')} does not exist")
   if args.render:
     res = json.loads(pathlib.Path(args.out).with_suffix(".json").read_text())
     cmd = res["command"] if res["command"].startswith("python") else "python " + res["command"]

@@ -90,16 +90,24 @@ def program(blocks, context: int):
   return jax.jit(run)
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
   ap.add_argument("--blocks", nargs="+", default=["batched:256", "256", "1024,256", "2048,256", "4096,256"],
                   help="candidates: block sizes, comma-separated, largest first; batched:N the loop before; "
                        "headmajor:N a [L, B, K, S, D] buffer")
   ap.add_argument("--rounds", type=int, default=7)
-  args = ap.parse_args()
-  args.blocks = [(c.split(":")[0], int(c.split(":")[1])) if ":" in c else tuple(int(b) for b in c.split(","))
-                 for c in args.blocks]
+  args = ap.parse_args(argv)
+  try:
+    args.blocks = [(c.split(":")[0], int(c.split(":")[1])) if ":" in c else tuple(int(b) for b in c.split(","))
+                   for c in args.blocks]
+  except ValueError:
+    ap.error(f"--blocks takes block sizes (2048,256), batched:N or headmajor:N; got {' '.join(args.blocks)}")
+  if any(b[0] not in ("batched", "headmajor") for b in args.blocks if isinstance(b[0], str)) or \
+      min(n for b in args.blocks for n in b if isinstance(n, int)) < 1:
+    ap.error(f"--blocks takes positive block sizes (2048,256), batched:N or headmajor:N; got {args.blocks}")
+  if min(args.contexts) < 1 or args.rounds < 1:
+    ap.error(f"--contexts and --rounds must be >= 1; got {args.contexts}, {args.rounds}")
   name = lambda b: f"{b[0]} {b[1]}" if isinstance(b[0], str) else ",".join(map(str, b))
   print(f"| context | blocks | ms per step (30 layers) | K/V GiB/s | vs {name(args.blocks[0])} |")
   print("|---:|---:|---:|---:|---:|")

@@ -1,0 +1,42 @@
+"""The benchmark scripts refuse arguments they cannot measure with one error line (exit 2), before they
+measure or write anything (they ended in tracebacks, or measured and recorded nonsense)."""
+
+import pytest
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_chunk", ["--rounds", "0"], "--prefill-repeats must be >= 1"),
+    ("bench_chunk", ["--lengths", "0"], "--prefill-repeats must be >= 1"),
+    ("bench_chunk", ["--ratios", "1.5"], "--ratios and --prefill-ratio are KV retention targets in (0, 1]"),
+    ("bench_chunk", ["--prefill-ratio", "0"], "--ratios and --prefill-ratio are KV retention targets in (0, 1]"),
+    ("bench_chunk", ["--render"], "--render rewrites"),
+    ("decode_block", ["--blocks", "abc"], "--blocks takes block sizes"),
+    ("decode_block", ["--blocks", "sideways:256"], "--blocks takes positive block sizes"),
+    ("decode_block", ["--blocks", "256,0"], "--blocks takes positive block sizes"),
+    ("decode_block", ["--contexts", "0"], "--contexts and --rounds must be >= 1"),
+    ("decode_block", ["--rounds", "0"], "--contexts and --rounds must be >= 1"),
+    ("bench_bytes", ["--text", "{tmp}/missing.txt"], "is not a file"),
+])
+def test_bad_arguments_get_one_error_line(bench_script, capsys, tmp_path, script, argv, message):
+  bench = bench_script(script)
+  out = ["--out", str(tmp_path / "page.md")] if script != "decode_block" else []
+  with pytest.raises(SystemExit) as e:
+    bench.main([a.format(tmp=tmp_path) for a in argv] + out)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "error: " in err[-1] and message in err[-1], err
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.real_model
+def test_a_text_too_short_for_the_longest_context_is_refused(bench_script, capsys, tmp_path):
+  """bench_bytes fills contexts up to 128K tokens from the text's sentences: a short text stopped the cases short
+  (or, under two sentences, raised ValueError from the random start)."""
+  bench = bench_script("bench_bytes")
+  text = tmp_path / "short.txt"
+  text.write_text("One sentence here. Another one there. " * 200)
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--text", str(text), "--out", str(tmp_path / "bytes.md")])
+  assert e.value.code == 2
+  assert "the 131072-token case needs that many" in capsys.readouterr().err
+  assert not (tmp_path / "bytes.md").exists()
