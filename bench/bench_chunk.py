@@ -545,8 +545,9 @@ def main(argv=None):
     if L not in {r["context"] for r in prefill_rows}:
       est = estimate_prefill(prefill_rows, L)
       if est is not None:
-        notes.append(f"prefill not measured at {L // 1024}K: dense prefill there takes ~{est / 60:.0f} minutes on "
-                     f"this CPU (fitted a*L + b*L^2 through the measured lengths).")
+        took = f"{est / 60:.0f} minutes" if est >= 120 else f"{est:.0f} s"
+        notes.append(f"prefill not measured at {L // 1024}K (not among --prefill-lengths): dense prefill there "
+                     f"would take about {took} on this CPU (fitted a*L + b*L^2 through the measured lengths).")
   lines = write_outputs(args.out, command, decode_rows, prefill_rows, notes, rates)
   plot(decode_rows, prefill_rows, png)
   print("\n".join(lines))
