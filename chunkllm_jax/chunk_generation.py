@@ -122,9 +122,15 @@ def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> C
   return _refresh_working_buffer(st.replace(work_k=zeros, work_v=zeros), cache, ccfg, cache.length - 1)
 
 
-def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B) -> ChunkState:
-  """The working buffer of the selection made at `pos_B`."""
+def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, pos_B, rows_B=None) -> ChunkState:
+  """The working buffer of the selection made at `pos_B`, for the rows in `rows_B` (None: every row).
+  The other rows keep their slots: packed at their own last selection, where the budget's room was
+  what it is no longer (the open chunk has grown since), so that a row reads the same whichever
+  rows share its batch."""
   pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], working_room(st, pos_B, ccfg))
+  if rows_B is not None:  # the kept rows' slots are gathered again below: the cache there has not changed
+    pos, valid = jnp.where(rows_B[:, None], pos, st.work_pos), jnp.where(rows_B[:, None], valid, st.work_valid)
+    used = jnp.where(rows_B, used, st.work_used)
   if _use_kernels(ccfg):
     wk, wv = chunk_kernels.compact_kernel(st.work_k, st.work_v, cache.k, cache.v, pos, valid,
                                           interpret=ccfg.interpret)
@@ -584,7 +590,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])
     score = _vote_now(params, st, pos_B, cache.k, plan, ccfg)
     st = _reselect(st, reselect, score, pos_B, ccfg)
-    return _refresh_working_buffer(st, cache, ccfg, pos_B)
+    return _refresh_working_buffer(st, cache, ccfg, pos_B, reselect)
 
   st = jax.lax.cond(jnp.any(reselect), on_boundary, lambda s: s, st)
   return logits, cache, st

@@ -178,6 +178,21 @@ def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
   assert np.isnan(one.stats["kv_retention"][0])  # no decode step ran
 
 
+@pytest.mark.parametrize("lengths, seed", [((90, 93), 90), ((50, 61, 77), 3)])
+def test_a_row_reads_the_same_whatever_rows_share_its_batch(lengths, seed):
+  """Rows close their chunks at different steps. A boundary in one row must not re-pack another's working
+  buffer: the budget's room there (after its open chunk, which has grown since its own selection) is no
+  longer what it chose by, and its boundary tokens would then depend on its batch-mates."""
+  params = chunk_params()
+  rows = prompts(lengths, seed=seed)
+  kw = dict(max_new_tokens=12, eos_ids=(), boundaries="fixed", max_chunk_len=8, n_local=1, kv_budget=0.3)
+  batch = chunk_generate(params, rows, **kw)
+  for b, row in enumerate(rows):
+    alone = chunk_generate(params, [row], **kw)
+    np.testing.assert_array_equal(batch.new_tokens(b), alone.new_tokens(0))
+    np.testing.assert_allclose(batch.stats["kv_retention"][b], alone.stats["kv_retention"][0], rtol=1e-6)
+
+
 def test_retention_and_bytes_fall_with_top_chunks():
   params = chunk_params()
   rows = prompts([400], seed=4)
