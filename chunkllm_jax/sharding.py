@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from chunkllm_jax import checks
 from chunkllm_jax.params import ModelParams, backbone_spec, is_spec
 
 MESH_AXES = ("data", "model")
@@ -36,6 +37,11 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `data` x `model` mesh; `data` defaults to all devices left after `model`."""
   devices = list(devices if devices is not None else jax.devices())
+  # Checked here: 0 made an empty mesh that failed inside jax at the first generate, model=0 divided by
+  # zero, a negative size or a float failed in numpy's reshape.
+  model = checks.check_count("model", model)
+  if data is not None:
+    data = checks.check_count("data", data)
   if data is None:
     if len(devices) % model:
       raise ValueError(f"model={model} does not divide the {len(devices)} devices")

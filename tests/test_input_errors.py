@@ -128,6 +128,17 @@ def test_no_prompts_at_all_is_named(params, tokens):
     cj.generate(params, tokens)
 
 
+@pytest.mark.parametrize("kw, kind, match", [
+    (dict(data=0), ValueError, r"data must be >= 1, got 0"),
+    (dict(model=0), ValueError, r"model must be >= 1, got 0"),
+    (dict(data=-1, model=-1), ValueError, r"model must be >= 1, got -1"),
+    (dict(data=1.0), TypeError, r"data must be an int, got 1.0"),
+])
+def test_mesh_sizes_that_are_no_device_counts_are_refused(kw, kind, match):
+  with pytest.raises(kind, match=match):
+    cj.make_mesh(**kw)
+
+
 def test_float64_weights_without_x64_are_refused_not_made_float32():
   from chunkllm_jax import weights
   with pytest.raises(ValueError, match="64-bit mode"):
