@@ -148,8 +148,6 @@ def _hf_key(name: str, cfg: ModelConfig) -> Key | None:
   if _HF_IGNORED.match(name):
     return None
   if name in _HF_TOP:
-    if name == "lm_head.weight" and cfg.tie_embeddings:
-      return None  # some tied checkpoints store a copy of the embedding
     return (_HF_TOP[name], None)
   m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
   if m and m.group(2) == "post_attention_layernorm.weight":
@@ -248,6 +246,12 @@ def load_hf_dir(directory: Path, dtype="float32") -> tuple[ModelConfig, ModelPar
       if key in tensors:
         raise ValueError(f"{directory}: {name} and {tensors[key].name} both map to {key}")
       tensors[key] = t
+  if cfg.tie_embeddings:  # the one matrix may be stored under either name, or under both
+    head = tensors.pop(("lm_head", None), None)
+    # safetensors.torch.save_model keeps one name of shared tensors, here lm_head.weight (transformers
+    # reads such a checkpoint); a copy beside the embedding is dropped.
+    if head is not None and ("embed", None) not in tensors:
+      tensors[("embed", None)] = head
   return cfg, assemble(cfg, tensors, dtype, str(directory))
 
 

@@ -95,6 +95,24 @@ def test_llama_with_biases_and_tied_embeddings(tmp_path):
   assert_trees_equal(params.backbone, expected_backbone(load_hf_state_dict(path), cfg))
 
 
+@pytest.mark.parametrize("names", [("lm_head.weight",), ("model.embed_tokens.weight", "lm_head.weight")],
+                         ids=["head_only", "both"])
+def test_a_tied_matrix_is_read_under_either_name(tmp_path, names):
+  """safetensors.torch.save_model stores a tied model's one matrix as lm_head.weight alone, which
+  transformers reads; others store it under both names."""
+  from safetensors.torch import save_file
+
+  path = make_tiny_hf_model("llama", tmp_path, tie_word_embeddings=True)
+  sd = load_hf_state_dict(path)
+  embed = sd.pop("model.embed_tokens.weight")
+  for f in path.glob("*.safetensors"):
+    f.unlink()
+  save_file({**sd, **{n: embed.clone() for n in names}}, str(path / "model.safetensors"))
+  cfg, params, _ = weights.load_backbone(path)
+  assert "lm_head" not in params.backbone
+  assert_trees_equal(params.backbone, expected_backbone({**sd, "model.embed_tokens.weight": embed}, cfg))
+
+
 def test_sharded_checkpoint(tmp_path):
   path = make_tiny_hf_model("qwen2", tmp_path, max_shard_size="20KB")
   assert (path / "model.safetensors.index.json").is_file()
