@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import math
 import sys
 import time
 import warnings
@@ -71,7 +72,12 @@ def prepare_prompts(tokens, vocab_size: int, pad_id: int, lengths=None) -> tuple
   if isinstance(tokens, (list, tuple)) and not len(tokens):
     raise ValueError("no prompts given: pass a list of token lists or a [B, T] array")
   if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]):
-    rows = [checks.token_array(r, vocab_size, f"prompt {b}").reshape(-1) for b, r in enumerate(tokens)]
+    rows = [checks.token_array(r, vocab_size, f"prompt {b}") for b, r in enumerate(tokens)]
+    for b, r in enumerate(rows):  # one row a prompt ([1, T], a tokenizer's one text, too); never several joined
+      if r.ndim > 1 and math.prod(r.shape[:-1]) != 1:
+        raise ValueError(f"prompt {b} has shape {r.shape}: each prompt is one list of token ids; give a "
+                         "[B, T] array as tokens itself (with lengths), not inside a list")
+    rows = [r.reshape(-1) for r in rows]
     if lengths is not None:
       raise ValueError("pass lengths only with a padded [B, T] array")
     lengths = np.array([len(r) for r in rows])

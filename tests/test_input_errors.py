@@ -77,6 +77,20 @@ def test_float_ids_are_refused_not_truncated(params, call, tokens):
     getattr(cj, call)(params, tokens)
 
 
+@pytest.mark.parametrize("call", ["generate", "stream"])
+@pytest.mark.parametrize("tokens", [[[[1, 2], [3, 4]]], [np.ones((2, 3), np.int64), np.ones((1, 3), np.int64)]])
+def test_a_batch_inside_the_list_of_prompts_is_refused_not_joined(params, call, tokens):
+  """A [2, T] array as one prompt was flattened into one prompt of 2T tokens."""
+  with pytest.raises(ValueError, match=r"prompt 0 has shape \(2, \d\): each prompt is one list of token ids"):
+    getattr(cj, call)(params, tokens)
+
+
+def test_a_prompt_of_shape_one_by_t_is_one_prompt(params):
+  ids = np.asarray([[3, 1, 4, 1, 5]])  # a tokenizer's return_tensors="np" for one text
+  np.testing.assert_array_equal(cj.generate(params, [ids], max_new_tokens=2).tokens,
+                                cj.generate(params, [ids[0]], max_new_tokens=2).tokens)
+
+
 def test_forward_takes_a_list_like_generate_does(params):
   ids = [3, 1, 4, 1, 5]
   np.testing.assert_array_equal(cj.forward(params, [ids]), cj.forward(params, jnp.asarray([ids], jnp.int32)))
