@@ -144,9 +144,15 @@ def end_rules(cfg, eos_ids, pad_id) -> tuple[tuple[int, ...], int]:
   pad_id = cfg.pad_id if pad_id is None else checks.check_count("pad_id", pad_id, minimum=0)
   if pad_id >= cfg.vocab_size:  # its embedding would be read past the table: NaN logits for every row
     raise ValueError(f"pad_id must be a token id below the vocabulary size {cfg.vocab_size}, got {pad_id}")
-  eos_ids = tuple(cfg.eos_ids if eos_ids is None else ([eos_ids] if np.isscalar(eos_ids) else eos_ids))
+  if eos_ids is None:
+    return tuple(int(e) for e in cfg.eos_ids), int(pad_id)
+  if hasattr(eos_ids, "shape"):  # a numpy or jax array, 0-d (one id) included: its values, judged as a list's
+    eos_ids = np.asarray(eos_ids).tolist()
+  eos_ids = [eos_ids] if np.ndim(eos_ids) == 0 else list(eos_ids)
   for e in eos_ids:
     checks.check_count("each of eos_ids", e, minimum=0)
+    if e >= cfg.vocab_size:  # never sampled: the rows would run to max_new_tokens without a word
+      raise ValueError(f"eos_ids must be token ids below the vocabulary size {cfg.vocab_size}, got {e}")
   return tuple(int(e) for e in eos_ids), int(pad_id)
 
 

@@ -91,6 +91,20 @@ def test_a_prompt_of_shape_one_by_t_is_one_prompt(params):
                                 cj.generate(params, [ids[0]], max_new_tokens=2).tokens)
 
 
+@pytest.mark.parametrize("eos", [np.array(69), jnp.int32(69), np.array([69, 3])], ids=["np_0d", "jax_0d", "np_1d"])
+def test_eos_ids_as_arrays_are_ids(params, eos):
+  """A 0-d array (np.array(69), a jax scalar) failed with numpy's 'iteration over a 0-d array'."""
+  want = cj.generate(params, [[1, 2]], max_new_tokens=4, eos_ids=[69, 3])
+  np.testing.assert_array_equal(cj.generate(params, [[1, 2]], max_new_tokens=4, eos_ids=eos).tokens, want.tokens)
+
+
+@pytest.mark.parametrize("eos", [96, [1, 1000]])
+def test_eos_ids_past_the_vocabulary_are_refused_not_ignored(params, eos):
+  """An id the model cannot sample never ends a row: the run went on to max_new_tokens without a word."""
+  with pytest.raises(ValueError, match="eos_ids must be token ids below the vocabulary size 96"):
+    cj.generate(params, [[1, 2]], max_new_tokens=4, eos_ids=eos)
+
+
 def test_forward_takes_a_list_like_generate_does(params):
   ids = [3, 1, 4, 1, 5]
   np.testing.assert_array_equal(cj.forward(params, [ids]), cj.forward(params, jnp.asarray([ids], jnp.int32)))
