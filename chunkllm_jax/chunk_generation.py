@@ -547,8 +547,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
 
   # Retention (SepLLM): tokens a sparse layer read / tokens seen, before this step's boundary.
   seen = pos_B + 1
+  all_dense = not plan.sparse.any()  # dense_layers (and sliding ones) cover every layer: each read the whole cache
   if ccfg.selection == "kv_head":  # the sparse layers' and heads' mean; the slots add the scores' reads of K
-    visible = reads_B / max(int(np.sum(plan.sparse)), 1)
+    visible = seen if all_dense else reads_B / max(int(np.sum(plan.sparse)), 1)
     score_share = score_read_share(cfg.head_dim, cache.k.dtype.itemsize, ccfg.score_rank, ccfg.score_estimate,
                                    ccfg.sketch_bits)
     chose = choose_now if ccfg.keeps_head_choice else True
@@ -557,7 +558,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                     n_selections=st.n_selections + chose)
   else:
     w0 = st.work_valid & (st.work_pos <= pos_B[:, None])
-    visible = jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
+    visible = seen if all_dense else jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
                     read_slots=st.read_slots + n_blocks * WORK_BLOCK + M)
 
@@ -688,7 +689,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
     seen = lens + 1 + (live - 1) / 2  # tokens seen at a row's middle decode step
     nbytes = bytes_per_decode_step(params, ccfg, cache.k.dtype.itemsize, per_step(st.read_slots), seen)
     retention = per_step(st.retained)
-  _warn_about_reads(ccfg, np.asarray(st.overflow), retention, seen)
+  _warn_about_reads(ccfg, np.asarray(st.overflow), retention, seen, all_dense=not _layer_plan(params, ccfg).sparse.any())
   extra = dict(kv_retention=retention, n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
@@ -696,11 +697,11 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                                   decode_s=decode_s, decode_steps=steps, extra_stats=extra)
 
 
-def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B) -> None:
+def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B, all_dense: bool = False) -> None:
   """Warnings where a run read otherwise than its settings ask: a chunk table that filled (the later chunks are
   merged into its last one, which is always read) and a budget below what is always read (sinks, local and open
-  chunks). Neither where everything is read anyway."""
-  reads_all = ccfg.kv_budget == 1.0 or (not ccfg.budgeted and ccfg.top_chunks >= ccfg.max_chunks)
+  chunks). Neither where everything is read anyway (`all_dense`: no layer reads by the selection)."""
+  reads_all = all_dense or ccfg.kv_budget == 1.0 or (not ccfg.budgeted and ccfg.top_chunks >= ccfg.max_chunks)
   if np.any(overflow_B) and not reads_all:
     rows = np.flatnonzero(overflow_B).tolist()
     warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) {rows}: "
@@ -708,7 +709,7 @@ def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B) -> Non
                   "slots hold it), so the selection no longer chooses among them and the KV read may pass the "
                   "budget; give a larger max_chunks (text of short lines, such as code or lists, closes a chunk every "
                   "few tokens) (stats['chunk_overflow'])", stacklevel=3)
-  if ccfg.budgeted:
+  if ccfg.budgeted and not all_dense:
     target = np.asarray(ccfg.budget_tokens(np.ceil(seen_B).astype(np.int32))) / seen_B
     over = np.flatnonzero(retention_B > target + 0.1)  # NaN rows (no decode step) compare false
     if over.size:

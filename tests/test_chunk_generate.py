@@ -161,6 +161,19 @@ def test_keep_boundary_reads_one_token_per_selected_chunk():
   assert ends.stats["kv_retention"][0] < 0.2 < 0.95 < whole.stats["kv_retention"][0]
 
 
+@pytest.mark.parametrize("selection", ["kv_head", "shared"])
+def test_every_layer_dense_reads_the_whole_cache(selection):
+  """With dense_layers covering every layer nothing reads by the selection: the retention is 1 (it was 0 for the
+  per-head rule and the working buffer's share for the shared one), and no budget warning is given."""
+  params = chunk_params()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the budget warning would be an error here
+    out = cj.chunk_generate(params, prompts([40, 25]), max_new_tokens=4, eos_ids=(), selection=selection, kv_budget=0.3,
+                            dense_layers=tuple(range(params.config.n_layers)))
+  np.testing.assert_allclose(out.stats["kv_retention"], 1.0)
+  np.testing.assert_array_equal(out.tokens, cj.generate(params, prompts([40, 25]), max_new_tokens=4, eos_ids=()).tokens)
+
+
 def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
   """top_chunks = n_local = 0 reads the sinks and the open chunk only; a row that ends early (EOS)
   averages its stats over its own decode steps, not its batch-mates'."""
