@@ -198,13 +198,14 @@ class ChunkConfig(ChunkRules):
     if self.kv_budget_tokens is not None:
       if not checks.is_int(self.kv_budget_tokens):
         raise TypeError(f"kv_budget_tokens must be an int, got {self.kv_budget_tokens!r}")
-      if not 0 < self.kv_budget_tokens <= max_len:
-        raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be in [1, max_len={max_len}] "
-                         "(the KV buffer cannot hold more)")
+      # Past the buffer is allowed: both counts are capped by the tokens seen (`budget_tokens`), so the same
+      # settings serve a short prompt, whose buffer is sized to it, and a long one (the short one is read whole).
+      if self.kv_budget_tokens < 1:
+        raise ValueError(f"kv_budget_tokens={self.kv_budget_tokens} must be >= 1")
     if not checks.is_int(self.kv_budget_min_tokens):
       raise TypeError(f"kv_budget_min_tokens must be an int, got {self.kv_budget_min_tokens!r}")
-    if not 0 <= self.kv_budget_min_tokens <= max_len:
-      raise ValueError(f"kv_budget_min_tokens={self.kv_budget_min_tokens} must be in [0, max_len={max_len}]")
+    if self.kv_budget_min_tokens < 0:
+      raise ValueError(f"kv_budget_min_tokens={self.kv_budget_min_tokens} must be >= 0")
     if self.kv_budget_min_tokens and not self.budgeted:
       raise ValueError("kv_budget_min_tokens is a floor under a KV budget: give kv_budget or kv_budget_tokens too")
     if not 0.0 <= self.recent_share <= 1.0:  # also false for NaN

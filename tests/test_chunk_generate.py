@@ -174,6 +174,16 @@ def test_every_layer_dense_reads_the_whole_cache(selection):
   np.testing.assert_array_equal(out.tokens, cj.generate(params, prompts([40, 25]), max_new_tokens=4, eos_ids=()).tokens)
 
 
+@pytest.mark.parametrize("budget", [dict(kv_budget=0.25, kv_budget_min_tokens=700), dict(kv_budget_tokens=1000)])
+def test_a_budget_past_a_short_prompts_buffer_reads_it_whole(budget):
+  """The buffer is sized to the prompt, so the same budget settings that bind on long prompts pass a short one's
+  buffer (they were refused there): its context is read whole, as `generate` reads it."""
+  params, rows = chunk_params(), prompts([50, 37], seed=2)
+  out = cj.chunk_generate(params, rows, max_new_tokens=6, eos_ids=(), **budget)
+  np.testing.assert_allclose(out.stats["kv_retention"], 1.0)
+  np.testing.assert_array_equal(out.tokens, cj.generate(params, rows, max_new_tokens=6, eos_ids=()).tokens)
+
+
 def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
   """top_chunks = n_local = 0 reads the sinks and the open chunk only; a row that ends early (EOS)
   averages its stats over its own decode steps, not its batch-mates'."""
@@ -276,7 +286,7 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(bogus=1), "unknown chunk-config fields"),
     (dict(kv_budget=1.5), "kv_budget is a fraction"),
     (dict(kv_budget=0.0), "kv_budget is a fraction"),
-    (dict(kv_budget_tokens=65), "cannot hold more"),
+    (dict(kv_budget_tokens=0), "kv_budget_tokens=0 must be >= 1"),
     (dict(scorer="oracle"), "scorer must be"),
     (dict(selection_layers=(3,)), "not full-attention layers"),
     (dict(selection_layers=(-1,)), "not full-attention layers"),
