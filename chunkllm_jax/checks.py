@@ -31,6 +31,13 @@ def check_params(params, where: str) -> None:
                   f"got {type(params).__name__}")
 
 
+def check_mesh(mesh) -> None:
+  """None, or a `jax.sharding.Mesh` (a wrong object failed inside the placement code with an AttributeError)."""
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (cj.make_mesh(data=..., model=...)) or None, "
+                    f"got {type(mesh).__name__}")
+
+
 def is_int(v) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 

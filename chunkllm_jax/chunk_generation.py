@@ -658,6 +658,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   """
   checks.check_params(params, "chunk_generate")
   checks.check_sampling(temperature, top_k, top_p)
+  checks.check_mesh(mesh)
   if params.adapters is None:
     raise ValueError("chunk_generate needs adapters: params = cj.with_adapters(params, cj.load_adapters(...))")
   cfg = params.config

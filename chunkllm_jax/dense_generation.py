@@ -45,6 +45,7 @@ def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temper
            eos_ids, pad_id, mesh, where="generate"):
   checks.check_params(params, where)
   checks.check_sampling(temperature, top_k, top_p)
+  checks.check_mesh(mesh)
   cfg = params.config
   eos_ids, pad_id = decoding.end_rules(cfg, eos_ids, pad_id)
   prompts, lens = decoding.prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)

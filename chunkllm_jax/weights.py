@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -292,6 +293,9 @@ def tokenizer_source(path_or_name) -> TokenizerSource:
 
 def _model_path(path_or_name) -> Path:
   """An HF directory or a .gguf file, from what `load_backbone` accepts."""
+  if not isinstance(path_or_name, (str, os.PathLike)):
+    raise TypeError(f"load takes a registered name ({', '.join(registry.REGISTRY)}), an HF safetensors folder or a "
+                    f".gguf file, got {type(path_or_name).__name__}")
   if isinstance(path_or_name, str) and path_or_name in registry.REGISTRY:
     path = registry.resolve(path_or_name)
   else:

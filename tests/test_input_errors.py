@@ -167,6 +167,20 @@ def test_mesh_sizes_that_are_no_device_counts_are_refused(kw, kind, match):
     cj.make_mesh(**kw)
 
 
+@pytest.mark.parametrize("entry", ["generate", "stream", "chunk_generate"])
+def test_a_mesh_that_is_no_mesh_is_refused_at_the_door(entry):
+  params = chunk_params() if entry == "chunk_generate" else tiny_params()
+  run = lambda: getattr(cj, entry)(params, [[1, 2, 3]], max_new_tokens=2, mesh="data")
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh .* got str"):
+    list(run()) if entry == "stream" else run()
+
+
+@pytest.mark.parametrize("source", [None, 3, ["smollm2-135m"]])
+def test_load_names_what_it_takes(source):
+  with pytest.raises(TypeError, match="load takes a registered name .* got " + type(source).__name__):
+    cj.load(source)
+
+
 def test_float64_weights_without_x64_are_refused_not_made_float32():
   from chunkllm_jax import weights
   with pytest.raises(ValueError, match="64-bit mode"):
