@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_without_recomputing_or_losing(monkeypatch, tmp_
   summary = json.loads((out / "summary.json").read_text())
   assert set(summary["tasks"]) == {"niah_single", "niah_multivalue", "mini_kv_qa", "short_text", "perplexity"}
   short = {r["method"]: r for r in summary["tasks"]["short_text"]}
-  assert short["hybrid"]["identical_to_vanilla"] == 1.0 and short["chunkllm"]["retention"] == "default"
+  assert short["chunkllm"]["identical_to_vanilla"] == 1.0 and short["chunkllm"]["retention"] == "default"
   avg = {(r["method"], r["retention"]): r for r in summary["long_context"]}
   assert avg[("chunkllm", "0.5")]["pct_of_vanilla"] == pytest.approx(100.0)
   assert avg[("chunkllm", "0.25")]["kv_retention"] == pytest.approx(0.25)
