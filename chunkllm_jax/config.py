@@ -158,6 +158,10 @@ _HF_ARCH = {
 }
 
 
+# HF's `hidden_act` names -> ModelConfig.activation (gelu_new and gelu_pytorch_tanh are both the tanh form).
+_HF_ACTIVATION = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
 def _eos_tuple(eos) -> tuple[int, ...]:
   if eos is None:
     return ()
@@ -241,6 +245,13 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
       raise
     raise ConfigError(f"config.json of model_type={model_type!r} has a field of the wrong type: {e}") from None
 
+  # The MLP's activation: these architectures' configs name it (`hidden_act`), and a Llama-layout
+  # checkpoint trained with another one would otherwise run silently with SiLU.
+  if arch != "gemma3":  # Gemma 3's is gelu_pytorch_tanh, set below
+    common["activation"] = _HF_ACTIVATION.get(str(hf.get("hidden_act") or "silu"))
+    if common["activation"] is None:
+      raise ConfigError(f"config.json of model_type={model_type!r} has hidden_act={hf.get('hidden_act')!r}; "
+                        f"supported: {', '.join(sorted(_HF_ACTIVATION))}")
   if arch in ("llama", "mistral"):
     bias = bool(hf.get("attention_bias", False))
     window = hf.get("sliding_window") if arch == "mistral" else None

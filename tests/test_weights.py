@@ -236,6 +236,14 @@ def test_unknown_architecture(tmp_path):
     weights.load_backbone(path)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unsupported_activation(arch, tmp_path):
+  """An MLP activation the model cannot run is refused by name, not replaced by SiLU."""
+  path = make_tiny_hf_model(arch, tmp_path, hidden_act="relu")
+  with pytest.raises(ConfigError, match="hidden_act='relu'"):
+    weights.load_backbone(path)
+
+
 def test_unknown_gguf_architecture(tmp_path):
   path = make_tiny_hf_model("llama", tmp_path)
   with pytest.raises(ConfigError, match=r"x\.gguf.*architecture 'phi3' is not supported"):
