@@ -265,7 +265,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   if arch == "qwen3":
     if hf.get("use_sliding_window"):
       raise ConfigError("Qwen3 with use_sliding_window=true is not supported")
-    return ModelConfig(**common, qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=True)
+    bias = bool(hf.get("attention_bias", False))  # Qwen3's attention_bias is on o_proj too, as Llama's
+    return ModelConfig(**common, qkv_bias=bias, o_bias=bias, qk_norm=True)
   # gemma3
   layer_types = hf.get("layer_types")
   if layer_types:

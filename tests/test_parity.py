@@ -40,6 +40,7 @@ CASES = [
     ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                         original_max_position_embeddings=32))),
     ("qwen3", {}),
+    ("qwen3", dict(attention_bias=True)),  # on q, k, v and o
     ("llama", dict(hidden_act="gelu_pytorch_tanh")),  # the MLP's activation read from config.json
     ("gemma3", {}),  # sliding window 8, local and global RoPE bases
 ]
