@@ -7,6 +7,7 @@ import pytest
 
 import chunkllm_jax as cj
 from tests import train_run_fixtures as fx
+from tests.hf_fixtures import make_tiny_hf_model
 
 
 def test_adapters_trained_for_the_selection_layers_only(tmp_path):
@@ -27,4 +28,16 @@ def test_a_selection_layer_out_of_range_is_refused(tmp_path):
   out = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--selection_layers", "5"))
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert "out of range or not full-attention layers" in out.stderr
+  assert not (tmp_path / "data").exists()  # refused before the data was built
+
+
+@pytest.mark.parametrize("selection_layers", [(), ("0",)])
+def test_a_model_without_full_attention_layers_is_refused(tmp_path, selection_layers):
+  """A Mistral whose every layer reads a sliding window has nothing for ChunkLLM to make sparse."""
+  model = make_tiny_hf_model("mistral", tmp_path, sliding_window=16)
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  flags = ("--selection_layers", *selection_layers) if selection_layers else ()
+  out = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--model", str(model), *flags))
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "no full-attention layer" in out.stderr
   assert not (tmp_path / "data").exists()  # refused before the data was built

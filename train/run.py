@@ -214,6 +214,10 @@ def check_model_flag(cfg) -> None:
 
 def check_selection_layers(cfg, model_config) -> None:
   full = model_config.full_attention_layers
+  if not full:  # else refused only by the teacher, after the backbone and the data
+    raise FlagError(f"{cfg.model} has no full-attention layer (every layer reads a sliding window of "
+                    f"{model_config.sliding_window} tokens): ChunkLLM has no layer to make sparse, so no "
+                    "QK Adapters to train")
   bad = [i for i in cfg.selection_layers or () if i not in full]
   if bad:
     raise FlagError(f"--selection_layers {bad} are out of range or not full-attention layers of {cfg.model}; "
