@@ -178,14 +178,18 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
   return directory
 
 
+def _shipped() -> list[str]:
+  """The names of the exports shipped with the package."""
+  return sorted(d.name for d in PACKAGED.iterdir() if d.is_dir()) if PACKAGED.is_dir() else []
+
+
 def _export_dir(name_or_dir) -> Path:
   p = Path(name_or_dir)
   if isinstance(name_or_dir, str) and not p.exists() and (PACKAGED / name_or_dir).is_dir():
     return PACKAGED / name_or_dir
   if not p.is_dir():
-    shipped = sorted(d.name for d in PACKAGED.iterdir() if d.is_dir()) if PACKAGED.is_dir() else []
     raise FileNotFoundError(f"no adapter export at {str(name_or_dir)!r}: give an export directory or "
-                            f"a shipped name ({', '.join(shipped) or 'none installed'})")
+                            f"a shipped name ({', '.join(_shipped()) or 'none installed'})")
   return p
 
 
@@ -195,6 +199,11 @@ def read_export_config(name_or_dir) -> dict[str, Any]:
     meta = json.loads((d / "config.json").read_text())
   except (OSError, ValueError) as e:
     raise AdapterLoadError(f"{d}: not a readable adapter export (config.json: {e})") from None
+  if isinstance(meta, dict) and "model_type" in meta and "format" not in meta:
+    # A model's own folder, given where adapters are read (`--adapters` left to default to `--model`).
+    raise AdapterLoadError(f"{d} is a model folder, not an adapter export: adapters ship only for "
+                           f"{', '.join(_shipped()) or 'no model'}; train some for this model (python -m train.run "
+                           f"--model {d} --export DIR) and give that export (--adapters DIR on the command lines)")
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     raise AdapterLoadError(f"{d}: config.json has format {found!r}, expected {FORMAT!r}")

@@ -493,6 +493,16 @@ def test_a_damaged_export_config_is_named(export, edit):
     cj.load_adapters(out)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_model_folder_given_as_adapters_says_so(tmp_path, arch):
+  """`--adapters` defaults to `--model`: a model of one's own has no adapters there, and the error said only
+  that its config.json had format None."""
+  d = _hf_dir(tmp_path, dict(model_type=arch))
+  with pytest.raises(cj.adapter_io.AdapterLoadError, match=r"model is a model folder, not an adapter export: "
+                                                           r"adapters ship only for .*smollm2-135m.*train.run"):
+    cj.load_adapters(d)
+
+
 # 4. The CLIs: one `error:` line, exit code 2, before any work.
 
 @pytest.mark.parametrize("flags, match", [
