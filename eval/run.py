@@ -504,10 +504,13 @@ def run(args, model=None, params=None) -> Path:
           "its example runs again", file=sys.stderr)
 
   t0 = time.perf_counter()
-  _check_context(args, (model.config if model is not None else weights.load_config(args.model)).max_position)
+  config = model.config if model is not None else weights.load_config(args.model)
+  _check_context(args, config.max_position)
+  # Read before the weights: adapters made for another model, or none there, are refused in seconds.
+  adapters = cj.load_adapters(args.adapters or args.model, config) if params is None else None
   model = model or cj.load(args.model, dtype=args.dtype)
   if params is None:
-    params = cj.with_adapters(model.params, cj.load_adapters(args.adapters or args.model, model.config))
+    params = cj.with_adapters(model.params, adapters)
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
                             boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,

@@ -703,6 +703,19 @@ def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra,
   assert _tree(tmp_path) == before and not (tmp_path / "ev").exists()
 
 
+@pytest.mark.parametrize("adapters", [None, "smollm2-135m"])
+def test_eval_run_refuses_adapters_before_loading(tmp_path, monkeypatch, adapters):
+  """A model folder with no adapters (--adapters left to --model) or another model's adapters: refused
+  before the weights load (they were read after them)."""
+  from eval import run as eval_run
+  model = _hf_dir(tmp_path)
+  monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing its adapters"))
+  with pytest.raises(cj.adapter_io.AdapterLoadError, match="model folder" if adapters is None else "trained for"):
+    eval_run.main(["--quick", "--model", str(model), "--out", str(tmp_path / "ev"),
+                   *(["--adapters", adapters] if adapters else [])])
+  assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.parametrize("flag", ["--tasks", "--niah_kinds"])
 def test_eval_run_refuses_a_list_flag_given_nothing(flag, capsys):
   """`--tasks` with no names ran no task and wrote an empty report; argparse now refuses it."""
