@@ -41,3 +41,16 @@ def test_a_model_without_full_attention_layers_is_refused(tmp_path, selection_la
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "no full-attention layer" in out.stderr
   assert not (tmp_path / "data").exists()  # refused before the data was built
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], (7, 15)),  # the preset's own model: its layers
+    (["--model", "path/to/my_model"], ()),  # another model: every full-attention layer
+    (["--model", "path/to/my_model", "--selection_layers", "1", "3"], (1, 3)),
+    (["--model", "smollm2-135m"], (7, 15)),
+])
+def test_a_presets_selection_layers_stay_with_its_model(argv, want):
+  """--model with the default preset inherited smollm2-135m's layers 7 and 15: a 4-layer model of one's own was
+  refused for a flag its user never gave."""
+  from train import config, run
+  assert config.from_args(run.parse_args(["--preset", "smollm2-135m", *argv])).selection_layers == want

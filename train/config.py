@@ -141,4 +141,8 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
   for name in ("data", "selection_layers"):
     if name in given:
       given[name] = tuple(given[name])
+  if "model" in given and given["model"] != base.model and "selection_layers" not in given:
+    # A preset's selection layers are its own model's (smollm2-135m's 7 and 15 do not exist in a 4-layer model);
+    # another model gets a QK Adapter on every full-attention layer, unless --selection_layers names some.
+    given["selection_layers"] = ()
   return base.replace(**given)
