@@ -81,6 +81,31 @@ def _free_compiled_programs():
   decoding.clear_compiled(("chunkllm_jax", "pallas_kernels", "train", "eval", "tests"))
 
 
+def _memory_maps() -> tuple[int, int]:
+  """(this process's memory mappings, the kernel's limit on them); (0, 0) where /proc does not say."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      n = sum(1 for _ in f)
+    with open("/proc/sys/vm/max_map_count") as f:
+      return n, int(f.read())
+  except (OSError, ValueError):
+    return 0, 0
+
+
+@pytest.fixture(autouse=True)
+def _free_compiled_programs_before_the_map_limit():
+  """Drops the compiled programs after a test that leaves the process over half the kernel's limit on memory
+  mappings. Every loaded XLA:CPU executable holds some; tests/test_chunk_generate.py alone reached about 50000
+  of Linux's usual 65530 and the next executable loaded (from the persistent cache) then crashed inside XLA
+  (SIGSEGV or SIGABRT), in whichever test came next."""
+  yield
+  n, limit = _memory_maps()
+  if limit and n > limit // 2:
+    from chunkllm_jax import decoding
+
+    decoding.clear_compiled(("chunkllm_jax", "pallas_kernels", "train", "eval", "tests"))
+
+
 @pytest.fixture(scope="session")
 def bench_script():
   """Loads a script of bench/ as a module (bench/ is not a package): `bench_script("bench_kernels")`."""
