@@ -69,6 +69,9 @@ def smollm2():
   return cj.load("smollm2-135m", dtype="float32")
 
 
+PROJECT_PACKAGES = ("chunkllm_jax", "pallas_kernels", "train", "eval", "tests")  # whose compiled programs are dropped
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
   """Drops the project's compiled programs after each test module (`decoding.clear_compiled`).
@@ -78,7 +81,7 @@ def _free_compiled_programs():
   yield
   from chunkllm_jax import decoding
 
-  decoding.clear_compiled(("chunkllm_jax", "pallas_kernels", "train", "eval", "tests"))
+  decoding.clear_compiled(PROJECT_PACKAGES)
 
 
 def _memory_maps() -> tuple[int, int]:
@@ -95,15 +98,15 @@ def _memory_maps() -> tuple[int, int]:
 @pytest.fixture(autouse=True)
 def _free_compiled_programs_before_the_map_limit():
   """Drops the compiled programs after a test that leaves the process over half the kernel's limit on memory
-  mappings. Every loaded XLA:CPU executable holds some; tests/test_chunk_generate.py alone reached about 50000
-  of Linux's usual 65530 and the next executable loaded (from the persistent cache) then crashed inside XLA
-  (SIGSEGV or SIGABRT), in whichever test came next."""
+  mappings. Every loaded XLA:CPU executable holds some; tests/test_chunk_generate.py alone reached Linux's usual
+  limit of 65530 (63377 sampled just before) and the next executable loaded (from the persistent cache) crashed
+  inside XLA (SIGSEGV or SIGABRT), in whichever test came next."""
   yield
   n, limit = _memory_maps()
   if limit and n > limit // 2:
     from chunkllm_jax import decoding
 
-    decoding.clear_compiled(("chunkllm_jax", "pallas_kernels", "train", "eval", "tests"))
+    decoding.clear_compiled(PROJECT_PACKAGES)
 
 
 @pytest.fixture(scope="session")
