@@ -39,7 +39,7 @@ def sentence_lengths(text: str, tokenizer, max_chunk_len: int = 64) -> np.ndarra
 
 
 def one_case(lengths, context: int, retention: float, rng):
-  starts, pos, spans = [], N_SINK, []
+  pos, spans = N_SINK, []
   for n in lengths:
     if pos + n > context - 20:
       break

@@ -116,7 +116,7 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
   the top_k chunks a random q~ picks, compacted into the working buffer."""
   acfg = params.adapters.config
   ccfg = cg.resolved(params, ccfg)  # the state's query rings take the adapters' window
-  n_qk, C = len(acfg.qk_layers), ccfg.max_chunks
+  n_qk = len(acfg.qk_layers)
   W = working_size(ccfg, cache.max_len, cg.WORK_BLOCK)
   d_c = cg._d_c(params, ccfg)  # 0 where the state keeps no k~ (the per-head rule)
   st = init_chunk_state(CFG.n_layers, n_qk, 1, d_c, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, cache.k.dtype,

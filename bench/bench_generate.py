@@ -20,9 +20,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import registry  # noqa: E402
 

@@ -20,8 +20,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import haystack  # noqa: E402
 from chunkllm_jax.prompts import encode_prompt  # noqa: E402
