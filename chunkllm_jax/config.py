@@ -7,6 +7,7 @@ pytree (see `params.py`) and be used as a compile-time constant under `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Mapping
 
@@ -120,7 +121,12 @@ class ModelConfig:
 # From a Hugging Face config.json
 
 
-def _rope_scaling_from_hf(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, max_position: int) -> RopeScaling | None:
+  """`max_position` stands in for an absent `original_max_position_embeddings`, as in transformers."""
   if not rs:
     return None
   kind = rs.get("rope_type", rs.get("type", "default"))
@@ -128,22 +134,30 @@ def _rope_scaling_from_hf(rs: Mapping[str, Any] | None) -> RopeScaling | None:
     return None
   if kind == "linear":
     return RopeScaling("linear", factor=float(rs["factor"]))
+  original = int(rs.get("original_max_position_embeddings") or max_position)
   if kind == "llama3":
     return RopeScaling(
         "llama3",
         factor=float(rs["factor"]),
         low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-        original_max_position=int(rs["original_max_position_embeddings"]),
+        original_max_position=original,
     )
   if kind == "yarn":
+    if rs.get("truncate", True) is False:  # unrounded correction range (gpt-oss): not implemented
+      raise ConfigError("rope_scaling of type 'yarn' with truncate=false is not supported")
+    factor = float(rs["factor"])
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
+      # DeepSeek-style: cos/sin scaled by the ratio of two mscales, as transformers computes it.
+      attention_factor = _yarn_mscale(factor, float(rs["mscale"])) / _yarn_mscale(factor, float(rs["mscale_all_dim"]))
     return RopeScaling(
         "yarn",
-        factor=float(rs["factor"]),
-        original_max_position=int(rs.get("original_max_position_embeddings", 0)),
-        beta_fast=float(rs.get("beta_fast", 32.0)),
-        beta_slow=float(rs.get("beta_slow", 1.0)),
-        attention_factor=rs.get("attention_factor"),
+        factor=factor,
+        original_max_position=original,
+        beta_fast=float(rs.get("beta_fast") or 32.0),  # null reads as the default, as in transformers
+        beta_slow=float(rs.get("beta_slow") or 1.0),
+        attention_factor=None if attention_factor is None else float(attention_factor),
     )
   raise ConfigError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, yarn)")
 
@@ -220,6 +234,12 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     n_heads = _size(hf, "num_attention_heads")
     d_model = _size(hf, "hidden_size")
     n_layers = _size(hf, "num_hidden_layers")
+    max_position = _size(hf, "max_position_embeddings", 8192)
+    rope_scaling = hf.get("rope_scaling")
+    rp = hf.get("rope_parameters")
+    if rope_scaling and hf.get("original_max_position_embeddings") and not (isinstance(rp, dict) and "full_attention" in rp):
+      # A top-level original_max_position_embeddings (Phi-3 style) wins over the scaling's own, as in transformers.
+      rope_scaling = {**rope_scaling, "original_max_position_embeddings": hf["original_max_position_embeddings"]}
     common = dict(
         arch=arch,
         vocab_size=_size(hf, "vocab_size"),
@@ -231,8 +251,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         d_ff=_size(hf, "intermediate_size"),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling")),
-        max_position=_size(hf, "max_position_embeddings", 8192),
+        rope_scaling=_rope_scaling_from_hf(rope_scaling, max_position),
+        max_position=max_position,
         tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
         bos_id=hf.get("bos_token_id"),
         eos_ids=_eos_tuple(hf.get("eos_token_id")),
@@ -245,15 +265,16 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
       raise
     raise ConfigError(f"config.json of model_type={model_type!r} has a field of the wrong type: {e}") from None
 
-  # The MLP's activation: these architectures' configs name it (`hidden_act`), and a Llama-layout
-  # checkpoint trained with another one would otherwise run silently with SiLU.
-  if arch != "gemma3":  # Gemma 3's is gelu_pytorch_tanh, set below
-    common["activation"] = _HF_ACTIVATION.get(str(hf.get("hidden_act") or "silu"))
-    if common["activation"] is None:
-      raise ConfigError(f"config.json of model_type={model_type!r} has hidden_act={hf.get('hidden_act')!r}; "
-                        f"supported: {', '.join(sorted(_HF_ACTIVATION))}")
+  # The MLP's activation, read from the field transformers reads for the architecture (Gemma 3's is
+  # `hidden_activation`): a checkpoint trained with another one would otherwise run silently with the usual one.
+  act_field, act_default = ("hidden_activation", "gelu_pytorch_tanh") if arch == "gemma3" else ("hidden_act", "silu")
+  common["activation"] = _HF_ACTIVATION.get(str(hf.get(act_field) or act_default))
+  if common["activation"] is None:
+    raise ConfigError(f"config.json of model_type={model_type!r} has {act_field}={hf.get(act_field)!r}; "
+                      f"supported: {', '.join(sorted(_HF_ACTIVATION))}")
   if arch in ("llama", "mistral"):
-    bias = bool(hf.get("attention_bias", False))
+    # transformers' Mistral has no attention biases whatever its config says; Llama's follow attention_bias.
+    bias = arch == "llama" and bool(hf.get("attention_bias", False))
     window = hf.get("sliding_window") if arch == "mistral" else None
     return ModelConfig(
         **common, qkv_bias=bias, o_bias=bias, sliding_window=window,
@@ -268,6 +289,15 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     bias = bool(hf.get("attention_bias", False))  # Qwen3's attention_bias is on o_proj too, as Llama's
     return ModelConfig(**common, qkv_bias=bias, o_bias=bias, qk_norm=True)
   # gemma3
+  local_rope = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+  if local_rope.get("rope_type", local_rope.get("type", "default")) != "default":
+    # Sliding layers get an unscaled RoPE at local_rope_theta here: their scaling would be lost.
+    raise ConfigError(f"Gemma 3 with a scaled RoPE on its sliding layers (rope_parameters.sliding_attention."
+                      f"rope_type={local_rope.get('rope_type', local_rope.get('type'))!r}) is not supported")
+  if hf.get("attn_logit_softcapping") is not None:
+    # transformers' Gemma 3 never applies it, Google's reference does: which one a checkpoint meant is unknown.
+    raise ConfigError(f"Gemma 3 with attn_logit_softcapping={hf['attn_logit_softcapping']!r} is not supported "
+                      "(transformers ignores that field for Gemma 3; it is null in Google's checkpoints)")
   layer_types = hf.get("layer_types")
   if layer_types:
     sliding = tuple(t == "sliding_attention" for t in layer_types)
@@ -277,7 +307,6 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   return ModelConfig(
       **common,
       qk_norm=True,
-      activation="gelu_tanh",
       norm_plus_one=True,
       embed_scale=True,
       sandwich_norm=True,
@@ -285,6 +314,5 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
       sliding_window=int(hf.get("sliding_window") or 4096),
       layer_sliding=sliding,
       local_rope_theta=float(hf.get("rope_local_base_freq", 10000.0)),
-      attn_softcap=hf.get("attn_logit_softcapping"),
       final_softcap=hf.get("final_logit_softcapping"),
   )

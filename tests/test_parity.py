@@ -4,6 +4,8 @@ Bound: relative error max|jax - torch| / max|torch| <= 1e-4, on tiny random mode
 architecture (with sliding windows and RoPE scalings exercised) and on the real smollm2-135m.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -39,10 +41,14 @@ CASES = [
     ("qwen2", {}),
     ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                         original_max_position_embeddings=32))),
+    ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                        original_max_position_embeddings=32, mscale=1.0, mscale_all_dim=0.5))),
     ("qwen3", {}),
     ("qwen3", dict(attention_bias=True)),  # on q, k, v and o
+    ("mistral", dict(attention_bias=True)),  # which transformers' Mistral ignores (it has no biases)
     ("llama", dict(hidden_act="gelu_pytorch_tanh")),  # the MLP's activation read from config.json
     ("gemma3", {}),  # sliding window 8, local and global RoPE bases
+    ("gemma3", dict(hidden_activation="silu")),  # Gemma 3's MLP activation field
 ]
 
 
@@ -53,6 +59,29 @@ def test_tiny_model_logits_match_transformers(arch, overrides, tmp_path):
   ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (2, 48))
   err = rel_err(cj.forward(model.params, ids), torch_logits(path, ids))
   assert err <= REL_TOL, f"{arch}: relative error {err:.2e}"
+
+
+_YARN = dict(type="yarn", factor=4.0)
+_LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+# config.json as other tools write it: transformers fills in original_max_position_embeddings when it
+# saves, and these leave it out (then it is max_position_embeddings) or put it at the top level (then it wins).
+EDITED_CONFIGS = [
+    dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=_YARN),
+    dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=_LLAMA3),
+    dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=_YARN, original_max_position_embeddings=32),
+]
+
+
+@pytest.mark.parametrize("fields", EDITED_CONFIGS, ids=["yarn", "llama3", "yarn-top-level-original"])
+def test_edited_config_logits_match_transformers(fields, tmp_path):
+  path = make_tiny_hf_model("llama", tmp_path)
+  hf = json.loads((path / "config.json").read_text())
+  hf.update(fields)
+  (path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+  model = cj.load(str(path), tokenizer=False)
+  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, 48))
+  err = rel_err(cj.forward(model.params, ids), torch_logits(path, ids))
+  assert err <= REL_TOL, f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("mlp_block", [None, 256])

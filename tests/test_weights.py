@@ -244,6 +244,22 @@ def test_unsupported_activation(arch, tmp_path):
     weights.load_backbone(path)
 
 
+@pytest.mark.parametrize("arch, overrides, match", [
+    ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, truncate=False)),
+     "yarn' with truncate=false"),
+    ("gemma3", dict(rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e6),
+                                         sliding_attention=dict(rope_type="linear", rope_theta=1e4, factor=4.0))),
+     "sliding_attention.rope_type='linear'"),
+    ("gemma3", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
+])
+def test_config_fields_that_would_change_results_are_refused(arch, overrides, match, tmp_path):
+  """Fields transformers honours (or, for Gemma 3's attention soft-capping, ignores against Google's
+  reference) that this library cannot follow are refused by name, never dropped."""
+  path = make_tiny_hf_model(arch, tmp_path, **overrides)
+  with pytest.raises(ConfigError, match=match):
+    weights.load_backbone(path)
+
+
 def test_unknown_gguf_architecture(tmp_path):
   path = make_tiny_hf_model("llama", tmp_path)
   with pytest.raises(ConfigError, match=r"x\.gguf.*architecture 'phi3' is not supported"):
