@@ -298,6 +298,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     # transformers' Gemma 3 never applies it, Google's reference does: which one a checkpoint meant is unknown.
     raise ConfigError(f"Gemma 3 with attn_logit_softcapping={hf['attn_logit_softcapping']!r} is not supported "
                       "(transformers ignores that field for Gemma 3; it is null in Google's checkpoints)")
+  if hf.get("use_bidirectional_attention"):  # EmbeddingGemma: no causal mask, an encoder
+    raise ConfigError("Gemma 3 with use_bidirectional_attention=true (an embedding model) is not supported")
   layer_types = hf.get("layer_types")
   if layer_types:
     sliding = tuple(t == "sliding_attention" for t in layer_types)
