@@ -176,6 +176,18 @@ _HF_ARCH = {
 _HF_ACTIVATION = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
+# What transformers' config classes take for a field that config.json leaves out, where that is not
+# this reader's own fallback (head_dim = d_model / heads, rope_theta 1e4, no sliding window, ...).
+# A field present as null keeps its null.
+_HF_CLASS_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048),
+    "mistral": dict(max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768),
+    "qwen3": dict(max_position_embeddings=32768, head_dim=128),
+    "gemma3": dict(max_position_embeddings=131072, head_dim=256, query_pre_attn_scalar=256, rope_theta=1e6),
+}
+
+
 def _eos_tuple(eos) -> tuple[int, ...]:
   if eos is None:
     return ()
@@ -230,6 +242,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     raise ConfigError(
         f"unknown architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
         f"supported model types: {', '.join(sorted(_HF_ARCH))}")
+  hf = {**_HF_CLASS_DEFAULTS[arch], **hf}
   try:
     n_heads = _size(hf, "num_attention_heads")
     d_model = _size(hf, "hidden_size")

@@ -63,18 +63,24 @@ def test_tiny_model_logits_match_transformers(arch, overrides, tmp_path):
 
 _YARN = dict(type="yarn", factor=4.0)
 _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
-# config.json as other tools write it: transformers fills in original_max_position_embeddings when it
-# saves, and these leave it out (then it is max_position_embeddings) or put it at the top level (then it wins).
+_LEGACY = dict(rope_parameters=None, rope_theta=10000.0)
+# config.json as other tools write it (fields None here are left out). transformers fills in
+# original_max_position_embeddings when it saves: absent, it is max_position_embeddings, and a
+# top-level one wins. A field left out takes its config class's default (Gemma 3: RoPE base 1e6,
+# query_pre_attn_scalar 256; Qwen3: head_dim 128), not this reader's fallback.
 EDITED_CONFIGS = [
-    dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=_YARN),
-    dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=_LLAMA3),
-    dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=_YARN, original_max_position_embeddings=32),
+    ("llama", {}, dict(_LEGACY, rope_scaling=_YARN)),
+    ("llama", {}, dict(_LEGACY, rope_scaling=_LLAMA3)),
+    ("llama", {}, dict(_LEGACY, rope_scaling=_YARN, original_max_position_embeddings=32)),
+    ("gemma3", {}, dict(rope_parameters=None, query_pre_attn_scalar=None)),
+    ("qwen3", dict(head_dim=128), dict(head_dim=None)),
 ]
 
 
-@pytest.mark.parametrize("fields", EDITED_CONFIGS, ids=["yarn", "llama3", "yarn-top-level-original"])
-def test_edited_config_logits_match_transformers(fields, tmp_path):
-  path = make_tiny_hf_model("llama", tmp_path)
+@pytest.mark.parametrize("arch, overrides, fields", EDITED_CONFIGS,
+                         ids=["yarn", "llama3", "yarn-top-level-original", "gemma3-defaults", "qwen3-head_dim"])
+def test_edited_config_logits_match_transformers(arch, overrides, fields, tmp_path):
+  path = make_tiny_hf_model(arch, tmp_path, **overrides)
   hf = json.loads((path / "config.json").read_text())
   hf.update(fields)
   (path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
@@ -82,6 +88,14 @@ def test_edited_config_logits_match_transformers(fields, tmp_path):
   ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, 48))
   err = rel_err(cj.forward(model.params, ids), torch_logits(path, ids))
   assert err <= REL_TOL, f"relative error {err:.2e}"
+
+
+def test_mistral_without_sliding_window_field_slides_as_transformers():
+  """Left out of config.json, Mistral's window is its config class's 4096; null is no window."""
+  hf = dict(model_type="mistral", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4)
+  assert cj.from_hf_config(hf).sliding_window == 4096
+  assert cj.from_hf_config({**hf, "sliding_window": None}).sliding_window is None
 
 
 @pytest.mark.parametrize("mlp_block", [None, 256])
