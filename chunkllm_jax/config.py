@@ -197,24 +197,27 @@ def _eos_tuple(eos) -> tuple[int, ...]:
 
 
 def _lift_rope_parameters(hf: dict) -> dict:
-  """Lifts transformers 5's `rope_parameters` into the older `rope_theta`/`rope_scaling` fields,
-  so configs written by either generation of transformers read the same."""
+  """Lifts transformers 5's `rope_parameters` into the older `rope_theta`/`rope_scaling` fields, with
+  transformers' precedence, so configs written by either generation of transformers (or holding both
+  forms) read the same: a `rope_scaling` replaces `rope_parameters` (for Gemma 3, it updates the
+  full-attention entry), and a RoPE dict's own `rope_theta` wins over the top-level field."""
   hf = dict(hf)
   if isinstance(hf.get("text_config"), dict):
     hf["text_config"] = _lift_rope_parameters(hf["text_config"])
-  rp = hf.get("rope_parameters")
-  if not isinstance(rp, dict) or "rope_theta" in hf:
-    return hf
-  if "full_attention" in rp:  # Gemma 3: one entry per layer type
-    local = rp.get("sliding_attention", {}).get("rope_theta")
+  rp, rs = hf.get("rope_parameters"), hf.get("rope_scaling")
+  if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):  # Gemma 3: one per layer type
+    local = (rp.get("sliding_attention") or {}).get("rope_theta")
     if local is not None:
-      hf.setdefault("rope_local_base_freq", local)
-    rp = rp["full_attention"]
-  if "rope_theta" in rp:
+      hf["rope_local_base_freq"] = local
+    rp = {**(rp.get("full_attention") or {}), **(rs or {})}
+  elif rs:
+    rp = rs
+  if not isinstance(rp, dict):
+    return hf
+  if rp.get("rope_theta") is not None:
     hf["rope_theta"] = rp["rope_theta"]
   scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-  if scaling.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
-    hf["rope_scaling"] = scaling
+  hf["rope_scaling"] = scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else None
   return hf
 
 

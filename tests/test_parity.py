@@ -64,21 +64,28 @@ def test_tiny_model_logits_match_transformers(arch, overrides, tmp_path):
 _YARN = dict(type="yarn", factor=4.0)
 _LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 _LEGACY = dict(rope_parameters=None, rope_theta=10000.0)
+_YARN_PARAMETERS = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=32))
 # config.json as other tools write it (fields None here are left out). transformers fills in
 # original_max_position_embeddings when it saves: absent, it is max_position_embeddings, and a
 # top-level one wins. A field left out takes its config class's default (Gemma 3: RoPE base 1e6,
-# query_pre_attn_scalar 256; Qwen3: head_dim 128), not this reader's fallback.
+# query_pre_attn_scalar 256; Qwen3: head_dim 128), not this reader's fallback. Holding both RoPE
+# forms, a RoPE dict's own rope_theta wins over the top-level one, and rope_scaling over rope_parameters.
 EDITED_CONFIGS = [
     ("llama", {}, dict(_LEGACY, rope_scaling=_YARN)),
     ("llama", {}, dict(_LEGACY, rope_scaling=_LLAMA3)),
     ("llama", {}, dict(_LEGACY, rope_scaling=_YARN, original_max_position_embeddings=32)),
     ("gemma3", {}, dict(rope_parameters=None, query_pre_attn_scalar=None)),
     ("qwen3", dict(head_dim=128), dict(head_dim=None)),
+    ("llama", _YARN_PARAMETERS, dict(rope_theta=500.0)),
+    ("llama", _YARN_PARAMETERS, dict(rope_scaling=dict(rope_type="linear", factor=3.0))),
+    ("gemma3", {}, dict(rope_theta=500.0, rope_local_base_freq=50.0)),
 ]
 
 
 @pytest.mark.parametrize("arch, overrides, fields", EDITED_CONFIGS,
-                         ids=["yarn", "llama3", "yarn-top-level-original", "gemma3-defaults", "qwen3-head_dim"])
+                         ids=["yarn", "llama3", "yarn-top-level-original", "gemma3-defaults", "qwen3-head_dim",
+                              "yarn-and-rope_theta", "yarn-and-rope_scaling", "gemma3-both-forms"])
 def test_edited_config_logits_match_transformers(arch, overrides, fields, tmp_path):
   path = make_tiny_hf_model(arch, tmp_path, **overrides)
   hf = json.loads((path / "config.json").read_text())
