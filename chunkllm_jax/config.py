@@ -288,6 +288,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   if common["activation"] is None:
     raise ConfigError(f"config.json of model_type={model_type!r} has {act_field}={hf.get(act_field)!r}; "
                       f"supported: {', '.join(sorted(_HF_ACTIVATION))}")
+  if arch == "llama" and hf.get("mlp_bias"):
+    raise ConfigError("Llama with mlp_bias=true (biases on the MLP's projections) is not supported")
   if arch in ("llama", "mistral"):
     # transformers' Mistral has no attention biases whatever its config says; Llama's follow attention_bias.
     bias = arch == "llama" and bool(hf.get("attention_bias", False))
@@ -322,8 +324,11 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
   else:
     pattern = int(hf.get("sliding_window_pattern", 6))
     sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
+  bias = bool(hf.get("attention_bias", False))  # on q, k, v and o, as Llama's
   return ModelConfig(
       **common,
+      qkv_bias=bias,
+      o_bias=bias,
       qk_norm=True,
       norm_plus_one=True,
       embed_scale=True,

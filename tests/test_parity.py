@@ -49,6 +49,7 @@ CASES = [
     ("llama", dict(hidden_act="gelu_pytorch_tanh")),  # the MLP's activation read from config.json
     ("gemma3", {}),  # sliding window 8, local and global RoPE bases
     ("gemma3", dict(hidden_activation="silu")),  # Gemma 3's MLP activation field
+    ("gemma3", dict(attention_bias=True)),  # on q, k, v and o
 ]
 
 

@@ -252,6 +252,7 @@ def test_unsupported_activation(arch, tmp_path):
      "sliding_attention.rope_type='linear'"),
     ("gemma3", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
     ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),
+    ("llama", dict(mlp_bias=True), "mlp_bias=true"),
 ])
 def test_config_fields_that_would_change_results_are_refused(arch, overrides, match, tmp_path):
   """Fields transformers honours (or, for Gemma 3's attention soft-capping, ignores against Google's
