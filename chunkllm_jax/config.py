@@ -252,9 +252,10 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     n_layers = _size(hf, "num_hidden_layers")
     max_position = _size(hf, "max_position_embeddings", 8192)
     rope_scaling = hf.get("rope_scaling")
-    rp = hf.get("rope_parameters")
-    if rope_scaling and hf.get("original_max_position_embeddings") and not (isinstance(rp, dict) and "full_attention" in rp):
-      # A top-level original_max_position_embeddings (Phi-3 style) wins over the scaling's own, as in transformers.
+    nested = isinstance(hf.get("rope_parameters"), dict) and "full_attention" in hf["rope_parameters"]
+    if rope_scaling and hf.get("original_max_position_embeddings") and not nested:
+      # A top-level original_max_position_embeddings (Phi-3 style) wins over the scaling's own, as in
+      # transformers (for a RoPE dict per layer type, it is not read).
       rope_scaling = {**rope_scaling, "original_max_position_embeddings": hf["original_max_position_embeddings"]}
     common = dict(
         arch=arch,
