@@ -181,10 +181,11 @@ _HF_ACTIVATION = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_ta
 # A field present as null keeps its null.
 _HF_CLASS_DEFAULTS = {
     "llama": dict(max_position_embeddings=2048),
-    "mistral": dict(max_position_embeddings=131072, sliding_window=4096),
+    "mistral": dict(max_position_embeddings=131072, sliding_window=4096, num_key_value_heads=8),
     "qwen2": dict(max_position_embeddings=32768),
     "qwen3": dict(max_position_embeddings=32768, head_dim=128),
-    "gemma3": dict(max_position_embeddings=131072, head_dim=256, query_pre_attn_scalar=256, rope_theta=1e6),
+    "gemma3": dict(max_position_embeddings=131072, head_dim=256, query_pre_attn_scalar=256, rope_theta=1e6,
+                   num_key_value_heads=4),
 }
 
 

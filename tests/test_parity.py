@@ -98,12 +98,19 @@ def test_edited_config_logits_match_transformers(arch, overrides, fields, tmp_pa
   assert err <= REL_TOL, f"relative error {err:.2e}"
 
 
-def test_mistral_without_sliding_window_field_slides_as_transformers():
-  """Left out of config.json, Mistral's window is its config class's 4096; null is no window."""
-  hf = dict(model_type="mistral", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4)
-  assert cj.from_hf_config(hf).sliding_window == 4096
-  assert cj.from_hf_config({**hf, "sliding_window": None}).sliding_window is None
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_fields_left_out_read_as_transformers_fills_them(model_type):
+  """A config.json with only the required fields reads as the one transformers' config class fills in
+  (token ids aside: they change no logits); Mistral's window, left out, is 4096, and null is no window."""
+  import transformers
+
+  required = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=32)
+  filled = transformers.AutoConfig.for_model(model_type, **required).to_dict()
+  ours, theirs = cj.from_hf_config(dict(required, model_type=model_type)), cj.from_hf_config(filled)
+  ids = dict(bos_id=None, eos_ids=())
+  assert ours.replace(**ids) == theirs.replace(**ids)
+  if model_type == "mistral":
+    assert ours.sliding_window == 4096 and cj.from_hf_config({**filled, "sliding_window": None}).sliding_window is None
 
 
 @pytest.mark.parametrize("mlp_block", [None, 256])
