@@ -111,7 +111,7 @@ def test_cached_step_equals_the_computed_step(tmp_path, student_queries):
   adapters = _adapters(params, (1,))
   b = random_batch(2, 40, p_boundary=0.25, seed=6)
   rc = rows_config_of(cfg, (1,))
-  fp = tc.cache_fingerprint(rc, backbone="tiny", data="d", seq_len=40, split="train")
+  fp = tc.cache_fingerprint(rc, backbone="tiny", weights="w", data="d", seq_len=40, split="train")
   source = [dict(tokens=np.asarray(b["tokens"][i]), labels=np.asarray(b["labels"][i])) for i in range(2)]
   assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False) == 2
   assert tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False) == 0  # resumes: nothing left
@@ -160,10 +160,11 @@ def test_a_cache_of_other_settings_is_refused(tmp_path):
   rc = tc.RowsConfig(layers=(1,), n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3)
   b = random_batch(1, 40, seed=1)
   source = [dict(tokens=np.asarray(b["tokens"][0]), labels=np.asarray(b["labels"][0]))]
-  fp = tc.cache_fingerprint(rc, backbone="tiny", data="d", seq_len=40, split="train")
+  fp = tc.cache_fingerprint(rc, backbone="tiny", weights="w", data="d", seq_len=40, split="train")
   tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False)
   before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
-  for other, named in [(dict(backbone="other"), "backbone"), (dict(seq_len=80), "seq_len"),
+  for other, named in [(dict(backbone="other"), "backbone"), (dict(weights="fine-tuned"), "weights"),
+                       (dict(seq_len=80), "seq_len"),
                        (dict(rows=dict(fp["rows"], heads="mean")), "rows.heads")]:
     with pytest.raises(tc.CacheError, match=named):
       tc.build_cache(params, source, tmp_path / "c", dict(fp, **other), rc, progress=False)

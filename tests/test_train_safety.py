@@ -188,13 +188,31 @@ def test_the_same_data_elsewhere_and_another_backbone(trained, tmp_path):
   moved = tmp_path / "moved.txt"
   moved.write_bytes(Path(corpus).read_bytes())
   old = _recorded(tmp / "work")
-  same = run.run_settings(_cfg(_argv(tmp, str(moved), "--steps", "2")), old["backbone_fingerprint"])
+  same = run.run_settings(_cfg(_argv(tmp, str(moved), "--steps", "2")), old["backbone_fingerprint"],
+                         old["backbone_weights"])
   assert same["data"] == [str(moved)] and checkpoint.check_settings(tmp / "work", same, describe=run.DESCRIBE) == "same"
   other = dict(same, backbone_fingerprint="0123456789abcdef", model="smollm2-135m")
   with pytest.raises(checkpoint.SettingsMismatchError,
                      match=f"backbone_fingerprint: '{old['backbone_fingerprint']}' \\(random-tiny\\) there, "
                      "'0123456789abcdef' \\(smollm2-135m\\) now"):
     checkpoint.check_settings(tmp / "work", other, describe=run.DESCRIBE)
+
+
+def test_a_shared_teacher_cache_refuses_other_weights(trained, tmp_path, capsys):
+  """Another seed of random-tiny has the same config (as a fine-tuned copy of a model has) but other
+  weights: the cached hidden states and targets are not its own, so a shared --cache_dir is refused."""
+  tmp, corpus = trained
+  cache = tmp / "work" / "teacher_cache"
+  before = _tree(cache)
+  argv = fx.command(tmp_path / "w", corpus, tmp / "data", "--steps", "2", "--eval_every", "0",
+                    "--cache_dir", str(cache))[4:]
+  err = _refused(capsys, argv + ["--seed", "1"])
+  assert err.startswith(f"error: the teacher cache {cache / 'train'} was built for other settings (weights: ")
+  assert _tree(cache) == before
+  bb = backbone.load(backbone.RANDOM_TINY, "smollm2-135m")
+  same = backbone.weights_fingerprint(bb.params)
+  assert same == _recorded(tmp / "work")["backbone_weights"]
+  assert same != backbone.weights_fingerprint(backbone.load(backbone.RANDOM_TINY, "smollm2-135m", "bfloat16").params)
 
 
 def test_workdir_without_settings_file_is_accepted_and_recorded(trained, tmp_path):

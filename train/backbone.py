@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 import chunkllm_jax as cj
 from chunkllm_jax import registry, weights
@@ -40,3 +42,15 @@ def load(model: str, tokenizer: str = "", dtype: str = "float32", seed: int = 0)
     return Backbone(RANDOM_TINY, cfg, params, tok)
   m = cj.load(model, dtype=dtype, tokenizer=not tokenizer)
   return Backbone(model, m.config, m.params, load_tokenizer(tokenizer) if tokenizer else m.tokenizer)
+
+
+def weights_fingerprint(params: cj.ModelParams) -> str:
+  """A short hash of the backbone's weights as loaded (values, dtype and shapes). The config's
+  fingerprint is the architecture's: a fine-tuned copy, another seed of random-tiny or another --dtype
+  share it, but not the teacher's targets and hidden states."""
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(params.backbone)[0]:
+    a = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape};".encode())
+    h.update(a.view(np.uint8).reshape(-1))
+  return h.hexdigest()[:16]

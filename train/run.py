@@ -82,7 +82,7 @@ SETTINGS = ("tokenizer", "dtype", "eval_fraction", "seq_len", "batch_size", "see
             "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm", "d_c", "kl_weight", "n_sink",
             "n_local", "max_chunk_len", "max_chunks", "recall_k", "teacher", "score_queries", "retrieval_mix",
             "max_sequences", "student_queries", "selection_layers")
-DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model"}  # shown beside a difference
+DESCRIBE = {"data_sha256": "data", "backbone_fingerprint": "model", "backbone_weights": "model"}  # shown beside a difference
 
 
 # Counts and their least sane value: a zero batch or sequence fails only after the data is built.
@@ -241,8 +241,9 @@ def check_export_path(cfg) -> None:
   _check_writable("--export", Path(cfg.export).absolute().parent)  # the export is written beside it, then moved
 
 
-def run_settings(cfg, backbone_fingerprint: str) -> dict:
-  """The settings recorded with the checkpoints (the data by content, so it may move)."""
+def run_settings(cfg, backbone_fingerprint: str, backbone_weights: str) -> dict:
+  """The settings recorded with the checkpoints (the data and the backbone's weights by content, so
+  they may move)."""
   h = hashlib.sha256(json.dumps([cfg.tfds_name, cfg.tfds_text_key]).encode())
   for f in cfg.data:
     if not Path(f).is_file():  # load_splits names it later
@@ -256,7 +257,7 @@ def run_settings(cfg, backbone_fingerprint: str) -> dict:
   listed = lambda v: list(v) if isinstance(v, tuple) else v  # as JSON gives it back from the file
   return dict({k: listed(getattr(cfg, k)) for k in SETTINGS}, data_sha256=h.hexdigest()[:16],
               data=list(cfg.data) or f"tfds:{cfg.tfds_name}", backbone_fingerprint=backbone_fingerprint,
-              model=cfg.model)
+              backbone_weights=backbone_weights, model=cfg.model)
 
 
 def train(cfg) -> dict[str, float]:
@@ -275,7 +276,8 @@ def train(cfg) -> dict[str, float]:
   workdir = Path(cfg.workdir)
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
   # Before the data is built and before any Checkpointer exists (rotation deletes old checkpoints).
-  settings = run_settings(cfg, adapter_io.fingerprint(bb.config))
+  weights = backbone.weights_fingerprint(bb.params)
+  settings = run_settings(cfg, adapter_io.fingerprint(bb.config), weights)
   recorded = checkpoint.check_settings(workdir, settings, describe=DESCRIBE)
   if recorded == "unrecorded" and pi == 0:
     print(f"{workdir} has checkpoints but no {checkpoint.SETTINGS_FILE} (they predate it): recording this "
@@ -303,7 +305,7 @@ def train(cfg) -> dict[str, float]:
     splits = dict(splits, train=data.FirstN(splits["train"], cfg.max_sequences))
   params = jax.device_put(bb.params, params_sharding(bb.params, mesh))
   if uses_cache(cfg):  # one frozen pass per sequence, once; training then reads the rows
-    splits = dict(splits, **build_caches(cfg, splits, params, bb, acfg, loss_config))
+    splits = dict(splits, **build_caches(cfg, splits, params, bb, weights, acfg, loss_config))
   train_it = data.train_iterator(splits["train"], global_batch=cfg.batch_size, seed=cfg.seed,
                                  process_index=pi, process_count=pc)
   eval_set = []
@@ -389,7 +391,7 @@ def train(cfg) -> dict[str, float]:
   return last
 
 
-def build_caches(cfg, splits, params, bb, acfg, loss_config) -> dict:
+def build_caches(cfg, splits, params, bb, weights, acfg, loss_config) -> dict:
   """The teacher cache of each split: {"train": CachedRows, "validation": ...}. One process computes a
   sequence's rows when a step first reads it; several build every missing shard first."""
   import numpy as np
@@ -405,8 +407,8 @@ def build_caches(cfg, splits, params, bb, acfg, loss_config) -> dict:
     if split not in ("train", "validation") or source is None:
       continue
     path = cache_dir(cfg) / split
-    fp = teacher_cache.cache_fingerprint(rc, backbone=adapter_io.fingerprint(bb.config), data=splits["name"],
-                                         seq_len=cfg.seq_len, split=split)
+    fp = teacher_cache.cache_fingerprint(rc, backbone=adapter_io.fingerprint(bb.config), weights=weights,
+                                         data=splits["name"], seq_len=cfg.seq_len, split=split)
     if jax.process_count() == 1:  # each sequence's rows computed the first time a step reads it
       teacher_cache.open_cache(path, fp)
       out[split] = teacher_cache.CachedRows(path, len(source), compute=teacher_cache.teacher_of(params, source, rc))

@@ -135,10 +135,12 @@ def teacher_rows(params: ModelParams, tokens_BT, labels_BT, lengths_B, rc: RowsC
 # The cache on disk
 
 
-def cache_fingerprint(rc: RowsConfig, *, backbone: str, data: str, seq_len: int, split: str) -> dict[str, Any]:
-  """What a cache's shards depend on: the backbone (adapter_io.fingerprint), the packed data (its
-  dataset name, a hash of the text and settings), the sequence length, the split and the rows."""
-  return dict(backbone=backbone, data=data, seq_len=seq_len, split=split, rows=rc.fingerprint())
+def cache_fingerprint(rc: RowsConfig, *, backbone: str, weights: str, data: str, seq_len: int,
+                      split: str) -> dict[str, Any]:
+  """What a cache's shards depend on: the backbone (adapter_io.fingerprint) and its weights
+  (train.backbone.weights_fingerprint), the packed data (its dataset name, a hash of the text and
+  settings), the sequence length, the split and the rows."""
+  return dict(backbone=backbone, weights=weights, data=data, seq_len=seq_len, split=split, rows=rc.fingerprint())
 
 
 def check_cache(path: Path, fingerprint: dict[str, Any]) -> bool:
