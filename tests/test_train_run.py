@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,30 @@ def test_killed_run_resumes_with_the_same_losses(reference):
   assert sorted(fx.logged(ref, "eval")) == [8, 16, 24]
   assert fx.logged(workdir, "eval") == fx.logged(ref, "eval")
   assert want[24]["loss"] < want[1]["loss"]
+
+
+@pytest.mark.slow  # two short runs in a subprocess
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_run_checkpoints_its_last_step(reference, tmp_path, sig):
+  """SIGTERM or Ctrl-C between checkpoints: the step under way finishes and is checkpointed, so the
+  resumed run repeats no step, and it ends with the uninterrupted run's losses."""
+  tmp, corpus, ref = reference
+  workdir = tmp_path / "stopped"
+  cmd = fx.command(workdir, corpus, tmp / "data", *STEPS, "--checkpoint_every", "100")  # none due after step 1
+  proc = fx.start(cmd)
+  while not (workdir / "metrics.jsonl").exists() or max(fx.logged(workdir), default=0) < 5:
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(sig)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130, out[-3000:]
+  last = max(fx.logged(workdir))
+  assert f"stopped after step {last}, which is checkpointed" in out
+  assert fx.finished_checkpoints(workdir)[-1] == last
+  r = fx.run(cmd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resumed from {workdir / 'checkpoints' / str(last)}" in r.stderr
+  assert fx.logged(workdir) == fx.logged(ref)
 
 
 def test_export_round_trips_and_checks_the_backbone(reference):

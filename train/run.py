@@ -17,7 +17,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -355,6 +357,7 @@ def train(cfg) -> dict[str, float]:
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or pi != 0,
              desc="train", dynamic_ncols=True)
   last = {}
+  stop = StopRequest(enabled=ckpt is not None and pc == 1)
   try:
     for i in bar:
       t0 = time.perf_counter()  # the batch included: with the teacher cache its first read is the frozen pass
@@ -372,9 +375,14 @@ def train(cfg) -> dict[str, float]:
       if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
         ev = [metrics_lib.to_floats(eval_fn(state.adapters, params, to_global(b))) for b in eval_set]
         writer.write(step, "eval", metrics_lib.mean_metrics(ev))
+      stopping = stop.requested and step < cfg.steps  # read once: a later request waits for the next step
       if ckpt is not None:
-        ckpt.save(step, state, train_it.get_state(), force=step == cfg.steps)
+        ckpt.save(step, state, train_it.get_state(), force=step == cfg.steps or stopping)
+      if stopping:
+        print(f"\n{stop.requested}: stopped after step {step}, which is checkpointed", file=sys.stderr)
+        raise KeyboardInterrupt
   finally:
+    stop.close()
     bar.close()
     writer.close()
     if ckpt is not None:
@@ -389,6 +397,32 @@ def train(cfg) -> dict[str, float]:
                                extra=dict(trained_steps=int(state.step.addressable_data(0))))
       print(f"exported adapters to {cfg.export}", file=sys.stderr)
   return last
+
+
+class StopRequest:
+  """Ctrl-C or SIGTERM during the training loop: the step under way finishes and is checkpointed before
+  the run stops, so no finished step is lost; a second one interrupts at once. Only with checkpoints, a
+  single process (the others would wait for it in a collective) and in the main thread (where Python
+  runs signal handlers); elsewhere the signals act as before."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self, enabled: bool):
+    self.requested = ""  # the signal's name, once one came
+    self._previous = {}
+    if enabled and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+
+  def _request(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name  # printed by the loop: a handler writing to stderr could cut into a write
+
+  def close(self) -> None:
+    for s, handler in self._previous.items():
+      if handler is not None:  # None: not installed from Python, cannot be put back
+        signal.signal(s, handler)
+    self._previous = {}
 
 
 def build_caches(cfg, splits, params, bb, weights, acfg, loss_config) -> dict:
@@ -448,10 +482,18 @@ def report(e: Exception) -> int:
   return 2
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   from train import config
 
+  main_thread = threading.current_thread() is threading.main_thread()
+  # SIGTERM (a scheduler's stop, `timeout`, `kill`) as Ctrl-C: checkpoints being written are finished
+  # and a half-written export is removed, rather than the process dying where it stands.
+  previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
   try:
     setup_platform(args)
     cfg = config.from_args(args)
@@ -461,6 +503,9 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print("interrupted: the same command resumes from the last checkpoint", file=sys.stderr)
     return 130
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return 0
 
 
