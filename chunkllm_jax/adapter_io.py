@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -101,8 +103,35 @@ def check_export_target(directory, *, overwrite: bool = False) -> Path:
 
 
 def _sibling(directory: Path, tag: str) -> Path:
-  """A fresh hidden name beside `directory` (not created)."""
-  return directory.with_name(f".{directory.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  """A fresh hidden name beside `directory` (not created), naming the host and process that write it."""
+  return directory.with_name(f".{directory.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_dead_siblings(directory: Path) -> list[Path]:
+  """Removes the siblings (`_sibling`) that exports to `directory` by processes of this host that no
+  longer run left behind when killed: a half-written new export ("tmp") or a replaced one ("old"). Only
+  called once a new export is in place, which supersedes both; a folder holding anything an export does
+  not, or of a process still running or on another host (a shared disk), is left alone."""
+  pattern = re.compile(rf"\.{re.escape(directory.name)}\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{8}}")
+  removed = []
+  for p in directory.parent.iterdir():
+    m = pattern.fullmatch(p.name)
+    if not m or p.is_symlink() or not p.is_dir() or _running(int(m.group(2))):
+      continue
+    if all(c.name in EXPORT_ENTRIES or c.name.startswith("params.orbax-checkpoint-tmp") for c in p.iterdir()):
+      shutil.rmtree(p)
+      removed.append(p)
+  return removed
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # another user's process
+    return True
+  return True
 
 
 def _swap_in(new: Path, directory: Path) -> None:
@@ -136,7 +165,8 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
                   dtype: str = "float32", overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
   """Writes an export. An existing export is only replaced with `overwrite`, and only once the new
   one is complete (it is written beside it, then swapped in). A folder that holds anything but an
-  earlier export is never replaced (ExportTargetError).
+  earlier export is never replaced (ExportTargetError). Once the export is in place, the hidden
+  folders that killed exports to it left beside it are removed (`_remove_dead_siblings`).
 
   dtype: of the stored weights; "bfloat16" halves the size (loading gives float32 either way).
   model_config: the backbone's ModelConfig (or its ModelParams); adapters that do not fit it are refused.
@@ -175,6 +205,7 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)  # ours alone; the old export is untouched
     raise
+  _remove_dead_siblings(directory)
   return directory
 
 

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -137,6 +139,42 @@ def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
     cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny", overwrite=True)
   assert _tree(tmp_path) == before
   assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+import jax
+import chunkllm_jax as cj
+from chunkllm_jax import adapter_io
+from train import backbone
+model_config = cj.ModelConfig(arch="llama", vocab_size=64, eos_ids=(0,), **backbone.TINY_SIZES)
+adapters = cj.init_adapters(jax.random.key(0), model_config, cj.AdapterConfig(d_c=8).resolve(model_config))
+adapter_io._swap_in = lambda new, directory: os.kill(os.getpid(), signal.SIGKILL)  # killed once written
+cj.save_adapters(adapters, sys.argv[1], model_config=model_config, backbone="random-tiny", overwrite=True)
+"""
+
+
+def test_an_export_removes_what_killed_exports_left(tmp_path):
+  """A kill between writing an export and moving it in place leaves a hidden sibling; the next export
+  there removes it, and only such folders of this host's processes that no longer run."""
+  export = tmp_path / "export"
+  r = fx.run([sys.executable, "-c", KILLED_EXPORT, str(export)])
+  assert r.returncode == -9, r.stderr[-3000:]
+  [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp-")]
+  assert not export.exists() and {p.name for p in left.iterdir()} == {"config.json", "params"}
+  dead = left.name.split("-")[-2]
+  host = socket.gethostname()
+  kept = {f".export.tmp-{host}-{os.getpid()}-0123abcd": "params",  # a process still running: writing it now
+          f".export.tmp-otherhost-{dead}-0123abcd": "params",  # another host's, on a shared disk
+          f".export.old-{host}-{dead}-0123abcd": "notes.txt",  # not what an export holds
+          f".export.tmp-{host}-{dead}-notmine": "params"}  # not a name an export gives
+  for name, entry in kept.items():
+    (tmp_path / name / entry).mkdir(parents=True)
+  (tmp_path / f".export.old-{host}-{dead}-89abcdef" / "params").mkdir(parents=True)  # a replaced export
+  adapters, model_config = _tiny_adapters()
+  cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
+  assert adapter_io.read_export_config(export)["backbone"] == "random-tiny"
 
 
 # 2. A workdir remembers the settings its checkpoints depend on.
