@@ -490,12 +490,15 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   from train import config
 
-  main_thread = threading.current_thread() is threading.main_thread()
-  # SIGTERM (a scheduler's stop, `timeout`, `kill`) as Ctrl-C: checkpoints being written are finished
-  # and a half-written export is removed, rather than the process dying where it stands.
-  previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+  previous = None
   try:
     setup_platform(args)
+    alone = not (args.coordinator or args.num_processes or args.tpu)  # as setup_platform decides
+    if alone and threading.current_thread() is threading.main_thread():
+      # SIGTERM (a scheduler's stop, `timeout`, `kill`) as Ctrl-C: checkpoints being written are finished and
+      # a half-written export is removed, rather than the process dying where it stands. Not beside other
+      # processes: one waiting for its checkpoint's writes while the others wait for it in a step would hang.
+      previous = signal.signal(signal.SIGTERM, _interrupt)
     cfg = config.from_args(args)
     train(cfg)
   except user_errors() as e:
