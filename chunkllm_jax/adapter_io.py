@@ -104,7 +104,7 @@ def check_export_target(directory, *, overwrite: bool = False) -> Path:
 
 def _sibling(directory: Path, tag: str) -> Path:
   """A fresh hidden name beside `directory` (not created), naming the host and process that write it."""
-  return directory.with_name(f".{directory.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  return directory.with_name(f".{directory.name}.{tag}-{writer_tag()}-{uuid.uuid4().hex[:8]}")
 
 
 def _remove_dead_siblings(directory: Path) -> list[Path]:
@@ -112,11 +112,11 @@ def _remove_dead_siblings(directory: Path) -> list[Path]:
   longer run left behind when killed: a half-written new export ("tmp") or a replaced one ("old"). Only
   called once a new export is in place, which supersedes both; a folder holding anything an export does
   not, or of a process still running or on another host (a shared disk), is left alone."""
-  pattern = re.compile(rf"\.{re.escape(directory.name)}\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{8}}")
+  pattern = re.compile(rf"\.{re.escape(directory.name)}\.(tmp|old)-(.+)-(\d+)-[0-9a-f]{{8}}")
   removed = []
   for p in directory.parent.iterdir():
     m = pattern.fullmatch(p.name)
-    if not m or p.is_symlink() or not p.is_dir() or _running(int(m.group(2))):
+    if not m or p.is_symlink() or not p.is_dir() or not written_by_gone_process(m.group(2), int(m.group(3))):
       continue
     if all(c.name in EXPORT_ENTRIES or c.name.startswith("params.orbax-checkpoint-tmp") for c in p.iterdir()):
       shutil.rmtree(p)
@@ -124,14 +124,23 @@ def _remove_dead_siblings(directory: Path) -> list[Path]:
   return removed
 
 
-def _running(pid: int) -> bool:
+def writer_tag() -> str:
+  """What a temporary file's name says of its writer ("host-pid"), for `written_by_gone_process`."""
+  return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def written_by_gone_process(host: str, pid: int) -> bool:
+  """Whether the writer named by `writer_tag` was a process of this host that no longer runs (what it
+  left half-written is nobody's). Another host's (a shared disk) is never known to be gone."""
+  if host != socket.gethostname():
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
-    return False
-  except OSError:  # another user's process
     return True
-  return True
+  except OSError:  # another user's process
+    return False
+  return False
 
 
 def _swap_in(new: Path, directory: Path) -> None:

@@ -1,6 +1,10 @@
 """The head-max teacher at the selection rows, its cache, and the loss on it (train.teacher_cache)."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +178,21 @@ def test_a_cache_of_other_settings_is_refused(tmp_path):
   with pytest.raises(tc.CacheError, match="not empty"):
     tc.build_cache(params, source, tmp_path / "mine", fp, rc, progress=False)
   assert json.loads((tmp_path / "c" / tc.CACHE_FILE).read_text()) == fp
+
+
+def test_opening_a_cache_removes_what_killed_writers_left(tmp_path):
+  """A shard half-written by a process of this host that is gone is removed (it is written again when
+  needed); a live writer's, another host's and names the cache never gives are left alone."""
+  rc = tc.RowsConfig(layers=(1,), n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16, score_queries=3)
+  fp = tc.cache_fingerprint(rc, backbone="tiny", weights="w", data="d", seq_len=40, split="train")
+  path = tc.open_cache(tmp_path / "c", fp)
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  dead, host = int(gone.stdout), socket.gethostname()
+  left = [f".000003.npz.tmp-{host}-{dead}", f".cache.json.tmp-{host}-{dead}"]
+  kept = [f".000004.npz.tmp-{host}-{os.getpid()}", f".000005.npz.tmp-otherhost-{dead}", f".notes.npz.tmp-{host}-{dead}",
+          "000001.npz"]
+  for name in left + kept:
+    (path / name).write_bytes(b"partial")
+  assert tc.open_cache(path, fp, write=False) == path and all((path / n).exists() for n in left)  # a reader removes nothing
+  tc.open_cache(path, fp)
+  assert sorted(p.name for p in path.iterdir()) == sorted(kept + [tc.CACHE_FILE])

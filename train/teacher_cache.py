@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chunkllm_jax import boundaries, model
+from chunkllm_jax import adapter_io, boundaries, model
 from chunkllm_jax.chunk_generation import layer0_output
 from chunkllm_jax.chunk_prefill import attention_rows, selection_rows
 from chunkllm_jax.params import ModelParams
@@ -191,7 +192,24 @@ def open_cache(path: str | Path, fingerprint: dict[str, Any], *, write: bool = T
   if not check_cache(path, fingerprint) and write:
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / CACHE_FILE, lambda f: f.write((json.dumps(fingerprint, indent=1) + "\n").encode()))
+  if write:
+    remove_dead_partials(path)
   return path
+
+
+_PARTIAL = re.compile(r"\.(\d{6}\.npz|" + re.escape(CACHE_FILE) + r")\.tmp-(.+)-(\d+)")  # _write_atomic's names
+
+
+def remove_dead_partials(path: Path) -> list[Path]:
+  """Removes the half-written files (`_write_atomic`) that processes of this host killed while writing
+  left in the cache folder; a shard is written whole again when it is next needed."""
+  removed = []
+  for p in Path(path).iterdir():
+    m = _PARTIAL.fullmatch(p.name)
+    if m and p.is_file() and not p.is_symlink() and adapter_io.written_by_gone_process(m.group(2), int(m.group(3))):
+      p.unlink()
+      removed.append(p)
+  return removed
 
 
 def teacher_of(params: ModelParams, source: Sequence[dict], rc: RowsConfig):
@@ -235,7 +253,7 @@ def build_cache(params: ModelParams, source: Sequence[dict], path: str | Path, f
 
 def _write_atomic(dest: Path, write_to) -> None:
   """Writes to a temporary sibling, then renames: a reader sees the whole file or none."""
-  tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+  tmp = dest.with_name(f".{dest.name}.tmp-{adapter_io.writer_tag()}")
   with open(tmp, "wb") as f:
     write_to(f)
   os.replace(tmp, dest)
