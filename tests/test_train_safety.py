@@ -6,6 +6,7 @@ from the CLI, and every file that was there before still there, byte for byte.""
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -175,6 +176,24 @@ def test_an_export_removes_what_killed_exports_left(tmp_path):
   cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny")
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
   assert adapter_io.read_export_config(export)["backbone"] == "random-tiny"
+
+
+def test_a_diverged_run_stops_before_saving_or_exporting_it(tmp_path):
+  """An lr far too high makes the adapters nan by step 3: the run stops there with an error, its finite
+  checkpoints kept (not rotated away by nan ones) and no nan adapters exported."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  cmd = fx.command(tmp_path / "work", corpus, tmp_path / "data", "--steps", "8", "--lr", "1e30",
+                   "--checkpoint_every", "1", "--max_to_keep", "2", "--eval_every", "0",
+                   "--export", str(tmp_path / "export"))
+  r = fx.run(cmd)
+  assert r.returncode == 2, r.stderr[-3000:]
+  err = r.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: step ") and "training diverged" in err and "nothing is exported" in err, err
+  stopped = int(err.split()[2].rstrip(":"))
+  assert not (tmp_path / "export").exists()
+  assert fx.finished_checkpoints(tmp_path / "work") == [stopped - 2, stopped - 1]
+  rows = fx.logged(tmp_path / "work")
+  assert sorted(rows) == list(range(1, stopped + 1)) and all(math.isfinite(rows[s]["loss"]) for s in rows if s < stopped)
 
 
 # 2. A workdir remembers the settings its checkpoints depend on.

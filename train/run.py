@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -76,6 +77,10 @@ def setup_platform(args: argparse.Namespace) -> None:
 
 class FlagError(ValueError):
   """A flag that cannot work, refused before any work starts."""
+
+
+class DivergedError(ValueError):
+  """A step whose loss or adapters are not finite (nan, inf): the run stops before saving or exporting it."""
 
 
 # What a run's checkpoints depend on, besides the data and the backbone: resuming with another value
@@ -368,8 +373,15 @@ def train(cfg) -> dict[str, float]:
       step = i + 1
       last["tokens_per_s"] = cfg.batch_size * cfg.seq_len / dt
       last["step_s"] = dt
-      if step % cfg.log_every == 0 or step == cfg.steps:
+      diverged = not math.isfinite(last["loss"]) or not bool(step_lib.all_finite(state.adapters).addressable_data(0))
+      if step % cfg.log_every == 0 or step == cfg.steps or diverged:
         writer.write(step, "train", last)
+      if diverged:  # before it is saved: the checkpoints kept are the last finite adapters, not rotated away
+        kept = f"the checkpoints in {ckpt.directory} are kept" if ckpt else "no checkpoint was written"
+        raise DivergedError(
+            f"step {step}: the loss ({last['loss']}) or the adapters are not finite: training diverged. This step "
+            f"is not saved and nothing is exported ({kept}). Lower --lr (or raise --warmup_steps) and give "
+            "another --workdir")
       bar.set_postfix(loss=f"{last['loss']:.4f}", kl=f"{last['kl']:.4f}", bce=f"{last['bce']:.4f}",
                       tok_s=f"{last['tokens_per_s']:.0f}")
       if eval_set and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -473,8 +485,8 @@ def user_errors() -> tuple[type[Exception], ...]:
   from train.teacher_cache import CacheError
   from train.tfds_builder import DataError
 
-  return (FlagError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, ConfigError, CacheError,
-          OSError)  # FileNotFoundError, FileExistsError, a folder that cannot be written
+  return (FlagError, DivergedError, ExportTargetError, DataError, CheckpointError, AdapterLoadError, ConfigError,
+          CacheError, OSError)  # FileNotFoundError, FileExistsError, a folder that cannot be written
 
 
 def report(e: Exception) -> int:

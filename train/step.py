@@ -58,6 +58,12 @@ def eval_step(adapters: Adapters, params: ModelParams, batch: dict[str, Any], *,
   return training_loss(adapters, params, batch, loss_config)[1]
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every value of `tree` is finite (a diverged step's adapters are not)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def batch_shardings(mesh: Mesh, batch_shapes: dict[str, tuple[int, ...]]):
   return {k: batch_sharding(mesh, s) for k, s in batch_shapes.items()}
 
