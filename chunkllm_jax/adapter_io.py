@@ -118,9 +118,12 @@ def _remove_dead_siblings(directory: Path) -> list[Path]:
     m = pattern.fullmatch(p.name)
     if not m or p.is_symlink() or not p.is_dir() or not written_by_gone_process(m.group(2), int(m.group(3))):
       continue
-    if all(c.name in EXPORT_ENTRIES or c.name.startswith("params.orbax-checkpoint-tmp") for c in p.iterdir()):
-      shutil.rmtree(p)
-      removed.append(p)
+    try:  # a leftover that cannot be read or removed stays: the export itself is done
+      if all(c.name in EXPORT_ENTRIES or c.name.startswith("params.orbax-checkpoint-tmp") for c in p.iterdir()):
+        shutil.rmtree(p)
+        removed.append(p)
+    except OSError:
+      pass
   return removed
 
 
