@@ -621,9 +621,10 @@ def _enter_state(params: ModelParams, state, settings: ChunkSettings):
 def _step_state(params: ModelParams, tokens_B, state, done_B, settings: ChunkSettings):
   cache, st = state
   logits, cache, new = chunk_decode_step(params, tokens_B, cache, st, settings.ccfg)
-  # A finished row still runs with its batch; its steps must not count in its own stats.
-  new = new.replace(retained=jnp.where(done_B, st.retained, new.retained),
-                    read_slots=jnp.where(done_B, st.read_slots, new.read_slots))
+  # A finished row still runs with its batch (its pad tokens close chunks by max_chunk_len); its steps must
+  # not count in its own stats. Its table stops growing too: nothing of it is read for its output any more.
+  new = new.replace(**{name: jnp.where(done_B, getattr(st, name), getattr(new, name))
+                       for name in ("retained", "read_slots", "n_chunks", "n_selections", "overflow")})
   return logits, (cache, new)
 
 

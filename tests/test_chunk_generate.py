@@ -201,6 +201,23 @@ def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
   assert np.isnan(one.stats["kv_retention"][0])  # no decode step ran
 
 
+@pytest.mark.parametrize("selection", ["shared", "kv_head"])
+def test_a_finished_row_counts_its_chunks_and_selections_up_to_its_end(selection):
+  """A row that has ended runs on with its batch, and its pad tokens close chunks by max_chunk_len: its
+  n_chunks, n_selections and chunk_overflow are those of its own run, as if it had run alone."""
+  params = chunk_params("gemma3")
+  rows = prompts([5, 60], seed=9)
+  kw = dict(max_new_tokens=12, max_len=128, max_chunk_len=4, selection=selection)
+  free = cg.chunk_generate(params, rows, eos_ids=(), **kw)
+  eos = int(free.new_tokens(0)[0])  # row 0 ends at its first token; row 1 never makes it
+  assert eos not in free.new_tokens(1)
+  both = cg.chunk_generate(params, rows, eos_ids=(eos,), **kw)
+  alone = cg.chunk_generate(params, rows[:1], eos_ids=(eos,), **kw)
+  assert both.lengths[1] - both.prompt_lengths[1] == 12
+  for name in ("n_chunks", "n_selections", "chunk_overflow"):
+    assert both.stats[name][0] == alone.stats[name][0], name
+
+
 @pytest.mark.parametrize("lengths, seed", [((90, 93), 90), ((50, 61, 77), 3)])
 def test_a_row_reads_the_same_whatever_rows_share_its_batch(lengths, seed):
   """Rows close their chunks at different steps. A boundary in one row must not re-pack another's working
