@@ -694,7 +694,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   _warn_about_reads(ccfg, np.asarray(st.overflow), retention, seen, all_dense=not _layer_plan(params, ccfg).sparse.any())
   extra = dict(kv_retention=retention, n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
-               bytes_per_step=nbytes["chunk"], dense_bytes_per_step=nbytes["dense"])
+               bytes_per_step=nbytes["chunk"], dense_bytes_per_step=np.where(live > 0, nbytes["dense"], np.nan))
   return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id, prefill_s=prefill_s,
                                   decode_s=decode_s, decode_steps=steps, extra_stats=extra)
 

@@ -198,7 +198,8 @@ def test_no_chunk_slots_and_finished_rows_count_only_their_own_steps():
   alone = chunk_generate(params, rows, eos_ids=(eos,), **kw)
   np.testing.assert_allclose(both.stats["kv_retention"][0], alone.stats["kv_retention"][0], rtol=1e-6)
   one = chunk_generate(params, rows, max_new_tokens=1, eos_ids=(), max_len=128)
-  assert np.isnan(one.stats["kv_retention"][0])  # no decode step ran
+  for name in ("kv_retention", "bytes_per_step", "dense_bytes_per_step"):  # means over no decode step
+    assert np.isnan(one.stats[name][0]), name
 
 
 @pytest.mark.parametrize("selection", ["shared", "kv_head"])
