@@ -673,7 +673,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   if ccfg.attention == "pallas" and ccfg.shares_selection and cfg.attn_softcap is not None:
     raise ValueError("the shared rule's kernels (attention='pallas', selection='shared') do not support attention "
                      "logit soft-capping; use attention='xla'")
-  sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
+  sampling = Sampling.of(temperature, top_k, top_p)
   progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg), enter_fn=_enter_state,
                             sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
                             mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),

@@ -51,7 +51,7 @@ def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temper
   prompts, lens = decoding.prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
   max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len, params.backbone["embed"].dtype.itemsize)
   params = decoding.place_params(params.replace(adapters=None), mesh)  # vanilla decoding never reads adapters
-  sampling = Sampling(float(temperature), int(top_k or 0), float(top_p))
+  sampling = Sampling.of(temperature, top_k, top_p)
   progs = decoding.programs(dense_prefill, dense_step, DenseSettings(decoding.buffer_len(max_len)),
                             sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
                             mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0))

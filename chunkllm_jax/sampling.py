@@ -26,6 +26,14 @@ class Sampling:
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+  @classmethod
+  def of(cls, temperature, top_k, top_p) -> "Sampling":
+    """The settings as the compiled programs are keyed by them: greedy ignores top_k and top_p, so every
+    greedy call shares one program (one with a top_k or top_p left beside temperature 0 compiled again)."""
+    if float(temperature) == 0.0:
+      return cls()
+    return cls(float(temperature), int(top_k or 0), float(top_p))
+
 
 def sample(logits_BV: jnp.ndarray, key: jax.Array, s: Sampling) -> jnp.ndarray:
   """Returns token ids [B] int32."""

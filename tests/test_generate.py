@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import chunkllm_jax as cj
+from chunkllm_jax import decoding
 from chunkllm_jax import model
 from chunkllm_jax.sampling import Sampling, sample
 from tests.tiny_models import ARCH_FLAGS, prompts, tiny_params
@@ -123,6 +124,17 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
   c = cj.generate(params, rows, max_new_tokens=10, temperature=1.0, seed=8, eos_ids=())
   assert (a.tokens == b.tokens).all()
   assert (a.tokens != c.tokens).any()
+
+
+def test_greedy_calls_share_one_program_whatever_top_k_and_top_p():
+  """temperature 0 ignores top_k and top_p: a greedy call with them set compiles nothing new."""
+  params = tiny_params()
+  rows = prompts([6], seed=5)
+  ref = cj.generate(params, rows, max_new_tokens=3, eos_ids=())
+  misses = decoding.programs.cache_info().misses
+  for kw in (dict(top_k=5), dict(top_p=0.5), dict(top_k=2, top_p=0.9)):
+    assert (cj.generate(params, rows, max_new_tokens=3, eos_ids=(), **kw).tokens == ref.tokens).all()
+  assert decoding.programs.cache_info().misses == misses
 
 
 @pytest.mark.parametrize("bad, match", [
