@@ -559,8 +559,11 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   else:
     w0 = st.work_valid & (st.work_pos <= pos_B[:, None])
     visible = seen if all_dense else jnp.sum(w0, -1) + jnp.clip(seen - st.open_start, 0, None)
+    # The row's own blocks of the working buffer (as the kernel reads them, and as it reads alone): the XLA
+    # path reads the batch's most, masked, but a row's stats must not depend on the rows beside it.
+    own_blocks = -(-st.work_used // WORK_BLOCK)
     st = st.replace(retained=st.retained + jnp.minimum(visible, seen) / seen,
-                    read_slots=st.read_slots + n_blocks * WORK_BLOCK + M)
+                    read_slots=st.read_slots + own_blocks * WORK_BLOCK + M)
 
   closes = ccfg.closes(pos_B, st.open_start, tokens_B, p)
 

@@ -219,19 +219,21 @@ def test_a_finished_row_counts_its_chunks_and_selections_up_to_its_end(selection
     assert both.stats[name][0] == alone.stats[name][0], name
 
 
-@pytest.mark.parametrize("lengths, seed", [((90, 93), 90), ((50, 61, 77), 3)])
-def test_a_row_reads_the_same_whatever_rows_share_its_batch(lengths, seed):
+@pytest.mark.parametrize("lengths, seed, budget", [((90, 93), 90, 0.3), ((50, 61, 77), 3, 0.3), ((40, 500), 3, 0.5)])
+def test_a_row_reads_the_same_whatever_rows_share_its_batch(lengths, seed, budget):
   """Rows close their chunks at different steps. A boundary in one row must not re-pack another's working
   buffer: the budget's room there (after its open chunk, which has grown since its own selection) is no
-  longer what it chose by, and its boundary tokens would then depend on its batch-mates."""
+  longer what it chose by, and its boundary tokens would then depend on its batch-mates. Its bytes are its
+  own working buffer's blocks too (40 tokens at 50% fill one, 500 two)."""
   params = chunk_params()
   rows = prompts(lengths, seed=seed)
-  kw = dict(max_new_tokens=12, eos_ids=(), boundaries="fixed", max_chunk_len=8, n_local=1, kv_budget=0.3)
+  kw = dict(max_new_tokens=12, eos_ids=(), boundaries="fixed", max_chunk_len=8, n_local=1, kv_budget=budget)
   batch = chunk_generate(params, rows, **kw)
   for b, row in enumerate(rows):
     alone = chunk_generate(params, [row], **kw)
     np.testing.assert_array_equal(batch.new_tokens(b), alone.new_tokens(0))
-    np.testing.assert_allclose(batch.stats["kv_retention"][b], alone.stats["kv_retention"][0], rtol=1e-6)
+    for name in ("kv_retention", "bytes_per_step"):
+      np.testing.assert_allclose(batch.stats[name][b], alone.stats[name][0], rtol=1e-6, err_msg=name)
 
 
 def test_retention_and_bytes_fall_with_top_chunks():
