@@ -682,7 +682,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                             mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
                             state_shardings=_state_shardings)
   params = decoding.place_params(params, mesh)
-  key = jax.random.key(decoding.check_seed(seed))
+  key = decoding.seed_key(seed)
   tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, state), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)

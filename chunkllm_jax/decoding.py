@@ -165,6 +165,15 @@ def check_seed(seed) -> int:
   return int(seed)
 
 
+def seed_key(seed) -> jax.Array:
+  """The PRNG key of a 64-bit seed (checked). `jax.random.key` keeps only a seed's low 32 bits where x64 is off
+  (the default): 5 and 2**32 + 5, or -5 and 2**32 - 5, drew the same tokens. A seed of 32 bits keeps its key."""
+  seed = check_seed(seed)
+  if -2**31 <= seed < 2**31:
+    return jax.random.key(seed)
+  return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
+
+
 def is_eos(tok_B, eos_ids: tuple[int, ...]):
   if not eos_ids:
     return jnp.zeros(tok_B.shape, bool)

@@ -71,7 +71,7 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   """
   params, prompts, lens, eos_ids, pad_id, progs = _setup(
       params, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p, eos_ids, pad_id, mesh)
-  key = jax.random.key(decoding.check_seed(seed))
+  key = decoding.seed_key(seed)
   tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, cache), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
@@ -94,7 +94,7 @@ def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Itera
       params, tokens, max_new_tokens, kw.pop("lengths", None), kw.pop("max_len", None),
       sampling_kw.get("temperature", 0.0), sampling_kw.get("top_k", 0), sampling_kw.get("top_p", 1.0),
       kw.pop("eos_ids", None), kw.pop("pad_id", None), kw.pop("mesh", None), where="stream")
-  key = jax.random.key(decoding.check_seed(seed))
+  key = decoding.seed_key(seed)
   return _stream_steps(params, prompts, lens, eos_ids, pad_id, progs, key, int(max_new_tokens))
 
 

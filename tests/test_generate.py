@@ -137,6 +137,17 @@ def test_greedy_calls_share_one_program_whatever_top_k_and_top_p():
   assert decoding.programs.cache_info().misses == misses
 
 
+@pytest.mark.parametrize("a, b", [(5, 2**32 + 5), (-5, 2**32 - 5), (2**31, -2**31), (0, -2**63)])
+def test_seeds_equal_in_their_low_32_bits_draw_differently(a, b):
+  """Every 64-bit seed is its own (jax.random.key keeps 32 bits without x64); a 32-bit seed keeps its key."""
+  params = tiny_params()
+  rows = prompts([6, 6], seed=4)
+  kw = dict(max_new_tokens=10, temperature=1.0, eos_ids=())
+  assert (cj.generate(params, rows, seed=a, **kw).tokens != cj.generate(params, rows, seed=b, **kw).tokens).any()
+  for s in (7, -7, 2**31 - 1, -2**31):
+    assert (jax.random.key_data(decoding.seed_key(s)) == jax.random.key_data(jax.random.key(s))).all()
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(tokens=[[1, 2, 96]]), r"outside the vocabulary \[0, 96\): \[96\]"),
     (dict(tokens=[[1, -3]]), r"outside the vocabulary"),
