@@ -30,16 +30,18 @@ class Sampling:
   def of(cls, temperature, top_k, top_p) -> "Sampling":
     """The settings as the compiled programs are keyed by them: greedy ignores top_k and top_p, so every
     greedy call shares one program (one with a top_k or top_p left beside temperature 0 compiled again)."""
-    if float(temperature) == 0.0:
-      return cls()
-    return cls(float(temperature), int(top_k or 0), float(top_p))
+    given = cls(float(temperature), int(top_k or 0), float(top_p))  # checked as given, greedy or not
+    return cls() if given.temperature == 0.0 else given
 
 
 def sample(logits_BV: jnp.ndarray, key: jax.Array, s: Sampling) -> jnp.ndarray:
   """Returns token ids [B] int32."""
   if s.temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits = logits_BV.astype(jnp.float32) / s.temperature
+  # Shifted by the row's maximum before the division: softmax is the same, and a tiny temperature cannot
+  # overflow the leading logits to +inf (several infinite logits would tie, and any of them could be drawn).
+  logits = logits_BV.astype(jnp.float32)
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
   if s.top_k:
     kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)

@@ -107,6 +107,15 @@ def test_sampling_with_one_candidate_is_greedy(kw):
   assert got.tolist() == jnp.argmax(logits, -1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-44])
+def test_a_tiny_temperature_draws_the_greedy_token(temperature):
+  """Logits divided by a tiny temperature overflow to inf where they are positive: the draw must still be
+  the most likely token, not any of the positive ones."""
+  logits = jax.random.normal(jax.random.key(0), (64, 50)) * 10
+  got = sample(logits, jax.random.key(1), Sampling(temperature=temperature))
+  assert got.tolist() == jnp.argmax(logits, -1).tolist()
+
+
 def test_top_k_and_top_p_only_draw_allowed_tokens():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
   keys = jax.random.key(3)
