@@ -250,11 +250,17 @@ def run_demo(args) -> None:
       st = out.stats
       print(f"{'':>13}read {float(st['kv_retention'][0]):.1%} of the KV cache "
             f"({float(st['bytes_per_step'][0] / st['dense_bytes_per_step'][0]):.1%} of dense bytes per step); "
-            f"decode {float(st['decode_tok_s'][0] / van['decode_tok_s'][0]):.2f}x, "
-            f"prefill {float(van['prefill_s'][0] / st['prefill_s'][0]):.2f}x the speed of vanilla")
+            f"decode {_times(st['decode_tok_s'][0], van['decode_tok_s'][0])}, "
+            f"prefill {_times(van['prefill_s'][0], st['prefill_s'][0])} the speed of vanilla")
   print("ChunkLLM (the defaults): the Chunk Adapter cuts the text into chunks, and each KV head of each layer "
         "chooses the chunks it reads at every step, from low-rank keys; shared rule: the paper's, one selection "
         "at each chunk boundary by the QK Adapters for every layer and head (selection='shared')")
+
+
+def _times(a, b) -> str:
+  """a / b as "1.23x"; "n/a" where a run made no decode step (its answer was one end-of-sequence token)."""
+  a, b = float(a), float(b)
+  return f"{a / b:.2f}x" if a > 0 and b > 0 and math.isfinite(a / b) else "n/a"
 
 
 def check_generate_flags(args):

@@ -169,3 +169,12 @@ def test_demo_uses_the_scorer_it_is_given(monkeypatch, capsys):
   with pytest.raises(pytest.skip.Exception):
     cli.main(["demo", "--context", "512", "--scorer", "attention"])
   assert seen == ["attention"]
+
+
+@pytest.mark.parametrize("a, b, want", [(3.0, 2.0, "1.50x"), (1.0, 0.0, "n/a"), (0.0, 2.0, "n/a"),
+                                        (float("nan"), 2.0, "n/a")])
+def test_demo_speed_ratio_of_a_run_without_decode_steps_is_not_a_number(a, b, want):
+  """A run whose first new token ends it has no decode speed (0): the demo says so rather than print inf."""
+  from chunkllm_jax import cli
+
+  assert cli._times(a, b) == want
