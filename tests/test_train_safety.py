@@ -270,6 +270,8 @@ def test_a_shared_teacher_cache_refuses_other_weights(trained, tmp_path, capsys)
   same = backbone.weights_fingerprint(bb.params)
   assert same == _recorded(tmp / "work")["backbone_weights"]
   assert same != backbone.weights_fingerprint(backbone.load(backbone.RANDOM_TINY, "smollm2-135m", "bfloat16").params)
+  # Seeds that differ past their low 32 bits give other weights (jax.random.key alone keeps those bits).
+  assert same != backbone.weights_fingerprint(backbone.load(backbone.RANDOM_TINY, "smollm2-135m", seed=2**32).params)
 
 
 def test_workdir_without_settings_file_is_accepted_and_recorded(trained, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 
 import chunkllm_jax as cj
 from chunkllm_jax import registry, weights
+from chunkllm_jax.decoding import seed_key
 
 RANDOM_TINY = "random-tiny"
 # A 2-layer Llama: seconds per train step, for tests and smoke runs.
@@ -38,7 +39,7 @@ def load(model: str, tokenizer: str = "", dtype: str = "float32", seed: int = 0)
       raise ValueError(f"--model {RANDOM_TINY} needs --tokenizer (e.g. smollm2-135m)")
     tok = load_tokenizer(tokenizer)
     cfg = cj.ModelConfig(arch="llama", vocab_size=len(tok), eos_ids=(tok.eos_token_id or 0,), **TINY_SIZES)
-    params = cj.init_backbone(jax.random.key(seed), cfg, dtype=dtype)
+    params = cj.init_backbone(seed_key(seed), cfg, dtype=dtype)
     return Backbone(RANDOM_TINY, cfg, params, tok)
   m = cj.load(model, dtype=dtype, tokenizer=not tokenizer)
   return Backbone(model, m.config, m.params, load_tokenizer(tokenizer) if tokenizer else m.tokenizer)

@@ -150,7 +150,7 @@ def check_common_flags(cfg) -> None:
   from chunkllm_jax.decoding import check_seed
 
   try:
-    check_seed(cfg.seed)  # what jax.random.key takes
+    check_seed(cfg.seed)  # what decoding.seed_key takes
   except ValueError:
     raise FlagError(f"--seed {cfg.seed} does not fit in 64 bits: give one from -2**63 to 2**63 - 1") from None
   if not 0 <= cfg.retrieval_mix <= 1:  # also refuses nan
@@ -274,6 +274,7 @@ def train(cfg) -> dict[str, float]:
 
   import chunkllm_jax as cj
   from chunkllm_jax import adapter_io
+  from chunkllm_jax.decoding import seed_key
   from chunkllm_jax.sharding import params_sharding, replicated
   from train import backbone, checkpoint, data, metrics as metrics_lib, step as step_lib
   from train.losses import loss_config_of
@@ -324,7 +325,7 @@ def train(cfg) -> dict[str, float]:
   schedule = step_lib.make_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.end_lr_ratio)
   optimizer = step_lib.make_optimizer(schedule, cfg.weight_decay, cfg.clip_norm)
   rep = replicated(mesh)
-  state = step_lib.init_state(cj.init_adapters(jax.random.key(cfg.seed), bb.config, acfg), optimizer)
+  state = step_lib.init_state(cj.init_adapters(seed_key(cfg.seed), bb.config, acfg), optimizer)
   state = jax.device_put(state, rep)
 
   meta = dict(backbone=bb.name, backbone_fingerprint=adapter_io.fingerprint(bb.config),
