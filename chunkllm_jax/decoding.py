@@ -206,16 +206,18 @@ def _step(params, tok_B, state, key, step, *, step_fn, settings, sampling: Sampl
   return sample(logits, jax.random.fold_in(key, step), sampling), state
 
 
-def _decode_loop(params, first_B, state, key, *, step_fn, enter_fn, settings, sampling: Sampling, max_new: int,
-                 eos_ids: tuple[int, ...], pad_id: int):
-  """Samples until every row has ended or `max_new` tokens exist: (tokens [B, max_new], steps run,
-  the final model state, per-row live steps). `enter_fn` (if any) first completes the prefill's state."""
+def _decode_loop(params, first_B, state, key, n_new=None, *, step_fn, enter_fn, settings, sampling: Sampling,
+                 max_new: int, eos_ids: tuple[int, ...], pad_id: int):
+  """Samples until every row has ended or `n_new` tokens exist (a traced count, at most `max_new`; None:
+  `max_new`): (tokens [B, max_new], pad_id past `n_new`; steps run, the final model state, per-row live
+  steps). `enter_fn` (if any) first completes the prefill's state."""
   B = first_B.shape[0]
   if enter_fn is not None:
     state = enter_fn(params, state, settings)
+  limit = max_new if n_new is None else jnp.minimum(n_new, max_new)
 
   def cond(s: LoopState):
-    return (s.step < max_new) & ~jnp.all(s.done)
+    return (s.step < limit) & ~jnp.all(s.done)
 
   def body(s: LoopState):
     logits, model_state = step_fn(params, s.token, s.model, s.done, settings)
@@ -283,7 +285,7 @@ class Compiled:
 @dataclasses.dataclass(frozen=True)
 class Programs:
   prefill: Compiled  # (params, tokens_BT, lengths_B, key) -> (first_B, state)
-  loop: Compiled  # (params, first_B, state, key) -> (tokens_BN, steps, state, live_B); donates state
+  loop: Compiled  # (params, first_B, state, key, n_new) -> (tokens_BN, steps, state, live_B); donates state
   step: Compiled | None  # (params, tok_B, state, key, step) -> (tok_B, state); donates state. None: a
   #                        path whose decode state is completed in the loop (`enter_fn`) does not stream
 
@@ -298,7 +300,19 @@ class Programs:
     if stepwise:
       self.step.executable(params, first, state, key, jnp.int32(1))
     else:
-      self.loop.executable(params, first, state, key)
+      self.loop.executable(params, first, state, key, n_new_tokens(1))
+
+
+def loop_width(max_new_tokens: int) -> int:
+  """The decode loop's output width for `max_new_tokens`: the next power of two (at least 16). The loop
+  stops at the count it is given, so calls whose counts share a width share its compiled programs
+  rather than compiling the prefill and the loop again for each count."""
+  return max(16, 1 << (int(max_new_tokens) - 1).bit_length())
+
+
+def n_new_tokens(n: int) -> jax.Array:
+  """The decode loop's count argument (its value is not part of the compiled program)."""
+  return jnp.int32(n)
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,7 +321,8 @@ def programs(prefill_fn: Callable, step_fn: Callable, settings: Hashable, *, sam
              shapes: tuple[int, int] = (0, 0), state_shardings: Callable = lambda cache: cache,
              enter_fn: Callable | None = None) -> Programs:
   """The compiled programs of one generation path and configuration (cached: a second call with
-  the same settings compiles nothing).
+  the same settings compiles nothing). `max_new` is the loop's output width (`loop_width`); the loop
+  is called with the count of tokens to make.
 
   `enter_fn(params, state, settings) -> state`, if given, runs at the start of the decode loop's
   program: what decode needs beyond the prefill's output is built there, after the prefill's
@@ -330,7 +345,7 @@ def programs(prefill_fn: Callable, step_fn: Callable, settings: Hashable, *, sam
   state = state_shardings(cache_shardings(cfg, mesh, B, settings.max_len))  # None: as XLA propagates it
   return Programs(
       Compiled(jax.jit(pre, in_shardings=(None, tok, row, rep), out_shardings=(row, state))),
-      Compiled(jax.jit(loop, in_shardings=(None, row, state, rep),
+      Compiled(jax.jit(loop, in_shardings=(None, row, state, rep, rep),
                        out_shardings=(shd.batch_sharding(mesh, (B, max_new)), rep, state, row),
                        donate_argnums=(2,))),
       None if enter_fn else Compiled(jax.jit(step, in_shardings=(None, row, state, rep, rep),

@@ -53,8 +53,8 @@ def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temper
   params = decoding.place_params(params.replace(adapters=None), mesh)  # vanilla decoding never reads adapters
   sampling = Sampling.of(temperature, top_k, top_p)
   progs = decoding.programs(dense_prefill, dense_step, DenseSettings(decoding.buffer_len(max_len)),
-                            sampling=sampling, max_new=int(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
-                            mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0))
+                            sampling=sampling, max_new=decoding.loop_width(max_new_tokens), eos_ids=eos_ids,
+                            pad_id=pad_id, mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0))
   return params, prompts, lens, eos_ids, pad_id, progs
 
 
@@ -75,8 +75,8 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, cache), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
-  (new, steps, _, _), decode_s = progs.loop.timed(params, first, cache, key)
-  return decoding.assemble_output(prompts, lens, np.asarray(new), eos_ids, pad_id,
+  (new, steps, _, _), decode_s = progs.loop.timed(params, first, cache, key, decoding.n_new_tokens(max_new_tokens))
+  return decoding.assemble_output(prompts, lens, np.asarray(new)[:, :max_new_tokens], eos_ids, pad_id,
                                   prefill_s=prefill_s, decode_s=decode_s, decode_steps=int(steps) - 1)
 
 

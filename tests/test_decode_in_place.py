@@ -30,8 +30,10 @@ def _buffer_copies(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
 
 @pytest.fixture
 def captured_programs(monkeypatch):
-  """The `decoding.Programs` each generation call builds, in order."""
+  """The `decoding.Programs` each generation call builds, in order (none kept from earlier tests: their
+  executables would count here)."""
   seen, build = [], decoding.programs
+  build.cache_clear()
 
   def capture(*args, **kw):
     progs = build(*args, **kw)

@@ -146,6 +146,27 @@ def test_greedy_calls_share_one_program_whatever_top_k_and_top_p():
   assert decoding.programs.cache_info().misses == misses
 
 
+@pytest.mark.parametrize("call", ["generate", "chunk_generate"])
+def test_counts_of_new_tokens_that_share_a_loop_width_share_its_programs(call):
+  """max_new_tokens is an argument of the decode loop, not part of its program: counts that round up to
+  the same width compile nothing new, and each gives the first tokens of the longest (greedy)."""
+  from tests.tiny_models import chunk_params
+
+  params = chunk_params()
+  rows = prompts([6, 11], seed=6)
+  run = lambda n: getattr(cj, call)(params, rows, max_new_tokens=n, eos_ids=(), max_len=64)
+  longest = run(16)
+  misses = decoding.programs.cache_info().misses
+  for n in (9, 1, 13):
+    out = run(n)
+    assert out.tokens.shape == (2, 11 + n)
+    for b in range(2):
+      assert list(out.new_tokens(b)) == list(longest.new_tokens(b)[:n])
+    assert out.stats["decode_tok_s"].shape == (2,)
+  assert decoding.programs.cache_info().misses == misses
+  assert decoding.loop_width(17) == 32 and decoding.loop_width(1) == decoding.loop_width(16) == 16
+
+
 @pytest.mark.parametrize("a, b", [(5, 2**32 + 5), (-5, 2**32 - 5), (2**31, -2**31), (0, -2**63)])
 def test_seeds_equal_in_their_low_32_bits_draw_differently(a, b):
   """Every 64-bit seed is its own (jax.random.key keeps 32 bits without x64); a 32-bit seed keeps its key."""
