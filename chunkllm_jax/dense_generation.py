@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
