@@ -18,7 +18,7 @@ The backbone is an ordinary argument, but the teacher wraps it in `stop_gradient
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,9 @@ from chunkllm_jax import boundaries
 from chunkllm_jax.adapters import Adapters, chunk_adapter_logits, chunk_keys, chunk_scores, qk_adapter_apply
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.selection import ChunkRules, adapter_window_probs, renormalise
+
+if TYPE_CHECKING:  # for the annotation alone: rows_config_of imports it when it runs
+  from train import teacher_cache
 from train.teacher import TeacherOutputs, teacher_chunk_attention
 
 
@@ -160,7 +163,7 @@ def chunkllm_loss(adapters: Adapters, params: ModelParams, batch: dict[str, Any]
   return student_loss(adapters, teacher, chunk_id_BT, batch["labels"], valid_BT, config)
 
 
-def rows_config_of(config: LossConfig, layers) -> "teacher_cache.RowsConfig":
+def rows_config_of(config: LossConfig, layers) -> teacher_cache.RowsConfig:
   """The teacher's rows settings for a row target (`head_max`, `head_mean`) on these layers."""
   from train import teacher_cache
 
