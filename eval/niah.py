@@ -4,8 +4,8 @@ Three kinds, after RULER's:
 - `single`: one passkey ("The pass key is 48213. Remember it."), asked for;
 - `multikey`: several "The secret number of the <name> is <n>." facts, asked for one of them;
 - `multivalue`: one name with several numbers, asked for all of them.
-The target fact sits at the cell's depth (0: start, 1: end); the other facts of the kind at seeded
-random depths. The haystack is Brown-corpus prose (running sentences from a seeded document) or
+The target fact sits at the cell's depth in tokens (0: start, 1: end), at the nearest sentence break; the
+other facts of the kind at seeded random depths. The haystack is Brown-corpus prose (running sentences from a seeded document) or
 `chunkllm_jax.haystack`'s generated sentences. A cell scores 1 when the answer holds the number
 (single, multikey) or every number (multivalue; `recall` keeps the fraction found).
 """
@@ -98,6 +98,11 @@ def training_documents(docs: Sequence) -> list:
   return [d for i, d in enumerate(docs) if i % EVAL_SHARE != EVAL_SHARE - 1]
 
 
+def _token_counts(tokenizer, sentences: Sequence[str]) -> list[int]:
+  """Tokens of each sentence as it sits in running text (after a space)."""
+  return [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]
+
+
 def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] | None) -> list[str]:
   """Running sentences of about `n_tokens` tokens, from a seeded Brown document onwards, or generated."""
   if brown is None:
@@ -106,7 +111,7 @@ def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] 
   out, total, d = [], 0, int(np.random.default_rng(seed).integers(len(brown)))
   while total < n_tokens:
     sentences = list(brown[d % len(brown)])
-    counts = [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]
+    counts = _token_counts(tokenizer, sentences)
     for s, c in zip(sentences, counts):
       if total >= n_tokens:
         break
@@ -125,7 +130,10 @@ def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
   # The other facts first (at random places), then the target at its depth, so no fact moves it.
   for fact in others:
     sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
-  sentences.insert(int(round(depth * len(sentences))), target)
+  # At the sentence break with `depth` of the tokens before it: sentences differ in length, so `depth` of
+  # the sentences can be far from it (Brown at 2K tokens: the needle of depth 0.7 at 0.54 of the tokens).
+  before = np.concatenate([[0], np.cumsum(_token_counts(tokenizer, sentences))])
+  sentences.insert(int(np.argmin(np.abs(before - depth * before[-1]))), target)
   return NeedleCase(kind, length, depth, seed, " ".join(sentences), question, answers, lead)
 
 

@@ -106,3 +106,14 @@ def test_summary_worst_row_off_budget_in_chunks(kv, chunks):
   assert (row["kv_min"], row["kv_max"]) == (min(kv, 0.5), max(kv, 0.5))
   full = report.summarize([{**r("a", 1.0), "method": "vanilla", "retention": "full"}])
   assert full["tasks"]["niah_single"][0]["off_budget_chunks"] is None
+
+
+@pytest.mark.parametrize("depth", [0.25, 0.5, 0.75])
+def test_needle_depth_counts_tokens_not_sentences(depth):
+  """Short sentences first, long ones after: the needle sits at `depth` of the haystack's tokens (within
+  one long sentence), not at `depth` of its sentences."""
+  doc = [f"short {i}." for i in range(40)] + [" ".join(["long"] * 29) + f" {i}." for i in range(10)]
+  case = niah.make_case(WordTokenizer(), "single", 380, depth, seed=0, brown=[doc])
+  words = case.document.split()
+  at = words.index("pass") / len(words)
+  assert abs(at - depth) <= 30 / len(words)
