@@ -174,7 +174,8 @@ def text_windows(tokenizer, n_docs: int, n_tokens: int, text_path: str | Path | 
   while len(windows) < n_docs:
     if i >= len(docs):
       raise ValueError(f"not enough text for {n_docs} windows of {n_tokens} tokens")
-    stream += tokenizer(docs[i] + "\n\n")["input_ids"]
+    # A window's later documents run on without the tokenizer's BOS: one mid-text would be scored as text.
+    stream += tokenizer(docs[i] + "\n\n", add_special_tokens=not stream)["input_ids"]
     i += 1
     if len(stream) >= n_tokens:
       windows.append(stream[:n_tokens])

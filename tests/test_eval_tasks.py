@@ -117,3 +117,20 @@ def test_needle_depth_counts_tokens_not_sentences(depth):
   words = case.document.split()
   at = words.index("pass") / len(words)
   assert abs(at - depth) <= 30 / len(words)
+
+
+def test_perplexity_windows_hold_one_bos_at_their_start(tmp_path):
+  """Documents shorter than a window run on into the next ones: with a tokenizer that adds a BOS, only the
+  window's first token is one (a BOS mid-text would be scored as text)."""
+  from eval import perplexity
+
+  class BosTokenizer(WordTokenizer):
+    def __call__(self, text, add_special_tokens=True):
+      ids = super().__call__(text)["input_ids"]
+      return {"input_ids": ([self._id("<bos>")] if add_special_tokens else []) + ids}
+
+  path = tmp_path / "text.txt"
+  path.write_text("\n\n".join(f"Sentence {i} of a short document." for i in range(60)) + "\n")
+  tok = BosTokenizer()
+  windows = perplexity.text_windows(tok, 2, 20, path)
+  assert [[t for t, i in enumerate(w) if i == tok.ids["<bos>"]] for w in windows] == [[0], [0]]
