@@ -124,21 +124,31 @@ def token_logprobs(method: str, params, docs: Sequence[Sequence[int]], prefix: i
   if not 0 < prefix < N:
     raise ValueError(f"prefix must be in (0, {N}), got {prefix}")
   max_len = M._round_up(N, 128)
-  tokens = jnp.asarray(np.asarray(docs, np.int32))
-  extra: dict = dict(batch_size=len(docs))
-  ccfg = None
+  groups = [(None, {}, list(range(len(docs))))]
   if method != "vanilla":
     seg = M.segmentation_for(method, params, docs, settings)  # the whole text: every chunk it will make
     ccfg, info = M.method_config(method, retention, [prefix] * len(docs), N - prefix, max_len, settings, seg)
-    ccfg = dataclasses.replace(ccfg, **(overrides or {})).validate(max_len, params.config.n_layers)
-    extra.update(M.config_summary(ccfg), **info)
-  (logp, stats), seconds = _program(prefix, buffer_len(max_len), ccfg).timed(params, tokens)
-  rows = []
-  for b in range(len(docs)):
-    row = {k: np.asarray(v)[b].item() for k, v in stats.items()}
-    row.setdefault("kv_retention", 1.0)
-    rows.append({**row, **extra, "seconds": seconds, "tok_s": len(docs) * (N - prefix) / max(seconds, 1e-9)})
-  return np.asarray(logp), rows
+    # A window method's knob fitted to each text, as generation fits it to each prompt (`row_windows`).
+    groups = M.row_windows(method, ccfg, info, retention, seg, [prefix] * len(docs), N - prefix, settings)
+  logp = np.zeros((len(docs), N - prefix), np.float32)
+  rows: list = [None] * len(docs)
+  total = 0.0
+  for ccfg, info, group in groups:
+    extra: dict = dict(batch_size=len(group))
+    if ccfg is not None:
+      ccfg = dataclasses.replace(ccfg, **(overrides or {})).validate(max_len, params.config.n_layers)
+      extra.update(M.config_summary(ccfg), **info)
+    tokens = jnp.asarray(np.asarray([docs[b] for b in group], np.int32))
+    (lp, stats), seconds = _program(prefix, buffer_len(max_len), ccfg).timed(params, tokens)
+    logp[group] = np.asarray(lp)
+    total += seconds
+    for j, b in enumerate(group):
+      row = {k: np.asarray(v)[j].item() for k, v in stats.items()}
+      row.setdefault("kv_retention", 1.0)
+      rows[b] = {**row, **extra}
+  for row in rows:  # the whole call's time, over its groups
+    row.update(seconds=total, tok_s=len(docs) * (N - prefix) / max(total, 1e-9))
+  return logp, rows
 
 
 def position_bins(prefix: int, n_tokens: int, n_bins: int) -> np.ndarray:

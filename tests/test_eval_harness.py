@@ -110,6 +110,25 @@ def test_sepllm_window_fits_each_row(params, retention):
     assert abs(st["kv_retention"] - retention) <= every / 320
 
 
+def test_perplexity_fits_the_sepllm_window_to_each_text(params):
+  """Perplexity's texts get their windows as generation's prompts do: of two texts in one call, one dense in
+  separators (every 6th token) and one sparse (every 20th), each reads the target within one of its chunks
+  (one window for both read 0.36 and 0.68 at a target of 0.5)."""
+  retention = 0.5
+  rng = np.random.RandomState(7)
+  plain = [t for t in range(96) if t not in SEPS]
+  def row(every, n):
+    r = rng.choice(plain, n).tolist()
+    for i in range(4 + every - 1, n, every):
+      r[i] = SEPS[1 + i % (len(SEPS) - 1)]
+    return r
+  docs = [row(6, 320), row(20, 320)]
+  _, stats = P.token_logprobs("sepllm", params, docs, 64, retention, SETTINGS)
+  assert stats[0]["n_local"] != stats[1]["n_local"]
+  for every, st in zip([6, 20], stats):
+    assert abs(st["kv_retention"] - retention) <= every / 320
+
+
 def test_budget_model_counts_like_the_slow_count():
   rng = np.random.RandomState(0)
   for _ in range(20):
