@@ -87,6 +87,10 @@ def read_sentences(path: str | Path) -> list[list[str]]:
 # training must use the others: `python -m eval.filler_split` writes them as a training text.
 EVAL_SHARE = 5
 
+# Where `make_case` puts the target: at its depth in tokens (the default), or at that share of the
+# haystack's sentences, as the published rows measured before were placed (eval.run records which).
+NEEDLE_PLACEMENTS = ("tokens", "sentences")
+
 
 def eval_documents(docs: Sequence) -> list:
   """The evaluation's share of a filler text's documents (its needles' haystacks, its perplexity text)."""
@@ -122,7 +126,7 @@ def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] 
 
 
 def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
-              brown: Sequence[Sequence[str]] | None = None) -> NeedleCase:
+              brown: Sequence[Sequence[str]] | None = None, placement: str = "tokens") -> NeedleCase:
   # Keys depend on the whole cell (length, depth, seed), so that no two cells share a needle.
   rng = np.random.default_rng([seed, KINDS.index(kind) if kind in KINDS else 99, length, int(round(depth * 1000))])
   target, others, question, answers, lead = _needles(kind, rng)
@@ -132,8 +136,13 @@ def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
     sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
   # At the sentence break with `depth` of the tokens before it: sentences differ in length, so `depth` of
   # the sentences can be far from it (Brown at 2K tokens: the needle of depth 0.7 at 0.54 of the tokens).
-  before = np.concatenate([[0], np.cumsum(_token_counts(tokenizer, sentences))])
-  sentences.insert(int(np.argmin(np.abs(before - depth * before[-1]))), target)
+  if placement == "tokens":
+    before = np.concatenate([[0], np.cumsum(_token_counts(tokenizer, sentences))])
+    sentences.insert(int(np.argmin(np.abs(before - depth * before[-1]))), target)
+  elif placement == "sentences":
+    sentences.insert(int(round(depth * len(sentences))), target)
+  else:
+    raise ValueError(f"placement must be one of {NEEDLE_PLACEMENTS}, got {placement!r}")
   return NeedleCase(kind, length, depth, seed, " ".join(sentences), question, answers, lead)
 
 
@@ -153,9 +162,9 @@ def score(case: NeedleCase, prediction: str) -> tuple[float, float]:
 
 
 def grid(tokenizer, kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int = 1,
-         brown: Sequence[Sequence[str]] | None = None, seed: int = 0) -> list[NeedleCase]:
+         brown: Sequence[Sequence[str]] | None = None, seed: int = 0, placement: str = "tokens") -> list[NeedleCase]:
   """Every (kind, length, depth) cell, `samples` cases each (seeds seed, seed + 1, ...)."""
-  return [make_case(tokenizer, k, n, d, seed + s, brown) for k in kinds for n in lengths for d in depths
+  return [make_case(tokenizer, k, n, d, seed + s, brown, placement) for k in kinds for n in lengths for d in depths
           for s in range(samples)]
 
 

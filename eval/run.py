@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--niah_lengths", nargs="+", type=int, default=None, help="haystack tokens (default 1024 2048 4096)")
   p.add_argument("--niah_depths", nargs="+", type=float, default=None, help="default 0 0.25 0.5 0.75 1")
   p.add_argument("--niah_samples", type=int, default=1, help="needles per grid cell")
+  p.add_argument("--needle_placement", choices=niah.NEEDLE_PLACEMENTS, default=niah.NEEDLE_PLACEMENTS[0],
+                 help="where the target needle goes: at its depth in tokens, or at that share of the sentences "
+                      "(how the rows of docs/results.md measured before 6 December 2026 were placed)")
   p.add_argument("--niah_max_new", type=int, default=32)
   p.add_argument("--filler", choices=["brown", "generated"], default=None,
                  help="haystack and perplexity text (default: brown when --brown exists)")
@@ -270,6 +273,8 @@ def _fingerprint(args) -> dict:
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   fp["adapters"] = adapters_id(args.adapters)
+  if "niah" in args.suites:  # how the needle is placed decides the examples; a folder of other ones stays whole
+    fp["needle_placement"] = args.needle_placement
   return _selection_key(fp)
 
 
@@ -305,7 +310,8 @@ def _same_setting(key: str, old, new) -> bool:
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
                 "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
-                "score_sketch": 0, "head_refresh": 1, "page_len": None}  # settings newer than some result folders: what those folders used
+                "score_sketch": 0, "head_refresh": 1, "page_len": None,
+                "needle_placement": "sentences"}  # settings newer than some result folders: what those folders used
 
 
 def _settings_of(run_config: dict) -> dict:
@@ -350,7 +356,7 @@ def _write_fingerprint(out: Path, fp: dict) -> None:
 def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
   brown = niah.eval_documents(niah.read_sentences(args.brown)) if args.filler == "brown" else None
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
-                    seed=args.seed)
+                    seed=args.seed, placement=args.needle_placement)
   out: dict[str, list[Example]] = defaultdict(list)
   chat = has_chat_template(tokenizer)
   for case in cases:

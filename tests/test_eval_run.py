@@ -226,6 +226,26 @@ def test_the_sketch_estimate_is_fingerprinted_only_with_a_sketch(tmp_path, sketc
       eval_run._check_fingerprint(out, new)
 
 
+@pytest.mark.parametrize("suites, recorded, resumes", [
+    (["niah"], None, False),  # a folder from before: its needles sat at the depth's share of the sentences
+    (["niah"], "tokens", True),
+    (["ppl"], None, True),  # no needles: the placement does not enter the result
+])
+def test_needle_placement_is_fingerprinted_for_niah_runs(tmp_path, suites, recorded, resumes):
+  out = tmp_path / "ev"
+  out.mkdir()
+  (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
+  args = eval_run._parser().parse_args(["--model", "m", "--suites", *suites, "--filler", "generated", "--out", str(out)])
+  fp = eval_run._fingerprint(args)
+  (out / "run_config.json").write_text(json.dumps({k: v for k, v in fp.items() if k != "needle_placement"}
+                                                  | ({"needle_placement": recorded} if recorded else {})))
+  if resumes:
+    eval_run._check_fingerprint(out, fp)
+  else:
+    with pytest.raises(eval_run.UsageError, match="other settings.*needle_placement"):
+      eval_run._check_fingerprint(out, fp)
+
+
 def test_an_adapter_export_is_fingerprinted_by_contents_not_path(tmp_path):
   """Results of an export resume from another clone; retrained adapters in the same folder refuse."""
   def export(where, weights):

@@ -117,6 +117,12 @@ def test_needle_depth_counts_tokens_not_sentences(depth):
   words = case.document.split()
   at = words.index("pass") / len(words)
   assert abs(at - depth) <= 30 / len(words)
+  # The published rows' placement: at `depth` of the sentences, here well before `depth` of the tokens.
+  old = niah.make_case(WordTokenizer(), "single", 380, depth, seed=0, brown=[doc], placement="sentences")
+  n_before = old.document.split(" The pass key")[0].count(".")
+  assert n_before == round(depth * (old.document.count(".") - 2))  # the needle's own two sentences left out
+  with pytest.raises(ValueError, match="placement must be one of"):
+    niah.make_case(WordTokenizer(), "single", 380, depth, seed=0, brown=[doc], placement="words")
 
 
 def test_perplexity_windows_hold_one_bos_at_their_start(tmp_path):
