@@ -90,19 +90,24 @@ def test_baselines_read_what_they_say(params, method):
   assert abs(measured - 0.5) < 0.08  # matched budget (the estimate cannot know the new tokens' separators)
 
 
+def separator_rows(n=320):
+  """Two rows of random tokens, one with a separator every 6th token and one every 20th."""
+  rng = np.random.RandomState(7)
+  plain = [t for t in range(96) if t not in SEPS]
+  def row(every):
+    r = rng.choice(plain, n).tolist()
+    for i in range(4 + every - 1, n, every):
+      r[i] = SEPS[1 + i % (len(SEPS) - 1)]
+    return r
+  return [row(6), row(20)]
+
+
 @pytest.mark.parametrize("retention", [0.5, 0.25])
 def test_sepllm_window_fits_each_row(params, retention):
   """Two rows of one batch, one dense in separators (every 6th token) and one sparse (every 20th):
   each gets its own window, and each row's measured retention is within one of its chunks of the
   target (one window for both would overshoot on the dense row and undershoot on the other)."""
-  rng = np.random.RandomState(7)
-  plain = [t for t in range(96) if t not in SEPS]
-  def row(every, n):
-    r = rng.choice(plain, n).tolist()
-    for i in range(4 + every - 1, n, every):
-      r[i] = SEPS[1 + i % (len(SEPS) - 1)]
-    return r
-  prompts_ = [row(6, 320), row(20, 320)]
+  prompts_ = separator_rows()
   n_new = 3  # the prompt sets the retention, as in the needle runs
   out = M.run_method("sepllm", None, params, prompts_, n_new, retention, SETTINGS, eos_ids=())
   assert out[0][1]["n_local"] != out[1][1]["n_local"]
@@ -115,14 +120,7 @@ def test_perplexity_fits_the_sepllm_window_to_each_text(params):
   separators (every 6th token) and one sparse (every 20th), each reads the target within one of its chunks
   (one window for both read 0.36 and 0.68 at a target of 0.5)."""
   retention = 0.5
-  rng = np.random.RandomState(7)
-  plain = [t for t in range(96) if t not in SEPS]
-  def row(every, n):
-    r = rng.choice(plain, n).tolist()
-    for i in range(4 + every - 1, n, every):
-      r[i] = SEPS[1 + i % (len(SEPS) - 1)]
-    return r
-  docs = [row(6, 320), row(20, 320)]
+  docs = separator_rows()
   _, stats = P.token_logprobs("sepllm", params, docs, 64, retention, SETTINGS)
   assert stats[0]["n_local"] != stats[1]["n_local"]
   for every, st in zip([6, 20], stats):
