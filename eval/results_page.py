@@ -109,6 +109,18 @@ SIMHASH_NOTE = ("The same rule and the same 128-bit sketch of the signs of what 
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
 
 MEASUREMENTS = (
+    Measurement("niah_smollm2_tokens",
+                "NIAH, smollm2-135m: 30 passkeys at 2K tokens, each at its depth in tokens (today's defaults)",
+                "eval_niah_tokens_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid streamingllm "
+                 "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_niah_tokens_smollm2_30",),
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
+                note="The grid of the next sections (15 single-key and 15 multi-key needles, depths 0.1-0.9 x 3 "
+                     "seeds, the evaluation's share of Brown) with each target needle at the sentence break "
+                     "nearest its depth in tokens, as `eval.run` places it now; the sections below placed it at "
+                     "its depth's share of the sentences. ChunkLLM with today's defaults; vanilla and "
+                     "StreamingLLM (the best baseline of the 2K sections below) run in the same folder."),
     Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_smollm2_30",),
@@ -692,6 +704,8 @@ def eval_section(m: Measurement) -> list[str]:
 # (eval.ppl_variants, the same texts and the same computation as eval.run's perplexity; a file's name, or
 # several, one a budget), or None.
 DEFAULT_CHECKS = (
+    ("NIAH, smollm2-135m, 30 needles at 2K, each at its depth in tokens", "niah_smollm2_tokens", None, None, None,
+     None),
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
     ("NIAH, smollm2-135m, 10 needles at 8K", "niah_smollm2_8k_defaults", None, None, None, None),
