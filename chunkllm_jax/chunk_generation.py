@@ -678,7 +678,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                      "logit soft-capping; use attention='xla'")
   sampling = Sampling.of(temperature, top_k, top_p)
   progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg), enter_fn=_enter_state,
-                            sampling=sampling, max_new=decoding.loop_width(max_new_tokens), eos_ids=eos_ids, pad_id=pad_id,
+                            sampling=sampling, max_new=decoding.loop_width(max_new_tokens), eos_ids=eos_ids,
+                            pad_id=pad_id,
                             mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
                             state_shardings=_state_shardings)
   params = decoding.place_params(params, mesh)
@@ -687,7 +688,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, state), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
   (new, steps, (cache, st), live), decode_s = progs.loop.timed(params, first, state, key,
-                                                              decoding.n_new_tokens(max_new_tokens))
+                                                              jnp.int32(max_new_tokens))
   steps = int(steps) - 1
   live = np.asarray(live)  # decode steps each row ran before its end-of-sequence token
   with np.errstate(invalid="ignore", divide="ignore"):  # NaN for a row with no decode step
@@ -699,8 +700,8 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   extra = dict(kv_retention=retention, n_chunks=np.asarray(st.n_chunks),
                n_selections=np.asarray(st.n_selections), chunk_overflow=np.asarray(st.overflow),
                bytes_per_step=nbytes["chunk"], dense_bytes_per_step=np.where(live > 0, nbytes["dense"], np.nan))
-  return decoding.assemble_output(prompts, lens, np.asarray(new)[:, :max_new_tokens], eos_ids, pad_id, prefill_s=prefill_s,
-                                  decode_s=decode_s, decode_steps=steps, extra_stats=extra)
+  return decoding.assemble_output(prompts, lens, np.asarray(new)[:, :max_new_tokens], eos_ids, pad_id,
+                                  prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps, extra_stats=extra)
 
 
 def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B, all_dense: bool = False) -> None:

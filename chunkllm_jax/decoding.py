@@ -206,15 +206,15 @@ def _step(params, tok_B, state, key, step, *, step_fn, settings, sampling: Sampl
   return sample(logits, jax.random.fold_in(key, step), sampling), state
 
 
-def _decode_loop(params, first_B, state, key, n_new=None, *, step_fn, enter_fn, settings, sampling: Sampling,
+def _decode_loop(params, first_B, state, key, n_new, *, step_fn, enter_fn, settings, sampling: Sampling,
                  max_new: int, eos_ids: tuple[int, ...], pad_id: int):
-  """Samples until every row has ended or `n_new` tokens exist (a traced count, at most `max_new`; None:
-  `max_new`): (tokens [B, max_new], pad_id past `n_new`; steps run, the final model state, per-row live
-  steps). `enter_fn` (if any) first completes the prefill's state."""
+  """Samples until every row has ended or `n_new` tokens exist (an int32 scalar, traced, at most `max_new`):
+  (tokens [B, max_new], pad_id past `n_new`; steps run, the final model state, per-row live steps).
+  `enter_fn` (if any) first completes the prefill's state."""
   B = first_B.shape[0]
   if enter_fn is not None:
     state = enter_fn(params, state, settings)
-  limit = max_new if n_new is None else jnp.minimum(n_new, max_new)
+  limit = jnp.minimum(n_new, max_new)
 
   def cond(s: LoopState):
     return (s.step < limit) & ~jnp.all(s.done)
@@ -300,7 +300,7 @@ class Programs:
     if stepwise:
       self.step.executable(params, first, state, key, jnp.int32(1))
     else:
-      self.loop.executable(params, first, state, key, n_new_tokens(1))
+      self.loop.executable(params, first, state, key, jnp.int32(1))  # the count's value is not compiled in
 
 
 def loop_width(max_new_tokens: int) -> int:
@@ -308,11 +308,6 @@ def loop_width(max_new_tokens: int) -> int:
   stops at the count it is given, so calls whose counts share a width share its compiled programs
   rather than compiling the prefill and the loop again for each count."""
   return max(16, 1 << (int(max_new_tokens) - 1).bit_length())
-
-
-def n_new_tokens(n: int) -> jax.Array:
-  """The decode loop's count argument (its value is not part of the compiled program)."""
-  return jnp.int32(n)
 
 
 @functools.lru_cache(maxsize=64)

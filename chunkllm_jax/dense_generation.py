@@ -74,7 +74,7 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, cache), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
-  (new, steps, _, _), decode_s = progs.loop.timed(params, first, cache, key, decoding.n_new_tokens(max_new_tokens))
+  (new, steps, _, _), decode_s = progs.loop.timed(params, first, cache, key, jnp.int32(max_new_tokens))
   return decoding.assemble_output(prompts, lens, np.asarray(new)[:, :max_new_tokens], eos_ids, pad_id,
                                   prefill_s=prefill_s, decode_s=decode_s, decode_steps=int(steps) - 1)
 

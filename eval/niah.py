@@ -4,10 +4,11 @@ Three kinds, after RULER's:
 - `single`: one passkey ("The pass key is 48213. Remember it."), asked for;
 - `multikey`: several "The secret number of the <name> is <n>." facts, asked for one of them;
 - `multivalue`: one name with several numbers, asked for all of them.
-The target fact sits at the cell's depth in tokens (0: start, 1: end), at the nearest sentence break; the
-other facts of the kind at seeded random depths. The haystack is Brown-corpus prose (running sentences from a seeded document) or
-`chunkllm_jax.haystack`'s generated sentences. A cell scores 1 when the answer holds the number
-(single, multikey) or every number (multivalue; `recall` keeps the fraction found).
+The target fact sits at the cell's depth in tokens (0: start, 1: end), at the nearest sentence break;
+the other facts of the kind at seeded random depths. The haystack is Brown-corpus prose (running
+sentences from a seeded document) or `chunkllm_jax.haystack`'s generated sentences. A cell scores 1
+when the answer holds the number (single, multikey) or every number (multivalue; `recall` keeps the
+fraction found).
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
   # The other facts first (at random places), then the target at its depth, so no fact moves it.
   for fact in others:
     sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
-  # At the sentence break with `depth` of the tokens before it: sentences differ in length, so `depth` of
-  # the sentences can be far from it (Brown at 2K tokens: the needle of depth 0.7 at 0.54 of the tokens).
+  # "tokens": the sentence break with `depth` of the tokens before it. Sentences differ in length, so `depth`
+  # of the sentences can be far from it (Brown at 2K tokens: 0.7 of the sentences at 0.54 of the tokens).
   if placement == "tokens":
     before = np.concatenate([[0], np.cumsum(_token_counts(tokenizer, sentences))])
     sentences.insert(int(np.argmin(np.abs(before - depth * before[-1]))), target)

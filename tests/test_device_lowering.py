@@ -36,7 +36,7 @@ def lower_programs(progs, params, platform: str = "tpu") -> tuple[str, str]:
   toks, lens, key = sds((1, T), jnp.int32), sds((1,), jnp.int32), jax.random.key(0)
   first, state = jax.eval_shape(progs.prefill.jitted, params, toks, lens, key)
   return (lower(platform, progs.prefill.jitted, params, toks, lens, key),
-          lower(platform, progs.loop.jitted, params, first, state, key))
+          lower(platform, progs.loop.jitted, params, first, state, key, jnp.int32(NEW)))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
