@@ -259,14 +259,53 @@ def tokenizer_cache_dir(path: Path) -> Path:
   return _cache_root() / f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
+def _converter():
+  """transformers' GGUF tokenizer converter module, or None where this transformers has none."""
+  try:
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+  except ImportError:
+    return None
+  needed = ("GGUF_TOKENIZER_MAPPING", "_SPECIAL_TOKENS", "convert_gguf_tokenizer")
+  return gguf_tokenizer_mapping if all(hasattr(gguf_tokenizer_mapping, n) for n in needed) else None
+
+
+def convert_gguf_tokenizer(path: Path):
+  """The tokenizer a GGUF file describes, built by transformers' converter from metadata read here.
+
+  transformers' own GGUF reader imports torch (`AutoTokenizer.from_pretrained(gguf_file=...)` fails
+  without it), and a user's install has none: the metadata is read with `gguf`, as the weights are,
+  and handed to the same converter, with the fields and special tokens as transformers picks them.
+  tests/test_weights.py checks the result against transformers' own path, token for token."""
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+  mapping = _converter()
+  if mapping is None:  # a transformers of another layout: its own path, which may need torch
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+  reader = open_gguf(path)
+  meta = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+  architecture = _meta(reader, "general.architecture")
+  tokenizer, config = ({name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+                       for renames in (mapping.GGUF_TOKENIZER_MAPPING["tokenizer"],
+                                       mapping.GGUF_TOKENIZER_MAPPING["tokenizer_config"]))
+  if tokenizer.get("tokenizer_type") == "llama":
+    # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise, as transformers does
+    config.setdefault("add_bos_token", True)
+  for name, key in mapping._SPECIAL_TOKENS.items():
+    token_id = meta.get(f"tokenizer.ggml.{key}")
+    config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  backend, extra = mapping.convert_gguf_tokenizer(architecture, tokenizer)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
 def load_gguf_tokenizer(path: Path):
-  """`AutoTokenizer` for a GGUF file; the conversion takes tens of seconds, so it is cached."""
+  """The tokenizer of a GGUF file (`convert_gguf_tokenizer`); the conversion takes tens of seconds, so
+  it is cached."""
   from transformers import AutoTokenizer
 
   cache = tokenizer_cache_dir(path)
   if (cache / "tokenizer_config.json").is_file():
     return AutoTokenizer.from_pretrained(cache, local_files_only=True)
-  tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+  tok = convert_gguf_tokenizer(path)
   cache.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}-"))
   tmp.chmod(0o755)  # mkdtemp makes it private

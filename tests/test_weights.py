@@ -3,6 +3,7 @@ input is refused with an error that names the problem."""
 
 import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -357,6 +358,53 @@ def test_gguf_tokenizer_is_cached(tmp_path, monkeypatch):
   again = weights.load_tokenizer((str(path.parent), path.name))  # read from the cache
   text = "The passkey is 4821.\n<|im_start|>user héllo"
   assert again(text).input_ids == first(text).input_ids
+
+
+TOKENIZER_TEXTS = ("The passkey is 4821.\n<|im_start|>user héllo<|im_end|>", "  two   spaces\n\n\ttab 12345 日本語 🙂 don't",
+                   " leading space", "<bos><start_of_turn>user x<end_of_turn>", "")
+
+_TOKENIZE_WITHOUT_TORCH = """
+import json, sys
+sys.modules["torch"] = None  # as in a user's install: any import of torch fails
+from chunkllm_jax import weights
+texts = json.loads(sys.argv[3])
+def seen(tok):
+  return [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token, len(tok), tok.chat_template,
+          [tok(t).input_ids for t in texts], [tok(t, add_special_tokens=False).input_ids for t in texts],
+          [tok.decode(tok(t).input_ids) for t in texts]]
+converted = weights.load_tokenizer((sys.argv[1], sys.argv[2]))
+cached = weights.load_tokenizer((sys.argv[1], sys.argv[2]))
+print(json.dumps([seen(converted), seen(cached)]))
+"""
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_gguf_tokenizer_is_built_without_torch(name, tmp_path):
+  """transformers' own GGUF reader imports torch, which a user's install lacks: the tokenizer is built
+  in a process where torch cannot be imported, converted and then read back from the cache, and both
+  equal transformers' own GGUF tokenizer token for token."""
+  import subprocess
+  import sys
+
+  from transformers import AutoTokenizer
+
+  try:
+    path = registry.resolve(name)
+  except registry.ModelNotInstalledError as e:
+    pytest.skip(str(e))
+  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  run = subprocess.run([sys.executable, "-c", _TOKENIZE_WITHOUT_TORCH, str(path.parent), path.name,
+                        json.dumps(TOKENIZER_TEXTS)], env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  converted, cached = json.loads(run.stdout.strip().splitlines()[-1])
+  tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)  # with torch
+  expected = [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token, len(tok), tok.chat_template,
+              [tok(t).input_ids for t in TOKENIZER_TEXTS], [tok(t, add_special_tokens=False).input_ids
+                                                             for t in TOKENIZER_TEXTS],
+              [tok.decode(tok(t).input_ids) for t in TOKENIZER_TEXTS]]
+  assert converted == expected
+  assert cached == expected
 
 
 @pytest.mark.real_model
