@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chunkllm_jax.config import ConfigError, ModelConfig, from_hf_config
+from chunkllm_jax.config import ConfigError, ModelConfig, _yarn_mscale, from_hf_config
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.weights import Key, SourceTensor, assemble
 
@@ -109,15 +109,28 @@ def _llama3_rope_scaling(freq_factors: np.ndarray, theta: float, head_dim: int) 
 
 
 def _rope_scaling(reader, arch: str) -> dict | None:
-  kind = _meta(reader, f"{arch}.rope.scaling.type", None)
+  def m(key, default=_REQUIRED):
+    return _meta(reader, f"{arch}.rope.scaling.{key}", default)
+
+  kind = m("type", None)
+  # llama.cpp multiplies cos and sin by attn_factor whatever the scaling; of the kinds here only YaRN has such a factor.
+  attn_factor = float(m("attn_factor", 1.0))
+  if kind != "yarn" and attn_factor != 1.0:
+    raise ConfigError(f"rope.scaling.attn_factor={attn_factor:g} with RoPE scaling {kind or 'none'} is not supported")
   if kind in (None, "none"):
     return None
-  rs = {"rope_type": kind, "factor": _meta(reader, f"{arch}.rope.scaling.factor")}
+  rs = {"rope_type": kind, "factor": m("factor")}
   if kind == "yarn":
+    # convert_hf_to_gguf.py writes the HF config's attention_factor here, as transformers applies it (llama.cpp's
+    # runtime recomputes 1 + 0.1 ln factor instead); absent, it is that default.
+    attention_factor = m("yarn_attn_factor", None)
+    if attention_factor is None and attn_factor != 1.0:
+      attention_factor = _yarn_mscale(float(rs["factor"]))
     rs.update(
-        original_max_position_embeddings=_meta(reader, f"{arch}.rope.scaling.original_context_length"),
-        beta_fast=_meta(reader, f"{arch}.rope.scaling.yarn_beta_fast", 32.0),
-        beta_slow=_meta(reader, f"{arch}.rope.scaling.yarn_beta_slow", 1.0))
+        original_max_position_embeddings=m("original_context_length"),
+        attention_factor=None if attention_factor is None else float(attention_factor) * attn_factor,
+        beta_fast=m("yarn_beta_fast", 32.0),
+        beta_slow=m("yarn_beta_slow", 1.0))
   return rs  # other kinds: from_hf_config names them as unsupported
 
 

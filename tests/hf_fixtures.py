@@ -109,11 +109,12 @@ def _llama3_rope_freqs(rs: dict, theta: float, head_dim: int) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
-def write_gguf(hf_dir, out_file, *, qtype=None, arch: str | None = None) -> Path:
+def write_gguf(hf_dir, out_file, *, qtype=None, arch: str | None = None, metadata: dict | None = None) -> Path:
   """Converts a tiny HF model directory to a GGUF file, as llama.cpp does.
 
   qtype: a `gguf.GGMLQuantizationType` for the 2-D weights (e.g. Q8_0), or None for F32.
   arch: overrides general.architecture (to test an unsupported one).
+  metadata: further keys ("{arch}." is filled in) to values: a float is written as float32, an int as uint32.
   """
   import gguf
 
@@ -137,6 +138,28 @@ def write_gguf(hf_dir, out_file, *, qtype=None, arch: str | None = None) -> Path
   w.add_value_length(head_dim)
   w.add_vocab_size(hf["vocab_size"])  # what transformers' GGUF loader reads, lacking a vocabulary
   w.add_rope_freq_base(rope_full.get("rope_theta", 10000.0))
+  if g_arch == "llama":
+    w.add_rope_dimension_count(head_dim)
+  # As convert_hf_to_gguf.py's TextModel writes RoPE scaling (llama3's is the rope_freqs tensor below).
+  if rope_full.get("rope_type") in ("linear", "yarn"):
+    w.add_rope_scaling_type(gguf.RopeScalingType(rope_full["rope_type"]))
+    w.add_rope_scaling_factor(rope_full["factor"])
+  if rope_full.get("rope_type") == "yarn":
+    w.add_rope_scaling_orig_ctx_len(rope_full["original_max_position_embeddings"])
+    for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                     ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                     ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+      if rope_full.get(key) is not None:
+        add(rope_full[key])
+  for key, value in (metadata or {}).items():
+    key = key.format(arch=arch or g_arch)
+    if isinstance(value, float):
+      w.add_float32(key, value)
+    elif isinstance(value, int):
+      w.add_uint32(key, value)
+    else:
+      w.add_string(key, value)
   w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
   if g_arch == "gemma3":
     w.add_sliding_window(hf["sliding_window"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import chunkllm_jax as cj
-from tests.hf_fixtures import make_tiny_hf_model
+from tests.hf_fixtures import make_tiny_hf_model, write_gguf
 
 REL_TOL = 1e-4
 
@@ -95,6 +95,51 @@ def test_edited_config_logits_match_transformers(arch, overrides, fields, tmp_pa
   model = cj.load(str(path), tokenizer=False)
   ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, 48))
   err = rel_err(cj.forward(model.params, ids), torch_logits(path, ids))
+  assert err <= REL_TOL, f"relative error {err:.2e}"
+
+
+_YARN_32 = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32)
+_GEMMA3_LINEAR = dict(full_attention=dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+                      sliding_attention=dict(rope_type="default", rope_theta=10000.0))
+# A GGUF file converted from a tiny HF model as llama.cpp converts, against that HF model (transformers' own GGUF
+# reader drops RoPE scaling, and its Qwen3 head_dim and Gemma 3 query_pre_attn_scalar are the config defaults).
+# `metadata`: keys added to the file; `reference`: the RoPE fields of the HF model that computes the same.
+GGUF_CASES = [
+    ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)), {}, {}),
+    ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=8192)), {}, {}),
+    ("qwen2", dict(rope_parameters=_YARN_32), {}, {}),
+    ("qwen3", dict(rope_parameters=dict(_YARN_32, beta_fast=16.0, beta_slow=2.0)), {}, {}),
+    # the HF attention_factor, which convert_hf_to_gguf.py writes as rope.scaling.yarn_attn_factor
+    ("qwen2", dict(rope_parameters=dict(_YARN_32, attention_factor=0.8)), {}, {}),
+    # llama.cpp's rope.scaling.attn_factor multiplies YaRN's default factor, 1 + 0.1 ln 4
+    ("qwen2", dict(rope_parameters=_YARN_32), {"{arch}.rope.scaling.attn_factor": 0.9},
+     dict(attention_factor=0.9 * (1 + 0.1 * np.log(4.0)))),
+    ("gemma3", dict(num_hidden_layers=6, rope_parameters=_GEMMA3_LINEAR), {}, {}),
+]
+
+
+@pytest.mark.parametrize("arch, overrides, metadata, reference", GGUF_CASES,
+                         ids=["linear", "llama3-rope_freqs", "yarn", "yarn-betas", "yarn-attention_factor",
+                              "yarn-attn_factor", "gemma3-linear"])
+def test_tiny_gguf_logits_match_transformers(arch, overrides, metadata, reference, tmp_path):
+  path = make_tiny_hf_model(arch, tmp_path, **overrides)
+  model = cj.load(str(write_gguf(path, tmp_path / "t.gguf", metadata=metadata)), tokenizer=False)
+  hf = json.loads((path / "config.json").read_text())
+  hf["rope_parameters"].update(reference)
+  (path / "config.json").write_text(json.dumps(hf))
+  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, 48))
+  err = rel_err(cj.forward(model.params, ids), torch_logits(path, ids))
+  assert err <= REL_TOL, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_logits_match_transformers_gguf_loader(arch, tmp_path):
+  """Where transformers' GGUF reader reads every field that matters (no RoPE scaling), it is the reference."""
+  gguf_file = write_gguf(make_tiny_hf_model(arch, tmp_path), tmp_path / "t.gguf")
+  model = cj.load(str(gguf_file), tokenizer=False)
+  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, 48))
+  err = rel_err(cj.forward(model.params, ids), torch_logits(tmp_path, ids, gguf_file="t.gguf"))
   assert err <= REL_TOL, f"relative error {err:.2e}"
 
 

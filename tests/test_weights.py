@@ -269,6 +269,16 @@ def test_unknown_gguf_architecture(tmp_path):
     weights.load_backbone(write_gguf(path, tmp_path / "x.gguf", arch="phi3"))
 
 
+@pytest.mark.parametrize("arch, metadata, match", [
+    ("llama", {"{arch}.rope.scaling.attn_factor": 0.9}, r"t\.gguf.*rope\.scaling\.attn_factor=0\.9.* none"),
+])
+def test_gguf_metadata_that_would_change_results_is_refused(arch, metadata, match, tmp_path):
+  """Metadata llama.cpp honours that this library cannot follow is refused by name, never dropped."""
+  path = make_tiny_hf_model(arch, tmp_path)
+  with pytest.raises(ConfigError, match=match):
+    weights.load_backbone(write_gguf(path, tmp_path / "t.gguf", metadata=metadata))
+
+
 def test_shapes_disagree_with_config(tmp_path):
   path = make_tiny_hf_model("llama", tmp_path)
   hf = json.loads((path / "config.json").read_text())
