@@ -180,6 +180,10 @@ def _gguf_config(reader, path: Path) -> ModelConfig:
       eos_token_id=list(dict.fromkeys(e for e in eos if e is not None)),
       pad_token_id=_meta(reader, "tokenizer.ggml.padding_token_id", 0),
   )
+  rope_dims = m("rope.dimension_count", None)
+  if rope_dims is not None and int(rope_dims) != hf["head_dim"]:  # llama.cpp rotates only the first rope_dims
+    raise ConfigError(f"rope.dimension_count={rope_dims}, RoPE on part of each head of {hf['head_dim']}, "
+                      "is not supported")
   if "rope_freqs.weight" in tensors:
     if hf["rope_scaling"]:
       raise ConfigError("both rope scaling metadata and a rope_freqs tensor")

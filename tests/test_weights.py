@@ -271,6 +271,7 @@ def test_unknown_gguf_architecture(tmp_path):
 
 @pytest.mark.parametrize("arch, metadata, match", [
     ("llama", {"{arch}.rope.scaling.attn_factor": 0.9}, r"t\.gguf.*rope\.scaling\.attn_factor=0\.9.* none"),
+    ("qwen2", {"{arch}.rope.dimension_count": 8}, r"rope\.dimension_count=8, RoPE on part of each head of 16"),
 ])
 def test_gguf_metadata_that_would_change_results_is_refused(arch, metadata, match, tmp_path):
   """Metadata llama.cpp honours that this library cannot follow is refused by name, never dropped."""
