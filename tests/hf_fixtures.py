@@ -189,3 +189,73 @@ def write_gguf(hf_dir, out_file, *, qtype=None, arch: str | None = None, metadat
   w.write_tensors_to_file()
   w.close()
   return Path(out_file)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer metadata, as llama.cpp writes it
+
+_TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.",
+    "Passkeys are numbers: 4821, 12345 and 777. Don't forget them, we'll ask again!",
+    "  Indented lines\n\tand tabs\n\nkeep their whitespace. héllo wörld, naïve café.",
+]
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6  # gguf.TokenType
+
+
+def write_tokenizer_gguf(out_file, arch: str, model: str, pre: str = "default") -> Path:
+  """A GGUF file holding only a tokenizer, trained on a few lines with `tokenizers`.
+
+  model "gpt2": a byte-level BPE vocabulary with its merges, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as
+  control tokens and `<think>` as a user-defined one; `pre` is tokenizer.ggml.pre. model "llama": a
+  sentencepiece-style vocabulary (`<unk>`, `<s>`, `</s>`, 256 byte tokens, then pieces with ▁ for spaces) with
+  scores and no merges, as llama.cpp writes a Llama 2 or Gemma vocabulary.
+  """
+  import gguf
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  w = gguf.GGUFWriter(str(out_file), arch)
+  w.add_block_count(1)  # what transformers' GGUF config reader wants to find
+  if model == "gpt2":
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    state = json.loads(tok.to_str())["model"]
+    tokens = sorted(state["vocab"], key=state["vocab"].get)
+    types = [_CONTROL if t in specials[:3] else _USER_DEFINED if t == "<think>" else _NORMAL for t in tokens]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["merges"]])
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_add_bos_token(pre == "llama-bpe")  # Llama 3 adds BOS, Qwen2 does not
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+  elif model == "llama":
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    state = json.loads(tok.to_str())["model"]
+    pieces = sorted(state["vocab"], key=state["vocab"].get)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(pieces)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])  # sentencepiece BPE: rank order
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_space_prefix(True)
+  else:
+    raise ValueError(f"unknown tokenizer model {model!r}")
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return Path(out_file)

@@ -12,7 +12,7 @@ import pytest
 
 from chunkllm_jax import registry, weights
 from chunkllm_jax.config import ConfigError, RopeScaling
-from hf_fixtures import ARCHS, load_hf_state_dict, make_tiny_hf_model, write_gguf
+from hf_fixtures import ARCHS, load_hf_state_dict, make_tiny_hf_model, write_gguf, write_tokenizer_gguf
 
 # Our layer leaf -> its HF name under model.layers.{i}.
 HF_LAYER = {
@@ -414,6 +414,34 @@ def test_gguf_tokenizer_is_built_without_torch(name, tmp_path):
               [tok(t).input_ids for t in TOKENIZER_TEXTS], [tok(t, add_special_tokens=False).input_ids
                                                              for t in TOKENIZER_TEXTS],
               [tok.decode(tok(t).input_ids) for t in TOKENIZER_TEXTS]]
+  assert converted == expected
+  assert cached == expected
+
+
+TINY_TOKENIZER_TEXTS = TOKENIZER_TEXTS + ("<s>x</s><unk> <think>so</think><|endoftext|><|im_end|>",)
+
+
+@pytest.mark.parametrize("arch, model, pre", [("qwen2", "gpt2", "qwen2"), ("llama", "gpt2", "llama-bpe"),
+                                              ("llama", "llama", "default"), ("gemma3", "llama", "default")])
+def test_tiny_gguf_tokenizer_is_built_without_torch(arch, model, pre, tmp_path):
+  """As above, on tiny vocabularies of each kind: byte-level BPE with merges, control and user-defined tokens and a
+  pre-tokenizer; sentencepiece-style with scores, byte tokens and no merges (Llama's builder and Gemma's)."""
+  import subprocess
+  import sys
+
+  from transformers import AutoTokenizer
+
+  path = write_tokenizer_gguf(tmp_path / "tok.gguf", arch, model, pre)
+  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  run = subprocess.run([sys.executable, "-c", _TOKENIZE_WITHOUT_TORCH, str(path.parent), path.name,
+                        json.dumps(TINY_TOKENIZER_TEXTS)], env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  converted, cached = json.loads(run.stdout.strip().splitlines()[-1])
+  tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)  # with torch
+  expected = [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token, len(tok), tok.chat_template,
+              [tok(t).input_ids for t in TINY_TOKENIZER_TEXTS], [tok(t, add_special_tokens=False).input_ids
+                                                                  for t in TINY_TOKENIZER_TEXTS],
+              [tok.decode(tok(t).input_ids) for t in TINY_TOKENIZER_TEXTS]]
   assert converted == expected
   assert cached == expected
 
