@@ -121,7 +121,8 @@ class ModelConfig:
 # From a Hugging Face config.json
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's attention factor for a context `factor` times the trained one (transformers' get_mscale)."""
   return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
@@ -150,7 +151,7 @@ def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, max_position: int) -> Ro
     attention_factor = rs.get("attention_factor")
     if attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
       # DeepSeek-style: cos/sin scaled by the ratio of two mscales, as transformers computes it.
-      attention_factor = _yarn_mscale(factor, float(rs["mscale"])) / _yarn_mscale(factor, float(rs["mscale_all_dim"]))
+      attention_factor = yarn_mscale(factor, float(rs["mscale"])) / yarn_mscale(factor, float(rs["mscale_all_dim"]))
     return RopeScaling(
         "yarn",
         factor=factor,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chunkllm_jax.config import ConfigError, ModelConfig, _yarn_mscale, from_hf_config
+from chunkllm_jax.config import ConfigError, ModelConfig, yarn_mscale, from_hf_config
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.weights import Key, SourceTensor, assemble
 
@@ -125,7 +125,7 @@ def _rope_scaling(reader, arch: str) -> dict | None:
     # runtime recomputes 1 + 0.1 ln factor instead); absent, it is that default.
     attention_factor = m("yarn_attn_factor", None)
     if attention_factor is None and attn_factor != 1.0:
-      attention_factor = _yarn_mscale(float(rs["factor"]))
+      attention_factor = yarn_mscale(float(rs["factor"]))
     rs.update(
         original_max_position_embeddings=m("original_context_length"),
         attention_factor=None if attention_factor is None else float(attention_factor) * attn_factor,
