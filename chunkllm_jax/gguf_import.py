@@ -127,7 +127,8 @@ def _rope_scaling(reader, arch: str) -> dict | None:
     if attention_factor is None and attn_factor != 1.0:
       attention_factor = yarn_mscale(float(rs["factor"]))
     rs.update(
-        original_max_position_embeddings=m("original_context_length"),
+        # absent: the trained context, as llama.cpp reads it (and transformers a config.json without it)
+        original_max_position_embeddings=m("original_context_length", None) or _meta(reader, f"{arch}.context_length"),
         attention_factor=None if attention_factor is None else float(attention_factor) * attn_factor,
         beta_fast=m("yarn_beta_fast", 32.0),
         beta_slow=m("yarn_beta_slow", 1.0))

@@ -145,7 +145,8 @@ def write_gguf(hf_dir, out_file, *, qtype=None, arch: str | None = None, metadat
     w.add_rope_scaling_type(gguf.RopeScalingType(rope_full["rope_type"]))
     w.add_rope_scaling_factor(rope_full["factor"])
   if rope_full.get("rope_type") == "yarn":
-    w.add_rope_scaling_orig_ctx_len(rope_full["original_max_position_embeddings"])
+    if "original_max_position_embeddings" in rope_full:  # left out, readers take the context length
+      w.add_rope_scaling_orig_ctx_len(rope_full["original_max_position_embeddings"])
     for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
                      ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
                      ("beta_fast", w.add_rope_scaling_yarn_beta_fast),

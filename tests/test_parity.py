@@ -133,6 +133,19 @@ def test_tiny_gguf_logits_match_transformers(arch, overrides, metadata, referenc
   assert err <= REL_TOL, f"relative error {err:.2e}"
 
 
+def test_tiny_gguf_yarn_without_original_context_reads_the_trained_context(tmp_path):
+  """A YaRN file without rope.scaling.original_context_length: llama.cpp takes the trained context length, as
+  transformers takes max_position_embeddings for a config.json without original_max_position_embeddings."""
+  path = make_tiny_hf_model("qwen2", tmp_path, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0))
+  hf = json.loads((path / "config.json").read_text())
+  del hf["rope_parameters"]["original_max_position_embeddings"]  # transformers wrote it in: the file leaves it out
+  (path / "config.json").write_text(json.dumps(hf))
+  model = cj.load(str(write_gguf(path, tmp_path / "t.gguf")), tokenizer=False)
+  ids = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, 48))
+  err = rel_err(cj.forward(model.params, ids), torch_logits(path, ids))
+  assert err <= REL_TOL, f"relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tiny_gguf_logits_match_transformers_gguf_loader(arch, tmp_path):
   """Where transformers' GGUF reader reads every field that matters (no RoPE scaling), it is the reference."""
