@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 OLD_ADAPTERS=${OLD_ADAPTERS:-}
 out=docs/eval_adapters_smollm2_30  # the previous round's rows (older code) stay in docs/eval_adapters_smollm2
 common=(--model smollm2-135m --suites niah --niah_kinds single multikey --niah_lengths 2048
-        --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler brown --needle_placement sentences)  # as these rows were measured
+        --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler brown --needle_placement sentences
+        --selection shared --recent_share 0 --no-boundary_tokens)  # as these rows were measured (the first defaults)
 python -m eval.run "${common[@]}" --methods vanilla chunkllm hybrid streamingllm --retention 0.25 --out $out
 python -m eval.run "${common[@]}" --methods vanilla chunkllm hybrid streamingllm --retention 0.25 0.5 --out $out
 if [ -n "$OLD_ADAPTERS" ]; then

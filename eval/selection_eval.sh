@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--model smollm2-135m --methods vanilla oracle chunkllm streamingllm --suites niah --niah_kinds single
-        --niah_lengths 2048 4096 --retention 0.5 0.25 --needle_placement sentences)  # as these rows were measured
+        --niah_lengths 2048 4096 --retention 0.5 0.25 --needle_placement sentences --selection shared --recent_share 0
+        --no-boundary_tokens)  # as these rows were measured (the first defaults)
 python -m eval.run "${common[@]}" --filler brown --niah_depths 0.1 0.5 0.9 --out docs/eval_selection_brown
 python -m eval.run "${common[@]}" --filler generated --niah_depths 0.3 0.7 --out docs/eval_selection_generated
