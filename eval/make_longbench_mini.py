@@ -268,7 +268,8 @@ def make_records(task: str, filler: Filler, n: int, n_words: int, seed: int) -> 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default="eval/data/longbench_mini", help="directory for the <task>.jsonl files")
-  p.add_argument("--brown", required=True, help="filler: Brown sentences, one a line (train.prepare_brown)")
+  # not required: --synthetic needs no file
+  p.add_argument("--brown", help="filler: Brown sentences, one a line (train.prepare_brown)")
   p.add_argument("--synthetic", action="store_true", help="generated filler sentences instead (no data file)")
   p.add_argument("--n", type=int, default=8, help="examples per task")
   p.add_argument("--context_words", "--context_tokens", dest="context_words", type=int, default=3000,
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tasks", default=",".join(MAKERS), help="comma-separated subset of: " + ", ".join(MAKERS))
   args = p.parse_args(argv)
+  if not args.synthetic and not args.brown:
+    p.error("give the filler: --brown FILE (Brown sentences, one a line), or --synthetic")
 
   filler = synthetic_filler() if args.synthetic else brown_filler(args.brown)
   out = Path(args.out)

@@ -183,3 +183,12 @@ def test_committed_mini_set_is_what_the_readme_command_makes(tmp_path):
   make_longbench_mini.main(["--out", str(tmp_path), "--brown", str(BROWN)])
   for task in make_longbench_mini.MAKERS:
     assert (tmp_path / f"{task}.jsonl").read_text() == (MINI / f"{task}.jsonl").read_text(), task
+
+
+def test_synthetic_mini_set_needs_no_brown_file(tmp_path, capsys):
+  make_longbench_mini.main(["--synthetic", "--out", str(tmp_path), "--n", "1", "--context_words", "100",
+                            "--tasks", "mini_kv_qa"])
+  assert len((tmp_path / "mini_kv_qa.jsonl").read_text().splitlines()) == 1
+  with pytest.raises(SystemExit) as e:  # neither filler: refused, naming both ways
+    make_longbench_mini.main(["--out", str(tmp_path)])
+  assert e.value.code == 2 and "--brown" in capsys.readouterr().err
