@@ -75,6 +75,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--text", required=True, help="English text to segment (e.g. the Brown corpus)")
   ap.add_argument("--chars", type=int, default=2_000_000, help="characters of the text to use")
+  ap.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="context lengths in tokens")
   ap.add_argument("--out", default=str(HERE / "RESULTS_bytes.md"))
   args = ap.parse_args(argv)
   if not pathlib.Path(args.text).is_file():
@@ -84,12 +85,12 @@ def main(argv=None):
   lengths = sentence_lengths(text, tok)
   # Each case starts at a random sentence of the first half and fills its context from there: the second half
   # alone must hold the longest context, or the case would stop short of it and report another retention.
-  if len(lengths) < 2 or lengths[len(lengths) // 2:].sum() < max(CONTEXTS):
-    ap.error(f"--text / --chars give {int(lengths.sum())} tokens of sentences; the {max(CONTEXTS)}-token case needs "
-             f"that many in the text's second half: give more --chars or a longer text")
+  if len(lengths) < 2 or lengths[len(lengths) // 2:].sum() < max(args.contexts):
+    ap.error(f"--text / --chars give {int(lengths.sum())} tokens of sentences; the {max(args.contexts)}-token case "
+             f"needs that many in the text's second half: give more --chars or a longer text")
   rng = np.random.default_rng(0)
   rows = [one_case(lengths[rng.integers(0, len(lengths) // 2):], ctx, r, rng)
-          for ctx in CONTEXTS for r in (0.5, 0.25, 0.125)]
+          for ctx in args.contexts for r in (0.5, 0.25, 0.125)]
   mb = lambda x: f"{x / 2**20:.2f}"
   lines = results_md.header(
       "Bytes read per decode step: in place by blocks vs compaction",

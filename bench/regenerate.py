@@ -43,7 +43,7 @@ class Step:
 
 STEPS = (
     Step("bytes", ("bench/bench_bytes.py", "--text", "{text}", "--chars", "600000", "--out", "{out}.md"),
-         ("--chars", "60000"), 1),
+         ("--chars", "60000", "--contexts", "4096"), 1),  # 60000 characters hold about 12K tokens
     Step("decode_step", ("bench/decode_step.py", "--out", "{out}.md"),
          ("--models", "smollm2-135m", "--cases", "512:300"), 4),
     Step("generate", ("bench/bench_generate.py", "--lengths", "2048", "8192", "16384", "--repeats", "2",

@@ -40,3 +40,18 @@ def test_a_text_too_short_for_the_longest_context_is_refused(bench_script, capsy
   assert e.value.code == 2
   assert "the 131072-token case needs that many" in capsys.readouterr().err
   assert not (tmp_path / "bytes.md").exists()
+
+
+@pytest.mark.real_model
+def test_regenerate_quick_bytes_step_fits_its_short_text(bench_script, monkeypatch, tmp_path):
+  """regenerate.py --quick cuts bench_bytes' text to 60000 characters (about 12K tokens): its cases must fit that,
+  where the full run's reach 128K tokens (the step was refused, and --quick failed)."""
+  from chunkllm_jax.haystack import filler_sentences
+
+  regen, bench = bench_script("regenerate"), bench_script("bench_bytes")
+  text = tmp_path / "text.txt"
+  text.write_text(" ".join(filler_sentences(1200, 0)))
+  step = next(s for s in regen.STEPS if s.name == "bytes")
+  monkeypatch.chdir(regen.ROOT)  # regenerate runs its steps from the repository root
+  bench.main(regen.argv_for(step, tmp_path, True, text)[2:])
+  assert (tmp_path / "RESULTS_bytes.md").is_file()
