@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--model", default="smollm2-135m", help="registered name, HF dir or .gguf file")
   p.add_argument("--adapters", default=None, help="adapter export dir or registered name (default: --model)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {' '.join(M.METHODS)}")
+  p.add_argument("--methods", nargs="+", default=["all"],
+                 help=f"'all' or some of: {' '.join(M.METHODS)} ('all' leaves out oracle unless --selection shared: "
+                      "where each KV head makes decode's selections, oracle is hybrid)")
   p.add_argument("--retention", nargs="+", type=float, default=None,
                  help="KV budgets as fractions of the tokens seen (default 0.5 0.25)")
   p.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
@@ -152,6 +154,10 @@ def _resolve(args) -> argparse.Namespace:
   q = args.quick
   if args.methods == ["all"]:
     args.methods = ["vanilla", "hybrid"] if q else list(M.METHODS)  # quick: the library's defaults
+    if args.selection != "shared" and "oracle" in args.methods:
+      # Each KV head makes decode's selections from the frozen attention, and both score the prompt by it with the
+      # same 16 queries: oracle's config differs from hybrid's only in `scorer`, which no step reads then.
+      args.methods.remove("oracle")
   bad = sorted(set(args.methods) - set(M.METHODS))
   if bad:
     raise UsageError(f"unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")

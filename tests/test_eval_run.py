@@ -3,11 +3,15 @@ nothing; a malformed line is reported by number and skipped), the whole run with
 stubbed out, --out refused where it holds files that eval.run did not write, and one --quick run on
 the real smollm2-135m."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+import chunkllm_jax as cj
+
+from eval import methods as M
 from eval import run as eval_run
 from eval.results_io import ResultsFile, is_run_config
 from tests.eval_fixtures import N_RESULTS, Stubs, run_stubbed
@@ -314,3 +318,38 @@ def test_eval_report_rewrites_only_folders_eval_run_made(tmp_path, capsys):
   assert report.main(["--out", str(tmp_path)]) == 2
   assert "no run_config.json of eval.run's" in capsys.readouterr().err
   assert (tmp_path / "results.md").read_text() == "mine\n" and not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("selection, has_oracle", [("kv_head", False), ("shared", True)])
+def test_all_methods_run_oracle_only_where_it_differs_from_hybrid(tmp_path, selection, has_oracle):
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", "generated", "--selection", selection,
+                                        "--out", str(tmp_path / "ev")])
+  methods = eval_run._resolve(args).methods
+  assert ("oracle" in methods) == has_oracle and "hybrid" in methods and "vanilla" in methods
+
+
+@pytest.mark.parametrize("selection, same", [("kv_head", True), ("shared", False)])
+def test_oracle_lowers_to_hybrids_programs_under_per_head_selection(selection, same, monkeypatch):
+  """Why `--methods all` leaves oracle out under selection="kv_head": its config differs from hybrid's in
+  `scorer` and `score_queries`, which only the shared rule's selections read, so both lower to the same
+  programs (under the shared rule they do not)."""
+  from chunkllm_jax import decoding
+  from tests.tiny_models import chunk_params, prompts
+
+  lowered, executable = [], decoding.Compiled.executable
+
+  def record(self, *args):  # each program a call builds, as lowered (a compiled one may come from jax's disk cache)
+    lowered.append(self.jitted.lower(*args).as_text())
+    return executable(self, *args)
+
+  monkeypatch.setattr(decoding.Compiled, "executable", record)
+  params, rows, settings = chunk_params(), prompts([40, 30], seed=2), M.MethodSettings(selection=selection)
+  programs = []
+  for method in ("oracle", "hybrid"):
+    decoding.programs.cache_clear()
+    lowered.clear()
+    cj.chunk_generate(params, rows, max_new_tokens=4, eos_ids=(), max_len=64,
+                      chunk_config=dataclasses.replace(M.base_config(method, settings), kv_budget=0.3))
+    programs.append(list(dict.fromkeys(lowered)))  # the prefill, the decode loop and what runs beside them
+  assert len(programs[0]) >= 2 and "jit__prefill" in programs[0][0]
+  assert (programs[0] == programs[1]) == same
