@@ -114,13 +114,16 @@ MEASUREMENTS = (
                 "eval_niah_tokens_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid streamingllm "
                  "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
-                 "--out docs/eval_niah_tokens_smollm2_30",),
+                 "--out docs/eval_niah_tokens_smollm2_30",
+                 f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods sepllm "
+                 "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_niah_tokens_smollm2_30"),
                 variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
                 note="The grid of the next sections (15 single-key and 15 multi-key needles, depths 0.1-0.9 x 3 "
                      "seeds, the evaluation's share of Brown) with each target needle at the sentence break "
                      "nearest its depth in tokens, as `eval.run` places it now; the sections below placed it at "
-                     "its depth's share of the sentences. ChunkLLM with today's defaults; vanilla and "
-                     "StreamingLLM (the best baseline of the 2K sections below) run in the same folder."),
+                     "its depth's share of the sentences. ChunkLLM with today's defaults; vanilla, StreamingLLM and "
+                     "SepLLM (the two best baselines of the 2K sections below) run in the same folder."),
     Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_smollm2_30",),
