@@ -200,9 +200,12 @@ def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_B
                          lambda b, q, j, ids, n: (b, 0, kv_block(b, q, j, ids, n)))
   q_spec = pl.BlockSpec((None, block_q, H, D), lambda b, q, j, ids, n: (b, q, 0, 0))
   cq_spec = pl.BlockSpec((None, block_q, 1), lambda b, q, j, ids, n: (b, q, 0))
-  sel_spec = pl.BlockSpec((None, block_q, sel_BTN.shape[-1]), lambda b, q, j, ids, n: (b, q, 0))
   f32 = jnp.float32
   chunk_id_BT = chunk_id_BT.astype(jnp.int32)
+  sel_BTN = sel_BTN.astype(jnp.int32)
+  if sel_BTN.shape[-1] == 0:  # no selections (top_chunks=0): one empty column, as a block cannot be 0 wide
+    sel_BTN = jnp.full((B, T, 1), -1, jnp.int32)
+  sel_spec = pl.BlockSpec((None, block_q, sel_BTN.shape[-1]), lambda b, q, j, ids, n: (b, q, 0))
   return pl.pallas_call(
       functools.partial(_prefill_kernel, scale=scale, n_sink=n_sink, n_local=n_local, n_max=N),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -216,8 +219,7 @@ def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_B
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
-  )(ids_flat, n_flat, q_BTHD, k_BTKD, v_BTKD, chunk_id_BT[..., None], chunk_id_BT[:, None],
-    sel_BTN.astype(jnp.int32))
+  )(ids_flat, n_flat, q_BTHD, k_BTKD, v_BTKD, chunk_id_BT[..., None], chunk_id_BT[:, None], sel_BTN)
 
 
 def chunk_prefill_attention(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT, sel_BTN,

@@ -37,6 +37,7 @@ SHAPES = [  # B, T, K, G, D, block_q, block_k, n_local, n_sel, dtype
     (2, 128, 2, 1, 32, 32, 32, 1, 3, jnp.float32),
     (2, 128, 1, 4, 32, 32, 16, 0, 2, jnp.float32),
     (2, 128, 2, 4, 16, 16, 32, 2, 4, jnp.bfloat16),
+    (2, 64, 1, 3, 16, 16, 16, 1, 0, jnp.float32),  # no selections (top_chunks=0): a 0-wide block
 ]
 
 
