@@ -174,18 +174,30 @@ def _prefill_kernel(ids_ref, n_ref,  # scalar prefetch (SMEM), flat
       o_ref[:, h, :] = (acc_sc[h] / jnp.where(l_T1 > 0, l_T1, 1.0)).astype(o_ref.dtype)
 
 
-def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT,
-                                   sel_BTN, *, scale: float, block_q: int, block_k: int,
-                                   n_sink: int, n_local: int, interpret=False):
-  """The Pallas path. Grid (row, query block, listed KV block). Returns [B, T, H, D]."""
+def check_prefill_inputs(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT, sel_BTN, block_q: int,
+                         block_k: int):
+  """Shapes both prefill kernels (TPU and GPU) need. Returns (B, T, H, D, K, nq, N). The block lists and
+  selections are read per row and query block: one that broadcasts (a batch of 1, a short T) would read
+  outside its array, which interpret mode pads instead of refusing."""
   B, T, H, D = q_BTHD.shape
   K = k_BTKD.shape[2]
   nq = T // block_q
   N = kv_blocks_BQN.shape[-1]
   chex.assert_shape([k_BTKD, v_BTKD], (B, T, K, D))
   chex.assert_shape([kv_blocks_BQN], (B, nq, N))
+  chex.assert_shape([n_kv_BQ], (B, nq))
   chex.assert_shape([chunk_id_BT], (B, T))
+  chex.assert_shape([sel_BTN], (B, T, None))
   assert H % K == 0 and T % block_q == 0 and T % block_k == 0, (H, K, T, block_q, block_k)
+  return B, T, H, D, K, nq, N
+
+
+def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT,
+                                   sel_BTN, *, scale: float, block_q: int, block_k: int,
+                                   n_sink: int, n_local: int, interpret=False):
+  """The Pallas path. Grid (row, query block, listed KV block). Returns [B, T, H, D]."""
+  B, T, H, D, K, nq, N = check_prefill_inputs(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT,
+                                               sel_BTN, block_q, block_k)
   n_flat = jnp.clip(n_kv_BQ.astype(jnp.int32), 0, N).reshape(-1)
   live = jnp.arange(N) < n_flat.reshape(B, nq, 1)
   ids_flat = jnp.where(live, kv_blocks_BQN.astype(jnp.int32), 0).reshape(-1)

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.chunk_prefill_attention import visible_given_selections
+from pallas_kernels.chunk_prefill_attention import check_prefill_inputs, visible_given_selections
 from pallas_kernels.dispatch import NEG_INF
 
 MIN_DOT = 16  # dots at least this wide, as ops/gpu/decode_attention.py keeps them
@@ -168,16 +167,9 @@ def chunk_prefill_attention_gpu(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, 
   register budget); `num_warps` (default by head dim), `num_stages`: Triton's launch and
   pipelining knobs.
   """
-  B, T, H, D = q_BTHD.shape
-  K = k_BTKD.shape[2]
+  B, T, H, D, K, _, N = check_prefill_inputs(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT,
+                                              sel_BTN, block_q, block_k)
   G = H // K
-  nq = T // block_q
-  N = kv_blocks_BQN.shape[-1]
-  chex.assert_shape([k_BTKD, v_BTKD], (B, T, K, D))
-  chex.assert_shape([kv_blocks_BQN], (B, nq, N))
-  chex.assert_shape([chunk_id_BT], (B, T))
-  chex.assert_shape([sel_BTN], (B, T, None))
-  assert H % K == 0 and T % block_q == 0 and T % block_k == 0, (H, K, T, block_q, block_k)
   tq, tk = sub_tile(block_q, tile_q), sub_tile(block_k, tile_k)
   tqp, tkp, Dp = triton_size(tq), triton_size(tk), triton_size(D)
   num_warps = num_warps or default_num_warps(Dp)
