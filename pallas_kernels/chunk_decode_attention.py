@@ -112,12 +112,15 @@ def _decode_kernel(ids_ref, n_ref,  # scalar prefetch (SMEM)
     l_ref[...] = l_sc[...]
 
 
-def check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, token_mask_BS, block_size: int):
-  """Shapes both decode kernels (TPU and GPU) need. Returns (B, H, D, S, K, N)."""
+def check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, block_size: int):
+  """Shapes both decode kernels (TPU and GPU) need. Returns (B, H, D, S, K, N). The block list and its length
+  are per row: one of batch 1 would broadcast (row 0's list for every row) instead of being refused."""
   B, H, D = q_BHD.shape
   S, K = k_BSKD.shape[1:3]
   chex.assert_shape([k_BSKD, v_BSKD], (B, S, K, D))
   chex.assert_shape(token_mask_BS, (B, S))
+  chex.assert_shape(block_ids_BN, (B, None))
+  chex.assert_shape(n_blocks_B, (B,))
   assert H % K == 0 and S % block_size == 0, (H, K, S, block_size)
   return B, H, D, S, K, block_ids_BN.shape[1]
 
@@ -125,7 +128,8 @@ def check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, token_mask_BS, bloc
 def decode_partials(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, *,
                     scale: float, block_size: int, n_splits: int = 2, interpret=False):
   """The Pallas call: per split, unnormalised acc [B, P, H, D], max and sum [B, P, H, 1] (f32)."""
-  B, H, D, S, K, N = check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, token_mask_BS, block_size)
+  B, H, D, S, K, N = check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS,
+                                         block_size)
   per_split = max(pl.cdiv(N, n_splits), 1)
   n_B = jnp.clip(n_blocks_B.astype(jnp.int32), 0, N)
   # padding ids -> 0 so that no index map can point outside the buffer

@@ -110,7 +110,8 @@ def decode_partials_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_m
                         num_warps: int = 4, num_stages: int = 2):
   """As `decode_partials`: per split, unnormalised acc [B, P, H, D], max and sum [B, P, H, 1]
   (f32). `num_warps`, `num_stages`: Triton's launch and pipelining knobs."""
-  B, H, D, S, K, N = check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, token_mask_BS, block_size)
+  B, H, D, S, K, N = check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS,
+                                         block_size)
   G = H // K
   n_all = S // block_size
   bs, Dp, Gp = _tile(block_size), _tile(D), _tile(G)
