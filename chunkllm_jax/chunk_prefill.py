@@ -243,6 +243,9 @@ def prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BNN, end_BT, ccfg
   if not use_kernel:
     return sparse_prefill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, vis_BNN, end_BT, n_local=ccfg.n_local,
                                     scale=scale, softcap=softcap, block=block)
+  if softcap is not None:  # the kernels take no soft-capping: it would be dropped, not applied
+    raise ValueError(f"the prefill kernel does not support attention logit soft-capping (softcap={softcap}); "
+                     "use attention='xla'")
   from pallas_kernels.chunk_prefill_attention import chunk_prefill_attention
 
   B, T0 = chunk_id_BT.shape

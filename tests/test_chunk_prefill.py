@@ -180,6 +180,17 @@ def test_pallas_prefill_kernel_path_matches_the_xla_path(seed, budget):
   np.testing.assert_allclose(np.asarray(ker)[live], np.asarray(xla)[live], rtol=1e-5, atol=1e-5)
 
 
+
+def test_pallas_prefill_kernel_path_refuses_softcap():
+  """The kernels have no soft-capping: the kernel path refuses it (it ran without, 1.3 off the XLA path at 1.0)."""
+  ccfg, closes, valid, q, k, v, qt, kt = case(0, T=64, lengths=(64, 40))
+  ccfg = ccfg.__class__(**{**ccfg.__dict__, "interpret": True})
+  ids = cp.kernel_ids(boundaries.chunk_ids(closes, valid, ccfg.n_sink), valid, ccfg.max_chunks)
+  vis = jnp.ones((2, ccfg.max_chunks + 2, ccfg.max_chunks + 2), bool)
+  with pytest.raises(ValueError, match="soft-capping"):
+    cp.prefill_attention(q, k, v, ids, vis, jnp.ones_like(closes), ccfg, use_kernel=True, scale=0.3, softcap=1.0,
+                         block=32)
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_packed_positions_hold_every_visible_key_once_in_order(seed):
   ccfg, ids, vis, mask = tables(seed)
