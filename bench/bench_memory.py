@@ -9,7 +9,9 @@ buffer of the run's size and, for ChunkLLM, its chunk state (the shared rule's w
 per-head rule's low-rank keys and sketches, with the chunk table). The report gives the peak RSS, the
 RSS after loading (weights + runtime), and both as ratios to the floor; the growth during generation
 is the part the decode loops control (a loop that copied the KV buffer into its carry would add a
-second buffer here). Writes bench/RESULTS_memory.md and bench/RESULTS_memory.json.
+second buffer here). `--compile-cache warm` measures a run whose programs come from jax's persistent
+compilation cache (a later run of a user who sets JAX_COMPILATION_CACHE_DIR), not from the compiler.
+Writes bench/RESULTS_memory.md and bench/RESULTS_memory.json.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pathlib
 import resource
 import subprocess
 import sys
+import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -89,6 +92,10 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=str(HERE / "RESULTS_memory.md"))
   ap.add_argument("--with-torch", action="store_true",
                   help="let transformers import torch, as it does where torch is installed (the test extras)")
+  ap.add_argument("--compile-cache", choices=["cold", "warm"], default="cold",
+                  help="warm: each cell first runs once unmeasured to fill a fresh jax persistent compilation cache, "
+                       "and the measured run loads its programs from there (a user's later runs with "
+                       "JAX_COMPILATION_CACHE_DIR set); cold (default): every program is compiled in the measured run")
   ap.add_argument("--child", nargs=2, metavar=("METHOD", "CONTEXT"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child:
@@ -96,17 +103,24 @@ def main(argv=None) -> int:
     return 0
   command = results_md.command_line([__file__] + (sys.argv[1:] if argv is None else list(argv)))
   rows = _earlier_rows(pathlib.Path(args.out).with_suffix(".json"))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # cold: nothing from a cache
   for context in args.contexts:
     for method in args.methods:
-      print(f"{method} at {context} tokens ...", file=sys.stderr, flush=True)
-      proc = subprocess.run([sys.executable, __file__, "--child", method, str(context)]
-                            + (["--with-torch"] if args.with_torch else []), capture_output=True, text=True, check=False)
+      print(f"{method} at {context} tokens ({args.compile_cache} compile cache) ...", file=sys.stderr, flush=True)
+      child_argv = [sys.executable, __file__, "--child", method, str(context)] + (["--with-torch"] * args.with_torch)
+      with tempfile.TemporaryDirectory(prefix="jax-cache-") as cache:
+        if args.compile_cache == "warm":
+          env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+          subprocess.run(child_argv, capture_output=True, env=env, check=False)  # fills the cache, unmeasured
+        proc = subprocess.run(child_argv, capture_output=True, text=True, env=env, check=False)
       if proc.returncode:  # recorded, and the other runs go on (a kill by the OOM killer is -9)
         why = (proc.stderr.strip().splitlines() or [""])[-1][-300:]
-        _put(rows, dict(method=method, context=context, failed=f"exit {proc.returncode}: {why}"))
+        _put(rows, dict(method=method, context=context, compile_cache=args.compile_cache,
+                        failed=f"exit {proc.returncode}: {why}"))
         print(f"  failed: exit {proc.returncode}", file=sys.stderr)
         continue
-      r = dict(json.loads(proc.stdout.strip().splitlines()[-1]), code=results_md.code_version(), command=command)
+      r = dict(json.loads(proc.stdout.strip().splitlines()[-1]), compile_cache=args.compile_cache,
+               code=results_md.code_version(), command=command)
       _put(rows, r)
       print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / r['floor']:.2f}x the floor "
             f"({r['floor'] / 2**30:.2f} GiB)", file=sys.stderr)
@@ -125,9 +139,13 @@ def _earlier_rows(path: pathlib.Path) -> list[dict]:
   return [r for r in doc.get("rows", []) if "code" in r] if isinstance(doc, dict) else []
 
 
+def _cell(r: dict) -> tuple:
+  return r["method"], r["context"], r.get("compile_cache", "cold")  # rows from before the setting compiled cold
+
+
 def _put(rows: list[dict], row: dict) -> None:
-  rows[:] = [r for r in rows if (r["method"], r["context"]) != (row["method"], row["context"])] + [row]
-  rows.sort(key=lambda r: (r["context"], r["method"] != "vanilla"))
+  rows[:] = [r for r in rows if _cell(r) != _cell(row)] + [row]
+  rows.sort(key=lambda r: (r["context"], r["method"] != "vanilla", r.get("compile_cache", "cold") == "warm"))
 
 
 def _write(rows: list[dict], args, command: str) -> str:
@@ -139,16 +157,20 @@ def _write(rows: list[dict], args, command: str) -> str:
       "smollm2-135m float32, 8 new tokens, ChunkLLM at kv_budget=0.25 with the shipped adapters; each run in a "
       "fresh process, torch not loaded unless the row says so (a user's install has none; transformers "
       "imports it wherever it is installed). A run replaces the cells it measures and keeps the others: each row names its code. Floor = weights + one KV buffer (+ ChunkLLM's chunk state: the shared rule's working buffer, or the per-head rule's low-rank keys and sketches, and the chunk table). RSS after load holds "
-      "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds.") + [
+      "the weights and the runtime (Python, jax, XLA); growth = peak - after load, the part generation adds. "
+      "Every program is compiled in the measured run, except in rows marked (warm compile cache): those load "
+      "them from jax's persistent compilation cache, filled by an unmeasured run just before (`--compile-cache "
+      "warm`).") + [
       "| method | context | weights MiB | KV MiB | chunk state MiB | floor MiB | RSS after load MiB | peak RSS MiB | "
       "peak / floor | growth / (KV + chunk state) | code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    method = r["method"] + (" (warm compile cache)" if r.get("compile_cache") == "warm" else "")
     if "failed" in r:
-      lines.append(f"| {r['method']} | {r['context']} | failed: {r['failed']} ||||||||| ")
+      lines.append(f"| {method} | {r['context']} | failed: {r['failed']} ||||||||| ")
       continue
     growth = (r["peak_rss"] - r["rss_after_load"]) / max(r["kv"] + r["work"], 1)
     torch = " (torch loaded)" if r.get("torch_loaded", True) else ""  # rows from before the field had it loaded
-    lines.append(f"| {r['method']} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
+    lines.append(f"| {method} | {r['context']} | {mib(r['weights'])} | {mib(r['kv'])} | {mib(r['work'])} | "
                  f"{mib(r['floor'])} | {mib(r['rss_after_load'])}{torch} | {mib(r['peak_rss'])} | "
                  f"{r['peak_rss'] / r['floor']:.2f}x | {growth:.2f}x | {r.get('code', '?')} |")
   results_md.write(args.out, lines, dict(device=results_md.machine_line(), command=command,

@@ -166,3 +166,8 @@ def test_bench_memory_replaces_the_cells_it_measures_and_keeps_the_others(bench_
   assert [(r["method"], r["context"], r["code"]) for r in rows] == [
       ("vanilla", 8192, "b"), ("chunkllm", 8192, "a"), ("vanilla", 32768, "b")]
   assert memory._earlier_rows(tmp_path / "missing.json") == []
+  memory._put(rows, dict(method="vanilla", context=8192, peak_rss=1.2, floor=1, code="c", compile_cache="warm"))
+  memory._put(rows, dict(method="vanilla", context=8192, peak_rss=1.4, floor=1, code="c", compile_cache="cold"))
+  assert [(r["method"], r["context"], r.get("compile_cache"), r["code"]) for r in rows] == [
+      ("vanilla", 8192, "cold", "c"), ("vanilla", 8192, "warm", "c"), ("chunkllm", 8192, None, "a"),
+      ("vanilla", 32768, None, "b")]  # a warm cell beside the cold one; rows from before the setting are cold
