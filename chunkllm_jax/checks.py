@@ -32,10 +32,20 @@ def check_params(params, where: str) -> None:
 
 
 def check_mesh(mesh) -> None:
-  """None, or a `jax.sharding.Mesh` (a wrong object failed inside the placement code with an AttributeError)."""
-  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+  """None, or a `jax.sharding.Mesh` (a wrong object failed inside the placement code with an AttributeError)
+  with the axes the sharding table names (a mesh without them failed there with a bare KeyError: 'model')."""
+  if mesh is None:
+    return
+  if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh (cj.make_mesh(data=..., model=...)) or None, "
                     f"got {type(mesh).__name__}")
+  from chunkllm_jax.sharding import MESH_AXES  # here, not at the top: sharding imports this module
+
+  missing = [a for a in MESH_AXES if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"mesh has axes {tuple(mesh.axis_names)}, but the sharding table places on {MESH_AXES} "
+                     f"(missing {tuple(missing)}): build it with cj.make_mesh(data=..., model=...), or name a size-1 "
+                     "axis for the one you do not use")
 
 
 def is_int(v) -> bool:

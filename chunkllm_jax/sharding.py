@@ -70,6 +70,7 @@ def logical_to_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[
 
 def params_sharding(params: ModelParams, mesh: Mesh, adapter_axes: Any = None) -> ModelParams:
   """A ModelParams-shaped pytree of NamedShardings (adapters replicated unless axes are given)."""
+  checks.check_mesh(mesh)  # shard_params and the train steps come here without passing generate's door
   spec = backbone_spec(params.config)
   backbone = jax.tree.map(lambda s: logical_to_sharding(mesh, s.axes, s.shape), spec, is_leaf=is_spec)
   adapters = None

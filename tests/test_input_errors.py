@@ -175,6 +175,29 @@ def test_a_mesh_that_is_no_mesh_is_refused_at_the_door(entry):
     list(run()) if entry == "stream" else run()
 
 
+@pytest.mark.multi_device
+@pytest.mark.parametrize("entry", ["generate", "chunk_generate", "shard_params", "train_step"])
+@pytest.mark.parametrize("axes", [("x",), ("data",)])
+def test_a_mesh_without_the_tables_axes_is_refused_at_the_door(entry, axes):
+  """A Mesh that lacks `data` or `model` failed inside the placement code with a bare KeyError."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), axes)
+  params = chunk_params() if entry == "chunk_generate" else tiny_params()
+  with pytest.raises(ValueError, match=r"mesh has axes .*missing \(.*'model'"):
+    if entry == "shard_params":
+      cj.shard_params(params, mesh)
+    elif entry == "train_step":
+      from train import step as step_lib
+      from train.losses import LossConfig
+
+      optimizer = step_lib.make_optimizer(step_lib.make_schedule(1e-2, 1, 10, 0.1), 0.01, 1.0)
+      state = step_lib.init_state(cj.init_adapters(jax.random.key(1), params.config, cj.AdapterConfig(d_c=16)),
+                                  optimizer)
+      step_lib.compile_steps(mesh, state, params, {"tokens": (4, 32), "labels": (4, 32)}, optimizer=optimizer,
+                             schedule=None, loss_config=LossConfig())
+    else:
+      getattr(cj, entry)(params, [[1, 2, 3]], max_new_tokens=2, mesh=mesh)
+
+
 @pytest.mark.parametrize("source", [None, 3, ["smollm2-135m"]])
 def test_load_names_what_it_takes(source):
   with pytest.raises(TypeError, match="load takes a registered name .* got " + type(source).__name__):
