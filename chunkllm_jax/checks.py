@@ -33,7 +33,8 @@ def check_params(params, where: str) -> None:
 
 def check_mesh(mesh) -> None:
   """None, or a `jax.sharding.Mesh` (a wrong object failed inside the placement code with an AttributeError)
-  with the axes the sharding table names (a mesh without them failed there with a bare KeyError: 'model')."""
+  with the axes the sharding table names (a mesh without them failed there with a bare KeyError: 'model'),
+  each device once."""
   if mesh is None:
     return
   if not isinstance(mesh, jax.sharding.Mesh):
@@ -46,6 +47,9 @@ def check_mesh(mesh) -> None:
     raise ValueError(f"mesh has axes {tuple(mesh.axis_names)}, but the sharding table places on {MESH_AXES} "
                      f"(missing {tuple(missing)}): build it with cj.make_mesh(data=..., model=...), or name a size-1 "
                      "axis for the one you do not use")
+  ids = [d.id for d in mesh.devices.flat]
+  if len(set(ids)) < len(ids):  # jax builds such a mesh, then fails to place on it with a bare AssertionError
+    raise ValueError(f"mesh lists a device more than once (device ids {ids}): give each device once")
 
 
 def is_int(v) -> bool:

@@ -48,7 +48,9 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Dev
     data = len(devices) // model
   if data * model > len(devices):
     raise ValueError(f"a {data}x{model} mesh needs {data * model} devices; {len(devices)} are available")
-  return Mesh(np.asarray(devices[: data * model]).reshape(data, model), MESH_AXES)
+  mesh = Mesh(np.asarray(devices[: data * model]).reshape(data, model), MESH_AXES)
+  checks.check_mesh(mesh)  # `devices` given twice over is refused here, not at the first placement
+  return mesh
 
 
 def logical_to_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:

@@ -198,6 +198,18 @@ def test_a_mesh_without_the_tables_axes_is_refused_at_the_door(entry, axes):
       getattr(cj, entry)(params, [[1, 2, 3]], max_new_tokens=2, mesh=mesh)
 
 
+@pytest.mark.multi_device
+def test_a_mesh_that_repeats_a_device_is_refused():
+  """jax builds a Mesh that lists a device twice; placing on it failed with a bare AssertionError (or a
+  safe_zip length error)."""
+  d = jax.devices()
+  with pytest.raises(ValueError, match="mesh lists a device more than once"):
+    cj.make_mesh(data=2, model=2, devices=[d[0], d[1], d[0], d[1]])
+  mesh = jax.sharding.Mesh(np.asarray([[d[0], d[0]]]), ("data", "model"))
+  with pytest.raises(ValueError, match="mesh lists a device more than once"):
+    cj.generate(tiny_params(), [[1, 2, 3]], max_new_tokens=2, mesh=mesh)
+
+
 @pytest.mark.parametrize("source", [None, 3, ["smollm2-135m"]])
 def test_load_names_what_it_takes(source):
   with pytest.raises(TypeError, match="load takes a registered name .* got " + type(source).__name__):
