@@ -90,13 +90,16 @@ def figures(out: pathlib.Path) -> list[Figure]:
                        True, "x", "prefill_scorer"))
   mem = _load(out, "memory")
   mem_rows = mem["rows"] if isinstance(mem, dict) else []
-  for method in ("vanilla", "chunkllm"):
-    name = "generate" if method == "vanilla" else "chunk_generate"
-    rows = {r["context"]: r for r in mem_rows if r["method"] == method and "peak_rss" in r}
-    for context in sorted(set(rows) | {32768}):  # the target's context is shown, measured or not
-      r = rows.get(context)
-      figs.append(Figure("peak memory", f"{name}: peak RSS / floor, {context // 1024}K",  # the target is at 32K
-                         r and r["peak_rss"] / r["floor"], 1.2 if context == 32768 else None, False, "x", "memory"))
+  for cache in ("cold", "warm"):  # programs compiled in the run, or loaded from jax's compilation cache
+    for method in ("vanilla", "chunkllm"):
+      name = ("generate" if method == "vanilla" else "chunk_generate") + (", warm compile cache" if cache == "warm" else "")
+      rows = {r["context"]: r for r in mem_rows
+              if r["method"] == method and "peak_rss" in r and r.get("compile_cache", "cold") == cache}
+      # the target's context is shown, measured or not (with the cache warm, only where measured)
+      for context in sorted(set(rows) | ({32768} if cache == "cold" else set())):
+        r = rows.get(context)
+        figs.append(Figure("peak memory", f"{name}: peak RSS / floor, {context // 1024}K",  # the target is at 32K
+                           r and r["peak_rss"] / r["floor"], 1.2 if context == 32768 else None, False, "x", "memory"))
   train = _load(out, "train")
   figs.append(Figure("training", f"teacher rows vs frozen forward, {train['seq_len'] if train else 2048} tokens",
                      train and train["teacher_over_forward"], 1.3, False, "x", "train"))

@@ -37,3 +37,17 @@ def test_each_rules_decode_is_its_own_row(bench_script, monkeypatch, tmp_path, w
   assert figs[("decode vs floor", "dense, 8K context")].value == 0.4
   page = summary.write(tmp_path).read_text()
   assert "| decode vs floor | ChunkLLM shared rule, 8K, 50% retention | 50% | >= 60% | **no** |" in page
+
+
+def test_memory_rows_with_the_compile_cache_warm_are_their_own(bench_script, monkeypatch, tmp_path):
+  """A cell measured with the programs from jax's compilation cache never stands in for the run that compiles."""
+  monkeypatch.syspath_prepend(str(BENCH))
+  summary = bench_script("summary")
+  rows = [dict(method="chunkllm", context=32768, peak_rss=122, floor=100),  # from before the setting: compiled
+          dict(method="chunkllm", context=32768, peak_rss=119, floor=100, compile_cache="warm")]
+  (tmp_path / "RESULTS_memory.json").write_text(json.dumps(dict(rows=rows)))
+  figs = {(f.area, f.what): f for f in summary.figures(tmp_path)}
+  compiled = figs[("peak memory", "chunk_generate: peak RSS / floor, 32K")]
+  warm = figs[("peak memory", "chunk_generate, warm compile cache: peak RSS / floor, 32K")]
+  assert (compiled.value, compiled.met, warm.value, warm.met) == (1.22, False, 1.19, True)
+  assert ("peak memory", "generate, warm compile cache: peak RSS / floor, 32K") not in figs  # not measured warm
