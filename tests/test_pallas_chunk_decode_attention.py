@@ -61,17 +61,22 @@ def test_kernel_matches_reference(case, B, S, K, G, D, bs, n_splits, dtype):
     assert int(n[0]) == 0 and not jnp.any(out[0])
 
 
-
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
 @pytest.mark.parametrize("bad", ["ids_batch", "n_batch"])
-def test_refuses_lists_of_the_wrong_shape(bad):
-  """A block list or count of batch 1 is refused: it broadcast to every row and gave numbers."""
+def test_refuses_lists_of_the_wrong_shape(bad, kernel):
+  """A block list or count of batch 1 is refused by both kernels' one check: it broadcast to every row and gave
+  numbers."""
+  from pallas_kernels.chunk_decode_attention_gpu import decode_partials_gpu
+
+  call = dict(tpu=cda.decode_partials, gpu=decode_partials_gpu)[kernel]
   B, S, D, bs = 2, 64, 16, 16
   mask = jnp.arange(S)[None] < jnp.array([[S], [20]])
   ids, n = cda.decode_block_list(mask, block_size=bs)
   ids, n = {"ids_batch": (ids[:1], n), "n_batch": (ids, n[:1])}[bad]
   q, k = jnp.ones((B, 2, D)), jnp.ones((B, S, 1, D))
   with pytest.raises(AssertionError, match="shape"):
-    cda.decode_partials(q, k, k, ids, n, mask, scale=0.25, block_size=bs, interpret=True)
+    call(q, k, k, ids, n, mask, scale=0.25, block_size=bs, interpret=True)
+
 
 def test_dispatcher_and_tpu_interpreter():
   """CPU runs the reference; the TPU simulator (bounds-checked reads, NaN memory) agrees."""

@@ -76,18 +76,6 @@ def test_gpu_kernel_matches_reference(case, B, S, K, G, D, bs, n_splits, dtype):
     assert not jnp.any(n) and not jnp.any(out)
 
 
-
-@pytest.mark.parametrize("bad", ["ids_batch", "n_batch"])
-def test_refuses_lists_of_the_wrong_shape(bad):
-  """A block list or count of batch 1 is refused: it broadcast to every row and gave numbers."""
-  B, S, D, bs = 2, 64, 16, 16
-  mask = jnp.arange(S)[None] < jnp.array([[S], [20]])
-  ids, n = cda.decode_block_list(mask, block_size=bs)
-  ids, n = {"ids_batch": (ids[:1], n), "n_batch": (ids, n[:1])}[bad]
-  q, k = jnp.ones((B, 2, D)), jnp.ones((B, S, 1, D))
-  with pytest.raises(AssertionError, match="shape"):
-    cdg.decode_partials_gpu(q, k, k, ids, n, mask, scale=0.25, block_size=bs, interpret=True)
-
 def test_dispatchers_route_to_the_gpu_kernel(monkeypatch):
   """backend="gpu" picks the GPU kernel; CPU without it keeps the reference; chunk_generate's
   pallas path takes the GPU partials (through `partials`) where the backend is a GPU."""

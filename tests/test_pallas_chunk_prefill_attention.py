@@ -69,10 +69,14 @@ def test_kernel_matches_reference(case, B, T, K, G, D, bq, bk, n_local, n_sel, d
     assert not jnp.any(out[0, :bq])
 
 
-
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
 @pytest.mark.parametrize("bad", ["sel_batch", "sel_short", "n_batch"])
-def test_refuses_lists_of_the_wrong_shape(bad):
-  """Per-row inputs that would broadcast are refused: interpret mode read past the selections and gave numbers."""
+def test_refuses_lists_of_the_wrong_shape(bad, kernel):
+  """Per-row inputs that would broadcast are refused by both kernels' one check: the TPU kernel read past the
+  selections in interpret mode, the GPU kernel gave row 0's block-list length to every row."""
+  from pallas_kernels.chunk_prefill_attention_gpu import chunk_prefill_attention_gpu
+
+  call = dict(tpu=cpa.chunk_prefill_attention_kernel, gpu=chunk_prefill_attention_gpu)[kernel]
   B, T, D, bq = 2, 32, 16, 16
   rng = np.random.default_rng(6)
   chunk_id, sel, C = chunking(rng, [T, 20], T, n_sel=2, mean_chunk=8)
@@ -81,7 +85,8 @@ def test_refuses_lists_of_the_wrong_shape(bad):
   sel, n = {"sel_batch": (sel[:1], n), "sel_short": (sel[:, :bq], n), "n_batch": (sel, n[:1])}[bad]
   q = k = v = jnp.ones((B, T, 1, D))
   with pytest.raises(AssertionError, match="shape"):
-    cpa.chunk_prefill_attention_kernel(q, k, v, ids, n, chunk_id, sel, scale=0.25, **kw, interpret=True)
+    call(q, k, v, ids, n, chunk_id, sel, scale=0.25, **kw, interpret=True)
+
 
 @pytest.mark.parametrize("n_local", [0, 2])
 def test_block_lists_lose_nothing(n_local):

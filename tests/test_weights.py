@@ -389,33 +389,36 @@ print(json.dumps([seen(converted), seen(cached)]))
 """
 
 
-@pytest.mark.real_model
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
-def test_gguf_tokenizer_is_built_without_torch(name, tmp_path):
-  """transformers' own GGUF reader imports torch, which a user's install lacks: the tokenizer is built
-  in a process where torch cannot be imported, converted and then read back from the cache, and both
-  equal transformers' own GGUF tokenizer token for token."""
+def _assert_built_without_torch(path, texts, cache):
+  """The tokenizer of the GGUF file `path`, built in a process where torch cannot be imported, converted and
+  then read back from the cache, equals transformers' own GGUF tokenizer (with torch) token for token."""
   import subprocess
   import sys
 
   from transformers import AutoTokenizer
 
+  env = dict(os.environ, XDG_CACHE_HOME=str(cache), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  run = subprocess.run([sys.executable, "-c", _TOKENIZE_WITHOUT_TORCH, str(path.parent), path.name, json.dumps(texts)],
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  converted, cached = json.loads(run.stdout.strip().splitlines()[-1])
+  tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+  expected = [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token, len(tok), tok.chat_template,
+              [tok(t).input_ids for t in texts], [tok(t, add_special_tokens=False).input_ids for t in texts],
+              [tok.decode(tok(t).input_ids) for t in texts]]
+  assert converted == expected
+  assert cached == expected
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_gguf_tokenizer_is_built_without_torch(name, tmp_path):
+  """transformers' own GGUF reader imports torch, which a user's install lacks."""
   try:
     path = registry.resolve(name)
   except registry.ModelNotInstalledError as e:
     pytest.skip(str(e))
-  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-  run = subprocess.run([sys.executable, "-c", _TOKENIZE_WITHOUT_TORCH, str(path.parent), path.name,
-                        json.dumps(TOKENIZER_TEXTS)], env=env, capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  converted, cached = json.loads(run.stdout.strip().splitlines()[-1])
-  tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)  # with torch
-  expected = [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token, len(tok), tok.chat_template,
-              [tok(t).input_ids for t in TOKENIZER_TEXTS], [tok(t, add_special_tokens=False).input_ids
-                                                             for t in TOKENIZER_TEXTS],
-              [tok.decode(tok(t).input_ids) for t in TOKENIZER_TEXTS]]
-  assert converted == expected
-  assert cached == expected
+  _assert_built_without_torch(path, TOKENIZER_TEXTS, tmp_path)
 
 
 TINY_TOKENIZER_TEXTS = TOKENIZER_TEXTS + ("<s>x</s><unk> <think>so</think><|endoftext|><|im_end|>",)
@@ -426,24 +429,8 @@ TINY_TOKENIZER_TEXTS = TOKENIZER_TEXTS + ("<s>x</s><unk> <think>so</think><|endo
 def test_tiny_gguf_tokenizer_is_built_without_torch(arch, model, pre, tmp_path):
   """As above, on tiny vocabularies of each kind: byte-level BPE with merges, control and user-defined tokens and a
   pre-tokenizer; sentencepiece-style with scores, byte tokens and no merges (Llama's builder and Gemma's)."""
-  import subprocess
-  import sys
-
-  from transformers import AutoTokenizer
-
   path = write_tokenizer_gguf(tmp_path / "tok.gguf", arch, model, pre)
-  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-  run = subprocess.run([sys.executable, "-c", _TOKENIZE_WITHOUT_TORCH, str(path.parent), path.name,
-                        json.dumps(TINY_TOKENIZER_TEXTS)], env=env, capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  converted, cached = json.loads(run.stdout.strip().splitlines()[-1])
-  tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)  # with torch
-  expected = [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token, len(tok), tok.chat_template,
-              [tok(t).input_ids for t in TINY_TOKENIZER_TEXTS], [tok(t, add_special_tokens=False).input_ids
-                                                                  for t in TINY_TOKENIZER_TEXTS],
-              [tok.decode(tok(t).input_ids) for t in TINY_TOKENIZER_TEXTS]]
-  assert converted == expected
-  assert cached == expected
+  _assert_built_without_torch(path, TINY_TOKENIZER_TEXTS, tmp_path / "cache")
 
 
 @pytest.mark.real_model
