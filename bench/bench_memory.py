@@ -107,7 +107,9 @@ def main(argv=None) -> int:
   for context in args.contexts:
     for method in args.methods:
       print(f"{method} at {context} tokens ({args.compile_cache} compile cache) ...", file=sys.stderr, flush=True)
-      child_argv = [sys.executable, __file__, "--child", method, str(context)] + (["--with-torch"] * args.with_torch)
+      child_argv = [sys.executable, __file__, "--child", method, str(context)]
+      if args.with_torch:
+        child_argv.append("--with-torch")
       with tempfile.TemporaryDirectory(prefix="jax-cache-") as cache:
         if args.compile_cache == "warm":
           env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

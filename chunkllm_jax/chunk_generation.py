@@ -679,8 +679,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   sampling = Sampling.of(temperature, top_k, top_p)
   progs = decoding.programs(_prefill_state, _step_state, ChunkSettings(decoding.buffer_len(max_len), ccfg), enter_fn=_enter_state,
                             sampling=sampling, max_new=decoding.loop_width(max_new_tokens), eos_ids=eos_ids,
-                            pad_id=pad_id,
-                            mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
+                            pad_id=pad_id, mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
                             state_shardings=_state_shardings)
   params = decoding.place_params(params, mesh)
   key = decoding.seed_key(seed)

@@ -156,7 +156,8 @@ def _resolve(args) -> argparse.Namespace:
     args.methods = ["vanilla", "hybrid"] if q else list(M.METHODS)  # quick: the library's defaults
     if args.selection != "shared" and "oracle" in args.methods:
       # Each KV head makes decode's selections from the frozen attention, and both score the prompt by it with the
-      # same 16 queries: oracle's config differs from hybrid's only in `scorer`, which no step reads then.
+      # same 16 queries: oracle's config differs from hybrid's in `scorer` and `score_queries`, which only the
+      # shared rule reads (tests/test_eval_run.py lowers both to the same programs).
       args.methods.remove("oracle")
   bad = sorted(set(args.methods) - set(M.METHODS))
   if bad:

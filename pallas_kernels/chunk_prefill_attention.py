@@ -192,6 +192,13 @@ def check_prefill_inputs(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_i
   return B, T, H, D, K, nq, N
 
 
+def block_selections(sel_BTN):
+  """The selections as both kernels read them: int32, and at least one column (-1, no chunk) where none is
+  given (top_chunks=0), since a block cannot be 0 wide."""
+  sel_BTN = sel_BTN.astype(jnp.int32)
+  return jnp.full((*sel_BTN.shape[:2], 1), -1, jnp.int32) if sel_BTN.shape[-1] == 0 else sel_BTN
+
+
 def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT,
                                    sel_BTN, *, scale: float, block_q: int, block_k: int,
                                    n_sink: int, n_local: int, interpret=False):
@@ -214,9 +221,7 @@ def chunk_prefill_attention_kernel(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_B
   cq_spec = pl.BlockSpec((None, block_q, 1), lambda b, q, j, ids, n: (b, q, 0))
   f32 = jnp.float32
   chunk_id_BT = chunk_id_BT.astype(jnp.int32)
-  sel_BTN = sel_BTN.astype(jnp.int32)
-  if sel_BTN.shape[-1] == 0:  # no selections (top_chunks=0): one empty column, as a block cannot be 0 wide
-    sel_BTN = jnp.full((B, T, 1), -1, jnp.int32)
+  sel_BTN = block_selections(sel_BTN)
   sel_spec = pl.BlockSpec((None, block_q, sel_BTN.shape[-1]), lambda b, q, j, ids, n: (b, q, 0))
   return pl.pallas_call(
       functools.partial(_prefill_kernel, scale=scale, n_sink=n_sink, n_local=n_local, n_max=N),

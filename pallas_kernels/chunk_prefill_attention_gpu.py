@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.chunk_prefill_attention import check_prefill_inputs, visible_given_selections
+from pallas_kernels.chunk_prefill_attention import block_selections, check_prefill_inputs, visible_given_selections
 from pallas_kernels.dispatch import NEG_INF
 
 MIN_DOT = 16  # dots at least this wide, as ops/gpu/decode_attention.py keeps them
@@ -178,9 +178,7 @@ def chunk_prefill_attention_gpu(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, 
   nqt, per_block = T // tq, block_q // tq
 
   chunk_id_BT = chunk_id_BT.astype(jnp.int32)
-  sel_BTN = sel_BTN.astype(jnp.int32)
-  if sel_BTN.shape[-1] == 0:  # one empty selection: no zero-sized block
-    sel_BTN = jnp.full((B, T, 1), -1, jnp.int32)
+  sel_BTN = block_selections(sel_BTN)
   # tiles padded with invisible tokens (chunk id -1), features with zeros
   feat = lambda x: pad_axis(x, x.ndim - 1, Dp)
   q_BTKGD = feat(tiled(q_BTHD, 1, tq, tqp)).reshape(B, nqt * tqp, K, G, Dp)
