@@ -11,7 +11,10 @@ negative, so chunks close only by `max_chunk_len = 30`: one boundary every 30 to
 
 Each round runs, interleaved: one dense `decode_step`, one plain ChunkLLM step (open chunk half
 full) and one boundary ChunkLLM step (the open chunk reaches 30 tokens: append, re-select,
-re-compact). ChunkLLM's per-token time is amortised: plain * 29/30 + boundary / 30, from medians.
+re-compact). ChunkLLM reads the `top_k` chunks its selection scores best for each target retention
+(`top_chunks`), or with --budget a KV budget of that retention (`kv_budget`, the budget's default shape:
+the recent share and the chunks' last tokens), as the README's demo and the eval set it. ChunkLLM's per-token
+time is amortised: plain * 29/30 + boundary / 30, from medians.
 Both steps are jitted once with the buffers donated (in place, as in the generate loops); compile
 is excluded. Prefill: `chunk_generate.chunk_prefill` (whatever it is now; `prefill="sparse"` is
 passed when ChunkConfig has that field) against `kv_cache.prefill`, interleaved, medians.
@@ -149,7 +152,7 @@ def aot(fn, *args, donate=()):
   return compiled, time.perf_counter() - t0
 
 
-def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = None):
+def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = None, budget: bool = False):
   headroom = -(-CHUNK * (rounds + 1) // 128) * 128  # the rounds advance 30 positions each
   max_len = L + headroom
   cache = random_cache(L, max_len, jax.random.key(L))
@@ -159,7 +162,8 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
   rows = []
   for ratio in ratios:
     base = chunk_config(1, max_len)
-    ccfg = chunk_config(top_k_for(ratio, L, base), max_len, **(selection or {}))
+    read = dict(kv_budget=ratio) if budget else {}
+    ccfg = chunk_config(top_k_for(ratio, L, base), max_len, **read, **(selection or {}))
     st = jax.block_until_ready(synthetic_state(params, cache, jax.random.key(7), L, ccfg))
     step = functools.partial(cg.chunk_decode_step, ccfg=ccfg)
     chunk, chunk_compile_s = aot(step, params, tok, cache, st, donate=(2, 3))
@@ -196,7 +200,8 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
     amort = plain * (CHUNK - 1) / CHUNK + bound / CHUNK
     retention = np.mean(ret_plain) * (CHUNK - 1) / CHUNK + np.mean(ret_bound) / CHUNK
     nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([np.mean(slots)]), np.array([L + 1.0]))
-    row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=ccfg.top_chunks, retention=float(retention),
+    row = dict(context=L, max_len=max_len, target_retention=ratio, top_k=None if budget else ccfg.top_chunks,
+               kv_budget=ratio if budget else None, retention=float(retention),
                selection=ccfg.selection, score_rank=ccfg.score_rank, score_estimate=ccfg.score_estimate,
                score_sketch=ccfg.score_sketch, sketch_estimate=ccfg.sketch_estimate, head_refresh=refresh,
                attention=getattr(ccfg, "attention", "xla"),
@@ -207,7 +212,7 @@ def bench_decode(params, L: int, ratios, rounds: int, selection: dict | None = N
                dense_steps=t_dense, chunk_plain_steps=t_plain, chunk_boundary_steps=t_bound,
                compile_s=dict(dense=dense_compile_s, chunk=chunk_compile_s), code=results_md.code_version())
     row["bytes_ratio"] = row["bytes_dense"] / row["bytes_chunk"]
-    print(f"decode L={L} top_k={ccfg.top_chunks} retention={retention:.3f} dense {d * 1e3:.0f} ms, chunk plain "
+    print(f"decode L={L} {f'kv_budget={ratio}' if budget else f'top_k={ccfg.top_chunks}'} retention={retention:.3f} dense {d * 1e3:.0f} ms, chunk plain "
           f"{plain * 1e3:.0f} ms / boundary {bound * 1e3:.0f} ms -> amortised {amort * 1e3:.0f} ms, speedup "
           f"{row['decode_speedup']:.2f}x (bytes {row['bytes_ratio']:.2f}x)", flush=True)
     rows.append(row)
@@ -334,6 +339,14 @@ def rule_text(row: dict) -> str:
          f"every {row.get('head_refresh', 1)} step(s){kernel})"
 
 
+def read_text(row: dict) -> str:
+  """What a decode row's ChunkLLM step reads, in words."""
+  if row.get("kv_budget") is None:
+    return "the `top_k` chunks the selection scores best (`top_chunks`), for each target retention"
+  return ("a KV budget of the target retention (`kv_budget`), in the budget's default shape (the recent share, "
+          "the chunks' last tokens); top_k `-`")
+
+
 def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
   wb = weight_bytes()
   for r in decode_rows:  # the ceiling for a memory-bound step: weights are read by both designs
@@ -354,6 +367,7 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
       "head_dim 64), float32, batch 1; adapters from `init_adapters`; ChunkConfig defaults (n_sink 4, n_local 4, "
       "vote sum, layer 0 dense) with `max_chunk_len=30` and uniform 30-token chunks.", "",
       "Decode's selection rule: " + "; ".join(sorted({rule_text(r) for r in decode_rows})) + ".", "",
+      "ChunkLLM's read: " + "; ".join(sorted({read_text(r) for r in decode_rows})) + ".", "",
       f"Command: `{command}`", "",
       "Code measured (git): decode " + ", ".join(sorted({r.get("code", "?") for r in decode_rows})) + "; prefill "
       + ", ".join(sorted({r.get("code", "?") for r in prefill_rows})) + ".", "",
@@ -365,7 +379,7 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in decode_rows:
-    lines.append(f"| {r['context']} | {r['top_k']} | {r['retention']:.1%} | {r['bytes_chunk'] / 2**20:.0f} MiB | "
+    lines.append(f"| {r['context']} | {r['top_k'] or '-'} | {r['retention']:.1%} | {r['bytes_chunk'] / 2**20:.0f} MiB | "
                  f"{r['bytes_dense'] / 2**20:.0f} MiB | {r['bytes_ratio']:.2f}x | {r['bytes_ratio_with_weights']:.2f}x | "
                  f"{r['decode_tok_s_chunk']:.2f} | "
                  f"{r['decode_tok_s_dense']:.2f} | {r['decode_speedup']:.2f}x |")
@@ -389,7 +403,7 @@ def write_outputs(out, command, decode_rows, prefill_rows, notes, rates=None):
             "| context | top_k | dense | chunk plain | chunk boundary | chunk amortised | speedup, median of per-round ratios |",
             "|---:|---:|---:|---:|---:|---:|---:|"]
   for r in decode_rows:
-    lines.append(f"| {r['context']} | {r['top_k']} | {r['dense_step_s'] * 1e3:.0f} | {r['chunk_plain_step_s'] * 1e3:.0f} | "
+    lines.append(f"| {r['context']} | {r['top_k'] or '-'} | {r['dense_step_s'] * 1e3:.0f} | {r['chunk_plain_step_s'] * 1e3:.0f} | "
                  f"{r['chunk_boundary_step_s'] * 1e3:.0f} | {r['chunk_step_s'] * 1e3:.0f} | {r['decode_speedup_paired']:.2f}x |")
   lines += ["", "## Prefill", "",
             "Chunk-sparse prefill (`chunk_prefill`, `prefill=\"sparse\"`: per-layer top-k at every boundary, packed "
@@ -482,6 +496,8 @@ def main(argv=None):
   ap.add_argument("--head_refresh", type=int, default=None, help="ChunkConfig.head_refresh, with --selection kv_head")
   ap.add_argument("--attention", default=None, choices=["xla", "pallas"],
                   help="ChunkConfig.attention: 'pallas' runs the kernels where they compile (GPU, TPU)")
+  ap.add_argument("--budget", action="store_true",
+                  help="decode reads a KV budget of each ratio (kv_budget), as users set it, not top_k chunks")
   args = ap.parse_args(argv)
   # One error line before anything is measured (a count of 0 recorded a failed row; a ratio past 1 was measured).
   counts = dict(lengths=min(args.lengths, default=1), rounds=args.rounds, prefill_lengths=min(args.prefill_lengths,
@@ -531,7 +547,7 @@ def main(argv=None):
   for L in ([] if args.decode_from_json else args.lengths):
     try:
       decode_rows += bench_decode(params, L, args.ratios, args.rounds,
-                                  selection_rule(args))
+                                  selection_rule(args), args.budget)
     except Exception as e:  # e.g. out of memory at 64K: report it, keep the rest
       notes.append(f"decode at {L} failed: {type(e).__name__}: {str(e)[:200]}")
       print(notes[-1], flush=True)

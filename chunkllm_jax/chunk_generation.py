@@ -455,17 +455,6 @@ def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, 
   return st.replace(work_k=None, work_v=None)  # built by `_fill_working_buffer`
 
 
-def _recent(buf_LBSKD, layer, start_B, size: int):
-  """Per-row window [start, start + size) of one layer (start clamped to fit): [B, size, K, D].
-
-  Sliced straight out of the stacked buffer, so nothing but the window is read."""
-  _, B, S, K, D = buf_LBSKD.shape
-  start = jnp.clip(start_B, 0, S - size)
-  win = jax.vmap(lambda b, s: jax.lax.dynamic_slice(buf_LBSKD, (layer, b, s, 0, 0), (1, 1, size, K, D))[0, 0])(
-      jnp.arange(B), start)
-  return win, start[:, None] + jnp.arange(size)
-
-
 @functools.partial(jax.jit, static_argnames=("ccfg",))
 def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkState, ccfg: ChunkConfig):
   """One token per row: (logits [B, V], the cache, the chunk state), re-selecting where it closes a chunk."""
@@ -490,8 +479,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
                                    softcap=cfg.attn_softcap)
 
     def open_chunk():  # the open chunk's keys and values (a window of M from its start) and which are in it
-      k_open, open_pos = _recent(kb, idx, st.open_start, M)
-      v_open, _ = _recent(vb, idx, st.open_start, M)
+      k_open, open_pos = attn.row_window(kb, idx, st.open_start, M)
+      v_open, _ = attn.row_window(vb, idx, st.open_start, M)
       return k_open, v_open, (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
 
     def sparse():

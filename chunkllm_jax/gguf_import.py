@@ -123,6 +123,15 @@ def _rope_scaling(reader, arch: str) -> dict | None:
   if kind == "yarn":
     # convert_hf_to_gguf.py writes the HF config's attention_factor here, as transformers applies it (llama.cpp's
     # runtime recomputes 1 + 0.1 ln factor instead); absent, it is that default.
+    # llama.cpp mixes the interpolated and kept frequencies by ext_factor times YaRN's ramp (HF: the ramp
+    # itself; -1 is llama.cpp's "unset", read as 1), and DeepSeek's attention scaling takes a log multiplier.
+    ext_factor, log_multiplier = float(m("yarn_ext_factor", 1.0)), float(m("yarn_log_multiplier", 0.0))
+    if ext_factor not in (1.0, -1.0):
+      raise ConfigError(f"rope.scaling.yarn_ext_factor={ext_factor:g}: YaRN's ramp scaled by other than 1 "
+                        "is not supported")
+    if log_multiplier != 0.0:
+      raise ConfigError(f"rope.scaling.yarn_log_multiplier={log_multiplier:g} (DeepSeek's YaRN attention "
+                        "scaling) is not supported")
     attention_factor = m("yarn_attn_factor", None)
     if attention_factor is None and attn_factor != 1.0:
       attention_factor = yarn_mscale(float(rs["factor"]))

@@ -83,17 +83,20 @@ def test_one_step_reads_less_than_everything_and_each_head_its_own_keys():
   assert np.abs(np.asarray(logits[0.25]) - np.asarray(want)).max() > 1e-3
 
 
-def test_the_gathered_read_is_the_masked_read():
-  """`head_attention` gathers each head's slots block by block: the same output as attending the
-  whole buffer under each head's mask, and a head's slots are the sinks, its chosen and the local
-  chunks whole, and the last tokens of the newest chunks it leaves out (`working_positions`)."""
+# (250, 200): the in-place read of the heads' shared tail starts past the buffer's last whole block (clamped)
+@pytest.mark.parametrize("row_lengths", [(120, 97), (250, 200)])
+def test_the_gathered_read_is_the_masked_read(row_lengths):
+  """`head_attention` gathers each head's slots block by block, and reads the run they all end with in
+  place: the same output as attending the whole buffer under each head's mask, and a head's slots are the
+  sinks, its chosen and the local chunks whole, and the last tokens of the newest chunks it leaves out
+  (`working_positions`)."""
   from chunkllm_jax import attention as attn
   from chunkllm_jax import chunk_generation as cg
   from chunkllm_jax import head_selection as hs
   params = chunk_params()
   cfg = params.config
-  tokens = jnp.asarray(prompts([120, 120], seed=6), jnp.int32)  # the second row: 97 tokens and padding
-  lengths = jnp.asarray([120, 97], jnp.int32)
+  tokens = jnp.asarray(prompts([row_lengths[0]] * 2, seed=6), jnp.int32)  # the second row: shorter, and padding
+  lengths = jnp.asarray(row_lengths, jnp.int32)
   for score, budget in [(SCORES[0], 0.3), (SCORES[1], 0.3), (SCORES[2], 0.3), (SCORES[1], 0.12)]:
     # 0.12: the last tokens of the chunks left out do not all fit
     ccfg = ChunkConfig(selection="kv_head", kv_budget=budget, max_chunk_len=8, n_local=1, boundaries="fixed",
@@ -106,8 +109,8 @@ def test_the_gathered_read_is_the_masked_read():
     W = st.work_pos.shape[-1]
     picked = hs.head_choice(cfg, ccfg, st, q, cache.k, 1, pos)
     slot_pos, slot_ok, _ = hs.head_slots(ccfg, st, picked, pos, W)
-    k_open, open_at = cg._recent(cache.k, 1, st.open_start, 8)
-    v_open, _ = cg._recent(cache.v, 1, st.open_start, 8)
+    k_open, open_at = attn.row_window(cache.k, 1, st.open_start, 8)
+    v_open, _ = attn.row_window(cache.v, 1, st.open_start, 8)
     open_ok = (open_at >= st.open_start[:, None]) & (open_at <= pos[:, None])
     got, n_read, _ = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos, (k_open, v_open, open_ok), W=W,
                                        blocks=(32, 8))
@@ -132,6 +135,21 @@ def test_the_gathered_read_is_the_masked_read():
     assert (np.asarray(n_read) < np.asarray(lengths)[:, None]).all()
     if budget < 0.2:
       assert not all(mask[0, 0, e] for e in np.asarray(st.chunk_end)[0, :int(st.n_chunks[0])])
+
+
+@pytest.mark.parametrize("pos, used, want", [
+    ([[[0, 1, 5, 6, 7], [0, 1, 3, 6, 7]]], [[5, 5]], [2]),  # the shorter run of the two heads
+    ([[[0, 1, 5, 6, 7], [0, 1, 5, 6, 7]]], [[5, 4]], [0]),  # the second head's read ends at 6, not 7
+    ([[[0, 1, 2, 3, 9], [0, 1, 2, 3, 9]]], [[4, 4]], [4]),  # slots past those used do not count
+    ([[[0, 1, 2, 3, 9]], [[0, 4, 5, 6, 7]]], [[5], [0]], [1, 0]),  # per row; nothing used: nothing shared
+])
+def test_the_shared_tail_is_the_run_every_head_ends_with(pos, used, want):
+  """`shared_tail`: the slots at the end of every head's read that hold consecutive positions ending at
+  the same one (read in place, not gathered)."""
+  from chunkllm_jax.head_selection import shared_tail
+  pos = jnp.asarray(pos, jnp.int32)
+  got = shared_tail(pos, jnp.ones(pos.shape, bool), jnp.asarray(used, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize("arch, model_kw, score", [("llama", dict(), dict()), ("llama", SOFTCAP, REFRESH),
@@ -193,8 +211,8 @@ def test_between_choices_the_heads_read_their_last_choice():
   assert (np.asarray(fresh[0]) != np.asarray(old[0])).any()  # the two queries choose differently
   st = st.replace(head_pos=st.head_pos.at[1].set(old[0]), head_ok=st.head_ok.at[1].set(old[1]),
                   head_used=st.head_used.at[1].set(old[2]))
-  k_open, open_at = cg._recent(cache.k, 1, st.open_start, 8)
-  v_open, _ = cg._recent(cache.v, 1, st.open_start, 8)
+  k_open, open_at = attn.row_window(cache.k, 1, st.open_start, 8)
+  v_open, _ = attn.row_window(cache.v, 1, st.open_start, 8)
   open_ok = (open_at >= st.open_start[:, None]) & (open_at <= pos[:, None])
   outs = {}
   for choose_now in (True, False):

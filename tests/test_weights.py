@@ -269,13 +269,18 @@ def test_unknown_gguf_architecture(tmp_path):
     weights.load_backbone(write_gguf(path, tmp_path / "x.gguf", arch="phi3"))
 
 
-@pytest.mark.parametrize("arch, metadata, match", [
-    ("llama", {"{arch}.rope.scaling.attn_factor": 0.9}, r"t\.gguf.*rope\.scaling\.attn_factor=0\.9.* none"),
-    ("qwen2", {"{arch}.rope.dimension_count": 8}, r"rope\.dimension_count=8, RoPE on part of each head of 16"),
+_YARN = dict(rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=1e4))
+
+
+@pytest.mark.parametrize("arch, overrides, metadata, match", [
+    ("llama", {}, {"{arch}.rope.scaling.attn_factor": 0.9}, r"t\.gguf.*rope\.scaling\.attn_factor=0\.9.* none"),
+    ("qwen2", {}, {"{arch}.rope.dimension_count": 8}, r"rope\.dimension_count=8, RoPE on part of each head of 16"),
+    ("qwen2", _YARN, {"{arch}.rope.scaling.yarn_ext_factor": 0.5}, r"rope\.scaling\.yarn_ext_factor=0\.5"),
+    ("llama", _YARN, {"{arch}.rope.scaling.yarn_log_multiplier": 0.1}, r"rope\.scaling\.yarn_log_multiplier=0\.1"),
 ])
-def test_gguf_metadata_that_would_change_results_is_refused(arch, metadata, match, tmp_path):
+def test_gguf_metadata_that_would_change_results_is_refused(arch, overrides, metadata, match, tmp_path):
   """Metadata llama.cpp honours that this library cannot follow is refused by name, never dropped."""
-  path = make_tiny_hf_model(arch, tmp_path)
+  path = make_tiny_hf_model(arch, tmp_path, **overrides)
   with pytest.raises(ConfigError, match=match):
     weights.load_backbone(write_gguf(path, tmp_path / "t.gguf", metadata=metadata))
 
