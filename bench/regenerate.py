@@ -57,7 +57,7 @@ STEPS = (
           "--prefill-selection", "consistent", "--prefill-repeats", "1"), 45),
     # The library's default rule (per-head) decodes from a dense prefill: its page has no prefill section.
     Step("chunk_defaults", ("bench/bench_chunk.py", "--lengths", "8192", "32768", "--ratios", "0.5", "0.25",
-                            "--rounds", "10", "--prefill-lengths", "--out", "{out}.md"),
+                            "--rounds", "10", "--prefill-lengths", "--budget", "--out", "{out}.md"),
          ("--lengths", "1024", "--ratios", "0.5", "--rounds", "2"), 35),
     Step("prefill_scorer", ("bench/bench_prefill_scorer.py", "--context", "16384", "--repeats", "1",
                             "--out", "{out}.md"), ("--context", "512", "--repeats", "1"), 40),

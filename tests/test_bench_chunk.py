@@ -28,3 +28,16 @@ def test_the_shared_rules_page_takes_the_shared_rule_alone(bench_script, capsys,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "RESULTS_chunk.md is the shared rule's page" in err and "add --selection shared" in err, err
   assert page.read_text() == before
+
+
+def test_with_budget_chunkllm_reads_a_kv_budget(bench_script, tmp_path):
+  """--budget: ChunkLLM's step runs at `kv_budget` = each ratio, as users set it (not top_k chunks), and
+  reads what the budget allows; the page says which read it timed."""
+  bench = bench_script("bench_chunk")
+  rows = bench.bench_decode(bench.make_params(), 512, [0.5], rounds=1, budget=True)
+  (row,) = rows
+  assert row["kv_budget"] == 0.5 and row["top_k"] is None
+  assert abs(row["retention"] - 0.5) < 0.02, row["retention"]
+  lines = bench.write_outputs(tmp_path / "page.md", "python bench/bench_chunk.py --budget", rows, [], [])
+  assert any("a KV budget of the target retention (`kv_budget`" in line for line in lines)
+  assert any(line.startswith("| 512 | - |") for line in lines)
