@@ -103,6 +103,11 @@ def training_documents(docs: Sequence) -> list:
   return [d for i, d in enumerate(docs) if i % EVAL_SHARE != EVAL_SHARE - 1]
 
 
+# The passkey test's haystack (Mohtashami & Jaggi, 2023): five sentences repeated, nothing like the needle.
+# Given as one document, `_filler` cycles it as it reads on past a document's end.
+REPEATED = (("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."),)
+
+
 def _token_counts(tokenizer, sentences: Sequence[str]) -> list[int]:
   """Tokens of each sentence as it sits in running text (after a space)."""
   return [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]

@@ -67,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="where the target needle goes: at its depth in tokens, or at that share of the sentences "
                       "(how the rows of docs/results.md measured before 6 December 2026 were placed)")
   p.add_argument("--niah_max_new", type=int, default=32)
-  p.add_argument("--filler", choices=["brown", "generated"], default=None,
-                 help="haystack and perplexity text (default: brown when --brown exists)")
+  p.add_argument("--filler", choices=["brown", "generated", "repeated"], default=None,
+                 help="haystack and perplexity text (default: brown when --brown exists); repeated: the passkey "
+                      "test's five sentences over and over (needles only)")
   p.add_argument("--brown", default=str(BROWN), help="one-sentence-a-line text, blank lines between documents")
   p.add_argument("--tasks", nargs="+", default=None,
                  help="LongBench-format tasks (default: the mini set: " + " ".join(longbench.MINI_TASKS) + "; with "
@@ -191,6 +192,9 @@ def _resolve(args) -> argparse.Namespace:
     args.filler = "brown" if Path(args.brown).exists() else "generated"
   if args.filler == "brown" and not Path(args.brown).is_file():
     raise UsageError(f"--filler brown needs the text file --brown {args.brown}")
+  if args.filler == "repeated" and "ppl" in args.suites:
+    raise UsageError("--filler repeated is a haystack for needles: the perplexity of five sentences over and over "
+                     "measures nothing; leave ppl out of --suites or give another filler")
   _check_counts(args)
   out = Path(args.out).expanduser().absolute()
   if out.exists() and not out.is_dir():
@@ -361,7 +365,8 @@ def _write_fingerprint(out: Path, fp: dict) -> None:
 
 
 def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
-  brown = niah.eval_documents(niah.read_sentences(args.brown)) if args.filler == "brown" else None
+  brown = {"brown": lambda: niah.eval_documents(niah.read_sentences(args.brown)), "repeated": lambda: niah.REPEATED,
+           "generated": lambda: None}[args.filler]()
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
                     seed=args.seed, placement=args.needle_placement)
   out: dict[str, list[Example]] = defaultdict(list)

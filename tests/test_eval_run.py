@@ -353,3 +353,13 @@ def test_oracle_lowers_to_hybrids_programs_under_per_head_selection(selection, s
     programs.append(list(dict.fromkeys(lowered)))  # the prefill, the decode loop and what runs beside them
   assert len(programs[0]) >= 2 and "jit__prefill" in programs[0][0]
   assert (programs[0] == programs[1]) == same
+
+
+def test_a_repeated_filler_has_no_perplexity_to_measure(tmp_path):
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", "repeated", "--suites", "niah", "ppl",
+                                        "--out", str(tmp_path / "r")])
+  with pytest.raises(eval_run.UsageError, match="--filler repeated is a haystack for needles"):
+    eval_run._resolve(args)
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", "repeated", "--suites", "niah",
+                                        "--out", str(tmp_path / "r")])
+  assert eval_run._resolve(args).filler == "repeated"

@@ -57,6 +57,18 @@ def test_brown_filler_runs_on_from_a_document(tmp_path):
   assert case.document.endswith("Remember it.") and "doc" in case.document
 
 
+@pytest.mark.parametrize("kind", ["single", "multikey"])
+def test_repeated_filler_is_the_passkey_tests_haystack(kind):
+  """niah.REPEATED: five sentences over and over for the whole length, the needles alone differing."""
+  case = niah.make_case(WordTokenizer(), kind, 400, 0.5, seed=4, brown=niah.REPEATED)
+  sentences = [x.strip() + "." for x in case.document.split(".") if x.strip()]
+  filler = [x for x in sentences if x in niah.REPEATED[0]]
+  facts = [x for x in sentences if x not in niah.REPEATED[0]]
+  assert facts and all(any(c.isdigit() for c in x) or x == "Remember it." for x in facts), facts
+  assert set(filler) == set(niah.REPEATED[0]) and filler.count("The grass is green.") > 20
+  assert 350 < len(case.document.split()) < 460
+
+
 def test_short_text_items_and_scores(tmp_path):
   items = short_text.read_items()
   assert len(items) == 24 and {i.kind for i in items} == {"choice", "completion"}
