@@ -125,18 +125,18 @@ MEASUREMENTS = (
                      "its depth's share of the sentences. ChunkLLM with today's defaults; vanilla, StreamingLLM and "
                      "SepLLM (the two best baselines of the 2K sections below) run in the same folder."),
     Measurement("niah_smollm2_repeated",
-                "NIAH, smollm2-135m: 10 passkeys at 2K tokens in the passkey test's haystack (today's defaults)",
-                "eval_niah_repeated_smollm2_10", "eval",
+                "NIAH, smollm2-135m: 30 passkeys at 2K tokens in the passkey test's haystack (today's defaults)",
+                "eval_niah_repeated_smollm2_30", "eval",
                 ("python -m eval.run --model smollm2-135m --suites niah --niah_kinds single multikey --niah_lengths "
-                 "2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 1 --filler repeated --methods vanilla hybrid "
+                 "2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler repeated --methods vanilla hybrid "
                  "streamingllm sepllm --retention 0.5 0.25 --selection kv_head --needle_placement tokens "
-                 "--out docs/eval_niah_repeated_smollm2_10",),
+                 "--out docs/eval_niah_repeated_smollm2_30",),
                 variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
                 note="The haystack of Mohtashami and Jaggi's passkey test (`--filler repeated`: \"The grass is green. "
                      "The sky is blue. The sun is yellow. Here we go. There and back again.\" over and over), which "
                      "no earlier section and no training used: a text with no content of its own, unlike Brown's "
-                     "prose. 5 single-key and 5 multi-key needles (depths 0.1-0.9, one seed), each at its depth "
-                     "in tokens. ChunkLLM with today's defaults; vanilla, StreamingLLM and SepLLM in the same "
+                     "prose. 15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds), each at its "
+                     "depth in tokens. ChunkLLM with today's defaults; vanilla, StreamingLLM and SepLLM in the same "
                      "folder."),
     Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
@@ -723,7 +723,7 @@ def eval_section(m: Measurement) -> list[str]:
 DEFAULT_CHECKS = (
     ("NIAH, smollm2-135m, 30 needles at 2K, each at its depth in tokens", "niah_smollm2_tokens", None, None, None,
      None),
-    ("NIAH, smollm2-135m, 10 needles at 2K in the passkey test's haystack", "niah_smollm2_repeated", None, None, None,
+    ("NIAH, smollm2-135m, 30 needles at 2K in the passkey test's haystack", "niah_smollm2_repeated", None, None, None,
      None),
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
