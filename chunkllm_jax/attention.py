@@ -271,16 +271,21 @@ def stacked_blocks(k_LBSKD, v_LBSKD, layer):
   return read
 
 
+def window_positions(start_B, size: int, buffer_len: int):
+  """The positions [B, size] that `row_window` reads for these starts: each start clamped to fit the buffer."""
+  return jnp.clip(start_B, 0, buffer_len - size)[:, None] + jnp.arange(size)
+
+
 def row_window(buf_LBSKD, layer, start_B, size: int):
   """Each row's window [start, start + size) of one layer of a stacked buffer (start clamped to fit):
-  [B, size, K, D], and the positions it holds [B, size].
+  [B, size, K, D], and the positions it holds [B, size] (`window_positions`).
 
   Sliced straight out of the stacked buffer, so nothing but the window is read."""
   _, B, S, K, D = buf_LBSKD.shape
-  start = jnp.clip(start_B, 0, S - size)
+  pos = window_positions(start_B, size, S)
   win = jax.vmap(lambda b, s: jax.lax.dynamic_slice(buf_LBSKD, (layer, b, s, 0, 0), (1, 1, size, K, D))[0, 0])(
-      jnp.arange(B), start)
-  return win, start[:, None] + jnp.arange(size)
+      jnp.arange(B), pos[:, 0])
+  return win, pos
 
 
 def decode_over_blocks(q_BKG1D, read_fn, ok_fn, first, end, carry: Fold, *,

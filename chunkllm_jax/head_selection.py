@@ -184,8 +184,7 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
   # recent share of the budget, the same for every head) is read in place, each row's window sliced
   # out of the stacked buffer as `decode_attention` reads it; only the slots before it are gathered.
   # A gather of 256-byte rows ran at 6.8-9 GiB/s where a slice reads whole runs of them.
-  tail_B = shared_tail(pos_BKW, ok_BKW, used_BK)
-  last_B = jnp.take_along_axis(pos_BKW[:, 0], jnp.maximum(used_BK[:, :1] - 1, 0), -1)[:, 0]
+  tail_B, last_B = shared_tail(pos_BKW, ok_BKW, used_BK)
   gathered_BK = used_BK - tail_B[:, None]
 
   def read(start, size):  # slots [start, start + size) of every head: [B * K, size, 1, D] each
@@ -197,18 +196,17 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
     ok = jax.lax.dynamic_slice_in_dim(ok_BKW, start, size, axis=2) & (slot < gathered_BK[..., None])
     return ok.reshape(B * K, size)
 
-  small = blocks[-1]
-  whole = lambda n: -(-n // small) * small
-  carry = attn.decode_over_blocks(q, read, ok_fn, 0, whole(jnp.max(gathered_BK)), carry, blocks=blocks,
-                                  scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+  n_slots = -(-jnp.max(gathered_BK) // blocks[-1]) * blocks[-1]
+  carry = attn.decode_over_blocks(q, read, ok_fn, 0, n_slots, carry, blocks=blocks, scale=cfg.attn_scale,
+                                  softcap=cfg.attn_softcap)
   carry = jax.tree.map(lambda x: x.reshape(B, K, *x.shape[2:]), carry)  # rows of one head -> rows of K heads
   first_B = last_B - tail_B + 1
 
   def read_tail(start, size):
     return tuple(attn.row_window(buf, layer, first_B + start, size)[0] for buf in (k_LBSKD, v_LBSKD))
 
-  def tail_ok(start, size):
-    at = jnp.clip(first_B + start, 0, S - size)[:, None] + jnp.arange(size)  # as `row_window` clamps it
+  def tail_ok(start, size):  # a window clamped at the buffer's end holds keys folded already: left out
+    at = attn.window_positions(first_B + start, size, S)
     return (at >= (first_B + start)[:, None]) & (at <= last_B[:, None])
 
   tail_blocks = attn.decode_blocks(S)  # a dense read, in the dense decode's blocks
@@ -220,7 +218,7 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
 
 def shared_tail(pos_BKW, ok_BKW, used_BK):
   """Per row, how many of the last slots of every head's read hold the same run of consecutive positions,
-  ending at the same position for every head: [B] (0 where the heads' reads end apart)."""
+  ending at the same position for every head (0 where the heads' reads end apart), and that position: [B] each."""
   s = jnp.arange(pos_BKW.shape[-1])
   used = used_BK[..., None]
   last = jnp.take_along_axis(pos_BKW, jnp.maximum(used - 1, 0), -1)  # [B, K, 1]
@@ -228,4 +226,4 @@ def shared_tail(pos_BKW, ok_BKW, used_BK):
   breaks = in_use & ~(ok_BKW & (pos_BKW == last - (used - 1 - s)))
   tail_BK = used_BK - 1 - jnp.max(jnp.where(breaks, s, -1), -1)
   same_end = jnp.all(last[:, :, 0] == last[:, :1, 0], -1)
-  return jnp.where(same_end, jnp.min(tail_BK, -1), 0)
+  return jnp.where(same_end, jnp.min(tail_BK, -1), 0), last[:, 0, 0]

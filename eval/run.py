@@ -365,8 +365,10 @@ def _write_fingerprint(out: Path, fp: dict) -> None:
 
 
 def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
-  brown = {"brown": lambda: niah.eval_documents(niah.read_sentences(args.brown)), "repeated": lambda: niah.REPEATED,
-           "generated": lambda: None}[args.filler]()
+  if args.filler == "brown":
+    brown = niah.eval_documents(niah.read_sentences(args.brown))
+  else:  # the passkey test's sentences, or None: generated ones
+    brown = niah.REPEATED if args.filler == "repeated" else None
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
                     seed=args.seed, placement=args.needle_placement)
   out: dict[str, list[Example]] = defaultdict(list)

@@ -137,19 +137,20 @@ def test_the_gathered_read_is_the_masked_read(row_lengths):
       assert not all(mask[0, 0, e] for e in np.asarray(st.chunk_end)[0, :int(st.n_chunks[0])])
 
 
-@pytest.mark.parametrize("pos, used, want", [
-    ([[[0, 1, 5, 6, 7], [0, 1, 3, 6, 7]]], [[5, 5]], [2]),  # the shorter run of the two heads
-    ([[[0, 1, 5, 6, 7], [0, 1, 5, 6, 7]]], [[5, 4]], [0]),  # the second head's read ends at 6, not 7
-    ([[[0, 1, 2, 3, 9], [0, 1, 2, 3, 9]]], [[4, 4]], [4]),  # slots past those used do not count
-    ([[[0, 1, 2, 3, 9]], [[0, 4, 5, 6, 7]]], [[5], [0]], [1, 0]),  # per row; nothing used: nothing shared
+@pytest.mark.parametrize("pos, used, want, last", [
+    ([[[0, 1, 5, 6, 7], [0, 1, 3, 6, 7]]], [[5, 5]], [2], [7]),  # the shorter run of the two heads
+    ([[[0, 1, 5, 6, 7], [0, 1, 5, 6, 7]]], [[5, 4]], [0], [7]),  # the second head's read ends at 6, not 7
+    ([[[0, 1, 2, 3, 9], [0, 1, 2, 3, 9]]], [[4, 4]], [4], [3]),  # slots past those used do not count
+    ([[[0, 1, 2, 3, 9]], [[0, 4, 5, 6, 7]]], [[5], [0]], [1, 0], [9, 0]),  # per row; nothing used: nothing shared
 ])
-def test_the_shared_tail_is_the_run_every_head_ends_with(pos, used, want):
+def test_the_shared_tail_is_the_run_every_head_ends_with(pos, used, want, last):
   """`shared_tail`: the slots at the end of every head's read that hold consecutive positions ending at
-  the same one (read in place, not gathered)."""
+  the same one (read in place, not gathered), and where it ends."""
   from chunkllm_jax.head_selection import shared_tail
   pos = jnp.asarray(pos, jnp.int32)
-  got = shared_tail(pos, jnp.ones(pos.shape, bool), jnp.asarray(used, jnp.int32))
-  np.testing.assert_array_equal(np.asarray(got), want)
+  tail, end = shared_tail(pos, jnp.ones(pos.shape, bool), jnp.asarray(used, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(tail), want)
+  np.testing.assert_array_equal(np.asarray(end), last)
 
 
 @pytest.mark.parametrize("arch, model_kw, score", [("llama", dict(), dict()), ("llama", SOFTCAP, REFRESH),
