@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared run for a session lent a GPU (or a TPU): every kernel built, checked against its jnp
-# reference and timed (bench_kernels.py), then the default per-head rule's whole decode step against dense
-# decode on the device (bench_chunk.py, the same program the CPU pages time), with XLA's attention and with
-# the per-head decode kernel (attention="pallas"). Each part writes its files to
-# OUT as it goes, so a run cut short keeps what finished:
+# reference and timed (bench_kernels.py), then the default per-head rule's whole decode step under a KV
+# budget (kv_budget, as users set it) against dense decode on the device (bench_chunk.py, the same program
+# the CPU pages time), with XLA's attention and with the per-head decode kernel (attention="pallas"). Each
+# part writes its files to OUT as it goes, so a run cut short keeps what finished:
 #
 #   OUT=/some/dir bash bench/device_run.sh                 # everything
 #   OUT=/some/dir PARTS="kernels" bash bench/device_run.sh # one part: kernels, kernels_prefill, decode or
@@ -44,10 +44,10 @@ for part in $PARTS; do
       $PYTHON bench/bench_kernels.py "${smoke[@]}" "${resume[@]}" --out "$OUT" --only prefill ;;
     decode)  # the library's default rule, a whole decode step against dense decode, on the device
       JAX_PLATFORMS=$platform $PYTHON bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
-        --rounds "$rounds" --prefill-lengths --out "$OUT/RESULTS_chunk_device.md" ;;
+        --rounds "$rounds" --prefill-lengths --budget --out "$OUT/RESULTS_chunk_device.md" ;;
     decode_kernel)  # the same with its decode attention in the per-head kernel (attention="pallas")
       JAX_PLATFORMS=$platform $PYTHON bench/bench_chunk.py --lengths "${lengths[@]}" --ratios 0.5 0.25 \
-        --rounds "$rounds" --prefill-lengths --attention pallas --out "$OUT/RESULTS_chunk_device_kernel.md" ;;
+        --rounds "$rounds" --prefill-lengths --budget --attention pallas --out "$OUT/RESULTS_chunk_device_kernel.md" ;;
     *) echo "unknown part $part (kernels, kernels_prefill, decode, decode_kernel)" >&2; status=2; continue ;;
   esac
   rc=$?
