@@ -86,6 +86,9 @@ def check_export_target(directory, *, overwrite: bool = False) -> Path:
   """The absolute path an export may be written to: a new or empty folder, or (with `overwrite`)
   an earlier export. Anything else is refused with an ExportTargetError."""
   directory = Path(directory).absolute()
+  above = next(p for p in directory.parents if p.exists())
+  if not above.is_dir():
+    raise ExportTargetError(f"cannot export to {directory}: {above} is a file, not a folder")
   if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
     raise ExportTargetError(f"cannot export to {directory}: it is not a folder (a file or a link); "
                             "give a new folder for the export")
@@ -148,8 +151,15 @@ def written_by_gone_process(host: str, pid: int) -> bool:
 
 def _swap_in(new: Path, directory: Path) -> None:
   """Puts the complete folder `new` at `directory`; the old content stays until the new is in place."""
-  if not directory.exists() or not any(directory.iterdir()):
-    new.replace(directory)  # an empty folder is replaced in one step
+  if not directory.exists():
+    new.rename(directory)
+    return
+  if not any(directory.iterdir()):  # the user's own empty folder: filled, keeping its permissions and owner
+    for name in reversed(EXPORT_ENTRIES):  # config.json last: an export is whole once it is there
+      if (directory / name).exists() or (directory / name).is_symlink():  # appeared since it was checked
+        raise ExportTargetError(f"cannot export to {directory}: {name} appeared there while the export was written")
+      (new / name).rename(directory / name)
+    new.rmdir()
     return
   old = _sibling(directory, "old")
   directory.rename(old)
@@ -194,6 +204,10 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
     raise ValueError("save_adapters: these adapters do not fit model_config, so the export would claim the wrong "
                      f"backbone; pass the config of the model they were made for ({'; '.join(problems)})")
   acfg = adapters.config
+  reserved = sorted(set(extra or {}) & {"format", "backbone", "backbone_fingerprint", "model_config",
+                                         "weights_dtype", "adapter_config"})
+  if reserved:
+    raise ValueError(f"save_adapters: extra may not set {reserved}: the export writes them itself")
   meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
               model_config=config_to_json(model_config), weights_dtype=str(np.dtype(_dtype(dtype))),
               adapter_config=dict(d_c=acfg.d_c, chunk_hidden=acfg.chunk_hidden, qk_layers=list(acfg.qk_layers),
@@ -282,7 +296,7 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
     sel = a.get("selection_layers")  # absent in exports made before selection layers existed
     acfg = AdapterConfig(d_c=a["d_c"], chunk_hidden=a["chunk_hidden"], qk_layers=tuple(a["qk_layers"]),
                          selection_layers=None if sel is None else tuple(sel),
-                         score_queries=int(a.get("score_queries", 1)))  # absent before adapter windows
+                         score_queries=a.get("score_queries", 1)).check()  # absent before adapter windows
   except (KeyError, TypeError, AttributeError, ValueError) as e:  # a config.json edited or cut short
     raise AdapterLoadError(f"{d}: config.json is damaged ({type(e).__name__}: {e}); export the adapters "
                            "again") from None

@@ -46,7 +46,22 @@ class AdapterConfig:
   selection_layers: tuple[int, ...] | None = None
   score_queries: int = 1
 
+  def check(self) -> "AdapterConfig":
+    """Types and ranges, before any weight is made or read: a bad field fails here by name, not in Flax or
+    jax. (`check_layers` checks the layers against a model.)"""
+    sizes = ("d_c", "score_queries") + (() if self.chunk_hidden is None else ("chunk_hidden",))
+    for name in sizes:
+      v = getattr(self, name)
+      if not checks.is_int(v) or v < 1:
+        raise ValueError(f"AdapterConfig.{name} must be an int >= 1, got {v!r}")
+    for name in ("qk_layers", "selection_layers"):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (tuple, list)) and all(checks.is_int(i) for i in v)):
+        raise ValueError(f"AdapterConfig.{name} must be a tuple of layer indices (or None), got {v!r}")
+    return self
+
   def resolve(self, cfg: ModelConfig) -> "AdapterConfig":
+    self.check()
     qk = cfg.full_attention_layers if self.qk_layers is None else tuple(self.qk_layers)
     return dataclasses.replace(self, chunk_hidden=self.chunk_hidden or cfg.d_model // 4, qk_layers=qk)
 
@@ -91,6 +106,9 @@ class Adapters:
 def init_adapters(key: jax.Array, model_config: ModelConfig,
                   adapter_config: AdapterConfig = AdapterConfig()) -> Adapters:
   """Fresh adapter weights for a model (float32, Flax's default initialisers)."""
+  if not isinstance(adapter_config, AdapterConfig):
+    raise TypeError(f"adapter_config must be an AdapterConfig, got {type(adapter_config).__name__}")
+  checks.check_key(key, "init_adapters")
   acfg = adapter_config.resolve(model_config)
   check_layers(acfg, model_config)
   return _init(key, model_config, acfg)
@@ -151,6 +169,9 @@ def check_layers(acfg: AdapterConfig, cfg: ModelConfig) -> None:
                        f"layers only ({cfg.full_attention_layers})")
   if list(acfg.qk_layers) != sorted(set(acfg.qk_layers)):
     raise ValueError(f"qk_layers must be strictly increasing, got {acfg.qk_layers}")
+  outside = [i for i in acfg.selection_layers or () if i not in acfg.qk_layers]
+  if outside:  # the stored choice is among the layers the adapters score (`train.pick_layers`)
+    raise ValueError(f"selection_layers {outside} have no QK Adapter (qk_layers {tuple(acfg.qk_layers)})")
 
 
 def expected_shapes(acfg: AdapterConfig, cfg: ModelConfig) -> dict[str, Any]:

@@ -52,6 +52,26 @@ def check_mesh(mesh) -> None:
     raise ValueError(f"mesh lists a device more than once (device ids {ids}): give each device once")
 
 
+def check_key(key, where: str) -> None:
+  """A JAX PRNG key: a typed one (`jax.random.key(0)`) or a raw uint32 pair (`jax.random.PRNGKey(0)`). An int
+  seed failed inside jax's PRNG code."""
+  if isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                     or (key.dtype == np.uint32 and key.shape == (2,))):
+    return
+  raise TypeError(f"{where} takes a PRNG key, e.g. jax.random.key(0), got {type(key).__name__} {key!r:.40}")
+
+
+def check_float_dtype(dtype, where: str) -> np.dtype:
+  """A floating dtype for weights or a cache (float32, bfloat16, float16), as a numpy dtype."""
+  try:
+    dt = np.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{where}: dtype must be a floating dtype such as jnp.float32 or 'bfloat16', got {dtype!r}") from None
+  if not jax.dtypes.issubdtype(dt, np.floating):
+    raise TypeError(f"{where}: dtype must be a floating dtype such as jnp.float32 or 'bfloat16', got {dt}")
+  return dt
+
+
 def is_int(v) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
@@ -149,14 +169,16 @@ def memory_limit() -> tuple[int, str]:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
 
 
-def check_kv_memory(cfg, batch: int, buffer_len: int, itemsize: int) -> None:
-  """The KV buffer's bytes must fit the memory there is, or the allocator fails (or the host swaps)."""
-  need = 2 * cfg.n_layers * batch * buffer_len * cfg.n_kv_heads * cfg.head_dim * itemsize
+def check_kv_memory(cfg, batch: int, buffer_len: int, itemsize: int, state_bytes: int = 0) -> None:
+  """The KV buffer's bytes (and `state_bytes` kept beside it: ChunkLLM's per-key state) must fit the memory
+  there is, or the allocator fails (or the process aborts inside XLA, or the host swaps)."""
+  need = 2 * cfg.n_layers * batch * buffer_len * cfg.n_kv_heads * cfg.head_dim * itemsize + state_bytes
   limit, what = memory_limit()
   if need > limit:
-    raise ValueError(f"the KV buffer for {batch} row(s) x {buffer_len} positions needs {need / 2**30:.1f} GiB, "
-                     f"more than the {limit / 2**30:.1f} GiB of {what}: use fewer rows, shorter prompts or "
-                     "fewer max_new_tokens")
+    beside = f" and ChunkLLM's per-key state ({state_bytes / 2**30:.1f} GiB)" if state_bytes else ""
+    raise ValueError(f"the KV buffer{beside} for {batch} row(s) x {buffer_len} positions needs {need / 2**30:.1f} "
+                     f"GiB, more than the {limit / 2**30:.1f} GiB of {what}: use fewer rows, shorter prompts or "
+                     "fewer max_new_tokens" + (" (or a smaller score_sketch / score_rank)" if state_bytes else ""))
 
 
 class OutFolderError(ValueError):

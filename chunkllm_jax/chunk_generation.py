@@ -436,8 +436,9 @@ def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, 
   Q = recent_pos_BQ.shape[1]
   st = init_chunk_state(cfg.n_layers, len(plan.selection_layers), B, chunk_key_SBCd.shape[-1], cfg.n_heads,
                         cfg.n_kv_heads, cfg.head_dim, cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
-  for i in range(Q):  # into the ring: position p sits in slot p % Q
-    st = _remember_queries(st, q_SBQHD[:, :, i], qt_SBQd[:, :, i], recent_pos_BQ[:, i])
+  # Into the ring, oldest first (position p sits in slot p % Q): a loop, not Q unrolled copies of the write.
+  st = jax.lax.fori_loop(0, Q, lambda i, st: _remember_queries(st, q_SBQHD[:, :, i], qt_SBQd[:, :, i],
+                                                               recent_pos_BQ[:, i]), st)
   starts = jnp.pad(ends[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
   has = jnp.arange(C) < n[:, None]
   n_closes = jnp.sum(closes, axis=1)
@@ -635,6 +636,14 @@ def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int,
               dense=per_token * cfg.n_layers * seen_tokens)
 
 
+def _low_rank_state_bytes(cfg, ccfg: ChunkConfig, batch: int, buffer_len: int, itemsize: int) -> int:
+  """Bytes of the per-head rule's low-rank keys and sketches (`head_selection.low_rank_keys`), 0 without them."""
+  if not ccfg.keeps_low_rank_keys:
+    return 0
+  per_key = (ccfg.score_rank + 1) * itemsize + ccfg.sketch_bits // 8
+  return cfg.n_layers * batch * cfg.n_kv_heads * buffer_len * per_key
+
+
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                    eos_ids=None, pad_id=None, max_len: int | None = None, chunk_config: ChunkConfig | None = None,
@@ -662,6 +671,12 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len,
                                      itemsize=params.backbone["embed"].dtype.itemsize)
   ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers, vocab_size=cfg.vocab_size))
+  if ccfg.score_queries > max_len:  # the adapters' stored window, filled in by `resolved`
+    raise ValueError(f"the adapters' score_queries ({ccfg.score_queries}) exceeds the buffer (max_len={max_len}): "
+                     "give score_queries=... (at most max_len)")
+  checks.check_kv_memory(cfg, len(lens), decoding.buffer_len(max_len), params.backbone["embed"].dtype.itemsize,
+                         state_bytes=_low_rank_state_bytes(cfg, ccfg, len(lens), decoding.buffer_len(max_len),
+                                                           params.backbone["embed"].dtype.itemsize))
   if ccfg.attention == "pallas" and ccfg.shares_selection and cfg.attn_softcap is not None:
     raise ValueError("the shared rule's kernels (attention='pallas', selection='shared') do not support attention "
                      "logit soft-capping; use attention='xla'")

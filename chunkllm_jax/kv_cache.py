@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from chunkllm_jax import attention as attn
+from chunkllm_jax import checks
 from chunkllm_jax import model
 from chunkllm_jax import sharding as shd
 from chunkllm_jax.config import ModelConfig
@@ -46,6 +47,13 @@ def kv_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, int, int,
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
+  """An empty cache of `batch` rows and `max_len` positions, K and V in `dtype` (a floating dtype)."""
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"init_cache takes a ModelConfig (model.config), got {type(cfg).__name__}")
+  for name, n in (("batch", batch), ("max_len", max_len)):
+    if not checks.is_int(n) or n < 1:
+      raise ValueError(f"init_cache: {name} must be an int >= 1, got {n!r}")
+  dtype = checks.check_float_dtype(dtype, "init_cache")
   shape = kv_shape(cfg, batch, max_len)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  length=jnp.zeros((batch,), jnp.int32))

@@ -84,6 +84,12 @@ def is_spec(x) -> bool:
 
 def init_backbone(key: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> ModelParams:
   """Random backbone weights of the right shapes: for tests and synthetic benchmarks."""
+  from chunkllm_jax import checks  # here: checks imports this module
+
+  checks.check_key(key, "init_backbone")
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"init_backbone takes a ModelConfig, got {type(cfg).__name__}")
+  dtype = checks.check_float_dtype(dtype, "init_backbone")
   spec = backbone_spec(cfg)
   leaves, treedef = jax.tree.flatten(spec, is_leaf=is_spec)
   keys = jax.random.split(key, len(leaves))

@@ -175,6 +175,9 @@ class ChunkConfig(ChunkRules):
     separator_ids = _int_tuple("separator_ids", self.separator_ids, "token ids")
     if self.max_chunks is not None and self.max_chunks < 0:
       raise ValueError(f"max_chunks must be >= 1 (None or 0: max_len // 8), got {self.max_chunks}")
+    if self.max_chunks is not None and self.max_chunks > max_len:  # a table that size only slows the compile
+      raise ValueError(f"max_chunks={self.max_chunks} exceeds the buffer (max_len={max_len}): a chunk holds at "
+                       "least one token, so there are never more chunks than positions")
     max_chunks = self.max_chunks or max(max_len // 8, 1)
     if self.n_sink < 0:
       raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
@@ -214,8 +217,8 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
     if self.prefill_scorer not in (None, *SCORERS):
       raise ValueError(f"prefill_scorer must be None or one of {SCORERS}, got {self.prefill_scorer!r}")
-    if self.score_queries is not None and self.score_queries < 1:
-      raise ValueError(f"score_queries must be >= 1, got {self.score_queries}")
+    if self.score_queries is not None and not 1 <= self.score_queries <= max_len:
+      raise ValueError(f"score_queries is a count of recent queries, in [1, max_len={max_len}]; got {self.score_queries}")
     if self.vote not in VOTES:
       raise ValueError(f"vote must be one of {VOTES}, got {self.vote!r}")
     if self.selection not in SELECTIONS:
@@ -317,11 +320,16 @@ class ChunkConfig(ChunkRules):
     queries = self.score_queries
     if queries is None:
       queries = ATTENTION_QUERIES if self.scorer == "attention" else int(stored_queries)
+      if queries < 1:  # the adapters' stored window (`AdapterConfig.score_queries`), checked where they load
+        raise ValueError(f"the adapters' score_queries is {queries}; it must be >= 1")
     sizes = {}
     if head_dim is not None:
       rank = self.score_rank_for(head_dim)
       if rank is not None and rank > head_dim:
         raise ValueError(f"score_rank={rank} exceeds the head dimension ({head_dim})")
+      if self.sketch_bits > 32 * head_dim:  # kept for every key beside the cache
+        raise ValueError(f"score_sketch={self.sketch_bits} bits is more than a float32 key holds ({32 * head_dim} bits "
+                         f"at head_dim {head_dim}); score_estimate='exact' reads less")
       sizes = dict(score_rank=rank, score_sketch=self.sketch_bits)
     return dataclasses.replace(self, selection_layers=layers, score_queries=queries, prefill=self.prefill_mode,
                                boundary_tokens=self.reads_boundary_tokens, **sizes)

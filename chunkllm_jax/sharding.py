@@ -36,7 +36,14 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
 
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `data` x `model` mesh; `data` defaults to all devices left after `model`."""
-  devices = list(devices if devices is not None else jax.devices())
+  if devices is None:
+    devices = jax.devices()
+  flat = [] if isinstance(devices, (str, bytes)) else list(np.asarray(devices, dtype=object).ravel())
+  if isinstance(devices, (str, bytes)) or not all(isinstance(d, jax.Device) for d in flat):
+    raise TypeError(f"devices must be a list of jax devices (jax.devices()), got {devices!r:.60}")
+  devices = flat
+  if not devices:
+    raise ValueError("devices is empty: give at least one device (jax.devices())")
   # Checked here: 0 made an empty mesh that failed inside jax at the first generate, model=0 divided by
   # zero, a negative size or a float failed in numpy's reshape.
   model = checks.check_count("model", model)
@@ -82,6 +89,9 @@ def params_sharding(params: ModelParams, mesh: Mesh, adapter_axes: Any = None) -
 
 
 def shard_params(params: ModelParams, mesh: Mesh) -> ModelParams:
+  """`params` placed on `mesh` by `LOGICAL_TO_MESH` (adapters replicated)."""
+  checks.check_params(params, "shard_params")
+  checks.check_mesh(mesh)
   return jax.device_put(params, params_sharding(params, mesh))
 
 

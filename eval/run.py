@@ -256,6 +256,9 @@ def _check_counts(args) -> None:
                      f"{args.niah_depths}")
   if args.ppl_prefix >= args.ppl_tokens:
     raise UsageError(f"--ppl_prefix {args.ppl_prefix} leaves nothing to score in --ppl_tokens {args.ppl_tokens}")
+  if args.chunk_len is not None and not 1 <= args.chunk_len < float("inf"):  # also refuses nan; 0 read as unset
+    raise UsageError(f"--chunk_len {args.chunk_len} is not a mean chunk length: give 1 or more (or leave it out: "
+                     "measured on each batch)")
 
 
 _SELECTION_RULE = ("selection", *PER_HEAD_FIELDS)
@@ -486,6 +489,19 @@ def _check_context(args, max_position: int) -> None:
                        f"fit {args.model}'s {max_position} positions{PAST_CONTEXT}")
 
 
+def _check_selection_fits(args, config) -> None:
+  """The selection rule's layers and score sizes against the model's config, before the weights load (the
+  adapters' own layers are checked where they load)."""
+  if args.methods == ["vanilla"]:
+    return
+  layers = None if args.selection_layers is None else tuple(args.selection_layers)
+  full = config.full_attention_layers
+  try:
+    ChunkConfig(**_selection_rule(args), selection_layers=layers).resolve(full, full, head_dim=config.head_dim)
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--selection_layers / --score_*: {e}") from None
+
+
 def _check_prompts_fit(args, gen, max_position: int) -> None:
   """Each suite's longest prompt as tokenized (a haystack comes out a few percent longer than its nominal
   length), before anything generates."""
@@ -526,6 +542,7 @@ def run(args, model=None, params=None) -> Path:
   t0 = time.perf_counter()
   config = model.config if model is not None else weights.load_config(args.model)
   _check_context(args, config.max_position)
+  _check_selection_fits(args, config)
   # Read before the weights: adapters made for another model, or none there, are refused in seconds.
   adapters = cj.load_adapters(args.adapters or args.model, config) if params is None else None
   model = model or cj.load(args.model, dtype=args.dtype)

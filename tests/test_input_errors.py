@@ -321,6 +321,14 @@ CHUNK_BAD = {
                                  r"separator_ids \[96\] are outside the vocabulary \[0, 96\)"),
     "chunk_config_dict": (dict(chunk_config={"kv_budget": 0.5}), TypeError,
                           r"chunk_config must be a cj.ChunkConfig, got a dict"),
+    # sizes past what they can mean: the sketch aborted the process inside XLA, the query window unrolled into a
+    # compile that never ended, the chunk table sat in the compiler
+    "score_sketch_past_a_key": (dict(score_sketch=2**30), ValueError,
+                                r"score_sketch=1073741824 bits is more than a float32 key holds \(256 bits at head_dim 8\)"),
+    "score_queries_past_the_buffer": (dict(selection="shared", scorer="attention", score_queries=10**9), ValueError,
+                                      r"score_queries is a count of recent queries, in \[1, max_len=64\]; got 1000000000"),
+    "max_chunks_past_the_buffer": (dict(max_chunks=10**9), ValueError,
+                                   r"max_chunks=1000000000 exceeds the buffer \(max_len=64\)"),
 }
 
 
@@ -510,6 +518,50 @@ def test_save_adapters_refuses_a_config_the_adapters_do_not_fit(tmp_path, other,
     cj.save_adapters(adapters.params, tmp_path / "x", model_config=cfg, backbone="tiny")
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(d_c=0), r"AdapterConfig.d_c must be an int >= 1, got 0"),  # a ZeroDivisionError in Flax
+    (dict(d_c=2.5), r"AdapterConfig.d_c must be an int >= 1, got 2.5"),
+    (dict(chunk_hidden=-1), r"AdapterConfig.chunk_hidden must be an int >= 1, got -1"),
+    (dict(score_queries=0), r"AdapterConfig.score_queries must be an int >= 1, got 0"),  # a modulo by zero in jax
+    (dict(qk_layers=3), r"AdapterConfig.qk_layers must be a tuple of layer indices \(or None\), got 3"),
+    (dict(qk_layers=(1.0,)), r"AdapterConfig.qk_layers must be a tuple of layer indices"),
+    (dict(selection_layers=(9,)), r"selection_layers \[9\] have no QK Adapter \(qk_layers \(0, 1\)\)"),
+])
+def test_adapter_configs_out_of_range_are_named(kw, match):
+  with pytest.raises(ValueError, match=match):
+    cj.init_adapters(jax.random.key(0), tiny_config(), cj.AdapterConfig(**kw))
+
+
+@pytest.mark.parametrize("call, kind, match", [
+    (lambda c: cj.init_adapters(0, c), TypeError, r"init_adapters takes a PRNG key, e.g. jax.random.key\(0\), got int"),
+    (lambda c: cj.init_adapters(jax.random.key(0), c, {"d_c": 8}), TypeError,
+     r"adapter_config must be an AdapterConfig, got dict"),
+    (lambda c: cj.init_backbone(0, c), TypeError, r"init_backbone takes a PRNG key"),
+    (lambda c: cj.init_backbone(jax.random.key(0), c, dtype=jnp.int32), TypeError,
+     r"init_backbone: dtype must be a floating dtype .* got int32"),  # int weights failed later, in forward
+    (lambda c: cj.init_cache(c, 1, -1, jnp.float32), ValueError, r"init_cache: max_len must be an int >= 1, got -1"),
+    (lambda c: cj.init_cache(c, 1, 2.5, jnp.float32), ValueError, r"init_cache: max_len must be an int >= 1, got 2.5"),
+    (lambda c: cj.init_cache(c, 0, 16, jnp.float32), ValueError, r"init_cache: batch must be an int >= 1, got 0"),
+    (lambda c: cj.init_cache(c, 1, 16, "bogus"), TypeError, r"init_cache: dtype must be a floating dtype"),
+    (lambda c: cj.init_cache(c.__dict__, 1, 16, jnp.float32), TypeError, r"init_cache takes a ModelConfig"),
+    (lambda c: cj.make_mesh(devices=[]), ValueError, r"devices is empty: give at least one device"),  # a 0x1 mesh
+    (lambda c: cj.make_mesh(devices="cpu"), TypeError, r"devices must be a list of jax devices"),
+    (lambda c: cj.shard_params(c, cj.make_mesh()), TypeError, r"shard_params takes a ModelParams"),
+    (lambda c: cj.shard_params(tiny_params(), "mesh"), TypeError, r"mesh must be a jax.sharding.Mesh"),
+])
+def test_the_constructors_name_a_bad_argument(call, kind, match):
+  """The public constructors (weights, adapters, cache, mesh) refuse what failed deep in jax, numpy or Flax."""
+  with pytest.raises(kind, match=match):
+    call(tiny_config())
+
+
+def test_the_constructors_take_what_jax_gives():
+  cfg = tiny_config()
+  assert cj.init_backbone(jax.random.PRNGKey(0), cfg, dtype="bfloat16").backbone["embed"].dtype == jnp.bfloat16
+  assert cj.init_cache(cfg, 2, 16, np.dtype("float32")).k.shape[1:3] == (2, 16)
+  assert cj.make_mesh(devices=np.array(jax.devices()[:2])).devices.size == 2
+
+
 def test_load_adapters_given_the_model_says_pass_model_config():
   model = cj.Model(tiny_config(), None, None)
   with pytest.raises(TypeError, match=r"load_adapters: expected_config takes the backbone's ModelConfig, not the "
@@ -518,7 +570,10 @@ def test_load_adapters_given_the_model_says_pass_model_config():
 
 
 @pytest.mark.parametrize("edit", [lambda m: m.pop("adapter_config"), lambda m: m["adapter_config"].pop("d_c"),
-                                  lambda m: m.update(model_config="oops")])
+                                  lambda m: m.update(model_config="oops"),
+                                  lambda m: m["adapter_config"].update(d_c="8"),
+                                  lambda m: m["adapter_config"].update(d_c=-8),
+                                  lambda m: m["adapter_config"].update(score_queries=0)])
 def test_a_damaged_export_config_is_named(export, edit):
   out, cfg = export
   meta = json.loads((out / "config.json").read_text())
@@ -621,6 +676,11 @@ TRAIN_BAD = {
                                                 r"--num_processes N and --process_id I together"),
     "process_id": (["--coordinator", "localhost:1", "--num_processes", "2", "--process_id", "5"],
                    r"--process_id 5 is not one of the --num_processes 2 \(0 to 1\)"),
+    "kl_weight": (["--kl_weight", "-1"], r"--kl_weight -1.0 is out of range .*kl_weight >= 0"),
+    "kl_weight_nan": (["--kl_weight", "nan"], r"--kl_weight nan is out of range"),
+    "n_sink": (["--n_sink", "1000"], r"--n_sink 1000 leaves no tokens to chunk in a sequence of --seq_len \d+"),
+    "seq_len_past_context": (["--model", "smollm2-135m", "--tokenizer", "", "--seq_len", "12288"],
+                             r"--seq_len 12288 is past smollm2-135m's context \(8192 positions\): give at most 8192"),
     "untrained": (["--steps", "0", "--export", "{tmp}/export"],
                   r"--steps 0 --export .* would export untrained \(random\) adapters: .*--allow_untrained_export true"),
 }
@@ -724,6 +784,11 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--niah_lengths", "8180"], r"--niah_lengths 8180 and --niah_max_new 32 do not fit smollm2-135m's 8192 "
                                  r"positions; give --past_context to run past it on purpose"),
     (["--ppl_tokens", "9000"], r"--ppl_tokens 9000 does not fit smollm2-135m's 8192 positions"),
+    (["--chunk_len", "0"], r"--chunk_len 0.0 is not a mean chunk length: give 1 or more"),  # not "unset"
+    (["--chunk_len", "nan"], r"--chunk_len nan is not a mean chunk length"),
+    # the selection rule against the model's config (smollm2-135m: 30 full-attention layers, head_dim 64)
+    (["--selection_layers", "99"], r"--selection_layers / --score_\*: selection_layers \[99\] are not full-attention"),
+    (["--score_sketch", str(2**30)], r"score_sketch=1073741824 bits is more than a float32 key holds \(2048 bits"),
     (["--max_prompt_tokens", "8180"], r"--max_prompt_tokens 8180 and the tasks' 32 new tokens do not fit"),
 ])
 def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra, match):

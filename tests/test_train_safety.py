@@ -123,6 +123,23 @@ def test_export_replaces_an_earlier_export_with_normal_permissions(tmp_path):
   assert modes == {0o644}
 
 
+def test_an_export_fills_a_users_empty_folder_in_place(tmp_path):
+  """A folder the user made for the export stays theirs (the same folder, its permissions kept): it was
+  replaced by a new one, and a private folder became world-readable."""
+  adapters, model_config = _tiny_adapters()
+  mine = tmp_path / "private"
+  mine.mkdir(mode=0o700)
+  before = mine.stat()
+  cj.save_adapters(adapters, mine, model_config=model_config, backbone="random-tiny")
+  after = mine.stat()
+  assert (after.st_ino, stat.S_IMODE(after.st_mode)) == (before.st_ino, 0o700)
+  assert sorted(p.name for p in mine.iterdir()) == ["config.json", "params"] and [p.name for p in tmp_path.iterdir()] == ["private"]
+  assert cj.load_adapters(mine, model_config).config == adapters.config
+  with pytest.raises(ValueError, match=r"extra may not set \['format'\]: the export writes them itself"):
+    cj.save_adapters(adapters, tmp_path / "other", model_config=model_config, backbone="random-tiny",
+                     extra=dict(format="mine"))
+
+
 def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
   adapters, model_config = _tiny_adapters()
   export = tmp_path / "export"

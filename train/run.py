@@ -160,10 +160,13 @@ def check_common_flags(cfg) -> None:
     raise FlagError("--retrieval_mix mixes into text files (--data): give --retrieval_mix 0 with --tfds_name")
   for name, ok in (("lr", 0 < cfg.lr < float("inf")), ("eval_fraction", 0 <= cfg.eval_fraction < 1),
                    ("end_lr_ratio", 0 <= cfg.end_lr_ratio <= 1), ("weight_decay", cfg.weight_decay >= 0),
-                   ("clip_norm", cfg.clip_norm > 0)):
-    if not ok:  # also refuses nan
+                   ("clip_norm", cfg.clip_norm > 0), ("kl_weight", 0 <= cfg.kl_weight < float("inf"))):
+    if not ok:  # also refuses nan; a negative kl_weight would train the QK Adapters away from the teacher
       raise FlagError(f"--{name} {getattr(cfg, name)} is out of range (lr > 0, eval_fraction in [0, 1), "
-                      "end_lr_ratio in [0, 1], weight_decay >= 0, clip_norm > 0)")
+                      "end_lr_ratio in [0, 1], weight_decay >= 0, clip_norm > 0, kl_weight >= 0)")
+  if cfg.n_sink >= cfg.seq_len - 1:  # no chunk after the sinks: no KL row, the QK Adapters would not train
+    raise FlagError(f"--n_sink {cfg.n_sink} leaves no tokens to chunk in a sequence of --seq_len {cfg.seq_len}: "
+                    "give an --n_sink well below --seq_len (default 4)")
   if cfg.batch_size % jax.process_count():
     raise FlagError(f"--batch_size {cfg.batch_size} is global: give a multiple of the {jax.process_count()} processes")
   check_data_flags(cfg)
@@ -216,7 +219,11 @@ def check_model_flag(cfg) -> None:
     if not cfg.tokenizer:
       raise FlagError(f"--model {RANDOM_TINY} needs --tokenizer (e.g. smollm2-135m)")
     return
-  check_selection_layers(cfg, weights.load_config(cfg.model))
+  model_config = weights.load_config(cfg.model)
+  check_selection_layers(cfg, model_config)
+  if cfg.seq_len > model_config.max_position:
+    raise FlagError(f"--seq_len {cfg.seq_len} is past {cfg.model}'s context ({model_config.max_position} positions): "
+                    f"give at most {model_config.max_position}")
 
 
 def check_selection_layers(cfg, model_config) -> None:
@@ -244,8 +251,8 @@ def check_export_path(cfg) -> None:
   for p in kept + [Path(cfg.data_dir or workdir / "data").resolve(), cache_dir(cfg).resolve()]:
     if export == p or p in export.parents or export in p.parents:
       raise adapter_io.ExportTargetError(f"--export {cfg.export} would replace {p}, which the run keeps: {fix}")
-  adapter_io.check_export_target(Path(cfg.export), overwrite=True)  # as given: a link is refused, as at the end
   _check_writable("--export", Path(cfg.export).absolute().parent)  # the export is written beside it, then moved
+  adapter_io.check_export_target(Path(cfg.export), overwrite=True)  # as given: a link is refused, as at the end
 
 
 def run_settings(cfg, backbone_fingerprint: str, backbone_weights: str) -> dict:
