@@ -437,8 +437,9 @@ def _prompt_chunk_state(params: ModelParams, cache: KVCache, lengths_B, closes, 
   st = init_chunk_state(cfg.n_layers, len(plan.selection_layers), B, chunk_key_SBCd.shape[-1], cfg.n_heads,
                         cfg.n_kv_heads, cfg.head_dim, cache.k.dtype, ccfg, working_size(ccfg, max_len, WORK_BLOCK))
   # Into the ring, oldest first (position p sits in slot p % Q): a loop, not Q unrolled copies of the write.
-  st = jax.lax.fori_loop(0, Q, lambda i, st: _remember_queries(st, q_SBQHD[:, :, i], qt_SBQd[:, :, i],
-                                                               recent_pos_BQ[:, i]), st)
+  if Q:  # (the per-head rule keeps no ring)
+    st = jax.lax.fori_loop(0, Q, lambda i, st: _remember_queries(st, q_SBQHD[:, :, i], qt_SBQd[:, :, i],
+                                                                 recent_pos_BQ[:, i]), st)
   starts = jnp.pad(ends[:, :-1] + 1, [(0, 0), (1, 0)], constant_values=ccfg.n_sink)
   has = jnp.arange(C) < n[:, None]
   n_closes = jnp.sum(closes, axis=1)

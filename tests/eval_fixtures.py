@@ -76,6 +76,6 @@ N_RESULTS = 8 * 5 + 2 * 5 + 2 * 3 + 2 * 5
 def run_stubbed(monkeypatch, out, stubs, extra=()):
   monkeypatch.setattr(M, "iter_method", stubs.iter_method)
   monkeypatch.setattr(P, "token_logprobs", stubs.token_logprobs)
-  cfg = types.SimpleNamespace(vocab_size=64, max_position=512)
+  cfg = types.SimpleNamespace(vocab_size=64, max_position=512, full_attention_layers=(0, 1, 2), head_dim=8)
   model = types.SimpleNamespace(config=cfg, tokenizer=WordTokenizer(), params=None)
   return eval_run.main([*FLAGS, "--out", str(out), *extra], model=model, params="params")

@@ -863,8 +863,8 @@ def test_eval_run_records_its_settings_only_after_the_adapters_load(tmp_path, mo
   from eval import run as eval_run
   from tests.eval_fixtures import FLAGS, Stubs, WordTokenizer, run_stubbed
   out = tmp_path / "ev"
-  model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=64, max_position=512),
-                                tokenizer=WordTokenizer(), params=None)
+  config = types.SimpleNamespace(vocab_size=64, max_position=512, full_attention_layers=(0, 1, 2), head_dim=8)
+  model = types.SimpleNamespace(config=config, tokenizer=WordTokenizer(), params=None)
   with pytest.raises(FileNotFoundError, match="no adapter export"):
     eval_run.main([*FLAGS, "--out", str(out), "--adapters", str(tmp_path / "nowhere")], model=model)
   assert not (out / "run_config.json").exists()
