@@ -136,8 +136,10 @@ def synthetic_state(params, cache, key, L: int, ccfg: ChunkConfig):
     probs = jnp.stack([adapter_probs(q[:, None], k, (st.n_chunks - ccfg.n_local)[:, None])[:, 0]
                        for q, k in zip(jax.random.normal(kq, (n_qk, 1, d_c)), st.chunk_key)])
     st = cg._reselect(st, jnp.ones((1,), bool), vote_scores(probs, ccfg.vote), jnp.full((1,), L - 1), ccfg)
-  return cg._fill_working_buffer(st, cache, ccfg)  # at the last token (cache.length = L): compacted, or the
-  #                                                  per-head rule's own state
+  # At the last token (cache.length = L): compacted, or the per-head rule's own state, for the layers it scores
+  # (older code, timed from a worktree, built it for every layer and takes no such argument).
+  scored = getattr(cg._layer_plan(params, ccfg), "scored", None)
+  return cg._fill_working_buffer(st, cache, ccfg, *(() if scored is None else (scored,)))
 
 
 def timed(fn, *args):

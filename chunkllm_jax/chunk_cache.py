@@ -50,9 +50,10 @@ class ChunkState:
   read_slots: jnp.ndarray  # [B] float32: sum over decode steps of K/V slots a sparse layer read
   overflow: jnp.ndarray  # [B] bool: the table filled, and later chunks were merged into its last one
   # selection="kv_head" with score_estimate="lowrank" (`head_selection.low_rank_keys`), else r = 0:
-  key_basis: jnp.ndarray  # [L, B, H_kv, D, r] float32: each KV head's basis of its prompt keys
-  key_low: jnp.ndarray  # [L, B, H_kv, r + 1, S]: every key's `lowrank_coords` in it (S = 0 before they are built)
-  key_sketch: jnp.ndarray  # [L, B, H_kv, score_sketch // 32, S] uint32: every key's `residual_sketch`
+  # The per-head rule's low-rank keys, for the L' sparse layers alone (`head_selection.low_rank_keys`):
+  key_basis: jnp.ndarray  # [L', B, H_kv, D, r] float32: each KV head's basis of its prompt keys
+  key_low: jnp.ndarray  # [L', B, H_kv, r + 1, S]: every key's `lowrank_coords` in it (S = 0 before they are built)
+  key_sketch: jnp.ndarray  # [L', B, H_kv, score_sketch // 32, S] uint32: every key's `residual_sketch`
   # selection="kv_head" with head_refresh > 1 (else W = 0): each sparse layer's and KV head's read as the
   # heads chose it last (`head_selection.head_slots`), and the steps since they chose (head_refresh: now).
   head_pos: jnp.ndarray  # [L, B, H_kv, W] int32: the position each slot reads

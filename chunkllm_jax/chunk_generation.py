@@ -66,6 +66,16 @@ class _LayerPlan:
   qk_slot: np.ndarray  # [L] int32: its QK Adapter's index in the stacked adapters (0 where none)
   selection_layers: tuple[int, ...]
 
+  @property
+  def scored(self) -> tuple[int, ...]:
+    """The sparse layers: the per-head rule's low-rank keys are kept for these alone (`low_rank_keys`)."""
+    return tuple(int(i) for i in np.flatnonzero(self.sparse))
+
+  @property
+  def score_slot(self) -> np.ndarray:
+    """[L] int32: a sparse layer's index in the low-rank state stacked over `scored` (0 for the others)."""
+    return np.maximum(np.cumsum(self.sparse) - 1, 0).astype(np.int32)
+
 
 def _layer_plan(params: ModelParams, ccfg: ChunkConfig) -> _LayerPlan:
   cfg, acfg = params.config, params.adapters.config
@@ -105,17 +115,18 @@ def _boundary_probs(params: ModelParams, h0_BTD):
   return jax.nn.sigmoid(adp.chunk_adapter_logits(params.adapters.params["chunk"], h0_BTD))
 
 
-def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig) -> ChunkState:
+def _fill_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, scored: tuple[int, ...]) -> ChunkState:
   """`st` (after a prompt, without a working buffer) with its working buffer allocated and filled for
   the selection made at each row's last prompt token. `chunk_generate` runs this at the start of its
   decode program, not at the end of the prefill: there the buffer (a quarter of the KV buffer at a
-  25% budget) would be live beside the prefill's temporaries, which are gone by then."""
+  25% budget) would be live beside the prefill's temporaries, which are gone by then. The per-head rule's
+  low-rank keys are built for the `scored` layers (`_LayerPlan.scored`), the layers decode scores."""
   L, B, _, K, D = cache.k.shape
   if ccfg.selection == "kv_head":  # each head gathers its own read at every step: no shared buffer
     empty = jnp.zeros((L, B, 0, K, D), cache.k.dtype)
     st = st.replace(work_k=empty, work_v=empty)
-    if ccfg.keeps_low_rank_keys:
-      basis, low, sketch = low_rank_keys(cache.k, cache.length, ccfg.score_rank, ccfg.sketch_bits)
+    if ccfg.keeps_low_rank_keys and scored:
+      basis, low, sketch = low_rank_keys(cache.k, cache.length, ccfg.score_rank, ccfg.sketch_bits, layers=scored)
       st = st.replace(key_basis=basis, key_low=low, key_sketch=sketch)
     return st
   zeros = jnp.zeros((L, B, st.work_pos.shape[-1], K, D), cache.k.dtype)
@@ -222,7 +233,9 @@ def chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg:
     logits, cache, st = _dense_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg, block)
   else:
     logits, cache, st = _sparse_chunk_prefill(params, tokens_BT, lengths_B, max_len, ccfg)
-  return logits, cache, _fill_working_buffer(st, cache, ccfg) if working_buffer else st
+  if working_buffer:
+    st = _fill_working_buffer(st, cache, ccfg, _layer_plan(params, ccfg).scored)
+  return logits, cache, st
 
 
 def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int, ccfg: ChunkConfig):
@@ -463,7 +476,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
   cfg = params.config
   ccfg = resolved(params, ccfg)
   plan = _layer_plan(params, ccfg)
-  sparse_L, selects_L, slot_L = map(jnp.asarray, (plan.sparse, plan.selects, plan.qk_slot))
+  sparse_L, selects_L, slot_L, score_slot_L = map(jnp.asarray, (plan.sparse, plan.selects, plan.qk_slot,
+                                                                plan.score_slot))
   pos_B = cache.length
   B, M = tokens_B.shape[0], min(ccfg.max_chunk_len, cache.max_len)
   n_blocks = -(-jnp.max(st.work_used) // WORK_BLOCK)  # batch-wide
@@ -501,13 +515,14 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       def per_head():
         o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
                                            blocks=attn.decode_blocks(W, HEAD_BLOCKS), choose_now=choose_now,
-                                           key_chunk_BS=key_chunk_BS)
+                                           key_chunk_BS=key_chunk_BS, score_slot=score_slot_L[idx])
         return o, read_BK, slots if ccfg.keeps_head_choice else ()
 
       def dense_layer():
         return dense(), jnp.zeros((B, cfg.n_kv_heads), jnp.float32), kept_slots(st, idx) if ccfg.keeps_head_choice else ()
 
-      o, read_BK, head_slots = jax.lax.cond(sparse_L[idx], per_head, dense_layer)
+      # (no sparse layer: nothing to score, and no low-rank state to trace the per-head branch with)
+      o, read_BK, head_slots = jax.lax.cond(sparse_L[idx], per_head, dense_layer) if plan.scored else dense_layer()
       reads_B = reads_B + read_BK.mean(-1)
     else:
       o = jax.lax.cond(sparse_L[idx], sparse, dense)
@@ -571,8 +586,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       age = jnp.where(choose_now, 1, st.head_age + 1)
       st = st.replace(head_pos=head_LBKW[0], head_ok=head_LBKW[1], head_used=head_LBKW[2],
                       head_age=jnp.where(closes, ccfg.head_refresh, age).astype(jnp.int32))
-    if ccfg.keeps_low_rank_keys:  # this token's key in each layer's basis, for the steps after it to score
-      low, sketch = new_low_rank_keys(k_LBKD[:, :, :, None], st.key_basis, ccfg.sketch_bits)  # L B K 1 (r+1 | w)
+    if ccfg.keeps_low_rank_keys and plan.scored:  # this token's key in each scored layer's basis, for later steps
+      low, sketch = new_low_rank_keys(k_LBKD[np.asarray(plan.scored), :, :, None], st.key_basis,
+                                      ccfg.sketch_bits)  # L' B K 1 (r+1 | w)
       rows = jnp.arange(B)
       st = st.replace(key_low=st.key_low.at[:, rows, :, :, pos_B].set(
           jnp.swapaxes(low[:, :, :, 0], 0, 1).astype(st.key_low.dtype)),
@@ -609,7 +625,7 @@ def _prefill_state(params: ModelParams, tokens_BT, lengths_B, settings: ChunkSet
 
 def _enter_state(params: ModelParams, state, settings: ChunkSettings):
   cache, st = state
-  return cache, _fill_working_buffer(st, cache, settings.ccfg)
+  return cache, _fill_working_buffer(st, cache, settings.ccfg, _layer_plan(params, settings.ccfg).scored)
 
 
 def _step_state(params: ModelParams, tokens_B, state, done_B, settings: ChunkSettings):
@@ -637,12 +653,12 @@ def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int,
               dense=per_token * cfg.n_layers * seen_tokens)
 
 
-def _low_rank_state_bytes(cfg, ccfg: ChunkConfig, batch: int, buffer_len: int, itemsize: int) -> int:
+def _low_rank_state_bytes(params: ModelParams, ccfg: ChunkConfig, batch: int, buffer_len: int, itemsize: int) -> int:
   """Bytes of the per-head rule's low-rank keys and sketches (`head_selection.low_rank_keys`), 0 without them."""
   if not ccfg.keeps_low_rank_keys:
     return 0
   per_key = (ccfg.score_rank + 1) * itemsize + ccfg.sketch_bits // 8
-  return cfg.n_layers * batch * cfg.n_kv_heads * buffer_len * per_key
+  return len(_layer_plan(params, ccfg).scored) * batch * params.config.n_kv_heads * buffer_len * per_key
 
 
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
@@ -676,7 +692,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
     raise ValueError(f"the adapters' score_queries ({ccfg.score_queries}) exceeds the buffer (max_len={max_len}): "
                      "give score_queries=... (at most max_len)")
   checks.check_kv_memory(cfg, len(lens), decoding.buffer_len(max_len), params.backbone["embed"].dtype.itemsize,
-                         state_bytes=_low_rank_state_bytes(cfg, ccfg, len(lens), decoding.buffer_len(max_len),
+                         state_bytes=_low_rank_state_bytes(params, ccfg, len(lens), decoding.buffer_len(max_len),
                                                            params.backbone["embed"].dtype.itemsize))
   if ccfg.attention == "pallas" and ccfg.shares_selection and cfg.attn_softcap is not None:
     raise ValueError("the shared rule's kernels (attention='pallas', selection='shared') do not support attention "

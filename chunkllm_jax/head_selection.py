@@ -42,10 +42,12 @@ from pallas_kernels.chunk_decode_attention import combine_splits
 from pallas_kernels.head_decode_attention import head_decode_partials, runs_kernel
 
 
-def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS=None):
+def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS=None,
+                score_slot=None):
   """The candidates each KV head of `layer` keeps at `pos_B`: [B, K, C] bool (steps 1 and 2). `key_chunk_BS`:
   `boundaries.chunk_ids_from_ends` of the state's table, made once a step for every layer (estimated
-  scores: a segment sum per chunk, `selection.mass_by_segments`)."""
+  scores: a segment sum per chunk, `selection.mass_by_segments`). `score_slot`: the layer's index in the
+  low-rank state, which is kept for the sparse layers alone (None: `layer`)."""
   K = k_LBSKD.shape[3]
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
@@ -55,8 +57,9 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
     mass = chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                       softcap=cfg.attn_softcap, layer=layer)
   elif ccfg.score_estimate == "lowrank":
-    mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[layer], hi, st.chunk_end, n_sink=ccfg.n_sink,
-                              scale=cfg.attn_scale, layer=layer,
+    slot = layer if score_slot is None else score_slot
+    mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[slot], hi, st.chunk_end, n_sink=ccfg.n_sink,
+                              scale=cfg.attn_scale, layer=slot,
                               k_sketch_BKwT=st.key_sketch if ccfg.sketch_bits else None,
                               sketch_estimate=ccfg.sketch_estimate, key_chunk_BT=key_chunk_BS)
   else:
@@ -68,12 +71,14 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
 LOW_RANK_BLOCK = 1024  # positions of one layer's keys a step of `low_rank_keys` reads
 
 
-def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
-  """score_estimate="lowrank"'s state, built once after the prompt: each layer's and KV head's basis of
-  its prompt keys (`selection.key_basis`, [L, B, K, D, rank]), every key's `selection.lowrank_coords`
-  in it ([L, B, K, rank + 1, S], in the cache's dtype, as `selection.lowrank_chunk_mass` reads them)
-  and its `selection.residual_sketch` ([L, B, K, sketch_bits // 32, S] uint32; S = 0 without one).
-  Decode adds each new key's (`new_low_rank_keys`).
+def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0, layers: tuple[int, ...] | None = None):
+  """score_estimate="lowrank"'s state, built once after the prompt for the given `layers` (the sparse ones,
+  whose heads score; None: every layer), stacked in their order as L': each layer's and KV head's basis of
+  its prompt keys (`selection.key_basis`, [L', B, K, D, rank]), every key's `selection.lowrank_coords`
+  in it ([L', B, K, rank + 1, S], in the cache's dtype, as `selection.lowrank_chunk_mass` reads them)
+  and its `selection.residual_sketch` ([L', B, K, sketch_bits // 32, S] uint32; S = 0 without one).
+  Decode adds each new key's (`new_low_rank_keys`). (Gemma 3 reads 3 of its 18 layers sparsely: all 18 kept
+  6x the state.)
 
   One layer at a time, and in each layer `LOW_RANK_BLOCK` positions at a time (a sum of their Gram
   matrices, then their coordinates and sketches written in place in the stacked outputs): the keys'
@@ -82,13 +87,14 @@ def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
   largest temporary); all layers at once 2-3x the K buffer (a peak of 2.2x weights + KV + state at
   8K, bench/RESULTS_memory.md)."""
   L, B, S, K, D = k_LBSKD.shape
+  layer_ids = jnp.asarray(range(L) if layers is None else layers, jnp.int32)
   size = min(LOW_RANK_BLOCK, S)
   n_blocks = -(-S // size)
   starts = jnp.minimum(jnp.arange(n_blocks) * size, S - size)  # the last block ends at S (it may overlap)
   valid = jnp.arange(S)[None] < length_B[:, None]
 
-  def layer(l, out):
-    block = lambda i: (jax.lax.dynamic_slice(k_LBSKD, (l, 0, starts[i], 0, 0), (1, B, size, K, D))[0],
+  def layer(l, out):  # the l-th of `layers`
+    block = lambda i: (jax.lax.dynamic_slice(k_LBSKD, (layer_ids[l], 0, starts[i], 0, 0), (1, B, size, K, D))[0],
                        jax.lax.dynamic_slice_in_dim(valid, starts[i], size, 1))
 
     def add_gram(i, gram):
@@ -108,9 +114,10 @@ def low_rank_keys(k_LBSKD, length_B, rank: int, sketch_bits: int = 0):
     out = (jax.lax.dynamic_update_index_in_dim(out[0], basis, l, 0),) + out[1:]
     return jax.lax.fori_loop(0, n_blocks, write, out)
 
-  out = (jnp.zeros((L, B, K, D, rank), jnp.float32), jnp.zeros((L, B, K, rank + 1, S), k_LBSKD.dtype),
-         jnp.zeros((L, B, K, sketch_bits // 32, S), jnp.uint32))
-  return jax.lax.fori_loop(0, L, layer, out)
+  n = layer_ids.shape[0]
+  out = (jnp.zeros((n, B, K, D, rank), jnp.float32), jnp.zeros((n, B, K, rank + 1, S), k_LBSKD.dtype),
+         jnp.zeros((n, B, K, sketch_bits // 32, S), jnp.uint32))
+  return jax.lax.fori_loop(0, n, layer, out)
 
 
 def new_low_rank_keys(k_LBKND, basis_LBKDr, sketch_bits: int):
@@ -136,13 +143,13 @@ def kept_slots(st: ChunkState, layer):
 
 
 def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,
-                   *, W: int, blocks: tuple[int, ...], choose_now=True, key_chunk_BS=None):
+                   *, W: int, blocks: tuple[int, ...], choose_now=True, key_chunk_BS=None, score_slot=None):
   """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K],
   the slots it read: positions and validity [B, K, W], slots used [B, K]).
 
   `open_kv`: the open chunk's (keys, values [B, M, K, D], visible [B, M]), as the shared rule reads it.
   With `head_refresh` > 1 the heads choose where `choose_now` (a traced bool) is set, and otherwise read
-  the slots of their last choice (`ChunkState.head_pos`). `key_chunk_BS`: as `head_choice`'s. The heads
+  the slots of their last choice (`ChunkState.head_pos`). `key_chunk_BS`, `score_slot`: as `head_choice`'s. The heads
   are folded as rows of their own ([B * K] rows of one KV head each), so a block of each head's slots is
   one gather from the stacked buffer and one plain matmul (`attention.fold_packed`)."""
   L, B, S, K, D = k_LBSKD.shape
@@ -151,7 +158,8 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
                      "KV heads) with int32: use a smaller batch or max_len (at most 2**31 - 1 rows)")
 
   def choose():
-    return head_slots(ccfg, st, head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS), pos_B, W)
+    choice = head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS, score_slot)
+    return head_slots(ccfg, st, choice, pos_B, W)
 
   if ccfg.keeps_head_choice:
     slots = jax.lax.cond(choose_now, choose, lambda: kept_slots(st, layer))

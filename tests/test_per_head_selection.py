@@ -461,19 +461,24 @@ def test_simhash_counts_the_differing_signs_and_its_angle_estimate_tightens_with
 @pytest.mark.parametrize("sketch_bits", [0, 64])
 def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
   """score_estimate="lowrank": after the prompt and each decode step, the low-rank keys are the cache's
-  keys in the basis fitted on the prompt's keys alone."""
+  keys in the basis fitted on the prompt's keys alone, kept for the sparse layers only (the default
+  dense_layers=(0,) reads layer 0 whole: it has none)."""
+  from chunkllm_jax import chunk_generation as cg
   from chunkllm_jax import head_selection as hs
   params = chunk_params()
   tokens = jnp.asarray(prompts([60, 60], seed=4), jnp.int32)
   lengths = jnp.asarray([60, 41], jnp.int32)
   ccfg = ChunkConfig(selection="kv_head", score_rank=4, score_estimate="lowrank", score_sketch=sketch_bits,
                      kv_budget=0.5, max_chunk_len=8, n_local=1, boundaries="fixed").validate(128, params.config.n_layers)
+  scored = cg._layer_plan(params, ccfg).scored
+  assert scored == (1, 2)
   _, cache, st = chunk_prefill(params, tokens, lengths, 128, ccfg)
-  basis, _, _ = hs.low_rank_keys(cache.k, lengths, 4, sketch_bits)
+  basis, _, _ = hs.low_rank_keys(cache.k, lengths, 4, sketch_bits, layers=scored)
+  assert st.key_basis.shape[0] == st.key_low.shape[0] == st.key_sketch.shape[0] == 2
   np.testing.assert_allclose(np.asarray(st.key_basis), np.asarray(basis), atol=1e-6)
   for _ in range(5):
     _, cache, st = chunk_decode_step(params, tokens[:, 0], cache, st, ccfg)
-  k = np.asarray(cache.k)
+  k = np.asarray(cache.k)[list(scored)]
   coords = np.einsum("lbskd,lbkdr->lbkrs", k, np.asarray(basis))
   inside = np.einsum("lbkrs,lbkdr->lbskd", coords, np.asarray(basis))
   missed = np.linalg.norm(k - inside, axis=-1).transpose(0, 1, 3, 2)  # L B K S: what the basis misses
@@ -541,3 +546,7 @@ def test_the_low_rank_keys_are_built_a_block_at_a_time(S, length):
     np.testing.assert_allclose(low[layer], jnp.swapaxes(sel.lowrank_coords(keys, basis[layer]), -1, -2),
                                rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(sketch[layer], jnp.swapaxes(sel.residual_sketch(keys, basis[layer], 128), -1, -2))
+  # for some layers alone (the sparse ones), stacked in the order given
+  some = jax.jit(hs.low_rank_keys, static_argnums=(2, 3, 4))(k, lengths, 16, 128, (2, 0))
+  for got, every in zip(some, (basis, low, sketch)):
+    np.testing.assert_allclose(got, every[np.array([2, 0])], rtol=1e-6, atol=1e-6)
