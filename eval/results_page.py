@@ -231,6 +231,19 @@ MEASUREMENTS = (
                      "today's defaults (no flag changes them); vanilla and the baselines run in the same folder. "
                      "The QK Adapters' first training alone (`chunkllm`) is read from an earlier run of the same "
                      "needles (eval_hybrid_8k/)."),
+    Measurement("niah_gemma3_16k", "NIAH, gemma3-270m: 10 passkeys at 16K tokens (today's defaults)",
+                "eval_niah_gemma3_16k", "eval",
+                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 16384 "
+                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler brown --methods vanilla hybrid "
+                 "streamingllm --retention 0.5 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_niah_gemma3_16k",),
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
+                note="The longest context measured here: 10 single-key needles (depths 0.1-0.9 x 2 seeds) in the "
+                     "evaluation's share of Brown, each at its depth in tokens, at twice the length of every other "
+                     "section (Gemma 3 was trained to 32K). Only its 3 full-attention layers of 18 read a budget; "
+                     "the others read their 512-token window, as vanilla's do. ChunkLLM with today's defaults; "
+                     "vanilla and StreamingLLM in the same folder. The first seed's 25 runs were made with "
+                     "`--niah_samples 1`, and the run resumed them."),
     Measurement("niah_gemma3", "NIAH, gemma3-270m: 10 passkeys at 8K tokens", "eval_recent_share_bt_gemma3_8k", "eval",
                 (f"python -m eval.run --model gemma3-270m {NIAH_8K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_gemma3_8k",),
@@ -728,6 +741,7 @@ DEFAULT_CHECKS = (
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
     ("NIAH, smollm2-135m, 10 needles at 8K", "niah_smollm2_8k_defaults", None, None, None, None),
+    ("NIAH, gemma3-270m, 10 needles at 16K", "niah_gemma3_16k", None, None, None, None),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_per_head_simhash_fast_score.jsonl",
