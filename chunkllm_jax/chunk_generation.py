@@ -513,9 +513,9 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     head_slots = ()  # with head_refresh > 1, each layer's slots go into the state for the steps after
     if ccfg.selection == "kv_head":
       def per_head():
-        o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, pos_B, open_chunk(), W=W,
-                                           blocks=attn.decode_blocks(W, HEAD_BLOCKS), choose_now=choose_now,
-                                           key_chunk_BS=key_chunk_BS, score_slot=score_slot_L[idx])
+        o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, score_slot_L[idx], pos_B, open_chunk(),
+                                           W=W, blocks=attn.decode_blocks(W, HEAD_BLOCKS), choose_now=choose_now,
+                                           key_chunk_BS=key_chunk_BS)
         return o, read_BK, slots if ccfg.keeps_head_choice else ()
 
       def dense_layer():
@@ -685,15 +685,15 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   ccfg = with_fields(check_chunk_config(chunk_config), chunk_fields)
   eos_ids, pad_id = decoding.end_rules(cfg, eos_ids, pad_id)
   prompts, lens = decoding.prepare_prompts(tokens, cfg.vocab_size, pad_id, lengths)
-  max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len,
-                                     itemsize=params.backbone["embed"].dtype.itemsize)
+  itemsize = params.backbone["embed"].dtype.itemsize
+  max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len, itemsize=itemsize)
   ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers, vocab_size=cfg.vocab_size))
   if ccfg.score_queries > max_len:  # the adapters' stored window, filled in by `resolved`
     raise ValueError(f"the adapters' score_queries ({ccfg.score_queries}) exceeds the buffer (max_len={max_len}): "
                      "give score_queries=... (at most max_len)")
-  checks.check_kv_memory(cfg, len(lens), decoding.buffer_len(max_len), params.backbone["embed"].dtype.itemsize,
-                         state_bytes=_low_rank_state_bytes(params, ccfg, len(lens), decoding.buffer_len(max_len),
-                                                           params.backbone["embed"].dtype.itemsize))
+  slots = decoding.buffer_len(max_len)
+  checks.check_kv_memory(cfg, len(lens), slots, itemsize,
+                         state_bytes=_low_rank_state_bytes(params, ccfg, len(lens), slots, itemsize))
   if ccfg.attention == "pallas" and ccfg.shares_selection and cfg.attn_softcap is not None:
     raise ValueError("the shared rule's kernels (attention='pallas', selection='shared') do not support attention "
                      "logit soft-capping; use attention='xla'")

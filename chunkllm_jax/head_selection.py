@@ -42,12 +42,12 @@ from pallas_kernels.chunk_decode_attention import combine_splits
 from pallas_kernels.head_decode_attention import head_decode_partials, runs_kernel
 
 
-def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS=None,
-                score_slot=None):
+def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, score_slot, pos_B,
+                key_chunk_BS=None):
   """The candidates each KV head of `layer` keeps at `pos_B`: [B, K, C] bool (steps 1 and 2). `key_chunk_BS`:
   `boundaries.chunk_ids_from_ends` of the state's table, made once a step for every layer (estimated
   scores: a segment sum per chunk, `selection.mass_by_segments`). `score_slot`: the layer's index in the
-  low-rank state, which is kept for the sparse layers alone (None: `layer`)."""
+  low-rank state, which is kept for the sparse layers alone (`chunk_generation._LayerPlan.score_slot`)."""
   K = k_LBSKD.shape[3]
   n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
@@ -57,9 +57,8 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
     mass = chunk_mass(q, k_LBSKD, hi, st.chunk_end, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                       softcap=cfg.attn_softcap, layer=layer)
   elif ccfg.score_estimate == "lowrank":
-    slot = layer if score_slot is None else score_slot
-    mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[slot], hi, st.chunk_end, n_sink=ccfg.n_sink,
-                              scale=cfg.attn_scale, layer=slot,
+    mass = lowrank_chunk_mass(q, st.key_low, st.key_basis[score_slot], hi, st.chunk_end, n_sink=ccfg.n_sink,
+                              scale=cfg.attn_scale, layer=score_slot,
                               k_sketch_BKwT=st.key_sketch if ccfg.sketch_bits else None,
                               sketch_estimate=ccfg.sketch_estimate, key_chunk_BT=key_chunk_BS)
   else:
@@ -142,8 +141,8 @@ def kept_slots(st: ChunkState, layer):
                for x in (st.head_pos, st.head_ok, st.head_used))
 
 
-def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, pos_B, open_kv,
-                   *, W: int, blocks: tuple[int, ...], choose_now=True, key_chunk_BS=None, score_slot=None):
+def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LBSKD, layer, score_slot, pos_B,
+                   open_kv, *, W: int, blocks: tuple[int, ...], choose_now=True, key_chunk_BS=None):
   """selection="kv_head" attention of one sparse layer: (output [B, 1, H, D], tokens each head read [B, K],
   the slots it read: positions and validity [B, K, W], slots used [B, K]).
 
@@ -158,7 +157,7 @@ def head_attention(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, v_LB
                      "KV heads) with int32: use a smaller batch or max_len (at most 2**31 - 1 rows)")
 
   def choose():
-    choice = head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, pos_B, key_chunk_BS, score_slot)
+    choice = head_choice(cfg, ccfg, st, q_B1HD, k_LBSKD, layer, score_slot, pos_B, key_chunk_BS)
     return head_slots(ccfg, st, choice, pos_B, W)
 
   if ccfg.keeps_head_choice:

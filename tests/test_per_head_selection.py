@@ -107,13 +107,14 @@ def test_the_gathered_read_is_the_masked_read(row_lengths):
     q = jnp.asarray(rng.normal(size=(2, 1, cfg.n_heads, cfg.head_dim)), jnp.float32)
     pos = cache.length - 1
     W = st.work_pos.shape[-1]
-    picked = hs.head_choice(cfg, ccfg, st, q, cache.k, 1, pos)
+    slot = cg._layer_plan(params, ccfg).score_slot[1]  # layer 1's low-rank state
+    picked = hs.head_choice(cfg, ccfg, st, q, cache.k, 1, slot, pos)
     slot_pos, slot_ok, _ = hs.head_slots(ccfg, st, picked, pos, W)
     k_open, open_at = attn.row_window(cache.k, 1, st.open_start, 8)
     v_open, _ = attn.row_window(cache.v, 1, st.open_start, 8)
     open_ok = (open_at >= st.open_start[:, None]) & (open_at <= pos[:, None])
-    got, n_read, _ = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos, (k_open, v_open, open_ok), W=W,
-                                       blocks=(32, 8))
+    got, n_read, _ = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, slot, pos, (k_open, v_open, open_ok),
+                                       W=W, blocks=(32, 8))
     mask = np.zeros((2, cfg.n_kv_heads, 256), bool)
     for b in range(2):
       for h in range(cfg.n_kv_heads):
@@ -207,8 +208,9 @@ def test_between_choices_the_heads_read_their_last_choice():
   rng = np.random.default_rng(1)
   q, q_old = (jnp.asarray(rng.normal(size=(2, 1, cfg.n_heads, cfg.head_dim)), jnp.float32) for _ in range(2))
   pos = cache.length - 1
-  fresh = hs.head_slots(ccfg, st, hs.head_choice(cfg, ccfg, st, q, cache.k, 1, pos), pos, W)
-  old = hs.head_slots(ccfg, st, hs.head_choice(cfg, ccfg, st, q_old, cache.k, 1, pos), pos, W)
+  slot = cg._layer_plan(params, ccfg).score_slot[1]  # layer 1's low-rank state
+  fresh = hs.head_slots(ccfg, st, hs.head_choice(cfg, ccfg, st, q, cache.k, 1, slot, pos), pos, W)
+  old = hs.head_slots(ccfg, st, hs.head_choice(cfg, ccfg, st, q_old, cache.k, 1, slot, pos), pos, W)
   assert (np.asarray(fresh[0]) != np.asarray(old[0])).any()  # the two queries choose differently
   st = st.replace(head_pos=st.head_pos.at[1].set(old[0]), head_ok=st.head_ok.at[1].set(old[1]),
                   head_used=st.head_used.at[1].set(old[2]))
@@ -217,7 +219,7 @@ def test_between_choices_the_heads_read_their_last_choice():
   open_ok = (open_at >= st.open_start[:, None]) & (open_at <= pos[:, None])
   outs = {}
   for choose_now in (True, False):
-    outs[choose_now] = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, pos, (k_open, v_open, open_ok), W=W,
+    outs[choose_now] = hs.head_attention(cfg, ccfg, st, q, cache.k, cache.v, 1, slot, pos, (k_open, v_open, open_ok), W=W,
                                          blocks=(32, 8), choose_now=jnp.asarray(choose_now))
   for choose_now, slots in ((True, fresh), (False, old)):
     got, n_read, read = outs[choose_now]
