@@ -213,6 +213,18 @@ def test_a_diverged_run_stops_before_saving_or_exporting_it(tmp_path):
   assert sorted(rows) == list(range(1, stopped + 1)) and all(math.isfinite(rows[s]["loss"]) for s in rows if s < stopped)
 
 
+def test_a_batch_without_distillation_rows_is_named(tmp_path):
+  """Sinks that fill nearly the whole sequence leave no chunk to distil: the run says so at the first such step
+  (it exported untrained QK Adapters without a word)."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  r = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--steps", "2", "--eval_every", "0",
+                        "--n_sink", "60"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  warned = [l for l in r.stderr.splitlines() if "no distillation rows" in l]
+  assert len(warned) == 1 and warned[0].startswith("warning: step 1: ") and "--n_sink" in warned[0], r.stderr[-3000:]
+  assert fx.logged(tmp_path / "work")[1]["n_kl_queries"] == 0
+
+
 # 2. A workdir remembers the settings its checkpoints depend on.
 
 @pytest.fixture(scope="module")
@@ -222,6 +234,7 @@ def trained(tmp_path_factory):
   corpus = fx.write_corpus(tmp / "corpus.txt")
   r = fx.run(fx.command(tmp / "work", corpus, tmp / "data", "--steps", "2", "--eval_every", "0"))
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "no distillation rows" not in r.stderr  # the warning of the test above is for runs that learn nothing
   assert max(fx.finished_checkpoints(tmp / "work")) == 2
   return tmp, corpus
 

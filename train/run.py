@@ -370,6 +370,7 @@ def train(cfg) -> dict[str, float]:
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or pi != 0,
              desc="train", dynamic_ncols=True)
   last = {}
+  warned_no_rows = False
   stop = StopRequest(enabled=ckpt is not None and pc == 1)
   try:
     for i in bar:
@@ -381,6 +382,10 @@ def train(cfg) -> dict[str, float]:
       step = i + 1
       last["tokens_per_s"] = cfg.batch_size * cfg.seq_len / dt
       last["step_s"] = dt
+      if last.get("n_kl_queries") == 0 and not warned_no_rows and pi == 0:  # e.g. every chunk in the sinks
+        warned_no_rows = True
+        print(f"warning: step {step}: its batch has no distillation rows (n_kl_queries 0), so the QK Adapters learn "
+              "nothing from it: check --n_sink, --n_local and --max_chunk_len against --seq_len", file=sys.stderr)
       diverged = not math.isfinite(last["loss"]) or not bool(step_lib.all_finite(state.adapters).addressable_data(0))
       if step % cfg.log_every == 0 or step == cfg.steps or diverged:
         writer.write(step, "train", last)
