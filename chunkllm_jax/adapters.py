@@ -193,7 +193,7 @@ def fit_problems(adapters: Adapters, cfg: ModelConfig, model: str) -> list[str]:
     raise TypeError(f"expected an Adapters (cj.init_adapters(...), cj.load_adapters(...)), "
                     f"got {type(adapters).__name__}")
   try:
-    check_layers(adapters.config, cfg)
+    check_layers(adapters.config.check(), cfg)
   except ValueError as e:
     return [str(e)]
   want = leaf_shapes(expected_shapes(adapters.config, cfg), is_leaf=lambda x: isinstance(x, tuple))

@@ -62,13 +62,17 @@ def check_key(key, where: str) -> None:
 
 
 def check_float_dtype(dtype, where: str) -> np.dtype:
-  """A floating dtype for weights or a cache (float32, bfloat16, float16), as a numpy dtype."""
+  """A floating dtype for weights or a cache (float32, bfloat16, float16), as a numpy dtype; float64 only in
+  jax's 64-bit mode (without it jnp makes float32 of it without a word)."""
   try:
     dt = np.dtype(dtype)
-  except TypeError:
-    raise TypeError(f"{where}: dtype must be a floating dtype such as jnp.float32 or 'bfloat16', got {dtype!r}") from None
-  if not jax.dtypes.issubdtype(dt, np.floating):
-    raise TypeError(f"{where}: dtype must be a floating dtype such as jnp.float32 or 'bfloat16', got {dt}")
+  except TypeError:  # a name numpy does not know
+    dt = None
+  if dt is None or not jax.dtypes.issubdtype(dt, np.floating):
+    raise ValueError(f"{where}: dtype must be a floating type such as float32 or bfloat16, not {dtype!r}")
+  if dt.itemsize == 8 and not jax.config.jax_enable_x64:
+    raise ValueError(f"{where}: dtype {dtype!r} needs jax's 64-bit mode (jax.config.update('jax_enable_x64', "
+                     "True)); or use float32 or bfloat16")
   return dt
 
 

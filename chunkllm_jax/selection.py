@@ -320,8 +320,6 @@ class ChunkConfig(ChunkRules):
     queries = self.score_queries
     if queries is None:
       queries = ATTENTION_QUERIES if self.scorer == "attention" else int(stored_queries)
-      if queries < 1:  # the adapters' stored window (`AdapterConfig.score_queries`), checked where they load
-        raise ValueError(f"the adapters' score_queries is {queries}; it must be >= 1")
     sizes = {}
     if head_dim is not None:
       rank = self.score_rank_for(head_dim)

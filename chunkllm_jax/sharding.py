@@ -36,12 +36,10 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
 
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `data` x `model` mesh; `data` defaults to all devices left after `model`."""
-  if devices is None:
-    devices = jax.devices()
-  flat = [] if isinstance(devices, (str, bytes)) else list(np.asarray(devices, dtype=object).ravel())
-  if isinstance(devices, (str, bytes)) or not all(isinstance(d, jax.Device) for d in flat):
-    raise TypeError(f"devices must be a list of jax devices (jax.devices()), got {devices!r:.60}")
-  devices = flat
+  given = jax.devices() if devices is None else devices
+  devices = list(np.asarray(given, dtype=object).ravel())  # a list, or an array of them
+  if not all(isinstance(d, jax.Device) for d in devices):
+    raise TypeError(f"devices must be a list of jax devices (jax.devices()), got {given!r:.60}")
   if not devices:
     raise ValueError("devices is empty: give at least one device (jax.devices())")
   # Checked here: 0 made an empty mesh that failed inside jax at the first generate, model=0 divided by

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from chunkllm_jax import registry
+from chunkllm_jax import checks, registry
 from chunkllm_jax.config import ConfigError, ModelConfig, from_hf_config
 from chunkllm_jax.params import ModelParams, backbone_spec, check_backbone_shapes
 
@@ -65,12 +64,7 @@ def assemble(cfg: ModelConfig, tensors: dict[Key, SourceTensor], dtype, source: 
 
   Raises a ValueError naming every missing, unexpected or misshapen tensor.
   """
-  np_dtype = jnp.dtype(dtype)
-  if not jnp.issubdtype(np_dtype, jnp.floating):
-    raise ValueError(f"dtype must be a floating type such as float32 or bfloat16, not {dtype!r}")
-  if np_dtype.itemsize == 8 and not jax.config.jax_enable_x64:  # jnp.asarray would make float32 without a word
-    raise ValueError(f"dtype {dtype!r} needs jax's 64-bit mode (jax.config.update('jax_enable_x64', True)); "
-                     "or load float32 or bfloat16")
+  np_dtype = checks.check_float_dtype(dtype, "load")
   spec = backbone_spec(cfg)
   want: dict[Key, tuple[int, ...]] = {}
   for leaf, s in spec.items():

@@ -532,17 +532,27 @@ def test_adapter_configs_out_of_range_are_named(kw, match):
     cj.init_adapters(jax.random.key(0), tiny_config(), cj.AdapterConfig(**kw))
 
 
+def test_adapters_built_by_hand_are_checked_where_they_attach():
+  """`with_adapters` (and so chunk_generate) checks the config of adapters not made by init_adapters or
+  load_adapters: a window of 0 failed with a modulo by zero inside jax."""
+  params = chunk_params()
+  bad = params.adapters.replace(config=dataclasses.replace(params.adapters.config, score_queries=0))
+  with pytest.raises(ValueError, match=r"AdapterConfig.score_queries must be an int >= 1, got 0"):
+    cj.with_adapters(params, bad)
+
+
 @pytest.mark.parametrize("call, kind, match", [
     (lambda c: cj.init_adapters(0, c), TypeError, r"init_adapters takes a PRNG key, e.g. jax.random.key\(0\), got int"),
     (lambda c: cj.init_adapters(jax.random.key(0), c, {"d_c": 8}), TypeError,
      r"adapter_config must be an AdapterConfig, got dict"),
     (lambda c: cj.init_backbone(0, c), TypeError, r"init_backbone takes a PRNG key"),
-    (lambda c: cj.init_backbone(jax.random.key(0), c, dtype=jnp.int32), TypeError,
-     r"init_backbone: dtype must be a floating dtype .* got int32"),  # int weights failed later, in forward
+    (lambda c: cj.init_backbone(jax.random.key(0), c, dtype=jnp.int32), ValueError,
+     r"init_backbone: dtype must be a floating type such as float32 or bfloat16, not <class"),  # int weights failed later, in forward
     (lambda c: cj.init_cache(c, 1, -1, jnp.float32), ValueError, r"init_cache: max_len must be an int >= 1, got -1"),
     (lambda c: cj.init_cache(c, 1, 2.5, jnp.float32), ValueError, r"init_cache: max_len must be an int >= 1, got 2.5"),
     (lambda c: cj.init_cache(c, 0, 16, jnp.float32), ValueError, r"init_cache: batch must be an int >= 1, got 0"),
-    (lambda c: cj.init_cache(c, 1, 16, "bogus"), TypeError, r"init_cache: dtype must be a floating dtype"),
+    (lambda c: cj.init_cache(c, 1, 16, "bogus"), ValueError, r"init_cache: dtype must be a floating type .* 'bogus'"),
+    (lambda c: cj.init_cache(c, 1, 16, "float64"), ValueError, r"init_cache: dtype 'float64' needs jax's 64-bit mode"),
     (lambda c: cj.init_cache(c.__dict__, 1, 16, jnp.float32), TypeError, r"init_cache takes a ModelConfig"),
     (lambda c: cj.make_mesh(devices=[]), ValueError, r"devices is empty: give at least one device"),  # a 0x1 mesh
     (lambda c: cj.make_mesh(devices="cpu"), TypeError, r"devices must be a list of jax devices"),
