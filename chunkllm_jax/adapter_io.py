@@ -72,9 +72,25 @@ class ExportTargetError(ValueError):
 EXPORT_ENTRIES = ("config.json", "params")  # all that an export folder holds
 
 
+# What Orbax's StandardCheckpointer writes in `params/`: its metadata files, its OCDBT manifests and
+# its data files (named by a hash), in one folder per process. A name outside these is not Orbax's.
+_ORBAX_NAME = re.compile(r"_CHECKPOINT_METADATA|_METADATA|_sharding|commit_success\.txt|manifest\.ocdbt|d|"
+                         r"_ROOT_METADATA|descriptor|array_metadatas|ocdbt\.process_\d+|[0-9a-f]{32}|process_\d+")
+
+
+def _not_orbax(params: Path) -> list[Path]:
+  """What in `params` Orbax did not write (a name it never writes, or a link; `params` itself if it is
+  not a folder): a file the user put there is never replaced with an export."""
+  if params.is_symlink() or not params.is_dir():
+    return [params]
+  return [p for p in params.rglob("*") if not _ORBAX_NAME.fullmatch(p.name) or p.is_symlink()]
+
+
 def _is_export(directory: Path) -> bool:
   """Whether `directory` holds an export and nothing else (so replacing it loses nothing else)."""
   if not {p.name for p in directory.iterdir()} <= set(EXPORT_ENTRIES):
+    return False
+  if (directory / "params").exists() and _not_orbax(directory / "params"):
     return False
   try:
     return json.loads((directory / "config.json").read_text()).get("format") == FORMAT
@@ -96,6 +112,8 @@ def check_export_target(directory, *, overwrite: bool = False) -> Path:
     return directory
   if not _is_export(directory):
     held = sorted(p.name for p in directory.iterdir())
+    if set(held) <= set(EXPORT_ENTRIES) and (directory / "params").exists():  # the user's files inside params/
+      held = sorted(str(p.relative_to(directory)) for p in _not_orbax(directory / "params")) or held
     raise ExportTargetError(
         f"cannot export to {directory}: it holds files that are not an adapter export "
         f"({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}), and an export only ever replaces an "

@@ -140,6 +140,29 @@ def test_an_export_fills_a_users_empty_folder_in_place(tmp_path):
                      extra=dict(format="mine"))
 
 
+@pytest.mark.parametrize("put", ["params/notes.txt", "params/d/notes.txt", "params/link"])
+def test_an_export_with_a_users_file_in_its_params_is_not_replaced(tmp_path, put):
+  """A file put inside an earlier export's `params/` is not Orbax's: replacing the export would lose it."""
+  adapters, model_config = _tiny_adapters()
+  export = tmp_path / "export"
+  cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny")
+  assert adapter_io._is_export(export)  # an export as written is replaced (the test above)
+  (tmp_path / "notes.txt").write_text("keep me\n")
+  if put.endswith("link"):
+    (export / put).symlink_to(tmp_path / "notes.txt")
+  else:
+    (export / put).write_text("keep me\n")
+  before = _tree(tmp_path)
+  with pytest.raises(adapter_io.ExportTargetError, match=f"not an adapter export \\({put}\\)"):
+    cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny", overwrite=True)
+  assert _tree(tmp_path) == before
+
+
+def test_the_shipped_exports_hold_only_orbax_files():
+  for name in ("smollm2-135m", "gemma3-270m"):
+    assert adapter_io._is_export(adapter_io.PACKAGED / name), name
+
+
 def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
   adapters, model_config = _tiny_adapters()
   export = tmp_path / "export"
