@@ -239,8 +239,9 @@ def budget_share(retention: float, floor: int, prompt_lens: Sequence[int], n_new
   tokens where a context is short, so the share falls below the target (by bisection over
   `ChunkConfig.budget_tokens`, the rule decode reads by; at least 1e-3 where the floor alone reads
   more than the target)."""
-  # Every row runs the same steps, so the mean over rows of each row's mean is the mean over all steps.
-  seen = np.concatenate([T + 1 + np.arange(max(n_new, 1)) for T in prompt_lens])
+  # Every row runs the same steps, so the mean over rows of each row's mean is the mean over all steps:
+  # n_new - 1 of them (the prefill gives the first token), the one at position p seeing p + 1 tokens.
+  seen = np.concatenate([T + 1 + np.arange(max(n_new - 1, 1)) for T in prompt_lens])
   if floor <= retention * seen.min():
     return float(retention)  # the floor never binds
 

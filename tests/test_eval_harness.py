@@ -248,14 +248,18 @@ def test_a_budget_floor_reaches_the_densely_read_methods_only():
 
 
 @pytest.mark.parametrize("retention, floor, lens, n_new", [
-    (0.5, 256, [256] * 3, 1792), (0.25, 128, [256, 512], 1000), (0.5, 64, [2000], 30), (0.5, 0, [300], 10)])
+    (0.5, 256, [256] * 3, 1792), (0.25, 128, [256, 512], 1000), (0.5, 64, [2000], 30), (0.5, 0, [300], 10),
+    (0.3, 70, [200, 400], 12)])
 def test_budget_share_meets_the_target_under_a_floor(retention, floor, lens, n_new):
   """The fitted share, read under the floor step by step as decode reads it, averages to the target;
   without a floor it is the target; a floor past the target leaves the smallest share."""
   share = M.budget_share(retention, floor, lens, n_new)
-  seen = [T + 1 + np.arange(n_new) for T in lens]  # the decode steps' context lengths, per row; the rule by hand
-  read = np.mean([np.mean(np.minimum(n, np.maximum(np.ceil(share * n), floor)) / n) for n in seen])
-  assert abs(read - retention) < 1e-3 and share <= retention
+  seen = [T + 1 + np.arange(n_new - 1) for T in lens]  # the decode steps' context lengths, per row; the rule by hand
+  budget = lambda share, n: np.ceil(np.float32(share) * n.astype(np.float32))  # in float32, as decode computes it
+  read = lambda share: np.mean([np.mean(np.minimum(n, np.maximum(budget(share, n), floor)) / n) for n in seen])
+  assert abs(read(share) - retention) < 1e-3 and share <= retention
+  if 1e-3 < share < retention:  # the smallest share that reads the target, over the steps decode runs
+    assert read(share) > retention - 1e-6 > read(share - 1e-6)  # (1e-6: the order of a float sum)
   assert (share < retention) == (floor > retention * (min(lens) + 1))
   assert M.budget_share(0.1, 256, [256], 100) == 1e-3
 
