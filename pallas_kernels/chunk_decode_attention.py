@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, implementation
+from pallas_kernels.dispatch import NEG_INF, check_operands, implementation, require
 
 
 def decode_block_list(token_mask_BS, *, block_size: int, max_blocks: int | None = None):
@@ -121,7 +121,11 @@ def check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_m
   chex.assert_shape(token_mask_BS, (B, S))
   chex.assert_shape(block_ids_BN, (B, None))
   chex.assert_shape(n_blocks_B, (B,))
-  assert H % K == 0 and S % block_size == 0, (H, K, S, block_size)
+  check_operands("chunk_decode_attention", floats=[("q", q_BHD), ("k", k_BSKD)],
+                 same_dtype=[("k", k_BSKD), ("v", v_BSKD)], masks=[("token_mask", token_mask_BS)],
+                 ints=[("block_ids", block_ids_BN), ("n_blocks", n_blocks_B)])
+  require(H % K == 0, f"chunk_decode_attention: {H} query heads do not group over {K} KV heads")
+  require(S % block_size == 0, f"chunk_decode_attention: the buffer's {S} tokens are not whole blocks of {block_size}")
   return B, H, D, S, K, block_ids_BN.shape[1]
 
 
@@ -193,6 +197,7 @@ def partials(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, *, 
              block_size: int, n_splits: int = 2, interpret=False, backend: str | None = None):
   """Dispatcher for the partials: the GPU kernel on GPU (or `backend="gpu"`), else
   `decode_partials`."""
+  check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, block_size)
   if implementation(interpret, backend) == "gpu":
     # imported here: the GPU module imports this one
     from pallas_kernels.chunk_decode_attention_gpu import decode_partials_gpu
@@ -208,6 +213,7 @@ def chunk_decode_attention(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, toke
                            backend: str | None = None):
   """Dispatcher: the GPU kernel on GPU (or `backend="gpu"`), the Pallas kernel on TPU or in
   interpret mode, else the jnp reference."""
+  check_decode_inputs(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B, token_mask_BS, block_size)
   if implementation(interpret, backend) == "gpu":
     from pallas_kernels.chunk_decode_attention_gpu import chunk_decode_attention_gpu
     return chunk_decode_attention_gpu(q_BHD, k_BSKD, v_BSKD, block_ids_BN, n_blocks_B,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, implementation
+from pallas_kernels.dispatch import NEG_INF, check_operands, implementation, require
 
 
 def token_visible(q_pos_T1, k_pos_1S, cq_T1, ck_1S, sel_TN, *, n_sink: int, n_local: int):
@@ -188,7 +188,12 @@ def check_prefill_inputs(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_i
   chex.assert_shape([n_kv_BQ], (B, nq))
   chex.assert_shape([chunk_id_BT], (B, T))
   chex.assert_shape([sel_BTN], (B, T, None))
-  assert H % K == 0 and T % block_q == 0 and T % block_k == 0, (H, K, T, block_q, block_k)
+  check_operands("chunk_prefill_attention", floats=[("q", q_BTHD), ("k", k_BTKD)],
+                 same_dtype=[("k", k_BTKD), ("v", v_BTKD)],
+                 ints=[("kv_blocks", kv_blocks_BQN), ("n_kv", n_kv_BQ), ("chunk_id", chunk_id_BT), ("sel", sel_BTN)])
+  require(H % K == 0, f"chunk_prefill_attention: {H} query heads do not group over {K} KV heads")
+  require(T % block_q == 0 and T % block_k == 0,
+          f"chunk_prefill_attention: {T} tokens are not whole blocks of {block_q} queries and {block_k} keys")
   return B, T, H, D, K, nq, N
 
 
@@ -246,6 +251,7 @@ def chunk_prefill_attention(q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chun
   interpret mode, else the jnp reference."""
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, n_sink=n_sink, n_local=n_local)
   args = (q_BTHD, k_BTKD, v_BTKD, kv_blocks_BQN, n_kv_BQ, chunk_id_BT, sel_BTN)
+  check_prefill_inputs(*args, block_q, block_k)  # on every path, so that each refuses what the others do
   if implementation(interpret, backend) == "gpu":
     # imported here: the GPU module imports this one
     from pallas_kernels.chunk_prefill_attention_gpu import chunk_prefill_attention_gpu

@@ -30,6 +30,7 @@ Why the GPU kernels are Triton-lowered `pl.pallas_call`s (read from jax 0.10.2's
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 NEG_INF = -1e30  # as chunkllm_jax.attention: finite, so exp(NEG_INF - NEG_INF) is not NaN
 
@@ -51,3 +52,28 @@ def implementation(interpret=False, backend: str | None = None, *, gpu_version: 
   if interpret or backend == "tpu":
     return "pallas"
   return "xla"
+
+
+def check_operands(kernel: str, *, floats=(), same_dtype=(), masks=(), ints=()) -> None:
+  """What every kernel and its reference read, named at the door (each argument: (name, array) pairs):
+  floating `floats`, `same_dtype` of one dtype (K and V: the kernels load both into one tile type),
+  bool `masks` (an int mask of 2 was visible to a kernel and `&`-ed away by its reference) and integer
+  `ints` (block ids, chunk ids, counts)."""
+  for name, x in floats:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{kernel}: {name} must be a floating array, not {x.dtype}")
+  if len({x.dtype for _, x in same_dtype}) > 1:
+    raise TypeError(f"{kernel}: {' and '.join(n for n, _ in same_dtype)} must share a dtype, not "
+                    f"{' and '.join(str(x.dtype) for _, x in same_dtype)}")
+  for name, x in masks:
+    if x.dtype != jnp.bool_:
+      raise TypeError(f"{kernel}: {name} must be a bool mask, not {x.dtype} (compare it, e.g. `mask != 0`)")
+  for name, x in ints:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{kernel}: {name} must be an integer array, not {x.dtype}")
+
+
+def require(ok: bool, message: str) -> None:
+  """A shape rule of a kernel's inputs, refused with a ValueError (an `assert` is gone under `python -O`)."""
+  if not ok:
+    raise ValueError(message)

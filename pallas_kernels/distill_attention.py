@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import NEG_INF, implementation
+from pallas_kernels.dispatch import NEG_INF, check_operands, implementation, require
 
 
 def renormalise(p_raw_BTC, chunk_id_BT):
@@ -158,15 +158,25 @@ def _bins_kernel(q_ref, k_ref, v_ref, ck_ref, ckc_ref, m_ref, l_ref, o_ref, p_re
     p_ref[...] = bin_sc[...]
 
 
-def distill_attention_raw(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: float, max_chunks: int,
-                          n_sink: int, block_q: int, block_k: int, softcap: float | None = None,
-                          interpret=False):
-  """The two Pallas passes. Returns (o_BTHD, mass_BTC): the chunk mass before renormalising."""
+def check_distill_inputs(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, block_q: int, block_k: int):
+  """What both distillation kernels (TPU and GPU) and the reference read. Returns (B, T, H, D, K)."""
   B, T, H, D = q_BTHD.shape
   K = k_BTKD.shape[2]
   chex.assert_shape([k_BTKD, v_BTKD], (B, T, K, D))
   chex.assert_shape(chunk_id_BT, (B, T))
-  assert H % K == 0 and T % block_q == 0 and T % block_k == 0, (H, K, T, block_q, block_k)
+  check_operands("distill_attention", floats=[("q", q_BTHD), ("k", k_BTKD)], same_dtype=[("k", k_BTKD), ("v", v_BTKD)],
+                 ints=[("chunk_id", chunk_id_BT)])
+  require(H % K == 0, f"distill_attention: {H} query heads do not group over {K} KV heads")
+  require(T % block_q == 0 and T % block_k == 0,
+          f"distill_attention: {T} tokens are not whole blocks of {block_q} queries and {block_k} keys")
+  return B, T, H, D, K
+
+
+def distill_attention_raw(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: float, max_chunks: int,
+                          n_sink: int, block_q: int, block_k: int, softcap: float | None = None,
+                          interpret=False):
+  """The two Pallas passes. Returns (o_BTHD, mass_BTC): the chunk mass before renormalising."""
+  B, T, H, D, K = check_distill_inputs(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, block_q, block_k)
   grid = (B, T // block_q, T // block_k)
   f32 = jnp.float32
 
@@ -228,6 +238,7 @@ def distill_attention(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: float, max_
   """
   kw = dict(scale=scale, max_chunks=max_chunks, n_sink=n_sink, block_q=block_q,
             block_k=block_k, softcap=softcap)
+  check_distill_inputs(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, block_q, block_k)
   if implementation(interpret, backend) == "gpu":
     # imported here: the GPU module imports this one
     from pallas_kernels.distill_attention_gpu import distill_attention_gpu

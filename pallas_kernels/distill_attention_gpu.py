@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -50,8 +49,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.chunk_prefill_attention_gpu import (default_num_warps, pad_axis, sub_tile,
                                                         tiled, triton_size, untiled)
-from pallas_kernels.dispatch import NEG_INF
-from pallas_kernels.distill_attention import renormalise
+from pallas_kernels.dispatch import NEG_INF, require
+from pallas_kernels.distill_attention import check_distill_inputs, renormalise
 
 
 def _causal_tiles(i, tile_q: int, tile_k: int):
@@ -183,13 +182,10 @@ def distill_attention_raw_gpu(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, *, scale: flo
   P columns per pass-2 program (a power of 2 of at least 16); `num_warps` (default by head dim),
   `num_stages`: Triton's launch and pipelining knobs.
   """
-  B, T, H, D = q_BTHD.shape
-  K = k_BTKD.shape[2]
+  B, T, H, D, K = check_distill_inputs(q_BTHD, k_BTKD, v_BTKD, chunk_id_BT, block_q, block_k)
   G = H // K
-  chex.assert_shape([k_BTKD, v_BTKD], (B, T, K, D))
-  chex.assert_shape(chunk_id_BT, (B, T))
-  assert H % K == 0 and T % block_q == 0 and T % block_k == 0, (H, K, T, block_q, block_k)
-  assert chunk_tile == triton_size(chunk_tile), chunk_tile
+  require(chunk_tile >= 16 and chunk_tile == triton_size(chunk_tile),
+          f"distill_attention_gpu: chunk_tile must be a power of 2 of at least 16, not {chunk_tile}")
   tq, tk = sub_tile(block_q, tile_q), sub_tile(block_k, tile_k)
   tqp, tkp, Dp = triton_size(tq), triton_size(tk), triton_size(D)
   nqt, nkt = T // tq, T // tk

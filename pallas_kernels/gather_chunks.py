@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.dispatch import implementation
+from pallas_kernels.dispatch import check_operands, implementation, require
 
 
 def slot_sources(span_start_BN, span_len_BN, *, budget: int):
@@ -96,8 +96,9 @@ def gather_rows_kernel(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = No
   R = src_BR.shape[1]
   chex.assert_shape(v_BSKD, (B, S, K, D))
   chex.assert_shape(src_BR, (B, R))
+  check_operands("gather_rows", same_dtype=[("k", k_BSKD), ("v", v_BSKD)], ints=[("src", src_BR)])
   rows = rows_per_step or math.gcd(R, 128)
-  assert R % rows == 0, (R, rows)
+  require(rows > 0 and R % rows == 0, f"gather_rows: {R} slots are not whole steps of {rows} rows")
   src_BR = src_BR.astype(jnp.int32)
   out_spec = pl.BlockSpec((1, rows, K, D), lambda b, t, src: (b, t, 0, 0))
   return pl.pallas_call(
@@ -118,6 +119,7 @@ def gather_rows_kernel(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = No
 
 def gather_rows(k_BSKD, v_BSKD, src_BR, *, rows_per_step: int | None = None, interpret=False):
   """Dispatcher for any slot layout: slot r of row b gets token src_BR[b, r] (-1: zeros)."""
+  check_operands("gather_rows", same_dtype=[("k", k_BSKD), ("v", v_BSKD)], ints=[("src", src_BR)])
   if implementation(interpret, gpu_version=False) == "pallas":
     return gather_rows_kernel(k_BSKD, v_BSKD, src_BR, rows_per_step=rows_per_step,
                               interpret=interpret)

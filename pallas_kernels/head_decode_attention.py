@@ -23,7 +23,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from pallas_kernels.dispatch import NEG_INF, implementation
+from pallas_kernels.dispatch import NEG_INF, check_operands, implementation, require
 
 
 def check_head_inputs(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK):
@@ -34,7 +34,9 @@ def check_head_inputs(q_BKGD, k_ND, v_ND, rows_BKW, ok_BKW, used_BK):
   chex.assert_shape(used_BK, (B, K))
   chex.assert_equal_shape([k_ND, v_ND])
   chex.assert_rank(k_ND, 2)
-  assert k_ND.shape[1] == D, (k_ND.shape, D)
+  require(k_ND.shape[1] == D, f"head_decode_attention: rows of {k_ND.shape[1]} features for queries of {D}")
+  check_operands("head_decode_attention", floats=[("q", q_BKGD), ("k", k_ND)], same_dtype=[("k", k_ND), ("v", v_ND)],
+                 masks=[("ok", ok_BKW)], ints=[("rows", rows_BKW), ("used", used_BK)])
   return B, K, G, D, W
 
 
