@@ -143,7 +143,8 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, roo
 
   The sinks first, then the selected and the local chunks back to back in position order. With
   `boundary_tokens`, also the last token of each chunk left out, as many of the newest as fit the
-  W slots and `room_B` (the slots after the sinks that the budget leaves, when it sets one)."""
+  W slots and `room_B` (the slots after the sinks that the budget leaves, when it sets one). Where the
+  chunks read exceed the W slots, the newest W - n_sink of their tokens are kept."""
   C = selected_BC.shape[-1]
   c = jnp.arange(C)
   local = (c >= (st.n_chunks - cfg.n_local)[:, None]) & (c < st.n_chunks[:, None])
@@ -159,7 +160,11 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, roo
     left_out = left_out & (jnp.cumsum(left_out, -1) > over[:, None])
     start, read = jnp.where(left_out, end, start), read | left_out
   length = jnp.where(read, end - start + 1, 0)
-  offs_end = jnp.cumsum(length, axis=-1)  # [B, C]
+  # What does not fit the W slots gives way from the oldest end, never the newest: a full chunk table
+  # merges every later chunk into its last one, which can outgrow the slots, and its newest tokens
+  # (the question after a long text) are the ones the next token needs.
+  excess = jnp.maximum(jnp.sum(length, -1) - (W - cfg.n_sink), 0)[:, None]  # [B, 1]
+  offs_end = jnp.cumsum(length, axis=-1) - excess  # [B, C], slots from the first one that fits
   offs_start = offs_end - length
   w = jnp.arange(W - cfg.n_sink)
   B = selected_BC.shape[0]
@@ -168,7 +173,8 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, roo
   # marks its start and a running max carries it along: W + C work, where a binary search of every slot
   # (jnp.searchsorted) took log2(C) gathers of W, 3x as long (0.67 against 1.9 ms for 3 rows of 16K slots
   # over 4K chunks, which the per-head rule pays for every sparse layer at every step).
-  marks = jnp.zeros((B, W - cfg.n_sink), jnp.int32).at[jnp.arange(B)[:, None], offs_start].max(
+  # (A chunk that starts before the first slot marks slot 0: the last such one holds it.)
+  marks = jnp.zeros((B, W - cfg.n_sink), jnp.int32).at[jnp.arange(B)[:, None], jnp.maximum(offs_start, 0)].max(
       jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C)), mode="drop")
   which = jax.lax.cummax(marks, axis=1)
   pos = jnp.take_along_axis(start, which, -1) + w - jnp.take_along_axis(offs_start, which, -1)

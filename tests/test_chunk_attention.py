@@ -104,6 +104,27 @@ def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_ch
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep, boundary_tokens", [("chunk", False), ("chunk", True), ("boundary", False)])
+@pytest.mark.parametrize("W", [40, 64, 131])
+def test_chunks_past_the_working_slots_give_way_oldest_first(keep, boundary_tokens, W):
+  """A full chunk table merges every later chunk into its last one, which can outgrow the W slots: its newest
+  tokens are kept and the oldest read give way (they were cut off at the end, so the question after a long
+  text was never read and chunk_generate answered with garbage)."""
+  ccfg = ChunkConfig(n_sink=4, top_chunks=2, n_local=1, max_chunk_len=12, max_chunks=17, keep=keep,
+                     boundary_tokens=boundary_tokens, prefill="dense").validate(200, 1)
+  n, ends = 4, np.array([9, 20, 30, 180])  # the last chunk holds the merged rest of the text
+  st = init_chunk_state(1, 1, 1, 0, 2, 1, 8, jnp.float32, ccfg.resolve((0,), (0,), (0,), 1, head_dim=8), W)
+  st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(np.r_[4, ends[:-1] + 1]),
+                  chunk_end=st.chunk_end.at[0, :n].set(ends), n_chunks=jnp.asarray([n], jnp.int32))
+  chosen = jnp.zeros((1, ccfg.max_chunks), bool).at[0, 1].set(True)
+  wpos, wvalid, used = working_positions(st, chosen, ccfg, W)
+  got = np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist()
+  chunk_1 = [20] if keep == "boundary" else list(range(10, 21))
+  read = chunk_1 + ([9, 30] if boundary_tokens else []) + list(range(31, 181))  # in position order, sorted below
+  assert got == list(range(4)) + sorted(read)[len(read) - min(len(read), W - 4):]
+  assert int(used[0]) == min(4 + len(read), W) and got[-1] == 180
+
+
 @pytest.mark.parametrize("spare", [0, 3])
 @pytest.mark.parametrize("limited_by", ["slots", "budget"])
 def test_boundary_tokens_past_the_working_slots_give_way_oldest_first(spare, limited_by):
