@@ -123,11 +123,13 @@ def test_evaluate_reproduces_the_runs_last_eval(reference, capsys):
       assert math.isnan(rows[0][k]) and k not in last
     else:
       assert rows[0][k] == pytest.approx(last[k], rel=1e-4, abs=1e-6), k
-  assert "| " + str(tmp / "export") + " | 1 |" in capsys.readouterr().out
+  table = capsys.readouterr().out
+  assert "| " + str(tmp / "export") + " | 1 |" in table and "teacher_far_mass" not in table  # no row has it
   # under the paper's target: with no local chunk left out, all of the teacher's mass is on candidates
   assert evaluate.main(argv + ["--teacher", "token_mean"]) == 0
   rows = json.loads((tmp / "evaluate.json").read_text())
   assert rows[1]["teacher_far_mass"] == pytest.approx(1.0) and rows[0]["teacher_far_mass"] < 0.99
+  assert "teacher_far_mass" in capsys.readouterr().out
 
 
 def _copy_run(reference, name):
