@@ -289,6 +289,17 @@ def test_a_whole_run_on_a_tiny_model(tokenizer, text_file, tmp_path, monkeypatch
   stored = json.loads((export / "config.json").read_text())["adapter_config"]["selection_layers"]
   assert stored == res["chosen"]["layers"]
   assert res["command"].endswith(" ".join(argv))
+  # an export with QK Adapters on some layers: the choice is among those, and stored (it was refused at the end)
+  meta = json.loads((export / "config.json").read_text())
+  meta["adapter_config"]["qk_layers"] = [1]
+  (export / "config.json").write_text(json.dumps(meta))
+  assert pl.main(argv) == 0
+  assert json.loads((out / "pick_layers.json").read_text())["chosen"]["layers"] == [1]
+  assert json.loads((export / "config.json").read_text())["adapter_config"]["selection_layers"] == [1]
+  meta["adapter_config"]["qk_layers"] = [7]  # none of the model's layers: refused before any prompt is scored
+  (export / "config.json").write_text(json.dumps(meta))
+  monkeypatch.setattr(pl, "prompt_ranks", lambda *a: pytest.fail("measured before refusing"))
+  assert pl.main(argv) == 2
 
 
 def test_the_shipped_smollm2_choice_is_the_recorded_run():

@@ -10,7 +10,7 @@ last prompt token (the query of the first decode selection) each layer ranks the
 by `selection.attention_probs`, and we keep the rank of the chunk holding the fact's value. Layers
 are scored by mean reciprocal rank (MRR); the pick takes the best layer and adds up to two while
 the set's vote (sum or max) raises the MRR. --write stores the choice in an adapter export (and
-refuses a folder that is not one). --out is a new or empty folder, or an earlier run's (one that holds
+refuses a folder that is not one), choosing among the layers that have QK Adapters there. --out is a new or empty folder, or an earlier run's (one that holds
 the pick_layers.json this tool wrote); any other is refused, so that no user's file is replaced.
 """
 
@@ -290,6 +290,15 @@ def run(args, argv) -> None:
     adapter_io.check_backbone(target, m.config, args.write)
   params = cj.with_adapters(m.params, cj.load_adapters(args.adapters or args.model, m.config))
   ccfg, layers = ChunkConfig(score_queries=args.score_queries), list(m.config.full_attention_layers)
+  pickable = layers  # with --write, the layers that have a QK Adapter in the export: a choice it can store
+  if target:
+    qk = target["adapter_config"].get("qk_layers") or []
+    pickable = [l for l in layers if l in qk]
+    if not pickable:
+      raise ValueError(f"--write {args.write}: its QK Adapters (qk_layers {qk}) are on none of the model's "
+                       f"full-attention layers {layers}; train adapters for them or store the choice with other adapters")
+    if pickable != layers:
+      print(f"measuring every full-attention layer; choosing among the export's QK Adapter layers {pickable}")
   student = resolved(params, ChunkConfig()) if args.student else None
   rows = []
   for n_tokens in args.tokens:
@@ -308,7 +317,8 @@ def run(args, argv) -> None:
   if not rows:
     raise ValueError("every fact fell in a local chunk: use longer --tokens")
   ranks = np.asarray([r["ranks"] for r in rows])
-  votes, vote = pick([r["probs"] for r in rows], [r["needle_chunk"] for r in rows], layers)
+  cols = [layers.index(l) for l in pickable]
+  votes, vote = pick([np.asarray(r["probs"])[cols] for r in rows], [r["needle_chunk"] for r in rows], pickable)
   chosen = dict(votes[vote], vote=vote)
   per_layer = [dict(layer=l, mrr=mrr(ranks[:, j]), top8=float(np.mean(ranks[:, j] <= TOP)),
                     median=float(np.median(ranks[:, j]))) for j, l in enumerate(layers)]
