@@ -395,7 +395,9 @@ def assemble_output(prompts, lens, new_BN, eos_ids, pad_id, *, prefill_s, decode
     n_new[b] = hits[0] + 1 if len(hits) else N
     out[b, : lens[b]] = prompts[b, : lens[b]]
     out[b, lens[b]: lens[b] + n_new[b]] = new_BN[b, : n_new[b]]
+  # Every step of the loop gives each running row one token: a row's rate while it ran is the loop's steps
+  # a second, whenever it stopped (its own tokens over the whole loop's time made an early row look slow).
   stats = dict(prefill_s=np.full(B, prefill_s),
-               decode_tok_s=(n_new - 1) / max(decode_s, 1e-9) if decode_steps else np.zeros(B))
+               decode_tok_s=np.where(n_new > 1, decode_steps / max(decode_s, 1e-9), 0.0))
   stats.update(extra_stats or {})
   return GenerateOutput(tokens=out, prompt_lengths=lens, lengths=lens + n_new, stats=stats)

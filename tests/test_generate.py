@@ -82,6 +82,20 @@ def test_eos_stops_a_row_and_pads_after_it():
   assert out.new_tokens(1).tolist() == free.new_tokens(1)[:n1].tolist()
 
 
+def test_a_row_that_stops_early_decoded_at_the_loops_pace():
+  """decode_tok_s of a row is its tokens a second while it ran: a row that ended early was reported at its
+  tokens over the whole loop's time (half the rate of a row beside it that ran twice as long)."""
+  params = tiny_params()
+  rows = prompts([5, 8], seed=2)
+  run = lambda eos_ids: cj.generate(params, rows, max_new_tokens=12, eos_ids=eos_ids, temperature=1.0, seed=3)
+  free = [run(()).new_tokens(b).tolist() for b in range(2)]  # sampled: the tiny model's greedy tokens repeat
+  # an end token that row 0 meets after a few tokens and row 1 not before twice as many
+  eos = next(t for j, t in enumerate(free[0]) if 2 <= j == free[0].index(t) and t not in free[1][:2 * j + 2])
+  out = run((eos,))
+  n_new = out.lengths - out.prompt_lengths
+  assert n_new[0] < n_new[1] and out.stats["decode_tok_s"][0] == out.stats["decode_tok_s"][1] > 0
+
+
 def test_stream_yields_the_same_tokens_as_generate():
   params = tiny_params("qwen3")
   rows = prompts([7, 12], seed=3)
