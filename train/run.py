@@ -405,7 +405,7 @@ def train(cfg) -> dict[str, float]:
         ckpt.save(step, state, train_it.get_state(), force=step == cfg.steps or stopping)
       if stopping:
         print(f"\n{stop.requested}: stopped after step {step}, which is checkpointed", file=sys.stderr)
-        raise KeyboardInterrupt
+        raise Stopped(signal.Signals[stop.requested])
   finally:
     stop.close()
     bar.close()
@@ -424,6 +424,15 @@ def train(cfg) -> dict[str, float]:
   return last
 
 
+class Stopped(KeyboardInterrupt):
+  """A stop by a signal: the run exits with 128 + its number, as a shell reports a process the signal ended
+  (130 for Ctrl-C, 143 for SIGTERM)."""
+
+  def __init__(self, signum):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = int(signum)
+
+
 class StopRequest:
   """Ctrl-C or SIGTERM during the training loop: the step under way finishes and is checkpointed before
   the run stops, so no finished step is lost; a second one interrupts at once. Only with checkpoints, a
@@ -440,7 +449,7 @@ class StopRequest:
 
   def _request(self, signum, frame):
     if self.requested:
-      raise KeyboardInterrupt
+      raise Stopped(signum)
     self.requested = signal.Signals(signum).name  # printed by the loop: a handler writing to stderr could cut into a write
 
   def close(self) -> None:
@@ -508,7 +517,7 @@ def report(e: Exception) -> int:
 
 
 def _interrupt(signum, frame):
-  raise KeyboardInterrupt
+  raise Stopped(signum)
 
 
 def main(argv=None) -> int:
@@ -528,9 +537,9 @@ def main(argv=None) -> int:
     train(cfg)
   except user_errors() as e:
     return report(e)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C outside the loop raises a plain one
     print("interrupted: the same command resumes from the last checkpoint", file=sys.stderr)
-    return 130
+    return 128 + getattr(e, "signum", signal.SIGINT)
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
