@@ -23,6 +23,7 @@ The new selection applies from the next token; between boundaries nothing is re-
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import warnings
 
@@ -753,7 +754,11 @@ def with_fields(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:
   known = {f.name for f in dataclasses.fields(ChunkConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise TypeError(f"unknown chunk-config fields {unknown}; known: {sorted(known)}")
+    whole = [k for k in unknown if isinstance(fields[k], ChunkConfig)]  # config=ChunkConfig(...)
+    hint = f"; a whole ChunkConfig goes in chunk_config= (not {whole[0]}=)" if whole else ""
+    close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+    hint += "".join(f"; {k}: did you mean {m[0]}?" for k, m in close.items() if m and k not in whole)
+    raise TypeError(f"unknown chunk-config fields {unknown}{hint}; known: {sorted(known)}")
   out = dataclasses.replace(ccfg, **fields)
   if "top_chunks" in fields and (out.kv_budget is not None or out.kv_budget_tokens is not None):
     budget = f"kv_budget={out.kv_budget}" if out.kv_budget is not None else f"kv_budget_tokens={out.kv_budget_tokens}"

@@ -305,6 +305,8 @@ def test_prompts_of_one_token_and_with_no_boundary_work():
     (dict(boundary_tokens=True, prefill_scorer="adapter"), "set prefill='dense'"),
     (dict(boundary_tokens=1), "boundary_tokens must be a bool"),
     (dict(bogus=1), "unknown chunk-config fields"),
+    (dict(config=ChunkConfig()), r"a whole ChunkConfig goes in chunk_config= \(not config=\)"),
+    (dict(kv_budjet=0.5), "kv_budjet: did you mean kv_budget"),
     (dict(kv_budget=1.5), "kv_budget is a fraction"),
     (dict(kv_budget=0.0), "kv_budget is a fraction"),
     (dict(kv_budget_tokens=0), "kv_budget_tokens=0 must be >= 1"),
