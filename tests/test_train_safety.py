@@ -241,8 +241,9 @@ def test_a_batch_without_distillation_rows_is_named(tmp_path):
   (it exported untrained QK Adapters without a word)."""
   corpus = fx.write_corpus(tmp_path / "corpus.txt")
   r = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--steps", "2", "--eval_every", "0",
-                        "--n_sink", "60"))
+                        "--n_sink", "60", "--warmup_steps", "1"))
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "never reaches --lr" not in r.stderr  # warmed up by its last step
   warned = [l for l in r.stderr.splitlines() if "no distillation rows" in l]
   assert len(warned) == 1 and warned[0].startswith("warning: step 1: ") and "--n_sink" in warned[0], r.stderr[-3000:]
   assert fx.logged(tmp_path / "work")[1]["n_kl_queries"] == 0
@@ -258,6 +259,8 @@ def trained(tmp_path_factory):
   r = fx.run(fx.command(tmp / "work", corpus, tmp / "data", "--steps", "2", "--eval_every", "0"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "no distillation rows" not in r.stderr  # the warning of the test above is for runs that learn nothing
+  # the tiny recipe warms up over 2 steps: a 2-step run is told that it never trains at --lr
+  assert "warning: the learning rate warms up from 0 over --warmup_steps 2 steps, so a run of --steps 2 never reaches --lr 0.01" in r.stderr
   assert max(fx.finished_checkpoints(tmp / "work")) == 2
   return tmp, corpus
 

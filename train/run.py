@@ -330,6 +330,10 @@ def train(cfg) -> dict[str, float]:
 
   # State: adapters and optimizer replicated, backbone sharded over `model`.
   schedule = step_lib.make_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.end_lr_ratio)
+  if 0 < cfg.steps <= cfg.warmup_steps and pi == 0:  # a short run of a preset's recipe: warming up throughout
+    print(f"warning: the learning rate warms up from 0 over --warmup_steps {cfg.warmup_steps} steps, so a run of "
+          f"--steps {cfg.steps} never reaches --lr {cfg.lr:g} (its last step: {float(schedule(cfg.steps - 1)):.3g}); "
+          "lower --warmup_steps for a short run", file=sys.stderr, flush=True)
   optimizer = step_lib.make_optimizer(schedule, cfg.weight_decay, cfg.clip_norm)
   rep = replicated(mesh)
   state = step_lib.init_state(cj.init_adapters(seed_key(cfg.seed), bb.config, acfg), optimizer)
