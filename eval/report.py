@@ -256,7 +256,13 @@ def write_all(out: Path, records: Sequence[dict], settings: dict, bad_lines: Seq
   paths = [out / "summary.json", out / "results.md"]
   paths[0].write_text(json.dumps(summary, indent=1) + "\n")
   paths[1].write_text(markdown(summary, settings, bad_lines) + "\n")
-  return paths + niah_plots(records, out) + perplexity_plot(summary, out)
+  paths += niah_plots(records, out) + perplexity_plot(summary, out)
+  # A plot this report has no rows for is an earlier report's (a rerun with fewer methods): left beside
+  # results.md, it would show results the tables no longer hold. Only the names written above are removed.
+  ours = {out / f"niah_{m}.png" for m in METHOD_ORDER} | {out / "perplexity.png"}
+  for stale in sorted(ours - set(paths)):
+    stale.unlink(missing_ok=True)
+  return paths
 
 
 def _jsonable(v) -> bool:

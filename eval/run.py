@@ -590,6 +590,10 @@ def run(args, model=None, params=None) -> Path:
   planned = {tuple(map(str, k)) for k in runner.planned}
   records = [r for r in results.records if result_key(r) in planned]  # this run's plan, not older extras
   paths = report.write_all(out, records, vars(args), results.bad_lines)
+  if len(records) < len(results.records):
+    print(f"the report covers this command's {len(records)} results; {results.path} holds "
+          f"{len(results.records) - len(records)} more (other methods, lengths or budgets), which "
+          f"`python -m eval.report --out {out}` reports with these", file=sys.stderr)
   print(f"[{time.perf_counter() - t0:.0f}s] results: {results.path}", file=sys.stderr)
   for p in paths:
     print(f"  {p}", file=sys.stderr)

@@ -158,6 +158,23 @@ def test_a_new_empty_or_own_folder_is_written_and_resumed(tmp_path, monkeypatch,
   assert folder != "own_with_other_files" or (out / "notes.txt").read_text() == "mine\n"
 
 
+def test_a_narrower_rerun_reports_its_own_results_and_names_the_rest(tmp_path, monkeypatch, capsys):
+  """A rerun into the same folder with fewer methods reports those (the folder's results.jsonl keeps the rest, which
+  eval.report reports); the plots of the methods it left out are removed, not left beside tables without them."""
+  out = tmp_path / "ev"
+  run_stubbed(monkeypatch, out, Stubs())
+  assert (out / "niah_sepllm.png").exists() and (out / "notes.png").write_bytes(b"mine") == 4
+  capsys.readouterr()
+  stubs = Stubs()
+  run_stubbed(monkeypatch, out, stubs, extra=["--methods", "vanilla", "chunkllm"])
+  assert not stubs.computed and len(ResultsFile(out / "results.jsonl").records) == N_RESULTS
+  assert not (out / "niah_sepllm.png").exists() and (out / "niah_chunkllm.png").exists()
+  assert (out / "notes.png").read_bytes() == b"mine"  # not a name the report writes
+  assert "sepllm" not in (out / "results.md").read_text()
+  n_sepllm = sum(r["method"] == "sepllm" for r in ResultsFile(out / "results.jsonl").records)
+  assert f"holds {n_sepllm} more (other methods" in capsys.readouterr().err
+
+
 def test_every_result_folder_in_docs_is_recognised_as_eval_runs():
   """The mark of an eval.run folder (its run_config.json's first settings) is in every folder it ever wrote."""
   from pathlib import Path
