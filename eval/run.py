@@ -190,6 +190,9 @@ def _resolve(args) -> argparse.Namespace:
     args.ppl_bins = min(args.ppl_bins, 4)
   if args.filler is None:
     args.filler = "brown" if Path(args.brown).exists() else "generated"
+    if args.filler == "generated":  # the default text is not beside this checkout: say so, not in silence
+      print(f"note: no Brown text at --brown {args.brown}: the haystacks and perplexity texts are generated "
+            "(--filler generated); give --brown FILE for real text", file=sys.stderr)
   if args.filler == "brown" and not Path(args.brown).is_file():
     raise UsageError(f"--filler brown needs the text file --brown {args.brown}")
   if args.filler == "repeated" and "ppl" in args.suites:

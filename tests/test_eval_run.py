@@ -380,3 +380,14 @@ def test_a_repeated_filler_has_no_perplexity_to_measure(tmp_path):
   args = eval_run._parser().parse_args(["--model", "m", "--filler", "repeated", "--suites", "niah",
                                         "--out", str(tmp_path / "r")])
   assert eval_run._resolve(args).filler == "repeated"
+
+
+@pytest.mark.parametrize("brown_exists", [True, False])
+def test_the_default_filler_is_named_when_the_text_is_missing(tmp_path, capsys, brown_exists):
+  """Outside the repository's layout the default Brown text is not there: the generated filler is used, and said."""
+  brown = tmp_path / "brown.txt"
+  if brown_exists:
+    brown.write_text("One sentence.\n")
+  args = eval_run._resolve(eval_run._parser().parse_args(["--brown", str(brown), "--out", str(tmp_path / "o")]))
+  assert args.filler == ("brown" if brown_exists else "generated")
+  assert ("no Brown text at --brown" in capsys.readouterr().err) != brown_exists
