@@ -10,8 +10,9 @@ last prompt token (the query of the first decode selection) each layer ranks the
 by `selection.attention_probs`, and we keep the rank of the chunk holding the fact's value. Layers
 are scored by mean reciprocal rank (MRR); the pick takes the best layer and adds up to two while
 the set's vote (sum or max) raises the MRR. --write stores the choice in an adapter export (and
-refuses a folder that is not one), choosing among the layers that have QK Adapters there. --out is a new or empty folder, or an earlier run's (one that holds
-the pick_layers.json this tool wrote); any other is refused, so that no user's file is replaced.
+refuses a folder that is not one), choosing among the layers that have QK Adapters there. --out is a
+new or empty folder, or an earlier run's (one that holds the pick_layers.json this tool wrote); any
+other is refused, so that no user's file is replaced.
 """
 
 from __future__ import annotations
