@@ -733,17 +733,19 @@ def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B, all_de
   if np.any(overflow_B) and not reads_all:
     rows = np.flatnonzero(overflow_B).tolist()
     warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) {rows}: "
-                  "later chunks were merged into its last one, which is always read (as far as the budget's working "
-                  "slots hold it), so the selection no longer chooses among them and the KV read may pass the "
+                  "later chunks were merged into its last one, which is always read (its newest tokens, as far as the "
+                  "budget's working slots hold it), so the selection no longer chooses among them and the KV read may pass the "
                   "budget; give a larger max_chunks (text of short lines, such as code or lists, closes a chunk every "
                   "few tokens) (stats['chunk_overflow'])", stacklevel=3)
   if ccfg.budgeted and not all_dense:
     target = np.asarray(ccfg.budget_tokens(np.ceil(seen_B).astype(np.int32))) / seen_B
     over = np.flatnonzero(retention_B > target + 0.1)  # NaN rows (no decode step) compare false
     if over.size:
+      row = over[np.argmax(target[over])]
       warnings.warn(
           f"row(s) {over.tolist()} read {np.nanmax(retention_B[over]):.1%} of the KV against a budget of "
-          f"{float(np.max(target[over])):.1%}: the sinks, the {ccfg.n_local} most recent chunks and the open chunk "
+          f"{float(target[row]):.1%} (row {row}'s, in whole tokens of the {float(seen_B[row]):.0f} seen at its middle "
+          f"step): the sinks, the {ccfg.n_local} most recent chunks and the open chunk "
           f"(up to {ccfg.max_chunk_len} tokens each) are always read, and that is more than the budget at this "
           "length; a smaller n_local or max_chunk_len, or a longer context, brings the read to the budget "
           "(stats['kv_retention'])", stacklevel=3)
