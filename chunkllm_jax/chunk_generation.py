@@ -151,6 +151,18 @@ def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, p
   return st.replace(work_pos=pos, work_valid=valid, work_used=used, work_k=wk, work_v=wv)
 
 
+def _write_sink_slots(st: ChunkState, cache: KVCache, pos_B) -> ChunkState:
+  """Rows whose token at `pos_B` is a sink (a prompt shorter than the sinks) get its keys and values in their
+  working buffer's sink slot, which holds position `pos_B` (the sinks come first): the buffer was filled at the
+  last selection, before the token existed, and the next selection may be many steps away. (The shared rule's
+  full-coverage tokens differed from `generate`'s after a prompt of 1 to 3 tokens.)"""
+  rows, slot = jnp.arange(pos_B.shape[0]), jnp.minimum(pos_B, st.work_pos.shape[-1] - 1)
+  sink = (pos_B < st.open_start)[None, :, None, None]
+  put = lambda work, buf: work.at[:, rows, slot].set(
+      jnp.where(sink, buf[:, rows, jnp.minimum(pos_B, buf.shape[2] - 1)].astype(work.dtype), work[:, rows, slot]))
+  return st.replace(work_k=put(st.work_k, cache.k), work_v=put(st.work_v, cache.v))
+
+
 def _use_kernels(ccfg: ChunkConfig) -> bool:
   """`attention="pallas"` asks for the kernels; `dispatch.implementation` says whether any runs here."""
   return ccfg.attention == "pallas" and implementation(ccfg.interpret) != "xla"
@@ -495,14 +507,18 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
       return attn.decode_attention(q, kb, vb, idx, pos_B, layer["window"], scale=cfg.attn_scale,
                                    softcap=cfg.attn_softcap)
 
-    def open_chunk():  # the open chunk's keys and values (a window of M from its start) and which are in it
-      k_open, open_pos = attn.row_window(kb, idx, st.open_start, M)
-      v_open, _ = attn.row_window(vb, idx, st.open_start, M)
-      return k_open, v_open, (open_pos >= st.open_start[:, None]) & (open_pos <= pos_B[:, None])
+    def open_chunk(start_B):  # the open chunk's keys and values (a window of M from its start) and which are in it
+      k_open, open_pos = attn.row_window(kb, idx, start_B, M)
+      v_open, _ = attn.row_window(vb, idx, start_B, M)
+      return k_open, v_open, (open_pos >= start_B[:, None]) & (open_pos <= pos_B[:, None])
 
     def sparse():
-      k_open, v_open, open_ok = open_chunk()
-      work_ok = st.work_valid & (st.work_pos <= pos_B[:, None])
+      # A token before the open chunk (a prompt shorter than the sinks: this token is a sink) is read in place,
+      # as the open chunk is; its slot in the working buffer is written after this step (`_write_sink_slots`).
+      before_open = pos_B < st.open_start
+      k_open, v_open, open_ok = open_chunk(jnp.where(before_open, pos_B, st.open_start))
+      work_ok = st.work_valid & (st.work_pos <= pos_B[:, None]) & ~(
+          before_open[:, None] & (st.work_pos == pos_B[:, None]))
       if _use_kernels(ccfg):
         return chunk_kernels.decode_attention_kernel(
             q, st.work_k[idx], st.work_v[idx], work_ok, st.work_used, k_open, v_open, open_ok,
@@ -514,7 +530,8 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     head_slots = ()  # with head_refresh > 1, each layer's slots go into the state for the steps after
     if ccfg.selection == "kv_head":
       def per_head():
-        o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, score_slot_L[idx], pos_B, open_chunk(),
+        o, read_BK, slots = head_attention(cfg, ccfg, st, q, kb, vb, idx, score_slot_L[idx], pos_B,
+                                           open_chunk(st.open_start),
                                            W=W, blocks=attn.decode_blocks(W, HEAD_BLOCKS), choose_now=choose_now,
                                            key_chunk_BS=key_chunk_BS)
         return o, read_BK, slots if ccfg.keeps_head_choice else ()
@@ -597,6 +614,7 @@ def chunk_decode_step(params: ModelParams, tokens_B, cache: KVCache, st: ChunkSt
     return logits, cache, st
 
   st = _remember_queries(st, q_LBHD[sel], qt_LBd[sel], pos_B)  # the rings the shared vote reads
+  st = jax.lax.cond(jnp.any(pos_B < st.open_start), lambda s: _write_sink_slots(s, cache, pos_B), lambda s: s, st)
 
   def on_boundary(st):
     st = append_chunks(st, closes, pos_B, kt_LBd[sel])

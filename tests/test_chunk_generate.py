@@ -280,6 +280,35 @@ def test_selection_changes_only_at_boundaries(vote, scorer, budget, window):
   assert changes >= 1
 
 
+@pytest.mark.parametrize("selection", ["shared", "kv_head"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_full_coverage_after_prompts_shorter_than_the_sinks_gives_generates_logits(selection, arch):
+  """Step by step, the logits of a full-coverage decode equal the dense decode's, after prompts of 1 and 3 tokens
+  (shorter than the 4 sinks) beside a longer one. Under the shared rule the tokens written into sink positions
+  were read from working-buffer slots filled before they existed, until the next selection: the tokens differed
+  from `generate`'s on the real model, and a row's tokens from its tokens alone. (The tiny models' greedy tokens
+  repeat whatever they read, so their logits are compared, not their tokens.)"""
+  from chunkllm_jax import kv_cache
+
+  params = chunk_params(arch)
+  ccfg = ChunkConfig(selection=selection, prefill="dense", **{**FULL, "max_chunks": 64, "top_chunks": 64}).validate(
+      64, params.config.n_layers)
+  rows = prompts([1, 3, 13], seed=4)
+  toks = np.zeros((3, 13), np.int32)
+  for b, r in enumerate(rows):
+    toks[b, :len(r)] = r
+  lens = jnp.asarray([len(r) for r in rows])
+  want, dense = kv_cache.prefill(params, jnp.asarray(toks), lens, kv_cache.init_cache(params.config, 3, 64, jnp.float32))
+  got, cache, st = chunk_prefill(params, jnp.asarray(toks), lens, 64, ccfg)
+  step, dense_step = jax.jit(chunk_decode_step, static_argnums=(4,)), jax.jit(kv_cache.decode_step)
+  feed = np.random.RandomState(7).randint(1, 96, (12, 3)).astype(np.int32)
+  for i in range(12):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"step {i}")
+    got, cache, st = step(params, jnp.asarray(feed[i]), cache, st, ccfg)
+    want, dense = dense_step(params, jnp.asarray(feed[i]), dense)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_prompts_of_one_token_and_with_no_boundary_work():
   params = chunk_params()
   one = chunk_generate(params, [[5]], max_new_tokens=5, eos_ids=(), max_len=64)
