@@ -282,7 +282,8 @@ def test_selection_changes_only_at_boundaries(vote, scorer, budget, window):
 
 @pytest.mark.parametrize("selection", ["shared", "kv_head"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_full_coverage_after_prompts_shorter_than_the_sinks_gives_generates_logits(selection, arch):
+@pytest.mark.parametrize("cover", [dict(), dict(kv_budget=1.0, prefill="sparse")], ids=["all_chunks", "full_budget"])
+def test_full_coverage_after_prompts_shorter_than_the_sinks_gives_generates_logits(selection, arch, cover):
   """Step by step, the logits of a full-coverage decode equal the dense decode's, after prompts of 1 and 3 tokens
   (shorter than the 4 sinks) beside a longer one. Under the shared rule the tokens written into sink positions
   were read from working-buffer slots filled before they existed, until the next selection: the tokens differed
@@ -291,8 +292,8 @@ def test_full_coverage_after_prompts_shorter_than_the_sinks_gives_generates_logi
   from chunkllm_jax import kv_cache
 
   params = chunk_params(arch)
-  ccfg = ChunkConfig(selection=selection, prefill="dense", **{**FULL, "max_chunks": 64, "top_chunks": 64}).validate(
-      64, params.config.n_layers)
+  every = {**FULL, "max_chunks": 64, "top_chunks": 0 if cover else 64, "prefill": "dense", **cover}
+  ccfg = ChunkConfig(selection=selection, **every).validate(64, params.config.n_layers)
   rows = prompts([1, 3, 13], seed=4)
   toks = np.zeros((3, 13), np.int32)
   for b, r in enumerate(rows):
@@ -301,8 +302,8 @@ def test_full_coverage_after_prompts_shorter_than_the_sinks_gives_generates_logi
   want, dense = kv_cache.prefill(params, jnp.asarray(toks), lens, kv_cache.init_cache(params.config, 3, 64, jnp.float32))
   got, cache, st = chunk_prefill(params, jnp.asarray(toks), lens, 64, ccfg)
   step, dense_step = jax.jit(chunk_decode_step, static_argnums=(4,)), jax.jit(kv_cache.decode_step)
-  feed = np.random.RandomState(7).randint(1, 96, (12, 3)).astype(np.int32)
-  for i in range(12):
+  feed = np.random.RandomState(7).randint(1, 96, (20, 3)).astype(np.int32)  # past two chunk closes of each row
+  for i in range(20):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"step {i}")
     got, cache, st = step(params, jnp.asarray(feed[i]), cache, st, ccfg)
     want, dense = dense_step(params, jnp.asarray(feed[i]), dense)
