@@ -159,7 +159,7 @@ def _write_sink_slots(st: ChunkState, cache: KVCache, pos_B) -> ChunkState:
   rows, slot = jnp.arange(pos_B.shape[0]), jnp.minimum(pos_B, st.work_pos.shape[-1] - 1)
   sink = (pos_B < st.open_start)[None, :, None, None]
   put = lambda work, buf: work.at[:, rows, slot].set(
-      jnp.where(sink, buf[:, rows, jnp.minimum(pos_B, buf.shape[2] - 1)].astype(work.dtype), work[:, rows, slot]))
+      jnp.where(sink, buf[:, rows, pos_B].astype(work.dtype), work[:, rows, slot]))  # pos_B: written this step
   return st.replace(work_k=put(st.work_k, cache.k), work_v=put(st.work_v, cache.v))
 
 
@@ -751,9 +751,9 @@ def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B, all_de
   if np.any(overflow_B) and not reads_all:
     rows = np.flatnonzero(overflow_B).tolist()
     warnings.warn(f"the chunk table (max_chunks={ccfg.max_chunks}) filled in row(s) {rows}: "
-                  "later chunks were merged into its last one, which is always read (its newest tokens, as far as the "
-                  "budget's working slots hold it), so the selection no longer chooses among them and the KV read may pass the "
-                  "budget; give a larger max_chunks (text of short lines, such as code or lists, closes a chunk every "
+                  "later chunks were merged into its last one, which is always read (its newest tokens, as far as "
+                  "the budget's working slots hold it), so the selection no longer chooses among them and the KV read "
+                  "may pass the budget; give a larger max_chunks (text of short lines, such as code or lists, closes a chunk every "
                   "few tokens) (stats['chunk_overflow'])", stacklevel=3)
   if ccfg.budgeted and not all_dense:
     target = np.asarray(ccfg.budget_tokens(np.ceil(seen_B).astype(np.int32))) / seen_B

@@ -299,7 +299,8 @@ def test_full_coverage_after_prompts_shorter_than_the_sinks_gives_generates_logi
   for b, r in enumerate(rows):
     toks[b, :len(r)] = r
   lens = jnp.asarray([len(r) for r in rows])
-  want, dense = kv_cache.prefill(params, jnp.asarray(toks), lens, kv_cache.init_cache(params.config, 3, 64, jnp.float32))
+  empty = kv_cache.init_cache(params.config, 3, 64, jnp.float32)
+  want, dense = kv_cache.prefill(params, jnp.asarray(toks), lens, empty)
   got, cache, st = chunk_prefill(params, jnp.asarray(toks), lens, 64, ccfg)
   step, dense_step = jax.jit(chunk_decode_step, static_argnums=(4,)), jax.jit(kv_cache.decode_step)
   feed = np.random.RandomState(7).randint(1, 96, (20, 3)).astype(np.int32)  # past two chunk closes of each row

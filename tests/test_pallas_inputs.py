@@ -63,7 +63,8 @@ def gather(bad, path):
 RUN_HEAD, RUN_GATHER = ("xla", "gpu"), ("xla", "pallas")  # head: a GPU kernel alone; gather: none
 CASES = [  # kernel, its paths, the bad operands, what the error names
     (decode, PATHS, dict(mask=jnp.full((B, S), 2, jnp.int32)), "token_mask must be a bool mask, not int32"),
-    (decode, PATHS, dict(v=jnp.ones((B, S, K, D), jnp.bfloat16)), "k and v must share a dtype, not float32 and bfloat16"),
+    (decode, PATHS, dict(v=jnp.ones((B, S, K, D), jnp.bfloat16)),
+     "k and v must share a dtype, not float32 and bfloat16"),
     (decode, PATHS, dict(ids=jnp.zeros((B, S // BS), jnp.float32)), "block_ids must be an integer array, not float32"),
     (decode, PATHS, dict(q=jnp.ones((B, K * G, D), jnp.int32)), "q must be a floating array, not int32"),
     (decode, PATHS, dict(q=jnp.ones((B, 3, D))), "3 query heads do not group over 2 KV heads"),

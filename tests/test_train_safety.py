@@ -260,7 +260,8 @@ def trained(tmp_path_factory):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "no distillation rows" not in r.stderr  # the warning of the test above is for runs that learn nothing
   # the tiny recipe warms up over 2 steps: a 2-step run is told that it never trains at --lr
-  assert "warning: the learning rate warms up from 0 over --warmup_steps 2 steps, so a run of --steps 2 never reaches --lr 0.01" in r.stderr
+  assert ("warning: the learning rate warms up from 0 over --warmup_steps 2 steps, so a run of --steps 2 never reaches "
+          "--lr 0.01") in r.stderr
   assert max(fx.finished_checkpoints(tmp / "work")) == 2
   return tmp, corpus
 

@@ -297,7 +297,8 @@ def run(args, argv) -> None:
     pickable = [l for l in layers if l in qk]
     if not pickable:
       raise ValueError(f"--write {args.write}: its QK Adapters (qk_layers {qk}) are on none of the model's "
-                       f"full-attention layers {layers}; train adapters for them or store the choice with other adapters")
+                       f"full-attention layers {layers}; train adapters for them or store the choice with other "
+                       "adapters")
     if pickable != layers:
       print(f"measuring every full-attention layer; choosing among the export's QK Adapter layers {pickable}")
   student = resolved(params, ChunkConfig()) if args.student else None
