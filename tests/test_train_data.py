@@ -109,6 +109,26 @@ def test_bad_text_gives_an_error_naming_the_file(tmp_path, content, message):
   assert f in str(e.value)
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"", "the file is empty"),
+    (b"\n \n\n", "the file is empty"),
+    (b"caf\xe9 au lait. Bad bytes.", "not UTF-8 text \\(invalid continuation byte at byte 3\\)"),
+    (b"a" * ((1 << 22) + 5) + b"\xff", f"not UTF-8 text \\(invalid start byte at byte {(1 << 22) + 5}\\)"),
+    (b"text, then half a character \xc3", "not UTF-8 text \\(unexpected end of data at byte 28\\)"),
+    (b"a" * ((1 << 22) - 1) + "é".encode() + b" fine", None),  # a character across two blocks
+])
+def test_the_door_check_refuses_what_reading_refuses(tmp_path, content, message):
+  """`check_text_file` (the run's check before the model loads, in blocks) and `read_documents` agree."""
+  f = _write(tmp_path, "t.txt", content)
+  if message is None:
+    tfds_builder.check_text_file(f)
+    assert tfds_builder.read_documents(f)
+    return
+  for check in (tfds_builder.check_text_file, tfds_builder.read_documents):
+    with pytest.raises(tfds_builder.DataError, match=f"^{f}: {message}"):
+      check(f)
+
+
 def test_no_data_and_missing_file(tmp_path):
   with pytest.raises(tfds_builder.DataError, match="no training data"):
     _splits(tmp_path, [])

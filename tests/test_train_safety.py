@@ -25,9 +25,9 @@ from train import backbone, checkpoint, config, metrics, run
 
 
 def _tree(d: Path) -> dict[str, str]:
-  """Every file under `d` (or `d` itself) with the hash of its bytes."""
+  """Every file under `d` (or `d` itself) with the hash of its bytes; not a run's lock file, which holds its pid."""
   d = Path(d)
-  files = [d] if d.is_file() else sorted(p for p in d.rglob("*") if p.is_file())
+  files = [d] if d.is_file() else sorted(p for p in d.rglob("*") if p.is_file() and p.name != ".train.lock")
   return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -273,7 +273,8 @@ def trained(tmp_path_factory):
     (["--seed", "1", "--dtype", "bfloat16"], "dtype: 'float32' there, 'bfloat16' now; seed: 0 there, 1 now"),
     (["--data", "OTHER"], "data_sha256: "),
 ])
-def test_workdir_refuses_another_runs_settings(trained, capsys, flags, named):
+def test_workdir_refuses_another_runs_settings(trained, capsys, monkeypatch, flags, named):
+  """Refused before the model loads: flags and data are compared first."""
   tmp, corpus = trained
   if flags[0] == "--data":
     other = tmp / "other.txt"
@@ -281,15 +282,23 @@ def test_workdir_refuses_another_runs_settings(trained, capsys, flags, named):
     flags = ["--data", str(other)]
   argv = _argv(tmp, corpus, "--steps", "2", "--eval_every", "0") + flags
   before = _tree(tmp)
-  err = _refused(capsys, argv)
+  with monkeypatch.context() as m:
+    m.setattr(backbone, "load", _no_model)
+    err = _refused(capsys, argv)
   assert err.startswith(f"error: {tmp / 'work'} holds checkpoints of a run with other settings (")
-  assert named in err and err.endswith("): use another --workdir, or restore these flags to resume that run")
+  extend = ("; --steps sets the length of the learning-rate schedule, so a run cannot be extended: train a longer "
+            "run in another --workdir" if flags[0] == "--steps" else "")
+  assert named in err and err.endswith("): use another --workdir, or restore these flags to resume that run" + extend)
   if flags[0] == "--data":
     assert f"['{corpus}']" in err and f"['{flags[1]}']" in err  # the files, beside their hashes
   assert _tree(tmp) == before  # the other run's checkpoints, data and settings all kept
   with pytest.raises(checkpoint.SettingsMismatchError, match="seq_len|lr|steps|seed|data"):
     run.train(_cfg(argv))
   assert _tree(tmp) == before
+
+
+def _no_model(*args, **kwargs):
+  raise AssertionError("the model was loaded before the refusal")
 
 
 def _recorded(workdir: Path) -> dict:
@@ -302,8 +311,8 @@ def test_the_same_data_elsewhere_and_another_backbone(trained, tmp_path):
   moved = tmp_path / "moved.txt"
   moved.write_bytes(Path(corpus).read_bytes())
   old = _recorded(tmp / "work")
-  same = run.run_settings(_cfg(_argv(tmp, str(moved), "--steps", "2")), old["backbone_fingerprint"],
-                         old["backbone_weights"])
+  same = run.run_settings(_cfg(_argv(tmp, str(moved), "--steps", "2")),
+                         backbone_fingerprint=old["backbone_fingerprint"], backbone_weights=old["backbone_weights"])
   assert same["data"] == [str(moved)] and checkpoint.check_settings(tmp / "work", same, describe=run.DESCRIBE) == "same"
   other = dict(same, backbone_fingerprint="0123456789abcdef", model="smollm2-135m")
   with pytest.raises(checkpoint.SettingsMismatchError,
@@ -353,6 +362,68 @@ def test_a_workdir_without_checkpoints_takes_new_settings(tmp_path):
   with pytest.raises(checkpoint.SettingsMismatchError, match="seq_len: 64 there, 32 now"):
     checkpoint.check_settings(tmp_path, {"seq_len": 32})
   assert checkpoint.check_settings(tmp_path, {"seq_len": 64}) == "same"
+
+
+@pytest.mark.parametrize("settings", ["none", "other"])
+def test_a_log_without_checkpoints_is_never_rewritten(tmp_path, capsys, monkeypatch, settings):
+  """A workdir whose metrics.jsonl has rows but no checkpoint beside it (a user's file, or a run of other settings
+  with --checkpoint_every 0) is refused before the model loads: the run would rewrite the log."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "metrics.jsonl").write_text('{"step": 100, "accuracy": 0.1}\n{"step": 200, "accuracy": 0.2}\n')
+  if settings == "other":
+    checkpoint.write_settings(work, {"seq_len": 32})
+  before = _tree(work)
+  monkeypatch.setattr(backbone, "load", _no_model)
+  err = _refused(capsys, _argv(tmp_path, corpus, "--steps", "2"))
+  assert err.startswith(f"error: {work} holds a metrics.jsonl with rows but no checkpoint to resume from")
+  assert err.endswith(f"Give another --workdir, or move {work / 'metrics.jsonl'} aside")
+  assert _tree(work) == before
+
+
+def test_the_same_run_started_again_without_checkpoints_logs_each_step_once(tmp_path):
+  """With --checkpoint_every 0 the same command starts again from step 0 and logs the same steps once; another
+  run's settings are then refused, its log kept."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  cmd = fx.command(tmp_path / "work", corpus, tmp_path / "data", "--steps", "2", "--eval_every", "0",
+                   "--checkpoint_every", "0", "--warmup_steps", "1")
+  first = fx.run(cmd)
+  assert first.returncode == 0, first.stderr[-3000:]
+  untimed = lambda: [{k: v for k, v in row.items() if k not in ("tokens_per_s", "step_s")}
+                     for row in metrics.read_jsonl(tmp_path / "work" / "metrics.jsonl")]
+  log = untimed()
+  assert [row["step"] for row in log] == [1, 2]
+  again = fx.run(cmd)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert untimed() == log  # the same rows, once
+  kept = (tmp_path / "work" / "metrics.jsonl").read_bytes()
+  other = fx.run(cmd + ["--lr", "0.5"])
+  assert other.returncode == 2 and "holds a metrics.jsonl with rows but no checkpoint" in other.stderr
+  assert (tmp_path / "work" / "metrics.jsonl").read_bytes() == kept
+
+
+@pytest.mark.parametrize("content", [b"", b" \n\n", b"caf\xe9"])
+def test_bad_text_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, content):
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(content)
+  monkeypatch.setattr(backbone, "load", _no_model)
+  err = _refused(capsys, _argv(tmp_path, str(bad), "--steps", "2"))
+  assert err.startswith(f"error: {bad}: ") and ("empty" in err or "not UTF-8" in err), err
+  assert not (tmp_path / "data").exists()
+
+
+def test_a_workdir_in_use_is_refused(tmp_path, capsys, monkeypatch):
+  """Two runs never share a workdir: the second is refused, naming the first's pid, before the model loads."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  work = tmp_path / "work"
+  held = run.WorkdirLock(work)
+  monkeypatch.setattr(backbone, "load", _no_model)
+  err = _refused(capsys, _argv(tmp_path, corpus, "--steps", "2"))
+  assert err == (f"error: another train.run (pid {os.getpid()}) is using --workdir {work}: wait for it to end, or "
+                 "give another --workdir")
+  held.release()
+  run.WorkdirLock(work).release()  # free again once the first ends
 
 
 # 3. --max_to_keep below 1.

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from train.metrics import METRICS_FILE
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be resumed from: damaged, or written for another model."""
@@ -42,33 +44,63 @@ def has_checkpoints(directory) -> bool:
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
-def check_settings(workdir, settings: dict[str, Any], *, describe: dict[str, str] | None = None) -> str:
+def check_settings(workdir, settings: dict[str, Any], *, describe: dict[str, str] | None = None,
+                   ignore: tuple[str, ...] = ()) -> str:
   """Refuses (SettingsMismatchError) a run whose `settings` differ from those recorded with the
   checkpoints in `workdir`. Returns "same"; or "new" (no checkpoints: nothing depends on the file, so
   this run's settings may replace it) or "unrecorded" (checkpoints from before the file existed): in
   both, write the file once the run is under way.
 
+  A workdir with no checkpoints but a metrics.jsonl holding rows is refused unless its settings file
+  records these same settings (the same run, started again from step 0, logs the same rows again):
+  another run's log, or a user's file, is never rewritten.
+
   describe: {key: other key} shown beside a differing key (the data hash -> the file names).
+  ignore: keys not compared (those a caller does not know yet, such as the weights before they load).
   """
   workdir = Path(workdir)
   path = workdir / SETTINGS_FILE
   if not has_checkpoints(workdir / "checkpoints"):
+    log = workdir / METRICS_FILE
+    if _has_rows(log):
+      same = path.exists() and not _differences(_recorded(path), settings, describe or {}, ignore)
+      if not same:
+        raise SettingsMismatchError(
+            f"{workdir} holds a {METRICS_FILE} with rows but no checkpoint to resume from: it is another run's log "
+            "(one with other settings, or with --checkpoint_every 0) or a file of yours, and a run here would "
+            f"rewrite it. Give another --workdir, or move {log} aside")
     return "new"
   if not path.exists():
     return "unrecorded"
-  try:
-    old = json.loads(path.read_text())["settings"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)}); it records the "
-                          "settings of the checkpoints beside it: restore it, or use another --workdir") from None
-  describe = describe or {}
-  diff = [_difference(k, old, settings, describe) for k in sorted(old)
-          if k not in describe.values() and old.get(k) != settings.get(k)]
+  diff = _differences(_recorded(path), settings, describe or {}, ignore)
   if diff:
+    extend = ("; --steps sets the length of the learning-rate schedule, so a run cannot be extended: train a "
+              "longer run in another --workdir" if any(d.startswith("steps:") for d in diff) else "")
     raise SettingsMismatchError(
         f"{workdir} holds checkpoints of a run with other settings ({'; '.join(diff)}): use another "
-        "--workdir, or restore these flags to resume that run")
+        f"--workdir, or restore these flags to resume that run{extend}")
   return "same"
+
+
+def _recorded(path: Path) -> dict[str, Any]:
+  try:
+    return json.loads(path.read_text())["settings"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)}); it records the "
+                          "settings of the run beside it: restore it, or use another --workdir") from None
+
+
+def _differences(old: dict, new: dict, describe: dict[str, str], ignore=()) -> list[str]:
+  return [_difference(k, old, new, describe) for k in sorted(old)
+          if k not in describe.values() and k not in ignore and old.get(k) != new.get(k)]
+
+
+def _has_rows(path: Path) -> bool:
+  """Whether a metrics file holds any text (a row, or a row a kill cut short)."""
+  try:
+    return path.is_file() and path.stat().st_size > 0 and bool(path.read_text(errors="replace").strip())
+  except OSError:
+    return True  # unreadable: not ours to rewrite
 
 
 def _difference(key: str, old: dict, new: dict, describe: dict[str, str]) -> str:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
   """Replicated device scalars -> Python floats (works on every process: each holds a copy)."""
@@ -35,7 +37,7 @@ class MetricWriter:
     if not enabled:
       return
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    path = Path(workdir) / "metrics.jsonl"
+    path = Path(workdir) / METRICS_FILE
     if resume_step is not None and path.exists():
       _drop_rows_after(path, resume_step)
     cut = _ends_mid_line(path)

@@ -175,6 +175,8 @@ def check_common_flags(cfg) -> None:
 
 
 def check_data_flags(cfg) -> None:
+  from train import tfds_builder
+
   if not cfg.data and not cfg.tfds_name:
     raise FlagError("no training text: give --data FILE... (text files) or --tfds_name NAME")
   for f in cfg.data:
@@ -183,6 +185,7 @@ def check_data_flags(cfg) -> None:
       raise FlagError(f"--data {f} is a folder: give the text files in it (e.g. --data {p / '*.txt'})")
     if not p.is_file():
       raise FlagError(f"--data {f} does not exist (or is not a file): give UTF-8 text files")
+    tfds_builder.check_text_file(f)  # empty or not text: said now, not after the model loads
 
 
 def _check_writable(flag: str, path: Path) -> None:
@@ -255,7 +258,7 @@ def check_export_path(cfg) -> None:
   adapter_io.check_export_target(Path(cfg.export), overwrite=True)  # as given: a link is refused, as at the end
 
 
-def run_settings(cfg, backbone_fingerprint: str, backbone_weights: str) -> dict:
+def run_settings(cfg, *, backbone_fingerprint: str, backbone_weights: str) -> dict:
   """The settings recorded with the checkpoints (the data and the backbone's weights by content, so
   they may move)."""
   h = hashlib.sha256(json.dumps([cfg.tfds_name, cfg.tfds_text_key]).encode())
@@ -289,10 +292,14 @@ def train(cfg) -> dict[str, float]:
   check_flags(cfg)
   pi, pc = jax.process_index(), jax.process_count()
   workdir = Path(cfg.workdir)
+  lock = WorkdirLock(workdir) if pi == 0 else None  # held until the process ends
+  # The settings known before the model loads (flags, data) are compared first; the backbone's once it has.
+  settings = run_settings(cfg, backbone_fingerprint="", backbone_weights="")
+  checkpoint.check_settings(workdir, settings, describe=DESCRIBE, ignore=("backbone_fingerprint", "backbone_weights"))
   bb = backbone.load(cfg.model, cfg.tokenizer, cfg.dtype, cfg.seed)
   # Before the data is built and before any Checkpointer exists (rotation deletes old checkpoints).
   weights = backbone.weights_fingerprint(bb.params)
-  settings = run_settings(cfg, adapter_io.fingerprint(bb.config), weights)
+  settings = dict(settings, backbone_fingerprint=adapter_io.fingerprint(bb.config), backbone_weights=weights)
   recorded = checkpoint.check_settings(workdir, settings, describe=DESCRIBE)
   if recorded == "unrecorded" and pi == 0:
     print(f"{workdir} has checkpoints but no {checkpoint.SETTINGS_FILE} (they predate it): recording this "
@@ -368,6 +375,9 @@ def train(cfg) -> dict[str, float]:
     assert all(local[k].shape == (local_B, *shapes[k][1:]) for k in shapes), {k: v.shape for k, v in local.items()}
     return {k: jax.make_array_from_process_local_data(shardings[k], local[k], shapes[k]) for k in shapes}
 
+  if start >= cfg.steps and pi == 0:
+    print(f"the run in {workdir} is finished (step {start} of --steps {cfg.steps}): nothing left to train",
+          file=sys.stderr)
   if recorded != "same" and pi == 0:
     checkpoint.write_settings(workdir, settings)  # only now: a refused or failed start records nothing
   writer = metrics_lib.MetricWriter(str(workdir), enabled=pi == 0, resume_step=start)
@@ -425,6 +435,8 @@ def train(cfg) -> dict[str, float]:
                                dtype=cfg.export_dtype, overwrite=True,
                                extra=dict(trained_steps=int(state.step.addressable_data(0))))
       print(f"exported adapters to {cfg.export}", file=sys.stderr)
+  if lock is not None:
+    lock.release()
   return last
 
 
@@ -461,6 +473,36 @@ class StopRequest:
       if handler is not None:  # None: not installed from Python, cannot be put back
         signal.signal(s, handler)
     self._previous = {}
+
+
+class WorkdirLock:
+  """An exclusive lock on `<workdir>/.train.lock` for the life of the process, so that two runs never write
+  one workdir's checkpoints and log at once. The kernel releases it when the process ends, however it ends."""
+
+  def __init__(self, workdir: Path):
+    try:
+      import fcntl
+    except ImportError:  # no POSIX locks on this system: nothing to hold
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._file = open(workdir / ".train.lock", "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "unknown"
+      self._file.close()
+      raise FlagError(f"another train.run (pid {holder}) is using --workdir {workdir}: wait for it to end, or "
+                      "give another --workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+
+  def release(self) -> None:
+    if getattr(self, "_file", None) is not None:
+      self._file.close()  # closing the file releases the lock
+      self._file = None
 
 
 def build_caches(cfg, splits, params, bb, weights, acfg, loss_config) -> dict:
@@ -528,7 +570,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   from train import config
 
-  previous = None
+  previous = cfg = None
   try:
     setup_platform(args)
     alone = not (args.coordinator or args.num_processes or args.tpu)  # as setup_platform decides
@@ -542,7 +584,10 @@ def main(argv=None) -> int:
   except user_errors() as e:
     return report(e)
   except KeyboardInterrupt as e:  # Ctrl-C outside the loop raises a plain one
-    print("interrupted: the same command resumes from the last checkpoint", file=sys.stderr)
+    saves = cfg is None or cfg.checkpoint_every
+    print("interrupted: " + ("the same command resumes from the last checkpoint" if saves else
+                             "no checkpoint is written (--checkpoint_every 0): the same command starts again from "
+                             "step 0"), file=sys.stderr)
     return 128 + getattr(e, "signum", signal.SIGINT)
   finally:
     if previous is not None:

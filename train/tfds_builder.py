@@ -14,8 +14,10 @@ A config's name is a hash of everything that shapes the records (file contents, 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -44,6 +46,25 @@ class PackedTextConfig(tfds.core.BuilderConfig):
   eval_fraction: float = 0.05
   retrieval_mix: float = 0.0  # share of the tokens that are retrieval-mixture documents (train.mixture)
   mix_seed: int = 0
+
+
+def check_text_file(path: str) -> None:
+  """What `read_documents` refuses (no such file, not UTF-8, no text), read in blocks without keeping the text:
+  the check a run makes at the door, before the model loads."""
+  p = Path(path)
+  if not p.is_file():
+    raise DataError(f"{path}: no such file")
+  decoder, offset, has_text = codecs.getincrementaldecoder("utf-8")(), 0, False
+  with open(p, "rb") as f:
+    for block in itertools.chain(iter(lambda: f.read(1 << 22), b""), [None]):  # None: the end, where a cut character fails
+      held = len(decoder.getstate()[0])  # bytes of a character the last block cut, decoded with this one
+      try:
+        has_text = bool(decoder.decode(block or b"", final=block is None).strip()) or has_text
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {offset - held + e.start})") from None
+      offset += len(block or b"")
+  if not has_text:
+    raise DataError(f"{path}: the file is empty (no text)")
 
 
 def read_documents(path: str) -> list[str]:
