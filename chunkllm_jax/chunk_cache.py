@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, local_tokens
+from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, local_count, local_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -122,8 +122,9 @@ def choose_at(st: ChunkState, score_BRC, pos_B, cfg: ChunkConfig):
   chunks and the open chunk always read), one choice per row of `score_BRC`: [B, R, C] bool."""
   R = score_BRC.shape[1]
   rows = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], R))
-  n_cand = jnp.maximum(st.n_chunks - cfg.n_local, 0)
-  local = local_tokens(st.chunk_end, st.n_chunks[:, None], cfg.n_local, cfg.n_sink)[:, 0]
+  n_local = local_count(st.chunk_end, st.n_chunks, pos_B, cfg)
+  n_cand = st.n_chunks - n_local
+  local = local_tokens(st.chunk_end, st.n_chunks[:, None], n_local[:, None], cfg.n_sink)[:, 0]
   fixed = cfg.n_sink + local + jnp.maximum(pos_B + 1 - st.open_start, 0)
   return choose(score_BRC, rows(n_cand), chunk_lengths(st.chunk_start, st.chunk_end, st.n_chunks), rows(fixed),
                 rows(pos_B + 1), cfg)
@@ -138,16 +139,17 @@ def working_room(st: ChunkState, pos_B, cfg: ChunkConfig):
   return cfg.budget_tokens(pos_B + 1) - cfg.n_sink - jnp.maximum(pos_B + 1 - st.open_start, 0)
 
 
-def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, room_B=None):
-  """Packed working slots for a selection: positions [B, W], validity [B, W], and slots used [B].
+def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, pos_B, room_B=None):
+  """Packed working slots for a selection made at `pos_B`: positions [B, W], validity [B, W], and slots used [B].
 
-  The sinks first, then the selected and the local chunks back to back in position order. With
+  The sinks first, then the selected and the local chunks (`local_count` at `pos_B`) back to back in position
+  order. With
   `boundary_tokens`, also the last token of each chunk left out, as many of the newest as fit the
   W slots and `room_B` (the slots after the sinks that the budget leaves, when it sets one). Where the
   chunks read exceed the W slots, the newest W - n_sink of their tokens are kept."""
   C = selected_BC.shape[-1]
   c = jnp.arange(C)
-  local = (c >= (st.n_chunks - cfg.n_local)[:, None]) & (c < st.n_chunks[:, None])
+  local = (c >= (st.n_chunks - local_count(st.chunk_end, st.n_chunks, pos_B, cfg))[:, None]) & (c < st.n_chunks[:, None])
   start, end = st.chunk_start, st.chunk_end
   if cfg.keep == "boundary":  # a selected chunk contributes its boundary token only (SepLLM)
     start = jnp.where(selected_BC & ~local, end, start)

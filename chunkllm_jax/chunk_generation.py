@@ -46,7 +46,7 @@ from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_p
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention, kept_slots, low_rank_keys, new_low_rank_keys
-from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs,
+from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, local_count,
                                    check_chunk_config, mass_by_segments, score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
@@ -139,7 +139,8 @@ def _refresh_working_buffer(st: ChunkState, cache: KVCache, ccfg: ChunkConfig, p
   The other rows keep their slots: packed at their own last selection, where the budget's room was
   what it is no longer (the open chunk has grown since), so that a row reads the same whichever
   rows share its batch."""
-  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], working_room(st, pos_B, ccfg))
+  pos, valid, used = working_positions(st, st.selected, ccfg, st.work_pos.shape[-1], pos_B,
+                                       working_room(st, pos_B, ccfg))
   if rows_B is not None:  # the kept rows' slots are gathered again below: the cache there has not changed
     pos, valid = jnp.where(rows_B[:, None], pos, st.work_pos), jnp.where(rows_B[:, None], valid, st.work_valid)
     used = jnp.where(rows_B, used, st.work_used)
@@ -177,7 +178,7 @@ def _vote_now(params: ModelParams, st: ChunkState, pos_B, k_LBSKD, plan: _LayerP
   """The selection layers' vote at position `pos_B` over each row's candidates, from the rings of
   their last queries: [B, C]."""
   cfg = params.config
-  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)[:, None]
+  n_cand = (st.n_chunks - local_count(st.chunk_end, st.n_chunks, pos_B, ccfg))[:, None]
   if ccfg.scorer == "adapter":
     q_pos = _ring_positions(pos_B, st.recent_qt.shape[2])
     probs = [adapter_window_probs(st.recent_qt[i][:, None], st.chunk_key[i], st.chunk_end, n_cand, q_pos[:, None])[:, 0]
@@ -310,7 +311,7 @@ def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: in
       return chunk_prefill_lib.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                                               softcap=cfg.attn_softcap, n_queries=Qp)
 
-    final = rows((lengths_B - 1)[:, None], jnp.maximum(n - ccfg.n_local, 0)[:, None])[:, 0] if hybrid else \
+    final = rows((lengths_B - 1)[:, None], (n - local_count(ends, n, lengths_B - 1, ccfg))[:, None])[:, 0] if hybrid else \
         jnp.zeros((B, C), jnp.float32)
     return (rows(row_end, n_cand), final, *keys)
 
@@ -441,7 +442,7 @@ def _dense_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: int
   ends, n = boundaries.completed_chunk_ends(closes, C)
   final_vote = None
   if hybrid:  # the attention scorer's vote at the last prompt token, from the buffer's keys
-    n_cand = jnp.broadcast_to(jnp.maximum(n - ccfg.n_local, 0)[:, None], (B, Qp))
+    n_cand = jnp.broadcast_to((n - local_count(ends, n, lengths_B - 1, ccfg))[:, None], (B, Qp))
     probs = [attention_probs(q_SBRHD[i, :, R - Qp:], cache.k, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                              softcap=cfg.attn_softcap, q_pos_BR=recent_pos[:, R - Qp:], layer=layer).max(1)
              for i, layer in enumerate(sel_layers)]

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
-from chunkllm_jax.selection import (ChunkConfig, chunk_mass, gram_basis, key_gram, lowrank_chunk_mass, lowrank_coords,
+from chunkllm_jax.selection import (ChunkConfig, chunk_mass, gram_basis, key_gram, local_count, lowrank_chunk_mass,
+                                    lowrank_coords,
                                    residual_sketch, sparq_chunk_mass)
 from pallas_kernels.chunk_decode_attention import combine_splits
 from pallas_kernels.head_decode_attention import head_decode_partials, runs_kernel
@@ -49,7 +50,7 @@ def head_choice(cfg, ccfg: ChunkConfig, st: ChunkState, q_B1HD, k_LBSKD, layer, 
   scores: a segment sum per chunk, `selection.mass_by_segments`). `score_slot`: the layer's index in the
   low-rank state, which is kept for the sparse layers alone (`chunk_generation._LayerPlan.score_slot`)."""
   K = k_LBSKD.shape[3]
-  n_cand = jnp.maximum(st.n_chunks - ccfg.n_local, 0)
+  n_cand = st.n_chunks - local_count(st.chunk_end, st.n_chunks, pos_B, ccfg)
   last = jnp.take_along_axis(st.chunk_end, jnp.maximum(n_cand - 1, 0)[:, None], 1)[:, 0]
   hi = jnp.where(n_cand > 0, last, -1)[:, None, None, None]
   q = attn.split_heads(q_B1HD, K)  # B K G 1 D
@@ -130,7 +131,7 @@ def new_low_rank_keys(k_LBKND, basis_LBKDr, sketch_bits: int):
 def head_slots(ccfg: ChunkConfig, st: ChunkState, picked_BKC, pos_B, W: int):
   """Each head's read as W working slots (step 3): positions and validity [B, K, W], slots used [B, K]."""
   room = working_room(st, pos_B, ccfg)
-  pos, valid, used = jax.vmap(lambda sel: working_positions(st, sel, ccfg, W, room), in_axes=1, out_axes=1)(
+  pos, valid, used = jax.vmap(lambda sel: working_positions(st, sel, ccfg, W, pos_B, room), in_axes=1, out_axes=1)(
       picked_BKC)
   return pos, valid & (pos <= pos_B[:, None, None]), used
 

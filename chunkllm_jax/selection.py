@@ -62,7 +62,8 @@ class ChunkRules:
   evaluation share, defined once so their defaults cannot drift apart."""
 
   n_sink: int = 4  # first tokens, always visible; they belong to no chunk
-  n_local: int = 4  # most recent completed chunks, always visible (so never selection candidates)
+  n_local: int = 4  # most recent completed chunks, always visible (so never selection candidates; under a budget
+  #                   with a recent share, as many as fit that share: `selection.local_count`)
   max_chunk_len: int = 64  # a chunk this long is closed by force
 
 
@@ -852,12 +853,35 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
   return put(jnp.zeros(score.shape, bool), order, taken)
 
 
-def local_tokens(chunk_end_BC, n_chunks_BR, n_local: int, n_sink: int):
-  """Tokens in the `n_local` most recent completed chunks, per row: [B, R] int32."""
-  def end_of(i):  # position just after chunk i (n_sink for "before chunk 0")
-    e = jnp.take_along_axis(chunk_end_BC, jnp.maximum(i, 0), axis=1)
-    return jnp.where(i >= 0, e + 1, n_sink)
-  return end_of(n_chunks_BR - 1) - end_of(n_chunks_BR - 1 - n_local)
+def local_tokens(chunk_end_BC, n_chunks_BR, n_local, n_sink: int):
+  """Tokens in the `n_local` (an int, or one per row: [B, 1] or [B, R]) most recent completed chunks: [B, R] int32."""
+  return _end_of(chunk_end_BC, n_chunks_BR - 1, n_sink) - _end_of(chunk_end_BC, n_chunks_BR - 1 - n_local, n_sink)
+
+
+def _end_of(chunk_end_BC, i_BR, n_sink: int):
+  """The position just after chunk i (n_sink for "before chunk 0"): [B, R]."""
+  e = jnp.take_along_axis(chunk_end_BC, jnp.maximum(i_BR, 0), axis=1)
+  return jnp.where(i_BR >= 0, e + 1, n_sink)
+
+
+def local_count(chunk_end_BC, n_chunks_B, pos_B, cfg: ChunkConfig):
+  """How many of the most recent completed chunks the token at `pos_B` always reads: [B] int32.
+
+  `n_local` of them (fewer where fewer exist). Under a budget with a recent share, only as many as fit the recent
+  share with the sinks and the open chunk, and at least the newest: the older local chunks become candidates
+  and are read as far as their scores earn them the rest of the budget. Without that cap, text whose chunks
+  run long (tables, lists, code: chunks closed by force at `max_chunk_len`) fills a small budget with its local
+  chunks alone and leaves nothing to choose by score."""
+  n_B = jnp.minimum(cfg.n_local, n_chunks_B)
+  if not (cfg.budgeted and cfg.recent_share > 0.0) or cfg.n_local <= 1:
+    return n_B
+  open_B = jnp.maximum(pos_B + 1 - _end_of(chunk_end_BC, (n_chunks_B - 1)[:, None], cfg.n_sink)[:, 0], 0)
+  room_B = jnp.floor(cfg.recent_share * cfg.budget_tokens(pos_B + 1)).astype(jnp.int32) - cfg.n_sink - open_B
+  m = jnp.arange(1, cfg.n_local + 1)[None, :]  # [1, n_local]: candidate counts, each within the table
+  tokens_BM = local_tokens(chunk_end_BC, jnp.broadcast_to(n_chunks_B[:, None], (n_B.shape[0], cfg.n_local)),
+                           jnp.minimum(m, n_chunks_B[:, None]), cfg.n_sink)
+  fits_B = jnp.sum(tokens_BM <= room_B[:, None], axis=-1)  # the tokens grow with m: the count of those that fit
+  return jnp.minimum(jnp.maximum(fits_B, 1), n_B).astype(jnp.int32)
 
 
 def chunk_lengths(start_BC, end_BC, n_chunks_B):

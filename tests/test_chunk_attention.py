@@ -11,7 +11,7 @@ import pytest
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_attention import packed_decode_attention
-from chunkllm_jax.chunk_cache import append_chunks, compact, init_chunk_state, working_positions, working_size
+from chunkllm_jax.chunk_cache import append_chunks, choose_at, compact, init_chunk_state, working_positions, working_size
 from chunkllm_jax.selection import ChunkConfig
 
 BLOCK = 16
@@ -82,7 +82,7 @@ def test_forced_selection_reads_exactly_sinks_chosen_local_and_open(seed, top_ch
   k = jax.random.normal(jax.random.key(seed), (1, B, S, K, D))
   v = jax.random.normal(jax.random.key(seed + 1), (1, B, S, K, D))
   q = jax.random.normal(jax.random.key(seed + 2), (B, 1, H, D))
-  wpos, wvalid, used = working_positions(st, jnp.asarray(chosen), ccfg, st.work_pos.shape[-1])
+  wpos, wvalid, used = working_positions(st, jnp.asarray(chosen), ccfg, st.work_pos.shape[-1], jnp.asarray(pos))
   wk, wv = compact(k, v, wpos)
   M = ccfg.max_chunk_len
   start = jnp.clip(st.open_start, 0, S - M)
@@ -117,12 +117,38 @@ def test_chunks_past_the_working_slots_give_way_oldest_first(keep, boundary_toke
   st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(np.r_[4, ends[:-1] + 1]),
                   chunk_end=st.chunk_end.at[0, :n].set(ends), n_chunks=jnp.asarray([n], jnp.int32))
   chosen = jnp.zeros((1, ccfg.max_chunks), bool).at[0, 1].set(True)
-  wpos, wvalid, used = working_positions(st, chosen, ccfg, W)
+  wpos, wvalid, used = working_positions(st, chosen, ccfg, W, jnp.asarray([180]))
   got = np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist()
   chunk_1 = [20] if keep == "boundary" else list(range(10, 21))
   read = chunk_1 + ([9, 30] if boundary_tokens else []) + list(range(31, 181))  # in position order, sorted below
   assert got == list(range(4)) + sorted(read)[len(read) - min(len(read), W - 4):]
   assert int(used[0]) == min(4 + len(read), W) and got[-1] == 180
+
+
+@pytest.mark.parametrize("selection", ["kv_head", "shared"])
+@pytest.mark.parametrize("budget", [0.25, 0.3])
+def test_long_local_chunks_leave_room_for_the_chosen_ones(selection, budget):
+  """Text closed by force every 64 tokens (a table, a list, code): four local chunks alone fill a quarter of
+  800 tokens, and nothing was chosen by score, so a needle's chunk was never read (0 of 8 number-table
+  needles that vanilla found). The local chunks now take the recent share of the budget as far as they fit it,
+  and the best-scored chunk is read."""
+  ccfg = ChunkConfig(n_sink=4, n_local=4, max_chunk_len=64, max_chunks=32, kv_budget=budget, selection=selection,
+                     prefill="dense").validate(1024, 1)
+  n, W = 12, 512
+  ends = 3 + 64 * np.arange(1, n + 1)
+  st = init_chunk_state(1, 1, 1, 0, 2, 1, 8, jnp.float32, ccfg.resolve((0,), (0,), (0,), 1, head_dim=8), W)
+  st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(ends - 63), chunk_end=st.chunk_end.at[0, :n].set(ends),
+                  n_chunks=jnp.asarray([n], jnp.int32), open_start=jnp.asarray([ends[-1] + 1], jnp.int32))
+  pos = jnp.asarray([ends[-1] + 20], jnp.int32)  # 20 tokens into the open chunk: 792 seen
+  score = jnp.zeros((1, 1, ccfg.max_chunks)).at[0, 0, 2].set(1.0)  # the needle's chunk, far from the end
+  chosen = choose_at(st, score, pos, ccfg)[:, 0]
+  assert bool(chosen[0, 2])
+  wpos, wvalid, used = working_positions(st, chosen, ccfg, W, pos)
+  read = set(np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist())
+  assert set(range(int(ends[1]) + 1, int(ends[2]) + 1)) <= read  # the chunk read whole
+  assert set(range(int(ends[-2]) + 1, int(ends[-1]) + 1)) <= read  # and the newest chunk, always
+  seen = int(pos[0]) + 1
+  assert len(read) + 20 <= np.ceil(budget * seen) + 64  # within a chunk of the budget, the open chunk counted
 
 
 @pytest.mark.parametrize("spare", [0, 3])
@@ -140,7 +166,7 @@ def test_boundary_tokens_past_the_working_slots_give_way_oldest_first(spare, lim
   whole = [*range(start[0], end[0] + 1), *range(start[n - 1], end[n - 1] + 1)]
   fit = ccfg.n_sink + len(whole) + spare
   W, room = (fit, None) if limited_by == "slots" else (st.work_pos.shape[-1], jnp.asarray([fit - ccfg.n_sink]))
-  wpos, wvalid, used = working_positions(st, jnp.asarray(chosen), ccfg, W, room)
+  wpos, wvalid, used = working_positions(st, jnp.asarray(chosen), ccfg, W, jnp.asarray([149]), room)
   want = sorted([*range(ccfg.n_sink), *whole, *end[1:n - 1][len(end[1:n - 1]) - spare:]])
   assert np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist() == want
   assert int(used[0]) == fit

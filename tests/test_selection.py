@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chunkllm_jax.selection import (FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, attention_probs,
-                                    choose, chunk_lengths, order_by_score, score_read_share, vote_scores)
+                                    choose, chunk_lengths, local_count, order_by_score, score_read_share, vote_scores)
 
 
 def softmax(s):
@@ -307,3 +307,38 @@ def test_scores_closer_than_the_keys_resolution_go_by_position():
 ])
 def test_what_the_per_head_scores_read(head_dim, itemsize, rank, estimate, want):
   assert score_read_share(head_dim, itemsize, rank, estimate) == pytest.approx(want)
+
+
+def _local_count_numpy(ends, n, pos, cfg):
+  """`local_count` one row at a time: the most of the n_local newest chunks (at least one) that fit the recent
+  share of the budget with the sinks and the open chunk."""
+  most = min(cfg.n_local, n)
+  if not (cfg.budgeted and cfg.recent_share > 0) or cfg.n_local <= 1:
+    return most
+  end_of = lambda i: ends[i] + 1 if i >= 0 else cfg.n_sink
+  room = int(np.floor(cfg.recent_share * int(cfg.budget_tokens(pos + 1)))) - cfg.n_sink - max(pos + 1 - end_of(n - 1), 0)
+  fit = max([m for m in range(1, most + 1) if end_of(n - 1) - end_of(n - 1 - m) <= room], default=1)
+  return min(fit, most)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kw", [dict(), dict(kv_budget=0.25), dict(kv_budget=0.5), dict(kv_budget=0.25, recent_share=0.0),
+                                dict(kv_budget_tokens=100), dict(kv_budget=0.25, n_local=1), dict(kv_budget=1.0)])
+def test_local_chunks_fit_the_recent_share(seed, kw):
+  """Under a budget with a recent share, the local chunks always read are as many of the n_local newest as fit
+  that share (at least the newest); without one, n_local of them."""
+  rng = np.random.RandomState(seed)
+  cfg = ChunkConfig(n_sink=4, max_chunks=64, **{"n_local": 4, **kw})
+  B, C = 6, cfg.max_chunks
+  lengths = [rng.randint(1, 65, size=C) for _ in range(B)]  # chunks of 1 to 64 tokens
+  lengths[3][:] = 64  # text closed by force: every chunk as long as a chunk gets
+  ends = np.stack([cfg.n_sink - 1 + np.cumsum(x) for x in lengths]).astype(np.int32)
+  n = np.array([0, 1, 3, 12, 40, C])
+  pos = np.array([ends[b, n[b] - 1] + 1 + rng.randint(0, 40) if n[b] else 30 for b in range(B)])
+  got = np.asarray(local_count(jnp.asarray(ends), jnp.asarray(n, jnp.int32), jnp.asarray(pos, jnp.int32), cfg))
+  want = [_local_count_numpy(ends[b], int(n[b]), int(pos[b]), cfg) for b in range(B)]
+  np.testing.assert_array_equal(got, want)
+  if kw in (dict(kv_budget=0.25), dict(kv_budget_tokens=100)):  # 4 chunks of 64 pass a quarter of ~800 tokens
+    assert got[3] < 4
+  if not kw or "recent_share" in kw:
+    np.testing.assert_array_equal(got, np.minimum(cfg.n_local, n))
