@@ -188,6 +188,9 @@ def _resolve(args) -> argparse.Namespace:
     args.max_prompt_tokens = 256 if args.max_prompt_tokens is None else args.max_prompt_tokens
     args.ppl_tokens, args.ppl_prefix, args.ppl_docs = min(args.ppl_tokens, 96), min(args.ppl_prefix, 64), 1
     args.ppl_bins = min(args.ppl_bins, 4)
+  if args.brown != str(BROWN) and not Path(args.brown).is_file():  # a path the user gave: never generated in its place
+    raise UsageError(f"--brown {args.brown} does not exist (or is not a file): give a UTF-8 text file, one sentence "
+                     "a line")
   if args.filler is None:
     args.filler = "brown" if Path(args.brown).exists() else "generated"
     if args.filler == "generated":  # the default text is not beside this checkout: say so, not in silence
@@ -195,6 +198,13 @@ def _resolve(args) -> argparse.Namespace:
             "(--filler generated); give --brown FILE for real text", file=sys.stderr)
   if args.filler == "brown" and not Path(args.brown).is_file():
     raise UsageError(f"--filler brown needs the text file --brown {args.brown}")
+  if args.filler == "brown":  # empty or not text: said now, not after the model loads
+    from train.tfds_builder import DataError, check_text_file
+
+    try:
+      check_text_file(args.brown)
+    except DataError as e:
+      raise UsageError(f"--brown {e}") from None
   if args.filler == "repeated" and "ppl" in args.suites:
     raise UsageError("--filler repeated is a haystack for needles: the perplexity of five sentences over and over "
                      "measures nothing; leave ppl out of --suites or give another filler")

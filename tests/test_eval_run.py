@@ -383,11 +383,23 @@ def test_a_repeated_filler_has_no_perplexity_to_measure(tmp_path):
 
 
 @pytest.mark.parametrize("brown_exists", [True, False])
-def test_the_default_filler_is_named_when_the_text_is_missing(tmp_path, capsys, brown_exists):
+def test_the_default_filler_is_named_when_the_text_is_missing(tmp_path, capsys, monkeypatch, brown_exists):
   """Outside the repository's layout the default Brown text is not there: the generated filler is used, and said."""
   brown = tmp_path / "brown.txt"
   if brown_exists:
     brown.write_text("One sentence.\n")
-  args = eval_run._resolve(eval_run._parser().parse_args(["--brown", str(brown), "--out", str(tmp_path / "o")]))
+  monkeypatch.setattr(eval_run, "BROWN", brown)  # the default path
+  args = eval_run._resolve(eval_run._parser().parse_args(["--out", str(tmp_path / "o")]))
   assert args.filler == ("brown" if brown_exists else "generated")
   assert ("no Brown text at --brown" in capsys.readouterr().err) != brown_exists
+
+
+@pytest.mark.parametrize("content, says", [(None, "does not exist"), (b"", "the file is empty"),
+                                           (b"caf\xe9", "not UTF-8 text")])
+def test_a_brown_text_given_is_read_or_refused(tmp_path, content, says):
+  """A --brown path the user gives is never replaced by generated text; a bad one is named before the model loads."""
+  brown = tmp_path / "mine.txt"
+  if content is not None:
+    brown.write_bytes(content)
+  with pytest.raises(eval_run.UsageError, match=f"--brown {brown}.*{says}"):
+    eval_run._resolve(eval_run._parser().parse_args(["--brown", str(brown), "--out", str(tmp_path / "o")]))

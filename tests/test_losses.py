@@ -143,3 +143,18 @@ def test_boundary_metrics_by_hand():
   assert float(m["boundary_precision"]) == pytest.approx(2 / 3)
   assert float(m["boundary_recall"]) == pytest.approx(2 / 3)
   assert float(m["boundary_f1"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("max_chunks", [1, 3, 6, 40])
+def test_chunks_past_the_table_counted_by_hand(max_chunks):
+  """The share of a batch's chunks past `max_chunks`, which no KL row serves, against a count by hand."""
+  labels = np.zeros((2, 40), np.int32)
+  labels[0, [6, 9, 15, 20, 33]] = 1  # 5 chunks after 4 sinks
+  labels[1, [10, 30]] = 1  # 2 chunks, and a third closed by force at 16 tokens (positions 11-26)
+  valid = np.ones((2, 40), bool)
+  valid[1, 35:] = False
+  config = losses.LossConfig(n_sink=4, max_chunk_len=16, max_chunks=max_chunks)
+  counts = np.array([5, 3])
+  want = np.maximum(counts - max_chunks, 0).sum() / counts.sum()
+  got = losses.chunks_past_table(jnp.asarray(labels), jnp.asarray(valid), config)
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)

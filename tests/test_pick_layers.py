@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import chunkllm_jax as cj
-from chunkllm_jax import adapter_io, adapters as adp, model
+from chunkllm_jax import adapter_io, adapters as adp, model, weights
 from chunkllm_jax.selection import ChunkConfig
 from tests.tiny_models import chunk_params
 from tests.tiny_models import prompts, tiny_params
@@ -250,11 +250,15 @@ def test_calibration_prompts_use_our_own_wording(tokenizer, text_file, monkeypat
     (["--data", "TEXT", "--tokens", "2048", "100"], "at least 256"),
     (["--data", "TEXT", "--model", "no-such-model"], "no model at"),
     (["--data", "TEXT", "--write", "DIR"], "not an adapter export"),  # before loading any model
+    (["--data", "TEXT", "--tokens", "100000"], "--tokens 100000 is past smollm2-135m's context (8192 positions)"),
+    (["--data", "SHORT", "--tokens", "256"], "fewer than a prompt of --tokens 256: the prompt would repeat the text"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(text_file, tmp_path, capsys, args, says):
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
-  assert pl.main([{"TEXT": str(text_file), "DIR": str(tmp_path / "hf")}.get(a, a) for a in args]) == 2
+  (tmp_path / "short.txt").write_text("One line of seven tokens here.\n")
+  given = {"TEXT": str(text_file), "DIR": str(tmp_path / "hf"), "SHORT": str(tmp_path / "short.txt")}
+  assert pl.main([given.get(a, a) for a in args]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and says in err and "Traceback" not in err and err.count("\n") == 1
   assert (tmp_path / "hf" / "config.json").read_text() == '{"model_type": "llama"}'
@@ -268,6 +272,7 @@ def test_a_whole_run_on_a_tiny_model(tokenizer, text_file, tmp_path, monkeypatch
   params, adapters = numpy_init(make)
   cfg = params.config
   monkeypatch.setattr(cj, "load", lambda name, dtype: cj.Model(cfg, params, tokenizer))
+  monkeypatch.setattr(weights, "load_config", lambda name: cfg)
   monkeypatch.setattr(cj, "load_adapters", lambda name, config: adapters)
   export = tmp_path / "export"
   export.mkdir()

@@ -249,6 +249,22 @@ def test_a_batch_without_distillation_rows_is_named(tmp_path):
   assert fx.logged(tmp_path / "work")[1]["n_kl_queries"] == 0
 
 
+def test_chunks_past_the_table_are_named(tmp_path, capsys):
+  """Chunks past --max_chunks get no distillation row: a table too small for any sequence is refused at the door,
+  and one that real text passes is warned about once (the KL was 0 at every step and nothing said why)."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  err = _refused(capsys, _argv(tmp_path, corpus, "--steps", "2", "--max_chunks", "2"))
+  assert err == ("error: --max_chunks 2 chunks of at most --max_chunk_len 16 tokens cannot hold a sequence of "
+                 "--seq_len 64: the chunks past the table would go undistilled; give --max_chunks of at least 4")
+  r = fx.run(fx.command(tmp_path / "work", corpus, tmp_path / "data", "--steps", "2", "--eval_every", "0",
+                        "--max_chunks", "3", "--max_chunk_len", "20", "--warmup_steps", "1"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  warned = [l for l in r.stderr.splitlines() if "lie past --max_chunks" in l]
+  assert len(warned) == 1 and warned[0].startswith("warning: step 1: ") and "raise --max_chunks" in warned[0], r.stderr
+  rows = fx.logged(tmp_path / "work")
+  assert all(0 < rows[s]["chunks_past_table"] < 1 for s in rows)
+
+
 # 2. A workdir remembers the settings its checkpoints depend on.
 
 @pytest.fixture(scope="module")

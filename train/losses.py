@@ -98,6 +98,14 @@ def _layer_terms(p_layer, h_BTD, P_BTC, chunk_end_BC, candidate_BTC, recall_k: i
   return jnp.sum(kl_BT), jnp.sum(jnp.where(eligible_BT, hits_BT, 0.0))
 
 
+def chunks_past_table(labels_BT, valid_BT, config: "LossConfig"):
+  """The share of the batch's chunks past the table's `max_chunks`: no KL row serves them (the teacher's bins and
+  rows stop at the table), so where it is above 0 part of every such sequence goes undistilled."""
+  closes_BT = boundaries.closes_from_labels(labels_BT, config.n_sink, config.max_chunk_len or None, valid_BT)
+  n_B = jnp.sum(closes_BT, axis=1).astype(jnp.float32)
+  return jnp.sum(jnp.maximum(n_B - config.max_chunks, 0.0)) / jnp.maximum(jnp.sum(n_B), 1.0)
+
+
 def student_loss(adapters: Adapters, teacher: TeacherOutputs, chunk_id_BT, labels_BT, valid_BT,
                  config: LossConfig = LossConfig()) -> tuple[jnp.ndarray, dict[str, Any]]:
   """The loss given the teacher's outputs (so a training loop may compute or cache them apart)."""
@@ -130,6 +138,7 @@ def student_loss(adapters: Adapters, teacher: TeacherOutputs, chunk_id_BT, label
   metrics = dict(loss=loss, bce=bce, kl=kl,
                  chunk_recall=jnp.sum(hits_L) / jnp.maximum(n_layers * n_eligible, 1),
                  teacher_far_mass=far_mass, n_kl_queries=n_queries, n_recall_queries=n_eligible,
+                 chunks_past_table=chunks_past_table(labels_BT, valid_BT, config),
                  **boundary_metrics(logit_BT, labels_BT, valid_BT, config.alpha))
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
@@ -218,6 +227,7 @@ def rows_loss(adapters: Adapters, rows: dict[str, Any], config: LossConfig = Los
   loss = bce + config.kl_weight * kl
   metrics = dict(loss=loss, bce=bce, kl=kl, chunk_recall=jnp.sum(hits_L) / jnp.maximum(n_layers * n_eligible, 1),
                  n_kl_queries=n_rows, n_recall_queries=n_eligible,
+                 chunks_past_table=chunks_past_table(labels_BT, valid_BT, config),
                  **boundary_metrics(logit_BT, labels_BT, valid_BT, config.alpha))
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 

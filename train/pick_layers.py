@@ -56,6 +56,18 @@ def read_lines(files) -> list[str]:
           for j, line in enumerate(l for l in doc.splitlines() if l.strip())]
 
 
+def check_text_length(tok, lines, n_tokens: int, files) -> None:
+  """A calibration prompt is running text: a text shorter than the prompt would be repeated to fill it, and
+  the layers' ranks measured on repeats of one passage."""
+  total = 0
+  for line in lines:
+    total += len(tok(line.strip(), add_special_tokens=False)["input_ids"]) + 1
+    if total >= n_tokens:
+      return
+  raise ValueError(f"--data {' '.join(files)} holds about {total} tokens, fewer than a prompt of --tokens {n_tokens}: "
+                   "the prompt would repeat the text; give a longer text or smaller --tokens")
+
+
 def encode(tok, body: str, question: str, lead: str):
   """(encoding with offsets, text): the chat template where the tokenizer has one; else plain text that
   ends with the answer's lead, so a base model answers instead of continuing the text."""
@@ -284,9 +296,16 @@ def run(args, argv) -> None:
     raise ValueError(f"--n_prompts must be at least 1, got {args.n_prompts}")
   # pick_layers.json and .png are rewritten by name: only in a new or empty folder, or an earlier run's
   checks.check_out_folder(args.out, "--out", "train.pick_layers", "pick_layers.json", is_pick_layers)
+  from chunkllm_jax import weights
+
+  context = weights.load_config(args.model).max_position  # the config alone: the weights load later
+  if max(args.tokens) > context:
+    raise ValueError(f"--tokens {max(args.tokens)} is past {args.model}'s context ({context} positions): give at "
+                     f"most {context}")
   lines = read_lines(args.data)
   target = export_meta(args.write) if args.write else None  # refuse a bad target now, not after the run
   m = cj.load(args.model, dtype="float32")
+  check_text_length(m.tokenizer, lines, max(args.tokens), args.data)
   if target:
     adapter_io.check_backbone(target, m.config, args.write)
   params = cj.with_adapters(m.params, cj.load_adapters(args.adapters or args.model, m.config))
@@ -303,6 +322,8 @@ def run(args, argv) -> None:
       print(f"measuring every full-attention layer; choosing among the export's QK Adapter layers {pickable}")
   student = resolved(params, ChunkConfig()) if args.student else None
   rows = []
+  print(f"scoring {args.n_prompts} prompt(s) of each of {', '.join(map(str, args.tokens))} tokens with every layer "
+        "(a prompt length's first prompt compiles first)", flush=True)
   for n_tokens in args.tokens:
     for i in range(args.n_prompts):
       t0 = time.perf_counter()

@@ -164,6 +164,10 @@ def check_common_flags(cfg) -> None:
     if not ok:  # also refuses nan; a negative kl_weight would train the QK Adapters away from the teacher
       raise FlagError(f"--{name} {getattr(cfg, name)} is out of range (lr > 0, eval_fraction in [0, 1), "
                       "end_lr_ratio in [0, 1], weight_decay >= 0, clip_norm > 0, kl_weight >= 0)")
+  if cfg.max_chunks * cfg.max_chunk_len < cfg.seq_len - cfg.n_sink:  # every sequence would pass the table
+    raise FlagError(f"--max_chunks {cfg.max_chunks} chunks of at most --max_chunk_len {cfg.max_chunk_len} tokens cannot "
+                    f"hold a sequence of --seq_len {cfg.seq_len}: the chunks past the table would go undistilled; give "
+                    f"--max_chunks of at least {-(-(cfg.seq_len - cfg.n_sink) // cfg.max_chunk_len)}")
   if cfg.n_sink >= cfg.seq_len - 1:  # no chunk after the sinks: no KL row, the QK Adapters would not train
     raise FlagError(f"--n_sink {cfg.n_sink} leaves no tokens to chunk in a sequence of --seq_len {cfg.seq_len}: "
                     "give an --n_sink well below --seq_len (default 4)")
@@ -384,7 +388,7 @@ def train(cfg) -> dict[str, float]:
   bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress or pi != 0,
              desc="train", dynamic_ncols=True)
   last = {}
-  warned_no_rows = False
+  warned_no_rows = warned_past_table = False
   stop = StopRequest(enabled=ckpt is not None and pc == 1)
   try:
     for i in bar:
@@ -400,6 +404,11 @@ def train(cfg) -> dict[str, float]:
         warned_no_rows = True
         print(f"warning: step {step}: its batch has no distillation rows (n_kl_queries 0), so the QK Adapters learn "
               "nothing from it: check --n_sink, --n_local and --max_chunk_len against --seq_len", file=sys.stderr)
+      if last.get("chunks_past_table", 0) > 0 and not warned_past_table and pi == 0:
+        warned_past_table = True
+        print(f"warning: step {step}: {last['chunks_past_table']:.1%} of its batch's chunks lie past --max_chunks "
+              f"{cfg.max_chunks}, where distillation has no rows, so the QK Adapters never learn to choose them: raise "
+              "--max_chunks (the text closes more chunks a sequence than that)", file=sys.stderr)
       diverged = not math.isfinite(last["loss"]) or not bool(step_lib.all_finite(state.adapters).addressable_data(0))
       if step % cfg.log_every == 0 or step == cfg.steps or diverged:
         writer.write(step, "train", last)
