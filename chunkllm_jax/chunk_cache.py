@@ -143,13 +143,13 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, pos
   """Packed working slots for a selection made at `pos_B`: positions [B, W], validity [B, W], and slots used [B].
 
   The sinks first, then the selected and the local chunks (`local_count` at `pos_B`) back to back in position
-  order. With
-  `boundary_tokens`, also the last token of each chunk left out, as many of the newest as fit the
+  order. With `boundary_tokens`, also the last token of each chunk left out, as many of the newest as fit the
   W slots and `room_B` (the slots after the sinks that the budget leaves, when it sets one). Where the
   chunks read exceed the W slots, the newest W - n_sink of their tokens are kept."""
   C = selected_BC.shape[-1]
   c = jnp.arange(C)
-  local = (c >= (st.n_chunks - local_count(st.chunk_end, st.n_chunks, pos_B, cfg))[:, None]) & (c < st.n_chunks[:, None])
+  n_local = local_count(st.chunk_end, st.n_chunks, pos_B, cfg)
+  local = (c >= (st.n_chunks - n_local)[:, None]) & (c < st.n_chunks[:, None])
   start, end = st.chunk_start, st.chunk_end
   if cfg.keep == "boundary":  # a selected chunk contributes its boundary token only (SepLLM)
     start = jnp.where(selected_BC & ~local, end, start)

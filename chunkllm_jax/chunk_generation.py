@@ -311,8 +311,8 @@ def _sparse_chunk_prefill(params: ModelParams, tokens_BT, lengths_B, max_len: in
       return chunk_prefill_lib.attention_rows(q, k, row_end, ends, n_cand, n_sink=ccfg.n_sink, scale=cfg.attn_scale,
                                               softcap=cfg.attn_softcap, n_queries=Qp)
 
-    final = rows((lengths_B - 1)[:, None], (n - local_count(ends, n, lengths_B - 1, ccfg))[:, None])[:, 0] if hybrid else \
-        jnp.zeros((B, C), jnp.float32)
+    last_cand = (n - local_count(ends, n, lengths_B - 1, ccfg))[:, None]
+    final = rows((lengths_B - 1)[:, None], last_cand)[:, 0] if hybrid else jnp.zeros((B, C), jnp.float32)
     return (rows(row_end, n_cand), final, *keys)
 
   def attend_fn(state, layer, q, k, v, h):

@@ -322,8 +322,9 @@ def _local_count_numpy(ends, n, pos, cfg):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kw", [dict(), dict(kv_budget=0.25), dict(kv_budget=0.5), dict(kv_budget=0.25, recent_share=0.0),
-                                dict(kv_budget_tokens=100), dict(kv_budget=0.25, n_local=1), dict(kv_budget=1.0)])
+@pytest.mark.parametrize("kw", [dict(), dict(kv_budget=0.25), dict(kv_budget=0.5), dict(kv_budget_tokens=100),
+                                dict(kv_budget=0.25, recent_share=0.0), dict(kv_budget=0.25, n_local=1),
+                                dict(kv_budget=1.0)])
 def test_local_chunks_fit_the_recent_share(seed, kw):
   """Under a budget with a recent share, the local chunks always read are as many of the n_local newest as fit
   that share (at least the newest); without one, n_local of them."""

@@ -282,7 +282,17 @@ def run_settings(cfg, *, backbone_fingerprint: str, backbone_weights: str) -> di
 
 
 def train(cfg) -> dict[str, float]:
-  """Runs (or resumes) training; returns the last train metrics."""
+  """Runs (or resumes) training; returns the last train metrics. The workdir is locked to this run throughout."""
+  check_flags(cfg)
+  lock = WorkdirLock(Path(cfg.workdir)) if jax.process_index() == 0 else None
+  try:
+    return _train(cfg)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(cfg) -> dict[str, float]:
   from jax.experimental import multihost_utils
   from tqdm.auto import tqdm
 
@@ -293,10 +303,8 @@ def train(cfg) -> dict[str, float]:
   from train import backbone, checkpoint, data, metrics as metrics_lib, step as step_lib
   from train.losses import loss_config_of
 
-  check_flags(cfg)
   pi, pc = jax.process_index(), jax.process_count()
   workdir = Path(cfg.workdir)
-  lock = WorkdirLock(workdir) if pi == 0 else None  # held until the process ends
   # The settings known before the model loads (flags, data) are compared first; the backbone's once it has.
   settings = run_settings(cfg, backbone_fingerprint="", backbone_weights="")
   checkpoint.check_settings(workdir, settings, describe=DESCRIBE, ignore=("backbone_fingerprint", "backbone_weights"))
@@ -444,8 +452,6 @@ def train(cfg) -> dict[str, float]:
                                dtype=cfg.export_dtype, overwrite=True,
                                extra=dict(trained_steps=int(state.step.addressable_data(0))))
       print(f"exported adapters to {cfg.export}", file=sys.stderr)
-  if lock is not None:
-    lock.release()
   return last
 
 

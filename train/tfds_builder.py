@@ -56,7 +56,8 @@ def check_text_file(path: str) -> None:
     raise DataError(f"{path}: no such file")
   decoder, offset, has_text = codecs.getincrementaldecoder("utf-8")(), 0, False
   with open(p, "rb") as f:
-    for block in itertools.chain(iter(lambda: f.read(1 << 22), b""), [None]):  # None: the end, where a cut character fails
+    # None: the end, where a character cut short fails
+    for block in itertools.chain(iter(lambda: f.read(1 << 22), b""), [None]):
       held = len(decoder.getstate()[0])  # bytes of a character the last block cut, decoded with this one
       try:
         has_text = bool(decoder.decode(block or b"", final=block is None).strip()) or has_text
