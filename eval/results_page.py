@@ -109,8 +109,22 @@ SIMHASH_NOTE = ("The same rule and the same 128-bit sketch of the signs of what 
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
 
 MEASUREMENTS = (
+    Measurement("niah_smollm2_local_share",
+                "NIAH, smollm2-135m: the same 30 passkeys at their depth in tokens, the local chunks within the "
+                "budget's recent share (today's defaults)",
+                "eval_defaults_local_in_recent_share_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid "
+                 "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_defaults_local_in_recent_share_smollm2_30",),
+                others="eval_niah_tokens_smollm2_30",
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}; the local chunks always read are "
+                        "as many as fit the budget's recent share (`selection.local_count`)",
+                note="The grid of the next section, run again after the local chunks took the recent share (6 "
+                     "December 2026, fortieth session). Vanilla was run again in the folder; the baselines' rows "
+                     "are read from the next section."),
     Measurement("niah_smollm2_tokens",
-                "NIAH, smollm2-135m: 30 passkeys at 2K tokens, each at its depth in tokens (today's defaults)",
+                "NIAH, smollm2-135m: 30 passkeys at 2K tokens, each at its depth in tokens (the defaults before the "
+                "local chunks took the recent share)",
                 "eval_niah_tokens_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid streamingllm "
                  "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
@@ -118,7 +132,7 @@ MEASUREMENTS = (
                  f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods sepllm "
                  "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_tokens_smollm2_30"),
-                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
+                variant=f"the defaults then (`--selection kv_head`): {SIMHASH_NAME}",
                 note="The grid of the next sections (15 single-key and 15 multi-key needles, depths 0.1-0.9 x 3 "
                      "seeds, the evaluation's share of Brown) with each target needle at the sentence break "
                      "nearest its depth in tokens, as `eval.run` places it now; the sections below placed it at "
@@ -734,8 +748,8 @@ def eval_section(m: Measurement) -> list[str]:
 # (eval.ppl_variants, the same texts and the same computation as eval.run's perplexity; a file's name, or
 # several, one a budget), or None.
 DEFAULT_CHECKS = (
-    ("NIAH, smollm2-135m, 30 needles at 2K, each at its depth in tokens", "niah_smollm2_tokens", None, None, None,
-     None),
+    ("NIAH, smollm2-135m, 30 needles at 2K, each at its depth in tokens", "niah_smollm2_local_share", None, None,
+     None, None),
     ("NIAH, smollm2-135m, 30 needles at 2K in the passkey test's haystack", "niah_smollm2_repeated", None, None, None,
      None),
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
@@ -744,8 +758,8 @@ DEFAULT_CHECKS = (
     ("NIAH, gemma3-270m, 10 needles at 16K", "niah_gemma3_16k", None, None, None, None),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_per_head_simhash_fast_score.jsonl",
-                                          "eval_ppl_variants/brown_8x2048_per_head_lowrank_simhash_25.jsonl"),
+    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_local_in_recent_share.jsonl",
+                                          "eval_ppl_variants/brown_8x2048_local_in_recent_share_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
