@@ -356,7 +356,10 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   if retention is None:
     pass
   elif ccfg.budgeted:  # the selection meets the budget itself, above what it always reads (sinks, local, open)
-    floor = expected_retention(dataclasses.replace(ccfg, kv_budget=None, top_chunks=0), bseg, prompt_lens, n_new)
+    # under a recent share only the newest local chunk is read whatever the budget (`selection.local_count`)
+    always = dict(n_local=min(ccfg.n_local, 1)) if ccfg.recent_share > 0 else {}
+    floor = expected_retention(dataclasses.replace(ccfg, kv_budget=None, top_chunks=0, **always), bseg, prompt_lens,
+                               n_new)
     info["expected_retention"] = max(float(retention), floor)
   else:
     info["expected_retention"] = expected_retention(ccfg, bseg, prompt_lens, n_new)
