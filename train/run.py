@@ -164,10 +164,6 @@ def check_common_flags(cfg) -> None:
     if not ok:  # also refuses nan; a negative kl_weight would train the QK Adapters away from the teacher
       raise FlagError(f"--{name} {getattr(cfg, name)} is out of range (lr > 0, eval_fraction in [0, 1), "
                       "end_lr_ratio in [0, 1], weight_decay >= 0, clip_norm > 0, kl_weight >= 0)")
-  if cfg.max_chunks * cfg.max_chunk_len < cfg.seq_len - cfg.n_sink:  # every sequence would pass the table
-    raise FlagError(f"--max_chunks {cfg.max_chunks} chunks of at most --max_chunk_len {cfg.max_chunk_len} tokens cannot "
-                    f"hold a sequence of --seq_len {cfg.seq_len}: the chunks past the table would go undistilled; give "
-                    f"--max_chunks of at least {-(-(cfg.seq_len - cfg.n_sink) // cfg.max_chunk_len)}")
   if cfg.n_sink >= cfg.seq_len - 1:  # no chunk after the sinks: no KL row, the QK Adapters would not train
     raise FlagError(f"--n_sink {cfg.n_sink} leaves no tokens to chunk in a sequence of --seq_len {cfg.seq_len}: "
                     "give an --n_sink well below --seq_len (default 4)")
@@ -175,7 +171,11 @@ def check_common_flags(cfg) -> None:
     raise FlagError(f"--batch_size {cfg.batch_size} is global: give a multiple of the {jax.process_count()} processes")
   check_data_flags(cfg)
   _check_writable("--data_dir", Path(cfg.data_dir or Path(cfg.workdir) / "data"))
-  check_model_flag(cfg)
+  check_model_flag(cfg)  # the model's context first: a --seq_len past it is the error to name
+  if cfg.max_chunks * cfg.max_chunk_len < cfg.seq_len - cfg.n_sink:  # every sequence would pass the table
+    raise FlagError(f"--max_chunks {cfg.max_chunks} chunks of at most --max_chunk_len {cfg.max_chunk_len} tokens cannot "
+                    f"hold a sequence of --seq_len {cfg.seq_len}: the chunks past the table would go undistilled; give "
+                    f"--max_chunks of at least {-(-(cfg.seq_len - cfg.n_sink) // cfg.max_chunk_len)}")
 
 
 def check_data_flags(cfg) -> None:
