@@ -495,6 +495,7 @@ class WorkdirLock:
   one workdir's checkpoints and log at once. The kernel releases it when the process ends, however it ends."""
 
   def __init__(self, workdir: Path):
+    self._file = None
     try:
       import fcntl
     except ImportError:  # no POSIX locks on this system: nothing to hold
@@ -515,7 +516,7 @@ class WorkdirLock:
     self._file.flush()
 
   def release(self) -> None:
-    if getattr(self, "_file", None) is not None:
+    if self._file is not None:
       self._file.close()  # closing the file releases the lock
       self._file = None
 
