@@ -50,7 +50,8 @@ def _chunk_flags(p) -> None:
   """ChunkLLM settings; each left out keeps its `ChunkConfig` default."""
   p.add_argument("--kv-budget", type=float, default=None, help="fraction of the tokens seen that attention reads")
   p.add_argument("--scorer", choices=["adapter", "attention"], default=None,
-                 help="adapter: the QK Adapters; attention: the frozen model's own attention (no training)")
+                 help="the shared rule's scorer (--selection shared; the demo's shared-rule run): adapter, the QK "
+                      "Adapters; attention, the frozen model's own attention (no training)")
   p.add_argument("--top-k-chunks", type=int, default=None, help="a chunk count instead of --kv-budget")
   p.add_argument("--n-local", type=int, default=None, help="recent chunks always visible")
   p.add_argument("--n-sink", type=int, default=None, help="first tokens always visible")
@@ -213,12 +214,17 @@ def run_demo(args) -> None:
     raise ValueError(f"--context {args.context} does not fit {args.model}'s {cfg.max_position} positions with the "
                      "question and the answer")
   settings = _chunk_settings(args)
-  scorer = settings.pop("scorer", "adapter")  # the shared rule's decode selections: the QK Adapters by default
-  # Unless a budget is given, ChunkLLM runs at a quarter and at half of the KV, and the paper's rule (one
-  # selection at each chunk boundary, by the QK Adapters, for every layer and head) at a quarter.
+  # Unless a budget is given, ChunkLLM runs at a quarter and at half of the KV, and under the per-head rule the
+  # paper's rule too (one selection at each chunk boundary, for every layer and head) at the first budget: --scorer
+  # is that rule's (its decode selections: the QK Adapters by default).
   budgets = [settings.pop("kv_budget")] if "kv_budget" in settings else [0.25, 0.5]
-  for budget in budgets:  # every run's settings, checked at the model's longest context before anything loads
-    _check_chunk_settings(dict(settings, scorer=scorer, kv_budget=budget), cfg)
+  shared = None
+  if settings.get("selection", cj.ChunkConfig.selection) != "shared":
+    shared = {k: v for k, v in settings.items() if k not in PER_HEAD_FIELDS}
+    shared.update(selection="shared", kv_budget=budgets[0])
+    settings.pop("scorer", None)
+  for run in [dict(settings, kv_budget=b) for b in budgets] + ([shared] if shared else []):
+    _check_chunk_settings(run, cfg)  # every run's settings, at the model's longest context, before anything loads
   tokenizer = _tokenizer(args.model)
   text, key = haystack.passkey_prompt(tokenizer, args.context, args.depth, args.seed)
   ids = encode_prompt(tokenizer, text)
@@ -234,12 +240,10 @@ def run_demo(args) -> None:
   print(f"[document: {len(ids)} tokens, passkey {key} hidden at depth {args.depth:.0%}]", file=sys.stderr)
   runs = [("vanilla", None, cj.generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS))]
   for budget in budgets:
-    runs.append(("ChunkLLM", budget, cj.chunk_generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS, scorer=scorer,
+    runs.append(("ChunkLLM", budget, cj.chunk_generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS,
                                                        kv_budget=budget, **settings)))
-  if settings.get("selection", cj.ChunkConfig.selection) != "shared":
-    shared = {k: v for k, v in settings.items() if k not in ("selection", *PER_HEAD_FIELDS)}
+  if shared:
     runs.append(("shared rule", budgets[0], cj.chunk_generate(params, [ids], max_new_tokens=DEMO_NEW_TOKENS,
-                                                              selection="shared", scorer=scorer, kv_budget=budgets[0],
                                                               **shared)))
   van = runs[0][2].stats
   for name, budget, out in runs:

@@ -83,7 +83,9 @@ class ChunkConfig(ChunkRules):
   # measured default: it keeps every needle of the NIAH sets and cuts the perplexity loss at every
   # length measured (docs/results.md, "Default settings").
   recent_share: float = 0.75
-  scorer: str = "adapter"  # "adapter": the QK Adapters; "attention": the frozen attention (no training)
+  # The shared rule's scorer (selection="shared"): "adapter", the QK Adapters; "attention", the frozen attention
+  # (no training). The per-head rule refuses "attention" unless a sparse prefill's prompt rows read it.
+  scorer: str = "adapter"
   # Who scores the prompt's selections and the first decode one: "attention" (default; the frozen
   # attention of the selection layers, computed where the prompt's K is at hand, docs/results.md
   # measures why), "adapter", or None: `scorer`. Decode's later selections are always `scorer`'s.
@@ -95,7 +97,7 @@ class ChunkConfig(ChunkRules):
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
   max_chunks: int | None = None  # chunk-table size; None: max_len // 8
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
-  refresh_every: int = 0  # also re-select every N tokens inside a chunk (0: only at boundaries)
+  refresh_every: int = 0  # the shared rule's: also re-select every N tokens inside a chunk (0: only at boundaries)
   # Who makes decode's selections: "kv_head" (the default): each KV head of each sparse layer chooses
   # the chunks it reads at every step, by an estimate of its own query's attention over them (Quest's
   # rule on ChunkLLM's chunks), or "shared" (the paper's rule: one selection, made by `scorer` where a
@@ -135,8 +137,8 @@ class ChunkConfig(ChunkRules):
   interpret: bool = False  # run the Pallas kernels in interpret mode (tests, on CPU)
   # "sparse": chunk-sparse prefill after the first selection layer; "dense"; None: dense where the
   # prompt is scored by attention (its per-chunk selections differ from chunk to chunk, so sparse
-  # query blocks read wide unions: 0.71x vanilla's prefill against 0.99x dense,
-  # bench/RESULTS_prefill_scorer.md), sparse where the adapters score it (1.15x).
+  # query blocks read wide unions: 0.72x vanilla's prefill against 0.96x dense at 17.7K tokens,
+  # bench/RESULTS_prefill_scorer.md), sparse where the adapters score it (1.31x).
   prefill: str | None = None
   prefill_selection: str = "own"  # whose queries choose what a prompt chunk reads: its "own" last
   #                                 queries, or the "previous" ones at the boundary that opened it
@@ -257,6 +259,18 @@ class ChunkConfig(ChunkRules):
       raise ValueError("head_refresh sets how often each KV head chooses: it needs selection='kv_head'")
     if self.refresh_every < 0:
       raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+    # The shared rule's fields are refused with the per-head rule where it never reads them, as the per-head
+    # fields are with the shared rule: each KV head chooses by its own query at every step, so `scorer` reaches
+    # only a sparse prefill's prompt rows, and only where `prefill_scorer` leaves them to it.
+    if not self.shares_selection:
+      if self.refresh_every:
+        raise ValueError("refresh_every re-selects the shared rule's chunks inside a long chunk; it needs "
+                         "selection='shared' (with selection='kv_head' the heads choose at every step, or every "
+                         "head_refresh steps)")
+      if self.scorer != SCORERS[0] and not (self.prefill == "sparse" and self.prefill_scorer is None):
+        raise ValueError(f"scorer={self.scorer!r} makes the shared rule's selections; it needs selection='shared' "
+                         "(with selection='kv_head' each KV head chooses by its own query, and the prompt's chunks "
+                         "are scored by prefill_scorer)")
     if self.attention not in ("xla", "pallas"):
       raise ValueError(f"attention must be 'xla' or 'pallas', got {self.attention!r}")
     if self.prefill not in ("sparse", "dense", None):

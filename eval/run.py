@@ -156,10 +156,13 @@ def _resolve(args) -> argparse.Namespace:
   if args.methods == ["all"]:
     args.methods = ["vanilla", "hybrid"] if q else list(M.METHODS)  # quick: the library's defaults
     if args.selection != "shared" and "oracle" in args.methods:
-      # Each KV head makes decode's selections from the frozen attention, and both score the prompt by it with the
-      # same 16 queries: oracle's config differs from hybrid's in `scorer` and `score_queries`, which only the
-      # shared rule reads (tests/test_eval_run.py lowers both to the same programs).
+      # Each KV head makes decode's selections from its own query's attention, and hybrid scores nothing else:
+      # oracle's scorer is the shared rule's, which ChunkConfig refuses with the per-head rule.
       args.methods.remove("oracle")
+  elif "oracle" in args.methods and args.selection != "shared":
+    raise UsageError("oracle is the shared rule scored by the frozen attention (scorer='attention'); with --selection "
+                     f"{args.selection} each KV head already chooses by its own attention, as hybrid does: add "
+                     "--selection shared, or leave oracle out")
   bad = sorted(set(args.methods) - set(M.METHODS))
   if bad:
     raise UsageError(f"unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")

@@ -109,6 +109,8 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
     (["--adapters", "smollm2-135m"], "--adapters: ChunkLLM settings, which dense generation ignores; add --chunk"),
     (["--chunk", "--kv-budget", "1.5"], "--kv-budget is a fraction"),  # named by its flag
     (["--chunk", "--score-sketch", "33"], "multiple of 32"),
+    (["--chunk", "--scorer", "attention"], "--scorer='attention' makes the shared rule's selections; it needs "
+                                           "--selection='shared'"),  # the per-head rule never reads it
     (["--seed", str(2**70)], "seed must fit in 64 bits"),
     (["--chunk", "--prompt", "  "], "the prompt is empty"),
     (["--chunk", "--kv-budget", "0.25", "--top-k-chunks", "4"], "with --kv-budget=0.25 it would be unused"),
@@ -157,18 +159,29 @@ def test_demo_flags_are_judged_before_the_model_loads(flags, message, monkeypatc
     assert len(ids) + cli.DEMO_NEW_TOKENS <= 8192
 
 
-def test_demo_uses_the_scorer_it_is_given(monkeypatch, capsys):
-  """--scorer reaches every ChunkLLM run of the demo (it was dropped for the QK Adapters')."""
+@pytest.mark.parametrize("flags, want", [
+    ([], [(None, None), (None, None), ("shared", "attention")]),  # the defaults, then the shared rule's run
+    (["--selection", "shared"], [("shared", "attention"), ("shared", "attention")]),
+])
+def test_demo_gives_the_scorer_to_the_shared_rules_runs(monkeypatch, flags, want):
+  """--scorer is the shared rule's: it reaches every run of that rule (it was once dropped for the QK Adapters'),
+  and not the per-head rule's, which refuses it."""
   import chunkllm_jax as cj
   from chunkllm_jax import cli
 
   seen = []
-  monkeypatch.setattr(cj, "chunk_generate", lambda *a, **k: seen.append(k["scorer"]) or pytest.skip("recorded"))
+
+  def record(*a, **k):
+    seen.append((k.get("selection"), k.get("scorer")))
+    if len(seen) == len(want):
+      pytest.skip("recorded")
+
+  monkeypatch.setattr(cj, "chunk_generate", record)
   monkeypatch.setattr(cli, "_load_backbone", lambda args, tok: cj.Model(*cj.load("smollm2-135m", tokenizer=False)[:2], tok))
   monkeypatch.setattr(cj, "generate", lambda *a, **k: None)
   with pytest.raises(pytest.skip.Exception):
-    cli.main(["demo", "--context", "512", "--scorer", "attention"])
-  assert seen == ["attention"]
+    cli.main(["demo", "--context", "512", "--scorer", "attention", *flags])
+  assert seen == want
 
 
 @pytest.mark.parametrize("a, b, want", [(3.0, 2.0, "1.50x"), (1.0, 0.0, "n/a"), (0.0, 2.0, "n/a"),

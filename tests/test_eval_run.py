@@ -3,13 +3,10 @@ nothing; a malformed line is reported by number and skipped), the whole run with
 stubbed out, --out refused where it holds files that eval.run did not write, and one --quick run on
 the real smollm2-135m."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
-
-import chunkllm_jax as cj
 
 from eval import methods as M
 from eval import run as eval_run
@@ -345,31 +342,18 @@ def test_all_methods_run_oracle_only_where_it_differs_from_hybrid(tmp_path, sele
   assert ("oracle" in methods) == has_oracle and "hybrid" in methods and "vanilla" in methods
 
 
-@pytest.mark.parametrize("selection, same", [("kv_head", True), ("shared", False)])
-def test_oracle_lowers_to_hybrids_programs_under_per_head_selection(selection, same, monkeypatch):
-  """Why `--methods all` leaves oracle out under selection="kv_head": its config differs from hybrid's in
-  `scorer` and `score_queries`, which only the shared rule's selections read, so both lower to the same
-  programs (under the shared rule they do not)."""
-  from chunkllm_jax import decoding
-  from tests.tiny_models import chunk_params, prompts
-
-  lowered, executable = [], decoding.Compiled.executable
-
-  def record(self, *args):  # each program a call builds, as lowered (a compiled one may come from jax's disk cache)
-    lowered.append(self.jitted.lower(*args).as_text())
-    return executable(self, *args)
-
-  monkeypatch.setattr(decoding.Compiled, "executable", record)
-  params, rows, settings = chunk_params(), prompts([40, 30], seed=2), M.MethodSettings(selection=selection)
-  programs = []
-  for method in ("oracle", "hybrid"):
-    decoding.programs.cache_clear()
-    lowered.clear()
-    cj.chunk_generate(params, rows, max_new_tokens=4, eos_ids=(), max_len=64,
-                      chunk_config=dataclasses.replace(M.base_config(method, settings), kv_budget=0.3))
-    programs.append(list(dict.fromkeys(lowered)))  # the prefill, the decode loop and what runs beside them
-  assert len(programs[0]) >= 2 and "jit__prefill" in programs[0][0]
-  assert (programs[0] == programs[1]) == same
+def test_oracle_needs_the_shared_rule(tmp_path):
+  """oracle's scorer is the shared rule's: asked for by name with the per-head rule it is refused at the door (its
+  config would be refused by ChunkConfig; `--methods all` leaves it out instead)."""
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", "generated", "--methods", "vanilla", "oracle",
+                                        "--out", str(tmp_path / "ev")])
+  with pytest.raises(eval_run.UsageError, match="add --selection shared"):
+    eval_run._resolve(args)
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", "generated", "--methods", "vanilla", "oracle",
+                                        "--selection", "shared", "--out", str(tmp_path / "ev")])
+  assert eval_run._resolve(args).methods == ["vanilla", "oracle"]
+  with pytest.raises(ValueError, match="scorer='attention' makes the shared rule's selections"):
+    M.base_config("oracle", M.MethodSettings(selection="kv_head")).validate(64, 2)
 
 
 def test_a_repeated_filler_has_no_perplexity_to_measure(tmp_path):

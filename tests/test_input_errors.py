@@ -770,6 +770,7 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
     (["--tasks", "narrativeqa", "--longbench_dir", "{tmp}/a_file"], r"--longbench_dir .*a_file is not a folder"),
     (["--out", "{tmp}/a_file"], r"--out .*a_file is a file; give a folder"),
     (["--methods", "magic"], r"unknown methods \['magic'\]"),
+    (["--methods", "vanilla", "oracle"], r"oracle is the shared rule scored by the frozen attention"),
     (["--ppl_prefix", "96"], r"--ppl_prefix 96 leaves nothing to score in --ppl_tokens 96"),
     (["--batch_size", "0"], r"--batch_size 0 is too small"),
     (["--recent_share", "1.5"], r"--recent_share is a share of the KV budget, in \[0, 1\]; got 1.5"),

@@ -5,6 +5,7 @@ with a residual sketch, QJL's unbiased estimate or SimHash's angle), and bad set
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,6 +62,22 @@ def test_a_tight_budget_reads_about_its_budget_and_changes_the_answer(budget, sc
   want = (n_sparse * (kept + scored * chose / 29) + 1) / params.config.n_layers  # the scores read where heads chose
   np.testing.assert_allclose(share, want, atol=0.03)
   assert budget > 0.4 or (share < 1).all()
+
+
+def test_the_scorer_scores_a_sparse_prefill_under_the_per_head_rule():
+  """The one place the per-head rule reads `scorer` (which it refuses elsewhere): a sparse prefill whose prompt rows
+  `prefill_scorer` leaves to it. The two scorers choose other chunks for the prompt, so its logits differ."""
+  params = chunk_params()
+  qk = jax.tree.map(lambda w: 4 * w, params.adapters.params["qk"])  # sharper, so the scorers disagree
+  params = params.replace(adapters=params.adapters.replace(params={**params.adapters.params, "qk": qk}))
+  tokens = jnp.asarray(prompts([120, 120], seed=3), jnp.int32)
+  lengths = jnp.asarray([120, 100], jnp.int32)
+  logits = {}
+  for scorer in ("adapter", "attention"):
+    ccfg = ChunkConfig(selection="kv_head", scorer=scorer, prefill="sparse", prefill_scorer=None, top_chunks=1,
+                       max_chunk_len=8, n_local=1, boundaries="fixed").validate(256, params.config.n_layers)
+    logits[scorer], _, _ = chunk_prefill(params, tokens, lengths, 256, ccfg)
+  assert np.abs(np.asarray(logits["adapter"]) - np.asarray(logits["attention"])).max() > 1e-3
 
 
 def test_one_step_reads_less_than_everything_and_each_head_its_own_keys():
@@ -516,6 +533,10 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
     (dict(score_sketch=0, sketch_estimate="qjl"), "scores the residual sketch"),
     (dict(selection="shared", sketch_estimate="qjl"), "scores the residual sketch"),
     (dict(head_refresh=0), "head_refresh must be an int >= 1"),
+    (dict(scorer="attention"), "scorer='attention' makes the shared rule's selections; it needs selection='shared'"),
+    (dict(scorer="attention", prefill="sparse"), "it needs selection='shared'"),  # the prompt by prefill_scorer
+    (dict(refresh_every=5), "refresh_every re-selects the shared rule's chunks inside a long chunk; it needs "
+                            "selection='shared'"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
