@@ -761,13 +761,15 @@ def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B, all_de
     over = np.flatnonzero(retention_B > target + 0.1)  # NaN rows (no decode step) compare false
     if over.size:
       row = over[np.argmax(target[over])]
+      # under a recent share the local chunks always read are those that fit it, at least the newest (`local_count`)
+      local, knobs = ((f"the {ccfg.n_local} most recent chunks", "a smaller n_local or max_chunk_len")
+                      if not ccfg.recent_share else ("the most recent chunk", "a smaller max_chunk_len"))
       warnings.warn(
           f"row(s) {over.tolist()} read {np.nanmax(retention_B[over]):.1%} of the KV against a budget of "
           f"{float(target[row]):.1%} (row {row}'s, in whole tokens of the {float(seen_B[row]):.0f} seen at its middle "
-          f"step): the sinks, the {ccfg.n_local} most recent chunks and the open chunk "
-          f"(up to {ccfg.max_chunk_len} tokens each) are always read, and that is more than the budget at this "
-          "length; a smaller n_local or max_chunk_len, or a longer context, brings the read to the budget "
-          "(stats['kv_retention'])", stacklevel=3)
+          f"step): the sinks, {local} and the open chunk (up to {ccfg.max_chunk_len} tokens each) are always read, "
+          f"and that is more than the budget at this length; {knobs}, or a longer context, brings the read to the "
+          "budget (stats['kv_retention'])", stacklevel=3)
 
 
 def with_fields(ccfg: ChunkConfig, fields: dict) -> ChunkConfig:

@@ -430,14 +430,17 @@ def test_a_full_chunk_table_merges_chunks_and_a_full_budget_still_reads_everythi
     cg.chunk_generate(params, rows, kv_budget=0.5, **kw)
 
 
-def test_a_budget_below_what_is_always_read_warns():
+@pytest.mark.parametrize("recent_share, local", [(0.0, "the 2 most recent chunks"), (0.75, "the most recent chunk")])
+def test_a_budget_below_what_is_always_read_warns(recent_share, local):
   """The sinks, the local chunks and the open chunk are always read: a budget they pass is exceeded, with a warning
-  that names the read and the budget; a budget they fit in is not."""
+  that names the read and the budget; a budget they fit in is not. Under a recent share only the newest local chunk
+  is always read (`selection.local_count`), and the warning says so."""
   params = chunk_params()
   rows = prompts([40, 23], seed=2)
-  kw = dict(max_new_tokens=6, eos_ids=(), max_len=128, max_chunk_len=8, n_local=2, max_chunks=64)
+  kw = dict(max_new_tokens=6, eos_ids=(), max_len=128, max_chunk_len=8, n_local=2, max_chunks=64,
+            recent_share=recent_share)
   says = (r"read .* of the KV against a budget of [\d.]+% \(row \d's, in whole tokens of the \d+ seen at its middle "
-          r"step\): the sinks, the 2 most recent chunks .*always read")
+          rf"step\): the sinks, {local} and the open chunk .*always read")
   with pytest.warns(UserWarning, match=says):
     tight = cg.chunk_generate(params, rows, kv_budget_tokens=1, **kw)
   assert (tight.stats["kv_retention"] > 0.1).all()  # against a budget of one token: 2-4% of the tokens seen
