@@ -25,7 +25,7 @@ from pallas_kernels import head_decode_attention as hda  # noqa: E402
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # as the kernel tests
 FLAG_BOUND = 1e-2  # default-precision f32 error up to this on an accelerator: TF32 / bf16-pass dots, flagged
-TARGET_SPEEDUP, TARGET_BW = 3.0, 0.70
+TARGET_SPEEDUP, TARGET_BW = 3.0, 0.80  # the performance issue's: decode at 128K and 25% >= 3x dense, at >= 80% of a copy
 TARGET_CONTEXT, TARGET_RETENTION = 131072, 0.25
 KEEP = "<!-- analysis below is kept when the script rewrites this file -->"
 SMOKE_DEFAULTS = dict(contexts=[256], prefill_contexts=None, retentions=[1.0, 0.25], distill_contexts=[256],

@@ -41,3 +41,23 @@ def test_with_budget_chunkllm_reads_a_kv_budget(bench_script, tmp_path):
   lines = bench.write_outputs(tmp_path / "page.md", "python bench/bench_chunk.py --budget", rows, [], [])
   assert any("a KV budget of the target retention (`kv_budget`" in line for line in lines)
   assert any(line.startswith("| 512 | - |") for line in lines)
+
+
+def test_render_keeps_the_machine_and_command_it_was_measured_with(bench_script, tmp_path):
+  """--render rewrites a page from its .json: the machine and the command are the measured run's, not the host's
+  that renders it, and the verdict reads the prefill at the target's context."""
+  import json
+  import shutil
+
+  bench = bench_script("bench_chunk")
+  page = tmp_path / "RESULTS_x.md"
+  shutil.copy(bench.HERE / "RESULTS_chunk.json", page.with_suffix(".json"))
+  data = json.loads(page.with_suffix(".json").read_text())
+  data["device"] = "a machine of long ago"
+  page.with_suffix(".json").write_text(json.dumps(data))
+  bench.main(["--render", "--out", str(page)])
+  text = page.read_text()
+  assert "Machine: a machine of long ago." in text and f"Command: `{data['command']}`" in text
+  assert json.loads(page.with_suffix(".json").read_text())["device"] == "a machine of long ago"
+  p16 = next(r for r in data["prefill"] if r["context"] == bench.PREFILL_TARGET_CONTEXT)
+  assert f"- Prefill: {p16['prefill_speedup']:.2f}x (target {bench.TARGET_PREFILL:g}x)" in text
