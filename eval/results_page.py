@@ -897,7 +897,7 @@ def render() -> str:
            "perplexity within +2% of vanilla at 50%. Baselines: StreamingLLM, SepLLM, FixLLM; `oracle` is the "
            "training-free attention scorer. Every figure is on a 2-core CPU; speed columns of the folders' "
            "own reports come from runs that shared the cores and are not comparisons.", "",
-           "LongBench-format tasks: one mini task with vanilla and the default only (below); the mini set is "
+           "LongBench-format tasks: one mini task, mini_kv_qa, with vanilla, the defaults and the baselines (below); the mini set is "
            "beyond a 135M model, and each task takes 10-20 minutes per method on this CPU.", "",
            "The NIAH rows were measured with each target needle at its depth's share of the haystack's sentences; "
            "`eval.run` now puts it at its depth in tokens by default (Brown's sentences differ in length: at 2K "
