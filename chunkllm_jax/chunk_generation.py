@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import functools
 import warnings
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -682,7 +683,7 @@ def _low_rank_state_bytes(params: ModelParams, ccfg: ChunkConfig, batch: int, bu
 
 
 def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
                    eos_ids=None, pad_id=None, max_len: int | None = None, chunk_config: ChunkConfig | None = None,
                    mesh=None, **chunk_fields):
   """ChunkLLM generation. `params` must carry adapters (`with_adapters`).
@@ -723,7 +724,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
                             pad_id=pad_id, mesh=mesh, cfg=cfg, shapes=prompts.shape if mesh is not None else (0, 0),
                             state_shardings=_state_shardings)
   params = decoding.place_params(params, mesh)
-  key = decoding.seed_key(seed)
+  key = decoding.row_keys(seed, len(prompts))
   tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, state), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
@@ -755,7 +756,9 @@ def _warn_about_reads(ccfg: ChunkConfig, overflow_B, retention_B, seen_B, all_de
                   "later chunks were merged into its last one, which is always read (its newest tokens, as far as "
                   "the budget's working slots hold it), so the selection no longer chooses among them and the KV read "
                   "may pass the budget; give a larger max_chunks (text of short lines, such as code or lists, closes a chunk every "
-                  "few tokens) (stats['chunk_overflow'])", stacklevel=3)
+                  "few tokens). Left unset, max_chunks follows the buffer (max_len // 8, the batch's longest row and "
+                  "max_new_tokens), so where the table fills a row may read otherwise in another batch or with more new "
+                  "tokens; a max_chunks given makes it the same everywhere (stats['chunk_overflow'])", stacklevel=3)
   if ccfg.budgeted and not all_dense:
     target = np.asarray(ccfg.budget_tokens(np.ceil(seen_B).astype(np.int32))) / seen_B
     over = np.flatnonzero(retention_B > target + 0.1)  # NaN rows (no decode step) compare false

@@ -174,6 +174,26 @@ def seed_key(seed) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
 
 
+def row_keys(seed, batch: int) -> jax.Array:
+  """One PRNG key per row, [B]: each row draws from a stream of its own, so what a row samples never depends on
+  the rows beside it. `seed` is an int, whose stream `b` row b draws from (rows differ, equal prompts too), or one
+  int per row, each row then drawing as it would alone (as row 0) with its seed."""
+  if checks.is_int(seed):
+    return jax.vmap(jax.random.fold_in, (None, 0))(seed_key(seed), jnp.arange(batch, dtype=jnp.uint32))
+  if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
+    raise TypeError(f"seed must be an int or one int per row, got {seed!r} ({type(seed).__name__})")
+  seeds = list(np.asarray(seed).tolist()) if isinstance(seed, np.ndarray) else list(seed)
+  if len(seeds) != batch:
+    raise ValueError(f"seed gives {len(seeds)} seeds for {batch} rows: give one int, or one per row")
+  keys = [jax.random.key_data(jax.random.fold_in(seed_key(s), 0)) for s in seeds]
+  return jax.random.wrap_key_data(jnp.stack(keys), impl=jax.random.key_impl(seed_key(0)))
+
+
+def draw_keys(keys_B, step):
+  """Each row's key for one sampling step (0: the prefill's token)."""
+  return jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+
+
 def is_eos(tok_B, eos_ids: tuple[int, ...]):
   if not eos_ids:
     return jnp.zeros(tok_B.shape, bool)
@@ -197,13 +217,13 @@ class LoopState:
 
 def _prefill(params, tokens_BT, lengths_B, key, *, prefill_fn, settings, sampling: Sampling):
   logits, state = prefill_fn(params, tokens_BT, lengths_B, settings)
-  return sample(logits, jax.random.fold_in(key, 0), sampling), state
+  return sample(logits, draw_keys(key, 0), sampling), state
 
 
 def _step(params, tok_B, state, key, step, *, step_fn, settings, sampling: Sampling):
   """One decode step for `stream`: every row runs (the host drops ended rows' tokens)."""
   logits, state = step_fn(params, tok_B, state, jnp.zeros(tok_B.shape, bool), settings)
-  return sample(logits, jax.random.fold_in(key, step), sampling), state
+  return sample(logits, draw_keys(key, step), sampling), state
 
 
 def _decode_loop(params, first_B, state, key, n_new, *, step_fn, enter_fn, settings, sampling: Sampling,
@@ -221,7 +241,7 @@ def _decode_loop(params, first_B, state, key, n_new, *, step_fn, enter_fn, setti
 
   def body(s: LoopState):
     logits, model_state = step_fn(params, s.token, s.model, s.done, settings)
-    nxt = jnp.where(s.done, pad_id, sample(logits, jax.random.fold_in(key, s.step), sampling))
+    nxt = jnp.where(s.done, pad_id, sample(logits, draw_keys(key, s.step), sampling))
     return LoopState(step=s.step + 1, token=nxt, model=model_state,
                      out=jax.lax.dynamic_update_slice(s.out, nxt[:, None], (0, s.step)),
                      done=s.done | is_eos(nxt, eos_ids), live=s.live + ~s.done)

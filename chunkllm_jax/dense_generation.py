@@ -58,19 +58,20 @@ def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temper
 
 
 def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=None,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
              eos_ids: int | Sequence[int] | None = None, pad_id: int | None = None,
              max_len: int | None = None, mesh: Mesh | None = None) -> GenerateOutput:
   """Generates up to `max_new_tokens` per prompt with full attention.
 
   tokens: a list of token-id lists (any lengths), or a [B, T] array with optional `lengths`.
-  temperature 0 is greedy. Rows stop at any of `eos_ids` (default: the model's) and are padded
+  temperature 0 is greedy. `seed`: an int, or one per row; each row draws from a stream of its own
+  (`decoding.row_keys`), so a row given its seed samples what it samples alone, whatever the batch. Rows stop at any of `eos_ids` (default: the model's) and are padded
   with `pad_id` after it. `max_len` fixes the KV buffer size (default: just enough).
   With `mesh`, weights, KV buffer and batch are sharded by `sharding.LOGICAL_TO_MESH`.
   """
   params, prompts, lens, eos_ids, pad_id, progs = _setup(
       params, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p, eos_ids, pad_id, mesh)
-  key = decoding.seed_key(seed)
+  key = decoding.row_keys(seed, len(prompts))
   tokens_BT, lengths_B = jnp.asarray(prompts), jnp.asarray(lens)
   progs.compile_ahead(params, tokens_BT, lengths_B, key)
   (first, cache), prefill_s = progs.prefill.timed(params, tokens_BT, lengths_B, key)
@@ -93,7 +94,7 @@ def stream(params: ModelParams, tokens, max_new_tokens: int = 64, **kw) -> Itera
       params, tokens, max_new_tokens, kw.pop("lengths", None), kw.pop("max_len", None),
       sampling_kw.get("temperature", 0.0), sampling_kw.get("top_k", 0), sampling_kw.get("top_p", 1.0),
       kw.pop("eos_ids", None), kw.pop("pad_id", None), kw.pop("mesh", None), where="stream")
-  key = decoding.seed_key(seed)
+  key = decoding.row_keys(seed, len(prompts))
   return _stream_steps(params, prompts, lens, eos_ids, pad_id, progs, key, int(max_new_tokens))
 
 

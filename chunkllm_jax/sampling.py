@@ -34,8 +34,9 @@ class Sampling:
     return cls() if given.temperature == 0.0 else given
 
 
-def sample(logits_BV: jnp.ndarray, key: jax.Array, s: Sampling) -> jnp.ndarray:
-  """Returns token ids [B] int32."""
+def sample(logits_BV: jnp.ndarray, keys_B: jax.Array, s: Sampling) -> jnp.ndarray:
+  """Returns token ids [B] int32; row b draws with its own key `keys_B[b]` (what it draws depends on no other
+  row)."""
   if s.temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   # Shifted by the row's maximum before the division: softmax is the same, and a tiny temperature cannot
@@ -53,4 +54,4 @@ def sample(logits_BV: jnp.ndarray, key: jax.Array, s: Sampling) -> jnp.ndarray:
     n_keep = jnp.sum(mass_before < s.top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)

@@ -95,7 +95,9 @@ class ChunkConfig(ChunkRules):
   score_queries: int | None = None  # score with the queries of the last this many tokens (max over them);
   #                                   None: 16 for scorer="attention", the adapters' own for "adapter"
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
-  max_chunks: int | None = None  # chunk-table size; None: max_len // 8
+  # chunk-table size; None: max_len // 8, the buffer's (the batch's longest row and max_new_tokens), so where the
+  # table fills (chunks shorter than 8 tokens on average: lists, code, separators) a row reads as its batch allows
+  max_chunks: int | None = None
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # the shared rule's: also re-select every N tokens inside a chunk (0: only at boundaries)
   # Who makes decode's selections: "kv_head" (the default): each KV head of each sparse layer chooses

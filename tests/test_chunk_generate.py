@@ -536,7 +536,7 @@ def test_working_buffer_is_built_after_the_prefill(prefill):
   assert np.asarray(st.work_used).min() > 0  # the check above compared a filled buffer
   progs = decoding.programs(cg._prefill_state, cg._step_state, cg.ChunkSettings(128, ccfg), enter_fn=cg._enter_state,
                             sampling=decoding.Sampling(0.0, 0, 1.0), max_new=4, eos_ids=(), pad_id=0)
-  key = jax.random.key(0)
+  key = decoding.row_keys(0, toks.shape[0])
   _, state = progs.prefill.executable(params, toks, lens, key).out_info
   assert state[1].work_k is None
   with pytest.raises(ValueError, match="only in their loop"):

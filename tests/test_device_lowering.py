@@ -33,7 +33,7 @@ def lower(platform: str, fn, *args) -> str:
 
 def lower_programs(progs, params, platform: str = "tpu") -> tuple[str, str]:
   """The prefill's and the decode loop's lowerings for `platform`."""
-  toks, lens, key = sds((1, T), jnp.int32), sds((1,), jnp.int32), jax.random.key(0)
+  toks, lens, key = sds((1, T), jnp.int32), sds((1,), jnp.int32), decoding.row_keys(0, 1)
   first, state = jax.eval_shape(progs.prefill.jitted, params, toks, lens, key)
   return (lower(platform, progs.prefill.jitted, params, toks, lens, key),
           lower(platform, progs.loop.jitted, params, first, state, key, jnp.int32(NEW)))

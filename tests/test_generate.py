@@ -117,7 +117,7 @@ def test_bfloat16_runs_and_mostly_agrees_with_float32():
 @pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)])
 def test_sampling_with_one_candidate_is_greedy(kw):
   logits = jax.random.normal(jax.random.key(0), (4, 50))
-  got = sample(logits, jax.random.key(1), Sampling(temperature=0.7, **kw))
+  got = sample(logits, jax.random.split(jax.random.key(1), 4), Sampling(temperature=0.7, **kw))
   assert got.tolist() == jnp.argmax(logits, -1).tolist()
 
 
@@ -126,13 +126,13 @@ def test_a_tiny_temperature_draws_the_greedy_token(temperature):
   """Logits divided by a tiny temperature overflow to inf where they are positive: the draw must still be
   the most likely token, not any of the positive ones."""
   logits = jax.random.normal(jax.random.key(0), (64, 50)) * 10
-  got = sample(logits, jax.random.key(1), Sampling(temperature=temperature))
+  got = sample(logits, jax.random.split(jax.random.key(1), 64), Sampling(temperature=temperature))
   assert got.tolist() == jnp.argmax(logits, -1).tolist()
 
 
 def test_top_k_and_top_p_only_draw_allowed_tokens():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
-  keys = jax.random.key(3)
+  keys = jax.random.split(jax.random.key(3), 2000)
   draws = sample(logits, keys, Sampling(temperature=1.0, top_k=2))
   assert set(np.unique(draws)) == {0, 1}
   draws = sample(logits, keys, Sampling(temperature=1.0, top_p=0.9))  # 0.5 + 0.3 + 0.15 reaches 0.9
@@ -147,6 +147,38 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
   c = cj.generate(params, rows, max_new_tokens=10, temperature=1.0, seed=8, eos_ids=())
   assert (a.tokens == b.tokens).all()
   assert (a.tokens != c.tokens).any()
+
+
+@pytest.mark.parametrize("call", ["generate", "chunk_generate"])
+def test_a_row_samples_what_it_samples_alone_given_its_seed(call):
+  """Each row draws from a stream of its own: given its seed (one per row), a row samples alone what it samples in
+  a batch, wherever it sits and whatever rows are beside it; with one int seed, row 0 draws as it would alone and
+  equal prompts in other rows draw differently."""
+  from tests.tiny_models import chunk_params
+
+  params = chunk_params()
+  rows = prompts([6, 23, 11], seed=7)
+  kw = dict(max_new_tokens=12, eos_ids=(), temperature=1.5, max_len=64)
+  run = getattr(cj, call)
+  batch = run(params, rows, seed=[11, 12, 13], **kw)
+  flipped = run(params, rows[::-1], seed=[13, 12, 11], **kw)
+  for b, (row, s) in enumerate(zip(rows, [11, 12, 13])):
+    alone = run(params, [row], seed=s, **kw)
+    assert list(batch.new_tokens(b)) == list(alone.new_tokens(0)) == list(flipped.new_tokens(2 - b))
+  same = run(params, [rows[0]] * 3, seed=11, **kw)
+  assert list(same.new_tokens(0)) == list(batch.new_tokens(0))
+  assert list(same.new_tokens(1)) != list(same.new_tokens(0)) or list(same.new_tokens(2)) != list(same.new_tokens(0))
+
+
+@pytest.mark.parametrize("seed, error, match", [
+    ([1, 2], ValueError, "seed gives 2 seeds for 3 rows: give one int, or one per row"),
+    ("7", TypeError, "seed must be an int or one int per row"),
+    ([1, 2, 2.5], TypeError, "seed must be an int"),
+    ([1, 2, 2**64], ValueError, "seed must fit in 64 bits"),
+])
+def test_bad_seeds_are_named(seed, error, match):
+  with pytest.raises(error, match=match):
+    cj.generate(tiny_params(), prompts([3, 4, 5], seed=1), max_new_tokens=2, temperature=1.0, seed=seed)
 
 
 def test_greedy_calls_share_one_program_whatever_top_k_and_top_p():
