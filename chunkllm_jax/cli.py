@@ -170,11 +170,11 @@ def _ended_at_once_hint(args, tokenizer, n_new: int) -> None:
           "(add --chat)]", file=sys.stderr)
 
 
-def _print_stats(stats, row: int = 0) -> None:
+def _print_stats(stats, row: int = 0, max_new_tokens: int | None = None) -> None:
   s = {k: float(v[row]) for k, v in stats.items()}
   if math.isnan(s["kv_retention"]):  # no decode step: nothing was read to measure
-    print(f"[{int(s['n_chunks'])} chunks, no decode step (the first new token ended the answer), "
-          f"prefill {s['prefill_s']:.2f}s]", file=sys.stderr)
+    why = "--max-new-tokens 1" if max_new_tokens == 1 else "the first new token ended the answer"
+    print(f"[{int(s['n_chunks'])} chunks, no decode step ({why}), prefill {s['prefill_s']:.2f}s]", file=sys.stderr)
     return
   print(f"[kv retention {s['kv_retention']:.1%}, {int(s['n_chunks'])} chunks, {int(s['n_selections'])} selections, "
         f"K/V bytes per step {s['bytes_per_step'] / 2**20:.1f} MiB vs dense {s['dense_bytes_per_step'] / 2**20:.1f} MiB, "
@@ -189,11 +189,12 @@ def run_chunk_generate(args, model, ids, adapters) -> None:
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, **_chunk_settings(args))
   new = [t for t in out.new_tokens(0).tolist() if t not in model.config.eos_ids]
   print(model.tokenizer.decode(new, skip_special_tokens=True))
-  _print_stats(out.stats)
+  _print_stats(out.stats, max_new_tokens=args.max_new_tokens)
   _ended_at_once_hint(args, model.tokenizer, len(new))
 
 
 DEMO_NEW_TOKENS = 12
+SCORER_WORDS = {"adapter": "QK Adapters", "attention": "frozen model's own attention"}
 
 
 def run_demo(args) -> None:
@@ -219,6 +220,7 @@ def run_demo(args) -> None:
   # is that rule's (its decode selections: the QK Adapters by default).
   budgets = [settings.pop("kv_budget")] if "kv_budget" in settings else [0.25, 0.5]
   shared = None
+  scorer = settings.get("scorer", cj.ChunkConfig.scorer)
   if settings.get("selection", cj.ChunkConfig.selection) != "shared":
     shared = {k: v for k, v in settings.items() if k not in PER_HEAD_FIELDS}
     shared.update(selection="shared", kv_budget=budgets[0])
@@ -256,9 +258,13 @@ def run_demo(args) -> None:
             f"({float(st['bytes_per_step'][0] / st['dense_bytes_per_step'][0]):.1%} of dense bytes per step); "
             f"decode {_times(st['decode_tok_s'][0], van['decode_tok_s'][0])}, "
             f"prefill {_times(van['prefill_s'][0], st['prefill_s'][0])} the speed of vanilla")
-  print("ChunkLLM (the defaults): the Chunk Adapter cuts the text into chunks, and each KV head of each layer "
-        "chooses the chunks it reads at every step, from low-rank keys; shared rule: the paper's, one selection "
-        "at each chunk boundary by the QK Adapters for every layer and head (selection='shared')")
+  if shared:
+    print("ChunkLLM (the defaults): the Chunk Adapter cuts the text into chunks, and each KV head of each layer "
+          "chooses the chunks it reads at every step, from low-rank keys; shared rule: the paper's, one selection "
+          f"at each chunk boundary by the {SCORER_WORDS[scorer]} for every layer and head (selection='shared')")
+  else:
+    print("ChunkLLM (selection='shared', the paper's rule): the Chunk Adapter cuts the text into chunks, and one "
+          f"selection at each chunk boundary, by the {SCORER_WORDS[scorer]}, serves every layer and head")
 
 
 def _times(a, b) -> str:

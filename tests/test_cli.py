@@ -159,29 +159,35 @@ def test_demo_flags_are_judged_before_the_model_loads(flags, message, monkeypatc
     assert len(ids) + cli.DEMO_NEW_TOKENS <= 8192
 
 
-@pytest.mark.parametrize("flags, want", [
-    ([], [(None, None), (None, None), ("shared", "attention")]),  # the defaults, then the shared rule's run
-    (["--selection", "shared"], [("shared", "attention"), ("shared", "attention")]),
+@pytest.mark.parametrize("flags, want, rule", [
+    ([], [(None, None), (None, None), ("shared", "attention")],  # the defaults, then the shared rule's run
+     "shared rule: the paper's, one selection at each chunk boundary by the frozen model's own attention"),
+    (["--selection", "shared"], [("shared", "attention"), ("shared", "attention")],
+     "ChunkLLM (selection='shared', the paper's rule): the Chunk Adapter cuts the text into chunks, and one "
+     "selection at each chunk boundary, by the frozen model's own attention"),
 ])
-def test_demo_gives_the_scorer_to_the_shared_rules_runs(monkeypatch, flags, want):
+def test_demo_gives_the_scorer_to_the_shared_rules_runs(monkeypatch, capsys, flags, want, rule):
   """--scorer is the shared rule's: it reaches every run of that rule (it was once dropped for the QK Adapters'),
-  and not the per-head rule's, which refuses it."""
+  and not the per-head rule's, which refuses it; the closing line describes the rules that ran."""
+  import numpy as np
+
   import chunkllm_jax as cj
   from chunkllm_jax import cli
 
+  class Output:  # what the demo prints from a run
+    stats = {k: np.array([v]) for k, v in dict(kv_retention=0.25, bytes_per_step=1.0, dense_bytes_per_step=4.0,
+                                                decode_tok_s=1.0, prefill_s=1.0).items()}
+
+    def new_tokens(self, row):
+      return np.array([28, 29])
+
   seen = []
-
-  def record(*a, **k):
-    seen.append((k.get("selection"), k.get("scorer")))
-    if len(seen) == len(want):
-      pytest.skip("recorded")
-
-  monkeypatch.setattr(cj, "chunk_generate", record)
+  monkeypatch.setattr(cj, "chunk_generate", lambda *a, **k: seen.append((k.get("selection"), k.get("scorer"))) or Output())
   monkeypatch.setattr(cli, "_load_backbone", lambda args, tok: cj.Model(*cj.load("smollm2-135m", tokenizer=False)[:2], tok))
-  monkeypatch.setattr(cj, "generate", lambda *a, **k: None)
-  with pytest.raises(pytest.skip.Exception):
-    cli.main(["demo", "--context", "512", "--scorer", "attention", *flags])
+  monkeypatch.setattr(cj, "generate", lambda *a, **k: Output())
+  cli.main(["demo", "--context", "512", "--scorer", "attention", *flags])
   assert seen == want
+  assert rule in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("a, b, want", [(3.0, 2.0, "1.50x"), (1.0, 0.0, "n/a"), (0.0, 2.0, "n/a"),
@@ -191,3 +197,15 @@ def test_demo_speed_ratio_of_a_run_without_decode_steps_is_not_a_number(a, b, wa
   from chunkllm_jax import cli
 
   assert cli._times(a, b) == want
+
+
+@pytest.mark.parametrize("max_new_tokens, why", [(1, "(--max-new-tokens 1)"), (64, "(the first new token ended the answer)")])
+def test_a_run_without_decode_steps_says_why(capsys, max_new_tokens, why):
+  """No decode step ran: one new token was all that was asked for, or the first one ended the answer."""
+  import numpy as np
+
+  from chunkllm_jax import cli
+
+  stats = dict(kv_retention=np.array([np.nan]), n_chunks=np.array([3]), prefill_s=np.array([0.5]))
+  cli._print_stats(stats, max_new_tokens=max_new_tokens)
+  assert f"3 chunks, no decode step {why}, prefill 0.50s" in capsys.readouterr().err
