@@ -65,6 +65,7 @@ STEPS = (
          ("--contexts", "1024",), 40),
     Step("train", ("-m", "train.throughput", "--seq_len", "2048", "--out", "{out}.json"),
          ("--seq_len", "256", "--repeats", "1"), 3),
+    Step("compile_time", ("bench/compile_time.py", "--out", "{out}.md"), ("--prompt-tokens", "256"), 1),
 )
 
 

@@ -16,6 +16,7 @@ import pytest
     ("decode_block", ["--contexts", "0"], "--contexts and --rounds must be >= 1"),
     ("decode_block", ["--rounds", "0"], "--contexts and --rounds must be >= 1"),
     ("bench_bytes", ["--text", "{tmp}/missing.txt"], "is not a file"),
+    ("compile_time", ["--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
 ])
 def test_bad_arguments_get_one_error_line(bench_script, capsys, tmp_path, script, argv, message):
   bench = bench_script(script)
@@ -55,3 +56,17 @@ def test_regenerate_quick_bytes_step_fits_its_short_text(bench_script, monkeypat
   monkeypatch.chdir(regen.ROOT)  # regenerate runs its steps from the repository root
   bench.main(regen.argv_for(step, tmp_path, True, text)[2:])
   assert (tmp_path / "RESULTS_bytes.md").is_file()
+
+
+@pytest.mark.real_model
+def test_compile_time_measures_a_cold_and_a_warm_process(bench_script, tmp_path):
+  """Each column is a process of its own; the warm one reads the compilation cache the cold one filled."""
+  import json
+
+  bench = bench_script("compile_time")
+  bench.main(["--prompt-tokens", "64", "--out", str(tmp_path / "RESULTS_compile_time.md")])
+  data = json.loads((tmp_path / "RESULTS_compile_time.json").read_text())
+  for run in ("cold", "warm"):
+    assert data[run]["chunk_generate_s"] > 0 and data[run]["generate_s"] > 0, data
+  page = (tmp_path / "RESULTS_compile_time.md").read_text()
+  assert "| `chunk_generate` |" in page and "| `generate` |" in page
