@@ -66,7 +66,8 @@ def generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, lengths=N
   tokens: a list of token-id lists (any lengths), or a [B, T] array with optional `lengths`.
   temperature 0 is greedy. `seed`: an int, or one per row; each row draws from a stream of its own
   (`decoding.row_keys`), so a row given its seed samples what it samples alone, whatever the batch.
-  Rows stop at any of `eos_ids` (default: the model's) and are padded with `pad_id` after it. `max_len` fixes the KV buffer size (default: just enough).
+  Rows stop at any of `eos_ids` (default: the model's) and are padded with `pad_id` after it.
+  `max_len` fixes the KV buffer size (default: just enough).
   With `mesh`, weights, KV buffer and batch are sharded by `sharding.LOGICAL_TO_MESH`.
   """
   params, prompts, lens, eos_ids, pad_id, progs = _setup(
