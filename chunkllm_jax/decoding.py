@@ -182,11 +182,10 @@ def row_keys(seed, batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(seed_key(seed), jnp.arange(batch, dtype=jnp.uint32))
   if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
     raise TypeError(f"seed must be an int or one int per row, got {seed!r} ({type(seed).__name__})")
-  seeds = list(np.asarray(seed).tolist()) if isinstance(seed, np.ndarray) else list(seed)
+  seeds = np.asarray(seed).tolist() if isinstance(seed, np.ndarray) else list(seed)
   if len(seeds) != batch:
     raise ValueError(f"seed gives {len(seeds)} seeds for {batch} rows: give one int, or one per row")
-  keys = [jax.random.key_data(jax.random.fold_in(seed_key(s), 0)) for s in seeds]
-  return jax.random.wrap_key_data(jnp.stack(keys), impl=jax.random.key_impl(seed_key(0)))
+  return jnp.stack([jax.random.fold_in(seed_key(s), 0) for s in seeds])
 
 
 def draw_keys(keys_B, step):
