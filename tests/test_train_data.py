@@ -63,6 +63,21 @@ def test_builder_packs_documents_with_eos_and_labels(corpus):
   assert len(_splits(tmp, files, seq_len=64)["train"]) < len(train)
 
 
+def test_files_split_elsewhere_build_another_dataset(tmp_path):
+  # The same bytes in other files are other documents (a file is split into documents at blank lines, and
+  # documents never span files), so they are another dataset, not the one built before.
+  text = " ".join(SENTENCES)
+  cut = len(text) // 2
+  one = [_write(tmp_path, "a.txt", text[:cut]), _write(tmp_path, "b.txt", text[cut:])]
+  other = [_write(tmp_path, "c.txt", text[:cut + 7]), _write(tmp_path, "d.txt", text[cut + 7:])]
+  config = lambda files: tfds_builder.make_config(files=files, tokenizer="smollm2-135m", seq_len=32, eval_fraction=0.2)
+  assert config(one).name != config(other).name
+  assert config(one).name == config([_write(tmp_path, "e.txt", text[:cut]), one[1]]).name  # content, not paths
+  first, second = (_splits(tmp_path, files)["train"] for files in (one, other))
+  assert [first[i]["tokens"].tolist() for i in range(len(first))] != [
+      second[i]["tokens"].tolist() for i in range(len(second))]
+
+
 def test_grain_order_is_seeded_resumable_and_split_by_process(corpus):
   tmp, files, _ = corpus
   source = _splits(tmp, files)["train"]

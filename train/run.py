@@ -265,16 +265,14 @@ def check_export_path(cfg) -> None:
 def run_settings(cfg, *, backbone_fingerprint: str, backbone_weights: str) -> dict:
   """The settings recorded with the checkpoints (the data and the backbone's weights by content, so
   they may move)."""
+  from train import tfds_builder
+
   h = hashlib.sha256(json.dumps([cfg.tfds_name, cfg.tfds_text_key]).encode())
   for f in cfg.data:
     if not Path(f).is_file():  # load_splits names it later
       h.update(f"missing {f}".encode())
       continue
-    one = hashlib.sha256()
-    with open(f, "rb") as fh:
-      for block in iter(lambda: fh.read(1 << 20), b""):
-        one.update(block)
-    h.update(one.digest())
+    h.update(tfds_builder.file_digest(f))
   listed = lambda v: list(v) if isinstance(v, tuple) else v  # as JSON gives it back from the file
   return dict({k: listed(getattr(cfg, k)) for k in SETTINGS}, data_sha256=h.hexdigest()[:16],
               data=list(cfg.data) or f"tfds:{cfg.tfds_name}", backbone_fingerprint=backbone_fingerprint,

@@ -84,6 +84,12 @@ def read_documents(path: str) -> list[str]:
   return docs
 
 
+def file_digest(path) -> bytes:
+  """The SHA-256 of a file's bytes, read a block at a time (a corpus may not fit in memory twice)."""
+  with open(path, "rb") as fh:
+    return hashlib.file_digest(fh, "sha256").digest()
+
+
 def make_config(*, files=(), tfds_name="", text_key="text", tokenizer: str, seq_len: int,
                 eval_fraction: float, retrieval_mix: float = 0.0, mix_seed: int = 0) -> PackedTextConfig:
   """A config named by the fingerprint of its inputs."""
@@ -91,8 +97,8 @@ def make_config(*, files=(), tfds_name="", text_key="text", tokenizer: str, seq_
   if retrieval_mix:  # (without one, the name of a dataset built before the mixture existed)
     fields += [retrieval_mix, mix_seed]
   h = hashlib.sha256(json.dumps(fields).encode())
-  for f in files:
-    h.update(Path(f).read_bytes() if Path(f).is_file() else f.encode())
+  for f in files:  # each file's own digest: files split elsewhere (other documents) get another name
+    h.update(file_digest(f) if Path(f).is_file() else f.encode())
   return PackedTextConfig(name=f"seq{seq_len}_{h.hexdigest()[:16]}", files=tuple(str(f) for f in files),
                           tfds_name=tfds_name, text_key=text_key, tokenizer=tokenizer, seq_len=seq_len,
                           eval_fraction=eval_fraction, retrieval_mix=retrieval_mix, mix_seed=mix_seed,
