@@ -709,7 +709,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   itemsize = params.backbone["embed"].dtype.itemsize
   max_len = decoding.resolve_max_len(cfg, lens, max_new_tokens, max_len, itemsize=itemsize)
   ccfg = resolved(params, ccfg.validate(max_len, cfg.n_layers, vocab_size=cfg.vocab_size))
-  if ccfg.score_queries > max_len:  # the adapters' stored window, filled in by `resolved`
+  if ccfg.votes and ccfg.score_queries > max_len:  # the adapters' stored window, filled in by `resolved`
     raise ValueError(f"the adapters' score_queries ({ccfg.score_queries}) exceeds the buffer (max_len={max_len}): "
                      "give score_queries=... (at most max_len)")
   slots = decoding.buffer_len(max_len)

@@ -51,6 +51,8 @@ SELECTIONS = ("kv_head", "shared")
 SCORE_ESTIMATES = ("lowrank", "sparq", "exact")
 SKETCH_ESTIMATES = ("simhash", "qjl")
 SCORE_SKETCH_BITS = 128  # score_estimate="lowrank"'s sketch when score_sketch is None
+# The settings of the selection layers' vote, at their defaults: read by the shared rule and a chunk-sparse prefill.
+VOTE_DEFAULTS = (("selection_layers", None), ("vote", "sum"), ("score_queries", None), ("prefill_scorer", "attention"))
 # ChunkConfig's fields that set how the per-head rule (selection="kv_head") scores and how often it chooses.
 PER_HEAD_FIELDS = ("score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh")
 SKETCH_WORD = 32  # bits of `residual_sketch` a uint32 holds
@@ -279,6 +281,20 @@ class ChunkConfig(ChunkRules):
       raise ValueError(f"prefill must be 'sparse', 'dense' or None, got {self.prefill!r}")
     if self.prefill_selection not in ("own", "previous"):
       raise ValueError(f"prefill_selection must be 'own' or 'previous', got {self.prefill_selection!r}")
+    # The selection layers' vote chooses the shared rule's chunks and a chunk-sparse prefill's; with the per-head
+    # rule and a dense prefill no vote is made, so its settings would change nothing.
+    given = dict(selection_layers=selection_layers)  # (as tuples of ints: numpy values read as Python's)
+    voted = [f"{name}={given.get(name, getattr(self, name))!r}" for name, default in VOTE_DEFAULTS
+             if getattr(self, name) != default]
+    if voted and not self.votes:
+      raise ValueError(f"{', '.join(voted)} set{'s' if len(voted) == 1 else ''} how the selection layers score "
+                       "chunks for the shared rule's selections and a chunk-sparse prefill's; with "
+                       "selection='kv_head' and a dense prefill neither is made: each KV head chooses by its own "
+                       "query. Give selection='shared' (or prefill='sparse'), or leave them out")
+    if self.prefill_selection != "own" and self.prefill_mode != "sparse":
+      raise ValueError(f"prefill_selection={self.prefill_selection!r} says whose queries choose what a chunk-sparse "
+                       "prefill's prompt chunks read; this prefill is dense (prefill='dense', or the prompt scored "
+                       "by attention): give prefill='sparse', or leave prefill_selection out")
     if self.boundaries not in ("adapter", "fixed", "separators"):
       raise ValueError(f"boundaries must be 'adapter', 'fixed' or 'separators', got {self.boundaries!r}")
     if self.boundaries == "separators" and not separator_ids:
@@ -386,6 +402,12 @@ class ChunkConfig(ChunkRules):
     queries), and a prompt end with a selection: the per-head rule chooses at each decode step from the
     cache itself, so decode runs no QK Adapter and keeps no ring."""
     return self.selection == "shared"
+
+  @property
+  def votes(self) -> bool:
+    """Whether the selection layers' vote chooses anything (`VOTE_DEFAULTS`' settings are read): the shared rule's
+    selections, or a chunk-sparse prefill's prompt rows under either rule."""
+    return self.shares_selection or self.prefill_mode == "sparse"
 
   @property
   def keeps_head_choice(self) -> bool:

@@ -61,7 +61,8 @@ class MethodSettings:
   fix_chunk_len: int | None = None  # fixllm's chunk length; None: ChunkLLM's measured mean, rounded
   chunk_len: float | None = None  # ChunkLLM's mean chunk length; None: measured on the prompts (layer 0)
   max_n_local: int = ChunkRules.n_local  # recent chunks always visible for chunkllm / fixllm (at most)
-  vote: str = "sum"  # oracle / chunkllm / fixllm: how the selection layers' scores make one selection
+  vote: str = "sum"  # chunkllm / fixllm, and hybrid / oracle under selection="shared": how the selection layers' scores
+  #                   make one selection (the per-head rule votes on nothing)
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
   boundary_tokens: bool = True  # hybrid / oracle: also read the last token of every chunk left out, where a
   #                               budget pays for them (`ChunkConfig`'s rule, boundary_tokens=None); False: never
@@ -287,7 +288,8 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
     return ChunkConfig(n_sink=S, scorer="attention", **shape, **chosen)
   if method == "hybrid":  # chunk_generate's default: decode by `selection` (under "shared", the QK Adapters',
     #                        with the prompt scored by the frozen attention)
-    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **shape, **chosen)
+    return ChunkConfig(n_sink=S, scorer="adapter", prefill_scorer="attention", **shape,
+                       **(chosen if settings.selection == "shared" else {}))  # the per-head rule votes on nothing
   if method == "fixllm":
     L = settings.fix_chunk_len or max(2, int(round(settings.chunk_len or (seg.mean_len if seg else 24.0))))
     return ChunkConfig(n_sink=S, boundaries="fixed", max_chunk_len=L, scorer="adapter", prefill_scorer="adapter",

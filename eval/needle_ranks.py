@@ -186,7 +186,7 @@ def run(args) -> None:
     for i, d in enumerate(args.depths):
       ids, key, pos = needle_prompt(model.tokenizer, n, d, seed=i)
       sel = None if args.selection_layers is None else tuple(args.selection_layers)
-      r = ranks_for_prompt(params, ids, pos, ChunkConfig(selection_layers=sel))
+      r = ranks_for_prompt(params, ids, pos, ChunkConfig(selection="shared", selection_layers=sel))  # its vote
       if r is None:
         continue
       r.update(tokens=len(ids), depth=d)

@@ -90,9 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="fixllm's chunk length (default: ChunkLLM's measured mean, rounded)")
   p.add_argument("--window", type=int, default=256, help="streamingllm/sepllm window where no budget is set")
   p.add_argument("--vote", default="sum", choices=["sum", "max"],
-                 help="oracle / chunkllm / fixllm: how the selection layers make one selection (ChunkConfig.vote)")
+                 help="chunkllm / fixllm, and hybrid / oracle with --selection shared: how the selection layers "
+                      "make one selection (ChunkConfig.vote)")
   p.add_argument("--selection_layers", type=int, nargs="+", default=None,
-                 help="the layers whose scores choose the selection (default: the adapters' stored choice)")
+                 help="the layers whose scores choose the shared rule's selections, as --vote's methods read them "
+                      "(default: the adapters' stored choice)")
   p.add_argument("--boundary_tokens", action=argparse.BooleanOptionalAction, default=M.MethodSettings.boundary_tokens,
                  help="hybrid / oracle (the methods that read the prompt densely): also read the last token "
                       "of every chunk left out (ChunkConfig.boundary_tokens; default on)")
@@ -166,6 +168,13 @@ def _resolve(args) -> argparse.Namespace:
   bad = sorted(set(args.methods) - set(M.METHODS))
   if bad:
     raise UsageError(f"unknown methods {bad}; known: {' '.join(M.METHODS)} (or all)")
+  voting = [m for m in args.methods
+            if m in ("chunkllm", "fixllm", "oracle") or (m == "hybrid" and args.selection == "shared")]
+  if (args.vote != "sum" or args.selection_layers is not None) and not voting:
+    raise UsageError("--vote and --selection_layers set how the selection layers vote for the shared rule's chunks "
+                     "(chunkllm, fixllm, and hybrid and oracle with --selection shared); none of --methods "
+                     f"{' '.join(args.methods)} votes (with --selection {args.selection} each KV head chooses by its "
+                     "own query): add --selection shared, or leave them out")
   args.methods = [m for m in M.METHODS if m in args.methods]  # vanilla first
   args.retention = args.retention or ([0.5] if q else [0.5, 0.25])
   if any(not 0 < r <= 1 for r in args.retention):

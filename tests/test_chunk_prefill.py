@@ -87,7 +87,7 @@ def as_lists(chosen_BCC):
 def case(seed, B=2, T=96, H=4, K=2, D=8, d_c=4, top_chunks=3, n_local=1, lengths=(96, 61), mode="own"):
   rng = np.random.RandomState(seed)
   ccfg = ChunkConfig(n_sink=4, top_chunks=top_chunks, n_local=n_local, max_chunks=40, max_chunk_len=64,
-                     prefill_selection=mode).validate(T, 2)
+                     prefill="sparse", prefill_selection=mode).validate(T, 2)
   closes, valid = random_segmentation(rng, B, T, lengths, ccfg.n_sink)
   ks = jax.random.split(jax.random.key(seed), 5)
   q, k, v = (jax.random.normal(ks[i], (B, T, n, D)) for i, n in enumerate((H, K, K)))

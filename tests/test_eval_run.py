@@ -356,6 +356,32 @@ def test_oracle_needs_the_shared_rule(tmp_path):
     M.base_config("oracle", M.MethodSettings(selection="kv_head")).validate(64, 2)
 
 
+@pytest.mark.parametrize("flags, refused", [
+    (["--methods", "vanilla", "hybrid", "--vote", "max"], True),  # the per-head rule votes on nothing
+    (["--methods", "hybrid", "--selection_layers", "7"], True),
+    (["--methods", "hybrid", "--vote", "max", "--selection", "shared"], False),
+    (["--methods", "hybrid", "chunkllm", "--vote", "max"], False),  # chunkllm's rule is the shared one
+    (["--methods", "vanilla", "hybrid"], False),
+])
+def test_the_vote_flags_need_a_method_that_votes(tmp_path, flags, refused):
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", "generated", "--out", str(tmp_path / "ev"),
+                                        *flags])
+  if refused:
+    with pytest.raises(eval_run.UsageError, match="none of --methods .* votes"):
+      eval_run._resolve(args)
+  else:
+    eval_run._resolve(args)
+
+
+def test_hybrid_takes_the_vote_under_the_shared_rule_alone():
+  settings = dict(vote="max", selection_layers=(1,))
+  per_head = M.base_config("hybrid", M.MethodSettings(**settings)).validate(64, 2)
+  shared = M.base_config("hybrid", M.MethodSettings(selection="shared", **settings)).validate(64, 2)
+  assert (per_head.vote, per_head.selection_layers) == ("sum", None)
+  assert (shared.vote, shared.selection_layers) == ("max", (1,))
+  assert M.base_config("chunkllm", M.MethodSettings(**settings)).validate(64, 2).vote == "max"
+
+
 def test_a_repeated_filler_has_no_perplexity_to_measure(tmp_path):
   args = eval_run._parser().parse_args(["--model", "m", "--filler", "repeated", "--suites", "niah", "ppl",
                                         "--out", str(tmp_path / "r")])

@@ -351,8 +351,8 @@ CHUNK_NUMPY = {
     "alpha": (dict(alpha=np.float32(0.5)), dict(alpha=0.5)),
     "counts": (dict(top_chunks=np.int32(2), n_local=np.int64(1), max_chunks=np.int64(16)),
                dict(top_chunks=2, n_local=1, max_chunks=16)),
-    "layers": (dict(dense_layers=np.array([0]), selection_layers=[np.int64(2)]), dict(dense_layers=(0,),
-                                                                                    selection_layers=(2,))),
+    "layers": (dict(selection="shared", dense_layers=np.array([0]), selection_layers=[np.int64(2)]),
+               dict(selection="shared", dense_layers=(0,), selection_layers=(2,))),
     "separators": (dict(boundaries="separators", separator_ids=np.array([5, 7])),
                    dict(boundaries="separators", separator_ids=(5, 7))),
 }

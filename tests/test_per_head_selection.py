@@ -537,10 +537,34 @@ def test_decode_keeps_every_key_in_the_prompts_basis(sketch_bits):
     (dict(scorer="attention", prefill="sparse"), "it needs selection='shared'"),  # the prompt by prefill_scorer
     (dict(refresh_every=5), "refresh_every re-selects the shared rule's chunks inside a long chunk; it needs "
                             "selection='shared'"),
+    # the vote's settings: no vote is made under the per-head rule after a dense prefill
+    (dict(vote="max"), "vote='max' sets how the selection layers score chunks .* neither is made"),
+    (dict(selection_layers=(1,), score_queries=2), "selection_layers=\\(1,\\), score_queries=2 set how"),
+    (dict(prefill_scorer="adapter", prefill="dense"), "prefill_scorer='adapter' sets how"),
+    (dict(prefill_selection="previous"), "prefill_selection='previous' says whose queries choose what a chunk-sparse"),
+    (dict(selection="shared", prefill_selection="previous"), "this prefill is dense"),
 ])
 def test_bad_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
     chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=4, max_len=64, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(vote="max", prefill="sparse"), dict(prefill_scorer="adapter"),
+                                dict(vote="max", selection_layers=(1,), selection="shared"),
+                                dict(selection="shared", prefill="sparse", prefill_selection="previous")])
+def test_the_vote_settings_are_taken_where_a_vote_is_made(kw):
+  ChunkConfig(**kw).validate(64, 3)
+
+
+def test_a_window_of_stored_queries_longer_than_the_buffer_stops_only_the_rule_that_reads_it():
+  """Adapters trained to score with 40 queries, on a 32-slot buffer: the shared rule cannot fill its rings and
+  says so; the per-head rule reads no ring and generates."""
+  params = chunk_params()
+  params = params.replace(adapters=params.adapters.replace(
+      config=dataclasses.replace(params.adapters.config, score_queries=40)))
+  with pytest.raises(ValueError, match="the adapters' score_queries \\(40\\) exceeds the buffer"):
+    chunk_generate(params, [[1, 2, 3]], max_new_tokens=2, max_len=32, selection="shared")
+  assert chunk_generate(params, [[1, 2, 3]], max_new_tokens=2, max_len=32).tokens.shape == (1, 3 + 2)
 
 
 @pytest.mark.parametrize("S, length", [(2048, 1500), (2304, 2300), (300, 300)])

@@ -144,7 +144,7 @@ def test_bad_settings_are_named(kw, err, match):
     (dict(kv_budget=0.5, prefill="sparse"), False),
     (dict(kv_budget=0.5, keep="boundary"), False),  # every chunk read is one boundary token already
     (dict(kv_budget=0.5, boundary_tokens=False), False),
-    (dict(kv_budget=0.5, prefill_scorer="adapter", prefill="dense", boundary_tokens=True), True),
+    (dict(kv_budget=0.5, selection="shared", prefill_scorer="adapter", prefill="dense", boundary_tokens=True), True),
 ])
 def test_boundary_tokens_default_to_on_where_a_budget_pays_for_them(kw, reads):
   cfg = ChunkConfig(**kw).validate(128, 3)

@@ -72,7 +72,7 @@ class RowsConfig:
   def chunk_config(self) -> ChunkConfig:
     return ChunkConfig(n_sink=self.n_sink, n_local=self.n_local, max_chunk_len=self.max_chunk_len,
                        max_chunks=self.max_chunks, score_queries=self.score_queries,
-                       prefill_selection="previous")
+                       prefill="sparse", prefill_selection="previous")  # the rows a sparse prefill chooses by
 
   def fingerprint(self) -> dict[str, Any]:
     return dict(dataclasses.asdict(self), layers=list(self.layers), format=FORMAT)
