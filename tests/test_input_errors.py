@@ -750,6 +750,11 @@ def test_unknown_preset_is_one_error_line(capsys):
     (["--adapters", "{tmp}/nowhere"], r"no adapter export at"),
     (["--adapters", "{tmp}/folder"], r"not a readable adapter export"),
     (["--adapters", "smollm2-135m", "--out", "{tmp}/folder"], r"--out .*folder is a folder"),
+    # a file of the user's is never replaced: the training text itself, any other file, a link
+    (["--adapters", "smollm2-135m", "--out", "{tmp}/corpus.txt"],
+     r"--out .*corpus.txt is a file that train.evaluate did not write, and train.evaluate would replace it"),
+    (["--adapters", "smollm2-135m", "--out", "{tmp}/a_file"], r"--out .*a_file is a file that train.evaluate did not"),
+    (["--adapters", "smollm2-135m", "--out", "{tmp}/link"], r"--out .*link is a link; give the path of a new file"),
     (["--adapters", "smollm2-135m", "--seq_len", "0"], r"--seq_len 0 is too small"),
 ])
 def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, extra, match):
@@ -760,6 +765,17 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
   before = _tree(tmp)
   assert re.search(match, _train_refused(capsys, evaluate, argv))
   assert _tree(tmp) == before
+
+
+def test_train_evaluate_replaces_only_its_own_rows(tmp_path):
+  """Its own earlier rows are replaced, as strict JSON (a metric that is not a number is null), whole."""
+  import json
+  from train import evaluate
+  out = tmp_path / "rows.json"
+  evaluate.write_rows([dict(adapters="a", n_local=4, kl=float("nan"), recall=0.5)], out)
+  assert json.loads(out.read_text()) == [dict(adapters="a", n_local=4, kl=None, recall=0.5)]
+  assert evaluate.checks.check_out_file(out, "--out", "train.evaluate", evaluate.is_rows_file, "its rows") == out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # no temporary left behind
 
 
 # 6. eval.run: flags, tasks and LongBench files first; its run fingerprint only once all is checked.

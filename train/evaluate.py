@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
+from chunkllm_jax import checks  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import run  # noqa: E402
 from train.run import FlagError  # noqa: E402
@@ -105,10 +106,27 @@ def check_flags(cfg, args) -> None:
       raise FlagError(f"--compare_n_local {n_local}: give counts of 0 or more")
   if args.out:
     out = Path(args.out).expanduser().absolute()
-    if out.is_dir():
-      raise FlagError(f"--out {args.out} is a folder; give a file name for the JSON rows")
+    try:  # a file of the user's (the training text, a results file) is never replaced
+      checks.check_out_file(out, "--out", "train.evaluate", is_rows_file, "the JSON rows it wrote")
+    except checks.OutFolderError as e:
+      raise FlagError(str(e)) from None
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
       raise FlagError(f"--out {args.out}: {out.parent} is not a folder this user can write to")
+
+
+def is_rows_file(path) -> bool:
+  """Whether `path` holds JSON rows this tool wrote: a list of objects, each naming its adapters and n_local."""
+  rows = json.loads(Path(path).read_text())
+  return isinstance(rows, list) and all(isinstance(r, dict) and {"adapters", "n_local"} <= set(r) for r in rows)
+
+
+def write_rows(rows, path) -> None:
+  """The rows as strict JSON (a metric that is not a number is null), written whole or not at all."""
+  path = Path(path).expanduser()
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+  tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+  os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -125,8 +143,7 @@ def main(argv=None) -> int:
   for r in rows:
     print(f"| {r['adapters']} | {r['n_local']} | " + " | ".join(f"{r[k]:.3f}" for k in columns) + " |")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=1)
+    write_rows(rows, args.out)
   return 0
 
 
