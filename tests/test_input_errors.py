@@ -767,6 +767,18 @@ def test_train_evaluate_checks_its_flags_first(run_dir, capsys, monkeypatch, ext
   assert _tree(tmp) == before
 
 
+def test_a_tilde_the_shell_left_is_the_home_folder(monkeypatch, tmp_path):
+  """--workdir=~/run reaches the program as "~/run" (no shell expands after "="): every path flag reads it as the
+  home folder, as the shell would, not as a folder named "~" beside the current one."""
+  from train import config, run
+  monkeypatch.setenv("HOME", str(tmp_path))
+  cfg = config.from_args(run.parse_args(["--workdir=~/run", "--data", "~/a.txt", "~/b.txt", "--export=~/ex",
+                                         "--cache_dir=~/cache", "--data_dir=~/data"]))
+  assert (cfg.workdir, cfg.export, cfg.cache_dir, cfg.data_dir) == tuple(
+      str(tmp_path / n) for n in ("run", "ex", "cache", "data"))
+  assert cfg.data == (str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+
+
 def test_train_evaluate_replaces_only_its_own_rows(tmp_path):
   """Its own earlier rows are replaced, as strict JSON (a metric that is not a number is null), whole."""
   import json

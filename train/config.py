@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -131,6 +132,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
       parser.add_argument(f"--{f.name}", type=t, **kw)
 
 
+PATH_FLAGS = ("data", "data_dir", "cache_dir", "workdir", "export", "model", "tokenizer")
+
+
 def from_args(args: argparse.Namespace) -> TrainConfig:
   if args.preset not in PRESETS:
     print(f"error: unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}", file=sys.stderr)
@@ -141,6 +145,11 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
   for name in ("data", "selection_layers"):
     if name in given:
       given[name] = tuple(given[name])
+  # A "~" the shell left as it was (--workdir=~/run: none expands after "="): the user's home, for every path,
+  # so that no part of the run goes to a folder named "~" under the current one.
+  for name in PATH_FLAGS:
+    if name in given:
+      given[name] = tuple(map(os.path.expanduser, given[name])) if name == "data" else os.path.expanduser(given[name])
   if "model" in given and given["model"] != base.model and "selection_layers" not in given:
     # A preset's selection layers are its own model's (smollm2-135m's 7 and 15 do not exist in a 4-layer model);
     # another model gets a QK Adapter on every full-attention layer, unless --selection_layers names some.
