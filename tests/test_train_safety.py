@@ -429,6 +429,25 @@ def test_bad_text_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatc
   assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("name, content, named", [
+    ("run_settings.json", "my notes on the run\n", "run_settings.json cannot be read"),
+    ("run_settings.json", '{"settings": [1, 2]}\n', "run_settings.json cannot be read"),
+    (".train.lock", "my lock\n", ".train.lock is not a lock a train.run wrote"),
+])
+def test_a_users_file_of_a_runs_name_is_never_replaced(tmp_path, capsys, monkeypatch, name, content, named):
+  """A workdir without checkpoints that holds a file of the name a run writes, which no run wrote: refused before
+  the model loads, the file untouched (the run replaced it)."""
+  corpus = fx.write_corpus(tmp_path / "corpus.txt")
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / name).write_text(content)
+  before = _tree(work)
+  monkeypatch.setattr(backbone, "load", _no_model)
+  err = _refused(capsys, _argv(tmp_path, corpus, "--steps", "2"))
+  assert named in err and "move it aside" in err, err
+  assert _tree(work) == before
+
+
 def test_a_workdir_in_use_is_refused(tmp_path, capsys, monkeypatch):
   """Two runs never share a workdir: the second is refused, naming the first's pid, before the model loads."""
   corpus = fx.write_corpus(tmp_path / "corpus.txt")

@@ -69,6 +69,8 @@ def check_settings(workdir, settings: dict[str, Any], *, describe: dict[str, str
             f"{workdir} holds a {METRICS_FILE} with rows but no checkpoint to resume from: it is another run's log "
             "(one with other settings, or with --checkpoint_every 0) or a file of yours, and a run here would "
             f"rewrite it. Give another --workdir, or move {log} aside")
+    if path.exists() or path.is_symlink():
+      _recorded(path)  # a file of that name that no run wrote (or a link) is refused, never replaced
     return "new"
   if not path.exists():
     return "unrecorded"
@@ -84,10 +86,16 @@ def check_settings(workdir, settings: dict[str, Any], *, describe: dict[str, str
 
 def _recorded(path: Path) -> dict[str, Any]:
   try:
-    return json.loads(path.read_text())["settings"]
+    if path.is_symlink():
+      raise ValueError("a link, which a run never writes")
+    settings = json.loads(path.read_text())["settings"]
+    if not isinstance(settings, dict):
+      raise TypeError("no settings in it")
+    return settings
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)}); it records the "
-                          "settings of the run beside it: restore it, or use another --workdir") from None
+                          "settings of the run beside it, and a run here would replace it: restore it, move it "
+                          "aside, or use another --workdir") from None
 
 
 def _differences(old: dict, new: dict, describe: dict[str, str], ignore=()) -> list[str]:

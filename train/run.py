@@ -488,6 +488,14 @@ class StopRequest:
     self._previous = {}
 
 
+def _is_lock_record(path: Path) -> bool:
+  try:
+    text = path.read_text().strip()
+  except (OSError, UnicodeError):
+    return False
+  return text == "" or text.isdigit()
+
+
 class WorkdirLock:
   """An exclusive lock on `<workdir>/.train.lock` for the life of the process, so that two runs never write
   one workdir's checkpoints and log at once. The kernel releases it when the process ends, however it ends."""
@@ -499,7 +507,11 @@ class WorkdirLock:
     except ImportError:  # no POSIX locks on this system: nothing to hold
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    self._file = open(workdir / ".train.lock", "a+")
+    path = workdir / ".train.lock"
+    if path.is_symlink() or (path.exists() and not _is_lock_record(path)):  # never a file of the user's
+      raise FlagError(f"{path} is not a lock a train.run wrote (it holds a process id, or nothing), and a run here "
+                      "would replace it: move it aside, or give another --workdir")
+    self._file = open(path, "a+")
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
