@@ -223,7 +223,7 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
                      f"backbone; pass the config of the model they were made for ({'; '.join(problems)})")
   acfg = adapters.config
   reserved = sorted(set(extra or {}) & {"format", "backbone", "backbone_fingerprint", "model_config",
-                                         "weights_dtype", "adapter_config"})
+                                         "weights_dtype", "adapter_config", "weights_sha256"})
   if reserved:
     raise ValueError(f"save_adapters: extra may not set {reserved}: the export writes them itself")
   meta = dict(format=FORMAT, backbone=backbone, backbone_fingerprint=fingerprint(model_config),
@@ -243,6 +243,7 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
     ckptr.save(tmp / "params", params)
     ckptr.wait_until_finished()
     ckptr.close()
+    meta["weights_sha256"] = weights_digest(params)  # what `load_adapters` checks the weights it reads against
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     check_export_target(directory, overwrite=overwrite)  # it may have changed while we wrote
     _swap_in(tmp, directory)
@@ -251,6 +252,16 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
     raise
   _remove_dead_siblings(directory)
   return directory
+
+
+def weights_digest(params) -> str:
+  """SHA-256 of the adapter weights as stored: every leaf's path, dtype, shape and bytes, in tree order."""
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    x = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{jax.tree_util.keystr(path)} {x.dtype} {x.shape};".encode())
+    h.update(x.view(np.uint8).reshape(-1))
+  return h.hexdigest()
 
 
 def _shipped() -> list[str]:
@@ -336,4 +347,15 @@ def load_adapters(name_or_dir, expected_config: ModelConfig | ModelParams | None
                             "config.json")
   if problems:
     raise AdapterLoadError(f"{d}: weights do not match config.json:\n  " + "\n  ".join(problems))
+  # Bytes changed on disk read back without an error from the storage library: checked against the digest the
+  # export recorded (exports from before it have none), and for values no training step leaves (NaN, inf).
+  recorded = meta.get("weights_sha256")
+  if recorded is not None and weights_digest(params) != recorded:
+    raise AdapterLoadError(f"{d}: the adapter weights are not the ones exported (their SHA-256 differs from "
+                           "config.json's weights_sha256): the export is damaged; export the adapters again")
+  bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(params)
+         if not np.isfinite(np.asarray(x, np.float32)).all()]
+  if bad:
+    raise AdapterLoadError(f"{d}: the adapter weights hold NaN or infinite values ({', '.join(bad[:3])}): the "
+                           "export is damaged, or came from a diverged run; export the adapters again")
   return Adapters(params=jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), params)), config=acfg)
