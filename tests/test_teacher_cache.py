@@ -136,6 +136,28 @@ def test_cached_step_equals_the_computed_step(tmp_path, student_queries):
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * scale), g1, g2)
 
 
+def test_a_damaged_shard_is_computed_again_or_named(tmp_path, capsys):
+  """A shard the disk cut short (a power cut, a full disk) is computed again where the run can, with a warning,
+  and otherwise named with what to do; never a raw zipfile error."""
+  params = tiny_params()
+  rc = rows_config_of(LossConfig(teacher="head_max", n_sink=2, n_local=1, max_chunk_len=6, max_chunks=16,
+                                 score_queries=3), (1,))
+  b = random_batch(2, 40, p_boundary=0.25, seed=6)
+  source = [dict(tokens=np.asarray(b["tokens"][i]), labels=np.asarray(b["labels"][i])) for i in range(2)]
+  fp = tc.cache_fingerprint(rc, backbone="tiny", weights="w", data="d", seq_len=40, split="train")
+  tc.build_cache(params, source, tmp_path / "c", fp, rc, progress=False)
+  shard = sorted((tmp_path / "c").glob("*.npz"))[1]
+  whole = dict(np.load(shard))
+  shard.write_bytes(shard.read_bytes()[:100])
+  with pytest.raises(tc.CacheError, match=f"shard {shard} cannot be read .*delete it and run again"):
+    tc.CachedRows(tmp_path / "c", 2)[1]
+  got = tc.CachedRows(tmp_path / "c", 2, compute=tc.teacher_of(params, source, rc))[1]
+  assert "cannot be read" in capsys.readouterr().err
+  for k in tc.SHARD_KEYS:
+    np.testing.assert_array_equal(got[k], whole[k])
+    np.testing.assert_array_equal(np.load(shard)[k], whole[k])  # and stored whole again
+
+
 @pytest.mark.parametrize("student_queries", [1, 3])
 def test_rows_kl_vanishes_when_the_student_is_the_teacher(student_queries):
   """With targets made from the student's own scores (as `chunk_prefill.adapter_rows`, the inference

@@ -29,6 +29,8 @@ import functools
 import json
 import os
 import re
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -259,6 +261,8 @@ def _write_atomic(dest: Path, write_to) -> None:
   tmp = dest.with_name(f".{dest.name}.tmp-{adapter_io.writer_tag()}")
   with open(tmp, "wb") as f:
     write_to(f)
+    f.flush()
+    os.fsync(f.fileno())  # on disk before the name says it is whole: a power cut leaves no short shard behind it
   os.replace(tmp, dest)
 
 
@@ -281,8 +285,20 @@ class CachedRows:
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     shard = _shard(self.path, int(i))
     if self.compute is not None and not shard.exists():
-      arrays = self.compute(int(i))
-      _write_atomic(shard, lambda f: np.savez(f, **arrays))
-      return {k: arrays[k] for k in SHARD_KEYS}
-    with np.load(shard) as z:
-      return {k: z[k] for k in SHARD_KEYS}
+      return self._compute(int(i), shard)
+    try:
+      with np.load(shard) as z:
+        return {k: z[k] for k in SHARD_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a shard the disk damaged
+      why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      if self.compute is None:
+        raise CacheError(f"the teacher cache's shard {shard} cannot be read ({why}); delete it and run again to "
+                         "compute it anew") from None
+      print(f"warning: the teacher cache's shard {shard} cannot be read ({why}); computing it again",
+            file=sys.stderr, flush=True)
+      return self._compute(int(i), shard)
+
+  def _compute(self, i: int, shard: Path) -> dict[str, np.ndarray]:
+    arrays = self.compute(i)
+    _write_atomic(shard, lambda f: np.savez(f, **arrays))
+    return {k: arrays[k] for k in SHARD_KEYS}
