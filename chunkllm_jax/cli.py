@@ -94,7 +94,9 @@ def _check_chunk_settings(settings: dict, cfg) -> None:
   from chunkllm_jax.selection import ChunkConfig
 
   try:
-    with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+    ccfg = with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)
+    full = cfg.full_attention_layers  # the sizes against the model's keys (the adapters' own layers: where they load)
+    ccfg.resolve(full, full, head_dim=cfg.head_dim)
   except (TypeError, ValueError) as e:
     # a field's name where the message names the field: always for names with an underscore, and for the plain
     # words ("selection", "scorer") only as `name=...`, so the prose around them stays as it is

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -225,7 +226,9 @@ def _resolve(args) -> argparse.Namespace:
   if out.exists() and not out.is_dir():
     raise UsageError(f"--out {args.out} is a file; give a folder for the results")
   existing = next(p for p in [out, *out.parents] if p.exists())
-  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+  if not existing.is_dir():
+    raise UsageError(f"--out {args.out} cannot be made: {existing} is a file; give a folder for the results")
+  if not os.access(existing, os.W_OK | os.X_OK):
     raise UsageError(f"--out {args.out} cannot be written ({existing} does not let this user create files)")
   try:  # results.md, summary.json and the plots are rewritten by name: only in a folder of eval.run's own
     checks.check_out_folder(out, "--out", "eval.run", "run_config.json", is_run_config)
@@ -265,6 +268,15 @@ def _check_tasks(args) -> None:
     if "longbench" in args.suites and not longbench.task_file(_task_dir(args, t), t).is_file():
       raise UsageError(f"task {t!r} has no file {longbench.task_file(_task_dir(args, t), t)}; put LongBench's "
                        f"{t}.jsonl there, or leave the task out")
+    if "longbench" in args.suites:  # a file of no readable record would make a table scored on nothing
+      path, skipped = longbench.task_file(_task_dir(args, t), t), []
+      with warnings.catch_warnings():  # (the run names each malformed line when it reads the file)
+        warnings.simplefilter("ignore")
+        first = next(iter(longbench.read_jsonl(path, skipped)), None)
+      if first is None:
+        raise UsageError(f"task {t!r}: {path} holds no readable record" + (
+            f" ({len(skipped)} malformed line(s); the first, line {skipped[0].line}: {skipped[0].reason})"
+            if skipped else " (it is empty)"))
 
 
 def _check_counts(args) -> None:

@@ -495,6 +495,26 @@ def test_damaged_adapter_weights_are_one_error_without_a_chain(export):
   assert _tree(out) == before
 
 
+def test_weights_changed_on_disk_are_refused(export, tmp_path):
+  """Bytes the storage library reads back without an error (another export's weights under this config, here)
+  are refused by the digest the export recorded; NaN weights by their values, whatever the digest."""
+  import shutil
+  out, cfg = export
+  other = tmp_path / "other"
+  cj.save_adapters(cj.init_adapters(jax.random.key(1), cfg), other, model_config=cfg, backbone="tiny")
+  shutil.rmtree(out / "params")
+  shutil.copytree(other / "params", out / "params")
+  with pytest.raises(cj.adapter_io.AdapterLoadError, match=r"not the ones exported \(their SHA-256 differs"):
+    cj.load_adapters(out, cfg)
+  a = cj.init_adapters(jax.random.key(2), cfg)
+  a = a.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), a.params))
+  cj.save_adapters(a, tmp_path / "nan", model_config=cfg, backbone="tiny")
+  with pytest.raises(cj.adapter_io.AdapterLoadError, match=r"hold NaN or infinite values \(\['chunk'\]"):
+    cj.load_adapters(tmp_path / "nan", cfg)
+  for name in ("smollm2-135m", "gemma3-270m"):  # the shipped exports record their digest too, and match it
+    assert "weights_sha256" in cj.adapter_io.read_export_config(name)
+
+
 @pytest.mark.parametrize("other, kind, match", [
     (dict(d_model=48), ValueError, r"save_adapters: these adapters do not fit model_config, so the export would claim "
                                    r"the wrong backbone; .*shape \(32, 8\), but model_config \(d_model=48\)"),
@@ -609,6 +629,7 @@ def test_a_model_folder_given_as_adapters_says_so(tmp_path, arch):
     (["--max-new-tokens", "1000000000"], r"--max-new-tokens 1000000000 leaves no room for the prompt in .*'s "
                                          r"context of 256 positions: give at most 255"),
     (["--temperature", "nan"], r"temperature must be a finite number >= 0"),
+    (["--chunk", "--score-rank", "1000"], r"--score-rank=1000 exceeds the head dimension \(\d+\)"),
 ])
 def test_cli_generate_refuses_sizes_and_settings_before_loading(tmp_path, flags, match):
   d = _hf_dir(tmp_path)  # a config alone: the refusal must come before the weights are read
@@ -641,6 +662,8 @@ def run_dir(tmp_path):
   (tmp_path / "a_file").write_text("mine\n")
   (tmp_path / "folder").mkdir()
   (tmp_path / "link").symlink_to(tmp_path / "folder")
+  (tmp_path / "mine" / "train").mkdir(parents=True)  # a folder of the user's where a cache would go
+  (tmp_path / "mine" / "train" / "notes.txt").write_text("mine\n")
   return tmp_path, corpus
 
 
@@ -670,9 +693,13 @@ TRAIN_BAD = {
     "student_queries_token_mean": (["--student_queries", "4", "--teacher", "token_mean"],
                                    r"--student_queries 4 scores the selection rows: give --teacher head_max"),
     "cache_dir": (["--cache_dir", "{tmp}/a_file"], r"--cache_dir .*a_file is a file; give a folder"),
+    "cache_dir_not_a_cache": (["--cache_dir", "{tmp}/mine"], r"--cache_dir .*mine: .*mine/train is not empty and holds "
+                                                             r"no cache.json \(it is not a teacher cache\)"),
     "seed": (["--seed", str(2**64)], r"--seed 18446744073709551616 does not fit in 64 bits"),
     # an export the end of the run could not write: refused now, not after the whole training
     "export_link": (["--export", "{tmp}/link"], r"cannot export to .*link: it is not a folder \(a file or a link\)"),
+    "export_lock": (["--export", "{tmp}/work/.train.lock"], r"--export .*\.train\.lock would replace .*work/\.train\.lock, "
+                                                            r"which the run keeps"),
     "export_in_a_file": (["--export", "{tmp}/a_file/export"], r"--export .*a_file is a file; give a folder"),
     "max_sequences": (["--max_sequences", "1", "--batch_size", "2"],
                       r"--max_sequences 1 is fewer than one batch \(--batch_size 2\)"),
@@ -797,6 +824,10 @@ def test_train_evaluate_replaces_only_its_own_rows(tmp_path):
     (["--tasks", "narrativeqa", "--longbench_dir", "{tmp}/lb"], r"task 'narrativeqa' has no file .*lb/narrativeqa.jsonl"),
     (["--tasks", "narrativeqa", "--longbench_dir", "{tmp}/a_file"], r"--longbench_dir .*a_file is not a folder"),
     (["--out", "{tmp}/a_file"], r"--out .*a_file is a file; give a folder"),
+    (["--out", "{tmp}/a_file/results"], r"--out .*a_file/results cannot be made: .*a_file is a file; give a folder"),
+    (["--tasks", "qasper", "--longbench_dir", "{tmp}/lb_bad"],
+     r"task 'qasper': .*qasper.jsonl holds no readable record \(2 malformed line\(s\); the first, line 1: "),
+    (["--tasks", "hotpotqa", "--longbench_dir", "{tmp}/lb_bad"], r"task 'hotpotqa': .*holds no readable record \(it is empty\)"),
     (["--methods", "magic"], r"unknown methods \['magic'\]"),
     (["--methods", "vanilla", "oracle"], r"oracle is the shared rule scored by the frozen attention"),
     (["--ppl_prefix", "96"], r"--ppl_prefix 96 leaves nothing to score in --ppl_tokens 96"),
@@ -835,6 +866,9 @@ def test_eval_run_refuses_bad_flags_before_loading(tmp_path, monkeypatch, extra,
   from tests.eval_fixtures import FLAGS
   (tmp_path / "a_file").write_text("mine\n")
   (tmp_path / "lb").mkdir()
+  (tmp_path / "lb_bad").mkdir()
+  (tmp_path / "lb_bad" / "qasper.jsonl").write_text('{"input": "q"}\nnot json\n')  # no readable record
+  (tmp_path / "lb_bad" / "hotpotqa.jsonl").write_text("")
   monkeypatch.setattr(cj, "load", lambda *a, **k: pytest.fail("loaded the model before refusing a flag"))
   before = _tree(tmp_path)
   with pytest.raises(eval_run.UsageError, match=match):
@@ -868,7 +902,7 @@ def test_eval_run_longbench_dir_defaults_to_its_datasets(tmp_path):
   """With --longbench_dir and no --tasks, the tasks are the LongBench datasets the folder has (the mini set
   was looked for there, and the README's command refused); the mini tasks are read from the project's set."""
   from eval import run as eval_run
-  (tmp_path / "narrativeqa.jsonl").write_text("")
+  (tmp_path / "narrativeqa.jsonl").write_text('{"input": "q", "context": "c", "answers": ["a"]}\n')
   (tmp_path / "notes.jsonl").write_text("")
   assert eval_run._default_tasks(tmp_path) == ["narrativeqa"]
   assert eval_run._default_tasks(None) == list(eval_run.longbench.MINI_TASKS)

@@ -116,6 +116,12 @@ def check_flags(cfg) -> None:
     raise FlagError(f"--max_sequences {cfg.max_sequences} is fewer than one batch (--batch_size {cfg.batch_size})")
   if uses_cache(cfg):
     _check_writable("--cache_dir", cache_dir(cfg))
+    from train.teacher_cache import CACHE_FILE
+    for split in ("train", "validation"):  # the folders the cache fills: another's files there are refused now
+      held = cache_dir(cfg) / split
+      if held.is_dir() and any(held.iterdir()) and not (held / CACHE_FILE).is_file():
+        raise FlagError(f"--cache_dir {cfg.cache_dir or cache_dir(cfg)}: {held} is not empty and holds no "
+                        f"{CACHE_FILE} (it is not a teacher cache): give a folder of its own for the cache")
   if cfg.export:
     if cfg.steps == 0 and not cfg.allow_untrained_export:
       raise FlagError(f"--steps 0 --export {cfg.export} would export untrained (random) adapters: give --steps "
@@ -254,7 +260,7 @@ def check_export_path(cfg) -> None:
   fix = f"give the export a folder of its own, e.g. --export {workdir / 'export'}"
   if export == workdir or export in workdir.parents:
     raise adapter_io.ExportTargetError(f"--export {cfg.export} is the workdir or a folder above it: {fix}")
-  kept = [workdir / n for n in ("checkpoints", "tensorboard", "metrics.jsonl", SETTINGS_FILE)]
+  kept = [workdir / n for n in ("checkpoints", "tensorboard", "metrics.jsonl", SETTINGS_FILE, LOCK_FILE)]
   for p in kept + [Path(cfg.data_dir or workdir / "data").resolve(), cache_dir(cfg).resolve()]:
     if export == p or p in export.parents or export in p.parents:
       raise adapter_io.ExportTargetError(f"--export {cfg.export} would replace {p}, which the run keeps: {fix}")
@@ -496,6 +502,9 @@ def _is_lock_record(path: Path) -> bool:
   return text == "" or text.isdigit()
 
 
+LOCK_FILE = ".train.lock"
+
+
 class WorkdirLock:
   """An exclusive lock on `<workdir>/.train.lock` for the life of the process, so that two runs never write
   one workdir's checkpoints and log at once. The kernel releases it when the process ends, however it ends."""
@@ -507,7 +516,7 @@ class WorkdirLock:
     except ImportError:  # no POSIX locks on this system: nothing to hold
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / ".train.lock"
+    path = workdir / LOCK_FILE
     if path.is_symlink() or (path.exists() and not _is_lock_record(path)):  # never a file of the user's
       raise FlagError(f"{path} is not a lock a train.run wrote (it holds a process id, or nothing), and a run here "
                       "would replace it: move it aside, or give another --workdir")
