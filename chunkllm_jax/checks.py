@@ -221,15 +221,16 @@ def check_out_folder(folder, flag: str, tool: str, marker: str, owned: Callable[
 def check_out_file(path, flag: str, tool: str, owned: Callable[[Path], bool], what: str) -> Path:
   """`path` as the one output file of a tool: new, or a file the tool wrote before (`owned(path)` is true),
   which it replaces. A link, a folder or any other file raises an OutFolderError before the tool does any
-  work (the user's file would be replaced). `what`: how the error names the tool's own files."""
+  work (the user's file would be replaced). `what`: how the error names the tool's own files ("rows it wrote
+  before")."""
   path = Path(path)
   if path.is_symlink():
     raise OutFolderError(f"{flag} {path} is a link; give the path of a new file (or of {what})")
   if path.is_dir():
     raise OutFolderError(f"{flag} {path} is a folder; give a file name")
   if path.exists() and not _owns(owned, path):
-    raise OutFolderError(f"{flag} {path} is a file that {tool} did not write, and {tool} would replace it: give a "
-                         f"new file name (or one of {what})")
+    raise OutFolderError(f"{flag} {path} is a file that {tool} did not write, and {tool} would replace it: give the "
+                         f"path of a new file (or of {what})")
   return path
 
 

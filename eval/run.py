@@ -265,18 +265,19 @@ def _check_tasks(args) -> None:
       raise UsageError(str(e)) from None
     if t not in longbench.MINI_TASKS and args.longbench_dir is None:
       raise UsageError(f"task {t!r} is a LongBench dataset: give --longbench_dir DIR")
-    if "longbench" in args.suites and not longbench.task_file(_task_dir(args, t), t).is_file():
-      raise UsageError(f"task {t!r} has no file {longbench.task_file(_task_dir(args, t), t)}; put LongBench's "
-                       f"{t}.jsonl there, or leave the task out")
-    if "longbench" in args.suites:  # a file of no readable record would make a table scored on nothing
-      path, skipped = longbench.task_file(_task_dir(args, t), t), []
-      with warnings.catch_warnings():  # (the run names each malformed line when it reads the file)
-        warnings.simplefilter("ignore")
-        first = next(iter(longbench.read_jsonl(path, skipped)), None)
-      if first is None:
-        raise UsageError(f"task {t!r}: {path} holds no readable record" + (
-            f" ({len(skipped)} malformed line(s); the first, line {skipped[0].line}: {skipped[0].reason})"
-            if skipped else " (it is empty)"))
+    if "longbench" not in args.suites:
+      continue
+    path, skipped = longbench.task_file(_task_dir(args, t), t), []
+    if not path.is_file():
+      raise UsageError(f"task {t!r} has no file {path}; put LongBench's {t}.jsonl there, or leave the task out")
+    with warnings.catch_warnings():  # a file of no readable record would make a table scored on nothing (the run
+      #                                 names each malformed line when it reads the file)
+      warnings.simplefilter("ignore")
+      first = next(iter(longbench.read_jsonl(path, skipped)), None)
+    if first is None:
+      raise UsageError(f"task {t!r}: {path} holds no readable record" + (
+          f" ({len(skipped)} malformed line(s); the first, line {skipped[0].line}: {skipped[0].reason})"
+          if skipped else " (it is empty)"))
 
 
 def _check_counts(args) -> None:

@@ -107,7 +107,7 @@ def check_flags(cfg, args) -> None:
   if args.out:
     out = Path(args.out).expanduser().absolute()
     try:  # a file of the user's (the training text, a results file) is never replaced
-      checks.check_out_file(out, "--out", "train.evaluate", is_rows_file, "the JSON rows it wrote")
+      checks.check_out_file(out, "--out", "train.evaluate", is_rows_file, "rows it wrote before")
     except checks.OutFolderError as e:
       raise FlagError(str(e)) from None
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
@@ -122,11 +122,11 @@ def is_rows_file(path) -> bool:
 
 def write_rows(rows, path) -> None:
   """The rows as strict JSON (a metric that is not a number is null), written whole or not at all."""
-  path = Path(path).expanduser()
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  from train.teacher_cache import write_atomic
+
   clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
-  tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
-  os.replace(tmp, path)
+  text = json.dumps(clean, indent=1, allow_nan=False) + "\n"
+  write_atomic(Path(path).expanduser(), lambda f: f.write(text.encode()))
 
 
 def main(argv=None) -> int:

@@ -193,17 +193,17 @@ def open_cache(path: str | Path, fingerprint: dict[str, Any], *, write: bool = T
   path = Path(path)
   if not check_cache(path, fingerprint) and write:
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / CACHE_FILE, lambda f: f.write((json.dumps(fingerprint, indent=1) + "\n").encode()))
+    write_atomic(path / CACHE_FILE, lambda f: f.write((json.dumps(fingerprint, indent=1) + "\n").encode()))
   if write:
     remove_dead_partials(path)
   return path
 
 
-_PARTIAL = re.compile(r"\.(\d{6}\.npz|" + re.escape(CACHE_FILE) + r")\.tmp-(.+)-(\d+)")  # _write_atomic's names
+_PARTIAL = re.compile(r"\.(\d{6}\.npz|" + re.escape(CACHE_FILE) + r")\.tmp-(.+)-(\d+)")  # write_atomic's names
 
 
 def remove_dead_partials(path: Path) -> list[Path]:
-  """Removes the half-written files (`_write_atomic`) that processes of this host killed while writing
+  """Removes the half-written files (`write_atomic`) that processes of this host killed while writing
   left in the cache folder; a shard is written whole again when it is next needed."""
   removed = []
   for p in Path(path).iterdir():
@@ -252,11 +252,11 @@ def build_cache(params: ModelParams, source: Sequence[dict], path: str | Path, f
   for i in tqdm(todo, desc=f"teacher cache ({path.name})", disable=not progress or not todo, dynamic_ncols=True):
     arrays = compute(i)
     if write:
-      _write_atomic(_shard(path, i), lambda f: np.savez(f, **arrays))
+      write_atomic(_shard(path, i), lambda f: np.savez(f, **arrays))
   return len(todo)
 
 
-def _write_atomic(dest: Path, write_to) -> None:
+def write_atomic(dest: Path, write_to) -> None:
   """Writes to a temporary sibling, then renames: a reader sees the whole file or none."""
   tmp = dest.with_name(f".{dest.name}.tmp-{adapter_io.writer_tag()}")
   with open(tmp, "wb") as f:
@@ -300,5 +300,5 @@ class CachedRows:
 
   def _compute(self, i: int, shard: Path) -> dict[str, np.ndarray]:
     arrays = self.compute(i)
-    _write_atomic(shard, lambda f: np.savez(f, **arrays))
+    write_atomic(shard, lambda f: np.savez(f, **arrays))
     return {k: arrays[k] for k in SHARD_KEYS}
