@@ -665,13 +665,17 @@ def _state_shardings(cache_shardings):
 
 def bytes_per_decode_step(params: ModelParams, ccfg: ChunkConfig, itemsize: int, sparse_slots: np.ndarray,
                           seen_tokens: np.ndarray) -> dict[str, np.ndarray]:
-  """K/V bytes one decode step reads (means over the steps): sparse layers read `sparse_slots`,
-  every other layer, like dense attention, the `seen_tokens` so far."""
+  """K/V bytes one decode step reads (means over the steps): sparse layers read `sparse_slots`, every
+  other layer, like dense attention, the `seen_tokens` so far, or a sliding layer the last `sliding_window`
+  of them (as `attention.decode_attention` reads it, in both designs)."""
   cfg = params.config
-  n_sparse = int(np.sum(_layer_plan(params, ccfg).sparse))
+  sparse = _layer_plan(params, ccfg).sparse
+  seen = np.asarray(seen_tokens, np.float64)
+  window = cfg.sliding_window or 0
+  read = [np.minimum(seen, window) if slide else seen for slide in cfg.sliding_layers]  # each layer, dense
   per_token = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
-  return dict(chunk=per_token * (n_sparse * sparse_slots + (cfg.n_layers - n_sparse) * seen_tokens),
-              dense=per_token * cfg.n_layers * seen_tokens)
+  return dict(chunk=per_token * sum(sparse_slots if s else r for s, r in zip(sparse, read)),
+              dense=per_token * sum(read))
 
 
 def _low_rank_state_bytes(params: ModelParams, ccfg: ChunkConfig, batch: int, buffer_len: int, itemsize: int) -> int:

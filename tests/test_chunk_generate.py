@@ -250,6 +250,26 @@ def test_retention_and_bytes_fall_with_top_chunks():
   assert narrow.stats["bytes_per_step"][0] < narrow.stats["dense_bytes_per_step"][0]
 
 
+@pytest.mark.parametrize("selection", ["shared", "kv_head"])
+def test_a_sliding_layer_counts_its_window_alone(selection):
+  """A sliding layer reads its last `sliding_window` keys in both designs (`attention.decode_attention`), so the
+  bytes of a step count that many there, not every token seen (which made Gemma 3's share of dense bytes
+  look near 1 at any budget)."""
+  params = chunk_params("gemma3")  # layers 0 and 2 full, layer 1 sliding
+  cfg = params.config
+  assert cfg.sliding_window < 60
+  out = chunk_generate(params, prompts([60], seed=2), max_new_tokens=6, eos_ids=(), selection=selection,
+                       kv_budget=0.5, boundaries="fixed", max_chunk_len=8)
+  seen = 60 + 1 + (6 - 1 - 1) / 2  # tokens seen at the row's middle decode step (5 steps after the prompt)
+  per_token = 2 * cfg.n_kv_heads * cfg.head_dim * 4
+  np.testing.assert_allclose(out.stats["dense_bytes_per_step"][0], per_token * (2 * seen + cfg.sliding_window))
+  # layer 0 (dense) reads every token, layer 1 its window, layer 2 (sparse) the slots it read
+  ccfg = cg.resolved(params, ChunkConfig(selection=selection).validate(128, cfg.n_layers))
+  nbytes = cg.bytes_per_decode_step(params, ccfg, 4, np.array([10.0]), np.array([seen]))
+  np.testing.assert_allclose(nbytes["chunk"], per_token * (seen + cfg.sliding_window + 10))
+  np.testing.assert_allclose(nbytes["dense"], per_token * (2 * seen + cfg.sliding_window))
+
+
 @pytest.mark.parametrize("vote, scorer, budget, window", [
     ("sum", "adapter", None, None), ("max", "adapter", 0.3, None), ("sum", "adapter", 0.3, 4),
     ("max", "attention", None, None), ("sum", "attention", 0.3, None)])
