@@ -107,18 +107,32 @@ def check_sampling(temperature, top_k, top_p) -> None:
     check_count("top_k", top_k, minimum=0)
 
 
-def token_array(tokens, vocab_size: int, where: str = "tokens") -> np.ndarray:
-  """A host array of token ids, its dtype checked: floats are refused, never truncated."""
+def token_array(tokens, vocab_size: int, where: str = "tokens", lengths_name: str = "lengths") -> np.ndarray:
+  """A host array of token ids, its dtype checked: floats are refused, never truncated. `lengths_name`: the
+  caller's argument for row lengths, which the ragged rows' message names."""
   try:
     arr = np.asarray(tokens)
   except ValueError:  # numpy refuses ragged nesting
-    raise ValueError(f"{where}: rows of different lengths; pad them to one length (and pass the lengths)") from None
+    raise ValueError(f"{where}: rows of different lengths; pad them to one length and pass each row's length "
+                     f"as {lengths_name}=") from None
   if arr.size == 0 and arr.dtype == np.float64:  # np.asarray([]) is float; an empty row is named later
     arr = arr.astype(np.int64)
   if not np.issubdtype(arr.dtype, np.integer):
     raise TypeError(f"{where} must be integer token ids, got dtype {arr.dtype}: convert them with "
                     "np.asarray(ids, np.int32) if they are whole numbers")
+  if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:  # would wrap in an int64 copy
+    raise ValueError(f"{where} has token id {int(arr.max())}, outside the vocabulary [0, {vocab_size})")
   return arr
+
+
+def check_on_host(where: str, *values) -> None:
+  """`generate`, `stream` and `chunk_generate` compile and run their own programs from the host; under the
+  caller's `jax.jit`, `vmap` or `grad` they failed deep inside jax ("Cannot apply JAX transformations to a
+  function lowered and compiled ...")."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values)):
+    raise TypeError(f"{where} runs its own compiled programs from the host and cannot be traced (it was called "
+                    f"under jax.jit, vmap or grad): call it outside them; cj.forward is the model as a function "
+                    "to trace")
 
 
 def check_lengths(lengths, batch: int, width: int, where: str = "lengths"):

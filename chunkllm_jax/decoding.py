@@ -176,13 +176,20 @@ def seed_key(seed) -> jax.Array:
 
 def row_keys(seed, batch: int) -> jax.Array:
   """One PRNG key per row, [B]: each row draws from a stream of its own, so what a row samples never depends on
-  the rows beside it. `seed` is an int, whose stream `b` row b draws from (rows differ, equal prompts too), or one
-  int per row, each row then drawing as it would alone (as row 0) with its seed."""
+  the rows beside it. `seed` is an int (or a 0-d integer array), whose stream `b` row b draws from (rows differ, equal prompts
+  too), or one int per row (a sequence or a 1-d array), each row then drawing as it would alone (as row 0) with
+  its seed."""
+  checks.check_on_host("generate / chunk_generate", seed)
+  if isinstance(seed, (np.ndarray, jax.Array)):  # a 0-d array is one seed, a 1-d one a seed per row
+    arr = np.asarray(seed)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
+      raise TypeError(f"seed must be an int or one int per row, got an array of {arr.dtype}, shape {arr.shape}")
+    seed = int(arr) if arr.ndim == 0 else arr.tolist()
   if checks.is_int(seed):
     return jax.vmap(jax.random.fold_in, (None, 0))(seed_key(seed), jnp.arange(batch, dtype=jnp.uint32))
   if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
     raise TypeError(f"seed must be an int or one int per row, got {seed!r} ({type(seed).__name__})")
-  seeds = np.asarray(seed).tolist() if isinstance(seed, np.ndarray) else list(seed)
+  seeds = list(seed)
   if len(seeds) != batch:
     raise ValueError(f"seed gives {len(seeds)} seeds for {batch} rows: give one int, or one per row")
   return jnp.stack([jax.random.fold_in(seed_key(s), 0) for s in seeds])

@@ -43,6 +43,7 @@ def dense_step(params: ModelParams, tokens_B, cache: KVCache, done_B, settings: 
 def _setup(params: ModelParams, tokens, max_new_tokens, lengths, max_len, temperature, top_k, top_p,
            eos_ids, pad_id, mesh, where="generate"):
   checks.check_params(params, where)
+  checks.check_on_host(where, params, tokens, lengths)
   checks.check_sampling(temperature, top_k, top_p)
   checks.check_mesh(mesh)
   cfg = params.config

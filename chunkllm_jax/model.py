@@ -180,7 +180,7 @@ def _token_input(tokens, vocab_size: int):
       raise TypeError(f"tokens must be [B, T] integer ids, got {tokens.dtype}{list(tokens.shape)}")
     return tokens
   if not isinstance(tokens, jax.Array):
-    tokens = checks.token_array(tokens, vocab_size)
+    tokens = checks.token_array(tokens, vocab_size, lengths_name="lengths_B")
   elif not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
   if tokens.ndim != 2:

@@ -97,8 +97,9 @@ class ChunkConfig(ChunkRules):
   score_queries: int | None = None  # score with the queries of the last this many tokens (max over them);
   #                                   None: 16 for scorer="attention", the adapters' own for "adapter"
   alpha: float = 0.5  # the Chunk Adapter's boundary threshold
-  # chunk-table size; None: max_len // 8, the buffer's (the batch's longest row and max_new_tokens), so where the
-  # table fills (chunks shorter than 8 tokens on average: lists, code, separators) a row reads as its batch allows
+  # chunk-table size; None: max_len // 8 (at least n_local; `table_size`), the buffer's (the batch's longest row
+  # and max_new_tokens), so where the table fills (chunks shorter than 8 tokens on average: lists, code,
+  # separators) a row reads as its batch allows
   max_chunks: int | None = None
   dense_layers: tuple[int, ...] = (0,)  # layers that keep full attention
   refresh_every: int = 0  # the shared rule's: also re-select every N tokens inside a chunk (0: only at boundaries)
@@ -185,7 +186,7 @@ class ChunkConfig(ChunkRules):
     if self.max_chunks is not None and self.max_chunks > max_len:  # a table that size only slows the compile
       raise ValueError(f"max_chunks={self.max_chunks} exceeds the buffer (max_len={max_len}): a chunk holds at "
                        "least one token, so there are never more chunks than positions")
-    max_chunks = self.max_chunks or max(max_len // 8, 1)
+    max_chunks = self.table_size(max_len)
     if self.n_sink < 0:
       raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
     if self.top_chunks < 0 or self.n_local < 0:
@@ -200,7 +201,8 @@ class ChunkConfig(ChunkRules):
                        f"{self.max_chunk_len}; raise max_chunks to {-(-max_len // self.max_chunk_len)}")
     if self.n_local > max_chunks or self.top_chunks > max(max_chunks, 1 << 16):
       raise ValueError(f"n_local={self.n_local} / top_chunks={self.top_chunks} cannot exceed the chunk table "
-                       f"(max_chunks={max_chunks}); there are never more chunks than that")
+                       f"(max_chunks={max_chunks}" + ("" if self.max_chunks else f", from the buffer: max_len={max_len}")
+                       + "); there are never more chunks than that")
     if self.kv_budget is not None and self.kv_budget_tokens is not None:
       raise ValueError("give kv_budget (a fraction) or kv_budget_tokens (a count), not both")
     if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:  # also false for NaN
@@ -365,6 +367,11 @@ class ChunkConfig(ChunkRules):
     return dataclasses.replace(self, selection_layers=layers, score_queries=queries, prefill=self.prefill_mode,
                                boundary_tokens=self.reads_boundary_tokens, **sizes)
 
+  def table_size(self, max_len: int) -> int:
+    """`max_chunks`, or by default max_len // 8, at least the local chunks (a short buffer, max_len=8 holding one
+    chunk, refused the default n_local=4 that the user never gave) and at most a chunk a position."""
+    return self.max_chunks or min(max(max_len // 8, self.n_local, 1), max_len)
+
   def score_rank_for(self, head_dim: int) -> int | None:
     """The per-head score's coordinates (or SparQ's dimensions) for keys of `head_dim`: `score_rank`, or a
     quarter of `head_dim` where it is None; None where nothing is estimated (the exact mass, the shared rule)."""
@@ -440,7 +447,7 @@ class ChunkConfig(ChunkRules):
       most = max(most, self.kv_budget_min_tokens)
       return min(max(most, fixed), max_len)
     per_selected = 1 if self.keep == "boundary" else self.max_chunk_len
-    boundaries = (self.max_chunks or max(max_len // 8, 1)) if self.reads_boundary_tokens else 0
+    boundaries = self.table_size(max_len) if self.reads_boundary_tokens else 0
     return min(fixed + self.top_chunks * per_selected + boundaries, max_len)
 
   def closes(self, t_B, open_start_B, token_B, p_B):

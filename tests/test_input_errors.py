@@ -98,6 +98,45 @@ def test_eos_ids_as_arrays_are_ids(params, eos):
   np.testing.assert_array_equal(cj.generate(params, [[1, 2]], max_new_tokens=4, eos_ids=eos).tokens, want.tokens)
 
 
+@pytest.mark.parametrize("seed, same_as", [(np.array(5), 5), (jnp.int32(5), 5), (jnp.array([5, 6]), [5, 6])],
+                         ids=["np_0d", "jax_0d", "jax_1d"])
+def test_seeds_as_arrays_are_seeds(params, seed, same_as):
+  """A 0-d array failed with 'iteration over a 0-d array' or 'has no len()', a jax array of per-row seeds
+  with 'seed must be an int, got Array(5)' (numpy's was taken)."""
+  run = lambda s: cj.generate(params, [[1, 2, 3], [4, 5]], max_new_tokens=4, temperature=1.0, seed=s).tokens
+  np.testing.assert_array_equal(run(seed), run(same_as))
+
+
+@pytest.mark.parametrize("seed", [np.array([[5, 6]]), np.array(5.0)])
+def test_a_seed_array_of_another_shape_or_kind_is_named(params, seed):
+  with pytest.raises(TypeError, match="seed must be an int or one int per row, got an array of"):
+    cj.generate(params, [[1, 2]], max_new_tokens=2, temperature=1.0, seed=seed)
+
+
+@pytest.mark.parametrize("call", ["generate", "stream", "chunk_generate"])
+def test_a_host_loop_under_jit_says_so(call):
+  """Under the caller's jit the loops failed deep inside jax ('Cannot apply JAX transformations ...')."""
+  p = chunk_params()
+  fn = lambda pp: getattr(cj, call)(pp, [[1, 2, 3]], max_new_tokens=4)
+  with pytest.raises(TypeError, match=f"{call} runs its own compiled programs from the host and cannot be traced"):
+    jax.jit(fn)(p)
+  with pytest.raises(TypeError, match="cannot be traced"):  # a traced seed alone
+    jax.jit(lambda s: cj.generate(p, [[1, 2, 3]], max_new_tokens=4, temperature=1.0, seed=s))(jnp.int32(3))
+
+
+def test_ragged_rows_to_forward_name_its_lengths_argument(params):
+  """forward's message said 'pass the lengths', and forward(..., lengths=...) is a TypeError: it takes lengths_B."""
+  with pytest.raises(ValueError, match="pass each row's length as lengths_B="):
+    cj.forward(params, [[1, 2, 3], [4, 5]])
+  assert cj.forward(params, [[1, 2, 3], [4, 5, 0]], lengths_B=[3, 2]).shape == (2, 3, 96)
+
+
+def test_a_uint64_id_past_int64_is_named_as_given(params):
+  """It wrapped to -1 in the int64 copy and was named as [-1]."""
+  with pytest.raises(ValueError, match=f"token id {2**64 - 1}, outside the vocabulary"):
+    cj.generate(params, np.array([[1, 2**64 - 1]], np.uint64), max_new_tokens=2)
+
+
 @pytest.mark.parametrize("eos", [96, [1, 1000]])
 def test_eos_ids_past_the_vocabulary_are_refused_not_ignored(params, eos):
   """An id the model cannot sample never ends a row: the run went on to max_new_tokens without a word."""
@@ -227,6 +266,19 @@ def test_float64_weights_without_x64_are_refused_not_made_float32():
 def test_a_chunk_count_beside_a_kv_budget_is_refused_not_dropped(kw):
   with pytest.raises(ValueError, match="top_chunks=4 is how many chunks are chosen where no KV budget is set"):
     cj.chunk_generate(chunk_params(), [[1, 2, 3]], max_new_tokens=1, **kw)
+
+
+@pytest.mark.parametrize("max_len", [8, 31])
+def test_a_short_buffer_fits_the_default_local_chunks(max_len):
+  """max_len=8 made a default table of one chunk and refused the default n_local=4, which the user never gave
+  ('n_local=4 / top_chunks=16 cannot exceed the chunk table (max_chunks=1)'); generate took the same call."""
+  p = chunk_params()
+  full = cj.chunk_generate(p, [[1, 2, 3]], max_new_tokens=5, max_len=max_len, kv_budget=1.0)
+  np.testing.assert_array_equal(full.tokens, cj.generate(p, [[1, 2, 3]], max_new_tokens=5, max_len=max_len).tokens)
+  with pytest.raises(ValueError, match=r"n_local=5 .* \(max_chunks=4\); there"):  # a table the user sized
+    cj.chunk_generate(p, [[1, 2, 3]], max_new_tokens=5, max_len=max_len, n_local=5, max_chunks=4)
+  with pytest.raises(ValueError, match=r"n_local=9.*from the buffer: max_len=8\)"):
+    cj.chunk_generate(p, [[1, 2, 3]], max_new_tokens=5, max_len=8, n_local=9)
 
 
 def test_temperature_nan_is_refused_by_chunk_generate_too():
