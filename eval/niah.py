@@ -6,7 +6,8 @@ Three kinds, after RULER's:
 - `multivalue`: one name with several numbers, asked for all of them.
 The target fact sits at the cell's depth in tokens (0: start, 1: end), at the nearest sentence break;
 the other facts of the kind at seeded random depths. The haystack is Brown-corpus prose (running
-sentences from a seeded document) or `chunkllm_jax.haystack`'s generated sentences. A cell scores 1
+sentences from a seeded document), `chunkllm_jax.haystack`'s generated sentences, or Python source
+(`read_python_documents`: lines of installed packages' files, a fact on a line of its own). A cell scores 1
 when the answer holds the number (single, multikey) or every number (multivalue; `recall` keeps the
 fraction found).
 """
@@ -93,6 +94,38 @@ EVAL_SHARE = 5
 NEEDLE_PLACEMENTS = ("tokens", "sentences")
 
 
+# The code haystack: source files of these installed packages (always beside this project: it depends on both).
+PYTHON_PACKAGES = ("numpy", "jax")
+MIN_SOURCE_CHARS = 20_000  # a file this long at least, so that a haystack is mostly one file's code
+
+
+def read_python_documents(packages: Sequence[str] = PYTHON_PACKAGES) -> list[list[str]]:
+  """The Python source of installed packages as documents of lines (a file each, tests left out), in a fixed
+  order: a haystack of code that is at hand offline. Its text follows the packages' versions
+  (`python_versions`, which eval.run records with its results)."""
+  import importlib.util
+
+  docs = []
+  for name in packages:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+      raise ValueError(f"the code haystack reads the source of package {name!r}, which is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for f in sorted(root.rglob("*.py")):
+      if "test" in f.relative_to(root).as_posix():
+        continue
+      text = f.read_text(encoding="utf-8", errors="replace")
+      if len(text) >= MIN_SOURCE_CHARS:
+        docs.append([line.rstrip() for line in text.splitlines()])
+  return docs
+
+
+def python_versions(packages: Sequence[str] = PYTHON_PACKAGES) -> dict[str, str]:
+  from importlib.metadata import version
+
+  return {name: version(name) for name in packages}
+
+
 def eval_documents(docs: Sequence) -> list:
   """The evaluation's share of a filler text's documents (its needles' haystacks, its perplexity text)."""
   return list(docs[EVAL_SHARE - 1::EVAL_SHARE])
@@ -108,20 +141,20 @@ def training_documents(docs: Sequence) -> list:
 REPEATED = (("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."),)
 
 
-def _token_counts(tokenizer, sentences: Sequence[str]) -> list[int]:
-  """Tokens of each sentence as it sits in running text (after a space)."""
-  return [len(ids) for ids in tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]]
+def _token_counts(tokenizer, sentences: Sequence[str], joiner: str = " ") -> list[int]:
+  """Tokens of each sentence as it sits in running text (after the joiner: a space, or a line break in code)."""
+  return [len(ids) for ids in tokenizer([joiner + s for s in sentences], add_special_tokens=False)["input_ids"]]
 
 
-def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] | None) -> list[str]:
-  """Running sentences of about `n_tokens` tokens, from a seeded Brown document onwards, or generated."""
+def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] | None, joiner: str = " ") -> list[str]:
+  """Running sentences (or lines) of about `n_tokens` tokens, from a seeded document onwards, or generated."""
   if brown is None:
     per = max(len(tokenizer(" ".join(haystack.filler_sentences(20, seed)))["input_ids"]) // 20, 1)
     return haystack.filler_sentences(max(n_tokens // per, 1), seed)
   out, total, d = [], 0, int(np.random.default_rng(seed).integers(len(brown)))
   while total < n_tokens:
     sentences = list(brown[d % len(brown)])
-    counts = _token_counts(tokenizer, sentences)
+    counts = _token_counts(tokenizer, sentences, joiner)
     for s, c in zip(sentences, counts):
       if total >= n_tokens:
         break
@@ -132,24 +165,26 @@ def _filler(tokenizer, n_tokens: int, seed: int, brown: Sequence[Sequence[str]] 
 
 
 def make_case(tokenizer, kind: str, length: int, depth: float, seed: int = 0,
-              brown: Sequence[Sequence[str]] | None = None, placement: str = "tokens") -> NeedleCase:
+              brown: Sequence[Sequence[str]] | None = None, placement: str = "tokens", joiner: str = " ") -> NeedleCase:
+  """One needle case. `brown`: the haystack's documents (sentences, or lines of code with joiner="\\n");
+  None: generated sentences."""
   # Keys depend on the whole cell (length, depth, seed), so that no two cells share a needle.
   rng = np.random.default_rng([seed, KINDS.index(kind) if kind in KINDS else 99, length, int(round(depth * 1000))])
   target, others, question, answers, lead = _needles(kind, rng)
-  sentences = _filler(tokenizer, length, seed, brown)
+  sentences = _filler(tokenizer, length, seed, brown, joiner)
   # The other facts first (at random places), then the target at its depth, so no fact moves it.
   for fact in others:
     sentences.insert(int(rng.integers(len(sentences) + 1)), fact)
   # "tokens": the sentence break with `depth` of the tokens before it. Sentences differ in length, so `depth`
   # of the sentences can be far from it (Brown at 2K tokens: 0.7 of the sentences at 0.54 of the tokens).
   if placement == "tokens":
-    before = np.concatenate([[0], np.cumsum(_token_counts(tokenizer, sentences))])
+    before = np.concatenate([[0], np.cumsum(_token_counts(tokenizer, sentences, joiner))])
     sentences.insert(int(np.argmin(np.abs(before - depth * before[-1]))), target)
   elif placement == "sentences":
     sentences.insert(int(round(depth * len(sentences))), target)
   else:
     raise ValueError(f"placement must be one of {NEEDLE_PLACEMENTS}, got {placement!r}")
-  return NeedleCase(kind, length, depth, seed, " ".join(sentences), question, answers, lead)
+  return NeedleCase(kind, length, depth, seed, joiner.join(sentences), question, answers, lead)
 
 
 def prompt_text(case: NeedleCase, chat: bool = True) -> str:
@@ -168,10 +203,11 @@ def score(case: NeedleCase, prediction: str) -> tuple[float, float]:
 
 
 def grid(tokenizer, kinds: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int = 1,
-         brown: Sequence[Sequence[str]] | None = None, seed: int = 0, placement: str = "tokens") -> list[NeedleCase]:
+         brown: Sequence[Sequence[str]] | None = None, seed: int = 0, placement: str = "tokens",
+         joiner: str = " ") -> list[NeedleCase]:
   """Every (kind, length, depth) cell, `samples` cases each (seeds seed, seed + 1, ...)."""
-  return [make_case(tokenizer, k, n, d, seed + s, brown, placement) for k in kinds for n in lengths for d in depths
-          for s in range(samples)]
+  return [make_case(tokenizer, k, n, d, seed + s, brown, placement, joiner) for k in kinds for n in lengths
+          for d in depths for s in range(samples)]
 
 
 def heatmap(cells: dict[tuple[str, str], dict[tuple[int, float], float]], lengths: Sequence[int],

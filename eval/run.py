@@ -68,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="where the target needle goes: at its depth in tokens, or at that share of the sentences "
                       "(how the rows of docs/results.md measured before 6 December 2026 were placed)")
   p.add_argument("--niah_max_new", type=int, default=32)
-  p.add_argument("--filler", choices=["brown", "generated", "repeated"], default=None,
+  p.add_argument("--filler", choices=["brown", "generated", "repeated", "python"], default=None,
                  help="haystack and perplexity text (default: brown when --brown exists); repeated: the passkey "
-                      "test's five sentences over and over (needles only)")
+                      "test's five sentences over and over (needles only); python: the source of the installed "
+                      "numpy and jax, a needle on a line of its own (needles only)")
   p.add_argument("--brown", default=str(BROWN), help="one-sentence-a-line text, blank lines between documents")
   p.add_argument("--tasks", nargs="+", default=None,
                  help="LongBench-format tasks (default: the mini set: " + " ".join(longbench.MINI_TASKS) + "; with "
@@ -221,6 +222,9 @@ def _resolve(args) -> argparse.Namespace:
   if args.filler == "repeated" and "ppl" in args.suites:
     raise UsageError("--filler repeated is a haystack for needles: the perplexity of five sentences over and over "
                      "measures nothing; leave ppl out of --suites or give another filler")
+  if args.filler == "python" and "ppl" in args.suites:
+    raise UsageError("--filler python is a haystack for needles (the perplexity texts are --brown's or generated); "
+                     "leave ppl out of --suites or give another filler")
   _check_counts(args)
   out = Path(args.out).expanduser().absolute()
   if out.exists() and not out.is_dir():
@@ -324,6 +328,8 @@ def _fingerprint(args) -> dict:
           "score_sketch", "sketch_estimate", "head_refresh", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
+  if args.filler == "python":  # the haystack is the installed packages' source: it changes with their versions
+    fp["python_filler"] = niah.python_versions()
   fp["adapters"] = adapters_id(args.adapters)
   if "niah" in args.suites:  # how the needle is placed decides the examples; a folder of other ones stays whole
     fp["needle_placement"] = args.needle_placement
@@ -406,12 +412,15 @@ def _write_fingerprint(out: Path, fp: dict) -> None:
 
 
 def niah_examples(args, tokenizer) -> dict[str, list[Example]]:
+  joiner = " "
   if args.filler == "brown":
     brown = niah.eval_documents(niah.read_sentences(args.brown))
+  elif args.filler == "python":  # lines of code, a needle on a line of its own
+    brown, joiner = niah.eval_documents(niah.read_python_documents()), "\n"
   else:  # the passkey test's sentences, or None: generated ones
     brown = niah.REPEATED if args.filler == "repeated" else None
   cases = niah.grid(tokenizer, args.niah_kinds, args.niah_lengths, args.niah_depths, args.niah_samples, brown,
-                    seed=args.seed, placement=args.needle_placement)
+                    seed=args.seed, placement=args.needle_placement, joiner=joiner)
   out: dict[str, list[Example]] = defaultdict(list)
   chat = has_chat_template(tokenizer)
   for case in cases:

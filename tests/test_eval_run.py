@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eval import methods as M
+from eval import niah
 from eval import run as eval_run
 from eval.results_io import ResultsFile, is_run_config
 from tests.eval_fixtures import N_RESULTS, Stubs, run_stubbed
@@ -382,14 +383,17 @@ def test_hybrid_takes_the_vote_under_the_shared_rule_alone():
   assert M.base_config("chunkllm", M.MethodSettings(**settings)).validate(64, 2).vote == "max"
 
 
-def test_a_repeated_filler_has_no_perplexity_to_measure(tmp_path):
-  args = eval_run._parser().parse_args(["--model", "m", "--filler", "repeated", "--suites", "niah", "ppl",
+@pytest.mark.parametrize("filler", ["repeated", "python"])
+def test_a_needles_only_filler_has_no_perplexity_to_measure(tmp_path, filler):
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", filler, "--suites", "niah", "ppl",
                                         "--out", str(tmp_path / "r")])
-  with pytest.raises(eval_run.UsageError, match="--filler repeated is a haystack for needles"):
+  with pytest.raises(eval_run.UsageError, match=f"--filler {filler} is a haystack for needles"):
     eval_run._resolve(args)
-  args = eval_run._parser().parse_args(["--model", "m", "--filler", "repeated", "--suites", "niah",
+  args = eval_run._parser().parse_args(["--model", "m", "--filler", filler, "--suites", "niah",
                                         "--out", str(tmp_path / "r")])
-  assert eval_run._resolve(args).filler == "repeated"
+  assert eval_run._resolve(args).filler == filler
+  if filler == "python":  # the haystack changes with the packages' versions: a resumed run must share them
+    assert eval_run._fingerprint(eval_run._resolve(args))["python_filler"] == niah.python_versions()
 
 
 @pytest.mark.parametrize("brown_exists", [True, False])

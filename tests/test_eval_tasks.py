@@ -69,6 +69,22 @@ def test_repeated_filler_is_the_passkey_tests_haystack(kind):
   assert 350 < len(case.document.split()) < 460
 
 
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_the_python_filler_is_code_with_the_needle_on_a_line_of_its_own(depth):
+  """--filler python: lines of the installed packages' source, kept as lines; the needle is one of them, at its
+  depth in tokens."""
+  docs = niah.eval_documents(niah.read_python_documents())
+  assert len(docs) > 20 and all(len("\n".join(d)) >= niah.MIN_SOURCE_CHARS for d in docs)
+  case = niah.make_case(WordTokenizer(), "single", 600, depth, seed=3, brown=docs, joiner="\n")
+  lines = case.document.split("\n")
+  (at,) = [i for i, line in enumerate(lines) if "pass key" in line]
+  assert lines[at] == f"The pass key is {case.answers[0]}. Remember it."
+  words = [len(line.split()) for line in lines]  # the tokenizer's tokens: words
+  assert abs(sum(words[:at]) / sum(words) - depth) < 0.05
+  assert sum(("def " in x or "import " in x or "return" in x) for x in lines) > 3  # code, line by line
+  assert set(niah.python_versions()) == set(niah.PYTHON_PACKAGES)
+
+
 def test_short_text_items_and_scores(tmp_path):
   items = short_text.read_items()
   assert len(items) == 24 and {i.kind for i in items} == {"choice", "completion"}
