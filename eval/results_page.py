@@ -152,6 +152,20 @@ MEASUREMENTS = (
                      "prose. 15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds), each at its "
                      "depth in tokens. ChunkLLM with today's defaults; vanilla, StreamingLLM and SepLLM in the same "
                      "folder."),
+    Measurement("niah_smollm2_python",
+                "NIAH, smollm2-135m: 15 passkeys at 4K tokens of Python source (today's defaults)",
+                "eval_niah_python_smollm2_15", "eval",
+                ("python -m eval.run --model smollm2-135m --suites niah --niah_kinds single --niah_lengths 4096 "
+                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler python --methods vanilla hybrid "
+                 "streamingllm sepllm --retention 0.5 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_niah_python_smollm2_15",),
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
+                note="A haystack of code (`--filler python`: the source files of the installed numpy and jax, a "
+                     "file's lines from a seeded file on, the passkey on a line of its own), which no training "
+                     "used: the Chunk Adapter closes chunks there every 25-28 tokens, and the heads' low-rank "
+                     "bases are built from code keys. 15 single-key needles (depths 0.1-0.9 x 3 seeds) at their "
+                     "depth in tokens. The text follows the packages' versions, which the folder's fingerprint "
+                     "records. Vanilla, StreamingLLM and SepLLM in the same folder."),
     Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_smollm2_30",),
@@ -752,6 +766,7 @@ DEFAULT_CHECKS = (
      None, None),
     ("NIAH, smollm2-135m, 30 needles at 2K in the passkey test's haystack", "niah_smollm2_repeated", None, None, None,
      None),
+    ("NIAH, smollm2-135m, 15 needles at 4K in Python source", "niah_smollm2_python", None, None, None, None),
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
     ("NIAH, smollm2-135m, 10 needles at 8K", "niah_smollm2_8k_defaults", None, None, None, None),
