@@ -176,9 +176,9 @@ def seed_key(seed) -> jax.Array:
 
 def row_keys(seed, batch: int) -> jax.Array:
   """One PRNG key per row, [B]: each row draws from a stream of its own, so what a row samples never depends on
-  the rows beside it. `seed` is an int (or a 0-d integer array), whose stream `b` row b draws from (rows differ, equal prompts
-  too), or one int per row (a sequence or a 1-d array), each row then drawing as it would alone (as row 0) with
-  its seed."""
+  the rows beside it. `seed` is an int (or a 0-d integer array), whose stream `b` row b draws from (rows differ,
+  equal prompts too), or one int per row (a sequence or a 1-d array), each row then drawing as it would alone
+  (as row 0) with its seed."""
   checks.check_on_host("generate / chunk_generate", seed)
   if isinstance(seed, (np.ndarray, jax.Array)):  # a 0-d array is one seed, a 1-d one a seed per row
     arr = np.asarray(seed)
