@@ -153,6 +153,26 @@ def writer_tag() -> str:
   return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def write_atomic(dest, content) -> None:
+  """Writes a file whole or not at all: to a temporary sibling named by `writer_tag` (which a later run can tell
+  from a live writer's), synced to disk, then renamed over `dest`, whose permissions it keeps where it replaces
+  one. `content`: bytes, or a function that writes to the open binary file. The one writer of the project's
+  small files (run settings, metrics, evaluation rows, teacher-cache shards, an export's config)."""
+  dest = Path(dest)
+  tmp = dest.with_name(f".{dest.name}.tmp-{writer_tag()}")
+  try:
+    with open(tmp, "wb") as f:
+      content(f) if callable(content) else f.write(content)
+      f.flush()
+      os.fsync(f.fileno())  # on disk before the name says it is whole: a power cut leaves no short file behind it
+    if dest.exists():
+      shutil.copymode(dest, tmp)
+    os.replace(tmp, dest)
+  except BaseException:  # an error (or Ctrl-C) mid-write: nothing of it stays; a killed process's is named for
+    tmp.unlink(missing_ok=True)  # `written_by_gone_process`
+    raise
+
+
 def written_by_gone_process(host: str, pid: int) -> bool:
   """Whether the writer named by `writer_tag` was a process of this host that no longer runs (what it
   left half-written is nobody's). Another host's (a shared disk) is never known to be gone."""

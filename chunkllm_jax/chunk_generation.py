@@ -701,7 +701,7 @@ def chunk_generate(params: ModelParams, tokens, max_new_tokens: int = 64, *, len
   programs follow those placements.
   """
   checks.check_params(params, "chunk_generate")
-  checks.check_on_host("chunk_generate", params, tokens, lengths, seed)
+  checks.check_on_host("chunk_generate", params, tokens, lengths)  # a traced seed: `decoding.row_keys`
   checks.check_sampling(temperature, top_k, top_p)
   checks.check_mesh(mesh)
   if params.adapters is None:

@@ -551,3 +551,22 @@ def test_metrics_after_a_cut_line_stay_readable(tmp_path):
   w.write(3, "train", {"loss": 2.0})
   w.close()
   assert path.read_text() == text + '{"step": 3, "split": "train", "loss": 2.0}\n'
+
+
+def test_write_atomic_replaces_whole_or_not_at_all_and_keeps_the_mode(tmp_path):
+  """The one writer of the run's small files: a write that fails leaves the old file as it was and nothing
+  beside it, and a replaced file keeps its permissions."""
+  path = tmp_path / "run_settings.json"
+  path.write_text("old\n")
+  path.chmod(0o640)
+
+  def failing(f):
+    f.write(b"half")
+    raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    adapter_io.write_atomic(path, failing)
+  assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["run_settings.json"]
+  adapter_io.write_atomic(path, b"new\n")
+  assert path.read_text() == "new\n" and (path.stat().st_mode & 0o777) == 0o640
+  assert [p.name for p in tmp_path.iterdir()] == ["run_settings.json"]

@@ -17,13 +17,13 @@ before a `Checkpointer` exists, so it never resumes the other run nor rotates it
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from chunkllm_jax import adapter_io
 from train.metrics import METRICS_FILE
 
 
@@ -122,9 +122,7 @@ def write_settings(workdir, settings: dict[str, Any]) -> None:
   """Writes the settings file whole or not at all (a reader never sees half of it)."""
   path = Path(workdir) / SETTINGS_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(dict(settings=settings), indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)
+  adapter_io.write_atomic(path, (json.dumps(dict(settings=settings), indent=2, sort_keys=True) + "\n").encode())
 
 
 class Checkpointer:

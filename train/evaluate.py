@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
-from chunkllm_jax import checks  # noqa: E402
+from chunkllm_jax import adapter_io, checks  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import run  # noqa: E402
 from train.run import FlagError  # noqa: E402
@@ -122,11 +122,9 @@ def is_rows_file(path) -> bool:
 
 def write_rows(rows, path) -> None:
   """The rows as strict JSON (a metric that is not a number is null), written whole or not at all."""
-  from train.teacher_cache import write_atomic
-
   clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
   text = json.dumps(clean, indent=1, allow_nan=False) + "\n"
-  write_atomic(Path(path).expanduser(), lambda f: f.write(text.encode()))
+  adapter_io.write_atomic(Path(path).expanduser(), text.encode())
 
 
 def main(argv=None) -> int:

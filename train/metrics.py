@@ -6,13 +6,14 @@ Only process 0 writes. JSONL floats are Python reprs, so two runs can be compare
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from chunkllm_jax import adapter_io
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -114,6 +115,4 @@ def _drop_rows_after(path: Path, step: int) -> None:
   kept = [line for line in lines if not after(line)]
   if len(kept) == len(lines):
     return
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text("".join(kept), encoding="utf-8")
-  os.replace(tmp, path)
+  adapter_io.write_atomic(path, "".join(kept).encode("utf-8"))

@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -251,10 +250,7 @@ def write_choice(directory, layers) -> None:
     raise ValueError(f"--write {directory}: layers {missing} have no QK Adapter there (qk_layers {qk}); "
                      "train adapters for them or store the choice with other adapters")
   meta["adapter_config"]["selection_layers"] = [int(i) for i in layers]
-  tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(meta, indent=2) + "\n")  # save_adapters' layout, so only the field differs
-  shutil.copymode(path, tmp)
-  os.replace(tmp, path)
+  adapter_io.write_atomic(path, (json.dumps(meta, indent=2) + "\n").encode())  # save_adapters' layout: only the field differs
 
 
 def is_pick_layers(path) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 import sys
 import zipfile
@@ -193,17 +192,17 @@ def open_cache(path: str | Path, fingerprint: dict[str, Any], *, write: bool = T
   path = Path(path)
   if not check_cache(path, fingerprint) and write:
     path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / CACHE_FILE, lambda f: f.write((json.dumps(fingerprint, indent=1) + "\n").encode()))
+    adapter_io.write_atomic(path / CACHE_FILE, (json.dumps(fingerprint, indent=1) + "\n").encode())
   if write:
     remove_dead_partials(path)
   return path
 
 
-_PARTIAL = re.compile(r"\.(\d{6}\.npz|" + re.escape(CACHE_FILE) + r")\.tmp-(.+)-(\d+)")  # write_atomic's names
+_PARTIAL = re.compile(r"\.(\d{6}\.npz|" + re.escape(CACHE_FILE) + r")\.tmp-(.+)-(\d+)")  # adapter_io.write_atomic's names
 
 
 def remove_dead_partials(path: Path) -> list[Path]:
-  """Removes the half-written files (`write_atomic`) that processes of this host killed while writing
+  """Removes the half-written files (`adapter_io.write_atomic`) that processes of this host killed while writing
   left in the cache folder; a shard is written whole again when it is next needed."""
   removed = []
   for p in Path(path).iterdir():
@@ -252,18 +251,8 @@ def build_cache(params: ModelParams, source: Sequence[dict], path: str | Path, f
   for i in tqdm(todo, desc=f"teacher cache ({path.name})", disable=not progress or not todo, dynamic_ncols=True):
     arrays = compute(i)
     if write:
-      write_atomic(_shard(path, i), lambda f: np.savez(f, **arrays))
+      adapter_io.write_atomic(_shard(path, i), lambda f: np.savez(f, **arrays))
   return len(todo)
-
-
-def write_atomic(dest: Path, write_to) -> None:
-  """Writes to a temporary sibling, then renames: a reader sees the whole file or none."""
-  tmp = dest.with_name(f".{dest.name}.tmp-{adapter_io.writer_tag()}")
-  with open(tmp, "wb") as f:
-    write_to(f)
-    f.flush()
-    os.fsync(f.fileno())  # on disk before the name says it is whole: a power cut leaves no short shard behind it
-  os.replace(tmp, dest)
 
 
 class CachedRows:
@@ -300,5 +289,5 @@ class CachedRows:
 
   def _compute(self, i: int, shard: Path) -> dict[str, np.ndarray]:
     arrays = self.compute(i)
-    write_atomic(shard, lambda f: np.savez(f, **arrays))
+    adapter_io.write_atomic(shard, lambda f: np.savez(f, **arrays))
     return {k: arrays[k] for k in SHARD_KEYS}
