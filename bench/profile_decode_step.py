@@ -2,10 +2,12 @@
 
   python bench/profile_decode_step.py --context 16384
   python bench/profile_decode_step.py --context 16384 --chunk                     # the default rule
+  python bench/profile_decode_step.py --context 16384 --chunk --budget            # ... under a KV budget
   python bench/profile_decode_step.py --context 16384 --selection shared          # the paper's rule
 
 Times one dense `kv_cache.decode_step` (without `--chunk` or `--selection`) or one ChunkLLM `chunk_decode_step`
-on bench_chunk.py's synthetic model, state and cache (smollm2-135m's shape, float32, a 25% budget),
+on bench_chunk.py's synthetic model, state and cache (smollm2-135m's shape, float32; ChunkLLM reads the top
+chunks of a 25% retention (`--ratio`), or with `--budget` a KV budget of it, as users set one),
 jitted with the buffers donated as the generate loops do, and prints the operations that took the
 most time per step (a fusion's name, its output shape and the ops it fuses most), from the trace's
 events. A benchmark tells how fast a step is; this tells which operation to look at.
@@ -64,6 +66,8 @@ def main(argv=None):
   ap.add_argument("--score_sketch", type=int, default=None)
   ap.add_argument("--sketch_estimate", default=None, choices=["simhash", "qjl"])
   ap.add_argument("--head_refresh", type=int, default=None)
+  ap.add_argument("--budget", action="store_true",
+                  help="ChunkLLM reads a KV budget of --ratio (kv_budget), as users set it, not top_k chunks")
   args = ap.parse_args(argv)
 
   L = args.context
@@ -78,7 +82,8 @@ def main(argv=None):
     run = lambda c, s: (step(params, tok, at(c))[1], None)
   else:
     selection = bc.selection_rule(args)
-    ccfg = bc.chunk_config(bc.top_k_for(args.ratio, L, bc.chunk_config(1, max_len)), max_len, **selection)
+    read = dict(kv_budget=args.ratio) if args.budget else {}
+    ccfg = bc.chunk_config(bc.top_k_for(args.ratio, L, bc.chunk_config(1, max_len)), max_len, **read, **selection)
     state = bc.synthetic_state(params, cache, jax.random.key(7), L, ccfg)
     step = jax.jit(functools.partial(cg.chunk_decode_step, ccfg=ccfg), donate_argnums=(2, 3)).lower(
         params, tok, cache, state).compile()
