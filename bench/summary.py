@@ -148,6 +148,14 @@ def plot(figs: list[Figure], path: pathlib.Path, title: str) -> None:
   plt.close(fig)
 
 
+def gpu_line(out: pathlib.Path) -> str:
+  """Where the GPU figures are: bench_kernels.py's page, once a device run has written it."""
+  if (out / "RESULTS.md").is_file():
+    return "The GPU figures are RESULTS.md's (`bench/bench_kernels.py`)."
+  return ("The GPU figures are still to come: no GPU run has written RESULTS.md yet (`OUT=DIR bash "
+          "bench/device_run.sh` on a GPU runs `bench/bench_kernels.py` and the decode on the device).")
+
+
 def write(out, quick: bool = False) -> pathlib.Path:
   out = pathlib.Path(out)
   figs = figures(out)
@@ -155,7 +163,7 @@ def write(out, quick: bool = False) -> pathlib.Path:
   lines = ["# Performance against the targets (CPU)", "",
            "Written by `python bench/regenerate.py` (`--summary`: from the pages' .json alone). Each figure comes "
            "from one page below, where its table, machine and command are; ratios are of two sides measured in "
-           "one run. The GPU figures are bench/RESULTS.md's (`bench/bench_kernels.py`).", ""]
+           "one run. " + gpu_line(out), ""]
   if quick:
     lines += ["**Quick run: tiny shapes, timings meaningless; a check that the pipeline runs.**", ""]
   lines += ["| area | figure | measured | target | met |", "|---|---|---:|---:|:---:|"]

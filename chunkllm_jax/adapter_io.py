@@ -1,7 +1,8 @@
 """Adapter exports: trained adapters alone, as an Orbax checkpoint plus a `config.json`.
 
 An export directory holds:
-- `params/`: the adapter weights (Orbax `StandardCheckpointer`), float32;
+- `params/`: the adapter weights (Orbax `StandardCheckpointer`), float32 or bfloat16 (`weights_dtype` in
+  `config.json`; loaded as float32);
 - `config.json`: the `AdapterConfig`, the backbone it was trained on (a registered name or a path)
   and that backbone's `ModelConfig` with its fingerprint, so adapters are never silently attached
   to a model they were not trained for.

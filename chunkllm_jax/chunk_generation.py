@@ -5,10 +5,11 @@ every decode step (`head_selection.py`), and a boundary only appends the chunk t
 paper's rule (`selection="shared"`), described below, one selection made at each boundary serves
 every layer and head.
 
-Prefill lets the Chunk Adapter segment the prompt at layer 0, attends densely up to the first
-selection layer and chunk-sparsely after it (`chunk_prefill.py`: the selection layers' vote at
-every boundary; dense prefill is an option), fills the chunk table from the prompt's chunk ends,
-and makes the first selection at the last prompt token.
+Prefill lets the Chunk Adapter segment the prompt at layer 0 and attends densely (the default, where the
+frozen attention scores the prompt: `prefill_scorer="attention"`), or, where the adapters score it
+(`prefill="sparse"`), densely up to the first selection layer and chunk-sparsely after it
+(`chunk_prefill.py`: the selection layers' vote at every boundary); it fills the chunk table from the
+prompt's chunk ends and makes the first selection at the last prompt token.
 Each decode step then:
   1. runs every layer: dense layers read the whole buffer, sliding layers their window, and the
      other layers read only the compacted working buffer (sinks, selected and local chunks) plus

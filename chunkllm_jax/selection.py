@@ -108,7 +108,7 @@ class ChunkConfig(ChunkRules):
   # rule on ChunkLLM's chunks), or "shared" (the paper's rule: one selection, made by `scorer` where a
   # token closes a chunk, serves every sparse layer and head). The
   # per-head rule is the one that meets every quality target measured (the shared rule's 2K perplexity is
-  # +4.86% at 50% KV against +1.69%), at a lower decode speed on the CPU (slower than dense at a 50% budget;
+  # +4.86% at 50% KV against +1.33%), at a lower decode speed on the CPU (slower than dense at a 50% budget;
   # docs/results.md, "Default settings"; bench/RESULTS_chunk_defaults.md against bench/RESULTS_chunk.md).
   selection: str = SELECTIONS[0]
   # With selection="kv_head", how each step estimates a head's attention mass over the chunks:

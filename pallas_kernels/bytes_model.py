@@ -2,7 +2,7 @@
 
 Semantic chunks (20 to 40 tokens) do not line up with kernel blocks (64 to 512 tokens), so reading
 the selection in place reads whole blocks; compaction reads a dense buffer but pays a gather at
-each boundary (DESIGN.md, "Bytes matter more than retention"). Spans are (start, length) in
+each boundary (docs/design.md, section 7, "Working buffer"). Spans are (start, length) in
 tokens. Plain Python: use it on recorded spans, or to pick a design before running anything.
 """
 

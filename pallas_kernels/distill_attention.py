@@ -1,7 +1,7 @@
 """Distillation attention: causal flash attention that also gives the teacher P[t, j].
 
 P[t, j] is the layer's softmax attention of query t, averaged over heads, summed over the tokens
-of chunk j, then renormalised over t's candidate chunks (DESIGN.md, "Training"):
+of chunk j, then renormalised over t's candidate chunks (docs/design.md, section 8):
 - sink tokens (positions < n_sink) carry no mass;
 - chunk j is a candidate for t iff it ended before t's chunk began. With non-decreasing,
   consecutive chunk ids that is j < chunk(t): t's own open chunk is excluded.

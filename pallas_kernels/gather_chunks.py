@@ -2,7 +2,7 @@
 
 At a chunk boundary the selection changes (ICAC), so decode can read the selected chunks from a
 dense `[B, budget, K, D]` buffer instead of reading whole kernel blocks of the static buffer in
-place (DESIGN.md, "Bytes matter more than retention"). Per row, the spans
+place (docs/design.md, section 7, "Working buffer"). Per row, the spans
 `(span_start_BN, span_len_BN)` (length 0 = padding) are packed back to back, in list order, from
 slot 0. Slots past the packed tokens are zeros and invalid; tokens past `budget` are dropped.
 

@@ -51,3 +51,14 @@ def test_memory_rows_with_the_compile_cache_warm_are_their_own(bench_script, mon
   warm = figs[("peak memory", "chunk_generate, warm compile cache: peak RSS / floor, 32K")]
   assert (compiled.value, compiled.met, warm.value, warm.met) == (1.22, False, 1.19, True)
   assert ("peak memory", "generate, warm compile cache: peak RSS / floor, 32K") not in figs  # not measured warm
+
+
+@pytest.mark.parametrize("gpu_page", [True, False])
+def test_the_gpu_figures_are_cited_only_once_a_device_run_wrote_them(bench_script, monkeypatch, tmp_path, gpu_page):
+  monkeypatch.syspath_prepend(str(BENCH))
+  summary = bench_script("summary")
+  if gpu_page:
+    (tmp_path / "RESULTS.md").write_text("# kernels on a GPU\n")
+  head = summary.write(tmp_path).read_text().split("\n\n")[1]
+  assert ("The GPU figures are RESULTS.md's" in head) == gpu_page
+  assert ("The GPU figures are still to come" in head) == (not gpu_page)

@@ -7,8 +7,8 @@
   over layers.
 - Candidates are the chunks inference can choose between: completed, and older than the `n_local`
   most recent (those are always read, so ranking them teaches the student nothing it uses). P is
-  renormalised over them. With `n_local=0` every completed chunk is a candidate (DESIGN.md's
-  literal rule); see train/RESULTS.md for why the default follows inference instead.
+  renormalised over them. With `n_local=0` every completed chunk is a candidate (the literal
+  rule: docs/design.md, section 8); see train/RESULTS.md for why the default follows inference instead.
 - Chunks come from the labels (teacher forcing), see `chunkllm_jax.boundaries`.
 
 The backbone is an ordinary argument, but the teacher wraps it in `stop_gradient`, so
