@@ -247,6 +247,54 @@ def perplexity_plot(summary: dict, out: Path) -> list[Path]:
   return [path]
 
 
+def _budget_curves(rows: Sequence[dict], value: str) -> dict[str, list[tuple[float, float]]]:
+  """Per method but vanilla, its (measured KV %, `value`) points at fractional budgets, by measured KV."""
+  curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
+  for r in rows:
+    try:
+      float(r["retention"])
+    except ValueError:  # "full" or "default": not a point of a budget's curve
+      continue
+    if r["method"] != "vanilla" and r.get(value) is not None and r.get("kv_retention") is not None:
+      curves[r["method"]].append((100.0 * r["kv_retention"], r[value]))
+  return {m: sorted(pts) for m, pts in curves.items()}
+
+
+def tradeoff_plot(summary: dict, out: Path) -> list[Path]:
+  """tradeoff.png: quality against the KV each run measured, a line per method over its budgets (the
+  long-context average as a percent of vanilla's, and perplexity's change from vanilla's), written where
+  some method ran at two budgets or more: the curve a user picks a budget from."""
+  panels = [(title, curves, ylabel, ref) for title, curves, ylabel, ref in (
+      ("long-context average (NIAH, LongBench-format)", _budget_curves(summary["long_context"], "pct_of_vanilla"),
+       "% of vanilla's score", 100.0),
+      ("perplexity", _budget_curves(summary["tasks"].get("perplexity", ()), "ppl_change_pct"),
+       "perplexity vs vanilla (%)", 0.0)) if curves]
+  if not any(len(pts) > 1 for _, curves, _, _ in panels for pts in curves.values()):
+    return []
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(5.5 * len(panels), 4.2))
+  for ax, (title, curves, ylabel, ref) in zip(axes[0], panels):
+    ax.axhline(ref, color="black", linewidth=1.5, label="vanilla (100% KV)")
+    for method in sorted(curves, key=lambda m: _order(("", m, "full"))):
+      kv, y = zip(*curves[method])
+      ax.plot(kv, y, marker="o", label=method)
+    ax.set_xlim(0, 102)
+    ax.set_xlabel("KV read, measured (% of the tokens seen)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = out / "tradeoff.png"
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return [path]
+
+
 def write_all(out: Path, records: Sequence[dict], settings: dict, bad_lines: Sequence = ()) -> list[Path]:
   """summary.json, results.md and the plots under `out`; returns their paths."""
   out.mkdir(parents=True, exist_ok=True)
@@ -255,11 +303,16 @@ def write_all(out: Path, records: Sequence[dict], settings: dict, bad_lines: Seq
                  bad_lines=[dict(line=b.line, reason=b.reason) for b in bad_lines])
   paths = [out / "summary.json", out / "results.md"]
   paths[0].write_text(json.dumps(summary, indent=1) + "\n")
-  paths[1].write_text(markdown(summary, settings, bad_lines) + "\n")
-  paths += niah_plots(records, out) + perplexity_plot(summary, out)
+  curve = tradeoff_plot(summary, out)
+  text = markdown(summary, settings, bad_lines)
+  if curve:  # under the headline: the budgets side by side before the tables of each
+    head, sep, rest = text.partition("\n## ")
+    text = f"{head}\n![quality against the KV measured, per method and budget]({curve[0].name})\n\n{sep.lstrip()}{rest}"
+  paths[1].write_text(text + "\n")
+  paths += niah_plots(records, out) + perplexity_plot(summary, out) + curve
   # A plot this report has no rows for is an earlier report's (a rerun with fewer methods): left beside
   # results.md, it would show results the tables no longer hold. Only the names written above are removed.
-  ours = {out / f"niah_{m}.png" for m in METHOD_ORDER} | {out / "perplexity.png"}
+  ours = {out / f"niah_{m}.png" for m in METHOD_ORDER} | {out / "perplexity.png", out / "tradeoff.png"}
   for stale in sorted(ours - set(paths)):
     stale.unlink(missing_ok=True)
   return paths

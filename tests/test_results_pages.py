@@ -55,6 +55,29 @@ def test_perplexity_verdict():
   assert [line.split(": ")[-1] for line in lines] == ["not met).", "met)."]  # chunkllm +5.1%, hybrid +1.0%
 
 
+@pytest.mark.parametrize("budgets", [("0.5", "0.25"), ("0.5",)])
+def test_the_tradeoff_plot_is_drawn_where_a_method_ran_at_several_budgets(tmp_path, budgets):
+  """tradeoff.png (quality against the KV measured) where some method has a curve, linked from results.md;
+  with one budget a method there is no curve, and a tradeoff.png of an earlier report is removed."""
+  def ppl(method, budget, nll):
+    return dict(task="perplexity", method=method, retention=budget, example="d0", nll=nll * 100, n_scored=100,
+                nll_bins=[nll], token_bins=[1], bin_edges=[0, 1], kv_retention=1.0 if budget == "full" else float(budget))
+  def niah(method, budget, found):  # with the fields the heatmaps read
+    return [dict(r, kind="single", length=1024, depth=0.5) for r in niah_rows(method, budget, found)]
+  records = niah("vanilla", "full", 10) + [ppl("vanilla", "full", 3.0)]
+  for b in budgets:
+    records += niah("hybrid", b, 10) + niah("streamingllm", b, 4) + [ppl("hybrid", b, 3.01)]
+  (tmp_path / "tradeoff.png").write_bytes(b"an earlier report's")
+  paths = report.write_all(tmp_path, records, dict(model="m", dtype="float32", methods=["vanilla", "hybrid"]))
+  plot = tmp_path / "tradeoff.png"
+  assert (plot in paths) == (len(budgets) > 1) == plot.exists()
+  assert ("](tradeoff.png)" in (tmp_path / "results.md").read_text()) == (len(budgets) > 1)
+  if len(budgets) > 1:
+    assert plot.read_bytes().startswith(b"\x89PNG")
+  curves = report._budget_curves(report.summarize(records)["long_context"], "pct_of_vanilla")
+  assert curves["streamingllm"] == sorted((100 * float(b), 40.0) for b in budgets)
+
+
 def test_page_keeps_its_history_and_rewrites_to_the_same_page(tmp_path):
   page = tmp_path / "results.md"
   page.write_text("# An earlier page\n\nwritten by hand\n")
