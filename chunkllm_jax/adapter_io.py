@@ -12,13 +12,16 @@ An export directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -257,22 +260,52 @@ def save_adapters(adapters: Adapters, directory, *, model_config: ModelConfig, b
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = _sibling(directory, "tmp")
   tmp.mkdir()  # not mkdtemp: the export gets the umask's permissions, not 0700
+  ckptr = None
   try:
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32).astype(_dtype(dtype)),
                           adapters.params)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "params", params)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    with _signals_held():  # an interrupt in orbax's save left its threads writing into tmp after its removal
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(tmp / "params", params)
+      ckptr.wait_until_finished()
+      ckptr.close()
     meta["weights_sha256"] = weights_digest(params)  # what `load_adapters` checks the weights it reads against
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     check_export_target(directory, overwrite=overwrite)  # it may have changed while we wrote
     _swap_in(tmp, directory)
   except BaseException:
+    if ckptr is not None:  # a failed save: its threads are done before the folder goes
+      try:
+        ckptr.close()
+      except Exception:
+        pass
     shutil.rmtree(tmp, ignore_errors=True)  # ours alone; the old export is untouched
     raise
   _remove_dead_siblings(directory)
   return directory
+
+
+@contextlib.contextmanager
+def _signals_held():
+  """Ctrl-C and SIGTERM wait until the block is done, then arrive (in the main thread; elsewhere nothing is
+  held). Orbax writes from threads of its own: an interrupt in the middle of its save left them writing after
+  the folder was removed, which they made again (a hidden half export, and errors at exit). Saving adapters
+  takes a second or less."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  got = []
+  held = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  held = {s: h for s, h in held.items() if h is not None}  # a handler set outside Python cannot be put back
+  for s in held:
+    signal.signal(s, lambda signum, frame: got.append(signum))
+  try:
+    yield
+  finally:
+    for s, h in held.items():
+      signal.signal(s, h)
+    if got:
+      signal.raise_signal(got[0])  # to its own handler now: KeyboardInterrupt, or train.run's stop
 
 
 def weights_digest(params) -> str:

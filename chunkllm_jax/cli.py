@@ -118,6 +118,11 @@ def _chunk_settings(args) -> dict:
 
 def _read_prompt(args) -> str:
   if args.prompt is not None:
+    try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer refuses obscurely
+      args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"--prompt is not valid UTF-8 text (at character {e.start}); give UTF-8 text or "
+                       "--prompt-file") from None
     return args.prompt
   try:
     with open(args.prompt_file, encoding="utf-8") as f:

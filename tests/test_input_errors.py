@@ -716,6 +716,12 @@ def run_dir(tmp_path):
   (tmp_path / "link").symlink_to(tmp_path / "folder")
   (tmp_path / "mine" / "train").mkdir(parents=True)  # a folder of the user's where a cache would go
   (tmp_path / "mine" / "train" / "notes.txt").write_text("mine\n")
+  (tmp_path / "fake.gguf").write_text("precious\n")  # a user's file named like a model
+  (tmp_path / "bad_hf").mkdir()
+  (tmp_path / "bad_hf" / "config.json").write_text("garbage{")
+  (tmp_path / "wd_ckpt" / "checkpoints").parent.mkdir()  # workdirs holding the run's names as the wrong kind
+  (tmp_path / "wd_ckpt" / "checkpoints").write_text("mine\n")
+  (tmp_path / "wd_metrics" / "metrics.jsonl").mkdir(parents=True)
   return tmp_path, corpus
 
 
@@ -752,7 +758,8 @@ TRAIN_BAD = {
     "export_link": (["--export", "{tmp}/link"], r"cannot export to .*link: it is not a folder \(a file or a link\)"),
     "export_lock": (["--export", "{tmp}/work/.train.lock"], r"--export .*\.train\.lock would replace .*work/\.train\.lock, "
                                                             r"which the run keeps"),
-    "export_in_a_file": (["--export", "{tmp}/a_file/export"], r"--export .*a_file is a file; give a folder"),
+    "export_in_a_file": (["--export", "{tmp}/a_file/export"], r"--export .*a_file/export: the folder .*a_file is a file; "
+                                                              r"give a folder"),
     "max_sequences": (["--max_sequences", "1", "--batch_size", "2"],
                       r"--max_sequences 1 is fewer than one batch \(--batch_size 2\)"),
     "score_queries_past_seq_len": (["--score_queries", "100", "--seq_len", "64"],
@@ -770,6 +777,11 @@ TRAIN_BAD = {
     "n_sink": (["--n_sink", "1000"], r"--n_sink 1000 leaves no tokens to chunk in a sequence of --seq_len \d+"),
     "seq_len_past_context": (["--model", "smollm2-135m", "--tokenizer", "", "--seq_len", "12288"],
                              r"--seq_len 12288 is past smollm2-135m's context \(8192 positions\): give at most 8192"),
+    "model_not_gguf": (["--model", "{tmp}/fake.gguf", "--tokenizer", ""], r"--model .*fake.gguf: .*not a readable GGUF"),
+    "model_bad_config": (["--model", "{tmp}/bad_hf", "--tokenizer", ""], r"--model .*bad_hf: .*not valid JSON"),
+    "checkpoints_a_file": (["--workdir", "{tmp}/wd_ckpt"], r"--workdir .*wd_ckpt: .*wd_ckpt/checkpoints is a file, where "
+                                                            r"a run keeps its checkpoints"),
+    "metrics_a_folder": (["--workdir", "{tmp}/wd_metrics"], r"--workdir .*wd_metrics: .*metrics.jsonl is a folder"),
     "untrained": (["--steps", "0", "--export", "{tmp}/export"],
                   r"--steps 0 --export .* would export untrained \(random\) adapters: .*--allow_untrained_export true"),
 }
@@ -786,6 +798,38 @@ def test_train_run_checks_every_flag_before_any_work(run_dir, capsys, monkeypatc
   before = _tree(tmp)
   assert re.search(match, _train_refused(capsys, run, argv))
   assert _tree(tmp) == before and not (tmp / "work").exists() and not (tmp / "data").exists()
+
+
+@pytest.mark.parametrize("module", ["train.run", "train.evaluate"])
+@pytest.mark.parametrize("flag, match", [("--gpu", r"--gpu: jax cannot use a CUDA GPU on this machine"),
+                                         ("--tpu", r"--tpu: (this machine is not a TPU host|jax cannot use a TPU)")])
+def test_a_platform_this_machine_lacks_is_a_flag_error(run_dir, module, flag, match):
+  """--gpu / --tpu on a machine without one: a traceback from deep in jax (a bare AssertionError, or
+  jax.distributed's "coordinator_address should be defined"), now one line naming the flag. CI has no GPU or TPU."""
+  tmp, corpus = run_dir
+  extra = ["--adapters", "smollm2-135m"] if module == "train.evaluate" else []
+  proc = _cli(module, flag, "--preset", "tiny", "--data", corpus, "--workdir", str(tmp / "work"), *extra)
+  assert re.search(match, _one_error_line(proc))
+  assert not (tmp / "work").exists()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_an_interrupted_start_says_whether_there_is_a_checkpoint_to_resume(run_dir, capsys, monkeypatch, checkpointed):
+  from tests import train_run_fixtures as fx
+  from train import run
+  tmp, corpus = run_dir
+  if checkpointed:
+    (tmp / "work" / "checkpoints" / "6").mkdir(parents=True)
+  monkeypatch.setattr(run, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+  assert run.main(fx.command(tmp / "work", corpus, tmp / "data")[4:]) == 130
+  said = capsys.readouterr().err.strip()
+  assert said == "interrupted: " + ("the same command resumes from the last checkpoint" if checkpointed else
+                                    "nothing was checkpointed yet: the same command starts from step 0")
+
+
+def test_a_prompt_that_is_not_utf8_is_named_at_the_door():
+  proc = _cli("chunkllm_jax", "generate", "--prompt", "caf\udce9")  # the byte 0xe9 alone, as a shell passes it
+  assert re.search(r"--prompt is not valid UTF-8 text \(at character 3\)", _one_error_line(proc))
 
 
 def test_train_run_refuses_to_start_over_beside_checkpoints(run_dir, capsys, monkeypatch):

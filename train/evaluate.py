@@ -130,6 +130,7 @@ def write_rows(rows, path) -> None:
 def main(argv=None) -> int:
   cfg, args = parse_args(argv)
   try:
+    run.check_platform(run.platform_of(args))  # selected in parse_args, before the config was read
     check_flags(cfg, args)
     rows = evaluate(cfg, args.adapters, args.compare_n_local or [cfg.n_local])
   except run.user_errors() as e:

@@ -48,9 +48,14 @@ def add_platform_flags(p: argparse.ArgumentParser) -> None:
   platform.add_argument("--tpu", action="store_true", help="run on TPUs (multi-host: jax.distributed)")
 
 
+def platform_of(args: argparse.Namespace) -> str | None:
+  """jax's name of the platform --cpu / --gpu / --tpu asks for (None: jax's own choice)."""
+  return "tpu" if args.tpu else "cuda" if args.gpu else "cpu" if args.cpu else None
+
+
 def select_platform(args: argparse.Namespace) -> str | None:
   """--cpu / --gpu / --tpu (None: jax's own choice); must run before any computation."""
-  platform = "tpu" if args.tpu else "cuda" if args.gpu else "cpu" if args.cpu else None
+  platform = platform_of(args)
   if platform:
     jax.config.update("jax_platforms", platform)
   return platform
@@ -72,7 +77,35 @@ def setup_platform(args: argparse.Namespace) -> None:
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
   elif args.tpu:
-    jax.distributed.initialize()  # finds the other hosts of a TPU slice by itself
+    try:
+      jax.distributed.initialize()  # finds the other hosts of a TPU slice by itself
+    except (RuntimeError, ValueError) as e:  # no TPU metadata here: not a TPU VM
+      raise FlagError(f"--tpu: this machine is not a TPU host jax can join ({_first_line(e)}); give --gpu or "
+                      "--cpu, or run on a TPU VM") from None
+  check_platform(platform)
+
+
+PLATFORM_FLAGS = {"tpu": "--tpu", "cuda": "--gpu", "cpu": "--cpu"}
+
+
+def check_platform(platform: str | None) -> None:
+  """The backend --cpu / --gpu / --tpu asked for must exist here: said now as a flag's error, not as a
+  traceback from deep in jax at the first computation."""
+  if platform is None:
+    return
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError, ValueError) as e:  # jax's CUDA plugin asserts with no message
+    need, hint = {"tpu": ("a TPU", "a TPU needs libtpu (pip install 'jax[tpu]') on a TPU VM; "),
+                  "cuda": ("a CUDA GPU", "a GPU needs jax installed with CUDA (pip install 'jax[cuda12]'); "),
+                  "cpu": ("the CPU", "")}[platform]
+    raise FlagError(f"{PLATFORM_FLAGS[platform]}: jax cannot use {need} on this machine ({_first_line(e)}); {hint}"
+                    "give the flag of a platform it has, e.g. --cpu") from None
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 class FlagError(ValueError):
@@ -106,6 +139,7 @@ def check_flags(cfg) -> None:
     raise FlagError(f"--max_to_keep {cfg.max_to_keep} would delete each checkpoint as soon as it is written; "
                     "give 1 or more")
   _check_writable("--workdir", Path(cfg.workdir))  # before --data_dir, which is in it by default
+  check_workdir_files(Path(cfg.workdir))
   check_common_flags(cfg)
   from train.checkpoint import has_checkpoints
 
@@ -209,6 +243,20 @@ def _check_writable(flag: str, path: Path) -> None:
                     "give a folder you can write to")
 
 
+def check_workdir_files(workdir: Path) -> None:
+  """What a run keeps in its workdir must be of its kind there: a file where the checkpoints go (or a folder
+  where the metrics log goes) failed only at the first save, after the data build and the first steps."""
+  from train.checkpoint import SETTINGS_FILE
+
+  for name, is_folder in (("checkpoints", True), ("tensorboard", True), ("metrics.jsonl", False),
+                          (SETTINGS_FILE, False), (LOCK_FILE, False)):
+    p = workdir / name
+    if p.exists() and p.is_dir() != is_folder:
+      kind = "a file" if is_folder else "a folder"
+      raise FlagError(f"--workdir {workdir}: {p} is {kind}, where a run keeps its {name}: move it aside or give "
+                      "another --workdir")
+
+
 def uses_cache(cfg) -> bool:
   """Row targets are cached unless --teacher_cache false; the paper's token_mean target has no cache."""
   return cfg.teacher != "token_mean" and cfg.teacher_cache
@@ -232,7 +280,10 @@ def check_model_flag(cfg) -> None:
     if not cfg.tokenizer:
       raise FlagError(f"--model {RANDOM_TINY} needs --tokenizer (e.g. smollm2-135m)")
     return
-  model_config = weights.load_config(cfg.model)
+  try:
+    model_config = weights.load_config(cfg.model)
+  except ValueError as e:  # not a GGUF file, a config.json that is not JSON: named as the flag's
+    raise FlagError(f"--model {cfg.model}: {e}") from None
   check_selection_layers(cfg, model_config)
   if cfg.seq_len > model_config.max_position:
     raise FlagError(f"--seq_len {cfg.seq_len} is past {cfg.model}'s context ({model_config.max_position} positions): "
@@ -264,7 +315,7 @@ def check_export_path(cfg) -> None:
   for p in kept + [Path(cfg.data_dir or workdir / "data").resolve(), cache_dir(cfg).resolve()]:
     if export == p or p in export.parents or export in p.parents:
       raise adapter_io.ExportTargetError(f"--export {cfg.export} would replace {p}, which the run keeps: {fix}")
-  _check_writable("--export", Path(cfg.export).absolute().parent)  # the export is written beside it, then moved
+  _check_writable(f"--export {cfg.export}: the folder", Path(cfg.export).absolute().parent)  # written beside it, then moved
   adapter_io.check_export_target(Path(cfg.export), overwrite=True)  # as given: a link is refused, as at the end
 
 
@@ -619,10 +670,17 @@ def main(argv=None) -> int:
   except user_errors() as e:
     return report(e)
   except KeyboardInterrupt as e:  # Ctrl-C outside the loop raises a plain one
-    saves = cfg is None or cfg.checkpoint_every
-    print("interrupted: " + ("the same command resumes from the last checkpoint" if saves else
-                             "no checkpoint is written (--checkpoint_every 0): the same command starts again from "
-                             "step 0"), file=sys.stderr)
+    from train.checkpoint import has_checkpoints
+
+    if cfg is not None and not cfg.checkpoint_every:
+      how = "no checkpoint is written (--checkpoint_every 0): the same command starts again from step 0"
+    elif cfg is None:  # stopped before the flags were read
+      how = "the same command resumes from the last checkpoint, where there is one"
+    elif has_checkpoints(Path(cfg.workdir) / "checkpoints"):
+      how = "the same command resumes from the last checkpoint"
+    else:
+      how = "nothing was checkpointed yet: the same command starts from step 0"
+    print("interrupted: " + how, file=sys.stderr)
     return 128 + getattr(e, "signum", signal.SIGINT)
   finally:
     if previous is not None:
