@@ -260,6 +260,10 @@ def _budget_curves(rows: Sequence[dict], value: str) -> dict[str, list[tuple[flo
   return {m: sorted(pts) for m, pts in curves.items()}
 
 
+PLOT_NAMES = {"hybrid": "ChunkLLM, prompt by attention (hybrid)", "chunkllm": "ChunkLLM, QK Adapters alone (chunkllm)",
+              "oracle": "attention scorer, no training (oracle)"}
+
+
 def tradeoff_plot(summary: dict, out: Path) -> list[Path]:
   """tradeoff.png: quality against the KV each run measured, a line per method over its budgets (the
   long-context average as a percent of vanilla's, and perplexity's change from vanilla's), written where
@@ -281,7 +285,7 @@ def tradeoff_plot(summary: dict, out: Path) -> list[Path]:
     ax.axhline(ref, color="black", linewidth=1.5, label="vanilla (100% KV)")
     for method in sorted(curves, key=lambda m: _order(("", m, "full"))):
       kv, y = zip(*curves[method])
-      ax.plot(kv, y, marker="o", label=method)
+      ax.plot(kv, y, marker="o", label=PLOT_NAMES.get(method, method))
     ax.set_xlim(0, 102)
     ax.set_xlabel("KV read, measured (% of the tokens seen)")
     ax.set_ylabel(ylabel)

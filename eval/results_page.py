@@ -127,6 +127,21 @@ MEASUREMENTS = (
                 note="The grid of the next section, run again after the local chunks took the recent share (6 "
                      "December 2026, fortieth session). Vanilla was run again in the folder; the baselines' rows "
                      "are read from the next section."),
+    Measurement("niah_smollm2_budgets",
+                "NIAH, smollm2-135m: the same 30 passkeys from a 50% budget down to 6.25% (today's defaults)",
+                "eval_budget_sweep_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid streamingllm sepllm "
+                 "--retention 0.5 0.25 0.125 0.0625 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_budget_sweep_smollm2_30",),
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
+                note="How far the budget goes down: the grid of the section above at 12.5% and 6.25% besides 50% and "
+                     "25%, with the baselines at each budget. Vanilla's rows and the defaults' at 50% and 25% are "
+                     "those of the section above, and StreamingLLM's and SepLLM's at 50% and 25% those of the "
+                     "section after it (the same settings and examples), copied into the folder before the run; the "
+                     "command fills the folder whole from nothing. The defaults' rows at 12.5% and 6.25% were measured "
+                     "after the chunks' last tokens stopped leaving the score no chunk to choose (7 December, "
+                     "forty-fourth session: at 12.5%, 25% and 50% the same tokens as before on every prompt; at 6.25% "
+                     "16 found where none was). The plot is the folder's `tradeoff.png`."),
     Measurement("niah_smollm2_tokens",
                 "NIAH, smollm2-135m: 30 passkeys at 2K tokens, each at its depth in tokens (the defaults before the "
                 "local chunks took the recent share)",
@@ -790,7 +805,7 @@ DEFAULT_CHECKS = (
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_local_in_recent_share.jsonl",
-                                          "eval_ppl_variants/brown_8x2048_local_in_recent_share_25.jsonl"),
+                                          "eval_ppl_variants/brown_8x2048_best_chunk_room_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
@@ -945,6 +960,8 @@ def render() -> str:
       lines += [m.note, ""]
     section = {"eval": eval_section, "needle_ranks": ranks_section, "held_out": held_out_section}[m.kind]
     lines += section(m) + [""]
+    if m.kind == "eval" and (DOCS / m.folder / "tradeoff.png").exists():  # eval.report's, where budgets make a curve
+      lines += [f"![quality against the KV measured, per method and budget]({m.folder}/tradeoff.png)", ""]
     cmds = "; then ".join(f"`{c}`" for c in m.commands)
     also = f" (and [{m.others}/]({m.others}/) for the other methods)" if m.others else ""
     lines += [f"Rows: [{m.folder}/]({m.folder}/){also}. Command: {cmds}" + ("" if m.rerun else " (not rerun by "
