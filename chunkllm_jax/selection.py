@@ -859,9 +859,8 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
   `fixed` (sinks, local chunks, open chunk); then, in up to FILL_PASSES - 1 more passes, the best of
   those left out that still fit what remains, again in score order. One pass stops at the first
   chunk that does not fit, which can leave a long chunk's worth of budget unused (50 tokens at 2K,
-  2.4 mean chunks); the passes fill it with shorter chunks. With `boundary_tokens` every candidate's last
-  token is paid for first, except where that would leave no candidate room: then the best one is made room
-  for. Without a budget, the `top_chunks` best are kept."""
+  2.4 mean chunks); the passes fill it with shorter chunks. Without a budget, the `top_chunks` best
+  are kept."""
   C = score_BRC.shape[-1]
   cand = jnp.arange(C) < n_cand_BR[..., None]
   score = jnp.where(cand, score_BRC, -1.0)
@@ -885,19 +884,6 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     newer_BRC = jnp.cumsum(cost_BRC[..., ::-1], -1)[..., ::-1]  # tokens from candidate j to the newest
     recent = cand & (newer_BRC + fixed_BR[..., None] <= jnp.floor(cfg.recent_share * budget)[..., None])
     score = jnp.where(recent, jnp.inf, score)
-  if cfg.reads_boundary_tokens:
-    # The chunks' last tokens never leave the score nothing to choose. Under a budget of a few tokens a chunk
-    # (6.25% of the tokens seen, chunks of 27: 1.7 a chunk) they filled what the rest left, and no chunk was
-    # read by score; where no candidate fits, the oldest of them give way (`working_positions` drops them)
-    # until the best one does. Elsewhere nothing changes.
-    recent = score == jnp.inf  # the recent share's, taken first
-    scored = cand & ~recent
-    room = budget - fixed_BR - jnp.sum(jnp.where(recent, cost[:, None], 0), -1)
-    each = jnp.broadcast_to(cost[:, None], score.shape)
-    cheapest = jnp.min(jnp.where(scored, each, jnp.iinfo(jnp.int32).max), -1)
-    best = jnp.argmax(jnp.where(scored, score, -jnp.inf), -1)[..., None]
-    short = jnp.take_along_axis(each, best, -1)[..., 0] - room
-    fixed_BR = fixed_BR - jnp.where(jnp.any(scored, -1) & (cheapest > room), jnp.clip(short, 0, n_cand_BR), 0)
   order = order_by_score(score)
   cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)
   cand_sorted = jnp.take_along_axis(cand, order, -1)

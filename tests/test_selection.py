@@ -65,7 +65,7 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
   come first, then chunks in score order while they fit, then FILL_PASSES - 1 more passes over those
   left out that fit what remains; the kept tokens never pass the budget. With `boundary_tokens`
   every candidate's last token is read anyway, so the budget pays for those first and a chunk
-  costs the rest of it, unless they leave no candidate room: then the oldest give way to the best by score."""
+  costs the rest of it."""
   rng = np.random.RandomState(seed)
   B, C, n_sink = 4, 40, 4
   lengths = rng.randint(1, 40, (B, C))
@@ -93,12 +93,6 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
       if always + newer > np.floor(recent_share * np.ceil(budget * seen[b])):
         break
       key[c] = np.inf
-    scored = [c for c in range(n_cand[b]) if np.isfinite(key[c])]
-    taken = sum(cost[c] for c in range(n_cand[b]) if not np.isfinite(key[c]))
-    if boundary_tokens and scored and min(cost[c] for c in scored) > room - taken:
-      best = max(scored, key=lambda c: (key[c], -c))  # no chunk fits: the last tokens give way, oldest first,
-      short = int(np.clip(cost[best] - (room - taken), 0, n_cand[b]))  # until the best by score does
-      always, room = always - short, room + short
     want, used = np.zeros(C, bool), 0
     for _ in range(FILL_PASSES):  # each pass: in score order over the chunks left out that fit what
       left, took = room - used, 0  # remains, while their running sum fits it
