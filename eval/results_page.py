@@ -138,10 +138,9 @@ MEASUREMENTS = (
                      "25%, with the baselines at each budget. Vanilla's rows and the defaults' at 50% and 25% are "
                      "those of the section above, and StreamingLLM's and SepLLM's at 50% and 25% those of the "
                      "section after it (the same settings and examples), copied into the folder before the run; the "
-                     "command fills the folder whole from nothing. The defaults' rows at 12.5% and 6.25% were measured "
-                     "after the chunks' last tokens stopped leaving the score no chunk to choose (7 December, "
-                     "forty-fourth session: at 12.5%, 25% and 50% the same tokens as before on every prompt; at 6.25% "
-                     "16 found where none was). The plot is the folder's `tradeoff.png`."),
+                     "command fills the folder whole from nothing. At 6.25% the chunks' last tokens "
+                     "(`boundary_tokens`, paid for first) fill the budget and no chunk is read by score (the history "
+                     "below, forty-fourth session). The plot is the folder's `tradeoff.png`."),
     Measurement("niah_smollm2_tokens",
                 "NIAH, smollm2-135m: 30 passkeys at 2K tokens, each at its depth in tokens (the defaults before the "
                 "local chunks took the recent share)",
@@ -805,7 +804,7 @@ DEFAULT_CHECKS = (
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_local_in_recent_share.jsonl",
-                                          "eval_ppl_variants/brown_8x2048_best_chunk_room_25.jsonl"),
+                                          "eval_ppl_variants/brown_8x2048_local_in_recent_share_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
