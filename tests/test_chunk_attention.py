@@ -11,7 +11,8 @@ import pytest
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_attention import packed_decode_attention
-from chunkllm_jax.chunk_cache import append_chunks, choose_at, compact, init_chunk_state, working_positions, working_size
+from chunkllm_jax.chunk_cache import (append_chunks, choose_at, compact, init_chunk_state, working_positions,
+                                     working_room as working_room_of, working_size)
 from chunkllm_jax.selection import ChunkConfig
 
 BLOCK = 16
@@ -170,3 +171,32 @@ def test_boundary_tokens_past_the_working_slots_give_way_oldest_first(spare, lim
   want = sorted([*range(ccfg.n_sink), *whole, *end[1:n - 1][len(end[1:n - 1]) - spare:]])
   assert np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist() == want
   assert int(used[0]) == fit
+
+
+@pytest.mark.parametrize("chunk_len, budget", [(27, 0.04), (27, 0.05), (1, 0.25), (1, 0.5)])
+@pytest.mark.parametrize("recent_share", [0.0, 0.75])
+def test_last_tokens_that_fill_the_budget_give_way_to_the_best_chunk(chunk_len, budget, recent_share):
+  """Under a budget of a few tokens a chunk, the last tokens of the chunks left out filled what the sinks, the
+  local and the open chunk left, and nothing was read by score (0 of 25 passkeys that vanilla found at 6.25% of
+  2K). The best-scored chunk is now read whole in place of the oldest of them, and only it: with one-token
+  chunks every candidate costs nothing past its last token, and the read still keeps to the budget."""
+  ccfg = ChunkConfig(n_sink=4, n_local=1, max_chunk_len=64, max_chunks=128, kv_budget=budget,
+                     boundary_tokens=True, recent_share=recent_share, prefill="dense").validate(4096, 1)
+  n, W, opened = 100, 1024, 5
+  ends = 3 + chunk_len * np.arange(1, n + 1)
+  st = init_chunk_state(1, 1, 1, 0, 2, 1, 8, jnp.float32, ccfg.resolve((0,), (0,), (0,), 1, head_dim=8), W)
+  st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(ends - chunk_len + 1), chunk_end=st.chunk_end.at[0, :n].set(ends),
+                  n_chunks=jnp.asarray([n], jnp.int32), open_start=jnp.asarray([ends[-1] + 1], jnp.int32))
+  pos = jnp.asarray([ends[-1] + opened], jnp.int32)
+  best = 7  # far from the end, outside any recent share
+  score = jnp.asarray(np.random.RandomState(0).rand(1, 1, ccfg.max_chunks) * 0.5).at[0, 0, best].set(1.0)
+  chosen = choose_at(st, score, pos, ccfg)[:, 0]
+  seen, n_budget = int(pos[0]) + 1, int(ccfg.budget_tokens(pos + 1)[0])
+  # Beside the sinks, the newest and the open chunk and the other last tokens, no chunk fits.
+  assert ccfg.n_sink + chunk_len + opened + (n - 1) + (chunk_len - 1) > n_budget
+  assert np.flatnonzero(np.asarray(chosen[0])).tolist() == [best]
+  wpos, wvalid, used = working_positions(st, chosen, ccfg, W, pos, working_room_of(st, pos, ccfg))
+  read = set(np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist())
+  assert set(range(int(ends[best - 1]) + 1, int(ends[best]) + 1)) <= read  # the best chunk, whole
+  assert set(range(int(ends[-2]) + 1, int(ends[-1]) + 1)) <= read  # the newest chunk, always
+  assert len(read) + opened <= n_budget < seen  # the open chunk's tokens counted

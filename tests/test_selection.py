@@ -65,7 +65,8 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
   come first, then chunks in score order while they fit, then FILL_PASSES - 1 more passes over those
   left out that fit what remains; the kept tokens never pass the budget. With `boundary_tokens`
   every candidate's last token is read anyway, so the budget pays for those first and a chunk
-  costs the rest of it."""
+  costs the rest of it; where they leave no candidate room, the best by score alone is read whole in
+  place of the oldest of them, if it fits what the budget leaves without them."""
   rng = np.random.RandomState(seed)
   B, C, n_sink = 4, 40, 4
   lengths = rng.randint(1, 40, (B, C))
@@ -94,6 +95,11 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
         break
       key[c] = np.inf
     want, used = np.zeros(C, bool), 0
+    scored = [c for c in range(n_cand[b]) if np.isfinite(key[c])]
+    room_scored = room - sum(cost[c] for c in range(n_cand[b]) if not np.isfinite(key[c]))
+    if boundary_tokens and scored and min(cost[c] for c in scored) > room_scored:
+      best = max(scored, key=lambda c: (key[c], -c))  # the oldest of equal scores
+      want[best] = cost[best] + 1 <= room_scored + len(scored)  # whole, in place of the scored last tokens
     for _ in range(FILL_PASSES):  # each pass: in score order over the chunks left out that fit what
       left, took = room - used, 0  # remains, while their running sum fits it
       for c in np.argsort(-key, kind="stable")[:n_cand[b]]:
@@ -104,7 +110,11 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
         want[c], took = True, took + cost[c]
       used += took
     np.testing.assert_array_equal(got[b], want)
-    assert always + cost[got[b]].sum() <= max(np.ceil(budget * seen[b]), always)
+    if boundary_tokens and scored and min(cost[c] for c in scored) > room_scored:
+      # What is read whole, with the sinks, local and open chunks, fits the budget.
+      assert fixed[b] + lens[b][got[b]].sum() <= max(np.ceil(budget * seen[b]), fixed[b])
+    else:
+      assert always + cost[got[b]].sum() <= max(np.ceil(budget * seen[b]), always)
 
 
 @pytest.mark.parametrize("kw, want", [
