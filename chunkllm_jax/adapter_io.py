@@ -96,6 +96,11 @@ def _is_export(directory: Path) -> bool:
     return False
   if (directory / "params").exists() and _not_orbax(directory / "params"):
     return False
+  return _has_export_config(directory)
+
+
+def _has_export_config(directory: Path) -> bool:
+  """Whether `directory` has an export's config.json (whatever else it holds)."""
   try:
     return json.loads((directory / "config.json").read_text()).get("format") == FORMAT
   except (OSError, ValueError, AttributeError):
@@ -112,6 +117,10 @@ def check_export_target(directory, *, overwrite: bool = False) -> Path:
   if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
     raise ExportTargetError(f"cannot export to {directory}: it is not a folder (a file or a link); "
                             "give a new folder for the export")
+  holder = next((p for p in directory.parents if _has_export_config(p)), None)
+  if holder is not None:  # the earlier export would then hold what no export writes, and never be replaced
+    raise ExportTargetError(f"cannot export to {directory}: it lies inside the adapter export {holder}, "
+                            "which could then never be replaced; give a folder outside it")
   if not directory.exists() or not any(directory.iterdir()):
     return directory
   if not _is_export(directory):

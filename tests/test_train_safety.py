@@ -158,6 +158,22 @@ def test_an_export_with_a_users_file_in_its_params_is_not_replaced(tmp_path, put
   assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("inside", ["params/new", "new", "params/d/new"])
+def test_an_export_inside_an_earlier_export_is_refused(tmp_path, inside):
+  """An export written into an earlier one's folder (or its params/) was accepted: the earlier export then held
+  what no export writes, and every later export to it (a resumed run's) was refused."""
+  adapters, model_config = _tiny_adapters()
+  export = tmp_path / "export"
+  cj.save_adapters(adapters, export, model_config=model_config, backbone="random-tiny")
+  before = _tree(tmp_path)
+  with pytest.raises(adapter_io.ExportTargetError, match=f"lies inside the adapter export {export}"):
+    cj.save_adapters(adapters, export / inside, model_config=model_config, backbone="random-tiny")
+  with pytest.raises(adapter_io.ExportTargetError, match="lies inside the adapter export"):
+    run.check_export_path(config.PRESETS["tiny"].replace(workdir=str(tmp_path / "work"), export=str(export / inside)))
+  assert _tree(tmp_path) == before
+  assert cj.load_adapters(export, model_config).config == adapters.config
+
+
 def test_the_shipped_exports_hold_only_orbax_files():
   for name in ("smollm2-135m", "gemma3-270m"):
     assert adapter_io._is_export(adapter_io.PACKAGED / name), name
