@@ -742,6 +742,10 @@ TRAIN_BAD = {
     "workdir_file": (["--workdir", "{tmp}/a_file"], r"--workdir .*a_file is a file; give a folder"),
     "data_folder": (["--data", "{tmp}/folder"], r"--data .*folder is a folder: give the text files in it"),
     "data_missing": (["--data", "{tmp}/nope.txt"], r"--data .*nope.txt does not exist"),
+    "data_twice": (["--data", "{tmp}/corpus.txt", "{tmp}/corpus.txt"], r"--data .*corpus.txt is given twice: its text "
+                                                                        r"would count twice; give each file once"),
+    "data_twice_by_two_names": (["--data", "{tmp}/corpus.txt", "{tmp}/folder/../corpus.txt"],
+                                r"--data .*folder/\.\./corpus.txt is given twice \(also as .*/corpus.txt\)"),
     "model": (["--model", "{tmp}/folder", "--tokenizer", ""], r"no config.json"),
     "retrieval_mix": (["--retrieval_mix", "1.5"], r"--retrieval_mix 1.5 is not a fraction: give a value in \[0, 1\]"),
     "retrieval_mix_nan": (["--retrieval_mix", "nan"], r"--retrieval_mix nan is not a fraction"),
