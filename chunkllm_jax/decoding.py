@@ -174,6 +174,14 @@ def seed_key(seed) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
 
 
+def _host_int(v):
+  """A 0-d integer array (numpy's or jax's, as `jnp.int32(7)` or a row of an int array gives) as the int it
+  holds; anything else as it is, for `check_seed` to take or name."""
+  if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 0 and np.issubdtype(v.dtype, np.integer):
+    return int(v)
+  return v
+
+
 def row_keys(seed, batch: int) -> jax.Array:
   """One PRNG key per row, [B]: each row draws from a stream of its own, so what a row samples never depends on
   the rows beside it. `seed` is an int (or a 0-d integer array), whose stream `b` row b draws from (rows differ,
@@ -189,7 +197,7 @@ def row_keys(seed, batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(seed_key(seed), jnp.arange(batch, dtype=jnp.uint32))
   if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
     raise TypeError(f"seed must be an int or one int per row, got {seed!r} ({type(seed).__name__})")
-  seeds = list(seed)
+  seeds = [_host_int(s) for s in seed]
   if len(seeds) != batch:
     raise ValueError(f"seed gives {len(seeds)} seeds for {batch} rows: give one int, or one per row")
   return jnp.stack([jax.random.fold_in(seed_key(s), 0) for s in seeds])

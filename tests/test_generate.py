@@ -162,6 +162,9 @@ def test_a_row_samples_what_it_samples_alone_given_its_seed(call):
   run = getattr(cj, call)
   batch = run(params, rows, seed=[11, 12, 13], **kw)
   flipped = run(params, rows[::-1], seed=[13, 12, 11], **kw)
+  # seeds held in arrays' scalars (as jnp.int32(12), or a row of an array, gives them) were refused
+  assert run(params, rows, seed=[np.int64(11), jnp.int32(12), jnp.arange(14)[13]], **kw).tokens.tolist() == \
+      batch.tokens.tolist()
   for b, (row, s) in enumerate(zip(rows, [11, 12, 13])):
     alone = run(params, [row], seed=s, **kw)
     assert list(batch.new_tokens(b)) == list(alone.new_tokens(0)) == list(flipped.new_tokens(2 - b))
