@@ -139,8 +139,11 @@ MEASUREMENTS = (
                      "those of the section above, and StreamingLLM's and SepLLM's at 50% and 25% those of the "
                      "section after it (the same settings and examples), copied into the folder before the run; the "
                      "command fills the folder whole from nothing. At 6.25% the chunks' last tokens "
-                     "(`boundary_tokens`, paid for first) fill the budget and no chunk is read by score (the history "
-                     "below, forty-fourth session). The plot is the folder's `tradeoff.png`."),
+                     "(`boundary_tokens`, paid for first) fill what the sinks, newest and open chunks leave; where no "
+                     "chunk fits beside them, the best one by score is read whole in place of the oldest of them "
+                     "(the defaults' rows at 12.5% and 6.25% are of that rule; before it they found none at 6.25%: "
+                     "the history below, forty-fourth and forty-fifth sessions). The plot is the folder's "
+                     "`tradeoff.png`."),
     Measurement("niah_smollm2_tokens",
                 "NIAH, smollm2-135m: 30 passkeys at 2K tokens, each at its depth in tokens (the defaults before the "
                 "local chunks took the recent share)",
