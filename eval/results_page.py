@@ -193,11 +193,14 @@ MEASUREMENTS = (
                 "eval_niah_python_gemma3_10", "eval",
                 ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
                  "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
-                 "streamingllm sepllm --retention 0.25 --selection kv_head --needle_placement tokens "
+                 "streamingllm sepllm --retention 0.5 0.25 0.125 0.0625 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_gemma3_10",),
                 variant=f"today's defaults: {GEMMA3_DEFAULTS_NAME}",
                 note="The code haystack of the section above, on the other model (a base model: the prompt ends with "
-                     "the answer's lead), at a 25% budget. Vanilla, StreamingLLM and SepLLM in the same folder."),
+                     "the answer's lead), from a 50% budget down to 6.25%. Vanilla, StreamingLLM and SepLLM in the same "
+                     "folder; the rows at 25% are the forty-third session's, the others the forty-fifth's (the same "
+                     "settings; the command fills the folder whole from nothing). The plot is the folder's "
+                     "`tradeoff.png`."),
     Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_smollm2_30",),
