@@ -226,10 +226,11 @@ def check_data_flags(cfg) -> None:
   given_as = {}  # a file (its resolved path) -> the name first given for it
   for f in cfg.data:
     p = Path(f)
-    if p.is_file() and p.resolve() in given_as:
-      again = "twice" if given_as[p.resolve()] == f else f"twice (also as {given_as[p.resolve()]})"
+    real = p.resolve()
+    if p.is_file() and real in given_as:
+      again = "twice" if given_as[real] == f else f"twice (also as {given_as[real]})"
       raise FlagError(f"--data {f} is given {again}: its text would count twice; give each file once")
-    given_as.setdefault(p.resolve(), f)
+    given_as.setdefault(real, f)
     if p.is_dir():
       raise FlagError(f"--data {f} is a folder: give the text files in it (e.g. --data {p / '*.txt'})")
     if not p.is_file():
