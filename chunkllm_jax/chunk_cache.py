@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, local_count, local_tokens
+from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, last_token_count, local_count, local_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -143,8 +143,9 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, pos
   """Packed working slots for a selection made at `pos_B`: positions [B, W], validity [B, W], and slots used [B].
 
   The sinks first, then the selected and the local chunks (`local_count` at `pos_B`) back to back in position
-  order. With `boundary_tokens`, also the last token of each chunk left out, as many of the newest as fit the
-  W slots and `room_B` (the slots after the sinks that the budget leaves, when it sets one). Where the
+  order. With `boundary_tokens`, also the last token of each chunk left out, as many of the newest as
+  `last_token_count` allows and fit the W slots and `room_B` (the slots after the sinks that the budget leaves,
+  when it sets one). Where the
   chunks read exceed the W slots, the newest W - n_sink of their tokens are kept."""
   C = selected_BC.shape[-1]
   c = jnp.arange(C)
@@ -156,6 +157,10 @@ def working_positions(st: ChunkState, selected_BC, cfg: ChunkConfig, W: int, pos
   read = selected_BC | local
   if cfg.reads_boundary_tokens:  # the chunks left out contribute their last token
     left_out = (c < st.n_chunks[:, None]) & ~read
+    if room_B is not None and cfg.boundary_share < 1.0:  # as many of the newest as `choose` paid for
+      local_len = local_tokens(st.chunk_end, st.n_chunks[:, None], n_local[:, None], cfg.n_sink)[:, 0]
+      n_last = last_token_count(st.n_chunks - n_local, room_B - local_len, cfg)
+      left_out = left_out & (jnp.cumsum(left_out[:, ::-1], -1)[:, ::-1] <= n_last[:, None])
     # Where they do not all fit, the oldest give way, never a chunk read whole (the local ones are newest).
     limit = W - cfg.n_sink if room_B is None else jnp.minimum(room_B, W - cfg.n_sink)
     over = jnp.sum(jnp.where(read, end - start + 1, 0) + left_out, -1) - limit

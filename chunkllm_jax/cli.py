@@ -60,6 +60,9 @@ def _chunk_flags(p) -> None:
   p.add_argument("--boundary-tokens", action=argparse.BooleanOptionalAction, default=None,
                  help="also read the last token of each chunk left out "
                       "(default: on with --kv-budget, the prompt read densely)")
+  p.add_argument("--boundary-share", type=float, default=None,
+                 help="with --boundary-tokens: the most of what the budget leaves after the sinks, local and open "
+                      "chunk that the last tokens take, the newest first (default 1.0: every one)")
   p.add_argument("--selection", choices=list(SELECTIONS), default=None,
                  help="kv_head (default): each KV head of each layer chooses at every step; shared: one selection "
                       "at each chunk boundary for every layer and head (the paper's rule, by the QK Adapters)")
@@ -83,7 +86,7 @@ def _chunk_flags(p) -> None:
 # The ChunkConfig fields the flags above set: a refused setting is named by its flag.
 FLAG_OF_FIELD = {"kv_budget": "--kv-budget", "scorer": "--scorer", "top_chunks": "--top-k-chunks",
                  "n_local": "--n-local", "n_sink": "--n-sink", "recent_share": "--recent-share",
-                 "boundary_tokens": "--boundary-tokens", "selection": "--selection", "score_rank": "--score-rank",
+                 "boundary_tokens": "--boundary-tokens", "boundary_share": "--boundary-share", "selection": "--selection", "score_rank": "--score-rank",
                  "score_estimate": "--score-estimate", "score_sketch": "--score-sketch",
                  "sketch_estimate": "--sketch-estimate", "head_refresh": "--head-refresh"}
 
@@ -108,7 +111,8 @@ def _check_chunk_settings(settings: dict, cfg) -> None:
 def _chunk_settings(args) -> dict:
   given = dict(kv_budget=args.kv_budget, scorer=args.scorer, top_chunks=args.top_k_chunks, n_local=args.n_local,
                n_sink=args.n_sink, recent_share=args.recent_share, boundary_tokens=args.boundary_tokens,
-               selection=args.selection, score_rank=args.score_rank, score_estimate=args.score_estimate,
+               boundary_share=args.boundary_share, selection=args.selection, score_rank=args.score_rank,
+               score_estimate=args.score_estimate,
                score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate, head_refresh=args.head_refresh)
   kw = {k: v for k, v in given.items() if v is not None}
   if args.top_k_chunks is not None and args.kv_budget is None:

@@ -158,6 +158,11 @@ class ChunkConfig(ChunkRules):
   # chunk-sparse prefill reads chunks whole; without a budget, `top_chunks` is the paper's count and
   # the last tokens would add one read a chunk), as measured with `recent_share` (docs/results.md).
   boundary_tokens: bool | None = None
+  # With boundary_tokens under a budget: the most of what the budget leaves after the sinks, local and open
+  # chunk that the last tokens may take. Where they would take more (short chunks, a small budget, the first
+  # positions after a short prompt), only the newest chunks left out give theirs (`last_token_count`), and
+  # the chunks chosen by score keep their room. 1.0: every one, paid for first.
+  boundary_share: float = 1.0
 
   def validate(self, max_len: int, n_layers: int, vocab_size: int | None = None) -> "ChunkConfig":
     """Checks types and ranges on the host (before anything compiles); fills `max_chunks`. Returns the config
@@ -173,6 +178,7 @@ class ChunkConfig(ChunkRules):
     # A string would fail at the first comparison with a raw TypeError; True would be read as 1.0.
     for name, what in (("kv_budget", "a fraction of the tokens seen, in (0, 1]"),
                        ("recent_share", "a share of the KV budget, in [0, 1]"),
+                       ("boundary_share", "a share of what the budget leaves, in (0, 1]"),
                        ("alpha", "the Chunk Adapter's boundary threshold, in (0, 1)")):
       v = getattr(self, name)
       if not (v is None and name == "kv_budget") and not checks.is_number(v):
@@ -222,6 +228,9 @@ class ChunkConfig(ChunkRules):
       raise ValueError("kv_budget_min_tokens is a floor under a KV budget: give kv_budget or kv_budget_tokens too")
     if not 0.0 <= self.recent_share <= 1.0:  # also false for NaN
       raise ValueError(f"recent_share is a share of the KV budget, in [0, 1]; got {self.recent_share!r}")
+    if not 0.0 < self.boundary_share <= 1.0:  # also false for NaN
+      raise ValueError(f"boundary_share is a share of what the budget leaves after the sinks, local and open chunk, "
+                       f"in (0, 1] (boundary_tokens=False reads no last token); got {self.boundary_share!r}")
     if self.scorer not in SCORERS:
       raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
     if self.prefill_scorer not in (None, *SCORERS):
@@ -859,10 +868,11 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
   `fixed` (sinks, local chunks, open chunk); then, in up to FILL_PASSES - 1 more passes, the best of
   those left out that still fit what remains, again in score order. One pass stops at the first
   chunk that does not fit, which can leave a long chunk's worth of budget unused (50 tokens at 2K,
-  2.4 mean chunks); the passes fill it with shorter chunks. With `boundary_tokens` every candidate's
-  last token is paid for first, and where that leaves no candidate room, the best by score is read in
-  place of the oldest of them (`_best_in_place_of_last_tokens`). Without a budget, the `top_chunks` best
-  are kept."""
+  2.4 mean chunks); the passes fill it with shorter chunks. With `boundary_tokens` the last tokens of
+  the chunks left out are paid for first, as many as `last_token_count` allows. Where that is every
+  candidate's, a chunk costs the rest of it, and where they leave no candidate room, the best by score is
+  read in place of the oldest of them (`_best_in_place_of_last_tokens`); where it is fewer, they take
+  their share and the chunks cost their whole length. Without a budget, the `top_chunks` best are kept."""
   C = score_BRC.shape[-1]
   cand = jnp.arange(C) < n_cand_BR[..., None]
   score = jnp.where(cand, score_BRC, -1.0)
@@ -875,25 +885,28 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v >= 0.0)))
     return put(picked, idx, val)
   cost = jnp.ones_like(chunk_len_BC) if cfg.keep == "boundary" else chunk_len_BC
-  if cfg.reads_boundary_tokens:  # every candidate's last token is read anyway: a chunk costs the rest of it
-    cost = jnp.maximum(cost - 1, 0)
-    fixed_BR = fixed_BR + n_cand_BR
+  cost = jnp.broadcast_to(cost[:, None], score.shape)
   budget = cfg.budget_tokens(seen_BR)
+  if cfg.reads_boundary_tokens:
+    n_last = last_token_count(n_cand_BR, budget - fixed_BR, cfg)
+    every = n_last >= n_cand_BR  # [B, R]: every candidate's last token is read anyway: a chunk costs the rest
+    cost = jnp.where(every[..., None], jnp.maximum(cost - 1, 0), cost)
+    fixed_BR = fixed_BR + n_last
   if cfg.recent_share > 0.0:
     # The most recent candidates come first while they, with what is always read, fit the recent
     # share: a window in tokens, not in chunks, whatever the chunk lengths.
-    cost_BRC = jnp.where(cand, cost[:, None], 0)
+    cost_BRC = jnp.where(cand, cost, 0)
     newer_BRC = jnp.cumsum(cost_BRC[..., ::-1], -1)[..., ::-1]  # tokens from candidate j to the newest
     recent = cand & (newer_BRC + fixed_BR[..., None] <= jnp.floor(cfg.recent_share * budget)[..., None])
     score = jnp.where(recent, jnp.inf, score)
   order = order_by_score(score)
-  cost_sorted = jnp.take_along_axis(jnp.broadcast_to(cost[:, None], score.shape), order, -1)
+  cost_sorted = jnp.take_along_axis(cost, order, -1)
   cand_sorted = jnp.take_along_axis(cand, order, -1)
   left = budget - fixed_BR  # [B, R]: tokens the chosen chunks may still take
   taken = jnp.zeros(score.shape, bool)
   if cfg.reads_boundary_tokens:
     recent_sorted = jnp.take_along_axis(score == jnp.inf, order, -1)
-    taken = _best_in_place_of_last_tokens(cand_sorted, cost_sorted, recent_sorted, left)
+    taken = _best_in_place_of_last_tokens(cand_sorted, cost_sorted, recent_sorted, left) & every[..., None]
   for _ in range(FILL_PASSES):
     open_ = cand_sorted & ~taken & (cost_sorted <= left[..., None])
     fits = open_ & (jnp.cumsum(jnp.where(open_, cost_sorted, 0), -1) <= left[..., None])
@@ -901,6 +914,17 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
     left = left - jnp.sum(jnp.where(fits, cost_sorted, 0), -1)
   put = jax.vmap(jax.vmap(lambda row, i, v: row.at[i].set(v)))
   return put(jnp.zeros(score.shape, bool), order, taken)
+
+
+def last_token_count(n_cand, room, cfg: ChunkConfig):
+  """How many chunks left out give their last token (`boundary_tokens` under a budget), the newest of them:
+  all `n_cand` candidates', or under `boundary_share` < 1 at most that share of `room`, what the budget
+  leaves after the sinks, local and open chunk. `choose` pays for them and `working_positions` reads them,
+  both with this count, so the two agree on what the budget holds."""
+  if cfg.boundary_share >= 1.0:
+    return n_cand
+  most = jnp.floor(cfg.boundary_share * jnp.maximum(room, 0)).astype(jnp.int32)
+  return jnp.minimum(n_cand, most)
 
 
 def _best_in_place_of_last_tokens(cand_sorted, cost_sorted, recent_sorted, left_BR):

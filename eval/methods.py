@@ -66,6 +66,8 @@ class MethodSettings:
   selection_layers: tuple[int, ...] | None = None  # None: the adapters' stored choice
   boundary_tokens: bool = True  # hybrid / oracle: also read the last token of every chunk left out, where a
   #                               budget pays for them (`ChunkConfig`'s rule, boundary_tokens=None); False: never
+  boundary_share: float = ChunkConfig.boundary_share  # hybrid / oracle: the most of what the budget leaves that
+  #                                                     the last tokens take
   recent_share: float = ChunkConfig.recent_share  # hybrid / oracle: the budget's share that the most recent
   #                                                 chunks get first
   kv_budget_min_tokens: int = 0  # hybrid / oracle: the budget's floor in tokens (the share is fitted under it)
@@ -276,7 +278,8 @@ def base_config(method: str, settings: MethodSettings, seg: Segmentation | None 
   own_rule = dict(recent_share=0.0, boundary_tokens=False, selection="shared")
   # hybrid's and oracle's budget shape: boundary tokens by ChunkConfig's rule (None: where a budget pays).
   shape = dict(recent_share=settings.recent_share, kv_budget_min_tokens=settings.kv_budget_min_tokens,
-               boundary_tokens=None if settings.boundary_tokens else False, selection=settings.selection,
+               boundary_tokens=None if settings.boundary_tokens else False,
+               boundary_share=settings.boundary_share, selection=settings.selection,
                score_rank=settings.score_rank, score_estimate=settings.score_estimate,
                score_sketch=settings.score_sketch, sketch_estimate=settings.sketch_estimate,
                head_refresh=settings.head_refresh)
@@ -377,7 +380,8 @@ def config_summary(ccfg: ChunkConfig | None) -> dict:
               selection_layers=layers, top_chunks=ccfg.top_chunks, n_local=ccfg.n_local,
               n_sink=ccfg.n_sink, max_chunk_len=ccfg.max_chunk_len, max_chunks=ccfg.max_chunks,
               recent_share=ccfg.recent_share, kv_budget_min_tokens=ccfg.kv_budget_min_tokens,
-              boundary_tokens=ccfg.reads_boundary_tokens, prefill=ccfg.prefill_mode,
+              boundary_tokens=ccfg.reads_boundary_tokens,
+              boundary_share=ccfg.boundary_share if ccfg.reads_boundary_tokens else None, prefill=ccfg.prefill_mode,
               n_separator_ids=len(ccfg.separator_ids), selection=ccfg.selection, score_rank=ccfg.score_rank,
               score_estimate=ccfg.score_estimate if ccfg.selection == "kv_head" else None,
               score_sketch=ccfg.sketch_bits, sketch_estimate=ccfg.sketch_estimate if ccfg.sketch_bits else None,

@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--boundary_tokens", action=argparse.BooleanOptionalAction, default=M.MethodSettings.boundary_tokens,
                  help="hybrid / oracle (the methods that read the prompt densely): also read the last token "
                       "of every chunk left out (ChunkConfig.boundary_tokens; default on)")
+  p.add_argument("--boundary_share", type=float, default=M.MethodSettings.boundary_share,
+                 help="hybrid / oracle with boundary tokens: the most of what the budget leaves after the sinks, "
+                      "local and open chunk that the last tokens take, the newest first (ChunkConfig."
+                      "boundary_share, in (0, 1]; default %(default)s: every one)")
   p.add_argument("--recent_share", type=float, default=M.MethodSettings.recent_share,
                  help="hybrid / oracle: the share of the KV budget that the most recent chunks get first "
                       "(ChunkConfig.recent_share, in [0, 1]; default %(default)s)")
@@ -181,6 +185,9 @@ def _resolve(args) -> argparse.Namespace:
   args.retention = args.retention or ([0.5] if q else [0.5, 0.25])
   if any(not 0 < r <= 1 for r in args.retention):
     raise UsageError(f"retention targets must be in (0, 1], got {args.retention}")
+  if not 0.0 < args.boundary_share <= 1.0:
+    raise UsageError(f"--boundary_share is a share of what the budget leaves, in (0, 1]; got {args.boundary_share} "
+                     "(--no-boundary_tokens reads no last token)")
   if not 0.0 <= args.recent_share <= 1.0:
     raise UsageError(f"--recent_share is a share of the KV budget, in [0, 1]; got {args.recent_share}")
   if args.kv_budget_min_tokens < 0:
@@ -324,7 +331,7 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate",
+          "boundary_tokens", "boundary_share", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate",
           "score_sketch", "sketch_estimate", "head_refresh", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
@@ -366,7 +373,8 @@ def _same_setting(key: str, old, new) -> bool:
   return old == new
 
 
-_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "recent_share": 0.0,
+_ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "boundary_share": 1.0,
+                "recent_share": 0.0,
                 "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
                 "score_sketch": 0, "head_refresh": 1, "page_len": None,
                 "needle_placement": "sentences"}  # settings newer than some result folders: what those folders used
@@ -597,7 +605,8 @@ def run(args, model=None, params=None) -> Path:
     params = cj.with_adapters(model.params, adapters)
   settings = M.settings_for(model, batch_size=args.batch_size, chunk_len=args.chunk_len,
                             fix_chunk_len=args.fix_chunk_len, window=args.window, vote=args.vote,
-                            boundary_tokens=args.boundary_tokens, recent_share=args.recent_share,
+                            boundary_tokens=args.boundary_tokens, boundary_share=args.boundary_share,
+                            recent_share=args.recent_share,
                             kv_budget_min_tokens=args.kv_budget_min_tokens, selection=args.selection,
                             score_rank=args.score_rank, score_estimate=args.score_estimate,
                             score_sketch=args.score_sketch, sketch_estimate=args.sketch_estimate,

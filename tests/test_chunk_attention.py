@@ -200,3 +200,42 @@ def test_last_tokens_that_fill_the_budget_give_way_to_the_best_chunk(chunk_len, 
   assert set(range(int(ends[best - 1]) + 1, int(ends[best]) + 1)) <= read  # the best chunk, whole
   assert set(range(int(ends[-2]) + 1, int(ends[-1]) + 1)) <= read  # the newest chunk, always
   assert len(read) + opened <= n_budget < seen  # the open chunk's tokens counted
+
+
+@pytest.mark.parametrize("recent_share", [0.0, 0.75])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_last_tokens_take_at_most_their_share_of_the_budget(recent_share, seed):
+  """With `boundary_share` the last tokens of the chunks left out take at most that share of what the budget
+  leaves after the sinks, the local and the open chunk: the newest of them, as many as `choose` paid for, and
+  the chunks chosen by score get the rest, read whole, within the budget. At 12.5% of 2.7K tokens in chunks of
+  27, every last token would take a third of that room."""
+  n, chunk_len, W, opened = 100, 27, 1024, 5
+  kw = dict(n_sink=4, n_local=1, max_chunk_len=64, max_chunks=128, kv_budget=0.125, boundary_tokens=True,
+            recent_share=recent_share, prefill="dense")
+  ends = 3 + chunk_len * np.arange(1, n + 1)
+  score = jnp.asarray(np.random.RandomState(seed).rand(1, 1, 128))
+  chosen_counts = {}
+  for share in (1.0, 0.25):
+    ccfg = ChunkConfig(**kw, boundary_share=share).validate(4096, 1)
+    st = init_chunk_state(1, 1, 1, 0, 2, 1, 8, jnp.float32, ccfg.resolve((0,), (0,), (0,), 1, head_dim=8), W)
+    st = st.replace(chunk_start=st.chunk_start.at[0, :n].set(ends - chunk_len + 1),
+                    chunk_end=st.chunk_end.at[0, :n].set(ends), n_chunks=jnp.asarray([n], jnp.int32),
+                    open_start=jnp.asarray([ends[-1] + 1], jnp.int32))
+    pos = jnp.asarray([ends[-1] + opened], jnp.int32)
+    chosen = choose_at(st, score, pos, ccfg)[:, 0]
+    n_budget = int(ccfg.budget_tokens(pos + 1)[0])
+    wpos, wvalid, _ = working_positions(st, chosen, ccfg, W, pos, working_room_of(st, pos, ccfg))
+    read = set(np.asarray(wpos[0])[np.asarray(wvalid[0])].tolist())
+    picked = np.flatnonzero(np.asarray(chosen[0]))
+    chosen_counts[share] = len(picked)
+    for c in picked:  # read whole
+      assert set(range(int(ends[c]) - chunk_len + 1, int(ends[c]) + 1)) <= read
+    left_out = [c for c in range(n - 1) if c not in picked]  # the newest chunk is the local one
+    last_read = [c for c in left_out if int(ends[c]) in read]
+    room = n_budget - (4 + chunk_len + opened)
+    want = len(left_out) if share == 1.0 else min(len(left_out), int(np.floor(share * room)))
+    assert last_read == left_out[len(left_out) - want:]  # the newest of them, as many as paid for
+    assert len(read) + opened <= n_budget
+    if share < 1.0:
+      assert want < n - 1  # the share binds here
+  assert chosen_counts[0.25] > chosen_counts[1.0]  # the room the last tokens leave goes to chunks by score

@@ -86,6 +86,7 @@ def test_adapters_for_another_model_are_refused(tmp_path):
     (["--kv-budget", "0.25", "--recent-share", "0", "--no-boundary-tokens"],
      dict(kv_budget=0.25, recent_share=0.0, boundary_tokens=False)),
     (["--top-k-chunks", "8", "--boundary-tokens"], dict(top_chunks=8, kv_budget=None, boundary_tokens=True)),
+    (["--kv-budget", "0.125", "--boundary-share", "0.25"], dict(kv_budget=0.125, boundary_share=0.25)),
     (["--selection", "kv_head", "--score-rank", "16"], dict(selection="kv_head", score_rank=16)),
     (["--selection", "kv_head", "--score-rank", "16", "--score-estimate", "lowrank"],
      dict(selection="kv_head", score_rank=16, score_estimate="lowrank")),
@@ -108,6 +109,7 @@ def test_chunk_flags_reach_the_chunk_config(flags, want):
     (["--top-k-chunks", "3"], "--top-k-chunks: ChunkLLM settings"),
     (["--adapters", "smollm2-135m"], "--adapters: ChunkLLM settings, which dense generation ignores; add --chunk"),
     (["--chunk", "--kv-budget", "1.5"], "--kv-budget is a fraction"),  # named by its flag
+    (["--chunk", "--kv-budget", "0.25", "--boundary-share", "2"], r"--boundary-share is a share of what the budget"),
     (["--chunk", "--score-sketch", "33"], "multiple of 32"),
     (["--chunk", "--scorer", "attention"], "--scorer='attention' makes the shared rule's selections; it needs "
                                            "--selection='shared'"),  # the per-head rule never reads it

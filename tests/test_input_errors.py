@@ -350,6 +350,7 @@ CHUNK_BAD = {
                        r"kv_budget must be a number \(a fraction of the tokens seen, in \(0, 1\]\), got True \(bool\)"),
     "kv_budget_str": (dict(kv_budget="0.5"), TypeError, r"kv_budget must be a number .* got '0.5' \(str\)"),
     "recent_share_str": (dict(kv_budget=0.5, recent_share="0.5"), TypeError, r"recent_share must be a number"),
+    "boundary_share_str": (dict(kv_budget=0.5, boundary_share="0.25"), TypeError, r"boundary_share must be a number"),
     "alpha_str": (dict(alpha="0.5"), TypeError, r"alpha must be a number \(the Chunk Adapter's boundary threshold, "
                                                 r"in \(0, 1\)\), got '0.5' \(str\)"),
     "kv_budget_tokens_float": (dict(kv_budget_tokens=np.float64(4)), TypeError, r"kv_budget_tokens must be an int"),
@@ -933,6 +934,7 @@ def test_train_evaluate_replaces_only_its_own_rows(tmp_path):
     (["--ppl_prefix", "96"], r"--ppl_prefix 96 leaves nothing to score in --ppl_tokens 96"),
     (["--batch_size", "0"], r"--batch_size 0 is too small"),
     (["--recent_share", "1.5"], r"--recent_share is a share of the KV budget, in \[0, 1\]; got 1.5"),
+    (["--boundary_share", "0"], r"--boundary_share is a share of what the budget leaves, in \(0, 1\]; got 0.0"),
     (["--kv_budget_min_tokens", "-1"], r"--kv_budget_min_tokens is a token count, >= 0; got -1"),
     # decode's selection rule: ChunkConfig's own checks, named by the flags
     (["--selection", "shared", "--score_rank", "16"],

@@ -58,15 +58,18 @@ def test_max_vote_keeps_a_chunk_one_sharp_layer_wants():
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.9])
-@pytest.mark.parametrize("keep, boundary_tokens", [("chunk", False), ("boundary", False), ("chunk", True)])
+@pytest.mark.parametrize("keep, boundary_tokens, boundary_share",
+                         [("chunk", False, 1.0), ("boundary", False, 1.0), ("chunk", True, 1.0), ("chunk", True, 0.25)])
 @pytest.mark.parametrize("recent_share", [0.0, 0.5, 1.0])
-def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, boundary_tokens, recent_share):
+def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, boundary_tokens, boundary_share,
+                                                      recent_share):
   """On random segmentations: the most recent candidates that fit the recent share of the budget
   come first, then chunks in score order while they fit, then FILL_PASSES - 1 more passes over those
   left out that fit what remains; the kept tokens never pass the budget. With `boundary_tokens`
-  every candidate's last token is read anyway, so the budget pays for those first and a chunk
-  costs the rest of it; where they leave no candidate room, the best by score alone is read whole in
-  place of the oldest of them, if it fits what the budget leaves without them."""
+  the budget pays first for the last tokens of the chunks left out: every candidate's, where
+  `boundary_share` of what the budget leaves holds them, and a chunk then costs the rest of it (where
+  they leave no candidate room, the best by score alone is read whole in place of the oldest of them,
+  if it fits what the budget leaves without them); else that share's worth, and chunks cost their length."""
   rng = np.random.RandomState(seed)
   B, C, n_sink = 4, 40, 4
   lengths = rng.randint(1, 40, (B, C))
@@ -80,12 +83,17 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
   fixed = n_sink + np.asarray([lens[b, max(n_chunks[b] - n_local, 0):n_chunks[b]].sum() for b in range(B)])
   score = rng.rand(B, C).astype(np.float32)
   cfg = ChunkConfig(n_sink=n_sink, n_local=n_local, max_chunks=C, kv_budget=budget, keep=keep,
-                    boundary_tokens=boundary_tokens, recent_share=recent_share)
+                    boundary_tokens=boundary_tokens, boundary_share=boundary_share, recent_share=recent_share)
   got = np.asarray(choose(jnp.asarray(score)[:, None], jnp.asarray(n_cand)[:, None], jnp.asarray(lens),
                           jnp.asarray(fixed)[:, None], jnp.asarray(seen)[:, None], cfg))[:, 0]
   for b in range(B):
-    cost = np.ones(C, int) if keep == "boundary" else lens[b] - int(boundary_tokens)
-    always = fixed[b] + (n_cand[b] if boundary_tokens else 0)  # sinks, local, open (and the last tokens)
+    n_last = 0
+    if boundary_tokens:  # the last tokens read: every candidate's, or the share's worth of what the budget leaves
+      n_last = n_cand[b] if boundary_share == 1.0 else \
+          min(n_cand[b], int(np.floor(boundary_share * max(np.ceil(budget * seen[b]) - fixed[b], 0))))
+    every = boundary_tokens and n_last == n_cand[b]
+    cost = np.ones(C, int) if keep == "boundary" else lens[b] - int(every)
+    always = fixed[b] + n_last  # sinks, local, open (and the last tokens)
     room = int(np.ceil(budget * seen[b])) - always
     key = np.where(np.arange(C) < n_cand[b], score[b], -1.0)
     newer = 0  # candidates from the newest back, while they and what is always read fit the share
@@ -97,7 +105,7 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
     want, used = np.zeros(C, bool), 0
     scored = [c for c in range(n_cand[b]) if np.isfinite(key[c])]
     room_scored = room - sum(cost[c] for c in range(n_cand[b]) if not np.isfinite(key[c]))
-    if boundary_tokens and scored and min(cost[c] for c in scored) > room_scored:
+    if every and scored and min(cost[c] for c in scored) > room_scored:
       best = max(scored, key=lambda c: (key[c], -c))  # the oldest of equal scores
       want[best] = cost[best] + 1 <= room_scored + len(scored)  # whole, in place of the scored last tokens
     for _ in range(FILL_PASSES):  # each pass: in score order over the chunks left out that fit what
@@ -110,7 +118,7 @@ def test_budget_fills_in_score_order_within_one_chunk(seed, budget, keep, bounda
         want[c], took = True, took + cost[c]
       used += took
     np.testing.assert_array_equal(got[b], want)
-    if boundary_tokens and scored and min(cost[c] for c in scored) > room_scored:
+    if every and scored and min(cost[c] for c in scored) > room_scored:
       # What is read whole, with the sinks, local and open chunks, fits the budget.
       assert fixed[b] + lens[b][got[b]].sum() <= max(np.ceil(budget * seen[b]), fixed[b])
     else:
@@ -138,6 +146,8 @@ def test_budget_tokens_with_a_floor(kw, want):
     (dict(scorer="oracle"), ValueError, "scorer must be"),
     (dict(vote="per_layer"), ValueError, "vote must be"),
     (dict(kv_budget=0.5, recent_share=1.5), ValueError, "recent_share is a share"),
+    (dict(kv_budget=0.5, boundary_share=0.0), ValueError, r"boundary_share is a share .* in \(0, 1\]"),
+    (dict(kv_budget=0.5, boundary_share=float("nan")), ValueError, "boundary_share is a share"),
     (dict(top_chunks="16"), TypeError, "top_chunks must be an int"),
 ])
 def test_bad_settings_are_named(kw, err, match):
