@@ -59,15 +59,17 @@ def test_full_coverage_equals_generate_for_every_scorer_vote_and_layers(arch, sc
   assert np.allclose(out.stats["kv_retention"], 1.0)
 
 
-@pytest.mark.parametrize("scorer, budget, boundary_tokens", [("adapter", 0.5, False), ("attention", 0.25, False),
-                                                            ("adapter", 0.25, True)])
-def test_measured_retention_meets_the_token_budget(scorer, budget, boundary_tokens):
+@pytest.mark.parametrize("scorer, budget, boundary_tokens, boundary_share", [
+    ("adapter", 0.5, False, 1.0), ("attention", 0.25, False, 1.0), ("adapter", 0.25, True, 1.0),
+    ("adapter", 0.25, True, 0.25)])
+def test_measured_retention_meets_the_token_budget(scorer, budget, boundary_tokens, boundary_share):
   """What decode really reads, averaged over its steps, is within one chunk of the budget (the
-  last tokens of the chunks left out included)."""
+  last tokens of the chunks left out included, all of them or their share)."""
   params = chunk_params()
   rows = prompts([120, 100, 90], seed=1)
   out = chunk_generate(params, rows, max_new_tokens=30, eos_ids=(), max_len=256, max_chunks=256, max_chunk_len=8,
-                       n_local=1, kv_budget=budget, scorer=scorer, boundary_tokens=boundary_tokens)
+                       n_local=1, kv_budget=budget, scorer=scorer, boundary_tokens=boundary_tokens,
+                       boundary_share=boundary_share)
   # (The tiny model's Chunk Adapter closes a chunk at most tokens: with boundary_tokens the budget
   # then holds only the newest of the last tokens, which `working_positions` keeps.)
   seen = np.asarray([120, 100, 90]) + 15  # mid-decode
