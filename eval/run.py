@@ -320,7 +320,10 @@ def _selection_rule(args) -> dict:
 
 def _selection_key(settings: dict) -> dict:
   """The selection rule of a fingerprint as what it does: the shared rule has no per-head settings (folders
-  of the shared rule recorded the per-head defaults of their day), and the sketch is read only where kept."""
+  of the shared rule recorded the per-head defaults of their day), the sketch is read only where kept, and
+  the last tokens' share only where they are read."""
+  if "boundary_tokens" in settings and not settings["boundary_tokens"]:
+    settings = dict(settings, boundary_share=None)
   if settings["selection"] == "shared":
     return dict(settings, score_rank=None, score_estimate=None, score_sketch=0, sketch_estimate=None, head_refresh=1)
   sketch = ChunkConfig(**{k: settings[k] for k in _SELECTION_RULE}).sketch_bits
@@ -331,8 +334,8 @@ def _fingerprint(args) -> dict:
   """The settings that change what a result is: a resumed run must share them."""
   keys = ["model", "adapters", "dtype", "filler", "niah_max_new", "max_prompt_tokens", "ppl_prefix", "ppl_bins",
           "chunk_len", "fix_chunk_len", "window", "seed", "longbench_dir", "vote", "selection_layers",
-          "boundary_tokens", "boundary_share", "recent_share", "kv_budget_min_tokens", "selection", "score_rank", "score_estimate",
-          "score_sketch", "sketch_estimate", "head_refresh", "page_len"]
+          "boundary_tokens", "boundary_share", "recent_share", "kv_budget_min_tokens", "selection", "score_rank",
+          "score_estimate", "score_sketch", "sketch_estimate", "head_refresh", "page_len"]
   fp = {k: getattr(args, k) for k in keys}
   fp["brown"] = text_id(args.brown) if args.filler == "brown" else None
   if args.filler == "python":  # the haystack is the installed packages' source: it changes with their versions
@@ -374,8 +377,7 @@ def _same_setting(key: str, old, new) -> bool:
 
 
 _ADDED_LATER = {"vote": "sum", "selection_layers": None, "boundary_tokens": False, "boundary_share": 1.0,
-                "recent_share": 0.0,
-                "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
+                "recent_share": 0.0, "kv_budget_min_tokens": 0, "selection": "shared", "score_rank": None, "score_estimate": "sparq",
                 "score_sketch": 0, "head_refresh": 1, "page_len": None,
                 "needle_placement": "sentences"}  # settings newer than some result folders: what those folders used
 

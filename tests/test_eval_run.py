@@ -323,6 +323,29 @@ def test_a_folders_selection_rule_is_compared_by_what_it_does(tmp_path, recorded
       eval_run._check_fingerprint(out, new)
 
 
+@pytest.mark.parametrize("recorded, flags, resumes", [
+    (dict(boundary_tokens=True), ["--boundary_share", "1"], True),  # from before --boundary_share: every last token
+    (dict(boundary_tokens=True), ["--boundary_share", "0.25"], False),
+    (dict(boundary_tokens=True, boundary_share=0.25), ["--boundary_share", "0.25"], True),
+    (dict(boundary_tokens=False), ["--no-boundary_tokens", "--boundary_share", "0.25"], True),  # no last token read
+    (dict(boundary_tokens=False, boundary_share=None), ["--no-boundary_tokens"], True),
+])
+def test_a_folders_last_token_share_counts_only_where_they_are_read(tmp_path, recorded, flags, resumes):
+  out = tmp_path / "ev"
+  out.mkdir()
+  (out / "results.jsonl").write_text(json.dumps(rec(0)) + "\n")
+  args = eval_run._parser().parse_args(["--model", "m", *flags])
+  rule = eval_run._selection_rule(args)  # today's per-head rule, on both sides
+  (out / "run_config.json").write_text(json.dumps({"model": "m", **rule, **recorded}))
+  new = eval_run._selection_key({"model": "m", **rule, "boundary_tokens": args.boundary_tokens,
+                                 "boundary_share": args.boundary_share})
+  if resumes:
+    eval_run._check_fingerprint(out, new)
+  else:
+    with pytest.raises(eval_run.UsageError, match="other settings.*boundary_share"):
+      eval_run._check_fingerprint(out, new)
+
+
 def test_eval_report_rewrites_only_folders_eval_run_made(tmp_path, capsys):
   """`python -m eval.report --out DIR` rewrites summary.json, results.md and the plots: only where DIR's
   run_config.json is eval.run's; a results.jsonl beside the user's own results.md is refused untouched."""
