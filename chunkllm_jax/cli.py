@@ -62,7 +62,7 @@ def _chunk_flags(p) -> None:
                       "(default: on with --kv-budget, the prompt read densely)")
   p.add_argument("--boundary-share", type=float, default=None,
                  help="with --boundary-tokens: the most of what the budget leaves after the sinks, local and open "
-                      "chunk that the last tokens take, the newest first (default 1.0: every one)")
+                      "chunk that the last tokens take, the newest first (default 0.25; 1: every one)")
   p.add_argument("--selection", choices=list(SELECTIONS), default=None,
                  help="kv_head (default): each KV head of each layer chooses at every step; shared: one selection "
                       "at each chunk boundary for every layer and head (the paper's rule, by the QK Adapters)")

@@ -64,11 +64,16 @@ class Measurement:
     # that name no placement were made so, and their re-runs must name it.
     pinned = tuple(c.replace(" --out ", f" {SENTENCES} --out ") if c.startswith("python -m eval.run ")
                    and "--suites niah" in c and "--needle_placement" not in c else c for c in pinned)
+    # The chunks' last tokens were read every one until the forty-sixth session: the runs that name no share
+    # (and read them) were made so, and their re-runs must name it.
+    pinned = tuple(c.replace(" --out ", f" {EVERY_LAST_TOKEN} --out ") if c.startswith("python -m eval.run ")
+                   and "--boundary_share" not in c and "--no-boundary_tokens" not in c else c for c in pinned)
     object.__setattr__(self, "commands", pinned)
 
 
 SHARED = "--selection shared"  # one selection a chunk boundary for every layer and head (the paper's rule)
 SENTENCES = "--needle_placement sentences"  # the target needle at its depth's share of the sentences
+EVERY_LAST_TOKEN = "--boundary_share 1"  # the last token of every chunk left out, whatever it leaves the chunks
 
 
 NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
@@ -128,12 +133,13 @@ MEASUREMENTS = (
                      "December 2026, fortieth session). Vanilla was run again in the folder; the baselines' rows "
                      "are read from the next section."),
     Measurement("niah_smollm2_budgets",
-                "NIAH, smollm2-135m: the same 30 passkeys from a 50% budget down to 6.25% (today's defaults)",
+                "NIAH, smollm2-135m: the same 30 passkeys from a 50% budget down to 6.25% (the defaults before the "
+                "forty-sixth session: every chunk's last token)",
                 "eval_budget_sweep_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid streamingllm sepllm "
                  "--retention 0.5 0.25 0.125 0.0625 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_budget_sweep_smollm2_30",),
-                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}",
+                variant=f"the defaults then (`--selection kv_head`): {SIMHASH_NAME}, every chunk's last token read",
                 note="How far the budget goes down: the grid of the section above at 12.5% and 6.25% besides 50% and "
                      "25%, with the baselines at each budget. Vanilla's rows and the defaults' at 50% and 25% are "
                      "those of the section above, and StreamingLLM's and SepLLM's at 50% and 25% those of the "
@@ -189,18 +195,68 @@ MEASUREMENTS = (
                      "depth in tokens. The text follows the packages' versions, which the folder's fingerprint "
                      "records. Vanilla, StreamingLLM and SepLLM in the same folder."),
     Measurement("niah_gemma3_python",
-                "NIAH, gemma3-270m: 10 passkeys at 4K tokens of Python source (today's defaults)",
+                "NIAH, gemma3-270m: 10 passkeys at 4K tokens of Python source (the defaults before the forty-sixth "
+                "session: every chunk's last token)",
                 "eval_niah_python_gemma3_10", "eval",
                 ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
                  "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
                  "streamingllm sepllm --retention 0.5 0.25 0.125 0.0625 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_gemma3_10",),
-                variant=f"today's defaults: {GEMMA3_DEFAULTS_NAME}",
+                variant=f"the defaults then: {GEMMA3_DEFAULTS_NAME}, every chunk's last token read",
                 note="The code haystack of the section above, on the other model (a base model: the prompt ends with "
                      "the answer's lead), from a 50% budget down to 6.25%. Vanilla, StreamingLLM and SepLLM in the same "
                      "folder; the rows at 25% are the forty-third session's, the others the forty-fifth's (the same "
                      "settings; the command fills the folder whole from nothing). The plot is the folder's "
                      "`tradeoff.png`."),
+    Measurement("niah_smollm2_budgets_last_share",
+                "NIAH, smollm2-135m: the same 30 passkeys from 50% down to 6.25%, the last tokens within a quarter "
+                "of what the budget leaves (today's defaults)",
+                "eval_budget_sweep_bshare_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid "
+                 "--retention 0.5 0.25 0.125 0.0625 --boundary_share 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_budget_sweep_bshare_smollm2_30",),
+                others="eval_budget_sweep_smollm2_30",
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}, the chunks' last tokens taking at "
+                        "most a quarter of what the budget leaves after the sinks, local and open chunk, the newest "
+                        "first (`--boundary_share 0.25`)",
+                note="`ChunkConfig.boundary_share`: where the last tokens of every chunk left out would take more than "
+                     "that share, only the newest chunks left out give theirs, and the chunks chosen by score keep "
+                     "the rest. " + COPIED.format("section \"from a 50% budget down to 6.25%\"") + " The baselines' "
+                     "rows are read from there. The plot is the folder's `tradeoff.png`."),
+    Measurement("niah_smollm2_budgets_no_last",
+                "NIAH, smollm2-135m: the same 30 passkeys from 50% down to 6.25%, without the last tokens",
+                "eval_budget_sweep_bt_off_smollm2_30", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid "
+                 "--retention 0.5 0.25 0.125 0.0625 --no-boundary_tokens --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_budget_sweep_bt_off_smollm2_30",),
+                others="eval_budget_sweep_smollm2_30",
+                variant="the defaults without the chunks' last tokens (`--no-boundary_tokens`)",
+                note=COPIED.format("section \"from a 50% budget down to 6.25%\"") + " The baselines' rows are read "
+                     "from there. The plot is the folder's `tradeoff.png`."),
+    Measurement("niah_gemma3_python_last_share",
+                "NIAH, gemma3-270m: the same 10 passkeys in Python source, the last tokens within a quarter of what "
+                "the budget leaves (today's defaults)",
+                "eval_niah_python_bshare_gemma3_10", "eval",
+                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
+                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
+                 "--retention 0.5 0.25 0.125 0.0625 --boundary_share 0.25 --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_niah_python_bshare_gemma3_10",),
+                others="eval_niah_python_gemma3_10",
+                variant=f"today's defaults: {GEMMA3_DEFAULTS_NAME}, the chunks' last tokens taking at most a quarter "
+                        "of what the budget leaves (`--boundary_share 0.25`)",
+                note=COPIED.format("section of gemma3-270m on Python source") + " The baselines' rows are read from "
+                     "there. The plot is the folder's `tradeoff.png`."),
+    Measurement("niah_gemma3_python_no_last",
+                "NIAH, gemma3-270m: the same 10 passkeys in Python source, without the last tokens",
+                "eval_niah_python_bt_off_gemma3_10", "eval",
+                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
+                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
+                 "--retention 0.5 0.25 0.125 0.0625 --no-boundary_tokens --selection kv_head --needle_placement tokens "
+                 "--out docs/eval_niah_python_bt_off_gemma3_10",),
+                others="eval_niah_python_gemma3_10",
+                variant="the defaults without the chunks' last tokens (`--no-boundary_tokens`)",
+                note=COPIED.format("section of gemma3-270m on Python source") + " The baselines' rows are read from "
+                     "there. The plot is the folder's `tradeoff.png`."),
     Measurement("niah_smollm2", "NIAH, smollm2-135m: 30 passkeys at 2K tokens", "eval_recent_share_bt_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
                  "--out docs/eval_recent_share_bt_smollm2_30",),
@@ -797,20 +853,20 @@ def eval_section(m: Measurement) -> list[str]:
 # (eval.ppl_variants, the same texts and the same computation as eval.run's perplexity; a file's name, or
 # several, one a budget), or None.
 DEFAULT_CHECKS = (
-    ("NIAH, smollm2-135m, 30 needles at 2K, each at its depth in tokens", "niah_smollm2_local_share", None, None,
+    ("NIAH, smollm2-135m, 30 needles at 2K, each at its depth in tokens", "niah_smollm2_budgets_last_share", None, None,
      None, None),
     ("NIAH, smollm2-135m, 30 needles at 2K in the passkey test's haystack", "niah_smollm2_repeated", None, None, None,
      None),
     ("NIAH, smollm2-135m, 15 needles at 4K in Python source", "niah_smollm2_python", None, None, None, None),
-    ("NIAH, gemma3-270m, 10 needles at 4K in Python source", "niah_gemma3_python", None, None, None, None),
+    ("NIAH, gemma3-270m, 10 needles at 4K in Python source", "niah_gemma3_python_last_share", None, None, None, None),
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
     ("NIAH, smollm2-135m, 10 needles at 8K", "niah_smollm2_8k_defaults", None, None, None, None),
     ("NIAH, gemma3-270m, 10 needles at 16K", "niah_gemma3_16k", None, None, None, None),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_local_in_recent_share.jsonl",
-                                          "eval_ppl_variants/brown_8x2048_local_in_recent_share_25.jsonl"),
+    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_boundary_share.jsonl",
+                                          "eval_ppl_variants/brown_8x2048_boundary_share_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
@@ -868,7 +924,12 @@ def defaults_section() -> list[str]:
          "they miss, read as SimHash's angle (`score_estimate=\"lowrank\"`, `score_sketch=128`, "
          "`sketch_estimate=\"simhash\"`: 14-16% of the KV's bytes, kept and read besides the KV shown), under "
          "the budget's shape: three quarters of it to the most recent tokens (`recent_share=0.75`) and the last "
-         "token of every chunk left out (`boundary_tokens`). Beside it: the shared rule, one selection at each "
+         "token of the chunks left out (`boundary_tokens`), within a quarter of what the budget leaves after the "
+         "sinks, local and open chunk, the newest first (`boundary_share=0.25`). Until the forty-sixth session "
+         "every one was read, and so were the other columns measured, and the rows of the checks not run again "
+         "since (8K and 16K, LongBench, smollm2-135m's 4K of source, the passkey test's haystack, perplexity at 4K "
+         "and 8K and of gemma3-270m); on the NIAH sets run again the share changed no token at 25% and 50%. "
+         "Beside it: the shared rule, one selection at each "
          "chunk boundary by the QK Adapters for every layer and head (`selection=\"shared\"`, the default until "
          "the twenty-seventh session), with the same budget shape and with its first defaults (the budget by "
          "score alone and chunks whole, `--recent_share 0 --no-boundary_tokens`); the per-head rule's other "

@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--boundary_share", type=float, default=M.MethodSettings.boundary_share,
                  help="hybrid / oracle with boundary tokens: the most of what the budget leaves after the sinks, "
                       "local and open chunk that the last tokens take, the newest first (ChunkConfig."
-                      "boundary_share, in (0, 1]; default %(default)s: every one)")
+                      "boundary_share, in (0, 1]; default %(default)s; 1: every one)")
   p.add_argument("--recent_share", type=float, default=M.MethodSettings.recent_share,
                  help="hybrid / oracle: the share of the KV budget that the most recent chunks get first "
                       "(ChunkConfig.recent_share, in [0, 1]; default %(default)s)")

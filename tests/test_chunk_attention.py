@@ -158,7 +158,7 @@ def test_boundary_tokens_past_the_working_slots_give_way_oldest_first(spare, lim
   """When the working buffer or the budget cannot hold every left-out chunk's last token, the
   oldest are dropped, never a chunk read whole."""
   ccfg = ChunkConfig(n_sink=4, top_chunks=1, n_local=1, max_chunk_len=12, max_chunks=40, boundary_tokens=True,
-                     prefill="dense").validate(160, 1)
+                     boundary_share=1.0, prefill="dense").validate(160, 1)
   st = make_table(np.random.RandomState(0), 1, 160, ccfg, np.array([150]))
   n = int(st.n_chunks[0])
   start, end = np.asarray(st.chunk_start[0]), np.asarray(st.chunk_end[0])
@@ -181,7 +181,8 @@ def test_last_tokens_that_fill_the_budget_give_way_to_the_best_chunk(chunk_len, 
   2K). The best-scored chunk is now read whole in place of the oldest of them, and only it: with one-token
   chunks every candidate costs nothing past its last token, and the read still keeps to the budget."""
   ccfg = ChunkConfig(n_sink=4, n_local=1, max_chunk_len=64, max_chunks=128, kv_budget=budget,
-                     boundary_tokens=True, recent_share=recent_share, prefill="dense").validate(4096, 1)
+                     boundary_tokens=True, boundary_share=1.0, recent_share=recent_share,
+                     prefill="dense").validate(4096, 1)
   n, W, opened = 100, 1024, 5
   ends = 3 + chunk_len * np.arange(1, n + 1)
   st = init_chunk_state(1, 1, 1, 0, 2, 1, 8, jnp.float32, ccfg.resolve((0,), (0,), (0,), 1, head_dim=8), W)
