@@ -865,7 +865,7 @@ DEFAULT_CHECKS = (
     ("NIAH, gemma3-270m, 10 needles at 16K", "niah_gemma3_16k", None, None, None, None),
     ("NIAH, gemma3-270m, 10 needles at 8K", "niah_gemma3_per_head_simhash", "niah_gemma3", "niah_gemma3_first_defaults",
      "niah_gemma3_per_head", "niah_gemma3_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_boundary_share.jsonl",
+    ("Perplexity, smollm2-135m, 8 x 2K", ("eval_ppl_variants/brown_8x2048_boundary_share_first_form.jsonl",
                                           "eval_ppl_variants/brown_8x2048_boundary_share_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
