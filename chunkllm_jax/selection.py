@@ -912,11 +912,12 @@ def choose(score_BRC, n_cand_BR, chunk_len_BC, fixed_BR, seen_BR, cfg: ChunkConf
   if cfg.reads_boundary_tokens:
     recent_sorted = jnp.take_along_axis(score == jnp.inf, order, -1)
     taken = _best_in_place_of_last_tokens(cand_sorted, cost_sorted, recent_sorted, left) & every[..., None]
+  holds = cfg.reads_boundary_tokens and cfg.boundary_share < 1.0  # static: only then can `held` be nonzero
   for _ in range(FILL_PASSES):
     # Under a share of last tokens, each chunk taken leaves one chunk fewer out: once fewer than `held` are
     # left, the last tokens held for them go back to the chunks (so a budget of every token reads them all).
     n_out = (n_cand_BR - jnp.sum(taken, -1))[..., None]  # [B, R, 1]: the candidates still left out
-    freed = lambda k: held[..., None] - jnp.minimum(held[..., None], n_out - k)  # once k more are taken
+    freed = (lambda k: held[..., None] - jnp.minimum(held[..., None], n_out - k)) if holds else (lambda k: 0)
     open_ = cand_sorted & ~taken & (cost_sorted <= left[..., None] + freed(1))
     # (Each chunk costs a token or more and frees at most one: the running sum stays a prefix test.)
     fits = open_ & (jnp.cumsum(jnp.where(open_, cost_sorted, 0), -1) <= left[..., None] + freed(jnp.cumsum(open_, -1)))

@@ -78,6 +78,8 @@ EVERY_LAST_TOKEN = "--boundary_share 1"  # the last token of every chunk left ou
 
 NIAH_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
            "--niah_samples 3 --filler brown")
+NIAH_CODE_4K_10 = ("--suites niah --niah_kinds single --niah_lengths 4096 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
+                   "--niah_samples 2 --filler python")  # 10 passkeys in 4K tokens of numpy and jax source
 NIAH_8K = ("--suites niah --niah_kinds single --niah_lengths 8192 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
            "--niah_samples 2 --filler brown")
 
@@ -198,8 +200,7 @@ MEASUREMENTS = (
                 "NIAH, gemma3-270m: 10 passkeys at 4K tokens of Python source (the defaults before the forty-sixth "
                 "session: every chunk's last token)",
                 "eval_niah_python_gemma3_10", "eval",
-                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
+                (f"python -m eval.run --model gemma3-270m {NIAH_CODE_4K_10} --methods vanilla hybrid "
                  "streamingllm sepllm --retention 0.5 0.25 0.125 0.0625 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_gemma3_10",),
                 variant=f"the defaults then: {GEMMA3_DEFAULTS_NAME}, every chunk's last token read",
@@ -237,8 +238,7 @@ MEASUREMENTS = (
                 "NIAH, gemma3-270m: the same 10 passkeys in Python source, the last tokens within a quarter of what "
                 "the budget leaves (today's defaults)",
                 "eval_niah_python_bshare_gemma3_10", "eval",
-                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
+                (f"python -m eval.run --model gemma3-270m {NIAH_CODE_4K_10} --methods vanilla hybrid "
                  "--retention 0.5 0.25 0.125 0.0625 --boundary_share 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_bshare_gemma3_10",),
                 others="eval_niah_python_gemma3_10",
@@ -249,8 +249,7 @@ MEASUREMENTS = (
     Measurement("niah_gemma3_python_no_last",
                 "NIAH, gemma3-270m: the same 10 passkeys in Python source, without the last tokens",
                 "eval_niah_python_bt_off_gemma3_10", "eval",
-                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 4096 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler python --methods vanilla hybrid "
+                (f"python -m eval.run --model gemma3-270m {NIAH_CODE_4K_10} --methods vanilla hybrid "
                  "--retention 0.5 0.25 0.125 0.0625 --no-boundary_tokens --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_bt_off_gemma3_10",),
                 others="eval_niah_python_gemma3_10",
