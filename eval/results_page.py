@@ -125,14 +125,15 @@ COPIED = "Vanilla's rows are those of the {}, copied into the folder before the 
 MEASUREMENTS = (
     Measurement("niah_smollm2_local_share",
                 "NIAH, smollm2-135m: the same 30 passkeys at their depth in tokens, the local chunks within the "
-                "budget's recent share (today's defaults)",
+                "budget's recent share (the defaults before the forty-sixth session: every chunk's last token)",
                 "eval_defaults_local_in_recent_share_smollm2_30", "eval",
                 (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid "
                  "--retention 0.5 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_defaults_local_in_recent_share_smollm2_30",),
                 others="eval_niah_tokens_smollm2_30",
-                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}; the local chunks always read are "
-                        "as many as fit the budget's recent share (`selection.local_count`)",
+                variant=f"the defaults then (`--selection kv_head`): {SIMHASH_NAME}; the local chunks always read "
+                        "are as many as fit the budget's recent share (`selection.local_count`), every chunk's last "
+                        "token read",
                 note="The grid of the next section, run again after the local chunks took the recent share (6 "
                      "December 2026, fortieth session). Vanilla was run again in the folder; the baselines' rows "
                      "are read from the next section."),
@@ -168,7 +169,7 @@ MEASUREMENTS = (
                 note="The grid of the next sections (15 single-key and 15 multi-key needles, depths 0.1-0.9 x 3 "
                      "seeds, the evaluation's share of Brown) with each target needle at the sentence break "
                      "nearest its depth in tokens, as `eval.run` places it now; the sections below placed it at "
-                     "its depth's share of the sentences. ChunkLLM with today's defaults; vanilla, StreamingLLM and "
+                     "its depth's share of the sentences. ChunkLLM with the defaults then; vanilla, StreamingLLM and "
                      "SepLLM (the two best baselines of the 2K sections below) run in the same folder."),
     Measurement("niah_smollm2_repeated",
                 "NIAH, smollm2-135m: 30 passkeys at 2K tokens in the passkey test's haystack (the defaults before "
@@ -183,7 +184,7 @@ MEASUREMENTS = (
                      "The sky is blue. The sun is yellow. Here we go. There and back again.\" over and over), which "
                      "no earlier section and no training used: a text with no content of its own, unlike Brown's "
                      "prose. 15 single-key and 15 multi-key needles (depths 0.1-0.9 x 3 seeds), each at its "
-                     "depth in tokens. ChunkLLM with today's defaults; vanilla, StreamingLLM and SepLLM in the same "
+                     "depth in tokens. ChunkLLM with the defaults then; vanilla, StreamingLLM and SepLLM in the same "
                      "folder."),
     Measurement("niah_smollm2_python",
                 "NIAH, smollm2-135m: 15 passkeys at 4K tokens of Python source (the defaults before the "
@@ -371,7 +372,7 @@ MEASUREMENTS = (
                      "model's whole trained context (8192 tokens, and the 32 answer tokens past it: `--past_context`, "
                      "which eval.run asks for since 5 December 2026; the 8K smollm2 commands of the sections below "
                      "ran before it did). ChunkLLM with "
-                     "today's defaults (no flag changes them); vanilla and the baselines run in the same folder. "
+                     "the defaults then (no flag changed them); vanilla and the baselines run in the same folder. "
                      "The QK Adapters' first training alone (`chunkllm`) is read from an earlier run of the same "
                      "needles (eval_hybrid_8k/)."),
     Measurement("niah_smollm2_8k_last_share",
@@ -396,7 +397,7 @@ MEASUREMENTS = (
                 note="The longest context measured here: 10 single-key needles (depths 0.1-0.9 x 2 seeds) in the "
                      "evaluation's share of Brown, each at its depth in tokens, at twice the length of every other "
                      "section (Gemma 3 was trained to 32K). Only its 3 full-attention layers of 18 read a budget; "
-                     "the others read their 512-token window, as vanilla's do. ChunkLLM with today's defaults; "
+                     "the others read their 512-token window, as vanilla's do. ChunkLLM with the defaults then; "
                      "vanilla and StreamingLLM in the same folder. The first seed's 25 runs were made with "
                      "`--niah_samples 1`, and the run resumed them."),
     Measurement("niah_gemma3_16k_last_share",
