@@ -941,7 +941,7 @@ DEFAULT_CHECKS = (
                                           "eval_ppl_variants/brown_8x2048_boundary_share_25.jsonl"),
      "ppl_smollm2_2k_8", "ppl_smollm2_2k_8_first_defaults", "ppl_smollm2_2k_8_per_head",
      "ppl_smollm2_2k_8_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_per_head_lowrank_simhash.jsonl",
+    ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_boundary_share.jsonl",
      "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults", None, "ppl_smollm2_4k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 8K", "eval_ppl_variants/brown_8x8192_defaults.jsonl", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults", None, None),
     ("Perplexity, gemma3-270m, 8 x 2K", ("eval_ppl_variants/gemma3_brown_8x2048_defaults.jsonl",
@@ -999,8 +999,8 @@ def defaults_section() -> list[str]:
          "the budget's shape: three quarters of it to the most recent tokens (`recent_share=0.75`) and the last "
          "token of the chunks left out (`boundary_tokens`), within a quarter of what the budget leaves after the "
          "sinks, local and open chunk, the newest first (`boundary_share=0.25`). Until the forty-sixth session "
-         "every one was read, and so were the other columns measured and, in this one, the perplexity at 4K and "
-         "8K, the checks not run again since; every NIAH set and LongBench run again gave the same tokens at 25% "
+         "every one was read, and so were the other columns measured and, in this one, the perplexity at 8K, "
+         "the one check not run again since; every NIAH set and LongBench run again gave the same tokens at 25% "
          "and 50% (the cap binds where the last tokens are many against the budget: the first positions of the "
          "2K perplexity texts, where it moved gemma3-270m from +1.05% to +0.85% at 50%). "
          "Beside it: the shared rule, one selection at each "
