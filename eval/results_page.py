@@ -84,6 +84,12 @@ NIAH_CODE_4K_10 = ("--suites niah --niah_kinds single --niah_lengths 4096 --niah
                    "--niah_samples 2 --filler python")  # 10 passkeys in 4K tokens of numpy and jax source
 NIAH_8K = ("--suites niah --niah_kinds single --niah_lengths 8192 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
            "--niah_samples 2 --filler brown")
+NIAH_16K = ("--suites niah --niah_kinds single --niah_lengths 16384 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
+            "--niah_samples 2 --filler brown")
+NIAH_REPEATED_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 "
+                    "0.9 --niah_samples 3 --filler repeated")  # the passkey test's own haystack
+NIAH_CODE_4K_15 = ("--suites niah --niah_kinds single --niah_lengths 4096 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
+                   "--niah_samples 3 --filler python")  # 15 passkeys in 4K tokens of numpy and jax source
 
 OFF = "--recent_share 0 --no-boundary_tokens"  # the first defaults: budget by score alone, chunks read whole
 FIRST = "the first defaults, no recent share and no boundary tokens (`" + OFF + "`)"
@@ -175,8 +181,7 @@ MEASUREMENTS = (
                 "NIAH, smollm2-135m: 30 passkeys at 2K tokens in the passkey test's haystack (the defaults before "
                 "the forty-sixth session: every chunk's last token)",
                 "eval_niah_repeated_smollm2_30", "eval",
-                ("python -m eval.run --model smollm2-135m --suites niah --niah_kinds single multikey --niah_lengths "
-                 "2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler repeated --methods vanilla hybrid "
+                (f"python -m eval.run --model smollm2-135m {NIAH_REPEATED_2K} --methods vanilla hybrid "
                  "streamingllm sepllm --retention 0.5 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_repeated_smollm2_30",),
                 variant=f"the defaults then (`--selection kv_head`): {SIMHASH_NAME}, every chunk's last token read",
@@ -190,8 +195,7 @@ MEASUREMENTS = (
                 "NIAH, smollm2-135m: 15 passkeys at 4K tokens of Python source (the defaults before the "
                 "forty-sixth session: every chunk's last token)",
                 "eval_niah_python_smollm2_15", "eval",
-                ("python -m eval.run --model smollm2-135m --suites niah --niah_kinds single --niah_lengths 4096 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler python --methods vanilla hybrid "
+                (f"python -m eval.run --model smollm2-135m {NIAH_CODE_4K_15} --methods vanilla hybrid "
                  "streamingllm sepllm --retention 0.5 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_smollm2_15",),
                 variant=f"the defaults then (`--selection kv_head`): {SIMHASH_NAME}, every chunk's last token read",
@@ -205,8 +209,7 @@ MEASUREMENTS = (
                 "NIAH, smollm2-135m: the same 30 passkeys in the passkey test's haystack, the last tokens within a "
                 "quarter of what the budget leaves (today's defaults)",
                 "eval_niah_repeated_bshare_smollm2_30", "eval",
-                ("python -m eval.run --model smollm2-135m --suites niah --niah_kinds single multikey --niah_lengths "
-                 "2048 --niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler repeated --methods vanilla hybrid "
+                (f"python -m eval.run --model smollm2-135m {NIAH_REPEATED_2K} --methods vanilla hybrid "
                  "--retention 0.5 0.25 --boundary_share 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_repeated_bshare_smollm2_30",),
                 others="eval_niah_repeated_smollm2_30",
@@ -216,8 +219,7 @@ MEASUREMENTS = (
                 "NIAH, smollm2-135m: the same 15 passkeys in Python source, the last tokens within a quarter of what "
                 "the budget leaves (today's defaults)",
                 "eval_niah_python_bshare_smollm2_15", "eval",
-                ("python -m eval.run --model smollm2-135m --suites niah --niah_kinds single --niah_lengths 4096 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 3 --filler python --methods vanilla hybrid "
+                (f"python -m eval.run --model smollm2-135m {NIAH_CODE_4K_15} --methods vanilla hybrid "
                  "--retention 0.5 0.25 --boundary_share 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_python_bshare_smollm2_15",),
                 others="eval_niah_python_smollm2_15",
@@ -389,8 +391,7 @@ MEASUREMENTS = (
     Measurement("niah_gemma3_16k", "NIAH, gemma3-270m: 10 passkeys at 16K tokens (the defaults before the forty-sixth "
                 "session: every chunk's last token)",
                 "eval_niah_gemma3_16k", "eval",
-                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 16384 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler brown --methods vanilla hybrid "
+                (f"python -m eval.run --model gemma3-270m {NIAH_16K} --methods vanilla hybrid "
                  "streamingllm --retention 0.5 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_gemma3_16k",),
                 variant=f"the defaults then: {GEMMA3_DEFAULTS_NAME}, every chunk's last token read",
@@ -404,8 +405,7 @@ MEASUREMENTS = (
                 "NIAH, gemma3-270m: the same 10 passkeys at 16K, the last tokens within a quarter of what the budget "
                 "leaves (today's defaults)",
                 "eval_niah_bshare_gemma3_16k", "eval",
-                ("python -m eval.run --model gemma3-270m --suites niah --niah_kinds single --niah_lengths 16384 "
-                 "--niah_depths 0.1 0.3 0.5 0.7 0.9 --niah_samples 2 --filler brown --methods vanilla hybrid "
+                (f"python -m eval.run --model gemma3-270m {NIAH_16K} --methods vanilla hybrid "
                  "--retention 0.5 0.25 --boundary_share 0.25 --selection kv_head --needle_placement tokens "
                  "--out docs/eval_niah_bshare_gemma3_16k",),
                 others="eval_niah_gemma3_16k",
