@@ -335,9 +335,11 @@ def method_config(method: str, retention: float | None, prompt_lens: Sequence[in
   bseg = budget_segmentation(base, settings, seg, seg.lengths if seg else prompt_lens)
   L = bseg.mean_len or float(base.max_chunk_len)
   # The chunk table holds every chunk the rows and the new tokens can make (no overflow), in
-  # multiples of 64 so that nearby batches share a compiled program.
+  # multiples of 64 so that nearby batches share a compiled program, and never more than the buffer's
+  # positions (a chunk holds a token at least; perplexity's segmentation already covers its new tokens,
+  # so the sum can pass the buffer: at 8K, 8320 slots for 8192 positions).
   need = bseg.max_chunks + n_new + 1 if base.boundaries != "fixed" else 0
-  max_chunks = _round_up(max(-(-(max_len - base.n_sink) // base.max_chunk_len), need, 1), 64)
+  max_chunks = min(_round_up(max(-(-(max_len - base.n_sink) // base.max_chunk_len), need, 1), 64), max_len)
   base = dataclasses.replace(base, max_chunks=max_chunks)
   if method == "sepllm":
     base = dataclasses.replace(base, top_chunks=max_chunks)  # every separator

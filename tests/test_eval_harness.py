@@ -158,6 +158,19 @@ def test_knobs_meet_the_budget(method, retention):
     assert abs(4 + len(seps) + 7 * ccfg.n_local - retention * T) < 16
 
 
+@pytest.mark.parametrize("method", ["hybrid", "chunkllm", "sepllm"])
+def test_the_chunk_table_never_passes_the_buffer(method):
+  """Perplexity segments the whole text and also counts its scored tokens as new ones: at smollm2-135m's 8K
+  (prefix 256, 7936 scored, 1 chunk per 20 tokens) chunks + new tokens passed the buffer's 8192 positions, a
+  table `ChunkConfig.validate` refuses. The table stops at the buffer: a chunk holds a token at least."""
+  N, prefix = 8192, 256
+  seg = M.Segmentation((tuple(range(4 + 19, N, 20)),), (N,), 4)
+  for retention in (0.5, 0.25, 1.0, None):
+    ccfg, _ = M.method_config(method, retention, [prefix], N - prefix, N, M.MethodSettings(separator_ids=(1,)), seg)
+    assert len(seg.ends[0]) < ccfg.max_chunks <= N
+    ccfg.validate(N, 30)
+
+
 def test_sepllm_over_budget_says_so():
   """At a budget below its separators' share (1/8 here), sepllm keeps the smallest window, and its
   expected retention is the real, higher one."""
