@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import gc
 import math
 import sys
 import time
@@ -284,10 +285,46 @@ def release_free_heap() -> bool:
   return bool(trim(0)) if trim is not None else False
 
 
+def memory_maps() -> tuple[int, int]:
+  """(this process's memory mappings, the kernel's limit on them); (0, 0) where /proc does not say (not Linux)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      n = sum(1 for _ in f)
+    with open("/proc/sys/vm/max_map_count") as f:
+      return n, int(f.read())
+  except (OSError, ValueError):
+    return 0, 0
+
+
+MAP_SHARE = 0.5  # past this share of the kernel's limit on memory mappings, compiled programs are dropped
+
+
+def drop_compiled_near_map_limit(share: float | None = None) -> bool:
+  """Drops the project's compiled programs (`clear_compiled`) where this process holds more than `share` of
+  the kernel's limit on memory mappings; True if it did. Every loaded XLA:CPU executable holds some (about 750
+  for `chunk_generate`'s programs of a tiny model), and the process that passes the limit (vm.max_map_count,
+  65530 on most Linux) aborts inside XLA at its next compile: an evaluation that compiles a program per
+  setting (a window fitted to each prompt) did, at the 200th of its 210 runs. Called before every compile
+  (`Compiled`); what is dropped compiles again when it is next called."""
+  share = MAP_SHARE if share is None else share
+  n, limit = memory_maps()
+  if not limit or n <= share * limit:
+    return False
+  clear_compiled()
+  gc.collect()  # the executables go with their last reference, and their mappings with them
+  after, _ = memory_maps()
+  if after > share * limit:
+    warnings.warn(f"this process holds {after} memory mappings after dropping every compiled program it can "
+                  f"(the kernel allows {limit}: vm.max_map_count); raise that limit if XLA aborts", stacklevel=3)
+  return True
+
+
 class Compiled:
   """A jitted function compiled ahead of time per input signature, so that timings of a call
-  never include compilation (which is reported separately as `compile_s`). After each compile the
-  compiler's freed memory goes back to the OS, before the program allocates its buffers."""
+  never include compilation (which is reported separately as `compile_s`). Before each compile the
+  compiled programs are dropped where the process nears the kernel's limit on memory mappings
+  (`drop_compiled_near_map_limit`); after it the compiler's freed memory goes back to the OS, before the
+  program allocates its buffers."""
 
   def __init__(self, jitted):
     self.jitted = jitted
@@ -299,6 +336,7 @@ class Compiled:
     key = (treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
     exe = self.executables.get(key)
     if exe is None:
+      drop_compiled_near_map_limit()
       t0 = time.perf_counter()
       exe = self.executables[key] = self.jitted.lower(*args).compile()
       release_free_heap()

@@ -84,28 +84,19 @@ def _free_compiled_programs():
   decoding.clear_compiled(PROJECT_PACKAGES)
 
 
-def _memory_maps() -> tuple[int, int]:
-  """(this process's memory mappings, the kernel's limit on them); (0, 0) where /proc does not say."""
-  try:
-    with open("/proc/self/maps", "rb") as f:
-      n = sum(1 for _ in f)
-    with open("/proc/sys/vm/max_map_count") as f:
-      return n, int(f.read())
-  except (OSError, ValueError):
-    return 0, 0
-
-
 @pytest.fixture(autouse=True)
 def _free_compiled_programs_before_the_map_limit():
   """Drops the compiled programs after a test that leaves the process over half the kernel's limit on memory
   mappings. Every loaded XLA:CPU executable holds some; tests/test_chunk_generate.py alone reached Linux's usual
   limit of 65530 (63377 sampled just before) and the next executable loaded (from the persistent cache) crashed
-  inside XLA (SIGSEGV or SIGABRT), in whichever test came next."""
+  inside XLA (SIGSEGV or SIGABRT), in whichever test came next. (The library's own guard,
+  `decoding.drop_compiled_near_map_limit`, runs before the compiles of generation's programs; this one also
+  covers the functions tests jit and call directly, and the tests' own modules.)"""
   yield
-  n, limit = _memory_maps()
-  if limit and n > limit // 2:
-    from chunkllm_jax import decoding
+  from chunkllm_jax import decoding
 
+  n, limit = decoding.memory_maps()
+  if limit and n > decoding.MAP_SHARE * limit:
     decoding.clear_compiled(PROJECT_PACKAGES)
 
 

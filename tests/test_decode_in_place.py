@@ -146,3 +146,31 @@ def test_stream_of_one_token_compiles_no_step(captured_programs):
   assert len(list(cj.stream(params, prompts([13], seed=5), max_new_tokens=1, eos_ids=()))) == 1
   (progs,) = captured_programs
   assert (len(progs.prefill.executables), len(progs.step.executables), len(progs.loop.executables)) == (1, 0, 0)
+
+
+@pytest.mark.skipif(decoding.memory_maps() == (0, 0), reason="no /proc: no count of memory mappings")
+def test_compiled_programs_are_dropped_near_the_map_limit():
+  """Each loaded XLA:CPU executable holds memory mappings; a process past the kernel's limit aborts inside
+  XLA. Past the share, the compiled programs are dropped and their mappings go with them; under it, kept."""
+  params = chunk_params("llama", seed=4)
+  new = chunk_generate(params, prompts([40]), max_new_tokens=3, top_chunks=2).tokens
+  before, limit = decoding.memory_maps()
+  assert not decoding.drop_compiled_near_map_limit(share=(before + 100) / limit)
+  assert decoding.programs.cache_info().currsize > 0
+  with pytest.warns(UserWarning, match="vm.max_map_count"):  # a share of 0 is never met: said so
+    assert decoding.drop_compiled_near_map_limit(share=0.0)
+  after, _ = decoding.memory_maps()
+  assert decoding.programs.cache_info().currsize == 0 and after < before - 200, (before, after)
+  again = chunk_generate(params, prompts([40]), max_new_tokens=3, top_chunks=2).tokens  # compiled anew: the same
+  assert (again == new).all()
+
+
+@pytest.mark.skipif(decoding.memory_maps() == (0, 0), reason="no /proc: no count of memory mappings")
+def test_every_compile_looks_at_the_map_limit_first(monkeypatch):
+  """`Compiled` drops the programs before it compiles, where the process is past the share: the programs of
+  the call under way are dropped from the cache too (and compile again at the next call)."""
+  params = chunk_params("llama", seed=5)
+  monkeypatch.setattr(decoding, "MAP_SHARE", 0.0)
+  with pytest.warns(UserWarning, match="vm.max_map_count"):
+    chunk_generate(params, prompts([40]), max_new_tokens=3, top_chunks=3)
+  assert decoding.programs.cache_info().currsize == 0
