@@ -48,7 +48,8 @@ class Measurement:
   folder: str  # under docs/
   kind: str  # "eval" (eval.run rows), "needle_ranks" (before/after JSON), "held_out" (train.evaluate JSON)
   commands: tuple[str, ...]  # what fills the folder, run from the repository root
-  rerun: bool = True  # False: needs files outside the repository (an earlier export); kept as measured
+  rerun: bool = True  # False: needs files outside the repository (`outside`); kept as measured
+  outside: str = "the training run's data and an earlier export"  # what a rerun needs, where rerun is False
   before: str | None = None  # needle_ranks: the folder of the earlier adapters' ranks
   labels: tuple[str, ...] = ()  # held_out: what each row's adapters are, in the file's order
   note: str = ""
@@ -88,6 +89,9 @@ NIAH_16K = ("--suites niah --niah_kinds single --niah_lengths 16384 --niah_depth
             "--niah_samples 2 --filler brown")
 NIAH_REPEATED_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 "
                     "0.9 --niah_samples 3 --filler repeated")  # the passkey test's own haystack
+NIAH_PACKAGE_DOCS_2K = ("--suites niah --niah_kinds single multikey --niah_lengths 2048 --niah_depths 0.1 0.3 0.5 0.7 "
+                        "0.9 --niah_samples 3 --filler brown --brown package_docs.txt --needle_placement tokens "
+                        "--selection kv_head --boundary_share 0.25")  # `python -m eval.package_docs --out package_docs.txt`
 NIAH_CODE_4K_15 = ("--suites niah --niah_kinds single --niah_lengths 4096 --niah_depths 0.1 0.3 0.5 0.7 0.9 "
                    "--niah_samples 3 --filler python")  # 15 passkeys in 4K tokens of numpy and jax source
 
@@ -226,6 +230,24 @@ MEASUREMENTS = (
                 variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}, {LAST_SHARE_NAME}",
                 note=COPIED.format("section of smollm2-135m on Python source above") + " The baselines' rows are read "
                      "from there."),
+    Measurement("niah_smollm2_package_docs",
+                "NIAH, smollm2-135m: 30 passkeys at 2K tokens of the installed packages' READMEs (today's defaults)",
+                "eval_niah_package_docs_smollm2", "eval",
+                ("python -m eval.package_docs --out package_docs.txt",
+                 f"python -m eval.run --model smollm2-135m {NIAH_PACKAGE_DOCS_2K} --methods vanilla hybrid streamingllm "
+                 "sepllm --retention 0.5 0.25 --out docs/eval_niah_package_docs_smollm2"),
+                rerun=False, outside="the text that `python -m eval.package_docs` writes, which follows the installed "
+                                     "packages' versions",
+                variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}, {LAST_SHARE_NAME}",
+                note="A haystack of technical documentation, which no training used and no setting was chosen on: "
+                     "the long descriptions in the metadata of the Python distributions installed beside the project "
+                     "(`python -m eval.package_docs`: 77 READMEs here, markdown and reStructuredText with their URLs, "
+                     "badges, code and tables; the folder's fingerprint holds the text's sha256). The 30 needles of "
+                     "the 2K sets (single and multikey, depths 0.1-0.9 x 3 seeds) at their depth in tokens. "
+                     "Vanilla, StreamingLLM and SepLLM in the same folder. The run stopped inside XLA at its 200th "
+                     "of 210 generations (the process's memory mappings at the kernel's limit, now guarded: "
+                     "`decoding.drop_compiled_near_map_limit`) and the same command resumed it: the last 10 "
+                     "rows (SepLLM at 25%, multikey)."),
     Measurement("niah_gemma3_python",
                 "NIAH, gemma3-270m: 10 passkeys at 4K tokens of Python source (the defaults before the forty-sixth "
                 "session: every chunk's last token)",
@@ -930,6 +952,8 @@ DEFAULT_CHECKS = (
     ("NIAH, smollm2-135m, 30 needles at 2K in the passkey test's haystack", "niah_smollm2_repeated_last_share", None,
      None, None, None),
     ("NIAH, smollm2-135m, 15 needles at 4K in Python source", "niah_smollm2_python_last_share", None, None, None, None),
+    ("NIAH, smollm2-135m, 30 needles at 2K in the installed packages' READMEs", "niah_smollm2_package_docs", None, None,
+     None, None),
     ("NIAH, gemma3-270m, 10 needles at 4K in Python source", "niah_gemma3_python_last_share", None, None, None, None),
     ("NIAH, smollm2-135m, 30 needles at 2K", "niah_smollm2_per_head_simhash", "niah_smollm2",
      "niah_smollm2_first_defaults", "niah_smollm2_per_head", "niah_smollm2_per_head_sketch"),
@@ -1104,8 +1128,8 @@ def render() -> str:
       lines += [f"![quality against the KV measured, per method and budget]({m.folder}/tradeoff.png)", ""]
     cmds = "; then ".join(f"`{c}`" for c in m.commands)
     also = f" (and [{m.others}/]({m.others}/) for the other methods)" if m.others else ""
-    lines += [f"Rows: [{m.folder}/]({m.folder}/){also}. Command: {cmds}" + ("" if m.rerun else " (not rerun by "
-              "`--run`: it needs the training run's data and an earlier export, kept outside the repository)") + "."]
+    lines += [f"Rows: [{m.folder}/]({m.folder}/){also}. Command: {cmds}" + ("" if m.rerun else f" (not rerun by "
+              f"`--run`: it needs {m.outside}, kept outside the repository)") + "."]
     if m.before:
       lines[-1] += f" The first adapters' ranks: [{m.before}/]({m.before}/)."
     lines.append("")
