@@ -297,25 +297,39 @@ def memory_maps() -> tuple[int, int]:
 
 
 MAP_SHARE = 0.5  # past this share of the kernel's limit on memory mappings, compiled programs are dropped
+_maps_after_drop = 0  # the mappings the last drop left: what it could not free is held outside the project's caches
+
+
+def map_trigger(share: float, limit: int) -> float:
+  """The count of memory mappings past which `drop_compiled_near_map_limit` drops: `share` of the limit, or,
+  where the last drop could not get under that (executables held outside the project's caches: arrays still in
+  use, functions jitted elsewhere), `share` of the headroom that drop left. Without the second, such a process
+  would drop every program at every compile, recompiling what it had just compiled, until something else frees
+  its mappings; with it, it drops again only once the project's programs fill half of what is left."""
+  floor = _maps_after_drop
+  return share * limit if floor <= share * limit else floor + share * (limit - floor)
 
 
 def drop_compiled_near_map_limit(share: float | None = None) -> bool:
-  """Drops the project's compiled programs (`clear_compiled`) where this process holds more than `share` of
-  the kernel's limit on memory mappings; True if it did. Every loaded XLA:CPU executable holds some (about 750
-  for `chunk_generate`'s programs of a tiny model), and the process that passes the limit (vm.max_map_count,
-  65530 on most Linux) aborts inside XLA at its next compile: an evaluation that compiles a program per
-  setting (a window fitted to each prompt) did, at the 200th of its 210 runs. Called before every compile
-  (`Compiled`); what is dropped compiles again when it is next called."""
+  """Drops the project's compiled programs (`clear_compiled`) where this process holds more mappings than
+  `map_trigger` allows (`share` of the kernel's limit on memory mappings, in the common case); True if it did.
+  Every loaded XLA:CPU executable holds some (about 750 for `chunk_generate`'s programs of a tiny model), and
+  the process that passes the limit (vm.max_map_count, 65530 on most Linux) aborts inside XLA at its next
+  compile: an evaluation that compiles a program per setting (a window fitted to each prompt) did, at the 200th
+  of its 210 runs. Called before every compile (`Compiled`); what is dropped compiles again when it is next
+  called."""
+  global _maps_after_drop
   share = MAP_SHARE if share is None else share
   n, limit = memory_maps()
-  if not limit or n <= share * limit:
+  if not limit or n <= map_trigger(share, limit):
     return False
   clear_compiled()
   gc.collect()  # the executables go with their last reference, and their mappings with them
-  after, _ = memory_maps()
-  if after > share * limit:
-    warnings.warn(f"this process holds {after} memory mappings after dropping every compiled program it can "
-                  f"(the kernel allows {limit}: vm.max_map_count); raise that limit if XLA aborts", stacklevel=3)
+  _maps_after_drop, _ = memory_maps()
+  if _maps_after_drop > share * limit:
+    warnings.warn(f"this process holds {_maps_after_drop} memory mappings after dropping every compiled program "
+                  f"it can (the kernel allows {limit}: vm.max_map_count); the next drop waits until "
+                  f"{map_trigger(share, limit):.0f}; raise that limit if XLA aborts", stacklevel=3)
   return True
 
 

@@ -149,9 +149,10 @@ def test_stream_of_one_token_compiles_no_step(captured_programs):
 
 
 @pytest.mark.skipif(decoding.memory_maps() == (0, 0), reason="no /proc: no count of memory mappings")
-def test_compiled_programs_are_dropped_near_the_map_limit():
+def test_compiled_programs_are_dropped_near_the_map_limit(monkeypatch):
   """Each loaded XLA:CPU executable holds memory mappings; a process past the kernel's limit aborts inside
   XLA. Past the share, the compiled programs are dropped and their mappings go with them; under it, kept."""
+  monkeypatch.setattr(decoding, "_maps_after_drop", 0)
   params = chunk_params("llama", seed=4)
   new = chunk_generate(params, prompts([40]), max_new_tokens=3, top_chunks=2).tokens
   before, limit = decoding.memory_maps()
@@ -171,6 +172,30 @@ def test_every_compile_looks_at_the_map_limit_first(monkeypatch):
   the call under way are dropped from the cache too (and compile again at the next call)."""
   params = chunk_params("llama", seed=5)
   monkeypatch.setattr(decoding, "MAP_SHARE", 0.0)
+  monkeypatch.setattr(decoding, "_maps_after_drop", 0)
   with pytest.warns(UserWarning, match="vm.max_map_count"):
     chunk_generate(params, prompts([40]), max_new_tokens=3, top_chunks=3)
   assert decoding.programs.cache_info().currsize == 0
+
+
+def test_a_drop_that_cannot_get_under_the_share_raises_the_next_trigger(monkeypatch):
+  """Where mappings held outside the project's caches keep the count over the share after a drop, the next
+  drop waits until the project's programs fill `share` of the headroom left, instead of coming at every
+  compile; a drop that gets under the share brings the trigger back to the share of the limit."""
+  limit, held = 1000, [0]
+  drops = []
+  monkeypatch.setattr(decoding, "memory_maps", lambda: (held[0], limit))
+  monkeypatch.setattr(decoding, "clear_compiled", lambda: drops.append(held[0]) or held.__setitem__(0, floor[0]))
+  monkeypatch.setattr(decoding, "_maps_after_drop", 0)
+  floor = [700]  # what the drops leave: 700 of 1000, over half
+  held[0] = 500
+  assert not decoding.drop_compiled_near_map_limit(0.5)  # at the share: kept
+  held[0] = 520
+  with pytest.warns(UserWarning, match="waits until 850"):
+    assert decoding.drop_compiled_near_map_limit(0.5)
+  assert held[0] == 700 and decoding.map_trigger(0.5, limit) == 850
+  held[0] = 840  # compiles since: past the share, under the raised trigger
+  assert not decoding.drop_compiled_near_map_limit(0.5)
+  held[0], floor[0] = 860, 300  # past it; the outside holder is gone meanwhile
+  assert decoding.drop_compiled_near_map_limit(0.5)
+  assert decoding.map_trigger(0.5, limit) == 500 and drops == [520, 860]
