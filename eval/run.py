@@ -139,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                       "then measure the model beyond its positions, every method alike")
   p.add_argument("--seed", type=int, default=0, help="needles and perplexity texts")
   p.add_argument("--out", default="eval_results")
+  p.add_argument("--vanilla_from", default=None, metavar="DIR",
+                 help="copy vanilla's rows from another folder of eval.run's, made with the same model, texts, "
+                      "examples and scoring (checked; its other settings are the sparse methods'), so that a sweep "
+                      "of ChunkLLM's settings runs vanilla once")
   p.add_argument("--quick", action="store_true",
                  help="a tiny smoke run: vanilla and hybrid (chunk_generate's defaults; unless --methods), retention 0.5, one 192-token "
                       "needle, a 96-token perplexity text, two short-text items; LongBench only with --tasks "
@@ -181,6 +185,8 @@ def _resolve(args) -> argparse.Namespace:
                      "(chunkllm, fixllm, and hybrid and oracle with --selection shared); none of --methods "
                      f"{' '.join(args.methods)} votes (with --selection {args.selection} each KV head chooses by its "
                      "own query): add --selection shared, or leave them out")
+  if args.vanilla_from:  # the copied rows are this run's vanilla: reported with the rest
+    args.methods = list({"vanilla", *args.methods})
   args.methods = [m for m in M.METHODS if m in args.methods]  # vanilla first
   args.retention = args.retention or ([0.5] if q else [0.5, 0.25])
   if any(not 0 < r <= 1 for r in args.retention):
@@ -408,6 +414,41 @@ def _check_fingerprint(out: Path, fp: dict) -> None:
                        f"use another --out, or delete {out / 'results.jsonl'} to start over there")
 
 
+# Settings of the sparse methods alone: vanilla reads everything, whatever they are.
+VANILLA_BLIND = ("adapters", "chunk_len", "fix_chunk_len", "window", "vote", "selection_layers", "boundary_tokens",
+                 "boundary_share", "recent_share", "kv_budget_min_tokens", "selection", "score_rank",
+                 "score_estimate", "score_sketch", "sketch_estimate", "head_refresh", "page_len")
+
+
+def _check_vanilla_source(src: Path, fp: dict) -> None:
+  """Refuses a --vanilla_from folder that is not eval.run's, or whose settings differ from `fp` beyond
+  `VANILLA_BLIND`: its vanilla rows must be this run's (the same model, texts, examples and scoring)."""
+  config, rows = src / "run_config.json", src / "results.jsonl"
+  if not (config.is_file() and rows.is_file()):
+    raise UsageError(f"--vanilla_from {src}: not a folder of eval.run's results (no run_config.json and "
+                     "results.jsonl there)")
+  try:
+    old = _settings_of(json.loads(config.read_text()))
+  except ValueError:
+    raise UsageError(f"--vanilla_from {src}: {config} is damaged, so its rows' settings are unknown") from None
+  diff = {k: (old.get(k), v) for k, v in fp.items()
+          if k not in VANILLA_BLIND and not _same_setting(k, old.get(k), v)}
+  if diff:
+    raise UsageError(f"--vanilla_from {src}: its vanilla ran with other settings {diff} (theirs, this run's)")
+
+
+def _copy_vanilla_rows(src: Path, results: ResultsFile) -> int:
+  """Appends to `results` the vanilla rows of `src` (checked by `_check_vanilla_source`) that it lacks, each
+  marked with the folder it came from; returns how many."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # a malformed line there is simply not copied: vanilla runs for it here
+    source = ResultsFile(src / "results.jsonl")
+  copied = [r for r in source.records if r["method"] == "vanilla" and result_key(r) not in results]
+  for r in copied:
+    results.append(dict(r, copied_from=r.get("copied_from", src.resolve().name)))
+  return len(copied)
+
+
 def _write_fingerprint(out: Path, fp: dict) -> None:
   """Written only once the model, the adapters and the examples are checked: a refused run leaves nothing
   that would refuse its corrected re-run."""
@@ -591,6 +632,8 @@ def run(args, model=None, params=None) -> Path:
   args = _resolve(args)
   out = Path(args.out)
   _check_fingerprint(out, _fingerprint(args))  # compared now, written once everything is checked
+  if args.vanilla_from:
+    _check_vanilla_source(Path(args.vanilla_from), _fingerprint(args))
   results = ResultsFile(out / "results.jsonl")
   for bad in results.bad_lines:
     print(f"warning: {results.path}:{bad.line}: malformed result line skipped ({bad.reason}); "
@@ -635,6 +678,9 @@ def run(args, model=None, params=None) -> Path:
 
   _check_prompts_fit(args, gen, model.config.max_position)
   _write_fingerprint(out, _fingerprint(args))
+  if args.vanilla_from:
+    n = _copy_vanilla_rows(Path(args.vanilla_from), results)
+    print(f"[{n} vanilla rows copied from {args.vanilla_from}]", file=sys.stderr)
   runner = Runner(args, model, params, settings, results)
   ppl_ids = [f"doc{i}-N{args.ppl_tokens}" for i in range(len(docs))]
   total = sum(_count_pending(runner, t, [e.id for e in ex], rs, args.methods) for t, ex, _, rs in gen)

@@ -173,6 +173,43 @@ def test_a_narrower_rerun_reports_its_own_results_and_names_the_rest(tmp_path, m
   assert f"holds {n_sepllm} more (other methods" in capsys.readouterr().err
 
 
+def test_vanilla_rows_come_from_a_folder_of_the_same_examples(tmp_path, monkeypatch):
+  """--vanilla_from: a sweep of a sparse method's settings copies vanilla's rows (marked with their folder)
+  instead of running vanilla again; the report reads them as this run's."""
+  first = tmp_path / "first"
+  run_stubbed(monkeypatch, first, Stubs())
+  stubs, out = Stubs(), tmp_path / "sweep"
+  run_stubbed(monkeypatch, out, stubs, extra=["--methods", "chunkllm", "--recent_share", "0.5",
+                                              "--vanilla_from", str(first)])
+  assert stubs.computed and not [c for c in stubs.computed if c[0] == "vanilla"]
+  theirs = [r for r in ResultsFile(first / "results.jsonl").records if r["method"] == "vanilla"]
+  ours = [r for r in ResultsFile(out / "results.jsonl").records if r["method"] == "vanilla"]
+  assert [dict(r, copied_from="first") for r in theirs] == ours
+  summary = json.loads((out / "summary.json").read_text())
+  avg = {(r["method"], r["retention"]): r for r in summary["long_context"]}
+  assert avg[("chunkllm", "0.5")]["pct_of_vanilla"] == pytest.approx(100.0)
+  again = Stubs()  # resumed: nothing copied twice, nothing run
+  run_stubbed(monkeypatch, out, again, extra=["--methods", "chunkllm", "--recent_share", "0.5",
+                                              "--vanilla_from", str(first)])
+  assert not again.computed and len(ResultsFile(out / "results.jsonl").records) == len(ours) + len(stubs.computed)
+
+
+@pytest.mark.parametrize("source, flags, says", [
+    ("first", ["--ppl_prefix", "16"], "ppl_prefix"),  # vanilla's own rows differ: refused
+    ("first", ["--seed", "1"], "seed"),
+    ("plain", [], "not a folder of eval.run's"),
+])
+def test_vanilla_rows_from_other_examples_are_refused_before_anything_is_written(tmp_path, monkeypatch, source,
+                                                                                 flags, says):
+  first = tmp_path / "first"
+  run_stubbed(monkeypatch, first, Stubs())
+  (tmp_path / "plain").mkdir()
+  out, stubs = tmp_path / "sweep", Stubs()
+  with pytest.raises(eval_run.UsageError, match=says):  # `cli`: one error line, exit code 2
+    run_stubbed(monkeypatch, out, stubs, extra=[*flags, "--vanilla_from", str(tmp_path / source)])
+  assert not out.exists() and not stubs.computed
+
+
 def test_every_result_folder_in_docs_is_recognised_as_eval_runs():
   """The mark of an eval.run folder (its run_config.json's first settings) is in every folder it ever wrote."""
   from pathlib import Path
