@@ -131,6 +131,14 @@ SIMHASH_NOTE = ("The same rule and the same 128-bit sketch of the signs of what 
                 "(`sketch_estimate=\"simhash\"`: xor and popcount of the packed words, nothing unpacked; the same "
                 "{} of the KV's bytes read).")
 COPIED = "Vanilla's rows are those of the {}, copied into the folder before the run."
+PER_HEAD_DEFAULTS = "today's defaults (`--selection kv_head`: each KV head chooses the chunks it reads)"
+RECENT_HALF = "half the budget to the most recent tokens (`--recent_share 0.5`; the default 0.75)"
+RECENT_QUARTER = "a quarter of the budget to the most recent tokens (`--recent_share 0.25`; the default 0.75)"
+RECENT_SWEEP_NOTE = ("`ChunkConfig.recent_share` (0.75) was chosen while the shared rule was the default; this sweep "
+                     "asks whether the per-head rule, which scores with each KV head's own query, needs as much. Vanilla's "
+                     "rows are copied from the folder of today's defaults on the same needles (`--vanilla_from`), "
+                     "and the baselines' rows are read from the folder they were measured in. The comparison of the settings, and the "
+                     "perplexity at the same shares, are in the history (forty-ninth session).")
 
 MEASUREMENTS = (
     Measurement("niah_smollm2_local_share",
@@ -248,6 +256,68 @@ MEASUREMENTS = (
                      "of 210 generations (the process's memory mappings at the kernel's limit, now guarded: "
                      "`decoding.drop_compiled_near_map_limit`) and the same command resumed it: the last 10 "
                      "rows (SepLLM at 25%, multikey)."),
+    Measurement("niah_smollm2_package_docs_recent_half",
+                "NIAH, smollm2-135m: the same 30 passkeys in the packages' READMEs, half the budget to the most "
+                "recent tokens (a sweep of `recent_share`)",
+                "eval_recent_share_sweep_smollm2/package_docs_rs0.5", "eval",
+                ("python -m eval.package_docs --out package_docs.txt",
+                 f"python -m eval.run --model smollm2-135m {NIAH_PACKAGE_DOCS_2K} --methods vanilla hybrid "
+                 "--retention 0.5 0.25 --recent_share 0.5 --vanilla_from docs/eval_niah_package_docs_smollm2 "
+                 "--out docs/eval_recent_share_sweep_smollm2/package_docs_rs0.5"),
+                rerun=False, outside="the text that `python -m eval.package_docs` writes, which follows the installed "
+                                     "packages' versions",
+                others="eval_niah_package_docs_smollm2", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_HALF}",
+                note=RECENT_SWEEP_NOTE),
+    Measurement("niah_smollm2_package_docs_recent_quarter",
+                "NIAH, smollm2-135m: the same 30 passkeys in the packages' READMEs, a quarter of the budget to the "
+                "most recent tokens (a sweep of `recent_share`)",
+                "eval_recent_share_sweep_smollm2/package_docs_rs0.25", "eval",
+                ("python -m eval.package_docs --out package_docs.txt",
+                 f"python -m eval.run --model smollm2-135m {NIAH_PACKAGE_DOCS_2K} --methods vanilla hybrid "
+                 "--retention 0.5 0.25 --recent_share 0.25 --vanilla_from docs/eval_niah_package_docs_smollm2 "
+                 "--out docs/eval_recent_share_sweep_smollm2/package_docs_rs0.25"),
+                rerun=False, outside="the text that `python -m eval.package_docs` writes, which follows the installed "
+                                     "packages' versions",
+                others="eval_niah_package_docs_smollm2", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}",
+                note=RECENT_SWEEP_NOTE),
+    Measurement("niah_smollm2_recent_half",
+                "NIAH, smollm2-135m: the same 30 passkeys in Brown, half the budget to the most recent tokens (a "
+                "sweep of `recent_share`)",
+                "eval_recent_share_sweep_smollm2/brown_rs0.5", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.5 "
+                 "--vanilla_from docs/eval_budget_sweep_bshare_smollm2_30 "
+                 "--out docs/eval_recent_share_sweep_smollm2/brown_rs0.5",),
+                others="eval_budget_sweep_smollm2_30", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_HALF}",
+                note=RECENT_SWEEP_NOTE),
+    Measurement("niah_smollm2_recent_quarter",
+                "NIAH, smollm2-135m: the same 30 passkeys in Brown, a quarter of the budget to the most recent "
+                "tokens (a sweep of `recent_share`)",
+                "eval_recent_share_sweep_smollm2/brown_rs0.25", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
+                 "--selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.25 "
+                 "--vanilla_from docs/eval_budget_sweep_bshare_smollm2_30 "
+                 "--out docs/eval_recent_share_sweep_smollm2/brown_rs0.25",),
+                others="eval_budget_sweep_smollm2_30", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}",
+                note=RECENT_SWEEP_NOTE),
+    Measurement("niah_smollm2_repeated_recent_quarter",
+                "NIAH, smollm2-135m: the same 30 passkeys in the passkey test's haystack, a quarter of the budget to "
+                "the most recent tokens (a sweep of `recent_share`)",
+                "eval_recent_share_sweep_smollm2/repeated_rs0.25", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_REPEATED_2K} --methods vanilla hybrid --retention "
+                 "0.5 0.25 --selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.25 "
+                 "--vanilla_from docs/eval_niah_repeated_bshare_smollm2_30 "
+                 "--out docs/eval_recent_share_sweep_smollm2/repeated_rs0.25",),
+                others="eval_niah_repeated_smollm2_30", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}", note=RECENT_SWEEP_NOTE),
+    Measurement("niah_smollm2_python_recent_quarter",
+                "NIAH, smollm2-135m: the same 15 passkeys at 4K tokens of Python source, a quarter of the budget to "
+                "the most recent tokens (a sweep of `recent_share`)",
+                "eval_recent_share_sweep_smollm2/python_rs0.25", "eval",
+                (f"python -m eval.run --model smollm2-135m {NIAH_CODE_4K_15} --methods vanilla hybrid --retention "
+                 "0.5 0.25 --selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.25 "
+                 "--vanilla_from docs/eval_niah_python_bshare_smollm2_15 "
+                 "--out docs/eval_recent_share_sweep_smollm2/python_rs0.25",),
+                others="eval_niah_python_smollm2_15", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}", note=RECENT_SWEEP_NOTE),
     Measurement("niah_gemma3_python",
                 "NIAH, gemma3-270m: 10 passkeys at 4K tokens of Python source (the defaults before the forty-sixth "
                 "session: every chunk's last token)",
@@ -967,7 +1037,7 @@ DEFAULT_CHECKS = (
      "ppl_smollm2_2k_8_per_head_sketch"),
     ("Perplexity, smollm2-135m, 8 x 4K", "eval_ppl_variants/brown_8x4096_boundary_share.jsonl",
      "ppl_smollm2_4k_8", "ppl_smollm2_4k_8_first_defaults", None, "ppl_smollm2_4k_8_per_head_sketch"),
-    ("Perplexity, smollm2-135m, 8 x 8K", "eval_ppl_variants/brown_8x8192_defaults.jsonl", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults", None, None),
+    ("Perplexity, smollm2-135m, 8 x 8K", "eval_ppl_variants/brown_8x8192_defaults_bshare.jsonl", "ppl_smollm2_8k_8", "ppl_smollm2_8k_8_first_defaults", None, None),
     ("Perplexity, gemma3-270m, 8 x 2K", ("eval_ppl_variants/gemma3_brown_8x2048_defaults.jsonl",
                                          "eval_ppl_variants/gemma3_brown_8x2048_defaults_25.jsonl"),
      "ppl_gemma3_2k_8", "ppl_gemma3_2k_8_first_defaults", None, "ppl_gemma3_2k_8_per_head_sketch"),
@@ -1023,9 +1093,9 @@ def defaults_section() -> list[str]:
          "the budget's shape: three quarters of it to the most recent tokens (`recent_share=0.75`) and the last "
          "token of the chunks left out (`boundary_tokens`), within a quarter of what the budget leaves after the "
          "sinks, local and open chunk, the newest first (`boundary_share=0.25`). Until the forty-sixth session "
-         "every one was read, and so were the other columns measured and, in this one, the perplexity at 8K on its "
-         "8 texts (run again on the first four with the cap: +0.60% at 49.9% KV, against +0.69% on the same four "
-         "before; history, forty-eighth session); every NIAH set and LongBench run again gave the same tokens at 25% "
+         "every one was read, and so were the other columns measured (the perplexity at 8K on its 8 texts, run again "
+         "with the cap: +0.58% at 49.9% KV, against +0.63% before; history, forty-ninth session); every NIAH set "
+         "and LongBench run again gave the same tokens at 25% "
          "and 50% (the cap binds where the last tokens are many against the budget: the first positions of the "
          "2K perplexity texts, where it moved gemma3-270m from +1.05% to +0.85% at 50%). "
          "Beside it: the shared rule, one selection at each "

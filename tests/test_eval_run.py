@@ -213,7 +213,7 @@ def test_vanilla_rows_from_other_examples_are_refused_before_anything_is_written
 def test_every_result_folder_in_docs_is_recognised_as_eval_runs():
   """The mark of an eval.run folder (its run_config.json's first settings) is in every folder it ever wrote."""
   from pathlib import Path
-  configs = sorted((Path(__file__).parents[1] / "docs").glob("*/run_config.json"))
+  configs = sorted((Path(__file__).parents[1] / "docs").glob("**/run_config.json"))
   assert len(configs) > 10 and [c for c in configs if not is_run_config(c)] == []
 
 
