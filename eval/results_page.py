@@ -137,8 +137,47 @@ RECENT_QUARTER = "a quarter of the budget to the most recent tokens (`--recent_s
 RECENT_SWEEP_NOTE = ("`ChunkConfig.recent_share` (0.75) was chosen while the shared rule was the default; this sweep "
                      "asks whether the per-head rule, which scores with each KV head's own query, needs as much. Vanilla's "
                      "rows are copied from the folder of today's defaults on the same needles (`--vanilla_from`), "
-                     "and the baselines' rows are read from the folder they were measured in. The comparison of the settings, and the "
+                     "and the baselines' rows are read from the folder they were measured in. The comparison of the "
+                     "settings, and the "
                      "perplexity at the same shares, are in the history (forty-ninth session).")
+
+PACKAGE_DOCS = ("python -m eval.package_docs --out package_docs.txt",)
+PACKAGE_DOCS_OUTSIDE = ("the text that `python -m eval.package_docs` writes, which follows the installed packages' "
+                        "versions")
+DEFAULT_FLAGS = "--selection kv_head --boundary_share 0.25 --needle_placement tokens"  # today's defaults as flags
+# (name, the needles and their haystack, the set's flags, the defaults' folder (vanilla's rows), the baselines'
+# folder, the shares measured)
+RECENT_SWEEPS = (
+    ("niah_smollm2_package_docs", "30 passkeys in the packages' READMEs", NIAH_PACKAGE_DOCS_2K, "package_docs",
+     "eval_niah_package_docs_smollm2", "eval_niah_package_docs_smollm2", 0.5),
+    ("niah_smollm2_package_docs", "30 passkeys in the packages' READMEs", NIAH_PACKAGE_DOCS_2K, "package_docs",
+     "eval_niah_package_docs_smollm2", "eval_niah_package_docs_smollm2", 0.25),
+    ("niah_smollm2", "30 passkeys in Brown", f"{NIAH_2K} {DEFAULT_FLAGS}", "brown",
+     "eval_budget_sweep_bshare_smollm2_30", "eval_budget_sweep_smollm2_30", 0.5),
+    ("niah_smollm2", "30 passkeys in Brown", f"{NIAH_2K} {DEFAULT_FLAGS}", "brown",
+     "eval_budget_sweep_bshare_smollm2_30", "eval_budget_sweep_smollm2_30", 0.25),
+    ("niah_smollm2_repeated", "30 passkeys in the passkey test's haystack", f"{NIAH_REPEATED_2K} {DEFAULT_FLAGS}",
+     "repeated", "eval_niah_repeated_bshare_smollm2_30", "eval_niah_repeated_smollm2_30", 0.25),
+    ("niah_smollm2_python", "15 passkeys at 4K tokens of Python source", f"{NIAH_CODE_4K_15} {DEFAULT_FLAGS}", "python",
+     "eval_niah_python_bshare_smollm2_15", "eval_niah_python_smollm2_15", 0.25),
+)
+
+
+def recent_share_sweep(name: str, needles: str, flags: str, label: str, defaults: str, baselines: str,
+                       share: float) -> "Measurement":
+  """One folder of the `recent_share` sweep: today's defaults with another share, vanilla's rows copied from
+  the defaults' folder of the same needles."""
+  part = {0.5: ("half", "half the budget", RECENT_HALF),
+          0.25: ("quarter", "a quarter of the budget", RECENT_QUARTER)}[share]
+  folder = f"eval_recent_share_sweep_smollm2/{label}_rs{share:g}"
+  run = (f"python -m eval.run --model smollm2-135m {flags} --methods vanilla hybrid --retention 0.5 0.25 "
+         f"--recent_share {share:g} --vanilla_from docs/{defaults} --out docs/{folder}")
+  outside = label == "package_docs"  # its text is written from the installed packages, outside the repository
+  return Measurement(f"{name}_recent_{part[0]}",
+                     f"NIAH, smollm2-135m: the same {needles}, {part[1]} to the most recent tokens (a sweep of "
+                     "`recent_share`)", folder, "eval",
+                     (*PACKAGE_DOCS, run) if outside else (run,), rerun=not outside, outside=PACKAGE_DOCS_OUTSIDE,
+                     others=baselines, variant=f"{PER_HEAD_DEFAULTS} with {part[2]}", note=RECENT_SWEEP_NOTE)
 
 MEASUREMENTS = (
     Measurement("niah_smollm2_local_share",
@@ -244,8 +283,7 @@ MEASUREMENTS = (
                 ("python -m eval.package_docs --out package_docs.txt",
                  f"python -m eval.run --model smollm2-135m {NIAH_PACKAGE_DOCS_2K} --methods vanilla hybrid streamingllm "
                  "sepllm --retention 0.5 0.25 --out docs/eval_niah_package_docs_smollm2"),
-                rerun=False, outside="the text that `python -m eval.package_docs` writes, which follows the installed "
-                                     "packages' versions",
+                rerun=False, outside=PACKAGE_DOCS_OUTSIDE,
                 variant=f"today's defaults (`--selection kv_head`): {SIMHASH_NAME}, {LAST_SHARE_NAME}",
                 note="A haystack of technical documentation, which no training used and no setting was chosen on: "
                      "the long descriptions in the metadata of the Python distributions installed beside the project "
@@ -256,68 +294,7 @@ MEASUREMENTS = (
                      "of 210 generations (the process's memory mappings at the kernel's limit, now guarded: "
                      "`decoding.drop_compiled_near_map_limit`) and the same command resumed it: the last 10 "
                      "rows (SepLLM at 25%, multikey)."),
-    Measurement("niah_smollm2_package_docs_recent_half",
-                "NIAH, smollm2-135m: the same 30 passkeys in the packages' READMEs, half the budget to the most "
-                "recent tokens (a sweep of `recent_share`)",
-                "eval_recent_share_sweep_smollm2/package_docs_rs0.5", "eval",
-                ("python -m eval.package_docs --out package_docs.txt",
-                 f"python -m eval.run --model smollm2-135m {NIAH_PACKAGE_DOCS_2K} --methods vanilla hybrid "
-                 "--retention 0.5 0.25 --recent_share 0.5 --vanilla_from docs/eval_niah_package_docs_smollm2 "
-                 "--out docs/eval_recent_share_sweep_smollm2/package_docs_rs0.5"),
-                rerun=False, outside="the text that `python -m eval.package_docs` writes, which follows the installed "
-                                     "packages' versions",
-                others="eval_niah_package_docs_smollm2", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_HALF}",
-                note=RECENT_SWEEP_NOTE),
-    Measurement("niah_smollm2_package_docs_recent_quarter",
-                "NIAH, smollm2-135m: the same 30 passkeys in the packages' READMEs, a quarter of the budget to the "
-                "most recent tokens (a sweep of `recent_share`)",
-                "eval_recent_share_sweep_smollm2/package_docs_rs0.25", "eval",
-                ("python -m eval.package_docs --out package_docs.txt",
-                 f"python -m eval.run --model smollm2-135m {NIAH_PACKAGE_DOCS_2K} --methods vanilla hybrid "
-                 "--retention 0.5 0.25 --recent_share 0.25 --vanilla_from docs/eval_niah_package_docs_smollm2 "
-                 "--out docs/eval_recent_share_sweep_smollm2/package_docs_rs0.25"),
-                rerun=False, outside="the text that `python -m eval.package_docs` writes, which follows the installed "
-                                     "packages' versions",
-                others="eval_niah_package_docs_smollm2", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}",
-                note=RECENT_SWEEP_NOTE),
-    Measurement("niah_smollm2_recent_half",
-                "NIAH, smollm2-135m: the same 30 passkeys in Brown, half the budget to the most recent tokens (a "
-                "sweep of `recent_share`)",
-                "eval_recent_share_sweep_smollm2/brown_rs0.5", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.5 "
-                 "--vanilla_from docs/eval_budget_sweep_bshare_smollm2_30 "
-                 "--out docs/eval_recent_share_sweep_smollm2/brown_rs0.5",),
-                others="eval_budget_sweep_smollm2_30", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_HALF}",
-                note=RECENT_SWEEP_NOTE),
-    Measurement("niah_smollm2_recent_quarter",
-                "NIAH, smollm2-135m: the same 30 passkeys in Brown, a quarter of the budget to the most recent "
-                "tokens (a sweep of `recent_share`)",
-                "eval_recent_share_sweep_smollm2/brown_rs0.25", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_2K} --methods vanilla hybrid --retention 0.5 0.25 "
-                 "--selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.25 "
-                 "--vanilla_from docs/eval_budget_sweep_bshare_smollm2_30 "
-                 "--out docs/eval_recent_share_sweep_smollm2/brown_rs0.25",),
-                others="eval_budget_sweep_smollm2_30", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}",
-                note=RECENT_SWEEP_NOTE),
-    Measurement("niah_smollm2_repeated_recent_quarter",
-                "NIAH, smollm2-135m: the same 30 passkeys in the passkey test's haystack, a quarter of the budget to "
-                "the most recent tokens (a sweep of `recent_share`)",
-                "eval_recent_share_sweep_smollm2/repeated_rs0.25", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_REPEATED_2K} --methods vanilla hybrid --retention "
-                 "0.5 0.25 --selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.25 "
-                 "--vanilla_from docs/eval_niah_repeated_bshare_smollm2_30 "
-                 "--out docs/eval_recent_share_sweep_smollm2/repeated_rs0.25",),
-                others="eval_niah_repeated_smollm2_30", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}", note=RECENT_SWEEP_NOTE),
-    Measurement("niah_smollm2_python_recent_quarter",
-                "NIAH, smollm2-135m: the same 15 passkeys at 4K tokens of Python source, a quarter of the budget to "
-                "the most recent tokens (a sweep of `recent_share`)",
-                "eval_recent_share_sweep_smollm2/python_rs0.25", "eval",
-                (f"python -m eval.run --model smollm2-135m {NIAH_CODE_4K_15} --methods vanilla hybrid --retention "
-                 "0.5 0.25 --selection kv_head --boundary_share 0.25 --needle_placement tokens --recent_share 0.25 "
-                 "--vanilla_from docs/eval_niah_python_bshare_smollm2_15 "
-                 "--out docs/eval_recent_share_sweep_smollm2/python_rs0.25",),
-                others="eval_niah_python_smollm2_15", variant=f"{PER_HEAD_DEFAULTS} with {RECENT_QUARTER}", note=RECENT_SWEEP_NOTE),
+    *(recent_share_sweep(*sweep) for sweep in RECENT_SWEEPS),
     Measurement("niah_gemma3_python",
                 "NIAH, gemma3-270m: 10 passkeys at 4K tokens of Python source (the defaults before the forty-sixth "
                 "session: every chunk's last token)",

@@ -631,9 +631,10 @@ def run(args, model=None, params=None) -> Path:
 
   args = _resolve(args)
   out = Path(args.out)
-  _check_fingerprint(out, _fingerprint(args))  # compared now, written once everything is checked
+  fingerprint = _fingerprint(args)
+  _check_fingerprint(out, fingerprint)  # compared now, written once everything is checked
   if args.vanilla_from:
-    _check_vanilla_source(Path(args.vanilla_from), _fingerprint(args))
+    _check_vanilla_source(Path(args.vanilla_from), fingerprint)
   results = ResultsFile(out / "results.jsonl")
   for bad in results.bad_lines:
     print(f"warning: {results.path}:{bad.line}: malformed result line skipped ({bad.reason}); "
@@ -677,7 +678,7 @@ def run(args, model=None, params=None) -> Path:
                             args.seed)
 
   _check_prompts_fit(args, gen, model.config.max_position)
-  _write_fingerprint(out, _fingerprint(args))
+  _write_fingerprint(out, fingerprint)
   if args.vanilla_from:
     n = _copy_vanilla_rows(Path(args.vanilla_from), results)
     print(f"[{n} vanilla rows copied from {args.vanilla_from}]", file=sys.stderr)
