@@ -46,11 +46,12 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import chunkllm_jax as cj  # noqa: E402
+from chunkllm_jax import ChunkConfig  # noqa: E402  (the package's name: this bench also runs older code)
 from chunkllm_jax import chunk_generation as cg  # noqa: E402
 from chunkllm_jax import decoding  # noqa: E402
 from chunkllm_jax import kv_cache  # noqa: E402
 from chunkllm_jax.chunk_cache import init_chunk_state, working_size  # noqa: E402
-from chunkllm_jax.selection import ChunkConfig, adapter_probs, vote_scores  # noqa: E402
+from chunkllm_jax.selection import adapter_probs, vote_scores  # noqa: E402
 import results_md  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def chunk_config(top_k: int, max_len: int, **selection) -> ChunkConfig:
 
 def selection_rule(args) -> dict:
   """The selection flags given (`--selection` ... `--head_refresh`), as ChunkConfig's fields. Named here, not
-  taken from `selection.PER_HEAD_FIELDS`: the bench also times older code, run from a worktree."""
+  taken from `chunk_config.PER_HEAD_FIELDS`: the bench also times older code, run from a worktree."""
   keys = ("selection", "score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh", "attention")
   return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}  # (callers may lack a flag)
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.chunk_config import ChunkConfig
 
 NO_CHUNK = -1  # chunk id of sink tokens and padding
 

@@ -21,7 +21,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from chunkllm_jax.selection import ChunkConfig, choose, chunk_lengths, last_token_count, local_count, local_tokens
+from chunkllm_jax.chunk_config import ChunkConfig
+from chunkllm_jax.selection import choose, chunk_lengths, last_token_count, local_count, local_tokens
 
 
 @jax.tree_util.register_dataclass

@@ -44,12 +44,13 @@ from chunkllm_jax import chunk_prefill as chunk_prefill_lib
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (ChunkState, append_chunks, choose_at, compact_into, init_chunk_state,
                                       working_positions, working_room, working_size)
+from chunkllm_jax.chunk_config import ATTENTION_QUERIES, ChunkConfig, check_chunk_config
 from chunkllm_jax.kv_cache import PREFILL_BLOCK, KVCache, init_cache, observed_prefill, write_prefix, write_token
 from chunkllm_jax.params import ModelParams
 from chunkllm_jax.sampling import Sampling
 from chunkllm_jax.head_selection import head_attention, kept_slots, low_rank_keys, new_low_rank_keys
-from chunkllm_jax.selection import (ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, attention_probs, local_count,
-                                   check_chunk_config, mass_by_segments, score_read_share, vote_scores)
+from chunkllm_jax.selection import (adapter_window_probs, attention_probs, local_count, mass_by_segments,
+                                    score_read_share, vote_scores)
 from pallas_kernels.dispatch import implementation
 
 WORK_BLOCK = 128  # the working buffer is allocated, and decode reads it, in whole blocks of this many slots

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
-from chunkllm_jax.selection import (KEY_BLOCK, ChunkConfig, adapter_window_probs, choose, chunk_lengths, chunk_mass,
-                                    local_tokens)
+from chunkllm_jax.chunk_config import ChunkConfig
+from chunkllm_jax.selection import KEY_BLOCK, adapter_window_probs, choose, chunk_lengths, chunk_mass, local_tokens
 
 PREFILL_BLOCK = 256  # query and key block of the sparse prefill loop
 

@@ -10,8 +10,8 @@ import time
 import warnings
 
 
+from chunkllm_jax.chunk_config import PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS
 from chunkllm_jax.prompts import encode_prompt
-from chunkllm_jax.selection import PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +94,7 @@ FLAG_OF_FIELD = {"kv_budget": "--kv-budget", "scorer": "--scorer", "top_chunks":
 def _check_chunk_settings(settings: dict, cfg) -> None:
   """The settings' own checks (`ChunkConfig.validate`) at the model's longest context, in the flags' words."""
   from chunkllm_jax.chunk_generation import with_fields
-  from chunkllm_jax.selection import ChunkConfig
+  from chunkllm_jax.chunk_config import ChunkConfig
 
   try:
     ccfg = with_fields(ChunkConfig(), settings).validate(cfg.max_position, cfg.n_layers, vocab_size=cfg.vocab_size)

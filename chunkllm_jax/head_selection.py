@@ -36,8 +36,9 @@ import jax.numpy as jnp
 
 from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_cache import ChunkState, choose_at, working_positions, working_room
-from chunkllm_jax.selection import (ChunkConfig, chunk_mass, gram_basis, key_gram, local_count, lowrank_chunk_mass,
-                                    lowrank_coords, residual_sketch, sparq_chunk_mass)
+from chunkllm_jax.chunk_config import ChunkConfig
+from chunkllm_jax.selection import (chunk_mass, gram_basis, key_gram, local_count, lowrank_chunk_mass, lowrank_coords,
+                                    residual_sketch, sparq_chunk_mass)
 from pallas_kernels.chunk_decode_attention import combine_splits
 from pallas_kernels.head_decode_attention import head_decode_partials, runs_kernel
 

@@ -40,8 +40,8 @@ import numpy as np
 
 import chunkllm_jax as cj
 from chunkllm_jax import boundaries
+from chunkllm_jax.chunk_config import ChunkConfig, ChunkRules
 from chunkllm_jax.chunk_generation import chunk_generate, segment_prompts
-from chunkllm_jax.selection import ChunkConfig, ChunkRules
 
 METHODS = ("vanilla", "oracle", "chunkllm", "hybrid", "streamingllm", "sepllm", "fixllm")
 SELECTING = ("oracle", "chunkllm", "hybrid", "fixllm")  # the methods whose selection meets a token budget

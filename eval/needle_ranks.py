@@ -36,9 +36,10 @@ import numpy as np  # noqa: E402
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapters as adp  # noqa: E402
 from chunkllm_jax import haystack  # noqa: E402
+from chunkllm_jax.chunk_config import ATTENTION_QUERIES, ChunkConfig  # noqa: E402
 from chunkllm_jax.chunk_generation import chunk_prefill, resolved  # noqa: E402
 from chunkllm_jax.prompts import encode_prompt  # noqa: E402
-from chunkllm_jax.selection import ATTENTION_QUERIES, ChunkConfig, adapter_window_probs, renormalise, vote_scores  # noqa: E402
+from chunkllm_jax.selection import adapter_window_probs, renormalise, vote_scores  # noqa: E402
 from train.teacher import teacher_chunk_attention  # noqa: E402
 from train.pick_layers import layer_probs, rank_of  # noqa: E402
 

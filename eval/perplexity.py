@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax import haystack, model
+from chunkllm_jax.chunk_config import ChunkConfig
 from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_prefill
 from chunkllm_jax.decoding import Compiled, buffer_len
 from chunkllm_jax.kv_cache import init_cache, observed_prefill
-from chunkllm_jax.selection import ChunkConfig
 from eval import methods as M
 from eval import niah
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from chunkllm_jax import checks
+from chunkllm_jax.chunk_config import (PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS,
+                                       SKETCH_ESTIMATES, ChunkConfig)
 from chunkllm_jax.prompts import encode_prompt, has_chat_template
-from chunkllm_jax.selection import (PER_HEAD_FIELDS, SCORE_ESTIMATES, SCORE_SKETCH_BITS, SELECTIONS, SKETCH_ESTIMATES,
-                                    ChunkConfig)
 from eval import longbench
 from eval import methods as M
 from eval import niah

@@ -47,6 +47,7 @@ from chunkllm_jax import attention as attn
 from chunkllm_jax import model as mdl
 from chunkllm_jax import selection as sel
 from chunkllm_jax import weights
+from chunkllm_jax.chunk_config import SKETCH_ESTIMATES, SKETCH_WORD
 from eval import methods as M
 from eval import perplexity as P
 from eval.run import BROWN
@@ -164,7 +165,7 @@ def estimated_mass(logit_KGTU, unit_of_S, n_units: int):
 
 @functools.partial(jax.jit, static_argnames=("n_units", "scorer", "rank", "basis_tokens", "sketch", "sketch_estimate"))
 def _vanilla_and_mass(params, tokens_T, unit_of_T, n_units: int, scorer: str = "attention", rank: int = 16,
-                      basis_tokens: int = 256, sketch: int = 0, sketch_estimate: str = sel.SKETCH_ESTIMATES[0]):
+                      basis_tokens: int = 256, sketch: int = 0, sketch_estimate: str = SKETCH_ESTIMATES[0]):
   """The dense pass: vanilla's NLL per position, and every layer's scores per unit [L, K, G, T, U]:
   the attention mass (`attention`), or a mass estimated from Quest's bound (`bound`), each unit's
   mean key (`centroid`), `rank` dimensions of every key (`sparq`), or every key's `rank` coordinates in
@@ -264,7 +265,7 @@ def scoring_reads(scorer: str, n_units: int, seen: int, head_dim: int, rank: int
 
 
 def vanilla_nll(params, tokens_T, unit_of_T, n_units: int, prefix: int, scorer: str = "attention", rank: int = 16,
-                sketch: int = 0, sketch_estimate: str = sel.SKETCH_ESTIMATES[0]):
+                sketch: int = 0, sketch_estimate: str = SKETCH_ESTIMATES[0]):
   x, mass = _vanilla_and_mass(params, tokens_T, jnp.asarray(unit_of_T), n_units, scorer, rank, prefix, sketch,
                               sketch_estimate)
   return _nll(params, x, tokens_T, prefix), mass
@@ -296,7 +297,7 @@ def main(argv=None) -> None:
   p.add_argument("--sketch", type=int, default=0, help="with `--scorer lowrank`: bits of a sketch of the signs of "
                  "what the basis misses, in place of the bound on that part (ChunkConfig.score_sketch; a multiple "
                  "of 32; 0: the bound)")
-  p.add_argument("--sketch_estimate", default=sel.SKETCH_ESTIMATES[0], choices=sel.SKETCH_ESTIMATES,
+  p.add_argument("--sketch_estimate", default=SKETCH_ESTIMATES[0], choices=SKETCH_ESTIMATES,
                  help="with `--sketch`: SimHash's angle (default) or QJL's estimate (ChunkConfig.sketch_estimate)")
   p.add_argument("--families", nargs="+", default=[f"{s}/{t}" for t in TIMING for s in SHARING])
   p.add_argument("--text", default=str(BROWN))
@@ -307,10 +308,10 @@ def main(argv=None) -> None:
                      f"{args.recent_share}")
   if not 0 < args.prefix < args.tokens <= MAX_TOKENS:
     _refuse(f"need 0 < --prefix < --tokens <= {MAX_TOKENS}; got {args.prefix}, {args.tokens}")
-  if args.sketch and (args.scorer != "lowrank" or args.sketch < 0 or args.sketch % sel.SKETCH_WORD):
-    _refuse(f"--sketch is a multiple of {sel.SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
+  if args.sketch and (args.scorer != "lowrank" or args.sketch < 0 or args.sketch % SKETCH_WORD):
+    _refuse(f"--sketch is a multiple of {SKETCH_WORD} bits for --scorer lowrank; got {args.sketch} "
                      f"with --scorer {args.scorer}")
-  if args.sketch_estimate != sel.SKETCH_ESTIMATES[0] and not args.sketch:
+  if args.sketch_estimate != SKETCH_ESTIMATES[0] and not args.sketch:
     _refuse(f"--sketch_estimate {args.sketch_estimate} scores the sketch: give --sketch too")
   families = [tuple(f.split("/")) for f in args.families]
   for f in families:

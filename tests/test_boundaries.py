@@ -82,8 +82,8 @@ def test_candidate_mask_and_chunk_ends():
 def test_training_chunks_equal_inference_chunks(seed, n_sink, max_chunk_len):
   """For the same boundaries, training's chunk ids (from labels) and the chunk table chunk_prefill
   builds (from the same tokens marked as separators) hold the same tokens, chunk for chunk."""
+  from chunkllm_jax.chunk_config import ChunkConfig
   from chunkllm_jax.chunk_generation import chunk_prefill
-  from chunkllm_jax.selection import ChunkConfig
   from tests.tiny_models import chunk_params
 
   rng = np.random.RandomState(seed)

@@ -13,7 +13,7 @@ from chunkllm_jax import attention as attn
 from chunkllm_jax.chunk_attention import packed_decode_attention
 from chunkllm_jax.chunk_cache import (append_chunks, choose_at, compact, init_chunk_state, working_positions,
                                      working_room as working_room_of, working_size)
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.chunk_config import ChunkConfig
 
 BLOCK = 16
 

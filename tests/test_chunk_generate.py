@@ -15,13 +15,12 @@ import pytest
 import chunkllm_jax as cj
 from chunkllm_jax import adapters as adp
 from chunkllm_jax import chunk_generation as cg
-from chunkllm_jax import selection as sel
 from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_prefill
 from tests.tiny_models import SOFTCAP, chunk_params, prompts, tiny_params
 
 # The shared rule's machinery is what this file tests: its working buffer, kernels, boundaries and votes.
 chunk_generate = functools.partial(cg.chunk_generate, selection="shared")
-ChunkConfig = functools.partial(sel.ChunkConfig, selection="shared")
+ChunkConfig = functools.partial(cj.ChunkConfig, selection="shared")
 
 FULL = dict(top_chunks=128, max_chunks=128, max_chunk_len=8, n_local=2)  # every chunk fits the selection
 

@@ -12,7 +12,7 @@ import pytest
 from chunkllm_jax import attention as attn
 from chunkllm_jax import boundaries
 from chunkllm_jax import chunk_prefill as cp
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.chunk_config import ChunkConfig
 
 
 def random_segmentation(rng, B, T, lengths, n_sink, p=0.15):

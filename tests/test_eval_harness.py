@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from chunkllm_jax import model
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.chunk_config import ChunkConfig
 from eval import methods as M
 from eval import perplexity as P
 from tests.tiny_models import chunk_params

@@ -20,7 +20,7 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import checks
-from chunkllm_jax.selection import ChunkConfig, check_chunk_config
+from chunkllm_jax.chunk_config import ChunkConfig, check_chunk_config
 from tests.tiny_models import chunk_params, tiny_config, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from chunkllm_jax.chunk_config import ChunkConfig
 from chunkllm_jax.chunk_generation import chunk_prefill
-from chunkllm_jax.selection import ChunkConfig
 from eval.needle_ranks import ranks_for_prompt
 from tests.tiny_models import chunk_params
 from tests.tiny_models import prompts

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import chunkllm_jax as cj
+from chunkllm_jax.chunk_config import ChunkConfig
 from chunkllm_jax.chunk_generation import chunk_decode_step, chunk_generate, chunk_prefill
 from chunkllm_jax import selection as sel
 from chunkllm_jax.boundaries import chunk_ids_from_ends
-from chunkllm_jax.selection import ChunkConfig, chunk_mass, sparq_chunk_mass
+from chunkllm_jax.selection import chunk_mass, sparq_chunk_mass
 from tests.tiny_models import SOFTCAP, chunk_params, prompts
 
 FULL = dict(max_chunks=128, max_chunk_len=8, n_local=1, kv_budget=1.0)

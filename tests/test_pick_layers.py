@@ -16,7 +16,7 @@ import pytest
 
 import chunkllm_jax as cj
 from chunkllm_jax import adapter_io, adapters as adp, model, weights
-from chunkllm_jax.selection import ChunkConfig
+from chunkllm_jax.chunk_config import ChunkConfig
 from tests.tiny_models import chunk_params
 from tests.tiny_models import prompts, tiny_params
 from tests.out_folder_fixtures import assert_refused_untouched, users_folder

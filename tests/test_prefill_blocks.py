@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from chunkllm_jax.chunk_config import ChunkConfig
 from chunkllm_jax.chunk_generation import _layer_plan, _qk, chunk_prefill, resolved, segment_prompts
 from chunkllm_jax.kv_cache import init_cache, observed_prefill, prefill
-from chunkllm_jax.selection import ChunkConfig
 from tests.tiny_models import SOFTCAP, chunk_params, tiny_params
 
 

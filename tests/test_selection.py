@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkllm_jax.selection import (FILL_PASSES, ChunkConfig, adapter_probs, adapter_window_probs, attention_probs,
-                                    choose, chunk_lengths, local_count, order_by_score, score_read_share, vote_scores)
+from chunkllm_jax.chunk_config import ChunkConfig
+from chunkllm_jax.selection import (FILL_PASSES, adapter_probs, adapter_window_probs, attention_probs, choose,
+                                    chunk_lengths, local_count, order_by_score, score_read_share, vote_scores)
 
 
 def softmax(s):

@@ -12,7 +12,7 @@ import os
 import sys
 import typing
 
-from chunkllm_jax.selection import ChunkRules
+from chunkllm_jax.chunk_config import ChunkRules
 
 
 @dataclasses.dataclass(frozen=True)

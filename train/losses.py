@@ -26,8 +26,9 @@ import optax
 
 from chunkllm_jax import boundaries
 from chunkllm_jax.adapters import Adapters, chunk_adapter_logits, chunk_keys, chunk_scores, qk_adapter_apply
+from chunkllm_jax.chunk_config import ChunkRules
 from chunkllm_jax.params import ModelParams
-from chunkllm_jax.selection import ChunkRules, adapter_window_probs, renormalise
+from chunkllm_jax.selection import adapter_window_probs, renormalise
 
 if TYPE_CHECKING:  # for the annotation alone: rows_config_of imports it when it runs
   from train import teacher_cache

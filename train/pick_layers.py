@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 
 import chunkllm_jax as cj  # noqa: E402
 from chunkllm_jax import adapter_io, checks, model  # noqa: E402
+from chunkllm_jax.chunk_config import ATTENTION_QUERIES, VOTES, ChunkConfig  # noqa: E402
 from chunkllm_jax.prompts import chat_text, has_chat_template  # noqa: E402
 from chunkllm_jax import adapters as adp  # noqa: E402
 from chunkllm_jax.chunk_generation import resolved, segment_prompts  # noqa: E402
-from chunkllm_jax.selection import (ATTENTION_QUERIES, VOTES, ChunkConfig, adapter_window_probs, attention_probs,
-                                    vote_scores)  # noqa: E402
+from chunkllm_jax.selection import adapter_window_probs, attention_probs, vote_scores  # noqa: E402
 from train.mixture import FACTS, NAMES, PLACES  # noqa: E402
 from train.tfds_builder import read_documents  # noqa: E402
 

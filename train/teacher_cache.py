@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkllm_jax import adapter_io, boundaries, model
+from chunkllm_jax.chunk_config import ChunkConfig
 from chunkllm_jax.chunk_generation import layer0_output
 from chunkllm_jax.chunk_prefill import attention_rows, selection_rows
 from chunkllm_jax.params import ModelParams
-from chunkllm_jax.selection import HEAD_REDUCTIONS, ChunkConfig, renormalise
+from chunkllm_jax.selection import HEAD_REDUCTIONS, renormalise
 
 CACHE_FILE = "cache.json"
 FORMAT = 2  # bumped when what a shard holds changes (2: h at every position, for the adapters' query window)
