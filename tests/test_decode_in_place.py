@@ -65,12 +65,22 @@ def test_decode_loop_never_copies_the_kv_buffer(path, buffer_len, captured_progr
 
 
 def test_bench_decode_step_times_a_step_and_refuses_a_context_outside_the_buffer(bench_script):
+  """Also: block-size candidates timed side by side, and candidates that compile to one program refused."""
   bench = bench_script("decode_step")
   params = chunk_params("gemma3").replace(adapters=None)
-  assert bench.step_ms(params, buffer_len=256, context=100, rounds=1, steps=2) > 0
+  assert bench.step_ms(params, buffer_len=256, context=100, rounds=1, steps=2)[0] > 0
+  # candidates for the block sizes, side by side: one time each
+  ms = bench.step_ms(params, buffer_len=1024, context=700, blocks=[(2048, 256), (2048, 1024, 512, 256)], rounds=1,
+                     steps=2)
+  assert len(ms) == 2 and min(ms) > 0
+  with pytest.raises(SystemExit, match="the same program"):  # both read a 1024-slot buffer in blocks of 256
+    bench.step_ms(params, buffer_len=1024, context=700, blocks=[(2048, 256), (4096, 256)], rounds=1, steps=2)
   for cases in (["256:300"], ["256"], ["256:100:1"], ["abc:1"]):  # each refused with one error line, no traceback
     with pytest.raises(SystemExit):
       bench.main(["--models", "smollm2-135m", "--cases", *cases])
+  for blocks in (["256,2048"], ["x"], ["0"]):
+    with pytest.raises(SystemExit):
+      bench.main(["--models", "smollm2-135m", "--blocks", *blocks])
 
 
 _FREED_BLOCKS = """
