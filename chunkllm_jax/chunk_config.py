@@ -27,7 +27,7 @@ SCORE_SKETCH_BITS = 128  # score_estimate="lowrank"'s sketch when score_sketch i
 VOTE_DEFAULTS = (("selection_layers", None), ("vote", "sum"), ("score_queries", None), ("prefill_scorer", "attention"))
 # ChunkConfig's fields that set how the per-head rule (selection="kv_head") scores and how often it chooses.
 PER_HEAD_FIELDS = ("score_rank", "score_estimate", "score_sketch", "sketch_estimate", "head_refresh")
-SKETCH_WORD = 32  # bits of `residual_sketch` a uint32 holds
+SKETCH_WORD = 32  # bits of `selection.residual_sketch` a uint32 holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +85,15 @@ class ChunkConfig(ChunkRules):
   selection: str = SELECTIONS[0]
   # With selection="kv_head", how each step estimates a head's attention mass over the chunks:
   # "lowrank" (default), each key's `score_rank` coordinates in a basis of its KV head's prompt keys and
-  # the length of what the basis misses, kept beside the cache (`lowrank_chunk_mass`; (score_rank + 1) /
+  # the length of what the basis misses, kept beside the cache (`selection.lowrank_chunk_mass`; (score_rank + 1) /
   # head_dim of K's bytes, read and held); "sparq", the query's `score_rank` largest dimensions of K
-  # (`sparq_chunk_mass`; on this cache's layout they touch every cache line of K); or "exact", the mass
-  # itself (`chunk_mass`, reading all of K). score_rank None: a quarter of the head dimension (the size
+  # (`selection.sparq_chunk_mass`; on this cache's layout they touch every cache line of K); or "exact", the mass
+  # itself (`selection.chunk_mass`, reading all of K). score_rank None: a quarter of the head dimension (the size
   # measured on both models: 16 of smollm2-135m's 64, 64 of gemma3-270m's 256).
   score_rank: int | None = None
   score_estimate: str = SCORE_ESTIMATES[0]
   # With score_estimate="lowrank": bits of a 1-bit random sketch of what each key's basis misses
-  # (`residual_sketch`, read as `sketch_estimate` says), kept beside the low-rank keys, in place of the
+  # (`selection.residual_sketch`, read as `sketch_estimate` says), kept beside the low-rank keys, in place of the
   # bound on that part; 0: the bound; None: SCORE_SKETCH_BITS. A multiple of 32 (one uint32 word holds
   # 32); bits / 8 bytes a key.
   score_sketch: int | None = None
@@ -133,7 +133,7 @@ class ChunkConfig(ChunkRules):
   # With boundary_tokens under a budget: the most of what the budget leaves after the sinks, local and open
   # chunk that the last tokens may take. Where they would take more (short chunks, budgets of 12.5% and
   # under, the first positions after a short prompt), only the newest chunks left out give theirs
-  # (`last_token_count`), and the chunks chosen by score keep the rest: there the chunks are worth more.
+  # (`selection.last_token_count`), and the chunks chosen by score keep the rest: there the chunks are worth more.
   # 1.0: every one, paid for first (the default until the forty-sixth session). 0.25 reads the same tokens
   # at 25% and 50% budgets on the NIAH sets and lowers the perplexity loss at 12.5% (+25.4% -> +20.0%) and
   # 6.25% (+41.4% -> +38.1%), with more passkeys at 6.25% (docs/results.md, forty-sixth session).
