@@ -9,8 +9,10 @@ Times one dense `kv_cache.decode_step` (without `--chunk` or `--selection`) or o
 on bench_chunk.py's synthetic model, state and cache (smollm2-135m's shape, float32; ChunkLLM reads the top
 chunks of a 25% retention (`--ratio`), or with `--budget` a KV budget of it, as users set one),
 jitted with the buffers donated as the generate loops do, and prints the operations that took the
-most time per step (a fusion's name, its output shape and the ops it fuses most), from the trace's
-events. A benchmark tells how fast a step is; this tells which operation to look at.
+most time per step (a fusion's name, its output shape and the ops it fuses most; a loop's, the largest
+operations of its body), from the trace's events. A benchmark tells how fast a step is; this tells which
+operation to look at. The profiler's events make short operations look costlier than they are: check a
+lead with an interleaved benchmark (bench/RESULTS_decode_step.md, fiftieth session).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import collections
 import functools
 import gzip
 import json
+import math
 import pathlib
 import re
 import sys
@@ -37,11 +40,16 @@ import results_md  # noqa: E402
 
 
 def _fused_ops(hlo: str, name: str) -> str:
-  """A fusion's output shape and its most frequent operations, from the compiled HLO text."""
+  """A fusion's output shape and its most frequent operations, from the compiled HLO text; for a loop, the
+  costliest-looking operations of its body (its fusions, dots and gathers with their output shapes), so that
+  the loop can be told apart from the others."""
   m = re.search(r"%" + re.escape(name) + r" = (\S+)", hlo)
   if not m:
     return ""
   shape = m.group(1)[:48]
+  body_of = re.search(r"%" + re.escape(name) + r" = .*?\bbody=%([\w.-]+)", hlo)
+  if body_of:
+    return "loop over: " + _loop_body(hlo, body_of.group(1))
   called = re.search(r"%" + re.escape(name) + r" = .*?calls=%([\w.-]+)", hlo)
   if not called:
     return shape
@@ -50,6 +58,15 @@ def _fused_ops(hlo: str, name: str) -> str:
   for skip in ("parameter", "constant", "bitcast", "broadcast"):
     ops.pop(skip, None)
   return f"{shape}  " + " ".join(f"{k}:{v}" for k, v in ops.most_common(5))
+
+
+def _loop_body(hlo: str, computation: str, most: int = 4) -> str:
+  """A while loop's body as its largest fusions, dots and gathers: `name shape` each, the largest outputs first."""
+  body = re.search(r"^%" + re.escape(computation) + r" .*?^}", hlo, re.S | re.M)
+  found = re.findall(r"%([\w.-]+) = \w+\[([\d,]*)\]\S* (?:fusion|dot|gather)\(", body.group(0) if body else "")
+  size = lambda dims: math.prod(int(d) for d in dims.split(",") if d)
+  found.sort(key=lambda f: -size(f[1]))
+  return ", ".join(f"{n}[{d}]" for n, d in found[:most]) or computation
 
 
 def main(argv=None):
