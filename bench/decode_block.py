@@ -19,6 +19,7 @@ tile of scores and its keys in cache; large ones run fewer loop steps and larger
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -66,6 +67,17 @@ def headmajor_decode(q_B1HD, k_LBKSD, v_LBKSD, layer, pos_B, block: int):
   return attention.merge_heads(attention.fold_finish(carry)[0])
 
 
+@contextlib.contextmanager
+def decode_blocks_set(blocks):
+  """`attention.DECODE_BLOCKS` set to `blocks` while a program is traced (None: left as it is)."""
+  old = attention.DECODE_BLOCKS
+  attention.DECODE_BLOCKS = blocks or old
+  try:
+    yield
+  finally:
+    attention.DECODE_BLOCKS = old
+
+
 def program(blocks, context: int):
   """Decode attention of every layer at position context - 1, reading keys in blocks of `blocks`
   (or by `batched_decode` for ("batched", N))."""
@@ -81,11 +93,8 @@ def program(blocks, context: int):
         out = attention.decode_attention(q + carry, k, v, i, pos, attention.NO_WINDOW, scale=HEAD_DIM**-0.5)
       return carry + 0.0 * out.sum(), out
 
-    old, attention.DECODE_BLOCKS = attention.DECODE_BLOCKS, blocks  # read while tracing only
-    try:
+    with decode_blocks_set(blocks if isinstance(blocks[0], int) else None):  # read while tracing only
       return jax.lax.scan(layer, jnp.zeros(()), jnp.arange(N_LAYERS))[1]
-    finally:
-      attention.DECODE_BLOCKS = old
 
   return jax.jit(run)
 

@@ -27,23 +27,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import chunkllm_jax as cj  # noqa: E402
-from chunkllm_jax import attention  # noqa: E402
 from chunkllm_jax.kv_cache import decode_step, init_cache  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import results_md  # noqa: E402
+from decode_block import decode_blocks_set  # noqa: E402
 
 
 def compiled_step(params, tok, cache, blocks: tuple[int, ...] | None):
   """`decode_step` compiled with its buffer donated, reading `blocks` (None: `attention.DECODE_BLOCKS`).
   A function of its own per call: jax keeps a function's trace, which would hold the first blocks."""
-  old = attention.DECODE_BLOCKS
-  attention.DECODE_BLOCKS = blocks or old  # read while tracing only
-  try:
+  with decode_blocks_set(blocks):  # read while tracing only
     return jax.jit(lambda p, t, c: decode_step(p, t, c), donate_argnums=2).lower(params, tok, cache).compile()
-  finally:
-    attention.DECODE_BLOCKS = old
 
 
 def step_ms(params, buffer_len: int, context: int, blocks=(None,), rounds: int = 3, steps: int = 5) -> list[float]:
@@ -103,10 +99,8 @@ def main(argv=None):
           + (", the block sizes' programs interleaved." if len(blocks) > 1 else "."))
   lines = results_md.header("One dense decode step, per KV buffer length and context", command, what)
   names = [",".join(map(str, b)) for b in blocks] if len(blocks) > 1 else []
-  lines += ["| model | buffer | context | " + (" | ".join(f"ms, blocks {n}" for n in names) + " | "
-                                             + " | ".join(f"{n} vs {names[0]}" for n in names[1:])
-                                             if names else "ms per decode step") + " |",
-            "|---|---:|---:|" + "---:|" * (max(2 * len(names) - 1, 1))]
+  columns = ([f"ms, blocks {n}" for n in names] + [f"{n} vs {names[0]}" for n in names[1:]]) or ["ms per decode step"]
+  lines += ["| model | buffer | context | " + " | ".join(columns) + " |", "|---|---:|---:|" + "---:|" * len(columns)]
   rows = []
   for name in args.models:
     params = cj.load(name, dtype="float32").params.replace(adapters=None)
